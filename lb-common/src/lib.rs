@@ -1,0 +1,231 @@
+//! Map keys and values shared by the XDP program and lbd, and the logic both sides must agree
+//! on: the keyed client hash and the Maglev table.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so its bytes are the same on both sides
+//! of the map. Addresses of either family are stored as four raw 32-bit words exactly as they
+//! appear on the wire (network byte order in memory); an IPv4 address fills the first word and
+//! the rest are zero.
+#![cfg_attr(not(any(feature = "user", test)), no_std)]
+
+pub mod hash;
+/// The table builder needs allocation: userspace only.
+#[cfg(any(feature = "user", test))]
+pub mod maglev;
+
+/// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
+/// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
+/// another version as its own.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Services the data path can hold (also the outer size of the Maglev array of maps).
+pub const MAX_SERVICES: u32 = 256;
+/// Backends over all services (index space of `BACKENDS` and the backend counters).
+pub const MAX_BACKENDS: u32 = 16_384;
+/// Largest Maglev table a service may ask for.
+pub const MAX_TABLE_SIZE: u32 = 655_373;
+/// Default Maglev table size (SPEC).
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// Value in a Maglev slot meaning "no backend" (the service has no usable backend).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// `BPF_F_INNER_MAP`: lets inner arrays of the Maglev array-of-maps differ in size.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps, as declared in the XDP program and pinned by lbd.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        MAGLEV,
+        BACKENDS,
+        CONFIG,
+        CONNTRACK,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        REASON_STATS,
+    ];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "lb_xdp";
+
+/// An address of either family: four words as they appear on the wire.
+pub type Addr = [u32; 4];
+
+/// Key of `SERVICES`: what a packet's destination must match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Destination port in network byte order; 0 matches every port of the VIP.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Forwarding and hashing flags of a service.
+pub mod service_flags {
+    /// Encapsulate in IP-in-IP instead of rewriting MACs.
+    pub const TUNNEL: u32 = 1 << 0;
+    /// Hash the 5-tuple instead of the client address.
+    pub const HASH_5TUPLE: u32 = 1 << 1;
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index in `MAGLEV` and `SERVICE_STATS`.
+    pub id: u32,
+    /// `service_flags`.
+    pub flags: u32,
+    /// Number of slots of this service's Maglev table (the modulus of the hash).
+    pub table_size: u32,
+    pub _pad: u32,
+}
+
+/// Flags of a backend entry.
+pub mod backend_flags {
+    /// The entry is filled in (an unused index has flags 0).
+    pub const VALID: u8 = 1 << 0;
+}
+
+/// Value of `BACKENDS`, indexed by backend id (the value stored in Maglev slots).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Outer source address for `tunnel` forwarding.
+    pub tunnel_src: Addr,
+    /// Destination MAC: the backend's (dsr) or its next hop's (tunnel).
+    pub mac: [u8; 6],
+    /// Source MAC: the egress interface's.
+    pub src_mac: [u8; 6],
+    /// Egress interface.
+    pub ifindex: u32,
+    pub family: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The 128-bit hash seed as two SipHash key words.
+    pub hash_key: [u64; 2],
+    /// `LAYOUT_VERSION` of the lbd that filled the maps.
+    pub layout_version: u32,
+    pub _pad: u32,
+}
+
+/// Key of `CONNTRACK`: a flow's 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Ports in network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: u32,
+    pub service: u32,
+}
+
+/// Per-CPU packet and byte counter (`SERVICE_STATS`, `BACKEND_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the program dropped a packet or passed a VIP packet up instead of forwarding it.
+/// Indexes `REASON_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A VIP packet whose service has no usable backend: dropped.
+    NoBackend = 0,
+    /// A VIP packet whose headers are inconsistent (bad lengths): passed up.
+    Malformed = 1,
+    /// A fragment the data path cannot place: passed up.
+    UnsupportedFragment = 2,
+    /// Does not fit the tunnel's MTU once encapsulated: dropped.
+    TooBig = 3,
+    /// The Maglev table or backend entry was missing (lbd mid-change): passed up.
+    MissingState = 4,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 5;
+    pub const ALL: [Reason; 5] = [
+        Reason::NoBackend,
+        Reason::Malformed,
+        Reason::UnsupportedFragment,
+        Reason::TooBig,
+        Reason::MissingState,
+    ];
+    /// The `reason` label of `lb_dropped_total`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Reason::NoBackend => "no_backend",
+            Reason::Malformed => "malformed",
+            Reason::UnsupportedFragment => "unsupported_fragment",
+            Reason::TooBig => "too_big",
+            Reason::MissingState => "missing_state",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], made only of integers and integer arrays, with every
+    // padding byte spelled out as a field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn sizes_have_no_hidden_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 52);
+        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<Counter>(), 16);
+    }
+}

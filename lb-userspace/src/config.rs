@@ -1,0 +1,805 @@
+//! The TOML configuration: parsing, validation (every problem named with its key and line) and
+//! the validated, plain form the rest of lbd works with.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use lb_common::{DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TABLE_SIZE};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// Dotted key, e.g. `service[2].table_size`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: ")?,
+            None => {}
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    Native,
+    Generic,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    #[default]
+    Dsr,
+    Tunnel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum HashMode {
+    #[default]
+    #[serde(rename = "source")]
+    Source,
+    #[serde(rename = "5-tuple")]
+    FiveTuple,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+    #[default]
+    None,
+}
+
+// ---- the validated configuration ----
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub daemon: Daemon,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Daemon {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub socket: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub conntrack_entries: u32,
+    pub state_dir: PathBuf,
+    pub hash_seed: Option<[u64; 2]>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    pub table_size: u32,
+    pub tunnel_source: Option<IpAddr>,
+    pub health: Health,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub check: CheckKind,
+    pub port: u16,
+    pub path: String,
+    pub expect: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub mac: Option<[u8; 6]>,
+}
+
+pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1_048_576;
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Largest weight a backend may have (keeps weighted sums far from overflow).
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+// ---- the file as written (every value that validation may complain about keeps its span) ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    daemon: Spanned<RawDaemon>,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    xdp_mode: XdpMode,
+    socket: Option<Spanned<PathBuf>>,
+    bpffs_dir: Option<Spanned<PathBuf>>,
+    metrics: Option<Spanned<String>>,
+    conntrack_entries: Option<Spanned<u32>>,
+    state_dir: Option<Spanned<PathBuf>>,
+    hash_seed: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    vip: Spanned<IpAddr>,
+    port: Spanned<u16>,
+    protocol: Protocol,
+    forwarding: Option<Spanned<Forwarding>>,
+    #[serde(default)]
+    hash: HashMode,
+    table_size: Option<Spanned<u32>>,
+    tunnel_source: Option<Spanned<IpAddr>>,
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "default_check")]
+    check: CheckKind,
+    port: Option<Spanned<u16>>,
+    path: Option<Spanned<String>>,
+    expect: Option<Spanned<u16>>,
+    interval_ms: Option<Spanned<u64>>,
+    timeout_ms: Option<Spanned<u64>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+}
+
+fn default_check() -> CheckKind {
+    CheckKind::Tcp
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<IpAddr>,
+    weight: Option<Spanned<u32>>,
+    mac: Option<Spanned<String>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            check: CheckKind::None,
+            port: 0,
+            path: "/".into(),
+            expect: 200,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// The problems and warnings found while validating, with line numbers from `src`.
+struct Checker<'a> {
+    src: &'a str,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.src[..offset.min(self.src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+    fn error<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let line = Some(self.line(at.span().start));
+        self.problems.push(Problem { line, key: key.into(), message: message.into() });
+    }
+    fn warn<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let line = Some(self.line(at.span().start));
+        self.warnings.push(Problem { line, key: key.into(), message: message.into() });
+    }
+}
+
+/// A config that passed validation, with the warnings it raised.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<Problem>,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let src = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(&src).map_err(|problems| ConfigError::Invalid { path: path.to_owned(), problems })
+}
+
+/// Parses and validates config text: the config, or every problem found.
+pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
+    let raw: RawConfig = match toml::from_str(src) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let mut checker = Checker { src, problems: vec![], warnings: vec![] };
+            let line = e.span().map(|s| checker.line(s.start));
+            checker.problems.push(Problem {
+                line,
+                key: String::new(),
+                message: e.message().trim().to_string(),
+            });
+            return Err(checker.problems);
+        }
+    };
+    let mut c = Checker { src, problems: vec![], warnings: vec![] };
+    let daemon = check_daemon(&mut c, raw.daemon.into_inner());
+    let services = check_services(&mut c, raw.service);
+    if c.problems.is_empty() {
+        Ok(Loaded { config: Config { daemon, services }, warnings: c.warnings })
+    } else {
+        Err(c.problems)
+    }
+}
+
+fn absolute_path(c: &mut Checker, v: Option<Spanned<PathBuf>>, key: &str, default: &str) -> PathBuf {
+    match v {
+        None => PathBuf::from(default),
+        Some(p) => {
+            if !p.get_ref().is_absolute() {
+                c.error(&p, key, format!("{} is not an absolute path", p.get_ref().display()));
+            }
+            p.into_inner()
+        }
+    }
+}
+
+fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
+    let mut interfaces = vec![];
+    if d.interfaces.get_ref().is_empty() {
+        c.error(&d.interfaces, "daemon.interfaces", "lists no interface; name at least one, e.g. [\"eth0\"]");
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in d.interfaces.get_ref().iter().enumerate() {
+        let key = format!("daemon.interfaces[{i}]");
+        let n = name.get_ref();
+        if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) || n == "." || n == ".." {
+            c.error(name, &key, format!("{n:?} is not a valid interface name (1 to 15 characters, no '/' or space)"));
+        } else if !seen.insert(n.clone()) {
+            c.error(name, &key, format!("interface {n:?} is listed twice"));
+        }
+        interfaces.push(n.clone());
+    }
+    let metrics = d.metrics.and_then(|m| match m.get_ref().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            c.error(&m, "daemon.metrics", format!("{:?} is not an address:port such as \"127.0.0.1:9917\"", m.get_ref()));
+            None
+        }
+    });
+    let conntrack_entries = match d.conntrack_entries {
+        None => DEFAULT_CONNTRACK_ENTRIES,
+        Some(n) => {
+            if *n.get_ref() == 0 || *n.get_ref() > 1 << 27 {
+                c.error(&n, "daemon.conntrack_entries", format!("{} is out of range: 1 to 134217728", n.get_ref()));
+            }
+            *n.get_ref()
+        }
+    };
+    let hash_seed = d.hash_seed.and_then(|s| match lb_common::hash::parse_seed(s.get_ref()) {
+        Some(seed) => Some(seed),
+        None => {
+            c.error(&s, "daemon.hash_seed", "must be exactly 32 hex digits (128 bits), e.g. from `openssl rand -hex 16`");
+            None
+        }
+    });
+    let log_level = d.log_level.map(|l| {
+        let v = l.get_ref().to_ascii_lowercase();
+        if !["error", "warn", "info", "debug", "trace", "off"].contains(&v.as_str()) {
+            c.error(&l, "daemon.log_level", format!("{v:?} is not one of error, warn, info, debug, trace, off"));
+        }
+        v
+    });
+    Daemon {
+        interfaces,
+        xdp_mode: d.xdp_mode,
+        socket: absolute_path(c, d.socket, "daemon.socket", DEFAULT_SOCKET),
+        bpffs_dir: absolute_path(c, d.bpffs_dir, "daemon.bpffs_dir", DEFAULT_BPFFS_DIR),
+        metrics,
+        conntrack_entries,
+        state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),
+        hash_seed,
+        log_level,
+    }
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Checks a service name: the same rule for the file and for `lbctl service add`.
+pub fn name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+    (!ok).then(|| format!("{name:?} is not a valid name (1 to 64 of a-z, A-Z, 0-9, '-', '_', '.')"))
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service> {
+    if raw.len() > MAX_SERVICES as usize {
+        c.problems.push(Problem {
+            line: None,
+            key: "service".into(),
+            message: format!("{} services configured; the data path holds at most {MAX_SERVICES}", raw.len()),
+        });
+    }
+    let mut names = HashSet::new();
+    let mut endpoints = HashMap::new();
+    let mut services = vec![];
+    let mut total_backends = 0usize;
+    for (i, s) in raw.into_iter().enumerate() {
+        let s = s.into_inner();
+        let key = |k: &str| format!("service[{i}].{k}");
+        if let Some(msg) = name_problem(s.name.get_ref()) {
+            c.error(&s.name, key("name"), msg);
+        } else if !names.insert(s.name.get_ref().clone()) {
+            c.error(&s.name, key("name"), format!("a service named {:?} is already defined", s.name.get_ref()));
+        }
+        let vip = *s.vip.get_ref();
+        let endpoint = (vip, *s.port.get_ref(), s.protocol);
+        if let Some(other) = endpoints.insert(endpoint, s.name.get_ref().clone()) {
+            c.error(
+                &s.vip,
+                key("vip"),
+                format!("{vip} port {} {} is already used by service {other:?}", s.port.get_ref(), s.protocol),
+            );
+        }
+        let forwarding = s.forwarding.as_ref().map(|f| *f.get_ref()).unwrap_or_default();
+        let tunnel_source = s.tunnel_source.map(|t| {
+            if forwarding != Forwarding::Tunnel {
+                c.error(&t, key("tunnel_source"), "is only meaningful with forwarding = \"tunnel\"");
+            }
+            if t.get_ref().is_ipv4() != vip.is_ipv4() {
+                c.error(&t, key("tunnel_source"), format!("{} is not of the VIP's address family ({vip})", t.get_ref()));
+            }
+            *t.get_ref()
+        });
+        let backends = check_backends(c, i, vip, forwarding, s.backend);
+        total_backends += backends.len();
+        let table_size = match &s.table_size {
+            None => DEFAULT_TABLE_SIZE,
+            Some(t) => *t.get_ref(),
+        };
+        if let Some(t) = &s.table_size {
+            if !is_prime(table_size) {
+                c.error(t, key("table_size"), format!("{table_size} is not a prime (Maglev needs a prime table size, e.g. 65537)"));
+            } else if table_size > MAX_TABLE_SIZE {
+                c.error(t, key("table_size"), format!("{table_size} is larger than the maximum {MAX_TABLE_SIZE}"));
+            } else if (table_size as usize) < backends.len() {
+                c.error(t, key("table_size"), format!("{table_size} is smaller than the number of backends ({})", backends.len()));
+            } else if (table_size as usize) < 100 * backends.len() {
+                c.warn(
+                    t,
+                    key("table_size"),
+                    format!("{table_size} is less than 100 × the {} backends: balance drifts past 1%", backends.len()),
+                );
+            }
+        }
+        let health = check_health(c, i, *s.port.get_ref(), s.health);
+        services.push(Service {
+            name: s.name.into_inner(),
+            vip,
+            port: *s.port.get_ref(),
+            protocol: s.protocol,
+            forwarding,
+            hash: s.hash,
+            table_size,
+            tunnel_source,
+            health,
+            backends,
+        });
+    }
+    if total_backends > MAX_BACKENDS as usize {
+        c.problems.push(Problem {
+            line: None,
+            key: "service.backend".into(),
+            message: format!("{total_backends} backends configured; the data path holds at most {MAX_BACKENDS}"),
+        });
+    }
+    services
+}
+
+fn check_backends(
+    c: &mut Checker,
+    service: usize,
+    vip: IpAddr,
+    forwarding: Forwarding,
+    raw: Vec<Spanned<RawBackend>>,
+) -> Vec<Backend> {
+    let mut seen = HashSet::new();
+    let mut backends = vec![];
+    for (j, b) in raw.into_iter().enumerate() {
+        let b = b.into_inner();
+        let key = |k: &str| format!("service[{service}].backend[{j}].{k}");
+        let address = *b.address.get_ref();
+        if address.is_ipv4() != vip.is_ipv4() {
+            c.error(&b.address, key("address"), format!("{address} is not of the VIP's address family ({vip})"));
+        } else if !seen.insert(address) {
+            c.error(&b.address, key("address"), format!("backend {address} is listed twice in this service"));
+        }
+        let weight = match &b.weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) => {
+                if *w.get_ref() > MAX_WEIGHT {
+                    c.error(w, key("weight"), format!("{} is larger than the maximum {MAX_WEIGHT}", w.get_ref()));
+                }
+                *w.get_ref()
+            }
+        };
+        let mac = b.mac.and_then(|m| {
+            if forwarding != Forwarding::Dsr {
+                c.error(&m, key("mac"), "is only meaningful with forwarding = \"dsr\"");
+            }
+            match parse_mac(m.get_ref()) {
+                Some(mac) => Some(mac),
+                None => {
+                    c.error(&m, key("mac"), format!("{:?} is not a MAC address like \"02:00:00:00:0b:01\"", m.get_ref()));
+                    None
+                }
+            }
+        });
+        backends.push(Backend { address, weight, mac });
+    }
+    backends
+}
+
+fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<Spanned<RawHealth>>) -> Health {
+    let Some(raw) = raw else {
+        return Health { port: service_port, ..Health::default() };
+    };
+    let at = raw.span();
+    let h = raw.into_inner();
+    let key = |k: &str| format!("service[{service}].health.{k}");
+    let d = Health::default();
+    let port = match &h.port {
+        Some(p) => *p.get_ref(),
+        None => service_port,
+    };
+    if port == 0 && h.check != CheckKind::None {
+        let line = Some(c.line(at.start));
+        c.problems.push(Problem {
+            line,
+            key: key("port"),
+            message: "is required when the service port is 0 (every port)".into(),
+        });
+    }
+    let path = match h.path {
+        Some(p) => {
+            if !p.get_ref().starts_with('/') {
+                c.error(&p, key("path"), format!("{:?} must start with '/'", p.get_ref()));
+            }
+            p.into_inner()
+        }
+        None => d.path,
+    };
+    let expect = match h.expect {
+        Some(e) => {
+            if !(100..=599).contains(e.get_ref()) {
+                c.error(&e, key("expect"), format!("{} is not an HTTP status (100 to 599)", e.get_ref()));
+            }
+            *e.get_ref()
+        }
+        None => d.expect,
+    };
+    let mut positive = |v: Option<Spanned<u64>>, k: &str, default: u64| match v {
+        Some(v) => {
+            if *v.get_ref() == 0 || *v.get_ref() > 3_600_000 {
+                c.error(&v, key(k), format!("{} is out of range: 1 to 3600000 ms", v.get_ref()));
+            }
+            *v.get_ref()
+        }
+        None => default,
+    };
+    let interval_ms = positive(h.interval_ms, "interval_ms", d.interval_ms);
+    let timeout_span = h.timeout_ms.as_ref().map(|t| t.span());
+    let timeout_ms = positive(h.timeout_ms, "timeout_ms", d.timeout_ms);
+    if timeout_ms > interval_ms {
+        let line = Some(c.line(timeout_span.unwrap_or(at.clone()).start));
+        c.problems.push(Problem {
+            line,
+            key: key("timeout_ms"),
+            message: format!("{timeout_ms} is longer than interval_ms ({interval_ms}); a check must end before the next"),
+        });
+    }
+    let mut count = |v: Option<Spanned<u32>>, k: &str, default: u32| match v {
+        Some(v) => {
+            if *v.get_ref() == 0 || *v.get_ref() > 1000 {
+                c.error(&v, key(k), format!("{} is out of range: 1 to 1000", v.get_ref()));
+            }
+            *v.get_ref()
+        }
+        None => default,
+    };
+    let rise = count(h.rise, "rise", d.rise);
+    let fall = count(h.fall, "fall", d.fall);
+    Health { check: h.check, port, path, expect, interval_ms, timeout_ms, rise, fall }
+}
+
+impl Config {
+    /// A one-paragraph summary for `lbd --check`.
+    pub fn summary(&self) -> String {
+        let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        let mut out = format!(
+            "config OK: {} interface(s) ({}), {} service(s), {} backend(s)\n",
+            self.daemon.interfaces.len(),
+            self.daemon.interfaces.join(", "),
+            self.services.len(),
+            backends
+        );
+        for s in &self.services {
+            out.push_str(&format!(
+                "  service {}: {} port {} {} via {:?}, hash {:?}, table {}, {} backend(s), health {:?}\n",
+                s.name,
+                s.vip,
+                s.port,
+                s.protocol,
+                s.forwarding,
+                s.hash,
+                s.table_size,
+                s.backends.len(),
+                s.health.check
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+interfaces = ["eth0"]
+bpffs_dir = "/sys/fs/bpf/lbtest"
+
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+
+[service.health]
+check = "http"
+path = "/healthz"
+
+[[service.backend]]
+address = "192.0.2.11"
+
+[[service.backend]]
+address = "192.0.2.12"
+weight = 50
+"#;
+
+    fn problems(src: &str) -> Vec<Problem> {
+        parse(src).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = parse(GOOD).unwrap().config;
+        assert_eq!(c.daemon.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.daemon.bpffs_dir, PathBuf::from("/sys/fs/bpf/lbtest"));
+        assert_eq!(c.daemon.conntrack_entries, DEFAULT_CONNTRACK_ENTRIES);
+        assert_eq!(c.daemon.xdp_mode, XdpMode::Auto);
+        let s = &c.services[0];
+        assert_eq!(s.table_size, DEFAULT_TABLE_SIZE);
+        assert_eq!(s.forwarding, Forwarding::Dsr);
+        assert_eq!(s.hash, HashMode::Source);
+        assert_eq!(s.health.check, CheckKind::Http);
+        assert_eq!(s.health.port, 80);
+        assert_eq!(s.health.interval_ms, 1000);
+        assert_eq!(s.backends[0].weight, 100);
+        assert_eq!(s.backends[1].weight, 50);
+    }
+
+    #[test]
+    fn service_without_health_has_no_check() {
+        let src = GOOD.replace("[service.health]\ncheck = \"http\"\npath = \"/healthz\"\n", "");
+        let c = parse(&src).unwrap().config;
+        assert_eq!(c.services[0].health.check, CheckKind::None);
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let p = problems("[daemon]\ninterfaces = [\"eth0\"\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].line.is_some(), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_line() {
+        let src = GOOD.replace("port = 80", "port = 80\ncolour = \"blue\"");
+        let p = problems(&src);
+        assert!(p[0].message.contains("colour"), "{p:?}");
+        assert_eq!(p[0].line, Some(11));
+    }
+
+    #[test]
+    fn missing_required_keys() {
+        assert!(problems("[daemon]\n")[0].message.contains("interfaces"));
+        let src = GOOD.replace("protocol = \"tcp\"\n", "");
+        assert!(problems(&src)[0].message.contains("protocol"));
+        let src = GOOD.replace("address = \"192.0.2.12\"\n", "");
+        assert!(problems(&src)[0].message.contains("address"));
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let src = r#"
+[daemon]
+interfaces = ["eth0", "eth0"]
+hash_seed = "xyz"
+
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+table_size = 65536
+
+[[service.backend]]
+address = "2001:db8::1"
+
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+"#;
+        let p = problems(src);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"daemon.interfaces[1]"), "{p:?}");
+        assert!(keys.contains(&"daemon.hash_seed"), "{p:?}");
+        assert!(keys.contains(&"service[0].table_size"), "{p:?}");
+        assert!(keys.contains(&"service[0].backend[0].address"), "{p:?}");
+        assert!(keys.contains(&"service[1].name"), "{p:?}");
+        assert!(keys.contains(&"service[1].vip"), "{p:?}");
+        let table = p.iter().find(|p| p.key == "service[0].table_size").unwrap();
+        assert_eq!(table.line, Some(11));
+        assert!(table.message.contains("not a prime"));
+    }
+
+    #[test]
+    fn bad_values() {
+        for (from, to, key) in [
+            ("port = 80", "port = 70000", ""),
+            ("protocol = \"tcp\"", "protocol = \"sctp\"", ""),
+            ("vip = \"203.0.113.10\"", "vip = \"203.0.113\"", ""),
+            ("address = \"192.0.2.12\"", "address = \"192.0.2.11\"", "service[0].backend[1].address"),
+            ("weight = 50", "weight = 5000000", "service[0].backend[1].weight"),
+            ("path = \"/healthz\"", "path = \"healthz\"", "service[0].health.path"),
+            ("check = \"http\"", "check = \"http\"\ntimeout_ms = 2000", "service[0].health.timeout_ms"),
+            ("check = \"http\"", "check = \"http\"\nrise = 0", "service[0].health.rise"),
+            ("bpffs_dir = \"/sys/fs/bpf/lbtest\"", "bpffs_dir = \"relative\"", "daemon.bpffs_dir"),
+            ("port = 80", "port = 80\ntable_size = 7\n[[service.backend]]\naddress=\"192.0.2.1\"\n[[service.backend]]\naddress=\"192.0.2.2\"\n[[service.backend]]\naddress=\"192.0.2.3\"\n[[service.backend]]\naddress=\"192.0.2.4\"\n[[service.backend]]\naddress=\"192.0.2.5\"\n[[service.backend]]\naddress=\"192.0.2.6\"", ""),
+        ] {
+            let src = GOOD.replace(from, to);
+            assert_ne!(src, GOOD, "replacement {from:?} did not apply");
+            let p = problems(&src);
+            assert!(p.iter().all(|p| p.line.is_some()), "{p:?}");
+            if !key.is_empty() {
+                assert!(p.iter().any(|p| p.key == key), "expected a problem at {key}: {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn small_table_is_a_warning() {
+        let src = GOOD.replace("port = 80", "port = 80\ntable_size = 101");
+        let loaded = parse(&src).unwrap();
+        assert_eq!(loaded.warnings.len(), 1);
+        assert!(loaded.warnings[0].message.contains("balance"));
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65_537));
+        assert!(is_prime(655_373));
+        assert!(!is_prime(65_536));
+        assert!(!is_prime(1));
+        assert!(is_prime(2));
+    }
+}

@@ -1,0 +1,430 @@
+//! The only code that touches the XDP program and its maps: loading, attaching and pinning,
+//! filling the maps, swapping Maglev tables, reading counters, and removing it all.
+//!
+//! Pins live under `bpffs_dir`:
+//! - `link_<interface>`: the program's bpf_link on each interface (removing it detaches);
+//! - `v<LAYOUT_VERSION>/<MAP>`: every map. A layout change gets a new folder, so an lbd never
+//!   opens maps of a layout it does not know as its own.
+
+use std::{
+    fs,
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+    programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpMode},
+    },
+};
+use lb_common::{
+    BPF_F_INNER_MAP, Backend, Config, Counter, LAYOUT_VERSION, PROGRAM_NAME, Reason, ServiceKey,
+    ServiceValue, maps,
+};
+use log::{info, warn};
+
+use crate::config;
+
+/// The XDP program, built by build.rs from lb-ebpf and embedded so `lbd` is self-contained.
+pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this lbd was built without its XDP program (AYA_BUILD_SKIP was set): rebuild it normally")]
+    NoProgram,
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{what}: {source}")]
+    Program { what: String, source: aya::programs::ProgramError },
+    #[error("{what}: {source}")]
+    Map { what: String, source: aya::maps::MapError },
+    #[error("{0}")]
+    Other(String),
+}
+
+type Result<T> = std::result::Result<T, DatapathError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Io { what, source }
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Map { what, source }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Program { what, source }
+}
+
+/// Where an interface's link is pinned.
+pub fn link_pin(bpffs_dir: &Path, interface: &str) -> PathBuf {
+    bpffs_dir.join(format!("link_{interface}"))
+}
+
+/// The folder of this layout's map pins.
+pub fn maps_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// Whether `path` is on a bpf filesystem.
+fn on_bpffs(path: &Path) -> io::Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: statfs writes into the zeroed struct we own; c is a valid NUL-terminated string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == libc::BPF_FS_MAGIC as i64)
+}
+
+/// Makes sure `bpffs_dir` exists on a bpffs: mounts one at /sys/fs/bpf when the folder lies under
+/// it and nothing is mounted there (SPEC), creates the folder, and refuses a folder elsewhere
+/// that is not on a bpffs.
+pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if bpffs_dir.starts_with(root) && !on_bpffs(root).unwrap_or(false) {
+        info!("no bpffs mounted at /sys/fs/bpf: mounting one");
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL.
+        let rc = unsafe {
+            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(DatapathError::Io {
+                what: "mounting bpffs at /sys/fs/bpf".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    fs::create_dir_all(bpffs_dir).map_err(io_err(format!("creating {}", bpffs_dir.display())))?;
+    if !on_bpffs(bpffs_dir).map_err(io_err(format!("inspecting {}", bpffs_dir.display())))? {
+        return Err(DatapathError::Other(format!(
+            "daemon.bpffs_dir {} is not on a bpf filesystem: use a folder under /sys/fs/bpf or mount a bpffs there",
+            bpffs_dir.display()
+        )));
+    }
+    let _ = fs::set_permissions(bpffs_dir, fs::Permissions::from_mode(0o700));
+    Ok(())
+}
+
+/// How the program ended up attached to one interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    /// "native" or "generic", or "adopted" when an existing pinned link was updated in place.
+    pub mode: String,
+    pub link_id: u32,
+}
+
+pub struct Datapath {
+    /// Keeps the loaded program (and its fd) alive.
+    ebpf: Ebpf,
+    bpffs_dir: PathBuf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    backends: Array<MapData, Backend>,
+    config: Array<MapData, Config>,
+    service_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    reason_stats: PerCpuArray<MapData, u64>,
+    pub attachments: Vec<Attachment>,
+    program_id: u32,
+}
+
+impl Datapath {
+    /// Loads the program, opening the pinned maps of this layout when they exist (so a restart
+    /// keeps counters and tables) and pinning new ones otherwise.
+    pub fn load(bpffs_dir: &Path, conntrack_entries: u32) -> Result<Self> {
+        if PROGRAM_OBJECT.is_empty() {
+            return Err(DatapathError::NoProgram);
+        }
+        prepare_bpffs(bpffs_dir)?;
+        let dir = maps_dir(bpffs_dir);
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let conntrack_pin = dir.join(maps::CONNTRACK);
+        if let Ok(info) = aya::maps::MapInfo::from_pin(&conntrack_pin)
+            && info.max_entries() != conntrack_entries
+        {
+            // The LRU's size is fixed at creation: a new size needs a new table (flows are
+            // rehashed once, by the Maglev table that placed them).
+            warn!(
+                "connection table is pinned with {} entries, config asks for {conntrack_entries}: replacing it",
+                info.max_entries()
+            );
+            fs::remove_file(&conntrack_pin).map_err(io_err(format!("removing {}", conntrack_pin.display())))?;
+        }
+        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::CONNTRACK, conntrack_entries);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| DatapathError::Other(format!("program {PROGRAM_NAME} missing from the object")))?
+            .try_into()
+            .map_err(prog_err("the program is not XDP"))?;
+        program.load().map_err(prog_err("verifying and loading the XDP program"))?;
+        let program_id = program.info().map_err(prog_err("reading program info"))?.id();
+
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| DatapathError::Other(format!("map {name} missing from the object")))
+        };
+        let services = HashMap::try_from(take(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
+        let maglev = ArrayOfMaps::try_from(take(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?;
+        let backends = Array::try_from(take(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
+        let config = Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        let service_stats =
+            PerCpuArray::try_from(take(maps::SERVICE_STATS)?).map_err(map_err(maps::SERVICE_STATS))?;
+        let backend_stats =
+            PerCpuArray::try_from(take(maps::BACKEND_STATS)?).map_err(map_err(maps::BACKEND_STATS))?;
+        let reason_stats =
+            PerCpuArray::try_from(take(maps::REASON_STATS)?).map_err(map_err(maps::REASON_STATS))?;
+        Ok(Datapath {
+            ebpf,
+            bpffs_dir: bpffs_dir.to_owned(),
+            services,
+            maglev,
+            backends,
+            config,
+            service_stats,
+            backend_stats,
+            reason_stats,
+            attachments: vec![],
+            program_id,
+        })
+    }
+
+    pub fn program_id(&self) -> u32 {
+        self.program_id
+    }
+
+    fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("the program was checked at load")
+    }
+
+    /// Puts the program on `interface`. When a link is already pinned there (an earlier lbd),
+    /// its program is replaced atomically through the link: traffic never sees a gap. Otherwise
+    /// the program is attached in the configured mode and its link pinned.
+    pub fn attach(&mut self, interface: &str, ifindex: u32, mode: config::XdpMode) -> Result<()> {
+        let pin = link_pin(&self.bpffs_dir, interface);
+        if pin.exists() {
+            match self.replace_in_link(&pin) {
+                Ok(link_id) => {
+                    info!("{interface}: replaced the program in the pinned link {link_id} (no detach)");
+                    self.attachments.push(Attachment {
+                        interface: interface.into(),
+                        ifindex,
+                        mode: "adopted".into(),
+                        link_id,
+                    });
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!("{interface}: the pinned link cannot be reused ({e}); attaching anew");
+                    fs::remove_file(&pin).map_err(io_err(format!("removing {}", pin.display())))?;
+                }
+            }
+        }
+        let tries: &[(XdpMode, &str)] = match mode {
+            config::XdpMode::Native => &[(XdpMode::Driver, "native")],
+            config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
+            config::XdpMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        };
+        let mut last_err = None;
+        for &(xdp_mode, label) in tries {
+            let program = self.program();
+            match program.attach_to_if_index(ifindex, xdp_mode) {
+                Ok(id) => {
+                    let link = program.take_link(id).map_err(prog_err("taking the XDP link"))?;
+                    let fd_link = FdLink::try_from(link).map_err(|e| {
+                        DatapathError::Other(format!(
+                            "{interface}: the kernel attached XDP without a bpf_link ({e}); lb needs bpf_link support to stay attached after exit"
+                        ))
+                    })?;
+                    let link_id = fd_link.info().map(|i| i.id()).unwrap_or(0);
+                    fd_link.pin(&pin).map_err(|e| {
+                        DatapathError::Other(format!("pinning the link of {interface} at {}: {e}", pin.display()))
+                    })?;
+                    info!("{interface}: XDP program attached in {label} mode (link {link_id})");
+                    self.attachments.push(Attachment {
+                        interface: interface.into(),
+                        ifindex,
+                        mode: label.into(),
+                        link_id,
+                    });
+                    return Ok(());
+                }
+                Err(e) => {
+                    if tries.len() > 1 {
+                        warn!("{interface}: {label} XDP attach failed ({e}); trying the next mode");
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(DatapathError::Program {
+            what: format!("{interface} cannot take the XDP program in mode {mode:?}"),
+            source: last_err.expect("at least one mode was tried"),
+        })
+    }
+
+    fn replace_in_link(&mut self, pin: &Path) -> std::result::Result<u32, String> {
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+        let fd_link: FdLink = pinned.into();
+        let link_id = fd_link.info().map(|i| i.id()).map_err(|e| e.to_string())?;
+        let xdp_link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
+        let program = self.program();
+        let id = program.attach_to_link(xdp_link).map_err(|e| e.to_string())?;
+        // The link stays pinned; dropping our handle must not detach it.
+        let link = program.take_link(id).map_err(|e| e.to_string())?;
+        drop(link);
+        Ok(link_id)
+    }
+
+    /// Runs the loaded (not attached) program once on `frame` with BPF_PROG_TEST_RUN: the XDP
+    /// action and the frame as the program left it. For the data-path tests and benchmarks.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("the program was checked at load");
+        // Room for programs that grow the frame (encapsulation).
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let result = program.test_run(opts).map_err(prog_err("BPF_PROG_TEST_RUN"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    pub fn set_config(&mut self, hash_key: [u64; 2]) -> Result<()> {
+        let value = Config { hash_key, layout_version: LAYOUT_VERSION, _pad: 0 };
+        self.config.set(0, value, 0).map_err(map_err("writing CONFIG"))
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.set(id, backend, 0).map_err(map_err(format!("writing backend {id}")))
+    }
+
+    pub fn clear_backend(&mut self, id: u32) -> Result<()> {
+        self.set_backend(id, &Backend::default())
+    }
+
+    /// Installs a service's Maglev table, then its key. The table is filled aside in a new
+    /// inner map and swapped in with one update, so a packet sees the old table or the new one,
+    /// never a mix.
+    pub fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue, table: &[u32]) -> Result<()> {
+        self.swap_table(value.id, table)?;
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(format!("writing service {}", value.id)))
+    }
+
+    /// Replaces the Maglev table of service `id` atomically.
+    pub fn swap_table(&mut self, id: u32, table: &[u32]) -> Result<()> {
+        let size = table.len() as u32;
+        let mut inner = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)
+            .map_err(map_err(format!("creating a Maglev table of {size} slots")))?;
+        for (slot, backend) in table.iter().enumerate() {
+            inner.set(slot as u32, backend, 0).map_err(map_err("filling a Maglev table"))?;
+        }
+        self.maglev
+            .set(id, &inner, 0)
+            .map_err(map_err(format!("swapping in the Maglev table of service {id}")))
+    }
+
+    /// Removes a service: its key first (no new packet finds it), then its table.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("removing a service")(e)),
+        }
+    }
+
+    /// Every service key in the map (to remove those the config no longer has).
+    pub fn service_keys(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn service_counter(&self, id: u32) -> Counter {
+        sum_counters(self.service_stats.get(&id, 0).ok())
+    }
+
+    pub fn backend_counter(&self, id: u32) -> Counter {
+        sum_counters(self.backend_stats.get(&id, 0).ok())
+    }
+
+    pub fn reason_counts(&self) -> Vec<(Reason, u64)> {
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                let n = self
+                    .reason_stats
+                    .get(&(r as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (r, n)
+            })
+            .collect()
+    }
+}
+
+fn sum_counters(values: Option<aya::maps::PerCpuValues<Counter>>) -> Counter {
+    values
+        .map(|v| {
+            v.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Takes lb out of the path: removes every link pin under `bpffs_dir` (which detaches the
+/// program) and every map pin, then the folders. Missing pins are not an error.
+pub fn cleanup(bpffs_dir: &Path) -> Result<Vec<String>> {
+    let mut removed = vec![];
+    let entries = match fs::read_dir(bpffs_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io_err(format!("reading {}", bpffs_dir.display()))(e)),
+    };
+    // Links first, so the program stops before its maps go.
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+    for path in paths {
+        if path.is_dir() {
+            fs::remove_dir_all(&path).map_err(io_err(format!("removing {}", path.display())))?;
+        } else {
+            fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+        }
+        removed.push(path.display().to_string());
+    }
+    match fs::remove_dir(bpffs_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("removing {}", bpffs_dir.display()))(e)),
+    }
+    Ok(removed)
+}

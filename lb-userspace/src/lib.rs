@@ -1,0 +1,14 @@
+//! lbd and lbctl: the control plane of lb.
+//!
+//! Parts, each with one job: `config` (parse and validate the TOML), `datapath` (the only code
+//! that touches the XDP program and its maps), `netlink` (interfaces, routes, neighbours),
+//! `state` (the desired state and what lbd keeps on disk), `daemon` (puts them together and runs
+//! until told to stop), `api` (the control socket) and `client` (lbctl's side of it).
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod netlink;
+pub mod state;

@@ -1,0 +1,233 @@
+//! Data-path tests through BPF_PROG_TEST_RUN: the real program, loaded by lbd's datapath code
+//! with its maps filled, run on hand-built frames. Needs root (fails loudly without it).
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use lb_common::{
+    Backend, Reason, ServiceKey, ServiceValue, backend_flags, hash,
+    maglev::{MaglevBackend, build_table},
+};
+use lb_tests::packet::{Frame, ipv4_tcp, ipv4_udp};
+use lb_userspace::{
+    datapath::{self, Datapath},
+    state::to_addr,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
+const TABLE_SIZE: u32 = 65_537;
+
+fn backend_mac(i: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x0b, i as u8]
+}
+
+fn backend_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 11 + i as u8)
+}
+
+/// A loaded program with one TCP service on VIP:80 over three backends, pinned in a folder of
+/// its own that is removed on drop.
+struct Fixture {
+    dp: Datapath,
+    dir: PathBuf,
+    table: Vec<u32>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = datapath::cleanup(&self.dir);
+    }
+}
+
+fn service_key(port: u16) -> ServiceKey {
+    ServiceKey { addr: to_addr(VIP.into()), port: port.to_be(), proto: 6, family: 4 }
+}
+
+fn fixture(weights: [u32; 3]) -> Fixture {
+    lb_tests::require_root();
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/lbt-dp-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut dp = Datapath::load(&dir, 4096).expect("loading the XDP program");
+    dp.set_config(SEED).unwrap();
+    let mut live = vec![];
+    for i in 0..3u32 {
+        let b = Backend {
+            addr: to_addr(backend_ip(i).into()),
+            tunnel_src: [0; 4],
+            mac: backend_mac(i),
+            src_mac: LB_MAC,
+            ifindex: 1,
+            family: 4,
+            flags: backend_flags::VALID,
+            _pad: [0; 2],
+        };
+        dp.set_backend(i, &b).unwrap();
+        live.push(MaglevBackend { id: i, addr: b.addr, weight: weights[i as usize] });
+    }
+    let table = build_table(&SEED, &live, TABLE_SIZE);
+    let value = ServiceValue { id: 0, flags: 0, table_size: TABLE_SIZE, _pad: 0 };
+    dp.set_service(&service_key(80), &value, &table).unwrap();
+    Fixture { dp, dir, table }
+}
+
+fn client(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, i)
+}
+
+fn vip_syn(src: Ipv4Addr) -> Frame {
+    ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 80, 0x02, b"")
+}
+
+/// The backend lb-common predicts for a client: what `lbctl lookup` will say.
+fn predicted(table: &[u32], src: Ipv4Addr) -> u32 {
+    let h = hash::hash_source(&SEED, &to_addr(src.into()));
+    table[hash::slot(h, TABLE_SIZE) as usize]
+}
+
+#[test]
+fn vip_packet_is_sent_to_the_predicted_backend_with_only_macs_changed() {
+    let f = fixture([100, 100, 100]);
+    let mut seen = [0u32; 3];
+    for i in 1..=60u8 {
+        let src = client(i);
+        let frame = vip_syn(src);
+        let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+        assert_eq!(action, XDP_TX, "client {src}");
+        let b = predicted(&f.table, src);
+        seen[b as usize] += 1;
+        let mut expected = frame.bytes.clone();
+        expected[0..6].copy_from_slice(&backend_mac(b));
+        expected[6..12].copy_from_slice(&LB_MAC);
+        assert_eq!(out, expected, "client {src} should go to backend {b} unchanged but for MACs");
+    }
+    assert!(seen.iter().all(|&n| n > 0), "every backend gets some of 60 clients: {seen:?}");
+    let stats = f.dp.service_counter(0);
+    assert_eq!(stats.packets, 60);
+    let per_backend: u64 = (0..3).map(|b| f.dp.backend_counter(b).packets).sum();
+    assert_eq!(per_backend, 60);
+    assert_eq!(f.dp.backend_counter(0).packets, seen[0] as u64);
+}
+
+#[test]
+fn udp_to_the_tcp_service_and_other_ports_and_addresses_pass_unchanged() {
+    let f = fixture([100, 100, 100]);
+    let cases = [
+        ("UDP to the VIP's TCP port", ipv4_udp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 80, b"x")),
+        ("TCP to the VIP on another port", ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 8080, 0x02, b"")),
+        (
+            "TCP to a non-VIP address",
+            ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), Ipv4Addr::new(192, 0, 2, 2), 5000, 80, 0x02, b""),
+        ),
+    ];
+    for (what, frame) in cases {
+        let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+        assert_eq!(action, XDP_PASS, "{what}");
+        assert_eq!(out, frame.bytes, "{what} must come out unchanged");
+    }
+    assert_eq!(f.dp.service_counter(0).packets, 0);
+}
+
+#[test]
+fn vlan_tagged_vip_packet_keeps_its_tag() {
+    let f = fixture([100, 100, 100]);
+    let frame = vip_syn(client(7)).with_vlan(42);
+    let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+    assert_eq!(action, XDP_TX);
+    let b = predicted(&f.table, client(7));
+    let mut expected = frame.bytes.clone();
+    expected[0..6].copy_from_slice(&backend_mac(b));
+    expected[6..12].copy_from_slice(&LB_MAC);
+    assert_eq!(out, expected);
+    assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 42]);
+}
+
+#[test]
+fn truncated_frames_pass_unchanged() {
+    let f = fixture([100, 100, 100]);
+    let full = vip_syn(client(3)).bytes;
+    let malformed = |f: &Fixture| f.dp.reason_counts().iter().find(|(r, _)| *r == Reason::Malformed).unwrap().1;
+    // BPF_PROG_TEST_RUN needs at least an Ethernet header; every shorter cut of a VIP packet
+    // (inside the IP header, the ports, the rest of TCP) must be passed, never read past its
+    // end, and never rewritten.
+    for len in 14..full.len() {
+        let cut = &full[..len];
+        let before = malformed(&f);
+        let (action, out) = f.dp.test_run(cut).unwrap();
+        assert_eq!(action, XDP_PASS, "cut at {len}");
+        assert_eq!(out, cut, "cut at {len} must come out unchanged");
+        if len >= 14 + 20 + 4 {
+            // Ports present: recognisably a VIP packet, so counted as malformed.
+            assert_eq!(malformed(&f), before + 1, "cut at {len} is counted as malformed");
+        }
+    }
+    assert_eq!(f.dp.service_counter(0).packets, 0);
+}
+
+#[test]
+fn non_ip_and_malformed_ip_pass_unchanged() {
+    let f = fixture([100, 100, 100]);
+    // An ARP request for the VIP.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&client(1).octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&VIP.octets());
+    // A VIP packet claiming IP version 5, and one with a header length under 20 bytes.
+    let mut v5 = vip_syn(client(1)).bytes;
+    v5[14] = 0x55;
+    let mut short_ihl = vip_syn(client(1)).bytes;
+    short_ihl[14] = 0x44;
+    // A fragment of a VIP datagram (more-fragments set).
+    let mut frag = vip_syn(client(1)).bytes;
+    frag[20] = 0x20;
+    for (what, frame) in [("ARP", arp), ("IP version 5", v5), ("IHL 4", short_ihl), ("fragment", frag)] {
+        let (action, out) = f.dp.test_run(&frame).unwrap();
+        assert_eq!(action, XDP_PASS, "{what}");
+        assert_eq!(out, frame, "{what} must come out unchanged");
+    }
+}
+
+#[test]
+fn service_without_usable_backend_drops_and_counts() {
+    let f = fixture([0, 0, 0]);
+    assert!(f.table.iter().all(|&b| b == lb_common::NO_BACKEND));
+    let before = f.dp.reason_counts();
+    let (action, _) = f.dp.test_run(&vip_syn(client(9)).bytes).unwrap();
+    assert_eq!(action, XDP_DROP);
+    let after = f.dp.reason_counts();
+    let count = |v: &[(Reason, u64)]| v.iter().find(|(r, _)| *r == Reason::NoBackend).unwrap().1;
+    assert_eq!(count(&after), count(&before) + 1);
+}
+
+#[test]
+fn weights_and_table_swaps_take_effect() {
+    let mut f = fixture([100, 100, 100]);
+    // Swap in a table where only backend 2 takes clients: every client goes there at once.
+    let only_2 = build_table(
+        &SEED,
+        &[MaglevBackend { id: 2, addr: to_addr(backend_ip(2).into()), weight: 100 }],
+        TABLE_SIZE,
+    );
+    f.dp.swap_table(0, &only_2).unwrap();
+    for i in 1..=20u8 {
+        let (action, out) = f.dp.test_run(&vip_syn(client(i)).bytes).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[0..6], &backend_mac(2));
+    }
+}
