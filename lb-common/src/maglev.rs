@@ -58,7 +58,10 @@ fn quotas(backends: &[MaglevBackend], table_size: u32) -> Vec<u32> {
 /// weight every slot is [`crate::NO_BACKEND`]. Costs about `table_size × ln(table_size)` steps
 /// whatever the number of backends.
 pub fn build_table(seed: &[u64; 2], backends: &[MaglevBackend], table_size: u32) -> Vec<u32> {
-    assert!(table_size >= 2, "a Maglev table needs a prime size of at least 2");
+    assert!(
+        table_size >= 2,
+        "a Maglev table needs a prime size of at least 2"
+    );
     let m = table_size as usize;
     let mut table = vec![crate::NO_BACKEND; m];
 
@@ -116,7 +119,11 @@ mod tests {
     fn backend(i: u32, weight: u32) -> MaglevBackend {
         // 10.x.y.z-like spread over 192.0.2.0/24 and beyond; only distinctness matters.
         let ip = 0xc000_0200u32 + i;
-        MaglevBackend { id: i, addr: [ip.to_be(), 0, 0, 0], weight }
+        MaglevBackend {
+            id: i,
+            addr: [ip.to_be(), 0, 0, 0],
+            weight,
+        }
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<u32> {
@@ -129,7 +136,11 @@ mod tests {
 
     fn check_balance(weights: &[u32]) {
         let m = 65_537u32;
-        let backends: Vec<_> = weights.iter().enumerate().map(|(i, &w)| backend(i as u32, w)).collect();
+        let backends: Vec<_> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| backend(i as u32, w))
+            .collect();
         let table = build_table(&SEED, &backends, m);
         let total: u64 = weights.iter().map(|&w| w as u64).sum();
         for (i, &c) in shares(&table, weights.len()).iter().enumerate() {
@@ -161,7 +172,11 @@ mod tests {
 
     #[test]
     fn zero_weight_takes_no_slot_and_empty_set_has_no_backend() {
-        let t = build_table(&SEED, &[backend(0, 100), backend(1, 0), backend(2, 100)], 65_537);
+        let t = build_table(
+            &SEED,
+            &[backend(0, 100), backend(1, 0), backend(2, 100)],
+            65_537,
+        );
         assert!(!t.contains(&1));
         assert!(!t.contains(&NO_BACKEND));
         let t = build_table(&SEED, &[backend(0, 0)], 101);
@@ -210,13 +225,20 @@ mod tests {
     fn removing_a_backend_moves_few_others() {
         for n in [3u32, 10, 100, 1000] {
             let (moved, all_left) = disruption(n, 65_537);
-            assert!(all_left, "a slot of the removed backend still points to it (n = {n})");
+            assert!(
+                all_left,
+                "a slot of the removed backend still points to it (n = {n})"
+            );
             eprintln!(
                 "n = {n}: {:.3}% of the other clients moved (ideal 0, removed share {:.3}%)",
                 moved * 100.0,
                 100.0 / n as f64
             );
-            assert!(moved <= 0.01, "n = {n}: {:.4} of the other clients moved", moved);
+            assert!(
+                moved <= 0.01,
+                "n = {n}: {:.4} of the other clients moved",
+                moved
+            );
         }
     }
 

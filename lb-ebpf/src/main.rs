@@ -14,9 +14,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, BPF_F_INNER_MAP, Backend, Config, Counter, FAMILY_V4, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
-    ServiceValue, backend_flags, hash, service_flags,
+    Addr, BPF_F_INNER_MAP, Backend, Config, Counter, FAMILY_V4, FlowKey, FlowValue, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, ServiceKey, ServiceValue,
+    backend_flags, hash, service_flags,
 };
 
 // ---- maps (names in lb_common::maps; lbd pins every one) ----
@@ -198,7 +198,12 @@ fn parse(ctx: &XdpContext) -> Result<Packet, ()> {
 /// VIP's every-port service (port 0).
 #[inline(always)]
 fn classify(p: &Packet) -> Result<ServiceValue, ()> {
-    let mut key = ServiceKey { addr: p.dst, port: p.dport, proto: p.proto, family: p.family };
+    let mut key = ServiceKey {
+        addr: p.dst,
+        port: p.dport,
+        proto: p.proto,
+        family: p.family,
+    };
     if let Some(v) = SERVICES.get_ptr(&key) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         return Ok(unsafe { *v });
@@ -233,7 +238,9 @@ fn choose(p: &Packet, service: &ServiceValue) -> Result<u32, Reason> {
         return Err(Reason::MissingState);
     }
     let slot = hash::slot(h, service.table_size);
-    let id = *MAGLEV.get_value(service.id, &slot).ok_or(Reason::MissingState)?;
+    let id = *MAGLEV
+        .get_value(service.id, &slot)
+        .ok_or(Reason::MissingState)?;
     if id == NO_BACKEND {
         return Err(Reason::NoBackend);
     }

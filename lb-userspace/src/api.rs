@@ -1,10 +1,6 @@
 //! The control API: HTTP/JSON on a unix socket (mode 0600, owner root), versioned under `/v1`.
 
-use std::{
-    future::Future,
-    os::unix::fs::PermissionsExt,
-    path::Path,
-};
+use std::{future::Future, os::unix::fs::PermissionsExt, path::Path};
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde::Serialize;
@@ -15,7 +11,11 @@ use crate::{daemon::Shared, datapath::Attachment};
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: String, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Binds the control socket. Called only once lbd is ready: a stale socket left by a killed lbd
@@ -32,7 +32,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     match std::fs::remove_file(path) {
         Ok(()) => log::info!("removed a stale control socket {shown}"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ApiError::Io { what: "removing the stale socket", path: shown, source }),
+        Err(source) => {
+            return Err(ApiError::Io {
+                what: "removing the stale socket",
+                path: shown,
+                source,
+            });
+        }
     }
     // Created with no permissions for others from the first instant, then set to 0600.
     // SAFETY: umask only changes this process's file creation mask.
@@ -40,9 +46,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    let listener = bound.map_err(|source| ApiError::Io { what: "binding", path: shown.clone(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| ApiError::Io { what: "setting the mode of", path: shown, source })?;
+    let listener = bound.map_err(|source| ApiError::Io {
+        what: "binding",
+        path: shown.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ApiError::Io {
+            what: "setting the mode of",
+            path: shown,
+            source,
+        }
+    })?;
     Ok(listener)
 }
 
@@ -55,7 +70,9 @@ pub async fn serve(
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .with_state(shared);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -82,7 +99,12 @@ pub struct InterfaceStatus {
 
 impl From<&Attachment> for InterfaceStatus {
     fn from(a: &Attachment) -> Self {
-        InterfaceStatus { name: a.interface.clone(), ifindex: a.ifindex, mode: a.mode.clone(), link_id: a.link_id }
+        InterfaceStatus {
+            name: a.interface.clone(),
+            ifindex: a.ifindex,
+            mode: a.mode.clone(),
+            link_id: a.link_id,
+        }
     }
 }
 
@@ -96,7 +118,12 @@ async fn status(State(shared): State<Shared>) -> Json<Status> {
         program_id: d.datapath.program_id(),
         layout_version: lb_common::LAYOUT_VERSION,
         bpffs_dir: d.config.daemon.bpffs_dir.display().to_string(),
-        interfaces: d.datapath.attachments.iter().map(InterfaceStatus::from).collect(),
+        interfaces: d
+            .datapath
+            .attachments
+            .iter()
+            .map(InterfaceStatus::from)
+            .collect(),
         services: d.services.len(),
         backends: d.services.iter().map(|s| s.backends.len()).sum(),
     })
@@ -145,7 +172,11 @@ async fn stats(State(shared): State<Shared>) -> Result<Json<Stats>, (StatusCode,
                     .iter()
                     .map(|b| {
                         let c = d.datapath.backend_counter(b.id);
-                        BackendStats { address: b.cfg.address.to_string(), packets: c.packets, bytes: c.bytes }
+                        BackendStats {
+                            address: b.cfg.address.to_string(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                        }
                     })
                     .collect(),
             }
@@ -155,7 +186,10 @@ async fn stats(State(shared): State<Shared>) -> Result<Json<Stats>, (StatusCode,
         .datapath
         .reason_counts()
         .into_iter()
-        .map(|(r, n)| ReasonCount { reason: r.label().into(), packets: n })
+        .map(|(r, n)| ReasonCount {
+            reason: r.label().into(),
+            packets: n,
+        })
         .collect();
     Ok(Json(Stats { services, dropped }))
 }

@@ -10,7 +10,9 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("lbd is not running: no control socket at {0} (start lbd, or pass --socket / LB_SOCKET)")]
+    #[error(
+        "lbd is not running: no control socket at {0} (start lbd, or pass --socket / LB_SOCKET)"
+    )]
     NotRunning(PathBuf),
     #[error("permission denied on {0}: the control socket is root's (run lbctl as root)")]
     PermissionDenied(PathBuf),
@@ -27,11 +29,16 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: &Path) -> Self {
-        Client { socket: socket.to_owned() }
+        Client {
+            socket: socket.to_owned(),
+        }
     }
 
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
-        ClientError::Transport { path: self.socket.clone(), message: e.to_string() }
+        ClientError::Transport {
+            path: self.socket.clone(),
+            message: e.to_string(),
+        }
     }
 
     /// Sends one request and decodes the JSON answer; a non-2xx answer becomes
@@ -42,13 +49,17 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                ClientError::NotRunning(self.socket.clone())
-            }
-            std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(self.socket.clone()),
-            _ => self.transport(e),
-        })?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    ClientError::NotRunning(self.socket.clone())
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    ClientError::PermissionDenied(self.socket.clone())
+                }
+                _ => self.transport(e),
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.transport(e))?;
@@ -61,17 +72,28 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| self.transport(e))?;
-        let resp = sender.send_request(req).await.map_err(|e| self.transport(e))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.transport(e))?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| self.transport(e))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.transport(e))?
+            .to_bytes();
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| format!("lbd answered {status}: {}", String::from_utf8_lossy(&body)));
+                .unwrap_or_else(|| {
+                    format!("lbd answered {status}: {}", String::from_utf8_lossy(&body))
+                });
             return Err(ClientError::Refused(message));
         }
-        serde_json::from_slice(&body).map_err(|e| self.transport(format!("undecodable answer: {e}")))
+        serde_json::from_slice(&body)
+            .map_err(|e| self.transport(format!("undecodable answer: {e}")))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

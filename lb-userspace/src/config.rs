@@ -24,9 +24,8 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "line {line}: ")?,
-            None => {}
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
         }
         if self.key.is_empty() {
             write!(f, "{}", self.message)
@@ -39,9 +38,15 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config {path}:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -258,15 +263,27 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn line(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+        self.src[..offset.min(self.src.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
     }
     fn error<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
         let line = Some(self.line(at.span().start));
-        self.problems.push(Problem { line, key: key.into(), message: message.into() });
+        self.problems.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
     }
     fn warn<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
         let line = Some(self.line(at.span().start));
-        self.warnings.push(Problem { line, key: key.into(), message: message.into() });
+        self.warnings.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -279,9 +296,14 @@ pub struct Loaded {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let src = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    parse(&src).map_err(|problems| ConfigError::Invalid { path: path.to_owned(), problems })
+    let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&src).map_err(|problems| ConfigError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })
 }
 
 /// Parses and validates config text: the config, or every problem found.
@@ -289,7 +311,11 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
     let raw: RawConfig = match toml::from_str(src) {
         Ok(raw) => raw,
         Err(e) => {
-            let mut checker = Checker { src, problems: vec![], warnings: vec![] };
+            let mut checker = Checker {
+                src,
+                problems: vec![],
+                warnings: vec![],
+            };
             let line = e.span().map(|s| checker.line(s.start));
             checker.problems.push(Problem {
                 line,
@@ -299,22 +325,38 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
             return Err(checker.problems);
         }
     };
-    let mut c = Checker { src, problems: vec![], warnings: vec![] };
+    let mut c = Checker {
+        src,
+        problems: vec![],
+        warnings: vec![],
+    };
     let daemon = check_daemon(&mut c, raw.daemon.into_inner());
     let services = check_services(&mut c, raw.service);
     if c.problems.is_empty() {
-        Ok(Loaded { config: Config { daemon, services }, warnings: c.warnings })
+        Ok(Loaded {
+            config: Config { daemon, services },
+            warnings: c.warnings,
+        })
     } else {
         Err(c.problems)
     }
 }
 
-fn absolute_path(c: &mut Checker, v: Option<Spanned<PathBuf>>, key: &str, default: &str) -> PathBuf {
+fn absolute_path(
+    c: &mut Checker,
+    v: Option<Spanned<PathBuf>>,
+    key: &str,
+    default: &str,
+) -> PathBuf {
     match v {
         None => PathBuf::from(default),
         Some(p) => {
             if !p.get_ref().is_absolute() {
-                c.error(&p, key, format!("{} is not an absolute path", p.get_ref().display()));
+                c.error(
+                    &p,
+                    key,
+                    format!("{} is not an absolute path", p.get_ref().display()),
+                );
             }
             p.into_inner()
         }
@@ -324,46 +366,79 @@ fn absolute_path(c: &mut Checker, v: Option<Spanned<PathBuf>>, key: &str, defaul
 fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
     let mut interfaces = vec![];
     if d.interfaces.get_ref().is_empty() {
-        c.error(&d.interfaces, "daemon.interfaces", "lists no interface; name at least one, e.g. [\"eth0\"]");
+        c.error(
+            &d.interfaces,
+            "daemon.interfaces",
+            "lists no interface; name at least one, e.g. [\"eth0\"]",
+        );
     }
     let mut seen = HashSet::new();
     for (i, name) in d.interfaces.get_ref().iter().enumerate() {
         let key = format!("daemon.interfaces[{i}]");
         let n = name.get_ref();
         if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) || n == "." || n == ".." {
-            c.error(name, &key, format!("{n:?} is not a valid interface name (1 to 15 characters, no '/' or space)"));
+            c.error(
+                name,
+                &key,
+                format!(
+                    "{n:?} is not a valid interface name (1 to 15 characters, no '/' or space)"
+                ),
+            );
         } else if !seen.insert(n.clone()) {
             c.error(name, &key, format!("interface {n:?} is listed twice"));
         }
         interfaces.push(n.clone());
     }
-    let metrics = d.metrics.and_then(|m| match m.get_ref().parse::<SocketAddr>() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            c.error(&m, "daemon.metrics", format!("{:?} is not an address:port such as \"127.0.0.1:9917\"", m.get_ref()));
-            None
-        }
-    });
+    let metrics = d
+        .metrics
+        .and_then(|m| match m.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.error(
+                    &m,
+                    "daemon.metrics",
+                    format!(
+                        "{:?} is not an address:port such as \"127.0.0.1:9917\"",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
     let conntrack_entries = match d.conntrack_entries {
         None => DEFAULT_CONNTRACK_ENTRIES,
         Some(n) => {
             if *n.get_ref() == 0 || *n.get_ref() > 1 << 27 {
-                c.error(&n, "daemon.conntrack_entries", format!("{} is out of range: 1 to 134217728", n.get_ref()));
+                c.error(
+                    &n,
+                    "daemon.conntrack_entries",
+                    format!("{} is out of range: 1 to 134217728", n.get_ref()),
+                );
             }
             *n.get_ref()
         }
     };
-    let hash_seed = d.hash_seed.and_then(|s| match lb_common::hash::parse_seed(s.get_ref()) {
-        Some(seed) => Some(seed),
-        None => {
-            c.error(&s, "daemon.hash_seed", "must be exactly 32 hex digits (128 bits), e.g. from `openssl rand -hex 16`");
-            None
-        }
-    });
+    let hash_seed = d
+        .hash_seed
+        .and_then(|s| match lb_common::hash::parse_seed(s.get_ref()) {
+            Some(seed) => Some(seed),
+            None => {
+                c.error(
+                    &s,
+                    "daemon.hash_seed",
+                    "must be exactly 32 hex digits (128 bits), e.g. from `openssl rand -hex 16`",
+                );
+                None
+            }
+        });
     let log_level = d.log_level.map(|l| {
         let v = l.get_ref().to_ascii_lowercase();
         if !["error", "warn", "info", "debug", "trace", "off"].contains(&v.as_str()) {
-            c.error(&l, "daemon.log_level", format!("{v:?} is not one of error, warn, info, debug, trace, off"));
+            c.error(
+                &l,
+                "daemon.log_level",
+                format!("{v:?} is not one of error, warn, info, debug, trace, off"),
+            );
         }
         v
     });
@@ -386,7 +461,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while (d as u64) * (d as u64) <= n as u64 {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -398,7 +473,9 @@ pub fn is_prime(n: u32) -> bool {
 pub fn name_problem(name: &str) -> Option<String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
     (!ok).then(|| format!("{name:?} is not a valid name (1 to 64 of a-z, A-Z, 0-9, '-', '_', '.')"))
 }
 
@@ -422,7 +499,10 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
         c.problems.push(Problem {
             line: None,
             key: "service".into(),
-            message: format!("{} services configured; the data path holds at most {MAX_SERVICES}", raw.len()),
+            message: format!(
+                "{} services configured; the data path holds at most {MAX_SERVICES}",
+                raw.len()
+            ),
         });
     }
     let mut names = HashSet::new();
@@ -435,7 +515,11 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
         if let Some(msg) = name_problem(s.name.get_ref()) {
             c.error(&s.name, key("name"), msg);
         } else if !names.insert(s.name.get_ref().clone()) {
-            c.error(&s.name, key("name"), format!("a service named {:?} is already defined", s.name.get_ref()));
+            c.error(
+                &s.name,
+                key("name"),
+                format!("a service named {:?} is already defined", s.name.get_ref()),
+            );
         }
         let vip = *s.vip.get_ref();
         let endpoint = (vip, *s.port.get_ref(), s.protocol);
@@ -443,16 +527,32 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
             c.error(
                 &s.vip,
                 key("vip"),
-                format!("{vip} port {} {} is already used by service {other:?}", s.port.get_ref(), s.protocol),
+                format!(
+                    "{vip} port {} {} is already used by service {other:?}",
+                    s.port.get_ref(),
+                    s.protocol
+                ),
             );
         }
-        let forwarding = s.forwarding.as_ref().map(|f| *f.get_ref()).unwrap_or_default();
+        let forwarding = s
+            .forwarding
+            .as_ref()
+            .map(|f| *f.get_ref())
+            .unwrap_or_default();
         let tunnel_source = s.tunnel_source.map(|t| {
             if forwarding != Forwarding::Tunnel {
-                c.error(&t, key("tunnel_source"), "is only meaningful with forwarding = \"tunnel\"");
+                c.error(
+                    &t,
+                    key("tunnel_source"),
+                    "is only meaningful with forwarding = \"tunnel\"",
+                );
             }
             if t.get_ref().is_ipv4() != vip.is_ipv4() {
-                c.error(&t, key("tunnel_source"), format!("{} is not of the VIP's address family ({vip})", t.get_ref()));
+                c.error(
+                    &t,
+                    key("tunnel_source"),
+                    format!("{} is not of the VIP's address family ({vip})", t.get_ref()),
+                );
             }
             *t.get_ref()
         });
@@ -464,16 +564,36 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
         };
         if let Some(t) = &s.table_size {
             if !is_prime(table_size) {
-                c.error(t, key("table_size"), format!("{table_size} is not a prime (Maglev needs a prime table size, e.g. 65537)"));
+                c.error(
+                    t,
+                    key("table_size"),
+                    format!(
+                        "{table_size} is not a prime (Maglev needs a prime table size, e.g. 65537)"
+                    ),
+                );
             } else if table_size > MAX_TABLE_SIZE {
-                c.error(t, key("table_size"), format!("{table_size} is larger than the maximum {MAX_TABLE_SIZE}"));
+                c.error(
+                    t,
+                    key("table_size"),
+                    format!("{table_size} is larger than the maximum {MAX_TABLE_SIZE}"),
+                );
             } else if (table_size as usize) < backends.len() {
-                c.error(t, key("table_size"), format!("{table_size} is smaller than the number of backends ({})", backends.len()));
+                c.error(
+                    t,
+                    key("table_size"),
+                    format!(
+                        "{table_size} is smaller than the number of backends ({})",
+                        backends.len()
+                    ),
+                );
             } else if (table_size as usize) < 100 * backends.len() {
                 c.warn(
                     t,
                     key("table_size"),
-                    format!("{table_size} is less than 100 × the {} backends: balance drifts past 1%", backends.len()),
+                    format!(
+                        "{table_size} is less than 100 × the {} backends: balance drifts past 1%",
+                        backends.len()
+                    ),
                 );
             }
         }
@@ -495,7 +615,9 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
         c.problems.push(Problem {
             line: None,
             key: "service.backend".into(),
-            message: format!("{total_backends} backends configured; the data path holds at most {MAX_BACKENDS}"),
+            message: format!(
+                "{total_backends} backends configured; the data path holds at most {MAX_BACKENDS}"
+            ),
         });
     }
     services
@@ -515,39 +637,74 @@ fn check_backends(
         let key = |k: &str| format!("service[{service}].backend[{j}].{k}");
         let address = *b.address.get_ref();
         if address.is_ipv4() != vip.is_ipv4() {
-            c.error(&b.address, key("address"), format!("{address} is not of the VIP's address family ({vip})"));
+            c.error(
+                &b.address,
+                key("address"),
+                format!("{address} is not of the VIP's address family ({vip})"),
+            );
         } else if !seen.insert(address) {
-            c.error(&b.address, key("address"), format!("backend {address} is listed twice in this service"));
+            c.error(
+                &b.address,
+                key("address"),
+                format!("backend {address} is listed twice in this service"),
+            );
         }
         let weight = match &b.weight {
             None => DEFAULT_WEIGHT,
             Some(w) => {
                 if *w.get_ref() > MAX_WEIGHT {
-                    c.error(w, key("weight"), format!("{} is larger than the maximum {MAX_WEIGHT}", w.get_ref()));
+                    c.error(
+                        w,
+                        key("weight"),
+                        format!("{} is larger than the maximum {MAX_WEIGHT}", w.get_ref()),
+                    );
                 }
                 *w.get_ref()
             }
         };
         let mac = b.mac.and_then(|m| {
             if forwarding != Forwarding::Dsr {
-                c.error(&m, key("mac"), "is only meaningful with forwarding = \"dsr\"");
+                c.error(
+                    &m,
+                    key("mac"),
+                    "is only meaningful with forwarding = \"dsr\"",
+                );
             }
             match parse_mac(m.get_ref()) {
                 Some(mac) => Some(mac),
                 None => {
-                    c.error(&m, key("mac"), format!("{:?} is not a MAC address like \"02:00:00:00:0b:01\"", m.get_ref()));
+                    c.error(
+                        &m,
+                        key("mac"),
+                        format!(
+                            "{:?} is not a MAC address like \"02:00:00:00:0b:01\"",
+                            m.get_ref()
+                        ),
+                    );
                     None
                 }
             }
         });
-        backends.push(Backend { address, weight, mac });
+        backends.push(Backend {
+            address,
+            weight,
+            mac,
+        });
     }
     backends
 }
 
-fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<Spanned<RawHealth>>) -> Health {
+fn check_health(
+    c: &mut Checker,
+    service: usize,
+    service_port: u16,
+    raw: Option<Spanned<RawHealth>>,
+) -> Health {
     let Some(raw) = raw else {
-        return Health { port: service_port, ..Health::default() };
+        return Health {
+            port: service_port,
+            ..Health::default()
+        };
     };
     let at = raw.span();
     let h = raw.into_inner();
@@ -568,7 +725,11 @@ fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<
     let path = match h.path {
         Some(p) => {
             if !p.get_ref().starts_with('/') {
-                c.error(&p, key("path"), format!("{:?} must start with '/'", p.get_ref()));
+                c.error(
+                    &p,
+                    key("path"),
+                    format!("{:?} must start with '/'", p.get_ref()),
+                );
             }
             p.into_inner()
         }
@@ -577,7 +738,11 @@ fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<
     let expect = match h.expect {
         Some(e) => {
             if !(100..=599).contains(e.get_ref()) {
-                c.error(&e, key("expect"), format!("{} is not an HTTP status (100 to 599)", e.get_ref()));
+                c.error(
+                    &e,
+                    key("expect"),
+                    format!("{} is not an HTTP status (100 to 599)", e.get_ref()),
+                );
             }
             *e.get_ref()
         }
@@ -586,7 +751,11 @@ fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<
     let mut positive = |v: Option<Spanned<u64>>, k: &str, default: u64| match v {
         Some(v) => {
             if *v.get_ref() == 0 || *v.get_ref() > 3_600_000 {
-                c.error(&v, key(k), format!("{} is out of range: 1 to 3600000 ms", v.get_ref()));
+                c.error(
+                    &v,
+                    key(k),
+                    format!("{} is out of range: 1 to 3600000 ms", v.get_ref()),
+                );
             }
             *v.get_ref()
         }
@@ -606,7 +775,11 @@ fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<
     let mut count = |v: Option<Spanned<u32>>, k: &str, default: u32| match v {
         Some(v) => {
             if *v.get_ref() == 0 || *v.get_ref() > 1000 {
-                c.error(&v, key(k), format!("{} is out of range: 1 to 1000", v.get_ref()));
+                c.error(
+                    &v,
+                    key(k),
+                    format!("{} is out of range: 1 to 1000", v.get_ref()),
+                );
             }
             *v.get_ref()
         }
@@ -614,7 +787,16 @@ fn check_health(c: &mut Checker, service: usize, service_port: u16, raw: Option<
     };
     let rise = count(h.rise, "rise", d.rise);
     let fall = count(h.fall, "fall", d.fall);
-    Health { check: h.check, port, path, expect, interval_ms, timeout_ms, rise, fall }
+    Health {
+        check: h.check,
+        port,
+        path,
+        expect,
+        interval_ms,
+        timeout_ms,
+        rise,
+        fall,
+    }
 }
 
 impl Config {
@@ -697,7 +879,10 @@ weight = 50
 
     #[test]
     fn service_without_health_has_no_check() {
-        let src = GOOD.replace("[service.health]\ncheck = \"http\"\npath = \"/healthz\"\n", "");
+        let src = GOOD.replace(
+            "[service.health]\ncheck = \"http\"\npath = \"/healthz\"\n",
+            "",
+        );
         let c = parse(&src).unwrap().config;
         assert_eq!(c.services[0].health.check, CheckKind::None);
     }
@@ -768,20 +953,51 @@ protocol = "tcp"
             ("port = 80", "port = 70000", ""),
             ("protocol = \"tcp\"", "protocol = \"sctp\"", ""),
             ("vip = \"203.0.113.10\"", "vip = \"203.0.113\"", ""),
-            ("address = \"192.0.2.12\"", "address = \"192.0.2.11\"", "service[0].backend[1].address"),
-            ("weight = 50", "weight = 5000000", "service[0].backend[1].weight"),
-            ("path = \"/healthz\"", "path = \"healthz\"", "service[0].health.path"),
-            ("check = \"http\"", "check = \"http\"\ntimeout_ms = 2000", "service[0].health.timeout_ms"),
-            ("check = \"http\"", "check = \"http\"\nrise = 0", "service[0].health.rise"),
-            ("bpffs_dir = \"/sys/fs/bpf/lbtest\"", "bpffs_dir = \"relative\"", "daemon.bpffs_dir"),
-            ("port = 80", "port = 80\ntable_size = 7\n[[service.backend]]\naddress=\"192.0.2.1\"\n[[service.backend]]\naddress=\"192.0.2.2\"\n[[service.backend]]\naddress=\"192.0.2.3\"\n[[service.backend]]\naddress=\"192.0.2.4\"\n[[service.backend]]\naddress=\"192.0.2.5\"\n[[service.backend]]\naddress=\"192.0.2.6\"", ""),
+            (
+                "address = \"192.0.2.12\"",
+                "address = \"192.0.2.11\"",
+                "service[0].backend[1].address",
+            ),
+            (
+                "weight = 50",
+                "weight = 5000000",
+                "service[0].backend[1].weight",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"healthz\"",
+                "service[0].health.path",
+            ),
+            (
+                "check = \"http\"",
+                "check = \"http\"\ntimeout_ms = 2000",
+                "service[0].health.timeout_ms",
+            ),
+            (
+                "check = \"http\"",
+                "check = \"http\"\nrise = 0",
+                "service[0].health.rise",
+            ),
+            (
+                "bpffs_dir = \"/sys/fs/bpf/lbtest\"",
+                "bpffs_dir = \"relative\"",
+                "daemon.bpffs_dir",
+            ),
+            (
+                "port = 80",
+                "port = 80\ntable_size = 7\n[[service.backend]]\naddress=\"192.0.2.1\"\n[[service.backend]]\naddress=\"192.0.2.2\"\n[[service.backend]]\naddress=\"192.0.2.3\"\n[[service.backend]]\naddress=\"192.0.2.4\"\n[[service.backend]]\naddress=\"192.0.2.5\"\n[[service.backend]]\naddress=\"192.0.2.6\"",
+                "",
+            ),
         ] {
             let src = GOOD.replace(from, to);
             assert_ne!(src, GOOD, "replacement {from:?} did not apply");
             let p = problems(&src);
             assert!(p.iter().all(|p| p.line.is_some()), "{p:?}");
             if !key.is_empty() {
-                assert!(p.iter().any(|p| p.key == key), "expected a problem at {key}: {p:?}");
+                assert!(
+                    p.iter().any(|p| p.key == key),
+                    "expected a problem at {key}: {p:?}"
+                );
             }
         }
     }

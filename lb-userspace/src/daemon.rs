@@ -87,7 +87,12 @@ impl ServiceRuntime {
         if self.cfg.hash == HashMode::FiveTuple {
             flags |= service_flags::HASH_5TUPLE;
         }
-        ServiceValue { id: self.id, flags, table_size: self.cfg.table_size, _pad: 0 }
+        ServiceValue {
+            id: self.id,
+            flags,
+            table_size: self.cfg.table_size,
+            _pad: 0,
+        }
     }
 
     /// The Maglev table for the backends that may take new clients now.
@@ -96,7 +101,11 @@ impl ServiceRuntime {
             .backends
             .iter()
             .filter(|b| b.in_table())
-            .map(|b| MaglevBackend { id: b.id, addr: state::to_addr(b.cfg.address), weight: b.cfg.weight })
+            .map(|b| MaglevBackend {
+                id: b.id,
+                addr: state::to_addr(b.cfg.address),
+                weight: b.cfg.weight,
+            })
             .collect();
         build_table(seed, &live, self.cfg.table_size)
     }
@@ -109,7 +118,6 @@ pub struct Daemon {
     pub datapath: Datapath,
     pub services: Vec<ServiceRuntime>,
     pub started: Instant,
-    netlink: Netlink,
 }
 
 pub type Shared = Arc<Mutex<Daemon>>;
@@ -136,7 +144,11 @@ fn runtime_of(config: &Config) -> Vec<ServiceRuntime> {
                         id,
                         cfg: b.clone(),
                         hop: None,
-                        state: if b.weight == 0 { BackendState::Draining } else { BackendState::Up },
+                        state: if b.weight == 0 {
+                            BackendState::Draining
+                        } else {
+                            BackendState::Up
+                        },
                         since: Instant::now(),
                     }
                 })
@@ -155,37 +167,88 @@ async fn resolve(netlink: &Netlink, backend: &config::Backend) -> anyhow::Result
             let iface = netlink
                 .interface_by_index(route.oif)
                 .await?
-                .with_context(|| format!("interface {} of the route to {addr} vanished", route.oif))?;
-            Ok(Hop { ifindex: route.oif, mac, src_mac: iface.mac })
+                .with_context(|| {
+                    format!("interface {} of the route to {addr} vanished", route.oif)
+                })?;
+            Ok(Hop {
+                ifindex: route.oif,
+                mac,
+                src_mac: iface.mac,
+            })
         }
         None => {
             let hop = netlink.next_hop(addr, RESOLVE_TIMEOUT).await?;
             if hop.via != addr {
-                bail!("backend {addr} is behind gateway {}: dsr needs backends on a directly connected network", hop.via);
+                bail!(
+                    "backend {addr} is behind gateway {}: dsr needs backends on a directly connected network",
+                    hop.via
+                );
             }
-            Ok(Hop { ifindex: hop.ifindex, mac: hop.mac, src_mac: hop.src_mac })
+            Ok(Hop {
+                ifindex: hop.ifindex,
+                mac: hop.mac,
+                src_mac: hop.src_mac,
+            })
         }
     }
 }
 
-async fn resolve_all(netlink: &Netlink, services: &mut [ServiceRuntime]) {
-    let jobs = services
+/// Netlink connections used side by side when resolving many backends. The kernel serves one
+/// dump at a time per netlink socket (a second gets EBUSY), so parallel resolution needs a
+/// socket per worker; a backend that never answers then delays only its own worker.
+const RESOLVE_WORKERS: usize = 8;
+
+async fn resolve_all(services: &mut [ServiceRuntime]) {
+    let all: Vec<(String, config::Backend)> = services
         .iter()
-        .flat_map(|s| s.backends.iter().map(move |b| (s.cfg.name.clone(), b.cfg.clone())))
-        .map(|(service, cfg)| async move {
-            let result = resolve(netlink, &cfg).await;
-            (service, cfg.address, result)
-        });
-    let results = futures::future::join_all(jobs).await;
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .map(move |b| (s.cfg.name.clone(), b.cfg.clone()))
+        })
+        .collect();
+    let workers = RESOLVE_WORKERS.min(all.len()).max(1);
+    let jobs = (0..workers).map(|w| {
+        let mine: Vec<(usize, &config::Backend)> = all
+            .iter()
+            .enumerate()
+            .skip(w)
+            .step_by(workers)
+            .map(|(i, (_, b))| (i, b))
+            .collect();
+        async move {
+            let mut out = vec![];
+            match Netlink::new() {
+                Ok(netlink) => {
+                    for (i, b) in mine {
+                        out.push((i, resolve(&netlink, b).await));
+                    }
+                }
+                Err(e) => {
+                    let message = format!("opening a netlink connection: {e}");
+                    out.extend(
+                        mine.into_iter()
+                            .map(|(i, _)| (i, Err(anyhow::anyhow!(message.clone())))),
+                    );
+                }
+            }
+            out
+        }
+    });
+    let mut results: Vec<Option<anyhow::Result<Hop>>> = (0..all.len()).map(|_| None).collect();
+    for (i, r) in futures::future::join_all(jobs).await.into_iter().flatten() {
+        results[i] = Some(r);
+    }
     let mut results = results.into_iter();
     for s in services.iter_mut() {
         for b in s.backends.iter_mut() {
-            let (service, address, result) = results.next().expect("one result per backend");
-            debug_assert_eq!(address, b.cfg.address);
-            match result {
+            match results.next().flatten().expect("one result per backend") {
                 Ok(hop) => b.hop = Some(hop),
                 Err(e) => {
-                    warn!("service {service}: backend {address} gets no traffic until it resolves: {e:#}");
+                    warn!(
+                        "service {}: backend {} gets no traffic until it resolves: {e:#}",
+                        s.cfg.name, b.cfg.address
+                    );
                     b.hop = None;
                 }
             }
@@ -194,7 +257,9 @@ async fn resolve_all(netlink: &Netlink, services: &mut [ServiceRuntime]) {
 }
 
 fn backend_entry(b: &BackendRuntime) -> Backend {
-    let Some(hop) = &b.hop else { return Backend::default() };
+    let Some(hop) = &b.hop else {
+        return Backend::default();
+    };
     Backend {
         addr: state::to_addr(b.cfg.address),
         tunnel_src: [0; 4],
@@ -225,7 +290,10 @@ impl Daemon {
         }
         for (key, value) in self.datapath.service_keys() {
             if !keep.contains(&key) {
-                info!("removing service {} left from an earlier configuration", value.id);
+                info!(
+                    "removing service {} left from an earlier configuration",
+                    value.id
+                );
                 self.datapath.remove_service(&key)?;
             }
         }
@@ -235,7 +303,7 @@ impl Daemon {
     /// Re-reads neighbours: follows MAC changes, picks up backends that now resolve.
     async fn refresh(&mut self) -> anyhow::Result<()> {
         let mut services = self.services.clone();
-        resolve_all(&self.netlink, &mut services).await;
+        resolve_all(&mut services).await;
         for (s, fresh) in self.services.iter_mut().zip(services) {
             let mut table_changed = false;
             for (b, f) in s.backends.iter_mut().zip(fresh.backends) {
@@ -266,7 +334,10 @@ impl Daemon {
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Starts lbd with the config at `config_path` and runs until SIGTERM or SIGINT. On return the
@@ -282,16 +353,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let mut interfaces = vec![];
     for name in &config.daemon.interfaces {
-        let iface = netlink
-            .interface_by_name(name)
-            .await?
-            .with_context(|| format!("daemon.interfaces: there is no interface {name:?} in this network namespace"))?;
+        let iface = netlink.interface_by_name(name).await?.with_context(|| {
+            format!("daemon.interfaces: there is no interface {name:?} in this network namespace")
+        })?;
         interfaces.push((name.clone(), iface.index));
     }
 
     let datapath = Datapath::load(&config.daemon.bpffs_dir, config.daemon.conntrack_entries)?;
     let mut services = runtime_of(&config);
-    resolve_all(&netlink, &mut services).await;
+    resolve_all(&mut services).await;
 
     let mut daemon = Daemon {
         config_path: config_path.to_owned(),
@@ -299,7 +369,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         datapath,
         services,
         started: Instant::now(),
-        netlink,
         config,
     };
     // Fill the maps before attaching, so the first packet the program sees finds every table.

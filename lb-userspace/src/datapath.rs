@@ -7,8 +7,7 @@
 //!   opens maps of a layout it does not know as its own.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
@@ -35,16 +34,24 @@ pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("this lbd was built without its XDP program (AYA_BUILD_SKIP was set): rebuild it normally")]
+    #[error(
+        "this lbd was built without its XDP program (AYA_BUILD_SKIP was set): rebuild it normally"
+    )]
     NoProgram,
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("loading the XDP program: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("{what}: {source}")]
-    Program { what: String, source: aya::programs::ProgramError },
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("{what}: {source}")]
-    Map { what: String, source: aya::maps::MapError },
+    Map {
+        what: String,
+        source: aya::maps::MapError,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -86,7 +93,7 @@ fn on_bpffs(path: &Path) -> io::Result<bool> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(st.f_type as i64 == libc::BPF_FS_MAGIC as i64)
+    Ok(st.f_type == libc::BPF_FS_MAGIC)
 }
 
 /// Makes sure `bpffs_dir` exists on a bpffs: mounts one at /sys/fs/bpf when the folder lies under
@@ -100,7 +107,13 @@ pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
         let target = c"/sys/fs/bpf";
         // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL.
         let rc = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(DatapathError::Io {
@@ -165,7 +178,8 @@ impl Datapath {
                 "connection table is pinned with {} entries, config asks for {conntrack_entries}: replacing it",
                 info.max_entries()
             );
-            fs::remove_file(&conntrack_pin).map_err(io_err(format!("removing {}", conntrack_pin.display())))?;
+            fs::remove_file(&conntrack_pin)
+                .map_err(io_err(format!("removing {}", conntrack_pin.display())))?;
         }
         let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -176,11 +190,18 @@ impl Datapath {
         let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| DatapathError::Other(format!("program {PROGRAM_NAME} missing from the object")))?
+            .ok_or_else(|| {
+                DatapathError::Other(format!("program {PROGRAM_NAME} missing from the object"))
+            })?
             .try_into()
             .map_err(prog_err("the program is not XDP"))?;
-        program.load().map_err(prog_err("verifying and loading the XDP program"))?;
-        let program_id = program.info().map_err(prog_err("reading program info"))?.id();
+        program
+            .load()
+            .map_err(prog_err("verifying and loading the XDP program"))?;
+        let program_id = program
+            .info()
+            .map_err(prog_err("reading program info"))?
+            .id();
 
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -190,12 +211,12 @@ impl Datapath {
         let maglev = ArrayOfMaps::try_from(take(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?;
         let backends = Array::try_from(take(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
         let config = Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
-        let service_stats =
-            PerCpuArray::try_from(take(maps::SERVICE_STATS)?).map_err(map_err(maps::SERVICE_STATS))?;
-        let backend_stats =
-            PerCpuArray::try_from(take(maps::BACKEND_STATS)?).map_err(map_err(maps::BACKEND_STATS))?;
-        let reason_stats =
-            PerCpuArray::try_from(take(maps::REASON_STATS)?).map_err(map_err(maps::REASON_STATS))?;
+        let service_stats = PerCpuArray::try_from(take(maps::SERVICE_STATS)?)
+            .map_err(map_err(maps::SERVICE_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(maps::BACKEND_STATS)?)
+            .map_err(map_err(maps::BACKEND_STATS))?;
+        let reason_stats = PerCpuArray::try_from(take(maps::REASON_STATS)?)
+            .map_err(map_err(maps::REASON_STATS))?;
         Ok(Datapath {
             ebpf,
             bpffs_dir: bpffs_dir.to_owned(),
@@ -230,7 +251,9 @@ impl Datapath {
         if pin.exists() {
             match self.replace_in_link(&pin) {
                 Ok(link_id) => {
-                    info!("{interface}: replaced the program in the pinned link {link_id} (no detach)");
+                    info!(
+                        "{interface}: replaced the program in the pinned link {link_id} (no detach)"
+                    );
                     self.attachments.push(Attachment {
                         interface: interface.into(),
                         ifindex,
@@ -255,7 +278,9 @@ impl Datapath {
             let program = self.program();
             match program.attach_to_if_index(ifindex, xdp_mode) {
                 Ok(id) => {
-                    let link = program.take_link(id).map_err(prog_err("taking the XDP link"))?;
+                    let link = program
+                        .take_link(id)
+                        .map_err(prog_err("taking the XDP link"))?;
                     let fd_link = FdLink::try_from(link).map_err(|e| {
                         DatapathError::Other(format!(
                             "{interface}: the kernel attached XDP without a bpf_link ({e}); lb needs bpf_link support to stay attached after exit"
@@ -263,7 +288,10 @@ impl Datapath {
                     })?;
                     let link_id = fd_link.info().map(|i| i.id()).unwrap_or(0);
                     fd_link.pin(&pin).map_err(|e| {
-                        DatapathError::Other(format!("pinning the link of {interface} at {}: {e}", pin.display()))
+                        DatapathError::Other(format!(
+                            "pinning the link of {interface} at {}: {e}",
+                            pin.display()
+                        ))
                     })?;
                     info!("{interface}: XDP program attached in {label} mode (link {link_id})");
                     self.attachments.push(Attachment {
@@ -294,7 +322,9 @@ impl Datapath {
         let link_id = fd_link.info().map(|i| i.id()).map_err(|e| e.to_string())?;
         let xdp_link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
         let program = self.program();
-        let id = program.attach_to_link(xdp_link).map_err(|e| e.to_string())?;
+        let id = program
+            .attach_to_link(xdp_link)
+            .map_err(|e| e.to_string())?;
         // The link stays pinned; dropping our handle must not detach it.
         let link = program.take_link(id).map_err(|e| e.to_string())?;
         drop(link);
@@ -312,19 +342,33 @@ impl Datapath {
             .expect("the program was checked at load");
         // Room for programs that grow the frame (encapsulation).
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
-        let result = program.test_run(opts).map_err(prog_err("BPF_PROG_TEST_RUN"))?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = program
+            .test_run(opts)
+            .map_err(prog_err("BPF_PROG_TEST_RUN"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
     }
 
     pub fn set_config(&mut self, hash_key: [u64; 2]) -> Result<()> {
-        let value = Config { hash_key, layout_version: LAYOUT_VERSION, _pad: 0 };
-        self.config.set(0, value, 0).map_err(map_err("writing CONFIG"))
+        let value = Config {
+            hash_key,
+            layout_version: LAYOUT_VERSION,
+            _pad: 0,
+        };
+        self.config
+            .set(0, value, 0)
+            .map_err(map_err("writing CONFIG"))
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).map_err(map_err(format!("writing backend {id}")))
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err(format!("writing backend {id}")))
     }
 
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
@@ -334,7 +378,12 @@ impl Datapath {
     /// Installs a service's Maglev table, then its key. The table is filled aside in a new
     /// inner map and swapped in with one update, so a packet sees the old table or the new one,
     /// never a mix.
-    pub fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue, table: &[u32]) -> Result<()> {
+    pub fn set_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+        table: &[u32],
+    ) -> Result<()> {
         self.swap_table(value.id, table)?;
         self.services
             .insert(key, value, 0)
@@ -347,11 +396,13 @@ impl Datapath {
         let mut inner = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)
             .map_err(map_err(format!("creating a Maglev table of {size} slots")))?;
         for (slot, backend) in table.iter().enumerate() {
-            inner.set(slot as u32, backend, 0).map_err(map_err("filling a Maglev table"))?;
+            inner
+                .set(slot as u32, backend, 0)
+                .map_err(map_err("filling a Maglev table"))?;
         }
-        self.maglev
-            .set(id, &inner, 0)
-            .map_err(map_err(format!("swapping in the Maglev table of service {id}")))
+        self.maglev.set(id, &inner, 0).map_err(map_err(format!(
+            "swapping in the Maglev table of service {id}"
+        )))
     }
 
     /// Removes a service: its key first (no new packet finds it), then its table.
@@ -412,7 +463,10 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<Vec<String>> {
     };
     // Links first, so the program stops before its maps go.
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
     for path in paths {
         if path.is_dir() {
             fs::remove_dir_all(&path).map_err(io_err(format!("removing {}", path.display())))?;

@@ -16,8 +16,14 @@ pub const SEED_FILE: &str = "hash_seed";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: String, source: io::Error },
-    #[error("{path} does not hold a hash seed of 32 hex digits; fix or delete it (clients then move once)")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: io::Error,
+    },
+    #[error(
+        "{path} does not hold a hash seed of 32 hex digits; fix or delete it (clients then move once)"
+    )]
     BadSeed { path: String },
 }
 
@@ -30,7 +36,9 @@ pub fn hash_seed(configured: Option<[u64; 2]>, state_dir: &Path) -> Result<[u64;
     let path = state_dir.join(SEED_FILE);
     let shown = path.display().to_string();
     match fs::read_to_string(&path) {
-        Ok(text) => lb_common::hash::parse_seed(text.trim()).ok_or(StateError::BadSeed { path: shown }),
+        Ok(text) => {
+            lb_common::hash::parse_seed(text.trim()).ok_or(StateError::BadSeed { path: shown })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(state_dir).map_err(|source| StateError::Io {
                 what: "creating",
@@ -44,12 +52,23 @@ pub fn hash_seed(configured: Option<[u64; 2]>, state_dir: &Path) -> Result<[u64;
                 .create_new(true)
                 .mode(0o600)
                 .open(&path)
-                .map_err(|source| StateError::Io { what: "creating", path: shown.clone(), source })?;
-            writeln!(f, "{}", seed_hex(&seed))
-                .map_err(|source| StateError::Io { what: "writing", path: shown, source })?;
+                .map_err(|source| StateError::Io {
+                    what: "creating",
+                    path: shown.clone(),
+                    source,
+                })?;
+            writeln!(f, "{}", seed_hex(&seed)).map_err(|source| StateError::Io {
+                what: "writing",
+                path: shown,
+                source,
+            })?;
             Ok(seed)
         }
-        Err(source) => Err(StateError::Io { what: "reading", path: shown, source }),
+        Err(source) => Err(StateError::Io {
+            what: "reading",
+            path: shown,
+            source,
+        }),
     }
 }
 
@@ -63,13 +82,19 @@ pub fn to_addr(ip: IpAddr) -> Addr {
         IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            core::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+            })
         }
     }
 }
 
 pub fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { lb_common::FAMILY_V4 } else { lb_common::FAMILY_V6 }
+    if ip.is_ipv4() {
+        lb_common::FAMILY_V4
+    } else {
+        lb_common::FAMILY_V6
+    }
 }
 
 #[cfg(test)]
@@ -83,7 +108,11 @@ mod tests {
         let a = hash_seed(None, &dir).unwrap();
         let b = hash_seed(None, &dir).unwrap();
         assert_eq!(a, b);
-        let mode = fs::metadata(dir.join(SEED_FILE)).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(dir.join(SEED_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(hash_seed(Some([1, 2]), &dir).unwrap(), [1, 2]);
         fs::write(dir.join(SEED_FILE), "nonsense").unwrap();

@@ -50,7 +50,12 @@ impl Drop for Fixture {
 }
 
 fn service_key(port: u16) -> ServiceKey {
-    ServiceKey { addr: to_addr(VIP.into()), port: port.to_be(), proto: 6, family: 4 }
+    ServiceKey {
+        addr: to_addr(VIP.into()),
+        port: port.to_be(),
+        proto: 6,
+        family: 4,
+    }
 }
 
 fn fixture(weights: [u32; 3]) -> Fixture {
@@ -76,10 +81,19 @@ fn fixture(weights: [u32; 3]) -> Fixture {
             _pad: [0; 2],
         };
         dp.set_backend(i, &b).unwrap();
-        live.push(MaglevBackend { id: i, addr: b.addr, weight: weights[i as usize] });
+        live.push(MaglevBackend {
+            id: i,
+            addr: b.addr,
+            weight: weights[i as usize],
+        });
     }
     let table = build_table(&SEED, &live, TABLE_SIZE);
-    let value = ServiceValue { id: 0, flags: 0, table_size: TABLE_SIZE, _pad: 0 };
+    let value = ServiceValue {
+        id: 0,
+        flags: 0,
+        table_size: TABLE_SIZE,
+        _pad: 0,
+    };
     dp.set_service(&service_key(80), &value, &table).unwrap();
     Fixture { dp, dir, table }
 }
@@ -112,9 +126,15 @@ fn vip_packet_is_sent_to_the_predicted_backend_with_only_macs_changed() {
         let mut expected = frame.bytes.clone();
         expected[0..6].copy_from_slice(&backend_mac(b));
         expected[6..12].copy_from_slice(&LB_MAC);
-        assert_eq!(out, expected, "client {src} should go to backend {b} unchanged but for MACs");
+        assert_eq!(
+            out, expected,
+            "client {src} should go to backend {b} unchanged but for MACs"
+        );
     }
-    assert!(seen.iter().all(|&n| n > 0), "every backend gets some of 60 clients: {seen:?}");
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "every backend gets some of 60 clients: {seen:?}"
+    );
     let stats = f.dp.service_counter(0);
     assert_eq!(stats.packets, 60);
     let per_backend: u64 = (0..3).map(|b| f.dp.backend_counter(b).packets).sum();
@@ -126,11 +146,26 @@ fn vip_packet_is_sent_to_the_predicted_backend_with_only_macs_changed() {
 fn udp_to_the_tcp_service_and_other_ports_and_addresses_pass_unchanged() {
     let f = fixture([100, 100, 100]);
     let cases = [
-        ("UDP to the VIP's TCP port", ipv4_udp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 80, b"x")),
-        ("TCP to the VIP on another port", ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 8080, 0x02, b"")),
+        (
+            "UDP to the VIP's TCP port",
+            ipv4_udp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 80, b"x"),
+        ),
+        (
+            "TCP to the VIP on another port",
+            ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 8080, 0x02, b""),
+        ),
         (
             "TCP to a non-VIP address",
-            ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), Ipv4Addr::new(192, 0, 2, 2), 5000, 80, 0x02, b""),
+            ipv4_tcp(
+                CLIENT_MAC,
+                LB_MAC,
+                client(1),
+                Ipv4Addr::new(192, 0, 2, 2),
+                5000,
+                80,
+                0x02,
+                b"",
+            ),
         ),
     ];
     for (what, frame) in cases {
@@ -159,7 +194,13 @@ fn vlan_tagged_vip_packet_keeps_its_tag() {
 fn truncated_frames_pass_unchanged() {
     let f = fixture([100, 100, 100]);
     let full = vip_syn(client(3)).bytes;
-    let malformed = |f: &Fixture| f.dp.reason_counts().iter().find(|(r, _)| *r == Reason::Malformed).unwrap().1;
+    let malformed = |f: &Fixture| {
+        f.dp.reason_counts()
+            .iter()
+            .find(|(r, _)| *r == Reason::Malformed)
+            .unwrap()
+            .1
+    };
     // BPF_PROG_TEST_RUN needs at least an Ethernet header; every shorter cut of a VIP packet
     // (inside the IP header, the ports, the rest of TCP) must be passed, never read past its
     // end, and never rewritten.
@@ -171,7 +212,11 @@ fn truncated_frames_pass_unchanged() {
         assert_eq!(out, cut, "cut at {len} must come out unchanged");
         if len >= 14 + 20 + 4 {
             // Ports present: recognisably a VIP packet, so counted as malformed.
-            assert_eq!(malformed(&f), before + 1, "cut at {len} is counted as malformed");
+            assert_eq!(
+                malformed(&f),
+                before + 1,
+                "cut at {len} is counted as malformed"
+            );
         }
     }
     assert_eq!(f.dp.service_counter(0).packets, 0);
@@ -196,7 +241,12 @@ fn non_ip_and_malformed_ip_pass_unchanged() {
     // A fragment of a VIP datagram (more-fragments set).
     let mut frag = vip_syn(client(1)).bytes;
     frag[20] = 0x20;
-    for (what, frame) in [("ARP", arp), ("IP version 5", v5), ("IHL 4", short_ihl), ("fragment", frag)] {
+    for (what, frame) in [
+        ("ARP", arp),
+        ("IP version 5", v5),
+        ("IHL 4", short_ihl),
+        ("fragment", frag),
+    ] {
         let (action, out) = f.dp.test_run(&frame).unwrap();
         assert_eq!(action, XDP_PASS, "{what}");
         assert_eq!(out, frame, "{what} must come out unchanged");
@@ -221,7 +271,11 @@ fn weights_and_table_swaps_take_effect() {
     // Swap in a table where only backend 2 takes clients: every client goes there at once.
     let only_2 = build_table(
         &SEED,
-        &[MaglevBackend { id: 2, addr: to_addr(backend_ip(2).into()), weight: 100 }],
+        &[MaglevBackend {
+            id: 2,
+            addr: to_addr(backend_ip(2).into()),
+            weight: 100,
+        }],
         TABLE_SIZE,
     );
     f.dp.swap_table(0, &only_2).unwrap();

@@ -41,7 +41,14 @@ fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32
     sum + proto as u32 + len as u32
 }
 
-fn ipv4(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: Vec<u8>) -> Frame {
+fn ipv4(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: Vec<u8>,
+) -> Frame {
     let mut b = Vec::with_capacity(14 + 20 + l4.len());
     b.extend_from_slice(&dst_mac);
     b.extend_from_slice(&src_mac);
@@ -114,7 +121,16 @@ mod tests {
 
     #[test]
     fn ip_header_checksum_verifies() {
-        let f = ipv4_tcp([2; 6], [4; 6], Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(203, 0, 113, 10), 1, 80, 2, b"");
+        let f = ipv4_tcp(
+            [2; 6],
+            [4; 6],
+            Ipv4Addr::new(198, 51, 100, 1),
+            Ipv4Addr::new(203, 0, 113, 10),
+            1,
+            80,
+            2,
+            b"",
+        );
         assert_eq!(checksum(&f.bytes[14..34], 0), 0);
         assert_eq!(f.bytes.len(), 14 + 20 + 20);
         let v = f.with_vlan(42);

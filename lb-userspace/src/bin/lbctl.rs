@@ -12,7 +12,12 @@ use lb_userspace::{
 #[command(name = "lbctl", version, about = "Control a running lbd")]
 struct Args {
     /// lbd's control socket.
-    #[arg(long, env = "LB_SOCKET", default_value = "/run/lb/lbd.sock", global = true)]
+    #[arg(
+        long,
+        env = "LB_SOCKET",
+        default_value = "/run/lb/lbd.sock",
+        global = true
+    )]
     socket: PathBuf,
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]
@@ -38,7 +43,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -64,7 +73,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = s
                 .interfaces
                 .iter()
-                .map(|i| vec![i.name.clone(), i.ifindex.to_string(), i.mode.clone(), i.link_id.to_string()])
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        i.ifindex.to_string(),
+                        i.mode.clone(),
+                        i.link_id.to_string(),
+                    ]
+                })
                 .collect();
             print_table(&["INTERFACE", "IFINDEX", "MODE", "LINK"], &rows);
         }
@@ -76,15 +92,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             let mut rows = vec![];
             for svc in &s.services {
-                rows.push(vec![svc.service.clone(), "*".into(), svc.packets.to_string(), svc.bytes.to_string()]);
+                rows.push(vec![
+                    svc.service.clone(),
+                    "*".into(),
+                    svc.packets.to_string(),
+                    svc.bytes.to_string(),
+                ]);
                 for b in &svc.backends {
-                    rows.push(vec![svc.service.clone(), b.address.clone(), b.packets.to_string(), b.bytes.to_string()]);
+                    rows.push(vec![
+                        svc.service.clone(),
+                        b.address.clone(),
+                        b.packets.to_string(),
+                        b.bytes.to_string(),
+                    ]);
                 }
             }
             print_table(&["SERVICE", "BACKEND", "PACKETS", "BYTES"], &rows);
             println!();
-            let rows: Vec<Vec<String>> =
-                s.dropped.iter().map(|r| vec![r.reason.clone(), r.packets.to_string()]).collect();
+            let rows: Vec<Vec<String>> = s
+                .dropped
+                .iter()
+                .map(|r| vec![r.reason.clone(), r.packets.to_string()])
+                .collect();
             print_table(&["REASON", "PACKETS"], &rows);
         }
     }
@@ -93,7 +122,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lbctl: cannot start the runtime: {e}");

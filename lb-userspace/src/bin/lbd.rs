@@ -52,16 +52,24 @@ fn main() -> ExitCode {
     }
     // The level comes from the config when it can be read; errors about the config itself are
     // reported by run() below.
-    let level = config::load(&args.config).ok().and_then(|l| l.config.daemon.log_level);
+    let level = config::load(&args.config)
+        .ok()
+        .and_then(|l| l.config.daemon.log_level);
     init_logging(level.as_deref());
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        log::warn!("lbd is not running as root: loading XDP programs needs CAP_BPF, CAP_NET_ADMIN (and CAP_SYS_ADMIN for bpffs)");
+        log::warn!(
+            "lbd is not running as root: loading XDP programs needs CAP_BPF, CAP_NET_ADMIN (and CAP_SYS_ADMIN for bpffs)"
+        );
     }
     let result = if args.cleanup {
         daemon::cleanup(&args.config)
     } else {
-        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("lbd: cannot start the runtime: {e}");

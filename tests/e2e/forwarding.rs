@@ -1,0 +1,272 @@
+//! End to end: real lbd, real XDP on a veth, real nginx backends, real HTTP from many client
+//! addresses. Needs root (fails loudly without it).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use lb_common::{
+    hash,
+    maglev::{MaglevBackend, build_table},
+};
+use lb_tests::{
+    Topology, TopologyOptions,
+    lbd::{LbdPaths, bin, spawn_lbd, start_lbd},
+    require_root, retry_until,
+};
+use lb_userspace::state::to_addr;
+
+const VIP: &str = "203.0.113.10";
+const SEED_HEX: &str = "5f0c1d2e3f4051627384950a1b2c3d4e";
+const TABLE_SIZE: u32 = 65_537;
+
+fn vip_port(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), port)
+}
+
+fn config(paths: &LbdPaths) -> String {
+    let mut c = paths.daemon_section(&format!("hash_seed = \"{SEED_HEX}\""));
+    c.push_str(&format!(
+        r#"
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "192.0.2.11"
+
+[[service.backend]]
+address = "192.0.2.12"
+
+[[service.backend]]
+address = "192.0.2.13"
+"#
+    ));
+    c
+}
+
+fn topology() -> Topology {
+    require_root();
+    let t = Topology::new(TopologyOptions {
+        vips: vec![VIP.parse().unwrap()],
+        ..Default::default()
+    })
+    .expect("building the namespace topology");
+    // The LB host owns the VIP too, so traffic to the VIP that lb does not balance (another
+    // port) visibly reaches its own stack.
+    t.exec_ok(
+        t.lb_ns(),
+        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+    )
+    .unwrap();
+    t
+}
+
+/// The backend (1-based, as the servers name themselves) lb-common's functions choose for
+/// `src`: what the data path must do, and what `lbctl lookup` will print.
+fn predicted_backend(src: IpAddr) -> usize {
+    let seed = hash::parse_seed(SEED_HEX).unwrap();
+    let backends: Vec<MaglevBackend> = (0..3u32)
+        .map(|i| MaglevBackend {
+            id: i,
+            addr: to_addr(format!("192.0.2.{}", 11 + i).parse().unwrap()),
+            weight: 100,
+        })
+        .collect();
+    let table = build_table(&seed, &backends, TABLE_SIZE);
+    let slot = hash::slot(hash::hash_source(&seed, &to_addr(src)), TABLE_SIZE);
+    table[slot as usize] as usize + 1
+}
+
+#[test]
+fn http_through_lb_is_balanced_and_sticky_and_other_traffic_is_untouched() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let lbd = start_lbd(&t, &config(&paths)).expect("starting lbd");
+
+    // Every client address: 5 requests, always the same backend, the predicted one.
+    let sources = t.all_client_sources();
+    assert!(sources.len() >= 60, "{} client addresses", sources.len());
+    let mut per_backend: HashMap<usize, usize> = HashMap::new();
+    for &src in &sources {
+        let expected = predicted_backend(src);
+        for attempt in 0..5 {
+            let got = t.which_backend(src, vip_port(80)).unwrap_or_else(|e| {
+                panic!(
+                    "request {attempt} from {src}: {e:#}\nlbd log:\n{}",
+                    lbd.log()
+                )
+            });
+            assert_eq!(
+                got, expected,
+                "client {src}, request {attempt}: served by backend {got}, lb-common says {expected}"
+            );
+        }
+        *per_backend.entry(expected).or_default() += 1;
+    }
+    // Balance: with three equal weights each backend's share of 80 clients is binomial
+    // (mean 26.7, sd 4.2); every backend serves some, none fewer than 4 sd below the mean.
+    for b in 1..=3 {
+        let n = per_backend.get(&b).copied().unwrap_or(0);
+        assert!(
+            n >= 10,
+            "backend {b} served {n} of {} clients: {per_backend:?}",
+            sources.len()
+        );
+    }
+    eprintln!("clients per backend: {per_backend:?}");
+
+    // Not a VIP, and the VIP on another port: the LB's own stack answers.
+    let own = SocketAddr::new(t.lb_addr(), 80);
+    t.serve_fixed(t.lb_ns(), own, "lb-host").unwrap();
+    t.serve_fixed(t.lb_ns(), vip_port(8080), "lb-vip-8080")
+        .unwrap();
+    let client_ns = t.client_ns(1);
+    let src = t.client_sources(1)[0];
+    assert_eq!(
+        t.http_get(client_ns, src, own, "/").unwrap().text(),
+        "lb-host"
+    );
+    assert_eq!(
+        t.http_get(client_ns, src, vip_port(8080), "/")
+            .unwrap()
+            .text(),
+        "lb-vip-8080"
+    );
+
+    // lbctl sees the daemon and the counters the traffic made.
+    let status = lbd.lbctl_json(&["status"]).unwrap();
+    assert_eq!(status["interfaces"][0]["name"], "eth0");
+    assert_eq!(status["interfaces"][0]["mode"], "native");
+    let stats = lbd.lbctl_json(&["stats"]).unwrap();
+    let web = &stats["services"][0];
+    assert_eq!(web["service"], "web");
+    assert!(
+        web["packets"].as_u64().unwrap() >= (sources.len() * 5 * 3) as u64,
+        "{stats}"
+    );
+    for b in web["backends"].as_array().unwrap() {
+        assert!(b["packets"].as_u64().unwrap() > 0, "{stats}");
+    }
+    let human = lbd.lbctl(&["status"]).unwrap();
+    assert!(human.status.success());
+    assert!(String::from_utf8_lossy(&human.stdout).contains("INTERFACE"));
+}
+
+#[test]
+fn lbd_exit_leaves_forwarding_restart_replaces_and_cleanup_removes() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let lbd = start_lbd(&t, &config(&paths)).expect("starting lbd");
+    let src = t.client_sources(2)[3];
+    let expected = predicted_backend(src);
+    assert_eq!(t.which_backend(src, vip_port(80)).unwrap(), expected);
+
+    // SIGTERM: lbd exits 0 and the pinned program goes on balancing.
+    let status = lbd.stop().unwrap();
+    assert!(
+        status.success(),
+        "lbd exited with {status}; log:\n{}",
+        lbd.log()
+    );
+    assert!(
+        !paths.socket.exists(),
+        "the control socket is removed on exit"
+    );
+    for _ in 0..5 {
+        assert_eq!(t.which_backend(src, vip_port(80)).unwrap(), expected);
+    }
+
+    // A new lbd over the existing pins takes over in place.
+    let again = spawn_lbd(&t, &paths).unwrap();
+    again.wait_ready(Duration::from_secs(10)).unwrap();
+    let status = again.lbctl_json(&["status"]).unwrap();
+    assert_eq!(status["interfaces"][0]["mode"], "adopted", "{status}");
+    assert_eq!(t.which_backend(src, vip_port(80)).unwrap(), expected);
+    assert!(again.stop().unwrap().success());
+
+    // lbd --cleanup takes lb out of the path: the VIP's port 80 is now the LB host's own
+    // (nothing listens there, so the connection is refused), and no pin is left.
+    let out = t
+        .nsenter_output(
+            t.lb_ns(),
+            Command::new(bin("lbd"))
+                .arg("--cleanup")
+                .arg("--config")
+                .arg(&paths.config),
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lbd --cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !paths.bpffs_dir.exists(),
+        "pins left in {}",
+        paths.bpffs_dir.display()
+    );
+    let after = retry_until(
+        Duration::from_secs(5),
+        "the VIP to stop being balanced",
+        || match t.http_get(t.client_ns(2), src, vip_port(80), "/") {
+            Ok(r) => anyhow::bail!("still answered: {}", r.text()),
+            Err(e) => Ok(e),
+        },
+    );
+    assert!(after.is_ok(), "{after:?}");
+}
+
+#[test]
+fn lbd_check_validates_without_touching_the_system() {
+    let dir = std::env::temp_dir().join(format!("lb-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[daemon]\ninterfaces = [\"does-not-exist0\"]\nbpffs_dir = \"/sys/fs/bpf/lb-check-never-created\"\n\n[[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\n[[service.backend]]\naddress = \"192.0.2.11\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("lbd"))
+        .arg("--check")
+        .arg("--config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 service"));
+    assert!(!std::path::Path::new("/sys/fs/bpf/lb-check-never-created").exists());
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[daemon]\ninterfaces = [\"eth0\"]\n\n[[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 1000\n\n[[service.backend]]\naddress = \"2001:db8::1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("lbd"))
+        .arg("--check")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 9") && err.contains("table_size"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 12") && err.contains("backend[0].address"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

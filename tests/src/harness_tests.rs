@@ -1,0 +1,445 @@
+//! Tests of the harness itself (need root; they fail, never skip, without it).
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::*;
+
+fn netns_list() -> String {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("running ip netns list");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn leftovers(prefix: &str) -> Vec<String> {
+    let tag = format!("{prefix}-");
+    netns_list()
+        .lines()
+        .filter(|l| l.starts_with(&tag))
+        .map(|l| l.to_string())
+        .collect()
+}
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+#[test]
+fn wait_until_times_out_with_the_name() {
+    let e = wait_until(Duration::from_millis(20), "the sky to fall", || false).unwrap_err();
+    assert!(e.to_string().contains("the sky to fall"), "{e}");
+    let mut n = 0;
+    wait_until(Duration::from_secs(1), "three polls", || {
+        n += 1;
+        n == 3
+    })
+    .expect("succeeds");
+    let e = retry_until(Duration::from_millis(20), "x", || -> anyhow::Result<()> {
+        anyhow::bail!("inner reason")
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("inner reason"), "{e:#}");
+}
+
+#[test]
+fn big_file_is_deterministic() {
+    let a = big_file_contents();
+    assert_eq!(a.len(), BIG_FILE_SIZE);
+    assert_eq!(a, big_file_contents());
+    assert_eq!(parse_backend("backend 3\n"), Some(3));
+    assert_eq!(parse_backend("lb-host"), None);
+}
+
+#[test]
+fn stale_name_parsing() {
+    use crate::topology::prefix_pid_for_tests as p;
+    assert_eq!(p("lbt1234x0-lb"), Some(1234));
+    assert_eq!(p("lbt1234x12"), Some(1234));
+    assert_eq!(p("lbt1234x12-b3"), Some(1234));
+    assert_eq!(p("lbt1234x"), None);
+    assert_eq!(p("lbt1234x1y"), None);
+    assert_eq!(p("lbtx1-lb"), None);
+    assert_eq!(p("nlt1234-2a"), None);
+}
+
+#[test]
+fn default_options() {
+    // No namespaces needed: options only.
+    let opts = TopologyOptions::default();
+    assert_eq!(opts.backends, 3);
+    assert_eq!(opts.clients, 2);
+    assert_eq!(opts.addresses_per_client, 40);
+}
+
+/// Builds the default topology and checks names, addresses, the switch's XDP program and the
+/// backends' HTTP servers (directly, no load balancer involved).
+#[test]
+fn topology_builds_and_backends_answer_directly() {
+    require_root();
+    let vip: IpAddr = "203.0.113.10".parse().expect("vip");
+    let t = Topology::new(TopologyOptions {
+        vips: vec![vip],
+        ..Default::default()
+    })
+    .expect("topology");
+    let listed = leftovers(t.prefix());
+    assert_eq!(listed.len(), 1 + 1 + 3 + 2, "namespaces: {listed:?}");
+
+    // Addresses per the documented formula.
+    let c1 = t.client_sources(1);
+    let c2 = t.client_sources(2);
+    assert_eq!(c1.len(), 40);
+    assert_eq!(c1[0].to_string(), "198.51.100.1");
+    assert_eq!(c1[39].to_string(), "198.51.100.40");
+    assert_eq!(c2[0].to_string(), "198.51.100.129");
+    assert_eq!(c2[39].to_string(), "198.51.100.168");
+    assert_eq!(t.all_client_sources().len(), 80);
+    assert_eq!(t.client_ns_of(c2[5]), Some(t.client_ns(2)));
+    assert_eq!(t.backend_addr(3).to_string(), "192.0.2.13");
+
+    // The XDP_PASS program sits on every switch-side veth end.
+    for ns in [t.lb_ns(), t.backend_ns(1), t.client_ns(2)] {
+        let port = t.switch_port(ns).expect("port");
+        let out = Command::new("ip")
+            .args(["-n", t.switch_ns(), "link", "show", port])
+            .output()
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("xdp"), "no xdp on {port}: {text}");
+    }
+
+    // Backends: eth0 address, VIP on lo, no TX checksum offload, DSR sysctls.
+    let addrs = t
+        .exec_ok(t.backend_ns(2), &["ip", "-4", "-o", "addr"])
+        .expect("ip addr");
+    assert!(
+        addrs.contains("192.0.2.12/24") && addrs.contains("203.0.113.10/32"),
+        "{addrs}"
+    );
+    let feat = t
+        .exec_ok(t.backend_ns(2), &["ethtool", "-k", "eth0"])
+        .expect("ethtool");
+    assert!(feat.contains("tx-checksumming: off"), "{feat}");
+    let arp = t
+        .exec_ok(
+            t.backend_ns(2),
+            &["sysctl", "-n", "net.ipv4.conf.eth0.arp_ignore"],
+        )
+        .expect("sysctl");
+    assert_eq!(arp.trim(), "1");
+    let routes = t
+        .exec_ok(t.client_ns(1), &["ip", "-4", "route"])
+        .expect("ip route");
+    assert!(routes.contains("203.0.113.10 via 192.0.2.2"), "{routes}");
+
+    // A client's eth0 address straight to backend 1.
+    let r = t
+        .http_get(
+            t.client_ns(1),
+            t.client_addr(1),
+            sa(t.backend_addr(1), 80),
+            "/",
+        )
+        .expect("GET / from client 1");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "backend 1\n");
+    assert_eq!(r.header("x-backend"), Some("1"));
+    let r = t
+        .http_get(
+            t.client_ns(1),
+            t.client_addr(1),
+            sa(t.backend_addr(3), 80),
+            "/healthz",
+        )
+        .expect("GET /healthz");
+    assert_eq!((r.status, r.text().as_ref()), (200, "ok\n"));
+    let r = t
+        .http_get(
+            t.client_ns(1),
+            t.client_addr(1),
+            sa(t.backend_addr(3), 80),
+            "/nope",
+        )
+        .expect("GET /nope");
+    assert_eq!(r.status, 404);
+}
+
+/// Extra source addresses reach the backends directly, so the backends' return routes work;
+/// the big file arrives whole.
+#[test]
+fn extra_source_addresses_reach_backends() {
+    require_root();
+    let t = Topology::new(TopologyOptions::default()).expect("topology");
+    // Several threads at once, each from its own source address.
+    let srcs: Vec<IpAddr> = vec![
+        t.client_sources(1)[0],
+        t.client_sources(1)[39],
+        t.client_sources(2)[0],
+        t.client_sources(2)[39],
+    ];
+    std::thread::scope(|s| {
+        let handles: Vec<_> = srcs
+            .iter()
+            .enumerate()
+            .map(|(k, &src)| {
+                let t = &t;
+                s.spawn(move || {
+                    let b = k % 3 + 1;
+                    let got = t
+                        .which_backend(src, sa(t.backend_addr(b), 80))
+                        .unwrap_or_else(|e| panic!("from {src}: {e:#}"));
+                    assert_eq!(got, b, "from {src}");
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("request thread");
+        }
+    });
+    let src = t.client_sources(2)[7];
+    let r = t
+        .http_get(t.client_ns(2), src, sa(t.backend_addr(2), 80), "/big")
+        .expect("GET /big");
+    assert_eq!(r.status, 200);
+    assert!(r.body == big_file_contents(), "big file differs");
+}
+
+/// Processes, backend restarts, fixed servers, teardown hooks.
+#[test]
+fn processes_servers_and_backend_restart() {
+    require_root();
+    let t = Topology::new(TopologyOptions {
+        backends: 1,
+        clients: 1,
+        addresses_per_client: 2,
+        ..Default::default()
+    })
+    .expect("topology");
+    let src = t.client_sources(1)[1];
+
+    // A fixed server in the LB namespace, reached from a client source address.
+    let srv = t
+        .serve_fixed(t.lb_ns(), sa(t.lb_addr(), 8080), "lb-host")
+        .expect("serve_fixed");
+    let r = t
+        .http_get(t.client_ns(1), src, sa(t.lb_addr(), 8080), "/")
+        .expect("GET lb-host");
+    assert_eq!(r.text(), "lb-host");
+    assert_eq!(t.fixed_hits(srv), 1);
+    t.stop_fixed(srv);
+    assert!(
+        t.http_get(t.client_ns(1), src, sa(t.lb_addr(), 8080), "/")
+            .is_err()
+    );
+
+    // Backend stop/start.
+    let dst = sa(t.backend_addr(1), 80);
+    t.stop_backend_server(1).expect("stop");
+    assert!(!t.backend_server_running(1));
+    let e = t.http_get(t.client_ns(1), src, dst, "/").unwrap_err();
+    assert!(format!("{e:#}").contains("refused"), "{e:#}");
+    t.start_backend_server(1).expect("start");
+    assert_eq!(t.which_backend(src, dst).expect("after restart"), 1);
+
+    // A tracked process with only its network namespace changed.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "echo hello $LBT_VAR; ip -o addr show eth0; exec sleep 30",
+    ])
+    .env("LBT_VAR", "there");
+    let h = t.spawn_nsenter(t.lb_ns(), &cmd).expect("spawn");
+    wait_until(Duration::from_secs(5), "sh to print its address", || {
+        t.log_of(h).contains("192.0.2.2/24")
+    })
+    .expect("log");
+    assert!(t.log_of(h).contains("hello there"));
+    assert!(t.is_running(h));
+    let st = t.stop(h, Duration::from_secs(5)).expect("stop");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGTERM)
+    );
+
+    let h2 = t
+        .spawn_nsenter(t.lb_ns(), Command::new("sleep").arg("30"))
+        .expect("spawn");
+    t.signal(h2, libc::SIGUSR1).expect("signal");
+    t.wait_exit(h2, Duration::from_secs(5))
+        .expect("exits on SIGUSR1");
+
+    let hook_ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = hook_ran.clone();
+    let lbns = t.lb_ns().to_string();
+    t.on_teardown(move || {
+        // Namespaces still exist while hooks run.
+        assert!(netns_path(&lbns).exists());
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    // Left running: teardown must kill it.
+    let _h3 = t
+        .spawn_nsenter(t.backend_ns(1), Command::new("sleep").arg("60"))
+        .expect("spawn");
+    let prefix = t.prefix().to_string();
+    let work = t.work_dir().to_path_buf();
+    drop(t);
+    assert!(hook_ran.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(leftovers(&prefix).is_empty(), "{:?}", leftovers(&prefix));
+    assert!(!work.exists());
+}
+
+/// Dropping the topology removes every namespace and the work dir.
+#[test]
+fn teardown_leaves_nothing() {
+    require_root();
+    let t = Topology::new(TopologyOptions {
+        backends: 2,
+        clients: 1,
+        addresses_per_client: 3,
+        start_servers: false,
+        vips: vec![],
+    })
+    .expect("topology");
+    let prefix = t.prefix().to_string();
+    let work = t.work_dir().to_path_buf();
+    assert_eq!(leftovers(&prefix).len(), 1 + 1 + 2 + 1);
+    drop(t);
+    assert!(leftovers(&prefix).is_empty(), "{:?}", leftovers(&prefix));
+    assert!(!work.exists());
+}
+
+/// A panic while a topology is alive still tears it down.
+#[test]
+fn panic_tears_down() {
+    require_root();
+    let seen: Mutex<Option<String>> = Mutex::new(None);
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let t = Topology::new(TopologyOptions {
+            backends: 1,
+            clients: 1,
+            addresses_per_client: 1,
+            ..Default::default()
+        })
+        .expect("topology");
+        *seen.lock().expect("lock") = Some(t.prefix().to_string());
+        assert!(!leftovers(t.prefix()).is_empty());
+        panic!("deliberate panic with a live topology");
+    }));
+    assert!(res.is_err());
+    let prefix = seen.lock().expect("lock").clone().expect("prefix recorded");
+    assert!(leftovers(&prefix).is_empty(), "{:?}", leftovers(&prefix));
+}
+
+/// Setup errors are reported, and leave nothing behind.
+#[test]
+fn bad_options_fail_cleanly() {
+    require_root();
+    let e = Topology::new(TopologyOptions {
+        vips: vec!["2001:db8::10".parse().expect("v6")],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("IPv6"), "{e:#}");
+    let e = Topology::new(TopologyOptions {
+        clients: 3,
+        addresses_per_client: 63,
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("addresses per client"), "{e:#}");
+}
+
+/// One eBPF instruction in the kernel's encoding.
+fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let mut b = [0u8; 8];
+    b[0] = op;
+    b[1] = (src << 4) | dst;
+    b[2..4].copy_from_slice(&off.to_le_bytes());
+    b[4..8].copy_from_slice(&imm.to_le_bytes());
+    u64::from_le_bytes(b)
+}
+
+/// A minimal DSR forwarder: IPv4 frames to `vip` get destination MAC `dst` and source MAC
+/// `src` and go back out with XDP_TX; everything else passes.
+fn dsr_program(vip: std::net::Ipv4Addr, dst: [u8; 6], src: [u8; 6]) -> Vec<u64> {
+    let w = |b: &[u8]| i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let h = |b: &[u8]| i32::from(u16::from_le_bytes([b[0], b[1]]));
+    vec![
+        insn(0x61, 2, 1, 0, 0),                // 0: r2 = ctx->data
+        insn(0x61, 3, 1, 4, 0),                // 1: r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),                // 2: r4 = r2
+        insn(0x07, 4, 0, 0, 34),               // 3: r4 += 34 (eth + ipv4 header)
+        insn(0x2d, 4, 3, 10, 0),               // 4: if r4 > r3 goto pass
+        insn(0x69, 5, 2, 12, 0),               // 5: r5 = ethertype
+        insn(0x55, 5, 0, 8, 0x0008),           // 6: if r5 != htons(0x0800) goto pass
+        insn(0x61, 5, 2, 30, 0),               // 7: r5 = ip daddr
+        insn(0x55, 5, 0, 6, w(&vip.octets())), // 8: if r5 != vip goto pass
+        insn(0x62, 2, 0, 0, w(&dst[0..4])),    // 9: eth dst[0..4]
+        insn(0x6a, 2, 0, 4, h(&dst[4..6])),    // 10: eth dst[4..6]
+        insn(0x62, 2, 0, 6, w(&src[0..4])),    // 11: eth src[0..4]
+        insn(0x6a, 2, 0, 10, h(&src[4..6])),   // 12: eth src[4..6]
+        insn(0xb7, 0, 0, 0, 3),                // 13: r0 = XDP_TX
+        insn(0x95, 0, 0, 0, 0),                // 14: exit
+        insn(0xb7, 0, 0, 0, 2),                // 15: pass: r0 = XDP_PASS
+        insn(0x95, 0, 0, 0, 0),                // 16: exit
+    ]
+}
+
+fn mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
+}
+
+/// The topology carries an L2 DSR flow end to end: client -> VIP via the LB, whose XDP
+/// program sends it back out with XDP_TX to backend 2, which answers the client directly.
+/// This is what the switch-side XDP_PASS programs and the checksum settings are for.
+#[test]
+fn xdp_tx_dsr_path_works() {
+    require_root();
+    let vip = std::net::Ipv4Addr::new(203, 0, 113, 10);
+    let t = Topology::new(TopologyOptions {
+        backends: 2,
+        clients: 1,
+        addresses_per_client: 4,
+        vips: vec![IpAddr::V4(vip)],
+        start_servers: true,
+    })
+    .expect("topology");
+    let prog = dsr_program(vip, mac(t.backend_mac(2)), mac(t.lb_mac()));
+    let _link = netns::attach_raw_xdp(t.lb_ns(), "eth0", &prog).expect("attach forwarder");
+    for src in t.client_sources(1) {
+        assert_eq!(
+            t.which_backend(src, sa(IpAddr::V4(vip), 80))
+                .expect("via VIP"),
+            2
+        );
+    }
+    let r = t
+        .http_get(
+            t.client_ns(1),
+            t.client_sources(1)[0],
+            sa(IpAddr::V4(vip), 80),
+            "/big",
+        )
+        .expect("GET /big via VIP");
+    assert!(r.body == big_file_contents(), "big file differs via VIP");
+    // Non-VIP traffic still reaches the LB's own stack.
+    t.serve_fixed(t.lb_ns(), sa(t.lb_addr(), 8081), "lb-host")
+        .expect("serve");
+    let r = t
+        .http_get(
+            t.client_ns(1),
+            t.client_sources(1)[1],
+            sa(t.lb_addr(), 8081),
+            "/",
+        )
+        .expect("GET lb-host");
+    assert_eq!(r.text(), "lb-host");
+}

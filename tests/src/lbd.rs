@@ -1,0 +1,165 @@
+//! Driving lbd and lbctl as a user would: a config file in the topology's work folder, the
+//! real binaries, lbd in the load balancer's network namespace (keeping the root's bpffs).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{ProcHandle, Topology, wait_until};
+
+/// Where the binaries under test are: `LB_BIN_DIR` (set by `cargo xtask test`), else the
+/// workspace's target/debug.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("LB_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist: build it first (`cargo build --bins -p lb-userspace`, which `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The paths a test's lbd uses: all inside the run's work folder, pins in a bpffs folder of
+/// the run's own.
+#[derive(Debug, Clone)]
+pub struct LbdPaths {
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl LbdPaths {
+    pub fn for_topology(t: &Topology) -> LbdPaths {
+        LbdPaths {
+            config: t.work_dir().join("lb.toml"),
+            socket: t.work_dir().join("run/lbd.sock"),
+            bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{}", t.prefix())),
+            state_dir: t.work_dir().join("state"),
+        }
+    }
+
+    /// The `[daemon]` table for these paths on the LB namespace's eth0, plus `extra` lines.
+    pub fn daemon_section(&self, extra: &str) -> String {
+        format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\nsocket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\nconntrack_entries = 65536\n{extra}\n",
+            self.socket.display(),
+            self.bpffs_dir.display(),
+            self.state_dir.display()
+        )
+    }
+}
+
+/// A running lbd.
+pub struct Lbd<'t> {
+    t: &'t Topology,
+    pub paths: LbdPaths,
+    pub handle: ProcHandle,
+}
+
+/// Writes `config` and starts lbd on it in the LB namespace; returns once the control socket
+/// is there (lbd's readiness signal). At teardown `lbd --cleanup` runs and the pins go.
+pub fn start_lbd<'t>(t: &'t Topology, config: &str) -> Result<Lbd<'t>> {
+    let paths = LbdPaths::for_topology(t);
+    std::fs::write(&paths.config, config)
+        .with_context(|| format!("writing {}", paths.config.display()))?;
+    register_cleanup(t, &paths);
+    let lbd = spawn_lbd(t, &paths)?;
+    lbd.wait_ready(Duration::from_secs(10))?;
+    Ok(lbd)
+}
+
+fn register_cleanup(t: &Topology, paths: &LbdPaths) {
+    let config = paths.config.clone();
+    let bpffs_dir = paths.bpffs_dir.clone();
+    t.on_teardown(move || {
+        let _ = Command::new(bin("lbd"))
+            .arg("--cleanup")
+            .arg("--config")
+            .arg(&config)
+            .output();
+        let _ = std::fs::remove_dir_all(&bpffs_dir);
+    });
+}
+
+/// Starts (another) lbd on the config already written at `paths.config`, without waiting.
+pub fn spawn_lbd<'t>(t: &'t Topology, paths: &LbdPaths) -> Result<Lbd<'t>> {
+    let mut cmd = Command::new(bin("lbd"));
+    cmd.arg("--config").arg(&paths.config);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let handle = t.spawn_nsenter(t.lb_ns(), &cmd)?;
+    Ok(Lbd {
+        t,
+        paths: paths.clone(),
+        handle,
+    })
+}
+
+impl Lbd<'_> {
+    /// Waits for the control socket; fails at once (with lbd's log) if lbd exits first.
+    pub fn wait_ready(&self, deadline: Duration) -> Result<()> {
+        let mut exited = None;
+        let ready = wait_until(deadline, "lbd's control socket", || {
+            if let Ok(Some(st)) = self.t.try_wait(self.handle) {
+                exited = Some(st);
+                return true;
+            }
+            self.paths.socket.exists()
+        });
+        if let Some(st) = exited {
+            bail!(
+                "lbd exited ({st}) before it was ready; its log:\n{}",
+                self.log()
+            );
+        }
+        ready.with_context(|| format!("lbd's log:\n{}", self.log()))
+    }
+
+    pub fn log(&self) -> String {
+        self.t.log_of(self.handle)
+    }
+
+    /// Runs `lbctl --socket SOCKET ARGS...` (the socket is a file: any namespace reaches it).
+    pub fn lbctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(&self.paths.socket)
+            .args(args)
+            .output()
+            .context("running lbctl")
+    }
+
+    /// `lbctl --json ARGS...`, which must succeed, parsed.
+    pub fn lbctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.lbctl(&all)?;
+        if !out.status.success() {
+            bail!(
+                "lbctl {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "lbctl {args:?} printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// SIGTERM, then the exit status (lbd must exit within 5 s).
+    pub fn stop(&self) -> Result<std::process::ExitStatus> {
+        self.t.stop(self.handle, Duration::from_secs(5))
+    }
+}

@@ -1,0 +1,286 @@
+//! Every `unsafe` of the harness lives here: thin, commented wrappers around the few system
+//! calls the standard library does not offer (setns, bpf, kill, a bound non-blocking connect).
+
+use std::io;
+use std::mem;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+/// True when the effective user is root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Moves the *calling thread* into the network namespace referred to by `ns` (an open
+/// `/run/netns/NAME`). Other threads of the process are not affected.
+pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; CLONE_NEWNET only changes this thread's namespace.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends `sig` to process `pid`.
+pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Index of interface `name` in the calling thread's network namespace.
+pub fn if_nametoindex(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(idx)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// TCP connect from `src` (port chosen by the kernel; `None`: any address) to `dst`, giving up
+/// after `timeout`. The socket is created in the calling thread's network namespace and stays
+/// there whichever thread uses it afterwards. The returned stream is in blocking mode.
+pub fn tcp_connect_from(
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = cvt(unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(src) = src {
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd, pointer to a c_int with its correct length. Delays the port choice
+        // to connect() so that many connections from one source address do not exhaust ports.
+        cvt(unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const _ as *const libc::c_void,
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+        let (sa, len) = sockaddr(SocketAddr::new(src, 0));
+        // SAFETY: `sa` is a properly initialised sockaddr of length `len`.
+        cvt(unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                len,
+            )
+        })?;
+    }
+    let (sa, len) = sockaddr(dst);
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            &sa as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err);
+        }
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        let n = cvt(unsafe { libc::poll(&mut pfd, 1, ms) })?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out after {timeout:?}"),
+            ));
+        }
+        let mut soerr: libc::c_int = 0;
+        let mut l = mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, output buffer of the advertised length.
+        cvt(unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut soerr as *mut _ as *mut libc::c_void,
+                &mut l,
+            )
+        })?;
+        if soerr != 0 {
+            return Err(io::Error::from_raw_os_error(soerr));
+        }
+    }
+    let stream = TcpStream::from(sock);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+// ---- bpf(2): a trivial XDP_PASS program, loaded and attached through a bpf_link ----------
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+
+/// The part of `union bpf_attr` used by BPF_PROG_LOAD (fields up to expected_attach_type).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The part of `union bpf_attr` used by BPF_LINK_CREATE for XDP.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` points to a live, initialised struct whose size is passed along; the
+    // kernel treats the missing tail of bpf_attr as zero. A non-negative result is a new fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(rc)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bpf returned a huge fd"))?;
+    // SAFETY: the kernel just created this fd for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `r0 = XDP_PASS; exit`.
+pub const XDP_PASS_INSNS: [u64; 2] = [
+    u64::from_le_bytes([0xb7, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00]),
+    u64::from_le_bytes([0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]),
+];
+
+/// Loads `insns` (raw eBPF instructions, one u64 each in the kernel's little-endian layout)
+/// as an XDP program named `name` (at most 15 bytes) and returns its fd.
+pub fn load_xdp(insns: &[u64], name: &str) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let insn_cnt = u32::try_from(insns.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many instructions"))?;
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        expected_attach_type: BPF_XDP,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_LOAD, &mut attr)
+}
+
+/// Attaches XDP program `prog` to interface `ifindex` of the calling thread's network namespace
+/// (driver mode, the default for links) and returns the link fd; closing it detaches.
+pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
+    let prog_fd = u32::try_from(prog.as_fd().as_raw_fd())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "negative fd"))?;
+    let mut attr = LinkCreateAttr {
+        prog_fd,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: 0,
+    };
+    bpf(BPF_LINK_CREATE, &mut attr)
+}

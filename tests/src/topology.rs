@@ -1,0 +1,1213 @@
+//! The test topology: one L2 segment (a bridge in its own "switch" namespace) joining a load
+//! balancer namespace, backend namespaces running nginx, and client namespaces.
+//!
+//! Addressing (all indices are 1-based, like the names and the `backend N` bodies):
+//!
+//! | host        | namespace      | eth0 address     | eth0 MAC            | switch port |
+//! |-------------|----------------|------------------|---------------------|-------------|
+//! | LB          | `PREFIX-lb`    | 192.0.2.2/24     | 02:00:00:00:0a:02   | `lb`        |
+//! | backend i   | `PREFIX-bI`    | 192.0.2.(10+i)   | 02:00:00:00:0b:0i   | `bI`        |
+//! | client i    | `PREFIX-cI`    | 192.0.2.(100+i)  | 02:00:00:00:0c:0i   | `cI`        |
+//! | switch      | `PREFIX-sw`    | bridge `br0`     |                     |             |
+//!
+//! Client i's extra source addresses (/32 on its `lo`): with M clients, the 198.51.100.0/24
+//! block is cut into `B = 256 / M.next_power_of_two()` addresses per client, and client i
+//! holds `198.51.100.(B*(i-1) + 1) ..= 198.51.100.(B*(i-1) + K)` (K = addresses per client,
+//! at most B - 2). For M = 2: client 1 has .1..=.40, client 2 has .129..=.168. Backends and the
+//! LB route each client's block (198.51.100.(B*(i-1))/(24+log2 M')) via 192.0.2.(100+i).
+//!
+//! PREFIX is `lbt<pid>x<n>` (n counts topologies made by this process), so neither parallel
+//! test threads nor concurrent processes collide.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::http::{self, FixedServer, HttpReply};
+use crate::netns::{self, describe, run_checked, run_output};
+use crate::{sys, wait_until};
+
+/// Size of the file every backend serves at `GET /big`.
+pub const BIG_FILE_SIZE: usize = 4 << 20;
+
+/// Default connect timeout of the HTTP helpers.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default whole-exchange timeout of the HTTP helpers.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+static TOPOLOGY_COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Serialises `ip netns add/del` within this process (the first `ip netns add` on a machine
+/// sets up the /run/netns mount, which races when done concurrently).
+static NETNS_LOCK: Mutex<()> = Mutex::new(());
+
+static REAP_STALE: std::sync::Once = std::sync::Once::new();
+
+/// The pid in a name made by this harness (`lbt<pid>x<n>...`), if it is one.
+fn prefix_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("lbt")?;
+    let (pid, rest) = rest.split_once('x')?;
+    let n_end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    if n_end == 0 || !(n_end == rest.len() || rest[n_end..].starts_with('-')) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+pub(crate) fn prefix_pid_for_tests(name: &str) -> Option<u32> {
+    prefix_pid(name)
+}
+
+/// Removes what an earlier test process killed before its teardown (Ctrl-C, SIGKILL) left
+/// behind: namespaces under /run/netns (and the processes still in them), work dirs in the
+/// temp dir and bpffs folders under /sys/fs/bpf named `lbt<pid>x<n>...`, but only where no
+/// process `<pid>` exists any more. Runs once per process, before its first topology.
+fn reap_stale() {
+    let dead = |name: &str| {
+        prefix_pid(name).is_some_and(|pid| {
+            pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+        })
+    };
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| dead(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let _g = lock(&NETNS_LOCK);
+    for ns in names(Path::new("/run/netns")) {
+        eprintln!("lb-tests: removing namespace {ns} left behind by a dead test process");
+        for pid in netns::pids_in_netns(&ns).unwrap_or_default() {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        if let Err(e) = run_checked(Command::new("ip").args(["netns", "del", &ns]), None) {
+            eprintln!("lb-tests: {e:#}");
+        }
+    }
+    for dir in [std::env::temp_dir(), PathBuf::from("/sys/fs/bpf")] {
+        for name in names(&dir) {
+            let path = dir.join(&name);
+            eprintln!(
+                "lb-tests: removing {} left behind by a dead test process",
+                path.display()
+            );
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                eprintln!("lb-tests: removing {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// What to build. `Default` gives 3 backends, 2 clients with 40 extra source addresses each,
+/// no VIPs, nginx started on every backend.
+#[derive(Debug, Clone)]
+pub struct TopologyOptions {
+    /// Number of backend namespaces (0..=89).
+    pub backends: usize,
+    /// Number of client namespaces (0..=99).
+    pub clients: usize,
+    /// Extra source addresses per client, from 198.51.100.0/24 (see the module docs).
+    pub addresses_per_client: usize,
+    /// VIPs held by every backend on `lo` (/32) and routed by the clients via the LB.
+    /// IPv4 only for now; an IPv6 VIP is refused with an error.
+    pub vips: Vec<IpAddr>,
+    /// Start nginx on every backend (and wait until it accepts connections).
+    pub start_servers: bool,
+}
+
+impl Default for TopologyOptions {
+    fn default() -> Self {
+        TopologyOptions {
+            backends: 3,
+            clients: 2,
+            addresses_per_client: 40,
+            vips: Vec::new(),
+            start_servers: true,
+        }
+    }
+}
+
+/// A process started through the harness (`Topology::spawn_nsenter`). Cheap to copy; the
+/// `Topology` owns the process itself and kills it on teardown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcHandle {
+    idx: usize,
+    pid: u32,
+}
+
+impl ProcHandle {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// A fixed-answer server started with `Topology::serve_fixed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerHandle {
+    idx: usize,
+}
+
+struct Tracked {
+    label: String,
+    child: Child,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Tracked {
+    fn poll(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for `{}`", self.label))?;
+        }
+        Ok(self.status)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Lb,
+    Backend(usize),
+    Client(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Host {
+    role: Role,
+    ns: String,
+    port: String,
+    addr: Ipv4Addr,
+    mac: String,
+}
+
+type Cleanup = Box<dyn FnOnce() + Send>;
+
+/// A live topology. Everything it made (namespaces, veths, processes, servers, the work
+/// directory) is removed when it is dropped, including while a test panics, and when
+/// `Topology::new` fails half-way.
+pub struct Topology {
+    prefix: String,
+    opts: TopologyOptions,
+    work_dir: PathBuf,
+    block: usize,
+    switch_ns: String,
+    hosts: Vec<Host>,
+    created_ns: Vec<String>,
+    work_dir_created: bool,
+    xdp_links: Vec<OwnedFd>,
+    procs: Mutex<Vec<Tracked>>,
+    nginx: Mutex<Vec<Option<ProcHandle>>>,
+    servers: Mutex<Vec<FixedServer>>,
+    cleanups: Mutex<Vec<Cleanup>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+impl Topology {
+    /// Builds the topology described by `opts` (see the module docs for names and
+    /// addresses). Needs root. On error, whatever was already made is removed.
+    pub fn new(opts: TopologyOptions) -> Result<Topology> {
+        if !sys::is_root() {
+            bail!("{}", crate::ROOT_MESSAGE);
+        }
+        REAP_STALE.call_once(reap_stale);
+        let n = TOPOLOGY_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("lbt{}x{}", std::process::id(), n);
+        let block = 256 / opts.clients.max(1).next_power_of_two();
+        let mut hosts = vec![Host {
+            role: Role::Lb,
+            ns: format!("{prefix}-lb"),
+            port: "lb".into(),
+            addr: LB_ADDR,
+            mac: "02:00:00:00:0a:02".into(),
+        }];
+        for i in 1..=opts.backends {
+            hosts.push(Host {
+                role: Role::Backend(i),
+                ns: format!("{prefix}-b{i}"),
+                port: format!("b{i}"),
+                addr: Ipv4Addr::new(192, 0, 2, (10 + i).min(255) as u8),
+                mac: format!("02:00:00:00:0b:{i:02x}"),
+            });
+        }
+        for i in 1..=opts.clients {
+            hosts.push(Host {
+                role: Role::Client(i),
+                ns: format!("{prefix}-c{i}"),
+                port: format!("c{i}"),
+                addr: Ipv4Addr::new(192, 0, 2, (100 + i).min(255) as u8),
+                mac: format!("02:00:00:00:0c:{i:02x}"),
+            });
+        }
+        let mut t = Topology {
+            work_dir: std::env::temp_dir().join(&prefix),
+            switch_ns: format!("{prefix}-sw"),
+            prefix,
+            block,
+            nginx: Mutex::new(vec![None; opts.backends]),
+            opts,
+            hosts,
+            created_ns: Vec::new(),
+            work_dir_created: false,
+            xdp_links: Vec::new(),
+            procs: Mutex::new(Vec::new()),
+            servers: Mutex::new(Vec::new()),
+            cleanups: Mutex::new(Vec::new()),
+        };
+        // On error `t` is dropped here, which tears down whatever setup made.
+        t.setup()
+            .with_context(|| format!("setting up test topology {}", t.prefix))?;
+        Ok(t)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        self.validate()?;
+        if self.work_dir.exists() {
+            std::fs::remove_dir_all(&self.work_dir)
+                .with_context(|| format!("removing stale work dir {}", self.work_dir.display()))?;
+        }
+        std::fs::create_dir_all(self.work_dir.join("logs"))
+            .with_context(|| format!("creating work dir {}", self.work_dir.display()))?;
+        self.work_dir_created = true;
+        std::fs::set_permissions(&self.work_dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", self.work_dir.display()))?;
+
+        // Namespaces, and the sysctls that must be in place before eth0 appears.
+        let sw = self.switch_ns.clone();
+        self.add_netns(&sw)?;
+        let sw_sysctls = kv(&[
+            ("net.bridge.bridge-nf-call-iptables", "0"),
+            ("net.bridge.bridge-nf-call-ip6tables", "0"),
+            ("net.bridge.bridge-nf-call-arptables", "0"),
+            // The switch needs no addresses of its own: keep it quiet on the wire.
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+        ]);
+        netns::set_sysctls(&sw, &sw_sysctls, true)?;
+        for h in self.hosts.clone() {
+            self.add_netns(&h.ns)?;
+            netns::set_sysctls(&h.ns, &self.sysctls(&h, "default"), false)?;
+        }
+
+        // The bridge and one veth pair per host, created from the switch namespace with the
+        // host end put straight into its namespace as eth0.
+        let mut batch = String::from("link set lo up\nlink add br0 type bridge\nlink set br0 up\n");
+        for h in &self.hosts {
+            batch.push_str(&format!(
+                "link add {port} type veth peer name eth0 netns {ns}\nlink set {port} master br0\nlink set {port} up\n",
+                port = h.port,
+                ns = h.ns
+            ));
+        }
+        ip_batch(&sw, &batch)?;
+
+        // Each host: sysctls on eth0, MAC, addresses, routes, no TX checksum offload.
+        for h in self.hosts.clone() {
+            netns::set_sysctls(&h.ns, &self.sysctls(&h, "eth0"), false)?;
+            netns::set_sysctls(&h.ns, &kv(&[("net.ipv4.conf.lo.rp_filter", "0")]), false)?;
+            ip_batch(&h.ns, &self.host_batch(&h))?;
+            run_checked(
+                Command::new("nsenter")
+                    .arg(format!("--net={}", netns::netns_path(&h.ns).display()))
+                    .args(["--", "ethtool", "-K", "eth0", "tx", "off"]),
+                None,
+            )
+            .with_context(|| format!("turning TX checksum offload off in {}", h.ns))?;
+        }
+
+        // XDP_PASS on every switch-side veth end, so that frames the LB sends back with
+        // XDP_TX are not dropped by the receiving veth (see TOOLCHAIN.md).
+        let ports: Vec<String> = self.hosts.iter().map(|h| h.port.clone()).collect();
+        self.xdp_links = netns::in_netns(&sw, || {
+            let prog = sys::load_xdp(&sys::XDP_PASS_INSNS, "lbt_xdp_pass")
+                .context("loading the XDP_PASS program (bpf)")?;
+            let mut links = Vec::new();
+            for p in &ports {
+                let idx = sys::if_nametoindex(p)
+                    .with_context(|| format!("ifindex of {p} in namespace {sw}"))?;
+                links.push(
+                    sys::xdp_link_create(prog.as_fd(), idx)
+                        .with_context(|| format!("attaching XDP_PASS to {p} in {sw}"))?,
+                );
+            }
+            Ok(links)
+        })?;
+
+        if self.opts.backends > 0 {
+            self.write_backend_files()?;
+        }
+        if self.opts.start_servers {
+            for i in 1..=self.opts.backends {
+                self.spawn_nginx(i)?;
+            }
+            for i in 1..=self.opts.backends {
+                self.wait_backend_ready(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let o = &self.opts;
+        if o.backends > 89 {
+            bail!(
+                "at most 89 backends (192.0.2.11..=99), asked for {}",
+                o.backends
+            );
+        }
+        if o.clients > 99 {
+            bail!(
+                "at most 99 clients (192.0.2.101..=199), asked for {}",
+                o.clients
+            );
+        }
+        if o.clients > 0 && o.addresses_per_client > self.block - 2 {
+            bail!(
+                "at most {} addresses per client with {} clients, asked for {}",
+                self.block - 2,
+                o.clients,
+                o.addresses_per_client
+            );
+        }
+        for v in &o.vips {
+            if v.is_ipv6() {
+                bail!("VIP {v}: IPv6 VIPs are not supported by the harness yet");
+            }
+        }
+        Ok(())
+    }
+
+    fn sysctls(&self, h: &Host, dev: &str) -> Vec<(String, String)> {
+        let mut v = vec![(format!("net.ipv4.conf.{dev}.rp_filter"), "0".to_string())];
+        if dev == "default" {
+            v.push(("net.ipv4.conf.all.rp_filter".into(), "0".into()));
+        }
+        let devs: &[&str] = if dev == "default" {
+            &["all", "default"]
+        } else {
+            &[dev]
+        };
+        for d in devs {
+            match h.role {
+                // DSR: accept packets for the VIP held on lo, never answer ARP for it.
+                Role::Backend(_) => {
+                    v.push((format!("net.ipv4.conf.{d}.arp_ignore"), "1".into()));
+                    v.push((format!("net.ipv4.conf.{d}.arp_announce"), "2".into()));
+                }
+                // ARP requests must come from 192.0.2.10x, not from an extra source on lo.
+                Role::Client(_) => {
+                    v.push((format!("net.ipv4.conf.{d}.arp_announce"), "2".into()));
+                }
+                Role::Lb => {}
+            }
+        }
+        v
+    }
+
+    fn host_batch(&self, h: &Host) -> String {
+        let mut b = format!(
+            "link set lo up\nlink set eth0 address {mac}\naddr add {addr}/24 dev eth0\nlink set eth0 up\n",
+            mac = h.mac,
+            addr = h.addr
+        );
+        match h.role {
+            Role::Backend(_) => {
+                for v in &self.opts.vips {
+                    b.push_str(&format!("addr add {v}/32 dev lo\n"));
+                }
+                b.push_str(&self.client_block_routes());
+            }
+            Role::Lb => b.push_str(&self.client_block_routes()),
+            Role::Client(i) => {
+                for a in self.client_sources(i) {
+                    b.push_str(&format!("addr add {a}/32 dev lo\n"));
+                }
+                for v in &self.opts.vips {
+                    b.push_str(&format!("route add {v}/32 via {LB_ADDR} dev eth0\n"));
+                }
+            }
+        }
+        b
+    }
+
+    fn client_block_routes(&self) -> String {
+        if self.opts.addresses_per_client == 0 {
+            return String::new();
+        }
+        let plen = 24
+            + self
+                .opts
+                .clients
+                .max(1)
+                .next_power_of_two()
+                .trailing_zeros();
+        (1..=self.opts.clients)
+            .map(|i| {
+                format!(
+                    "route add 198.51.100.{}/{plen} via 192.0.2.{} dev eth0\n",
+                    self.block * (i - 1),
+                    100 + i
+                )
+            })
+            .collect()
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        let _g = lock(&NETNS_LOCK);
+        if netns::netns_path(name).exists() {
+            // Left behind by a dead process that had our pid: ours to remove.
+            eprintln!("lb-tests: removing stale network namespace {name}");
+            run_checked(Command::new("ip").args(["netns", "del", name]), None)?;
+        }
+        run_checked(Command::new("ip").args(["netns", "add", name]), None)?;
+        self.created_ns.push(name.to_string());
+        Ok(())
+    }
+
+    // ---- backends' nginx ---------------------------------------------------------------
+
+    fn backend_dir(&self, i: usize) -> PathBuf {
+        self.work_dir.join(format!("backend{i}"))
+    }
+
+    fn write_backend_files(&self) -> Result<()> {
+        let www = self.work_dir.join("www");
+        std::fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
+        std::fs::write(www.join("big"), big_file_contents())
+            .with_context(|| format!("writing {}", www.join("big").display()))?;
+        for i in 1..=self.opts.backends {
+            let dir = self.backend_dir(i);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let conf = nginx_conf(&dir, &www, i);
+            std::fs::write(dir.join("nginx.conf"), conf)
+                .with_context(|| format!("writing {}/nginx.conf", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn spawn_nginx(&self, i: usize) -> Result<()> {
+        let dir = self.backend_dir(i);
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-e", "stderr"]);
+        let h = self
+            .spawn_nsenter(self.backend_ns(i), &cmd)
+            .with_context(|| format!("starting nginx on backend {i}"))?;
+        lock(&self.nginx)[i - 1] = Some(h);
+        Ok(())
+    }
+
+    fn wait_backend_ready(&self, i: usize) -> Result<()> {
+        let Some(h) = lock(&self.nginx)[i - 1] else {
+            bail!("nginx of backend {i} was not started");
+        };
+        let dst = SocketAddr::new(self.backend_addr(i), 80);
+        let ns = self.backend_ns(i).to_string();
+        let mut exited = None;
+        let r = wait_until(
+            Duration::from_secs(10),
+            &format!("nginx of backend {i} to accept connections"),
+            || {
+                if let Ok(Some(st)) = self.try_wait(h) {
+                    exited = Some(st);
+                    return true;
+                }
+                netns::in_netns(&ns, || {
+                    Ok(sys::tcp_connect_from(
+                        None,
+                        dst,
+                        Duration::from_millis(200),
+                    )?)
+                })
+                .is_ok()
+            },
+        );
+        if let Some(st) = exited {
+            bail!(
+                "nginx of backend {i} exited ({st}) at startup: {}",
+                self.log_of(h).trim()
+            );
+        }
+        r.with_context(|| format!("nginx log: {}", self.log_of(h).trim()))
+    }
+
+    /// Starts nginx on backend `i` (1-based) again and waits until it accepts connections.
+    /// Fails when it is already running.
+    pub fn start_backend_server(&self, i: usize) -> Result<()> {
+        self.check_index("backend", i, self.opts.backends);
+        if self.backend_server_running(i) {
+            bail!("nginx of backend {i} is already running");
+        }
+        if !self.backend_dir(i).join("nginx.conf").exists() {
+            self.write_backend_files()?;
+        }
+        self.spawn_nginx(i)?;
+        self.wait_backend_ready(i)
+    }
+
+    /// Stops nginx of backend `i` (1-based): SIGTERM, then SIGKILL if it has not exited
+    /// within 5 s. Afterwards connections to it are refused. Stopping a stopped server is a
+    /// no-op.
+    pub fn stop_backend_server(&self, i: usize) -> Result<()> {
+        self.check_index("backend", i, self.opts.backends);
+        let h = lock(&self.nginx)[i - 1].take();
+        if let Some(h) = h {
+            self.stop(h, Duration::from_secs(5))
+                .with_context(|| format!("stopping nginx of backend {i}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether nginx of backend `i` (1-based) is running.
+    pub fn backend_server_running(&self, i: usize) -> bool {
+        self.check_index("backend", i, self.opts.backends);
+        let h = lock(&self.nginx)[i - 1];
+        h.is_some_and(|h| matches!(self.try_wait(h), Ok(None)))
+    }
+
+    /// The file every backend serves at `GET /big` (`BIG_FILE_SIZE` bytes).
+    pub fn big_file(&self) -> PathBuf {
+        self.work_dir.join("www").join("big")
+    }
+
+    // ---- names, addresses --------------------------------------------------------------
+
+    fn check_index(&self, what: &str, i: usize, n: usize) {
+        assert!(
+            (1..=n).contains(&i),
+            "{what} index {i} out of range 1..={n} (indices are 1-based)"
+        );
+    }
+
+    fn host(&self, role: Role) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.role == role)
+            .unwrap_or_else(|| panic!("no host {role:?} in this topology"))
+    }
+
+    /// The per-run prefix of every name, e.g. `lbt1234x0`; namespaces are `PREFIX-...`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Names of every namespace this topology created (switch first).
+    pub fn namespaces(&self) -> &[String] {
+        &self.created_ns
+    }
+
+    /// Number of backends.
+    pub fn backends(&self) -> usize {
+        self.opts.backends
+    }
+
+    /// Number of clients.
+    pub fn clients(&self) -> usize {
+        self.opts.clients
+    }
+
+    /// The VIPs the backends hold on `lo`.
+    pub fn vips(&self) -> &[IpAddr] {
+        &self.opts.vips
+    }
+
+    /// The switch namespace (holds bridge `br0` and the switch-side veth ends).
+    pub fn switch_ns(&self) -> &str {
+        &self.switch_ns
+    }
+
+    /// The load balancer's namespace; its interface is `eth0` (192.0.2.2/24).
+    pub fn lb_ns(&self) -> &str {
+        &self.host(Role::Lb).ns
+    }
+
+    /// Namespace of backend `i` (1-based).
+    pub fn backend_ns(&self, i: usize) -> &str {
+        self.check_index("backend", i, self.opts.backends);
+        &self.host(Role::Backend(i)).ns
+    }
+
+    /// Namespace of client `i` (1-based).
+    pub fn client_ns(&self, i: usize) -> &str {
+        self.check_index("client", i, self.opts.clients);
+        &self.host(Role::Client(i)).ns
+    }
+
+    /// Name of the switch-side veth end (in `switch_ns()`) whose peer is `eth0` of namespace
+    /// `ns`, e.g. `lb`, `b1`, `c2`.
+    pub fn switch_port(&self, ns: &str) -> Option<&str> {
+        self.hosts
+            .iter()
+            .find(|h| h.ns == ns)
+            .map(|h| h.port.as_str())
+    }
+
+    /// `/run/netns/NAME` of namespace `ns` (for `nsenter --net=...`).
+    pub fn netns_path(&self, ns: &str) -> PathBuf {
+        netns::netns_path(ns)
+    }
+
+    /// Per-run directory (mode 0755, removed on teardown) where tests may write configs and
+    /// state; process logs are under `logs/`.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// The LB's address, 192.0.2.2.
+    pub fn lb_addr(&self) -> IpAddr {
+        IpAddr::V4(LB_ADDR)
+    }
+
+    /// The LB's eth0 MAC address.
+    pub fn lb_mac(&self) -> &str {
+        &self.host(Role::Lb).mac
+    }
+
+    /// Address of backend `i` (1-based): 192.0.2.(10+i).
+    pub fn backend_addr(&self, i: usize) -> IpAddr {
+        self.check_index("backend", i, self.opts.backends);
+        IpAddr::V4(self.host(Role::Backend(i)).addr)
+    }
+
+    /// eth0 MAC of backend `i` (1-based): 02:00:00:00:0b:0i.
+    pub fn backend_mac(&self, i: usize) -> &str {
+        self.check_index("backend", i, self.opts.backends);
+        &self.host(Role::Backend(i)).mac
+    }
+
+    /// eth0 address of client `i` (1-based): 192.0.2.(100+i).
+    pub fn client_addr(&self, i: usize) -> IpAddr {
+        self.check_index("client", i, self.opts.clients);
+        IpAddr::V4(self.host(Role::Client(i)).addr)
+    }
+
+    /// The extra source addresses of client `i` (1-based), see the module docs.
+    pub fn client_sources(&self, i: usize) -> Vec<IpAddr> {
+        self.check_index("client", i, self.opts.clients);
+        let base = self.block * (i - 1);
+        (1..=self.opts.addresses_per_client)
+            .map(|k| IpAddr::V4(Ipv4Addr::new(198, 51, 100, (base + k) as u8)))
+            .collect()
+    }
+
+    /// The extra source addresses of every client, client 1's first.
+    pub fn all_client_sources(&self) -> Vec<IpAddr> {
+        (1..=self.opts.clients)
+            .flat_map(|i| self.client_sources(i))
+            .collect()
+    }
+
+    /// The client (1-based index) that owns `src`, an eth0 address or an extra source.
+    pub fn client_of(&self, src: IpAddr) -> Option<usize> {
+        (1..=self.opts.clients)
+            .find(|&i| self.client_addr(i) == src || self.client_sources(i).contains(&src))
+    }
+
+    /// Namespace of the client that owns `src`.
+    pub fn client_ns_of(&self, src: IpAddr) -> Option<&str> {
+        self.client_of(src).map(|i| self.client_ns(i))
+    }
+
+    // ---- running things in namespaces ------------------------------------------------------
+
+    /// Runs `f` on a short-lived thread inside namespace `ns` (see `netns::in_netns`).
+    /// Sockets made inside keep belonging to `ns` and can be returned.
+    pub fn in_netns<R: Send>(&self, ns: &str, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+        netns::in_netns(ns, f)
+    }
+
+    /// Sets sysctl `key` (dotted) to `value` inside namespace `ns`.
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {
+        netns::set_sysctls(ns, &kv(&[(key, value)]), false)
+    }
+
+    /// `ip netns exec NS ARGS...`: runs to completion and returns its output whatever the
+    /// exit status (fails only if it cannot be started). Note that `ip netns exec` also
+    /// remounts /sys (and so hides the root's bpffs): for lbd/lbctl use `nsenter_output`.
+    pub fn exec<S: AsRef<OsStr>>(&self, ns: &str, args: &[S]) -> Result<Output> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).args(args);
+        run_output(&mut cmd, None)
+    }
+
+    /// Like `exec`, but fails (naming the command and its stderr) unless it exits 0;
+    /// returns stdout.
+    pub fn exec_ok<S: AsRef<OsStr>>(&self, ns: &str, args: &[S]) -> Result<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).args(args);
+        run_checked(&mut cmd, None)
+    }
+
+    fn nsenter_command(&self, ns: &str, cmd: &Command) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns::netns_path(ns).display()))
+            .arg("--")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        if let Some(d) = cmd.get_current_dir() {
+            c.current_dir(d);
+        }
+        c
+    }
+
+    /// Runs `cmd` to completion with only its network namespace changed to `ns`
+    /// (`nsenter --net=/run/netns/NS -- ...`; program, arguments, environment and working
+    /// directory are taken from `cmd`). Returns the output whatever the exit status.
+    pub fn nsenter_output(&self, ns: &str, cmd: &Command) -> Result<Output> {
+        run_output(&mut self.nsenter_command(ns, cmd), None)
+    }
+
+    /// Starts `cmd` in the background with only its network namespace changed to `ns`
+    /// (`nsenter --net=/run/netns/NS -- prog args`, so it keeps the root's mount namespace and
+    /// bpffs). Program, arguments, environment and working directory come from `cmd`; its
+    /// stdin is /dev/null and stdout+stderr go to a log file (`log_of`, `log_path`). The
+    /// process is tracked: teardown sends SIGTERM, then SIGKILL after 2 s.
+    pub fn spawn_nsenter(&self, ns: &str, cmd: &Command) -> Result<ProcHandle> {
+        if !netns::netns_path(ns).exists() {
+            bail!("no network namespace {ns}");
+        }
+        let label = describe(cmd);
+        let mut procs = lock(&self.procs);
+        let idx = procs.len();
+        let base = Path::new(cmd.get_program())
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "proc".into());
+        let log = self
+            .work_dir
+            .join("logs")
+            .join(format!("{idx:02}-{base}.log"));
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("duplicating {}", log.display()))?;
+        let mut c = self.nsenter_command(ns, cmd);
+        c.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = c
+            .spawn()
+            .with_context(|| format!("starting `{label}` in namespace {ns}"))?;
+        let pid = child.id();
+        procs.push(Tracked {
+            label: format!("{label} (in {ns}, pid {pid})"),
+            child,
+            log,
+            status: None,
+        });
+        Ok(ProcHandle { idx, pid })
+    }
+
+    fn with_proc<R>(&self, h: ProcHandle, f: impl FnOnce(&mut Tracked) -> R) -> R {
+        let mut procs = lock(&self.procs);
+        let p = procs
+            .get_mut(h.idx)
+            .unwrap_or_else(|| panic!("{h:?} does not belong to this topology"));
+        f(p)
+    }
+
+    /// The exit status of `h` if it has exited, without waiting.
+    pub fn try_wait(&self, h: ProcHandle) -> Result<Option<ExitStatus>> {
+        self.with_proc(h, |p| p.poll())
+    }
+
+    /// Whether `h` is still running.
+    pub fn is_running(&self, h: ProcHandle) -> bool {
+        matches!(self.try_wait(h), Ok(None))
+    }
+
+    /// Sends signal `sig` (e.g. `libc::SIGHUP`) to `h`; an error if it has already exited.
+    pub fn signal(&self, h: ProcHandle, sig: i32) -> Result<()> {
+        self.with_proc(h, |p| {
+            if let Some(st) = p.poll()? {
+                bail!("cannot signal `{}`: it already exited ({st})", p.label);
+            }
+            sys::kill(h.pid, sig).with_context(|| format!("kill -{sig} `{}`", p.label))
+        })
+    }
+
+    /// Stops `h`: SIGTERM, then waits up to `deadline` for it to exit and returns its exit
+    /// status. If it is still running at the deadline it is killed with SIGKILL and an error
+    /// is returned. A process that had already exited just returns its status.
+    pub fn stop(&self, h: ProcHandle, deadline: Duration) -> Result<ExitStatus> {
+        if let Some(st) = self.try_wait(h)? {
+            return Ok(st);
+        }
+        // It may exit between the check and the kill: ESRCH is harmless then (still unreaped,
+        // so the pid cannot have been reused).
+        let _ = sys::kill(h.pid, libc::SIGTERM);
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(st) = self.try_wait(h)? {
+                return Ok(st);
+            }
+            if Instant::now() >= end {
+                let label = self.with_proc(h, |p| p.label.clone());
+                let st = self.kill(h)?;
+                bail!("`{label}` did not exit within {deadline:?} of SIGTERM; killed ({st})");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills `h` with SIGKILL and reaps it; returns its exit status.
+    pub fn kill(&self, h: ProcHandle) -> Result<ExitStatus> {
+        self.with_proc(h, |p| {
+            if let Some(st) = p.poll()? {
+                return Ok(st);
+            }
+            let _ = p.child.kill();
+            let st = p
+                .child
+                .wait()
+                .with_context(|| format!("waiting for `{}`", p.label))?;
+            p.status = Some(st);
+            Ok(st)
+        })
+    }
+
+    /// Waits up to `deadline` for `h` to exit by itself; returns its status, or an error
+    /// (leaving it running) at the deadline.
+    pub fn wait_exit(&self, h: ProcHandle, deadline: Duration) -> Result<ExitStatus> {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(st) = self.try_wait(h)? {
+                return Ok(st);
+            }
+            if Instant::now() >= end {
+                let label = self.with_proc(h, |p| p.label.clone());
+                bail!("`{label}` still running after {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Path of the file receiving stdout and stderr of `h`.
+    pub fn log_path(&self, h: ProcHandle) -> PathBuf {
+        self.with_proc(h, |p| p.log.clone())
+    }
+
+    /// Everything `h` wrote to stdout and stderr so far.
+    pub fn log_of(&self, h: ProcHandle) -> String {
+        std::fs::read(self.log_path(h))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Registers `f` to run at teardown, after the tracked processes were stopped and before
+    /// the namespaces are deleted (e.g. to run `lbd --cleanup`). Runs in reverse order of
+    /// registration; a panic inside is reported and ignored.
+    pub fn on_teardown(&self, f: impl FnOnce() + Send + 'static) {
+        lock(&self.cleanups).push(Box::new(f));
+    }
+
+    // ---- TCP and HTTP ----------------------------------------------------------------------
+
+    /// Opens a TCP connection from namespace `ns`, bound to `src` (any address if `None`,
+    /// port chosen by the kernel), to `dst`, giving up after `timeout`. The stream can then be
+    /// used from any thread.
+    pub fn connect_tcp(
+        &self,
+        ns: &str,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream> {
+        netns::in_netns(ns, || {
+            sys::tcp_connect_from(src, dst, timeout).with_context(|| match src {
+                Some(s) => format!("TCP connect {s} -> {dst} from namespace {ns}"),
+                None => format!("TCP connect -> {dst} from namespace {ns}"),
+            })
+        })
+    }
+
+    /// `GET path` (HTTP/1.0, `Connection: close`) from namespace `ns` with source address
+    /// `src` to `dst`: connect timeout 2 s, whole exchange 10 s. Safe to call from many
+    /// threads at once.
+    pub fn http_get(
+        &self,
+        ns: &str,
+        src: IpAddr,
+        dst: SocketAddr,
+        path: &str,
+    ) -> Result<HttpReply> {
+        self.http_get_with(ns, Some(src), dst, path, CONNECT_TIMEOUT, HTTP_TIMEOUT)
+    }
+
+    /// `http_get` with an optional source address and explicit timeouts.
+    pub fn http_get_with(
+        &self,
+        ns: &str,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        path: &str,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<HttpReply> {
+        let stream = self.connect_tcp(ns, src, dst, connect_timeout)?;
+        let from = src.map(|s| s.to_string()).unwrap_or_else(|| ns.to_string());
+        http::get_on_stream(stream, &dst.to_string(), path, timeout)
+            .with_context(|| format!("GET http://{dst}{path} from {from}"))
+    }
+
+    /// `GET /` from the client owning `src` (with source `src`) to `dst` (e.g. a VIP and
+    /// port), and returns N of the `backend N` body: the 1-based index of the backend that
+    /// answered.
+    pub fn which_backend(&self, src: IpAddr, dst: SocketAddr) -> Result<usize> {
+        let ns = self
+            .client_ns_of(src)
+            .ok_or_else(|| anyhow!("{src} is not an address of any client"))?;
+        let reply = self.http_get(ns, src, dst, "/")?;
+        if reply.status != 200 {
+            bail!("GET http://{dst}/ from {src}: status {}", reply.status);
+        }
+        parse_backend(&reply.text()).ok_or_else(|| {
+            anyhow!(
+                "GET http://{dst}/ from {src}: unexpected body {:?}",
+                reply.text()
+            )
+        })
+    }
+
+    /// Starts an in-process HTTP server in namespace `ns` listening on `addr` that answers
+    /// every request with 200 and `body`. It is listening when this returns and stops at
+    /// teardown (or with `stop_fixed`).
+    pub fn serve_fixed(&self, ns: &str, addr: SocketAddr, body: &str) -> Result<ServerHandle> {
+        let listener = netns::in_netns(ns, || {
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding {addr} in namespace {ns}"))
+        })?;
+        let server = FixedServer::start(listener, body)?;
+        let mut servers = lock(&self.servers);
+        servers.push(server);
+        Ok(ServerHandle {
+            idx: servers.len() - 1,
+        })
+    }
+
+    /// How many requests the fixed server `h` has answered.
+    pub fn fixed_hits(&self, h: ServerHandle) -> u64 {
+        lock(&self.servers)[h.idx].hits.load(Ordering::Relaxed)
+    }
+
+    /// The address the fixed server `h` listens on (useful when bound to port 0).
+    pub fn fixed_addr(&self, h: ServerHandle) -> SocketAddr {
+        lock(&self.servers)[h.idx].addr
+    }
+
+    /// Stops the fixed server `h` (its port is closed when this returns).
+    pub fn stop_fixed(&self, h: ServerHandle) {
+        lock(&self.servers)[h.idx].stop();
+    }
+
+    // ---- teardown ------------------------------------------------------------------------
+
+    fn teardown(&mut self) {
+        let panicking = std::thread::panicking();
+        let mut problems: Vec<String> = Vec::new();
+
+        for s in lock(&self.servers).iter_mut() {
+            s.stop();
+        }
+
+        // Tracked processes: SIGTERM all, up to 2 s grace, then SIGKILL.
+        let mut procs = std::mem::take(&mut *lock(&self.procs));
+        for p in procs.iter_mut() {
+            if matches!(p.poll(), Ok(None)) {
+                let _ = sys::kill(p.child.id(), libc::SIGTERM);
+            }
+        }
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end && procs.iter_mut().any(|p| matches!(p.poll(), Ok(None))) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for p in procs.iter_mut() {
+            if matches!(p.poll(), Ok(None)) {
+                let _ = p.child.kill();
+                match p.child.wait() {
+                    Ok(st) => p.status = Some(st),
+                    Err(e) => problems.push(format!("reaping `{}`: {e}", p.label)),
+                }
+            }
+        }
+        if panicking {
+            for p in &procs {
+                let text = std::fs::read(&p.log)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!(
+                    "---- lb-tests: last {} log lines of `{}` ({:?}) ----\n{}",
+                    tail.len(),
+                    p.label,
+                    p.status,
+                    tail.join("\n")
+                );
+            }
+        }
+
+        let cleanups = std::mem::take(&mut *lock(&self.cleanups));
+        for f in cleanups.into_iter().rev() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                problems.push("a teardown hook panicked".into());
+            }
+        }
+
+        // Anything else still living in our namespaces (spawned without the harness).
+        for ns in &self.created_ns {
+            let end = Instant::now() + Duration::from_secs(2);
+            loop {
+                let pids = netns::pids_in_netns(ns).unwrap_or_default();
+                if pids.is_empty() {
+                    break;
+                }
+                if Instant::now() >= end {
+                    problems.push(format!("processes {pids:?} still in namespace {ns}"));
+                    break;
+                }
+                for pid in pids {
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+
+        self.xdp_links.clear();
+
+        {
+            let _g = lock(&NETNS_LOCK);
+            for ns in self.created_ns.iter().rev() {
+                if let Err(e) = run_checked(Command::new("ip").args(["netns", "del", ns]), None) {
+                    problems.push(format!("{e:#}"));
+                }
+            }
+        }
+        self.created_ns.clear();
+
+        if self.work_dir_created {
+            if let Err(e) = std::fs::remove_dir_all(&self.work_dir) {
+                problems.push(format!("removing {}: {e}", self.work_dir.display()));
+            }
+        }
+        for p in problems {
+            eprintln!("lb-tests: teardown of {}: {p}", self.prefix);
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field("prefix", &self.prefix)
+            .field("namespaces", &self.created_ns)
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ip_batch(ns: &str, batch: &str) -> Result<()> {
+    run_checked(
+        Command::new("ip").args(["-n", ns, "-batch", "-"]),
+        Some(batch),
+    )
+    .map(|_| ())
+    .with_context(|| format!("configuring namespace {ns}"))
+}
+
+/// N of a `backend N` body.
+pub fn parse_backend(body: &str) -> Option<usize> {
+    body.trim().strip_prefix("backend ")?.trim().parse().ok()
+}
+
+/// The deterministic contents of the `/big` file (`BIG_FILE_SIZE` pseudo-random bytes), so
+/// tests can compare what they received.
+pub fn big_file_contents() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut v = Vec::with_capacity(BIG_FILE_SIZE);
+    while v.len() < BIG_FILE_SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(BIG_FILE_SIZE);
+    v
+}
+
+fn nginx_conf(dir: &Path, www: &Path, n: usize) -> String {
+    let d = dir.display();
+    let www = www.display();
+    format!(
+        r#"# Generated by lb-tests for backend {n}.
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type text/plain;
+    keepalive_timeout 5s;
+    server {{
+        listen 0.0.0.0:80 default_server;
+        server_name _;
+        root {www};
+        add_header X-Backend {n} always;
+        location = / {{ return 200 "backend {n}\n"; }}
+        location = /healthz {{ return 200 "ok\n"; }}
+        location = /big {{ default_type application/octet-stream; }}
+        location / {{ return 404 "not found\n"; }}
+    }}
+}}
+"#
+    )
+}
