@@ -899,7 +899,7 @@ weight = 50
         let src = GOOD.replace("port = 80", "port = 80\ncolour = \"blue\"");
         let p = problems(&src);
         assert!(p[0].message.contains("colour"), "{p:?}");
-        assert_eq!(p[0].line, Some(11));
+        assert_eq!(p[0].line, Some(10));
     }
 
     #[test]
