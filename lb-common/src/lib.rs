@@ -101,6 +101,9 @@ pub struct ServiceValue {
 pub mod backend_flags {
     /// The entry is filled in (an unused index has flags 0).
     pub const VALID: u8 = 1 << 0;
+    /// Failed its health checks: established flows leave it too (they are rehashed). A drained
+    /// backend is not down: it only stops taking new flows (it is absent from the table).
+    pub const DOWN: u8 = 1 << 1;
 }
 
 /// Value of `BACKENDS`, indexed by backend id (the value stored in Maglev slots).
@@ -116,7 +119,11 @@ pub struct Backend {
     pub src_mac: [u8; 6],
     /// Egress interface.
     pub ifindex: u32,
+    /// The service this backend belongs to: a connection-table entry is honoured only for its
+    /// own service, and a restarted lbd recovers its ids from it.
+    pub service: u32,
     pub family: u8,
+    /// `backend_flags`.
     pub flags: u8,
     pub _pad: [u8; 2],
 }
@@ -146,7 +153,7 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of `CONNTRACK`.
+/// Value of `CONNTRACK`: the backend a flow was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -222,7 +229,7 @@ mod layout_tests {
     fn sizes_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<Backend>(), 52);
+        assert_eq!(size_of::<Backend>(), 56);
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);

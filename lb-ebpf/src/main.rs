@@ -37,8 +37,10 @@ static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map]
 static CONFIG: Array<Config, 1> = Array::new();
 
-/// The connection table (used from the control-plane issue on; lbd sizes it from
-/// `daemon.conntrack_entries`).
+/// The connection table: flow 5-tuple → backend, so a flow keeps its backend when the table
+/// changes. A shared LRU (not per-CPU): on veth, and with RPS, one flow's packets can be handled
+/// on different CPUs, and every CPU must see its entry. lbd sizes it from
+/// `daemon.conntrack_entries`; the LRU evicts the least recently used flows when full.
 #[btf_map]
 static CONNTRACK: LruHashMap<FlowKey, FlowValue, 65_536> = LruHashMap::new();
 
@@ -89,6 +91,11 @@ struct Ports {
     dst: u16,
 }
 
+/// Offset of the flags byte in the TCP header, and the flags that matter here.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
 /// Bounds check once, here: a pointer to a `T` at `offset` if the whole `T` lies inside the
 /// packet. Every packet access goes through this.
 #[inline(always)]
@@ -116,6 +123,8 @@ struct Packet {
     /// The IP total length runs past the frame, or is too short for the ports: the packet is
     /// not forwarded even when it is addressed to a service.
     malformed: bool,
+    /// A TCP SYN without ACK: a new connection, which always takes the current table's choice.
+    syn: bool,
     src: Addr,
     dst: Addr,
     sport: u16,
@@ -140,13 +149,18 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
     if packet.malformed {
         return Ok(give_up(Reason::Malformed));
     }
-    let backend_id = match choose(&packet, &service) {
-        Ok(id) => id,
-        Err(reason) => return Ok(give_up(reason)),
+    let flow = FlowKey {
+        src: packet.src,
+        dst: packet.dst,
+        sport: packet.sport,
+        dport: packet.dport,
+        proto: packet.proto,
+        family: packet.family,
+        _pad: [0; 2],
     };
-    let backend = match BACKENDS.get(backend_id) {
-        Some(b) if b.flags & backend_flags::VALID != 0 => b,
-        _ => return Ok(give_up(Reason::MissingState)),
+    let (backend_id, backend) = match pick(&packet, &flow, &service) {
+        Ok(chosen) => chosen,
+        Err(reason) => return Ok(give_up(reason)),
     };
     rewrite_dsr(ctx, backend)?;
     count(ctx, service.id, backend_id);
@@ -182,9 +196,17 @@ fn parse(ctx: &XdpContext) -> Result<Packet, ()> {
     let ports: Ports = read_at(ctx, l3 + ihl)?;
     let ip_len = u16::from_be(ip.tot_len) as usize;
     let frame_len = ctx.data_end() - ctx.data();
-    let malformed = ip_len < ihl + size_of::<Ports>() || l3 + ip_len > frame_len;
+    let mut malformed = ip_len < ihl + size_of::<Ports>() || l3 + ip_len > frame_len;
+    let mut syn = false;
+    if ip.proto == PROTO_TCP {
+        match read_at::<u8>(ctx, l3 + ihl + TCP_FLAGS_OFFSET) {
+            Ok(flags) => syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            Err(()) => malformed = true,
+        }
+    }
     Ok(Packet {
         malformed,
+        syn,
         src: [ip.saddr, 0, 0, 0],
         dst: [ip.daddr, 0, 0, 0],
         sport: ports.src,
@@ -216,21 +238,61 @@ fn classify(p: &Packet) -> Result<ServiceValue, ()> {
     }
 }
 
+/// The backend of a flow: the one the connection table recorded, while it is still usable for
+/// this service; otherwise (new flow, TCP SYN, backend down or removed) the Maglev table's
+/// choice, which is then recorded.
+#[inline(always)]
+fn pick(
+    p: &Packet,
+    flow: &FlowKey,
+    service: &ServiceValue,
+) -> Result<(u32, &'static Backend), Reason> {
+    let entry = CONNTRACK.get_ptr_mut(flow);
+    if let Some(e) = entry
+        && !p.syn
+    {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        let id = unsafe { (*e).backend };
+        if let Some(b) = BACKENDS.get(id)
+            && b.flags & (backend_flags::VALID | backend_flags::DOWN) == backend_flags::VALID
+            && b.service == service.id
+        {
+            return Ok((id, b));
+        }
+    }
+    let id = choose(p, flow, service)?;
+    let backend = match BACKENDS.get(id) {
+        Some(b) if b.flags & backend_flags::VALID != 0 => b,
+        _ => return Err(Reason::MissingState),
+    };
+    let value = FlowValue {
+        backend: id,
+        service: service.id,
+    };
+    match entry {
+        // An existing entry (a SYN reusing a port, a flow whose backend went away) is rewritten
+        // in place: cheaper than an update, which allocates a new element.
+        // SAFETY: as above; the value is two u32s, written whole.
+        Some(e) => unsafe {
+            if *e != value {
+                *e = value;
+            }
+        },
+        // A full table evicts its least recently used flow; an insert fails only for want of
+        // memory, and the flow then simply stays on the table's choice.
+        None => {
+            let _ = CONNTRACK.insert(flow, value, 0);
+        }
+    }
+    Ok((id, backend))
+}
+
 /// The backend for a new flow: Maglev table slot of the keyed hash.
 #[inline(always)]
-fn choose(p: &Packet, service: &ServiceValue) -> Result<u32, Reason> {
+fn choose(p: &Packet, flow: &FlowKey, service: &ServiceValue) -> Result<u32, Reason> {
     let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
     let h = if service.flags & service_flags::HASH_5TUPLE != 0 {
-        let flow = FlowKey {
-            src: p.src,
-            dst: p.dst,
-            sport: p.sport,
-            dport: p.dport,
-            proto: p.proto,
-            family: p.family,
-            _pad: [0; 2],
-        };
-        hash::hash_5tuple(&config.hash_key, &flow)
+        hash::hash_5tuple(&config.hash_key, flow)
     } else {
         hash::hash_source(&config.hash_key, &p.src)
     };

@@ -256,7 +256,7 @@ async fn resolve_all(services: &mut [ServiceRuntime]) {
     }
 }
 
-fn backend_entry(b: &BackendRuntime) -> Backend {
+fn backend_entry(service: u32, b: &BackendRuntime) -> Backend {
     let Some(hop) = &b.hop else {
         return Backend::default();
     };
@@ -266,6 +266,7 @@ fn backend_entry(b: &BackendRuntime) -> Backend {
         mac: hop.mac,
         src_mac: hop.src_mac,
         ifindex: hop.ifindex,
+        service,
         family: state::family(b.cfg.address),
         flags: backend_flags::VALID,
         _pad: [0; 2],
@@ -279,7 +280,7 @@ impl Daemon {
         self.datapath.set_config(self.seed)?;
         for s in &self.services {
             for b in &s.backends {
-                self.datapath.set_backend(b.id, &backend_entry(b))?;
+                self.datapath.set_backend(b.id, &backend_entry(s.id, b))?;
             }
         }
         let mut keep = vec![];
@@ -322,7 +323,7 @@ impl Daemon {
                 );
                 table_changed |= b.hop.is_none();
                 b.hop = Some(hop);
-                self.datapath.set_backend(b.id, &backend_entry(b))?;
+                self.datapath.set_backend(b.id, &backend_entry(s.id, b))?;
             }
             if table_changed {
                 let table = s.table(&self.seed);

@@ -354,6 +354,27 @@ impl Datapath {
         Ok((result.return_value, out))
     }
 
+    /// Runs the program `repeat` times on `frame` in one BPF_PROG_TEST_RUN call: the action
+    /// and the kernel's mean time per run. Every repetition sees the frame as the previous one
+    /// left it.
+    pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("the program was checked at load");
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
+        let result = program
+            .test_run(opts)
+            .map_err(prog_err("BPF_PROG_TEST_RUN"))?;
+        Ok((result.return_value, result.duration))
+    }
+
     pub fn set_config(&mut self, hash_key: [u64; 2]) -> Result<()> {
         let value = Config {
             hash_key,
@@ -369,6 +390,13 @@ impl Datapath {
         self.backends
             .set(id, backend, 0)
             .map_err(map_err(format!("writing backend {id}")))
+    }
+
+    /// The backend entry at `id` as the data path sees it.
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends
+            .get(&id, 0)
+            .map_err(map_err(format!("reading backend {id}")))
     }
 
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {

@@ -76,6 +76,7 @@ fn fixture(weights: [u32; 3]) -> Fixture {
             mac: backend_mac(i),
             src_mac: LB_MAC,
             ifindex: 1,
+            service: 0,
             family: 4,
             flags: backend_flags::VALID,
             _pad: [0; 2],
@@ -284,4 +285,96 @@ fn weights_and_table_swaps_take_effect() {
         assert_eq!(action, XDP_TX);
         assert_eq!(&out[0..6], &backend_mac(2));
     }
+}
+
+fn vip_ack(src: Ipv4Addr) -> Frame {
+    ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 80, 0x10, b"")
+}
+
+fn sent_to(f: &Fixture, frame: &Frame) -> u32 {
+    let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+    assert_eq!(action, XDP_TX);
+    (0..3)
+        .find(|&b| out[0..6] == backend_mac(b))
+        .expect("a backend's MAC")
+}
+
+fn only(b: u32) -> Vec<u32> {
+    build_table(
+        &SEED,
+        &[MaglevBackend {
+            id: b,
+            addr: to_addr(backend_ip(b).into()),
+            weight: 100,
+        }],
+        TABLE_SIZE,
+    )
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_the_table_changes_but_syns_do_not() {
+    let mut f = fixture([100, 100, 100]);
+    let src = client(11);
+    let first = sent_to(&f, &vip_syn(src));
+    assert_eq!(first, predicted(&f.table, src));
+    let other = (first + 1) % 3;
+    f.dp.swap_table(0, &only(other)).unwrap();
+    // The connection in progress stays where it is...
+    for _ in 0..3 {
+        assert_eq!(sent_to(&f, &vip_ack(src)), first);
+    }
+    // ...a new connection (a SYN, even reusing the same ports) follows the new table, and the
+    // flow's later packets follow it there.
+    assert_eq!(sent_to(&f, &vip_syn(src)), other);
+    assert_eq!(sent_to(&f, &vip_ack(src)), other);
+    // A flow never seen before (no SYN, e.g. started before lb) takes the table's choice and
+    // keeps it.
+    let late = client(12);
+    assert_eq!(sent_to(&f, &vip_ack(late)), other);
+    f.dp.swap_table(0, &only(first)).unwrap();
+    assert_eq!(sent_to(&f, &vip_ack(late)), other);
+}
+
+#[test]
+fn flows_of_a_down_or_removed_backend_are_rehashed() {
+    let mut f = fixture([100, 100, 100]);
+    let src = client(21);
+    let first = sent_to(&f, &vip_syn(src));
+    let survivor = (first + 1) % 3;
+    f.dp.swap_table(0, &only(survivor)).unwrap();
+    assert_eq!(sent_to(&f, &vip_ack(src)), first, "still established");
+    // Health checks mark it down: its flows move to the table's choice and stay there.
+    let mut b = f.dp.backend(first).unwrap();
+    b.flags |= lb_common::backend_flags::DOWN;
+    f.dp.set_backend(first, &b).unwrap();
+    assert_eq!(sent_to(&f, &vip_ack(src)), survivor);
+    b.flags &= !lb_common::backend_flags::DOWN;
+    f.dp.set_backend(first, &b).unwrap();
+    assert_eq!(
+        sent_to(&f, &vip_ack(src)),
+        survivor,
+        "the flow was re-recorded on the survivor"
+    );
+
+    // Removed (entry cleared): the same.
+    let src2 = client(22);
+    f.dp.swap_table(0, &only(first)).unwrap();
+    assert_eq!(sent_to(&f, &vip_syn(src2)), first);
+    f.dp.swap_table(0, &only(survivor)).unwrap();
+    f.dp.clear_backend(first).unwrap();
+    assert_eq!(sent_to(&f, &vip_ack(src2)), survivor);
+}
+
+#[test]
+fn a_flow_entry_is_honoured_only_for_its_own_service() {
+    let mut f = fixture([100, 100, 100]);
+    let src = client(31);
+    let first = sent_to(&f, &vip_syn(src));
+    let other = (first + 1) % 3;
+    f.dp.swap_table(0, &only(other)).unwrap();
+    // The backend's id now belongs to another service (an id reused after a removal).
+    let mut b = f.dp.backend(first).unwrap();
+    b.service = 7;
+    f.dp.set_backend(first, &b).unwrap();
+    assert_eq!(sent_to(&f, &vip_ack(src)), other);
 }
