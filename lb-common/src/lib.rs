@@ -134,6 +134,9 @@ pub struct Backend {
 pub struct Config {
     /// The 128-bit hash seed as two SipHash key words.
     pub hash_key: [u64; 2],
+    /// Fingerprint of the program object lbd loaded: an lbd with the same program adopts the
+    /// running one instead of reloading it.
+    pub program_hash: u64,
     /// `LAYOUT_VERSION` of the lbd that filled the maps.
     pub layout_version: u32,
     pub _pad: u32,
@@ -230,7 +233,7 @@ mod layout_tests {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 56);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);

@@ -1,12 +1,31 @@
-//! The control API: HTTP/JSON on a unix socket (mode 0600, owner root), versioned under `/v1`.
+//! The control API: HTTP/JSON on a unix socket (mode 0600, owner root, root peers only),
+//! versioned under `/v1`. Every change is applied to the data path and written through to the
+//! config file before the answer is sent.
 
-use std::{future::Future, os::unix::fs::PermissionsExt, path::Path};
+use std::{
+    future::Future, net::IpAddr, os::unix::fs::PermissionsExt, path::Path, time::SystemTime,
+};
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
-use serde::Serialize;
-use tokio::net::UnixListener;
+use axum::{
+    Json, Router,
+    extract::{Path as UrlPath, Query, State},
+    http::StatusCode,
+    routing::{get, post, put},
+};
+use lb_common::{FlowKey, NO_BACKEND, hash};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{UnixListener, UnixStream},
+};
 
-use crate::{daemon::Shared, datapath::Attachment};
+use crate::{
+    config::{self, CheckKind, Forwarding, HashMode, Protocol},
+    config_edit::ConfigFile,
+    daemon::{BackendState, Daemon, ServiceRuntime, Shared},
+    datapath::Attachment,
+    metrics, state,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -61,6 +80,59 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(listener)
 }
 
+/// The control socket, accepting only root peers (SO_PEERCRED). Others get a 403 that says
+/// why, and the connection is closed; the file mode already keeps them out unless it was
+/// loosened.
+pub struct RootOnly(pub UnixListener);
+
+impl axum::serve::Listener for RootOnly {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.0.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    log::warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match stream.peer_cred() {
+                Ok(cred) if cred.uid() == 0 => return (stream, addr),
+                Ok(cred) => {
+                    let uid = cred.uid();
+                    log::warn!(
+                        "control socket: refused a peer with uid {uid} (only root may use lbd's API)"
+                    );
+                    tokio::spawn(refuse(
+                        stream,
+                        format!(
+                            "permission denied: lbd accepts only root on its control socket (your uid is {uid})"
+                        ),
+                    ));
+                }
+                Err(e) => log::warn!("control socket: cannot read the peer's credentials: {e}"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+async fn refuse(mut stream: UnixStream, message: String) {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let reply = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
 pub async fn serve(
     listener: UnixListener,
     shared: Shared,
@@ -69,13 +141,64 @@ pub async fn serve(
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
+        .route("/v1/services", get(service_list).post(service_add))
+        .route("/v1/services/{name}", axum::routing::delete(service_remove))
+        .route("/v1/backends", get(backend_list))
+        .route("/v1/services/{name}/backends", post(backend_add))
+        .route(
+            "/v1/services/{name}/backends/{address}",
+            axum::routing::delete(backend_remove),
+        )
+        .route(
+            "/v1/services/{name}/backends/{address}/removal",
+            get(backend_remove_dry_run),
+        )
+        .route(
+            "/v1/services/{name}/backends/{address}/drain",
+            post(backend_drain),
+        )
+        .route(
+            "/v1/services/{name}/backends/{address}/undrain",
+            post(backend_undrain),
+        )
+        .route(
+            "/v1/services/{name}/backends/{address}/weight",
+            put(backend_weight),
+        )
+        .route("/v1/lookup", get(lookup))
         .with_state(shared);
-    axum::serve(listener, app)
+    axum::serve(RootOnly(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+/// An error answer: the status and lbd's message, as `{"error": ...}`.
+pub struct Refusal(StatusCode, String);
+
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> axum::response::Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn not_found(m: String) -> Refusal {
+    Refusal(StatusCode::NOT_FOUND, m)
+}
+fn bad(m: String) -> Refusal {
+    Refusal(StatusCode::BAD_REQUEST, m)
+}
+fn conflict(m: String) -> Refusal {
+    Refusal(StatusCode::CONFLICT, m)
+}
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+type Reply<T> = Result<Json<T>, Refusal>;
+
+// ---- status and stats ----
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Status {
     pub pid: u32,
     pub version: String,
@@ -84,12 +207,13 @@ pub struct Status {
     pub program_id: u32,
     pub layout_version: u32,
     pub bpffs_dir: String,
+    pub start: crate::datapath::Start,
     pub interfaces: Vec<InterfaceStatus>,
     pub services: usize,
     pub backends: usize,
 }
 
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct InterfaceStatus {
     pub name: String,
     pub ifindex: u32,
@@ -118,6 +242,7 @@ async fn status(State(shared): State<Shared>) -> Json<Status> {
         program_id: d.datapath.program_id(),
         layout_version: lb_common::LAYOUT_VERSION,
         bpffs_dir: d.config.daemon.bpffs_dir.display().to_string(),
+        start: d.datapath.start.clone(),
         interfaces: d
             .datapath
             .attachments
@@ -129,13 +254,20 @@ async fn status(State(shared): State<Shared>) -> Json<Status> {
     })
 }
 
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Stats {
     pub services: Vec<ServiceStats>,
     pub dropped: Vec<ReasonCount>,
+    pub conntrack: Conntrack,
 }
 
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Conntrack {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ServiceStats {
     pub service: String,
     pub packets: u64,
@@ -143,24 +275,38 @@ pub struct ServiceStats {
     pub backends: Vec<BackendStats>,
 }
 
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct BackendStats {
     pub address: String,
     pub packets: u64,
     pub bytes: u64,
 }
 
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ReasonCount {
     pub reason: String,
     pub packets: u64,
 }
 
-async fn stats(State(shared): State<Shared>) -> Result<Json<Stats>, (StatusCode, String)> {
+#[derive(Deserialize)]
+struct ServiceFilter {
+    service: Option<String>,
+}
+
+fn selected<'a>(
+    d: &'a Daemon,
+    service: &Option<String>,
+) -> Result<Vec<&'a ServiceRuntime>, Refusal> {
+    match service {
+        None => Ok(d.services.iter().collect()),
+        Some(name) => Ok(vec![d.find_service(name).map_err(not_found)?]),
+    }
+}
+
+async fn stats(State(shared): State<Shared>, Query(f): Query<ServiceFilter>) -> Reply<Stats> {
     let d = shared.lock().await;
-    let services = d
-        .services
-        .iter()
+    let services = selected(&d, &f.service)?
+        .into_iter()
         .map(|s| {
             let c = d.datapath.service_counter(s.id);
             ServiceStats {
@@ -191,5 +337,549 @@ async fn stats(State(shared): State<Shared>) -> Result<Json<Stats>, (StatusCode,
             packets: n,
         })
         .collect();
-    Ok(Json(Stats { services, dropped }))
+    let (entries, capacity) = d.datapath.conntrack_use();
+    Ok(Json(Stats {
+        services,
+        dropped,
+        conntrack: Conntrack { entries, capacity },
+    }))
+}
+
+/// What the metrics endpoint reports, read under the daemon's lock.
+pub fn metrics_snapshot(d: &Daemon) -> metrics::Snapshot {
+    let services = d
+        .services
+        .iter()
+        .map(|s| {
+            let c = d.datapath.service_counter(s.id);
+            metrics::ServiceMetrics {
+                name: s.cfg.name.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let c = d.datapath.backend_counter(b.id);
+                        metrics::BackendMetrics {
+                            address: b.cfg.address.to_string(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                            up: b.state() == BackendState::Up,
+                            weight: b.cfg.weight,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let (entries, capacity) = d.datapath.conntrack_use();
+    metrics::Snapshot {
+        services,
+        conntrack_entries: entries,
+        conntrack_capacity: capacity,
+        dropped: d
+            .datapath
+            .reason_counts()
+            .into_iter()
+            .map(|(r, n)| (r.label().to_string(), n))
+            .collect(),
+        health_checks: d
+            .health_counts
+            .iter()
+            .map(|((service, backend, ok), count)| metrics::HealthCount {
+                service: service.clone(),
+                backend: backend.to_string(),
+                result: if *ok { "ok" } else { "fail" }.into(),
+                count: *count,
+            })
+            .collect(),
+    }
+}
+
+// ---- services ----
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    pub table_size: u32,
+    pub check: CheckKind,
+    pub backends: usize,
+    pub up: usize,
+}
+
+async fn service_list(State(shared): State<Shared>) -> Json<Vec<ServiceInfo>> {
+    let d = shared.lock().await;
+    Json(
+        d.services
+            .iter()
+            .map(|s| ServiceInfo {
+                name: s.cfg.name.clone(),
+                vip: s.cfg.vip,
+                port: s.cfg.port,
+                protocol: s.cfg.protocol,
+                forwarding: s.cfg.forwarding,
+                hash: s.cfg.hash,
+                table_size: s.cfg.table_size,
+                check: s.cfg.health.check,
+                backends: s.backends.len(),
+                up: s
+                    .backends
+                    .iter()
+                    .filter(|b| b.state() == BackendState::Up)
+                    .count(),
+            })
+            .collect(),
+    )
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewService {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default)]
+    pub hash: HashMode,
+}
+
+/// An answer to a change: what changed.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Changed {
+    pub changes: Vec<String>,
+}
+
+/// Applies an edit of the config file: edit in memory, validate, apply to the data path, then
+/// write the file. An invalid result changes nothing.
+async fn change(
+    d: &mut Daemon,
+    edit: impl FnOnce(&mut ConfigFile) -> Result<(), Refusal>,
+) -> Reply<Changed> {
+    let mut file = ConfigFile::load(&d.config_path).map_err(internal)?;
+    edit(&mut file)?;
+    let loaded = config::parse(&file.text()).map_err(|problems| {
+        bad(problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; "))
+    })?;
+    if loaded.config.daemon != d.config.daemon {
+        return Err(conflict(format!(
+            "{} was edited by hand since lbd read it ([daemon] differs): send lbd a SIGHUP (or restart it) first",
+            d.config_path.display()
+        )));
+    }
+    let changes = d
+        .reconcile(loaded.config)
+        .await
+        .map_err(|e| internal(format!("{e:#}")))?;
+    file.save().map_err(|e| {
+        internal(format!(
+            "the data path changed but writing the config failed: {e}"
+        ))
+    })?;
+    Ok(Json(Changed { changes }))
+}
+
+fn edit_error(e: crate::config_edit::EditError) -> Refusal {
+    use crate::config_edit::EditError as E;
+    match e {
+        E::NoSuchService(_) | E::NoSuchBackend { .. } => not_found(e.to_string()),
+        E::ServiceExists(_) | E::BackendExists { .. } => conflict(e.to_string()),
+        E::Invalid(_) | E::Parse(_) => bad(e.to_string()),
+        other => internal(other),
+    }
+}
+
+async fn service_add(State(shared): State<Shared>, Json(n): Json<NewService>) -> Reply<Changed> {
+    if let Some(problem) = config::name_problem(&n.name) {
+        return Err(bad(format!("service name: {problem}")));
+    }
+    let mut d = shared.lock().await;
+    if d.services.iter().any(|s| s.cfg.name == n.name) {
+        return Err(conflict(format!(
+            "a service named {:?} exists already",
+            n.name
+        )));
+    }
+    let service = config::Service {
+        name: n.name,
+        vip: n.vip,
+        port: n.port,
+        protocol: n.protocol,
+        forwarding: n.forwarding,
+        hash: n.hash,
+        table_size: lb_common::DEFAULT_TABLE_SIZE,
+        tunnel_source: None,
+        health: config::Health {
+            port: n.port,
+            ..config::Health::default()
+        },
+        backends: vec![],
+    };
+    change(&mut d, |f| f.add_service(&service).map_err(edit_error)).await
+}
+
+async fn service_remove(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<Changed> {
+    let mut d = shared.lock().await;
+    d.find_service(&name).map_err(not_found)?;
+    change(&mut d, |f| f.remove_service(&name).map_err(edit_error)).await
+}
+
+// ---- backends ----
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BackendInfo {
+    pub service: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Seconds in the current state.
+    pub since_s: u64,
+    pub check: CheckKind,
+    pub last_check: Option<String>,
+    pub last_check_ok: Option<bool>,
+    /// Seconds since the last check.
+    pub last_check_age_s: Option<u64>,
+    pub mac: Option<String>,
+    /// Why the backend cannot be reached (unresolved MAC), when it cannot.
+    pub problem: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn age(t: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn backend_list(
+    State(shared): State<Shared>,
+    Query(f): Query<ServiceFilter>,
+) -> Reply<Vec<BackendInfo>> {
+    let d = shared.lock().await;
+    let mut out = vec![];
+    for s in selected(&d, &f.service)? {
+        for b in &s.backends {
+            let c = d.datapath.backend_counter(b.id);
+            out.push(BackendInfo {
+                service: s.cfg.name.clone(),
+                address: b.cfg.address,
+                weight: b.cfg.weight,
+                state: b.state(),
+                since_s: age(b.since),
+                check: s.cfg.health.check,
+                last_check: b.last.as_ref().map(|l| l.detail.clone()),
+                last_check_ok: b.last.as_ref().map(|l| l.ok),
+                last_check_age_s: b.last.as_ref().map(|l| age(l.at)),
+                mac: b.hop.as_ref().map(|h| crate::daemon::mac_string(&h.mac)),
+                problem: b.hop_error.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+    }
+    Ok(Json(out))
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewBackend {
+    pub address: IpAddr,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+fn parse_address(s: &str) -> Result<IpAddr, Refusal> {
+    s.parse()
+        .map_err(|_| bad(format!("{s:?} is not an IP address")))
+}
+
+fn check_weight(w: u32) -> Result<u32, Refusal> {
+    if w > config::MAX_WEIGHT {
+        return Err(bad(format!(
+            "weight {w} is larger than the maximum {}",
+            config::MAX_WEIGHT
+        )));
+    }
+    Ok(w)
+}
+
+async fn backend_add(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(n): Json<NewBackend>,
+) -> Reply<Changed> {
+    let weight = check_weight(n.weight.unwrap_or(config::DEFAULT_WEIGHT))?;
+    let mut d = shared.lock().await;
+    let s = d.find_service(&name).map_err(not_found)?;
+    if s.backend(n.address).is_some() {
+        return Err(conflict(format!(
+            "service {name} already has backend {}",
+            n.address
+        )));
+    }
+    if n.address.is_ipv4() != s.cfg.vip.is_ipv4() {
+        return Err(bad(format!(
+            "{} is not of the VIP's address family ({})",
+            n.address, s.cfg.vip
+        )));
+    }
+    let backend = config::Backend {
+        address: n.address,
+        weight,
+        mac: None,
+    };
+    change(&mut d, |f| {
+        f.add_backend(&name, &backend).map_err(edit_error)
+    })
+    .await
+}
+
+/// The service and backend named in a URL, or a 404 naming what is missing.
+fn existing(d: &Daemon, name: &str, address: &str) -> Result<(IpAddr, u32), Refusal> {
+    let address = parse_address(address)?;
+    let s = d.find_service(name).map_err(not_found)?;
+    let b = s.backend(address).ok_or_else(|| {
+        not_found(format!(
+            "service {name} has no backend {address} (see `lbctl backend list {name}`)"
+        ))
+    })?;
+    Ok((address, b.cfg.weight))
+}
+
+async fn backend_remove(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Changed> {
+    let mut d = shared.lock().await;
+    let (address, _) = existing(&d, &name, &address)?;
+    change(&mut d, |f| {
+        f.remove_backend(&name, address).map_err(edit_error)
+    })
+    .await
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Removal {
+    pub service: String,
+    pub address: IpAddr,
+    pub table_size: u32,
+    /// Slots (clients) that would change backend.
+    pub moved_slots: u64,
+    /// Share of all clients that would move.
+    pub moved_share: f64,
+    /// Share of all clients now on this backend (they all move).
+    pub own_share: f64,
+    /// Share of the other backends' clients that would move too.
+    pub others_moved_share: f64,
+}
+
+async fn backend_remove_dry_run(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Removal> {
+    let d = shared.lock().await;
+    let (address, _) = existing(&d, &name, &address)?;
+    let s = d.find_service(&name).map_err(not_found)?;
+    let id = s.backend(address).map(|b| b.id).unwrap_or(NO_BACKEND);
+    let after = s.table_without(&d.seed, Some(address));
+    let (mut moved, mut own, mut others, mut others_moved) = (0u64, 0u64, 0u64, 0u64);
+    for (before, after) in s.table.iter().zip(&after) {
+        moved += (before != after) as u64;
+        if *before == id {
+            own += 1;
+        } else {
+            others += 1;
+            others_moved += (before != after) as u64;
+        }
+    }
+    let total = s.table.len().max(1) as f64;
+    Ok(Json(Removal {
+        service: name,
+        address,
+        table_size: s.cfg.table_size,
+        moved_slots: moved,
+        moved_share: moved as f64 / total,
+        own_share: own as f64 / total,
+        others_moved_share: if others == 0 {
+            0.0
+        } else {
+            others_moved as f64 / others as f64
+        },
+    }))
+}
+
+async fn backend_drain(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Changed> {
+    let mut d = shared.lock().await;
+    let (address, weight) = existing(&d, &name, &address)?;
+    if weight == 0 {
+        return Err(conflict(format!(
+            "backend {address} of {name} is already drained"
+        )));
+    }
+    d.remember_drain(&name, address, weight);
+    let result = change(&mut d, |f| {
+        f.set_weight(&name, address, 0).map_err(edit_error)
+    })
+    .await;
+    if result.is_err() {
+        d.forget_drain(&name, address);
+    }
+    result
+}
+
+async fn backend_undrain(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Changed> {
+    let mut d = shared.lock().await;
+    let (address, weight) = existing(&d, &name, &address)?;
+    if weight != 0 {
+        return Err(conflict(format!(
+            "backend {address} of {name} is not drained (weight {weight})"
+        )));
+    }
+    let before = d
+        .weight_before_drain(&name, address)
+        .unwrap_or(config::DEFAULT_WEIGHT);
+    let result = change(&mut d, |f| {
+        f.set_weight(&name, address, before).map_err(edit_error)
+    })
+    .await;
+    if result.is_ok() {
+        d.forget_drain(&name, address);
+    }
+    result
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewWeight {
+    pub weight: u32,
+}
+
+async fn backend_weight(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+    Json(w): Json<NewWeight>,
+) -> Reply<Changed> {
+    let weight = check_weight(w.weight)?;
+    let mut d = shared.lock().await;
+    let (address, _) = existing(&d, &name, &address)?;
+    if weight == 0 {
+        return Err(bad(
+            "weight 0 drains a backend: use `lbctl backend drain` (undrain restores the weight)"
+                .into(),
+        ));
+    }
+    d.forget_drain(&name, address);
+    change(&mut d, |f| {
+        f.set_weight(&name, address, weight).map_err(edit_error)
+    })
+    .await
+}
+
+// ---- lookup ----
+
+#[derive(Deserialize)]
+struct LookupQuery {
+    service: String,
+    client: String,
+    port: Option<u16>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Lookup {
+    pub service: String,
+    pub client: IpAddr,
+    pub client_port: Option<u16>,
+    /// The backend chosen, or None when the service has no usable backend.
+    pub backend: Option<IpAddr>,
+    /// "connection-table" when an established flow decides, else "hash".
+    pub reason: String,
+    pub hash: u32,
+    pub slot: u32,
+    pub table_size: u32,
+}
+
+async fn lookup(State(shared): State<Shared>, Query(q): Query<LookupQuery>) -> Reply<Lookup> {
+    let d = shared.lock().await;
+    let client = parse_address(&q.client)?;
+    let s = d.find_service(&q.service).map_err(not_found)?;
+    if client.is_ipv4() != s.cfg.vip.is_ipv4() {
+        return Err(bad(format!(
+            "{client} is not of the VIP's address family ({})",
+            s.cfg.vip
+        )));
+    }
+    let flow = |sport: u16| FlowKey {
+        src: state::to_addr(client),
+        dst: state::to_addr(s.cfg.vip),
+        sport: sport.to_be(),
+        dport: s.cfg.port.to_be(),
+        proto: s.cfg.protocol.number(),
+        family: state::family(client),
+        _pad: [0; 2],
+    };
+    let h = match (s.cfg.hash, q.port) {
+        (HashMode::Source, _) => hash::hash_source(&d.seed, &state::to_addr(client)),
+        (HashMode::FiveTuple, Some(p)) => hash::hash_5tuple(&d.seed, &flow(p)),
+        (HashMode::FiveTuple, None) => {
+            return Err(bad(format!(
+                "service {} hashes the 5-tuple: give the client's port with --port",
+                s.cfg.name
+            )));
+        }
+    };
+    let slot = hash::slot(h, s.cfg.table_size);
+    let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
+    // An established flow keeps its backend while that backend is usable: as the data path.
+    if let Some(port) = q.port
+        && let Some(entry) = d.datapath.flow(&flow(port))
+        && entry.service == s.id
+        && let Some(b) = by_id(entry.backend)
+        && b.hop.is_some()
+        && b.healthy
+    {
+        return Ok(Json(Lookup {
+            service: s.cfg.name.clone(),
+            client,
+            client_port: q.port,
+            backend: Some(b.cfg.address),
+            reason: "connection-table".into(),
+            hash: h,
+            slot,
+            table_size: s.cfg.table_size,
+        }));
+    }
+    let backend = s
+        .table
+        .get(slot as usize)
+        .and_then(|&id| by_id(id))
+        .map(|b| b.cfg.address);
+    Ok(Json(Lookup {
+        service: s.cfg.name.clone(),
+        client,
+        client_port: q.port,
+        backend,
+        reason: "hash".into(),
+        hash: h,
+        slot,
+        table_size: s.cfg.table_size,
+    }))
 }

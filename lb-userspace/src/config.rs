@@ -58,7 +58,7 @@ pub enum XdpMode {
     Auto,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -83,7 +83,7 @@ impl fmt::Display for Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     #[default]
@@ -91,12 +91,13 @@ pub enum Forwarding {
     Tunnel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 pub enum HashMode {
     #[default]
     #[serde(rename = "source")]
     Source,
     #[serde(rename = "5-tuple")]
+    #[value(name = "5-tuple")]
     FiveTuple,
 }
 

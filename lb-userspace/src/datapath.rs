@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         Xdp,
         links::{FdLink, PinnedLink},
@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BPF_F_INNER_MAP, Backend, Config, Counter, LAYOUT_VERSION, PROGRAM_NAME, Reason, ServiceKey,
-    ServiceValue, maps,
+    BPF_F_INNER_MAP, Backend, Config, Counter, FlowKey, FlowValue, LAYOUT_VERSION, MAX_BACKENDS,
+    PROGRAM_NAME, Reason, ServiceKey, ServiceValue, backend_flags, maps,
 };
 use log::{info, warn};
 
@@ -143,37 +143,139 @@ pub struct Attachment {
     pub link_id: u32,
 }
 
-pub struct Datapath {
-    /// Keeps the loaded program (and its fd) alive.
-    ebpf: Ebpf,
-    bpffs_dir: PathBuf,
+/// How `Datapath::open` found the system.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// Nothing was pinned: program loaded, maps created.
+    Fresh,
+    /// The pinned program is this lbd's own program: kept running, maps opened from their pins.
+    Adopted,
+    /// A different program was running on maps of this layout: the new one is loaded on the
+    /// same maps and replaces it atomically in the pinned links.
+    Upgraded,
+    /// Pins of another map layout were found: the new program gets new maps of its own layout
+    /// and replaces the old program in one step; the old maps are removed after the swap.
+    Replaced { old_layouts: Vec<String> },
+}
+
+/// Every map, opened.
+struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     backends: Array<MapData, Backend>,
     config: Array<MapData, Config>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
     service_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reason_stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn build(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Maps> {
+        Ok(Maps {
+            services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
+            maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
+            backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
+            config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
+            conntrack: HashMap::try_from(get(maps::CONNTRACK)?)
+                .map_err(map_err(maps::CONNTRACK))?,
+            service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
+                .map_err(map_err(maps::SERVICE_STATS))?,
+            backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)
+                .map_err(map_err(maps::REASON_STATS))?,
+        })
+    }
+
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps> {
+        Maps::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| DatapathError::Other(format!("map {name} missing from the object")))
+        })
+    }
+
+    fn from_pins(dir: &Path) -> Result<Maps> {
+        Maps::build(|name| {
+            let path = dir.join(name);
+            let what = format!("opening the pinned map {}", path.display());
+            MapData::from_pin(&path)
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(map_err(what))
+        })
+    }
+}
+
+/// A stable fingerprint of the program object (FNV-1a), kept in CONFIG: a restarted lbd whose
+/// program is the running one adopts it instead of reloading.
+pub fn program_hash(object: &[u8]) -> u64 {
+    object.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Folders of map pins of other layouts than this lbd's.
+fn other_layouts(bpffs_dir: &Path) -> Vec<PathBuf> {
+    let own = maps_dir(bpffs_dir);
+    let Ok(entries) = fs::read_dir(bpffs_dir) else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && *p != own
+                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.len() > 1 && n.starts_with('v') && n[1..].bytes().all(|b| b.is_ascii_digit())
+                })
+        })
+        .collect()
+}
+
+pub struct Datapath {
+    /// The program this lbd loaded; None when it adopted the running one.
+    ebpf: Option<Ebpf>,
+    bpffs_dir: PathBuf,
+    maps: Maps,
     pub attachments: Vec<Attachment>,
     program_id: u32,
+    program_hash: u64,
+    pub start: Start,
 }
 
 impl Datapath {
-    /// Loads the program, opening the pinned maps of this layout when they exist (so a restart
-    /// keeps counters and tables) and pinning new ones otherwise.
-    pub fn load(bpffs_dir: &Path, conntrack_entries: u32) -> Result<Self> {
+    /// Opens the data path for `interfaces`. When every interface has a pinned link and the
+    /// pinned maps of this layout hold this very program's fingerprint, the running program is
+    /// adopted untouched (no reload, no blip). Otherwise the program is loaded, reusing the pinned
+    /// maps of this layout (so tables, counters and flows survive an upgrade); `attach` then puts
+    /// it in place.
+    pub fn open(bpffs_dir: &Path, conntrack_entries: u32, interfaces: &[String]) -> Result<Self> {
         if PROGRAM_OBJECT.is_empty() {
             return Err(DatapathError::NoProgram);
         }
         prepare_bpffs(bpffs_dir)?;
         let dir = maps_dir(bpffs_dir);
+        let hash = program_hash(PROGRAM_OBJECT);
+        let old = other_layouts(bpffs_dir);
+        let linked =
+            !interfaces.is_empty() && interfaces.iter().all(|i| link_pin(bpffs_dir, i).exists());
+        if linked && dir.exists() && old.is_empty() {
+            match Self::adopt(bpffs_dir, &dir, hash, conntrack_entries, interfaces) {
+                Ok(Some(dp)) => return Ok(dp),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!("the pinned data path cannot be adopted ({e}); loading the program anew")
+                }
+            }
+        }
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let conntrack_pin = dir.join(maps::CONNTRACK);
         if let Ok(info) = aya::maps::MapInfo::from_pin(&conntrack_pin)
             && info.max_entries() != conntrack_entries
         {
-            // The LRU's size is fixed at creation: a new size needs a new table (flows are
-            // rehashed once, by the Maglev table that placed them).
+            // The LRU's size is fixed at creation: a new size needs a new table. Its flows then
+            // take the Maglev table's choice once, which is where most of them already are.
             warn!(
                 "connection table is pinned with {} entries, config asks for {conntrack_entries}: replacing it",
                 info.max_entries()
@@ -202,34 +304,95 @@ impl Datapath {
             .info()
             .map_err(prog_err("reading program info"))?
             .id();
-
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| DatapathError::Other(format!("map {name} missing from the object")))
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let start = if !old.is_empty() {
+            let old_layouts: Vec<String> = old.iter().map(|p| p.display().to_string()).collect();
+            info!(
+                "pins of another map layout found ({}): this lbd (layout v{LAYOUT_VERSION}) replaces program and maps in one step, without migrating their contents",
+                old_layouts.join(", ")
+            );
+            Start::Replaced { old_layouts }
+        } else if interfaces.iter().any(|i| link_pin(bpffs_dir, i).exists()) {
+            info!(
+                "a different program is running: it will be replaced in place through its pinned link"
+            );
+            Start::Upgraded
+        } else {
+            Start::Fresh
         };
-        let services = HashMap::try_from(take(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
-        let maglev = ArrayOfMaps::try_from(take(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?;
-        let backends = Array::try_from(take(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
-        let config = Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
-        let service_stats = PerCpuArray::try_from(take(maps::SERVICE_STATS)?)
-            .map_err(map_err(maps::SERVICE_STATS))?;
-        let backend_stats = PerCpuArray::try_from(take(maps::BACKEND_STATS)?)
-            .map_err(map_err(maps::BACKEND_STATS))?;
-        let reason_stats = PerCpuArray::try_from(take(maps::REASON_STATS)?)
-            .map_err(map_err(maps::REASON_STATS))?;
         Ok(Datapath {
-            ebpf,
+            ebpf: Some(ebpf),
             bpffs_dir: bpffs_dir.to_owned(),
-            services,
-            maglev,
-            backends,
-            config,
-            service_stats,
-            backend_stats,
-            reason_stats,
+            maps,
             attachments: vec![],
             program_id,
+            program_hash: hash,
+            start,
         })
+    }
+
+    /// The pinned data path, if it runs this very program on maps of this layout and size.
+    fn adopt(
+        bpffs_dir: &Path,
+        dir: &Path,
+        hash: u64,
+        conntrack_entries: u32,
+        interfaces: &[String],
+    ) -> Result<Option<Datapath>> {
+        let maps = Maps::from_pins(dir)?;
+        let config = maps.config.get(&0, 0).map_err(map_err("reading CONFIG"))?;
+        if config.program_hash != hash || config.layout_version != LAYOUT_VERSION {
+            return Ok(None);
+        }
+        let conntrack_size = maps
+            .conntrack
+            .map()
+            .info()
+            .map_err(map_err("reading CONNTRACK"))?
+            .max_entries();
+        if conntrack_size != conntrack_entries {
+            return Ok(None);
+        }
+        let mut attachments = vec![];
+        let mut program_id = 0;
+        for interface in interfaces {
+            let pin = link_pin(bpffs_dir, interface);
+            let link: FdLink = PinnedLink::from_pin(&pin)
+                .map_err(|e| DatapathError::Other(format!("opening {}: {e}", pin.display())))?
+                .into();
+            let info = link.info().map_err(|e| {
+                DatapathError::Other(format!("reading link {}: {e}", pin.display()))
+            })?;
+            program_id = info.program_id();
+            attachments.push(Attachment {
+                interface: interface.clone(),
+                ifindex: 0,
+                mode: "adopted".into(),
+                link_id: info.id(),
+            });
+        }
+        info!("adopted the running program {program_id} and its pinned maps (no reload)");
+        Ok(Some(Datapath {
+            ebpf: None,
+            bpffs_dir: bpffs_dir.to_owned(),
+            maps,
+            attachments,
+            program_id,
+            program_hash: hash,
+            start: Start::Adopted,
+        }))
+    }
+
+    /// After the program is in place: removes the pins of replaced layouts.
+    pub fn finish_start(&mut self) -> Result<()> {
+        if let Start::Replaced { old_layouts } = &self.start {
+            for dir in old_layouts {
+                fs::remove_dir_all(dir)
+                    .map_err(io_err(format!("removing the old layout's pins {dir}")))?;
+                info!("removed the pins of the replaced layout {dir}");
+            }
+        }
+        Ok(())
     }
 
     pub fn program_id(&self) -> u32 {
@@ -238,6 +401,8 @@ impl Datapath {
 
     fn program(&mut self) -> &mut Xdp {
         self.ebpf
+            .as_mut()
+            .expect("a loaded program (not called when adopting)")
             .program_mut(PROGRAM_NAME)
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
             .expect("the program was checked at load")
@@ -247,6 +412,20 @@ impl Datapath {
     /// its program is replaced atomically through the link: traffic never sees a gap. Otherwise
     /// the program is attached in the configured mode and its link pinned.
     pub fn attach(&mut self, interface: &str, ifindex: u32, mode: config::XdpMode) -> Result<()> {
+        if self.start == Start::Adopted {
+            // The running program stays; only record where it is.
+            if let Some(a) = self
+                .attachments
+                .iter_mut()
+                .find(|a| a.interface == interface)
+            {
+                a.ifindex = ifindex;
+                return Ok(());
+            }
+            return Err(DatapathError::Other(format!(
+                "{interface} has no pinned link to adopt"
+            )));
+        }
         let pin = link_pin(&self.bpffs_dir, interface);
         if pin.exists() {
             match self.replace_in_link(&pin) {
@@ -337,6 +516,10 @@ impl Datapath {
         use aya::programs::{TestRun as _, TestRunOptions};
         let program: &Xdp = self
             .ebpf
+            .as_ref()
+            .ok_or_else(|| {
+                DatapathError::Other("no program loaded by this process to test-run".into())
+            })?
             .program(PROGRAM_NAME)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("the program was checked at load");
@@ -361,6 +544,10 @@ impl Datapath {
         use aya::programs::{TestRun as _, TestRunOptions};
         let program: &Xdp = self
             .ebpf
+            .as_ref()
+            .ok_or_else(|| {
+                DatapathError::Other("no program loaded by this process to test-run".into())
+            })?
             .program(PROGRAM_NAME)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("the program was checked at load");
@@ -378,23 +565,27 @@ impl Datapath {
     pub fn set_config(&mut self, hash_key: [u64; 2]) -> Result<()> {
         let value = Config {
             hash_key,
+            program_hash: self.program_hash,
             layout_version: LAYOUT_VERSION,
             _pad: 0,
         };
-        self.config
+        self.maps
+            .config
             .set(0, value, 0)
             .map_err(map_err("writing CONFIG"))
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends
+        self.maps
+            .backends
             .set(id, backend, 0)
             .map_err(map_err(format!("writing backend {id}")))
     }
 
     /// The backend entry at `id` as the data path sees it.
     pub fn backend(&self, id: u32) -> Result<Backend> {
-        self.backends
+        self.maps
+            .backends
             .get(&id, 0)
             .map_err(map_err(format!("reading backend {id}")))
     }
@@ -413,7 +604,8 @@ impl Datapath {
         table: &[u32],
     ) -> Result<()> {
         self.swap_table(value.id, table)?;
-        self.services
+        self.maps
+            .services
             .insert(key, value, 0)
             .map_err(map_err(format!("writing service {}", value.id)))
     }
@@ -428,14 +620,14 @@ impl Datapath {
                 .set(slot as u32, backend, 0)
                 .map_err(map_err("filling a Maglev table"))?;
         }
-        self.maglev.set(id, &inner, 0).map_err(map_err(format!(
+        self.maps.maglev.set(id, &inner, 0).map_err(map_err(format!(
             "swapping in the Maglev table of service {id}"
         )))
     }
 
     /// Removes a service: its key first (no new packet finds it), then its table.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        match self.services.remove(key) {
+        match self.maps.services.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err("removing a service")(e)),
         }
@@ -443,15 +635,50 @@ impl Datapath {
 
     /// Every service key in the map (to remove those the config no longer has).
     pub fn service_keys(&self) -> Vec<(ServiceKey, ServiceValue)> {
-        self.services.iter().filter_map(|r| r.ok()).collect()
+        self.maps.services.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Every backend entry in use, by id (a restarted lbd keeps the ids the data path uses).
+    pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
+        (0..MAX_BACKENDS)
+            .filter_map(|id| {
+                let b = self.maps.backends.get(&id, 0).ok()?;
+                (b.flags & backend_flags::VALID != 0).then_some((id, b))
+            })
+            .collect()
+    }
+
+    /// The connection-table entry of a flow.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.maps.conntrack.get(key, 0).ok()
+    }
+
+    /// Flows in the connection table, and its capacity. Counting walks the table's keys, so
+    /// it costs in proportion to its use; it is done on demand (stats, metrics), never per packet.
+    pub fn conntrack_use(&self) -> (u64, u64) {
+        let used = self.maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64;
+        let capacity = self
+            .maps
+            .conntrack
+            .map()
+            .info()
+            .map(|i| i.max_entries() as u64)
+            .unwrap_or(0);
+        (used, capacity)
+    }
+
+    /// Frees a removed service's Maglev table (after its key is gone): the slot gets a
+    /// two-entry table without backends until the id is reused.
+    pub fn remove_table(&mut self, id: u32) -> Result<()> {
+        self.swap_table(id, &[lb_common::NO_BACKEND; 2])
     }
 
     pub fn service_counter(&self, id: u32) -> Counter {
-        sum_counters(self.service_stats.get(&id, 0).ok())
+        sum_counters(self.maps.service_stats.get(&id, 0).ok())
     }
 
     pub fn backend_counter(&self, id: u32) -> Counter {
-        sum_counters(self.backend_stats.get(&id, 0).ok())
+        sum_counters(self.maps.backend_stats.get(&id, 0).ok())
     }
 
     pub fn reason_counts(&self) -> Vec<(Reason, u64)> {
@@ -459,6 +686,7 @@ impl Datapath {
             .iter()
             .map(|&r| {
                 let n = self
+                    .maps
                     .reason_stats
                     .get(&(r as u32), 0)
                     .map(|v| v.iter().sum())

@@ -6,9 +6,13 @@
 //! until told to stop), `api` (the control socket) and `client` (lbctl's side of it).
 
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_edit;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
+pub mod metrics;
 pub mod netlink;
 pub mod state;

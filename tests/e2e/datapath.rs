@@ -66,7 +66,7 @@ fn fixture(weights: [u32; 3]) -> Fixture {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut dp = Datapath::load(&dir, 4096).expect("loading the XDP program");
+    let mut dp = Datapath::open(&dir, 4096, &[]).expect("loading the XDP program");
     dp.set_config(SEED).unwrap();
     let mut live = vec![];
     for i in 0..3u32 {

@@ -1,38 +1,17 @@
 //! lbctl: the command line of lb, a client of lbd's control socket.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use hyper::Method;
 use lb_userspace::{
-    api::{Stats, Status},
+    api::{
+        BackendInfo, Changed, Lookup, NewBackend, NewService, NewWeight, Removal, ServiceInfo,
+        Stats, Status,
+    },
+    cli::{BackendCommand, Command, LbctlArgs, ServiceCommand},
     client::Client,
 };
-
-#[derive(Parser)]
-#[command(name = "lbctl", version, about = "Control a running lbd")]
-struct Args {
-    /// lbd's control socket.
-    #[arg(
-        long,
-        env = "LB_SOCKET",
-        default_value = "/run/lb/lbd.sock",
-        global = true
-    )]
-    socket: PathBuf,
-    /// Print one JSON document instead of a table.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Daemon, interfaces, mode, program id, uptime.
-    Status,
-    /// Packets and bytes per service and backend, and drop reasons.
-    Stats,
-}
 
 /// Prints rows as a table aligned on a header row.
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -56,20 +35,105 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A duration in seconds, as a person reads it.
+fn human_age(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn percent(x: f64) -> String {
+    format!("{:.2}%", x * 100.0)
+}
+
+/// Path segment for an address (IPv6 colons are fine in a path).
+fn seg(address: IpAddr) -> String {
+    address.to_string()
+}
+
+fn print_changes(json: bool, c: &Changed) -> anyhow::Result<()> {
+    if json {
+        return print_json(c);
+    }
+    if c.changes.is_empty() {
+        println!("nothing changed");
+    }
+    for line in &c.changes {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> anyhow::Result<()> {
+    let path = match service {
+        Some(s) => format!("/v1/stats?service={s}"),
+        None => "/v1/stats".into(),
+    };
+    let s: Stats = client.get(&path).await?;
+    if json {
+        return print_json(&s);
+    }
+    let mut rows = vec![];
+    for svc in &s.services {
+        rows.push(vec![
+            svc.service.clone(),
+            "(all)".into(),
+            svc.packets.to_string(),
+            svc.bytes.to_string(),
+        ]);
+        for b in &svc.backends {
+            rows.push(vec![
+                svc.service.clone(),
+                b.address.clone(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+            ]);
+        }
+    }
+    print_table(&["SERVICE", "BACKEND", "PACKETS", "BYTES"], &rows);
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .dropped
+        .iter()
+        .map(|r| vec![r.reason.clone(), r.packets.to_string()])
+        .collect();
+    print_table(&["DROPPED OR PASSED", "PACKETS"], &rows);
+    println!(
+        "\nconnection table: {} of {} entries in use",
+        s.conntrack.entries, s.conntrack.capacity
+    );
+    Ok(())
+}
+
+async fn run(args: LbctlArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.socket);
+    let json = args.json;
     match args.command {
         Command::Status => {
             let s: Status = client.get("/v1/status").await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-                return Ok(());
+            if json {
+                return print_json(&s);
             }
             println!(
-                "lbd {} (pid {}), up {}s, config {}, program id {}, layout v{}, pins {}",
-                s.version, s.pid, s.uptime_s, s.config, s.program_id, s.layout_version, s.bpffs_dir
+                "lbd {} (pid {}), up {}, config {}\nprogram id {}, map layout v{}, pins {}, started as {:?}",
+                s.version,
+                s.pid,
+                human_age(s.uptime_s),
+                s.config,
+                s.program_id,
+                s.layout_version,
+                s.bpffs_dir,
+                s.start
             );
-            println!("{} service(s), {} backend(s)", s.services, s.backends);
+            println!("{} service(s), {} backend(s)\n", s.services, s.backends);
             let rows: Vec<Vec<String>> = s
                 .interfaces
                 .iter()
@@ -84,44 +148,246 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .collect();
             print_table(&["INTERFACE", "IFINDEX", "MODE", "LINK"], &rows);
         }
-        Command::Stats => {
-            let s: Stats = client.get("/v1/stats").await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+        Command::Service(ServiceCommand::List) => {
+            let list: Vec<ServiceInfo> = client.get("/v1/services").await?;
+            if json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.vip.to_string(),
+                        s.port.to_string(),
+                        format!("{:?}", s.protocol).to_lowercase(),
+                        format!("{:?}", s.forwarding).to_lowercase(),
+                        match s.hash {
+                            lb_userspace::config::HashMode::Source => "source".into(),
+                            lb_userspace::config::HashMode::FiveTuple => "5-tuple".into(),
+                        },
+                        format!("{}/{}", s.up, s.backends),
+                        format!("{:?}", s.check).to_lowercase(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "NAME",
+                    "VIP",
+                    "PORT",
+                    "PROTOCOL",
+                    "FORWARDING",
+                    "HASH",
+                    "UP",
+                    "CHECK",
+                ],
+                &rows,
+            );
+        }
+        Command::Service(ServiceCommand::Add {
+            name,
+            vip,
+            port,
+            protocol,
+            forwarding,
+            hash,
+        }) => {
+            let body = NewService {
+                name,
+                vip,
+                port,
+                protocol,
+                forwarding,
+                hash,
+            };
+            let c: Changed = client
+                .request(
+                    Method::POST,
+                    "/v1/services",
+                    Some(serde_json::to_value(body)?),
+                )
+                .await?;
+            print_changes(json, &c)?;
+        }
+        Command::Service(ServiceCommand::Remove { name }) => {
+            let c: Changed = client
+                .request(Method::DELETE, &format!("/v1/services/{name}"), None)
+                .await?;
+            print_changes(json, &c)?;
+        }
+        Command::Backend(BackendCommand::List { service }) => {
+            let path = match &service {
+                Some(s) => format!("/v1/backends?service={s}"),
+                None => "/v1/backends".into(),
+            };
+            let list: Vec<BackendInfo> = client.get(&path).await?;
+            if json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|b| {
+                    let health = match (&b.last_check, b.last_check_age_s) {
+                        (Some(detail), Some(age)) => format!("{detail} ({} ago)", human_age(age)),
+                        _ if b.check == lb_userspace::config::CheckKind::None => "no checks".into(),
+                        _ => "not checked yet".into(),
+                    };
+                    vec![
+                        b.address.to_string(),
+                        b.weight.to_string(),
+                        b.state.to_string(),
+                        human_age(b.since_s),
+                        format!("{:?}", b.check).to_lowercase(),
+                        match &b.problem {
+                            Some(p) => format!("{health}; {p}"),
+                            None => health,
+                        },
+                        b.packets.to_string(),
+                        b.service.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "ADDRESS",
+                    "WEIGHT",
+                    "STATE",
+                    "SINCE",
+                    "CHECK",
+                    "LAST CHECK",
+                    "PACKETS",
+                    "SERVICE",
+                ],
+                &rows,
+            );
+        }
+        Command::Backend(BackendCommand::Add {
+            service,
+            address,
+            weight,
+        }) => {
+            let body = NewBackend {
+                address,
+                weight: Some(weight),
+            };
+            let c: Changed = client
+                .request(
+                    Method::POST,
+                    &format!("/v1/services/{service}/backends"),
+                    Some(serde_json::to_value(body)?),
+                )
+                .await?;
+            print_changes(json, &c)?;
+        }
+        Command::Backend(BackendCommand::Remove {
+            service,
+            address,
+            dry_run,
+        }) => {
+            let path = format!("/v1/services/{service}/backends/{}", seg(address));
+            if dry_run {
+                let r: Removal = client.get(&format!("{path}/removal")).await?;
+                if json {
+                    return print_json(&r);
+                }
+                println!(
+                    "removing {} from {} would move {} of clients ({} of {} table slots): the {} on it, and {} of the others",
+                    r.address,
+                    r.service,
+                    percent(r.moved_share),
+                    r.moved_slots,
+                    r.table_size,
+                    percent(r.own_share),
+                    percent(r.others_moved_share)
+                );
                 return Ok(());
             }
-            let mut rows = vec![];
-            for svc in &s.services {
-                rows.push(vec![
-                    svc.service.clone(),
-                    "*".into(),
-                    svc.packets.to_string(),
-                    svc.bytes.to_string(),
-                ]);
-                for b in &svc.backends {
-                    rows.push(vec![
-                        svc.service.clone(),
-                        b.address.clone(),
-                        b.packets.to_string(),
-                        b.bytes.to_string(),
-                    ]);
+            let c: Changed = client.request(Method::DELETE, &path, None).await?;
+            print_changes(json, &c)?;
+        }
+        Command::Backend(BackendCommand::Drain { service, address }) => {
+            let path = format!("/v1/services/{service}/backends/{}/drain", seg(address));
+            let c: Changed = client.request(Method::POST, &path, None).await?;
+            print_changes(json, &c)?;
+        }
+        Command::Backend(BackendCommand::Undrain { service, address }) => {
+            let path = format!("/v1/services/{service}/backends/{}/undrain", seg(address));
+            let c: Changed = client.request(Method::POST, &path, None).await?;
+            print_changes(json, &c)?;
+        }
+        Command::Backend(BackendCommand::Weight {
+            service,
+            address,
+            weight,
+        }) => {
+            let path = format!("/v1/services/{service}/backends/{}/weight", seg(address));
+            let body = serde_json::to_value(NewWeight { weight })?;
+            let c: Changed = client.request(Method::PUT, &path, Some(body)).await?;
+            print_changes(json, &c)?;
+        }
+        Command::Stats { service, watch } => {
+            if !watch {
+                return show_stats(&client, &service, json).await;
+            }
+            loop {
+                if !json {
+                    // Clear the screen and go home, like watch(1).
+                    print!("\x1b[2J\x1b[H");
+                }
+                show_stats(&client, &service, json).await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
                 }
             }
-            print_table(&["SERVICE", "BACKEND", "PACKETS", "BYTES"], &rows);
-            println!();
-            let rows: Vec<Vec<String>> = s
-                .dropped
-                .iter()
-                .map(|r| vec![r.reason.clone(), r.packets.to_string()])
-                .collect();
-            print_table(&["REASON", "PACKETS"], &rows);
+        }
+        Command::Lookup {
+            service,
+            client: address,
+            port,
+        } => {
+            let mut path = format!("/v1/lookup?service={service}&client={address}");
+            if let Some(p) = port {
+                path.push_str(&format!("&port={p}"));
+            }
+            let l: Lookup = client.get(&path).await?;
+            if json {
+                return print_json(&l);
+            }
+            match (&l.backend, l.reason.as_str()) {
+                (None, _) => println!(
+                    "{}: no usable backend (slot {} of {} is empty): packets to the VIP are dropped",
+                    l.service, l.slot, l.table_size
+                ),
+                (Some(b), "connection-table") => println!(
+                    "{b}: the connection table holds this flow ({}:{} → {}); a new connection would take slot {} of {}",
+                    l.client,
+                    l.client_port.unwrap_or(0),
+                    l.service,
+                    l.slot,
+                    l.table_size
+                ),
+                (Some(b), _) => println!(
+                    "{b}: hash {:#010x} of {} selects slot {} of {} in {}'s Maglev table",
+                    l.hash, l.client, l.slot, l.table_size, l.service
+                ),
+            }
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <LbctlArgs as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "lbctl", &mut std::io::stdout());
+        }
+        Command::Man => {
+            let cmd = <LbctlArgs as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
         }
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = LbctlArgs::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

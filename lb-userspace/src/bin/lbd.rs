@@ -1,24 +1,10 @@
 //! lbd: the lb daemon. Loads and pins the XDP program, fills its maps from the config, serves
 //! the control socket, and leaves the data path forwarding when it exits.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
-use clap::Parser;
-use lb_userspace::{config, daemon};
-
-#[derive(Parser)]
-#[command(name = "lbd", version, about = "lb daemon: XDP layer-4 load balancer")]
-struct Args {
-    /// The configuration file.
-    #[arg(long, short, default_value = "/etc/lb/lb.toml")]
-    config: PathBuf,
-    /// Validate the configuration file and exit (touches nothing on the system).
-    #[arg(long, conflicts_with = "cleanup")]
-    check: bool,
-    /// Detach the program and remove every pin: takes lb out of the path.
-    #[arg(long)]
-    cleanup: bool,
-}
+use clap::{CommandFactory as _, Parser as _};
+use lb_userspace::{cli::LbdArgs, config, daemon};
 
 fn init_logging(level: Option<&str>) {
     let mut builder = env_logger::Builder::new();
@@ -34,7 +20,25 @@ fn init_logging(level: Option<&str>) {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = LbdArgs::parse();
+    if args.man {
+        return match clap_mangen::Man::new(LbdArgs::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(shell) = args.completions {
+        clap_complete::generate(
+            shell,
+            &mut LbdArgs::command(),
+            "lbd",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     if args.check {
         return match config::load(&args.config) {
             Ok(loaded) => {
@@ -56,12 +60,6 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|l| l.config.daemon.log_level);
     init_logging(level.as_deref());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        log::warn!(
-            "lbd is not running as root: loading XDP programs needs CAP_BPF, CAP_NET_ADMIN (and CAP_SYS_ADMIN for bpffs)"
-        );
-    }
     let result = if args.cleanup {
         daemon::cleanup(&args.config)
     } else {

@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
 
 fn run(dir: &std::path::Path, repeat: u32) -> anyhow::Result<()> {
     let seed = [1, 2];
-    let mut dp = Datapath::load(dir, 65_536)?;
+    let mut dp = Datapath::open(dir, 65_536, &[])?;
     dp.set_config(seed)?;
     let vip = Ipv4Addr::new(203, 0, 113, 10);
     let mut live = vec![];

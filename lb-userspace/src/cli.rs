@@ -1,0 +1,142 @@
+//! The command lines of lbd and lbctl (clap definitions), in the library so completions and
+//! man pages are generated from the same definitions the binaries parse.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Forwarding, HashMode, Protocol};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Control a running lbd (the lb load balancer daemon)"
+)]
+pub struct LbctlArgs {
+    /// lbd's control socket.
+    #[arg(
+        long,
+        env = "LB_SOCKET",
+        default_value = "/run/lb/lbd.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Daemon, interfaces, mode, program id, uptime.
+    Status,
+    /// Services: list, add, remove.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Backends: list, add, remove, drain, undrain, weight.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets and bytes per service and backend, drop reasons, connection-table use.
+    Stats {
+        /// Only this service.
+        service: Option<String>,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The backend a client reaches now, and why (hash and slot, or the connection table).
+    Lookup {
+        service: String,
+        /// The client's address.
+        client: IpAddr,
+        /// The client's source port: consults the connection table for that flow (and is needed
+        /// for 5-tuple hashing).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Print a shell completion script.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Every service with its VIP, port and backends up.
+    List,
+    /// Add a service (no backends yet; add them with `lbctl backend add`).
+    Add {
+        name: String,
+        #[arg(long)]
+        vip: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, value_enum)]
+        protocol: Protocol,
+        #[arg(long, value_enum, default_value = "dsr")]
+        forwarding: Forwarding,
+        #[arg(long, value_enum, default_value = "source")]
+        hash: HashMode,
+    },
+    /// Remove a service and all its backends.
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCommand {
+    /// Address, weight, state, health detail and packets of every backend.
+    List {
+        /// Only this service's backends.
+        service: Option<String>,
+    },
+    /// Add a backend (with health checks it joins once its first check passes).
+    Add {
+        service: String,
+        address: IpAddr,
+        #[arg(long, default_value_t = crate::config::DEFAULT_WEIGHT)]
+        weight: u32,
+    },
+    /// Remove a backend: its clients move, established flows too.
+    Remove {
+        service: String,
+        address: IpAddr,
+        /// Only say which share of clients would move.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// No new clients; established flows continue.
+    Drain { service: String, address: IpAddr },
+    /// Back to the weight it had before the drain.
+    Undrain { service: String, address: IpAddr },
+    /// Set the relative share of new clients.
+    Weight {
+        service: String,
+        address: IpAddr,
+        weight: u32,
+    },
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "lbd", version, about = "lb daemon: XDP layer-4 load balancer")]
+pub struct LbdArgs {
+    /// The configuration file.
+    #[arg(long, short, default_value = "/etc/lb/lb.toml", global = true)]
+    pub config: PathBuf,
+    /// Validate the configuration file and exit (touches nothing on the system).
+    #[arg(long, conflicts_with = "cleanup")]
+    pub check: bool,
+    /// Detach the program and remove every pin: takes lb out of the path.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    pub man: bool,
+    /// Print a shell completion script and exit.
+    #[arg(long, hide = true, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+}

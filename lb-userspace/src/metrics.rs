@@ -1,0 +1,460 @@
+//! Prometheus metrics: rendered on every scrape from a [`Snapshot`] of the daemon's totals.
+//!
+//! The packet and byte totals live in BPF per-CPU maps and the health-check counts in the health
+//! checker; the daemon sums them into a [`Snapshot`] and this module only encodes it. Counters are
+//! therefore reported as constant values through a custom [`Collector`] (`ConstCounter`,
+//! `ConstGauge`), not incremented in place. The text is OpenMetrics, produced by
+//! prometheus-client's encoder, and ends with `# EOF`.
+//!
+//! Exported (see SPEC "Metrics"):
+//! `lb_service_packets_total{service}`, `lb_service_bytes_total{service}`,
+//! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
+//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`,
+//! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`.
+
+use std::future::Future;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of the OpenMetrics text format that [`render`] produces.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Everything one scrape reports, as plain totals.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<ServiceMetrics>,
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u64,
+    /// Drop reason label → packets.
+    pub dropped: Vec<(String, u64)>,
+    pub health_checks: Vec<HealthCount>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ServiceMetrics {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendMetrics>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BackendMetrics {
+    pub address: String,
+    pub packets: u64,
+    /// Carried for callers such as lbctl; not exported (SPEC has no `lb_backend_bytes_total`).
+    pub bytes: u64,
+    pub up: bool,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HealthCount {
+    pub service: String,
+    pub backend: String,
+    /// "ok" | "fail".
+    pub result: String,
+    pub count: u64,
+}
+
+/// Encodes a [`Snapshot`] on each scrape.
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+/// Writes one metric family: a descriptor, then one sample per label set.
+///
+/// `name` is the family name; the OpenMetrics encoder appends `_total` to counter samples.
+fn family<L, M>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error>
+where
+    L: EncodeLabelSet,
+    M: EncodeMetric + TypedMetric,
+{
+    let mut metric = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let backends = || {
+            s.services.iter().flat_map(|svc| {
+                svc.backends
+                    .iter()
+                    .map(move |b| (svc.name.as_str(), b.address.as_str(), b))
+            })
+        };
+
+        family(
+            &mut encoder,
+            "lb_service_packets",
+            "Packets forwarded for the service.",
+            s.services.iter().map(|svc| {
+                (
+                    [("service", svc.name.as_str())],
+                    ConstCounter::new(svc.packets),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lb_service_bytes",
+            "Bytes forwarded for the service.",
+            s.services.iter().map(|svc| {
+                (
+                    [("service", svc.name.as_str())],
+                    ConstCounter::new(svc.bytes),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lb_backend_packets",
+            "Packets forwarded to the backend.",
+            backends().map(|(svc, addr, b)| {
+                (
+                    [("service", svc), ("backend", addr)],
+                    ConstCounter::new(b.packets),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lb_backend_up",
+            "Whether the backend is up (1) or down (0) by its health check.",
+            backends().map(|(svc, addr, b)| {
+                (
+                    [("service", svc), ("backend", addr)],
+                    ConstGauge::new(u64::from(b.up)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lb_backend_weight",
+            "Configured weight of the backend (0: drained).",
+            backends().map(|(svc, addr, b)| {
+                (
+                    [("service", svc), ("backend", addr)],
+                    ConstGauge::new(b.weight),
+                )
+            }),
+        )?;
+        let metric = encoder.encode_descriptor(
+            "lb_conntrack_entries",
+            "Entries in the connection table.",
+            None,
+            ConstGauge::<u64>::TYPE,
+        )?;
+        ConstGauge::new(s.conntrack_entries).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "lb_conntrack_capacity",
+            "Capacity of the connection table.",
+            None,
+            ConstGauge::<u64>::TYPE,
+        )?;
+        ConstGauge::new(s.conntrack_capacity).encode(metric)?;
+        family(
+            &mut encoder,
+            "lb_dropped",
+            "Packets dropped by the XDP program, by reason.",
+            s.dropped.iter().map(|(reason, packets)| {
+                ([("reason", reason.as_str())], ConstCounter::new(*packets))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lb_health_checks",
+            "Health checks run, by result.",
+            s.health_checks.iter().map(|h| {
+                (
+                    [
+                        ("service", h.service.as_str()),
+                        ("backend", h.backend.as_str()),
+                        ("result", h.result.as_str()),
+                    ],
+                    ConstCounter::new(h.count),
+                )
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Renders a snapshot as OpenMetrics text (ending with `# EOF`), served with [`CONTENT_TYPE`].
+pub fn render(s: &Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(s.clone())));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("encoding into a String does not fail");
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes, rendering `snapshot()` on every
+/// scrape. Every other path answers 404 (and another method on `/metrics` too; HEAD is answered
+/// like GET, without a body).
+pub async fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    snapshot: F,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Snapshot> + Send,
+{
+    let scrape = move || async move {
+        let text = render(&snapshot().await);
+        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+    };
+    let app = Router::new()
+        .route("/metrics", get(scrape).fallback(not_found))
+        .fallback(not_found);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn not_found() -> Response {
+    StatusCode::NOT_FOUND.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn backend(address: &str, packets: u64, up: bool, weight: u32) -> BackendMetrics {
+        BackendMetrics {
+            address: address.into(),
+            packets,
+            bytes: packets * 100,
+            up,
+            weight,
+        }
+    }
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            services: vec![
+                ServiceMetrics {
+                    name: "web".into(),
+                    packets: 1000,
+                    bytes: 150_000,
+                    backends: vec![
+                        backend("192.0.2.11", 600, true, 100),
+                        backend("192.0.2.12", 400, false, 50),
+                    ],
+                },
+                ServiceMetrics {
+                    name: "dns".into(),
+                    packets: 7,
+                    bytes: 420,
+                    backends: vec![backend("2001:db8::53", 7, true, 0)],
+                },
+            ],
+            conntrack_entries: 12,
+            conntrack_capacity: 1_048_576,
+            dropped: vec![("malformed".into(), 3), ("no_backend".into(), 5)],
+            health_checks: vec![
+                HealthCount {
+                    service: "web".into(),
+                    backend: "192.0.2.11".into(),
+                    result: "ok".into(),
+                    count: 42,
+                },
+                HealthCount {
+                    service: "web".into(),
+                    backend: "192.0.2.12".into(),
+                    result: "fail".into(),
+                    count: 9,
+                },
+            ],
+        }
+    }
+
+    /// Every sample line "name{labels} value" of the exposition.
+    fn samples(text: &str) -> Vec<(String, String)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("sample line");
+                (series.to_string(), value.to_string())
+            })
+            .collect()
+    }
+
+    const EXPECTED: &[(&str, &str)] = &[
+        (r#"lb_service_packets_total{service="web"}"#, "1000"),
+        (r#"lb_service_packets_total{service="dns"}"#, "7"),
+        (r#"lb_service_bytes_total{service="web"}"#, "150000"),
+        (r#"lb_service_bytes_total{service="dns"}"#, "420"),
+        (
+            r#"lb_backend_packets_total{service="web",backend="192.0.2.11"}"#,
+            "600",
+        ),
+        (
+            r#"lb_backend_packets_total{service="web",backend="192.0.2.12"}"#,
+            "400",
+        ),
+        (
+            r#"lb_backend_packets_total{service="dns",backend="2001:db8::53"}"#,
+            "7",
+        ),
+        (r#"lb_backend_up{service="web",backend="192.0.2.11"}"#, "1"),
+        (r#"lb_backend_up{service="web",backend="192.0.2.12"}"#, "0"),
+        (
+            r#"lb_backend_up{service="dns",backend="2001:db8::53"}"#,
+            "1",
+        ),
+        (
+            r#"lb_backend_weight{service="web",backend="192.0.2.11"}"#,
+            "100",
+        ),
+        (
+            r#"lb_backend_weight{service="web",backend="192.0.2.12"}"#,
+            "50",
+        ),
+        (
+            r#"lb_backend_weight{service="dns",backend="2001:db8::53"}"#,
+            "0",
+        ),
+        ("lb_conntrack_entries", "12"),
+        ("lb_conntrack_capacity", "1048576"),
+        (r#"lb_dropped_total{reason="malformed"}"#, "3"),
+        (r#"lb_dropped_total{reason="no_backend"}"#, "5"),
+        (
+            r#"lb_health_checks_total{service="web",backend="192.0.2.11",result="ok"}"#,
+            "42",
+        ),
+        (
+            r#"lb_health_checks_total{service="web",backend="192.0.2.12",result="fail"}"#,
+            "9",
+        ),
+    ];
+
+    #[test]
+    fn metrics_render_every_sample() {
+        let text = render(&sample());
+        let got = samples(&text);
+        let expected: Vec<(String, String)> = EXPECTED
+            .iter()
+            .map(|(s, v)| (s.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, expected, "full text:\n{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn metrics_render_help_and_type() {
+        let text = render(&sample());
+        for (name, kind) in [
+            ("lb_service_packets", "counter"),
+            ("lb_service_bytes", "counter"),
+            ("lb_backend_packets", "counter"),
+            ("lb_backend_up", "gauge"),
+            ("lb_backend_weight", "gauge"),
+            ("lb_conntrack_entries", "gauge"),
+            ("lb_conntrack_capacity", "gauge"),
+            ("lb_dropped", "counter"),
+            ("lb_health_checks", "counter"),
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {name} "))),
+                "no HELP for {name}:\n{text}"
+            );
+            assert!(
+                text.lines().any(|l| l == format!("# TYPE {name} {kind}")),
+                "no TYPE {kind} for {name}:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn metrics_render_empty_and_escaped() {
+        let text = render(&Snapshot::default());
+        assert_eq!(
+            samples(&text),
+            vec![
+                ("lb_conntrack_entries".to_string(), "0".to_string()),
+                ("lb_conntrack_capacity".to_string(), "0".to_string()),
+            ]
+        );
+        assert!(text.ends_with("# EOF\n"));
+
+        let s = Snapshot {
+            dropped: vec![("a\"b\\c\nd".into(), 1)],
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(
+            text.contains(r#"lb_dropped_total{reason="a\"b\\c\nd"} 1"#),
+            "{text}"
+        );
+    }
+
+    async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (String, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        (head.to_string(), body.to_string())
+    }
+
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    #[tokio::test]
+    async fn metrics_serve_over_tcp() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, || async { sample() }, async {
+            let _ = stopped.await;
+        }));
+
+        let (head, body) = request(addr, "GET", "/metrics").await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(header(&head, "content-type"), Some(CONTENT_TYPE));
+        assert_eq!(body, render(&sample()));
+
+        let (head, _) = request(addr, "GET", "/other").await;
+        assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
+        let (head, _) = request(addr, "GET", "/").await;
+        assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
+
+        let (head, _) = request(addr, "POST", "/metrics").await;
+        assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
