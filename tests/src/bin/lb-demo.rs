@@ -3,13 +3,81 @@
 //! backend served how many clients. `--keep` leaves it all up until Ctrl-C and prints how to
 //! use lbctl on it.
 
-use std::{collections::BTreeMap, net::SocketAddr, process::ExitCode, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use lb_tests::{
     Topology, TopologyOptions,
-    lbd::{LbdPaths, bin, start_lbd},
+    lbd::{Lbd, LbdPaths, bin, start_lbd},
 };
+
+/// Who served whom in one round of requests.
+struct Survey {
+    served_by: HashMap<IpAddr, usize>,
+    responses: usize,
+    failures: usize,
+}
+
+/// Three GETs from every client address.
+fn survey(t: &Topology, sources: &[IpAddr], vip: SocketAddr) -> Survey {
+    let mut s = Survey {
+        served_by: HashMap::new(),
+        responses: 0,
+        failures: 0,
+    };
+    for &src in sources {
+        for _ in 0..3 {
+            match t.which_backend(src, vip) {
+                Ok(b) => {
+                    s.responses += 1;
+                    if s.served_by.insert(src, b).is_some_and(|prev| prev != b) {
+                        println!("demo: client {src} moved between backends!");
+                    }
+                }
+                Err(e) => {
+                    s.failures += 1;
+                    println!("demo: request from {src} failed: {e:#}");
+                }
+            }
+        }
+    }
+    s
+}
+
+impl Survey {
+    fn print(&self, t: &Topology, clients: usize) {
+        let mut per_backend: BTreeMap<usize, usize> = BTreeMap::new();
+        for &b in self.served_by.values() {
+            *per_backend.entry(b).or_default() += 1;
+        }
+        println!("\n  BACKEND     ADDRESS      CLIENTS  SHARE");
+        for (b, n) in &per_backend {
+            println!(
+                "  backend {b}   {:<11}  {n:>7}  {:>4.1}%",
+                t.backend_addr(*b).to_string(),
+                100.0 * *n as f64 / clients as f64
+            );
+        }
+        println!(
+            "  {} HTTP responses, {} failed; every client stayed on one backend",
+            self.responses, self.failures
+        );
+    }
+}
+
+/// The state `lbctl backend list` shows for a backend.
+fn backend_state(lbd: &Lbd, address: &str) -> Option<String> {
+    let list = lbd.lbctl_json(&["backend", "list", "web"]).ok()?;
+    list.as_array()?
+        .iter()
+        .find(|b| b["address"] == address)
+        .and_then(|b| b["state"].as_str().map(str::to_owned))
+}
 
 const VIP: &str = "203.0.113.10";
 
@@ -90,45 +158,64 @@ fn run(keep: bool) -> Result<()> {
         "\ndemo: GET http://{vip}/ from {} client addresses, 3 requests each",
         sources.len()
     );
-    let mut clients_per_backend: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut responses = 0usize;
-    let mut failures = 0usize;
-    for &src in &sources {
-        let mut served_by = None;
-        for _ in 0..3 {
-            match t.which_backend(src, vip) {
-                Ok(b) => {
-                    responses += 1;
-                    if served_by.is_some_and(|prev| prev != b) {
-                        println!("demo: client {src} moved between backends!");
-                    }
-                    served_by = Some(b);
-                }
-                Err(e) => {
-                    failures += 1;
-                    println!("demo: request from {src} failed: {e:#}");
-                }
-            }
-        }
-        if let Some(b) = served_by {
-            *clients_per_backend.entry(b).or_default() += 1;
-        }
-    }
-    println!("\n  BACKEND     ADDRESS      CLIENTS  SHARE");
-    for (b, n) in &clients_per_backend {
-        println!(
-            "  backend {b}   {:<11}  {n:>7}  {:>4.1}%",
-            t.backend_addr(*b).to_string(),
-            100.0 * *n as f64 / sources.len() as f64
-        );
-    }
-    println!("  {responses} HTTP responses, {failures} failed; every client stayed on one backend");
+    let before = survey(&t, &sources, vip);
+    before.print(&t, sources.len());
 
     let stats = lbd.lbctl(&["stats"])?;
     print!(
         "\n$ lbctl stats\n{}",
         String::from_utf8_lossy(&stats.stdout)
     );
+
+    // Failover: backend 2's web server stops; health checks take it out of the table.
+    println!("\ndemo: stopping nginx on backend 2 (192.0.2.12)");
+    let stopped = Instant::now();
+    t.stop_backend_server(2)?;
+    lb_tests::wait_until(
+        Duration::from_secs(10),
+        "lbctl to report backend 2 down",
+        || backend_state(&lbd, "192.0.2.12").as_deref() == Some("down"),
+    )?;
+    println!(
+        "demo: lbctl reports 192.0.2.12 down after {:.2}s (interval 500 ms × fall 3, plus jitter)",
+        stopped.elapsed().as_secs_f64()
+    );
+    let list = lbd.lbctl(&["backend", "list"])?;
+    print!(
+        "\n$ lbctl backend list\n{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    println!("\ndemo: the same {} clients again", sources.len());
+    let after = survey(&t, &sources, vip);
+    after.print(&t, sources.len());
+    let moved = sources
+        .iter()
+        .filter(|s| before.served_by.get(s) == Some(&2))
+        .filter(|s| after.served_by.get(s).is_some_and(|&b| b != 2))
+        .count();
+    let kept = sources
+        .iter()
+        .filter(|s| before.served_by.get(s).is_some_and(|&b| b != 2))
+        .filter(|s| after.served_by.get(s) == before.served_by.get(s))
+        .count();
+    println!(
+        "demo: {moved} clients of backend 2 moved to the others; {kept} of the other clients kept their backend; {} failed requests",
+        after.failures
+    );
+
+    println!("\ndemo: starting nginx on backend 2 again");
+    t.start_backend_server(2)?;
+    lb_tests::wait_until(
+        Duration::from_secs(10),
+        "lbctl to report backend 2 up",
+        || backend_state(&lbd, "192.0.2.12").as_deref() == Some("up"),
+    )?;
+    let list = lbd.lbctl(&["backend", "list"])?;
+    print!(
+        "$ lbctl backend list\n{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    let failures = before.failures + after.failures;
 
     if keep {
         println!("\ndemo: left running. Try, as root:");
