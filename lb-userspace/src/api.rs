@@ -493,8 +493,8 @@ fn edit_error(e: crate::config_edit::EditError) -> Refusal {
     use crate::config_edit::EditError as E;
     match e {
         E::NoSuchService(_) | E::NoSuchBackend { .. } => not_found(e.to_string()),
-        E::ServiceExists(_) | E::BackendExists { .. } => conflict(e.to_string()),
-        E::Invalid(_) | E::Parse(_) => bad(e.to_string()),
+        E::ServiceExists(_) | E::BackendExists { .. } | E::Conflict(_) => conflict(e.to_string()),
+        E::Invalid(_) | E::Parse(_) | E::Unsupported(_) => bad(e.to_string()),
         other => internal(other),
     }
 }

@@ -580,6 +580,14 @@ fn style_value(v: &mut Value, style: &Style) {
 fn styled_table(pairs: Vec<(&str, Value)>, tpl: Option<&Table>) -> Table {
     let style = tpl.map(style_of).unwrap_or_default();
     let mut t = Table::new();
+    // Indent the header as the template's is.
+    if let Some(tpl) = tpl {
+        let prefix = raw(tpl.decor().prefix(), "");
+        let indent = prefix.rsplit('\n').next().unwrap_or("");
+        if !indent.is_empty() && is_blank(indent) {
+            t.decor_mut().set_prefix(format!("\n{indent}"));
+        }
+    }
     for (k, mut v) in pairs {
         style_value(&mut v, &style);
         t.insert_formatted(&styled_key(k, &style), Item::Value(v));
@@ -589,9 +597,26 @@ fn styled_table(pairs: Vec<(&str, Value)>, tpl: Option<&Table>) -> Table {
 
 // ---- changing keys in place ----
 
+/// Replaces a value, keeping its surroundings; a comment after it stays in its column (as far
+/// as a space before it remains).
 fn replace_keeping_decor(v: &mut Value, new: Value) {
-    let decor = v.decor().clone();
+    let width = |v: &Value| {
+        let mut bare = v.clone();
+        bare.decor_mut().clear();
+        bare.to_string().len()
+    };
+    let old_width = width(v);
+    let mut decor = v.decor().clone();
     *v = new;
+    let new_width = width(v);
+    if let Some(suffix) = decor.suffix().and_then(|s| s.as_str()) {
+        let comment = suffix.trim_start_matches([' ', '\t']);
+        let gap = suffix.len() - comment.len();
+        if comment.starts_with('#') && gap > 0 && suffix[..gap].chars().all(|c| c == ' ') {
+            let gap = (gap + old_width).saturating_sub(new_width).max(1);
+            decor.set_suffix(format!("{}{comment}", " ".repeat(gap)));
+        }
+    }
     *v.decor_mut() = decor;
 }
 
@@ -1027,6 +1052,59 @@ address = "2001:db8::2"    # ns2
                 web(&[("192.0.2.11", 75), ("192.0.2.12", 100), ("192.0.2.13", 100)]),
                 dns(&[("2001:db8::1", 100), ("2001:db8::2", 100)])
             ]
+        );
+    }
+
+    #[test]
+    fn set_weight_keeps_the_comment_column() {
+        let src = ORIGINAL.replace("weight  = 50  # half", "weight  = 50       # half");
+        let mut f = file(&src);
+        f.set_weight("web", ip("192.0.2.11"), 5).unwrap();
+        assert!(
+            f.text().contains("weight  = 5        # half\n"),
+            "{}",
+            f.text()
+        );
+        f.set_weight("web", ip("192.0.2.11"), 123_456).unwrap();
+        assert!(
+            f.text().contains("weight  = 123456   # half\n"),
+            "{}",
+            f.text()
+        );
+        f.set_weight("web", ip("192.0.2.11"), 12_345_678).unwrap();
+        assert!(
+            f.text().contains("weight  = 12345678 # half\n"),
+            "{}",
+            f.text()
+        );
+        // No space left: one stays.
+        f.set_weight("web", ip("192.0.2.11"), 1_234_567_890)
+            .unwrap();
+        assert!(
+            f.text().contains("weight  = 1234567890 # half\n"),
+            "{}",
+            f.text()
+        );
+    }
+
+    #[test]
+    fn new_tables_follow_an_indented_aligned_layout() {
+        let src = "[daemon]\ninterfaces = [\"eth0\"]\n\n[[service]]\nname = \"web\"\n\
+                   vip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\n  [[service.backend]]\n  \
+                   address = \"192.0.2.11\"\n  weight  = 100   # share\n";
+        let mut f = file(src);
+        f.add_backend(
+            "web",
+            &Backend {
+                address: ip("192.0.2.12"),
+                weight: 30,
+                mac: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            f.text(),
+            format!("{src}\n  [[service.backend]]\n  address = \"192.0.2.12\"\n  weight  = 30\n")
         );
     }
 

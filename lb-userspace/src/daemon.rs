@@ -458,7 +458,10 @@ impl Daemon {
             self.services[si].cfg = ns.clone();
             if self.services[si].key() != old_key {
                 self.datapath.remove_service(&old_key)?;
-                changes.push(format!("service {}: now {} port {} {}", ns.name, ns.vip, ns.port, ns.protocol));
+                changes.push(format!(
+                    "service {}: now {} port {} {}",
+                    ns.name, ns.vip, ns.port, ns.protocol
+                ));
             }
             if old_cfg.table_size != ns.table_size {
                 // A new size changes the hash's modulus: the table is installed whole.

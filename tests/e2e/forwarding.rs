@@ -270,3 +270,103 @@ fn lbd_check_validates_without_touching_the_system() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Requests from a few clients in a loop on another thread until stopped; returns (ok, failed).
+fn background_load(t: &Topology, stop: &std::sync::atomic::AtomicBool) -> (usize, Vec<String>) {
+    let sources = t.client_sources(1);
+    let (mut ok, mut failed) = (0, vec![]);
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed.len() < 100_000 {
+        let src = sources[i % 8];
+        i += 1;
+        match t.which_backend(src, vip_port(80)) {
+            Ok(b) if b == predicted_backend(src) => ok += 1,
+            Ok(b) => failed.push(format!("{src} served by backend {b}")),
+            Err(e) => failed.push(format!("{src}: {e:#}")),
+        }
+    }
+    (ok, failed)
+}
+
+/// Overwrites the program fingerprint lbd keeps in the pinned CONFIG map, as if another
+/// build's program were running.
+fn pretend_another_program_runs(paths: &LbdPaths) {
+    let pin = paths
+        .bpffs_dir
+        .join(format!("v{}", lb_common::LAYOUT_VERSION))
+        .join(lb_common::maps::CONFIG);
+    let map = aya::maps::MapData::from_pin(&pin).unwrap();
+    let mut config: aya::maps::Array<_, lb_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+    let mut value = config.get(&0, 0).unwrap();
+    value.program_hash ^= 1;
+    config.set(0, value, 0).unwrap();
+}
+
+#[test]
+fn a_new_program_or_map_layout_replaces_the_running_one_without_a_gap() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let first = start_lbd(&t, &config(&paths)).expect("starting lbd");
+    let before = first.lbctl_json(&["status"]).unwrap();
+    assert_eq!(before["start"], "fresh", "{before}");
+    let link = before["interfaces"][0]["link_id"].clone();
+    assert!(first.stop().unwrap().success());
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let load = scope.spawn(|| background_load(&t, &stop));
+
+        // Same layout, different program: loaded on the same maps, swapped in through the link.
+        pretend_another_program_runs(&paths);
+        let upgraded = spawn_lbd(&t, &paths).unwrap();
+        upgraded.wait_ready(Duration::from_secs(10)).unwrap();
+        let status = upgraded.lbctl_json(&["status"]).unwrap();
+        assert_eq!(status["start"], "upgraded", "{status}\n{}", upgraded.log());
+        assert_ne!(status["program_id"], before["program_id"]);
+        assert_eq!(
+            status["interfaces"][0]["link_id"], link,
+            "the same link, updated in place"
+        );
+        assert!(upgraded.stop().unwrap().success());
+
+        // Pins of another layout: new maps of this layout, program swapped in one step, the old
+        // layout's pins removed afterwards.
+        let own = paths
+            .bpffs_dir
+            .join(format!("v{}", lb_common::LAYOUT_VERSION));
+        let old = paths.bpffs_dir.join("v0");
+        std::fs::rename(&own, &old).unwrap();
+        let replaced = spawn_lbd(&t, &paths).unwrap();
+        replaced.wait_ready(Duration::from_secs(10)).unwrap();
+        let status = replaced.lbctl_json(&["status"]).unwrap();
+        assert!(
+            status["start"]["replaced"].is_object(),
+            "{status}\n{}",
+            replaced.log()
+        );
+        assert_eq!(status["interfaces"][0]["link_id"], link);
+        assert!(!old.exists(), "the old layout's pins are gone");
+        assert!(own.exists());
+        let src = t.client_sources(2)[0];
+        assert_eq!(
+            t.which_backend(src, vip_port(80)).unwrap(),
+            predicted_backend(src)
+        );
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = load.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed or went astray: {:?}",
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(
+            ok > 20,
+            "only {ok} requests ran across the two replacements"
+        );
+        eprintln!("{ok} requests across the replacements, none failed");
+    });
+}
