@@ -124,6 +124,20 @@ impl axum::serve::Listener for RootOnly {
 }
 
 async fn refuse(mut stream: UnixStream, message: String) {
+    // Read the request first (briefly): a client still writing it would otherwise see its
+    // write fail instead of reading the refusal.
+    use tokio::io::AsyncReadExt;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
     let body = serde_json::json!({ "error": message }).to_string();
     let reply = format!(
         "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -320,7 +320,10 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
             let line = e.span().map(|s| checker.line(s.start));
             checker.problems.push(Problem {
                 line,
-                key: String::new(),
+                key: e
+                    .span()
+                    .and_then(|s| key_at(src, s.start))
+                    .unwrap_or_default(),
                 message: e.message().trim().to_string(),
             });
             return Err(checker.problems);
@@ -340,6 +343,52 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
         })
     } else {
         Err(c.problems)
+    }
+}
+
+/// The dotted key (`service[1].backend[0].weight`) whose value or table starts at `offset`,
+/// worked out from the table headers above it: toml's own errors give only a position.
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let (mut service, mut backend) = (-1i64, -1i64);
+    let mut table = String::new();
+    for line in src[..line_start].lines() {
+        let header: String = line
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        match header.as_str() {
+            "[daemon]" => table = "daemon".into(),
+            "[[service]]" => {
+                service += 1;
+                backend = -1;
+                table = format!("service[{service}]");
+            }
+            "[service.health]" => table = format!("service[{service}].health"),
+            "[[service.backend]]" => {
+                backend += 1;
+                table = format!("service[{service}].backend[{backend}]");
+            }
+            h if h.starts_with('[') => table = h.trim_matches(|c| c == '[' || c == ']').to_string(),
+            _ => {}
+        }
+    }
+    let line = src[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string());
+    match (table.is_empty(), key) {
+        (_, Some(k)) if !k.starts_with('[') && !k.is_empty() => Some(if table.is_empty() {
+            k
+        } else {
+            format!("{table}.{k}")
+        }),
+        (false, _) => Some(table),
+        (true, _) => None,
     }
 }
 
@@ -886,6 +935,16 @@ weight = 50
         );
         let c = parse(&src).unwrap().config;
         assert_eq!(c.services[0].health.check, CheckKind::None);
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let p = problems(&GOOD.replace("port = 80", "port = \"eighty\""));
+        assert_eq!(p[0].key, "service[0].port", "{p:?}");
+        let p = problems(&GOOD.replace("weight = 50", "weight = -1"));
+        assert_eq!(p[0].key, "service[0].backend[1].weight", "{p:?}");
+        let p = problems(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+        assert_eq!(p[0].key, "service[0].protocol", "{p:?}");
     }
 
     #[test]

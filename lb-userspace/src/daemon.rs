@@ -831,6 +831,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Signal handlers before the socket: a script may signal lbd as soon as the socket is there.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listener = api::bind(&socket_path)?;
     info!("ready: control socket {}", socket_path.display());
     notify(&[sd_notify::NotifyState::Ready]);
@@ -877,10 +882,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let signals = {
         let shared = shared.clone();
         async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
             loop {
                 tokio::select! {
                     _ = term.recv() => { info!("SIGTERM: exiting; the data path keeps forwarding"); break }

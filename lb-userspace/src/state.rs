@@ -27,9 +27,23 @@ pub enum StateError {
     BadSeed { path: String },
 }
 
+/// Creates `state_dir` (mode 0700) when it is missing.
+pub fn prepare_state_dir(state_dir: &Path) -> Result<(), StateError> {
+    if !state_dir.exists() {
+        fs::create_dir_all(state_dir).map_err(|source| StateError::Io {
+            what: "creating",
+            path: state_dir.display().to_string(),
+            source,
+        })?;
+        let _ = fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
 /// The hash seed: the config's, else the one kept in `state_dir`, else a new random one that is
 /// then kept there (so restarts keep every client on its backend).
 pub fn hash_seed(configured: Option<[u64; 2]>, state_dir: &Path) -> Result<[u64; 2], StateError> {
+    prepare_state_dir(state_dir)?;
     if let Some(seed) = configured {
         return Ok(seed);
     }
@@ -40,12 +54,6 @@ pub fn hash_seed(configured: Option<[u64; 2]>, state_dir: &Path) -> Result<[u64;
             lb_common::hash::parse_seed(text.trim()).ok_or(StateError::BadSeed { path: shown })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(state_dir).map_err(|source| StateError::Io {
-                what: "creating",
-                path: state_dir.display().to_string(),
-                source,
-            })?;
-            let _ = fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700));
             let seed: [u64; 2] = [rand::random(), rand::random()];
             let mut f = fs::OpenOptions::new()
                 .write(true)

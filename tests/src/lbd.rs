@@ -163,3 +163,74 @@ impl Lbd<'_> {
         self.t.stop(self.handle, Duration::from_secs(5))
     }
 }
+
+impl Lbd<'_> {
+    /// Waits until this very lbd answers on the control socket (`lbctl --json status` gives
+    /// its pid) and returns that status. Unlike `wait_ready`, not fooled by the stale socket
+    /// file a killed lbd leaves behind; fails at once (with lbd's log) if lbd exits first.
+    pub fn wait_answering(&self, deadline: Duration) -> Result<serde_json::Value> {
+        let pid = u64::from(self.handle.pid());
+        crate::retry_until(deadline, "lbd to answer on its control socket", || {
+            if let Ok(Some(st)) = self.t.try_wait(self.handle) {
+                return Ok(Err(anyhow::anyhow!(
+                    "lbd exited ({st}) before it answered; its log:\n{}",
+                    self.log()
+                )));
+            }
+            let status = self.lbctl_json(&["status"])?;
+            if status["pid"].as_u64() != Some(pid) {
+                bail!("another lbd answers: {status}");
+            }
+            Ok(Ok(status))
+        })?
+    }
+}
+
+/// `lbd --check --config FILE` (touches nothing, needs no namespace): its output whatever the
+/// exit status.
+pub fn check_config(config: &Path) -> Result<Output> {
+    Command::new(bin("lbd"))
+        .arg("--check")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .context("running lbd --check")
+}
+
+/// `lbctl --socket SOCKET ARGS...` for any socket, e.g. one that no lbd serves: its output
+/// whatever the exit status.
+pub fn lbctl_at(socket: &Path, args: &[&str]) -> Result<Output> {
+    Command::new(bin("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .context("running lbctl")
+}
+
+impl Lbd<'_> {
+    /// Sends SIGHUP (re-read the config) and waits up to `deadline` for lbd to log the
+    /// outcome: returns what lbd logged from the signal on, up to and including its
+    /// `SIGHUP: ...` line(s). Fails if lbd exits.
+    pub fn reload(&self, deadline: Duration) -> Result<String> {
+        let from = self.log().len();
+        self.t.signal(self.handle, libc::SIGHUP)?;
+        let mut exited = None;
+        let mut tail = String::new();
+        let done = wait_until(deadline, "lbd to log the outcome of SIGHUP", || {
+            if let Ok(Some(st)) = self.t.try_wait(self.handle) {
+                exited = Some(st);
+                return true;
+            }
+            let log = self.log();
+            tail = log.get(from..).unwrap_or_default().to_string();
+            // A record is written whole; wait for the end of its line.
+            tail.contains("SIGHUP") && tail.ends_with('\n')
+        });
+        if let Some(st) = exited {
+            bail!("lbd exited ({st}) after SIGHUP; its log:\n{}", self.log());
+        }
+        done.with_context(|| format!("lbd's log:\n{}", self.log()))?;
+        Ok(tail)
+    }
+}

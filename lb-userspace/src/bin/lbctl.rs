@@ -59,6 +59,19 @@ fn seg(address: IpAddr) -> String {
     address.to_string()
 }
 
+/// Percent-encodes a name for a URL path segment or query value: whatever a service is called,
+/// it only ever names a service.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn print_changes(json: bool, c: &Changed) -> anyhow::Result<()> {
     if json {
         return print_json(c);
@@ -74,7 +87,7 @@ fn print_changes(json: bool, c: &Changed) -> anyhow::Result<()> {
 
 async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> anyhow::Result<()> {
     let path = match service {
-        Some(s) => format!("/v1/stats?service={s}"),
+        Some(s) => format!("/v1/stats?service={}", enc(s)),
         None => "/v1/stats".into(),
     };
     let s: Stats = client.get(&path).await?;
@@ -212,13 +225,17 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
         }
         Command::Service(ServiceCommand::Remove { name }) => {
             let c: Changed = client
-                .request(Method::DELETE, &format!("/v1/services/{name}"), None)
+                .request(
+                    Method::DELETE,
+                    &format!("/v1/services/{}", enc(&name)),
+                    None,
+                )
                 .await?;
             print_changes(json, &c)?;
         }
         Command::Backend(BackendCommand::List { service }) => {
             let path = match &service {
-                Some(s) => format!("/v1/backends?service={s}"),
+                Some(s) => format!("/v1/backends?service={}", enc(s)),
                 None => "/v1/backends".into(),
             };
             let list: Vec<BackendInfo> = client.get(&path).await?;
@@ -274,7 +291,7 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
             let c: Changed = client
                 .request(
                     Method::POST,
-                    &format!("/v1/services/{service}/backends"),
+                    &format!("/v1/services/{}/backends", enc(&service)),
                     Some(serde_json::to_value(body)?),
                 )
                 .await?;
@@ -285,7 +302,7 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
             address,
             dry_run,
         }) => {
-            let path = format!("/v1/services/{service}/backends/{}", seg(address));
+            let path = format!("/v1/services/{}/backends/{}", enc(&service), seg(address));
             if dry_run {
                 let r: Removal = client.get(&format!("{path}/removal")).await?;
                 if json {
@@ -307,12 +324,20 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
             print_changes(json, &c)?;
         }
         Command::Backend(BackendCommand::Drain { service, address }) => {
-            let path = format!("/v1/services/{service}/backends/{}/drain", seg(address));
+            let path = format!(
+                "/v1/services/{}/backends/{}/drain",
+                enc(&service),
+                seg(address)
+            );
             let c: Changed = client.request(Method::POST, &path, None).await?;
             print_changes(json, &c)?;
         }
         Command::Backend(BackendCommand::Undrain { service, address }) => {
-            let path = format!("/v1/services/{service}/backends/{}/undrain", seg(address));
+            let path = format!(
+                "/v1/services/{}/backends/{}/undrain",
+                enc(&service),
+                seg(address)
+            );
             let c: Changed = client.request(Method::POST, &path, None).await?;
             print_changes(json, &c)?;
         }
@@ -321,7 +346,11 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
             address,
             weight,
         }) => {
-            let path = format!("/v1/services/{service}/backends/{}/weight", seg(address));
+            let path = format!(
+                "/v1/services/{}/backends/{}/weight",
+                enc(&service),
+                seg(address)
+            );
             let body = serde_json::to_value(NewWeight { weight })?;
             let c: Changed = client.request(Method::PUT, &path, Some(body)).await?;
             print_changes(json, &c)?;
@@ -347,7 +376,7 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
             client: address,
             port,
         } => {
-            let mut path = format!("/v1/lookup?service={service}&client={address}");
+            let mut path = format!("/v1/lookup?service={}&client={address}", enc(&service));
             if let Some(p) = port {
                 path.push_str(&format!("&port={p}"));
             }
