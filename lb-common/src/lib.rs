@@ -43,16 +43,22 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONFIG: &str = "CONFIG";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGS: &str = "FRAGS";
+    pub const VIPS: &str = "VIPS";
+    pub const DEVMAP: &str = "DEVMAP";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         MAGLEV,
         BACKENDS,
         CONFIG,
         CONNTRACK,
+        FRAGS,
+        VIPS,
+        DEVMAP,
         SERVICE_STATS,
         BACKEND_STATS,
         REASON_STATS,
@@ -82,6 +88,9 @@ pub mod service_flags {
     pub const TUNNEL: u32 = 1 << 0;
     /// Hash the 5-tuple instead of the client address.
     pub const HASH_5TUPLE: u32 = 1 << 1;
+    /// In `VIPS`: the VIP has no single source-hashed service for this protocol, so a
+    /// fragment that arrives before its first fragment cannot be placed.
+    pub const NO_LATE_FRAGMENTS: u32 = 1 << 2;
 }
 
 /// Value of `SERVICES`.
@@ -125,7 +134,8 @@ pub struct Backend {
     pub family: u8,
     /// `backend_flags`.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// MTU of the egress interface (`tunnel`: an encapsulated packet must fit it).
+    pub mtu: u16,
 }
 
 /// Value of `CONFIG[0]`.
@@ -164,6 +174,37 @@ pub struct FlowValue {
     pub service: u32,
 }
 
+/// Key of `FRAGS`: one fragmented datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// The IP identification (IPv4: 16 bits, IPv6: the fragment header's 32 bits).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `FRAGS`: where the datagram's first fragment went, so the others follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub backend: u32,
+    pub service: ServiceValue,
+}
+
+/// Key of `VIPS`: a VIP and protocol, whatever the port (for fragments without ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: Addr,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Per-CPU packet and byte counter (`SERVICE_STATS`, `BACKEND_STATS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -183,7 +224,8 @@ pub enum Reason {
     Malformed = 1,
     /// A fragment the data path cannot place: passed up.
     UnsupportedFragment = 2,
-    /// Does not fit the tunnel's MTU once encapsulated: dropped.
+    /// Does not fit the egress MTU once encapsulated: answered with ICMP "fragmentation
+    /// needed" / "packet too big" (DF set, or IPv6), else dropped.
     TooBig = 3,
     /// The Maglev table or backend entry was missing (lbd mid-change): passed up.
     MissingState = 4,
@@ -221,6 +263,9 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::VipKey {}
 }
 
 #[cfg(test)]
@@ -237,5 +282,8 @@ mod layout_tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragValue>(), 20);
+        assert_eq!(size_of::<VipKey>(), 20);
     }
 }

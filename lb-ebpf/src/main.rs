@@ -1,23 +1,27 @@
-//! lb's XDP data path. It reads like the packet: parse (Ethernet, optional 802.1Q, IPv4, ports),
-//! classify (is the destination a service?), choose (Maglev slot of the keyed client hash),
-//! rewrite (direct server return: MACs only), count. Anything that is not a service packet is
-//! passed to the kernel untouched; every VIP packet that is not forwarded is counted by reason.
+//! lb's XDP data path. It reads like the packet: parse (Ethernet, optional 802.1Q, IPv4 or IPv6
+//! with its extension headers, then the ports, or the flow an ICMP error quotes), classify (is
+//! the destination a service?), choose (connection table, else the Maglev slot of the keyed
+//! hash), rewrite (direct server return: MACs only; tunnel: IP-in-IP), count. Anything that is
+//! not a service packet is passed to the kernel untouched; every VIP packet that is not forwarded
+//! is counted by reason.
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
+mod packet;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, BPF_F_INNER_MAP, Backend, Config, Counter, FAMILY_V4, FlowKey, FlowValue, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, ServiceKey, ServiceValue,
+    BPF_F_INNER_MAP, Backend, Config, Counter, FlowKey, FlowValue, FragKey, FragValue,
+    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceKey, ServiceValue, VipKey,
     backend_flags, hash, service_flags,
 };
+use packet::{Frag, Packet, ptr_at};
 
 // ---- maps (names in lb_common::maps; lbd pins every one) ----
 
@@ -44,6 +48,19 @@ static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 static CONNTRACK: LruHashMap<FlowKey, FlowValue, 65_536> = LruHashMap::new();
 
+/// Where the first fragment of a datagram went: the later ones (which carry no ports) follow.
+#[btf_map]
+static FRAGS: LruHashMap<FragKey, FragValue, 8192> = LruHashMap::new();
+
+/// VIP and protocol → the VIP's source-hashed service, for fragments that come before their
+/// first fragment (or `NO_LATE_FRAGMENTS` when there is no single such service).
+#[btf_map]
+static VIPS: HashMap<VipKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Egress interfaces other than the receiving one (tunnel next hops), by ifindex.
+#[btf_map]
+static DEVMAP: DevMapHash<64> = DevMapHash::new();
+
 #[btf_map]
 static SERVICE_STATS: PerCpuArray<Counter, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
@@ -53,85 +70,7 @@ static BACKEND_STATS: PerCpuArray<Counter, { MAX_BACKENDS as usize }> = PerCpuAr
 #[btf_map]
 static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
 
-// ---- wire headers ----
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const IPV4_MIN_HLEN: usize = 20;
-/// More-fragments flag and fragment offset bits of the IPv4 frag_off field (host order).
-const IP_MF_OFFSET: u16 = 0x3fff;
-
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    ether_type: u16,
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-/// The first four bytes of TCP and UDP headers alike.
-#[repr(C)]
-struct Ports {
-    src: u16,
-    dst: u16,
-}
-
-/// Offset of the flags byte in the TCP header, and the flags that matter here.
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
-/// Bounds check once, here: a pointer to a `T` at `offset` if the whole `T` lies inside the
-/// packet. Every packet access goes through this.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *mut T)
-}
-
-/// Reads a `T` from the packet. Packet data has no alignment guarantee.
-#[inline(always)]
-fn read_at<T>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
-    let p = ptr_at::<T>(ctx, offset)?;
-    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
-    Ok(unsafe { core::ptr::read_unaligned(p) })
-}
-
 // ---- the program ----
-
-/// What parsing found out about a packet that might belong to a service.
-struct Packet {
-    /// The IP total length runs past the frame, or is too short for the ports: the packet is
-    /// not forwarded even when it is addressed to a service.
-    malformed: bool,
-    /// A TCP SYN without ACK: a new connection, which always takes the current table's choice.
-    syn: bool,
-    src: Addr,
-    dst: Addr,
-    sport: u16,
-    dport: u16,
-    proto: u8,
-    family: u8,
-}
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -144,76 +83,63 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// `Err(())` means "not ours, or cannot be read": pass it up untouched.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<u32, ()> {
-    let packet = parse(ctx)?;
-    let service = classify(&packet)?;
-    if packet.malformed {
-        return Ok(give_up(Reason::Malformed));
-    }
-    let flow = FlowKey {
-        src: packet.src,
-        dst: packet.dst,
-        sport: packet.sport,
-        dport: packet.dport,
-        proto: packet.proto,
-        family: packet.family,
-        _pad: [0; 2],
-    };
-    let (backend_id, backend) = match pick(&packet, &flow, &service) {
+    let packet = packet::parse(ctx)?;
+    let (service, backend_id, backend) = match classify_and_choose(&packet)? {
         Ok(chosen) => chosen,
         Err(reason) => return Ok(give_up(reason)),
     };
-    rewrite_dsr(ctx, backend)?;
-    count(ctx, service.id, backend_id);
-    Ok(xdp_action::XDP_TX)
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let action = if service.flags & service_flags::TUNNEL != 0 {
+        match tunnel::encapsulate(ctx, &packet, backend) {
+            Ok(action) => action,
+            Err(reason) => return Ok(give_up(reason)),
+        }
+    } else {
+        rewrite_dsr(ctx, backend)?;
+        xdp_action::XDP_TX
+    };
+    count(service.id, backend_id, bytes);
+    if action == xdp_action::XDP_TX
+        && backend.ifindex != 0
+        && backend.ifindex != ctx.ingress_ifindex() as u32
+    {
+        // The backend is reached through another interface.
+        return Ok(DEVMAP
+            .redirect(backend.ifindex, 0)
+            .unwrap_or(xdp_action::XDP_DROP));
+    }
+    Ok(action)
 }
 
+type Chosen = (ServiceValue, u32, &'static Backend);
+
+/// The service and backend of a packet. The outer `Err(())` means "not a service packet" (pass
+/// untouched); the inner `Err(reason)` means "a service packet that is not forwarded".
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<Packet, ()> {
-    let eth: EthHdr = read_at(ctx, 0)?;
-    let mut l3 = ETH_HLEN;
-    let mut ether_type = u16::from_be(eth.ether_type);
-    if ether_type == ETH_P_8021Q {
-        // One 802.1Q tag: the inner type follows the tag control field. The tag stays.
-        let inner: u16 = read_at(ctx, ETH_HLEN + 2)?;
-        ether_type = u16::from_be(inner);
-        l3 += VLAN_HLEN;
+fn classify_and_choose(p: &Packet) -> Result<Result<Chosen, Reason>, ()> {
+    if p.frag == Frag::Later {
+        return Ok(follow_first_fragment(p));
     }
-    if ether_type != ETH_P_IP {
-        return Err(());
+    let service = classify(p)?;
+    if p.malformed {
+        return Ok(Err(Reason::Malformed));
     }
-    let ip: Ipv4Hdr = read_at(ctx, l3)?;
-    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-    if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
-        return Err(());
+    let chosen = match pick(p, &service) {
+        Ok((id, b)) => (service, id, b),
+        Err(reason) => return Ok(Err(reason)),
+    };
+    if p.frag == Frag::First {
+        // Later fragments carry no ports: they follow this one.
+        let _ = FRAGS.insert(
+            p.frag_key(),
+            FragValue {
+                backend: chosen.1,
+                service,
+            },
+            0,
+        );
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
-        return Err(());
-    }
-    // Fragments carry no ports past the first; they are left to the kernel for now.
-    if u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
-        return Err(());
-    }
-    let ports: Ports = read_at(ctx, l3 + ihl)?;
-    let ip_len = u16::from_be(ip.tot_len) as usize;
-    let frame_len = ctx.data_end() - ctx.data();
-    let mut malformed = ip_len < ihl + size_of::<Ports>() || l3 + ip_len > frame_len;
-    let mut syn = false;
-    if ip.proto == PROTO_TCP {
-        match read_at::<u8>(ctx, l3 + ihl + TCP_FLAGS_OFFSET) {
-            Ok(flags) => syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-            Err(()) => malformed = true,
-        }
-    }
-    Ok(Packet {
-        malformed,
-        syn,
-        src: [ip.saddr, 0, 0, 0],
-        dst: [ip.daddr, 0, 0, 0],
-        sport: ports.src,
-        dport: ports.dst,
-        proto: ip.proto,
-        family: FAMILY_V4,
-    })
+    Ok(Ok(chosen))
 }
 
 /// The service the destination belongs to: an exact (VIP, port, protocol) match first, then the
@@ -238,33 +164,65 @@ fn classify(p: &Packet) -> Result<ServiceValue, ()> {
     }
 }
 
+/// A fragment after the first: where its first fragment went; else, for a VIP with a single
+/// source-hashed service, that service's choice for the client (no port needed).
+#[inline(always)]
+fn follow_first_fragment(p: &Packet) -> Result<Chosen, Reason> {
+    if let Some(v) = FRAGS.get_ptr(&p.frag_key()) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        let v = unsafe { *v };
+        let b = usable_backend(v.backend, &v.service).ok_or(Reason::UnsupportedFragment)?;
+        return Ok((v.service, v.backend, b));
+    }
+    let key = VipKey {
+        addr: p.dst,
+        proto: p.proto,
+        family: p.family,
+        _pad: [0; 2],
+    };
+    // SAFETY: as above.
+    let service = unsafe { *VIPS.get_ptr(&key).ok_or(Reason::UnsupportedFragment)? };
+    if service.flags & service_flags::NO_LATE_FRAGMENTS != 0 {
+        return Err(Reason::UnsupportedFragment);
+    }
+    let id = choose(p, &service)?;
+    let b = usable_backend(id, &service).ok_or(Reason::MissingState)?;
+    Ok((service, id, b))
+}
+
+/// A backend entry that may take this service's packets.
+#[inline(always)]
+fn usable_backend(id: u32, service: &ServiceValue) -> Option<&'static Backend> {
+    let b = BACKENDS.get(id)?;
+    (b.flags & (backend_flags::VALID | backend_flags::DOWN) == backend_flags::VALID
+        && b.service == service.id)
+        .then_some(b)
+}
+
 /// The backend of a flow: the one the connection table recorded, while it is still usable for
 /// this service; otherwise (new flow, TCP SYN, backend down or removed) the Maglev table's
-/// choice, which is then recorded.
+/// choice, which is then recorded. ICMP errors about a flow only read the table.
 #[inline(always)]
-fn pick(
-    p: &Packet,
-    flow: &FlowKey,
-    service: &ServiceValue,
-) -> Result<(u32, &'static Backend), Reason> {
-    let entry = CONNTRACK.get_ptr_mut(flow);
+fn pick(p: &Packet, service: &ServiceValue) -> Result<(u32, &'static Backend), Reason> {
+    let flow = p.flow_key();
+    let entry = CONNTRACK.get_ptr_mut(&flow);
     if let Some(e) = entry
         && !p.syn
     {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         let id = unsafe { (*e).backend };
-        if let Some(b) = BACKENDS.get(id)
-            && b.flags & (backend_flags::VALID | backend_flags::DOWN) == backend_flags::VALID
-            && b.service == service.id
-        {
+        if let Some(b) = usable_backend(id, service) {
             return Ok((id, b));
         }
     }
-    let id = choose(p, flow, service)?;
+    let id = choose(p, service)?;
     let backend = match BACKENDS.get(id) {
         Some(b) if b.flags & backend_flags::VALID != 0 => b,
         _ => return Err(Reason::MissingState),
     };
+    if p.icmp_error {
+        return Ok((id, backend));
+    }
     let value = FlowValue {
         backend: id,
         service: service.id,
@@ -281,7 +239,7 @@ fn pick(
         // A full table evicts its least recently used flow; an insert fails only for want of
         // memory, and the flow then simply stays on the table's choice.
         None => {
-            let _ = CONNTRACK.insert(flow, value, 0);
+            let _ = CONNTRACK.insert(&flow, value, 0);
         }
     }
     Ok((id, backend))
@@ -289,10 +247,10 @@ fn pick(
 
 /// The backend for a new flow: Maglev table slot of the keyed hash.
 #[inline(always)]
-fn choose(p: &Packet, flow: &FlowKey, service: &ServiceValue) -> Result<u32, Reason> {
+fn choose(p: &Packet, service: &ServiceValue) -> Result<u32, Reason> {
     let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
     let h = if service.flags & service_flags::HASH_5TUPLE != 0 {
-        hash::hash_5tuple(&config.hash_key, flow)
+        hash::hash_5tuple(&config.hash_key, &p.flow_key())
     } else {
         hash::hash_source(&config.hash_key, &p.src)
     };
@@ -313,12 +271,12 @@ fn choose(p: &Packet, flow: &FlowKey, service: &ServiceValue) -> Result<u32, Rea
 /// IP and L4 stay as the client sent them (the backend holds the VIP).
 #[inline(always)]
 fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: ptr_at checked the Ethernet header lies inside the packet; [u8; 6] has alignment 1.
-    unsafe {
-        (*eth).dst = backend.mac;
-        (*eth).src = backend.src_mac;
-    }
+    let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
+    let mut both = [0u8; 12];
+    both[..6].copy_from_slice(&backend.mac);
+    both[6..].copy_from_slice(&backend.src_mac);
+    // SAFETY: ptr_at checked the 12 bytes lie inside the packet; [u8; 12] has alignment 1.
+    unsafe { *macs = both };
     Ok(())
 }
 
@@ -326,10 +284,7 @@ fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
 /// backend: the client retries) or passed up (the kernel decides).
 #[inline(always)]
 fn give_up(reason: Reason) -> u32 {
-    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
-        unsafe { *c += 1 };
-    }
+    count_reason(reason);
     match reason {
         Reason::NoBackend | Reason::TooBig => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
@@ -337,8 +292,15 @@ fn give_up(reason: Reason) -> u32 {
 }
 
 #[inline(always)]
-fn count(ctx: &XdpContext, service: u32, backend: u32) {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+fn count_reason(reason: Reason) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(service: u32, backend: u32, bytes: u64) {
     if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
         // SAFETY: per-CPU slot of this CPU.
         unsafe {

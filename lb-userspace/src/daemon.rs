@@ -44,6 +44,10 @@ pub struct Hop {
     pub ifindex: u32,
     pub mac: [u8; 6],
     pub src_mac: [u8; 6],
+    /// The egress interface's MTU.
+    pub mtu: u16,
+    /// `tunnel`: the outer source address.
+    pub tunnel_src: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -110,14 +114,14 @@ impl BackendRuntime {
         };
         Backend {
             addr: state::to_addr(self.cfg.address),
-            tunnel_src: [0; 4],
+            tunnel_src: hop.tunnel_src.map(state::to_addr).unwrap_or_default(),
             mac: hop.mac,
             src_mac: hop.src_mac,
             ifindex: hop.ifindex,
             service,
             family: state::family(self.cfg.address),
             flags: backend_flags::VALID | if self.healthy { 0 } else { backend_flags::DOWN },
-            _pad: [0; 2],
+            mtu: hop.mtu,
         }
     }
 }
@@ -212,47 +216,78 @@ fn drained_key(service: &str, address: IpAddr) -> String {
     format!("{service} {address}")
 }
 
-/// Finds where a backend's frames go: its own MAC (from the config or the neighbour table,
-/// resolving it when absent) and the interface that reaches it.
-async fn resolve(netlink: &Netlink, backend: &config::Backend) -> anyhow::Result<Hop> {
-    let addr = backend.address;
-    match backend.mac {
-        Some(mac) => {
-            let route = netlink.route_get(addr).await?;
-            let iface = netlink
-                .interface_by_index(route.oif)
-                .await?
-                .with_context(|| {
-                    format!("interface {} of the route to {addr} vanished", route.oif)
-                })?;
-            Ok(Hop {
-                ifindex: route.oif,
-                mac,
-                src_mac: iface.mac,
-            })
-        }
-        None => {
-            let hop = netlink.next_hop(addr, RESOLVE_TIMEOUT).await?;
-            if hop.via != addr {
-                bail!(
-                    "backend {addr} is behind gateway {}: dsr needs backends on a directly connected network",
-                    hop.via
-                );
-            }
-            Ok(Hop {
-                ifindex: hop.ifindex,
-                mac: hop.mac,
-                src_mac: hop.src_mac,
-            })
+/// What resolving a backend's hop needs to know.
+#[derive(Debug, Clone, PartialEq)]
+struct HopRequest {
+    backend: config::Backend,
+    forwarding: Forwarding,
+    tunnel_source: Option<IpAddr>,
+}
+
+impl HopRequest {
+    fn of(s: &config::Service, b: &config::Backend) -> HopRequest {
+        HopRequest {
+            backend: b.clone(),
+            forwarding: s.forwarding,
+            tunnel_source: s.tunnel_source,
         }
     }
 }
 
+/// Finds where a backend's frames go: the MAC of the backend itself (dsr: from the config or
+/// the neighbour table, resolving it when absent) or of the next hop towards it (tunnel), the
+/// interface they leave by, its MAC and MTU, and (tunnel) the outer source address.
+async fn resolve(netlink: &Netlink, req: &HopRequest) -> anyhow::Result<Hop> {
+    let addr = req.backend.address;
+    let (ifindex, mac, via, prefsrc) = match req.backend.mac {
+        Some(mac) => {
+            let route = netlink.route_get(addr).await?;
+            (route.oif, mac, route.gateway.unwrap_or(addr), route.prefsrc)
+        }
+        None => {
+            let hop = netlink.next_hop(addr, RESOLVE_TIMEOUT).await?;
+            (hop.ifindex, hop.mac, hop.via, hop.prefsrc)
+        }
+    };
+    if req.forwarding == Forwarding::Dsr && via != addr {
+        bail!(
+            "backend {addr} is behind gateway {via}: dsr needs backends on a directly connected network (tunnel forwarding does not)"
+        );
+    }
+    let iface = netlink
+        .interface_by_index(ifindex)
+        .await?
+        .with_context(|| format!("interface {ifindex} of the route to {addr} vanished"))?;
+    let tunnel_src = match (req.forwarding, req.tunnel_source) {
+        (Forwarding::Dsr, _) => None,
+        (Forwarding::Tunnel, Some(src)) => Some(src),
+        (Forwarding::Tunnel, None) => Some(
+            prefsrc
+                .or_else(|| iface.addrs.iter().map(|(a, _)| *a).find(|a| a.is_ipv4() == addr.is_ipv4() && !is_link_local(a)))
+                .with_context(|| format!("no {} address on {} to use as the tunnel source for {addr}: set tunnel_source", if addr.is_ipv4() { "IPv4" } else { "IPv6" }, iface.name))?,
+        ),
+    };
+    Ok(Hop {
+        ifindex,
+        mac,
+        src_mac: iface.mac,
+        mtu: iface.mtu.min(u16::MAX as u32) as u16,
+        tunnel_src,
+    })
+}
+
+fn is_link_local(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
 /// Resolves the hops of `backends` (several at a time), in order.
-async fn resolve_many(backends: Vec<config::Backend>) -> Vec<anyhow::Result<Hop>> {
+async fn resolve_many(backends: Vec<HopRequest>) -> Vec<anyhow::Result<Hop>> {
     let workers = RESOLVE_WORKERS.min(backends.len()).max(1);
     let jobs = (0..workers).map(|w| {
-        let mine: Vec<(usize, config::Backend)> = backends
+        let mine: Vec<(usize, HopRequest)> = backends
             .iter()
             .cloned()
             .enumerate()
@@ -363,17 +398,20 @@ impl Daemon {
         let mut to_resolve = vec![];
         for ns in &new.services {
             let existing = self.services.iter().find(|s| s.cfg.name == ns.name);
+            let same_forwarding = existing.is_some_and(|s| {
+                s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
+            });
             for nb in &ns.backends {
                 let known = existing.and_then(|s| s.backend(nb.address));
-                if known.is_none_or(|b| b.cfg.mac != nb.mac) {
-                    to_resolve.push(nb.clone());
+                if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
+                    to_resolve.push((ns.name.clone(), HopRequest::of(ns, nb)));
                 }
             }
         }
-        let mut hops: HashMap<(IpAddr, Option<[u8; 6]>), anyhow::Result<Hop>> = HashMap::new();
-        let results = resolve_many(to_resolve.clone()).await;
-        for (b, r) in to_resolve.into_iter().zip(results) {
-            hops.insert((b.address, b.mac), r);
+        let mut hops: HashMap<(String, IpAddr), anyhow::Result<Hop>> = HashMap::new();
+        let results = resolve_many(to_resolve.iter().map(|(_, r)| r.clone()).collect()).await;
+        for ((service, req), r) in to_resolve.into_iter().zip(results) {
+            hops.insert((service, req.backend.address), r);
         }
         let now = SystemTime::now();
         for ns in &new.services {
@@ -406,7 +444,7 @@ impl Daemon {
             let mut added = vec![];
             for nb in &ns.backends {
                 let health_on = ns.health.check != CheckKind::None;
-                let hop = hops.remove(&(nb.address, nb.mac));
+                let hop = hops.remove(&(ns.name.clone(), nb.address));
                 let s = &mut self.services[si];
                 match s.backends.iter_mut().find(|b| b.cfg.address == nb.address) {
                     Some(b) => {
@@ -517,6 +555,49 @@ impl Daemon {
         Ok(changes)
     }
 
+    /// The VIP-level entries fragments without ports need, and the egress interfaces of every
+    /// resolved backend as redirect targets.
+    fn sync_vips_and_egress(&mut self) -> anyhow::Result<()> {
+        let mut by_vip: HashMap<lb_common::VipKey, Vec<&ServiceRuntime>> = HashMap::new();
+        for s in &self.services {
+            let key = lb_common::VipKey {
+                addr: state::to_addr(s.cfg.vip),
+                proto: s.cfg.protocol.number(),
+                family: state::family(s.cfg.vip),
+                _pad: [0; 2],
+            };
+            by_vip.entry(key).or_default().push(s);
+        }
+        let entries: Vec<(lb_common::VipKey, ServiceValue)> = by_vip
+            .into_iter()
+            .map(|(k, list)| {
+                let mut v = list[0].value();
+                // Only a VIP with one source-hashed service for the protocol can place a
+                // fragment without ports.
+                if list.len() != 1 || list[0].cfg.hash != HashMode::Source {
+                    v.flags |= service_flags::NO_LATE_FRAGMENTS;
+                }
+                (k, v)
+            })
+            .collect();
+        self.datapath.set_vips(&entries)?;
+        let mut egress: Vec<u32> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter_map(|b| b.hop.as_ref().map(|h| h.ifindex))
+            })
+            .collect();
+        egress.sort_unstable();
+        egress.dedup();
+        for ifindex in egress {
+            self.datapath.add_egress(ifindex)?;
+        }
+        Ok(())
+    }
+
     fn save_drained(&self) {
         let path = self.config.daemon.state_dir.join("drained.json");
         let text = serde_json::to_string_pretty(&self.drained).unwrap_or_default();
@@ -577,29 +658,33 @@ impl Daemon {
 
     /// Re-reads neighbours: follows MAC changes, picks up backends that now resolve.
     async fn refresh(shared: &Shared) -> anyhow::Result<()> {
-        let backends: Vec<config::Backend> = {
+        let requests: Vec<(String, HopRequest)> = {
             let d = shared.lock().await;
             d.services
                 .iter()
-                .flat_map(|s| s.backends.iter().map(|b| b.cfg.clone()))
+                .flat_map(|s| {
+                    s.backends
+                        .iter()
+                        .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
+                })
                 .collect()
         };
         // Resolve without holding the lock: lbctl stays responsive.
-        let results = resolve_many(backends.clone()).await;
+        let results = resolve_many(requests.iter().map(|(_, r)| r.clone()).collect()).await;
         let mut d = shared.lock().await;
         let d = &mut *d;
-        for (cfg, hop) in backends.iter().zip(results) {
+        for ((name, req), hop) in requests.into_iter().zip(results) {
             let Ok(hop) = hop else { continue };
-            let Some(si) = d
-                .services
-                .iter()
-                .position(|s| s.backend(cfg.address).is_some_and(|b| b.cfg == *cfg))
-            else {
+            let Some(si) = d.services.iter().position(|s| {
+                s.cfg.name == name
+                    && HopRequest::of(&s.cfg, &req.backend) == req
+                    && s.backend(req.backend.address).is_some()
+            }) else {
                 continue;
             };
+            let cfg = req.backend;
             let s = &mut d.services[si];
             let sid = s.id;
-            let name = s.cfg.name.clone();
             let b = s
                 .backends
                 .iter_mut()
@@ -624,6 +709,7 @@ impl Daemon {
             if was_missing {
                 d.sync_table(si)?;
             }
+            d.sync_vips_and_egress()?;
         }
         Ok(())
     }
@@ -745,9 +831,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         &config.daemon.interfaces,
     )?;
     let mut services = initial_runtime(&config, &datapath)?;
-    let all: Vec<config::Backend> = services
+    let all: Vec<HopRequest> = services
         .iter()
-        .flat_map(|s| s.backends.iter().map(|b| b.cfg.clone()))
+        .flat_map(|s| s.backends.iter().map(|b| HopRequest::of(&s.cfg, &b.cfg)))
         .collect();
     let mut hops = resolve_many(all).await.into_iter();
     for s in &mut services {
@@ -804,6 +890,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             daemon.datapath.clear_backend(id)?;
         }
     }
+    daemon.sync_vips_and_egress()?;
     let mode = daemon.config.daemon.xdp_mode;
     for (name, index) in &interfaces {
         daemon.datapath.attach(name, *index, mode)?;

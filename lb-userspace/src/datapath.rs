@@ -23,7 +23,7 @@ use aya::{
 };
 use lb_common::{
     BPF_F_INNER_MAP, Backend, Config, Counter, FlowKey, FlowValue, LAYOUT_VERSION, MAX_BACKENDS,
-    PROGRAM_NAME, Reason, ServiceKey, ServiceValue, backend_flags, maps,
+    PROGRAM_NAME, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, maps,
 };
 use log::{info, warn};
 
@@ -166,6 +166,8 @@ struct Maps {
     backends: Array<MapData, Backend>,
     config: Array<MapData, Config>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    vips: HashMap<MapData, VipKey, ServiceValue>,
+    devmap: aya::maps::DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reason_stats: PerCpuArray<MapData, u64>,
@@ -180,6 +182,9 @@ impl Maps {
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             conntrack: HashMap::try_from(get(maps::CONNTRACK)?)
                 .map_err(map_err(maps::CONNTRACK))?,
+            vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
+            devmap: aya::maps::DevMapHash::try_from(get(maps::DEVMAP)?)
+                .map_err(map_err(maps::DEVMAP))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
@@ -665,6 +670,35 @@ impl Datapath {
             .map(|i| i.max_entries() as u64)
             .unwrap_or(0);
         (used, capacity)
+    }
+
+    /// Sets the VIP-level entries (fragments without ports) to exactly `entries`.
+    pub fn set_vips(&mut self, entries: &[(VipKey, ServiceValue)]) -> Result<()> {
+        for (k, v) in entries {
+            self.maps
+                .vips
+                .insert(k, v, 0)
+                .map_err(map_err("writing VIPS"))?;
+        }
+        let stale: Vec<VipKey> = self
+            .maps
+            .vips
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !entries.iter().any(|(e, _)| e == k))
+            .collect();
+        for k in stale {
+            let _ = self.maps.vips.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Makes `ifindex` a redirect target (a backend reached through another interface).
+    pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.maps
+            .devmap
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DatapathError::Other(format!("adding interface {ifindex} to DEVMAP: {e}")))
     }
 
     /// Frees a removed service's Maglev table (after its key is gone): the slot gets a

@@ -1,0 +1,383 @@
+//! Parsing: bounds checked once, through `ptr_at`; every header read through `read_at`.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Addr, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const VLAN_HLEN: usize = 4;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// More-fragments flag and fragment offset of IPv4's frag_off field (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+pub const IP_DF: u16 = 0x4000;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers skipped on the way to the transport header.
+const EXT_HOP_BY_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_AUTH: u8 = 51;
+const EXT_DEST_OPTS: u8 = 60;
+/// At most this many extension headers are skipped; a packet with more is passed up.
+const MAX_EXT_HEADERS: usize = 6;
+/// Offset of the flags byte in the TCP header, and the flags that matter here.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// ICMP "destination unreachable / fragmentation needed", ICMPv6 "packet too big".
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMP_HLEN: usize = 8;
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: Addr,
+    pub daddr: Addr,
+}
+
+/// The first four bytes of TCP and UDP headers alike.
+#[repr(C)]
+struct Ports {
+    src: u16,
+    dst: u16,
+}
+
+#[repr(C)]
+struct ExtHdr {
+    next_header: u8,
+    len: u8,
+}
+
+#[repr(C)]
+struct FragHdr {
+    next_header: u8,
+    _reserved: u8,
+    offset_flags: u16,
+    id: u32,
+}
+
+/// Bounds check once, here: a pointer to a `T` at `offset` if the whole `T` lies inside the
+/// packet. Every packet access goes through this.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// Reads a `T` from the packet. Packet data has no alignment guarantee.
+#[inline(always)]
+pub fn read_at<T>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
+    Ok(unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not a fragment.
+    None,
+    /// The first fragment: it has the transport header.
+    First,
+    /// A later fragment: no transport header.
+    Later,
+}
+
+/// What parsing found out about a packet that might belong to a service. For an ICMP error the
+/// addresses, ports and protocol are those of the flow it quotes, turned around to the client's
+/// direction (client → VIP), so it is classified and placed like that flow's packets.
+pub struct Packet {
+    /// Offset of the IP header (after Ethernet and an optional VLAN tag).
+    pub l3: usize,
+    /// Offset of the transport (or ICMP) header, after IPv6 extension headers.
+    pub l4: usize,
+    /// Length of the IP packet (header included), as its header says.
+    pub ip_len: usize,
+    /// The IP total length runs past the frame, or is too short for the headers: the packet is
+    /// not forwarded even when it is addressed to a service.
+    pub malformed: bool,
+    /// A TCP SYN without ACK: a new connection, which always takes the current table's choice.
+    pub syn: bool,
+    /// IPv4 with DF set (IPv6 never fragments on the way).
+    pub dont_fragment: bool,
+    /// An ICMP "fragmentation needed" / "packet too big" about a flow.
+    pub icmp_error: bool,
+    pub frag: Frag,
+    pub frag_id: u32,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    /// The protocol of the IP header itself (differs from `proto` for ICMP errors).
+    pub ip_proto: u8,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    pub fn frag_key(&self) -> FragKey {
+        FragKey {
+            src: self.src,
+            dst: self.dst,
+            id: self.frag_id,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, ()> {
+    let eth_type: u16 = read_at(ctx, 12)?;
+    let mut l3 = ETH_HLEN;
+    let mut ether_type = u16::from_be(eth_type);
+    if ether_type == ETH_P_8021Q {
+        // One 802.1Q tag: the inner type follows the tag control field. The tag stays.
+        let inner: u16 = read_at(ctx, ETH_HLEN + 2)?;
+        ether_type = u16::from_be(inner);
+        l3 += VLAN_HLEN;
+    }
+    match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3),
+        _ => Err(()),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
+    let ip: Ipv4Hdr = read_at(ctx, l3)?;
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Err(());
+    }
+    let ip_len = u16::from_be(ip.tot_len) as usize;
+    let frag_off = u16::from_be(ip.frag_off);
+    let frag = if frag_off & IP_OFFSET != 0 {
+        Frag::Later
+    } else if frag_off & IP_MF != 0 {
+        Frag::First
+    } else {
+        Frag::None
+    };
+    let mut p = Packet {
+        l3,
+        l4: 0,
+        ip_len,
+        malformed: ip_len < ihl || l3 + ip_len > ctx.data_end() - ctx.data(),
+        syn: false,
+        dont_fragment: frag_off & IP_DF != 0,
+        icmp_error: false,
+        frag,
+        frag_id: u16::from_be(ip.id) as u32,
+        src: [ip.saddr, 0, 0, 0],
+        dst: [ip.daddr, 0, 0, 0],
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        family: FAMILY_V4,
+        ip_proto: ip.proto,
+    };
+    p.l4 = l3 + ihl;
+    if ip.proto == PROTO_ICMP && frag == Frag::None {
+        return quoted_flow(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl));
+    }
+    p.l4 = l3 + ihl;
+    transport(ctx, &mut p, l3 + ihl, ip_len.saturating_sub(ihl))?;
+    Ok(p)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
+    let ip: Ipv6Hdr = read_at(ctx, l3)?;
+    if u32::from_be(ip.vtc_flow) >> 28 != 6 {
+        return Err(());
+    }
+    let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
+    let mut p = Packet {
+        l3,
+        l4: 0,
+        ip_len,
+        malformed: l3 + ip_len > ctx.data_end() - ctx.data(),
+        syn: false,
+        dont_fragment: true,
+        icmp_error: false,
+        frag: Frag::None,
+        frag_id: 0,
+        src: ip.saddr,
+        dst: ip.daddr,
+        sport: 0,
+        dport: 0,
+        proto: ip.next_header,
+        family: FAMILY_V6,
+        ip_proto: ip.next_header,
+    };
+    // Extension headers, a bounded number of them.
+    let mut off = l3 + IPV6_HLEN;
+    let mut next = ip.next_header;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        match next {
+            EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
+                let h: ExtHdr = read_at(ctx, off)?;
+                next = h.next_header;
+                off += (h.len as usize + 1) * 8;
+            }
+            EXT_AUTH => {
+                let h: ExtHdr = read_at(ctx, off)?;
+                next = h.next_header;
+                off += (h.len as usize + 2) * 4;
+            }
+            EXT_FRAGMENT => {
+                let h: FragHdr = read_at(ctx, off)?;
+                next = h.next_header;
+                let offset_flags = u16::from_be(h.offset_flags);
+                p.frag = if offset_flags & 0xfff8 != 0 {
+                    Frag::Later
+                } else if offset_flags & 1 != 0 {
+                    Frag::First
+                } else {
+                    Frag::None
+                };
+                p.frag_id = h.id;
+                off += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    p.proto = next;
+    p.ip_proto = next;
+    let header_bytes = off - l3;
+    if header_bytes > ip_len {
+        p.malformed = true;
+    }
+    p.l4 = off;
+    if next == PROTO_ICMPV6 && p.frag == Frag::None {
+        return quoted_flow(ctx, p, off, ip_len.saturating_sub(header_bytes));
+    }
+    transport(ctx, &mut p, off, ip_len.saturating_sub(header_bytes))?;
+    Ok(p)
+}
+
+/// Ports (and the SYN flag) of a TCP or UDP packet whose transport header starts at `l4`;
+/// later fragments have none. `Err` for other protocols and for a frame too short to show the
+/// ports; a transport header that the IP length or the frame cuts short marks it malformed.
+#[inline(always)]
+fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Result<(), ()> {
+    if p.proto != PROTO_TCP && p.proto != PROTO_UDP {
+        return Err(());
+    }
+    if p.frag == Frag::Later {
+        return Ok(());
+    }
+    let ports: Ports = read_at(ctx, l4)?;
+    p.sport = ports.src;
+    p.dport = ports.dst;
+    if l4_len < size_of::<Ports>() {
+        p.malformed = true;
+    }
+    if p.proto == PROTO_TCP {
+        // Data offset and flags as one read: single-byte reads at variable offsets get bounds
+        // checks the verifier cannot follow once LLVM rewrites them.
+        match read_at::<[u8; 2]>(ctx, l4 + TCP_FLAGS_OFFSET - 1) {
+            Ok([_, flags]) => p.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            Err(()) => p.malformed = true,
+        }
+    }
+    Ok(())
+}
+
+/// An ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) quotes the start of a
+/// packet the VIP sent (VIP → client); the packet is classified as that flow in the client's
+/// direction, so it reaches the backend that owns the flow. Other ICMP is not ours.
+#[inline(always)]
+fn quoted_flow(ctx: &XdpContext, mut p: Packet, l4: usize, l4_len: usize) -> Result<Packet, ()> {
+    let [icmp_type, code]: [u8; 2] = read_at(ctx, l4)?;
+    let quote = l4 + ICMP_HLEN;
+    let (inner_src, inner_dst, inner_proto, ports_at) = if p.family == FAMILY_V4 {
+        if icmp_type != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+            return Err(());
+        }
+        let inner: Ipv4Hdr = read_at(ctx, quote)?;
+        let ihl = ((inner.version_ihl & 0x0f) as usize) * 4;
+        if inner.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+            return Err(());
+        }
+        (
+            [inner.saddr, 0, 0, 0],
+            [inner.daddr, 0, 0, 0],
+            inner.proto,
+            quote + ihl,
+        )
+    } else {
+        if icmp_type != ICMPV6_PACKET_TOO_BIG {
+            return Err(());
+        }
+        let inner: Ipv6Hdr = read_at(ctx, quote)?;
+        (
+            inner.saddr,
+            inner.daddr,
+            inner.next_header,
+            quote + IPV6_HLEN,
+        )
+    };
+    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+        return Err(());
+    }
+    let ports: Ports = read_at(ctx, ports_at)?;
+    if l4_len < ports_at + size_of::<Ports>() - l4 {
+        p.malformed = true;
+    }
+    // The quoted packet went VIP → client: turned around.
+    p.src = inner_dst;
+    p.dst = inner_src;
+    p.sport = ports.dst;
+    p.dport = ports.src;
+    p.proto = inner_proto;
+    p.icmp_error = true;
+    Ok(p)
+}

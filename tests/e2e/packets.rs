@@ -1,0 +1,584 @@
+//! Packet-level fixtures through BPF_PROG_TEST_RUN for the complete data path: IPv6 (with
+//! extension headers), fragments, ICMP errors about flows, tunnel encapsulation compared byte
+//! for byte. Needs root (fails loudly without it).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use lb_common::{
+    Backend, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, hash,
+    maglev::{MaglevBackend, build_table},
+    service_flags,
+};
+use lb_tests::packet::{
+    Frame, checksum, icmp_frag_needed, icmpv6_too_big, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_ext,
+    ipv6_frag, ipv6_tcp, tcp_ports,
+};
+use lb_userspace::{
+    datapath::{self, Datapath},
+    state::{family, to_addr},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const SEED: [u64; 2] = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
+const TABLE: u32 = 65_537;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const VIP_TUNNEL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const VIP_5TUPLE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const VIP6_TUNNEL: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
+const TUNNEL_SRC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const MTU: u16 = 1500;
+
+fn mac(id: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x0b, id as u8]
+}
+
+/// The services of the fixture: (key, flags, backend addresses, tunnel source).
+struct Svc {
+    vip: IpAddr,
+    port: u16,
+    proto: u8,
+    flags: u32,
+    backends: Vec<IpAddr>,
+    tunnel_src: Option<IpAddr>,
+}
+
+struct Fixture {
+    dp: Datapath,
+    dir: PathBuf,
+    /// Per service: (first backend id, table).
+    tables: Vec<(u32, Vec<u32>)>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = datapath::cleanup(&self.dir);
+    }
+}
+
+fn services() -> Vec<Svc> {
+    let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
+    let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
+    vec![
+        Svc {
+            vip: VIP.into(),
+            port: 80,
+            proto: 6,
+            flags: 0,
+            backends: vec![v4(11), v4(12), v4(13)],
+            tunnel_src: None,
+        },
+        Svc {
+            vip: VIP6.into(),
+            port: 80,
+            proto: 6,
+            flags: 0,
+            backends: vec![v6(0x11), v6(0x12), v6(0x13)],
+            tunnel_src: None,
+        },
+        Svc {
+            vip: VIP_TUNNEL.into(),
+            port: 53,
+            proto: 17,
+            flags: service_flags::TUNNEL,
+            backends: vec![v4(21), v4(22)],
+            tunnel_src: Some(TUNNEL_SRC.into()),
+        },
+        Svc {
+            vip: VIP_5TUPLE.into(),
+            port: 443,
+            proto: 6,
+            flags: service_flags::HASH_5TUPLE,
+            backends: vec![v4(31), v4(32)],
+            tunnel_src: None,
+        },
+        Svc {
+            vip: VIP6_TUNNEL.into(),
+            port: 53,
+            proto: 17,
+            flags: service_flags::TUNNEL,
+            backends: vec![v6(0x21), v6(0x22)],
+            tunnel_src: Some(TUNNEL_SRC6.into()),
+        },
+    ]
+}
+
+fn fixture() -> Fixture {
+    lb_tests::require_root();
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/lbt-pk-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut dp = Datapath::open(&dir, 4096, &[]).expect("loading the XDP program");
+    dp.set_config(SEED).unwrap();
+    let mut next = 0u32;
+    let mut tables = vec![];
+    let mut vips = vec![];
+    for (sid, s) in services().into_iter().enumerate() {
+        let first = next;
+        let mut live = vec![];
+        for addr in &s.backends {
+            let b = Backend {
+                addr: to_addr(*addr),
+                tunnel_src: s.tunnel_src.map(to_addr).unwrap_or_default(),
+                mac: mac(next),
+                src_mac: LB_MAC,
+                ifindex: 1,
+                service: sid as u32,
+                family: family(*addr),
+                flags: backend_flags::VALID,
+                mtu: MTU,
+            };
+            dp.set_backend(next, &b).unwrap();
+            live.push(MaglevBackend {
+                id: next,
+                addr: b.addr,
+                weight: 100,
+            });
+            next += 1;
+        }
+        let table = build_table(&SEED, &live, TABLE);
+        let value = ServiceValue {
+            id: sid as u32,
+            flags: s.flags,
+            table_size: TABLE,
+            _pad: 0,
+        };
+        let key = ServiceKey {
+            addr: to_addr(s.vip),
+            port: s.port.to_be(),
+            proto: s.proto,
+            family: family(s.vip),
+        };
+        dp.set_service(&key, &value, &table).unwrap();
+        let mut vip_value = value;
+        if s.flags & service_flags::HASH_5TUPLE != 0 {
+            vip_value.flags |= service_flags::NO_LATE_FRAGMENTS;
+        }
+        vips.push((
+            VipKey {
+                addr: to_addr(s.vip),
+                proto: s.proto,
+                family: family(s.vip),
+                _pad: [0; 2],
+            },
+            vip_value,
+        ));
+        tables.push((first, table));
+    }
+    dp.set_vips(&vips).unwrap();
+    Fixture { dp, dir, tables }
+}
+
+impl Fixture {
+    /// The backend id lb-common chooses for `src` in service `sid` (source hash).
+    fn predicted(&self, sid: usize, src: IpAddr) -> u32 {
+        let h = hash::hash_source(&SEED, &to_addr(src));
+        self.tables[sid].1[hash::slot(h, TABLE) as usize]
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.dp.test_run(frame).unwrap()
+    }
+
+    /// Runs a frame that must be forwarded by MAC rewrite only; returns the backend id.
+    fn dsr(&self, frame: &Frame) -> u32 {
+        let (action, out) = self.run(&frame.bytes);
+        assert_eq!(action, XDP_TX, "not forwarded");
+        assert_eq!(&out[6..12], &LB_MAC);
+        assert_eq!(&out[12..], &frame.bytes[12..], "only the MACs may change");
+        let id = out[5] as u32;
+        assert_eq!(out[0..6], mac(id));
+        id
+    }
+
+    fn reason(&self, r: Reason) -> u64 {
+        self.dp
+            .reason_counts()
+            .into_iter()
+            .find(|(x, _)| *x == r)
+            .unwrap()
+            .1
+    }
+
+    fn passes_unchanged(&self, what: &str, frame: &[u8]) {
+        let (action, out) = self.run(frame);
+        assert_eq!(action, XDP_PASS, "{what}");
+        assert_eq!(out, frame, "{what} must come out unchanged");
+    }
+}
+
+fn c4(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, i)
+}
+
+fn c6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, i)
+}
+
+#[test]
+fn ipv6_vip_is_forwarded_to_the_predicted_backend_also_through_extension_headers() {
+    let f = fixture();
+    for i in 1..=20u16 {
+        let src = c6(i);
+        let plain = ipv6_tcp(CLIENT_MAC, LB_MAC, src, VIP6, 40000, 80, 0x02, &[]);
+        let want = f.predicted(1, src.into());
+        assert_eq!(f.dsr(&plain), want, "client {src}");
+        let with_ext = ipv6_tcp(
+            CLIENT_MAC,
+            LB_MAC,
+            src,
+            VIP6,
+            40001,
+            80,
+            0x02,
+            &[ipv6_ext(0), ipv6_ext(60), ipv6_ext(43)],
+        );
+        assert_eq!(
+            f.dsr(&with_ext),
+            want,
+            "client {src} with extension headers"
+        );
+    }
+    // VLAN-tagged too.
+    let tagged = ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 40000, 80, 0x02, &[]).with_vlan(7);
+    let (action, out) = f.run(&tagged.bytes);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[12..16], &[0x81, 0, 0, 7]);
+}
+
+#[test]
+fn ipv6_that_is_not_ours_passes_unchanged() {
+    let f = fixture();
+    let other = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99);
+    f.passes_unchanged(
+        "non-VIP",
+        &ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), other, 1, 80, 2, &[]).bytes,
+    );
+    f.passes_unchanged(
+        "VIP, other port",
+        &ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 1, 81, 2, &[]).bytes,
+    );
+    // More extension headers than the program walks: not classifiable, left alone.
+    let many: Vec<_> = (0..7).map(|_| ipv6_ext(60)).collect();
+    f.passes_unchanged(
+        "7 extension headers",
+        &ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 1, 80, 2, &many).bytes,
+    );
+    // Cut at every length: never read past the end, never rewritten.
+    let full = ipv6_tcp(
+        CLIENT_MAC,
+        LB_MAC,
+        c6(2),
+        VIP6,
+        40000,
+        80,
+        2,
+        &[ipv6_ext(0)],
+    )
+    .bytes;
+    for len in 14..full.len() {
+        let (action, out) = f.run(&full[..len]);
+        assert_eq!(action, XDP_PASS, "cut at {len}");
+        assert_eq!(out, &full[..len], "cut at {len}");
+    }
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_or_the_source_hash() {
+    let f = fixture();
+    // A UDP-sized TCP datagram in two fragments: the first carries the ports.
+    let src = c4(40);
+    let whole = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 80, 0x10, &[7; 64]);
+    let l4 = &whole.bytes[34..];
+    let first = ipv4_raw(CLIENT_MAC, LB_MAC, src, VIP, 6, 0x4242, 0x2000, &l4[..48]);
+    let later = ipv4_raw(CLIENT_MAC, LB_MAC, src, VIP, 6, 0x4242, 48 / 8, &l4[48..]);
+    let b = f.dsr(&first);
+    assert_eq!(f.dsr(&later), b, "the later fragment follows the first");
+    // A later fragment whose first was never seen: the VIP's source-hashed service places it.
+    let orphan = ipv4_raw(CLIENT_MAC, LB_MAC, c4(41), VIP, 6, 0x4343, 6, &l4[48..]);
+    assert_eq!(f.dsr(&orphan), f.predicted(0, c4(41).into()));
+
+    // 5-tuple hashing cannot place an orphan fragment: passed up and counted.
+    let before = f.reason(Reason::UnsupportedFragment);
+    let orphan5 = ipv4_raw(
+        CLIENT_MAC,
+        LB_MAC,
+        c4(42),
+        VIP_5TUPLE,
+        6,
+        0x4444,
+        6,
+        &l4[48..],
+    );
+    f.passes_unchanged("orphan fragment of a 5-tuple service", &orphan5.bytes);
+    assert_eq!(f.reason(Reason::UnsupportedFragment), before + 1);
+    // ...but follows its first fragment when that came first.
+    let whole5 = ipv4_tcp(
+        CLIENT_MAC,
+        LB_MAC,
+        c4(42),
+        VIP_5TUPLE,
+        40000,
+        443,
+        0x10,
+        &[7; 64],
+    );
+    let first5 = ipv4_raw(
+        CLIENT_MAC,
+        LB_MAC,
+        c4(42),
+        VIP_5TUPLE,
+        6,
+        0x4545,
+        0x2000,
+        &whole5.bytes[34..82],
+    );
+    let later5 = ipv4_raw(
+        CLIENT_MAC,
+        LB_MAC,
+        c4(42),
+        VIP_5TUPLE,
+        6,
+        0x4545,
+        6,
+        &whole5.bytes[82..],
+    );
+    let b5 = f.dsr(&first5);
+    assert_eq!(f.dsr(&later5), b5);
+
+    // IPv6: the fragment header.
+    let src6 = c6(40);
+    let first6 = ipv6_tcp(
+        CLIENT_MAC,
+        LB_MAC,
+        src6,
+        VIP6,
+        40000,
+        80,
+        0x10,
+        &[ipv6_frag(0, true, 77)],
+    );
+    let b6 = f.dsr(&first6);
+    let mut later6 = lb_tests::packet::ipv6(
+        CLIENT_MAC,
+        LB_MAC,
+        src6,
+        VIP6,
+        &[ipv6_frag(3, false, 77)],
+        6,
+        &[9; 24],
+    );
+    assert_eq!(f.dsr(&later6), b6);
+    later6 = lb_tests::packet::ipv6(
+        CLIENT_MAC,
+        LB_MAC,
+        c6(41),
+        VIP6,
+        &[ipv6_frag(3, false, 78)],
+        6,
+        &[9; 24],
+    );
+    assert_eq!(f.dsr(&later6), f.predicted(1, c6(41).into()));
+}
+
+#[test]
+fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
+    let mut f = fixture();
+    let client = c4(50);
+    // The flow's SYN goes to the table's choice; then the table changes, the flow stays.
+    let b = f.dsr(&ipv4_tcp(
+        CLIENT_MAC, LB_MAC, client, VIP, 41000, 80, 0x02, b"",
+    ));
+    let other = if b == 0 { 1 } else { 0 };
+    let only_other = build_table(
+        &SEED,
+        &[MaglevBackend {
+            id: other,
+            addr: to_addr(Ipv4Addr::new(192, 0, 2, 11 + other as u8).into()),
+            weight: 1,
+        }],
+        TABLE,
+    );
+    f.dp.swap_table(0, &only_other).unwrap();
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    // The backend sent VIP:80 → client:41000; a router on the way answers "fragmentation
+    // needed" to the VIP.
+    let icmp = icmp_frag_needed(
+        CLIENT_MAC, LB_MAC, router, VIP, VIP, client, 80, 41000, 1400,
+    );
+    assert_eq!(
+        f.dsr(&icmp),
+        b,
+        "to the backend that owns the flow, not the table's choice"
+    );
+    // A flow the connection table does not know: the table's choice for the client.
+    let icmp = icmp_frag_needed(
+        CLIENT_MAC,
+        LB_MAC,
+        router,
+        VIP,
+        VIP,
+        c4(51),
+        80,
+        42000,
+        1400,
+    );
+    assert_eq!(f.dsr(&icmp), other);
+
+    // IPv6 "packet too big".
+    let client6 = c6(50);
+    let b6 = f.dsr(&ipv6_tcp(
+        CLIENT_MAC,
+        LB_MAC,
+        client6,
+        VIP6,
+        41000,
+        80,
+        0x02,
+        &[],
+    ));
+    let router6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+    let ptb = icmpv6_too_big(
+        CLIENT_MAC, LB_MAC, router6, VIP6, VIP6, client6, 80, 41000, 1280,
+    );
+    assert_eq!(f.dsr(&ptb), b6);
+
+    // Other ICMP to the VIP (an echo request) is the host's business.
+    let mut echo = vec![8, 0, 0, 0, 0, 1, 0, 1];
+    let c = checksum(&echo, 0);
+    echo[2..4].copy_from_slice(&c.to_be_bytes());
+    let ping = ipv4_raw(CLIENT_MAC, LB_MAC, client, VIP, 1, 1, 0, &echo);
+    f.passes_unchanged("echo request to the VIP", &ping.bytes);
+    // An ICMP error quoting a flow of no service passes.
+    let stray = icmp_frag_needed(
+        CLIENT_MAC, LB_MAC, router, VIP, VIP, client, 8080, 41000, 1400,
+    );
+    f.passes_unchanged("frag-needed about a non-service flow", &stray.bytes);
+    let _ = tcp_ports(0, 0);
+}
+
+/// The expected IPv4-in-IPv4 frame for `inner` sent to backend `id` at `backend`.
+fn encapsulated_v4(inner: &Frame, id: u32, backend: Ipv4Addr) -> Vec<u8> {
+    let ip = &inner.bytes[14..];
+    let mut outer = [0u8; 20];
+    outer[0] = 0x45;
+    outer[2..4].copy_from_slice(&((ip.len() + 20) as u16).to_be_bytes());
+    outer[6] = ip[6] & 0x40; // DF follows the inner header
+    outer[8] = 64;
+    outer[9] = 4;
+    outer[12..16].copy_from_slice(&TUNNEL_SRC.octets());
+    outer[16..20].copy_from_slice(&backend.octets());
+    let c = checksum(&outer, 0);
+    outer[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = mac(id).to_vec();
+    out.extend_from_slice(&LB_MAC);
+    out.extend_from_slice(&[0x08, 0x00]);
+    out.extend_from_slice(&outer);
+    out.extend_from_slice(ip);
+    out
+}
+
+#[test]
+fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
+    let f = fixture();
+    for i in 1..=10u8 {
+        let src = c4(60 + i);
+        let inner = ipv4_udp(CLIENT_MAC, LB_MAC, src, VIP_TUNNEL, 5353, 53, b"query");
+        let id = f.predicted(2, src.into());
+        let backend = Ipv4Addr::new(192, 0, 2, 21 + (id - f.tables[2].0) as u8);
+        let (action, out) = f.run(&inner.bytes);
+        assert_eq!(action, XDP_TX, "client {src}");
+        assert_eq!(
+            out,
+            encapsulated_v4(&inner, id, backend),
+            "client {src}: byte for byte"
+        );
+        // The outer header's checksum verifies.
+        assert_eq!(checksum(&out[14..34], 0), 0);
+    }
+    // IPv6-in-IPv6.
+    let src6 = c6(60);
+    let inner6 = {
+        let mut udp = vec![0u8; 8];
+        udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+        lb_tests::packet::ipv6(CLIENT_MAC, LB_MAC, src6, VIP6_TUNNEL, &[], 17, &udp)
+    };
+    let id6 = f.predicted(4, src6.into());
+    let (action, out) = f.run(&inner6.bytes);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[0..6], &mac(id6));
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    assert_eq!(out[14] >> 4, 6);
+    assert_eq!(
+        u16::from_be_bytes([out[18], out[19]]) as usize,
+        inner6.bytes.len() - 14
+    );
+    assert_eq!(out[20], 41, "next header: IPv6");
+    assert_eq!(&out[22..38], &TUNNEL_SRC6.octets());
+    assert_eq!(
+        &out[54..],
+        &inner6.bytes[14..],
+        "the inner packet unchanged"
+    );
+
+    // A packet that would exceed the MTU once encapsulated: dropped and counted.
+    let before = f.reason(Reason::TooBig);
+    let big = ipv4_udp(
+        CLIENT_MAC,
+        LB_MAC,
+        c4(70),
+        VIP_TUNNEL,
+        5353,
+        53,
+        &[0; 1481 - 28],
+    );
+    let (action, _) = f.run(&big.bytes);
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(f.reason(Reason::TooBig), before + 1);
+    // One that just fits is sent.
+    let fits = ipv4_udp(
+        CLIENT_MAC,
+        LB_MAC,
+        c4(70),
+        VIP_TUNNEL,
+        5353,
+        53,
+        &[0; 1480 - 28],
+    );
+    assert_eq!(f.run(&fits.bytes).0, XDP_TX);
+}
+
+#[test]
+fn every_reason_is_counted() {
+    let f = fixture();
+    // malformed: IP total length past the frame.
+    let mut m = ipv4_tcp(CLIENT_MAC, LB_MAC, c4(80), VIP, 1, 80, 2, b"").bytes;
+    m[16..18].copy_from_slice(&200u16.to_be_bytes());
+    let before = f.reason(Reason::Malformed);
+    f.passes_unchanged("IP length past the frame", &m);
+    assert_eq!(f.reason(Reason::Malformed), before + 1);
+    // unsupported fragment and too big: see the tests above; no backend:
+    let mut f = f;
+    f.dp.swap_table(0, &vec![lb_common::NO_BACKEND; TABLE as usize])
+        .unwrap();
+    let before = f.reason(Reason::NoBackend);
+    let (action, _) = f.run(&ipv4_tcp(CLIENT_MAC, LB_MAC, c4(81), VIP, 1, 80, 2, b"").bytes);
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(f.reason(Reason::NoBackend), before + 1);
+}
