@@ -66,7 +66,14 @@ fn fixture(weights: [u32; 3]) -> Fixture {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut dp = Datapath::open(&dir, 4096, &[]).expect("loading the XDP program");
+    let mut dp = match Datapath::open(&dir, 4096, &[]) {
+        Ok(dp) => dp,
+        Err(e) => {
+            // No fixture exists yet to clean up on drop: remove what the attempt pinned.
+            let _ = datapath::cleanup(&dir);
+            panic!("loading the XDP program: {e}");
+        }
+    };
     dp.set_config(SEED).unwrap();
     let mut live = vec![];
     for i in 0..3u32 {

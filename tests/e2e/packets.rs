@@ -122,7 +122,14 @@ fn fixture() -> Fixture {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut dp = Datapath::open(&dir, 4096, &[]).expect("loading the XDP program");
+    let mut dp = match Datapath::open(&dir, 4096, &[]) {
+        Ok(dp) => dp,
+        Err(e) => {
+            // No fixture exists yet to clean up on drop: remove what the attempt pinned.
+            let _ = datapath::cleanup(&dir);
+            panic!("loading the XDP program: {e}");
+        }
+    };
     dp.set_config(SEED).unwrap();
     let mut next = 0u32;
     let mut tables = vec![];
