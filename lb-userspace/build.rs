@@ -11,9 +11,12 @@ fn main() -> anyhow::Result<()> {
     aya_build::build_ebpf([package], aya_build::Toolchain::default())?;
     // With AYA_BUILD_SKIP=1 (quick host-only builds) there is no object: leave an empty one so
     // the crate still compiles; lbd then refuses to load it with a clear message.
-    let object = std::path::Path::new(&std::env::var("OUT_DIR")?).join("lb");
-    if !object.exists() {
-        std::fs::write(&object, [])?;
+    // The same for the backends' decapsulation program (`lbd decap`).
+    for name in ["lb", "lb-decap"] {
+        let object = std::path::Path::new(&std::env::var("OUT_DIR")?).join(name);
+        if !object.exists() {
+            std::fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

@@ -287,3 +287,45 @@ mod layout_tests {
         assert_eq!(size_of::<VipKey>(), 20);
     }
 }
+
+/// The decapsulation program backends run (`lbd decap`): it strips the outer header of
+/// IPv4-in-IPv4 and IPv6-in-IPv6 packets addressed to the interface's own addresses, which
+/// `lbd decap` keeps in the `ADDRS` map (one map per interface).
+pub mod decap {
+    use super::Addr;
+
+    /// Name of the XDP program in the `lb-decap` object.
+    pub const PROGRAM_NAME: &str = "lb_decap";
+    /// Name of the map of the interface's own addresses (keys: [`AddrKey`], values: 1).
+    pub const ADDRS: &str = "DECAP_ADDRS";
+    /// Addresses the map holds at most.
+    pub const MAX_ADDRS: u32 = 256;
+    /// Version of the decapsulation map's layout; part of the map's pin name, so a `lbd decap`
+    /// never opens a map of another layout as its own.
+    pub const LAYOUT_VERSION: u32 = 1;
+
+    /// Key of `ADDRS`: an address of the interface.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct AddrKey {
+        /// As on the wire; an IPv4 address fills the first word, the rest are zero.
+        pub addr: Addr,
+        /// `FAMILY_V4` or `FAMILY_V6`.
+        pub family: u8,
+        pub _pad: [u8; 3],
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn addr_key_has_no_hidden_padding() {
+            assert_eq!(core::mem::size_of::<super::AddrKey>(), 20);
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod decap_pod {
+    // SAFETY: #[repr(C)], integers and integer arrays only, padding spelled out as a field.
+    unsafe impl aya::Pod for super::decap::AddrKey {}
+}

@@ -118,7 +118,7 @@ type Chosen = (ServiceValue, u32, &'static Backend);
 #[inline(always)]
 fn classify_and_choose(p: &Packet) -> Result<Result<Chosen, Reason>, ()> {
     if p.frag == Frag::Later {
-        return Ok(follow_first_fragment(p));
+        return follow_first_fragment(p);
     }
     let service = classify(p)?;
     if p.malformed {
@@ -167,27 +167,35 @@ fn classify(p: &Packet) -> Result<ServiceValue, ()> {
 /// A fragment after the first: where its first fragment went; else, for a VIP with a single
 /// source-hashed service, that service's choice for the client (no port needed).
 #[inline(always)]
-fn follow_first_fragment(p: &Packet) -> Result<Chosen, Reason> {
-    if let Some(v) = FRAGS.get_ptr(&p.frag_key()) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        let v = unsafe { *v };
-        let b = usable_backend(v.backend, &v.service).ok_or(Reason::UnsupportedFragment)?;
-        return Ok((v.service, v.backend, b));
-    }
+fn follow_first_fragment(p: &Packet) -> Result<Result<Chosen, Reason>, ()> {
+    // Every VIP has an entry per protocol: a miss means the fragment is not ours.
     let key = VipKey {
         addr: p.dst,
         proto: p.proto,
         family: p.family,
         _pad: [0; 2],
     };
-    // SAFETY: as above.
-    let service = unsafe { *VIPS.get_ptr(&key).ok_or(Reason::UnsupportedFragment)? };
-    if service.flags & service_flags::NO_LATE_FRAGMENTS != 0 {
-        return Err(Reason::UnsupportedFragment);
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let service = unsafe { *VIPS.get_ptr(&key).ok_or(())? };
+    if p.malformed {
+        return Ok(Err(Reason::Malformed));
     }
-    let id = choose(p, &service)?;
-    let b = usable_backend(id, &service).ok_or(Reason::MissingState)?;
-    Ok((service, id, b))
+    if let Some(v) = FRAGS.get_ptr(&p.frag_key()) {
+        // SAFETY: as above.
+        let v = unsafe { *v };
+        return Ok(match usable_backend(v.backend, &v.service) {
+            Some(b) => Ok((v.service, v.backend, b)),
+            None => Err(Reason::UnsupportedFragment),
+        });
+    }
+    if service.flags & service_flags::NO_LATE_FRAGMENTS != 0 {
+        return Ok(Err(Reason::UnsupportedFragment));
+    }
+    Ok(choose(p, &service).and_then(|id| {
+        usable_backend(id, &service)
+            .map(|b| (service, id, b))
+            .ok_or(Reason::MissingState)
+    }))
 }
 
 /// A backend entry that may take this service's packets.

@@ -28,6 +28,8 @@ const EXT_DEST_OPTS: u8 = 60;
 const MAX_EXT_HEADERS: usize = 6;
 /// Offset of the flags byte in the TCP header, and the flags that matter here.
 const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 /// ICMP "destination unreachable / fragmentation needed", ICMPv6 "packet too big".
@@ -317,7 +319,14 @@ fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Resu
     let ports: Ports = read_at(ctx, l4)?;
     p.sport = ports.src;
     p.dport = ports.dst;
-    if l4_len < size_of::<Ports>() {
+    // The whole fixed header must lie inside the IP packet: bytes past it (Ethernet padding)
+    // must not decide anything, and a first fragment too short for it is not forwarded.
+    let header = if p.proto == PROTO_TCP {
+        TCP_MIN_HLEN
+    } else {
+        UDP_HLEN
+    };
+    if l4_len < header {
         p.malformed = true;
     }
     if p.proto == PROTO_TCP {

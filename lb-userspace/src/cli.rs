@@ -139,4 +139,28 @@ pub struct LbdArgs {
     /// Print a shell completion script and exit.
     #[arg(long, hide = true, value_name = "SHELL")]
     pub completions: Option<clap_complete::Shell>,
+    #[command(subcommand)]
+    pub command: Option<LbdCommand>,
+}
+
+/// lbd's subcommands (without one, lbd runs the daemon).
+#[derive(Subcommand, Debug)]
+pub enum LbdCommand {
+    /// Backends of `tunnel` services: attach lb's decapsulation program to an interface.
+    ///
+    /// The program strips the outer header of IPv4-in-IPv4 and IPv6-in-IPv6 packets addressed
+    /// to the interface's own addresses and passes everything else untouched. lbd decap pins
+    /// it and exits; running it again changes nothing but the address map, which it brings up
+    /// to date (run it again after an address change). `--remove` detaches it.
+    Decap {
+        /// The interface the tunnelled packets arrive on.
+        #[arg(long, short)]
+        interface: String,
+        /// Where the link and the address map are pinned (one folder per network namespace).
+        #[arg(long, default_value = crate::decap::DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        /// Detach the program from the interface and remove its pins.
+        #[arg(long)]
+        remove: bool,
+    },
 }

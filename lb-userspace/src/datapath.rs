@@ -38,39 +38,66 @@ pub enum DatapathError {
         "this lbd was built without its XDP program (AYA_BUILD_SKIP was set): rebuild it normally"
     )]
     NoProgram,
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    // The causes are kept as text with their whole chain (aya's errors keep the errno in
+    // their sources), so a message says everything once, however it is printed.
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: String },
     #[error("loading the XDP program: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("{what}: {source}")]
-    Program {
-        what: String,
-        source: aya::programs::ProgramError,
-    },
-    #[error("{what}: {source}")]
-    Map {
-        what: String,
-        source: aya::maps::MapError,
-    },
+    Load(String),
+    #[error("{what}: {cause}")]
+    Program { what: String, cause: String },
+    #[error("{what}: {cause}")]
+    Map { what: String, cause: String },
     #[error("{0}")]
     Other(String),
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
+/// An error and its sources, each message once: "failed to create map `X`: Operation not
+/// permitted (os error 1)".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Wrappers often repeat their source's message; keep what is new.
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
     let what = what.into();
-    move |source| DatapathError::Io { what, source }
+    move |e| DatapathError::Io {
+        what,
+        cause: error_chain(&e),
+    }
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let what = what.into();
-    move |source| DatapathError::Map { what, source }
+    move |e| DatapathError::Map {
+        what,
+        cause: error_chain(&e),
+    }
 }
 
 fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
     let what = what.into();
-    move |source| DatapathError::Program { what, source }
+    move |e| DatapathError::Program {
+        what,
+        cause: error_chain(&e),
+    }
+}
+
+impl From<aya::EbpfError> for DatapathError {
+    fn from(e: aya::EbpfError) -> Self {
+        DatapathError::Load(error_chain(&e))
+    }
 }
 
 /// Where an interface's link is pinned.
@@ -118,7 +145,7 @@ pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
         if rc != 0 {
             return Err(DatapathError::Io {
                 what: "mounting bpffs at /sys/fs/bpf".into(),
-                source: io::Error::last_os_error(),
+                cause: io::Error::last_os_error().to_string(),
             });
         }
     }
@@ -363,10 +390,16 @@ impl Datapath {
         for interface in interfaces {
             let pin = link_pin(bpffs_dir, interface);
             let link: FdLink = PinnedLink::from_pin(&pin)
-                .map_err(|e| DatapathError::Other(format!("opening {}: {e}", pin.display())))?
+                .map_err(|e| {
+                    DatapathError::Other(format!("opening {}: {}", pin.display(), error_chain(&e)))
+                })?
                 .into();
             let info = link.info().map_err(|e| {
-                DatapathError::Other(format!("reading link {}: {e}", pin.display()))
+                DatapathError::Other(format!(
+                    "reading link {}: {}",
+                    pin.display(),
+                    error_chain(&e)
+                ))
             })?;
             program_id = info.program_id();
             attachments.push(Attachment {
@@ -488,7 +521,10 @@ impl Datapath {
                 }
                 Err(e) => {
                     if tries.len() > 1 {
-                        warn!("{interface}: {label} XDP attach failed ({e}); trying the next mode");
+                        warn!(
+                            "{interface}: {label} XDP attach failed ({}); trying the next mode",
+                            error_chain(&e)
+                        );
                     }
                     last_err = Some(e);
                 }
@@ -496,21 +532,24 @@ impl Datapath {
         }
         Err(DatapathError::Program {
             what: format!("{interface} cannot take the XDP program in mode {mode:?}"),
-            source: last_err.expect("at least one mode was tried"),
+            cause: error_chain(&last_err.expect("at least one mode was tried")),
         })
     }
 
     fn replace_in_link(&mut self, pin: &Path) -> std::result::Result<u32, String> {
-        let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| error_chain(&e))?;
         let fd_link: FdLink = pinned.into();
-        let link_id = fd_link.info().map(|i| i.id()).map_err(|e| e.to_string())?;
-        let xdp_link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
+        let link_id = fd_link
+            .info()
+            .map(|i| i.id())
+            .map_err(|e| error_chain(&e))?;
+        let xdp_link = XdpLink::try_from(fd_link).map_err(|e| error_chain(&e))?;
         let program = self.program();
         let id = program
             .attach_to_link(xdp_link)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| error_chain(&e))?;
         // The link stays pinned; dropping our handle must not detach it.
-        let link = program.take_link(id).map_err(|e| e.to_string())?;
+        let link = program.take_link(id).map_err(|e| error_chain(&e))?;
         drop(link);
         Ok(link_id)
     }
@@ -698,7 +737,12 @@ impl Datapath {
         self.maps
             .devmap
             .insert(ifindex, ifindex, None, 0)
-            .map_err(|e| DatapathError::Other(format!("adding interface {ifindex} to DEVMAP: {e}")))
+            .map_err(|e| {
+                DatapathError::Other(format!(
+                    "adding interface {ifindex} to DEVMAP: {}",
+                    error_chain(&e)
+                ))
+            })
     }
 
     /// Frees a removed service's Maglev table (after its key is gone): the slot gets a

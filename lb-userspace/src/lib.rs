@@ -12,6 +12,7 @@ pub mod config;
 pub mod config_edit;
 pub mod daemon;
 pub mod datapath;
+pub mod decap;
 pub mod health;
 pub mod metrics;
 pub mod netlink;

@@ -489,6 +489,9 @@ fn drained_stream_completes_byte_exact() {
     let mut s = t
         .connect_tcp(ns, Some(src), vip(), Duration::from_secs(2))
         .unwrap();
+    // A small receive window keeps most of the file unsent until after the changes below, so
+    // the flow really crosses the balancer while its backend is drained.
+    lb_tests::http::set_recv_buffer(&s, 32 * 1024).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let sport = s.local_addr().unwrap().port();
     s.write_all(

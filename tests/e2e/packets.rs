@@ -589,3 +589,23 @@ fn every_reason_is_counted() {
     assert_eq!(action, XDP_DROP);
     assert_eq!(f.reason(Reason::NoBackend), before + 1);
 }
+
+#[test]
+fn ipv4_options_are_skipped_to_the_ports() {
+    let f = fixture();
+    let src = c4(90);
+    let plain = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 80, 0x02, b"");
+    // The same segment with a 4-byte option (NOP, NOP, NOP, end of list): IHL 6.
+    let mut b = plain.bytes[..34].to_vec();
+    b.extend_from_slice(&[1, 1, 1, 0]);
+    b.extend_from_slice(&plain.bytes[34..]);
+    b[14] = 0x46;
+    let total = (b.len() - 14) as u16;
+    b[16..18].copy_from_slice(&total.to_be_bytes());
+    b[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&b[14..38], 0);
+    b[24..26].copy_from_slice(&c.to_be_bytes());
+    let with_options = Frame { bytes: b };
+    assert_eq!(f.dsr(&with_options), f.predicted(0, src.into()));
+    assert_eq!(f.dsr(&plain), f.predicted(0, src.into()));
+}

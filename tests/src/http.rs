@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+/// Sets the receive buffer (SO_RCVBUF) of `stream` to `bytes`, turning its autotuning off: a
+/// reader that pauses then holds the sender back after about that much, instead of letting a
+/// whole download land in a buffer of several MiB. Best set before the request is sent.
+pub fn set_recv_buffer(stream: &TcpStream, bytes: usize) -> Result<()> {
+    crate::sys::set_recv_buffer(stream, bytes).context("setting SO_RCVBUF")
+}
+
 /// A parsed HTTP response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpReply {

@@ -234,3 +234,27 @@ impl Lbd<'_> {
         Ok(tail)
     }
 }
+
+/// Like [`start_lbd`] (writes `config`, registers the same teardown cleanup), but starts lbd
+/// with `env` added to its environment and does not wait for the control socket: for tests that
+/// watch readiness another way, e.g. through `NOTIFY_SOCKET` as systemd does.
+pub fn spawn_lbd_with_env<'t>(
+    t: &'t Topology,
+    config: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<Lbd<'t>> {
+    let paths = LbdPaths::for_topology(t);
+    std::fs::write(&paths.config, config)
+        .with_context(|| format!("writing {}", paths.config.display()))?;
+    register_cleanup(t, &paths);
+    let mut cmd = Command::new(bin("lbd"));
+    cmd.arg("--config").arg(&paths.config);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let handle = t.spawn_nsenter(t.lb_ns(), &cmd)?;
+    Ok(Lbd { t, paths, handle })
+}

@@ -115,28 +115,6 @@ pub fn ipv4_udp(
     ipv4(src_mac, dst_mac, src, dst, 17, udp)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ip_header_checksum_verifies() {
-        let f = ipv4_tcp(
-            [2; 6],
-            [4; 6],
-            Ipv4Addr::new(198, 51, 100, 1),
-            Ipv4Addr::new(203, 0, 113, 10),
-            1,
-            80,
-            2,
-            b"",
-        );
-        assert_eq!(checksum(&f.bytes[14..34], 0), 0);
-        assert_eq!(f.bytes.len(), 14 + 20 + 20);
-        let v = f.with_vlan(42);
-        assert_eq!(&v.bytes[12..18], &[0x81, 0, 0, 42, 0x08, 0x00]);
-    }
-}
 
 /// An IPv4 frame with its fields given whole: for fragments and odd headers. `l4` is placed as
 /// is (no checksum touched); the IP header checksum is computed.
@@ -312,4 +290,27 @@ pub fn icmpv6_too_big(
     let c = checksum(&icmp, ipv6_pseudo_sum(router, dst, 58, icmp.len()));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     ipv6(src_mac, dst_mac, router, dst, &[], 58, &icmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_header_checksum_verifies() {
+        let f = ipv4_tcp(
+            [2; 6],
+            [4; 6],
+            Ipv4Addr::new(198, 51, 100, 1),
+            Ipv4Addr::new(203, 0, 113, 10),
+            1,
+            80,
+            2,
+            b"",
+        );
+        assert_eq!(checksum(&f.bytes[14..34], 0), 0);
+        assert_eq!(f.bytes.len(), 14 + 20 + 20);
+        let v = f.with_vlan(42);
+        assert_eq!(&v.bytes[12..18], &[0x81, 0, 0, 42, 0x08, 0x00]);
+    }
 }

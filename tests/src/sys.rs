@@ -189,6 +189,25 @@ pub fn tcp_connect_from(
     Ok(stream)
 }
 
+/// Sets SO_RCVBUF of `stream` to `bytes` (the kernel doubles it for its bookkeeping). This
+/// turns receive-buffer autotuning off, so the window the peer may fill stays small: a reader
+/// that pauses stalls the sender instead of letting it finish into a large buffer.
+pub fn set_recv_buffer(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer size out of range"))?;
+    // SAFETY: valid fd (borrowed from the stream), pointer to a c_int with its correct length.
+    cvt(unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &v as *const _ as *const libc::c_void,
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 // ---- bpf(2): a trivial XDP_PASS program, loaded and attached through a bpf_link ----------
 
 const BPF_PROG_LOAD: libc::c_long = 5;

@@ -3,12 +3,16 @@
 //!
 //! Addressing (all indices are 1-based, like the names and the `backend N` bodies):
 //!
-//! | host        | namespace      | eth0 address     | eth0 MAC            | switch port |
-//! |-------------|----------------|------------------|---------------------|-------------|
-//! | LB          | `PREFIX-lb`    | 192.0.2.2/24     | 02:00:00:00:0a:02   | `lb`        |
-//! | backend i   | `PREFIX-bI`    | 192.0.2.(10+i)   | 02:00:00:00:0b:0i   | `bI`        |
-//! | client i    | `PREFIX-cI`    | 192.0.2.(100+i)  | 02:00:00:00:0c:0i   | `cI`        |
-//! | switch      | `PREFIX-sw`    | bridge `br0`     |                     |             |
+//! | host        | namespace      | eth0 IPv4        | eth0 IPv6 (/64)      | eth0 MAC            | switch port |
+//! |-------------|----------------|------------------|----------------------|---------------------|-------------|
+//! | LB          | `PREFIX-lb`    | 192.0.2.2/24     | 2001:db8::2          | 02:00:00:00:0a:02   | `lb`        |
+//! | backend i   | `PREFIX-bI`    | 192.0.2.(10+i)   | 2001:db8::(10+i)     | 02:00:00:00:0b:0i   | `bI`        |
+//! | client i    | `PREFIX-cI`    | 192.0.2.(100+i)  | 2001:db8::(100+i)    | 02:00:00:00:0c:0i   | `cI`        |
+//! | switch      | `PREFIX-sw`    | bridge `br0`     |                      |                     |             |
+//!
+//! IPv6 addresses are "hex-named" after the IPv4 ones: the decimal digits of the last IPv4
+//! octet are written as the last IPv6 group, so backend 1 is 2001:db8::11 (192.0.2.11) and
+//! client 2 is 2001:db8::102 (192.0.2.102). Every host also has its EUI-64 link-local address.
 //!
 //! Client i's extra source addresses (/32 on its `lo`): with M clients, the 198.51.100.0/24
 //! block is cut into `B = 256 / M.next_power_of_two()` addresses per client, and client i
@@ -16,12 +20,31 @@
 //! at most B - 2). For M = 2: client 1 has .1..=.40, client 2 has .129..=.168. Backends and the
 //! LB route each client's block (198.51.100.(B*(i-1))/(24+log2 M')) via 192.0.2.(100+i).
 //!
+//! Client i also holds K extra IPv6 source addresses (/128 on its `lo`), hex-named too:
+//! `2001:db8:cI::1 ..= 2001:db8:cI::K` with I and each k written in decimal digits, e.g. client
+//! 1's 40th is 2001:db8:c1::40 and client 12's first is 2001:db8:c12::1. Backends and the LB
+//! route each client's block 2001:db8:cI::/48 via 2001:db8::(100+i).
+//!
+//! Every IPv6 address is added with `nodad`, and every host has `accept_dad=0` and
+//! `accept_ra=0` (so no address, link-local ones included, is ever tentative, and no host sends
+//! router solicitations): addresses are usable as soon as `Topology::new` returns.
+//!
+//! VIPs (`TopologyOptions::vips`, either family) are held by every backend on `lo` (/32 or
+//! /128) and routed by the clients via the LB's address of the VIP's family. Backends do not
+//! answer ARP for an IPv4 VIP (`arp_ignore=1`, `arp_announce=2`); for IPv6 nothing is needed:
+//! Linux answers a neighbour solicitation only for addresses on the interface it arrived on
+//! (or proxied ones), never for one held on `lo` (checked by the harness tests).
+//!
+//! The switch namespace has IPv6 disabled, so the bridge and its ports hold no addresses and
+//! send nothing of their own; the bridge still forwards IPv6 frames (it works at L2). Its
+//! multicast snooping is off, so neighbour solicitations are always flooded.
+//!
 //! PREFIX is `lbt<pid>x<n>` (n counts topologies made by this process), so neither parallel
 //! test threads nor concurrent processes collide.
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -121,10 +144,12 @@ pub struct TopologyOptions {
     pub backends: usize,
     /// Number of client namespaces (0..=99).
     pub clients: usize,
-    /// Extra source addresses per client, from 198.51.100.0/24 (see the module docs).
+    /// Extra source addresses per client, from 198.51.100.0/24, and as many IPv6 ones from
+    /// 2001:db8:cI::/48 (see the module docs).
     pub addresses_per_client: usize,
-    /// VIPs held by every backend on `lo` (/32) and routed by the clients via the LB.
-    /// IPv4 only for now; an IPv6 VIP is refused with an error.
+    /// VIPs held by every backend on `lo` (/32, or /128 for IPv6) and routed by the clients
+    /// via the LB's address of the same family. An IPv6 VIP must not be one of the harness's
+    /// own addresses, nor a link-local, multicast, loopback or unspecified address.
     pub vips: Vec<IpAddr>,
     /// Start nginx on every backend (and wait until it accepts connections).
     pub start_servers: bool,
@@ -195,6 +220,7 @@ struct Host {
     ns: String,
     port: String,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
     mac: String,
 }
 
@@ -224,6 +250,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
+/// The IPv6 group written with the decimal digits of `n` (at most 4 of them): 11 -> 0x11.
+fn hex_named(n: usize) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("at most 4 decimal digits")
+}
+
+/// 2001:db8::`n`, hex-named (see the module docs).
+fn harness_addr6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, hex_named(n))
+}
+
+/// The third group of client `i`'s IPv6 source block: "cI" read as hex.
+fn client_block6(i: usize) -> u16 {
+    u16::from_str_radix(&format!("c{i}"), 16).expect("at most 3 decimal digits")
+}
 
 impl Topology {
     /// Builds the topology described by `opts` (see the module docs for names and
@@ -241,6 +283,7 @@ impl Topology {
             ns: format!("{prefix}-lb"),
             port: "lb".into(),
             addr: LB_ADDR,
+            addr6: LB_ADDR6,
             mac: "02:00:00:00:0a:02".into(),
         }];
         for i in 1..=opts.backends {
@@ -249,6 +292,7 @@ impl Topology {
                 ns: format!("{prefix}-b{i}"),
                 port: format!("b{i}"),
                 addr: Ipv4Addr::new(192, 0, 2, (10 + i).min(255) as u8),
+                addr6: harness_addr6((10 + i).min(9999)),
                 mac: format!("02:00:00:00:0b:{i:02x}"),
             });
         }
@@ -258,6 +302,7 @@ impl Topology {
                 ns: format!("{prefix}-c{i}"),
                 port: format!("c{i}"),
                 addr: Ipv4Addr::new(192, 0, 2, (100 + i).min(255) as u8),
+                addr6: harness_addr6((100 + i).min(9999)),
                 mac: format!("02:00:00:00:0c:{i:02x}"),
             });
         }
@@ -301,7 +346,8 @@ impl Topology {
             ("net.bridge.bridge-nf-call-iptables", "0"),
             ("net.bridge.bridge-nf-call-ip6tables", "0"),
             ("net.bridge.bridge-nf-call-arptables", "0"),
-            // The switch needs no addresses of its own: keep it quiet on the wire.
+            // The switch needs no addresses of its own: keep it quiet on the wire. The bridge
+            // forwards IPv6 frames all the same (L2; see the module docs).
             ("net.ipv6.conf.all.disable_ipv6", "1"),
             ("net.ipv6.conf.default.disable_ipv6", "1"),
         ]);
@@ -313,7 +359,11 @@ impl Topology {
 
         // The bridge and one veth pair per host, created from the switch namespace with the
         // host end put straight into its namespace as eth0.
-        let mut batch = String::from("link set lo up\nlink add br0 type bridge\nlink set br0 up\n");
+        // Multicast snooping off: neighbour solicitations (to solicited-node groups) are flooded
+        // to every port whatever MLD reports the bridge has seen.
+        let mut batch = String::from(
+            "link set lo up\nlink add br0 type bridge mcast_snooping 0\nlink set br0 up\n",
+        );
         for h in &self.hosts {
             batch.push_str(&format!(
                 "link add {port} type veth peer name eth0 netns {ns}\nlink set {port} master br0\nlink set {port} up\n",
@@ -392,8 +442,18 @@ impl Topology {
             );
         }
         for v in &o.vips {
-            if v.is_ipv6() {
-                bail!("VIP {v}: IPv6 VIPs are not supported by the harness yet");
+            let IpAddr::V6(v6) = v else { continue };
+            if v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+            {
+                bail!("IPv6 VIP {v}: not a unicast global address");
+            }
+            let taken = self.hosts.iter().any(|h| h.addr6 == *v6)
+                || (1..=o.clients).any(|i| self.client_sources_v6(i).contains(v));
+            if taken {
+                bail!("IPv6 VIP {v}: already an address of a host of the harness");
             }
         }
         Ok(())
@@ -410,6 +470,10 @@ impl Topology {
             &[dev]
         };
         for d in devs {
+            // No duplicate address detection (addresses usable at once, link-local ones
+            // included), no router advertisements or solicitations.
+            v.push((format!("net.ipv6.conf.{d}.accept_dad"), "0".into()));
+            v.push((format!("net.ipv6.conf.{d}.accept_ra"), "0".into()));
             match h.role {
                 // DSR: accept packets for the VIP held on lo, never answer ARP for it.
                 Role::Backend(_) => {
@@ -428,14 +492,18 @@ impl Topology {
 
     fn host_batch(&self, h: &Host) -> String {
         let mut b = format!(
-            "link set lo up\nlink set eth0 address {mac}\naddr add {addr}/24 dev eth0\nlink set eth0 up\n",
+            "link set lo up\nlink set eth0 address {mac}\naddr add {addr}/24 dev eth0\naddr add {addr6}/64 dev eth0 nodad\nlink set eth0 up\n",
             mac = h.mac,
-            addr = h.addr
+            addr = h.addr,
+            addr6 = h.addr6,
         );
         match h.role {
             Role::Backend(_) => {
                 for v in &self.opts.vips {
-                    b.push_str(&format!("addr add {v}/32 dev lo\n"));
+                    match v {
+                        IpAddr::V4(_) => b.push_str(&format!("addr add {v}/32 dev lo\n")),
+                        IpAddr::V6(_) => b.push_str(&format!("addr add {v}/128 dev lo nodad\n")),
+                    }
                 }
                 b.push_str(&self.client_block_routes());
             }
@@ -444,8 +512,18 @@ impl Topology {
                 for a in self.client_sources(i) {
                     b.push_str(&format!("addr add {a}/32 dev lo\n"));
                 }
+                for a in self.client_sources_v6(i) {
+                    b.push_str(&format!("addr add {a}/128 dev lo nodad\n"));
+                }
                 for v in &self.opts.vips {
-                    b.push_str(&format!("route add {v}/32 via {LB_ADDR} dev eth0\n"));
+                    match v {
+                        IpAddr::V4(_) => {
+                            b.push_str(&format!("route add {v}/32 via {LB_ADDR} dev eth0\n"))
+                        }
+                        IpAddr::V6(_) => {
+                            b.push_str(&format!("route add {v}/128 via {LB_ADDR6} dev eth0\n"))
+                        }
+                    }
                 }
             }
         }
@@ -466,9 +544,11 @@ impl Topology {
         (1..=self.opts.clients)
             .map(|i| {
                 format!(
-                    "route add 198.51.100.{}/{plen} via 192.0.2.{} dev eth0\n",
+                    "route add 198.51.100.{}/{plen} via 192.0.2.{} dev eth0\nroute add {}/48 via {} dev eth0\n",
                     self.block * (i - 1),
-                    100 + i
+                    100 + i,
+                    Ipv6Addr::new(0x2001, 0xdb8, client_block6(i), 0, 0, 0, 0, 0),
+                    self.host(Role::Client(i)).addr6,
                 )
             })
             .collect()
@@ -641,7 +721,7 @@ impl Topology {
         &self.switch_ns
     }
 
-    /// The load balancer's namespace; its interface is `eth0` (192.0.2.2/24).
+    /// The load balancer's namespace; its interface is `eth0` (192.0.2.2/24, 2001:db8::2/64).
     pub fn lb_ns(&self) -> &str {
         &self.host(Role::Lb).ns
     }
@@ -722,10 +802,61 @@ impl Topology {
             .collect()
     }
 
-    /// The client (1-based index) that owns `src`, an eth0 address or an extra source.
-    pub fn client_of(&self, src: IpAddr) -> Option<usize> {
+    /// The LB's IPv6 address, 2001:db8::2.
+    pub fn lb_addr_v6(&self) -> IpAddr {
+        IpAddr::V6(LB_ADDR6)
+    }
+
+    /// IPv6 address of backend `i` (1-based): 2001:db8::(10+i), hex-named (backend 1 is
+    /// 2001:db8::11).
+    pub fn backend_addr_v6(&self, i: usize) -> IpAddr {
+        self.check_index("backend", i, self.opts.backends);
+        IpAddr::V6(self.host(Role::Backend(i)).addr6)
+    }
+
+    /// eth0 IPv6 address of client `i` (1-based): 2001:db8::(100+i), hex-named.
+    pub fn client_addr_v6(&self, i: usize) -> IpAddr {
+        self.check_index("client", i, self.opts.clients);
+        IpAddr::V6(self.host(Role::Client(i)).addr6)
+    }
+
+    /// The extra IPv6 source addresses of client `i` (1-based): 2001:db8:cI::1 ..= ::K,
+    /// hex-named (see the module docs).
+    pub fn client_sources_v6(&self, i: usize) -> Vec<IpAddr> {
+        self.check_index("client", i, self.opts.clients);
+        let block = client_block6(i);
+        (1..=self.opts.addresses_per_client)
+            .map(|k| {
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    block,
+                    0,
+                    0,
+                    0,
+                    0,
+                    hex_named(k),
+                ))
+            })
+            .collect()
+    }
+
+    /// The extra IPv6 source addresses of every client, client 1's first.
+    pub fn all_client_sources_v6(&self) -> Vec<IpAddr> {
         (1..=self.opts.clients)
-            .find(|&i| self.client_addr(i) == src || self.client_sources(i).contains(&src))
+            .flat_map(|i| self.client_sources_v6(i))
+            .collect()
+    }
+
+    /// The client (1-based index) that owns `src`: an eth0 address or an extra source, of
+    /// either family.
+    pub fn client_of(&self, src: IpAddr) -> Option<usize> {
+        (1..=self.opts.clients).find(|&i| match src {
+            IpAddr::V4(_) => self.client_addr(i) == src || self.client_sources(i).contains(&src),
+            IpAddr::V6(_) => {
+                self.client_addr_v6(i) == src || self.client_sources_v6(i).contains(&src)
+            }
+        })
     }
 
     /// Namespace of the client that owns `src`.
@@ -951,8 +1082,8 @@ impl Topology {
     }
 
     /// `GET path` (HTTP/1.0, `Connection: close`) from namespace `ns` with source address
-    /// `src` to `dst`: connect timeout 2 s, whole exchange 10 s. Safe to call from many
-    /// threads at once.
+    /// `src` to `dst` (IPv4 or IPv6, as `src`): connect timeout 2 s, whole exchange 10 s.
+    /// Safe to call from many threads at once.
     pub fn http_get(
         &self,
         ns: &str,
@@ -981,7 +1112,7 @@ impl Topology {
 
     /// `GET /` from the client owning `src` (with source `src`) to `dst` (e.g. a VIP and
     /// port), and returns N of the `backend N` body: the 1-based index of the backend that
-    /// answered.
+    /// answered. Either family: `src` and `dst` must be of the same one.
     pub fn which_backend(&self, src: IpAddr, dst: SocketAddr) -> Result<usize> {
         let ns = self
             .client_ns_of(src)
@@ -1199,6 +1330,7 @@ http {{
     keepalive_timeout 5s;
     server {{
         listen 0.0.0.0:80 default_server;
+        listen [::]:80 ipv6only=on default_server;
         server_name _;
         root {www};
         add_header X-Backend {n} always;

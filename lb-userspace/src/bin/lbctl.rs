@@ -409,7 +409,9 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
         }
         Command::Man => {
             let cmd = <LbctlArgs as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            clap_mangen::Man::new(cmd)
+                .section("8")
+                .render(&mut std::io::stdout())?;
         }
     }
     Ok(())

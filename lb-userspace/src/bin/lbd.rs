@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
-use lb_userspace::{cli::LbdArgs, config, daemon};
+use lb_userspace::{
+    cli::{LbdArgs, LbdCommand},
+    config, daemon, decap,
+};
 
 fn init_logging(level: Option<&str>) {
     let mut builder = env_logger::Builder::new();
@@ -22,7 +25,10 @@ fn init_logging(level: Option<&str>) {
 fn main() -> ExitCode {
     let args = LbdArgs::parse();
     if args.man {
-        return match clap_mangen::Man::new(LbdArgs::command()).render(&mut std::io::stdout()) {
+        return match clap_mangen::Man::new(LbdArgs::command())
+            .section("8")
+            .render(&mut std::io::stdout())
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("lbd: {e}");
@@ -38,6 +44,25 @@ fn main() -> ExitCode {
             &mut std::io::stdout(),
         );
         return ExitCode::SUCCESS;
+    }
+    if let Some(LbdCommand::Decap {
+        interface,
+        bpffs_dir,
+        remove,
+    }) = &args.command
+    {
+        if args.check || args.cleanup {
+            eprintln!("lbd: decap takes neither --check nor --cleanup");
+            return ExitCode::from(2);
+        }
+        init_logging(None);
+        return match decap::run(interface, bpffs_dir, *remove) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                log::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if args.check {
         return match config::load(&args.config) {

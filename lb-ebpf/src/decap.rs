@@ -1,0 +1,194 @@
+//! lb's decapsulation program, for backends of `tunnel` services (`lbd decap`). It strips the
+//! outer header of IPv4-in-IPv4 (outer protocol 4) and IPv6-in-IPv6 (outer next header 41)
+//! packets whose outer destination is one of the interface's own addresses (the `DECAP_ADDRS`
+//! map, filled by `lbd decap`), moving the Ethernet header (and one 802.1Q tag) forward over
+//! it, and passes the inner packet to the kernel. Everything else, including anything too short
+//! or inconsistent, is passed untouched. It never drops.
+//!
+//! Self-contained on purpose (the balancer's parser does far more than this needs): each header
+//! is read whole, at a constant offset (14 or 18), through one bounds check.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::HashMap,
+    helpers::generated::bpf_xdp_adjust_head,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use lb_common::{
+    FAMILY_V4, FAMILY_V6,
+    decap::{AddrKey, MAX_ADDRS},
+};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+/// More-fragments flag and fragment offset of IPv4's frag_off (host order).
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// The interface's own addresses (value unused, 1).
+#[btf_map]
+static DECAP_ADDRS: HashMap<AddrKey, u8, { MAX_ADDRS as usize }> = HashMap::new();
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    vtc_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// A pointer to a `T` at `offset` if the whole `T` lies inside the packet: the one bounds check
+/// every packet access goes through.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// Reads a `T` from the packet (packet data has no alignment guarantee).
+#[inline(always)]
+fn read_at<T>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
+    Ok(unsafe { core::ptr::read_unaligned(p) })
+}
+
+/// Writes a `T` into the packet at `offset`.
+#[inline(always)]
+fn write_at<T>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), ()> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
+    unsafe { core::ptr::write_unaligned(p, value) };
+    Ok(())
+}
+
+/// Moves the start of the frame `delta` bytes further in (drops that many bytes at the front).
+#[inline(always)]
+fn shrink_head(ctx: &XdpContext, delta: usize) -> Result<(), ()> {
+    // SAFETY: the helper checks its arguments; packet pointers are re-derived afterwards (every
+    // access goes through ptr_at, which reads ctx.data() anew).
+    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, delta as i32) };
+    if rc == 0 { Ok(()) } else { Err(()) }
+}
+
+#[inline(always)]
+fn is_own(addr: [u32; 4], family: u8) -> bool {
+    let key = AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    };
+    DECAP_ADDRS.get_ptr(key).is_some()
+}
+
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    // Whatever happens, the kernel gets the packet: decapsulated when it was ours, untouched
+    // otherwise (every check comes before the first write).
+    let _ = decap(&ctx);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn decap(ctx: &XdpContext) -> Result<(), ()> {
+    let ether_type = u16::from_be(read_at::<u16>(ctx, 12)?);
+    if ether_type == ETH_P_8021Q {
+        let inner = u16::from_be(read_at::<u16>(ctx, ETH_HLEN + 2)?);
+        decap_at::<{ ETH_HLEN + VLAN_HLEN }>(ctx, inner)
+    } else {
+        decap_at::<ETH_HLEN>(ctx, ether_type)
+    }
+}
+
+/// Decapsulates the packet whose IP header starts at `L3` (14, or 18 behind a VLAN tag), if it
+/// is a tunnel packet for this host.
+#[inline(always)]
+fn decap_at<const L3: usize>(ctx: &XdpContext, ether_type: u16) -> Result<(), ()> {
+    // Both headers are read before any length is compared with the frame's: LLVM would
+    // otherwise drop the inner read's bounds check as implied by the comparison, in a form the
+    // verifier cannot follow.
+    let (outer_len, ip_len) = match ether_type {
+        ETH_P_IP => {
+            let outer: Ipv4Hdr = read_at(ctx, L3)?;
+            let inner: Ipv4Hdr = read_at(ctx, L3 + IPV4_HLEN)?;
+            // A plain 20-byte outer header (no options), not a fragment, for this host.
+            if outer.version_ihl != 0x45
+                || outer.proto != IPPROTO_IPIP
+                || u16::from_be(outer.frag_off) & IP_MF_OFFSET != 0
+                || inner.version_ihl >> 4 != 4
+                || !is_own([outer.daddr, 0, 0, 0], FAMILY_V4)
+            {
+                return Err(());
+            }
+            (IPV4_HLEN, u16::from_be(outer.tot_len) as usize)
+        }
+        ETH_P_IPV6 => {
+            let outer: Ipv6Hdr = read_at(ctx, L3)?;
+            let inner: Ipv6Hdr = read_at(ctx, L3 + IPV6_HLEN)?;
+            if u32::from_be(outer.vtc_flow) >> 28 != 6
+                || outer.next_header != IPPROTO_IPV6
+                || u32::from_be(inner.vtc_flow) >> 28 != 6
+                || !is_own(outer.daddr, FAMILY_V6)
+            {
+                return Err(());
+            }
+            (
+                IPV6_HLEN,
+                IPV6_HLEN + u16::from_be(outer.payload_len) as usize,
+            )
+        }
+        _ => return Err(()),
+    };
+    // The outer length must cover the inner header and lie inside the frame (which may carry
+    // padding beyond it).
+    if ip_len < 2 * outer_len || L3 + ip_len > ctx.data_end() - ctx.data() {
+        return Err(());
+    }
+    // The Ethernet header (with its tag) as it is; the ethertype that ends it names the inner
+    // family, the same as the outer one (IPv4-in-IPv4, IPv6-in-IPv6).
+    let mut l2: [u8; L3] = read_at(ctx, 0)?;
+    l2[L3 - 2..].copy_from_slice(&ether_type.to_be_bytes());
+    shrink_head(ctx, outer_len)?;
+    write_at(ctx, 0, l2)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
