@@ -240,6 +240,17 @@ impl Reason {
         Reason::TooBig,
         Reason::MissingState,
     ];
+    /// The reason at `index` (`Reason as u32`); out-of-range indexes read as `MissingState`.
+    pub const fn from_index(index: u32) -> Reason {
+        match index {
+            0 => Reason::NoBackend,
+            1 => Reason::Malformed,
+            2 => Reason::UnsupportedFragment,
+            3 => Reason::TooBig,
+            _ => Reason::MissingState,
+        }
+    }
+
     /// The `reason` label of `lb_dropped_total`.
     pub const fn label(self) -> &'static str {
         match self {

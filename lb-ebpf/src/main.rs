@@ -83,11 +83,23 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// `Err(())` means "not ours, or cannot be read": pass it up untouched.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<u32, ()> {
-    let packet = packet::parse(ctx)?;
-    let (service, backend_id, backend) = match classify_and_choose(&packet)? {
-        Ok(chosen) => chosen,
-        Err(reason) => return Ok(give_up(reason)),
+    let mut packet = Packet::empty();
+    if !packet::parse_into(ctx, &mut packet) {
+        return Err(());
+    }
+    let mut chosen = ChoiceOut {
+        service: ServiceValue::default(),
+        backend_id: 0,
+        backend: core::ptr::null(),
     };
+    match choose_for(&packet, &mut chosen) {
+        CHOSEN => {}
+        NOT_OURS => return Err(()),
+        reason => return Ok(give_up(Reason::from_index(reason))),
+    }
+    let (service, backend_id) = (chosen.service, chosen.backend_id);
+    // SAFETY: choose_for set it to a BACKENDS entry, valid for this program run.
+    let backend = unsafe { &*chosen.backend };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = if service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, &packet, backend) {
@@ -111,12 +123,41 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(action)
 }
 
-type Chosen = (ServiceValue, u32, &'static Backend);
+type Choice = (ServiceValue, u32, &'static Backend);
+
+/// What `choose_for` found, written into the caller's frame.
+struct ChoiceOut {
+    service: ServiceValue,
+    backend_id: u32,
+    backend: *const Backend,
+}
+
+/// `choose_for` results besides a `Reason` index.
+const CHOSEN: u32 = u32::MAX;
+const NOT_OURS: u32 = u32::MAX - 1;
+
+/// The service and backend of a packet, as a small status (a BPF-to-BPF call returns a
+/// register): CHOSEN (and `out` filled), NOT_OURS, or the index of the `Reason` it is not
+/// forwarded for. A function of its own so its map keys stay off the main frame, whose stack the
+/// tunnel's subprograms share the 512-byte budget with.
+#[inline(never)]
+fn choose_for(p: &Packet, out: &mut ChoiceOut) -> u32 {
+    match classify_and_choose(p) {
+        Err(()) => NOT_OURS,
+        Ok(Err(reason)) => reason as u32,
+        Ok(Ok((service, backend_id, backend))) => {
+            out.service = service;
+            out.backend_id = backend_id;
+            out.backend = backend;
+            CHOSEN
+        }
+    }
+}
 
 /// The service and backend of a packet. The outer `Err(())` means "not a service packet" (pass
 /// untouched); the inner `Err(reason)` means "a service packet that is not forwarded".
 #[inline(always)]
-fn classify_and_choose(p: &Packet) -> Result<Result<Chosen, Reason>, ()> {
+fn classify_and_choose(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
     if p.frag == Frag::Later {
         return follow_first_fragment(p);
     }
@@ -167,7 +208,7 @@ fn classify(p: &Packet) -> Result<ServiceValue, ()> {
 /// A fragment after the first: where its first fragment went; else, for a VIP with a single
 /// source-hashed service, that service's choice for the client (no port needed).
 #[inline(always)]
-fn follow_first_fragment(p: &Packet) -> Result<Result<Chosen, Reason>, ()> {
+fn follow_first_fragment(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
     // Every VIP has an entry per protocol: a miss means the fragment is not ours.
     let key = VipKey {
         addr: p.dst,

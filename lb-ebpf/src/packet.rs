@@ -145,6 +145,27 @@ pub struct Packet {
 }
 
 impl Packet {
+    pub const fn empty() -> Packet {
+        Packet {
+            l3: 0,
+            l4: 0,
+            ip_len: 0,
+            malformed: false,
+            syn: false,
+            dont_fragment: false,
+            icmp_error: false,
+            frag: Frag::None,
+            frag_id: 0,
+            src: [0; 4],
+            dst: [0; 4],
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            family: 0,
+            ip_proto: 0,
+        }
+    }
+
     #[inline(always)]
     pub fn flow_key(&self) -> FlowKey {
         FlowKey {
@@ -171,8 +192,28 @@ impl Packet {
     }
 }
 
+/// Parses into `out`; true when the packet may be ours. A function of its own (a BPF-to-BPF
+/// call) so the header copies parsing makes stay off the main frame, whose stack the tunnel's
+/// subprograms share the 512-byte budget with. It returns a register, not the struct (a struct
+/// returned by pointer gets BTF the kernel refuses).
+#[inline(never)]
+pub fn parse_into(ctx: &XdpContext, out: &mut Packet) -> bool {
+    keep_context(ctx);
+    parse(ctx, out).is_ok()
+}
+
+/// Makes the context pointer escape, so LLVM cannot replace a subprogram's `ctx` argument by the
+/// packet pointers loaded in the caller (argument promotion): passed as plain integers they lose
+/// their packet-pointer type and the verifier refuses them.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, ()> {
+pub fn keep_context(ctx: &XdpContext) {
+    let mut slot: *const XdpContext = core::ptr::null();
+    // SAFETY: a volatile store to a local; nothing reads it.
+    unsafe { core::ptr::write_volatile(&mut slot, ctx) };
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext, out: &mut Packet) -> Result<(), ()> {
     let eth_type: u16 = read_at(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     let mut ether_type = u16::from_be(eth_type);
@@ -183,14 +224,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ()> {
         l3 += VLAN_HLEN;
     }
     match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3),
-        ETH_P_IPV6 => parse_ipv6(ctx, l3),
+        ETH_P_IP => parse_ipv4(ctx, l3, out),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, out),
         _ => Err(()),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
+fn parse_ipv4(ctx: &XdpContext, l3: usize, p: &mut Packet) -> Result<(), ()> {
     let ip: Ipv4Hdr = read_at(ctx, l3)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
@@ -205,7 +246,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
     } else {
         Frag::None
     };
-    let mut p = Packet {
+    *p = Packet {
         l3,
         l4: 0,
         ip_len,
@@ -228,18 +269,17 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
         return quoted_flow(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl));
     }
     p.l4 = l3 + ihl;
-    transport(ctx, &mut p, l3 + ihl, ip_len.saturating_sub(ihl))?;
-    Ok(p)
+    transport(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
+fn parse_ipv6(ctx: &XdpContext, l3: usize, p: &mut Packet) -> Result<(), ()> {
     let ip: Ipv6Hdr = read_at(ctx, l3)?;
     if u32::from_be(ip.vtc_flow) >> 28 != 6 {
         return Err(());
     }
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
-    let mut p = Packet {
+    *p = Packet {
         l3,
         l4: 0,
         ip_len,
@@ -301,8 +341,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, ()> {
     if next == PROTO_ICMPV6 && p.frag == Frag::None {
         return quoted_flow(ctx, p, off, ip_len.saturating_sub(header_bytes));
     }
-    transport(ctx, &mut p, off, ip_len.saturating_sub(header_bytes))?;
-    Ok(p)
+    transport(ctx, p, off, ip_len.saturating_sub(header_bytes))
 }
 
 /// Ports (and the SYN flag) of a TCP or UDP packet whose transport header starts at `l4`;
@@ -344,7 +383,7 @@ fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Resu
 /// packet the VIP sent (VIP → client); the packet is classified as that flow in the client's
 /// direction, so it reaches the backend that owns the flow. Other ICMP is not ours.
 #[inline(always)]
-fn quoted_flow(ctx: &XdpContext, mut p: Packet, l4: usize, l4_len: usize) -> Result<Packet, ()> {
+fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Result<(), ()> {
     let [icmp_type, code]: [u8; 2] = read_at(ctx, l4)?;
     let quote = l4 + ICMP_HLEN;
     let (inner_src, inner_dst, inner_proto, ports_at) = if p.family == FAMILY_V4 {
@@ -388,5 +427,5 @@ fn quoted_flow(ctx: &XdpContext, mut p: Packet, l4: usize, l4_len: usize) -> Res
     p.dport = ports.src;
     p.proto = inner_proto;
     p.icmp_error = true;
-    Ok(p)
+    Ok(())
 }

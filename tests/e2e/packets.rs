@@ -544,7 +544,9 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
         "the inner packet unchanged"
     );
 
-    // A packet that would exceed the MTU once encapsulated: dropped and counted.
+    // A packet that would exceed the MTU once encapsulated, DF set: the client is told, with an
+    // ICMP "fragmentation needed" from the VIP carrying the tunnel's MTU, so its path-MTU
+    // discovery converges.
     let before = f.reason(Reason::TooBig);
     let big = ipv4_udp(
         CLIENT_MAC,
@@ -555,9 +557,74 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
         53,
         &[0; 1481 - 28],
     );
-    let (action, _) = f.run(&big.bytes);
-    assert_eq!(action, XDP_DROP);
+    let (action, out) = f.run(&big.bytes);
+    assert_eq!(action, XDP_TX);
     assert_eq!(f.reason(Reason::TooBig), before + 1);
+    let mut want = big.bytes[6..12].to_vec();
+    want.extend_from_slice(&big.bytes[0..6]);
+    want.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&56u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&VIP_TUNNEL.octets());
+    ip[16..20].copy_from_slice(&c4(70).octets());
+    let c = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    want.extend_from_slice(&ip);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&(MTU - 20).to_be_bytes());
+    icmp.extend_from_slice(&big.bytes[14..14 + 28]);
+    let c = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    want.extend_from_slice(&icmp);
+    assert_eq!(out, want, "the fragmentation-needed answer, byte for byte");
+
+    // Without DF: dropped and counted (the sender's path may fragment; we do not).
+    let mut no_df = big.bytes.clone();
+    no_df[20] = 0;
+    no_df[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&no_df[14..34], 0);
+    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    let (action, _) = f.run(&no_df);
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(f.reason(Reason::TooBig), before + 2);
+
+    // IPv6: "packet too big" with the MTU, quoting the packet's first 104 bytes.
+    let src6 = c6(70);
+    let big6 = {
+        let mut udp = vec![0u8; 8 + 1430];
+        udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&((8 + 1430) as u16).to_be_bytes());
+        lb_tests::packet::ipv6(CLIENT_MAC, LB_MAC, src6, VIP6_TUNNEL, &[], 17, &udp)
+    };
+    let (action, out) = f.run(&big6.bytes);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(f.reason(Reason::TooBig), before + 3);
+    assert_eq!(out.len(), 14 + 40 + 8 + 104);
+    assert_eq!(&out[0..6], &big6.bytes[6..12]);
+    assert_eq!(&out[6..12], &big6.bytes[0..6]);
+    assert_eq!(out[20], 58);
+    assert_eq!(&out[22..38], &VIP6_TUNNEL.octets());
+    assert_eq!(&out[38..54], &src6.octets());
+    assert_eq!(&out[54..56], &[2, 0]);
+    assert_eq!(
+        u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
+        MTU as u32 - 40
+    );
+    assert_eq!(&out[62..], &big6.bytes[14..14 + 104]);
+    let mut pseudo = 0u32;
+    for pair in VIP6_TUNNEL
+        .octets()
+        .chunks(2)
+        .chain(src6.octets().chunks(2))
+    {
+        pseudo += u16::from_be_bytes([pair[0], pair[1]]) as u32;
+    }
+    pseudo += 58 + (8 + 104);
+    assert_eq!(checksum(&out[54..], pseudo), 0, "ICMPv6 checksum");
     // One that just fits is sent.
     let fits = ipv4_udp(
         CLIENT_MAC,

@@ -972,6 +972,8 @@ enum Outcome {
     Dsr,
     Encapsulated,
     Dropped,
+    /// Too big for the tunnel, answered with ICMP "fragmentation needed" / "packet too big".
+    Answered,
 }
 
 fn action_name(a: u32) -> String {
@@ -996,6 +998,91 @@ fn reason_delta(before: &[u64], after: &[u64]) -> Vec<(Reason, u64)> {
 }
 
 /// Checks a forwarded frame against its target: which MACs, which backend, which outer header.
+/// Whether a service packet is too big for its tunnel once encapsulated.
+fn too_big(fx: &Fixture, t: &Target) -> bool {
+    let s = &fx.svcs[t.svc];
+    let overhead = if s.vip.is_ipv4() { 20 } else { 40 };
+    s.tunnel() && t.ip_len + overhead > MTU
+}
+
+/// A too-big packet may be dropped (no DF, IPv4 options, an ICMP error or a later fragment are
+/// not answered) or answered; an answer must be exactly the ICMP "fragmentation needed" (IPv4)
+/// or "packet too big" (IPv6) from the VIP back to the sender, quoting the packet's start.
+fn check_too_big_answer(fx: &Fixture, t: &Target, input: &[u8], out: &[u8]) -> Result<(), String> {
+    let s = &fx.svcs[t.svc];
+    let l3 = t.l3;
+    if out.len() < l3 || input.len() < l3 {
+        return Err("frame shorter than its L2 header".into());
+    }
+    if out[0..6] != input[6..12] || out[6..12] != input[0..6] {
+        return Err("MAC addresses not swapped".into());
+    }
+    if out[12..l3] != input[12..l3] {
+        return Err("L2 type or VLAN tag changed".into());
+    }
+    if s.vip.is_ipv4() {
+        if !t.df {
+            return Err("answered a packet without DF (it must be dropped)".into());
+        }
+        let quote = 28;
+        if out.len() != l3 + 28 + quote {
+            return Err(format!(
+                "answer is {} bytes, expected {}",
+                out.len(),
+                l3 + 28 + quote
+            ));
+        }
+        let ip = &out[l3..l3 + 20];
+        if ip[0] != 0x45 || ip[9] != 1 || be16(ip, 2) as usize != 28 + quote {
+            return Err("bad IPv4 header".into());
+        }
+        if checksum(ip, 0) != 0 {
+            return Err("IPv4 header checksum".into());
+        }
+        if ip[12..16] != input[l3 + 16..l3 + 20] || ip[16..20] != input[l3 + 12..l3 + 16] {
+            return Err("addresses not turned around".into());
+        }
+        let icmp = &out[l3 + 20..];
+        if icmp[0] != 3 || icmp[1] != 4 || be16(icmp, 6) as usize != MTU - 20 {
+            return Err("not type 3 code 4 with the tunnel's MTU".into());
+        }
+        if checksum(icmp, 0) != 0 {
+            return Err("ICMP checksum".into());
+        }
+        if icmp[8..] != input[l3..l3 + quote] {
+            return Err("quote differs from the packet's start".into());
+        }
+    } else {
+        let quote = 104;
+        if out.len() != l3 + 48 + quote {
+            return Err(format!(
+                "answer is {} bytes, expected {}",
+                out.len(),
+                l3 + 48 + quote
+            ));
+        }
+        let ip = &out[l3..l3 + 40];
+        if ip[0] >> 4 != 6 || ip[6] != 58 || be16(ip, 4) as usize != 8 + quote {
+            return Err("bad IPv6 header".into());
+        }
+        if ip[8..24] != input[l3 + 24..l3 + 40] || ip[24..40] != input[l3 + 8..l3 + 24] {
+            return Err("addresses not turned around".into());
+        }
+        let icmp = &out[l3 + 40..];
+        let mtu = u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]) as usize;
+        if icmp[0] != 2 || icmp[1] != 0 || mtu != MTU - 40 {
+            return Err("not type 2 with the tunnel's MTU".into());
+        }
+        if checksum(icmp, pseudo_sum(ip6(ip, 8), ip6(ip, 24), 58, icmp.len())) != 0 {
+            return Err("ICMPv6 checksum".into());
+        }
+        if icmp[8..] != input[l3..l3 + quote] {
+            return Err("quote differs from the packet's start".into());
+        }
+    }
+    Ok(())
+}
+
 fn check_forwarded(fx: &Fixture, t: &Target, input: &[u8], out: &[u8]) -> Result<Outcome, String> {
     let s = &fx.svcs[t.svc];
     let overhead = if s.vip.is_ipv4() { 20 } else { 40 };
@@ -1143,6 +1230,18 @@ fn check(
                 &format!("{} (must pass unchanged)", action_name(action)),
                 format!("out {}", hex(out)),
             ),
+            Expect::Forward { t, .. } | Expect::Either { t, .. } if too_big(fx, t) => {
+                check_too_big_answer(fx, t, input, out).map_err(|e| {
+                    (
+                        format!("answered too big wrongly: {e}"),
+                        format!("out {}", hex(out)),
+                    )
+                })?;
+                if delta != [(Reason::TooBig, 1)] {
+                    return fail("too big, not counted once as too_big", format!("{delta:?}"));
+                }
+                Ok(Outcome::Answered)
+            }
             Expect::Forward { t, .. } | Expect::Either { t, .. } => {
                 let outcome = check_forwarded(fx, t, input, out).map_err(|e| {
                     (
@@ -1999,18 +2098,18 @@ struct Failure {
     examples: Vec<String>,
 }
 
-type Tally = BTreeMap<&'static str, [u64; 4]>;
+type Tally = BTreeMap<&'static str, [u64; 5]>;
 
 fn print_tally(title: &str, t: &Tally) {
     println!(
-        "\n{title:<58} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "total", "passed", "dsr", "encap", "dropped"
+        "\n{title:<58} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "total", "passed", "dsr", "encap", "dropped", "icmp"
     );
     for (k, v) in t {
         let total: u64 = v.iter().sum();
         println!(
-            "  {k:<56} {total:>8} {:>8} {:>8} {:>8} {:>8}",
-            v[0], v[1], v[2], v[3]
+            "  {k:<56} {total:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            v[0], v[1], v[2], v[3], v[4]
         );
     }
 }
@@ -2027,7 +2126,7 @@ fn run_random(tolerate_known_bugs: bool) {
     let mut by_category = Tally::new();
     let mut by_class = Tally::new();
     let mut by_why = Tally::new();
-    let mut outcomes = [0u64; 4];
+    let mut outcomes = [0u64; 5];
     let mut failures: BTreeMap<(String, String), Failure> = BTreeMap::new();
     let mut tolerated = 0u64;
     let mut failed = 0u64;
@@ -2091,7 +2190,7 @@ fn run_random(tolerate_known_bugs: bool) {
         }
     }
     let elapsed = start.elapsed();
-    let [passed, dsr, encap, dropped] = outcomes;
+    let [passed, dsr, encap, dropped, answered] = outcomes;
     println!(
         "\n{frames} frames in {:.2} s ({:.1} µs a frame, reference and counters included)",
         elapsed.as_secs_f64(),
@@ -2099,9 +2198,9 @@ fn run_random(tolerate_known_bugs: bool) {
     );
     println!(
         "total {frames}: as the contract says {} (passed unchanged {passed}, forwarded dsr {dsr}, \
-         encapsulated {encap}, dropped {dropped}); known-bug deviations {tolerated}; other \
-         deviations {failed}",
-        passed + dsr + encap + dropped,
+         encapsulated {encap}, dropped {dropped}, answered too big {answered}); known-bug \
+         deviations {tolerated}; other deviations {failed}",
+        passed + dsr + encap + dropped + answered,
     );
     print_tally("by category", &by_category);
     print_tally("by reference class", &by_class);
@@ -2455,11 +2554,44 @@ fn the_checks_reject_wrong_results() {
         &out[..out.len() - 1],
         none,
     );
-    // Too big for the tunnel: must not be sent.
+    // Too big for the tunnel, DF set: answered with "fragmentation needed".
     let big = ipv4_udp(CLIENT_MAC, LB_MAC, client, VIP_TUNNEL, 5353, 53, &[0; 1460]).bytes;
-    let (e, action, _) = run(&big);
+    let (e, action, out) = run(&big);
+    assert_eq!(action, XDP_TX);
+    let too_big = &[(Reason::TooBig, 1)];
+    check(&fx, &e, &big, action, &out, too_big).expect("the program's own answer");
+    rejects(
+        "too big, answered but not counted",
+        &e,
+        &big,
+        action,
+        &out,
+        none,
+    );
+    for (what, at) in [
+        ("answer's IPv4 checksum", 14 + 10),
+        ("answer's source", 14 + 12),
+        ("answer's ICMP type", 14 + 20),
+        ("answer's MTU", 14 + 20 + 7),
+        ("answer's ICMP checksum", 14 + 20 + 2),
+        ("answer's quote", 14 + 28 + 12),
+        ("answer's destination MAC", 0),
+    ] {
+        let mut bad = out.clone();
+        bad[at] ^= 0x40;
+        rejects(&format!("too big, {what}"), &e, &big, action, &bad, too_big);
+    }
+    // Without DF it is dropped, not answered.
+    let mut no_df = big.clone();
+    no_df[20] &= !0x40;
+    no_df[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&no_df[14..34], 0);
+    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    let (e, action, out) = run(&no_df);
     assert_eq!(action, XDP_DROP);
-    rejects("too big, not counted", &e, &big, XDP_DROP, &big, none);
+    check(&fx, &e, &no_df, action, &out, too_big).expect("the program's own drop");
+    rejects("too big, not counted", &e, &no_df, XDP_DROP, &no_df, none);
+    let big = no_df;
     rejects(
         "too big, passed",
         &e,

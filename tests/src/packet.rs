@@ -115,7 +115,6 @@ pub fn ipv4_udp(
     ipv4(src_mac, dst_mac, src, dst, 17, udp)
 }
 
-
 /// An IPv4 frame with its fields given whole: for fragments and odd headers. `l4` is placed as
 /// is (no checksum touched); the IP header checksum is computed.
 #[allow(clippy::too_many_arguments)]
