@@ -1,11 +1,7 @@
 //! Data-path tests through BPF_PROG_TEST_RUN: the real program, loaded by lbd's datapath code
 //! with its maps filled, run on hand-built frames. Needs root (fails loudly without it).
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use lb_common::{
     Backend, Reason, ServiceKey, ServiceValue, backend_flags, hash,
@@ -59,21 +55,8 @@ fn service_key(port: u16) -> ServiceKey {
 }
 
 fn fixture(weights: [u32; 3]) -> Fixture {
-    lb_tests::require_root();
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/lbt-dp-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut dp = match Datapath::open(&dir, 4096, &[]) {
-        Ok(dp) => dp,
-        Err(e) => {
-            // No fixture exists yet to clean up on drop: remove what the attempt pinned.
-            let _ = datapath::cleanup(&dir);
-            panic!("loading the XDP program: {e}");
-        }
-    };
+    let dir = lb_tests::dpfixture::pin_dir("dp");
+    let mut dp = lb_tests::dpfixture::open_datapath(&dir);
     dp.set_config(SEED).unwrap();
     let mut live = vec![];
     for i in 0..3u32 {

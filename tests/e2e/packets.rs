@@ -2,206 +2,36 @@
 //! extension headers), fragments, ICMP errors about flows, tunnel encapsulation compared byte
 //! for byte. Needs root (fails loudly without it).
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    Backend, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, hash,
+    Reason,
     maglev::{MaglevBackend, build_table},
-    service_flags,
 };
-use lb_tests::packet::{
-    Frame, checksum, icmp_frag_needed, icmpv6_too_big, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_ext,
-    ipv6_frag, ipv6_tcp, tcp_ports,
+use lb_tests::{
+    dpfixture::{
+        CLIENT_MAC, Fixture, LB_MAC, MTU, SEED, TABLE, TUNNEL_SRC, TUNNEL_SRC6, VIP, VIP_5TUPLE,
+        VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_PASS, XDP_TX, mac,
+    },
+    packet::{
+        Frame, checksum, icmp_frag_needed, icmpv6_too_big, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_ext,
+        ipv6_frag, ipv6_tcp, tcp_ports,
+    },
 };
-use lb_userspace::{
-    datapath::{self, Datapath},
-    state::{family, to_addr},
-};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-const SEED: [u64; 2] = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
-const TABLE: u32 = 65_537;
-
-const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const VIP_TUNNEL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
-const VIP_5TUPLE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
-const VIP6_TUNNEL: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
-const TUNNEL_SRC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-const MTU: u16 = 1500;
-
-fn mac(id: u32) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x0b, id as u8]
-}
-
-/// The services of the fixture: (key, flags, backend addresses, tunnel source).
-struct Svc {
-    vip: IpAddr,
-    port: u16,
-    proto: u8,
-    flags: u32,
-    backends: Vec<IpAddr>,
-    tunnel_src: Option<IpAddr>,
-}
-
-struct Fixture {
-    dp: Datapath,
-    dir: PathBuf,
-    /// Per service: (first backend id, table).
-    tables: Vec<(u32, Vec<u32>)>,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = datapath::cleanup(&self.dir);
-    }
-}
-
-fn services() -> Vec<Svc> {
-    let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
-    let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
-    vec![
-        Svc {
-            vip: VIP.into(),
-            port: 80,
-            proto: 6,
-            flags: 0,
-            backends: vec![v4(11), v4(12), v4(13)],
-            tunnel_src: None,
-        },
-        Svc {
-            vip: VIP6.into(),
-            port: 80,
-            proto: 6,
-            flags: 0,
-            backends: vec![v6(0x11), v6(0x12), v6(0x13)],
-            tunnel_src: None,
-        },
-        Svc {
-            vip: VIP_TUNNEL.into(),
-            port: 53,
-            proto: 17,
-            flags: service_flags::TUNNEL,
-            backends: vec![v4(21), v4(22)],
-            tunnel_src: Some(TUNNEL_SRC.into()),
-        },
-        Svc {
-            vip: VIP_5TUPLE.into(),
-            port: 443,
-            proto: 6,
-            flags: service_flags::HASH_5TUPLE,
-            backends: vec![v4(31), v4(32)],
-            tunnel_src: None,
-        },
-        Svc {
-            vip: VIP6_TUNNEL.into(),
-            port: 53,
-            proto: 17,
-            flags: service_flags::TUNNEL,
-            backends: vec![v6(0x21), v6(0x22)],
-            tunnel_src: Some(TUNNEL_SRC6.into()),
-        },
-    ]
-}
+use lb_userspace::state::to_addr;
 
 fn fixture() -> Fixture {
-    lb_tests::require_root();
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/lbt-pk-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut dp = match Datapath::open(&dir, 4096, &[]) {
-        Ok(dp) => dp,
-        Err(e) => {
-            // No fixture exists yet to clean up on drop: remove what the attempt pinned.
-            let _ = datapath::cleanup(&dir);
-            panic!("loading the XDP program: {e}");
-        }
-    };
-    dp.set_config(SEED).unwrap();
-    let mut next = 0u32;
-    let mut tables = vec![];
-    let mut vips = vec![];
-    for (sid, s) in services().into_iter().enumerate() {
-        let first = next;
-        let mut live = vec![];
-        for addr in &s.backends {
-            let b = Backend {
-                addr: to_addr(*addr),
-                tunnel_src: s.tunnel_src.map(to_addr).unwrap_or_default(),
-                mac: mac(next),
-                src_mac: LB_MAC,
-                ifindex: 1,
-                service: sid as u32,
-                family: family(*addr),
-                flags: backend_flags::VALID,
-                mtu: MTU,
-            };
-            dp.set_backend(next, &b).unwrap();
-            live.push(MaglevBackend {
-                id: next,
-                addr: b.addr,
-                weight: 100,
-            });
-            next += 1;
-        }
-        let table = build_table(&SEED, &live, TABLE);
-        let value = ServiceValue {
-            id: sid as u32,
-            flags: s.flags,
-            table_size: TABLE,
-            _pad: 0,
-        };
-        let key = ServiceKey {
-            addr: to_addr(s.vip),
-            port: s.port.to_be(),
-            proto: s.proto,
-            family: family(s.vip),
-        };
-        dp.set_service(&key, &value, &table).unwrap();
-        let mut vip_value = value;
-        if s.flags & service_flags::HASH_5TUPLE != 0 {
-            vip_value.flags |= service_flags::NO_LATE_FRAGMENTS;
-        }
-        vips.push((
-            VipKey {
-                addr: to_addr(s.vip),
-                proto: s.proto,
-                family: family(s.vip),
-                _pad: [0; 2],
-            },
-            vip_value,
-        ));
-        tables.push((first, table));
-    }
-    dp.set_vips(&vips).unwrap();
-    Fixture { dp, dir, tables }
+    lb_tests::dpfixture::fixture("pk")
 }
 
-impl Fixture {
-    /// The backend id lb-common chooses for `src` in service `sid` (source hash).
-    fn predicted(&self, sid: usize, src: IpAddr) -> u32 {
-        let h = hash::hash_source(&SEED, &to_addr(src));
-        self.tables[sid].1[hash::slot(h, TABLE) as usize]
-    }
-
-    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.dp.test_run(frame).unwrap()
-    }
-
+/// Assertions these fixtures share.
+trait Checks {
     /// Runs a frame that must be forwarded by MAC rewrite only; returns the backend id.
+    fn dsr(&self, frame: &Frame) -> u32;
+    fn passes_unchanged(&self, what: &str, frame: &[u8]);
+}
+
+impl Checks for Fixture {
     fn dsr(&self, frame: &Frame) -> u32 {
         let (action, out) = self.run(&frame.bytes);
         assert_eq!(action, XDP_TX, "not forwarded");
@@ -210,15 +40,6 @@ impl Fixture {
         let id = out[5] as u32;
         assert_eq!(out[0..6], mac(id));
         id
-    }
-
-    fn reason(&self, r: Reason) -> u64 {
-        self.dp
-            .reason_counts()
-            .into_iter()
-            .find(|(x, _)| *x == r)
-            .unwrap()
-            .1
     }
 
     fn passes_unchanged(&self, what: &str, frame: &[u8]) {
@@ -574,7 +395,7 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     want.extend_from_slice(&ip);
     let mut icmp = vec![3, 4, 0, 0, 0, 0];
-    icmp.extend_from_slice(&(MTU - 20).to_be_bytes());
+    icmp.extend_from_slice(&((MTU - 20) as u16).to_be_bytes());
     icmp.extend_from_slice(&big.bytes[14..14 + 28]);
     let c = checksum(&icmp, 0);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());

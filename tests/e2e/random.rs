@@ -28,205 +28,26 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
     time::Instant,
 };
 
-use lb_common::{
-    Backend, FlowKey, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, hash,
-    maglev::{MaglevBackend, build_table},
-    service_flags,
+use lb_common::{FlowKey, Reason, hash};
+use lb_tests::{
+    dpfixture::{
+        Fixture, LB_MAC, MTU, SEED, Svc, TABLE, VIP, VIP_TUNNEL, VIP6, XDP_ABORTED, XDP_DROP,
+        XDP_PASS, XDP_REDIRECT, XDP_TX, mac, services,
+    },
+    packet::checksum,
 };
-use lb_tests::packet::checksum;
-use lb_userspace::{
-    datapath::{self, Datapath},
-    state::{family, to_addr},
-};
+use lb_userspace::state::{family, to_addr};
 
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+/// The data-path fixture of tests/src/dpfixture.rs (the five services of e2e/packets.rs).
+fn fixture() -> Fixture {
+    lb_tests::dpfixture::fixture("rnd")
+}
 
 const DEFAULT_SEED: u64 = 0x1b_5eed_2026_0001;
 const DEFAULT_FRAMES: u64 = 120_000;
-
-// ---------------------------------------------------------------------------------------------
-// The fixture (the same five services as e2e/packets.rs).
-// ---------------------------------------------------------------------------------------------
-
-const SEED: [u64; 2] = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const TABLE: u32 = 65_537;
-const MTU: usize = 1500;
-
-const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const VIP_TUNNEL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
-const VIP_5TUPLE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
-const VIP6_TUNNEL: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
-const TUNNEL_SRC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-
-fn mac(id: u32) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x0b, id as u8]
-}
-
-struct Svc {
-    vip: IpAddr,
-    port: u16,
-    proto: u8,
-    flags: u32,
-    backends: Vec<IpAddr>,
-    tunnel_src: Option<IpAddr>,
-}
-
-impl Svc {
-    fn tunnel(&self) -> bool {
-        self.flags & service_flags::TUNNEL != 0
-    }
-    fn five_tuple(&self) -> bool {
-        self.flags & service_flags::HASH_5TUPLE != 0
-    }
-}
-
-fn services() -> Vec<Svc> {
-    let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
-    let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
-    vec![
-        Svc {
-            vip: VIP.into(),
-            port: 80,
-            proto: 6,
-            flags: 0,
-            backends: vec![v4(11), v4(12), v4(13)],
-            tunnel_src: None,
-        },
-        Svc {
-            vip: VIP6.into(),
-            port: 80,
-            proto: 6,
-            flags: 0,
-            backends: vec![v6(0x11), v6(0x12), v6(0x13)],
-            tunnel_src: None,
-        },
-        Svc {
-            vip: VIP_TUNNEL.into(),
-            port: 53,
-            proto: 17,
-            flags: service_flags::TUNNEL,
-            backends: vec![v4(21), v4(22)],
-            tunnel_src: Some(TUNNEL_SRC.into()),
-        },
-        Svc {
-            vip: VIP_5TUPLE.into(),
-            port: 443,
-            proto: 6,
-            flags: service_flags::HASH_5TUPLE,
-            backends: vec![v4(31), v4(32)],
-            tunnel_src: None,
-        },
-        Svc {
-            vip: VIP6_TUNNEL.into(),
-            port: 53,
-            proto: 17,
-            flags: service_flags::TUNNEL,
-            backends: vec![v6(0x21), v6(0x22)],
-            tunnel_src: Some(TUNNEL_SRC6.into()),
-        },
-    ]
-}
-
-struct Fixture {
-    dp: Datapath,
-    dir: PathBuf,
-    svcs: Vec<Svc>,
-    /// Per service: (first backend id, Maglev table).
-    tables: Vec<(u32, Vec<u32>)>,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = datapath::cleanup(&self.dir);
-    }
-}
-
-fn fixture() -> Fixture {
-    lb_tests::require_root();
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/lbt-rnd-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut dp = Datapath::open(&dir, 4096, &[]).expect("loading the XDP program");
-    dp.set_config(SEED).unwrap();
-    let mut next = 0u32;
-    let mut tables = vec![];
-    let mut vips = vec![];
-    let svcs = services();
-    for (sid, s) in svcs.iter().enumerate() {
-        let first = next;
-        let mut live = vec![];
-        for addr in &s.backends {
-            let b = Backend {
-                addr: to_addr(*addr),
-                tunnel_src: s.tunnel_src.map(to_addr).unwrap_or_default(),
-                mac: mac(next),
-                src_mac: LB_MAC,
-                ifindex: 1,
-                service: sid as u32,
-                family: family(*addr),
-                flags: backend_flags::VALID,
-                mtu: MTU as u16,
-            };
-            dp.set_backend(next, &b).unwrap();
-            live.push(MaglevBackend {
-                id: next,
-                addr: b.addr,
-                weight: 100,
-            });
-            next += 1;
-        }
-        let table = build_table(&SEED, &live, TABLE);
-        let value = ServiceValue {
-            id: sid as u32,
-            flags: s.flags,
-            table_size: TABLE,
-            _pad: 0,
-        };
-        let key = ServiceKey {
-            addr: to_addr(s.vip),
-            port: s.port.to_be(),
-            proto: s.proto,
-            family: family(s.vip),
-        };
-        dp.set_service(&key, &value, &table).unwrap();
-        let mut vip_value = value;
-        if s.five_tuple() {
-            vip_value.flags |= service_flags::NO_LATE_FRAGMENTS;
-        }
-        vips.push((
-            VipKey {
-                addr: to_addr(s.vip),
-                proto: s.proto,
-                family: family(s.vip),
-                _pad: [0; 2],
-            },
-            vip_value,
-        ));
-        tables.push((first, table));
-    }
-    dp.set_vips(&vips).unwrap();
-    Fixture {
-        dp,
-        dir,
-        svcs,
-        tables,
-    }
-}
 
 /// Which backend a forwarded packet must reach.
 #[derive(Clone, Copy, Debug)]
@@ -237,7 +58,17 @@ enum Rule {
     Any,
 }
 
-impl Fixture {
+/// What the reference checks ask of the fixture.
+trait Reference {
+    fn lookup(&self, dst: IpAddr, port: u16, proto: u8) -> Option<usize>;
+    fn svc_at(&self, dst: IpAddr) -> Option<usize>;
+    fn rule_src(&self, sid: usize, client: IpAddr) -> Rule;
+    fn rule_flow(&self, sid: usize, client: IpAddr, cport: u16, vport: u16, proto: u8) -> Rule;
+    fn backend_by_mac(&self, sid: usize, m: &[u8]) -> Option<(u32, IpAddr)>;
+    fn reasons(&self) -> [u64; Reason::COUNT as usize];
+}
+
+impl Reference for Fixture {
     fn lookup(&self, dst: IpAddr, port: u16, proto: u8) -> Option<usize> {
         self.svcs
             .iter()
@@ -246,12 +77,6 @@ impl Fixture {
 
     fn svc_at(&self, dst: IpAddr) -> Option<usize> {
         self.svcs.iter().position(|s| s.vip == dst)
-    }
-
-    /// The backend of a client of a source-hashed service.
-    fn predicted(&self, sid: usize, client: IpAddr) -> u32 {
-        let h = hash::hash_source(&SEED, &to_addr(client));
-        self.tables[sid].1[hash::slot(h, TABLE) as usize]
     }
 
     /// The rule for a packet whose ports are unknown (a later fragment).
@@ -2231,7 +2056,7 @@ fn random_frames_follow_the_contract() {
 // The bugs the randomized run found, each on a minimal frame.
 // ---------------------------------------------------------------------------------------------
 
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
+use lb_tests::dpfixture::CLIENT_MAC;
 
 /// Runs `frame`; it must come out unchanged with XDP_PASS, counted as `count` says. A deviation
 /// is printed and added to `failures`.
