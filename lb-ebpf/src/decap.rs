@@ -10,8 +10,9 @@
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
+mod access;
 
+use access::{read_at, write_at};
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::HashMap,
@@ -62,35 +63,6 @@ struct Ipv6Hdr {
     hop_limit: u8,
     saddr: [u32; 4],
     daddr: [u32; 4],
-}
-
-/// A pointer to a `T` at `offset` if the whole `T` lies inside the packet: the one bounds check
-/// every packet access goes through.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *mut T)
-}
-
-/// Reads a `T` from the packet (packet data has no alignment guarantee).
-#[inline(always)]
-fn read_at<T>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
-    let p = ptr_at::<T>(ctx, offset)?;
-    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
-    Ok(unsafe { core::ptr::read_unaligned(p) })
-}
-
-/// Writes a `T` into the packet at `offset`.
-#[inline(always)]
-fn write_at<T>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), ()> {
-    let p = ptr_at::<T>(ctx, offset)?;
-    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
-    unsafe { core::ptr::write_unaligned(p, value) };
-    Ok(())
 }
 
 /// Moves the start of the frame `delta` bytes further in (drops that many bytes at the front).

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod access;
 mod packet;
 mod tunnel;
 

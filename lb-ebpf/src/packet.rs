@@ -3,6 +3,8 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
+
+pub use crate::access::{ptr_at, read_at};
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -81,26 +83,6 @@ struct FragHdr {
     _reserved: u8,
     offset_flags: u16,
     id: u32,
-}
-
-/// Bounds check once, here: a pointer to a `T` at `offset` if the whole `T` lies inside the
-/// packet. Every packet access goes through this.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *mut T)
-}
-
-/// Reads a `T` from the packet. Packet data has no alignment guarantee.
-#[inline(always)]
-pub fn read_at<T>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
-    let p = ptr_at::<T>(ctx, offset)?;
-    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
-    Ok(unsafe { core::ptr::read_unaligned(p) })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -27,13 +27,11 @@ fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Reason> {
     }
 }
 
-/// Writes a `T` into the packet at `offset` (bounds checked by ptr_at).
+/// Writes a `T` into the packet at `offset`; a frame too short for it is missing state here (the
+/// room was made just before).
 #[inline(always)]
 fn write_at<T>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), Reason> {
-    let p = ptr_at::<T>(ctx, offset).map_err(|()| Reason::MissingState)?;
-    // SAFETY: ptr_at checked that size_of::<T>() bytes at p lie inside the packet.
-    unsafe { core::ptr::write_unaligned(p, value) };
-    Ok(())
+    crate::access::write_at(ctx, offset, value).map_err(|()| Reason::MissingState)
 }
 
 /// One's-complement sum of 16-bit words, folded.
