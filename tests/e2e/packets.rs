@@ -476,6 +476,15 @@ fn every_reason_is_counted() {
     let (action, _) = f.run(&ipv4_tcp(CLIENT_MAC, LB_MAC, c4(81), VIP, 1, 80, 2, b"").bytes);
     assert_eq!(action, XDP_DROP);
     assert_eq!(f.reason(Reason::NoBackend), before + 1);
+    // missing state: the table names a backend id whose entry is not filled in (lbd between
+    // two writes): passed up, never sent to a stale MAC.
+    f.dp.swap_table(0, &vec![200; TABLE as usize]).unwrap();
+    let before = f.reason(Reason::MissingState);
+    f.passes_unchanged(
+        "a table naming an empty backend entry",
+        &ipv4_tcp(CLIENT_MAC, LB_MAC, c4(82), VIP, 1, 80, 2, b"").bytes,
+    );
+    assert_eq!(f.reason(Reason::MissingState), before + 1);
 }
 
 #[test]
