@@ -351,7 +351,7 @@ async fn stats(State(shared): State<Shared>, Query(f): Query<ServiceFilter>) -> 
             packets: n,
         })
         .collect();
-    let (entries, capacity) = d.datapath.conntrack_use();
+    let (entries, capacity) = d.conntrack.get();
     Ok(Json(Stats {
         services,
         dropped,
@@ -387,7 +387,7 @@ pub fn metrics_snapshot(d: &Daemon) -> metrics::Snapshot {
             }
         })
         .collect();
-    let (entries, capacity) = d.datapath.conntrack_use();
+    let (entries, capacity) = d.conntrack.get();
     metrics::Snapshot {
         services,
         conntrack_entries: entries,

@@ -48,6 +48,8 @@ pub struct Hop {
     pub mtu: u16,
     /// `tunnel`: the outer source address.
     pub tunnel_src: Option<IpAddr>,
+    /// Whose MAC `mac` is: the backend (dsr) or the gateway towards it.
+    pub via: IpAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -208,6 +210,56 @@ pub struct Daemon {
     drained: BTreeMap<String, u32>,
     /// Health checks run: (service, backend, ok) → count.
     pub health_counts: BTreeMap<(String, IpAddr, bool), u64>,
+    /// Flows in the connection table and its capacity, counted in the background.
+    pub conntrack: Arc<ConntrackUse>,
+}
+
+/// The connection table's use as last counted.
+#[derive(Default)]
+pub struct ConntrackUse {
+    pub entries: std::sync::atomic::AtomicU64,
+    pub capacity: std::sync::atomic::AtomicU64,
+}
+
+impl ConntrackUse {
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.entries.load(Relaxed), self.capacity.load(Relaxed))
+    }
+}
+
+/// The connection table's flows are counted (a walk over its keys, off the lock) at least this
+/// often, and never spending more than 5% of a CPU on it: a big table is counted less often.
+const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Counts the connection table now and then, on a thread of its own (detached: it ends with
+/// the process, or once the daemon is gone).
+fn spawn_conntrack_counter(bpffs_dir: PathBuf, out: Arc<ConntrackUse>) {
+    let spawned = std::thread::Builder::new()
+        .name("conntrack-count".into())
+        .spawn(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            let counter = match datapath::ConntrackCounter::open(&bpffs_dir) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("connection-table use will not be reported: {e}");
+                    return;
+                }
+            };
+            loop {
+                let started = Instant::now();
+                let (entries, capacity) = counter.count();
+                out.entries.store(entries, Relaxed);
+                out.capacity.store(capacity, Relaxed);
+                if Arc::strong_count(&out) == 1 {
+                    return; // the daemon is gone
+                }
+                std::thread::sleep(CONNTRACK_COUNT_INTERVAL.max(started.elapsed() * 20));
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("connection-table use will not be reported: cannot start its thread: {e}");
+    }
 }
 
 pub type Shared = Arc<Mutex<Daemon>>;
@@ -273,6 +325,7 @@ async fn resolve(netlink: &Netlink, req: &HopRequest) -> anyhow::Result<Hop> {
         src_mac: iface.mac,
         mtu: iface.mtu.min(u16::MAX as u32) as u16,
         tunnel_src,
+        via,
     })
 }
 
@@ -658,19 +711,49 @@ impl Daemon {
 
     /// Re-reads neighbours: follows MAC changes, picks up backends that now resolve.
     async fn refresh(shared: &Shared) -> anyhow::Result<()> {
-        let requests: Vec<(String, HopRequest)> = {
+        // Resolved backends: one neighbour lookup each, to follow a MAC that changed. Unresolved
+        // ones: the whole resolution again.
+        let (known, unknown): (Vec<_>, Vec<_>) = {
             let d = shared.lock().await;
             d.services
                 .iter()
                 .flat_map(|s| {
-                    s.backends
-                        .iter()
-                        .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
+                    s.backends.iter().map(|b| {
+                        (
+                            s.cfg.name.clone(),
+                            HopRequest::of(&s.cfg, &b.cfg),
+                            b.hop.clone(),
+                        )
+                    })
                 })
-                .collect()
+                .partition(|(_, req, hop)| hop.is_some() && req.backend.mac.is_none())
         };
-        // Resolve without holding the lock: lbctl stays responsive.
-        let results = resolve_many(requests.iter().map(|(_, r)| r.clone()).collect()).await;
+        // Without holding the lock: lbctl stays responsive.
+        let mut requests = vec![];
+        let mut results = vec![];
+        let mut resolve: Vec<(String, HopRequest)> = unknown
+            .into_iter()
+            .filter(|(_, _, hop)| hop.is_none())
+            .map(|(name, req, _)| (name, req))
+            .collect();
+        if !known.is_empty() {
+            let netlink = Netlink::new()?;
+            for (name, req, hop) in known {
+                let hop = hop.expect("partitioned on it");
+                match netlink.neighbour(hop.ifindex, hop.via).await {
+                    Ok(Some(mac)) if mac == hop.mac => {}
+                    Ok(Some(mac)) => {
+                        requests.push((name, req));
+                        results.push(Ok(Hop { mac, ..hop }));
+                    }
+                    // Gone from the table (or unreadable): resolve it again, which also asks
+                    // the kernel to resolve it; until then the last known MAC stays in use.
+                    _ => resolve.push((name, req)),
+                }
+            }
+        }
+        results.extend(resolve_many(resolve.iter().map(|(_, r)| r.clone()).collect()).await);
+        requests.extend(resolve);
         let mut d = shared.lock().await;
         let d = &mut *d;
         for ((name, req), hop) in requests.into_iter().zip(results) {
@@ -865,6 +948,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         monitor: health::Monitor::new(tx),
         drained,
         health_counts: BTreeMap::new(),
+        conntrack: Arc::new(ConntrackUse::default()),
         config,
     };
 
@@ -907,6 +991,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     }
 
+    spawn_conntrack_counter(
+        daemon.config.daemon.bpffs_dir.clone(),
+        daemon.conntrack.clone(),
+    );
     let socket_path = daemon.config.daemon.socket.clone();
     let metrics_addr = daemon.config.daemon.metrics;
     let shared: Shared = Arc::new(Mutex::new(daemon));

@@ -697,20 +697,6 @@ impl Datapath {
         self.maps.conntrack.get(key, 0).ok()
     }
 
-    /// Flows in the connection table, and its capacity. Counting walks the table's keys, so
-    /// it costs in proportion to its use; it is done on demand (stats, metrics), never per packet.
-    pub fn conntrack_use(&self) -> (u64, u64) {
-        let used = self.maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64;
-        let capacity = self
-            .maps
-            .conntrack
-            .map()
-            .info()
-            .map(|i| i.max_entries() as u64)
-            .unwrap_or(0);
-        (used, capacity)
-    }
-
     /// Sets the VIP-level entries (fragments without ports) to exactly `entries`.
     pub fn set_vips(&mut self, entries: &[(VipKey, ServiceValue)]) -> Result<()> {
         for (k, v) in entries {
@@ -784,6 +770,34 @@ fn sum_counters(values: Option<aya::maps::PerCpuValues<Counter>>) -> Counter {
             })
         })
         .unwrap_or_default()
+}
+
+/// Counts the connection table's flows on its own handle of the pinned map, so counting (a
+/// walk over every key, in proportion to the table's use) never holds up the daemon.
+pub struct ConntrackCounter {
+    map: HashMap<MapData, FlowKey, FlowValue>,
+    capacity: u64,
+}
+
+impl ConntrackCounter {
+    pub fn open(bpffs_dir: &Path) -> Result<ConntrackCounter> {
+        let path = maps_dir(bpffs_dir).join(maps::CONNTRACK);
+        let what = format!("opening the pinned map {}", path.display());
+        let data = MapData::from_pin(&path).map_err(map_err(what.clone()))?;
+        let capacity = data.info().map(|i| i.max_entries() as u64).unwrap_or(0);
+        let map = aya::maps::Map::from_map_data(data)
+            .and_then(HashMap::try_from)
+            .map_err(map_err(what))?;
+        Ok(ConntrackCounter { map, capacity })
+    }
+
+    /// Flows in the table now, and its capacity.
+    pub fn count(&self) -> (u64, u64) {
+        (
+            self.map.keys().filter(|k| k.is_ok()).count() as u64,
+            self.capacity,
+        )
+    }
 }
 
 /// Takes lb out of the path: removes every link pin under `bpffs_dir` (which detaches the

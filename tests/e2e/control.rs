@@ -926,10 +926,15 @@ fn metrics_endpoint() {
             "{b}"
         );
     }
-    assert!(
-        metric(&text, "lb_conntrack_entries").is_some_and(|v| v > 0.0),
-        "{text}"
-    );
+    // The connection table is counted in the background, about every second.
+    let counted = retry_until(Duration::from_secs(10), "lb_conntrack_entries > 0", || {
+        let text = scrape()?;
+        match metric(&text, "lb_conntrack_entries") {
+            Some(v) if v > 0.0 => Ok(v),
+            other => anyhow::bail!("lb_conntrack_entries is {other:?}"),
+        }
+    });
+    assert!(counted.is_ok(), "{counted:?}\n{text}");
     assert!(text.trim_end().ends_with("# EOF"));
 
     // A down backend shows as 0 and its failed checks are counted.

@@ -120,7 +120,7 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
         .collect();
     print_table(&["DROPPED OR PASSED", "PACKETS"], &rows);
     println!(
-        "\nconnection table: {} of {} entries in use",
+        "\nconnection table: {} of {} entries in use (counted about every second)",
         s.conntrack.entries, s.conntrack.capacity
     );
     Ok(())

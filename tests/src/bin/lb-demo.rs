@@ -161,6 +161,15 @@ fn run(keep: bool) -> Result<()> {
     let before = survey(&t, &sources, vip);
     before.print(&t, sources.len());
 
+    // lbd counts the connection table in the background, about every second.
+    let _ = lb_tests::wait_until(
+        Duration::from_secs(5),
+        "the connection table to be counted",
+        || {
+            lbd.lbctl_json(&["stats"])
+                .is_ok_and(|s| s["conntrack"]["entries"].as_u64().unwrap_or(0) > 0)
+        },
+    );
     let stats = lbd.lbctl(&["stats"])?;
     print!(
         "\n$ lbctl stats\n{}",
