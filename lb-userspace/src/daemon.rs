@@ -29,8 +29,11 @@ use crate::{
 };
 
 /// How long one backend's next hop may take to resolve before lbd goes on without it (it keeps
-/// retrying in the background). Several resolve in parallel, so readiness stays well under 10 s.
+/// retrying in the background).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// All of a round of resolutions ends within this, however many backends do not answer, so lbd
+/// is ready well within the 10 s SPEC allows.
+const RESOLVE_ROUND: Duration = Duration::from_secs(6);
 /// How often neighbours are re-read, to follow MAC changes and retry unresolved backends.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// Netlink connections used side by side when resolving many backends. The kernel serves one
@@ -289,7 +292,7 @@ impl HopRequest {
 /// Finds where a backend's frames go: the MAC of the backend itself (dsr: from the config or
 /// the neighbour table, resolving it when absent) or of the next hop towards it (tunnel), the
 /// interface they leave by, its MAC and MTU, and (tunnel) the outer source address.
-async fn resolve(netlink: &Netlink, req: &HopRequest) -> anyhow::Result<Hop> {
+async fn resolve(netlink: &Netlink, req: &HopRequest, timeout: Duration) -> anyhow::Result<Hop> {
     let addr = req.backend.address;
     let (ifindex, mac, via, prefsrc) = match req.backend.mac {
         Some(mac) => {
@@ -297,7 +300,7 @@ async fn resolve(netlink: &Netlink, req: &HopRequest) -> anyhow::Result<Hop> {
             (route.oif, mac, route.gateway.unwrap_or(addr), route.prefsrc)
         }
         None => {
-            let hop = netlink.next_hop(addr, RESOLVE_TIMEOUT).await?;
+            let hop = netlink.next_hop(addr, timeout).await?;
             (hop.ifindex, hop.mac, hop.via, hop.prefsrc)
         }
     };
@@ -338,6 +341,7 @@ fn is_link_local(a: &IpAddr) -> bool {
 
 /// Resolves the hops of `backends` (several at a time), in order.
 async fn resolve_many(backends: Vec<HopRequest>) -> Vec<anyhow::Result<Hop>> {
+    let deadline = Instant::now() + RESOLVE_ROUND;
     let workers = RESOLVE_WORKERS.min(backends.len()).max(1);
     let jobs = (0..workers).map(|w| {
         let mine: Vec<(usize, HopRequest)> = backends
@@ -352,7 +356,17 @@ async fn resolve_many(backends: Vec<HopRequest>) -> Vec<anyhow::Result<Hop>> {
             match Netlink::new() {
                 Ok(netlink) => {
                     for (i, b) in mine {
-                        out.push((i, resolve(&netlink, &b).await));
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        out.push((
+                            i,
+                            if left.is_zero() {
+                                Err(anyhow::anyhow!(
+                                    "not resolved within the first {RESOLVE_ROUND:?} (retried in the background)"
+                                ))
+                            } else {
+                                resolve(&netlink, &b, left.min(RESOLVE_TIMEOUT)).await
+                            },
+                        ));
                     }
                 }
                 Err(e) => {

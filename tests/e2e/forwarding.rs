@@ -413,3 +413,37 @@ fn a_backend_whose_mac_changes_is_followed() {
         "served by backend 1 at its new MAC"
     );
 }
+
+#[test]
+fn ready_within_ten_seconds_when_many_backends_do_not_answer() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let mut c = config(&paths);
+    // 30 backends nobody answers ARP for, besides the three real ones.
+    for i in 50..80 {
+        c.push_str(&format!(
+            "\n[[service.backend]]\naddress = \"192.0.2.{i}\"\n"
+        ));
+    }
+    // SPEC: the socket appears within 10 s whatever the backends do (start_lbd waits 10 s).
+    let lbd = start_lbd(&t, &c).expect("lbd ready within 10 s");
+    let list = lbd.lbctl_json(&["backend", "list", "web"]).unwrap();
+    let rows = list.as_array().unwrap();
+    let state = |a: &str| {
+        rows.iter()
+            .find(|b| b["address"] == a)
+            .map(|b| b["state"].clone())
+    };
+    assert_eq!(state("192.0.2.11"), Some("up".into()));
+    assert_eq!(
+        state("192.0.2.50"),
+        Some("down".into()),
+        "unresolved backends take no clients"
+    );
+    assert!(rows.iter().find(|b| b["address"] == "192.0.2.50").unwrap()["problem"].is_string());
+    // Clients are served by the real backends only.
+    for &src in t.client_sources(1).iter().take(10) {
+        let b = t.which_backend(src, vip_port(80)).unwrap();
+        assert!((1..=3).contains(&b));
+    }
+}
