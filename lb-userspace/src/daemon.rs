@@ -481,6 +481,9 @@ impl Daemon {
             hops.insert((service, req.backend.address), r);
         }
         let now = SystemTime::now();
+        // Ids of backends removed in this pass stay reserved until their entries are cleared
+        // below, so a backend added in the same pass never gets (and loses) one of them.
+        let mut reserved: Vec<u32> = vec![];
         for ns in &new.services {
             let si = match self.services.iter().position(|s| s.cfg.name == ns.name) {
                 Some(si) => si,
@@ -508,6 +511,7 @@ impl Daemon {
                 s.backends = keep;
                 gone
             };
+            reserved.extend(removed.iter().map(|b| b.id));
             let mut added = vec![];
             for nb in &ns.backends {
                 let health_on = ns.health.check != CheckKind::None;
@@ -531,7 +535,8 @@ impl Daemon {
                         }
                     }
                     None => {
-                        let used = self.used_backend_ids();
+                        let mut used = self.used_backend_ids();
+                        used.extend_from_slice(&reserved);
                         let id = free_id(&used, MAX_BACKENDS)?;
                         let hop = hop.unwrap_or_else(|| Err(anyhow::anyhow!("not resolved")));
                         if let Err(e) = &hop {

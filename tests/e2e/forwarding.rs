@@ -447,3 +447,41 @@ fn ready_within_ten_seconds_when_many_backends_do_not_answer() {
         assert!((1..=3).contains(&b));
     }
 }
+
+#[test]
+fn replacing_a_backend_in_one_reload_serves_its_clients() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let two = config(&paths).replace("\n[[service.backend]]\naddress = \"192.0.2.13\"\n", "");
+    let lbd = start_lbd(&t, &two).expect("starting lbd");
+    // One edit: .12 goes, .13 comes (it may take the id .12 had in the data path).
+    std::fs::write(&paths.config, two.replace("192.0.2.12", "192.0.2.13")).unwrap();
+    t.signal(lbd.handle, libc::SIGHUP).unwrap();
+    let reloaded = retry_until(Duration::from_secs(10), "the reload", || {
+        let list = lbd.lbctl_json(&["backend", "list", "web"])?;
+        let addrs: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["address"].as_str().unwrap().to_owned())
+            .collect();
+        if addrs == ["192.0.2.11", "192.0.2.13"] {
+            Ok(())
+        } else {
+            anyhow::bail!("{addrs:?}")
+        }
+    });
+    assert!(reloaded.is_ok(), "{reloaded:?}\n{}", lbd.log());
+    let mut served = [0usize; 4];
+    for &src in &t.all_client_sources() {
+        let b = t
+            .which_backend(src, vip_port(80))
+            .unwrap_or_else(|e| panic!("{src}: {e:#}\n{}", lbd.log()));
+        served[b] += 1;
+    }
+    assert_eq!(
+        served[2], 0,
+        "the removed backend serves nobody: {served:?}"
+    );
+    assert!(served[3] > 0 && served[1] > 0, "{served:?}");
+}
