@@ -11,6 +11,7 @@ use lb_userspace::{
     },
     cli::{BackendCommand, Command, LbctlArgs, ServiceCommand},
     client::Client,
+    datapath::Start,
 };
 
 /// Prints rows as a table aligned on a header row.
@@ -136,7 +137,7 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                 return print_json(&s);
             }
             println!(
-                "lbd {} (pid {}), up {}, config {}\nprogram id {}, map layout v{}, pins {}, started as {:?}",
+                "lbd {} (pid {}), up {}, config {}\nprogram id {}, map layout v{}, pins {}, started: {}",
                 s.version,
                 s.pid,
                 human_age(s.uptime_s),
@@ -144,7 +145,18 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                 s.program_id,
                 s.layout_version,
                 s.bpffs_dir,
-                s.start
+                match &s.start {
+                    Start::Fresh => "fresh (program loaded, maps created)".to_string(),
+                    Start::Adopted => "adopted the running program and its maps".to_string(),
+                    Start::Upgraded =>
+                        "replaced a different program in place, same maps".to_string(),
+                    Start::Replaced { old_layouts } => {
+                        format!(
+                            "replaced program and maps of another layout ({})",
+                            old_layouts.join(", ")
+                        )
+                    }
+                }
             );
             println!("{} service(s), {} backend(s)\n", s.services, s.backends);
             let rows: Vec<Vec<String>> = s
