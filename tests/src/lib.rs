@@ -16,6 +16,7 @@
 //! assert_eq!(reply.text(), "backend 1\n");
 //! ```
 
+pub mod bench;
 pub mod dpfixture;
 pub mod http;
 pub mod lbd;

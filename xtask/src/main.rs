@@ -3,6 +3,7 @@
 //! Every subcommand runs `setup` first, which installs only what the machine lacks, so a fresh
 //! machine needs nothing but Rust (rustup with the stable and nightly toolchains) to start.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -37,6 +38,8 @@ enum Task {
     Test(test::TestArgs),
     /// Setup, build, and show lb balancing HTTP across namespaced backends (needs root)
     Demo(demo::DemoArgs),
+    /// Setup, release builds, then every benchmark of BENCHMARKS.md (needs root)
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Task::Build => build::run(),
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

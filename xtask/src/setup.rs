@@ -83,10 +83,36 @@ enum Outcome {
     Skipped(String),
 }
 
+/// What only `cargo xtask bench` needs: the peers lb is measured against and the load tools.
+const BENCH_PACKAGES: &[AptPackage] = &[
+    AptPackage {
+        name: "nftables",
+        why: "the kernel-balancer baseline of the benchmark (dnat by jhash)",
+    },
+    AptPackage {
+        name: "haproxy",
+        why: "the HAProxy (mode tcp, balance source) baseline of the benchmark",
+    },
+    AptPackage {
+        name: "wrk",
+        why: "the HTTP load generator of the benchmark",
+    },
+];
+
 pub fn run() -> Result<()> {
+    run_with(&[])
+}
+
+/// Setup, plus the benchmark's packages.
+pub fn run_for_bench() -> Result<()> {
+    run_with(BENCH_PACKAGES)
+}
+
+fn run_with(extra: &'static [AptPackage]) -> Result<()> {
     let start = Instant::now();
     let outcomes = [
         ensure_apt_packages(APT_PACKAGES)?,
+        ensure_apt_packages(extra)?,
         ensure_rust_src()?,
         ensure_bpf_linker()?,
         ensure_bpffs()?,

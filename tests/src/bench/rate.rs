@@ -1,0 +1,7 @@
+//! Benchmark part `rate` (see BENCHMARKS.md). Not written yet.
+
+use super::{Figure, Opts};
+
+pub fn run(_opts: &Opts) -> anyhow::Result<Vec<Figure>> {
+    Ok(vec![])
+}
