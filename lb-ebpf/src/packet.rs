@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 
-pub use crate::access::{ptr_at, read_at};
+pub use crate::access::{ptr_at, read_at, read_hdr};
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -40,7 +40,8 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMP_HLEN: usize = 8;
 
-#[repr(C)]
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -54,7 +55,8 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
-#[repr(C)]
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
 pub struct Ipv6Hdr {
     pub vtc_flow: u32,
     pub payload_len: u16,
@@ -65,19 +67,22 @@ pub struct Ipv6Hdr {
 }
 
 /// The first four bytes of TCP and UDP headers alike.
-#[repr(C)]
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
 struct Ports {
     src: u16,
     dst: u16,
 }
 
-#[repr(C)]
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
 struct ExtHdr {
     next_header: u8,
     len: u8,
 }
 
-#[repr(C)]
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
 struct FragHdr {
     next_header: u8,
     _reserved: u8,
@@ -196,12 +201,12 @@ pub fn keep_context(ctx: &XdpContext) {
 
 #[inline(always)]
 fn parse(ctx: &XdpContext, out: &mut Packet) -> Result<(), ()> {
-    let eth_type: u16 = read_at(ctx, 12)?;
+    let eth_type: u16 = read_hdr(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     let mut ether_type = u16::from_be(eth_type);
     if ether_type == ETH_P_8021Q {
         // One 802.1Q tag: the inner type follows the tag control field. The tag stays.
-        let inner: u16 = read_at(ctx, ETH_HLEN + 2)?;
+        let inner: u16 = read_hdr(ctx, ETH_HLEN + 2)?;
         ether_type = u16::from_be(inner);
         l3 += VLAN_HLEN;
     }
@@ -214,7 +219,7 @@ fn parse(ctx: &XdpContext, out: &mut Packet) -> Result<(), ()> {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, l3: usize, p: &mut Packet) -> Result<(), ()> {
-    let ip: Ipv4Hdr = read_at(ctx, l3)?;
+    let ip: Ipv4Hdr = read_hdr(ctx, l3)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return Err(());
@@ -256,7 +261,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, p: &mut Packet) -> Result<(), ()> {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l3: usize, p: &mut Packet) -> Result<(), ()> {
-    let ip: Ipv6Hdr = read_at(ctx, l3)?;
+    let ip: Ipv6Hdr = read_hdr(ctx, l3)?;
     if u32::from_be(ip.vtc_flow) >> 28 != 6 {
         return Err(());
     }
@@ -286,17 +291,17 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, p: &mut Packet) -> Result<(), ()> {
     while i < MAX_EXT_HEADERS {
         match next {
             EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
-                let h: ExtHdr = read_at(ctx, off)?;
+                let h: ExtHdr = read_hdr(ctx, off)?;
                 next = h.next_header;
                 off += (h.len as usize + 1) * 8;
             }
             EXT_AUTH => {
-                let h: ExtHdr = read_at(ctx, off)?;
+                let h: ExtHdr = read_hdr(ctx, off)?;
                 next = h.next_header;
                 off += (h.len as usize + 2) * 4;
             }
             EXT_FRAGMENT => {
-                let h: FragHdr = read_at(ctx, off)?;
+                let h: FragHdr = read_hdr(ctx, off)?;
                 next = h.next_header;
                 let offset_flags = u16::from_be(h.offset_flags);
                 p.frag = if offset_flags & 0xfff8 != 0 {
@@ -337,7 +342,7 @@ fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Resu
     if p.frag == Frag::Later {
         return Ok(());
     }
-    let ports: Ports = read_at(ctx, l4)?;
+    let ports: Ports = read_hdr(ctx, l4)?;
     p.sport = ports.src;
     p.dport = ports.dst;
     // The whole fixed header must lie inside the IP packet: bytes past it (Ethernet padding)
@@ -372,7 +377,7 @@ fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Re
         if icmp_type != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
             return Err(());
         }
-        let inner: Ipv4Hdr = read_at(ctx, quote)?;
+        let inner: Ipv4Hdr = read_hdr(ctx, quote)?;
         let ihl = ((inner.version_ihl & 0x0f) as usize) * 4;
         if inner.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
             return Err(());
@@ -387,7 +392,7 @@ fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Re
         if icmp_type != ICMPV6_PACKET_TOO_BIG {
             return Err(());
         }
-        let inner: Ipv6Hdr = read_at(ctx, quote)?;
+        let inner: Ipv6Hdr = read_hdr(ctx, quote)?;
         (
             inner.saddr,
             inner.daddr,
@@ -398,7 +403,7 @@ fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Re
     if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
         return Err(());
     }
-    let ports: Ports = read_at(ctx, ports_at)?;
+    let ports: Ports = read_hdr(ctx, ports_at)?;
     if l4_len < ports_at + size_of::<Ports>() - l4 {
         p.malformed = true;
     }
