@@ -30,6 +30,11 @@ pub const NO_BACKEND: u32 = u32::MAX;
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of the Maglev array-of-maps differ in size.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: lbd fills a new Maglev table with one copy into its memory, not one
+/// syscall per slot.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// The flags of every Maglev table (inner maps must match the template's).
+pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;

@@ -586,7 +586,7 @@ impl Daemon {
                 }
                 self.sync_table(si)?;
                 let s = &self.services[si];
-                self.datapath.set_service(&s.key(), &s.value(), &s.table)?;
+                self.datapath.set_service_key(&s.key(), &s.value())?;
             }
             for b in &removed {
                 self.datapath.clear_backend(b.id)?;
