@@ -1,7 +1,1347 @@
-//! Benchmark part `rate` (see BENCHMARKS.md). Not written yet.
+//! Benchmark part `rate`: packets per second through the data path, with a packet generator of
+//! the project's own built on BPF_PROG_TEST_RUN live frames.
+//!
+//! Topology: two namespaces joined by one veth pair, `lbb<pid>g` (generator and sink, `g0`) and
+//! `lbb<pid>l` (the balancer, `l0`). The generator is a raw-instruction XDP program that is
+//! test-run (not attached) in live-frames mode with `ingress_ifindex = g0`: every run writes the
+//! whole 60-byte frame (a 64-byte frame on the wire with its FCS) from immediates — a page comes
+//! back from the page pool with whatever the data path wrote into it, so nothing of the previous
+//! run may survive — takes its client address (and for SYNs its source port) from a per-CPU
+//! counter, fixes the checksums incrementally and returns XDP_TX, which sends the frame out of
+//! g0 into l0. There the program under test runs (lb, or the MAC-swapping floor, or an XDP_PASS
+//! program in front of the kernel's stack with nftables) and sends the packet back out of l0 to
+//! g0, where the sink (an attached XDP program, which is also what makes a veth accept XDP_TX
+//! frames) counts IPv4 TCP/UDP/IP-in-IP frames per CPU and per destination MAC, then drops them.
+//!
+//! One live-frames call costs a fixed ~24 ms, so every measurement is one long call, and the
+//! rate is taken from the sink's counter sampled (from the other CPU) while the call runs, not
+//! from the call's duration. The test-run thread is pinned to one CPU: on veth the whole path
+//! (generator, l0's program or stack, g0's sink) then runs on that CPU, in its softirq.
 
+mod bpf;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use lb_common::{
+    Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, backend_flags, hash,
+    maglev::{MaglevBackend, build_table},
+    maps, service_flags,
+};
+use lb_userspace::{
+    config::XdpMode,
+    datapath::{self, Datapath},
+    state::to_addr,
+};
+
+use self::bpf::{Alu, Asm, Cond, Counters, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Size};
 use super::{Figure, Opts};
+use crate::netns::{in_netns, netns_path, run_checked, set_sysctls};
 
-pub fn run(_opts: &Opts) -> anyhow::Result<Vec<Figure>> {
-    Ok(vec![])
+const SECTION: &str = "packet rate";
+
+const G0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
+const L0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// l0's address in the balancer namespace (also the tunnel's outer source).
+const L0_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const UDP_PORT: u16 = 53;
+const TCP_PORT: u16 = 80;
+/// The UDP clients' source port (the SYN walk varies its port instead).
+const UDP_SPORT: u16 = 40_000;
+const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+const TABLE: u32 = 65_537;
+/// Connection-table capacity; "full" means this many flows are in it.
+const CONNTRACK: u32 = 65_536;
+/// Capacity of the table the "empty table" SYN figures start from: more than a call's SYNs.
+const ROOMY: u32 = 1 << 22;
+/// Established UDP flows of the `UdpEst` stream.
+const EST_FLOWS: u32 = 1_000;
+/// Addresses of the walk (198.18.0.0/16).
+const WALK: u32 = 65_536;
+/// Frame length without FCS: a 64-byte frame on the wire.
+const FRAME: usize = 60;
+/// Sink slots: 0 counts every frame, 1 + (last two bytes of the destination MAC & 1023) each
+/// destination (backend i has MAC 02:00:00:0b:i>>8:i&255).
+const SINK_SLOTS: u32 = 1025;
+/// Frames per live-frames batch (the kernel's default, NAPI's budget).
+const BATCH: u32 = 64;
+/// A timed run whose CPU spent more than this share of the call elsewhere (other processes,
+/// idle, hypervisor steal; the ~20 ms the call takes to start and end count as idle) is repeated.
+const MAX_ELSEWHERE: f64 = 0.09;
+const XDP_TX: i32 = 3;
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+
+/// The traffic a generator program makes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Stream {
+    /// UDP from the 1,000 established flows, round robin.
+    UdpEst,
+    /// UDP from 65,536 client addresses in turn (each a flow of a full table).
+    UdpWalk,
+    /// TCP SYNs, every one a new connection: 65,536 addresses, then the next source port.
+    Syn,
+}
+
+impl Stream {
+    fn label(self) -> &'static str {
+        match self {
+            Stream::UdpEst => "UDP established (1,000 flows)",
+            Stream::UdpWalk => "UDP, 65,536-address walk (every flow in the table)",
+            Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)",
+        }
+    }
+}
+
+/// The client address of walk index (or established flow) `w`: the generator stores `w` as a
+/// little-endian u16 over the last two bytes of 198.18.0.0.
+fn client(w: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, (w & 0xff) as u8, (w >> 8 & 0xff) as u8)
+}
+
+/// Backend `i` of lb: its address in maps (198.19.0.0/16, the benchmarking block's second half;
+/// the clients use only the first, and with `dsr` it never appears in a packet) and its MAC.
+fn backend_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (i >> 8) as u8, (i & 0xff) as u8)
+}
+
+fn backend_mac(i: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0x0b, (i >> 8) as u8, (i & 0xff) as u8]
+}
+
+// ---- frames and programs -------------------------------------------------------------------
+
+/// One's-complement sum of little-endian 16-bit words, folded to 16 bits (not complemented).
+/// The generator adds its variable fields as little-endian words too: the sum is byte-order
+/// independent (RFC 1071), so the result stored little-endian is the right checksum.
+fn sum_le(bytes: &[u8]) -> u32 {
+    let mut s: u32 = bytes
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s
+}
+
+/// The template frame of a stream, with the variable fields (the client address's last two
+/// bytes, the TCP source port, the checksums) zero, and the checksum bases: the folded sums of
+/// the IP header and of the TCP pseudo-header and header without the variable fields.
+fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
+    let mut f = [0u8; FRAME];
+    f[0..6].copy_from_slice(&L0_MAC);
+    f[6..12].copy_from_slice(&G0_MAC);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let tcp = stream == Stream::Syn;
+    let ip_len: u16 = if tcp { 40 } else { 46 };
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
+    ip[8] = 64;
+    ip[9] = if tcp { 6 } else { 17 };
+    ip[12..16].copy_from_slice(&[198, 18, 0, 0]);
+    ip[16..20].copy_from_slice(&VIP.octets());
+    let ip_base = sum_le(&f[14..34]);
+    let mut l4_base = 0;
+    if tcp {
+        let t = &mut f[34..54];
+        t[2..4].copy_from_slice(&TCP_PORT.to_be_bytes());
+        t[4..8].copy_from_slice(&1u32.to_be_bytes()); // seq
+        t[12] = 0x50; // data offset 5
+        t[13] = 0x02; // SYN
+        t[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+        let mut pseudo = vec![];
+        pseudo.extend_from_slice(&f[26..34]); // source (last two bytes zero) and destination
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&f[34..54]);
+        l4_base = sum_le(&pseudo);
+    } else {
+        let u = &mut f[34..42];
+        u[0..2].copy_from_slice(&UDP_SPORT.to_be_bytes());
+        u[2..4].copy_from_slice(&UDP_PORT.to_be_bytes());
+        u[4..6].copy_from_slice(&26u16.to_be_bytes());
+        // Checksum 0: none (valid for UDP over IPv4).
+    }
+    (f, ip_base, l4_base)
+}
+
+/// The frame generator `stream` must make for counter value `n`.
+fn check_frame(stream: Stream, n: u64, f: &[u8]) -> Result<()> {
+    if f.len() != FRAME {
+        bail!("{} bytes, not {FRAME}", f.len());
+    }
+    let w = match stream {
+        Stream::UdpEst => n % EST_FLOWS as u64,
+        _ => n & (WALK as u64 - 1),
+    } as u32;
+    let mut want = template(stream).0;
+    want[26..30].copy_from_slice(&client(w).octets());
+    let sport = 1024 + ((n >> 16) & 0x7fff) as u16;
+    if stream == Stream::Syn {
+        // The generator stores the port as a little-endian word: its value on the wire is the
+        // byte-swapped number, different for every walk.
+        want[34..36].copy_from_slice(&sport.to_le_bytes());
+    }
+    let mut got = f.to_vec();
+    got[24..26].fill(0);
+    if stream == Stream::Syn {
+        got[50..52].fill(0);
+    }
+    if got != want {
+        bail!("frame {got:02x?}, expected {want:02x?}");
+    }
+    let ones = |bytes: &[u8]| {
+        let mut s: u32 = bytes
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+            .sum();
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s
+    };
+    if ones(&f[14..34]) != 0xffff {
+        bail!("bad IPv4 header checksum");
+    }
+    if stream == Stream::Syn {
+        let mut pseudo = f[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&f[34..54]);
+        if ones(&pseudo) != 0xffff {
+            bail!("bad TCP checksum");
+        }
+    }
+    Ok(())
+}
+
+/// `reg = ~fold(reg)` for a sum of at most three 16-bit words (clobbers `tmp`).
+fn fold(a: &mut Asm, reg: u8, tmp: u8) {
+    for _ in 0..2 {
+        a.alu_reg(Alu::Mov, tmp, reg)
+            .alu_imm(Alu::Rsh, tmp, 16)
+            .alu_imm(Alu::And, reg, 0xffff)
+            .alu_reg(Alu::Add, reg, tmp);
+    }
+    a.alu_imm(Alu::Xor, reg, 0xffff);
+}
+
+/// The generator: writes the whole frame of `stream` from immediates, then its variable fields
+/// from the per-CPU counter `n` (slot 0 of `sent`, incremented: it counts the frames sent).
+fn generator(stream: Stream, sent: &Counters) -> Result<Vec<u64>> {
+    let (frame, ip_base, l4_base) = template(stream);
+    let mut a = Asm::new();
+    a.ldx(Size::W, R7, R1, 0)
+        .ldx(Size::W, R8, R1, 4)
+        .alu_reg(Alu::Mov, R2, R7)
+        .alu_imm(Alu::Add, R2, FRAME as i32)
+        .jmp_reg(Cond::Gt, R2, R8, "out")
+        .st(Size::W, R10, -8, 0)
+        .ld_map(R1, &sent.fd)
+        .alu_reg(Alu::Mov, R2, R10)
+        .alu_imm(Alu::Add, R2, -8)
+        .call_map_lookup()
+        .jmp_imm(Cond::Eq, R0, 0, "out")
+        .ldx(Size::DW, R9, R0, 0)
+        .alu_reg(Alu::Mov, R1, R9)
+        .alu_imm(Alu::Add, R1, 1)
+        .stx(Size::DW, R0, 0, R1);
+    for (i, chunk) in frame.chunks(8).enumerate() {
+        let off = (i * 8) as i16;
+        if chunk.len() == 8 {
+            a.ld_imm64(R1, u64::from_le_bytes(chunk.try_into().unwrap()))
+                .stx(Size::DW, R7, off, R1);
+        } else {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(chunk);
+            a.ld_imm64(R1, u32::from_le_bytes(w) as u64)
+                .stx(Size::W, R7, off, R1);
+        }
+    }
+    // r1 = the flow's word (client address bytes 3 and 4).
+    a.alu_reg(Alu::Mov, R1, R9);
+    match stream {
+        Stream::UdpEst => a.alu_imm(Alu::Mod, R1, EST_FLOWS as i32),
+        Stream::UdpWalk | Stream::Syn => a.alu_imm(Alu::And, R1, (WALK - 1) as i32),
+    };
+    a.stx(Size::H, R7, 28, R1)
+        .alu_reg(Alu::Mov, R4, R1)
+        .alu_imm(Alu::Add, R4, ip_base as i32);
+    fold(&mut a, R4, R2);
+    a.stx(Size::H, R7, 24, R4);
+    if stream == Stream::Syn {
+        // Source port: 1024 + the number of completed walks (a new connection every time).
+        a.alu_reg(Alu::Mov, R3, R9)
+            .alu_imm(Alu::Rsh, R3, 16)
+            .alu_imm(Alu::And, R3, 0x7fff)
+            .alu_imm(Alu::Add, R3, 1024)
+            .stx(Size::H, R7, 34, R3)
+            .alu_reg(Alu::Mov, R4, R1)
+            .alu_reg(Alu::Add, R4, R3)
+            .alu_imm(Alu::Add, R4, l4_base as i32);
+        fold(&mut a, R4, R2);
+        a.stx(Size::H, R7, 50, R4);
+    }
+    a.alu_imm(Alu::Mov, R0, XDP_TX)
+        .exit()
+        .label("out")
+        .alu_imm(Alu::Mov, R0, XDP_DROP)
+        .exit();
+    a.finish()
+}
+
+/// The sink: counts IPv4 TCP, UDP and IP-in-IP frames in `counts` (slot 0, and the slot of the
+/// destination MAC), drops everything.
+fn sink(counts: &Counters) -> Result<Vec<u64>> {
+    let mut a = Asm::new();
+    a.ldx(Size::W, R6, R1, 0)
+        .ldx(Size::W, R7, R1, 4)
+        .alu_reg(Alu::Mov, R2, R6)
+        .alu_imm(Alu::Add, R2, 34)
+        .jmp_reg(Cond::Gt, R2, R7, "drop")
+        .ldx(Size::H, R2, R6, 12)
+        .jmp_imm(Cond::Ne, R2, 0x0008, "drop") // 0x0800 read little-endian
+        .ldx(Size::B, R2, R6, 23)
+        .jmp_imm(Cond::Eq, R2, 6, "count")
+        .jmp_imm(Cond::Eq, R2, 17, "count")
+        .jmp_imm(Cond::Eq, R2, 4, "count")
+        .ja("drop")
+        .label("count")
+        .ldx(Size::B, R8, R6, 4)
+        .alu_imm(Alu::Lsh, R8, 8)
+        .ldx(Size::B, R2, R6, 5)
+        .alu_reg(Alu::Or, R8, R2)
+        .alu_imm(Alu::And, R8, 1023)
+        .alu_imm(Alu::Add, R8, 1)
+        .alu_imm(Alu::Mov, R9, 0)
+        .count_slot(&counts.fd, R9, "drop")
+        .count_slot(&counts.fd, R8, "drop")
+        .label("drop")
+        .alu_imm(Alu::Mov, R0, XDP_DROP)
+        .exit();
+    a.finish()
+}
+
+/// The floor: swaps the MACs and sends the frame back out of the interface it came in on.
+fn floor() -> Result<Vec<u64>> {
+    let mut a = Asm::new();
+    a.ldx(Size::W, R2, R1, 0)
+        .ldx(Size::W, R3, R1, 4)
+        .alu_reg(Alu::Mov, R4, R2)
+        .alu_imm(Alu::Add, R4, 14)
+        .jmp_reg(Cond::Gt, R4, R3, "pass")
+        .ldx(Size::W, R4, R2, 0)
+        .ldx(Size::H, R5, R2, 4)
+        .ldx(Size::W, R0, R2, 6)
+        .ldx(Size::H, R3, R2, 10)
+        .stx(Size::W, R2, 0, R0)
+        .stx(Size::H, R2, 4, R3)
+        .stx(Size::W, R2, 6, R4)
+        .stx(Size::H, R2, 10, R5)
+        .alu_imm(Alu::Mov, R0, XDP_TX)
+        .exit()
+        .label("pass")
+        .alu_imm(Alu::Mov, R0, XDP_PASS)
+        .exit();
+    a.finish()
+}
+
+// ---- the rig: namespaces, veth, sink, generators --------------------------------------------
+
+/// Runs `ip ARGS`.
+fn ip(args: &[&str]) -> Result<()> {
+    run_checked(Command::new("ip").args(args), None).map(|_| ())
+}
+
+/// Removes namespaces and pin folders of earlier runs of this part whose process is gone.
+fn reap_stale() {
+    let dead = |pid: &str| {
+        pid.parse::<u32>()
+            .is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+    };
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        for name in rd.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            if let Some(rest) = name.strip_prefix("lbb")
+                && let Some(pid) = rest.strip_suffix(['g', 'l'])
+                && dead(pid)
+            {
+                let _ = ip(&["netns", "del", &name]);
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for name in rd.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            if let Some(rest) = name.strip_prefix("lbt-bench-rate-")
+                && let Some((pid, _)) = rest.split_once('-')
+                && dead(pid)
+            {
+                let _ = datapath::cleanup(&Path::new("/sys/fs/bpf").join(&name));
+            }
+        }
+    }
+}
+
+/// Everything the part creates; dropping it removes it all (links, pins, namespaces).
+struct Rig {
+    g: String,
+    l: String,
+    g0: u32,
+    l0: u32,
+    sink: Counters,
+    sent: Counters,
+    gens: BTreeMap<Stream, OwnedFd>,
+    /// The sink's link on g0 (closing it detaches).
+    sink_link: Option<OwnedFd>,
+    /// Pin folders of lb data paths made so far.
+    pins: Vec<PathBuf>,
+    gen_cpu: usize,
+    sample_cpu: usize,
+    namespaces: Vec<String>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.sink_link.take();
+        for dir in &self.pins {
+            if let Err(e) = datapath::cleanup(dir) {
+                eprintln!("bench rate: removing {}: {e}", dir.display());
+            }
+        }
+        for ns in &self.namespaces {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("bench rate: {e:#}");
+            }
+        }
+    }
+}
+
+impl Rig {
+    fn new() -> Result<Rig> {
+        let pid = std::process::id();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut rig = Rig {
+            g: format!("lbb{pid}g"),
+            l: format!("lbb{pid}l"),
+            g0: 0,
+            l0: 0,
+            sink: Counters::create("lbb_sink", SINK_SLOTS)?,
+            sent: Counters::create("lbb_sent", 1)?,
+            gens: BTreeMap::new(),
+            sink_link: None,
+            pins: vec![],
+            gen_cpu: cpus - 1,
+            sample_cpu: 0,
+            namespaces: vec![],
+        };
+        for ns in [rig.g.clone(), rig.l.clone()] {
+            ip(&["netns", "add", &ns])?;
+            rig.namespaces.push(ns.clone());
+            set_sysctls(
+                &ns,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6".into(), "1".into()),
+                    ("net.ipv6.conf.default.disable_ipv6".into(), "1".into()),
+                ],
+                true,
+            )?;
+        }
+        let (g, l) = (rig.g.clone(), rig.l.clone());
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        ip(&[
+            "-n",
+            &g,
+            "link",
+            "add",
+            "g0",
+            "address",
+            &mac(G0_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "l0",
+            "address",
+            &mac(L0_MAC),
+            "netns",
+            &l,
+        ])?;
+        ip(&["-n", &g, "link", "set", "g0", "up"])?;
+        ip(&["-n", &l, "link", "set", "lo", "up"])?;
+        ip(&["-n", &l, "link", "set", "l0", "up"])?;
+        ip(&[
+            "-n",
+            &l,
+            "addr",
+            "add",
+            &format!("{L0_ADDR}/24"),
+            "dev",
+            "l0",
+        ])?;
+        // The balancer namespace's stack, for nftables: forwards, never sends redirects (the
+        // packets leave by the interface they came in on), no reverse-path filter.
+        let mut sysctls = vec![("net.ipv4.ip_forward".to_string(), "1".to_string())];
+        for dev in ["all", "default", "l0"] {
+            sysctls.push((format!("net.ipv4.conf.{dev}.rp_filter"), "0".into()));
+            sysctls.push((format!("net.ipv4.conf.{dev}.send_redirects"), "0".into()));
+        }
+        set_sysctls(&l, &sysctls, false)?;
+        rig.g0 = in_netns(&g, || Ok(crate::sys::if_nametoindex("g0")?))?;
+        rig.l0 = in_netns(&l, || Ok(crate::sys::if_nametoindex("l0")?))?;
+        let sink_prog = bpf::load_xdp(&sink(&rig.sink)?, "lbb_sink")?;
+        let g0 = rig.g0;
+        rig.sink_link = Some(in_netns(&g, || {
+            crate::sys::xdp_link_create(sink_prog.as_fd(), g0).context("attaching the sink to g0")
+        })?);
+        for s in [Stream::UdpEst, Stream::UdpWalk, Stream::Syn] {
+            let prog = bpf::load_xdp(&generator(s, &rig.sent)?, "lbb_gen")?;
+            rig.gens.insert(s, prog);
+        }
+        Ok(rig)
+    }
+
+    /// Checks the generators' frames: each of them run once (not live) on the calling thread's
+    /// CPU, `cpu`, with chosen counter values; the frame must be the template with the flow's
+    /// address (and port) and correct checksums. The counter is restored afterwards.
+    fn check_generators(&self, cpu: usize) -> Result<()> {
+        let saved = self.sent.per_cpu(0)?;
+        let result = (|| -> Result<()> {
+            for (&stream, prog) in &self.gens {
+                for n in [
+                    0u64,
+                    1,
+                    999,
+                    1_000,
+                    0xffff,
+                    0x1_0000,
+                    0x1234_5678,
+                    0x7fff_ffff,
+                ] {
+                    let mut v = saved.clone();
+                    v[cpu] = n;
+                    self.sent.set(0, &v)?;
+                    let (action, frame) = bpf::test_run_once(prog, &[0xaa; FRAME])?;
+                    if action != XDP_TX as u32 {
+                        bail!("generator {stream:?} returned {action}, not XDP_TX");
+                    }
+                    check_frame(stream, n, &frame)
+                        .with_context(|| format!("generator {stream:?}, counter {n}"))?;
+                }
+            }
+            Ok(())
+        })();
+        self.sent.set(0, &saved)?;
+        result
+    }
+
+    /// Attaches raw XDP instructions to l0; detached when the returned link is dropped.
+    fn attach_l0(&self, insns: &[u64], name: &str) -> Result<OwnedFd> {
+        let prog = bpf::load_xdp(insns, name)?;
+        let l0 = self.l0;
+        // A link removed just before may still be going away (EBUSY meanwhile).
+        crate::retry_until(Duration::from_secs(5), "attaching to l0", || {
+            in_netns(&self.l, || {
+                crate::sys::xdp_link_create(prog.as_fd(), l0)
+                    .with_context(|| format!("attaching {name} to l0"))
+            })
+        })
+    }
+
+    /// One live-frames call of `repeat` frames of `stream`, sampled from the other CPU.
+    fn measure(&self, stream: Stream, window: Window, repeat: u32, slots: u32) -> Result<Run> {
+        let (frame, _, _) = template(stream);
+        let prog = &self.gens[&stream];
+        let sent0 = self.sent.sum(0)?;
+        let cpu0 = self.sink.per_cpu(0)?;
+        let got0: u64 = cpu0.iter().sum();
+        let slots0: Vec<u64> = (1..=slots)
+            .map(|s| self.sink.sum(s))
+            .collect::<Result<_>>()?;
+        let cpu_before = cpu_times(self.gen_cpu)?;
+        let done = AtomicBool::new(false);
+        let ns = File::open(netns_path(&self.g)).context("opening the generator namespace")?;
+        let period = Duration::from_micros(200);
+        let (gen_result, samples) = std::thread::scope(|s| {
+            let generator = s.spawn(|| {
+                let r = (|| {
+                    crate::sys::setns_net(ns.as_fd())
+                        .context("entering the generator namespace")?;
+                    bpf::pin_thread(self.gen_cpu)?;
+                    bpf::nice_thread(-20)?;
+                    bpf::test_run_live(prog, &frame, self.g0, repeat, BATCH)
+                })();
+                done.store(true, Ordering::SeqCst);
+                r
+            });
+            let sampler = s.spawn(|| -> Result<Vec<(Instant, u64)>> {
+                bpf::pin_thread(self.sample_cpu)?;
+                bpf::nice_thread(-20)?;
+                let mut v = Vec::with_capacity(1 << 16);
+                loop {
+                    let finished = done.load(Ordering::SeqCst);
+                    let before = Instant::now();
+                    let count = self.sink.sum(0)?;
+                    let took = before.elapsed();
+                    // A sample whose read was held up (preempted) has no precise time: skipped.
+                    if took < Duration::from_micros(50) {
+                        v.push((before + took / 2, count));
+                    }
+                    if finished {
+                        // The last one, precise or not: it tells when the traffic had ended.
+                        if took >= Duration::from_micros(50) {
+                            v.push((before + took / 2, count));
+                        }
+                        return Ok(v);
+                    }
+                    std::thread::sleep(period);
+                }
+            });
+            (
+                generator
+                    .join()
+                    .map_err(|_| anyhow!("the generator thread panicked")),
+                sampler
+                    .join()
+                    .map_err(|_| anyhow!("the sampler thread panicked")),
+            )
+        });
+        gen_result??;
+        let samples = samples??;
+        let cpu_after = cpu_times(self.gen_cpu)?;
+        // Whatever is still in flight lands within the call; give stragglers a moment anyway.
+        std::thread::sleep(Duration::from_millis(10));
+        let sent = self.sent.sum(0)? - sent0;
+        let cpu1 = self.sink.per_cpu(0)?;
+        let delivered: u64 = cpu1.iter().sum::<u64>() - got0;
+        let on_cpu = cpu1[self.gen_cpu] - cpu0[self.gen_cpu];
+        let per_slot = (1..=slots)
+            .map(|s| Ok(self.sink.sum(s)? - slots0[s as usize - 1]))
+            .collect::<Result<Vec<u64>>>()?;
+        // No usable window (the call ended too early): a run of zero length, which `series`
+        // repeats with a longer call.
+        let (pps, secs) = window.rate(&samples, got0).unwrap_or((0.0, 0.0));
+        if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+            let t0 = samples[0].0;
+            let first = samples.iter().find(|s| s.1 > got0).map(|s| s.0 - t0);
+            let last = samples.last().map_or(0, |s| s.1);
+            let stop = samples.iter().find(|s| s.1 == last).map(|s| s.0 - t0);
+            eprintln!(
+                "rate: {stream:?} repeat {repeat}: {:.3} Mpps over {secs:.3} s, sent {sent}, delivered {delivered}, {} samples, traffic {first:?}..{stop:?}, call {:?}, elsewhere {:.1}%",
+                pps / 1e6,
+                samples.len(),
+                samples.last().map(|s| s.0 - t0),
+                cpu_times(self.gen_cpu)?.elsewhere_since(&cpu_before) * 100.0
+            );
+        }
+        Ok(Run {
+            mpps: pps / 1e6,
+            sent,
+            delivered,
+            window: secs,
+            on_gen_cpu: if delivered == 0 {
+                0.0
+            } else {
+                on_cpu as f64 / delivered as f64
+            },
+            per_slot,
+            elsewhere: cpu_after.elsewhere_since(&cpu_before),
+        })
+    }
+
+    /// `reps` measurements of `stream` over `window`, each after `before`; a time window gets
+    /// a calibration call first, which sizes the calls so that each covers warm-up and window.
+    fn series(
+        &self,
+        stream: Stream,
+        window: Window,
+        reps: usize,
+        slots: u32,
+        mut before: impl FnMut() -> Result<()>,
+    ) -> Result<Vec<Run>> {
+        let Window { warmup, length } = window;
+        let mut runs = vec![];
+        before()?;
+        let cal = self.measure(
+            stream,
+            Window {
+                warmup: 0.005,
+                length: f64::INFINITY,
+            },
+            200_000,
+            slots,
+        )?;
+        let mut pps = cal.mpps * 1e6;
+        for _ in 0..reps {
+            let (mut short, mut contended) = (0, 0);
+            loop {
+                before()?;
+                pps = pps.max(100_000.0);
+                let repeat = (pps * (warmup + length) * 1.25 + 20_000.0).min(4e9) as u32;
+                let run = self.measure(stream, window, repeat, slots)?;
+                if run.window < 0.9 * length {
+                    // The call ended early: the rate was above the estimate.
+                    short += 1;
+                    if short > 4 {
+                        bail!(
+                            "the call ended before its window ({:.3} s of {length} s)",
+                            run.window
+                        );
+                    }
+                    pps = (pps * 2.0).max(run.mpps * 1e6 * 1.5);
+                    continue;
+                }
+                pps = run.mpps * 1e6;
+                // A call that shared its CPU with other work is repeated (a few times).
+                if run.elsewhere > MAX_ELSEWHERE && contended < 3 {
+                    contended += 1;
+                    continue;
+                }
+                runs.push(run);
+                break;
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// How the rate is read from the sink's samples: over `length` seconds, starting `warmup`
+/// seconds after the first frame arrived, and before the traffic ended.
+#[derive(Clone, Copy)]
+struct Window {
+    warmup: f64,
+    length: f64,
+}
+
+impl Window {
+    /// Packets per second and the window's length, from (time, counter) samples.
+    fn rate(&self, samples: &[(Instant, u64)], base: u64) -> Option<(f64, f64)> {
+        let first = samples.iter().find(|s| s.1 > base)?.0;
+        let last = samples.last()?.1;
+        // The first sample that saw the final count: the traffic had ended by then.
+        let stop = samples.iter().position(|s| s.1 == last)?;
+        let during = &samples[..stop];
+        let start_at = first + Duration::from_secs_f64(self.warmup);
+        let a = *during.iter().find(|s| s.0 >= start_at)?;
+        let end_at = a.0 + Duration::from_secs_f64(self.length.min(1e6));
+        let b = *during.iter().rev().find(|s| s.0 <= end_at)?;
+        let secs = b.0.duration_since(a.0).as_secs_f64();
+        (secs > 0.0 && b.1 > a.1).then(|| ((b.1 - a.1) as f64 / secs, secs))
+    }
+}
+
+/// One measurement.
+struct Run {
+    mpps: f64,
+    sent: u64,
+    delivered: u64,
+    window: f64,
+    /// Share of the delivered frames counted on the generator's CPU.
+    on_gen_cpu: f64,
+    /// Frames per sink slot 1..=slots (destination MACs of backends 0..slots).
+    per_slot: Vec<u64>,
+    /// Share of the generator CPU's time during the call that went to anything but this
+    /// benchmark's kernel work (user time of any process, idle, steal by the hypervisor).
+    elsewhere: f64,
+}
+
+/// A CPU's times from /proc/stat (USER_HZ ticks).
+struct CpuTimes {
+    elsewhere: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn elsewhere_since(&self, before: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.elsewhere.saturating_sub(before.elsewhere) as f64 / total as f64
+    }
+}
+
+fn cpu_times(cpu: usize) -> Result<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let prefix = format!("cpu{cpu} ");
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .ok_or_else(|| anyhow!("no {prefix}line in /proc/stat"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: ours are system and softirq.
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Ok(CpuTimes {
+        elsewhere: at(0) + at(1) + at(3) + at(4) + at(7),
+        total: v.iter().sum(),
+    })
+}
+
+// ---- lb ---------------------------------------------------------------------------------------
+
+/// lb's program loaded by lbd's datapath code into a pin folder of the rig, with one service
+/// and `n` backends, attached to l0.
+struct Lb {
+    dp: Datapath,
+    dir: PathBuf,
+    conntrack: AyaHashMap<MapData, FlowKey, FlowValue>,
+    /// The same map, for emptying it in batches.
+    conntrack_fd: MapData,
+    table: Vec<u32>,
+    flags: u32,
+}
+
+impl Lb {
+    fn new(rig: &mut Rig, n: u32, tunnel: bool, capacity: u32) -> Result<Lb> {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/lbt-bench-rate-{}-{}",
+            std::process::id(),
+            rig.pins.len()
+        ));
+        rig.pins.push(dir.clone());
+        let mut dp = Datapath::open(&dir, capacity, &[])?;
+        dp.set_config(SEED)?;
+        let mut live = vec![];
+        for i in 0..n {
+            let addr = to_addr(IpAddr::V4(backend_addr(i)));
+            let b = Backend {
+                addr,
+                tunnel_src: to_addr(IpAddr::V4(L0_ADDR)),
+                mac: backend_mac(i),
+                src_mac: L0_MAC,
+                ifindex: rig.l0,
+                service: 0,
+                family: 4,
+                flags: backend_flags::VALID,
+                mtu: 1500,
+            };
+            dp.set_backend(i, &b)?;
+            live.push(MaglevBackend {
+                id: i,
+                addr,
+                weight: 100,
+            });
+        }
+        let table = build_table(&SEED, &live, TABLE);
+        let path = datapath::maps_dir(&dir).join(maps::CONNTRACK);
+        let conntrack_fd =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let conntrack = MapData::from_pin(&path)
+            .and_then(Map::from_map_data)
+            .and_then(AyaHashMap::try_from)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let l0 = rig.l0;
+        let l = rig.l.clone();
+        crate::retry_until(Duration::from_secs(5), "attaching lb to l0", || {
+            in_netns(&l, || {
+                dp.attach("l0", l0, XdpMode::Native)
+                    .map_err(|e| anyhow!("attaching lb to l0: {e}"))
+            })
+        })?;
+        Ok(Lb {
+            dp,
+            dir,
+            conntrack,
+            conntrack_fd,
+            table,
+            flags: if tunnel { service_flags::TUNNEL } else { 0 },
+        })
+    }
+
+    fn key(proto: u8) -> ServiceKey {
+        ServiceKey {
+            addr: to_addr(IpAddr::V4(VIP)),
+            port: if proto == 6 { TCP_PORT } else { UDP_PORT }.to_be(),
+            proto,
+            family: 4,
+        }
+    }
+
+    /// Makes the one service the `proto` one (the other protocol's key is removed).
+    fn service(&mut self, proto: u8) -> Result<()> {
+        let other = Lb::key(if proto == 6 { 17 } else { 6 });
+        if self.dp.service_keys().iter().any(|(k, _)| *k == other) {
+            self.dp.remove_service(&other)?;
+        }
+        let value = ServiceValue {
+            id: 0,
+            flags: self.flags,
+            table_size: TABLE,
+            _pad: 0,
+        };
+        let table = self.table.clone();
+        self.dp.set_service(&Lb::key(proto), &value, &table)?;
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Result<()> {
+        bpf::empty_hash(
+            self.conntrack_fd.fd().as_fd(),
+            std::mem::size_of::<FlowKey>(),
+            std::mem::size_of::<FlowValue>(),
+        )?;
+        Ok(())
+    }
+
+    /// Detaches the program (its link is pinned) and removes its maps.
+    fn remove(self) -> Result<()> {
+        let dir = self.dir.clone();
+        drop(self);
+        datapath::cleanup(&dir).map_err(|e| anyhow!("removing {}: {e}", dir.display()))?;
+        Ok(())
+    }
+
+    /// Fills the connection table with the 65,536 UDP flows of the walk (the 1,000 established
+    /// flows among them), each on the backend the program would choose.
+    fn fill(&mut self) -> Result<()> {
+        for w in 0..WALK {
+            let src = to_addr(IpAddr::V4(client(w)));
+            let key = FlowKey {
+                src,
+                dst: to_addr(IpAddr::V4(VIP)),
+                sport: UDP_SPORT.to_be(),
+                dport: UDP_PORT.to_be(),
+                proto: 17,
+                family: 4,
+                _pad: [0; 2],
+            };
+            let backend = self.table[hash::slot(hash::hash_source(&SEED, &src), TABLE) as usize];
+            self.conntrack
+                .insert(
+                    key,
+                    FlowValue {
+                        backend,
+                        service: 0,
+                    },
+                    0,
+                )
+                .context("filling the connection table")?;
+        }
+        Ok(())
+    }
+
+    fn flows(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+// ---- the part -------------------------------------------------------------------------------
+
+/// One reported configuration and its runs.
+struct Series {
+    name: String,
+    runs: Vec<Run>,
+    extra: String,
+}
+
+impl Series {
+    fn median(&self) -> f64 {
+        Figure::from_samples("", "", "", self.runs.iter().map(|r| r.mpps).collect(), "").median
+    }
+
+    fn sent(&self) -> u64 {
+        self.runs.iter().map(|r| r.sent).sum()
+    }
+
+    fn lost(&self) -> u64 {
+        self.runs
+            .iter()
+            .map(|r| r.sent.saturating_sub(r.delivered))
+            .sum()
+    }
+}
+
+pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
+    crate::require_root();
+    reap_stale();
+    let quick = opts.quick;
+    let reps = if quick {
+        opts.repetitions.min(3)
+    } else {
+        opts.repetitions.max(5)
+    };
+    let length = if quick { 0.25 } else { 0.5 };
+    let time = Window {
+        warmup: 0.1,
+        length,
+    };
+    let mut rig = Rig::new()?;
+    // This thread fills and empties maps between calls: on the other CPU than the data path's,
+    // so it does not evict the data path's caches.
+    let _pinned = bpf::Pinned::to(rig.sample_cpu)?;
+    rig.check_generators(rig.sample_cpu)?;
+    let cpu = rig.gen_cpu;
+    let mut series: Vec<Series> = vec![];
+    let mut floors: BTreeMap<Stream, f64> = BTreeMap::new();
+
+    // The floor: MAC swap and XDP_TX on l0; measured first and again last (its runs are taken
+    // together), so a machine that got busier or quieter meanwhile shows.
+    let floor_runs = |rig: &Rig| -> Result<Vec<Vec<Run>>> {
+        let _link = rig.attach_l0(&floor()?, "lbb_floor")?;
+        [Stream::UdpEst, Stream::Syn]
+            .iter()
+            .map(|&stream| rig.series(stream, time, reps, 0, || Ok(())))
+            .collect()
+    };
+    let floor_first = floor_runs(&rig)?;
+
+    // nftables: XDP_PASS on l0 (so the veth takes the generator's frames), then the kernel's
+    // stack: conntrack, DNAT by a jhash of the source in a prerouting nat chain, forwarding,
+    // a static neighbour per backend whose MAC leads back out of l0 to the sink.
+    let mut nft: BTreeMap<Stream, f64> = BTreeMap::new();
+    {
+        let nft_backends = [11u8, 12, 13];
+        let mut map = vec![];
+        for (i, last) in nft_backends.iter().enumerate() {
+            let addr = format!("192.0.2.{last}");
+            ip(&[
+                "-n",
+                &rig.l,
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &format!("02:00:00:0b:00:{i:02x}"),
+                "dev",
+                "l0",
+                "nud",
+                "permanent",
+            ])?;
+            map.push(format!("{i} : {addr}"));
+        }
+        let map = map.join(", ");
+        let ruleset = format!(
+            "table ip lbbench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {VIP} udp dport {UDP_PORT} dnat to jhash ip saddr mod 3 map {{ {map} }}\n    ip daddr {VIP} tcp dport {TCP_PORT} dnat to jhash ip saddr mod 3 map {{ {map} }}\n  }}\n}}\n"
+        );
+        run_checked(
+            Command::new("ip").args(["netns", "exec", &rig.l, "nft", "-f", "-"]),
+            Some(&ruleset),
+        )?;
+        let _link = rig.attach_l0(&crate::sys::XDP_PASS_INSNS, "lbb_pass")?;
+        for stream in [Stream::UdpEst, Stream::Syn] {
+            let runs = rig.series(stream, time, reps, 3, || Ok(()))?;
+            let conntrack = in_netns(&rig.l, || {
+                let read = |k: &str| {
+                    std::fs::read_to_string(crate::netns::sysctl_path(k))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_else(|_| "?".into())
+                };
+                Ok((
+                    read("net.netfilter.nf_conntrack_count"),
+                    read("net.netfilter.nf_conntrack_max"),
+                ))
+            })?;
+            let s = Series {
+                name: format!(
+                    "nftables (dnat to jhash ip saddr mod 3), {}",
+                    stream.label()
+                ),
+                extra: format!(
+                    "{}; {} conntrack entries after these runs (max {})",
+                    share_note(&runs, 3),
+                    conntrack.0,
+                    conntrack.1
+                ),
+                runs,
+            };
+            nft.insert(stream, s.median());
+            series.push(s);
+        }
+        run_checked(
+            Command::new("ip").args([
+                "netns", "exec", &rig.l, "nft", "delete", "table", "ip", "lbbench",
+            ]),
+            None,
+        )?;
+    }
+
+    // lb.
+    let mut shares: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut share_from = String::new();
+    // (index in series, stream, the headline configuration: dsr, 3 backends, full table)
+    let mut lb_names: Vec<(usize, Stream, bool)> = vec![];
+    for tunnel in [false, true] {
+        for n in [3u32, 100, 1000] {
+            let mode = if tunnel { "tunnel" } else { "dsr" };
+            let name =
+                |what: &str, table: &str| format!("lb {mode}, {n} backends, {what}, {table}");
+            let slots = if n == 3 { 3 } else { 0 };
+            let mut lb = Lb::new(&mut rig, n, tunnel, CONNTRACK)?;
+            // UDP: the 1,000 established flows, alone in the table and in a full one.
+            lb.service(17)?;
+            lb.clear()?;
+            let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
+            let flows = lb.flows();
+            lb_names.push((series.len(), Stream::UdpEst, false));
+            series.push(Series {
+                name: name(Stream::UdpEst.label(), "empty 65,536-entry table"),
+                extra: format!(
+                    "{flows} flows in the table (only these); {}",
+                    share_note(&runs, slots)
+                ),
+                runs,
+            });
+            lb.fill()?;
+            let before = lb.flows();
+            let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
+            lb_names.push((series.len(), Stream::UdpEst, !tunnel && n == 3));
+            series.push(Series {
+                name: name(Stream::UdpEst.label(), "full 65,536-entry table"),
+                extra: format!("{before} flows in the table; {}", share_note(&runs, slots)),
+                runs,
+            });
+            if n == 3 || n == 1000 {
+                let runs = rig.series(Stream::UdpWalk, time, reps, slots, || Ok(()))?;
+                let after = lb.flows();
+                series.push(Series {
+                    name: name(Stream::UdpWalk.label(), "full 65,536-entry table"),
+                    extra: format!("{before} flows in the table before, {after} after"),
+                    runs,
+                });
+            }
+            // TCP SYNs, each a new connection, into a full table: every insert evicts the least
+            // recently used flow (a table refilled before each call).
+            lb.service(6)?;
+            let runs = rig.series(Stream::Syn, time, reps, slots, || lb.fill())?;
+            if n == 3 && !tunnel {
+                for r in &runs {
+                    let total: u64 = r.per_slot.iter().sum();
+                    for (i, c) in r.per_slot.iter().enumerate() {
+                        shares[i].push(100.0 * *c as f64 / total.max(1) as f64);
+                    }
+                }
+                share_from = format!(
+                    "lb dsr, 3 backends, {}, full 65,536-entry table; {} runs",
+                    Stream::Syn.label(),
+                    runs.len()
+                );
+            }
+            lb_names.push((series.len(), Stream::Syn, !tunnel && n == 3));
+            series.push(Series {
+                name: name(Stream::Syn.label(), "full 65,536-entry table"),
+                extra: format!(
+                    "{before} flows in the table before each call, every SYN evicts one; {}",
+                    share_note(&runs, slots)
+                ),
+                runs,
+            });
+            lb.remove()?;
+            // TCP SYNs into an empty table with room for every one of them (no eviction
+            // during a call): a table of ROOMY entries, emptied before each call.
+            let mut lb = Lb::new(&mut rig, n, tunnel, ROOMY)?;
+            lb.service(6)?;
+            let mut most = 0;
+            let runs = rig.series(Stream::Syn, time, reps, slots, || lb.clear())?;
+            for r in &runs {
+                most = most.max(r.delivered);
+            }
+            lb_names.push((series.len(), Stream::Syn, false));
+            series.push(Series {
+                name: name(Stream::Syn.label(), "empty 4,194,304-entry table"),
+                extra: format!(
+                    "emptied before each call, which then inserted at most {most} flows (no eviction; a table of ~400 MB, far beyond the caches); {}",
+                    share_note(&runs, slots)
+                ),
+                runs,
+            });
+            lb.remove()?;
+        }
+    }
+
+    // The floor again, then its figures first.
+    let floor_last = floor_runs(&rig)?;
+    let mut floor_series = vec![];
+    for (i, (first, last)) in floor_first.into_iter().zip(floor_last).enumerate() {
+        let stream = [Stream::UdpEst, Stream::Syn][i];
+        let median = |runs: &[Run]| {
+            Figure::from_samples("", "", "", runs.iter().map(|r| r.mpps).collect(), "").median
+        };
+        let extra = format!(
+            "medians {:.2} Mpps measured first, {:.2} Mpps measured last",
+            median(&first),
+            median(&last)
+        );
+        let s = Series {
+            name: format!("floor (MAC swap + XDP_TX), {}", stream.label()),
+            runs: first.into_iter().chain(last).collect(),
+            extra,
+        };
+        floors.insert(stream, s.median());
+        floor_series.push(s);
+    }
+    for s in floor_series.into_iter().rev() {
+        series.insert(0, s);
+    }
+    for entry in lb_names.iter_mut() {
+        entry.0 += 2;
+    }
+
+    // Figures.
+    let mut figures = vec![];
+    for (i, s) in series.iter().enumerate() {
+        let mpps = s.median();
+        let window = s.runs.iter().map(|r| r.window).sum::<f64>() / s.runs.len().max(1) as f64;
+        let on_cpu = s.runs.iter().map(|r| r.on_gen_cpu).fold(1.0, f64::min);
+        let elsewhere = Figure::from_samples(
+            "",
+            "",
+            "",
+            s.runs.iter().map(|r| r.elsewhere * 100.0).collect(),
+            "",
+        );
+        let mut note = format!(
+            "{:.0} ns/packet for the whole path (generator, program under test and sink on one CPU); lost {} of {} sent; {:.2} s windows",
+            1e3 / mpps,
+            s.lost(),
+            s.sent(),
+            window
+        );
+        if let Some(&(_, stream, _)) = lb_names.iter().find(|(j, _, _)| *j == i) {
+            let stream = if stream == Stream::UdpWalk {
+                Stream::UdpEst
+            } else {
+                stream
+            };
+            if let Some(f) = floors.get(&stream) {
+                note.push_str(&format!(
+                    "; {:.2}× floor ({:+.0} ns/packet)",
+                    mpps / f,
+                    1e3 / mpps - 1e3 / f
+                ));
+            }
+            if let Some(x) = nft.get(&stream) {
+                note.push_str(&format!("; {:.1}× nftables", mpps / x));
+            }
+        }
+        if on_cpu < 0.999 {
+            note.push_str(&format!(
+                "; only {:.1}% counted on the generator's CPU",
+                on_cpu * 100.0
+            ));
+        }
+        if elsewhere.max > 10.0 {
+            note.push_str(&format!(
+                "; CPU {cpu} time elsewhere during the calls (other processes, idle, steal): median {:.0}%, max {:.0}%",
+                elsewhere.median, elsewhere.max
+            ));
+        }
+        if !s.extra.is_empty() {
+            note.push_str("; ");
+            note.push_str(&s.extra);
+        }
+        figures.push(Figure::from_samples(
+            SECTION,
+            &s.name,
+            "Mpps",
+            s.runs.iter().map(|r| r.mpps).collect(),
+            &note,
+        ));
+    }
+    let sharing = format!(
+        "generator, data path and sink share CPU {cpu} (pinned test-run thread; on veth the whole path runs in its softirq); the rate is read from the sink's counter sampled from CPU {} during one long live-frames call",
+        rig.sample_cpu
+    );
+    for (stream, target) in [(Stream::UdpEst, 0.80), (Stream::Syn, 0.70)] {
+        let Some(&(i, _, _)) = lb_names
+            .iter()
+            .find(|(_, s, headline)| *s == stream && *headline)
+        else {
+            continue;
+        };
+        let lb = series[i].median();
+        let worst = lb_names
+            .iter()
+            .filter(|(_, s, _)| *s == stream)
+            .map(|(j, _, _)| (series[*j].median(), &series[*j].name))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some(f) = floors.get(&stream) {
+            figures.push(Figure::value(
+                SECTION,
+                &format!("ratio lb/floor, {}", stream.label()),
+                "×",
+                lb / f,
+                &format!(
+                    "{} vs the floor (target ≥ {target:.2}); worst lb configuration: {}",
+                    series[i].name,
+                    worst.map_or(String::new(), |(w, n)| format!("{n}, {:.2}×", w / f))
+                ),
+            ));
+        }
+        if let Some(x) = nft.get(&stream) {
+            figures.push(Figure::value(
+                SECTION,
+                &format!("ratio lb/nftables, {}", stream.label()),
+                "×",
+                lb / x,
+                &format!(
+                    "{} vs nftables with 3 backends (target ≥ 5); worst lb configuration: {}",
+                    series[i].name,
+                    worst.map_or(String::new(), |(w, n)| format!("{n}, {:.1}×", w / x))
+                ),
+            ));
+        }
+    }
+    for (i, s) in shares.iter().enumerate() {
+        if s.is_empty() {
+            continue;
+        }
+        figures.push(Figure::from_samples(
+            SECTION,
+            &format!("lb backend {} of 3: share of delivered packets", i + 1),
+            "%",
+            s.clone(),
+            &format!("{share_from} (target 30–37%)"),
+        ));
+    }
+    let lb_series: Vec<&Series> = lb_names.iter().map(|(i, _, _)| &series[*i]).collect();
+    let (lost, sent) = lb_series
+        .iter()
+        .fold((0, 0), |(l, t), s| (l + s.lost(), t + s.sent()));
+    figures.push(Figure::value(
+        SECTION,
+        "lb: packets lost (sent by the generator, not delivered to the sink)",
+        "packets",
+        lost as f64,
+        &format!(
+            "over every lb run above: {lost} of {sent} sent; {sharing}; 60-byte frames (64 on the wire)"
+        ),
+    ));
+    Ok(figures)
+}
+
+/// "backend shares 33.1/33.4/33.5%" over all runs, when the sink counted per backend.
+fn share_note(runs: &[Run], slots: u32) -> String {
+    if slots == 0 {
+        return String::new();
+    }
+    let mut per = vec![0u64; slots as usize];
+    for r in runs {
+        for (i, c) in r.per_slot.iter().enumerate() {
+            per[i] += c;
+        }
+    }
+    let total: u64 = per.iter().sum();
+    let shares: Vec<String> = per
+        .iter()
+        .map(|c| format!("{:.1}", 100.0 * *c as f64 / total.max(1) as f64))
+        .collect();
+    format!("backend shares {}%", shares.join("/"))
 }
