@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, MAGLEV_TABLE_FLAGS, Config, Counter, FlowKey, FlowValue, FragKey, FragValue,
+    Backend, Config, Counter, FlowKey, FlowValue, FragKey, FragValue, MAGLEV_TABLE_FLAGS,
     MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceKey, ServiceValue, VipKey,
     backend_flags, hash, service_flags,
 };
@@ -33,8 +33,10 @@ static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = 
 /// single update, so the program never sees a half-built table. BPF_F_INNER_MAP lets each
 /// service's table have its own size.
 #[btf_map]
-static MAGLEV: ArrayOfMaps<Array<u32, 1, { MAGLEV_TABLE_FLAGS as usize }>, { MAX_SERVICES as usize }> =
-    ArrayOfMaps::new();
+static MAGLEV: ArrayOfMaps<
+    Array<u32, 1, { MAGLEV_TABLE_FLAGS as usize }>,
+    { MAX_SERVICES as usize },
+> = ArrayOfMaps::new();
 
 #[btf_map]
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();

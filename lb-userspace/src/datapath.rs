@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, Config, Counter, FlowKey, FlowValue, LAYOUT_VERSION, MAX_BACKENDS,
-    PROGRAM_NAME, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, maps,
+    Backend, Config, Counter, FlowKey, FlowValue, LAYOUT_VERSION, MAX_BACKENDS, PROGRAM_NAME,
+    Reason, ServiceKey, ServiceValue, VipKey, backend_flags, maps,
 };
 use log::{info, warn};
 
@@ -791,7 +791,14 @@ fn fill_mmapable_array(map: &MapData, values: &[u32]) -> io::Result<()> {
     // SAFETY: mapping `len` bytes of the map's value area (the kernel sized it for
     // `values.len()` elements, rounded up to pages) shared, read-write; checked below.
     let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
     };
     if base == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
@@ -800,7 +807,10 @@ fn fill_mmapable_array(map: &MapData, values: &[u32]) -> io::Result<()> {
     // visible to the program, so nothing else writes it.
     unsafe {
         for (i, v) in values.iter().enumerate() {
-            (base as *mut u8).add(i * ELEMENT).cast::<u32>().write_unaligned(*v);
+            (base as *mut u8)
+                .add(i * ELEMENT)
+                .cast::<u32>()
+                .write_unaligned(*v);
         }
         libc::munmap(base, len);
     }
