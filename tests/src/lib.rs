@@ -17,6 +17,7 @@
 //! ```
 
 pub mod bench;
+pub mod bpf;
 pub mod dpfixture;
 pub mod http;
 pub mod lbd;

@@ -210,28 +210,8 @@ pub fn set_recv_buffer(stream: &TcpStream, bytes: usize) -> io::Result<()> {
 
 // ---- bpf(2): a trivial XDP_PASS program, loaded and attached through a bpf_link ----------
 
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
-
-/// The part of `union bpf_attr` used by BPF_PROG_LOAD (fields up to expected_attach_type).
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
 
 /// The part of `union bpf_attr` used by BPF_LINK_CREATE for XDP.
 #[repr(C)]
@@ -272,22 +252,7 @@ pub const XDP_PASS_INSNS: [u64; 2] = [
 /// Loads `insns` (raw eBPF instructions, one u64 each in the kernel's little-endian layout)
 /// as an XDP program named `name` (at most 15 bytes) and returns its fd.
 pub fn load_xdp(insns: &[u64], name: &str) -> io::Result<OwnedFd> {
-    let license = c"GPL";
-    let mut prog_name = [0u8; 16];
-    let n = name.len().min(15);
-    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    let insn_cnt = u32::try_from(insns.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many instructions"))?;
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name,
-        expected_attach_type: BPF_XDP,
-        ..Default::default()
-    };
-    bpf(BPF_PROG_LOAD, &mut attr)
+    crate::bpf::load_xdp(insns, name).map_err(|e| io::Error::other(format!("{e:#}")))
 }
 
 /// Attaches XDP program `prog` to interface `ifindex` of the calling thread's network namespace

@@ -33,8 +33,6 @@
 //! the test run's loop.
 
 use std::{
-    io,
-    mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
@@ -337,62 +335,7 @@ impl Drop for StatsOn {
     }
 }
 
-// ---- BPF_PROG_TEST_RUN on a program fd ----
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-/// `union bpf_attr` as BPF_PROG_TEST_RUN reads it: the `test` fields, then zeros up to the
-/// union's full 152 bytes (what aya passes). Passed with the `test` fields alone (80 bytes) this
-/// kernel answers EINVAL.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _zero: [u32; 19],
-}
-
-/// Runs `prog` `repeat` times on `frame` in one BPF_PROG_TEST_RUN: the XDP action of the last
-/// run and the kernel's mean duration per run in ns. (aya's `Xdp` cannot be made from a program
-/// fd of our own without naming aya-obj's attach type, so both programs go through this.)
-fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a live, initialised prefix of bpf_attr whose size is passed along (the
-    // kernel treats the missing tail as zero); `data_in` points to `data_size_in` readable bytes
-    // for the duration of the call; no output buffer is given, so the kernel writes only into
-    // `attr`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr as *mut libc::c_void,
-            size_of::<TestRunAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((attr.retval, attr.duration))
-}
+use crate::bpf::test_run;
 
 /// The id of the program behind `fd`, from /proc/self/fdinfo.
 fn prog_id_of(fd: BorrowedFd<'_>) -> Result<u32> {
@@ -1385,16 +1328,5 @@ mod tests {
         let (a, p) = fresh4(131_072);
         assert_eq!((a, p), (Ipv4Addr::new(198, 18, 0, 0), 1025));
         assert_eq!(fresh6(0), "2001:2::1".parse::<Ipv6Addr>().unwrap());
-    }
-
-    #[test]
-    fn test_run_attr_matches_the_kernel_layout() {
-        // union bpf_attr's `test` struct (15 fields, 76 bytes), zeros to 152.
-        assert_eq!(size_of::<TestRunAttr>(), 152);
-        let a = TestRunAttr::default();
-        let base = &a as *const TestRunAttr as usize;
-        assert_eq!(&a.data_in as *const u64 as usize - base, 16);
-        assert_eq!(&a.ctx_in as *const u64 as usize - base, 48);
-        assert_eq!(&a.batch_size as *const u32 as usize - base, 72);
     }
 }

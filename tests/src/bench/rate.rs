@@ -18,8 +18,6 @@
 //! from the call's duration. The test-run thread is pinned to one CPU: on veth the whole path
 //! (generator, l0's program or stack, g0's sink) then runs on that CPU, in its softirq.
 
-mod bpf;
-
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -42,8 +40,10 @@ use lb_userspace::{
     state::to_addr,
 };
 
-use self::bpf::{Alu, Asm, Cond, Counters, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Size};
 use super::{Figure, Opts};
+use crate::bpf::{
+    self, Alu, Asm, Cond, Counters, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Size,
+};
 use crate::netns::{in_netns, netns_path, run_checked, set_sysctls};
 
 const SECTION: &str = "packet rate";

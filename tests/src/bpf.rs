@@ -1,7 +1,7 @@
-//! The packet-rate benchmark's own tiny XDP programs, written as raw eBPF instructions and
-//! loaded with bpf(2) (no eBPF crate of its own): a small assembler with labels, per-CPU array
-//! maps, program loading with the verifier's log on failure, and BPF_PROG_TEST_RUN in live-frames
-//! mode. Every `unsafe` of the benchmark lives here.
+//! Tiny XDP programs of the tests and benchmarks, written as raw eBPF instructions and loaded
+//! with bpf(2) (no eBPF crate of their own): a small assembler with labels, per-CPU array maps,
+//! program loading with the verifier's log on failure, and BPF_PROG_TEST_RUN (plain and in
+//! live-frames mode). The raw bpf(2) calls of the test crate live here.
 
 use std::io;
 use std::mem;
@@ -320,7 +320,8 @@ struct TestRunAttr {
     flags: u32,
     cpu: u32,
     batch_size: u32,
-    _pad: u32,
+    /// The rest of `union bpf_attr` (152 bytes in all), zero.
+    _zero: [u32; 19],
 }
 
 /// `struct xdp_md`, the context of an XDP test run.
@@ -591,6 +592,20 @@ pub fn empty_hash(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> Re
 
 /// Runs XDP program `prog` once on `frame` (an ordinary test run, no live frames) and returns
 /// its action and the frame it left.
+/// Runs `prog` `repeat` times on `frame` in one BPF_PROG_TEST_RUN: the XDP action of the last
+/// run and the kernel's mean duration per run in ns.
+pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok((attr.retval, attr.duration))
+}
+
 pub fn test_run_once(prog: &OwnedFd, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = TestRunAttr {
@@ -605,4 +620,20 @@ pub fn test_run_once(prog: &OwnedFd, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
     sys_bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
     out.truncate(attr.data_size_out as usize);
     Ok((attr.retval, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_run_attr_matches_the_kernel_layout() {
+        // union bpf_attr's `test` struct (15 fields, 76 bytes), zeros to 152.
+        assert_eq!(mem::size_of::<TestRunAttr>(), 152);
+        let a = TestRunAttr::default();
+        let base = &a as *const TestRunAttr as usize;
+        assert_eq!(&a.data_in as *const u64 as usize - base, 16);
+        assert_eq!(&a.ctx_in as *const u64 as usize - base, 48);
+        assert_eq!(&a.batch_size as *const u32 as usize - base, 72);
+    }
 }
