@@ -554,19 +554,22 @@ impl Datapath {
         Ok(link_id)
     }
 
+    /// The program this process loaded (not when it adopted the running one).
+    fn loaded_program(&self) -> Result<&Xdp> {
+        let ebpf = self.ebpf.as_ref().ok_or_else(|| {
+            DatapathError::Other("no program loaded by this process to test-run".into())
+        })?;
+        Ok(ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("the program was checked at load"))
+    }
+
     /// Runs the loaded (not attached) program once on `frame` with BPF_PROG_TEST_RUN: the XDP
     /// action and the frame as the program left it. For the data-path tests and benchmarks.
     pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        let program: &Xdp = self
-            .ebpf
-            .as_ref()
-            .ok_or_else(|| {
-                DatapathError::Other("no program loaded by this process to test-run".into())
-            })?
-            .program(PROGRAM_NAME)
-            .and_then(|p| <&Xdp>::try_from(p).ok())
-            .expect("the program was checked at load");
+        let program = self.loaded_program()?;
         // Room for programs that grow the frame (encapsulation).
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
@@ -586,15 +589,7 @@ impl Datapath {
     /// left it.
     pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        let program: &Xdp = self
-            .ebpf
-            .as_ref()
-            .ok_or_else(|| {
-                DatapathError::Other("no program loaded by this process to test-run".into())
-            })?
-            .program(PROGRAM_NAME)
-            .and_then(|p| <&Xdp>::try_from(p).ok())
-            .expect("the program was checked at load");
+        let program = self.loaded_program()?;
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat,
