@@ -88,26 +88,6 @@ fn topology() -> Topology {
     .expect("building the namespace topology")
 }
 
-/// Last lines of lbd's log, for failure messages.
-fn log_tail(lbd: &Lbd) -> String {
-    let log = lbd.log();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// Runs lbctl ARGS, which must succeed; returns stdout.
-fn lbctl_ok(lbd: &Lbd, args: &[&str]) -> String {
-    let out = lbd.lbctl(args).expect("running lbctl");
-    assert!(
-        out.status.success(),
-        "lbctl {args:?} failed ({}): {}\nlbd log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        log_tail(lbd)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn backend_list(lbd: &Lbd) -> Vec<Value> {
     lbd.lbctl_json(&["backend", "list", "web"])
         .expect("lbctl backend list")
@@ -181,7 +161,7 @@ fn follow_lookup(t: &Topology, lbd: &Lbd, when: &str) -> BTreeMap<IpAddr, usize>
     for r in results {
         match r {
             Ok(v) => map.extend(v),
-            Err(e) => panic!("{e}\nlbd log:\n{}", log_tail(lbd)),
+            Err(e) => panic!("{e}\nlbd log:\n{}", lbd.log_tail()),
         }
     }
     assert_eq!(map.len(), t.all_client_sources().len());
@@ -235,7 +215,7 @@ fn health_failover() {
     wait_until(Duration::from_secs(10), "backend 2 to be down", || {
         state_of(&lbd, 2).as_deref() == Some("down")
     })
-    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()));
     let detection = stopped.elapsed();
     eprintln!(
         "failover detection time: {} ms (interval {INTERVAL_MS} ms, fall {FALL}; bound {} ms)",
@@ -252,7 +232,7 @@ fn health_failover() {
     assert!(
         lbd.log().contains("192.0.2.12 is down"),
         "the state change is logged with its reason:\n{}",
-        log_tail(&lbd)
+        lbd.log_tail()
     );
     let svc = lbd.lbctl_json(&["service", "list"]).unwrap();
     assert_eq!(svc[0]["up"], 2, "{svc}");
@@ -278,7 +258,7 @@ fn health_failover() {
     wait_until(Duration::from_secs(10), "backend 2 to be up again", || {
         state_of(&lbd, 2).as_deref() == Some("up")
     })
-    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()));
     let recovery = started.elapsed();
     eprintln!(
         "recovery detection time: {} ms (rise {RISE}; bound {} ms)",
@@ -324,7 +304,7 @@ fn live_changes_follow_lookup() {
     );
 
     // Add .13: it takes clients at once.
-    lbctl_ok(&lbd, &["backend", "add", "web", "192.0.2.13"]);
+    lbd.lbctl_ok(&["backend", "add", "web", "192.0.2.13"]);
     let m = follow_lookup(&t, &lbd, "after backend add .13");
     let per = clients_per_backend(&m);
     assert!(per.get(&3).copied().unwrap_or(0) > 0, "{per:?}");
@@ -333,7 +313,7 @@ fn live_changes_follow_lookup() {
 
     // Weight .11 300.
     let before_weight = per.get(&1).copied().unwrap_or(0);
-    lbctl_ok(&lbd, &["backend", "weight", "web", "192.0.2.11", "300"]);
+    lbd.lbctl_ok(&["backend", "weight", "web", "192.0.2.11", "300"]);
     let m = follow_lookup(&t, &lbd, "after backend weight .11 300");
     let per = clients_per_backend(&m);
     assert!(
@@ -345,7 +325,7 @@ fn live_changes_follow_lookup() {
     // Drain .12: no new client reaches it.
     let w12 = row(&lbd, 2).unwrap()["weight"].as_u64().unwrap();
     assert_eq!(w12, 150);
-    lbctl_ok(&lbd, &["backend", "drain", "web", "192.0.2.12"]);
+    lbd.lbctl_ok(&["backend", "drain", "web", "192.0.2.12"]);
     let m = follow_lookup(&t, &lbd, "after backend drain .12");
     assert!(
         m.values().all(|&b| b != 2),
@@ -356,7 +336,7 @@ fn live_changes_follow_lookup() {
     assert_eq!(r["weight"], 0, "{r}");
 
     // Undrain: back to its pre-drain weight.
-    lbctl_ok(&lbd, &["backend", "undrain", "web", "192.0.2.12"]);
+    lbd.lbctl_ok(&["backend", "undrain", "web", "192.0.2.12"]);
     let m = follow_lookup(&t, &lbd, "after backend undrain .12");
     let r = row(&lbd, 2).unwrap();
     assert_eq!(r["state"], "up", "{r}");
@@ -393,7 +373,7 @@ fn live_changes_follow_lookup() {
     assert_eq!(m, follow_lookup(&t, &lbd, "after the dry run"));
 
     // Remove .13: it serves nobody.
-    lbctl_ok(&lbd, &["backend", "remove", "web", "192.0.2.13"]);
+    lbd.lbctl_ok(&["backend", "remove", "web", "192.0.2.13"]);
     let m = follow_lookup(&t, &lbd, "after backend remove .13");
     assert!(
         m.values().all(|&b| b != 3),
@@ -521,12 +501,9 @@ fn drained_stream_completes_byte_exact() {
     assert_eq!(flow["reason"], "connection-table", "{flow}");
     assert_eq!(flow["backend"], baddr(b).to_string(), "{flow}");
 
-    lbctl_ok(&lbd, &["backend", "drain", "web", &baddr(b).to_string()]);
+    lbd.lbctl_ok(&["backend", "drain", "web", &baddr(b).to_string()]);
     let other = (1..=3).find(|&i| i != b).unwrap();
-    lbctl_ok(
-        &lbd,
-        &["backend", "weight", "web", &baddr(other).to_string(), "250"],
-    );
+    lbd.lbctl_ok(&["backend", "weight", "web", &baddr(other).to_string(), "250"]);
 
     // New connections from the same client go elsewhere; the established flow stays on b.
     let now = lookup(&lbd, src);
@@ -616,7 +593,7 @@ fn sigkill_restart_is_hitless() {
     )
     .unwrap();
     // A drained backend is part of the state the restart must keep (and undrain after it).
-    lbctl_ok(&lbd, &["backend", "drain", "web", "192.0.2.13"]);
+    lbd.lbctl_ok(&["backend", "drain", "web", "192.0.2.13"]);
     let expected = follow_lookup(&t, &lbd, "before the kill");
     assert!(expected.values().all(|&b| b != 3));
     let before = desired_view(&lbd);
@@ -694,7 +671,7 @@ fn sigkill_restart_is_hitless() {
         "{} of the requests failed, e.g. {:?}\nlbd log:\n{}",
         failures.len(),
         &failures[..failures.len().min(10)],
-        log_tail(&again)
+        again.log_tail()
     );
     assert!(after_kill >= 2000);
 
@@ -735,11 +712,11 @@ fn undrain_after_restart_restores_the_weight() {
         &config(&paths, "", None, &[(1, 100), (2, 100), (3, 80)]),
     )
     .expect("starting lbd");
-    lbctl_ok(&lbd, &["backend", "drain", "web", "192.0.2.13"]);
+    lbd.lbctl_ok(&["backend", "drain", "web", "192.0.2.13"]);
     assert!(
         !lbd.log().contains("cannot keep the drained weights"),
         "{}",
-        log_tail(&lbd)
+        lbd.log_tail()
     );
     let mode = std::fs::metadata(&paths.state_dir)
         .unwrap_or_else(|e| panic!("state_dir {}: {e}", paths.state_dir.display()))
@@ -752,7 +729,7 @@ fn undrain_after_restart_restores_the_weight() {
     again.wait_ready(Duration::from_secs(10)).unwrap();
     let r = row(&again, 3).unwrap();
     assert_eq!(r["state"], "draining", "{r}");
-    lbctl_ok(&again, &["backend", "undrain", "web", "192.0.2.13"]);
+    again.lbctl_ok(&["backend", "undrain", "web", "192.0.2.13"]);
     let r = row(&again, 3).unwrap();
     assert_eq!(r["weight"], 80, "undrain after a restart: {r}");
     assert_eq!(r["state"], "up", "{r}");
@@ -789,13 +766,13 @@ fn sighup_applies_the_file() {
         "backend list to reflect the file",
         || weights(&lbd) == want,
     )
-    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", weights(&lbd), log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", weights(&lbd), lbd.log_tail()));
     assert!(backend_list(&lbd).iter().all(|r| r["state"] == "up"));
     let m = follow_lookup(&t, &lbd, "after SIGHUP");
     let per = clients_per_backend(&m);
     assert!(per.get(&3).copied().unwrap_or(0) > 0, "{per:?}");
     assert!(per[&1] > per[&2], "weight 250 vs 100: {per:?}");
-    assert!(lbd.log().contains("SIGHUP"), "{}", log_tail(&lbd));
+    assert!(lbd.log().contains("SIGHUP"), "{}", lbd.log_tail());
 
     // A broken file is refused and changes nothing.
     std::fs::write(
@@ -807,7 +784,7 @@ fn sighup_applies_the_file() {
     wait_until(Duration::from_secs(5), "the rejection to be logged", || {
         lbd.log().contains("the running state is unchanged")
     })
-    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()));
     assert_eq!(weights(&lbd), want);
     assert_eq!(follow_lookup(&t, &lbd, "after a broken SIGHUP"), m);
 }
@@ -846,20 +823,17 @@ fn metrics_endpoint() {
     // Traffic: every client address once.
     follow_lookup(&t, &lbd, "traffic for the metrics");
     // A service without backends: its packets are dropped as no_backend.
-    lbctl_ok(
-        &lbd,
-        &[
-            "service",
-            "add",
-            "empty",
-            "--vip",
-            VIP,
-            "--port",
-            "8081",
-            "--protocol",
-            "tcp",
-        ],
-    );
+    lbd.lbctl_ok(&[
+        "service",
+        "add",
+        "empty",
+        "--vip",
+        VIP,
+        "--port",
+        "8081",
+        "--protocol",
+        "tcp",
+    ]);
     let src = t.client_sources(2)[0];
     let r = t.connect_tcp(
         t.client_ns(2),
@@ -887,7 +861,7 @@ fn metrics_endpoint() {
             Ok(text)
         },
     )
-    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()));
 
     let packets =
         metric(&text, "lb_service_packets_total{service=\"web\"}").expect("service packets");

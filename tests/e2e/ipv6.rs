@@ -101,26 +101,6 @@ fn topology() -> Topology {
     .expect("building the namespace topology")
 }
 
-/// Last lines of lbd's log, for failure messages.
-fn log_tail(lbd: &Lbd) -> String {
-    let log = lbd.log();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// Runs lbctl ARGS, which must succeed; returns stdout.
-fn lbctl_ok(lbd: &Lbd, args: &[&str]) -> String {
-    let out = lbd.lbctl(args).expect("running lbctl");
-    assert!(
-        out.status.success(),
-        "lbctl {args:?} failed ({}): {}\nlbd log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        log_tail(lbd)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `lbctl --json lookup SERVICE SRC [--port P]`.
 fn lookup_json(lbd: &Lbd, service: &str, src: IpAddr, port: Option<u16>) -> Value {
     let src = src.to_string();
@@ -130,7 +110,7 @@ fn lookup_json(lbd: &Lbd, service: &str, src: IpAddr, port: Option<u16>) -> Valu
         args.extend(["--port", p]);
     }
     lbd.lbctl_json(&args)
-        .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", log_tail(lbd)))
+        .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()))
 }
 
 /// The backend (1-based index) `lbctl lookup` names for `src`.
@@ -208,7 +188,7 @@ fn check_every_client(
     for r in results {
         match r {
             Ok(v) => map.extend(v),
-            Err(e) => panic!("{e}\nlbd log:\n{}", log_tail(lbd)),
+            Err(e) => panic!("{e}\nlbd log:\n{}", lbd.log_tail()),
         }
     }
     map
@@ -245,7 +225,7 @@ fn ipv6_service_serves_real_http() {
         listed.len(),
         3,
         "backend list web6: {list}\nlbd log:\n{}",
-        log_tail(&lbd)
+        lbd.log_tail()
     );
     for i in 1..=3 {
         assert!(
@@ -348,14 +328,14 @@ fn ipv6_health_failover() {
                 .all(|r| r["state"] == "up" && r["last_check_ok"] == true)
         },
     )
-    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", rows(), log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", rows(), lbd.log_tail()));
     let before = check_every_client(&t, &lbd, Family::V6, 1, true);
 
     t.stop_backend_server(2).unwrap();
     wait_until(Duration::from_secs(5), "backend 2 down", || {
         state(2) == "down"
     })
-    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", rows(), log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", rows(), lbd.log_tail()));
     let during = check_every_client(&t, &lbd, Family::V6, 1, false);
     assert!(during.values().all(|&b| b != 2), "{during:?}");
     // Clients of the other backends stay where they were.
@@ -369,7 +349,7 @@ fn ipv6_health_failover() {
     wait_until(Duration::from_secs(5), "backend 2 up again", || {
         state(2) == "up"
     })
-    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", rows(), log_tail(&lbd)));
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\nlbd log:\n{}", rows(), lbd.log_tail()));
     assert_eq!(check_every_client(&t, &lbd, Family::V6, 1, true), before);
 }
 
@@ -453,9 +433,9 @@ fn stream_survives_changes(f: Family) {
         f.backend(&t, other).to_string(),
         f.backend(&t, 3).to_string(),
     );
-    lbctl_ok(&lbd, &["backend", "add", svc, &new_addr]);
-    lbctl_ok(&lbd, &["backend", "weight", svc, &b_addr, "1"]);
-    lbctl_ok(&lbd, &["backend", "weight", svc, &other_addr, "500"]);
+    lbd.lbctl_ok(&["backend", "add", svc, &new_addr]);
+    lbd.lbctl_ok(&["backend", "weight", svc, &b_addr, "1"]);
+    lbd.lbctl_ok(&["backend", "weight", svc, &other_addr, "500"]);
     let list = lbd.lbctl_json(&["backend", "list", svc]).unwrap();
     let weights: BTreeMap<String, u64> = list
         .as_array()
@@ -517,7 +497,7 @@ fn stream_survives_changes(f: Family) {
             panic!(
                 "reading the download after {} bytes: {e}\nlbd log:\n{}",
                 got.len(),
-                log_tail(&lbd)
+                lbd.log_tail()
             )
         });
         if n == 0 {

@@ -128,6 +128,27 @@ impl Lbd<'_> {
         self.t.log_of(self.handle)
     }
 
+    /// The last 30 lines of lbd's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Runs `lbctl ARGS`, which must succeed (else panics with lbctl's stderr and lbd's log);
+    /// returns stdout.
+    pub fn lbctl_ok(&self, args: &[&str]) -> String {
+        let out = self.lbctl(args).expect("running lbctl");
+        assert!(
+            out.status.success(),
+            "lbctl {args:?} failed ({}): {}\nlbd log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `lbctl --socket SOCKET ARGS...` (the socket is a file: any namespace reaches it).
     pub fn lbctl(&self, args: &[&str]) -> Result<Output> {
         Command::new(bin("lbctl"))
