@@ -162,19 +162,10 @@ impl ConfigFile {
         let no_such = || EditError::NoSuchService(name.to_owned());
         let c = collection(&mut *root, "service")?.ok_or_else(no_such)?;
         let i = c.find(|t| is_service(t, name)).ok_or_else(no_such)?;
-        let removed = match c {
-            Collection::Tables(a) => {
-                let t = a.remove(i);
-                if a.is_empty() {
-                    root.remove("service");
-                }
-                Some(t)
-            }
-            Collection::Inline(a) => {
-                array_remove(a, i);
-                None
-            }
-        };
+        let (removed, now_empty) = c.remove(i);
+        if now_empty {
+            root.remove("service");
+        }
         if let Some(t) = removed {
             keep_detached_comments(&mut self.doc, &t);
         }
@@ -241,19 +232,11 @@ impl ConfigFile {
             let mut node = service_node(&mut self.doc, service)?;
             let c = collection(node.like(), "backend")?.ok_or_else(no_such)?;
             let i = c.find(|t| is_backend(t, address)).ok_or_else(no_such)?;
-            match c {
-                Collection::Tables(a) => {
-                    let t = a.remove(i);
-                    if a.is_empty() {
-                        node.like().remove("backend");
-                    }
-                    Some(t)
-                }
-                Collection::Inline(a) => {
-                    array_remove(a, i);
-                    None
-                }
+            let (removed, now_empty) = c.remove(i);
+            if now_empty {
+                node.like().remove("backend");
             }
+            removed
         };
         if let Some(t) = removed {
             keep_detached_comments(&mut self.doc, &t);
@@ -342,6 +325,20 @@ impl<'a> Node<'a> {
 }
 
 impl<'a> Collection<'a> {
+    /// Removes entry `i`. Returns the removed `[[...]]` table, whose detached comments the
+    /// caller keeps, and whether that emptied an array of tables, whose key should then go.
+    fn remove(self, i: usize) -> (Option<Table>, bool) {
+        match self {
+            Collection::Tables(a) => {
+                let t = a.remove(i);
+                (Some(t), a.is_empty())
+            }
+            Collection::Inline(a) => {
+                array_remove(a, i);
+                (None, false)
+            }
+        }
+    }
     fn find(&self, pred: impl Fn(&dyn TableLike) -> bool) -> Option<usize> {
         match self {
             Collection::Tables(a) => a.iter().position(|t| pred(t)),
