@@ -11,8 +11,9 @@
 #![no_main]
 
 mod access;
+mod headers;
 
-use access::{read_at, write_at};
+use access::{read_at, read_hdr, write_at};
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::HashMap,
@@ -20,18 +21,15 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use headers::{
+    ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
+    VLAN_HLEN,
+};
 use lb_common::{
     FAMILY_V4, FAMILY_V6,
     decap::{AddrKey, MAX_ADDRS},
 };
 
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 /// More-fragments flag and fragment offset of IPv4's frag_off (host order).
@@ -40,30 +38,6 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 /// The interface's own addresses (value unused, 1).
 #[btf_map]
 static DECAP_ADDRS: HashMap<AddrKey, u8, { MAX_ADDRS as usize }> = HashMap::new();
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    vtc_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: [u32; 4],
-    daddr: [u32; 4],
-}
 
 /// Moves the start of the frame `delta` bytes further in (drops that many bytes at the front).
 #[inline(always)]
@@ -94,9 +68,9 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> Result<(), ()> {
-    let ether_type = u16::from_be(read_at::<u16>(ctx, 12)?);
+    let ether_type = u16::from_be(read_hdr::<u16>(ctx, 12)?);
     if ether_type == ETH_P_8021Q {
-        let inner = u16::from_be(read_at::<u16>(ctx, ETH_HLEN + 2)?);
+        let inner = u16::from_be(read_hdr::<u16>(ctx, ETH_HLEN + 2)?);
         decap_at::<{ ETH_HLEN + VLAN_HLEN }>(ctx, inner)
     } else {
         decap_at::<ETH_HLEN>(ctx, ether_type)
@@ -112,8 +86,8 @@ fn decap_at<const L3: usize>(ctx: &XdpContext, ether_type: u16) -> Result<(), ()
     // verifier cannot follow.
     let (outer_len, ip_len) = match ether_type {
         ETH_P_IP => {
-            let outer: Ipv4Hdr = read_at(ctx, L3)?;
-            let inner: Ipv4Hdr = read_at(ctx, L3 + IPV4_HLEN)?;
+            let outer: Ipv4Hdr = read_hdr(ctx, L3)?;
+            let inner: Ipv4Hdr = read_hdr(ctx, L3 + IPV4_MIN_HLEN)?;
             // A plain 20-byte outer header (no options), not a fragment, for this host.
             if outer.version_ihl != 0x45
                 || outer.proto != IPPROTO_IPIP
@@ -123,11 +97,11 @@ fn decap_at<const L3: usize>(ctx: &XdpContext, ether_type: u16) -> Result<(), ()
             {
                 return Err(());
             }
-            (IPV4_HLEN, u16::from_be(outer.tot_len) as usize)
+            (IPV4_MIN_HLEN, u16::from_be(outer.tot_len) as usize)
         }
         ETH_P_IPV6 => {
-            let outer: Ipv6Hdr = read_at(ctx, L3)?;
-            let inner: Ipv6Hdr = read_at(ctx, L3 + IPV6_HLEN)?;
+            let outer: Ipv6Hdr = read_hdr(ctx, L3)?;
+            let inner: Ipv6Hdr = read_hdr(ctx, L3 + IPV6_HLEN)?;
             if u32::from_be(outer.vtc_flow) >> 28 != 6
                 || outer.next_header != IPPROTO_IPV6
                 || u32::from_be(inner.vtc_flow) >> 28 != 6

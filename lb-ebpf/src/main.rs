@@ -8,6 +8,7 @@
 #![no_main]
 
 mod access;
+mod headers;
 mod packet;
 mod tunnel;
 

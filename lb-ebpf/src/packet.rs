@@ -5,15 +5,10 @@ use core::mem::size_of;
 use aya_ebpf::programs::XdpContext;
 
 pub use crate::access::{ptr_at, read_at, read_hdr};
+pub use crate::headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr};
+use crate::headers::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN};
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_TCP, PROTO_UDP};
 
-pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const VLAN_HLEN: usize = 4;
-pub const IPV4_MIN_HLEN: usize = 20;
-pub const IPV6_HLEN: usize = 40;
 /// More-fragments flag and fragment offset of IPv4's frag_off field (host order).
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
@@ -39,32 +34,6 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMP_HLEN: usize = 8;
-
-#[repr(C, packed(2))]
-#[derive(Clone, Copy)]
-pub struct Ipv4Hdr {
-    pub version_ihl: u8,
-    pub tos: u8,
-    pub tot_len: u16,
-    pub id: u16,
-    pub frag_off: u16,
-    pub ttl: u8,
-    pub proto: u8,
-    pub check: u16,
-    pub saddr: u32,
-    pub daddr: u32,
-}
-
-#[repr(C, packed(2))]
-#[derive(Clone, Copy)]
-pub struct Ipv6Hdr {
-    pub vtc_flow: u32,
-    pub payload_len: u16,
-    pub next_header: u8,
-    pub hop_limit: u8,
-    pub saddr: Addr,
-    pub daddr: Addr,
-}
 
 /// The first four bytes of TCP and UDP headers alike.
 #[repr(C, packed(2))]
