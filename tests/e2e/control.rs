@@ -96,6 +96,20 @@ fn backend_list(lbd: &Lbd) -> Vec<Value> {
         .clone()
 }
 
+/// Waits until every backend is up with a passed check: the steady state tests start from.
+fn wait_all_up(lbd: &Lbd) {
+    wait_until(
+        Duration::from_secs(5),
+        "every backend's first check to pass",
+        || {
+            backend_list(lbd)
+                .iter()
+                .all(|r| r["state"] == "up" && r["last_check_ok"] == true)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()));
+}
+
 /// The `backend list` row of backend `i`, if listed.
 fn row(lbd: &Lbd, i: usize) -> Option<Value> {
     let a = baddr(i).to_string();
@@ -190,16 +204,7 @@ fn health_failover() {
     .expect("starting lbd");
 
     // Steady state first: every backend up with a passed check.
-    wait_until(
-        Duration::from_secs(5),
-        "every backend's first check to pass",
-        || {
-            backend_list(&lbd)
-                .iter()
-                .all(|r| r["state"] == "up" && r["last_check_ok"] == true)
-        },
-    )
-    .unwrap();
+    wait_all_up(&lbd);
     let before = follow_lookup(&t, &lbd, "all up");
     let of_b2: BTreeSet<IpAddr> = before
         .iter()
@@ -582,16 +587,7 @@ fn sigkill_restart_is_hitless() {
         &config(&paths, "", Some(&h), &[(1, 100), (2, 120), (3, 80)]),
     )
     .expect("starting lbd");
-    wait_until(
-        Duration::from_secs(5),
-        "every backend's first check to pass",
-        || {
-            backend_list(&lbd)
-                .iter()
-                .all(|r| r["state"] == "up" && r["last_check_ok"] == true)
-        },
-    )
-    .unwrap();
+    wait_all_up(&lbd);
     // A drained backend is part of the state the restart must keep (and undrain after it).
     lbd.lbctl_ok(&["backend", "drain", "web", "192.0.2.13"]);
     let expected = follow_lookup(&t, &lbd, "before the kill");
