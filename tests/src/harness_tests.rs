@@ -406,6 +406,25 @@ fn mac(s: &str) -> [u8; 6] {
     v.try_into().expect("6 bytes")
 }
 
+/// What both DSR path tests check once the forwarder is attached: every client source reaches
+/// `backend` through `vip`, a large response arrives whole, and traffic to the LB's own
+/// address (`lb_addr`) still reaches its stack.
+fn assert_dsr_path(t: &Topology, vip: IpAddr, backend: usize, sources: &[IpAddr], lb_addr: IpAddr) {
+    for &src in sources {
+        assert_eq!(t.which_backend(src, sa(vip, 80)).expect("via VIP"), backend);
+    }
+    let r = t
+        .http_get(t.client_ns(1), sources[0], sa(vip, 80), "/big")
+        .expect("GET /big via VIP");
+    assert!(r.body == big_file_contents(), "big file differs via VIP");
+    t.serve_fixed(t.lb_ns(), sa(lb_addr, 8081), "lb-host")
+        .expect("serve");
+    let r = t
+        .http_get(t.client_ns(1), sources[1], sa(lb_addr, 8081), "/")
+        .expect("GET lb-host");
+    assert_eq!(r.text(), "lb-host");
+}
+
 /// The topology carries an L2 DSR flow end to end: client -> VIP via the LB, whose XDP
 /// program sends it back out with XDP_TX to backend 2, which answers the client directly.
 /// This is what the switch-side XDP_PASS programs and the checksum settings are for.
@@ -423,34 +442,7 @@ fn xdp_tx_dsr_path_works() {
     .expect("topology");
     let prog = dsr_program(vip, mac(t.backend_mac(2)), mac(t.lb_mac()));
     let _link = netns::attach_raw_xdp(t.lb_ns(), "eth0", &prog).expect("attach forwarder");
-    for src in t.client_sources(1) {
-        assert_eq!(
-            t.which_backend(src, sa(IpAddr::V4(vip), 80))
-                .expect("via VIP"),
-            2
-        );
-    }
-    let r = t
-        .http_get(
-            t.client_ns(1),
-            t.client_sources(1)[0],
-            sa(IpAddr::V4(vip), 80),
-            "/big",
-        )
-        .expect("GET /big via VIP");
-    assert!(r.body == big_file_contents(), "big file differs via VIP");
-    // Non-VIP traffic still reaches the LB's own stack.
-    t.serve_fixed(t.lb_ns(), sa(t.lb_addr(), 8081), "lb-host")
-        .expect("serve");
-    let r = t
-        .http_get(
-            t.client_ns(1),
-            t.client_sources(1)[1],
-            sa(t.lb_addr(), 8081),
-            "/",
-        )
-        .expect("GET lb-host");
-    assert_eq!(r.text(), "lb-host");
+    assert_dsr_path(&t, IpAddr::V4(vip), 2, &t.client_sources(1), t.lb_addr());
 }
 
 /// IPv6 addresses per the documented scheme, usable at once (never tentative), routes, the
@@ -636,34 +628,13 @@ fn xdp_tx_dsr_path_works_v6() {
     .expect("topology");
     let prog = dsr_program_v6(vip, mac(t.backend_mac(3)), mac(t.lb_mac()));
     let _link = netns::attach_raw_xdp(t.lb_ns(), "eth0", &prog).expect("attach forwarder");
-    for src in t.client_sources_v6(1) {
-        assert_eq!(
-            t.which_backend(src, sa(IpAddr::V6(vip), 80))
-                .expect("via VIP"),
-            3
-        );
-    }
-    let r = t
-        .http_get(
-            t.client_ns(1),
-            t.client_sources_v6(1)[0],
-            sa(IpAddr::V6(vip), 80),
-            "/big",
-        )
-        .expect("GET /big via VIP");
-    assert!(r.body == big_file_contents(), "big file differs via VIP");
-    // Non-VIP IPv6 traffic still reaches the LB's own stack.
-    t.serve_fixed(t.lb_ns(), sa(t.lb_addr_v6(), 8081), "lb-host")
-        .expect("serve");
-    let r = t
-        .http_get(
-            t.client_ns(1),
-            t.client_sources_v6(1)[1],
-            sa(t.lb_addr_v6(), 8081),
-            "/",
-        )
-        .expect("GET lb-host");
-    assert_eq!(r.text(), "lb-host");
+    assert_dsr_path(
+        &t,
+        IpAddr::V6(vip),
+        3,
+        &t.client_sources_v6(1),
+        t.lb_addr_v6(),
+    );
 
     // The VIP lies in the LB's on-link 2001:db8::/64: a datagram to it makes the LB solicit
     // it. No backend may answer (each answers for its eth0 address, as checked first).
