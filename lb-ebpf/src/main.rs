@@ -87,16 +87,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// `Err(())` means "not ours, or cannot be read": pass it up untouched.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<u32, ()> {
-    let mut packet = Packet::empty();
-    if !packet::parse_into(ctx, &mut packet) {
+    let mut packet = core::mem::MaybeUninit::<Packet>::uninit();
+    if !packet::parse_into(ctx, packet.as_mut_ptr()) {
         return Err(());
     }
+    // SAFETY: parse_into returned true, so it wrote the whole Packet.
+    let packet = unsafe { packet.assume_init_ref() };
     let mut chosen = ChoiceOut {
         service: ServiceValue::default(),
         backend_id: 0,
         backend: core::ptr::null(),
     };
-    match choose_for(&packet, &mut chosen) {
+    match choose_for(packet, &mut chosen) {
         CHOSEN => {}
         NOT_OURS => return Err(()),
         reason => return Ok(give_up(Reason::from_index(reason))),
@@ -106,7 +108,7 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
     let backend = unsafe { &*chosen.backend };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = if service.flags & service_flags::TUNNEL != 0 {
-        match tunnel::encapsulate(ctx, &packet, backend) {
+        match tunnel::encapsulate(ctx, packet, backend) {
             Ok(action) => action,
             Err(reason) => return Ok(give_up(reason)),
         }
