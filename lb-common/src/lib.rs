@@ -15,7 +15,7 @@ pub mod maglev;
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -35,6 +35,24 @@ pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// The flags of every Maglev table (inner maps must match the template's).
 pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+/// The flags of the connection table: lbd counts and reads it through its memory.
+pub const CONNTRACK_FLAGS: u32 = BPF_F_MMAPABLE;
+/// Entries per set of the connection table: a set is one 64-byte cache line.
+pub const FLOW_WAYS: usize = 4;
+/// Smallest connection table (entries).
+pub const MIN_CONNTRACK_ENTRIES: u32 = 64;
+
+/// Number of sets of a connection table asked to hold `entries` flows: `entries` rounded up to
+/// a power of two (the set index is a mask of the flow hash, not a division), at least
+/// `MIN_CONNTRACK_ENTRIES`, divided by `FLOW_WAYS`.
+pub const fn conntrack_sets(entries: u32) -> u32 {
+    let entries = if entries < MIN_CONNTRACK_ENTRIES {
+        MIN_CONNTRACK_ENTRIES
+    } else {
+        entries
+    };
+    entries.next_power_of_two() / FLOW_WAYS as u32
+}
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -154,10 +172,12 @@ pub struct Config {
     pub program_hash: u64,
     /// `LAYOUT_VERSION` of the lbd that filled the maps.
     pub layout_version: u32,
-    pub _pad: u32,
+    /// Sets of `CONNTRACK` minus one (a power of two minus one): a flow's set is its hash
+    /// masked with this.
+    pub flow_set_mask: u32,
 }
 
-/// Key of `CONNTRACK`: a flow's 5-tuple as seen on the wire.
+/// A flow's 5-tuple as seen on the wire: what `hash::flow_hash` hashes for the connection table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -171,12 +191,79 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of `CONNTRACK`: the backend a flow was sent to.
+/// What the connection table says about a flow: the backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub backend: u32,
     pub service: u32,
+}
+
+/// One entry of the connection table: a flow, known by its 64-bit keyed hash
+/// (`hash::flow_hash`), and its backend.
+///
+/// `check` is the flow's hash XOR `ids`. An entry belongs to a flow when `check ^ hash == ids`:
+/// the 64-bit hash tells flows apart (the flows of one set share the hash's low bits, the set
+/// index; that two of them share the rest is a chance of 2^-46 at the default 262,144 sets),
+/// and an entry torn by two CPUs writing it at once (one's `ids`, the other's `check`)
+/// belongs to no flow, so it can send no flow to the wrong backend. An all-zero entry is free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub check: u64,
+    /// Backend id (low 16 bits) and service id (high 16 bits).
+    pub ids: u32,
+    /// When the flow was last seen: a coarse clock (jiffies / 64), never 0 in a used entry; the
+    /// set's least recently seen entry makes room for a new flow.
+    pub seen: u32,
+}
+
+impl FlowEntry {
+    #[inline(always)]
+    pub const fn ids_of(backend: u32, service: u32) -> u32 {
+        (backend & 0xffff) | service << 16
+    }
+
+    #[inline(always)]
+    pub const fn new(hash: u64, backend: u32, service: u32, seen: u32) -> FlowEntry {
+        let ids = Self::ids_of(backend, service);
+        FlowEntry {
+            check: hash ^ ids as u64,
+            ids,
+            seen,
+        }
+    }
+
+    /// Whether this entry is the flow of `hash`.
+    #[inline(always)]
+    pub const fn belongs_to(&self, hash: u64) -> bool {
+        self.check ^ hash == self.ids as u64 && self.seen != 0
+    }
+
+    #[inline(always)]
+    pub const fn value(&self) -> FlowValue {
+        FlowValue {
+            backend: self.ids & 0xffff,
+            service: self.ids >> 16,
+        }
+    }
+}
+
+/// Value of `CONNTRACK` (an array indexed by `flow_hash & Config::flow_set_mask`): the
+/// `FLOW_WAYS` entries of one set, one cache line. A flow is looked for in its set only;
+/// when all of a set's entries are taken, the least recently seen one makes room.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSet {
+    pub ways: [FlowEntry; FLOW_WAYS],
+}
+
+impl FlowSet {
+    /// The entry of the flow of `hash`, if the set has one.
+    #[inline(always)]
+    pub fn find(&self, hash: u64) -> Option<&FlowEntry> {
+        self.ways.iter().find(|e| e.belongs_to(hash))
+    }
 }
 
 /// Key of `FRAGS`: one fragmented datagram.
@@ -278,10 +365,50 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowSet {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::VipKey {}
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::*;
+
+    #[test]
+    fn conntrack_sets_round_up_to_a_power_of_two() {
+        assert_eq!(conntrack_sets(1_048_576), 262_144);
+        assert_eq!(conntrack_sets(1_000_000), 262_144);
+        assert_eq!(conntrack_sets(65_536), 16_384);
+        assert_eq!(conntrack_sets(1), 16);
+        assert_eq!(conntrack_sets(1 << 27), 1 << 25);
+    }
+
+    #[test]
+    fn an_entry_belongs_to_its_flow_only() {
+        let e = FlowEntry::new(0x1234_5678_9abc_def0, 7, 3, 1);
+        assert!(e.belongs_to(0x1234_5678_9abc_def0));
+        assert!(!e.belongs_to(0x1234_5678_9abc_def1));
+        assert_eq!(
+            e.value(),
+            FlowValue {
+                backend: 7,
+                service: 3
+            }
+        );
+        // Free entries belong to nobody, not even the flow whose hash is 0.
+        assert!(!FlowEntry::default().belongs_to(0));
+        // Torn: one flow's ids with another's check.
+        let other = FlowEntry::new(0x0fed_cba9_8765_4321, 9, 3, 1);
+        let torn = FlowEntry {
+            ids: other.ids,
+            ..e
+        };
+        assert!(!torn.belongs_to(0x1234_5678_9abc_def0));
+        assert!(!torn.belongs_to(0x0fed_cba9_8765_4321));
+    }
 }
 
 #[cfg(test)]
@@ -297,6 +424,8 @@ mod layout_tests {
         assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<FlowEntry>(), 16);
+        assert_eq!(size_of::<FlowSet>(), 64);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragValue>(), 20);
@@ -318,7 +447,7 @@ pub mod decap {
     pub const MAX_ADDRS: u32 = 256;
     /// Version of the decapsulation map's layout; part of the map's pin name, so a `lbd decap`
     /// never opens a map of another layout as its own.
-    pub const LAYOUT_VERSION: u32 = 1;
+    pub const LAYOUT_VERSION: u32 = 2;
 
     /// Key of `ADDRS`: an address of the interface.
     #[repr(C)]

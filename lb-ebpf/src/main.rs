@@ -19,9 +19,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Config, Counter, FlowKey, FlowValue, FragKey, FragValue, MAGLEV_TABLE_FLAGS,
-    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceKey, ServiceValue, VipKey,
-    backend_flags, hash, service_flags,
+    Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet, FragKey, FragValue,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceKey, ServiceValue,
+    VipKey, backend_flags, hash, service_flags,
 };
 use packet::{Frag, Packet, ptr_at};
 
@@ -45,12 +45,14 @@ static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map]
 static CONFIG: Array<Config, 1> = Array::new();
 
-/// The connection table: flow 5-tuple → backend, so a flow keeps its backend when the table
-/// changes. A shared LRU (not per-CPU): on veth, and with RPS, one flow's packets can be handled
-/// on different CPUs, and every CPU must see its entry. lbd sizes it from
-/// `daemon.conntrack_entries`; the LRU evicts the least recently used flows when full.
+/// The connection table: flow → backend, so a flow keeps its backend when the Maglev table
+/// changes. A set-associative cache in an array (see `FlowSet`): finding a flow is one hash of
+/// the program's own and one inlined array access, and recording one is a few stores, where a
+/// kernel LRU hash spends ~150 ns taking an element off its lists under a lock. Shared, not
+/// per-CPU: on veth, and with RPS, one flow's packets can be handled on different CPUs, and
+/// every CPU must see its entry. lbd sizes it from `daemon.conntrack_entries`.
 #[btf_map]
-static CONNTRACK: LruHashMap<FlowKey, FlowValue, 65_536> = LruHashMap::new();
+static CONNTRACK: Array<FlowSet, 16_384, { CONNTRACK_FLAGS as usize }> = Array::new();
 
 /// Where the first fragment of a datagram went: the later ones (which carry no ports) follow.
 #[btf_map]
@@ -238,7 +240,10 @@ fn follow_first_fragment(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
     if service.flags & service_flags::NO_LATE_FRAGMENTS != 0 {
         return Ok(Err(Reason::UnsupportedFragment));
     }
-    Ok(choose(p, &service).and_then(|id| {
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(Err(Reason::MissingState));
+    };
+    Ok(choose(p, &service, config).and_then(|id| {
         usable_backend(id, &service)
             .map(|b| (service, id, b))
             .ok_or(Reason::MissingState)
@@ -259,18 +264,29 @@ fn usable_backend(id: u32, service: &ServiceValue) -> Option<&'static Backend> {
 /// choice, which is then recorded. ICMP errors about a flow only read the table.
 #[inline(always)]
 fn pick(p: &Packet, service: &ServiceValue) -> Result<(u32, &'static Backend), Reason> {
-    let flow = p.flow_key();
-    let entry = CONNTRACK.get_ptr_mut(&flow);
-    if let Some(e) = entry
+    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
+    let flow_hash = hash::flow_hash(&config.hash_key, &p.flow_key());
+    let set = CONNTRACK
+        .get_ptr_mut(flow_hash as u32 & config.flow_set_mask)
+        .ok_or(Reason::MissingState)?;
+    // SAFETY: a pointer returned by a map lookup is valid for this program run; other CPUs may
+    // write the set meanwhile, which `FlowEntry::belongs_to` tolerates.
+    let set = unsafe { &mut *set };
+    let now = clock();
+    let (found, victim) = find_flow(set, flow_hash, now);
+    if let Some(i) = found
         && !p.syn
     {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        let id = unsafe { (*e).backend };
+        let entry = &mut set.ways[i];
+        let id = entry.value().backend;
         if let Some(b) = usable_backend(id, service) {
+            if entry.seen != now {
+                entry.seen = now;
+            }
             return Ok((id, b));
         }
     }
-    let id = choose(p, service)?;
+    let id = choose(p, service, config)?;
     let backend = match BACKENDS.get(id) {
         Some(b) if b.flags & backend_flags::VALID != 0 => b,
         _ => return Err(Reason::MissingState),
@@ -278,32 +294,61 @@ fn pick(p: &Packet, service: &ServiceValue) -> Result<(u32, &'static Backend), R
     if p.icmp_error {
         return Ok((id, backend));
     }
-    let value = FlowValue {
-        backend: id,
-        service: service.id,
-    };
-    match entry {
-        // An existing entry (a SYN reusing a port, a flow whose backend went away) is rewritten
-        // in place: cheaper than an update, which allocates a new element.
-        // SAFETY: as above; the value is two u32s, written whole.
-        Some(e) => unsafe {
-            if *e != value {
-                *e = value;
-            }
-        },
-        // A full table evicts its least recently used flow; an insert fails only for want of
-        // memory, and the flow then simply stays on the table's choice.
-        None => {
-            let _ = CONNTRACK.insert(&flow, value, 0);
-        }
+    // A stale entry of this flow (a SYN reusing a port, a flow whose backend went away) is
+    // rewritten; a new flow takes a free entry of its set, else the least recently seen one.
+    let entry = &mut set.ways[found.unwrap_or(victim)];
+    let ids = FlowEntry::ids_of(id, service.id);
+    if entry.ids != ids || entry.check != flow_hash ^ ids as u64 {
+        // `check` last: until it is written the entry belongs to no flow.
+        entry.ids = ids;
+        entry.seen = now;
+        entry.check = flow_hash ^ ids as u64;
+    } else if entry.seen != now {
+        entry.seen = now;
     }
     Ok((id, backend))
 }
 
+/// The way of `set` holding the flow of `hash`, if any, and the way a new flow would take: a
+/// free one, else the least recently seen.
+#[inline(always)]
+fn find_flow(set: &FlowSet, hash: u64, now: u32) -> (Option<usize>, usize) {
+    let mut victim = 0;
+    let mut oldest = 0u32;
+    let mut i = 0;
+    while i < FLOW_WAYS {
+        let e = &set.ways[i];
+        if e.belongs_to(hash) {
+            return (Some(i), i);
+        }
+        let age = if e.seen == 0 {
+            u32::MAX
+        } else {
+            now.wrapping_sub(e.seen)
+        };
+        if age > oldest {
+            oldest = age;
+            victim = i;
+        }
+        i += 1;
+    }
+    (None, victim)
+}
+
+/// The connection table's clock: jiffies / 64 (64 ms at HZ=1000, 256 ms at HZ=250), never 0
+/// (0 marks a free entry). Coarse on purpose: an established flow then rewrites its entry's
+/// stamp a few times a second, not on every packet. bpf_jiffies64 is inlined by the verifier
+/// into a load of `jiffies`.
+#[inline(always)]
+fn clock() -> u32 {
+    // SAFETY: a helper without arguments.
+    let jiffies = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
+    (jiffies >> 6) as u32 | 1
+}
+
 /// The backend for a new flow: Maglev table slot of the keyed hash.
 #[inline(always)]
-fn choose(p: &Packet, service: &ServiceValue) -> Result<u32, Reason> {
-    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
+fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Reason> {
     let h = if service.flags & service_flags::HASH_5TUPLE != 0 {
         hash::hash_5tuple(&config.hash_key, &p.flow_key())
     } else {

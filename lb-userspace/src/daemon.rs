@@ -231,7 +231,7 @@ impl ConntrackUse {
     }
 }
 
-/// The connection table's flows are counted (a walk over its keys, off the lock) at least this
+/// The connection table's flows are counted (a scan of its memory, off the lock) at least this
 /// often, and never spending more than 5% of a CPU on it: a big table is counted less often.
 const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, Config, Counter, FlowKey, FlowValue, LAYOUT_VERSION, MAX_BACKENDS, PROGRAM_NAME,
-    Reason, ServiceKey, ServiceValue, VipKey, backend_flags, maps,
+    Backend, Config, Counter, FlowEntry, FlowKey, FlowSet, FlowValue, LAYOUT_VERSION, MAX_BACKENDS,
+    PROGRAM_NAME, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, conntrack_sets, maps,
 };
 use log::{info, warn};
 
@@ -192,7 +192,7 @@ struct Maps {
     maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     backends: Array<MapData, Backend>,
     config: Array<MapData, Config>,
-    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack: Array<MapData, FlowSet>,
     vips: HashMap<MapData, VipKey, ServiceValue>,
     devmap: aya::maps::DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, Counter>,
@@ -207,8 +207,7 @@ impl Maps {
             maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
             backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
-            conntrack: HashMap::try_from(get(maps::CONNTRACK)?)
-                .map_err(map_err(maps::CONNTRACK))?,
+            conntrack: Array::try_from(get(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?,
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
             devmap: aya::maps::DevMapHash::try_from(get(maps::DEVMAP)?)
                 .map_err(map_err(maps::DEVMAP))?,
@@ -303,21 +302,23 @@ impl Datapath {
         }
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let conntrack_pin = dir.join(maps::CONNTRACK);
+        let sets = conntrack_sets(conntrack_entries);
         if let Ok(info) = aya::maps::MapInfo::from_pin(&conntrack_pin)
-            && info.max_entries() != conntrack_entries
+            && info.max_entries() != sets
         {
-            // The LRU's size is fixed at creation: a new size needs a new table. Its flows then
-            // take the Maglev table's choice once, which is where most of them already are.
+            // The table's size is fixed at creation: a new size needs a new table. Its flows
+            // then take the Maglev table's choice once, which is where most of them already are.
             warn!(
-                "connection table is pinned with {} entries, config asks for {conntrack_entries}: replacing it",
-                info.max_entries()
+                "connection table is pinned with {} entries, config asks for {}: replacing it",
+                info.max_entries() as usize * lb_common::FLOW_WAYS,
+                sets as usize * lb_common::FLOW_WAYS
             );
             fs::remove_file(&conntrack_pin)
                 .map_err(io_err(format!("removing {}", conntrack_pin.display())))?;
         }
         let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::CONNTRACK, conntrack_entries);
+        loader.map_max_entries(maps::CONNTRACK, sets);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -382,7 +383,7 @@ impl Datapath {
             .info()
             .map_err(map_err("reading CONNTRACK"))?
             .max_entries();
-        if conntrack_size != conntrack_entries {
+        if conntrack_size != conntrack_sets(conntrack_entries) {
             return Ok(None);
         }
         let mut attachments = vec![];
@@ -602,11 +603,12 @@ impl Datapath {
     }
 
     pub fn set_config(&mut self, hash_key: [u64; 2]) -> Result<()> {
+        let sets = self.conntrack_sets()?;
         let value = Config {
             hash_key,
             program_hash: self.program_hash,
             layout_version: LAYOUT_VERSION,
-            _pad: 0,
+            flow_set_mask: sets - 1,
         };
         self.maps
             .config
@@ -693,9 +695,127 @@ impl Datapath {
             .collect()
     }
 
-    /// The connection-table entry of a flow.
+    /// Sets of the connection table (a power of two).
+    fn conntrack_sets(&self) -> Result<u32> {
+        Ok(self
+            .maps
+            .conntrack
+            .map()
+            .info()
+            .map_err(map_err("reading CONNTRACK"))?
+            .max_entries())
+    }
+
+    /// Where the connection table keeps `key`: its set index and its hash.
+    fn flow_place(&self, key: &FlowKey) -> Option<(u32, u64)> {
+        let config = self.maps.config.get(&0, 0).ok()?;
+        let hash = lb_common::hash::flow_hash(&config.hash_key, key);
+        Some((hash as u32 & config.flow_set_mask, hash))
+    }
+
+    /// What the connection table says about a flow.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
-        self.maps.conntrack.get(key, 0).ok()
+        self.flow_entry(key).map(|e| e.value())
+    }
+
+    /// The connection-table entry of a flow, as stored (with its `seen` stamp).
+    pub fn flow_entry(&self, key: &FlowKey) -> Option<FlowEntry> {
+        let (index, hash) = self.flow_place(key)?;
+        let set = self.maps.conntrack.get(&index, 0).ok()?;
+        set.find(hash).copied()
+    }
+
+    /// The connection table's set of a flow (for tests that fill one set).
+    pub fn flow_set(&self, key: &FlowKey) -> Option<u32> {
+        self.flow_place(key).map(|(index, _)| index)
+    }
+
+    /// Records `value` for a flow the way the program does (its entry, else a free way, else
+    /// the set's first): for benchmarks and tests that fill the table.
+    pub fn set_flow(&mut self, key: &FlowKey, value: FlowValue) -> Result<()> {
+        let (index, hash) = self
+            .flow_place(key)
+            .ok_or_else(|| DatapathError::Other("CONFIG is not set".into()))?;
+        let mut set = self
+            .maps
+            .conntrack
+            .get(&index, 0)
+            .map_err(map_err("reading CONNTRACK"))?;
+        let way = set
+            .ways
+            .iter()
+            .position(|e| e.belongs_to(hash))
+            .or_else(|| set.ways.iter().position(|e| e.seen == 0))
+            .unwrap_or(0);
+        set.ways[way] = FlowEntry::new(hash, value.backend, value.service, 1);
+        self.maps
+            .conntrack
+            .set(index, set, 0)
+            .map_err(map_err("writing CONNTRACK"))
+    }
+
+    /// Removes a flow's entry, if it has one.
+    pub fn forget_flow(&mut self, key: &FlowKey) -> Result<()> {
+        let Some((index, hash)) = self.flow_place(key) else {
+            return Ok(());
+        };
+        let mut set = self
+            .maps
+            .conntrack
+            .get(&index, 0)
+            .map_err(map_err("reading CONNTRACK"))?;
+        if let Some(way) = set.ways.iter().position(|e| e.belongs_to(hash)) {
+            set.ways[way] = FlowEntry::default();
+            self.maps
+                .conntrack
+                .set(index, set, 0)
+                .map_err(map_err("writing CONNTRACK"))?;
+        }
+        Ok(())
+    }
+
+    /// Flows in the connection table now, and its capacity.
+    pub fn flow_count(&self) -> Result<(u64, u64)> {
+        Ok(ConntrackCounter::open(&self.bpffs_dir)?.count())
+    }
+
+    /// Fills every entry of the connection table with a made-up flow sent to `value` (their
+    /// hashes are random 64-bit values no real flow is likely to have): a full table, for
+    /// benchmarks of the path that has to make room.
+    pub fn fill_flows(&mut self, value: FlowValue) -> Result<()> {
+        let sets = self.conntrack_sets()? as usize;
+        let memory = ArrayMemory::map(self.maps.conntrack.map(), sets * size_of::<FlowSet>(), true)
+            .map_err(io_err("mapping CONNTRACK"))?;
+        let base = memory.base.cast::<FlowEntry>();
+        let mut x: u64 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        for i in 0..sets * lb_common::FLOW_WAYS {
+            // xorshift64*: distinct, well-spread hashes.
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let hash = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            // SAFETY: entry i lies inside the mapping (sets × FLOW_WAYS entries).
+            unsafe {
+                base.add(i)
+                    .write_volatile(FlowEntry::new(hash, value.backend, value.service, 1))
+            };
+        }
+        Ok(())
+    }
+
+    /// Empties the connection table (every flow then takes the Maglev table's choice).
+    pub fn clear_flows(&mut self) -> Result<()> {
+        let sets = self.conntrack_sets()? as usize;
+        let memory = ArrayMemory::map(self.maps.conntrack.map(), sets * size_of::<FlowSet>(), true)
+            .map_err(io_err("mapping CONNTRACK"))?;
+        // SAFETY: the mapping covers `sets` FlowSets; the program may write entries meanwhile,
+        // and a byte-wise zeroing races with it harmlessly (a torn entry belongs to no flow).
+        unsafe { std::ptr::write_bytes(memory.base.cast::<FlowSet>(), 0, sets) };
+        Ok(())
     }
 
     /// Sets the VIP-level entries (fragments without ports) to exactly `entries`.
@@ -773,70 +893,99 @@ fn sum_counters(values: Option<aya::maps::PerCpuValues<Counter>>) -> Counter {
         .unwrap_or_default()
 }
 
+/// The value area of a BPF_F_MMAPABLE array, mapped into this process (unmapped on drop).
+struct ArrayMemory {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ArrayMemory {
+    /// Maps the first `bytes` of `map`'s values (rounded up to pages), shared.
+    fn map(map: &MapData, bytes: usize, writable: bool) -> io::Result<ArrayMemory> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = bytes.max(1).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: mapping `len` bytes of the map's value area (the kernel sized it for every
+        // element, rounded up to pages), shared; the result is checked below.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ArrayMemory { base, len })
+    }
+}
+
+impl Drop for ArrayMemory {
+    fn drop(&mut self) {
+        // SAFETY: `base` and `len` are exactly what mmap returned and was given.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 /// Writes `values` into a new BPF_F_MMAPABLE array through its memory: one copy instead of a
 /// syscall per slot (a 65,537-slot table: ~60 ms of syscalls otherwise). Array elements are
 /// 8-byte aligned, so a u32 value sits at the start of each 8-byte element.
 fn fill_mmapable_array(map: &MapData, values: &[u32]) -> io::Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
     const ELEMENT: usize = 8;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let len = (values.len() * ELEMENT).div_ceil(page) * page;
-    let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: mapping `len` bytes of the map's value area (the kernel sized it for
-    // `values.len()` elements, rounded up to pages) shared, read-write; checked below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
+    let memory = ArrayMemory::map(map, values.len() * ELEMENT, true)?;
     // SAFETY: element i lies at base + 8 i, inside the mapping; the map is new and not yet
     // visible to the program, so nothing else writes it.
     unsafe {
         for (i, v) in values.iter().enumerate() {
-            (base as *mut u8)
+            (memory.base as *mut u8)
                 .add(i * ELEMENT)
                 .cast::<u32>()
                 .write_unaligned(*v);
         }
-        libc::munmap(base, len);
     }
     Ok(())
 }
 
-/// Counts the connection table's flows on its own handle of the pinned map, so counting (a
-/// walk over every key, in proportion to the table's use) never holds up the daemon.
+/// Counts the connection table's flows on its own read-only mapping of the pinned table, so
+/// counting (a scan of its memory: ~16 MiB at the default size) never holds up the daemon and
+/// costs no syscalls.
 pub struct ConntrackCounter {
-    map: HashMap<MapData, FlowKey, FlowValue>,
-    capacity: u64,
+    _map: MapData,
+    memory: ArrayMemory,
+    sets: usize,
 }
+
+// SAFETY: the mapping is only read, through volatile loads; it stays valid as long as the
+// counter (which holds the map open) lives.
+unsafe impl Send for ConntrackCounter {}
 
 impl ConntrackCounter {
     pub fn open(bpffs_dir: &Path) -> Result<ConntrackCounter> {
         let path = maps_dir(bpffs_dir).join(maps::CONNTRACK);
         let what = format!("opening the pinned map {}", path.display());
-        let data = MapData::from_pin(&path).map_err(map_err(what.clone()))?;
-        let capacity = data.info().map(|i| i.max_entries() as u64).unwrap_or(0);
-        let map = aya::maps::Map::from_map_data(data)
-            .and_then(HashMap::try_from)
-            .map_err(map_err(what))?;
-        Ok(ConntrackCounter { map, capacity })
+        let map = MapData::from_pin(&path).map_err(map_err(what.clone()))?;
+        let sets = map.info().map(|i| i.max_entries() as usize).unwrap_or(0);
+        let memory = ArrayMemory::map(&map, sets * size_of::<FlowSet>(), false)
+            .map_err(io_err(format!("mapping {}", path.display())))?;
+        Ok(ConntrackCounter {
+            _map: map,
+            memory,
+            sets,
+        })
     }
 
-    /// Flows in the table now, and its capacity.
+    /// Flows in the table now (used entries), and its capacity.
     pub fn count(&self) -> (u64, u64) {
-        (
-            self.map.keys().filter(|k| k.is_ok()).count() as u64,
-            self.capacity,
-        )
+        let entries = self.sets * lb_common::FLOW_WAYS;
+        let base = self.memory.base.cast::<FlowEntry>();
+        let used = (0..entries)
+            // SAFETY: entry i lies inside the mapping (sets × FLOW_WAYS entries); the program
+            // writes it meanwhile, hence a volatile read of the one field that is needed.
+            .filter(|&i| unsafe { std::ptr::addr_of!((*base.add(i)).seen).read_volatile() } != 0)
+            .count();
+        (used as u64, entries as u64)
     }
 }
 

@@ -360,3 +360,66 @@ fn a_flow_entry_is_honoured_only_for_its_own_service() {
     f.dp.set_backend(first, &b).unwrap();
     assert_eq!(sent_to(&f, &vip_ack(src)), other);
 }
+
+fn flow_key(src: Ipv4Addr, sport: u16) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src: to_addr(src.into()),
+        dst: to_addr(VIP.into()),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        family: 4,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn a_full_set_gives_its_least_recently_seen_entry_to_a_new_flow() {
+    use lb_common::FLOW_WAYS;
+    let mut f = fixture([100, 100, 100]);
+    let src = client(31);
+    // FLOW_WAYS + 1 connections of one client whose flows share a set of the table.
+    let mut by_set: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+    let ports = (1024..u16::MAX)
+        .find_map(|port| {
+            let set = f.dp.flow_set(&flow_key(src, port)).unwrap();
+            let ports = by_set.entry(set).or_default();
+            ports.push(port);
+            (ports.len() == FLOW_WAYS + 1).then(|| ports.clone())
+        })
+        .expect("five flows in one set");
+    let ack = |port: u16| ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, port, 80, 0x10, b"");
+    let first = predicted(&f.table, src);
+    for &port in &ports[..FLOW_WAYS] {
+        assert_eq!(sent_to(&f, &ack(port)), first);
+        assert!(f.dp.flow(&flow_key(src, port)).is_some());
+    }
+    let other = (first + 1) % 3;
+    f.dp.swap_table(0, &only(other)).unwrap();
+    // Every flow but the first is seen again once the table's clock has moved on (it counts in
+    // steps of 64 jiffies), so the first is the set's least recently seen.
+    let seen = |port: u16| f.dp.flow_entry(&flow_key(src, port)).unwrap().seen;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen(ports[1]) == seen(ports[0]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the table's clock did not move in 5 s"
+        );
+        for &port in &ports[1..FLOW_WAYS] {
+            assert_eq!(sent_to(&f, &ack(port)), first, "established");
+        }
+    }
+    // The fifth flow takes the first one's entry; the others keep theirs and their backend.
+    assert_eq!(sent_to(&f, &ack(ports[FLOW_WAYS])), other);
+    assert_eq!(
+        f.dp.flow(&flow_key(src, ports[FLOW_WAYS]))
+            .map(|v| v.backend),
+        Some(other)
+    );
+    assert_eq!(f.dp.flow(&flow_key(src, ports[0])), None);
+    for &port in &ports[1..FLOW_WAYS] {
+        assert_eq!(sent_to(&f, &ack(port)), first, "established");
+    }
+    // The flow that lost its entry follows the table from then on.
+    assert_eq!(sent_to(&f, &ack(ports[0])), other);
+}

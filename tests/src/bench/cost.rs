@@ -20,7 +20,7 @@
 //!
 //! A new flow's cost depends on the connection table: measured once on a near-empty table (the
 //! flows earlier measurements added are deleted first) and once, in a last pass, on a table
-//! filled to capacity, where every insert makes the LRU evict.
+//! filled to capacity, where every insert takes the place of its set's least recently seen flow.
 //!
 //! Every measurement proves its path with the program's own counters, or it fails: the service
 //! and backend packet counters must have grown by exactly the number of runs (repetitions) and
@@ -40,10 +40,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use aya::{
-    maps::MapData,
-    programs::{ProgramFd, loaded_programs},
-};
+use aya::programs::{ProgramFd, loaded_programs};
 use lb_common::{
     Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey, backend_flags,
     maglev::{MaglevBackend, build_table},
@@ -167,7 +164,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         }
     };
     let full_note = format!(
-        " The table ({} entries, lbd's default) held {} flows after filling and {} after the last measurement (the LRU evicts in batches, so a full table keeps a little room).",
+        " The table ({} entries, lbd's default) held {} flows after filling and {} after the last measurement (every entry taken: each new flow took the place of another).",
         thousands(capacity),
         thousands(full_before),
         thousands(full_after)
@@ -404,7 +401,7 @@ enum Table {
     /// Emptied of the new flows earlier measurements added: it holds the few established flows
     /// and then this measurement's new flows only.
     Emptied,
-    /// Filled to capacity first (the third pass): every insert makes the LRU evict.
+    /// Filled to capacity first (the third pass): every insert takes the place of another.
     Full,
 }
 
@@ -436,8 +433,6 @@ struct Bench {
     empty: OwnedFd,
     empty_id: u32,
     flows: ConntrackCounter,
-    /// The connection table, on a handle of our own (to empty and fill it).
-    conntrack: aya::maps::HashMap<MapData, FlowKey, FlowValue>,
     /// New flows added by the last measurements, removed before the next `Table::Emptied` one.
     inserted: Vec<FlowKey>,
     singles: usize,
@@ -607,11 +602,6 @@ impl Bench {
             .context("loading the empty XDP program")?;
         let empty_id = prog_id_of(empty.as_fd())?;
         let flows = ConntrackCounter::open(dir)?;
-        let pin = datapath::maps_dir(dir).join(lb_common::maps::CONNTRACK);
-        let conntrack = MapData::from_pin(&pin)
-            .and_then(aya::maps::Map::from_map_data)
-            .and_then(aya::maps::HashMap::try_from)
-            .with_context(|| format!("opening {}", pin.display()))?;
         check_services(&svcs)?;
         Ok(Bench {
             dp,
@@ -622,7 +612,6 @@ impl Bench {
             empty,
             empty_id,
             flows,
-            conntrack,
             inserted: vec![],
             singles,
         })
@@ -957,7 +946,7 @@ impl Bench {
                 },
                 flows_per_packet: None,
                 table: Table::Full,
-                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs and every packet's flow is in the table afterwards, which was filled to capacity first: each insert took the place of an older flow the LRU evicted".into(),
+                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs and every packet's flow is in the table afterwards, which was filled to capacity first: each insert took the place of its set's least recently seen flow".into(),
             },
             PathDef {
                 key: "new6-full",
@@ -980,27 +969,22 @@ impl Bench {
                 },
                 flows_per_packet: None,
                 table: Table::Full,
-                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs and every packet's flow is in the table afterwards, which was filled to capacity first: each insert took the place of an older flow the LRU evicted".into(),
+                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs and every packet's flow is in the table afterwards, which was filled to capacity first: each insert took the place of its set's least recently seen flow".into(),
             },
         ])
     }
 
-    /// Fills the connection table to capacity with flows of other clients (10.0.0.0/8, from
-    /// userspace): from then on every new flow makes the LRU evict. Returns the flows it then
-    /// holds, and its capacity.
+    /// Fills every entry of the connection table with a made-up flow (from userspace): from
+    /// then on every new flow takes the place of another. Returns the flows it then holds, and
+    /// its capacity.
     fn fill(&mut self) -> Result<(u64, u64)> {
-        let (_, capacity) = self.flows.count();
         let value = FlowValue {
             backend: self.backends[0][0].0,
             service: 0,
         };
-        for i in 0..capacity {
-            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + i as u32);
-            let key = flow_key(src.into(), VIP.into(), 1, 80, 6);
-            self.conntrack
-                .insert(key, value, 0)
-                .context("filling the connection table")?;
-        }
+        self.dp
+            .fill_flows(value)
+            .context("filling the connection table")?;
         Ok(self.flows.count())
     }
 
@@ -1036,7 +1020,7 @@ impl Bench {
     fn measure(&mut self, path: &mut PathDef, stats: bool) -> Result<Sample> {
         if path.table == Table::Emptied {
             for k in self.inserted.drain(..) {
-                let _ = self.conntrack.remove(&k);
+                self.dp.forget_flow(&k)?;
             }
         }
         let frames = (path.frames)(self.singles);
@@ -1070,7 +1054,7 @@ impl Bench {
             for f in &frames {
                 let key = flow_of(f)?;
                 ensure!(
-                    self.conntrack.get(&key, 0).is_ok(),
+                    self.dp.flow(&key).is_some(),
                     "a new flow is not in the connection table after its packet: {key:?}"
                 );
                 if path.table == Table::Emptied {

@@ -187,7 +187,11 @@ fn maps() -> Result<Vec<Figure>> {
                 r.value,
                 mib(r.memlock),
                 if r.name.starts_with("CONNTRACK") {
-                    "lbd's default conntrack_entries; the LRU preallocates every entry".to_string()
+                    format!(
+                        "lbd's default conntrack_entries: {} sets of {} flows, 16 B each",
+                        thousands(r.max_entries),
+                        lb_common::FLOW_WAYS
+                    )
                 } else {
                     "fixed size".to_string()
                 }

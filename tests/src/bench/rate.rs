@@ -28,11 +28,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use lb_common::{
     Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, backend_flags, hash,
     maglev::{MaglevBackend, build_table},
-    maps, service_flags,
+    service_flags,
 };
 use lb_userspace::{
     config::XdpMode,
@@ -96,7 +95,7 @@ impl Stream {
     fn label(self) -> &'static str {
         match self {
             Stream::UdpEst => "UDP established (1,000 flows)",
-            Stream::UdpWalk => "UDP, 65,536-address walk (every flow in the table)",
+            Stream::UdpWalk => "UDP, 65,536-address walk (as many flows as entries)",
             Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)",
         }
     }
@@ -802,9 +801,6 @@ fn cpu_times(cpu: usize) -> Result<CpuTimes> {
 struct Lb {
     dp: Datapath,
     dir: PathBuf,
-    conntrack: AyaHashMap<MapData, FlowKey, FlowValue>,
-    /// The same map, for emptying it in batches.
-    conntrack_fd: MapData,
     table: Vec<u32>,
     flags: u32,
 }
@@ -841,13 +837,6 @@ impl Lb {
             });
         }
         let table = build_table(&SEED, &live, TABLE);
-        let path = datapath::maps_dir(&dir).join(maps::CONNTRACK);
-        let conntrack_fd =
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        let conntrack = MapData::from_pin(&path)
-            .and_then(Map::from_map_data)
-            .and_then(AyaHashMap::try_from)
-            .with_context(|| format!("opening {}", path.display()))?;
         let l0 = rig.l0;
         let l = rig.l.clone();
         crate::retry_until(Duration::from_secs(5), "attaching lb to l0", || {
@@ -859,8 +848,6 @@ impl Lb {
         Ok(Lb {
             dp,
             dir,
-            conntrack,
-            conntrack_fd,
             table,
             flags: if tunnel { service_flags::TUNNEL } else { 0 },
         })
@@ -893,12 +880,7 @@ impl Lb {
     }
 
     fn clear(&mut self) -> Result<()> {
-        bpf::empty_hash(
-            self.conntrack_fd.fd().as_fd(),
-            std::mem::size_of::<FlowKey>(),
-            std::mem::size_of::<FlowValue>(),
-        )?;
-        Ok(())
+        Ok(self.dp.clear_flows()?)
     }
 
     /// Detaches the program (its link is pinned) and removes its maps.
@@ -924,22 +906,33 @@ impl Lb {
                 _pad: [0; 2],
             };
             let backend = self.table[hash::slot(hash::hash_source(&SEED, &src), TABLE) as usize];
-            self.conntrack
-                .insert(
-                    key,
+            self.dp
+                .set_flow(
+                    &key,
                     FlowValue {
                         backend,
                         service: 0,
                     },
-                    0,
                 )
                 .context("filling the connection table")?;
         }
         Ok(())
     }
 
+    /// Fills every entry of the connection table (made-up flows): each new flow then takes the
+    /// place of another.
+    fn fill_all(&mut self) -> Result<()> {
+        Ok(self.dp.fill_flows(FlowValue {
+            backend: 0,
+            service: 0,
+        })?)
+    }
+
     fn flows(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        self.dp
+            .flow_count()
+            .map(|(used, _)| used as usize)
+            .unwrap_or(0)
     }
 }
 
@@ -1099,16 +1092,24 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                 ),
                 runs,
             });
-            lb.fill()?;
+            // The same flows in a table whose every entry is taken (they take their entries
+            // back in the warm-up, each from its set's least recently seen flow).
+            lb.fill_all()?;
             let before = lb.flows();
             let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
             lb_names.push((series.len(), Stream::UdpEst, !tunnel && n == 3));
             series.push(Series {
                 name: name(Stream::UdpEst.label(), "full 65,536-entry table"),
-                extra: format!("{before} flows in the table; {}", share_note(&runs, slots)),
+                extra: format!("all {before} entries taken; {}", share_note(&runs, slots)),
                 runs,
             });
             if n == 3 || n == 1000 {
+                // The walk's 65,536 flows recorded first, as many as their sets hold (sets of
+                // 4 overflow: the others are recorded when their packets come, in place of
+                // another).
+                lb.clear()?;
+                lb.fill()?;
+                let before = lb.flows();
                 let runs = rig.series(Stream::UdpWalk, time, reps, slots, || Ok(()))?;
                 let after = lb.flows();
                 series.push(Series {
@@ -1117,10 +1118,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                     runs,
                 });
             }
-            // TCP SYNs, each a new connection, into a full table: every insert evicts the least
-            // recently used flow (a table refilled before each call).
+            // TCP SYNs, each a new connection, into a full table: every insert takes the place
+            // of its set's least recently seen flow (every entry refilled before each call).
             lb.service(6)?;
-            let runs = rig.series(Stream::Syn, time, reps, slots, || lb.fill())?;
+            let runs = rig.series(Stream::Syn, time, reps, slots, || lb.fill_all())?;
+            let before = lb.flows();
             if n == 3 && !tunnel {
                 for r in &runs {
                     let total: u64 = r.per_slot.iter().sum();
@@ -1138,7 +1140,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             series.push(Series {
                 name: name(Stream::Syn.label(), "full 65,536-entry table"),
                 extra: format!(
-                    "{before} flows in the table before each call, every SYN evicts one; {}",
+                    "every one of the table's {before} entries taken before each call, so every SYN takes the place of its set's least recently seen flow; {}",
                     share_note(&runs, slots)
                 ),
                 runs,
@@ -1157,7 +1159,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             series.push(Series {
                 name: name(Stream::Syn.label(), "empty 4,194,304-entry table"),
                 extra: format!(
-                    "emptied before each call, which then inserted at most {most} flows (no eviction; a table of ~400 MB, far beyond the caches); {}",
+                    "emptied before each call, which then inserted at most {most} flows (no eviction; a table of 64 MiB, far beyond the caches); {}",
                     share_note(&runs, slots)
                 ),
                 runs,
