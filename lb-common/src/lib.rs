@@ -15,7 +15,7 @@ pub mod maglev;
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -72,9 +72,13 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
+    pub const SERVICE_BY_ID: &str = "SERVICE_BY_ID";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
+        SERVICE_BY_ID,
+        VIP_FILTER,
         MAGLEV,
         BACKENDS,
         CONFIG,
@@ -103,6 +107,39 @@ pub struct ServiceKey {
     pub port: u16,
     pub proto: u8,
     pub family: u8,
+}
+
+/// Value of `SERVICE_BY_ID` (an array indexed by service id): a service with the key it answers
+/// to. An established flow's entry names its service; the program checks that service's key
+/// against the packet here instead of looking the destination up in `SERVICES` (a hash lookup,
+/// ~10 ns). A free id has an all-zero entry (family 0 matches no packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+}
+
+/// 64-bit words of `VIP_FILTER`: a 65,536-bit Bloom filter of the VIP addresses.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The two bits of `VIP_FILTER` an address sets (lbd) and needs (the program): a packet whose
+/// destination lacks either is no VIP's and passes after two array reads, where `SERVICES`
+/// would cost two hash lookups (exact port, then port 0). Unkeyed: a false positive (about
+/// (VIPs / 65,536)² for an address) only costs the full lookup.
+#[inline(always)]
+pub fn vip_filter_bits(addr: &Addr) -> [u32; 2] {
+    let w0 = addr[0] as u64 | (addr[1] as u64) << 32;
+    let w1 = addr[2] as u64 | (addr[3] as u64) << 32;
+    // MurmurHash3's 64-bit finaliser over both words: every input bit moves every output bit
+    // (addresses vary in their high bytes as much as in their low ones).
+    let mut h = w0 ^ w1.rotate_left(32);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    [(h >> 48) as u32, (h >> 32) as u32 & 0xffff]
 }
 
 /// Forwarding and hashing flags of a service.
@@ -361,6 +398,7 @@ mod pod {
     // padding byte spelled out as a field, so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowKey {}
@@ -412,6 +450,39 @@ mod flow_tests {
 }
 
 #[cfg(test)]
+mod vip_filter_tests {
+    use super::*;
+
+    #[test]
+    fn vip_filter_bits_spread_addresses_of_both_families() {
+        // 256 VIPs of one /24 and 256 of one IPv6 /120 set ~1,024 distinct bits; the chance that
+        // another address (65,536 of other /16s tried) has both bits set stays near the
+        // Bloom-filter estimate (1,024 / 65,536)² = 0.024%.
+        let mut bits = vec![false; 65_536];
+        for i in 0..256u32 {
+            for a in [
+                [u32::from_be(0xcb00_7100 | i), 0, 0, 0],
+                [u32::from_be(0x2001_0db8), 0, 0, u32::from_be(0x100 | i)],
+            ] {
+                for b in vip_filter_bits(&a) {
+                    assert!(b < 65_536);
+                    bits[b as usize] = true;
+                }
+            }
+        }
+        let set = bits.iter().filter(|&&b| b).count();
+        assert!(set > 950, "{set} bits set");
+        let positives = (0..65_536u32)
+            .filter(|i| {
+                let a = [u32::from_be(0x0a00_0000 | i << 8 | 1), 0, 0, 0];
+                vip_filter_bits(&a).iter().all(|&b| bits[b as usize])
+            })
+            .count();
+        assert!(positives < 65, "{positives} false positives of 65,536");
+    }
+}
+
+#[cfg(test)]
 mod layout_tests {
     use super::*;
     use core::mem::size_of;
@@ -420,6 +491,7 @@ mod layout_tests {
     fn sizes_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceEntry>(), 36);
         assert_eq!(size_of::<Backend>(), 56);
         assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
@@ -447,7 +519,7 @@ pub mod decap {
     pub const MAX_ADDRS: u32 = 256;
     /// Version of the decapsulation map's layout; part of the map's pin name, so a `lbd decap`
     /// never opens a map of another layout as its own.
-    pub const LAYOUT_VERSION: u32 = 2;
+    pub const LAYOUT_VERSION: u32 = 3;
 
     /// Key of `ADDRS`: an address of the interface.
     #[repr(C)]

@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceKey, ServiceValue,
-    VipKey, backend_flags, hash, service_flags,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceEntry, ServiceKey,
+    ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, hash, service_flags, vip_filter_bits,
 };
 use packet::{Frag, Packet, ptr_at};
 
@@ -29,6 +29,17 @@ use packet::{Frag, Packet, ptr_at};
 
 #[btf_map]
 static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Services by id, each with its key: an established flow's service, checked against the packet
+/// without a hash lookup.
+#[btf_map]
+static SERVICE_BY_ID: Array<ServiceEntry, { MAX_SERVICES as usize }> = Array::new();
+
+/// A Bloom filter of the VIP addresses (two bits each, see `lb_common::vip_filter_bits`): most
+/// packets that are no VIP's leave after two array reads.
+#[btf_map]
+static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { CONNTRACK_FLAGS as usize }> =
+    Array::new();
 
 /// One Maglev table per service id. lbd builds a new inner array aside and swaps it in with a
 /// single update, so the program never sees a half-built table. BPF_F_INNER_MAP lets each
@@ -169,11 +180,21 @@ fn classify_and_choose(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
     if p.frag == Frag::Later {
         return follow_first_fragment(p);
     }
+    if !maybe_vip(&p.dst) {
+        return Err(());
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Err(());
+    };
+    let mut flow = FlowSlot::find(p, config)?;
+    if let Some(chosen) = established(p, &mut flow) {
+        return Ok(Ok(chosen));
+    }
     let service = classify(p)?;
     if p.malformed {
         return Ok(Err(Reason::Malformed));
     }
-    let chosen = match pick(p, &service) {
+    let chosen = match pick(p, &service, config, &mut flow) {
         Ok((id, b)) => (service, id, b),
         Err(reason) => return Ok(Err(reason)),
     };
@@ -189,6 +210,45 @@ fn classify_and_choose(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
         );
     }
     Ok(Ok(chosen))
+}
+
+/// Whether `addr` may be a VIP: both its bits are set in `VIP_FILTER`.
+#[inline(always)]
+fn maybe_vip(addr: &lb_common::Addr) -> bool {
+    let [a, b] = vip_filter_bits(addr);
+    let has = |bit: u32| {
+        VIP_FILTER
+            .get(bit >> 6)
+            .is_some_and(|w| *w & (1u64 << (bit & 63)) != 0)
+    };
+    has(a) && has(b)
+}
+
+/// The fast path of an established flow: a plain packet (no SYN, no fragment, no ICMP error,
+/// well formed) whose flow has an entry, whose recorded service still answers to the packet's
+/// destination and whose backend is still usable. The service comes from `SERVICE_BY_ID`, not
+/// from `SERVICES`; a flow then stays with the service it started under even if a more exact
+/// one (a port of a VIP that had an every-port service) appears later. Anything else takes the
+/// full path.
+#[inline(always)]
+fn established(p: &Packet, flow: &mut FlowSlot) -> Option<Choice> {
+    if p.syn || p.icmp_error || p.malformed || p.frag != Frag::None {
+        return None;
+    }
+    let i = flow.found?;
+    let value = flow.way(i).value();
+    let entry = SERVICE_BY_ID.get(value.service)?;
+    let key = &entry.key;
+    if key.addr != p.dst
+        || key.proto != p.proto
+        || key.family != p.family
+        || (key.port != p.dport && key.port != 0)
+    {
+        return None;
+    }
+    let backend = usable_backend(value.backend, &entry.value)?;
+    flow.touch(i);
+    Some((entry.value, value.backend, backend))
 }
 
 /// The service the destination belongs to: an exact (VIP, port, protocol) match first, then the
@@ -259,30 +319,111 @@ fn usable_backend(id: u32, service: &ServiceValue) -> Option<&'static Backend> {
         .then_some(b)
 }
 
-/// The backend of a flow: the one the connection table recorded, while it is still usable for
-/// this service; otherwise (new flow, TCP SYN, backend down or removed) the Maglev table's
-/// choice, which is then recorded. ICMP errors about a flow only read the table.
+/// A packet's place in the connection table: its flow's hash and set, the way holding its entry
+/// if there is one, and the way a new entry would take (a free one, else the least recently
+/// seen).
+struct FlowSlot {
+    hash: u64,
+    set: &'static mut FlowSet,
+    found: Option<usize>,
+    victim: usize,
+    now: u32,
+}
+
+impl FlowSlot {
+    #[inline(always)]
+    fn find(p: &Packet, config: &Config) -> Result<FlowSlot, ()> {
+        let hash = hash::flow_hash(&config.hash_key, &p.flow_key());
+        let set = CONNTRACK
+            .get_ptr_mut(hash as u32 & config.flow_set_mask)
+            .ok_or(())?;
+        // SAFETY: a pointer returned by a map lookup is valid for this program run; other CPUs
+        // may write the set meanwhile, which `FlowEntry::belongs_to` tolerates.
+        let set = unsafe { &mut *set };
+        let now = clock();
+        let mut found = None;
+        let mut victim = 0;
+        let mut oldest = 0u32;
+        let mut i = 0;
+        while i < FLOW_WAYS {
+            let e = &set.ways[i];
+            if e.belongs_to(hash) {
+                found = Some(i);
+                break;
+            }
+            let age = if e.seen == 0 {
+                u32::MAX
+            } else {
+                now.wrapping_sub(e.seen)
+            };
+            if age > oldest {
+                oldest = age;
+                victim = i;
+            }
+            i += 1;
+        }
+        Ok(FlowSlot {
+            hash,
+            set,
+            found,
+            victim,
+            now,
+        })
+    }
+
+    /// Way `i` of the set (`i % FLOW_WAYS`: the verifier must see the index is in bounds).
+    #[inline(always)]
+    fn way(&mut self, i: usize) -> &mut FlowEntry {
+        &mut self.set.ways[i % FLOW_WAYS]
+    }
+
+    /// Marks way `i` seen now (a store only when the coarse clock has moved).
+    #[inline(always)]
+    fn touch(&mut self, i: usize) {
+        let now = self.now;
+        let e = self.way(i);
+        if e.seen != now {
+            e.seen = now;
+        }
+    }
+
+    /// Records the flow on `backend` of `service`: its own entry if it has one (a SYN reusing
+    /// a port, a flow whose backend went away), else the victim way.
+    #[inline(always)]
+    fn record(&mut self, backend: u32, service: u32) {
+        let i = self.found.unwrap_or(self.victim);
+        let ids = FlowEntry::ids_of(backend, service);
+        let check = self.hash ^ ids as u64;
+        let now = self.now;
+        let e = self.way(i);
+        if e.ids != ids || e.check != check {
+            // `check` last: until it is written the entry belongs to no flow.
+            e.ids = ids;
+            e.seen = now;
+            e.check = check;
+        } else {
+            self.touch(i);
+        }
+    }
+}
+
+/// The backend of a flow the fast path did not place: the one the connection table recorded,
+/// while it is still usable for this service; otherwise (new flow, TCP SYN, backend down or
+/// removed) the Maglev table's choice, which is then recorded. ICMP errors about a flow only
+/// read the table.
 #[inline(always)]
-fn pick(p: &Packet, service: &ServiceValue) -> Result<(u32, &'static Backend), Reason> {
-    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
-    let flow_hash = hash::flow_hash(&config.hash_key, &p.flow_key());
-    let set = CONNTRACK
-        .get_ptr_mut(flow_hash as u32 & config.flow_set_mask)
-        .ok_or(Reason::MissingState)?;
-    // SAFETY: a pointer returned by a map lookup is valid for this program run; other CPUs may
-    // write the set meanwhile, which `FlowEntry::belongs_to` tolerates.
-    let set = unsafe { &mut *set };
-    let now = clock();
-    let (found, victim) = find_flow(set, flow_hash, now);
-    if let Some(i) = found
+fn pick(
+    p: &Packet,
+    service: &ServiceValue,
+    config: &Config,
+    flow: &mut FlowSlot,
+) -> Result<(u32, &'static Backend), Reason> {
+    if let Some(i) = flow.found
         && !p.syn
     {
-        let entry = &mut set.ways[i];
-        let id = entry.value().backend;
+        let id = flow.way(i).value().backend;
         if let Some(b) = usable_backend(id, service) {
-            if entry.seen != now {
-                entry.seen = now;
-            }
+            flow.touch(i);
             return Ok((id, b));
         }
     }
@@ -291,48 +432,10 @@ fn pick(p: &Packet, service: &ServiceValue) -> Result<(u32, &'static Backend), R
         Some(b) if b.flags & backend_flags::VALID != 0 => b,
         _ => return Err(Reason::MissingState),
     };
-    if p.icmp_error {
-        return Ok((id, backend));
-    }
-    // A stale entry of this flow (a SYN reusing a port, a flow whose backend went away) is
-    // rewritten; a new flow takes a free entry of its set, else the least recently seen one.
-    let entry = &mut set.ways[found.unwrap_or(victim)];
-    let ids = FlowEntry::ids_of(id, service.id);
-    if entry.ids != ids || entry.check != flow_hash ^ ids as u64 {
-        // `check` last: until it is written the entry belongs to no flow.
-        entry.ids = ids;
-        entry.seen = now;
-        entry.check = flow_hash ^ ids as u64;
-    } else if entry.seen != now {
-        entry.seen = now;
+    if !p.icmp_error {
+        flow.record(id, service.id);
     }
     Ok((id, backend))
-}
-
-/// The way of `set` holding the flow of `hash`, if any, and the way a new flow would take: a
-/// free one, else the least recently seen.
-#[inline(always)]
-fn find_flow(set: &FlowSet, hash: u64, now: u32) -> (Option<usize>, usize) {
-    let mut victim = 0;
-    let mut oldest = 0u32;
-    let mut i = 0;
-    while i < FLOW_WAYS {
-        let e = &set.ways[i];
-        if e.belongs_to(hash) {
-            return (Some(i), i);
-        }
-        let age = if e.seen == 0 {
-            u32::MAX
-        } else {
-            now.wrapping_sub(e.seen)
-        };
-        if age > oldest {
-            oldest = age;
-            victim = i;
-        }
-        i += 1;
-    }
-    (None, victim)
 }
 
 /// The connection table's clock: jiffies / 64 (64 ms at HZ=1000, 256 ms at HZ=250), never 0

@@ -23,7 +23,8 @@ use aya::{
 };
 use lb_common::{
     Backend, Config, Counter, FlowEntry, FlowKey, FlowSet, FlowValue, LAYOUT_VERSION, MAX_BACKENDS,
-    PROGRAM_NAME, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, conntrack_sets, maps,
+    PROGRAM_NAME, Reason, ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey,
+    backend_flags, conntrack_sets, maps, vip_filter_bits,
 };
 use log::{info, warn};
 
@@ -189,6 +190,8 @@ pub enum Start {
 /// Every map, opened.
 struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    service_by_id: Array<MapData, ServiceEntry>,
+    vip_filter: Array<MapData, u64>,
     maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     backends: Array<MapData, Backend>,
     config: Array<MapData, Config>,
@@ -204,6 +207,10 @@ impl Maps {
     fn build(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Maps> {
         Ok(Maps {
             services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
+            service_by_id: Array::try_from(get(maps::SERVICE_BY_ID)?)
+                .map_err(map_err(maps::SERVICE_BY_ID))?,
+            vip_filter: Array::try_from(get(maps::VIP_FILTER)?)
+                .map_err(map_err(maps::VIP_FILTER))?,
             maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
             backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
@@ -645,19 +652,55 @@ impl Datapath {
         table: &[u32],
     ) -> Result<()> {
         self.swap_table(value.id, table)?;
+        self.set_service_key(key, value)
+    }
+
+    /// Writes a service's key when its table is already in place (a change of flags or of the
+    /// key itself): no table is rebuilt. The VIP's filter bits and the service's entry by id
+    /// come first, so the program never finds the key without them.
+    pub fn set_service_key(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.sync_vip_filter(Some(key))?;
+        self.maps
+            .service_by_id
+            .set(
+                value.id,
+                ServiceEntry {
+                    key: *key,
+                    value: *value,
+                },
+                0,
+            )
+            .map_err(map_err(format!("writing service {} by id", value.id)))?;
         self.maps
             .services
             .insert(key, value, 0)
             .map_err(map_err(format!("writing service {}", value.id)))
     }
 
-    /// Writes a service's key when its table is already in place (a change of flags or of the
-    /// key itself): no table is rebuilt.
-    pub fn set_service_key(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-        self.maps
-            .services
-            .insert(key, value, 0)
-            .map_err(map_err(format!("writing service {}", value.id)))
+    /// Sets `VIP_FILTER` to exactly the bits of the services' VIPs (and of `adding`'s).
+    /// Written through the array's memory, a word at a time: a word only gains bits while a
+    /// VIP is added, and loses them only once no key needs them any more.
+    fn sync_vip_filter(&mut self, adding: Option<&ServiceKey>) -> Result<()> {
+        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+        let keys = self.service_keys();
+        for key in keys.iter().map(|(k, _)| k).chain(adding) {
+            for bit in vip_filter_bits(&key.addr) {
+                words[(bit >> 6) as usize] |= 1 << (bit & 63);
+            }
+        }
+        let memory = ArrayMemory::map(self.maps.vip_filter.map(), words.len() * 8, true)
+            .map_err(io_err("mapping VIP_FILTER"))?;
+        let base = memory.base.cast::<u64>();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: word i lies inside the mapping of VIP_FILTER_WORDS words; the program only
+            // reads them, a whole aligned word at a time.
+            unsafe {
+                if base.add(i).read_volatile() != *w {
+                    base.add(i).write_volatile(*w);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the Maglev table of service `id` atomically.
@@ -672,12 +715,27 @@ impl Datapath {
         )))
     }
 
-    /// Removes a service: its key first (no new packet finds it), then its table.
+    /// Removes a service key: the key first (no new packet finds it), then its entry by id
+    /// (unless the id now answers to another key) and its VIP's filter bits.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        let id = self.maps.services.get(key, 0).ok().map(|v| v.id);
         match self.maps.services.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err("removing a service")(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("removing a service")(e)),
         }
+        if let Some(id) = id
+            && self
+                .maps
+                .service_by_id
+                .get(&id, 0)
+                .is_ok_and(|e| e.key == *key)
+        {
+            self.maps
+                .service_by_id
+                .set(id, ServiceEntry::default(), 0)
+                .map_err(map_err(format!("clearing service {id} by id")))?;
+        }
+        self.sync_vip_filter(None)
     }
 
     /// Every service key in the map (to remove those the config no longer has).

@@ -423,3 +423,90 @@ fn a_full_set_gives_its_least_recently_seen_entry_to_a_new_flow() {
     // The flow that lost its entry follows the table from then on.
     assert_eq!(sent_to(&f, &ack(ports[0])), other);
 }
+
+#[test]
+fn established_flows_of_a_removed_or_moved_service_pass_unchanged() {
+    let mut f = fixture([100, 100, 100]);
+    let src = client(41);
+    let first = sent_to(&f, &vip_syn(src));
+    assert_eq!(sent_to(&f, &vip_ack(src)), first, "established");
+    // The service moves to another port: the old destination is no service's any more, even
+    // for a flow the connection table still names it for.
+    let value = ServiceValue {
+        id: 0,
+        flags: 0,
+        table_size: TABLE_SIZE,
+        _pad: 0,
+    };
+    f.dp.set_service_key(&service_key(8080), &value).unwrap();
+    f.dp.remove_service(&service_key(80)).unwrap();
+    let ack = vip_ack(src);
+    assert_eq!(
+        f.dp.test_run(&ack.bytes).unwrap(),
+        (XDP_PASS, ack.bytes.clone())
+    );
+    // Removed altogether: the VIP's packets all pass.
+    f.dp.remove_service(&service_key(8080)).unwrap();
+    let moved = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 8080, 0x10, b"");
+    assert_eq!(
+        f.dp.test_run(&moved.bytes).unwrap(),
+        (XDP_PASS, moved.bytes.clone())
+    );
+    assert_eq!(
+        f.dp.test_run(&ack.bytes).unwrap(),
+        (XDP_PASS, ack.bytes.clone())
+    );
+}
+
+#[test]
+fn a_flow_of_an_every_port_service_keeps_its_backend_when_its_port_gets_a_service() {
+    let mut f = fixture([100, 100, 100]);
+    // The VIP's every-port service (id 0) instead of port 80.
+    let every_port = ServiceValue {
+        id: 0,
+        flags: 0,
+        table_size: TABLE_SIZE,
+        _pad: 0,
+    };
+    f.dp.set_service_key(&service_key(0), &every_port).unwrap();
+    f.dp.remove_service(&service_key(80)).unwrap();
+    let src = client(51);
+    let syn = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 443, 0x02, b"");
+    let ack = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 443, 0x10, b"");
+    let first = sent_to(&f, &syn);
+    assert_eq!(sent_to(&f, &ack), first);
+    // Port 443 gets a service of its own (id 1) with one backend (id 3).
+    let b3 = Backend {
+        addr: to_addr(backend_ip(3).into()),
+        mac: [0x02, 0, 0, 0, 0x0b, 3],
+        src_mac: LB_MAC,
+        ifindex: 1,
+        service: 1,
+        family: 4,
+        flags: backend_flags::VALID,
+        mtu: 1500,
+        ..Default::default()
+    };
+    f.dp.set_backend(3, &b3).unwrap();
+    let table = build_table(
+        &SEED,
+        &[MaglevBackend {
+            id: 3,
+            addr: b3.addr,
+            weight: 100,
+        }],
+        TABLE_SIZE,
+    );
+    let exact = ServiceValue {
+        id: 1,
+        flags: 0,
+        table_size: TABLE_SIZE,
+        _pad: 0,
+    };
+    f.dp.set_service(&service_key(443), &exact, &table).unwrap();
+    // The connection in progress stays with the service it started under...
+    assert_eq!(sent_to(&f, &ack), first);
+    // ...a new one goes to the port's own service.
+    let (action, out) = f.dp.test_run(&syn.bytes).unwrap();
+    assert_eq!((action, &out[0..6]), (XDP_TX, &b3.mac[..]));
+}
