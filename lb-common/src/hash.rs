@@ -95,7 +95,7 @@ fn absorb(h: u64, w: u64) -> u64 {
 
 /// The connection table's hash of a flow: its set (low bits, masked) and its identity (all 64
 /// bits, see `FlowEntry`). Not SipHash: this runs for every packet and a multiply-xorshift chain
-/// over the five words costs a fraction of it; keyed by the same secret seed (both words), so
+/// over the flow's words (two for IPv4, five for IPv6) costs a fraction of it; keyed by the same secret seed (both words), so
 /// outsiders cannot aim flows at one set. Every step is a bijection of the running value, and
 /// the splitmix64 finaliser spreads every input bit over every output bit.
 #[inline(always)]
@@ -107,10 +107,15 @@ pub fn flow_hash(key: &[u64; 2], flow: &FlowKey) -> u64 {
         | (flow.proto as u64) << 32
         | (flow.family as u64) << 40;
     let mut h = key[0];
-    h = absorb(h, s[0]);
-    h = absorb(h, s[1]);
-    h = absorb(h, d[0]);
-    h = absorb(h, d[1]);
+    if flow.family == crate::FAMILY_V6 {
+        h = absorb(h, s[0]);
+        h = absorb(h, s[1]);
+        h = absorb(h, d[0]);
+        h = absorb(h, d[1]);
+    } else {
+        // An IPv4 flow's addresses fill one word together (the others are zero).
+        h = absorb(h, s[0] | d[0] << 32);
+    }
     h = absorb(h, tail ^ key[1]);
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -273,15 +278,11 @@ mod tests {
         let h = flow_hash(&key, &base);
         let variants = [
             FlowKey {
-                src: [base.src[0], 1, 0, 0],
+                src: [base.src[0] ^ 1, 0, 0, 0],
                 ..base
             },
             FlowKey {
                 dst: [base.dst[0] ^ 1, 0, 0, 0],
-                ..base
-            },
-            FlowKey {
-                dst: [base.dst[0], 0, 0, 1],
                 ..base
             },
             FlowKey {
@@ -297,6 +298,17 @@ mod tests {
         ];
         for v in variants {
             assert_ne!(flow_hash(&key, &v), h, "{v:?}");
+        }
+        // IPv6: every word of both addresses.
+        let v6 = FlowKey { family: 6, ..base };
+        let h6 = flow_hash(&key, &v6);
+        for w in 0..4 {
+            let mut src = v6.src;
+            src[w] ^= 1;
+            let mut dst = v6.dst;
+            dst[w] ^= 1;
+            assert_ne!(flow_hash(&key, &FlowKey { src, ..v6 }), h6);
+            assert_ne!(flow_hash(&key, &FlowKey { dst, ..v6 }), h6);
         }
         assert_ne!(flow_hash(&[1, 3], &base), h);
         assert_ne!(flow_hash(&[0, 2], &base), h);
