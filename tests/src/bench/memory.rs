@@ -477,10 +477,11 @@ fn lbd_rss(opts: &Opts) -> Result<Vec<Figure>> {
         "bytes",
         idle.iter().map(|r| r.total as f64).collect(),
         &format!(
-            "VmRSS 0.5 s after lbd answered `lbctl status`, a fresh start each time (lbd --cleanup between), connection table {} entries (kernel memory, not in the RSS), release build; of it anonymous {} and file-backed {} (medians)",
-            thousands(CONNTRACK_ENTRIES as u64),
+            "VmRSS 0.5 s after lbd answered `lbctl status`, a fresh start each time (lbd --cleanup between), release build; of it anonymous {} and file-backed {} (medians). The file-backed part includes lbd's read-only mapping of the connection table ({} entries, {}): kernel memory, counted once among the maps above, mapped so the flows are counted by a scan of it without syscalls",
             mib(median_of(&idle, |r| r.anon) as u64),
-            mib(median_of(&idle, |r| r.file) as u64)
+            mib(median_of(&idle, |r| r.file) as u64),
+            thousands(CONNTRACK_ENTRIES as u64),
+            mib(CONNTRACK_ENTRIES as u64 * 16)
         ),
     ));
     if let Some((r, took)) = grown {
