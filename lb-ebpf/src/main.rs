@@ -106,19 +106,29 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
-    let mut chosen = ChoiceOut {
-        service: ServiceValue::default(),
-        backend_id: 0,
-        backend: core::ptr::null(),
-    };
-    match choose_for(packet, &mut chosen) {
-        CHOSEN => {}
-        NOT_OURS => return Err(()),
-        reason => return Ok(give_up(Reason::from_index(reason))),
-    }
-    let (service, backend_id) = (chosen.service, chosen.backend_id);
-    // SAFETY: choose_for set it to a BACKENDS entry, valid for this program run.
-    let backend = unsafe { &*chosen.backend };
+    let mut flow = find_flow(packet)?;
+    // An established flow is placed here, without the call into `choose_for`.
+    let (service, backend_id, backend) =
+        match flow.as_mut().and_then(|f| established(packet, f)) {
+            Some(chosen) => chosen,
+            None => {
+                let mut chosen = ChoiceOut {
+                    service: ServiceValue::default(),
+                    backend_id: 0,
+                    backend: core::ptr::null(),
+                };
+                let flow = flow
+                    .as_mut()
+                    .map_or(core::ptr::null_mut(), |f| f as *mut FlowSlot);
+                match choose_for(packet, flow, &mut chosen) {
+                    CHOSEN => {}
+                    NOT_OURS => return Err(()),
+                    reason => return Ok(give_up(Reason::from_index(reason))),
+                }
+                // SAFETY: choose_for set it to a BACKENDS entry, valid for this program run.
+                (chosen.service, chosen.backend_id, unsafe { &*chosen.backend })
+            }
+        };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = if service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, backend) {
@@ -160,8 +170,9 @@ const NOT_OURS: u32 = u32::MAX - 1;
 /// forwarded for. A function of its own so its map keys stay off the main frame, whose stack the
 /// tunnel's subprograms share the 512-byte budget with.
 #[inline(never)]
-fn choose_for(p: &Packet, out: &mut ChoiceOut) -> u32 {
-    match classify_and_choose(p) {
+fn choose_for(p: &Packet, flow: *mut FlowSlot, out: &mut ChoiceOut) -> u32 {
+    // SAFETY: `flow` is null or points to the caller's FlowSlot, alive for this call.
+    match classify_and_choose(p, unsafe { flow.as_mut() }) {
         Err(()) => NOT_OURS,
         Ok(Err(reason)) => reason as u32,
         Ok(Ok((service, backend_id, backend))) => {
@@ -176,25 +187,21 @@ fn choose_for(p: &Packet, out: &mut ChoiceOut) -> u32 {
 /// The service and backend of a packet. The outer `Err(())` means "not a service packet" (pass
 /// untouched); the inner `Err(reason)` means "a service packet that is not forwarded".
 #[inline(always)]
-fn classify_and_choose(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
+fn classify_and_choose(
+    p: &Packet,
+    flow: Option<&mut FlowSlot>,
+) -> Result<Result<Choice, Reason>, ()> {
     if p.frag == Frag::Later {
         return follow_first_fragment(p);
     }
-    if !maybe_vip(&p.dst) {
-        return Err(());
-    }
-    let Some(config) = CONFIG.get(0) else {
+    let (Some(flow), Some(config)) = (flow, CONFIG.get(0)) else {
         return Err(());
     };
-    let mut flow = FlowSlot::find(p, config)?;
-    if let Some(chosen) = established(p, &mut flow) {
-        return Ok(Ok(chosen));
-    }
     let service = classify(p)?;
     if p.malformed {
         return Ok(Err(Reason::Malformed));
     }
-    let chosen = match pick(p, &service, config, &mut flow) {
+    let chosen = match pick(p, &service, config, flow) {
         Ok((id, b)) => (service, id, b),
         Err(reason) => return Ok(Err(reason)),
     };
@@ -210,6 +217,21 @@ fn classify_and_choose(p: &Packet) -> Result<Result<Choice, Reason>, ()> {
         );
     }
     Ok(Ok(chosen))
+}
+
+/// The packet's place in the connection table; `None` for a later fragment (it has no ports:
+/// `choose_for` places it by its first fragment). `Err(())` for a destination that is no VIP's
+/// (the VIP filter), and when the maps are not filled in yet.
+#[inline(always)]
+fn find_flow(p: &Packet) -> Result<Option<FlowSlot>, ()> {
+    if p.frag == Frag::Later {
+        return Ok(None);
+    }
+    if !maybe_vip(&p.dst) {
+        return Err(());
+    }
+    let config = CONFIG.get(0).ok_or(())?;
+    FlowSlot::find(p, config).map(Some)
 }
 
 /// Whether `addr` may be a VIP: both its bits are set in `VIP_FILTER`.
