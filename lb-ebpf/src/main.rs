@@ -108,27 +108,28 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
     let packet = unsafe { packet.assume_init_ref() };
     let mut flow = find_flow(packet)?;
     // An established flow is placed here, without the call into `choose_for`.
-    let (service, backend_id, backend) =
-        match flow.as_mut().and_then(|f| established(packet, f)) {
-            Some(chosen) => chosen,
-            None => {
-                let mut chosen = ChoiceOut {
-                    service: ServiceValue::default(),
-                    backend_id: 0,
-                    backend: core::ptr::null(),
-                };
-                let flow = flow
-                    .as_mut()
-                    .map_or(core::ptr::null_mut(), |f| f as *mut FlowSlot);
-                match choose_for(packet, flow, &mut chosen) {
-                    CHOSEN => {}
-                    NOT_OURS => return Err(()),
-                    reason => return Ok(give_up(Reason::from_index(reason))),
-                }
-                // SAFETY: choose_for set it to a BACKENDS entry, valid for this program run.
-                (chosen.service, chosen.backend_id, unsafe { &*chosen.backend })
+    let (service, backend_id, backend) = match flow.as_mut().and_then(|f| established(packet, f)) {
+        Some(chosen) => chosen,
+        None => {
+            let mut chosen = ChoiceOut {
+                service: ServiceValue::default(),
+                backend_id: 0,
+                backend: core::ptr::null(),
+            };
+            let flow = flow
+                .as_mut()
+                .map_or(core::ptr::null_mut(), |f| f as *mut FlowSlot);
+            match choose_for(packet, flow, &mut chosen) {
+                CHOSEN => {}
+                NOT_OURS => return Err(()),
+                reason => return Ok(give_up(Reason::from_index(reason))),
             }
-        };
+            // SAFETY: choose_for set it to a BACKENDS entry, valid for this program run.
+            (chosen.service, chosen.backend_id, unsafe {
+                &*chosen.backend
+            })
+        }
+    };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = if service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, backend) {
