@@ -15,7 +15,7 @@ pub mod maglev;
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -27,6 +27,46 @@ pub const MAX_TABLE_SIZE: u32 = 655_373;
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 /// Value in a Maglev slot meaning "no backend" (the service has no usable backend).
 pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Maglev slots per element of a service's table array: backend ids are stored in 16 bits, four
+/// to a u64 element (an array element takes 8 bytes whatever its value size, so a u32 per slot
+/// would take 8). A 65,537-slot table is then 128 KiB instead of 512 KiB, which matters to a
+/// stream of new flows from many clients: every one reads a slot at random.
+pub const MAGLEV_SLOTS_PER_WORD: u32 = 4;
+/// A slot's 16-bit value for "no backend".
+const NO_BACKEND_16: u64 = 0xffff;
+
+/// The backend id of Maglev `slot` in its table word `word` (`slot / MAGLEV_SLOTS_PER_WORD`).
+#[inline(always)]
+pub fn maglev_slot_value(word: u64, slot: u32) -> u32 {
+    let id = (word >> ((slot % MAGLEV_SLOTS_PER_WORD) * 16)) & 0xffff;
+    if id == NO_BACKEND_16 {
+        NO_BACKEND
+    } else {
+        id as u32
+    }
+}
+
+/// A Maglev table (one backend id or `NO_BACKEND` per slot) as the words of its array.
+#[cfg(any(feature = "user", test))]
+pub fn maglev_words(table: &[u32]) -> Vec<u64> {
+    table
+        .chunks(MAGLEV_SLOTS_PER_WORD as usize)
+        .map(|chunk| {
+            let mut word = u64::MAX; // missing slots of the last word: no backend
+            for (lane, &id) in chunk.iter().enumerate() {
+                let v = if id == NO_BACKEND {
+                    NO_BACKEND_16
+                } else {
+                    id as u64 & 0xffff
+                };
+                word &= !(0xffff << (lane * 16));
+                word |= v << (lane * 16);
+            }
+            word
+        })
+        .collect()
+}
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of the Maglev array-of-maps differ in size.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -447,6 +487,32 @@ mod flow_tests {
 }
 
 #[cfg(test)]
+mod maglev_word_tests {
+    use super::*;
+
+    #[test]
+    fn every_slot_reads_back_from_its_word() {
+        let table: Vec<u32> = (0..13u32)
+            .map(|i| {
+                if i % 5 == 4 {
+                    NO_BACKEND
+                } else {
+                    i * 1000 % MAX_BACKENDS
+                }
+            })
+            .collect();
+        let words = maglev_words(&table);
+        assert_eq!(words.len(), 4);
+        for (slot, &id) in table.iter().enumerate() {
+            let word = words[slot / MAGLEV_SLOTS_PER_WORD as usize];
+            assert_eq!(maglev_slot_value(word, slot as u32), id, "slot {slot}");
+        }
+        // Backend ids fit in 16 bits, with room for the no-backend value.
+        assert!(MAX_BACKENDS <= NO_BACKEND_16 as u32);
+    }
+}
+
+#[cfg(test)]
 mod vip_filter_tests {
     use super::*;
 
@@ -516,7 +582,7 @@ pub mod decap {
     pub const MAX_ADDRS: u32 = 256;
     /// Version of the decapsulation map's layout; part of the map's pin name, so a `lbd decap`
     /// never opens a map of another layout as its own.
-    pub const LAYOUT_VERSION: u32 = 3;
+    pub const LAYOUT_VERSION: u32 = 4;
 
     /// Key of `ADDRS`: an address of the interface.
     #[repr(C)]

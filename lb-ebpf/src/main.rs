@@ -20,8 +20,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason, ServiceEntry, ServiceKey,
-    ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, hash, service_flags, vip_filter_bits,
+    MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason,
+    ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, hash,
+    maglev_slot_value, service_flags, vip_filter_bits,
 };
 use packet::{Frag, Packet, ptr_at};
 
@@ -46,7 +47,7 @@ static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { CONNTRACK_FLAGS a
 /// service's table have its own size.
 #[btf_map]
 static MAGLEV: ArrayOfMaps<
-    Array<u32, 1, { MAGLEV_TABLE_FLAGS as usize }>,
+    Array<u64, 1, { MAGLEV_TABLE_FLAGS as usize }>,
     { MAX_SERVICES as usize },
 > = ArrayOfMaps::new();
 
@@ -484,9 +485,10 @@ fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Re
         return Err(Reason::MissingState);
     }
     let slot = hash::slot(h, service.table_size);
-    let id = *MAGLEV
-        .get_value(service.id, &slot)
+    let word = *MAGLEV
+        .get_value(service.id, &(slot / MAGLEV_SLOTS_PER_WORD))
         .ok_or(Reason::MissingState)?;
+    let id = maglev_slot_value(word, slot);
     if id == NO_BACKEND {
         return Err(Reason::NoBackend);
     }

@@ -216,7 +216,7 @@ fn maps() -> Result<Vec<Figure>> {
         "bytes",
         table_row.memlock as f64,
         &format!(
-            "{}, {} slots × {} B values = {}: the inner map lbd makes for each service; an array's slots take 8 bytes each whatever the value size; 256 services (the most) would take {}",
+            "{}, {} elements × {} B values = {}: the inner map lbd makes for each service of the default 65,537 slots, four 16-bit slots to an element; 256 services (the most) would take {}",
             table_row.kind,
             thousands(table_row.max_entries),
             table_row.value,
