@@ -44,3 +44,14 @@ pub fn read_hdr<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
     // (see above).
     Ok(unsafe { core::ptr::read(p) })
 }
+
+/// Writes a header type of alignment 2 (`#[repr(C, packed(2))]`) with 16-bit stores (see
+/// `read_hdr` for why the alignment holds).
+#[inline(always)]
+#[allow(dead_code)] // the balancer's; lb-decap, which shares this module, writes no header
+pub fn write_hdr<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), ()> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked the bytes lie inside the packet; T has alignment 2 and p is even.
+    unsafe { core::ptr::write(p, value) };
+    Ok(())
+}

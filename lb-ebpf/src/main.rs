@@ -24,7 +24,7 @@ use lb_common::{
     ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, hash,
     maglev_slot_value, service_flags, vip_filter_bits,
 };
-use packet::{Frag, Packet, ptr_at};
+use packet::{Frag, Packet, write_hdr};
 
 // ---- maps (names in lb_common::maps; lbd pins every one) ----
 
@@ -499,14 +499,27 @@ fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Re
 /// IP and L4 stay as the client sent them (the backend holds the VIP).
 #[inline(always)]
 fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
-    let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
-    let mut both = [0u8; 12];
-    both[..6].copy_from_slice(&backend.mac);
-    both[6..].copy_from_slice(&backend.src_mac);
-    // SAFETY: ptr_at checked the 12 bytes lie inside the packet; [u8; 12] has alignment 1.
-    unsafe { *macs = both };
-    Ok(())
+    let (m, s) = (&backend.mac, &backend.src_mac);
+    let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
+    // Six 16-bit stores (a [u8; 12] copy compiled to 24 byte loads and stores, twice).
+    write_hdr(
+        ctx,
+        0,
+        EthAddrs([
+            w(m[0], m[1]),
+            w(m[2], m[3]),
+            w(m[4], m[5]),
+            w(s[0], s[1]),
+            w(s[2], s[3]),
+            w(s[4], s[5]),
+        ]),
+    )
 }
+
+/// The destination and source MACs of an Ethernet header, as 16-bit words.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+struct EthAddrs([u16; 6]);
 
 /// A VIP packet that is not forwarded: counted under its reason, then dropped (no usable
 /// backend: the client retries) or passed up (the kernel decides).

@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 
-pub use crate::access::{ptr_at, read_at, read_hdr};
+pub use crate::access::{ptr_at, read_at, read_hdr, write_hdr};
 pub use crate::headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr};
 use crate::headers::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN};
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_TCP, PROTO_UDP};
