@@ -18,6 +18,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use headers::EthAddrs;
 use lb_common::{
     Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet, FragKey, FragValue,
     MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason,
@@ -499,27 +500,8 @@ fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Re
 /// IP and L4 stay as the client sent them (the backend holds the VIP).
 #[inline(always)]
 fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
-    let (m, s) = (&backend.mac, &backend.src_mac);
-    let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
-    // Six 16-bit stores (a [u8; 12] copy compiled to 24 byte loads and stores, twice).
-    write_hdr(
-        ctx,
-        0,
-        EthAddrs([
-            w(m[0], m[1]),
-            w(m[2], m[3]),
-            w(m[4], m[5]),
-            w(s[0], s[1]),
-            w(s[2], s[3]),
-            w(s[4], s[5]),
-        ]),
-    )
+    write_hdr(ctx, 0, EthAddrs::new(&backend.mac, &backend.src_mac))
 }
-
-/// The destination and source MACs of an Ethernet header, as 16-bit words.
-#[repr(C, packed(2))]
-#[derive(Clone, Copy)]
-struct EthAddrs([u16; 6]);
 
 /// A VIP packet that is not forwarded: counted under its reason, then dropped (no usable
 /// backend: the client retries) or passed up (the kernel decides).

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{Backend, FAMILY_V4, Reason};
 
+use crate::headers::{EthAddrs, Words};
 use crate::packet::{
-    Frag, IP_DF, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at, read_at,
+    Frag, IP_DF, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at, read_at, read_hdr,
 };
 
 const IPPROTO_IPIP: u8 = 4;
@@ -61,27 +62,32 @@ fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
 }
 
 /// Rewrites the Ethernet header (and keeps a VLAN tag) of a frame that grew by `grown` bytes at
-/// the front: the old header now sits `grown` bytes further in.
+/// the front: the old header now sits `grown` bytes further in. 16-bit loads and stores
+/// throughout (`grown` and `l3` are even).
 #[inline(always)]
 fn move_l2(
     ctx: &XdpContext,
     l3: usize,
     grown: usize,
-    dst: [u8; 6],
-    src: [u8; 6],
+    dst: &[u8; 6],
+    src: &[u8; 6],
 ) -> Result<(), Reason> {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&dst);
-    macs[6..].copy_from_slice(&src);
-    write_at(ctx, 0, macs)?;
+    write_hdr(ctx, 0, EthAddrs::new(dst, src))?;
     // Ethertype, or the VLAN tag and the inner ethertype.
     if l3 == 14 {
-        let t: [u8; 2] = read_at(ctx, grown + 12).map_err(|()| Reason::MissingState)?;
-        write_at(ctx, 12, t)
+        let t: Words<1> = read_hdr(ctx, grown + 12).map_err(|()| Reason::MissingState)?;
+        write_hdr(ctx, 12, t)
     } else {
-        let t: [u8; 6] = read_at(ctx, grown + 12).map_err(|()| Reason::MissingState)?;
-        write_at(ctx, 12, t)
+        let t: Words<3> = read_hdr(ctx, grown + 12).map_err(|()| Reason::MissingState)?;
+        write_hdr(ctx, 12, t)
     }
+}
+
+/// Writes a header of alignment 2 (`#[repr(C, packed(2))]`) with 16-bit stores; a frame too
+/// short for it is missing state here (the room was made just before).
+#[inline(always)]
+fn write_hdr<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), Reason> {
+    crate::access::write_hdr(ctx, offset, value).map_err(|()| Reason::MissingState)
 }
 
 /// Encapsulates the packet for `backend`, or answers "too big" when it would not fit. A
@@ -117,7 +123,7 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
         return Err(Reason::Malformed);
     }
     adjust_head(ctx, -(overhead as i32))?;
-    move_l2(ctx, l3, overhead, b.mac, b.src_mac)?;
+    move_l2(ctx, l3, overhead, &b.mac, &b.src_mac)?;
     if p.family == FAMILY_V4 {
         let mut outer = Ipv4Hdr {
             version_ihl: 0x45,
@@ -133,7 +139,7 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
             daddr: b.addr[0],
         };
         outer.check = ipv4_checksum(&outer);
-        write_at(ctx, l3, outer)?;
+        write_hdr(ctx, l3, outer)?;
     } else {
         let outer = Ipv6Hdr {
             vtc_flow: (6u32 << 28).to_be(),
@@ -143,7 +149,7 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
             saddr: b.tunnel_src,
             daddr: b.addr,
         };
-        write_at(ctx, l3, outer)?;
+        write_hdr(ctx, l3, outer)?;
     }
     Ok(xdp_action::XDP_TX)
 }
@@ -217,7 +223,7 @@ fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<u32, Reason> {
     let frame_len = ctx.data_end() - ctx.data();
     let grown = IPV4_MIN_HLEN + ICMP_HLEN;
     adjust_head(ctx, -(grown as i32))?;
-    move_l2(ctx, l3, grown, dst, src)?;
+    move_l2(ctx, l3, grown, &dst, &src)?;
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,
@@ -259,7 +265,7 @@ fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<u32, Reason> {
     let (dst, src) = swapped_macs(ctx)?;
     let grown = IPV6_HLEN + ICMP_HLEN;
     adjust_head(ctx, -(grown as i32))?;
-    move_l2(ctx, l3, grown, dst, src)?;
+    move_l2(ctx, l3, grown, &dst, &src)?;
     // The new header: the offending one (now `grown` bytes further) with addresses swapped.
     let old_src: lb_common::Addr =
         read_at(ctx, l3 + grown + 8).map_err(|()| Reason::MissingState)?;
