@@ -222,6 +222,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
     let ip: Ipv6Hdr = read_hdr(ctx, l3)?;
+    let (src, dst) = (read_addr6(ctx, l3 + 8)?, read_addr6(ctx, l3 + 24)?);
     if u32::from_be(ip.vtc_flow) >> 28 != 6 {
         return Err(());
     }
@@ -240,8 +241,8 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
             icmp_error: false,
             frag: Frag::None,
             frag_id: 0,
-            src: ip.saddr,
-            dst: ip.daddr,
+            src,
+            dst,
             sport: 0,
             dport: 0,
             proto: ip.next_header,
@@ -298,6 +299,17 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
         transport(ctx, p, off, ip_len.saturating_sub(header_bytes))?;
     }
     Ok(())
+}
+
+/// An IPv6 address at `off`, read as eight 16-bit words (reading it as part of `Ipv6Hdr`
+/// compiled to 16 byte loads and stores). The program is little-endian: the first word of a
+/// pair is the low half of the u32 the address word is on the wire.
+#[inline(always)]
+fn read_addr6(ctx: &XdpContext, off: usize) -> Result<Addr, ()> {
+    let w: crate::headers::Words<8> = read_hdr(ctx, off)?;
+    let w = w.0;
+    let pair = |i: usize| w[i] as u32 | (w[i + 1] as u32) << 16;
+    Ok([pair(0), pair(2), pair(4), pair(6)])
 }
 
 /// Ports (and the SYN flag) of a TCP or UDP packet whose transport header starts at `l4`;
