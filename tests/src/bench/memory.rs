@@ -26,7 +26,6 @@ use aya::{
     maps::{Array, IterableMap as _, MapData},
     programs::loaded_programs,
 };
-use lb_common::BPF_F_INNER_MAP;
 use lb_userspace::datapath::{self, Datapath};
 
 use super::{Figure, Opts};
@@ -140,8 +139,11 @@ fn maps() -> Result<Vec<Figure>> {
         .context("reading the program's map ids")?
         .context("this kernel does not list a program's maps")?;
     // One Maglev table, made as lbd makes one for each service (Datapath::swap_table).
-    let table =
-        Array::<MapData, u32>::create(TABLE, BPF_F_INNER_MAP).context("creating a Maglev table")?;
+    let table = Array::<MapData, u64>::create(
+        TABLE.div_ceil(lb_common::MAGLEV_SLOTS_PER_WORD),
+        lb_common::MAGLEV_TABLE_FLAGS,
+    )
+    .context("creating a Maglev table")?;
     let table_id = table.map().info()?.id() as u64;
     let all = bpftool_maps()?;
     let mut rows: Vec<&MapRow> = ids
