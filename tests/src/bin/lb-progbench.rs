@@ -22,9 +22,15 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(1_000_000);
     let dir = PathBuf::from(format!("/sys/fs/bpf/lbt-progbench-{}", std::process::id()));
-    let result = run(&dir, repeat);
-    let _ = datapath::cleanup(&dir);
-    result
+    // Removes the pins also when `run` panics (e.g. printing into a closed pipe).
+    struct Pins(PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = datapath::cleanup(&self.0);
+        }
+    }
+    let pins = Pins(dir);
+    run(&pins.0, repeat)
 }
 
 fn run(dir: &std::path::Path, repeat: u32) -> anyhow::Result<()> {
