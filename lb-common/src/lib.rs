@@ -582,7 +582,7 @@ pub mod decap {
     pub const MAX_ADDRS: u32 = 256;
     /// Version of the decapsulation map's layout; part of the map's pin name, so a `lbd decap`
     /// never opens a map of another layout as its own.
-    pub const LAYOUT_VERSION: u32 = 4;
+    pub const LAYOUT_VERSION: u32 = 1;
 
     /// Key of `ADDRS`: an address of the interface.
     #[repr(C)]
