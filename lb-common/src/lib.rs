@@ -333,6 +333,33 @@ pub struct FlowSet {
 }
 
 impl FlowSet {
+    /// Where the flow of `hash` stands in this set at time `now` (the table's clock): the way
+    /// holding its entry, if any, and the way a new entry takes — a free one, else the least
+    /// recently seen (the first of equals). The program and lbd choose alike through this.
+    #[inline(always)]
+    pub fn place(&self, hash: u64, now: u32) -> (Option<usize>, usize) {
+        let mut victim = 0;
+        let mut oldest = 0u32;
+        let mut i = 0;
+        while i < FLOW_WAYS {
+            let e = &self.ways[i];
+            if e.belongs_to(hash) {
+                return (Some(i), i);
+            }
+            let age = if e.seen == 0 {
+                u32::MAX
+            } else {
+                now.wrapping_sub(e.seen)
+            };
+            if age > oldest {
+                oldest = age;
+                victim = i;
+            }
+            i += 1;
+        }
+        (None, victim)
+    }
+
     /// The entry of the flow of `hash`, if the set has one.
     #[inline(always)]
     pub fn find(&self, hash: u64) -> Option<&FlowEntry> {
@@ -438,9 +465,6 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowValue {}
-    unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::FlowSet {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
@@ -459,6 +483,22 @@ mod flow_tests {
         assert_eq!(conntrack_sets(65_536), 16_384);
         assert_eq!(conntrack_sets(1), 16);
         assert_eq!(conntrack_sets(1 << 27), 1 << 25);
+    }
+
+    #[test]
+    fn a_new_flow_takes_a_free_way_else_the_least_recently_seen() {
+        let mut set = FlowSet::default();
+        set.ways[0] = FlowEntry::new(10, 1, 0, 100);
+        set.ways[2] = FlowEntry::new(12, 1, 0, 90);
+        assert_eq!(set.place(10, 101), (Some(0), 0));
+        assert_eq!(set.place(99, 101), (None, 1), "the first free way");
+        set.ways[1] = FlowEntry::new(11, 1, 0, 95);
+        set.ways[3] = FlowEntry::new(13, 1, 0, 100);
+        assert_eq!(set.place(99, 101), (None, 2), "seen longest ago");
+        // Ages count across the clock's wrap: a stamp from just before it is the oldest.
+        set.ways[2].seen = u32::MAX - 5;
+        set.ways[1].seen = 3;
+        assert_eq!(set.place(99, 101), (None, 2));
     }
 
     #[test]

@@ -21,10 +21,10 @@ use aya_ebpf::{
 };
 use headers::EthAddrs;
 use lb_common::{
-    Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet, FragKey, FragValue,
-    MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, Reason,
-    ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, hash,
-    maglev_slot_value, service_flags, vip_filter_bits,
+    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet,
+    FragKey, FragValue, MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES,
+    NO_BACKEND, Reason, ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey,
+    backend_flags, hash, maglev_slot_value, service_flags, vip_filter_bits,
 };
 use packet::{Frag, Packet, write_hdr};
 
@@ -41,7 +41,7 @@ static SERVICE_BY_ID: Array<ServiceEntry, { MAX_SERVICES as usize }> = Array::ne
 /// A Bloom filter of the VIP addresses (two bits each, see `lb_common::vip_filter_bits`): most
 /// packets that are no VIP's leave after two array reads.
 #[btf_map]
-static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { CONNTRACK_FLAGS as usize }> =
+static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { BPF_F_MMAPABLE as usize }> =
     Array::new();
 
 /// One Maglev table per service id. lbd builds a new inner array aside and swaps it in with a
@@ -367,27 +367,7 @@ impl FlowSlot {
         // may write the set meanwhile, which `FlowEntry::belongs_to` tolerates.
         let set = unsafe { &mut *set };
         let now = clock();
-        let mut found = None;
-        let mut victim = 0;
-        let mut oldest = 0u32;
-        let mut i = 0;
-        while i < FLOW_WAYS {
-            let e = &set.ways[i];
-            if e.belongs_to(hash) {
-                found = Some(i);
-                break;
-            }
-            let age = if e.seen == 0 {
-                u32::MAX
-            } else {
-                now.wrapping_sub(e.seen)
-            };
-            if age > oldest {
-                oldest = age;
-                victim = i;
-            }
-            i += 1;
-        }
+        let (found, victim) = set.place(hash, now);
         Ok(FlowSlot {
             hash,
             set,

@@ -127,10 +127,10 @@ impl Packet {
     }
 }
 
-/// Parses into `out`; true when the packet may be ours, and `out` then holds it (otherwise it may
-/// be left uninitialised or half-filled: the caller must not read it). A function of its own (a BPF-to-BPF call) so the
-/// header copies parsing makes stay off the main frame, whose stack the tunnel's subprograms
-/// share the 512-byte budget with. It returns a register, not the struct (a struct returned by
+/// Parses into `out`; true when the packet may be ours, and `out` then holds it (otherwise it
+/// may be left uninitialised or half-filled: the caller must not read it). A function of its
+/// own (a BPF-to-BPF call) so the header copies parsing makes stay off the main frame, whose
+/// stack the tunnel's subprograms share the 512-byte budget with. It returns a register, not the struct (a struct returned by
 /// pointer gets BTF the kernel refuses). `out` is a raw pointer so the caller need not zero it
 /// first (zeroing the 72-byte struct compiled to a byte-wise `memset` loop, a fifth of the
 /// program's time), and the IP parsers write the Packet straight into it (building it on this
@@ -149,6 +149,18 @@ pub fn keep_context(ctx: &XdpContext) {
     let mut slot: *const XdpContext = core::ptr::null();
     // SAFETY: a volatile store to a local; nothing reads it.
     unsafe { core::ptr::write_volatile(&mut slot, ctx) };
+}
+
+/// Writes `value` whole into the caller's Packet at `out` (no copy of it on this frame) and
+/// lends it back for the transport header's fields.
+#[inline(always)]
+fn fill<'a>(out: *mut Packet, value: Packet) -> &'a mut Packet {
+    // SAFETY: `out` points to the caller's Packet, which outlives the parse; it may be
+    // uninitialised, and a write neither reads nor drops it; afterwards it may be borrowed.
+    unsafe {
+        out.write(value);
+        &mut *out
+    }
 }
 
 #[inline(always)]
@@ -185,11 +197,9 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
     } else {
         Frag::None
     };
-    // Written whole, straight into the caller's Packet (no copy of it on this frame).
-    // SAFETY: `out` points to the caller's Packet, possibly uninitialised: a write neither
-    // reads nor drops it; afterwards it is initialised and may be borrowed.
-    unsafe {
-        out.write(Packet {
+    let p = fill(
+        out,
+        Packet {
             l3,
             l4: 0,
             ip_len,
@@ -206,10 +216,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
             proto: ip.proto,
             family: FAMILY_V4,
             ip_proto: ip.proto,
-        })
-    };
-    // SAFETY: initialised just above; the caller's Packet outlives this call.
-    let p = unsafe { &mut *out };
+        },
+    );
     p.l4 = l3 + ihl;
     if ip.proto == PROTO_ICMP && frag == Frag::None {
         quoted_flow(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))?;
@@ -227,11 +235,9 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
         return Err(());
     }
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
-    // Written whole, straight into the caller's Packet (no copy of it on this frame).
-    // SAFETY: `out` points to the caller's Packet, possibly uninitialised: a write neither
-    // reads nor drops it; afterwards it is initialised and may be borrowed.
-    unsafe {
-        out.write(Packet {
+    let p = fill(
+        out,
+        Packet {
             l3,
             l4: 0,
             ip_len,
@@ -248,10 +254,8 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
             proto: ip.next_header,
             family: FAMILY_V6,
             ip_proto: ip.next_header,
-        })
-    };
-    // SAFETY: initialised just above; the caller's Packet outlives this call.
-    let p = unsafe { &mut *out };
+        },
+    );
     // Extension headers, a bounded number of them.
     let mut off = l3 + IPV6_HLEN;
     let mut next = ip.next_header;

@@ -790,8 +790,8 @@ impl Datapath {
         self.flow_place(key).map(|(index, _)| index)
     }
 
-    /// Records `value` for a flow the way the program does (its entry, else a free way, else
-    /// the set's first): for benchmarks and tests that fill the table.
+    /// Records `value` for a flow the way the program does (`FlowSet::place`), as seen at clock
+    /// 1 (long ago): for benchmarks and tests that fill the table.
     pub fn set_flow(&mut self, key: &FlowKey, value: FlowValue) -> Result<()> {
         let (index, hash) = self
             .flow_place(key)
@@ -801,13 +801,8 @@ impl Datapath {
             .conntrack
             .get(&index, 0)
             .map_err(map_err("reading CONNTRACK"))?;
-        let way = set
-            .ways
-            .iter()
-            .position(|e| e.belongs_to(hash))
-            .or_else(|| set.ways.iter().position(|e| e.seen == 0))
-            .unwrap_or(0);
-        set.ways[way] = FlowEntry::new(hash, value.backend, value.service, 1);
+        let (found, victim) = set.place(hash, 1);
+        set.ways[found.unwrap_or(victim)] = FlowEntry::new(hash, value.backend, value.service, 1);
         self.maps
             .conntrack
             .set(index, set, 0)
@@ -824,7 +819,7 @@ impl Datapath {
             .conntrack
             .get(&index, 0)
             .map_err(map_err("reading CONNTRACK"))?;
-        if let Some(way) = set.ways.iter().position(|e| e.belongs_to(hash)) {
+        if let (Some(way), _) = set.place(hash, 1) {
             set.ways[way] = FlowEntry::default();
             self.maps
                 .conntrack
