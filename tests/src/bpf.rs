@@ -536,60 +536,6 @@ impl Drop for Pinned {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
-
-/// Empties a hash map (any hash type, LRU included) with BPF_MAP_LOOKUP_AND_DELETE_BATCH, many
-/// thousands of entries per call; returns how many entries it removed.
-pub fn empty_hash(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> Result<u64> {
-    const CHUNK: usize = 65_536;
-    let mut keys = vec![0u8; CHUNK * key_size];
-    let mut values = vec![0u8; CHUNK * value_size.next_multiple_of(8)];
-    let mut removed = 0u64;
-    let (mut token, mut next) = (0u32, 0u32);
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &token as *const u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let r = sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr);
-        removed += attr.count as u64;
-        match r {
-            Ok(_) => {
-                first = false;
-                token = next;
-            }
-            // The last batch: every bucket has been walked.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(removed),
-            Err(e) => {
-                return Err(e).context("emptying a hash map (BPF_MAP_LOOKUP_AND_DELETE_BATCH)");
-            }
-        }
-    }
-}
-
 /// Runs XDP program `prog` once on `frame` (an ordinary test run, no live frames) and returns
 /// its action and the frame it left.
 /// Runs `prog` `repeat` times on `frame` in one BPF_PROG_TEST_RUN: the XDP action of the last
