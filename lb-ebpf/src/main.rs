@@ -134,26 +134,47 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
         }
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = if service.flags & service_flags::TUNNEL != 0 {
+    let egress = if service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, backend) {
-            Ok(action) => action,
+            Ok(egress) => egress,
             Err(reason) => return Ok(give_up(reason)),
         }
     } else {
         rewrite_dsr(ctx, backend)?;
-        xdp_action::XDP_TX
+        Egress::ToBackend
     };
-    count(service.id, backend_id, bytes);
-    if action == xdp_action::XDP_TX
-        && backend.ifindex != 0
-        && backend.ifindex != ctx.ingress_ifindex() as u32
-    {
-        // The backend is reached through another interface.
-        return Ok(DEVMAP
-            .redirect(backend.ifindex, 0)
-            .unwrap_or(xdp_action::XDP_DROP));
+    Ok(match egress {
+        Egress::ToBackend => {
+            count(service.id, backend_id, bytes);
+            to_backend(ctx, backend)
+        }
+        Egress::ReplyToSender => {
+            count_reason(Reason::TooBig);
+            xdp_action::XDP_TX
+        }
+    })
+}
+
+/// Where the rewrite sent the frame. Only a frame rewritten for the backend leaves by the
+/// backend's interface and counts as the service's and backend's traffic; an answer to the
+/// sender goes back out of the receiving interface.
+pub enum Egress {
+    /// Rewritten for the backend (dsr MACs, or encapsulated).
+    ToBackend,
+    /// Turned into an answer to the sender (ICMP "fragmentation needed" / "packet too big").
+    ReplyToSender,
+}
+
+/// Sends a frame rewritten for `backend` out of the backend's interface: XDP_TX when that is
+/// the receiving one, else a redirect through `DEVMAP`.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, backend: &Backend) -> u32 {
+    if backend.ifindex == 0 || backend.ifindex == ctx.ingress_ifindex() as u32 {
+        return xdp_action::XDP_TX;
     }
-    Ok(action)
+    DEVMAP
+        .redirect(backend.ifindex, 0)
+        .unwrap_or(xdp_action::XDP_DROP)
 }
 
 type Choice = (ServiceValue, u32, &'static Backend);

@@ -2,11 +2,10 @@
 //! ICMP "fragmentation needed" / "packet too big" answer when the encapsulated packet would not
 //! fit the egress MTU, so the client's path-MTU discovery converges.
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
-};
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, FAMILY_V4, Reason};
 
+use crate::Egress;
 use crate::headers::{EthAddrs, Words};
 use crate::packet::{
     Frag, IP_DF, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at, read_at, read_hdr,
@@ -90,10 +89,11 @@ fn write_hdr<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), R
     crate::access::write_hdr(ctx, offset, value).map_err(|()| Reason::MissingState)
 }
 
-/// Encapsulates the packet for `backend`, or answers "too big" when it would not fit. A
-/// function of its own (a BPF-to-BPF call): its headers do not share the main frame's stack.
+/// Encapsulates the packet for `backend`, or turns it into a "too big" answer to the sender
+/// when it would not fit. A function of its own (a BPF-to-BPF call): its headers do not share
+/// the main frame's stack.
 #[inline(never)]
-pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Reason> {
+pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<Egress, Reason> {
     let overhead = if p.family == FAMILY_V4 {
         IPV4_MIN_HLEN
     } else {
@@ -112,10 +112,8 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
             if !p.dont_fragment || p.l4 - p.l3 != IPV4_MIN_HLEN {
                 return Err(Reason::TooBig);
             }
-            crate::count_reason(Reason::TooBig);
             return too_big_v4(ctx, p.l3, mtu as u16);
         }
-        crate::count_reason(Reason::TooBig);
         return too_big_v6(ctx, p.l3, mtu as u32);
     }
     let l3 = p.l3;
@@ -151,7 +149,7 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
         };
         write_hdr(ctx, l3, outer)?;
     }
-    Ok(xdp_action::XDP_TX)
+    Ok(Egress::ToBackend)
 }
 
 #[inline(always)]
@@ -214,7 +212,7 @@ const ICMP_HLEN: usize = 8;
 /// Turns the frame into an ICMP "fragmentation needed" from the VIP to the sender, carrying
 /// `mtu`, and sends it back.
 #[inline(never)]
-fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<u32, Reason> {
+fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<Egress, Reason> {
     if l3 != 14 && l3 != 18 {
         return Err(Reason::Malformed);
     }
@@ -251,13 +249,13 @@ fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<u32, Reason> {
         ctx,
         (l3 + grown + V4_QUOTE) as i32 - (frame_len + grown) as i32,
     )?;
-    Ok(xdp_action::XDP_TX)
+    Ok(Egress::ReplyToSender)
 }
 
 /// Turns the frame into an ICMPv6 "packet too big" from the VIP to the sender, carrying `mtu`,
 /// and sends it back.
 #[inline(never)]
-fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<u32, Reason> {
+fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<Egress, Reason> {
     if l3 != 14 && l3 != 18 {
         return Err(Reason::Malformed);
     }
@@ -306,5 +304,5 @@ fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<u32, Reason> {
         ctx,
         (l3 + grown + V6_QUOTE) as i32 - (frame_len + grown) as i32,
     )?;
-    Ok(xdp_action::XDP_TX)
+    Ok(Egress::ReplyToSender)
 }

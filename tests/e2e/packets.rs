@@ -10,8 +10,8 @@ use lb_common::{
 };
 use lb_tests::{
     dpfixture::{
-        CLIENT_MAC, Fixture, LB_MAC, MTU, SEED, TABLE, TUNNEL_SRC, TUNNEL_SRC6, VIP, VIP_5TUPLE,
-        VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_PASS, XDP_TX, mac,
+        CLIENT_MAC, Fixture, LB_MAC, MTU, OTHER_IFINDEX, SEED, TABLE, TUNNEL_SRC, TUNNEL_SRC6, VIP,
+        VIP_5TUPLE, VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_PASS, XDP_TX, mac,
     },
     packet::{
         Frame, checksum, icmp_frag_needed, icmpv6_too_big, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_ext,
@@ -299,6 +299,28 @@ fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
     let _ = tcp_ports(0, 0);
 }
 
+/// A UDP datagram to the IPv4 tunnel service that fits the MTU but not once encapsulated (DF).
+fn too_big4(src: Ipv4Addr) -> Frame {
+    ipv4_udp(
+        CLIENT_MAC,
+        LB_MAC,
+        src,
+        VIP_TUNNEL,
+        5353,
+        53,
+        &[0; 1481 - 28],
+    )
+}
+
+/// The same for the IPv6 tunnel service.
+fn too_big6(src: Ipv6Addr) -> Frame {
+    let mut udp = vec![0u8; 8 + 1430];
+    udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + 1430) as u16).to_be_bytes());
+    lb_tests::packet::ipv6(CLIENT_MAC, LB_MAC, src, VIP6_TUNNEL, &[], 17, &udp)
+}
+
 /// The expected IPv4-in-IPv4 frame for `inner` sent to backend `id` at `backend`.
 fn encapsulated_v4(inner: &Frame, id: u32, backend: Ipv4Addr) -> Vec<u8> {
     let ip = &inner.bytes[14..];
@@ -369,15 +391,7 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
     // ICMP "fragmentation needed" from the VIP carrying the tunnel's MTU, so its path-MTU
     // discovery converges.
     let before = f.reason(Reason::TooBig);
-    let big = ipv4_udp(
-        CLIENT_MAC,
-        LB_MAC,
-        c4(70),
-        VIP_TUNNEL,
-        5353,
-        53,
-        &[0; 1481 - 28],
-    );
+    let big = too_big4(c4(70));
     let (action, out) = f.run(&big.bytes);
     assert_eq!(action, XDP_TX);
     assert_eq!(f.reason(Reason::TooBig), before + 1);
@@ -414,13 +428,7 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
 
     // IPv6: "packet too big" with the MTU, quoting the packet's first 104 bytes.
     let src6 = c6(70);
-    let big6 = {
-        let mut udp = vec![0u8; 8 + 1430];
-        udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
-        udp[2..4].copy_from_slice(&53u16.to_be_bytes());
-        udp[4..6].copy_from_slice(&((8 + 1430) as u16).to_be_bytes());
-        lb_tests::packet::ipv6(CLIENT_MAC, LB_MAC, src6, VIP6_TUNNEL, &[], 17, &udp)
-    };
+    let big6 = too_big6(src6);
     let (action, out) = f.run(&big6.bytes);
     assert_eq!(action, XDP_TX);
     assert_eq!(f.reason(Reason::TooBig), before + 3);
@@ -505,4 +513,43 @@ fn ipv4_options_are_skipped_to_the_ports() {
     let with_options = Frame { bytes: b };
     assert_eq!(f.dsr(&with_options), f.predicted(0, src.into()));
     assert_eq!(f.dsr(&plain), f.predicted(0, src.into()));
+}
+
+/// Issue 10, item 1: a tunnel backend behind another interface than the receiving one. The
+/// "too big" answer goes back to the sender out of the receiving interface (XDP_TX, never a
+/// redirect towards the backend's interface) and counts only as `too_big`: neither the service
+/// nor a backend forwarded anything.
+#[test]
+fn too_big_answer_leaves_by_the_receiving_interface_and_is_not_counted_as_forwarded() {
+    let mut f = fixture();
+    f.move_backends(2, OTHER_IFINDEX);
+    f.move_backends(4, OTHER_IFINDEX);
+    for (what, sid, frame) in [("IPv4", 2, too_big4(c4(71))), ("IPv6", 4, too_big6(c6(71)))] {
+        let too_big = f.reason(Reason::TooBig);
+        let (action, out) = f.run(&frame.bytes);
+        assert_eq!(
+            action, XDP_TX,
+            "{what}: the answer must leave by the receiving interface (3 = XDP_TX; 4 would be a redirect, 1 a drop)"
+        );
+        assert_eq!(&out[0..6], &CLIENT_MAC, "{what}: addressed to the sender");
+        let icmp_type = if sid == 2 {
+            (out[23], out[34])
+        } else {
+            (out[20], out[54])
+        };
+        assert!(
+            icmp_type == (1, 3) || icmp_type == (58, 2),
+            "{what}: not an ICMP too-big answer: {icmp_type:?}"
+        );
+        assert_eq!(
+            f.reason(Reason::TooBig),
+            too_big + 1,
+            "{what}: counted as too_big"
+        );
+        assert_eq!(
+            f.forwarded(sid),
+            (0, 0),
+            "{what}: (service, backends) packets: the answer is not forwarded traffic"
+        );
+    }
 }
