@@ -15,7 +15,7 @@ pub mod maglev;
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -422,16 +422,19 @@ pub enum Reason {
     TooBig = 3,
     /// The Maglev table or backend entry was missing (lbd mid-change): passed up.
     MissingState = 4,
+    /// The backend's interface cannot be redirected to (absent from `DEVMAP`): dropped.
+    NoEgress = 5,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 5;
-    pub const ALL: [Reason; 5] = [
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::NoBackend,
         Reason::Malformed,
         Reason::UnsupportedFragment,
         Reason::TooBig,
         Reason::MissingState,
+        Reason::NoEgress,
     ];
     /// The reason at `index` (`Reason as u32`); out-of-range indexes read as `MissingState`.
     pub const fn from_index(index: u32) -> Reason {
@@ -440,6 +443,7 @@ impl Reason {
             1 => Reason::Malformed,
             2 => Reason::UnsupportedFragment,
             3 => Reason::TooBig,
+            5 => Reason::NoEgress,
             _ => Reason::MissingState,
         }
     }
@@ -452,6 +456,26 @@ impl Reason {
             Reason::UnsupportedFragment => "unsupported_fragment",
             Reason::TooBig => "too_big",
             Reason::MissingState => "missing_state",
+            Reason::NoEgress => "no_egress",
+        }
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_index_and_label() {
+        assert_eq!(Reason::ALL.len(), Reason::COUNT as usize);
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32, "{r:?} is listed at its index");
+            assert_eq!(Reason::from_index(i as u32), *r);
+            let same_label = Reason::ALL
+                .iter()
+                .filter(|o| o.label() == r.label())
+                .count();
+            assert_eq!(same_label, 1, "{} is the label of one reason", r.label());
         }
     }
 }

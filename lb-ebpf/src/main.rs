@@ -144,10 +144,13 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
         Egress::ToBackend
     };
     Ok(match egress {
-        Egress::ToBackend => {
-            count(service.id, backend_id, bytes);
-            to_backend(ctx, backend)
-        }
+        Egress::ToBackend => match to_backend(ctx, backend) {
+            Ok(action) => {
+                count(service.id, backend_id, bytes);
+                action
+            }
+            Err(reason) => give_up(reason),
+        },
         Egress::ReplyToSender => {
             count_reason(Reason::TooBig);
             xdp_action::XDP_TX
@@ -166,15 +169,16 @@ pub enum Egress {
 }
 
 /// Sends a frame rewritten for `backend` out of the backend's interface: XDP_TX when that is
-/// the receiving one, else a redirect through `DEVMAP`.
+/// the receiving one, else a redirect through `DEVMAP`; `NoEgress` when the interface is not
+/// there (only a frame actually sent counts as forwarded).
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, backend: &Backend) -> u32 {
+fn to_backend(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     if backend.ifindex == 0 || backend.ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
+        return Ok(xdp_action::XDP_TX);
     }
     DEVMAP
         .redirect(backend.ifindex, 0)
-        .unwrap_or(xdp_action::XDP_DROP)
+        .map_err(|_| Reason::NoEgress)
 }
 
 type Choice = (ServiceValue, u32, &'static Backend);
@@ -511,7 +515,7 @@ fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
 fn give_up(reason: Reason) -> u32 {
     count_reason(reason);
     match reason {
-        Reason::NoBackend | Reason::TooBig => xdp_action::XDP_DROP,
+        Reason::NoBackend | Reason::TooBig | Reason::NoEgress => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }

@@ -553,3 +553,45 @@ fn too_big_answer_leaves_by_the_receiving_interface_and_is_not_counted_as_forwar
         );
     }
 }
+
+/// Issue 10, item 2: a backend behind an interface the redirect cannot reach (absent from
+/// DEVMAP): the packet is dropped, counted under a reason, and counted as forwarded by neither
+/// the service nor the backend.
+#[test]
+fn a_failed_redirect_is_dropped_counted_and_not_forwarded() {
+    let mut f = fixture();
+    f.move_backends(0, OTHER_IFINDEX);
+    f.move_backends(2, OTHER_IFINDEX);
+    let dropped = |f: &Fixture| f.dp.reason_counts().iter().map(|(_, n)| n).sum::<u64>();
+    for (what, sid, frame) in [
+        (
+            "dsr",
+            0,
+            ipv4_tcp(CLIENT_MAC, LB_MAC, c4(72), VIP, 40000, 80, 0x02, b""),
+        ),
+        (
+            "tunnel",
+            2,
+            ipv4_udp(CLIENT_MAC, LB_MAC, c4(72), VIP_TUNNEL, 5353, 53, b"query"),
+        ),
+    ] {
+        let (before, no_egress) = (dropped(&f), f.reason(Reason::NoEgress));
+        let (action, _) = f.run(&frame.bytes);
+        assert_eq!(action, XDP_DROP, "{what}");
+        assert_eq!(
+            dropped(&f),
+            before + 1,
+            "{what}: the drop is counted under a reason"
+        );
+        assert_eq!(
+            f.reason(Reason::NoEgress),
+            no_egress + 1,
+            "{what}: as no_egress"
+        );
+        assert_eq!(
+            f.forwarded(sid),
+            (0, 0),
+            "{what}: (service, backends) packets: nothing was sent"
+        );
+    }
+}
