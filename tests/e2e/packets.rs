@@ -595,3 +595,73 @@ fn a_failed_redirect_is_dropped_counted_and_not_forwarded() {
         );
     }
 }
+
+/// Issue 10, item 3: an ICMP error is forwarded only when it is addressed to the VIP of the
+/// flow it quotes (the quoted packet's source); sent to any other address (no VIP, or the VIP
+/// of another service) it is not ours and passes untouched, uncounted.
+#[test]
+fn icmp_errors_not_addressed_to_the_quoted_vip_pass_untouched() {
+    let f = fixture();
+    let client = c4(52);
+    let b = f.dsr(&ipv4_tcp(
+        CLIENT_MAC, LB_MAC, client, VIP, 41000, 80, 0x02, b"",
+    ));
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    let to = |dst: Ipv4Addr| {
+        icmp_frag_needed(
+            CLIENT_MAC, LB_MAC, router, dst, VIP, client, 80, 41000, 1400,
+        )
+    };
+    // Addressed to the quoted VIP: forwarded to the flow's backend (see above).
+    assert_eq!(f.dsr(&to(VIP)), b);
+    let reasons = f.dp.reason_counts();
+    let forwarded = f.forwarded(0);
+    for (what, dst) in [
+        ("a non-VIP address", Ipv4Addr::new(192, 0, 2, 99)),
+        ("another service's VIP", VIP_5TUPLE),
+        ("the LB's own address", Ipv4Addr::new(192, 0, 2, 2)),
+    ] {
+        f.passes_unchanged(
+            &format!("frag-needed quoting a VIP flow, addressed to {what}"),
+            &to(dst).bytes,
+        );
+    }
+    let client6 = c6(52);
+    let b6 = f.dsr(&ipv6_tcp(
+        CLIENT_MAC,
+        LB_MAC,
+        client6,
+        VIP6,
+        41000,
+        80,
+        0x02,
+        &[],
+    ));
+    let router6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+    let to6 = |dst: Ipv6Addr| {
+        icmpv6_too_big(
+            CLIENT_MAC, LB_MAC, router6, dst, VIP6, client6, 80, 41000, 1280,
+        )
+    };
+    assert_eq!(f.dsr(&to6(VIP6)), b6);
+    let forwarded6 = f.forwarded(1);
+    for (what, dst) in [
+        (
+            "a non-VIP address",
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99),
+        ),
+        ("another service's VIP", VIP6_TUNNEL),
+    ] {
+        f.passes_unchanged(
+            &format!("packet-too-big quoting a VIP flow, addressed to {what}"),
+            &to6(dst).bytes,
+        );
+    }
+    assert_eq!(
+        f.dp.reason_counts(),
+        reasons,
+        "not counted under any reason"
+    );
+    assert_eq!(f.forwarded(0), forwarded, "nor as forwarded");
+    assert_eq!(f.forwarded(1), forwarded6, "nor as forwarded");
+}
