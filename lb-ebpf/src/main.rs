@@ -23,8 +23,8 @@ use headers::EthAddrs;
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet,
     FragKey, FragValue, MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, Reason, ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey,
-    backend_flags, hash, maglev_slot_value, service_flags, vip_filter_bits,
+    NO_BACKEND, Reason, ServiceEntry, ServiceKey, ServiceValue, TooBigBucket, VIP_FILTER_WORDS,
+    VipKey, backend_flags, hash, maglev_slot_value, service_flags, vip_filter_bits,
 };
 use packet::{Frag, Packet, write_hdr};
 
@@ -89,6 +89,11 @@ static BACKEND_STATS: PerCpuArray<Counter, { MAX_BACKENDS as usize }> = PerCpuAr
 
 #[btf_map]
 static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Each CPU's budget of "too big" answers. Not pinned (nothing outside the program reads it):
+/// a newly loaded program starts with full buckets.
+#[btf_map]
+static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket, 1> = PerCpuArray::new();
 
 // ---- the program ----
 
@@ -515,9 +520,24 @@ fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
 fn give_up(reason: Reason) -> u32 {
     count_reason(reason);
     match reason {
-        Reason::NoBackend | Reason::TooBig | Reason::NoEgress => xdp_action::XDP_DROP,
+        Reason::NoBackend | Reason::TooBig | Reason::TooBigSuppressed | Reason::NoEgress => {
+            xdp_action::XDP_DROP
+        }
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Whether this CPU may send a "too big" answer now (its token bucket, `TooBigBucket`); if so
+/// the answer's token is taken. Runs only for a packet about to be answered.
+#[inline(always)]
+fn may_answer_too_big() -> bool {
+    let Some(bucket) = TOO_BIG_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+    unsafe { (*bucket).take(now) }
 }
 
 #[inline(always)]

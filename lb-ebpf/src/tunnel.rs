@@ -106,15 +106,21 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<Egress, 
         if p.icmp_error || p.frag == Frag::Later {
             return Err(Reason::TooBig);
         }
-        if p.family == FAMILY_V4 {
-            // Without DF the sender's path may fragment, but we do not: dropped and counted.
-            // With IP options the fixed-size quote below does not fit: the same.
-            if !p.dont_fragment || p.l4 - p.l3 != IPV4_MIN_HLEN {
-                return Err(Reason::TooBig);
-            }
-            return too_big_v4(ctx, p.l3, mtu as u16);
+        // Without DF the sender's path may fragment, but we do not: dropped and counted. With
+        // IPv4 options the fixed-size quote of the answer does not fit: the same.
+        let v4 = p.family == FAMILY_V4;
+        if v4 && (!p.dont_fragment || p.l4 - p.l3 != IPV4_MIN_HLEN) {
+            return Err(Reason::TooBig);
         }
-        return too_big_v6(ctx, p.l3, mtu as u32);
+        // Answers are rate-limited, as ICMP errors must be (RFC 4443 §2.4(f)).
+        if !crate::may_answer_too_big() {
+            return Err(Reason::TooBigSuppressed);
+        }
+        return if v4 {
+            too_big_v4(ctx, p.l3, mtu as u16)
+        } else {
+            too_big_v6(ctx, p.l3, mtu as u32)
+        };
     }
     let l3 = p.l3;
     if l3 != 14 && l3 != 18 {

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    Reason,
+    Reason, TOO_BIG_BURST, TOO_BIG_PER_SECOND,
     maglev::{MaglevBackend, build_table},
 };
 use lb_tests::{
@@ -664,4 +664,52 @@ fn icmp_errors_not_addressed_to_the_quoted_vip_pass_untouched() {
     );
     assert_eq!(f.forwarded(0), forwarded, "nor as forwarded");
     assert_eq!(f.forwarded(1), forwarded6, "nor as forwarded");
+}
+
+/// Issue 10, item 4: "too big" answers are rate-limited per CPU (a token bucket: a burst of
+/// `TOO_BIG_BURST`, then `TOO_BIG_PER_SECOND`), as routers limit their ICMP errors (RFC 4443
+/// §2.4(f)). A suppressed answer is dropped and counted as `too_big_suppressed`; the bucket
+/// refills with time.
+#[test]
+fn too_big_answers_are_rate_limited_per_cpu() {
+    let f = fixture();
+    // One CPU's bucket: the runs stay on CPU 0.
+    let _pinned = lb_tests::bpf::Pinned::to(0).expect("pinning the test thread to CPU 0");
+    let big = too_big4(c4(73));
+    let (too_big, suppressed) = (f.reason(Reason::TooBig), f.reason(Reason::TooBigSuppressed));
+    const SENT: u64 = 4 * TOO_BIG_BURST;
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    for _ in 0..SENT {
+        match f.run(&big.bytes).0 {
+            XDP_TX => answered += 1,
+            XDP_DROP => {}
+            other => panic!("a too-big packet got action {other}"),
+        }
+    }
+    let ms = started.elapsed().as_millis() as u64;
+    // The burst, and one more answer per millisecond the sending took at most.
+    let allowed = TOO_BIG_BURST + (ms + 1) * TOO_BIG_PER_SECOND / 1000;
+    assert!(
+        answered >= TOO_BIG_BURST && answered <= allowed,
+        "{answered} of {SENT} answered in {ms} ms; the bucket allows {TOO_BIG_BURST} at once and {TOO_BIG_PER_SECOND}/s"
+    );
+    assert_eq!(
+        f.reason(Reason::TooBig),
+        too_big + answered,
+        "answers counted as too_big"
+    );
+    assert_eq!(
+        f.reason(Reason::TooBigSuppressed),
+        suppressed + SENT - answered,
+        "the others dropped and counted as too_big_suppressed"
+    );
+    assert_eq!(f.forwarded(2), (0, 0));
+    // The bucket refills: an answer goes out again soon.
+    lb_tests::wait_until(
+        std::time::Duration::from_secs(2),
+        "an answer after the burst",
+        || f.run(&big.bytes).0 == XDP_TX,
+    )
+    .unwrap();
 }

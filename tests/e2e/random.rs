@@ -15,7 +15,8 @@
 //!   service's backend that lb-common's hash and Maglev table name; tunnel inserts an outer
 //!   IPv4/IPv6 header after L2 (checksum verifies, source the tunnel source, destination that
 //!   backend, DF following the inner one) and leaves the inner packet byte-identical;
-//! - XDP_DROP only for service packets too big for the tunnel (counted `too_big`).
+//! - XDP_DROP only for service packets too big for the tunnel (counted `too_big`, or
+//!   `too_big_suppressed` for an answer over the rate limit).
 //!
 //! Cases the contract leaves open (bad IPv4 header checksum, TCP data offset out of range, UDP
 //! length disagreeing, more than six extension headers, later fragments of a 5-tuple service,
@@ -1094,8 +1095,12 @@ fn check(
                         format!("{delta:?}"),
                     );
                 }
-                if delta != [(Reason::TooBig, 1)] {
-                    return fail("too big, not counted once as too_big", format!("{delta:?}"));
+                // Dropped unanswered (no DF, ...), or an answer over the rate limit.
+                if delta != [(Reason::TooBig, 1)] && delta != [(Reason::TooBigSuppressed, 1)] {
+                    return fail(
+                        "too big, not counted once as too_big or too_big_suppressed",
+                        format!("{delta:?}"),
+                    );
                 }
                 Ok(Outcome::Dropped)
             }
