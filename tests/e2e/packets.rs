@@ -10,8 +10,9 @@ use lb_common::{
 };
 use lb_tests::{
     dpfixture::{
-        CLIENT_MAC, Fixture, LB_MAC, MTU, OTHER_IFINDEX, SEED, TABLE, TUNNEL_SRC, TUNNEL_SRC6, VIP,
-        VIP_5TUPLE, VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_PASS, XDP_TX, mac,
+        CLIENT_MAC, Fixture, INGRESS_IFINDEX, LB_MAC, MTU, OTHER_IFINDEX, SEED, TABLE, TUNNEL_SRC,
+        TUNNEL_SRC6, VIP, VIP_5TUPLE, VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_PASS,
+        XDP_REDIRECT, XDP_TX, mac,
     },
     packet::{
         Frame, checksum, icmp_frag_needed, icmpv6_too_big, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_ext,
@@ -712,4 +713,77 @@ fn too_big_answers_are_rate_limited_per_cpu() {
         || f.run(&big.bytes).0 == XDP_TX,
     )
     .unwrap();
+}
+
+/// Issue 10, item 5: backends behind another interface than the receiving one, in `DEVMAP` as
+/// lbd puts them. dsr and tunnel packets leave by redirect, rewritten byte for byte as for
+/// XDP_TX and counted as forwarded; the "too big" answer still goes back out of the receiving
+/// interface. (Test runs arrive on `lo`; the backends' interface is the eth0 of a namespace of
+/// the harness, where the kernel finds it when DEVMAP takes it.)
+#[test]
+fn backends_behind_another_interface_are_reached_by_redirect() {
+    lb_tests::require_root();
+    let t = lb_tests::Topology::new(lb_tests::TopologyOptions {
+        backends: 0,
+        clients: 0,
+        addresses_per_client: 0,
+        start_servers: false,
+        ..Default::default()
+    })
+    .expect("a namespace with an interface");
+    let eth0 = t.ifindex(t.lb_ns(), "eth0").unwrap();
+    assert_ne!(eth0, INGRESS_IFINDEX);
+    let mut f = fixture();
+    f.add_egress_in(t.lb_ns(), eth0);
+    for sid in 0..f.svcs.len() {
+        f.move_backends(sid, eth0);
+    }
+    // dsr, both families.
+    for (sid, frame) in [
+        (
+            0,
+            ipv4_tcp(CLIENT_MAC, LB_MAC, c4(74), VIP, 40000, 80, 0x02, b""),
+        ),
+        (
+            1,
+            ipv6_tcp(CLIENT_MAC, LB_MAC, c6(74), VIP6, 40000, 80, 0x02, &[]),
+        ),
+    ] {
+        let forwarded = f.forwarded(sid);
+        let (action, out) = f.run(&frame.bytes);
+        assert_eq!(
+            action, XDP_REDIRECT,
+            "service {sid}: redirected to the backend's interface"
+        );
+        let id = out[5] as u32;
+        assert!(
+            f.backend_ids(sid).contains(&id),
+            "service {sid}: backend {id}"
+        );
+        let mut want = frame.bytes.clone();
+        want[0..6].copy_from_slice(&mac(id));
+        want[6..12].copy_from_slice(&LB_MAC);
+        assert_eq!(out, want, "service {sid}: only the MACs change");
+        assert_eq!(f.forwarded(sid), (forwarded.0 + 1, forwarded.1 + 1));
+    }
+    // tunnel: encapsulated exactly as for XDP_TX.
+    let src = c4(75);
+    let inner = ipv4_udp(CLIENT_MAC, LB_MAC, src, VIP_TUNNEL, 5353, 53, b"query");
+    let id = f.predicted(2, src.into());
+    let backend = Ipv4Addr::new(192, 0, 2, 21 + (id - f.tables[2].0) as u8);
+    let (action, out) = f.run(&inner.bytes);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(out, encapsulated_v4(&inner, id, backend));
+    let forwarded = f.forwarded(2);
+    // The too-big answer: back where the packet came from, not counted as forwarded.
+    let (action, out) = f.run(&too_big4(c4(75)).bytes);
+    assert_eq!(
+        action, XDP_TX,
+        "the answer leaves by the receiving interface"
+    );
+    assert_eq!(&out[34..36], &[3, 4], "fragmentation needed");
+    let (action, _) = f.run(&too_big6(c6(75)).bytes);
+    assert_eq!(action, XDP_TX, "the IPv6 answer too");
+    assert_eq!(f.forwarded(2), forwarded);
+    assert_eq!(f.forwarded(4), (0, 0));
 }

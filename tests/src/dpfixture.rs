@@ -252,6 +252,15 @@ impl Fixture {
         }
     }
 
+    /// Makes interface `ifindex` of network namespace `ns` a redirect target (`DEVMAP`), as lbd
+    /// does for a backend's egress: the kernel checks the interface exists in the namespace of
+    /// the thread that adds it.
+    pub fn add_egress_in(&mut self, ns: &str, ifindex: u32) {
+        let dp = &mut self.dp;
+        crate::in_netns(ns, || Ok(dp.add_egress(ifindex)?))
+            .unwrap_or_else(|e| panic!("adding ifindex {ifindex} of {ns} to DEVMAP: {e:#}"));
+    }
+
     /// Packets counted as forwarded so far: by service `sid`, and by its backends together.
     pub fn forwarded(&self, sid: usize) -> (u64, u64) {
         let backends = self

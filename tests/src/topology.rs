@@ -1209,6 +1209,13 @@ impl Topology {
         netns::in_netns(ns, f)
     }
 
+    /// The index of interface `dev` in namespace `ns`.
+    pub fn ifindex(&self, ns: &str, dev: &str) -> Result<u32> {
+        netns::in_netns(ns, || {
+            sys::if_nametoindex(dev).with_context(|| format!("ifindex of {dev} in namespace {ns}"))
+        })
+    }
+
     /// Sets sysctl `key` (dotted) to `value` inside namespace `ns`.
     pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {
         netns::set_sysctls(ns, &kv(&[(key, value)]), false)
@@ -1470,16 +1477,25 @@ impl Topology {
     /// every request with 200 and `body`. It is listening when this returns and stops at
     /// teardown (or with `stop_fixed`).
     pub fn serve_fixed(&self, ns: &str, addr: SocketAddr, body: &str) -> Result<ServerHandle> {
-        let listener = netns::in_netns(ns, || {
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding {addr} in namespace {ns}"))
-        })?;
-        let server = FixedServer::start(listener, body)?;
+        let server = FixedServer::start(listen_in(ns, addr)?, body)?;
+        Ok(self.keep_server(server))
+    }
+
+    fn keep_server(&self, server: FixedServer) -> ServerHandle {
         let mut servers = lock(&self.servers);
         servers.push(server);
-        Ok(ServerHandle {
+        ServerHandle {
             idx: servers.len() - 1,
-        })
+        }
+    }
+
+    /// Starts an in-process TCP sink in namespace `ns` listening on `addr`: it reads each
+    /// connection until the client shuts its sending side, then answers with the number of
+    /// bytes it read (`N\n`; see `http::upload`). Listening when this returns; stops at
+    /// teardown (or with `stop_fixed`); `fixed_hits` counts the connections it answered.
+    pub fn serve_sink(&self, ns: &str, addr: SocketAddr) -> Result<ServerHandle> {
+        let server = FixedServer::start_sink(listen_in(ns, addr)?)?;
+        Ok(self.keep_server(server))
     }
 
     /// How many requests the fixed server `h` has answered.
@@ -1614,6 +1630,14 @@ fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// A TCP listener on `addr` in namespace `ns`.
+fn listen_in(ns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
+    netns::in_netns(ns, || {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding {addr} in namespace {ns}"))
+    })
 }
 
 /// `ethtool ARGS` in namespace `ns` (only its network namespace entered).
