@@ -223,7 +223,7 @@ pub struct Backend {
     pub mac: [u8; 6],
     /// Source MAC: the egress interface's.
     pub src_mac: [u8; 6],
-    /// Egress interface.
+    /// Egress interface (for a VLAN, the VLAN device's parent).
     pub ifindex: u32,
     /// The service this backend belongs to: a connection-table entry is honoured only for its
     /// own service, and a restarted lbd recovers its ids from it.
@@ -233,6 +233,10 @@ pub struct Backend {
     pub flags: u8,
     /// MTU of the egress interface (`tunnel`: an encapsulated packet must fit it).
     pub mtu: u16,
+    /// The 802.1Q VLAN id frames to this backend carry on `ifindex` (its route leaves by a VLAN
+    /// device on that interface), whatever tag they arrived with; 0: untagged.
+    pub vlan: u16,
+    pub _pad: u16,
 }
 
 /// Value of `CONFIG[0]`.
@@ -703,7 +707,7 @@ mod layout_tests {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<ServiceEntry>(), 36);
-        assert_eq!(size_of::<Backend>(), 56);
+        assert_eq!(size_of::<Backend>(), 60);
         assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);

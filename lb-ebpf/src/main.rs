@@ -10,6 +10,7 @@
 
 mod access;
 mod headers;
+mod l2;
 mod packet;
 mod tunnel;
 
@@ -19,7 +20,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use headers::EthAddrs;
+use headers::{ETH_HLEN, EthAddrs};
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet,
     FragKey, FragValue, MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES,
@@ -145,7 +146,7 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
             Err(reason) => return Ok(give_up(reason)),
         }
     } else {
-        rewrite_dsr(ctx, backend)?;
+        rewrite_dsr(ctx, packet, backend)?;
         Egress::ToBackend
     };
     Ok(match egress {
@@ -507,11 +508,15 @@ fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Re
     Ok(id)
 }
 
-/// Direct server return: the frame goes to the backend's MAC from the egress interface's MAC;
-/// IP and L4 stay as the client sent them (the backend holds the VIP).
+/// Direct server return: the frame goes to the backend's MAC from the egress interface's MAC,
+/// with the backend's VLAN tag or none (`l2::retag` when that changes the header's length or
+/// tag); IP and L4 stay as the client sent them (the backend holds the VIP).
 #[inline(always)]
-fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
-    write_hdr(ctx, 0, EthAddrs::new(&backend.mac, &backend.src_mac))
+fn rewrite_dsr(ctx: &XdpContext, p: &Packet, backend: &Backend) -> Result<(), ()> {
+    if p.l3 == ETH_HLEN && backend.vlan == 0 {
+        return write_hdr(ctx, 0, EthAddrs::new(&backend.mac, &backend.src_mac));
+    }
+    l2::retag(ctx, p.l3, backend)
 }
 
 /// A VIP packet that is not forwarded: counted under its reason, then dropped (no usable

@@ -2,29 +2,24 @@
 //! ICMP "fragmentation needed" / "packet too big" answer when the encapsulated packet would not
 //! fit the egress MTU, so the client's path-MTU discovery converges.
 
-use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{Backend, FAMILY_V4, Reason};
 
-use crate::Egress;
-use crate::headers::{EthAddrs, Words};
+use crate::headers::{ETH_P_IP, ETH_P_IPV6, EthAddrs, Words};
 use crate::packet::{
     Frag, IP_DF, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at, read_at, read_hdr,
 };
+use crate::{Egress, l2};
 
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const OUTER_TTL: u8 = 64;
 
-/// Moves the start of the frame by `delta` bytes (negative: grows it at the front).
+/// Moves the start of the frame by `delta` bytes (negative: grows it at the front); a frame
+/// that cannot grow is missing state here.
 #[inline(always)]
 fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Reason> {
-    // SAFETY: the helper checks its arguments; packet pointers are re-derived afterwards.
-    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Reason::MissingState)
-    }
+    l2::adjust_head(ctx, delta).map_err(|()| Reason::MissingState)
 }
 
 /// Writes a `T` into the packet at `offset`; a frame too short for it is missing state here (the
@@ -126,8 +121,14 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<Egress, 
     if l3 != 14 && l3 != 18 {
         return Err(Reason::Malformed);
     }
-    adjust_head(ctx, -(overhead as i32))?;
-    move_l2(ctx, l3, overhead, &b.mac, &b.src_mac)?;
+    // The backend's MACs and VLAN tag (or none) in front of the outer header.
+    let ethertype = if p.family == FAMILY_V4 {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
+    };
+    let l3 =
+        l2::grow_for_outer(ctx, l3, overhead, ethertype, b).map_err(|()| Reason::MissingState)?;
     if p.family == FAMILY_V4 {
         let mut outer = Ipv4Hdr {
             version_ihl: 0x45,

@@ -82,11 +82,11 @@ fn ipv6_vip_is_forwarded_to_the_predicted_backend_also_through_extension_headers
             "client {src} with extension headers"
         );
     }
-    // VLAN-tagged too.
+    // VLAN-tagged too: it leaves as the backend is reached, untagged.
     let tagged = ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 40000, 80, 0x02, &[]).with_vlan(7);
     let (action, out) = f.run(&tagged.bytes);
     assert_eq!(action, XDP_TX);
-    assert_eq!(&out[12..16], &[0x81, 0, 0, 7]);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
 }
 
 #[test]
@@ -786,4 +786,132 @@ fn backends_behind_another_interface_are_reached_by_redirect() {
     assert_eq!(action, XDP_TX, "the IPv6 answer too");
     assert_eq!(f.forwarded(2), forwarded);
     assert_eq!(f.forwarded(4), (0, 0));
+}
+
+/// `frame` with an 802.1Q tag of VLAN `vid` and priority `pcp` after the MAC addresses.
+fn tagged(frame: &Frame, vid: u16, pcp: u8) -> Frame {
+    let mut f = frame.clone().with_vlan(vid);
+    f.bytes[14] |= pcp << 5;
+    f
+}
+
+/// Issue 10, item 10: a backend whose route leaves by a VLAN device gets its frames with that
+/// VLAN's tag, whatever tag (or none) they arrived with: the tag is added, replaced (keeping the
+/// priority bits) or removed; a backend reached untagged gets them untagged. For dsr and tunnel,
+/// both families. The "too big" answer goes back on the VLAN the packet came from.
+#[test]
+fn the_backends_vlan_tag_is_written_whatever_the_frame_arrived_with() {
+    let mut f = fixture();
+    for sid in 0..f.svcs.len() {
+        f.change_backends(sid, |b| b.vlan = 100);
+    }
+    // dsr: the frame with the backend's MACs and tag.
+    let dsr_out =
+        |f: &Fixture, arrived: &Frame, untagged: &Frame, sid: usize, want_tag: Option<[u8; 4]>| {
+            let (action, out) = f.run(&arrived.bytes);
+            assert_eq!(action, XDP_TX);
+            let id = out[5] as u32;
+            assert!(f.backend_ids(sid).contains(&id));
+            let mut want = untagged.bytes.clone();
+            want[0..6].copy_from_slice(&mac(id));
+            want[6..12].copy_from_slice(&LB_MAC);
+            if let Some(tag) = want_tag {
+                want.splice(12..12, tag);
+            }
+            out == want
+        };
+    let v4 = ipv4_tcp(CLIENT_MAC, LB_MAC, c4(76), VIP, 40000, 80, 0x02, b"");
+    let v6 = ipv6_tcp(CLIENT_MAC, LB_MAC, c6(76), VIP6, 40000, 80, 0x02, &[]);
+    for (sid, plain) in [(0, &v4), (1, &v6)] {
+        let to_100 = [0x81, 0x00, 0x00, 100];
+        assert!(
+            dsr_out(&f, plain, plain, sid, Some(to_100)),
+            "service {sid}: untagged arrival, VLAN 100 backend: tag added"
+        );
+        assert!(
+            dsr_out(
+                &f,
+                &tagged(plain, 7, 5),
+                plain,
+                sid,
+                Some([0x81, 0x00, 5 << 5, 100])
+            ),
+            "service {sid}: VLAN 7 arrival (priority 5): tag replaced by 100, priority kept"
+        );
+        assert!(
+            dsr_out(&f, &tagged(plain, 100, 0), plain, sid, Some(to_100)),
+            "service {sid}: VLAN 100 arrival: tag kept"
+        );
+    }
+    for sid in 0..f.svcs.len() {
+        f.change_backends(sid, |b| b.vlan = 0);
+    }
+    for (sid, plain) in [(0, &v4), (1, &v6)] {
+        assert!(
+            dsr_out(&f, &tagged(plain, 7, 3), plain, sid, None),
+            "service {sid}: VLAN 7 arrival, untagged backend: tag removed"
+        );
+    }
+
+    // tunnel: the outer frame carries the backend's tag, the inner packet is unchanged.
+    let src = c4(77);
+    let inner = ipv4_udp(CLIENT_MAC, LB_MAC, src, VIP_TUNNEL, 5353, 53, b"query");
+    let id = f.predicted(2, src.into());
+    let backend = Ipv4Addr::new(192, 0, 2, 21 + (id - f.tables[2].0) as u8);
+    let plain_out = encapsulated_v4(&inner, id, backend);
+    let (action, out) = f.run(&tagged(&inner, 7, 0).bytes);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        out, plain_out,
+        "VLAN 7 arrival, untagged backend: tag removed"
+    );
+    f.change_backends(2, |b| b.vlan = 100);
+    let tagged_out = Frame { bytes: plain_out }.with_vlan(100).bytes;
+    for (what, arrived) in [
+        ("untagged arrival: tag added", inner.clone()),
+        ("VLAN 7 arrival: tag replaced", tagged(&inner, 7, 0)),
+    ] {
+        let (action, out) = f.run(&arrived.bytes);
+        assert_eq!(action, XDP_TX, "{what}");
+        assert_eq!(out, tagged_out, "{what}");
+    }
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+    let inner6 = lb_tests::packet::ipv6(CLIENT_MAC, LB_MAC, c6(77), VIP6_TUNNEL, &[], 17, &udp);
+    for (vlan, arrived) in [
+        (100, inner6.clone()),
+        (0, tagged(&inner6, 7, 0)),
+        (100, tagged(&inner6, 7, 0)),
+    ] {
+        f.change_backends(4, |b| b.vlan = vlan);
+        let (action, out) = f.run(&arrived.bytes);
+        assert_eq!(action, XDP_TX);
+        let l2 = if vlan == 0 { 14 } else { 18 };
+        if vlan != 0 {
+            assert_eq!(&out[12..16], &[0x81, 0x00, 0, vlan as u8], "VLAN {vlan}");
+        }
+        assert_eq!(&out[l2 - 2..l2], &[0x86, 0xdd], "VLAN {vlan}: IPv6 follows");
+        assert_eq!(out[l2 + 6], 41, "VLAN {vlan}: IPv6-in-IPv6");
+        assert_eq!(
+            &out[l2 + 40..],
+            &inner6.bytes[14..],
+            "VLAN {vlan}: the inner packet unchanged"
+        );
+    }
+
+    // The too-big answer goes back to the sender on its own VLAN (or none).
+    let big = too_big4(c4(78));
+    let (action, out) = f.run(&tagged(&big, 7, 0).bytes);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        &out[12..18],
+        &[0x81, 0x00, 0, 7, 0x08, 0x00],
+        "answered on VLAN 7"
+    );
+    assert_eq!(out[18 + 9], 1, "an ICMP answer");
+    let (action, out) = f.run(&big.bytes);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[12..14], &[0x08, 0x00], "answered untagged");
 }

@@ -11,10 +11,11 @@
 //!   no drop reason;
 //! - a service packet too short for its headers (IP length past the frame, TCP/UDP header cut
 //!   short by the IP length, ...) is passed unchanged too, counted once under a reason;
-//! - a clean service packet is forwarded: dsr changes the two MAC addresses only, to the
-//!   service's backend that lb-common's hash and Maglev table name; tunnel inserts an outer
-//!   IPv4/IPv6 header after L2 (checksum verifies, source the tunnel source, destination that
-//!   backend, DF following the inner one) and leaves the inner packet byte-identical;
+//! - a clean service packet is forwarded: dsr changes the two MAC addresses only (and drops an
+//!   802.1Q tag: the fixture's backends are reached untagged), to the service's backend that
+//!   lb-common's hash and Maglev table name; tunnel inserts an outer IPv4/IPv6 header after L2
+//!   (checksum verifies, source the tunnel source, destination that backend, DF following the
+//!   inner one) and leaves the inner packet byte-identical;
 //! - XDP_DROP only for service packets too big for the tunnel (counted `too_big`, or
 //!   `too_big_suppressed` for an answer over the rate limit).
 //!
@@ -941,27 +942,30 @@ fn check_forwarded(fx: &Fixture, t: &Target, input: &[u8], out: &[u8]) -> Result
             "sent to backend {id}, lb-common's table says {want}"
         ));
     }
+    // The fixture's backends are reached untagged: a frame leaves without the 802.1Q tag it
+    // may have come with, the ethertype right after the MAC addresses.
+    let l3 = t.l3;
     if !s.tunnel() {
-        if out.len() != input.len() || out[12..] != input[12..] {
-            return Err("dsr changed more than the two MAC addresses".into());
+        if out[12..] != input[l3 - 2..] {
+            return Err("dsr changed more than the MAC addresses and the 802.1Q tag".into());
         }
         return Ok(Outcome::Dsr);
     }
-    let l3 = t.l3;
-    if out.len() != input.len() + overhead {
+    if out.len() != input.len() - (l3 - 14) + overhead {
         return Err(format!(
-            "encapsulated frame is {} bytes, expected {} + {overhead}",
+            "encapsulated frame is {} bytes, expected {} - {} + {overhead}",
             out.len(),
-            input.len()
+            input.len(),
+            l3 - 14
         ));
     }
-    if out[12..l3] != input[12..l3] {
-        return Err("tunnel changed the 802.1Q tag or ethertype".into());
+    if out[12..14] != input[l3 - 2..l3] {
+        return Err("tunnel changed the ethertype".into());
     }
-    if out[l3 + overhead..] != input[l3..] {
+    if out[14 + overhead..] != input[l3..] {
         return Err("the inner packet is not byte-identical to the input's".into());
     }
-    let o = &out[l3..l3 + overhead];
+    let o = &out[14..14 + overhead];
     match (s.tunnel_src.unwrap(), backend) {
         (IpAddr::V4(tsrc), IpAddr::V4(baddr)) => {
             let want_df = if t.df { 0x40 } else { 0 };

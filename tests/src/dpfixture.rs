@@ -180,6 +180,7 @@ pub fn fixture(tag: &str) -> Fixture {
                 family: family(*addr),
                 flags: backend_flags::VALID,
                 mtu: MTU as u16,
+                ..Default::default()
             };
             dp.set_backend(next, &b).unwrap();
             live.push(MaglevBackend {
@@ -243,13 +244,18 @@ impl Fixture {
         first..first + self.svcs[sid].backends.len() as u32
     }
 
-    /// Puts every backend of service `sid` behind interface `ifindex`.
-    pub fn move_backends(&mut self, sid: usize, ifindex: u32) {
+    /// Changes every backend entry of service `sid` with `change`.
+    pub fn change_backends(&mut self, sid: usize, change: impl Fn(&mut Backend)) {
         for id in self.backend_ids(sid) {
             let mut b = self.dp.backend(id).unwrap();
-            b.ifindex = ifindex;
+            change(&mut b);
             self.dp.set_backend(id, &b).unwrap();
         }
+    }
+
+    /// Puts every backend of service `sid` behind interface `ifindex`.
+    pub fn move_backends(&mut self, sid: usize, ifindex: u32) {
+        self.change_backends(sid, |b| b.ifindex = ifindex);
     }
 
     /// Makes interface `ifindex` of network namespace `ns` a redirect target (`DEVMAP`), as lbd
