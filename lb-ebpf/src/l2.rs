@@ -18,6 +18,20 @@ struct TaggedAddrs {
     tci: u16,
 }
 
+/// Writes the addresses and an 802.1Q tag with control field `tci` (host order) at the front.
+#[inline(always)]
+fn write_tagged(ctx: &XdpContext, addrs: EthAddrs, tci: u16) -> Result<(), ()> {
+    write_hdr(
+        ctx,
+        0,
+        TaggedAddrs {
+            addrs,
+            tpid: ETH_P_8021Q.to_be(),
+            tci: tci.to_be(),
+        },
+    )
+}
+
 /// The priority and DEI bits of a tag's control field.
 const TCI_PRIORITY: u16 = 0xf000;
 
@@ -50,24 +64,17 @@ pub fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
     crate::packet::keep_context(ctx);
     let addrs = EthAddrs::new(&b.mac, &b.src_mac);
     if b.vlan == 0 {
-        // Tagged → untagged: the addresses where the tag ended, then the front cut.
-        write_hdr(ctx, VLAN_HLEN, addrs)?;
-        return adjust_head(ctx, VLAN_HLEN as i32);
+        // Tagged → untagged: the front cut by the tag's length (the ethertype then follows
+        // the addresses), the new addresses written over the old ones.
+        adjust_head(ctx, VLAN_HLEN as i32)?;
+        return write_hdr(ctx, 0, addrs);
     }
     let tci = tci(ctx, l3, b.vlan)?;
     if l3 == ETH_HLEN {
         // Untagged → tagged: room for the tag in front, the ethertype stays where it is.
         adjust_head(ctx, -(VLAN_HLEN as i32))?;
     }
-    write_hdr(
-        ctx,
-        0,
-        TaggedAddrs {
-            addrs,
-            tpid: ETH_P_8021Q.to_be(),
-            tci: tci.to_be(),
-        },
-    )
+    write_tagged(ctx, addrs, tci)
 }
 
 /// tunnel: the Ethernet header of a frame that grows by an outer IP header of `outer` bytes
@@ -92,15 +99,7 @@ pub fn grow_for_outer(
     let tci = tci(ctx, l3, b.vlan)?;
     let l2 = ETH_HLEN + VLAN_HLEN;
     adjust_head(ctx, l3 as i32 - (l2 + outer) as i32)?;
-    write_hdr(
-        ctx,
-        0,
-        TaggedAddrs {
-            addrs,
-            tpid: ETH_P_8021Q.to_be(),
-            tci: tci.to_be(),
-        },
-    )?;
+    write_tagged(ctx, addrs, tci)?;
     write_hdr(ctx, 16, ethertype.to_be())?;
     Ok(l2)
 }

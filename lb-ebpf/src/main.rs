@@ -2,9 +2,10 @@
 //! with its extension headers, then the ports, or the flow an ICMP error quotes), classify (the
 //! VIP filter; an established flow's entry names its service, checked against the packet;
 //! otherwise the destination is looked up in `SERVICES`), choose (connection table, else the
-//! Maglev slot of the keyed hash), rewrite (direct server return: MACs only; tunnel: IP-in-IP),
-//! count. Anything that is not a service packet is passed to the kernel untouched; every VIP
-//! packet that is not forwarded is counted by reason.
+//! Maglev slot of the keyed hash), rewrite (direct server return: MACs and VLAN tag only;
+//! tunnel: IP-in-IP), send (the receiving interface, or a redirect), count. Anything that is not
+//! a service packet is passed to the kernel untouched; every VIP packet that is not forwarded is
+//! counted by reason.
 #![no_std]
 #![no_main]
 

@@ -224,6 +224,11 @@ fn fragments_follow_their_first_fragment_or_the_source_hash() {
     assert_eq!(f.dsr(&later6), f.predicted(1, c6(41).into()));
 }
 
+/// A SYN from `client`:41000 to the IPv6 dsr service.
+fn syn6(client: Ipv6Addr) -> Frame {
+    ipv6_tcp(CLIENT_MAC, LB_MAC, client, VIP6, 41000, 80, 0x02, &[])
+}
+
 #[test]
 fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
     let mut f = fixture();
@@ -270,16 +275,7 @@ fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
 
     // IPv6 "packet too big".
     let client6 = c6(50);
-    let b6 = f.dsr(&ipv6_tcp(
-        CLIENT_MAC,
-        LB_MAC,
-        client6,
-        VIP6,
-        41000,
-        80,
-        0x02,
-        &[],
-    ));
+    let b6 = f.dsr(&syn6(client6));
     let router6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
     let ptb = icmpv6_too_big(
         CLIENT_MAC, LB_MAC, router6, VIP6, VIP6, client6, 80, 41000, 1280,
@@ -628,16 +624,7 @@ fn icmp_errors_not_addressed_to_the_quoted_vip_pass_untouched() {
         );
     }
     let client6 = c6(52);
-    let b6 = f.dsr(&ipv6_tcp(
-        CLIENT_MAC,
-        LB_MAC,
-        client6,
-        VIP6,
-        41000,
-        80,
-        0x02,
-        &[],
-    ));
+    let b6 = f.dsr(&syn6(client6));
     let router6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
     let to6 = |dst: Ipv6Addr| {
         icmpv6_too_big(
