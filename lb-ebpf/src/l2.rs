@@ -62,19 +62,18 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), ()> {
 #[inline(never)]
 pub fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
     crate::packet::keep_context(ctx);
-    let addrs = EthAddrs::new(&b.mac, &b.src_mac);
     if b.vlan == 0 {
         // Tagged → untagged: the front cut by the tag's length (the ethertype then follows
         // the addresses), the new addresses written over the old ones.
         adjust_head(ctx, VLAN_HLEN as i32)?;
-        return write_hdr(ctx, 0, addrs);
+        return write_hdr(ctx, 0, EthAddrs::new(&b.mac, &b.src_mac));
     }
     let tci = tci(ctx, l3, b.vlan)?;
     if l3 == ETH_HLEN {
         // Untagged → tagged: room for the tag in front, the ethertype stays where it is.
         adjust_head(ctx, -(VLAN_HLEN as i32))?;
     }
-    write_tagged(ctx, addrs, tci)
+    write_tagged(ctx, EthAddrs::new(&b.mac, &b.src_mac), tci)
 }
 
 /// tunnel: the Ethernet header of a frame that grows by an outer IP header of `outer` bytes
@@ -89,17 +88,18 @@ pub fn grow_for_outer(
     ethertype: u16,
     b: &Backend,
 ) -> Result<usize, ()> {
-    let addrs = EthAddrs::new(&b.mac, &b.src_mac);
+    // The addresses are read from the backend after the helper call: read before, they would
+    // be kept on the stack across it.
     if b.vlan == 0 {
         adjust_head(ctx, l3 as i32 - (ETH_HLEN + outer) as i32)?;
-        write_hdr(ctx, 0, addrs)?;
+        write_hdr(ctx, 0, EthAddrs::new(&b.mac, &b.src_mac))?;
         write_hdr(ctx, 12, ethertype.to_be())?;
         return Ok(ETH_HLEN);
     }
     let tci = tci(ctx, l3, b.vlan)?;
     let l2 = ETH_HLEN + VLAN_HLEN;
     adjust_head(ctx, l3 as i32 - (l2 + outer) as i32)?;
-    write_tagged(ctx, addrs, tci)?;
+    write_tagged(ctx, EthAddrs::new(&b.mac, &b.src_mac), tci)?;
     write_hdr(ctx, 16, ethertype.to_be())?;
     Ok(l2)
 }
