@@ -9,6 +9,30 @@ use lb_common::Backend;
 use crate::access::{read_hdr, write_hdr};
 use crate::headers::{ETH_HLEN, ETH_P_8021Q, EthAddrs, VLAN_HLEN};
 
+// `addresses` reads the two MACs of a backend entry as 16-bit words: both lie at even offsets
+// of a struct aligned to 4.
+const _: () = assert!(
+    core::mem::offset_of!(Backend, mac) % 2 == 0
+        && core::mem::offset_of!(Backend, src_mac) % 2 == 0
+        && core::mem::align_of::<Backend>() >= 2
+);
+
+/// The destination (the backend's or its next hop's) and source (the egress interface's) MACs
+/// of a frame to `b`, read as six 16-bit words (`EthAddrs::new` on the byte arrays compiles
+/// to twelve byte loads, shifted and joined).
+#[inline(always)]
+pub fn addresses(b: &Backend) -> EthAddrs {
+    // SAFETY: `mac` and `src_mac` are 6 bytes each at 2-aligned places (asserted above), so
+    // each reads as three u16 words; any bit pattern is a valid u16.
+    let (dst, src) = unsafe {
+        (
+            core::ptr::read(b.mac.as_ptr().cast::<[u16; 3]>()),
+            core::ptr::read(b.src_mac.as_ptr().cast::<[u16; 3]>()),
+        )
+    };
+    EthAddrs::from_words(dst, src)
+}
+
 /// An Ethernet header's addresses and 802.1Q tag, as 16-bit words (network order).
 #[repr(C, packed(2))]
 #[derive(Clone, Copy)]
@@ -66,14 +90,14 @@ pub fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
         // Tagged → untagged: the front cut by the tag's length (the ethertype then follows
         // the addresses), the new addresses written over the old ones.
         adjust_head(ctx, VLAN_HLEN as i32)?;
-        return write_hdr(ctx, 0, EthAddrs::new(&b.mac, &b.src_mac));
+        return write_hdr(ctx, 0, addresses(b));
     }
     let tci = tci(ctx, l3, b.vlan)?;
     if l3 == ETH_HLEN {
         // Untagged → tagged: room for the tag in front, the ethertype stays where it is.
         adjust_head(ctx, -(VLAN_HLEN as i32))?;
     }
-    write_tagged(ctx, EthAddrs::new(&b.mac, &b.src_mac), tci)
+    write_tagged(ctx, addresses(b), tci)
 }
 
 /// tunnel: the Ethernet header of a frame that grows by an outer IP header of `outer` bytes
@@ -92,14 +116,14 @@ pub fn grow_for_outer(
     // be kept on the stack across it.
     if b.vlan == 0 {
         adjust_head(ctx, l3 as i32 - (ETH_HLEN + outer) as i32)?;
-        write_hdr(ctx, 0, EthAddrs::new(&b.mac, &b.src_mac))?;
+        write_hdr(ctx, 0, addresses(b))?;
         write_hdr(ctx, 12, ethertype.to_be())?;
         return Ok(ETH_HLEN);
     }
     let tci = tci(ctx, l3, b.vlan)?;
     let l2 = ETH_HLEN + VLAN_HLEN;
     adjust_head(ctx, l3 as i32 - (l2 + outer) as i32)?;
-    write_tagged(ctx, EthAddrs::new(&b.mac, &b.src_mac), tci)?;
+    write_tagged(ctx, addresses(b), tci)?;
     write_hdr(ctx, 16, ethertype.to_be())?;
     Ok(l2)
 }

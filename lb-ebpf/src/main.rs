@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use headers::{ETH_HLEN, EthAddrs};
+use headers::ETH_HLEN;
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet,
     FragKey, FragValue, MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES,
@@ -515,7 +515,7 @@ fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Re
 #[inline(always)]
 fn rewrite_dsr(ctx: &XdpContext, p: &Packet, backend: &Backend) -> Result<(), ()> {
     if p.l3 == ETH_HLEN && backend.vlan == 0 {
-        return write_hdr(ctx, 0, EthAddrs::new(&backend.mac, &backend.src_mac));
+        return write_hdr(ctx, 0, l2::addresses(backend));
     }
     l2::retag(ctx, p.l3, backend)
 }
