@@ -58,6 +58,12 @@ impl EthAddrs {
             w(src[4], src[5]),
         ])
     }
+
+    /// The addresses from their 16-bit words as they lie in memory.
+    #[inline(always)]
+    pub fn from_words(dst: [u16; 3], src: [u16; 3]) -> EthAddrs {
+        EthAddrs([dst[0], dst[1], dst[2], src[0], src[1], src[2]])
+    }
 }
 
 /// 16-bit words of a header, for copying it (an ethertype, a VLAN tag and its ethertype).

@@ -2,14 +2,16 @@
 //! with its extension headers, then the ports, or the flow an ICMP error quotes), classify (the
 //! VIP filter; an established flow's entry names its service, checked against the packet;
 //! otherwise the destination is looked up in `SERVICES`), choose (connection table, else the
-//! Maglev slot of the keyed hash), rewrite (direct server return: MACs only; tunnel: IP-in-IP),
-//! count. Anything that is not a service packet is passed to the kernel untouched; every VIP
-//! packet that is not forwarded is counted by reason.
+//! Maglev slot of the keyed hash), rewrite (direct server return: MACs and VLAN tag only;
+//! tunnel: IP-in-IP), send (the receiving interface, or a redirect), count. Anything that is not
+//! a service packet is passed to the kernel untouched; every VIP packet that is not forwarded is
+//! counted by reason.
 #![no_std]
 #![no_main]
 
 mod access;
 mod headers;
+mod l2;
 mod packet;
 mod tunnel;
 
@@ -19,12 +21,12 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use headers::EthAddrs;
+use headers::ETH_HLEN;
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FLOW_WAYS, FlowEntry, FlowSet,
     FragKey, FragValue, MAGLEV_SLOTS_PER_WORD, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, Reason, ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey,
-    backend_flags, hash, maglev_slot_value, service_flags, vip_filter_bits,
+    NO_BACKEND, Reason, ServiceEntry, ServiceKey, ServiceValue, TooBigBucket, VIP_FILTER_WORDS,
+    VipKey, backend_flags, hash, maglev_slot_value, service_flags, vip_filter_bits,
 };
 use packet::{Frag, Packet, write_hdr};
 
@@ -90,6 +92,11 @@ static BACKEND_STATS: PerCpuArray<Counter, { MAX_BACKENDS as usize }> = PerCpuAr
 #[btf_map]
 static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
 
+/// Each CPU's budget of "too big" answers. Not pinned (nothing outside the program reads it):
+/// a newly loaded program starts with full buckets.
+#[btf_map]
+static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket, 1> = PerCpuArray::new();
+
 // ---- the program ----
 
 #[xdp]
@@ -134,26 +141,51 @@ fn process(ctx: &XdpContext) -> Result<u32, ()> {
         }
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = if service.flags & service_flags::TUNNEL != 0 {
+    let egress = if service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, backend) {
-            Ok(action) => action,
+            Ok(egress) => egress,
             Err(reason) => return Ok(give_up(reason)),
         }
     } else {
-        rewrite_dsr(ctx, backend)?;
-        xdp_action::XDP_TX
+        rewrite_dsr(ctx, packet, backend)?;
+        Egress::ToBackend
     };
-    count(service.id, backend_id, bytes);
-    if action == xdp_action::XDP_TX
-        && backend.ifindex != 0
-        && backend.ifindex != ctx.ingress_ifindex() as u32
-    {
-        // The backend is reached through another interface.
-        return Ok(DEVMAP
-            .redirect(backend.ifindex, 0)
-            .unwrap_or(xdp_action::XDP_DROP));
+    Ok(match egress {
+        Egress::ToBackend => match to_backend(ctx, backend) {
+            Ok(action) => {
+                count(service.id, backend_id, bytes);
+                action
+            }
+            Err(reason) => give_up(reason),
+        },
+        Egress::ReplyToSender => {
+            count_reason(Reason::TooBig);
+            xdp_action::XDP_TX
+        }
+    })
+}
+
+/// Where the rewrite sent the frame. Only a frame rewritten for the backend leaves by the
+/// backend's interface and counts as the service's and backend's traffic; an answer to the
+/// sender goes back out of the receiving interface.
+pub enum Egress {
+    /// Rewritten for the backend (dsr MACs, or encapsulated).
+    ToBackend,
+    /// Turned into an answer to the sender (ICMP "fragmentation needed" / "packet too big").
+    ReplyToSender,
+}
+
+/// Sends a frame rewritten for `backend` out of the backend's interface: XDP_TX when that is
+/// the receiving one, else a redirect through `DEVMAP`; `NoEgress` when the interface is not
+/// there (only a frame actually sent counts as forwarded).
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    if backend.ifindex == 0 || backend.ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok(xdp_action::XDP_TX);
     }
-    Ok(action)
+    DEVMAP
+        .redirect(backend.ifindex, 0)
+        .map_err(|_| Reason::NoEgress)
 }
 
 type Choice = (ServiceValue, u32, &'static Backend);
@@ -477,11 +509,15 @@ fn choose(p: &Packet, service: &ServiceValue, config: &Config) -> Result<u32, Re
     Ok(id)
 }
 
-/// Direct server return: the frame goes to the backend's MAC from the egress interface's MAC;
-/// IP and L4 stay as the client sent them (the backend holds the VIP).
+/// Direct server return: the frame goes to the backend's MAC from the egress interface's MAC,
+/// with the backend's VLAN tag or none (`l2::retag` when that changes the header's length or
+/// tag); IP and L4 stay as the client sent them (the backend holds the VIP).
 #[inline(always)]
-fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
-    write_hdr(ctx, 0, EthAddrs::new(&backend.mac, &backend.src_mac))
+fn rewrite_dsr(ctx: &XdpContext, p: &Packet, backend: &Backend) -> Result<(), ()> {
+    if p.l3 == ETH_HLEN && backend.vlan == 0 {
+        return write_hdr(ctx, 0, l2::addresses(backend));
+    }
+    l2::retag(ctx, p.l3, backend)
 }
 
 /// A VIP packet that is not forwarded: counted under its reason, then dropped (no usable
@@ -490,9 +526,24 @@ fn rewrite_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
 fn give_up(reason: Reason) -> u32 {
     count_reason(reason);
     match reason {
-        Reason::NoBackend | Reason::TooBig => xdp_action::XDP_DROP,
+        Reason::NoBackend | Reason::TooBig | Reason::TooBigSuppressed | Reason::NoEgress => {
+            xdp_action::XDP_DROP
+        }
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Whether this CPU may send a "too big" answer now (its token bucket, `TooBigBucket`); if so
+/// the answer's token is taken. Runs only for a packet about to be answered.
+#[inline(always)]
+fn may_answer_too_big() -> bool {
+    let Some(bucket) = TOO_BIG_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+    unsafe { (*bucket).take(now) }
 }
 
 #[inline(always)]

@@ -353,7 +353,9 @@ fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Resu
 
 /// An ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) quotes the start of a
 /// packet the VIP sent (VIP → client); the packet is classified as that flow in the client's
-/// direction, so it reaches the backend that owns the flow. Other ICMP is not ours.
+/// direction, so it reaches the backend that owns the flow. Only an error addressed to the
+/// quoted packet's source (the VIP) is: one sent to any other address (a forged or misrouted
+/// error naming a VIP flow) is not ours, nor is other ICMP.
 #[inline(always)]
 fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Result<(), ()> {
     let [icmp_type, code]: [u8; 2] = read_at(ctx, l4)?;
@@ -385,7 +387,7 @@ fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Re
             quote + IPV6_HLEN,
         )
     };
-    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP || inner_src != p.dst {
         return Err(());
     }
     let ports: Ports = read_hdr(ctx, ports_at)?;

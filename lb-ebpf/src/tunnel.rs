@@ -2,30 +2,24 @@
 //! ICMP "fragmentation needed" / "packet too big" answer when the encapsulated packet would not
 //! fit the egress MTU, so the client's path-MTU discovery converges.
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
-};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{Backend, FAMILY_V4, Reason};
 
-use crate::headers::{EthAddrs, Words};
+use crate::headers::{ETH_P_IP, ETH_P_IPV6, EthAddrs, Words};
 use crate::packet::{
     Frag, IP_DF, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at, read_at, read_hdr,
 };
+use crate::{Egress, l2};
 
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const OUTER_TTL: u8 = 64;
 
-/// Moves the start of the frame by `delta` bytes (negative: grows it at the front).
+/// Moves the start of the frame by `delta` bytes (negative: grows it at the front); a frame
+/// that cannot grow is missing state here.
 #[inline(always)]
 fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), Reason> {
-    // SAFETY: the helper checks its arguments; packet pointers are re-derived afterwards.
-    let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Reason::MissingState)
-    }
+    l2::adjust_head(ctx, delta).map_err(|()| Reason::MissingState)
 }
 
 /// Writes a `T` into the packet at `offset`; a frame too short for it is missing state here (the
@@ -90,10 +84,11 @@ fn write_hdr<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), R
     crate::access::write_hdr(ctx, offset, value).map_err(|()| Reason::MissingState)
 }
 
-/// Encapsulates the packet for `backend`, or answers "too big" when it would not fit. A
-/// function of its own (a BPF-to-BPF call): its headers do not share the main frame's stack.
+/// Encapsulates the packet for `backend`, or turns it into a "too big" answer to the sender
+/// when it would not fit. A function of its own (a BPF-to-BPF call): its headers do not share
+/// the main frame's stack.
 #[inline(never)]
-pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Reason> {
+pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<Egress, Reason> {
     let overhead = if p.family == FAMILY_V4 {
         IPV4_MIN_HLEN
     } else {
@@ -106,24 +101,34 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
         if p.icmp_error || p.frag == Frag::Later {
             return Err(Reason::TooBig);
         }
-        if p.family == FAMILY_V4 {
-            // Without DF the sender's path may fragment, but we do not: dropped and counted.
-            // With IP options the fixed-size quote below does not fit: the same.
-            if !p.dont_fragment || p.l4 - p.l3 != IPV4_MIN_HLEN {
-                return Err(Reason::TooBig);
-            }
-            crate::count_reason(Reason::TooBig);
-            return too_big_v4(ctx, p.l3, mtu as u16);
+        // Without DF the sender's path may fragment, but we do not: dropped and counted. With
+        // IPv4 options the fixed-size quote of the answer does not fit: the same.
+        let v4 = p.family == FAMILY_V4;
+        if v4 && (!p.dont_fragment || p.l4 - p.l3 != IPV4_MIN_HLEN) {
+            return Err(Reason::TooBig);
         }
-        crate::count_reason(Reason::TooBig);
-        return too_big_v6(ctx, p.l3, mtu as u32);
+        // Answers are rate-limited, as ICMP errors must be (RFC 4443 §2.4(f)).
+        if !crate::may_answer_too_big() {
+            return Err(Reason::TooBigSuppressed);
+        }
+        return if v4 {
+            too_big_v4(ctx, p.l3, mtu as u16)
+        } else {
+            too_big_v6(ctx, p.l3, mtu as u32)
+        };
     }
     let l3 = p.l3;
     if l3 != 14 && l3 != 18 {
         return Err(Reason::Malformed);
     }
-    adjust_head(ctx, -(overhead as i32))?;
-    move_l2(ctx, l3, overhead, &b.mac, &b.src_mac)?;
+    // The backend's MACs and VLAN tag (or none) in front of the outer header.
+    let ethertype = if p.family == FAMILY_V4 {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
+    };
+    let l3 =
+        l2::grow_for_outer(ctx, l3, overhead, ethertype, b).map_err(|()| Reason::MissingState)?;
     if p.family == FAMILY_V4 {
         let mut outer = Ipv4Hdr {
             version_ihl: 0x45,
@@ -151,7 +156,7 @@ pub fn encapsulate(ctx: &XdpContext, p: &Packet, b: &Backend) -> Result<u32, Rea
         };
         write_hdr(ctx, l3, outer)?;
     }
-    Ok(xdp_action::XDP_TX)
+    Ok(Egress::ToBackend)
 }
 
 #[inline(always)]
@@ -214,7 +219,7 @@ const ICMP_HLEN: usize = 8;
 /// Turns the frame into an ICMP "fragmentation needed" from the VIP to the sender, carrying
 /// `mtu`, and sends it back.
 #[inline(never)]
-fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<u32, Reason> {
+fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<Egress, Reason> {
     if l3 != 14 && l3 != 18 {
         return Err(Reason::Malformed);
     }
@@ -251,13 +256,13 @@ fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<u32, Reason> {
         ctx,
         (l3 + grown + V4_QUOTE) as i32 - (frame_len + grown) as i32,
     )?;
-    Ok(xdp_action::XDP_TX)
+    Ok(Egress::ReplyToSender)
 }
 
 /// Turns the frame into an ICMPv6 "packet too big" from the VIP to the sender, carrying `mtu`,
 /// and sends it back.
 #[inline(never)]
-fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<u32, Reason> {
+fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<Egress, Reason> {
     if l3 != 14 && l3 != 18 {
         return Err(Reason::Malformed);
     }
@@ -306,5 +311,5 @@ fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Result<u32, Reason> {
         ctx,
         (l3 + grown + V6_QUOTE) as i32 - (frame_len + grown) as i32,
     )?;
-    Ok(xdp_action::XDP_TX)
+    Ok(Egress::ReplyToSender)
 }

@@ -24,7 +24,7 @@ use crate::{
     config::{self, CheckKind, Config, Forwarding, HashMode},
     datapath::{self, Datapath, Start},
     health,
-    netlink::Netlink,
+    netlink::{ETH_P_8021Q, Interface, Netlink, Vlan},
     state,
 };
 
@@ -44,7 +44,11 @@ const RESOLVE_WORKERS: usize = 8;
 /// Where a backend's frames go.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Hop {
+    /// The interface the route leaves by (where the neighbour entry lives).
     pub ifindex: u32,
+    /// Set when that interface is an 802.1Q VLAN device: frames leave by its parent, with its
+    /// tag (a VLAN device cannot take XDP redirects).
+    pub vlan: Option<Vlan>,
     pub mac: [u8; 6],
     pub src_mac: [u8; 6],
     /// The egress interface's MTU.
@@ -53,6 +57,13 @@ pub struct Hop {
     pub tunnel_src: Option<IpAddr>,
     /// Whose MAC `mac` is: the backend (dsr) or the gateway towards it.
     pub via: IpAddr,
+}
+
+impl Hop {
+    /// The interface the data path sends the backend's frames out of.
+    pub fn egress(&self) -> u32 {
+        self.vlan.map_or(self.ifindex, |v| v.parent)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -122,11 +133,13 @@ impl BackendRuntime {
             tunnel_src: hop.tunnel_src.map(state::to_addr).unwrap_or_default(),
             mac: hop.mac,
             src_mac: hop.src_mac,
-            ifindex: hop.ifindex,
+            ifindex: hop.egress(),
             service,
             family: state::family(self.cfg.address),
             flags: backend_flags::VALID | if self.healthy { 0 } else { backend_flags::DOWN },
             mtu: hop.mtu,
+            vlan: hop.vlan.map_or(0, |v| v.id),
+            _pad: 0,
         }
     }
 }
@@ -313,6 +326,9 @@ async fn resolve(netlink: &Netlink, req: &HopRequest, timeout: Duration) -> anyh
         .interface_by_index(ifindex)
         .await?
         .with_context(|| format!("interface {ifindex} of the route to {addr} vanished"))?;
+    if let Some(vlan) = iface.vlan {
+        check_vlan(netlink, &iface, vlan, addr).await?;
+    }
     let tunnel_src = match (req.forwarding, req.tunnel_source) {
         (Forwarding::Dsr, _) => None,
         (Forwarding::Tunnel, Some(src)) => Some(src),
@@ -324,12 +340,49 @@ async fn resolve(netlink: &Netlink, req: &HopRequest, timeout: Duration) -> anyh
     };
     Ok(Hop {
         ifindex,
+        vlan: iface.vlan,
         mac,
         src_mac: iface.mac,
         mtu: iface.mtu.min(u16::MAX as u32) as u16,
         tunnel_src,
         via,
     })
+}
+
+/// A backend whose route leaves by VLAN device `iface` is reached through its parent with its
+/// tag: one 802.1Q tag on a plain interface, which the data path writes; anything else is
+/// refused with the reason.
+async fn check_vlan(
+    netlink: &Netlink,
+    iface: &Interface,
+    vlan: Vlan,
+    addr: IpAddr,
+) -> anyhow::Result<()> {
+    if vlan.protocol != ETH_P_8021Q {
+        bail!(
+            "backend {addr} is reached by {} (VLAN {} with protocol {:#06x}): the data path writes 802.1Q tags (0x8100) only",
+            iface.name,
+            vlan.id,
+            vlan.protocol
+        );
+    }
+    let parent = netlink
+        .interface_by_index(vlan.parent)
+        .await?
+        .with_context(|| {
+            format!(
+                "the parent (ifindex {}) of {}, the route to {addr}, vanished",
+                vlan.parent, iface.name
+            )
+        })?;
+    if parent.vlan.is_some() {
+        bail!(
+            "backend {addr} is reached by {}, a VLAN on the VLAN {}: the data path writes one 802.1Q tag, not two",
+            iface.name,
+            parent.name
+        );
+    }
+    Ok(())
 }
 
 fn is_link_local(a: &IpAddr) -> bool {
@@ -659,7 +712,7 @@ impl Daemon {
             .flat_map(|s| {
                 s.backends
                     .iter()
-                    .filter_map(|b| b.hop.as_ref().map(|h| h.ifindex))
+                    .filter_map(|b| b.hop.as_ref().map(Hop::egress))
             })
             .collect();
         egress.sort_unstable();
@@ -1143,4 +1196,55 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&config.daemon.socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_with(hop: Hop) -> BackendRuntime {
+        BackendRuntime {
+            id: 4,
+            cfg: config::Backend {
+                address: "203.0.113.130".parse().unwrap(),
+                weight: 100,
+                mac: None,
+            },
+            hop: Some(hop),
+            hop_error: None,
+            healthy: true,
+            last: None,
+            since: SystemTime::now(),
+        }
+    }
+
+    /// A backend whose route leaves by a VLAN device: its entry names the VLAN's parent as the
+    /// egress (a VLAN device takes no XDP redirects) and the VLAN id as the tag to write.
+    #[test]
+    fn a_backend_behind_a_vlan_device_leaves_by_its_parent_with_its_tag() {
+        let plain = Hop {
+            ifindex: 7,
+            vlan: None,
+            mac: [2, 0, 0, 0, 0xb, 1],
+            src_mac: [2, 0, 0, 0, 0xa, 2],
+            mtu: 1500,
+            tunnel_src: None,
+            via: "203.0.113.130".parse().unwrap(),
+        };
+        let entry = backend_with(plain.clone()).entry(3);
+        assert_eq!((entry.ifindex, entry.vlan, entry.service), (7, 0, 3));
+        let tagged = Hop {
+            vlan: Some(Vlan {
+                id: 100,
+                parent: 2,
+                protocol: ETH_P_8021Q,
+            }),
+            ..plain
+        };
+        assert_eq!(tagged.egress(), 2);
+        let entry = backend_with(tagged).entry(3);
+        assert_eq!((entry.ifindex, entry.vlan), (2, 100));
+        assert_eq!(entry.mac, [2, 0, 0, 0, 0xb, 1]);
+        assert_eq!(entry.flags, backend_flags::VALID);
+    }
 }

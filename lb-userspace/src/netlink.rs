@@ -31,7 +31,7 @@ use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressFlags},
-    link::{LinkAttribute, LinkFlags, LinkMessage},
+    link::{InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
@@ -157,6 +157,20 @@ pub struct Interface {
     pub addrs: Vec<(IpAddr, u8)>,
     /// Administratively up (IFF_UP, `ip link set IF up`).
     pub up: bool,
+    /// Set when the interface is a VLAN device (`ip link add link eth0 name eth0.100 type
+    /// vlan id 100`): its tag and the interface it sits on.
+    pub vlan: Option<Vlan>,
+}
+
+/// What makes an interface a VLAN device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Vlan {
+    /// The VLAN id its frames carry on the parent.
+    pub id: u16,
+    /// The index of the interface it sits on.
+    pub parent: u32,
+    /// The tag's protocol: 802.1Q (0x8100), or 802.1ad (0x88a8, a service tag).
+    pub protocol: u16,
 }
 
 /// The kernel's answer to `ip route get DST`.
@@ -620,7 +634,10 @@ fn parse_link(link: &LinkMessage) -> Interface {
         mtu: 0,
         addrs: Vec::new(),
         up: link.header.flags.contains(LinkFlags::Up),
+        vlan: None,
     };
+    let mut parent = None;
+    let mut vlan_info = None;
     for attr in &link.attributes {
         match attr {
             LinkAttribute::IfName(n) => iface.name = n.clone(),
@@ -630,11 +647,39 @@ fn parse_link(link: &LinkMessage) -> Interface {
                 }
             }
             LinkAttribute::Mtu(m) => iface.mtu = *m,
+            LinkAttribute::Link(index) => parent = Some(*index),
+            LinkAttribute::LinkInfo(infos) => {
+                vlan_info = infos.iter().find_map(|i| match i {
+                    LinkInfo::Data(InfoData::Vlan(v)) => Some(v),
+                    _ => None,
+                })
+            }
             _ => {}
         }
     }
+    if let (Some(parent), Some(info)) = (parent, vlan_info) {
+        let id = info.iter().find_map(|v| match v {
+            InfoVlan::Id(id) => Some(*id),
+            _ => None,
+        });
+        let protocol = info
+            .iter()
+            .find_map(|v| match v {
+                InfoVlan::Protocol(p) => Some(u16::from(*p)),
+                _ => None,
+            })
+            .unwrap_or(ETH_P_8021Q);
+        iface.vlan = id.map(|id| Vlan {
+            id,
+            parent,
+            protocol,
+        });
+    }
     iface
 }
+
+/// The 802.1Q tag's protocol (TPID).
+pub const ETH_P_8021Q: u16 = 0x8100;
 
 fn family(addr: IpAddr) -> AddressFamily {
     match addr {
@@ -926,6 +971,57 @@ mod tests {
         assert!(matches!(Netlink::new(), Err(NetlinkError::NoRuntime)));
     }
 
+    /// A link message as the kernel sends it for `ip link add link eth0 name eth0.100 type vlan
+    /// id 100 [protocol 802.1ad]` (encoded, then parsed like a reply). This machine kind's
+    /// kernel has no 802.1Q support (CONFIG_VLAN_8021Q), so no real VLAN device can be made.
+    fn vlan_link(index: u32, parent: Option<u32>, info: Vec<InfoVlan>) -> Interface {
+        use netlink_packet_route::link::InfoKind;
+        use rtnetlink::packet_core::{Emitable, Parseable};
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::IfName(format!("eth0.{index}")));
+        msg.attributes.push(LinkAttribute::Mtu(1500));
+        if let Some(parent) = parent {
+            msg.attributes.push(LinkAttribute::Link(parent));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vlan),
+            LinkInfo::Data(InfoData::Vlan(info)),
+        ]));
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.emit(&mut buf);
+        let parsed = LinkMessage::parse(&buf[..]).expect("parsing it back");
+        parse_link(&parsed)
+    }
+
+    #[test]
+    fn a_vlan_device_names_its_id_parent_and_protocol() {
+        use netlink_packet_route::link::VlanProtocol;
+        let iface = vlan_link(7, Some(2), vec![InfoVlan::Id(100)]);
+        assert_eq!(
+            iface.vlan,
+            Some(Vlan {
+                id: 100,
+                parent: 2,
+                protocol: ETH_P_8021Q
+            })
+        );
+        assert_eq!((iface.name.as_str(), iface.mtu), ("eth0.7", 1500));
+        let ad = vlan_link(
+            8,
+            Some(2),
+            vec![
+                InfoVlan::Protocol(VlanProtocol::Ieee8021Ad),
+                InfoVlan::Id(5),
+            ],
+        );
+        assert_eq!(ad.vlan.map(|v| (v.id, v.protocol)), Some((5, 0x88a8)));
+        // Without its parent or its id it is no usable VLAN.
+        assert_eq!(vlan_link(9, None, vec![InfoVlan::Id(100)]).vlan, None);
+        assert_eq!(vlan_link(10, Some(2), vec![]).vlan, None);
+    }
+
     #[test]
     fn interface_by_name_and_index() {
         let lab = Lab::new();
@@ -944,6 +1040,10 @@ mod tests {
         assert_eq!(iface.mac, mac);
         assert_eq!(iface.mtu, 1400);
         assert!(iface.up);
+        assert_eq!(
+            iface.vlan, None,
+            "a veth names its peer as its link, but is no VLAN"
+        );
         assert!(iface.addrs.contains(&(A_V4, 25)), "{:?}", iface.addrs);
         assert!(iface.addrs.contains(&(A_V6, 120)), "{:?}", iface.addrs);
         assert_eq!(by_index, Some(iface));

@@ -70,6 +70,7 @@ fn fixture(weights: [u32; 3]) -> Fixture {
             family: 4,
             flags: backend_flags::VALID,
             mtu: 1500,
+            ..Default::default()
         };
         dp.set_backend(i, &b).unwrap();
         live.push(MaglevBackend {
@@ -167,18 +168,26 @@ fn udp_to_the_tcp_service_and_other_ports_and_addresses_pass_unchanged() {
     assert_eq!(f.dp.service_counter(0).packets, 0);
 }
 
+/// A tagged VIP packet leaves as its backend is reached: with the backend's VLAN tag (here the
+/// one it came with), or untagged.
 #[test]
-fn vlan_tagged_vip_packet_keeps_its_tag() {
-    let f = fixture([100, 100, 100]);
+fn vlan_tagged_vip_packet_leaves_with_the_backends_tag() {
+    let mut f = fixture([100, 100, 100]);
     let frame = vip_syn(client(7)).with_vlan(42);
-    let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
-    assert_eq!(action, XDP_TX);
     let b = predicted(&f.table, client(7));
-    let mut expected = frame.bytes.clone();
+    let mut expected = vip_syn(client(7)).bytes;
     expected[0..6].copy_from_slice(&backend_mac(b));
     expected[6..12].copy_from_slice(&LB_MAC);
-    assert_eq!(out, expected);
-    assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 42]);
+    let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out, expected, "an untagged backend: the tag removed");
+    let mut entry = f.dp.backend(b).unwrap();
+    entry.vlan = 42;
+    f.dp.set_backend(b, &entry).unwrap();
+    let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+    assert_eq!(action, XDP_TX);
+    expected.splice(12..12, [0x81, 0x00, 0x00, 42]);
+    assert_eq!(out, expected, "a backend on VLAN 42: the tag kept");
 }
 
 #[test]

@@ -30,6 +30,12 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
 pub const TABLE: u32 = 65_537;
 /// Every backend's egress MTU.
 pub const MTU: usize = 1500;
+/// The interface test runs arrive on: `lo` (BPF_PROG_TEST_RUN's default), ifindex 1, which is
+/// also every fixture backend's egress unless moved.
+pub const INGRESS_IFINDEX: u32 = 1;
+/// An interface index no test run arrives on: backends moved there are "behind another
+/// interface" (reached by redirect through DEVMAP, where nothing puts it).
+pub const OTHER_IFINDEX: u32 = 1000;
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const VIP_TUNNEL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -174,6 +180,7 @@ pub fn fixture(tag: &str) -> Fixture {
                 family: family(*addr),
                 flags: backend_flags::VALID,
                 mtu: MTU as u16,
+                ..Default::default()
             };
             dp.set_backend(next, &b).unwrap();
             live.push(MaglevBackend {
@@ -229,6 +236,44 @@ impl Fixture {
     /// One run of the program on `frame`: the action and the frame it left.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.dp.test_run(frame).unwrap()
+    }
+
+    /// The backend ids of service `sid`.
+    pub fn backend_ids(&self, sid: usize) -> std::ops::Range<u32> {
+        let first = self.tables[sid].0;
+        first..first + self.svcs[sid].backends.len() as u32
+    }
+
+    /// Changes every backend entry of service `sid` with `change`.
+    pub fn change_backends(&mut self, sid: usize, change: impl Fn(&mut Backend)) {
+        for id in self.backend_ids(sid) {
+            let mut b = self.dp.backend(id).unwrap();
+            change(&mut b);
+            self.dp.set_backend(id, &b).unwrap();
+        }
+    }
+
+    /// Puts every backend of service `sid` behind interface `ifindex`.
+    pub fn move_backends(&mut self, sid: usize, ifindex: u32) {
+        self.change_backends(sid, |b| b.ifindex = ifindex);
+    }
+
+    /// Makes interface `ifindex` of network namespace `ns` a redirect target (`DEVMAP`), as lbd
+    /// does for a backend's egress: the kernel checks the interface exists in the namespace of
+    /// the thread that adds it.
+    pub fn add_egress_in(&mut self, ns: &str, ifindex: u32) {
+        let dp = &mut self.dp;
+        crate::in_netns(ns, || Ok(dp.add_egress(ifindex)?))
+            .unwrap_or_else(|e| panic!("adding ifindex {ifindex} of {ns} to DEVMAP: {e:#}"));
+    }
+
+    /// Packets counted as forwarded so far: by service `sid`, and by its backends together.
+    pub fn forwarded(&self, sid: usize) -> (u64, u64) {
+        let backends = self
+            .backend_ids(sid)
+            .map(|id| self.dp.backend_counter(id).packets)
+            .sum();
+        (self.dp.service_counter(sid as u32).packets, backends)
     }
 
     /// How many packets were counted under `r` so far.

@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.0 client and a fixed-answer HTTP server, both std-only.
+//! A minimal HTTP/1.0 client, a fixed-answer HTTP server and a byte-counting sink, std-only.
 
 use std::borrow::Cow;
 use std::io::{ErrorKind, Read, Write};
@@ -152,16 +152,35 @@ pub(crate) struct FixedServer {
 impl FixedServer {
     /// Serves `body` to every HTTP request (any method and path) on `listener`, until stopped.
     pub(crate) fn start(listener: TcpListener, body: &str) -> Result<FixedServer> {
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        Self::serve(listener, move |conn, hits| {
+            answer(conn, response.as_bytes(), hits)
+        })
+    }
+
+    /// A sink on `listener`, until stopped: reads each connection until the client shuts its
+    /// sending side, then answers with the number of bytes it read (`N\n`) and closes.
+    pub(crate) fn start_sink(listener: TcpListener) -> Result<FixedServer> {
+        Self::serve(listener, sink)
+    }
+
+    /// Accepts connections on `listener` until stopped, each handled by `handle` on a thread of
+    /// its own (a slow client cannot stall others; errors of one connection concern only that
+    /// client).
+    fn serve(
+        listener: TcpListener,
+        handle: impl Fn(TcpStream, &AtomicU64) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Result<FixedServer> {
         let addr = listener.local_addr().context("local address of listener")?;
         listener
             .set_nonblocking(true)
             .context("making the listener non-blocking")?;
         let stop = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicU64::new(0));
-        let response = format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let handle = Arc::new(handle);
         let (stop2, hits2) = (stop.clone(), hits.clone());
         let thread = std::thread::Builder::new()
             .name(format!("fixed-{addr}"))
@@ -169,12 +188,10 @@ impl FixedServer {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((conn, _)) => {
-                            // One thread per connection: a slow client cannot stall others.
-                            // Errors of one connection concern only that client.
-                            let (response, hits) = (response.clone(), hits2.clone());
+                            let (handle, hits) = (handle.clone(), hits2.clone());
                             let _ = std::thread::Builder::new().name("fixed-conn".into()).spawn(
                                 move || {
-                                    let _ = answer(conn, response.as_bytes(), &hits);
+                                    let _ = handle(conn, &hits);
                                 },
                             );
                         }
@@ -230,6 +247,38 @@ fn answer(mut conn: TcpStream, response: &[u8], hits: &AtomicU64) -> std::io::Re
     // Drain until the client closes, so closing does not turn into an RST.
     let _ = conn.read(&mut chunk);
     Ok(())
+}
+
+fn sink(mut conn: TcpStream, hits: &AtomicU64) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let n = std::io::copy(&mut conn, &mut std::io::sink())?;
+    hits.fetch_add(1, Ordering::Relaxed);
+    conn.write_all(format!("{n}\n").as_bytes())?;
+    conn.shutdown(Shutdown::Write)
+}
+
+/// Sends `len` bytes on `stream` (connected to a sink: `Topology::serve_sink`), shuts the
+/// sending side and returns the count the sink answers; each step gives up after `timeout`.
+pub fn upload(mut stream: TcpStream, len: usize, timeout: Duration) -> Result<u64> {
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    stream
+        .write_all(&data)
+        .with_context(|| format!("sending {len} bytes"))?;
+    stream
+        .shutdown(Shutdown::Write)
+        .context("shutting the sending side")?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .context("reading the sink's count")?;
+    answer
+        .trim()
+        .parse()
+        .with_context(|| format!("the sink answered {answer:?}, not a count"))
 }
 
 #[cfg(test)]

@@ -556,6 +556,7 @@ impl Bench {
                     family: family(*addr),
                     flags: backend_flags::VALID,
                     mtu: MTU as u16,
+                    ..Default::default()
                 };
                 dp.set_backend(next, &b)?;
                 live.push(MaglevBackend {

@@ -828,6 +828,7 @@ impl Lb {
                 family: 4,
                 flags: backend_flags::VALID,
                 mtu: 1500,
+                ..Default::default()
             };
             dp.set_backend(i, &b)?;
             live.push(MaglevBackend {
