@@ -491,9 +491,9 @@ async fn change(
             d.config_path.display()
         )));
     }
+    let hops = crate::daemon::resolve_hops(d.hops_needed(&loaded.config)).await;
     let changes = d
-        .reconcile(loaded.config)
-        .await
+        .reconcile(loaded.config, hops)
         .map_err(|e| internal(format!("{e:#}")))?;
     file.save().map_err(|e| {
         internal(format!(

@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, mpsc};
 use crate::{
     api,
     config::{self, CheckKind, Config, Forwarding, HashMode},
-    datapath::{self, Datapath, Start},
+    datapath::{self, Datapath, Fill, Start},
     health,
     netlink::Netlink,
     state,
@@ -136,8 +136,13 @@ pub struct ServiceRuntime {
     pub id: u32,
     pub cfg: config::Service,
     pub backends: Vec<BackendRuntime>,
-    /// The Maglev table the data path has now.
+    /// The Maglev table of the backends that may take new clients now (the data path's once
+    /// the daemon has synced it).
     pub table: Vec<u32>,
+    /// `table` as the words of its array, and what it was built from: it is rebuilt only when
+    /// that changes.
+    words: Arc<[u64]>,
+    built_from: Option<([u64; 2], u32, Vec<MaglevBackend>)>,
 }
 
 pub fn service_key(s: &config::Service) -> ServiceKey {
@@ -150,6 +155,17 @@ pub fn service_key(s: &config::Service) -> ServiceKey {
 }
 
 impl ServiceRuntime {
+    pub fn new(id: u32, cfg: config::Service, backends: Vec<BackendRuntime>) -> ServiceRuntime {
+        ServiceRuntime {
+            id,
+            cfg,
+            backends,
+            table: vec![],
+            words: Arc::from([]),
+            built_from: None,
+        }
+    }
+
     pub fn key(&self) -> ServiceKey {
         service_key(&self.cfg)
     }
@@ -173,8 +189,12 @@ impl ServiceRuntime {
     /// The Maglev table for the backends that may take new clients now, or with some of them
     /// left out (`--dry-run`).
     pub fn table_without(&self, seed: &[u64; 2], left_out: Option<IpAddr>) -> Vec<u32> {
-        let live: Vec<MaglevBackend> = self
-            .backends
+        build_table(seed, &self.live(left_out), self.cfg.table_size)
+    }
+
+    /// The backends that may take new clients now, but `left_out`.
+    fn live(&self, left_out: Option<IpAddr>) -> Vec<MaglevBackend> {
+        self.backends
             .iter()
             .filter(|b| b.in_table() && Some(b.cfg.address) != left_out)
             .map(|b| MaglevBackend {
@@ -182,8 +202,17 @@ impl ServiceRuntime {
                 addr: state::to_addr(b.cfg.address),
                 weight: b.cfg.weight,
             })
-            .collect();
-        build_table(seed, &live, self.cfg.table_size)
+            .collect()
+    }
+
+    /// Brings `table` up to date with the backends, their state and the table size.
+    fn refresh_table(&mut self, seed: &[u64; 2]) {
+        let inputs = (*seed, self.cfg.table_size, self.live(None));
+        if self.built_from.as_ref() != Some(&inputs) {
+            self.table = build_table(seed, &inputs.2, self.cfg.table_size);
+            self.words = lb_common::maglev_words(&self.table).into();
+            self.built_from = Some(inputs);
+        }
     }
 
     pub fn backend(&self, address: IpAddr) -> Option<&BackendRuntime> {
@@ -197,6 +226,68 @@ impl ServiceRuntime {
             spec: self.cfg.health.clone(),
         }
     }
+}
+
+/// What every map must hold for `services` (whose Maglev tables it brings up to date): their
+/// keys, entries by id and tables, every resolved backend's entry (flagged down while its
+/// checks fail), the VIP filter, the VIP-level entries that place fragments without ports, and
+/// every egress interface as a redirect target. The one function that decides map contents:
+/// lbd fills the maps with it at start and after every change, so a running lbd's maps are
+/// always those a fresh lbd with the same state would fill.
+pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceRuntime]) -> Fill {
+    let mut f = Fill {
+        config,
+        ..Fill::default()
+    };
+    for s in services.iter_mut() {
+        s.refresh_table(seed);
+    }
+    let mut by_vip: BTreeMap<u32, (lb_common::VipKey, Vec<&ServiceRuntime>)> = BTreeMap::new();
+    for s in services.iter() {
+        let (key, value) = (s.key(), s.value());
+        f.services.insert(key, value);
+        f.service_by_id
+            .insert(s.id, lb_common::ServiceEntry { key, value });
+        f.maglev.insert(s.id, s.words.clone());
+        for b in &s.backends {
+            let entry = b.entry(s.id);
+            if entry != Backend::default() {
+                f.backends.insert(b.id, entry);
+            }
+            if let Some(hop) = &b.hop {
+                f.devmap.insert(hop.ifindex, hop.ifindex);
+            }
+        }
+        let vip = lb_common::VipKey {
+            addr: state::to_addr(s.cfg.vip),
+            proto: s.cfg.protocol.number(),
+            family: state::family(s.cfg.vip),
+            _pad: [0; 2],
+        };
+        // Grouped under the VIP's lowest service id, whatever the services' order.
+        let group = services
+            .iter()
+            .filter(|o| o.cfg.vip == s.cfg.vip && o.cfg.protocol == s.cfg.protocol)
+            .map(|o| o.id)
+            .min()
+            .expect("s itself");
+        by_vip.entry(group).or_insert((vip, vec![])).1.push(s);
+    }
+    f.vip_filter = datapath::vip_filter_words(f.services.keys());
+    for (_, (key, list)) in by_vip {
+        let first = list
+            .iter()
+            .min_by_key(|s| s.id)
+            .expect("a group has a service");
+        let mut value = first.value();
+        // Only a VIP with one source-hashed service for the protocol can place a fragment
+        // without ports.
+        if list.len() != 1 || first.cfg.hash != HashMode::Source {
+            value.flags |= service_flags::NO_LATE_FRAGMENTS;
+        }
+        f.vips.insert(key, value);
+    }
+    f
 }
 
 pub struct Daemon {
@@ -273,7 +364,7 @@ fn drained_key(service: &str, address: IpAddr) -> String {
 
 /// What resolving a backend's hop needs to know.
 #[derive(Debug, Clone, PartialEq)]
-struct HopRequest {
+pub struct HopRequest {
     backend: config::Backend,
     forwarding: Forwarding,
     tunnel_source: Option<IpAddr>,
@@ -390,6 +481,20 @@ async fn resolve_many(backends: Vec<HopRequest>) -> Vec<anyhow::Result<Hop>> {
         .collect()
 }
 
+/// Resolved hops by service name and backend address, as `Daemon::reconcile` takes them.
+pub type Hops = HashMap<(String, IpAddr), anyhow::Result<Hop>>;
+
+/// Resolves what `Daemon::hops_needed` asked for (several at a time; never holding the daemon's
+/// lock, so lbctl, metrics and health changes go on meanwhile).
+pub async fn resolve_hops(needed: Vec<(String, HopRequest)>) -> Hops {
+    let results = resolve_many(needed.iter().map(|(_, r)| r.clone()).collect()).await;
+    needed
+        .into_iter()
+        .zip(results)
+        .map(|((service, req), r)| ((service, req.backend.address), r))
+        .collect()
+}
+
 /// Lowest id in `0..max` not in `used`.
 fn free_id(used: &[u32], max: u32) -> anyhow::Result<u32> {
     (0..max)
@@ -409,40 +514,48 @@ impl Daemon {
         self.services.iter().map(|s| s.id).collect()
     }
 
-    /// Rebuilds a service's table and swaps it in when it changed.
-    fn sync_table(&mut self, si: usize) -> anyhow::Result<()> {
-        let table = self.services[si].table_without(&self.seed, None);
-        if table != self.services[si].table {
-            let id = self.services[si].id;
-            self.datapath.swap_table(id, &table)?;
-            self.services[si].table = table;
-        }
+    /// Makes every map hold what `fill` computes from the runtime state now: the one way the
+    /// data path is written, at start and after every change.
+    fn sync(&mut self) -> anyhow::Result<()> {
+        let config = self.datapath.config_for(self.seed)?;
+        let want = fill(config, &self.seed, &mut self.services);
+        self.datapath.apply(&want)?;
         Ok(())
     }
 
-    /// Writes a service completely: its backends, its table, its key.
-    fn install_service(&mut self, si: usize) -> anyhow::Result<()> {
-        let s = &self.services[si];
-        for b in &s.backends {
-            self.datapath.set_backend(b.id, &b.entry(s.id))?;
+    /// The hops `reconcile` to `new` needs resolved: those of new backends, and of every
+    /// backend of a service whose forwarding (or tunnel source) or fixed MAC changes.
+    pub fn hops_needed(&self, new: &Config) -> Vec<(String, HopRequest)> {
+        let mut needed = vec![];
+        for ns in &new.services {
+            let existing = self.services.iter().find(|s| s.cfg.name == ns.name);
+            let same_forwarding = existing.is_some_and(|s| {
+                s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
+            });
+            for nb in &ns.backends {
+                let known = existing.and_then(|s| s.backend(nb.address));
+                if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
+                    needed.push((ns.name.clone(), HopRequest::of(ns, nb)));
+                }
+            }
         }
-        let table = s.table_without(&self.seed, None);
-        self.datapath.set_service(&s.key(), &s.value(), &table)?;
-        self.services[si].table = table;
-        Ok(())
+        needed
     }
 
     /// Brings the daemon and the data path to `new`, keeping the runtime state (ids, hops,
-    /// health) of what stays. Used at SIGHUP and for every lbctl change. Returns a line per
-    /// change.
-    pub async fn reconcile(&mut self, new: Config) -> anyhow::Result<Vec<String>> {
+    /// health) of what stays; `hops` holds the resolutions `hops_needed` asked for (one
+    /// missing is retried in the background). Used at SIGHUP and for every lbctl change.
+    /// Returns a line per change.
+    pub fn reconcile(&mut self, new: Config, mut hops: Hops) -> anyhow::Result<Vec<String>> {
         let mut changes = vec![];
         let old_daemon = &self.config.daemon;
         if new.daemon != *old_daemon {
             warn!("[daemon] settings changed in the file; they take effect when lbd restarts");
         }
-        // Services that went away: key first (no new packet finds them), then table and
-        // backends.
+        // Ids freed in this pass are not given again before the data path has let go of them
+        // (in the next pass), so no packet of what went meets what comes under the same id.
+        let mut reserved_services: Vec<u32> = vec![];
+        let mut reserved_backends: Vec<u32> = vec![];
         let gone: Vec<usize> = (0..self.services.len())
             .filter(|&i| {
                 !new.services
@@ -453,55 +566,30 @@ impl Daemon {
             .collect();
         for i in gone {
             let s = self.services.remove(i);
-            self.datapath.remove_service(&s.key())?;
-            self.datapath.remove_table(s.id)?;
-            for b in &s.backends {
-                self.datapath.clear_backend(b.id)?;
-            }
+            reserved_services.push(s.id);
+            reserved_backends.extend(s.backends.iter().map(|b| b.id));
             self.monitor.remove_service(&s.cfg.name);
+            for b in &s.backends {
+                self.drained
+                    .remove(&drained_key(&s.cfg.name, b.cfg.address));
+            }
             changes.push(format!("service {} removed", s.cfg.name));
         }
-        // New backends (of new or existing services) need their hops first.
-        let mut to_resolve = vec![];
-        for ns in &new.services {
-            let existing = self.services.iter().find(|s| s.cfg.name == ns.name);
-            let same_forwarding = existing.is_some_and(|s| {
-                s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
-            });
-            for nb in &ns.backends {
-                let known = existing.and_then(|s| s.backend(nb.address));
-                if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
-                    to_resolve.push((ns.name.clone(), HopRequest::of(ns, nb)));
-                }
-            }
-        }
-        let mut hops: HashMap<(String, IpAddr), anyhow::Result<Hop>> = HashMap::new();
-        let results = resolve_many(to_resolve.iter().map(|(_, r)| r.clone()).collect()).await;
-        for ((service, req), r) in to_resolve.into_iter().zip(results) {
-            hops.insert((service, req.backend.address), r);
-        }
         let now = SystemTime::now();
-        // Ids of backends removed in this pass stay reserved until their entries are cleared
-        // below, so a backend added in the same pass never gets (and loses) one of them.
-        let mut reserved: Vec<u32> = vec![];
         for ns in &new.services {
             let si = match self.services.iter().position(|s| s.cfg.name == ns.name) {
                 Some(si) => si,
                 None => {
-                    let id = free_id(&self.used_service_ids(), MAX_SERVICES)?;
-                    self.services.push(ServiceRuntime {
-                        id,
-                        cfg: ns.clone(),
-                        backends: vec![],
-                        table: vec![],
-                    });
+                    let mut used = self.used_service_ids();
+                    used.extend_from_slice(&reserved_services);
+                    let id = free_id(&used, MAX_SERVICES)?;
+                    self.services
+                        .push(ServiceRuntime::new(id, ns.clone(), vec![]));
                     changes.push(format!("service {} added", ns.name));
                     self.services.len() - 1
                 }
             };
-            let old_key = self.services[si].key();
             let old_cfg = self.services[si].cfg.clone();
-            // Backends that went away: out of the table first, then their entries.
             let removed: Vec<BackendRuntime> = {
                 let s = &mut self.services[si];
                 let (keep, gone): (Vec<_>, Vec<_>) = s
@@ -511,7 +599,7 @@ impl Daemon {
                 s.backends = keep;
                 gone
             };
-            reserved.extend(removed.iter().map(|b| b.id));
+            reserved_backends.extend(removed.iter().map(|b| b.id));
             let mut added = vec![];
             for nb in &ns.backends {
                 let health_on = ns.health.check != CheckKind::None;
@@ -536,9 +624,13 @@ impl Daemon {
                     }
                     None => {
                         let mut used = self.used_backend_ids();
-                        used.extend_from_slice(&reserved);
+                        used.extend_from_slice(&reserved_backends);
                         let id = free_id(&used, MAX_BACKENDS)?;
-                        let hop = hop.unwrap_or_else(|| Err(anyhow::anyhow!("not resolved")));
+                        let hop = hop.unwrap_or_else(|| {
+                            Err(anyhow::anyhow!(
+                                "not resolved yet (retried in the background)"
+                            ))
+                        });
                         if let Err(e) = &hop {
                             warn!(
                                 "service {}: backend {} gets no traffic until it resolves: {e:#}",
@@ -566,30 +658,13 @@ impl Daemon {
                 .backends
                 .sort_by_key(|b| ns.backends.iter().position(|n| n.address == b.cfg.address));
             self.services[si].cfg = ns.clone();
-            if self.services[si].key() != old_key {
-                self.datapath.remove_service(&old_key)?;
+            if service_key(&old_cfg) != service_key(ns) {
                 changes.push(format!(
                     "service {}: now {} port {} {}",
                     ns.name, ns.vip, ns.port, ns.protocol
                 ));
             }
-            if old_cfg.table_size != ns.table_size {
-                // A new size changes the hash's modulus: the table is installed whole.
-                self.services[si].table.clear();
-            }
-            if self.services[si].table.is_empty() {
-                self.install_service(si)?;
-            } else {
-                let s = &self.services[si];
-                for b in &s.backends {
-                    self.datapath.set_backend(b.id, &b.entry(s.id))?;
-                }
-                self.sync_table(si)?;
-                let s = &self.services[si];
-                self.datapath.set_service_key(&s.key(), &s.value())?;
-            }
             for b in &removed {
-                self.datapath.clear_backend(b.id)?;
                 self.monitor.remove(&ns.name, b.cfg.address);
                 self.drained.remove(&drained_key(&ns.name, b.cfg.address));
                 changes.push(format!(
@@ -620,54 +695,12 @@ impl Daemon {
         self.services
             .sort_by_key(|s| new.services.iter().position(|n| n.name == s.cfg.name));
         self.config = new;
+        self.sync()?;
         self.save_drained();
         for c in &changes {
             info!("{c}");
         }
         Ok(changes)
-    }
-
-    /// The VIP-level entries fragments without ports need, and the egress interfaces of every
-    /// resolved backend as redirect targets.
-    fn sync_vips_and_egress(&mut self) -> anyhow::Result<()> {
-        let mut by_vip: HashMap<lb_common::VipKey, Vec<&ServiceRuntime>> = HashMap::new();
-        for s in &self.services {
-            let key = lb_common::VipKey {
-                addr: state::to_addr(s.cfg.vip),
-                proto: s.cfg.protocol.number(),
-                family: state::family(s.cfg.vip),
-                _pad: [0; 2],
-            };
-            by_vip.entry(key).or_default().push(s);
-        }
-        let entries: Vec<(lb_common::VipKey, ServiceValue)> = by_vip
-            .into_iter()
-            .map(|(k, list)| {
-                let mut v = list[0].value();
-                // Only a VIP with one source-hashed service for the protocol can place a
-                // fragment without ports.
-                if list.len() != 1 || list[0].cfg.hash != HashMode::Source {
-                    v.flags |= service_flags::NO_LATE_FRAGMENTS;
-                }
-                (k, v)
-            })
-            .collect();
-        self.datapath.set_vips(&entries)?;
-        let mut egress: Vec<u32> = self
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .filter_map(|b| b.hop.as_ref().map(|h| h.ifindex))
-            })
-            .collect();
-        egress.sort_unstable();
-        egress.dedup();
-        for ifindex in egress {
-            self.datapath.add_egress(ifindex)?;
-        }
-        Ok(())
     }
 
     fn save_drained(&self) {
@@ -688,7 +721,6 @@ impl Daemon {
         let Some(si) = self.services.iter().position(|s| s.cfg.name == r.service) else {
             return Ok(());
         };
-        let sid = self.services[si].id;
         let Some(b) = self.services[si]
             .backends
             .iter_mut()
@@ -709,8 +741,6 @@ impl Daemon {
         }
         b.healthy = up;
         b.since = r.at;
-        let entry = b.entry(sid);
-        let id = b.id;
         if up {
             info!(
                 "service {}: backend {} is up ({})",
@@ -723,9 +753,8 @@ impl Daemon {
             );
         }
         // Down: flagged first (its flows move at once), then out of the table. Up: flagged
-        // usable first, then into the table.
-        self.datapath.set_backend(id, &entry)?;
-        self.sync_table(si)
+        // usable first, then into the table (`apply`'s order).
+        self.sync()
     }
 
     /// Re-reads neighbours: follows MAC changes, picks up backends that now resolve.
@@ -775,6 +804,7 @@ impl Daemon {
         requests.extend(resolve);
         let mut d = shared.lock().await;
         let d = &mut *d;
+        let mut changed = false;
         for ((name, req), hop) in requests.into_iter().zip(results) {
             let Ok(hop) = hop else { continue };
             let Some(si) = d.services.iter().position(|s| {
@@ -786,7 +816,6 @@ impl Daemon {
             };
             let cfg = req.backend;
             let s = &mut d.services[si];
-            let sid = s.id;
             let b = s
                 .backends
                 .iter_mut()
@@ -803,15 +832,12 @@ impl Daemon {
                 mac_string(&hop.mac),
                 hop.ifindex
             );
-            let was_missing = b.hop.is_none();
             b.hop = Some(hop);
             b.hop_error = None;
-            let (id, entry) = (b.id, b.entry(sid));
-            d.datapath.set_backend(id, &entry)?;
-            if was_missing {
-                d.sync_table(si)?;
-            }
-            d.sync_vips_and_egress()?;
+            changed = true;
+        }
+        if changed {
+            d.sync()?;
         }
         Ok(())
     }
@@ -898,12 +924,7 @@ fn initial_runtime(config: &Config, datapath: &Datapath) -> anyhow::Result<Vec<S
                 since: now,
             });
         }
-        services.push(ServiceRuntime {
-            id,
-            cfg: s.clone(),
-            backends,
-            table: vec![],
-        });
+        services.push(ServiceRuntime::new(id, s.clone(), backends));
     }
     Ok(services)
 }
@@ -971,29 +992,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         config,
     };
 
-    // Fill every map before the program goes in place, so its first packet finds every table.
-    daemon.datapath.set_config(seed)?;
-    for si in 0..daemon.services.len() {
-        daemon.install_service(si)?;
-    }
-    let keep: Vec<ServiceKey> = daemon.services.iter().map(|s| s.key()).collect();
-    for (key, value) in daemon.datapath.service_keys() {
-        if !keep.contains(&key) {
-            info!(
-                "removing service {} left from an earlier configuration",
-                value.id
-            );
-            daemon.datapath.remove_service(&key)?;
-            daemon.datapath.remove_table(value.id)?;
-        }
-    }
-    let used = daemon.used_backend_ids();
-    for (id, _) in daemon.datapath.backend_entries() {
-        if !used.contains(&id) {
-            daemon.datapath.clear_backend(id)?;
-        }
-    }
-    daemon.sync_vips_and_egress()?;
+    // Fill every map before the program goes in place, so its first packet finds every table;
+    // what an earlier configuration left in pinned maps goes.
+    daemon.sync()?;
     let mode = daemon.config.daemon.xdp_mode;
     for (name, index) in &interfaces {
         daemon.datapath.attach(name, *index, mode)?;
@@ -1106,7 +1107,8 @@ async fn reload(shared: &Shared) {
             for w in &loaded.warnings {
                 warn!("{}: {w}", path.display());
             }
-            match d.reconcile(loaded.config).await {
+            let hops = resolve_hops(d.hops_needed(&loaded.config)).await;
+            match d.reconcile(loaded.config, hops) {
                 Ok(changes) if changes.is_empty() => {
                     info!("SIGHUP: {} reloaded, nothing changed", path.display())
                 }
@@ -1143,4 +1145,236 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&config.daemon.socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! `fill`, the one function that decides what the maps hold: no kernel needed.
+
+    use super::*;
+    use crate::config::Protocol;
+
+    const SEED: [u64; 2] = [1, 2];
+
+    fn hop(ifindex: u32) -> Hop {
+        Hop {
+            ifindex,
+            mac: [2, 0, 0, 0, 0, ifindex as u8],
+            src_mac: [2, 0, 0, 0, 1, 1],
+            mtu: 1500,
+            tunnel_src: None,
+            via: "192.0.2.1".parse().unwrap(),
+        }
+    }
+
+    fn backend(
+        id: u32,
+        address: &str,
+        weight: u32,
+        hop: Option<Hop>,
+        healthy: bool,
+    ) -> BackendRuntime {
+        BackendRuntime {
+            id,
+            cfg: config::Backend {
+                address: address.parse().unwrap(),
+                weight,
+                mac: None,
+            },
+            hop,
+            hop_error: None,
+            healthy,
+            last: None,
+            since: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn service(
+        id: u32,
+        vip: &str,
+        port: u16,
+        protocol: Protocol,
+        hash: HashMode,
+        backends: Vec<BackendRuntime>,
+    ) -> ServiceRuntime {
+        ServiceRuntime::new(
+            id,
+            config::Service {
+                name: format!("s{id}"),
+                vip: vip.parse().unwrap(),
+                port,
+                protocol,
+                forwarding: Forwarding::Dsr,
+                hash,
+                table_size: 251,
+                tunnel_source: None,
+                health: config::Health::default(),
+                backends: vec![],
+            },
+            backends,
+        )
+    }
+
+    fn vip_key(vip: &str, protocol: Protocol) -> lb_common::VipKey {
+        let vip: IpAddr = vip.parse().unwrap();
+        lb_common::VipKey {
+            addr: state::to_addr(vip),
+            proto: protocol.number(),
+            family: state::family(vip),
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn every_map_follows_the_services() {
+        let mut services = vec![
+            service(
+                3,
+                "203.0.113.10",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![
+                    backend(0, "192.0.2.11", 100, Some(hop(2)), true),
+                    // Down: its entry says so (its flows leave it), and no slot is its.
+                    backend(1, "192.0.2.12", 100, Some(hop(2)), false),
+                    // Drained: a valid entry (its flows stay), no slot.
+                    backend(2, "192.0.2.13", 0, Some(hop(2)), true),
+                    // Unresolved: no entry at all.
+                    backend(4, "192.0.2.14", 100, None, true),
+                    // Behind another interface: a redirect target.
+                    backend(5, "198.51.100.5", 100, Some(hop(7)), true),
+                ],
+            ),
+            service(
+                1,
+                "203.0.113.10",
+                53,
+                Protocol::Udp,
+                HashMode::Source,
+                vec![backend(6, "192.0.2.11", 100, Some(hop(2)), true)],
+            ),
+        ];
+        let f = fill(lb_common::Config::default(), &SEED, &mut services);
+
+        assert_eq!(f.services.len(), 2);
+        for s in &services {
+            let (key, value) = (s.key(), s.value());
+            assert_eq!(f.services[&key], value);
+            assert_eq!(
+                f.service_by_id[&s.id],
+                lb_common::ServiceEntry { key, value }
+            );
+            assert_eq!(
+                &*f.maglev[&s.id],
+                &lb_common::maglev_words(&s.table_without(&SEED, None))[..]
+            );
+        }
+        assert_eq!(f.service_by_id.len(), 2);
+        let table = &services[0].table;
+        assert!(table.contains(&0) && table.contains(&5));
+        assert!(!table.contains(&1) && !table.contains(&2) && !table.contains(&4));
+
+        assert_eq!(
+            f.backends.keys().copied().collect::<Vec<_>>(),
+            [0, 1, 2, 5, 6]
+        );
+        assert_eq!(
+            f.backends[&1].flags,
+            backend_flags::VALID | backend_flags::DOWN
+        );
+        assert_eq!(f.backends[&2].flags, backend_flags::VALID);
+        assert_eq!(f.backends[&5].ifindex, 7);
+        assert_eq!(f.backends[&6].service, 1);
+        assert_eq!(
+            f.devmap.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
+            [(2, 2), (7, 7)]
+        );
+        assert_eq!(
+            f.vip_filter,
+            datapath::vip_filter_words(services.iter().map(|s| s.key()).collect::<Vec<_>>().iter())
+        );
+        // One source-hashed service per VIP and protocol: later fragments can be placed.
+        assert_eq!(f.vips.len(), 2);
+        assert_eq!(
+            f.vips[&vip_key("203.0.113.10", Protocol::Tcp)],
+            services[0].value()
+        );
+        assert_eq!(
+            f.vips[&vip_key("203.0.113.10", Protocol::Udp)],
+            services[1].value()
+        );
+    }
+
+    #[test]
+    fn a_vip_with_several_services_or_a_5_tuple_hash_places_no_late_fragments() {
+        let mut services = vec![
+            service(
+                4,
+                "203.0.113.10",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+            service(
+                2,
+                "203.0.113.10",
+                443,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+            service(
+                0,
+                "203.0.113.20",
+                53,
+                Protocol::Udp,
+                HashMode::FiveTuple,
+                vec![],
+            ),
+        ];
+        let f = fill(lb_common::Config::default(), &SEED, &mut services);
+        let shared = f.vips[&vip_key("203.0.113.10", Protocol::Tcp)];
+        // Named by the VIP's lowest id, whatever the order of the services.
+        assert_eq!(shared.id, 2);
+        assert_ne!(shared.flags & service_flags::NO_LATE_FRAGMENTS, 0);
+        let five = f.vips[&vip_key("203.0.113.20", Protocol::Udp)];
+        assert_ne!(five.flags & service_flags::NO_LATE_FRAGMENTS, 0);
+        services.reverse();
+        assert_eq!(
+            fill(lb_common::Config::default(), &SEED, &mut services),
+            f,
+            "the services' order does not matter"
+        );
+    }
+
+    #[test]
+    fn a_table_is_rebuilt_only_when_what_it_is_built_from_changes() {
+        let mut services = vec![service(
+            0,
+            "203.0.113.10",
+            80,
+            Protocol::Tcp,
+            HashMode::Source,
+            vec![
+                backend(0, "192.0.2.11", 100, Some(hop(2)), true),
+                backend(1, "192.0.2.12", 100, Some(hop(2)), true),
+            ],
+        )];
+        let first = fill(lb_common::Config::default(), &SEED, &mut services);
+        let again = fill(lb_common::Config::default(), &SEED, &mut services);
+        assert!(
+            Arc::ptr_eq(&first.maglev[&0], &again.maglev[&0]),
+            "not rebuilt"
+        );
+        services[0].backends[1].healthy = false;
+        let down = fill(lb_common::Config::default(), &SEED, &mut services);
+        assert!(!Arc::ptr_eq(&first.maglev[&0], &down.maglev[&0]));
+        assert!(services[0].table.iter().all(|&id| id == 0));
+        services[0].cfg.table_size = 257;
+        let resized = fill(lb_common::Config::default(), &SEED, &mut services);
+        assert_eq!(services[0].table.len(), 257);
+        assert_eq!(resized.maglev[&0].len(), 257usize.div_ceil(4));
+    }
 }
