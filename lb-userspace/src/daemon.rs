@@ -356,7 +356,37 @@ fn spawn_conntrack_counter(bpffs_dir: PathBuf, out: Arc<ConntrackUse>) {
     }
 }
 
-pub type Shared = Arc<Mutex<Daemon>>;
+/// The daemon, shared by lbd's tasks. `lock` is held only for a moment at a time (a look, or
+/// applying a change to the runtime state and the maps): never across neighbour resolution,
+/// which can take seconds for an address nobody answers. `change` serialises whole changes
+/// (lbctl, SIGHUP): one is prepared under `lock`, its hops resolved without it, then applied
+/// under `lock` again; as no other change can come in between, what it prepared still holds
+/// (health results and neighbour refreshes meanwhile only touch the health and hops of
+/// backends it leaves alone, and are kept).
+#[derive(Clone)]
+pub struct Shared {
+    daemon: Arc<Mutex<Daemon>>,
+    changes: Arc<Mutex<()>>,
+}
+
+impl Shared {
+    pub fn new(daemon: Daemon) -> Shared {
+        Shared {
+            daemon: Arc::new(Mutex::new(daemon)),
+            changes: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// The daemon, for a moment.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Daemon> {
+        self.daemon.lock().await
+    }
+
+    /// The right to make a change (config file and runtime state), held for all of it.
+    pub async fn change(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+}
 
 fn drained_key(service: &str, address: IpAddr) -> String {
     format!("{service} {address}")
@@ -1017,7 +1047,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     );
     let socket_path = daemon.config.daemon.socket.clone();
     let metrics_addr = daemon.config.daemon.metrics;
-    let shared: Shared = Arc::new(Mutex::new(daemon));
+    let shared = Shared::new(daemon);
     let metrics_listener = match metrics_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -1096,19 +1126,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: re-read the file and apply the difference; a broken file changes nothing.
+/// SIGHUP: re-read the file and apply the difference; a broken file changes nothing. Like an
+/// lbctl change, new hops are resolved without holding the daemon's lock.
 async fn reload(shared: &Shared) {
     notify(&[sd_notify::NotifyState::Reloading]);
-    let mut d = shared.lock().await;
-    let path = d.config_path.clone();
+    let _one_change_at_a_time = shared.change().await;
+    let path = shared.lock().await.config_path.clone();
     match config::load(&path) {
         Err(e) => error!("SIGHUP: {e}; the running state is unchanged"),
         Ok(loaded) => {
             for w in &loaded.warnings {
                 warn!("{}: {w}", path.display());
             }
-            let hops = resolve_hops(d.hops_needed(&loaded.config)).await;
-            match d.reconcile(loaded.config, hops) {
+            let needed = shared.lock().await.hops_needed(&loaded.config);
+            let hops = resolve_hops(needed).await;
+            match shared.lock().await.reconcile(loaded.config, hops) {
                 Ok(changes) if changes.is_empty() => {
                     info!("SIGHUP: {} reloaded, nothing changed", path.display())
                 }

@@ -6,7 +6,7 @@
 use std::{
     net::{SocketAddr, UdpSocket},
     os::fd::OwnedFd,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_tests::{
@@ -423,4 +423,100 @@ fn maps_match_a_fresh_fill_after_every_change() {
         problems.join("\n"),
         run.lbd.log_tail()
     );
+}
+
+/// `lbctl backend add` of an address nobody answers waits for neighbour resolution (3 s), but
+/// not while holding lbd's lock (issue 10, item 14): `lbctl status`, a metrics scrape and a
+/// health transition all answer while the add is still pending, which each answer shows by
+/// itself: the new backend is not in it yet.
+#[test]
+fn a_silent_backend_add_does_not_stall_status_metrics_or_health() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let config = paths.daemon_section(&format!(
+        "hash_seed = \"{SEED_HEX}\"\nmetrics = \"192.0.2.2:9917\"\n"
+    )) + &service(
+        "web",
+        &format!("vip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\""),
+        health(),
+        &[("192.0.2.11", 100), ("192.0.2.12", 100)],
+    );
+    let lbd = start_lbd(&t, &config).expect("starting lbd");
+    wait_states(&lbd, "web", &[("192.0.2.11", "up"), ("192.0.2.12", "up")]);
+    let endpoint = SocketAddr::new(t.lb_addr(), 9917);
+    const SILENT: &str = "192.0.2.99";
+    let listed = |list: &[Value]| list.iter().any(|r| r["address"] == SILENT);
+
+    // Backend 2 fails its checks from now on: lbd sees it down about 0.4 s later.
+    t.stop_backend_server(2).unwrap();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        // On-link, and nobody holds it: resolution gives up after 3 s.
+        let add = s.spawn(|| {
+            let out = lbd.lbctl(&["backend", "add", "web", SILENT]).unwrap();
+            (started.elapsed(), out)
+        });
+        // Late enough that the add is under way (lbctl connects in milliseconds).
+        std::thread::sleep(Duration::from_millis(300));
+        let status = lbd.lbctl_json(&["status"]).unwrap();
+        let status_at = started.elapsed();
+        let scrape = t
+            .http_get(t.client_ns(1), t.client_addr(1), endpoint, "/metrics")
+            .unwrap();
+        let scrape_at = started.elapsed();
+        let mut down_list = vec![];
+        let down = wait_until(Duration::from_secs(10), "backend 2 to be down", || {
+            let list = backends(&lbd, "web");
+            let down = list
+                .iter()
+                .any(|r| r["address"] == "192.0.2.12" && r["state"] == "down");
+            if down {
+                down_list = list;
+            }
+            down
+        });
+        let down_at = started.elapsed();
+        let (add_at, out) = add.join().unwrap();
+        eprintln!(
+            "add returned at {add_at:?}; status at {status_at:?}, metrics at {scrape_at:?}, \
+             backend 2 shown down at {down_at:?}"
+        );
+        assert!(
+            out.status.success(),
+            "lbctl backend add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(status["pid"].is_u64(), "{status}");
+        assert_eq!(scrape.status, 200);
+        down.unwrap_or_else(|e| panic!("{e:#}\n{}", lbd.log_tail()));
+        let mut late = vec![];
+        // Two backends before the add, three after.
+        if status["backends"] != 2 {
+            late.push(format!(
+                "lbctl status answered at {status_at:?}, once the add was done"
+            ));
+        }
+        if scrape.text().contains(SILENT) {
+            late.push(format!(
+                "a metrics scrape answered at {scrape_at:?}, once the add was done"
+            ));
+        }
+        if listed(&down_list) {
+            late.push(format!(
+                "backend 2's health transition was shown at {down_at:?}, once the add was done"
+            ));
+        }
+        assert!(
+            late.is_empty(),
+            "held up by the silent backend's resolution (the add returned at {add_at:?}):\n{}\nlbd log:\n{}",
+            late.join("\n"),
+            lbd.log_tail()
+        );
+    });
+    let list = backends(&lbd, "web");
+    let silent = list
+        .iter()
+        .find(|r| r["address"] == SILENT)
+        .expect("the silent backend is listed once the add returned");
+    assert_eq!(silent["state"], "down", "{silent}");
 }
