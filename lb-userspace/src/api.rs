@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     config::{self, CheckKind, Forwarding, HashMode, Protocol},
     config_edit::ConfigFile,
-    daemon::{BackendState, Daemon, ServiceRuntime, Shared},
+    daemon::{BackendState, Daemon, InterfaceState, ServiceRuntime, Shared},
     datapath::Attachment,
     metrics, state,
 };
@@ -230,9 +230,15 @@ pub struct Status {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct InterfaceStatus {
     pub name: String,
+    /// Its index now (0 while it is missing).
     pub ifindex: u32,
     pub mode: String,
     pub link_id: u32,
+    /// Whether the program is on it now: `attached`, `missing` or `detached`.
+    pub state: Option<InterfaceState>,
+    /// Why its state could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl From<&Attachment> for InterfaceStatus {
@@ -242,13 +248,39 @@ impl From<&Attachment> for InterfaceStatus {
             ifindex: a.ifindex,
             mode: a.mode.clone(),
             link_id: a.link_id,
+            state: None,
+            problem: None,
         }
     }
 }
 
 async fn status(State(shared): State<Shared>) -> Json<Status> {
-    let d = shared.lock().await;
-    Json(Status {
+    let mut status = status_of(&*shared.lock().await);
+    // Each interface as it is now (netlink and link info), without holding the daemon.
+    let bpffs_dir = std::path::PathBuf::from(&status.bpffs_dir);
+    match crate::netlink::Netlink::new() {
+        Ok(netlink) => {
+            for i in &mut status.interfaces {
+                match crate::daemon::interface_now(&netlink, &bpffs_dir, &i.name).await {
+                    Ok(now) => {
+                        i.state = Some(now.state);
+                        i.ifindex = now.ifindex.unwrap_or(0);
+                    }
+                    Err(e) => i.problem = Some(format!("{e:#}")),
+                }
+            }
+        }
+        Err(e) => {
+            for i in &mut status.interfaces {
+                i.problem = Some(e.to_string());
+            }
+        }
+    }
+    Json(status)
+}
+
+fn status_of(d: &Daemon) -> Status {
+    Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").into(),
         config: d.config_path.display().to_string(),
@@ -265,7 +297,7 @@ async fn status(State(shared): State<Shared>) -> Json<Status> {
             .collect(),
         services: d.services.len(),
         backends: d.services.iter().map(|s| s.backends.len()).sum(),
-    })
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, mpsc};
 use crate::{
     api,
     config::{self, CheckKind, Config, Forwarding, HashMode},
-    datapath::{self, Datapath, Fill, Start},
+    datapath::{self, Datapath, Fill, LinkPlace, Start},
     health,
     netlink::Netlink,
     state,
@@ -900,6 +900,90 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// Whether the program is on an interface lbd is configured for (`lbctl status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceState {
+    /// The interface exists here and its pinned link is on it.
+    Attached,
+    /// No interface of that name in this network namespace.
+    Missing,
+    /// The interface exists, but the program is not on it: its link is gone, detached (the
+    /// interface was deleted and recreated), or on another interface.
+    Detached,
+}
+
+/// An interface lbd is configured for, as it is now.
+#[derive(Debug, Clone)]
+pub struct InterfaceNow {
+    pub state: InterfaceState,
+    /// Its index here, when it exists.
+    pub ifindex: Option<u32>,
+    /// The pinned link, and where it is, when there is one.
+    pub link: Option<(datapath::LinkFacts, LinkPlace)>,
+}
+
+/// Looks at interface `name` and its pinned link under `bpffs_dir` (link info and netlink).
+pub async fn interface_now(
+    netlink: &Netlink,
+    bpffs_dir: &Path,
+    name: &str,
+) -> anyhow::Result<InterfaceNow> {
+    let iface = netlink.interface_by_name(name).await?;
+    let pin = datapath::link_pin(bpffs_dir, name);
+    let link = match datapath::link_facts(&pin) {
+        Ok(facts) => {
+            let at_index = match facts.ifindex {
+                0 => None,
+                i => netlink.interface_by_index(i).await?,
+            };
+            Some((facts, LinkPlace::of(&facts, at_index.as_ref(), name)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the pinned link {}", pin.display()));
+        }
+    };
+    let state = match (&iface, &link) {
+        (None, _) => InterfaceState::Missing,
+        (Some(_), Some((_, LinkPlace::Here))) => InterfaceState::Attached,
+        (Some(_), _) => InterfaceState::Detached,
+    };
+    Ok(InterfaceNow {
+        state,
+        ifindex: iface.map(|i| i.index),
+        link,
+    })
+}
+
+/// At start, before the pins are opened: refuses a link pinned for `name` that is attached in
+/// another network namespace (an lbd there uses the same `bpffs_dir`), and removes one that
+/// is detached or on another interface here, so that the program is attached anew.
+async fn check_pinned_link(netlink: &Netlink, bpffs_dir: &Path, name: &str) -> anyhow::Result<()> {
+    let pin = datapath::link_pin(bpffs_dir, name);
+    let Some((facts, place)) = interface_now(netlink, bpffs_dir, name).await?.link else {
+        return Ok(());
+    };
+    match place {
+        LinkPlace::Here => return Ok(()),
+        LinkPlace::Foreign => bail!(
+            "{} holds link {} attached to ifindex {} of another network namespace, not to {name} here: an lbd there uses the same daemon.bpffs_dir; give each network namespace's lbd a bpffs_dir of its own (nothing was changed)",
+            pin.display(),
+            facts.id,
+            facts.ifindex
+        ),
+        LinkPlace::Defunct => warn!(
+            "{name}: the pinned link {} is detached (its interface was deleted, or moved to another namespace): attaching anew",
+            facts.id
+        ),
+        LinkPlace::OtherInterface { name: other } => warn!(
+            "{name}: the pinned link {} is on {other} (renamed?), not on {name}: attaching anew to {name}",
+            facts.id
+        ),
+    }
+    std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))
+}
+
 /// Services with ids, from the config and what the pinned maps already hold: a restarted lbd
 /// keeps every id the data path (and its connection table) uses.
 fn initial_runtime(config: &Config, datapath: &Datapath) -> anyhow::Result<Vec<ServiceRuntime>> {
@@ -975,6 +1059,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             format!("daemon.interfaces: there is no interface {name:?} in this network namespace")
         })?;
         interfaces.push((name.clone(), iface.index));
+        check_pinned_link(&netlink, &config.daemon.bpffs_dir, name).await?;
     }
     drop(netlink);
 
@@ -1076,17 +1161,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
         })
     };
-    let refresher = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(REFRESH_INTERVAL).await;
-                if let Err(e) = Daemon::refresh(&shared).await {
-                    error!("refreshing backends: {e:#}");
-                }
-            }
-        })
-    };
+    let follower = tokio::spawn(follow(shared.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listener) = metrics_listener {
         let shared = shared.clone();
@@ -1119,10 +1194,125 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     api::serve(listener, shared.clone(), signals).await?;
-    refresher.abort();
+    follower.abort();
     health_task.abort();
     shared.lock().await.monitor.stop_all();
     let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// How long lbd lets a burst of the kernel's notifications settle before acting on it.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Follows the system until aborted: the configured interfaces (attached anew when one comes
+/// back, see `follow_interfaces`) and the backends' hops (`Daemon::refresh`), as soon as the
+/// kernel announces a change of an interface, and every `REFRESH_INTERVAL` anyway.
+async fn follow(shared: Shared) {
+    let mut changes = match crate::netlink::watch() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(
+                "cannot follow the kernel's notifications ({e}): interfaces and neighbours are re-read every {REFRESH_INTERVAL:?} only"
+            );
+            None
+        }
+    };
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + REFRESH_INTERVAL,
+        REFRESH_INTERVAL,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut states: HashMap<String, InterfaceState> = HashMap::new();
+    let names = shared.lock().await.config.daemon.interfaces.clone();
+    if let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
+        error!("following the interfaces: {e:#}");
+    }
+    loop {
+        let names = shared.lock().await.config.daemon.interfaces.clone();
+        let links = tokio::select! {
+            _ = tick.tick() => true,
+            change = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(change) = change else {
+                    warn!("the kernel's notifications stopped: interfaces and neighbours are re-read every {REFRESH_INTERVAL:?} only");
+                    changes = None;
+                    continue;
+                };
+                // A burst (an interface recreated: addresses, routes, neighbours) settles first.
+                tokio::time::sleep(SETTLE).await;
+                let mut all = vec![change];
+                if let Some(rx) = changes.as_mut() {
+                    while let Ok(c) = rx.try_recv() {
+                        all.push(c);
+                    }
+                }
+                all.iter().any(|c| match c {
+                    crate::netlink::Change::Link { name, .. }
+                    | crate::netlink::Change::LinkGone { name, .. } => names.contains(name),
+                    _ => false,
+                })
+            }
+        };
+        if links {
+            match follow_interfaces(&shared, &names, &mut states).await {
+                Ok(()) => {}
+                Err(e) => error!("following the interfaces: {e:#}"),
+            }
+            if let Err(e) = Daemon::refresh(&shared).await {
+                error!("refreshing backends: {e:#}");
+            }
+        }
+    }
+}
+
+/// Looks at every configured interface: logs what changed since `states`, and attaches the
+/// program anew to one that is back (deleted and recreated, or renamed back while another
+/// took its name) with its link detached or elsewhere. A link pin removed by hand (`lbd
+/// --cleanup` of a running lbd) is left alone: the interface shows `detached`.
+async fn follow_interfaces(
+    shared: &Shared,
+    names: &[String],
+    states: &mut HashMap<String, InterfaceState>,
+) -> anyhow::Result<()> {
+    let netlink = Netlink::new()?;
+    let (bpffs_dir, mode) = {
+        let d = shared.lock().await;
+        (d.config.daemon.bpffs_dir.clone(), d.config.daemon.xdp_mode)
+    };
+    for name in names {
+        let mut now = interface_now(&netlink, &bpffs_dir, name).await?;
+        if let (Some(ifindex), Some((_, LinkPlace::Defunct | LinkPlace::OtherInterface { .. }))) =
+            (now.ifindex, &now.link)
+        {
+            let mut d = shared.lock().await;
+            match d.datapath.reattach(name, ifindex, mode) {
+                Ok(()) => {
+                    info!("{name} is back (ifindex {ifindex}): the program is attached to it anew");
+                    now.state = InterfaceState::Attached;
+                }
+                Err(e) => {
+                    error!("{name} is back (ifindex {ifindex}) but cannot take the program: {e}")
+                }
+            }
+        }
+        let before = states.insert(name.clone(), now.state);
+        if before.is_some_and(|b| b != now.state) {
+            match now.state {
+                InterfaceState::Attached => info!("{name}: attached"),
+                InterfaceState::Missing => warn!(
+                    "{name} is gone: nothing is balanced there until it comes back (lbd attaches the program to it then)"
+                ),
+                InterfaceState::Detached => warn!(
+                    "{name}: the program is not on it (its link pin {} is gone or elsewhere)",
+                    datapath::link_pin(&bpffs_dir, name).display()
+                ),
+            }
+        }
+    }
     Ok(())
 }
 

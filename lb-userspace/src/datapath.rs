@@ -81,6 +81,16 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
     }
 }
 
+/// Whether a map operation failed only because the key was not there (aya reports a missing
+/// key as `KeyNotFound` for some calls and as the syscall's ENOENT for others).
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let what = what.into();
     move |e| DatapathError::Map {
@@ -187,6 +197,10 @@ pub enum Start {
     /// Pins of another map layout were found: the new program gets new maps of its own layout
     /// and replaces the old program in one step; the old maps are removed after the swap.
     Replaced { old_layouts: Vec<String> },
+    /// The pinned maps hold this very program's fingerprint, but the link of some interface
+    /// was missing or detached (its interface deleted and recreated): the program is loaded
+    /// again on the same maps, attached anew there and swapped in through the links that work.
+    Reattached,
 }
 
 /// Every map, opened.
@@ -457,12 +471,150 @@ pub fn read_pinned_frags(bpffs_dir: &Path) -> Result<Vec<(FragKey, FragValue)>> 
         .map_err(map_err("reading FRAGS"))
 }
 
+/// Loads the program (verified, not attached) on the maps pinned in `dir` (creating and pinning
+/// those that are missing), with a connection table of `sets` sets: the object and the
+/// program's id.
+fn load_program(dir: &Path, sets: u32) -> Result<(Ebpf, u32)> {
+    let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(maps::CONNTRACK, sets);
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(PROGRAM_OBJECT)?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| {
+            DatapathError::Other(format!("program {PROGRAM_NAME} missing from the object"))
+        })?
+        .try_into()
+        .map_err(prog_err("the program is not XDP"))?;
+    program
+        .load()
+        .map_err(prog_err("verifying and loading the XDP program"))?;
+    let program_id = program
+        .info()
+        .map_err(prog_err("reading program info"))?
+        .id();
+    Ok((ebpf, program_id))
+}
+
 /// A stable fingerprint of the program object (FNV-1a), kept in CONFIG: a restarted lbd whose
 /// program is the running one adopts it instead of reloading.
 pub fn program_hash(object: &[u8]) -> u64 {
     object.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// What the kernel says of a pinned bpf_link (the head of its `bpf_link_info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub id: u32,
+    pub program_id: u32,
+    /// The interface an XDP link is attached to; 0 once that interface is gone (deleted, or
+    /// moved to another network namespace): the link is then defunct.
+    pub ifindex: u32,
+    pub is_xdp: bool,
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// The facts of the link pinned at `pin`, read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD
+/// (aya 0.14 does not expose the XDP part of a link's info: its interface).
+pub fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags: all others zero.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: attr is a zeroed buffer the size of bpf_attr holding a valid NUL-terminated
+    // path, which outlives the call; the kernel only reads it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // The head of bpf_link_info: type, id, prog_id, padding, then (XDP) ifindex. The kernel
+    // fills at most info_len bytes.
+    let mut info = [0u32; 6];
+    let mut attr = [0u64; 16];
+    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: attr names a valid fd and a writable buffer of info_len bytes, which outlives
+    // the call; the kernel writes at most info_len bytes into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(LinkFacts {
+        is_xdp: info[0] == BPF_LINK_TYPE_XDP,
+        id: info[1],
+        program_id: info[2],
+        ifindex: info[4],
+    })
+}
+
+/// Where a pinned XDP link is, seen from this network namespace, for interface `name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkPlace {
+    /// On the interface called `name` here, running its program.
+    Here,
+    /// Its interface is gone (deleted, or moved to another namespace): nothing is attached.
+    Defunct,
+    /// On another interface of this namespace (the one called `name` was renamed away, and
+    /// perhaps another took its name).
+    OtherInterface { name: String },
+    /// On an interface of another network namespace (whose lbd uses the same pin folder).
+    Foreign,
+}
+
+impl LinkPlace {
+    /// Where the link of `facts` is, given the interface of this namespace with the link's
+    /// ifindex (`at_index`, if there is one): it is that interface's only if that interface
+    /// runs the link's program (an ifindex of another namespace may exist here too).
+    pub fn of(
+        facts: &LinkFacts,
+        at_index: Option<&crate::netlink::Interface>,
+        name: &str,
+    ) -> LinkPlace {
+        if facts.ifindex == 0 {
+            return LinkPlace::Defunct;
+        }
+        match at_index {
+            Some(i) if i.index == facts.ifindex && i.xdp_programs.contains(&facts.program_id) => {
+                if i.name == name {
+                    LinkPlace::Here
+                } else {
+                    LinkPlace::OtherInterface {
+                        name: i.name.clone(),
+                    }
+                }
+            }
+            _ => LinkPlace::Foreign,
+        }
+    }
 }
 
 /// Folders of map pins of other layouts than this lbd's.
@@ -540,27 +692,11 @@ impl Datapath {
             fs::remove_file(&conntrack_pin)
                 .map_err(io_err(format!("removing {}", conntrack_pin.display())))?;
         }
-        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::CONNTRACK, sets);
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| {
-                DatapathError::Other(format!("program {PROGRAM_NAME} missing from the object"))
-            })?
-            .try_into()
-            .map_err(prog_err("the program is not XDP"))?;
-        program
-            .load()
-            .map_err(prog_err("verifying and loading the XDP program"))?;
-        let program_id = program
-            .info()
-            .map_err(prog_err("reading program info"))?
-            .id();
+        let ours = Maps::from_pins(&dir)
+            .ok()
+            .and_then(|m| m.config.get(&0, 0).ok())
+            .is_some_and(|c| c.program_hash == hash && c.layout_version == LAYOUT_VERSION);
+        let (mut ebpf, program_id) = load_program(&dir, sets)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let start = if !old.is_empty() {
             let old_layouts: Vec<String> = old.iter().map(|p| p.display().to_string()).collect();
@@ -569,6 +705,11 @@ impl Datapath {
                 old_layouts.join(", ")
             );
             Start::Replaced { old_layouts }
+        } else if ours && !linked {
+            info!(
+                "the pinned maps hold this program, but not every interface has a working link: loading it again on them and attaching it anew where needed"
+            );
+            Start::Reattached
         } else if interfaces.iter().any(|i| link_pin(bpffs_dir, i).exists()) {
             info!(
                 "a different program is running: it will be replaced in place through its pinned link"
@@ -702,7 +843,7 @@ impl Datapath {
                     info!(
                         "{interface}: replaced the program in the pinned link {link_id} (no detach)"
                     );
-                    self.attachments.push(Attachment {
+                    self.record(Attachment {
                         interface: interface.into(),
                         ifindex,
                         mode: "adopted".into(),
@@ -716,6 +857,50 @@ impl Datapath {
                 }
             }
         }
+        self.attach_new(interface, ifindex, mode)
+    }
+
+    /// Attaches the program anew to `interface` while lbd runs, replacing its pinned link
+    /// (detached, or on another interface): the interface was deleted and recreated, or
+    /// another interface took its name. An adopted program is loaded again first, on the same
+    /// maps, and swapped into the other interfaces' links too, so all run one program.
+    pub fn reattach(&mut self, interface: &str, ifindex: u32, mode: config::XdpMode) -> Result<()> {
+        if self.ebpf.is_none() {
+            let (ebpf, program_id) =
+                load_program(&maps_dir(&self.bpffs_dir), self.conntrack_sets()?)?;
+            self.ebpf = Some(ebpf);
+            self.program_id = program_id;
+            let others: Vec<String> = self
+                .attachments
+                .iter()
+                .map(|a| a.interface.clone())
+                .filter(|i| i != interface)
+                .collect();
+            for other in others {
+                let pin = link_pin(&self.bpffs_dir, &other);
+                if let Err(e) = self.replace_in_link(&pin) {
+                    warn!("{other}: the program could not be swapped into its link ({e})");
+                }
+            }
+        }
+        let pin = link_pin(&self.bpffs_dir, interface);
+        match fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing {}", pin.display()))(e)),
+        }
+        self.attach_new(interface, ifindex, mode)
+    }
+
+    /// Keeps `a` as the attachment of its interface (replacing an earlier one).
+    fn record(&mut self, a: Attachment) {
+        self.attachments.retain(|x| x.interface != a.interface);
+        self.attachments.push(a);
+    }
+
+    /// Attaches the loaded program to `interface` in `mode` and pins its link.
+    fn attach_new(&mut self, interface: &str, ifindex: u32, mode: config::XdpMode) -> Result<()> {
+        let pin = link_pin(&self.bpffs_dir, interface);
         let tries: &[(XdpMode, &str)] = match mode {
             config::XdpMode::Native => &[(XdpMode::Driver, "native")],
             config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
@@ -742,7 +927,7 @@ impl Datapath {
                         ))
                     })?;
                     info!("{interface}: XDP program attached in {label} mode (link {link_id})");
-                    self.attachments.push(Attachment {
+                    self.record(Attachment {
                         interface: interface.into(),
                         ifindex,
                         mode: label.into(),
@@ -921,7 +1106,8 @@ impl Datapath {
 
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<()> {
         match self.maps.services.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(map_err("removing a service")(e)),
         }
         self.shadow.services.remove(key);
@@ -1069,7 +1255,8 @@ impl Datapath {
             .collect();
         for key in &gone {
             match self.maps.vips.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(map_err("removing a VIP from VIPS")(e)),
             }
             self.shadow.vips.remove(key);
@@ -1147,7 +1334,8 @@ impl Datapath {
             .collect();
         for ifindex in ids {
             match self.maps.devmap.remove(ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => {
                     return Err(map_err(format!("removing interface {ifindex} from DEVMAP"))(e));
                 }
@@ -1209,7 +1397,8 @@ impl Datapath {
             .collect();
         for k in &stale {
             match self.maps.frags.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(map_err("removing a stale FRAGS entry")(e)),
             }
         }
@@ -1682,6 +1871,49 @@ mod tests {
             f.devmap.insert(1, 1);
         }
         f
+    }
+
+    #[test]
+    fn where_a_pinned_link_is() {
+        let facts = LinkFacts {
+            id: 9,
+            program_id: 42,
+            ifindex: 3,
+            is_xdp: true,
+        };
+        let iface = |index: u32, name: &str, programs: &[u32]| crate::netlink::Interface {
+            index,
+            name: name.into(),
+            mac: [0; 6],
+            mtu: 1500,
+            addrs: vec![],
+            up: true,
+            xdp_programs: programs.to_vec(),
+        };
+        let here = iface(3, "eth0", &[42]);
+        assert_eq!(LinkPlace::of(&facts, Some(&here), "eth0"), LinkPlace::Here);
+        let renamed = iface(3, "eth0-old", &[42]);
+        assert_eq!(
+            LinkPlace::of(&facts, Some(&renamed), "eth0"),
+            LinkPlace::OtherInterface {
+                name: "eth0-old".into()
+            }
+        );
+        // Index 3 here runs no program of that link: the link is another namespace's.
+        let unrelated = iface(3, "eth0", &[]);
+        assert_eq!(
+            LinkPlace::of(&facts, Some(&unrelated), "eth0"),
+            LinkPlace::Foreign
+        );
+        assert_eq!(LinkPlace::of(&facts, None, "eth0"), LinkPlace::Foreign);
+        let defunct = LinkFacts {
+            ifindex: 0,
+            ..facts
+        };
+        assert_eq!(
+            LinkPlace::of(&defunct, Some(&here), "eth0"),
+            LinkPlace::Defunct
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressFlags},
-    link::{LinkAttribute, LinkFlags, LinkMessage},
+    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
@@ -157,6 +157,8 @@ pub struct Interface {
     pub addrs: Vec<(IpAddr, u8)>,
     /// Administratively up (IFF_UP, `ip link set IF up`).
     pub up: bool,
+    /// Ids of the XDP programs attached to it (IFLA_XDP), in any mode.
+    pub xdp_programs: Vec<u32>,
 }
 
 /// The kernel's answer to `ip route get DST`.
@@ -611,6 +613,83 @@ impl Netlink {
     }
 }
 
+/// A change the kernel announced (rtnetlink notifications), as far as lbd follows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// An interface appeared or changed (name, MAC, MTU, state, XDP program): its index and
+    /// name.
+    Link { index: u32, name: String },
+    /// An interface went.
+    LinkGone { index: u32, name: String },
+    /// A route was added, changed or removed.
+    Route,
+    /// A neighbour entry on interface `ifindex` changed.
+    Neighbour { ifindex: u32 },
+    /// An address was added to or removed from interface `ifindex`.
+    Address { ifindex: u32 },
+}
+
+/// Subscribes to the kernel's notifications of links, routes (IPv4 and IPv6), neighbours and
+/// addresses in the calling thread's network namespace: every one is sent to the returned
+/// channel as it comes, until the receiver is dropped. Needs a tokio runtime.
+pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>, NetlinkError> {
+    use rtnetlink::MulticastGroup as G;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| NetlinkError::NoRuntime)?;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        G::Link,
+        G::Ipv4Route,
+        G::Ipv6Route,
+        G::Neigh,
+        G::Ipv4Ifaddr,
+        G::Ipv6Ifaddr,
+    ])
+    .map_err(NetlinkError::Connect)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let connection = runtime.spawn(conn);
+    runtime.spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let NetlinkPayload::InnerMessage(m) = message.payload else {
+                continue;
+            };
+            let change = match m {
+                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::SetLink(l) => {
+                    let i = parse_link(&l);
+                    Change::Link {
+                        index: i.index,
+                        name: i.name,
+                    }
+                }
+                RouteNetlinkMessage::DelLink(l) => {
+                    let i = parse_link(&l);
+                    Change::LinkGone {
+                        index: i.index,
+                        name: i.name,
+                    }
+                }
+                RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => {
+                    Change::Route
+                }
+                RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+                    Change::Neighbour {
+                        ifindex: n.header.ifindex,
+                    }
+                }
+                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                    Change::Address {
+                        ifindex: a.header.index,
+                    }
+                }
+                _ => continue,
+            };
+            if tx.send(change).is_err() {
+                break;
+            }
+        }
+        connection.abort();
+    });
+    Ok(rx)
+}
+
 /// An Interface without its addresses.
 fn parse_link(link: &LinkMessage) -> Interface {
     let mut iface = Interface {
@@ -620,10 +699,24 @@ fn parse_link(link: &LinkMessage) -> Interface {
         mtu: 0,
         addrs: Vec::new(),
         up: link.header.flags.contains(LinkFlags::Up),
+        xdp_programs: Vec::new(),
     };
     for attr in &link.attributes {
         match attr {
             LinkAttribute::IfName(n) => iface.name = n.clone(),
+            LinkAttribute::Xdp(nlas) => {
+                for nla in nlas {
+                    if let LinkXdp::ProgId(id)
+                    | LinkXdp::DrvProgId(id)
+                    | LinkXdp::SkbProgId(id)
+                    | LinkXdp::HwProgId(id) = nla
+                        && *id != 0
+                        && !iface.xdp_programs.contains(id)
+                    {
+                        iface.xdp_programs.push(*id);
+                    }
+                }
+            }
             LinkAttribute::Address(a) => {
                 if let Ok(mac) = <[u8; 6]>::try_from(&a[..]) {
                     iface.mac = mac;

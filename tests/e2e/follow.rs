@@ -11,7 +11,7 @@ use std::{
 
 use lb_tests::{
     Topology, TopologyOptions,
-    lbd::{Lbd, LbdPaths, spawn_lbd, start_lbd},
+    lbd::{Lbd, LbdPaths, spawn_lbd, spawn_lbd_in, start_lbd},
     netns, require_root, retry_until, wait_until,
 };
 use lb_userspace::datapath::{Fill, read_pinned_frags};
@@ -519,4 +519,202 @@ fn a_silent_backend_add_does_not_stall_status_metrics_or_health() {
         .find(|r| r["address"] == SILENT)
         .expect("the silent backend is listed once the add returned");
     assert_eq!(silent["state"], "down", "{silent}");
+}
+
+/// A plain config: "web" on VIP:80 over backends 1..=3, no health checks (nothing but the
+/// interface changes under test).
+fn plain_config(paths: &LbdPaths) -> String {
+    paths.daemon_section(&format!("hash_seed = \"{SEED_HEX}\"\n"))
+        + &service(
+            "web",
+            &format!("vip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\""),
+            "",
+            &[
+                ("192.0.2.11", 100),
+                ("192.0.2.12", 100),
+                ("192.0.2.13", 100),
+            ],
+        )
+}
+
+/// `lbctl status`'s entry for eth0.
+fn eth0_status(lbd: &Lbd) -> Value {
+    lbd.lbctl_json(&["status"]).expect("lbctl status")["interfaces"][0].clone()
+}
+
+/// Which backend serves `src` through the VIP, tried for up to 10 s (the interface may be
+/// coming back).
+fn served(t: &Topology, src: std::net::IpAddr) -> anyhow::Result<usize> {
+    let vip80: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    retry_until(Duration::from_secs(10), "a request through the VIP", || {
+        t.which_backend(src, vip80)
+    })
+}
+
+/// The interface lbd is attached to is deleted and recreated while lbd runs (a driver reload,
+/// a recreated veth): `lbctl status` shows it `missing`, then lbd attaches the program to the
+/// new interface, shows it `attached`, and traffic flows again (issue 10, item 6). Renamed
+/// away it is `missing` too, and `attached` again once renamed back.
+#[test]
+fn an_interface_deleted_and_recreated_while_lbd_runs_is_attached_again() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let lbd = start_lbd(&t, &plain_config(&paths)).expect("starting lbd");
+    let src = t.client_sources(1)[0];
+    let backend = served(&t, src).expect("served before");
+    let mut problems = vec![];
+    let before = eth0_status(&lbd);
+    if before["state"] != "attached" {
+        problems.push(format!("before: eth0 is not shown attached: {before}"));
+    }
+
+    t.exec_ok(t.lb_ns(), &["ip", "link", "del", "eth0"])
+        .unwrap();
+    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown missing", || {
+        eth0_status(&lbd)["state"] == "missing"
+    }) {
+        problems.push(format!("{e}: {}", eth0_status(&lbd)));
+    }
+    let _switch_port = t.recreate_lb_eth0().expect("recreating eth0");
+    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown attached again", || {
+        eth0_status(&lbd)["state"] == "attached"
+    }) {
+        problems.push(format!("{e}: {}", eth0_status(&lbd)));
+    }
+    match served(&t, src) {
+        Ok(b) if b == backend => {}
+        other => problems.push(format!(
+            "after eth0 came back, {src} was not served by backend {backend}: {other:?}"
+        )),
+    }
+
+    // Renamed away (the link stays on the device) and back.
+    for cmd in [
+        "link set eth0 down",
+        "link set eth0 name eth0-old",
+        "link set eth0-old up",
+    ] {
+        t.exec_ok(
+            t.lb_ns(),
+            &format!("ip {cmd}").split(' ').collect::<Vec<_>>(),
+        )
+        .unwrap();
+    }
+    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown missing", || {
+        eth0_status(&lbd)["state"] == "missing"
+    }) {
+        problems.push(format!("renamed: {e}: {}", eth0_status(&lbd)));
+    }
+    for cmd in [
+        "link set eth0-old down",
+        "link set eth0-old name eth0",
+        "link set eth0 up",
+    ] {
+        t.exec_ok(
+            t.lb_ns(),
+            &format!("ip {cmd}").split(' ').collect::<Vec<_>>(),
+        )
+        .unwrap();
+    }
+    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown attached again", || {
+        eth0_status(&lbd)["state"] == "attached"
+    }) {
+        problems.push(format!("renamed back: {e}: {}", eth0_status(&lbd)));
+    }
+    match served(&t, src) {
+        Ok(b) if b == backend => {}
+        other => problems.push(format!(
+            "after eth0 was renamed back, {src} was not served by backend {backend}: {other:?}"
+        )),
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nlbd log:\n{}",
+        problems.join("\n"),
+        lbd.log_tail()
+    );
+}
+
+/// The interface is deleted and recreated while lbd is stopped: the pinned link is detached
+/// (its interface is gone), so the next lbd attaches anew instead of saying "adopted".
+#[test]
+fn a_link_left_detached_while_lbd_was_stopped_is_replaced() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let first = start_lbd(&t, &plain_config(&paths)).expect("starting lbd");
+    let src = t.client_sources(1)[0];
+    let backend = served(&t, src).expect("served before");
+    assert!(first.stop().unwrap().success());
+
+    t.exec_ok(t.lb_ns(), &["ip", "link", "del", "eth0"])
+        .unwrap();
+    let _switch_port = t.recreate_lb_eth0().expect("recreating eth0");
+    let second = spawn_lbd(&t, &paths).unwrap();
+    let status = second.wait_answering(Duration::from_secs(15)).unwrap();
+    let mut problems = vec![];
+    if status["start"] == "adopted" {
+        problems.push(format!("lbd says it adopted a detached link: {status}"));
+    }
+    if status["interfaces"][0]["state"] != "attached" {
+        problems.push(format!("eth0 is not shown attached: {status}"));
+    }
+    match served(&t, src) {
+        Ok(b) if b == backend => {}
+        other => problems.push(format!(
+            "{src} was not served by backend {backend}: {other:?}"
+        )),
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nlbd log:\n{}",
+        problems.join("\n"),
+        second.log_tail()
+    );
+}
+
+/// An lbd in another network namespace given the same `bpffs_dir` finds pins whose link is
+/// attached there, not here: it refuses them with a clear error and touches nothing.
+#[test]
+fn another_namespaces_pins_are_refused() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let first = start_lbd(&t, &plain_config(&paths)).expect("starting lbd");
+    let src = t.client_sources(1)[0];
+    let backend = served(&t, src).expect("served before");
+    // Stopped: its program keeps running in the LB's namespace, its pins stay.
+    assert!(first.stop().unwrap().success());
+
+    // Backend 3's namespace also has an eth0 (with the same ifindex, very likely).
+    let work = paths.config.parent().unwrap().to_path_buf();
+    let other = LbdPaths {
+        config: work.join("other.toml"),
+        socket: work.join("other/lbd.sock"),
+        bpffs_dir: paths.bpffs_dir.clone(),
+        state_dir: work.join("other-state"),
+    };
+    std::fs::write(&other.config, plain_config(&other)).unwrap();
+    let intruder = spawn_lbd_in(&t, t.backend_ns(3), &other).unwrap();
+    let exit = t.wait_exit(intruder.handle, Duration::from_secs(10));
+    let log = intruder.log();
+    let mut problems = vec![];
+    match exit {
+        Ok(st) if st.code() == Some(1) => {}
+        other => problems.push(format!(
+            "an lbd in another namespace on the same pins: {other:?}, expected exit 1"
+        )),
+    }
+    if !log.contains("another network namespace") {
+        problems.push("its error does not name another network namespace".into());
+    }
+    match served(&t, src) {
+        Ok(b) if b == backend => {}
+        other => problems.push(format!(
+            "the first namespace's data path was disturbed: {src}: {other:?}"
+        )),
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nits log:\n{log}",
+        problems.join("\n")
+    );
 }

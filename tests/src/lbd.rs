@@ -91,12 +91,17 @@ fn register_cleanup(t: &Topology, paths: &LbdPaths) {
 
 /// Starts (another) lbd on the config already written at `paths.config`, without waiting.
 pub fn spawn_lbd<'t>(t: &'t Topology, paths: &LbdPaths) -> Result<Lbd<'t>> {
+    spawn_lbd_in(t, t.lb_ns(), paths)
+}
+
+/// Like [`spawn_lbd`], in network namespace `ns` of the topology instead of the LB's.
+pub fn spawn_lbd_in<'t>(t: &'t Topology, ns: &str, paths: &LbdPaths) -> Result<Lbd<'t>> {
     let mut cmd = Command::new(bin("lbd"));
     cmd.arg("--config").arg(&paths.config);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let handle = t.spawn_nsenter(t.lb_ns(), &cmd)?;
+    let handle = t.spawn_nsenter(ns, &cmd)?;
     Ok(Lbd {
         t,
         paths: paths.clone(),

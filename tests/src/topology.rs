@@ -1061,6 +1061,35 @@ impl Topology {
         lock(&self.cleanups).push(Box::new(f));
     }
 
+    // ---- interfaces that come and go ------------------------------------------------------
+
+    /// Gives the LB namespace a new `eth0` after a test deleted it (as a driver reload or a
+    /// recreated veth would): a new veth pair to the switch's `lb` port, with the same MAC,
+    /// addresses, routes, sysctls and offloads as at setup. Returns the link of the XDP_PASS
+    /// program on the switch's end (without which the veth may drop frames the LB sends back
+    /// with XDP_TX): keep it as long as the port is used.
+    pub fn recreate_lb_eth0(&self) -> Result<OwnedFd> {
+        let h = self.host(Role::Lb).clone();
+        ip_batch(
+            &self.switch_ns,
+            &format!(
+                "link add {port} type veth peer name eth0 netns {ns}\nlink set {port} master br0\nlink set {port} up\n",
+                port = h.port,
+                ns = h.ns
+            ),
+        )?;
+        netns::set_sysctls(&h.ns, &self.sysctls(&h, "eth0"), false)?;
+        ip_batch(&h.ns, &self.host_batch(&h))?;
+        run_checked(
+            Command::new("nsenter")
+                .arg(format!("--net={}", netns::netns_path(&h.ns).display()))
+                .args(["--", "ethtool", "-K", "eth0", "tx", "off"]),
+            None,
+        )
+        .with_context(|| format!("turning TX checksum offload off in {}", h.ns))?;
+        netns::attach_raw_xdp(&self.switch_ns, &h.port, &[])
+    }
+
     // ---- TCP and HTTP ----------------------------------------------------------------------
 
     /// Opens a TCP connection from namespace `ns`, bound to `src` (any address if `None`,
