@@ -676,6 +676,7 @@ fn lbd_does_not_start_on_a_malformed_config_or_a_missing_interface() {
         socket: t.work_dir().join("run-noif/lbd.sock"),
         bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{}-noif", t.prefix())),
         state_dir: t.work_dir().join("state-noif"),
+        interfaces: t.lb_interfaces(),
     };
     {
         let config = noif.config.clone();

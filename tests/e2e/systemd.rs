@@ -269,6 +269,7 @@ fn readiness_reload_and_stop_are_notified_as_systemd_sees_them() {
         addresses_per_client: 0,
         vips: vec![],
         start_servers: false,
+        ..Default::default()
     })
     .expect("building the namespace topology");
     let paths = LbdPaths::for_topology(&t);

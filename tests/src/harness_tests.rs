@@ -302,6 +302,7 @@ fn teardown_leaves_nothing() {
         addresses_per_client: 3,
         start_servers: false,
         vips: vec![],
+        ..Default::default()
     })
     .expect("topology");
     let prefix = t.prefix().to_string();
@@ -438,6 +439,7 @@ fn xdp_tx_dsr_path_works() {
         addresses_per_client: 4,
         vips: vec![IpAddr::V4(vip)],
         start_servers: true,
+        ..Default::default()
     })
     .expect("topology");
     let prog = dsr_program(vip, mac(t.backend_mac(2)), mac(t.lb_mac()));
@@ -624,6 +626,7 @@ fn xdp_tx_dsr_path_works_v6() {
         addresses_per_client: 4,
         vips: vec![IpAddr::V6(vip)],
         start_servers: true,
+        ..Default::default()
     })
     .expect("topology");
     let prog = dsr_program_v6(vip, mac(t.backend_mac(3)), mac(t.lb_mac()));
@@ -684,4 +687,84 @@ fn xdp_tx_dsr_path_works_v6() {
         entry.contains("INCOMPLETE") || entry.contains("FAILED"),
         "no neighbour entry for the VIP: {entry:?}"
     );
+}
+
+/// `ip -n NS route get DST` (for where the kernel sends a destination).
+fn route_get(ns: &str, dst: IpAddr) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "route", "get", &dst.to_string()])
+        .output()
+        .expect("ip route get");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A backend side behind the LB's second interface: backends on it and behind two gateways
+/// answer clients (both families) through the LB (and a gateway); a far backend's route moves
+/// from one gateway to the other. Bad side options are refused before anything is made.
+#[test]
+fn backend_side_on_a_second_interface_with_gateways() {
+    require_root();
+    let t = Topology::new(TopologyOptions {
+        backends: 1,
+        clients: 1,
+        addresses_per_client: 2,
+        backend_side: Some(BackendSide {
+            direct: 1,
+            gateways: 2,
+            behind: 2,
+        }),
+        ..Default::default()
+    })
+    .expect("topology");
+    assert_eq!(t.backends(), 1 + 1 + 2);
+    assert_eq!(t.gateways(), 2);
+    assert_eq!(t.lb_interfaces(), ["eth0", "eth1"]);
+    assert_eq!(leftovers(t.prefix()).len(), 1 + 1 + 4 + 1 + 2);
+    assert_eq!(t.backend_addr(2).to_string(), "203.0.113.130");
+    assert_eq!(t.backend_addr_v6(2).to_string(), "2001:db8:b::130");
+    assert_eq!(t.backend_addr(3).to_string(), "203.0.113.211");
+    assert_eq!(t.backend_addr_v6(4).to_string(), "2001:db8:f::212");
+    assert_eq!(t.gateway_addrs(2).0.to_string(), "203.0.113.182");
+    // XDP_PASS on every switch port, the LB's second and the gateways' far ones included.
+    for port in ["lb1", "g1", "g2f", "b4"] {
+        let out = t
+            .exec_ok(t.switch_ns(), &["ip", "link", "show", port])
+            .expect("ip link show");
+        assert!(out.contains("xdp"), "no xdp on {port}: {out}");
+    }
+    // Every backend answers a client directly addressed, whatever its segment.
+    let src = t.client_sources(1)[0];
+    let src6 = t.client_sources_v6(1)[0];
+    for i in 1..=t.backends() {
+        for (src, dst) in [(src, t.backend_addr(i)), (src6, t.backend_addr_v6(i))] {
+            let r = t
+                .http_get(t.client_ns(1), src, sa(dst, 80), "/")
+                .unwrap_or_else(|e| panic!("GET backend {i} at {dst} from {src}: {e:#}"));
+            assert_eq!(r.text(), format!("backend {i}\n"), "{dst}");
+        }
+    }
+    // The far segment is routed via gateway 1; one backend moves to gateway 2 and stays
+    // reachable.
+    let (gw1, gw1_6) = t.gateway_addrs(1);
+    let (gw2, gw2_6) = t.gateway_addrs(2);
+    assert!(route_get(t.lb_ns(), t.backend_addr(4)).contains(&format!("via {gw1} dev eth1")));
+    t.route_backend_via(4, 2).expect("moving backend 4's route");
+    let via = route_get(t.lb_ns(), t.backend_addr(4));
+    assert!(via.contains(&format!("via {gw2} dev eth1")), "{via}");
+    let via6 = route_get(t.lb_ns(), t.backend_addr_v6(4));
+    assert!(via6.contains(&format!("via {gw2_6} dev eth1")), "{via6}");
+    assert!(route_get(t.lb_ns(), t.backend_addr_v6(3)).contains(&format!("via {gw1_6}")));
+    let r = t
+        .http_get(t.client_ns(1), src, sa(t.backend_addr(4), 80), "/")
+        .expect("GET backend 4 via gateway 2");
+    assert_eq!(r.text(), "backend 4\n");
+    let e = Topology::new(TopologyOptions {
+        backend_side: Some(BackendSide {
+            behind: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("behind no gateway"), "{e:#}");
 }

@@ -34,6 +34,8 @@ pub struct LbdPaths {
     pub socket: PathBuf,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// The LB's interfaces lbd attaches to (`Topology::lb_interfaces`).
+    pub interfaces: Vec<String>,
 }
 
 impl LbdPaths {
@@ -43,13 +45,17 @@ impl LbdPaths {
             socket: t.work_dir().join("run/lbd.sock"),
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{}", t.prefix())),
             state_dir: t.work_dir().join("state"),
+            interfaces: t.lb_interfaces(),
         }
     }
 
-    /// The `[daemon]` table for these paths on the LB namespace's eth0, plus `extra` lines.
+    /// The `[daemon]` table for these paths on the LB namespace's interfaces (eth0, and eth1
+    /// with a backend side on a second interface), plus `extra` lines.
     pub fn daemon_section(&self, extra: &str) -> String {
+        let interfaces: Vec<String> = self.interfaces.iter().map(|i| format!("{i:?}")).collect();
         format!(
-            "[daemon]\ninterfaces = [\"eth0\"]\nsocket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\nconntrack_entries = 65536\n{extra}\n",
+            "[daemon]\ninterfaces = [{}]\nsocket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\nconntrack_entries = 65536\n{extra}\n",
+            interfaces.join(", "),
             self.socket.display(),
             self.bpffs_dir.display(),
             self.state_dir.display()

@@ -33,8 +33,8 @@ use anyhow::{Result, anyhow, bail};
 pub use http::HttpReply;
 pub use netns::{in_netns, netns_path};
 pub use topology::{
-    BIG_FILE_SIZE, ProcHandle, ServerHandle, Topology, TopologyOptions, big_file_contents,
-    parse_backend,
+    BIG_FILE_SIZE, BackendSide, ProcHandle, ServerHandle, Topology, TopologyOptions,
+    big_file_contents, parse_backend,
 };
 
 pub(crate) const ROOT_MESSAGE: &str = "lb end-to-end tests need root: they create network \

@@ -41,6 +41,29 @@
 //!
 //! PREFIX is `lbt<pid>x<n>` (n counts topologies made by this process), so neither parallel
 //! test threads nor concurrent processes collide.
+//!
+//! ## A backend side (`TopologyOptions::backend_side`)
+//!
+//! Backends can also sit on a segment of their own, which the LB reaches by a second
+//! interface, `eth1`, on a bridge `br1`. Behind that side segment, gateway routers join a far
+//! segment (bridge `br2`) where more backends live. The LB forwards (IPv4 and IPv6) between its
+//! segments, so backends answer clients through it (far backends through a gateway and then
+//! it); clients route the side and far segments via the LB.
+//!
+//! | host              | namespace   | interface         | IPv4                 | IPv6 (/64)           |
+//! |-------------------|-------------|-------------------|----------------------|----------------------|
+//! | LB, side          | `PREFIX-lb` | `eth1` (`br1`)    | 203.0.113.129/26     | 2001:db8:b::129      |
+//! | side backend k    | `PREFIX-bI` | `eth0` (`br1`)    | 203.0.113.(129+k)/26 | 2001:db8:b::(129+k)  |
+//! | gateway g, side   | `PREFIX-gG` | `eth0` (`br1`)    | 203.0.113.(180+g)/26 | 2001:db8:b::(180+g)  |
+//! | gateway g, far    | `PREFIX-gG` | `eth1` (`br2`)    | 203.0.113.(192+g)/26 | 2001:db8:f::(192+g)  |
+//! | far backend k     | `PREFIX-bI` | `eth0` (`br2`)    | 203.0.113.(210+k)/26 | 2001:db8:f::(210+k)  |
+//!
+//! Backends are numbered across segments: 1..=`backends` on the main segment, then the side's
+//! `direct` ones, then the far ones (I = `backends` + k, or `backends` + `direct` + k), each
+//! serving `backend I`. IPv6 addresses are hex-named after the last IPv4 octet. The LB routes
+//! the far segment (203.0.113.192/26, 2001:db8:f::/64) via gateway 1; `route_backend_via` moves
+//! one far backend's route to another gateway. Side backends and gateways route by default via
+//! the LB, far backends via gateway 1.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -153,6 +176,9 @@ pub struct TopologyOptions {
     pub vips: Vec<IpAddr>,
     /// Start nginx on every backend (and wait until it accepts connections).
     pub start_servers: bool,
+    /// Backends on a segment of their own behind the LB's second interface, and behind
+    /// gateway routers there (see the module docs).
+    pub backend_side: Option<BackendSide>,
 }
 
 impl Default for TopologyOptions {
@@ -163,8 +189,20 @@ impl Default for TopologyOptions {
             addresses_per_client: 40,
             vips: Vec::new(),
             start_servers: true,
+            backend_side: None,
         }
     }
+}
+
+/// The backend side of a topology (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendSide {
+    /// Backends directly on the side segment (0..=40).
+    pub direct: usize,
+    /// Gateway routers between the side segment and the far segment (0..=9).
+    pub gateways: usize,
+    /// Backends on the far segment, behind the gateways (0..=40; needs a gateway).
+    pub behind: usize,
 }
 
 /// A process started through the harness (`Topology::spawn_nsenter`). Cheap to copy; the
@@ -212,16 +250,53 @@ enum Role {
     Lb,
     Backend(usize),
     Client(usize),
+    Gateway(usize),
+}
+
+/// One veth pair of a host: `port` on `bridge` in the switch namespace, `dev` in the host's.
+#[derive(Debug, Clone)]
+struct Link {
+    port: String,
+    bridge: &'static str,
+    dev: &'static str,
+    mac: String,
+}
+
+/// An address pair of a host and the device holding it.
+#[derive(Debug, Clone)]
+struct IfAddr {
+    dev: &'static str,
+    addr: Ipv4Addr,
+    plen: u8,
+    addr6: Ipv6Addr,
 }
 
 #[derive(Debug, Clone)]
 struct Host {
     role: Role,
     ns: String,
-    port: String,
-    addr: Ipv4Addr,
-    addr6: Ipv6Addr,
-    mac: String,
+    /// The first is the host's main link: its port is `switch_port`'s, its MAC the host's.
+    links: Vec<Link>,
+    /// The first is the host's own address pair (`backend_addr`, `client_addr`, ...).
+    addrs: Vec<IfAddr>,
+}
+
+impl Host {
+    fn port(&self) -> &str {
+        &self.links[0].port
+    }
+
+    fn mac(&self) -> &str {
+        &self.links[0].mac
+    }
+
+    fn addr(&self) -> Ipv4Addr {
+        self.addrs[0].addr
+    }
+
+    fn addr6(&self) -> Ipv6Addr {
+        self.addrs[0].addr6
+    }
 }
 
 type Cleanup = Box<dyn FnOnce() + Send>;
@@ -232,6 +307,8 @@ type Cleanup = Box<dyn FnOnce() + Send>;
 pub struct Topology {
     prefix: String,
     opts: TopologyOptions,
+    /// Backends on every segment.
+    n_backends: usize,
     work_dir: PathBuf,
     block: usize,
     switch_ns: String,
@@ -251,6 +328,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// The backend side's and the far segment's prefixes (see the module docs).
+const SIDE_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 128);
+const FAR_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 192);
+const SIDE_PLEN: u8 = 26;
+const SIDE6: u16 = 0xb;
+const FAR6: u16 = 0xf;
+/// Last octets on the side and far segments.
+const SIDE_LB: u8 = 129;
+const SIDE_GATEWAY: u8 = 180;
+const FAR_GATEWAY: u8 = 192;
+const FAR_BACKEND: u8 = 210;
+
+/// 203.0.113.`octet` and 2001:db8:`net6`::`octet` (hex-named).
+fn side_pair(octet: u8, net6: u16) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(203, 0, 113, octet),
+        Ipv6Addr::new(0x2001, 0xdb8, net6, 0, 0, 0, 0, hex_named(octet as usize)),
+    )
+}
+
+/// Whether `a` lies in the /26 starting at `net`.
+fn in_net(a: Ipv4Addr, net: Ipv4Addr) -> bool {
+    u32::from(a) & !0x3f == u32::from(net)
+}
 
 /// The IPv6 group written with the decimal digits of `n` (at most 4 of them): 11 -> 0x11.
 fn hex_named(n: usize) -> u16 {
@@ -267,6 +368,140 @@ fn client_block6(i: usize) -> u16 {
     u16::from_str_radix(&format!("c{i}"), 16).expect("at most 3 decimal digits")
 }
 
+/// Every host of the topology `opts` describes, with its links and addresses (see the module
+/// docs), in order: LB, backends, clients, gateways.
+fn plan_hosts(prefix: &str, opts: &TopologyOptions) -> Vec<Host> {
+    let link = |port: String, bridge, dev, mac: String| Link {
+        port,
+        bridge,
+        dev,
+        mac,
+    };
+    let host = |role, ns: String, links, dev, addr: Ipv4Addr, plen, addr6: Ipv6Addr| Host {
+        role,
+        ns,
+        links,
+        addrs: vec![IfAddr {
+            dev,
+            addr,
+            plen,
+            addr6,
+        }],
+    };
+    let mut lb = host(
+        Role::Lb,
+        format!("{prefix}-lb"),
+        vec![link("lb".into(), "br0", "eth0", "02:00:00:00:0a:02".into())],
+        "eth0",
+        LB_ADDR,
+        24,
+        LB_ADDR6,
+    );
+    let side = opts.backend_side.clone().unwrap_or_default();
+    if opts.backend_side.is_some() {
+        lb.links.push(link(
+            "lb1".into(),
+            "br1",
+            "eth1",
+            "02:00:00:00:0a:03".into(),
+        ));
+        let (addr, addr6) = side_pair(SIDE_LB, SIDE6);
+        lb.addrs.push(IfAddr {
+            dev: "eth1",
+            addr,
+            plen: SIDE_PLEN,
+            addr6,
+        });
+    }
+    let mut hosts = vec![lb];
+    let backend = |i: usize, bridge, (addr, addr6): (Ipv4Addr, Ipv6Addr), plen| {
+        host(
+            Role::Backend(i),
+            format!("{prefix}-b{i}"),
+            vec![link(
+                format!("b{i}"),
+                bridge,
+                "eth0",
+                format!("02:00:00:00:0b:{i:02x}"),
+            )],
+            "eth0",
+            addr,
+            plen,
+            addr6,
+        )
+    };
+    for i in 1..=opts.backends {
+        let main = (
+            Ipv4Addr::new(192, 0, 2, (10 + i).min(255) as u8),
+            harness_addr6((10 + i).min(9999)),
+        );
+        hosts.push(backend(i, "br0", main, 24));
+    }
+    for k in 1..=side.direct {
+        let pair = side_pair(SIDE_LB + k.min(50) as u8, SIDE6);
+        hosts.push(backend(opts.backends + k, "br1", pair, SIDE_PLEN));
+    }
+    for k in 1..=side.behind {
+        let pair = side_pair(FAR_BACKEND + k.min(45) as u8, FAR6);
+        hosts.push(backend(
+            opts.backends + side.direct + k,
+            "br2",
+            pair,
+            SIDE_PLEN,
+        ));
+    }
+    for i in 1..=opts.clients {
+        hosts.push(host(
+            Role::Client(i),
+            format!("{prefix}-c{i}"),
+            vec![link(
+                format!("c{i}"),
+                "br0",
+                "eth0",
+                format!("02:00:00:00:0c:{i:02x}"),
+            )],
+            "eth0",
+            Ipv4Addr::new(192, 0, 2, (100 + i).min(255) as u8),
+            24,
+            harness_addr6((100 + i).min(9999)),
+        ));
+    }
+    for g in 1..=side.gateways {
+        let (addr, addr6) = side_pair(SIDE_GATEWAY + g.min(9) as u8, SIDE6);
+        let mut h = host(
+            Role::Gateway(g),
+            format!("{prefix}-g{g}"),
+            vec![
+                link(
+                    format!("g{g}"),
+                    "br1",
+                    "eth0",
+                    format!("02:00:00:00:0d:{g:02x}"),
+                ),
+                link(
+                    format!("g{g}f"),
+                    "br2",
+                    "eth1",
+                    format!("02:00:00:00:0e:{g:02x}"),
+                ),
+            ],
+            "eth0",
+            addr,
+            SIDE_PLEN,
+            addr6,
+        );
+        let (addr, addr6) = side_pair(FAR_GATEWAY + g.min(9) as u8, FAR6);
+        h.addrs.push(IfAddr {
+            dev: "eth1",
+            addr,
+            plen: SIDE_PLEN,
+            addr6,
+        });
+        hosts.push(h);
+    }
+    hosts
+}
+
 impl Topology {
     /// Builds the topology described by `opts` (see the module docs for names and
     /// addresses). Needs root. On error, whatever was already made is removed.
@@ -278,40 +513,18 @@ impl Topology {
         let n = TOPOLOGY_COUNTER.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("lbt{}x{}", std::process::id(), n);
         let block = 256 / opts.clients.max(1).next_power_of_two();
-        let mut hosts = vec![Host {
-            role: Role::Lb,
-            ns: format!("{prefix}-lb"),
-            port: "lb".into(),
-            addr: LB_ADDR,
-            addr6: LB_ADDR6,
-            mac: "02:00:00:00:0a:02".into(),
-        }];
-        for i in 1..=opts.backends {
-            hosts.push(Host {
-                role: Role::Backend(i),
-                ns: format!("{prefix}-b{i}"),
-                port: format!("b{i}"),
-                addr: Ipv4Addr::new(192, 0, 2, (10 + i).min(255) as u8),
-                addr6: harness_addr6((10 + i).min(9999)),
-                mac: format!("02:00:00:00:0b:{i:02x}"),
-            });
-        }
-        for i in 1..=opts.clients {
-            hosts.push(Host {
-                role: Role::Client(i),
-                ns: format!("{prefix}-c{i}"),
-                port: format!("c{i}"),
-                addr: Ipv4Addr::new(192, 0, 2, (100 + i).min(255) as u8),
-                addr6: harness_addr6((100 + i).min(9999)),
-                mac: format!("02:00:00:00:0c:{i:02x}"),
-            });
-        }
+        let hosts = plan_hosts(&prefix, &opts);
+        let n_backends = hosts
+            .iter()
+            .filter(|h| matches!(h.role, Role::Backend(_)))
+            .count();
         let mut t = Topology {
             work_dir: std::env::temp_dir().join(&prefix),
             switch_ns: format!("{prefix}-sw"),
             prefix,
             block,
-            nginx: Mutex::new(vec![None; opts.backends]),
+            nginx: Mutex::new(vec![None; n_backends]),
+            n_backends,
             opts,
             hosts,
             created_ns: Vec::new(),
@@ -357,39 +570,54 @@ impl Topology {
             netns::set_sysctls(&h.ns, &self.sysctls(&h, "default"), false)?;
         }
 
-        // The bridge and one veth pair per host, created from the switch namespace with the
-        // host end put straight into its namespace as eth0.
+        // The bridges and the hosts' veth pairs, created from the switch namespace with the
+        // host end put straight into its namespace (as eth0, or eth1 for a second link).
         // Multicast snooping off: neighbour solicitations (to solicited-node groups) are flooded
         // to every port whatever MLD reports the bridge has seen.
-        let mut batch = String::from(
-            "link set lo up\nlink add br0 type bridge mcast_snooping 0\nlink set br0 up\n",
-        );
-        for h in &self.hosts {
+        let mut bridges: Vec<&str> = vec![];
+        for l in self.hosts.iter().flat_map(|h| &h.links) {
+            if !bridges.contains(&l.bridge) {
+                bridges.push(l.bridge);
+            }
+        }
+        let mut batch = String::from("link set lo up\n");
+        for br in &bridges {
             batch.push_str(&format!(
-                "link add {port} type veth peer name eth0 netns {ns}\nlink set {port} master br0\nlink set {port} up\n",
-                port = h.port,
-                ns = h.ns
+                "link add {br} type bridge mcast_snooping 0\nlink set {br} up\n"
             ));
+        }
+        for h in &self.hosts {
+            for l in &h.links {
+                batch.push_str(&format!(
+                    "link add {port} type veth peer name {dev} netns {ns}\nlink set {port} master {br}\nlink set {port} up\n",
+                    port = l.port,
+                    dev = l.dev,
+                    br = l.bridge,
+                    ns = h.ns
+                ));
+            }
         }
         ip_batch(&sw, &batch)?;
 
-        // Each host: sysctls on eth0, MAC, addresses, routes, no TX checksum offload.
+        // Each host: sysctls on its links, MACs, addresses, routes, no TX checksum offload.
         for h in self.hosts.clone() {
-            netns::set_sysctls(&h.ns, &self.sysctls(&h, "eth0"), false)?;
+            for l in &h.links {
+                netns::set_sysctls(&h.ns, &self.sysctls(&h, l.dev), false)?;
+            }
             netns::set_sysctls(&h.ns, &kv(&[("net.ipv4.conf.lo.rp_filter", "0")]), false)?;
             ip_batch(&h.ns, &self.host_batch(&h))?;
-            run_checked(
-                Command::new("nsenter")
-                    .arg(format!("--net={}", netns::netns_path(&h.ns).display()))
-                    .args(["--", "ethtool", "-K", "eth0", "tx", "off"]),
-                None,
-            )
-            .with_context(|| format!("turning TX checksum offload off in {}", h.ns))?;
+            for l in &h.links {
+                ethtool(&h.ns, &["-K", l.dev, "tx", "off"])?;
+            }
         }
 
         // XDP_PASS on every switch-side veth end, so that frames the LB sends back with
         // XDP_TX are not dropped by the receiving veth (see TOOLCHAIN.md).
-        let ports: Vec<String> = self.hosts.iter().map(|h| h.port.clone()).collect();
+        let ports: Vec<String> = self
+            .hosts
+            .iter()
+            .flat_map(|h| h.links.iter().map(|l| l.port.clone()))
+            .collect();
         self.xdp_links = netns::in_netns(&sw, || {
             let prog = sys::load_xdp(&sys::XDP_PASS_INSNS, "lbt_xdp_pass")
                 .context("loading the XDP_PASS program (bpf)")?;
@@ -405,14 +633,14 @@ impl Topology {
             Ok(links)
         })?;
 
-        if self.opts.backends > 0 {
+        if self.n_backends > 0 {
             self.write_backend_files()?;
         }
         if self.opts.start_servers {
-            for i in 1..=self.opts.backends {
+            for i in 1..=self.n_backends {
                 self.spawn_nginx(i)?;
             }
-            for i in 1..=self.opts.backends {
+            for i in 1..=self.n_backends {
                 self.wait_backend_ready(i)?;
             }
         }
@@ -441,6 +669,16 @@ impl Topology {
                 o.addresses_per_client
             );
         }
+        if let Some(side) = &o.backend_side {
+            if side.direct > 40 || side.gateways > 9 || side.behind > 40 {
+                bail!(
+                    "backend side: at most 40 direct backends, 9 gateways and 40 backends behind them, asked for {side:?}"
+                );
+            }
+            if side.behind > 0 && side.gateways == 0 {
+                bail!("backend side: {} backends behind no gateway", side.behind);
+            }
+        }
         for v in &o.vips {
             let IpAddr::V6(v6) = v else { continue };
             if v6.is_unspecified()
@@ -450,7 +688,10 @@ impl Topology {
             {
                 bail!("IPv6 VIP {v}: not a unicast global address");
             }
-            let taken = self.hosts.iter().any(|h| h.addr6 == *v6)
+            let taken = self
+                .hosts
+                .iter()
+                .any(|h| h.addrs.iter().any(|a| a.addr6 == *v6))
                 || (1..=o.clients).any(|i| self.client_sources_v6(i).contains(v));
             if taken {
                 bail!("IPv6 VIP {v}: already an address of a host of the harness");
@@ -463,6 +704,16 @@ impl Topology {
         let mut v = vec![(format!("net.ipv4.conf.{dev}.rp_filter"), "0".to_string())];
         if dev == "default" {
             v.push(("net.ipv4.conf.all.rp_filter".into(), "0".into()));
+            // Routers: the LB between its segments, the gateways.
+            let routes = match h.role {
+                Role::Lb => self.opts.backend_side.is_some(),
+                Role::Gateway(_) => true,
+                _ => false,
+            };
+            if routes {
+                v.push(("net.ipv4.ip_forward".into(), "1".into()));
+                v.push(("net.ipv6.conf.all.forwarding".into(), "1".into()));
+            }
         }
         let devs: &[&str] = if dev == "default" {
             &["all", "default"]
@@ -484,19 +735,34 @@ impl Topology {
                 Role::Client(_) => {
                     v.push((format!("net.ipv4.conf.{d}.arp_announce"), "2".into()));
                 }
-                Role::Lb => {}
+                Role::Lb | Role::Gateway(_) => {}
             }
         }
         v
     }
 
     fn host_batch(&self, h: &Host) -> String {
-        let mut b = format!(
-            "link set lo up\nlink set eth0 address {mac}\naddr add {addr}/24 dev eth0\naddr add {addr6}/64 dev eth0 nodad\nlink set eth0 up\n",
-            mac = h.mac,
-            addr = h.addr,
-            addr6 = h.addr6,
-        );
+        let mut b = String::from("link set lo up\n");
+        for l in &h.links {
+            b.push_str(&format!(
+                "link set {dev} address {mac}\nlink set {dev} up\n",
+                dev = l.dev,
+                mac = l.mac
+            ));
+        }
+        for a in &h.addrs {
+            b.push_str(&format!(
+                "addr add {}/{} dev {dev}\naddr add {}/64 dev {dev} nodad\n",
+                a.addr,
+                a.plen,
+                a.addr6,
+                dev = a.dev
+            ));
+        }
+        let default_via = |v4: Ipv4Addr, v6: Ipv6Addr| {
+            format!("route add default via {v4}\nroute add default via {v6}\n")
+        };
+        let (lb_side, lb_side6) = side_pair(SIDE_LB, SIDE6);
         match h.role {
             Role::Backend(_) => {
                 for v in &self.opts.vips {
@@ -505,9 +771,26 @@ impl Topology {
                         IpAddr::V6(_) => b.push_str(&format!("addr add {v}/128 dev lo nodad\n")),
                     }
                 }
-                b.push_str(&self.client_block_routes());
+                let a = h.addr();
+                if in_net(a, SIDE_NET) {
+                    b.push_str(&default_via(lb_side, lb_side6));
+                } else if in_net(a, FAR_NET) {
+                    let (gw, gw6) = side_pair(FAR_GATEWAY + 1, FAR6);
+                    b.push_str(&default_via(gw, gw6));
+                } else {
+                    b.push_str(&self.client_block_routes());
+                }
             }
-            Role::Lb => b.push_str(&self.client_block_routes()),
+            Role::Lb => {
+                b.push_str(&self.client_block_routes());
+                if self.gateways() > 0 {
+                    let (gw, gw6) = side_pair(SIDE_GATEWAY + 1, SIDE6);
+                    b.push_str(&format!(
+                        "route add {FAR_NET}/{SIDE_PLEN} via {gw}\nroute add {}/64 via {gw6}\n",
+                        Ipv6Addr::new(0x2001, 0xdb8, FAR6, 0, 0, 0, 0, 0)
+                    ));
+                }
+            }
             Role::Client(i) => {
                 for a in self.client_sources(i) {
                     b.push_str(&format!("addr add {a}/32 dev lo\n"));
@@ -525,7 +808,16 @@ impl Topology {
                         }
                     }
                 }
+                if self.opts.backend_side.is_some() {
+                    // The side and far segments (203.0.113.128/25 holds both).
+                    b.push_str(&format!(
+                        "route add {SIDE_NET}/25 via {LB_ADDR}\nroute add {}/64 via {LB_ADDR6}\nroute add {}/64 via {LB_ADDR6}\n",
+                        Ipv6Addr::new(0x2001, 0xdb8, SIDE6, 0, 0, 0, 0, 0),
+                        Ipv6Addr::new(0x2001, 0xdb8, FAR6, 0, 0, 0, 0, 0)
+                    ));
+                }
             }
+            Role::Gateway(_) => b.push_str(&default_via(lb_side, lb_side6)),
         }
         b
     }
@@ -548,7 +840,7 @@ impl Topology {
                     self.block * (i - 1),
                     100 + i,
                     Ipv6Addr::new(0x2001, 0xdb8, client_block6(i), 0, 0, 0, 0, 0),
-                    self.host(Role::Client(i)).addr6,
+                    self.host(Role::Client(i)).addr6(),
                 )
             })
             .collect()
@@ -577,7 +869,7 @@ impl Topology {
         std::fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
         std::fs::write(www.join("big"), big_file_contents())
             .with_context(|| format!("writing {}", www.join("big").display()))?;
-        for i in 1..=self.opts.backends {
+        for i in 1..=self.n_backends {
             let dir = self.backend_dir(i);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let conf = nginx_conf(&dir, &www, i);
@@ -639,7 +931,7 @@ impl Topology {
     /// Starts nginx on backend `i` (1-based) again and waits until it accepts connections.
     /// Fails when it is already running.
     pub fn start_backend_server(&self, i: usize) -> Result<()> {
-        self.check_index("backend", i, self.opts.backends);
+        self.check_index("backend", i, self.n_backends);
         if self.backend_server_running(i) {
             bail!("nginx of backend {i} is already running");
         }
@@ -654,7 +946,7 @@ impl Topology {
     /// within 5 s. Afterwards connections to it are refused. Stopping a stopped server is a
     /// no-op.
     pub fn stop_backend_server(&self, i: usize) -> Result<()> {
-        self.check_index("backend", i, self.opts.backends);
+        self.check_index("backend", i, self.n_backends);
         let h = lock(&self.nginx)[i - 1].take();
         if let Some(h) = h {
             self.stop(h, Duration::from_secs(5))
@@ -665,7 +957,7 @@ impl Topology {
 
     /// Whether nginx of backend `i` (1-based) is running.
     pub fn backend_server_running(&self, i: usize) -> bool {
-        self.check_index("backend", i, self.opts.backends);
+        self.check_index("backend", i, self.n_backends);
         let h = lock(&self.nginx)[i - 1];
         h.is_some_and(|h| matches!(self.try_wait(h), Ok(None)))
     }
@@ -701,9 +993,56 @@ impl Topology {
         &self.created_ns
     }
 
-    /// Number of backends.
+    /// Number of backends, on every segment.
     pub fn backends(&self) -> usize {
-        self.opts.backends
+        self.n_backends
+    }
+
+    /// Number of gateway routers (on the backend side).
+    pub fn gateways(&self) -> usize {
+        self.opts.backend_side.as_ref().map_or(0, |s| s.gateways)
+    }
+
+    /// The interfaces the LB's XDP program goes on: `eth0`, and `eth1` with a backend side.
+    pub fn lb_interfaces(&self) -> Vec<String> {
+        self.host(Role::Lb)
+            .links
+            .iter()
+            .map(|l| l.dev.to_string())
+            .collect()
+    }
+
+    /// The LB's addresses on the backend side: 203.0.113.129 and 2001:db8:b::129.
+    pub fn lb_side_addrs(&self) -> (IpAddr, IpAddr) {
+        let (a, a6) = side_pair(SIDE_LB, SIDE6);
+        (a.into(), a6.into())
+    }
+
+    /// Namespace of gateway `g` (1-based).
+    pub fn gateway_ns(&self, g: usize) -> &str {
+        self.check_index("gateway", g, self.gateways());
+        &self.host(Role::Gateway(g)).ns
+    }
+
+    /// The addresses of gateway `g` (1-based) on the backend side (the LB's next hop towards the
+    /// far segment): 203.0.113.(180+g) and 2001:db8:b::(180+g).
+    pub fn gateway_addrs(&self, g: usize) -> (IpAddr, IpAddr) {
+        self.check_index("gateway", g, self.gateways());
+        let h = self.host(Role::Gateway(g));
+        (h.addr().into(), h.addr6().into())
+    }
+
+    /// Routes backend `i` (1-based, on the far segment) from the LB via gateway `g`: a host
+    /// route of each family (`ip route replace`), which takes precedence over the far segment's
+    /// route via gateway 1.
+    pub fn route_backend_via(&self, i: usize, g: usize) -> Result<()> {
+        let (gw, gw6) = self.gateway_addrs(g);
+        let batch = format!(
+            "route replace {}/32 via {gw}\nroute replace {}/128 via {gw6}\n",
+            self.backend_addr(i),
+            self.backend_addr_v6(i)
+        );
+        ip_batch(self.lb_ns(), &batch)
     }
 
     /// Number of clients.
@@ -716,7 +1055,7 @@ impl Topology {
         &self.opts.vips
     }
 
-    /// The switch namespace (holds bridge `br0` and the switch-side veth ends).
+    /// The switch namespace (holds the bridges `br0`, `br1`, `br2` and the switch-side veth ends).
     pub fn switch_ns(&self) -> &str {
         &self.switch_ns
     }
@@ -728,7 +1067,7 @@ impl Topology {
 
     /// Namespace of backend `i` (1-based).
     pub fn backend_ns(&self, i: usize) -> &str {
-        self.check_index("backend", i, self.opts.backends);
+        self.check_index("backend", i, self.n_backends);
         &self.host(Role::Backend(i)).ns
     }
 
@@ -741,10 +1080,7 @@ impl Topology {
     /// Name of the switch-side veth end (in `switch_ns()`) whose peer is `eth0` of namespace
     /// `ns`, e.g. `lb`, `b1`, `c2`.
     pub fn switch_port(&self, ns: &str) -> Option<&str> {
-        self.hosts
-            .iter()
-            .find(|h| h.ns == ns)
-            .map(|h| h.port.as_str())
+        self.hosts.iter().find(|h| h.ns == ns).map(|h| h.port())
     }
 
     /// `/run/netns/NAME` of namespace `ns` (for `nsenter --net=...`).
@@ -765,25 +1101,26 @@ impl Topology {
 
     /// The LB's eth0 MAC address.
     pub fn lb_mac(&self) -> &str {
-        &self.host(Role::Lb).mac
+        self.host(Role::Lb).mac()
     }
 
-    /// Address of backend `i` (1-based): 192.0.2.(10+i).
+    /// Address of backend `i` (1-based): 192.0.2.(10+i) on the main segment (see the module docs
+    /// for the others).
     pub fn backend_addr(&self, i: usize) -> IpAddr {
-        self.check_index("backend", i, self.opts.backends);
-        IpAddr::V4(self.host(Role::Backend(i)).addr)
+        self.check_index("backend", i, self.n_backends);
+        IpAddr::V4(self.host(Role::Backend(i)).addr())
     }
 
-    /// eth0 MAC of backend `i` (1-based): 02:00:00:00:0b:0i.
+    /// eth0 MAC of backend `i` (1-based): 02:00:00:00:0b:II (I in hex).
     pub fn backend_mac(&self, i: usize) -> &str {
-        self.check_index("backend", i, self.opts.backends);
-        &self.host(Role::Backend(i)).mac
+        self.check_index("backend", i, self.n_backends);
+        self.host(Role::Backend(i)).mac()
     }
 
     /// eth0 address of client `i` (1-based): 192.0.2.(100+i).
     pub fn client_addr(&self, i: usize) -> IpAddr {
         self.check_index("client", i, self.opts.clients);
-        IpAddr::V4(self.host(Role::Client(i)).addr)
+        IpAddr::V4(self.host(Role::Client(i)).addr())
     }
 
     /// The extra source addresses of client `i` (1-based), see the module docs.
@@ -810,14 +1147,14 @@ impl Topology {
     /// IPv6 address of backend `i` (1-based): 2001:db8::(10+i), hex-named (backend 1 is
     /// 2001:db8::11).
     pub fn backend_addr_v6(&self, i: usize) -> IpAddr {
-        self.check_index("backend", i, self.opts.backends);
-        IpAddr::V6(self.host(Role::Backend(i)).addr6)
+        self.check_index("backend", i, self.n_backends);
+        IpAddr::V6(self.host(Role::Backend(i)).addr6())
     }
 
     /// eth0 IPv6 address of client `i` (1-based): 2001:db8::(100+i), hex-named.
     pub fn client_addr_v6(&self, i: usize) -> IpAddr {
         self.check_index("client", i, self.opts.clients);
-        IpAddr::V6(self.host(Role::Client(i)).addr6)
+        IpAddr::V6(self.host(Role::Client(i)).addr6())
     }
 
     /// The extra IPv6 source addresses of client `i` (1-based): 2001:db8:cI::1 ..= ::K,
@@ -1306,6 +1643,20 @@ fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// `ethtool ARGS` in namespace `ns` (only its network namespace entered).
+fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
+    run_checked(
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns::netns_path(ns).display()))
+            .arg("--")
+            .arg("ethtool")
+            .args(args),
+        None,
+    )
+    .map(|_| ())
+    .with_context(|| format!("ethtool {} in {ns}", args.join(" ")))
 }
 
 fn ip_batch(ns: &str, batch: &str) -> Result<()> {

@@ -230,6 +230,7 @@ fn add_to_first_packet(opts: &Opts) -> Result<Vec<Figure>> {
         addresses_per_client: 40,
         vips: vec![IpAddr::V4(VIP)],
         start_servers: true,
+        ..Default::default()
     })?;
     let paths = LbdPaths::for_topology(&t);
     let lbd = start_lbd(&t, &config(&paths, &[1, 2]))?;

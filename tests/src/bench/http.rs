@@ -58,6 +58,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         addresses_per_client: 1,
         vips: vec![IpAddr::V4(VIP), IpAddr::V4(HAPROXY_VIP)],
         start_servers: true,
+        ..Default::default()
     })?;
 
     // HAProxy on its own VIP, held by the LB namespace.

@@ -385,6 +385,7 @@ fn lbd_rss(opts: &Opts) -> Result<Vec<Figure>> {
         addresses_per_client: 0,
         vips: vec![VIP.into()],
         start_servers: false,
+        ..Default::default()
     })
     .context("building the namespace topology")?;
     let paths = LbdPaths::for_topology(&t);
