@@ -5,12 +5,11 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    Topology, TopologyOptions,
+    BackendSide, Topology, TopologyOptions,
     lbd::{Lbd, LbdPaths, spawn_lbd, spawn_lbd_in, start_lbd},
     netns, require_root, retry_until, wait_until,
 };
@@ -20,8 +19,8 @@ use serde_json::Value;
 const VIP: &str = "203.0.113.10";
 const VIP2: &str = "203.0.113.20";
 const SEED_HEX: &str = "5f0c1d2e3f4051627384950a1b2c3d4e";
-/// Backend 3's address on the second segment (the LB's `eth1`, 203.0.113.129/25).
-const B3_FAR: &str = "203.0.113.130";
+/// Backend 4, on the backend side (the LB's `eth1`, 203.0.113.129/26).
+const SIDE: &str = "203.0.113.130";
 
 fn topology() -> Topology {
     require_root();
@@ -32,28 +31,20 @@ fn topology() -> Topology {
     .expect("building the namespace topology")
 }
 
-/// A second segment: a veth pair from the LB's `eth1` (203.0.113.129/25) to backend 3's `eth1`
-/// (203.0.113.130/25), so backend 3 is also reached through another interface than the one
-/// clients arrive on (XDP_REDIRECT through DEVMAP). Backend 3's end gets an XDP_PASS program,
-/// without which a veth may drop redirected frames; it stays attached while the returned link
-/// lives. Everything goes with the namespaces.
-fn second_segment(t: &Topology) -> OwnedFd {
-    let b3 = t.backend_ns(3);
-    t.exec_ok(
-        t.lb_ns(),
-        &[
-            "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", b3,
-        ],
-    )
-    .unwrap();
-    for (ns, addr) in [(t.lb_ns(), "203.0.113.129/25"), (b3, "203.0.113.130/25")] {
-        t.exec_ok(ns, &["ip", "addr", "add", addr, "dev", "eth1"])
-            .unwrap();
-        t.exec_ok(ns, &["ip", "link", "set", "eth1", "up"]).unwrap();
-        t.exec_ok(ns, &["ethtool", "-K", "eth1", "tx", "off"])
-            .unwrap();
-    }
-    netns::attach_raw_xdp(b3, "eth1", &[]).expect("XDP_PASS on backend 3's eth1")
+/// `topology()` with a backend side: backend 4 (203.0.113.130) on the LB's second interface,
+/// `eth1`, so it is reached through another interface than the one clients arrive on
+/// (XDP_REDIRECT through DEVMAP); lbd is attached to both.
+fn topology_with_side() -> Topology {
+    require_root();
+    Topology::new(TopologyOptions {
+        vips: vec![VIP.parse().unwrap(), VIP2.parse().unwrap()],
+        backend_side: Some(BackendSide {
+            direct: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .expect("building the namespace topology")
 }
 
 fn health() -> &'static str {
@@ -183,8 +174,7 @@ fn datagram_arrives(t: &Topology, receiver: &UdpSocket, to: SocketAddr, len: usi
 /// reused by a new one.
 #[test]
 fn maps_match_a_fresh_fill_after_every_change() {
-    let t = topology();
-    let _xdp = second_segment(&t);
+    let t = topology_with_side();
     let paths = LbdPaths::for_topology(&t);
     let daemon = paths.daemon_section(&format!("hash_seed = \"{SEED_HEX}\"\n"));
     let web_head = format!("vip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"");
@@ -231,11 +221,11 @@ fn maps_match_a_fresh_fill_after_every_change() {
     run.compare("lbctl service add dns, backend add");
 
     // A backend behind the LB's second interface, added at run time.
-    run.lbctl(&["backend", "add", "web", B3_FAR]);
+    run.lbctl(&["backend", "add", "web", SIDE]);
     wait_states(
         &run.lbd,
         "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (B3_FAR, "up")],
+        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
     );
     let far_client = t
         .all_client_sources()
@@ -244,7 +234,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
             run.lbd
                 .lbctl_json(&["lookup", "web", &s.to_string()])
                 .unwrap()["backend"]
-                == B3_FAR
+                == SIDE
         })
         .expect("some client is sent to the far backend");
     let vip80: SocketAddr = format!("{VIP}:80").parse().unwrap();
@@ -259,7 +249,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
     wait_states(
         &run.lbd,
         "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (B3_FAR, "up")],
+        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
     );
     run.compare("lbctl backend undrain");
 
@@ -267,14 +257,14 @@ fn maps_match_a_fresh_fill_after_every_change() {
     wait_states(
         &run.lbd,
         "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "down"), (B3_FAR, "up")],
+        &[("192.0.2.11", "up"), ("192.0.2.12", "down"), (SIDE, "up")],
     );
     run.compare("health: a backend down");
     t.start_backend_server(2).unwrap();
     wait_states(
         &run.lbd,
         "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (B3_FAR, "up")],
+        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
     );
     run.compare("health: back up");
 
@@ -334,7 +324,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
             "web",
             &(web_head.clone() + "\ntable_size = 4099"),
             health(),
-            &[("192.0.2.11", 50), ("192.0.2.12", 100), (B3_FAR, 100)],
+            &[("192.0.2.11", 50), ("192.0.2.12", 100), (SIDE, 100)],
         )
         + &service(
             "dns2",
@@ -346,7 +336,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
             "tun",
             &format!("vip = \"{VIP2}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"tunnel\""),
             "",
-            &[("192.0.2.12", 100), (B3_FAR, 100)],
+            &[("192.0.2.12", 100), (SIDE, 100)],
         );
     run.reload(&reloaded);
     run.compare("SIGHUP: tunnel service, table size, 5-tuple");
@@ -380,7 +370,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
             "web",
             &(web_head.clone() + "\ntable_size = 4099"),
             health(),
-            &[("192.0.2.11", 50), ("192.0.2.12", 100), (B3_FAR, 100)],
+            &[("192.0.2.11", 50), ("192.0.2.12", 100), (SIDE, 100)],
         )
         + &service(
             "dns2",
@@ -396,7 +386,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
     wait_states(
         &run.lbd,
         "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (B3_FAR, "up")],
+        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
     );
     run.compare("lbctl backend remove, add again");
 
@@ -407,7 +397,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
         );
     }
     match far {
-        Ok(3) => {}
+        Ok(4) => {}
         other => problems.push(format!(
             "the client of the backend behind eth1 was not served by it: {other:?}"
         )),
@@ -691,6 +681,7 @@ fn another_namespaces_pins_are_refused() {
         socket: work.join("other/lbd.sock"),
         bpffs_dir: paths.bpffs_dir.clone(),
         state_dir: work.join("other-state"),
+        interfaces: paths.interfaces.clone(),
     };
     std::fs::write(&other.config, plain_config(&other)).unwrap();
     let intruder = spawn_lbd_in(&t, t.backend_ns(3), &other).unwrap();

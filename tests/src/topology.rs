@@ -1407,24 +1407,36 @@ impl Topology {
     /// with XDP_TX): keep it as long as the port is used.
     pub fn recreate_lb_eth0(&self) -> Result<OwnedFd> {
         let h = self.host(Role::Lb).clone();
+        let l = &h.links[0];
         ip_batch(
             &self.switch_ns,
             &format!(
-                "link add {port} type veth peer name eth0 netns {ns}\nlink set {port} master br0\nlink set {port} up\n",
-                port = h.port,
+                "link add {port} type veth peer name {dev} netns {ns}\nlink set {port} master {br}\nlink set {port} up\n",
+                port = l.port,
+                dev = l.dev,
+                br = l.bridge,
                 ns = h.ns
             ),
         )?;
-        netns::set_sysctls(&h.ns, &self.sysctls(&h, "eth0"), false)?;
-        ip_batch(&h.ns, &self.host_batch(&h))?;
-        run_checked(
-            Command::new("nsenter")
-                .arg(format!("--net={}", netns::netns_path(&h.ns).display()))
-                .args(["--", "ethtool", "-K", "eth0", "tx", "off"]),
-            None,
-        )
-        .with_context(|| format!("turning TX checksum offload off in {}", h.ns))?;
-        netns::attach_raw_xdp(&self.switch_ns, &h.port, &[])
+        netns::set_sysctls(&h.ns, &self.sysctls(&h, l.dev), false)?;
+        let mut batch = format!(
+            "link set {dev} address {mac}\nlink set {dev} up\n",
+            dev = l.dev,
+            mac = l.mac
+        );
+        for a in h.addrs.iter().filter(|a| a.dev == l.dev) {
+            batch.push_str(&format!(
+                "addr add {}/{} dev {dev}\naddr add {}/64 dev {dev} nodad\n",
+                a.addr,
+                a.plen,
+                a.addr6,
+                dev = a.dev
+            ));
+        }
+        batch.push_str(&self.client_block_routes());
+        ip_batch(&h.ns, &batch)?;
+        ethtool(&h.ns, &["-K", l.dev, "tx", "off"])?;
+        netns::attach_raw_xdp(&self.switch_ns, &l.port, &[])
     }
 
     // ---- TCP and HTTP ----------------------------------------------------------------------
