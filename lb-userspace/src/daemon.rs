@@ -16,7 +16,7 @@ use lb_common::{
     maglev::{MaglevBackend, build_table},
     service_flags,
 };
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::{
@@ -24,7 +24,7 @@ use crate::{
     config::{self, CheckKind, Config, Forwarding, HashMode},
     datapath::{self, Datapath, Fill, LinkPlace, Start},
     health,
-    netlink::Netlink,
+    netlink::{Netlink, NetlinkError},
     state,
 };
 
@@ -525,6 +525,60 @@ pub async fn resolve_hops(needed: Vec<(String, HopRequest)>) -> Hops {
         .collect()
 }
 
+/// Applies a new resolution of backend `b`'s hop (of service `service`); returns whether its
+/// hop changed.
+fn follow_hop(service: &str, b: &mut BackendRuntime, result: anyhow::Result<Hop>) -> bool {
+    let address = b.cfg.address;
+    match result {
+        Ok(hop) if b.hop.as_ref() == Some(&hop) => false,
+        Ok(hop) => {
+            match &b.hop {
+                None => info!(
+                    "service {service}: backend {address} resolved: {} via {} on ifindex {} (MTU {})",
+                    mac_string(&hop.mac),
+                    hop.via,
+                    hop.ifindex,
+                    hop.mtu
+                ),
+                Some(old) => info!(
+                    "service {service}: backend {address} now reached at {} via {} on ifindex {} (MTU {}; was {} via {} on ifindex {}, MTU {})",
+                    mac_string(&hop.mac),
+                    hop.via,
+                    hop.ifindex,
+                    hop.mtu,
+                    mac_string(&old.mac),
+                    old.via,
+                    old.ifindex,
+                    old.mtu
+                ),
+            }
+            b.hop = Some(hop);
+            b.hop_error = None;
+            true
+        }
+        Err(e) => {
+            let neighbour_only = e.downcast_ref::<NetlinkError>().is_some_and(|e| {
+                matches!(
+                    e,
+                    NetlinkError::Unresolved { .. } | NetlinkError::Neighbour { .. }
+                )
+            });
+            if neighbour_only || b.hop.is_none() {
+                // The last hop stays (or there is none): a neighbour that stops answering for
+                // a while must not take a working backend out of service.
+                if b.hop.is_none() {
+                    b.hop_error = Some(format!("{e:#}"));
+                }
+                return false;
+            }
+            warn!("service {service}: backend {address} gets no traffic until it resolves: {e:#}");
+            b.hop = None;
+            b.hop_error = Some(format!("{e:#}"));
+            true
+        }
+    }
+}
+
 /// Lowest id in `0..max` not in `used`.
 fn free_id(used: &[u32], max: u32) -> anyhow::Result<u32> {
     (0..max)
@@ -787,87 +841,70 @@ impl Daemon {
         self.sync()
     }
 
-    /// Re-reads neighbours: follows MAC changes, picks up backends that now resolve.
+    /// Resolves every backend's hop again (route, next hop's MAC, egress interface's MAC and
+    /// MTU, tunnel source) and applies what changed: a new gateway or egress interface, a new
+    /// MAC, a new MTU, a backend that now resolves. A backend whose neighbour stops answering
+    /// keeps its last hop (an entry that ages out must not take a working backend out of
+    /// service); one whose route or interface is gone loses it until it resolves again. Then
+    /// has the kernel re-confirm the stale neighbour entries the data path uses (XDP traffic
+    /// never does): one whose MAC changed fails, and the next refresh resolves it anew.
+    /// Resolution runs without the daemon's lock.
     async fn refresh(shared: &Shared) -> anyhow::Result<()> {
-        // Resolved backends: one neighbour lookup each, to follow a MAC that changed. Unresolved
-        // ones: the whole resolution again.
-        let (known, unknown): (Vec<_>, Vec<_>) = {
+        let backends: Vec<(String, HopRequest)> = {
             let d = shared.lock().await;
             d.services
                 .iter()
                 .flat_map(|s| {
-                    s.backends.iter().map(|b| {
-                        (
-                            s.cfg.name.clone(),
-                            HopRequest::of(&s.cfg, &b.cfg),
-                            b.hop.clone(),
-                        )
-                    })
+                    s.backends
+                        .iter()
+                        .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
                 })
-                .partition(|(_, req, hop)| hop.is_some() && req.backend.mac.is_none())
+                .collect()
         };
-        // Without holding the lock: lbctl stays responsive.
-        let mut requests = vec![];
-        let mut results = vec![];
-        let mut resolve: Vec<(String, HopRequest)> = unknown
-            .into_iter()
-            .filter(|(_, _, hop)| hop.is_none())
-            .map(|(name, req, _)| (name, req))
-            .collect();
-        if !known.is_empty() {
-            let netlink = Netlink::new()?;
-            for (name, req, hop) in known {
-                let hop = hop.expect("partitioned on it");
-                match netlink.neighbour(hop.ifindex, hop.via).await {
-                    Ok(Some(mac)) if mac == hop.mac => {}
-                    Ok(Some(mac)) => {
-                        requests.push((name, req));
-                        results.push(Ok(Hop { mac, ..hop }));
-                    }
-                    // Gone from the table (or unreadable): resolve it again, which also asks
-                    // the kernel to resolve it; until then the last known MAC stays in use.
-                    _ => resolve.push((name, req)),
+        let results = resolve_many(backends.iter().map(|(_, r)| r.clone()).collect()).await;
+        let mut in_use: Vec<(u32, IpAddr)> = vec![];
+        {
+            let mut d = shared.lock().await;
+            let d = &mut *d;
+            let mut changed = false;
+            for ((name, req), result) in backends.into_iter().zip(results) {
+                // Applied only while the backend is still there, asked for the same way.
+                let Some(s) = d
+                    .services
+                    .iter_mut()
+                    .find(|s| s.cfg.name == name && HopRequest::of(&s.cfg, &req.backend) == req)
+                else {
+                    continue;
+                };
+                let Some(b) = s
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.cfg.address == req.backend.address)
+                else {
+                    continue;
+                };
+                changed |= follow_hop(&name, b, result);
+                if let Some(hop) = &b.hop
+                    && b.cfg.mac.is_none()
+                {
+                    in_use.push((hop.ifindex, hop.via));
                 }
             }
-        }
-        results.extend(resolve_many(resolve.iter().map(|(_, r)| r.clone()).collect()).await);
-        requests.extend(resolve);
-        let mut d = shared.lock().await;
-        let d = &mut *d;
-        let mut changed = false;
-        for ((name, req), hop) in requests.into_iter().zip(results) {
-            let Ok(hop) = hop else { continue };
-            let Some(si) = d.services.iter().position(|s| {
-                s.cfg.name == name
-                    && HopRequest::of(&s.cfg, &req.backend) == req
-                    && s.backend(req.backend.address).is_some()
-            }) else {
-                continue;
-            };
-            let cfg = req.backend;
-            let s = &mut d.services[si];
-            let b = s
-                .backends
-                .iter_mut()
-                .find(|b| b.cfg.address == cfg.address)
-                .expect("found above");
-            // A backend that stops resolving keeps its last known hop: a neighbour entry that
-            // ages out must not take a working backend out of service.
-            if b.hop.as_ref() == Some(&hop) {
-                continue;
+            if changed {
+                d.sync()?;
             }
-            info!(
-                "service {name}: backend {} now reached at {} on ifindex {}",
-                cfg.address,
-                mac_string(&hop.mac),
-                hop.ifindex
-            );
-            b.hop = Some(hop);
-            b.hop_error = None;
-            changed = true;
         }
-        if changed {
-            d.sync()?;
+        in_use.sort_unstable();
+        in_use.dedup();
+        let netlink = Netlink::new()?;
+        for (ifindex, via) in in_use {
+            match netlink.reconfirm_neighbour(ifindex, via).await {
+                Ok(true) => {
+                    debug!("re-confirming the stale neighbour entry of {via} (ifindex {ifindex})")
+                }
+                Ok(false) => {}
+                Err(e) => debug!("cannot re-confirm {via}: {e}"),
+            }
         }
         Ok(())
     }
@@ -1203,16 +1240,22 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
 /// How long lbd lets a burst of the kernel's notifications settle before acting on it.
 const SETTLE: Duration = Duration::from_millis(50);
+/// Refreshes that notifications cause come at most this often (a refresh re-confirming stale
+/// neighbours causes notifications of its own).
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
 
 /// Follows the system until aborted: the configured interfaces (attached anew when one comes
-/// back, see `follow_interfaces`) and the backends' hops (`Daemon::refresh`), as soon as the
-/// kernel announces a change of an interface, and every `REFRESH_INTERVAL` anyway.
+/// back, see `follow_interfaces`) and the backends' hops (`Daemon::refresh`: routes, next hops'
+/// MACs, egress interfaces' MACs and MTUs), within a fraction of a second of the kernel
+/// announcing a change of a link, route, address or of a neighbour the data path uses, and
+/// every `REFRESH_INTERVAL` anyway (which also re-confirms stale neighbours).
 async fn follow(shared: Shared) {
+    use crate::netlink::Change;
     let mut changes = match crate::netlink::watch() {
         Ok(rx) => Some(rx),
         Err(e) => {
             warn!(
-                "cannot follow the kernel's notifications ({e}): interfaces and neighbours are re-read every {REFRESH_INTERVAL:?} only"
+                "cannot follow the kernel's notifications ({e}): interfaces, routes and neighbours are re-read every {REFRESH_INTERVAL:?} only"
             );
             None
         }
@@ -1227,10 +1270,20 @@ async fn follow(shared: Shared) {
     if let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
         error!("following the interfaces: {e:#}");
     }
+    let mut last_refresh = Instant::now();
     loop {
-        let names = shared.lock().await.config.daemon.interfaces.clone();
-        let links = tokio::select! {
-            _ = tick.tick() => true,
+        let (names, egress) = {
+            let d = shared.lock().await;
+            let egress: Vec<u32> = d
+                .services
+                .iter()
+                .flat_map(|s| s.backends.iter().filter_map(|b| b.hop.as_ref()))
+                .map(|h| h.ifindex)
+                .collect();
+            (d.config.daemon.interfaces.clone(), egress)
+        };
+        let (links, hops) = tokio::select! {
+            _ = tick.tick() => (true, true),
             change = async {
                 match changes.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -1238,30 +1291,41 @@ async fn follow(shared: Shared) {
                 }
             } => {
                 let Some(change) = change else {
-                    warn!("the kernel's notifications stopped: interfaces and neighbours are re-read every {REFRESH_INTERVAL:?} only");
+                    warn!("the kernel's notifications stopped: interfaces, routes and neighbours are re-read every {REFRESH_INTERVAL:?} only");
                     changes = None;
                     continue;
                 };
-                // A burst (an interface recreated: addresses, routes, neighbours) settles first.
-                tokio::time::sleep(SETTLE).await;
+                // A burst (an interface recreated: addresses, routes, neighbours) settles
+                // first, and refreshes come at most every MIN_REFRESH_GAP.
+                let wait = SETTLE.max(MIN_REFRESH_GAP.saturating_sub(last_refresh.elapsed()));
+                tokio::time::sleep(wait).await;
                 let mut all = vec![change];
                 if let Some(rx) = changes.as_mut() {
                     while let Ok(c) = rx.try_recv() {
                         all.push(c);
                     }
                 }
-                all.iter().any(|c| match c {
-                    crate::netlink::Change::Link { name, .. }
-                    | crate::netlink::Change::LinkGone { name, .. } => names.contains(name),
+                let links = all.iter().any(|c| match c {
+                    Change::Link { name, .. } | Change::LinkGone { name, .. } => {
+                        names.contains(name)
+                    }
                     _ => false,
-                })
+                });
+                let hops = all.iter().any(|c| match c {
+                    Change::Link { .. }
+                    | Change::LinkGone { .. }
+                    | Change::Route
+                    | Change::Address { .. } => true,
+                    Change::Neighbour { ifindex } => egress.contains(ifindex),
+                });
+                (links, hops)
             }
         };
-        if links {
-            match follow_interfaces(&shared, &names, &mut states).await {
-                Ok(()) => {}
-                Err(e) => error!("following the interfaces: {e:#}"),
-            }
+        if links && let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
+            error!("following the interfaces: {e:#}");
+        }
+        if hops {
+            last_refresh = Instant::now();
             if let Err(e) = Daemon::refresh(&shared).await {
                 error!("refreshing backends: {e:#}");
             }

@@ -37,7 +37,9 @@ use netlink_packet_route::{
     },
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
 };
-use rtnetlink::packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
 use tokio::time::Instant;
 
 /// How often [`Netlink::resolve_neighbour`] looks at the neighbour table.
@@ -47,6 +49,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT.
 const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 const NUD_NOARP: u16 = 0x40;
+const NUD_STALE: u16 = 0x04;
 const NUD_FAILED: u16 = 0x20;
 
 /// How long [`Netlink::resolve_neighbour`] waits for NTF_USE to work before it also sends a UDP
@@ -407,6 +410,61 @@ impl Netlink {
             }
         }
         Ok(entry)
+    }
+
+    /// Has the kernel re-confirm the neighbour entry of `addr` on `ifindex` now, if it is
+    /// STALE: its state is set to PROBE (its MAC kept), so the kernel sends unicast probes at
+    /// once and the entry becomes REACHABLE again if the neighbour answers, or FAILED within a
+    /// few seconds if not (its MAC changed, or it is gone: it is then resolved anew). Traffic
+    /// forwarded by XDP never confirms the entries it relies on, so without this an entry
+    /// stays STALE with whatever MAC it had, for ever. Returns whether it asked.
+    pub async fn reconfirm_neighbour(
+        &self,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> Result<bool, NetlinkError> {
+        let error = |cause| async move {
+            NetlinkError::Neighbour {
+                addr,
+                iface: self.iface_label(ifindex).await,
+                cause,
+            }
+        };
+        let entry = match self.neighbour_entry(ifindex, addr).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(false),
+            Err(cause) => return Err(error(cause).await),
+        };
+        let (NUD_STALE, Some(mac)) = (entry.state, entry.lladdr) else {
+            return Ok(false);
+        };
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(addr);
+        msg.header.ifindex = ifindex;
+        msg.header.state = NeighbourState::Probe;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neigh_addr(addr)));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+        // Replace only: an entry that went meanwhile is not created again in PROBE.
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE;
+        let mut replies = match self.handle.clone().request(req) {
+            Ok(r) => r,
+            Err(cause) => return Err(error(cause).await),
+        };
+        while let Some(reply) = replies.next().await {
+            if let NetlinkPayload::Error(e) = reply.payload
+                && e.raw_code() != 0
+            {
+                // Gone meanwhile: nothing to confirm.
+                if e.raw_code() == -libc::ENOENT {
+                    return Ok(false);
+                }
+                return Err(error(rtnetlink::Error::NetlinkError(e)).await);
+            }
+        }
+        Ok(true)
     }
 
     /// Asks the kernel to resolve `addr` on `ifindex`: RTM_NEWNEIGH with NTF_USE creates the
