@@ -34,7 +34,8 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// All of a round of resolutions ends within this, however many backends do not answer, so lbd
 /// is ready well within the 10 s SPEC allows.
 const RESOLVE_ROUND: Duration = Duration::from_secs(6);
-/// How often neighbours are re-read, to follow MAC changes and retry unresolved backends.
+/// How often every backend's hop is resolved again and stale neighbours re-confirmed, besides
+/// whenever the kernel announces a change (see `follow`).
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// Netlink connections used side by side when resolving many backends. The kernel serves one
 /// dump at a time per netlink socket (a second gets EBUSY), so parallel resolution needs a
@@ -848,8 +849,10 @@ impl Daemon {
     /// service); one whose route or interface is gone loses it until it resolves again. Then
     /// has the kernel re-confirm the stale neighbour entries the data path uses (XDP traffic
     /// never does): one whose MAC changed fails, and the next refresh resolves it anew.
+    /// `resolved` picks the backends that have a hop (quick: their neighbours mostly answer
+    /// at once), or else those that have none (up to `RESOLVE_ROUND` when some never answer).
     /// Resolution runs without the daemon's lock.
-    async fn refresh(shared: &Shared) -> anyhow::Result<()> {
+    async fn refresh(shared: &Shared, resolved: bool) -> anyhow::Result<()> {
         let backends: Vec<(String, HopRequest)> = {
             let d = shared.lock().await;
             d.services
@@ -857,10 +860,14 @@ impl Daemon {
                 .flat_map(|s| {
                     s.backends
                         .iter()
+                        .filter(|b| b.hop.is_some() == resolved)
                         .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
                 })
                 .collect()
         };
+        if backends.is_empty() {
+            return Ok(());
+        }
         let results = resolve_many(backends.iter().map(|(_, r)| r.clone()).collect()).await;
         let mut in_use: Vec<(u32, IpAddr)> = vec![];
         {
@@ -1271,6 +1278,7 @@ async fn follow(shared: Shared) {
         error!("following the interfaces: {e:#}");
     }
     let mut last_refresh = Instant::now();
+    let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let (names, egress) = {
             let d = shared.lock().await;
@@ -1282,8 +1290,8 @@ async fn follow(shared: Shared) {
                 .collect();
             (d.config.daemon.interfaces.clone(), egress)
         };
-        let (links, hops) = tokio::select! {
-            _ = tick.tick() => (true, true),
+        let (links, hops, unresolved) = tokio::select! {
+            _ = tick.tick() => (true, true, true),
             change = async {
                 match changes.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -1311,14 +1319,13 @@ async fn follow(shared: Shared) {
                     }
                     _ => false,
                 });
-                let hops = all.iter().any(|c| match c {
-                    Change::Link { .. }
-                    | Change::LinkGone { .. }
-                    | Change::Route
-                    | Change::Address { .. } => true,
-                    Change::Neighbour { ifindex } => egress.contains(ifindex),
-                });
-                (links, hops)
+                let unresolved = all.iter().any(|c| !matches!(c, Change::Neighbour { .. }));
+                let hops = unresolved
+                    || all.iter().any(|c| match c {
+                        Change::Neighbour { ifindex } => egress.contains(ifindex),
+                        _ => false,
+                    });
+                (links, hops, unresolved)
             }
         };
         if links && let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
@@ -1326,9 +1333,20 @@ async fn follow(shared: Shared) {
         }
         if hops {
             last_refresh = Instant::now();
-            if let Err(e) = Daemon::refresh(&shared).await {
+            if let Err(e) = Daemon::refresh(&shared, true).await {
                 error!("refreshing backends: {e:#}");
             }
+        }
+        // Backends without a hop are retried on a task of their own (one at a time), so one
+        // that never answers holds up nothing else.
+        if unresolved && !retrying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let (shared, retrying) = (shared.clone(), retrying.clone());
+            tokio::spawn(async move {
+                if let Err(e) = Daemon::refresh(&shared, false).await {
+                    error!("resolving backends: {e:#}");
+                }
+                retrying.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
     }
 }
