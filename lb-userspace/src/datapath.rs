@@ -1232,8 +1232,12 @@ impl Datapath {
             self.write_config(want.config)?;
         }
         for (&ifindex, &target) in &want.devmap {
-            if self.shadow.devmap.get(&ifindex) != Some(&target) {
-                self.add_egress(ifindex)?;
+            if self.shadow.devmap.get(&ifindex) != Some(&target)
+                && let Err(e) = self.add_egress(ifindex)
+            {
+                // The interface went meanwhile (its backends follow once their hops are
+                // resolved again): only the redirects to it fail, and they are counted.
+                warn!("{e}; retried at the next change");
             }
         }
         let gone: Vec<ServiceKey> = self
