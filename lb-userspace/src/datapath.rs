@@ -305,16 +305,9 @@ impl Fill {
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("reading SERVICES"))?;
-        let mut service_by_id = BTreeMap::new();
+        let service_by_id = used_entries(&maps.service_by_id, MAX_SERVICES, maps::SERVICE_BY_ID)?;
         let mut maglev = BTreeMap::new();
         for id in 0..MAX_SERVICES {
-            let e = maps
-                .service_by_id
-                .get(&id, 0)
-                .map_err(map_err(format!("reading service {id} by id")))?;
-            if e != ServiceEntry::default() {
-                service_by_id.insert(id, e);
-            }
             match maps.maglev.get(&id, 0) {
                 Ok(inner) => {
                     let what = || format!("reading the Maglev table of service {id}");
@@ -331,16 +324,7 @@ impl Fill {
         let vip_filter = read_mmapable_array(maps.vip_filter.map(), VIP_FILTER_WORDS as usize)
             .map_err(io_err("reading VIP_FILTER"))?
             .to_vec();
-        let mut backends = BTreeMap::new();
-        for id in 0..MAX_BACKENDS {
-            let b = maps
-                .backends
-                .get(&id, 0)
-                .map_err(map_err(format!("reading backend {id}")))?;
-            if b != Backend::default() {
-                backends.insert(id, b);
-            }
-        }
+        let backends = used_entries(&maps.backends, MAX_BACKENDS, maps::BACKENDS)?;
         let vips = maps
             .vips
             .iter()
@@ -371,80 +355,72 @@ impl Fill {
 
     /// Where `self` and `other` differ, entry by entry, for messages ("SERVICES key …: …").
     pub fn diff(&self, other: &Fill) -> Vec<String> {
-        fn entries<K: std::fmt::Debug + Ord, V: PartialEq + std::fmt::Debug>(
-            map: &str,
-            a: &[(K, V)],
-            b: &[(K, V)],
-            out: &mut Vec<String>,
-        ) {
-            for (k, v) in a {
+        let mut out = vec![];
+        // One map seen through `view` in both fills, as (key, value) pairs.
+        let mut map = |name: &str, view: &dyn Fn(&Fill) -> Vec<(String, String)>| {
+            let (mut a, mut b) = (view(self), view(other));
+            a.sort();
+            b.sort();
+            for (k, v) in &a {
                 match b.iter().find(|(bk, _)| bk == k) {
-                    None => out.push(format!("{map} {k:?}: {v:?} / missing")),
-                    Some((_, w)) if w != v => out.push(format!("{map} {k:?}: {v:?} / {w:?}")),
+                    None => out.push(format!("{name} {k}: {v} / missing")),
+                    Some((_, w)) if w != v => out.push(format!("{name} {k}: {v} / {w}")),
                     _ => {}
                 }
             }
-            for (k, w) in b {
+            for (k, w) in &b {
                 if !a.iter().any(|(ak, _)| ak == k) {
-                    out.push(format!("{map} {k:?}: missing / {w:?}"));
+                    out.push(format!("{name} {k}: missing / {w}"));
                 }
             }
-        }
-        fn sorted<K: Ord + Clone, V: Clone>(m: impl IntoIterator<Item = (K, V)>) -> Vec<(K, V)> {
-            let mut v: Vec<(K, V)> = m.into_iter().collect();
-            v.sort_by(|x, y| x.0.cmp(&y.0));
-            v
-        }
-        let service_key = |k: &ServiceKey| (k.addr, k.port, k.proto, k.family);
-        let vip_key = |k: &VipKey| (k.addr, k.proto, k.family);
-        let mut out = vec![];
-        if self.config != other.config {
-            out.push(format!("CONFIG: {:?} / {:?}", self.config, other.config));
-        }
-        entries(
-            "SERVICES",
-            &sorted(self.services.iter().map(|(k, v)| (service_key(k), *v))),
-            &sorted(other.services.iter().map(|(k, v)| (service_key(k), *v))),
-            &mut out,
-        );
-        entries(
-            "SERVICE_BY_ID",
-            &sorted(self.service_by_id.clone()),
-            &sorted(other.service_by_id.clone()),
-            &mut out,
-        );
-        if self.vip_filter != other.vip_filter {
-            out.push("VIP_FILTER: the bits differ".into());
-        }
-        let tables = |m: &BTreeMap<u32, Arc<[u64]>>| {
-            sorted(m.iter().map(|(id, w)| (*id, TableSummary(w.clone()))))
         };
-        entries(
-            "MAGLEV",
-            &tables(&self.maglev),
-            &tables(&other.maglev),
-            &mut out,
-        );
-        entries(
-            "BACKENDS",
-            &sorted(self.backends.clone()),
-            &sorted(other.backends.clone()),
-            &mut out,
-        );
-        entries(
-            "VIPS",
-            &sorted(self.vips.iter().map(|(k, v)| (vip_key(k), *v))),
-            &sorted(other.vips.iter().map(|(k, v)| (vip_key(k), *v))),
-            &mut out,
-        );
-        entries(
-            "DEVMAP",
-            &sorted(self.devmap.clone()),
-            &sorted(other.devmap.clone()),
-            &mut out,
-        );
+        fn shown<K: std::fmt::Debug, V: std::fmt::Debug>(
+            pairs: impl Iterator<Item = (K, V)>,
+        ) -> Vec<(String, String)> {
+            pairs
+                .map(|(k, v)| (format!("{k:?}"), format!("{v:?}")))
+                .collect()
+        }
+        map("CONFIG", &|f| shown([(0, f.config)].into_iter()));
+        map("SERVICES", &|f| {
+            shown(
+                f.services
+                    .iter()
+                    .map(|(k, v)| ((k.addr, u16::from_be(k.port), k.proto), v)),
+            )
+        });
+        map("SERVICE_BY_ID", &|f| shown(f.service_by_id.iter()));
+        map("VIP_FILTER", &|f| {
+            shown(f.vip_filter.iter().enumerate().filter(|(_, w)| **w != 0))
+        });
+        map("MAGLEV", &|f| {
+            shown(f.maglev.iter().map(|(id, w)| (id, TableSummary(w.clone()))))
+        });
+        map("BACKENDS", &|f| shown(f.backends.iter()));
+        map("VIPS", &|f| {
+            shown(f.vips.iter().map(|(k, v)| ((k.addr, k.proto), v)))
+        });
+        map("DEVMAP", &|f| shown(f.devmap.iter()));
         out
     }
+}
+
+/// The entries of array `map` (of `len` entries) that are not all zero, by index.
+fn used_entries<V: aya::Pod + Default + PartialEq>(
+    map: &Array<MapData, V>,
+    len: u32,
+    name: &str,
+) -> Result<BTreeMap<u32, V>> {
+    let mut used = BTreeMap::new();
+    for i in 0..len {
+        let v = map
+            .get(&i, 0)
+            .map_err(map_err(format!("reading {name}[{i}]")))?;
+        if v != V::default() {
+            used.insert(i, v);
+        }
+    }
+    Ok(used)
 }
 
 /// A Maglev table in a diff: compared whole, shown by its size and a checksum.
@@ -507,6 +483,27 @@ pub fn program_hash(object: &[u8]) -> u64 {
     })
 }
 
+/// The bpf(2) system call `cmd` with `attr` as its `bpf_attr` (zero-padded to 128 bytes):
+/// its non-negative result, or the error.
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid, for the whole call, for what `cmd` does with it.
+unsafe fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: attr is a buffer the size of bpf_attr; the caller vouches for its pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            size_of_val(attr) as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
 /// What the kernel says of a pinned bpf_link (the head of its `bpf_link_info`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkFacts {
@@ -534,19 +531,9 @@ pub fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
     // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags: all others zero.
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
-    // SAFETY: attr is a zeroed buffer the size of bpf_attr holding a valid NUL-terminated
-    // path, which outlives the call; the kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: attr holds a valid NUL-terminated path, which outlives the call; the kernel only
+    // reads it.
+    let fd = unsafe { bpf_syscall(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the kernel just returned this descriptor, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // The head of bpf_link_info: type, id, prog_id, padding, then (XDP) ifindex. The kernel
@@ -557,17 +544,7 @@ pub fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
     attr[1] = info.as_mut_ptr() as u64;
     // SAFETY: attr names a valid fd and a writable buffer of info_len bytes, which outlives
     // the call; the kernel writes at most info_len bytes into it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(LinkFacts {
         is_xdp: info[0] == BPF_LINK_TYPE_XDP,
         id: info[1],
@@ -1240,23 +1217,13 @@ impl Datapath {
                 warn!("{e}; retried at the next change");
             }
         }
-        let gone: Vec<ServiceKey> = self
-            .shadow
-            .services
-            .keys()
-            .filter(|k| !want.services.contains_key(k))
-            .copied()
-            .collect();
+        let gone: Vec<ServiceKey> = absent(self.shadow.services.keys(), |k| {
+            want.services.contains_key(k)
+        });
         for key in &gone {
             self.remove_service_key(key)?;
         }
-        let gone: Vec<VipKey> = self
-            .shadow
-            .vips
-            .keys()
-            .filter(|k| !want.vips.contains_key(k))
-            .copied()
-            .collect();
+        let gone: Vec<VipKey> = absent(self.shadow.vips.keys(), |k| want.vips.contains_key(k));
         for key in &gone {
             match self.maps.vips.remove(key) {
                 Ok(()) => {}
@@ -1299,43 +1266,23 @@ impl Datapath {
             }
         }
         // What nothing names any more.
-        let ids: Vec<u32> = self
-            .shadow
-            .service_by_id
-            .keys()
-            .filter(|id| !want.service_by_id.contains_key(id))
-            .copied()
-            .collect();
+        let ids: Vec<u32> = absent(self.shadow.service_by_id.keys(), |k| {
+            want.service_by_id.contains_key(k)
+        });
         for id in ids {
             self.write_service_by_id(id, ServiceEntry::default())?;
         }
-        let ids: Vec<u32> = self
-            .shadow
-            .maglev
-            .keys()
-            .filter(|id| !want.maglev.contains_key(id))
-            .copied()
-            .collect();
+        let ids: Vec<u32> = absent(self.shadow.maglev.keys(), |k| want.maglev.contains_key(k));
         for id in ids {
             self.delete_table(id)?;
         }
-        let ids: Vec<u32> = self
-            .shadow
-            .backends
-            .keys()
-            .filter(|id| !want.backends.contains_key(id))
-            .copied()
-            .collect();
+        let ids: Vec<u32> = absent(self.shadow.backends.keys(), |k| {
+            want.backends.contains_key(k)
+        });
         for id in ids {
             self.clear_backend(id)?;
         }
-        let ids: Vec<u32> = self
-            .shadow
-            .devmap
-            .keys()
-            .filter(|id| !want.devmap.contains_key(id))
-            .copied()
-            .collect();
+        let ids: Vec<u32> = absent(self.shadow.devmap.keys(), |k| want.devmap.contains_key(k));
         for ifindex in ids {
             match self.maps.devmap.remove(ifindex) {
                 Ok(()) => {}
@@ -1655,6 +1602,14 @@ fn fill_mmapable_array(map: &MapData, values: &[u64]) -> io::Result<()> {
     Ok(())
 }
 
+/// The keys of `have` that `keep` does not keep (what `apply` removes).
+fn absent<'a, K: Copy + 'a>(
+    have: impl Iterator<Item = &'a K>,
+    keep: impl Fn(&K) -> bool,
+) -> Vec<K> {
+    have.filter(|k| !keep(k)).copied().collect()
+}
+
 /// The first `len` u64 values of a BPF_F_MMAPABLE array, read through its memory.
 fn read_mmapable_array(map: &MapData, len: usize) -> io::Result<Arc<[u64]>> {
     let memory = ArrayMemory::map(map, len * 8, false)?;
@@ -1675,20 +1630,9 @@ fn map_delete(map: &MapData, key: u32) -> io::Result<()> {
     let mut attr = [0u64; 16];
     attr[0] = map.fd().as_fd().as_raw_fd() as u32 as u64;
     attr[1] = &key as *const u32 as u64;
-    // SAFETY: attr is a zeroed buffer the size of bpf_attr naming an open map fd and a key
-    // that outlives the call; the kernel only reads both.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            attr.as_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // SAFETY: attr names an open map fd and a key that outlives the call; the kernel only
+    // reads both.
+    unsafe { bpf_syscall(BPF_MAP_DELETE_ELEM, &mut attr) }.map(|_| ())
 }
 
 /// Counts the connection table's flows on its own read-only mapping of the pinned table, so

@@ -367,11 +367,21 @@ impl Netlink {
     ) -> Result<Option<[u8; 6]>, NetlinkError> {
         match self.neighbour_entry(ifindex, addr).await {
             Ok(entry) => Ok(entry.and_then(|e| e.usable_mac())),
-            Err(cause) => Err(NetlinkError::Neighbour {
-                addr,
-                iface: self.iface_label(ifindex).await,
-                cause,
-            }),
+            Err(cause) => Err(self.neighbour_error(ifindex, addr, cause).await),
+        }
+    }
+
+    /// A refused neighbour request about `addr` on `ifindex`, naming the interface.
+    async fn neighbour_error(
+        &self,
+        ifindex: u32,
+        addr: IpAddr,
+        cause: rtnetlink::Error,
+    ) -> NetlinkError {
+        NetlinkError::Neighbour {
+            addr,
+            iface: self.iface_label(ifindex).await,
+            cause,
         }
     }
 
@@ -423,13 +433,7 @@ impl Netlink {
         ifindex: u32,
         addr: IpAddr,
     ) -> Result<bool, NetlinkError> {
-        let error = |cause| async move {
-            NetlinkError::Neighbour {
-                addr,
-                iface: self.iface_label(ifindex).await,
-                cause,
-            }
-        };
+        let error = |cause| self.neighbour_error(ifindex, addr, cause);
         let entry = match self.neighbour_entry(ifindex, addr).await {
             Ok(Some(e)) => e,
             Ok(None) => return Ok(false),
@@ -525,13 +529,7 @@ impl Netlink {
         timeout: Duration,
     ) -> Result<[u8; 6], NetlinkError> {
         let deadline = Instant::now() + timeout;
-        let lookup_error = |cause| async move {
-            NetlinkError::Neighbour {
-                addr,
-                iface: self.iface_label(ifindex).await,
-                cause,
-            }
-        };
+        let lookup_error = |cause| self.neighbour_error(ifindex, addr, cause);
         let entry = match self.neighbour_entry(ifindex, addr).await {
             Ok(e) => e,
             Err(cause) => return Err(lookup_error(cause).await),

@@ -95,6 +95,15 @@ fn wait_states(lbd: &Lbd, service: &str, want: &[(&str, &str)]) {
     }
 }
 
+/// Waits until web's backends 1 and 4 are up and backend 2 is `b2`.
+fn web_states(lbd: &Lbd, b2: &str) {
+    wait_states(
+        lbd,
+        "web",
+        &[("192.0.2.11", "up"), ("192.0.2.12", b2), (SIDE, "up")],
+    );
+}
+
 /// Drives one lbd through changes and, after each, compares its maps with a fresh fill.
 struct Run<'t> {
     t: &'t Topology,
@@ -225,11 +234,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
 
     // A backend behind the LB's second interface, added at run time.
     run.lbctl(&["backend", "add", "web", SIDE]);
-    wait_states(
-        &run.lbd,
-        "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
-    );
+    web_states(&run.lbd, "up");
     let far_client = t
         .all_client_sources()
         .into_iter()
@@ -249,26 +254,14 @@ fn maps_match_a_fresh_fill_after_every_change() {
     run.lbctl(&["backend", "weight", "web", "192.0.2.11", "50"]);
     run.compare("lbctl backend weight");
     run.lbctl(&["backend", "undrain", "web", "192.0.2.12"]);
-    wait_states(
-        &run.lbd,
-        "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
-    );
+    web_states(&run.lbd, "up");
     run.compare("lbctl backend undrain");
 
     t.stop_backend_server(2).unwrap();
-    wait_states(
-        &run.lbd,
-        "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "down"), (SIDE, "up")],
-    );
+    web_states(&run.lbd, "down");
     run.compare("health: a backend down");
     t.start_backend_server(2).unwrap();
-    wait_states(
-        &run.lbd,
-        "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
-    );
+    web_states(&run.lbd, "up");
     run.compare("health: back up");
 
     // Fragments recorded for dns; dns removed, and a new service takes its id.
@@ -322,19 +315,24 @@ fn maps_match_a_fresh_fill_after_every_change() {
 
     // SIGHUP: a tunnel service on another VIP (one backend behind eth1), web's table size, dns2
     // hashing the 5-tuple.
-    let reloaded = daemon.clone()
-        + &service(
-            "web",
-            &(web_head.clone() + "\ntable_size = 4099"),
-            health(),
-            &[("192.0.2.11", 50), ("192.0.2.12", 100), (SIDE, 100)],
-        )
-        + &service(
-            "dns2",
-            &format!("vip = \"{VIP}\"\nport = 5353\nprotocol = \"udp\"\nhash = \"5-tuple\""),
-            "",
-            &[("192.0.2.11", 100)],
-        )
+    let web_and_dns2 = |dns_port: u16| {
+        daemon.clone()
+            + &service(
+                "web",
+                &(web_head.clone() + "\ntable_size = 4099"),
+                health(),
+                &[("192.0.2.11", 50), ("192.0.2.12", 100), (SIDE, 100)],
+            )
+            + &service(
+                "dns2",
+                &format!(
+                    "vip = \"{VIP}\"\nport = {dns_port}\nprotocol = \"udp\"\nhash = \"5-tuple\""
+                ),
+                "",
+                &[("192.0.2.11", 100)],
+            )
+    };
+    let reloaded = web_and_dns2(5353)
         + &service(
             "tun",
             &format!("vip = \"{VIP2}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"tunnel\""),
@@ -346,51 +344,22 @@ fn maps_match_a_fresh_fill_after_every_change() {
 
     // Backend 1 gets a new MAC; the balancer's neighbour entry goes.
     let new_mac = "02:00:00:00:0b:99";
-    t.exec_ok(
-        t.backend_ns(1),
-        &["ip", "link", "set", "eth0", "address", new_mac],
-    )
-    .unwrap();
+    t.set_backend_mac(1, new_mac).unwrap();
     t.exec_ok(t.lb_ns(), &["ip", "neigh", "flush", "to", "192.0.2.11"])
         .unwrap();
-    retry_until(Duration::from_secs(20), "lbd to follow the new MAC", || {
-        let list = backends(&run.lbd, "web");
-        let mac = list
-            .iter()
-            .find(|b| b["address"] == "192.0.2.11")
-            .and_then(|b| b["mac"].as_str().map(str::to_owned));
-        match mac.as_deref() {
-            Some(m) if m == new_mac => Ok(()),
-            other => anyhow::bail!("backend list shows {other:?}"),
-        }
-    })
-    .unwrap();
+    run.lbd
+        .wait_backend_mac("web", "192.0.2.11", new_mac, Duration::from_secs(20))
+        .unwrap();
     run.compare("a backend's MAC changes");
 
     // SIGHUP: dns2 moves to another port (same id, new key), tun goes.
-    let moved = daemon.clone()
-        + &service(
-            "web",
-            &(web_head.clone() + "\ntable_size = 4099"),
-            health(),
-            &[("192.0.2.11", 50), ("192.0.2.12", 100), (SIDE, 100)],
-        )
-        + &service(
-            "dns2",
-            &format!("vip = \"{VIP}\"\nport = 5354\nprotocol = \"udp\"\nhash = \"5-tuple\""),
-            "",
-            &[("192.0.2.11", 100)],
-        );
+    let moved = web_and_dns2(5354);
     run.reload(&moved);
     run.compare("SIGHUP: a key moves, a service goes");
 
     run.lbctl(&["backend", "remove", "web", "192.0.2.12"]);
     run.lbctl(&["backend", "add", "web", "192.0.2.12"]);
-    wait_states(
-        &run.lbd,
-        "web",
-        &[("192.0.2.11", "up"), ("192.0.2.12", "up"), (SIDE, "up")],
-    );
+    web_states(&run.lbd, "up");
     run.compare("lbctl backend remove, add again");
 
     let mut problems = run.drift.clone();
@@ -410,12 +379,7 @@ fn maps_match_a_fresh_fill_after_every_change() {
             "FRAGS entries of removed service dns survive its id's reuse by dns2: {left:?}"
         ));
     }
-    assert!(
-        problems.is_empty(),
-        "{}\nlbd log:\n{}",
-        problems.join("\n"),
-        run.lbd.log_tail()
-    );
+    assert_no_problems(&problems, &run.lbd);
 }
 
 /// `lbctl backend add` of an address nobody answers waits for neighbour resolution (3 s), but
@@ -530,6 +494,15 @@ fn plain_config(paths: &LbdPaths) -> String {
         )
 }
 
+/// lbd on `plain_config`, and a client address with the backend that serves it.
+fn start_plain(t: &Topology) -> (LbdPaths, Lbd<'_>, std::net::IpAddr, usize) {
+    let paths = LbdPaths::for_topology(t);
+    let lbd = start_lbd(t, &plain_config(&paths)).expect("starting lbd");
+    let src = t.client_sources(1)[0];
+    let backend = served(t, src).expect("served before");
+    (paths, lbd, src, backend)
+}
+
 /// `lbctl status`'s entry for eth0.
 fn eth0_status(lbd: &Lbd) -> Value {
     lbd.lbctl_json(&["status"]).expect("lbctl status")["interfaces"][0].clone()
@@ -544,82 +517,35 @@ fn served(t: &Topology, src: std::net::IpAddr) -> anyhow::Result<usize> {
     })
 }
 
-/// The interface lbd is attached to is deleted and recreated while lbd runs (a driver reload,
-/// a recreated veth): `lbctl status` shows it `missing`, then lbd attaches the program to the
-/// new interface, shows it `attached`, and traffic flows again (issue 10, item 6). Renamed
-/// away it is `missing` too, and `attached` again once renamed back.
-#[test]
-fn an_interface_deleted_and_recreated_while_lbd_runs_is_attached_again() {
-    let t = topology();
-    let paths = LbdPaths::for_topology(&t);
-    let lbd = start_lbd(&t, &plain_config(&paths)).expect("starting lbd");
-    let src = t.client_sources(1)[0];
-    let backend = served(&t, src).expect("served before");
-    let mut problems = vec![];
-    let before = eth0_status(&lbd);
-    if before["state"] != "attached" {
-        problems.push(format!("before: eth0 is not shown attached: {before}"));
-    }
-
-    t.exec_ok(t.lb_ns(), &["ip", "link", "del", "eth0"])
-        .unwrap();
-    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown missing", || {
-        eth0_status(&lbd)["state"] == "missing"
-    }) {
-        problems.push(format!("{e}: {}", eth0_status(&lbd)));
-    }
-    let _switch_port = t.recreate_lb_eth0().expect("recreating eth0");
-    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown attached again", || {
-        eth0_status(&lbd)["state"] == "attached"
-    }) {
-        problems.push(format!("{e}: {}", eth0_status(&lbd)));
-    }
-    match served(&t, src) {
+/// Notes a problem unless `src` is served by backend `backend` (within 10 s).
+fn check_served(
+    t: &Topology,
+    src: std::net::IpAddr,
+    backend: usize,
+    when: &str,
+    problems: &mut Vec<String>,
+) {
+    match served(t, src) {
         Ok(b) if b == backend => {}
         other => problems.push(format!(
-            "after eth0 came back, {src} was not served by backend {backend}: {other:?}"
+            "{when}: {src} was not served by backend {backend}: {other:?}"
         )),
     }
+}
 
-    // Renamed away (the link stays on the device) and back.
-    for cmd in [
-        "link set eth0 down",
-        "link set eth0 name eth0-old",
-        "link set eth0-old up",
-    ] {
-        t.exec_ok(
-            t.lb_ns(),
-            &format!("ip {cmd}").split(' ').collect::<Vec<_>>(),
-        )
-        .unwrap();
+/// Notes a problem unless `lbctl status` shows eth0 `want` within 5 s.
+fn check_eth0_state(lbd: &Lbd, want: &str, when: &str, problems: &mut Vec<String>) {
+    if let Err(e) = wait_until(
+        Duration::from_secs(5),
+        &format!("eth0 shown {want}"),
+        || eth0_status(lbd)["state"] == want,
+    ) {
+        problems.push(format!("{when}: {e}: {}", eth0_status(lbd)));
     }
-    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown missing", || {
-        eth0_status(&lbd)["state"] == "missing"
-    }) {
-        problems.push(format!("renamed: {e}: {}", eth0_status(&lbd)));
-    }
-    for cmd in [
-        "link set eth0-old down",
-        "link set eth0-old name eth0",
-        "link set eth0 up",
-    ] {
-        t.exec_ok(
-            t.lb_ns(),
-            &format!("ip {cmd}").split(' ').collect::<Vec<_>>(),
-        )
-        .unwrap();
-    }
-    if let Err(e) = wait_until(Duration::from_secs(5), "eth0 shown attached again", || {
-        eth0_status(&lbd)["state"] == "attached"
-    }) {
-        problems.push(format!("renamed back: {e}: {}", eth0_status(&lbd)));
-    }
-    match served(&t, src) {
-        Ok(b) if b == backend => {}
-        other => problems.push(format!(
-            "after eth0 was renamed back, {src} was not served by backend {backend}: {other:?}"
-        )),
-    }
+}
+
+/// Fails with every problem noted, and the end of lbd's log.
+fn assert_no_problems(problems: &[String], lbd: &Lbd) {
     assert!(
         problems.is_empty(),
         "{}\nlbd log:\n{}",
@@ -628,15 +554,56 @@ fn an_interface_deleted_and_recreated_while_lbd_runs_is_attached_again() {
     );
 }
 
+/// The interface lbd is attached to is deleted and recreated while lbd runs (a driver reload,
+/// a recreated veth): `lbctl status` shows it `missing`, then lbd attaches the program to the
+/// new interface, shows it `attached`, and traffic flows again (issue 10, item 6). Renamed
+/// away it is `missing` too, and `attached` again once renamed back.
+#[test]
+fn an_interface_deleted_and_recreated_while_lbd_runs_is_attached_again() {
+    let t = topology();
+    let (_paths, lbd, src, backend) = start_plain(&t);
+    let mut problems = vec![];
+    check_eth0_state(&lbd, "attached", "before", &mut problems);
+
+    t.exec_ok(t.lb_ns(), &["ip", "link", "del", "eth0"])
+        .unwrap();
+    check_eth0_state(&lbd, "missing", "deleted", &mut problems);
+    let _switch_port = t.recreate_lb_eth0().expect("recreating eth0");
+    check_eth0_state(&lbd, "attached", "recreated", &mut problems);
+    check_served(&t, src, backend, "after eth0 came back", &mut problems);
+
+    // Renamed away (the link stays on the device) and back.
+    let ip = |cmd: &str| {
+        t.exec_ok(
+            t.lb_ns(),
+            &format!("ip link set {cmd}").split(' ').collect::<Vec<_>>(),
+        )
+        .unwrap()
+    };
+    for cmd in ["eth0 down", "eth0 name eth0-old", "eth0-old up"] {
+        ip(cmd);
+    }
+    check_eth0_state(&lbd, "missing", "renamed", &mut problems);
+    for cmd in ["eth0-old down", "eth0-old name eth0", "eth0 up"] {
+        ip(cmd);
+    }
+    check_eth0_state(&lbd, "attached", "renamed back", &mut problems);
+    check_served(
+        &t,
+        src,
+        backend,
+        "after eth0 was renamed back",
+        &mut problems,
+    );
+    assert_no_problems(&problems, &lbd);
+}
+
 /// The interface is deleted and recreated while lbd is stopped: the pinned link is detached
 /// (its interface is gone), so the next lbd attaches anew instead of saying "adopted".
 #[test]
 fn a_link_left_detached_while_lbd_was_stopped_is_replaced() {
     let t = topology();
-    let paths = LbdPaths::for_topology(&t);
-    let first = start_lbd(&t, &plain_config(&paths)).expect("starting lbd");
-    let src = t.client_sources(1)[0];
-    let backend = served(&t, src).expect("served before");
+    let (paths, first, src, backend) = start_plain(&t);
     assert!(first.stop().unwrap().success());
 
     t.exec_ok(t.lb_ns(), &["ip", "link", "del", "eth0"])
@@ -651,18 +618,8 @@ fn a_link_left_detached_while_lbd_was_stopped_is_replaced() {
     if status["interfaces"][0]["state"] != "attached" {
         problems.push(format!("eth0 is not shown attached: {status}"));
     }
-    match served(&t, src) {
-        Ok(b) if b == backend => {}
-        other => problems.push(format!(
-            "{src} was not served by backend {backend}: {other:?}"
-        )),
-    }
-    assert!(
-        problems.is_empty(),
-        "{}\nlbd log:\n{}",
-        problems.join("\n"),
-        second.log_tail()
-    );
+    check_served(&t, src, backend, "after the restart", &mut problems);
+    assert_no_problems(&problems, &second);
 }
 
 /// An lbd in another network namespace given the same `bpffs_dir` finds pins whose link is
@@ -670,10 +627,7 @@ fn a_link_left_detached_while_lbd_was_stopped_is_replaced() {
 #[test]
 fn another_namespaces_pins_are_refused() {
     let t = topology();
-    let paths = LbdPaths::for_topology(&t);
-    let first = start_lbd(&t, &plain_config(&paths)).expect("starting lbd");
-    let src = t.client_sources(1)[0];
-    let backend = served(&t, src).expect("served before");
+    let (paths, first, src, backend) = start_plain(&t);
     // Stopped: its program keeps running in the LB's namespace, its pins stay.
     assert!(first.stop().unwrap().success());
 
@@ -700,12 +654,13 @@ fn another_namespaces_pins_are_refused() {
     if !log.contains("another network namespace") {
         problems.push("its error does not name another network namespace".into());
     }
-    match served(&t, src) {
-        Ok(b) if b == backend => {}
-        other => problems.push(format!(
-            "the first namespace's data path was disturbed: {src}: {other:?}"
-        )),
-    }
+    check_served(
+        &t,
+        src,
+        backend,
+        "the first namespace's data path",
+        &mut problems,
+    );
     assert!(
         problems.is_empty(),
         "{}\nits log:\n{log}",
@@ -899,12 +854,7 @@ fn a_tunnel_backends_new_gateway_and_egress_mtu_are_followed() {
             "eth1's new MAC was not followed within {FOLLOW_WITHIN:?}: {own:?}"
         ));
     }
-    assert!(
-        problems.is_empty(),
-        "{}\nlbd log:\n{}",
-        problems.join("\n"),
-        lbd.log_tail()
-    );
+    assert_no_problems(&problems, &lbd);
 }
 
 /// A backend without health checks whose MAC changes, the balancer's neighbour entry left as
@@ -973,23 +923,16 @@ fn a_stale_neighbour_is_reconfirmed_and_a_new_mac_followed() {
     .unwrap();
 
     let new_mac = "02:00:00:00:0b:98";
-    t.exec_ok(
-        t.backend_ns(1),
-        &["ip", "link", "set", "eth0", "address", new_mac],
-    )
-    .unwrap();
-    let followed = time_until(Duration::from_secs(30), || {
-        backends(&lbd, "web")
-            .iter()
-            .any(|r| r["address"] == "192.0.2.11" && r["mac"] == new_mac)
-    });
-    eprintln!("the new MAC was followed after {followed:?}");
+    t.set_backend_mac(1, new_mac).unwrap();
+    let changed = Instant::now();
+    let followed = lbd.wait_backend_mac("web", "192.0.2.11", new_mac, Duration::from_secs(30));
+    eprintln!("the new MAC was followed after {:?}", changed.elapsed());
     let neigh = t
         .exec_ok(t.lb_ns(), &["ip", "neigh", "show", "192.0.2.11"])
         .unwrap();
     assert!(
-        followed.is_some(),
-        "backend 1's new MAC was not followed within 30 s (neighbour entry: {neigh})\nlbd log:\n{}",
+        followed.is_ok(),
+        "backend 1's new MAC was not followed within 30 s ({followed:?}; neighbour entry: {neigh})\nlbd log:\n{}",
         lbd.log_tail()
     );
     assert_eq!(

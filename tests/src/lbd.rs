@@ -218,6 +218,33 @@ impl Lbd<'_> {
     }
 }
 
+impl Lbd<'_> {
+    /// Waits up to `deadline` until `lbctl backend list SERVICE` shows `mac` for `address`.
+    pub fn wait_backend_mac(
+        &self,
+        service: &str,
+        address: &str,
+        mac: &str,
+        deadline: Duration,
+    ) -> Result<()> {
+        crate::retry_until(
+            deadline,
+            &format!("lbd to reach {address} at {mac}"),
+            || {
+                let list = self.lbctl_json(&["backend", "list", service])?;
+                let shown = list
+                    .as_array()
+                    .and_then(|l| l.iter().find(|b| b["address"] == address))
+                    .and_then(|b| b["mac"].as_str().map(str::to_owned));
+                match shown.as_deref() {
+                    Some(m) if m == mac => Ok(()),
+                    other => bail!("backend list shows {other:?}"),
+                }
+            },
+        )
+    }
+}
+
 /// `lbd --check --config FILE` (touches nothing, needs no namespace): its output whatever the
 /// exit status.
 pub fn check_config(config: &Path) -> Result<Output> {
