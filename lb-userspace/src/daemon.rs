@@ -243,7 +243,8 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
     for s in services.iter_mut() {
         s.refresh_table(seed);
     }
-    let mut by_vip: BTreeMap<u32, (lb_common::VipKey, Vec<&ServiceRuntime>)> = BTreeMap::new();
+    type VipGroup<'a> = (lb_common::VipKey, Vec<&'a ServiceRuntime>);
+    let mut by_vip: BTreeMap<(lb_common::Addr, u8, u8), VipGroup> = BTreeMap::new();
     for s in services.iter() {
         let (key, value) = (s.key(), s.value());
         f.services.insert(key, value);
@@ -265,17 +266,15 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
             family: state::family(s.cfg.vip),
             _pad: [0; 2],
         };
-        // Grouped under the VIP's lowest service id, whatever the services' order.
-        let group = services
-            .iter()
-            .filter(|o| o.cfg.vip == s.cfg.vip && o.cfg.protocol == s.cfg.protocol)
-            .map(|o| o.id)
-            .min()
-            .expect("s itself");
-        by_vip.entry(group).or_insert((vip, vec![])).1.push(s);
+        by_vip
+            .entry((vip.addr, vip.proto, vip.family))
+            .or_insert((vip, vec![]))
+            .1
+            .push(s);
     }
     f.vip_filter = datapath::vip_filter_words(f.services.keys());
     for (_, (key, list)) in by_vip {
+        // Named by the VIP's lowest service id, whatever the services' order.
         let first = list
             .iter()
             .min_by_key(|s| s.id)
