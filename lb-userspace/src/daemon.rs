@@ -525,6 +525,28 @@ pub async fn resolve_hops(needed: Vec<(String, HopRequest)>) -> Hops {
         .collect()
 }
 
+/// The backends a refresh resolves again.
+enum Which {
+    /// Those that have a hop (quick: their neighbours mostly answer at once).
+    Resolved,
+    /// Those that have none (up to `RESOLVE_ROUND` when some never answer).
+    Unresolved,
+    /// Those reached through one of these next hops (ifindex, address): their neighbour
+    /// entries changed.
+    Via(Vec<(u32, IpAddr)>),
+}
+
+impl Which {
+    fn picks(&self, hop: Option<&Hop>) -> bool {
+        match (self, hop) {
+            (Which::Resolved, h) => h.is_some(),
+            (Which::Unresolved, h) => h.is_none(),
+            (Which::Via(vias), Some(h)) => vias.contains(&(h.ifindex, h.via)),
+            (Which::Via(_), None) => false,
+        }
+    }
+}
+
 /// Applies a new resolution of backend `b`'s hop (of service `service`); returns whether its
 /// hop changed.
 fn follow_hop(service: &str, b: &mut BackendRuntime, result: anyhow::Result<Hop>) -> bool {
@@ -848,10 +870,8 @@ impl Daemon {
     /// service); one whose route or interface is gone loses it until it resolves again. Then
     /// has the kernel re-confirm the stale neighbour entries the data path uses (XDP traffic
     /// never does): one whose MAC changed fails, and the next refresh resolves it anew.
-    /// `resolved` picks the backends that have a hop (quick: their neighbours mostly answer
-    /// at once), or else those that have none (up to `RESOLVE_ROUND` when some never answer).
-    /// Resolution runs without the daemon's lock.
-    async fn refresh(shared: &Shared, resolved: bool) -> anyhow::Result<()> {
+    /// `which` picks the backends. Resolution runs without the daemon's lock.
+    async fn refresh(shared: &Shared, which: &Which) -> anyhow::Result<()> {
         let backends: Vec<(String, HopRequest)> = {
             let d = shared.lock().await;
             d.services
@@ -859,7 +879,7 @@ impl Daemon {
                 .flat_map(|s| {
                     s.backends
                         .iter()
-                        .filter(|b| b.hop.is_some() == resolved)
+                        .filter(|b| which.picks(b.hop.as_ref()))
                         .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
                 })
                 .collect()
@@ -1279,18 +1299,11 @@ async fn follow(shared: Shared) {
     let mut last_refresh = Instant::now();
     let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
-        let (names, egress) = {
-            let d = shared.lock().await;
-            let egress: Vec<u32> = d
-                .services
-                .iter()
-                .flat_map(|s| s.backends.iter().filter_map(|b| b.hop.as_ref()))
-                .map(|h| h.ifindex)
-                .collect();
-            (d.config.daemon.interfaces.clone(), egress)
-        };
+        let names = shared.lock().await.config.daemon.interfaces.clone();
+        // Whether to look at the interfaces, which backends to resolve again, and whether to
+        // retry those without a hop.
         let (links, hops, unresolved) = tokio::select! {
-            _ = tick.tick() => (true, true, true),
+            _ = tick.tick() => (true, Which::Resolved, true),
             change = async {
                 match changes.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -1318,21 +1331,30 @@ async fn follow(shared: Shared) {
                     }
                     _ => false,
                 });
+                // A link, route or address change may move any backend; a neighbour entry's
+                // change only those reached through it.
                 let unresolved = all.iter().any(|c| !matches!(c, Change::Neighbour { .. }));
-                let hops = unresolved
-                    || all.iter().any(|c| match c {
-                        Change::Neighbour { ifindex } => egress.contains(ifindex),
-                        _ => false,
-                    });
+                let hops = if unresolved {
+                    Which::Resolved
+                } else {
+                    Which::Via(
+                        all.iter()
+                            .filter_map(|c| match c {
+                                Change::Neighbour { ifindex, addr: Some(a) } => Some((*ifindex, *a)),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                };
                 (links, hops, unresolved)
             }
         };
         if links && let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
             error!("following the interfaces: {e:#}");
         }
-        if hops {
+        if !matches!(&hops, Which::Via(v) if v.is_empty()) {
             last_refresh = Instant::now();
-            if let Err(e) = Daemon::refresh(&shared, true).await {
+            if let Err(e) = Daemon::refresh(&shared, &hops).await {
                 error!("refreshing backends: {e:#}");
             }
         }
@@ -1341,7 +1363,7 @@ async fn follow(shared: Shared) {
         if unresolved && !retrying.swap(true, std::sync::atomic::Ordering::AcqRel) {
             let (shared, retrying) = (shared.clone(), retrying.clone());
             tokio::spawn(async move {
-                if let Err(e) = Daemon::refresh(&shared, false).await {
+                if let Err(e) = Daemon::refresh(&shared, &Which::Unresolved).await {
                     error!("resolving backends: {e:#}");
                 }
                 retrying.store(false, std::sync::atomic::Ordering::Release);

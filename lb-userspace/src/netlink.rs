@@ -679,8 +679,8 @@ pub enum Change {
     LinkGone { index: u32, name: String },
     /// A route was added, changed or removed.
     Route,
-    /// A neighbour entry on interface `ifindex` changed.
-    Neighbour { ifindex: u32 },
+    /// The neighbour entry of `addr` on interface `ifindex` changed (or went).
+    Neighbour { ifindex: u32, addr: Option<IpAddr> },
     /// An address was added to or removed from interface `ifindex`.
     Address { ifindex: u32 },
 }
@@ -728,6 +728,15 @@ pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>, NetlinkEr
                 RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
                     Change::Neighbour {
                         ifindex: n.header.ifindex,
+                        addr: n.attributes.iter().find_map(|a| match a {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                                Some(IpAddr::V4(*a))
+                            }
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                                Some(IpAddr::V6(*a))
+                            }
+                            _ => None,
+                        }),
                     }
                 }
                 RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
