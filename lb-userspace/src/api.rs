@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     config::{self, CheckKind, Forwarding, HashMode, Protocol},
     config_edit::ConfigFile,
-    daemon::{BackendState, Daemon, ServiceRuntime, Shared},
+    daemon::{BackendState, Daemon, InterfaceState, ServiceRuntime, Shared},
     datapath::Attachment,
     metrics, state,
 };
@@ -230,9 +230,15 @@ pub struct Status {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct InterfaceStatus {
     pub name: String,
+    /// Its index now (0 while it is missing).
     pub ifindex: u32,
     pub mode: String,
     pub link_id: u32,
+    /// Whether the program is on it now: `attached`, `missing` or `detached`.
+    pub state: Option<InterfaceState>,
+    /// Why its state could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl From<&Attachment> for InterfaceStatus {
@@ -242,13 +248,39 @@ impl From<&Attachment> for InterfaceStatus {
             ifindex: a.ifindex,
             mode: a.mode.clone(),
             link_id: a.link_id,
+            state: None,
+            problem: None,
         }
     }
 }
 
 async fn status(State(shared): State<Shared>) -> Json<Status> {
-    let d = shared.lock().await;
-    Json(Status {
+    let mut status = status_of(&*shared.lock().await);
+    // Each interface as it is now (netlink and link info), without holding the daemon.
+    let bpffs_dir = std::path::PathBuf::from(&status.bpffs_dir);
+    match crate::netlink::Netlink::new() {
+        Ok(netlink) => {
+            for i in &mut status.interfaces {
+                match crate::daemon::interface_now(&netlink, &bpffs_dir, &i.name).await {
+                    Ok(now) => {
+                        i.state = Some(now.state);
+                        i.ifindex = now.ifindex.unwrap_or(0);
+                    }
+                    Err(e) => i.problem = Some(format!("{e:#}")),
+                }
+            }
+        }
+        Err(e) => {
+            for i in &mut status.interfaces {
+                i.problem = Some(e.to_string());
+            }
+        }
+    }
+    Json(status)
+}
+
+fn status_of(d: &Daemon) -> Status {
+    Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").into(),
         config: d.config_path.display().to_string(),
@@ -265,7 +297,7 @@ async fn status(State(shared): State<Shared>) -> Json<Status> {
             .collect(),
         services: d.services.len(),
         backends: d.services.iter().map(|s| s.backends.len()).sum(),
-    })
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -470,30 +502,41 @@ pub struct Changed {
     pub changes: Vec<String>,
 }
 
-/// Applies an edit of the config file: edit in memory, validate, apply to the data path, then
-/// write the file. An invalid result changes nothing.
+/// Applies an edit of the config file: edit in memory (`edit` also checks what it needs of the
+/// daemon's state), validate, apply to the data path, then write the file. An invalid result
+/// changes nothing. One change at a time; the hops of new backends are resolved without
+/// holding the daemon's lock, so status, metrics and health changes go on meanwhile (see
+/// `Shared`).
 async fn change(
-    d: &mut Daemon,
-    edit: impl FnOnce(&mut ConfigFile) -> Result<(), Refusal>,
+    shared: &Shared,
+    edit: impl FnOnce(&mut Daemon, &mut ConfigFile) -> Result<(), Refusal>,
 ) -> Reply<Changed> {
-    let mut file = ConfigFile::load(&d.config_path).map_err(internal)?;
-    edit(&mut file)?;
-    let loaded = config::parse(&file.text()).map_err(|problems| {
-        bad(problems
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("; "))
-    })?;
-    if loaded.config.daemon != d.config.daemon {
-        return Err(conflict(format!(
-            "{} was edited by hand since lbd read it ([daemon] differs): send lbd a SIGHUP (or restart it) first",
-            d.config_path.display()
-        )));
-    }
-    let changes = d
-        .reconcile(loaded.config)
+    let _one_change_at_a_time = shared.change().await;
+    let (file, new, needed) = {
+        let mut d = shared.lock().await;
+        let mut file = ConfigFile::load(&d.config_path).map_err(internal)?;
+        edit(&mut d, &mut file)?;
+        let loaded = config::parse(&file.text()).map_err(|problems| {
+            bad(problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; "))
+        })?;
+        if loaded.config.daemon != d.config.daemon {
+            return Err(conflict(format!(
+                "{} was edited by hand since lbd read it ([daemon] differs): send lbd a SIGHUP (or restart it) first",
+                d.config_path.display()
+            )));
+        }
+        let needed = d.hops_needed(&loaded.config);
+        (file, loaded.config, needed)
+    };
+    let hops = crate::daemon::resolve_hops(needed).await;
+    let changes = shared
+        .lock()
         .await
+        .reconcile(new, hops)
         .map_err(|e| internal(format!("{e:#}")))?;
     file.save().map_err(|e| {
         internal(format!(
@@ -517,13 +560,6 @@ async fn service_add(State(shared): State<Shared>, Json(n): Json<NewService>) ->
     if let Some(problem) = config::name_problem(&n.name) {
         return Err(bad(format!("service name: {problem}")));
     }
-    let mut d = shared.lock().await;
-    if d.services.iter().any(|s| s.cfg.name == n.name) {
-        return Err(conflict(format!(
-            "a service named {:?} exists already",
-            n.name
-        )));
-    }
     let service = config::Service {
         name: n.name,
         vip: n.vip,
@@ -539,16 +575,27 @@ async fn service_add(State(shared): State<Shared>, Json(n): Json<NewService>) ->
         },
         backends: vec![],
     };
-    change(&mut d, |f| f.add_service(&service).map_err(edit_error)).await
+    change(&shared, |d, f| {
+        if d.services.iter().any(|s| s.cfg.name == service.name) {
+            return Err(conflict(format!(
+                "a service named {:?} exists already",
+                service.name
+            )));
+        }
+        f.add_service(&service).map_err(edit_error)
+    })
+    .await
 }
 
 async fn service_remove(
     State(shared): State<Shared>,
     UrlPath(name): UrlPath<String>,
 ) -> Reply<Changed> {
-    let mut d = shared.lock().await;
-    d.find_service(&name).map_err(not_found)?;
-    change(&mut d, |f| f.remove_service(&name).map_err(edit_error)).await
+    change(&shared, |d, f| {
+        d.find_service(&name).map_err(not_found)?;
+        f.remove_service(&name).map_err(edit_error)
+    })
+    .await
 }
 
 // ---- backends ----
@@ -637,26 +684,25 @@ async fn backend_add(
     Json(n): Json<NewBackend>,
 ) -> Reply<Changed> {
     let weight = check_weight(n.weight.unwrap_or(config::DEFAULT_WEIGHT))?;
-    let mut d = shared.lock().await;
-    let s = d.find_service(&name).map_err(not_found)?;
-    if s.backend(n.address).is_some() {
-        return Err(conflict(format!(
-            "service {name} already has backend {}",
-            n.address
-        )));
-    }
-    if n.address.is_ipv4() != s.cfg.vip.is_ipv4() {
-        return Err(bad(format!(
-            "{} is not of the VIP's address family ({})",
-            n.address, s.cfg.vip
-        )));
-    }
     let backend = config::Backend {
         address: n.address,
         weight,
         mac: None,
     };
-    change(&mut d, |f| {
+    change(&shared, |d, f| {
+        let s = d.find_service(&name).map_err(not_found)?;
+        if s.backend(n.address).is_some() {
+            return Err(conflict(format!(
+                "service {name} already has backend {}",
+                n.address
+            )));
+        }
+        if n.address.is_ipv4() != s.cfg.vip.is_ipv4() {
+            return Err(bad(format!(
+                "{} is not of the VIP's address family ({})",
+                n.address, s.cfg.vip
+            )));
+        }
         f.add_backend(&name, &backend).map_err(edit_error)
     })
     .await
@@ -678,9 +724,8 @@ async fn backend_remove(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
 ) -> Reply<Changed> {
-    let mut d = shared.lock().await;
-    let (address, _) = existing(&d, &name, &address)?;
-    change(&mut d, |f| {
+    change(&shared, |d, f| {
+        let (address, _) = existing(d, &name, &address)?;
         f.remove_backend(&name, address).map_err(edit_error)
     })
     .await
@@ -740,20 +785,21 @@ async fn backend_drain(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
 ) -> Reply<Changed> {
-    let mut d = shared.lock().await;
-    let (address, weight) = existing(&d, &name, &address)?;
-    if weight == 0 {
-        return Err(conflict(format!(
-            "backend {address} of {name} is already drained"
-        )));
-    }
-    d.remember_drain(&name, address, weight);
-    let result = change(&mut d, |f| {
+    let mut remembered = None;
+    let result = change(&shared, |d, f| {
+        let (address, weight) = existing(d, &name, &address)?;
+        if weight == 0 {
+            return Err(conflict(format!(
+                "backend {address} of {name} is already drained"
+            )));
+        }
+        d.remember_drain(&name, address, weight);
+        remembered = Some(address);
         f.set_weight(&name, address, 0).map_err(edit_error)
     })
     .await;
-    if result.is_err() {
-        d.forget_drain(&name, address);
+    if let (Err(_), Some(address)) = (&result, remembered) {
+        shared.lock().await.forget_drain(&name, address);
     }
     result
 }
@@ -762,22 +808,23 @@ async fn backend_undrain(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
 ) -> Reply<Changed> {
-    let mut d = shared.lock().await;
-    let (address, weight) = existing(&d, &name, &address)?;
-    if weight != 0 {
-        return Err(conflict(format!(
-            "backend {address} of {name} is not drained (weight {weight})"
-        )));
-    }
-    let before = d
-        .weight_before_drain(&name, address)
-        .unwrap_or(config::DEFAULT_WEIGHT);
-    let result = change(&mut d, |f| {
+    let mut undrained = None;
+    let result = change(&shared, |d, f| {
+        let (address, weight) = existing(d, &name, &address)?;
+        if weight != 0 {
+            return Err(conflict(format!(
+                "backend {address} of {name} is not drained (weight {weight})"
+            )));
+        }
+        let before = d
+            .weight_before_drain(&name, address)
+            .unwrap_or(config::DEFAULT_WEIGHT);
+        undrained = Some(address);
         f.set_weight(&name, address, before).map_err(edit_error)
     })
     .await;
-    if result.is_ok() {
-        d.forget_drain(&name, address);
+    if let (Ok(_), Some(address)) = (&result, undrained) {
+        shared.lock().await.forget_drain(&name, address);
     }
     result
 }
@@ -793,16 +840,15 @@ async fn backend_weight(
     Json(w): Json<NewWeight>,
 ) -> Reply<Changed> {
     let weight = check_weight(w.weight)?;
-    let mut d = shared.lock().await;
-    let (address, _) = existing(&d, &name, &address)?;
-    if weight == 0 {
-        return Err(bad(
-            "weight 0 drains a backend: use `lbctl backend drain` (undrain restores the weight)"
-                .into(),
-        ));
-    }
-    d.forget_drain(&name, address);
-    change(&mut d, |f| {
+    change(&shared, |d, f| {
+        let (address, _) = existing(d, &name, &address)?;
+        if weight == 0 {
+            return Err(bad(
+                "weight 0 drains a backend: use `lbctl backend drain` (undrain restores the weight)"
+                    .into(),
+            ));
+        }
+        d.forget_drain(&name, address);
         f.set_weight(&name, address, weight).map_err(edit_error)
     })
     .await

@@ -31,7 +31,7 @@ pub struct LbctlArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Daemon, interfaces, mode, program id, uptime.
+    /// Daemon, interfaces (attached, missing or detached), mode, program id, uptime.
     Status,
     /// Services: list, add, remove.
     #[command(subcommand)]

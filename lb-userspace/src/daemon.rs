@@ -16,15 +16,15 @@ use lb_common::{
     maglev::{MaglevBackend, build_table},
     service_flags,
 };
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::{
     api,
     config::{self, CheckKind, Config, Forwarding, HashMode},
-    datapath::{self, Datapath, Start},
+    datapath::{self, Datapath, Fill, LinkPlace, Start},
     health,
-    netlink::{ETH_P_8021Q, Interface, Netlink, Vlan},
+    netlink::{ETH_P_8021Q, Interface, Netlink, NetlinkError, Vlan},
     state,
 };
 
@@ -34,7 +34,8 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// All of a round of resolutions ends within this, however many backends do not answer, so lbd
 /// is ready well within the 10 s SPEC allows.
 const RESOLVE_ROUND: Duration = Duration::from_secs(6);
-/// How often neighbours are re-read, to follow MAC changes and retry unresolved backends.
+/// How often every backend's hop is resolved again and stale neighbours re-confirmed, besides
+/// whenever the kernel announces a change (see `follow`).
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// Netlink connections used side by side when resolving many backends. The kernel serves one
 /// dump at a time per netlink socket (a second gets EBUSY), so parallel resolution needs a
@@ -149,8 +150,13 @@ pub struct ServiceRuntime {
     pub id: u32,
     pub cfg: config::Service,
     pub backends: Vec<BackendRuntime>,
-    /// The Maglev table the data path has now.
+    /// The Maglev table of the backends that may take new clients now (the data path's once
+    /// the daemon has synced it).
     pub table: Vec<u32>,
+    /// `table` as the words of its array, and what it was built from: it is rebuilt only when
+    /// that changes.
+    words: Arc<[u64]>,
+    built_from: Option<([u64; 2], u32, Vec<MaglevBackend>)>,
 }
 
 pub fn service_key(s: &config::Service) -> ServiceKey {
@@ -163,6 +169,17 @@ pub fn service_key(s: &config::Service) -> ServiceKey {
 }
 
 impl ServiceRuntime {
+    pub fn new(id: u32, cfg: config::Service, backends: Vec<BackendRuntime>) -> ServiceRuntime {
+        ServiceRuntime {
+            id,
+            cfg,
+            backends,
+            table: vec![],
+            words: Arc::from([]),
+            built_from: None,
+        }
+    }
+
     pub fn key(&self) -> ServiceKey {
         service_key(&self.cfg)
     }
@@ -186,8 +203,12 @@ impl ServiceRuntime {
     /// The Maglev table for the backends that may take new clients now, or with some of them
     /// left out (`--dry-run`).
     pub fn table_without(&self, seed: &[u64; 2], left_out: Option<IpAddr>) -> Vec<u32> {
-        let live: Vec<MaglevBackend> = self
-            .backends
+        build_table(seed, &self.live(left_out), self.cfg.table_size)
+    }
+
+    /// The backends that may take new clients now, but `left_out`.
+    fn live(&self, left_out: Option<IpAddr>) -> Vec<MaglevBackend> {
+        self.backends
             .iter()
             .filter(|b| b.in_table() && Some(b.cfg.address) != left_out)
             .map(|b| MaglevBackend {
@@ -195,8 +216,17 @@ impl ServiceRuntime {
                 addr: state::to_addr(b.cfg.address),
                 weight: b.cfg.weight,
             })
-            .collect();
-        build_table(seed, &live, self.cfg.table_size)
+            .collect()
+    }
+
+    /// Brings `table` up to date with the backends, their state and the table size.
+    fn refresh_table(&mut self, seed: &[u64; 2]) {
+        let inputs = (*seed, self.cfg.table_size, self.live(None));
+        if self.built_from.as_ref() != Some(&inputs) {
+            self.table = build_table(seed, &inputs.2, self.cfg.table_size);
+            self.words = lb_common::maglev_words(&self.table).into();
+            self.built_from = Some(inputs);
+        }
     }
 
     pub fn backend(&self, address: IpAddr) -> Option<&BackendRuntime> {
@@ -210,6 +240,67 @@ impl ServiceRuntime {
             spec: self.cfg.health.clone(),
         }
     }
+}
+
+/// What every map must hold for `services` (whose Maglev tables it brings up to date): their
+/// keys, entries by id and tables, every resolved backend's entry (flagged down while its
+/// checks fail), the VIP filter, the VIP-level entries that place fragments without ports, and
+/// every egress interface as a redirect target. The one function that decides map contents:
+/// lbd fills the maps with it at start and after every change, so a running lbd's maps are
+/// always those a fresh lbd with the same state would fill.
+pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceRuntime]) -> Fill {
+    let mut f = Fill {
+        config,
+        ..Fill::default()
+    };
+    for s in services.iter_mut() {
+        s.refresh_table(seed);
+    }
+    type VipGroup<'a> = (lb_common::VipKey, Vec<&'a ServiceRuntime>);
+    let mut by_vip: BTreeMap<(lb_common::Addr, u8, u8), VipGroup> = BTreeMap::new();
+    for s in services.iter() {
+        let (key, value) = (s.key(), s.value());
+        f.services.insert(key, value);
+        f.service_by_id
+            .insert(s.id, lb_common::ServiceEntry { key, value });
+        f.maglev.insert(s.id, s.words.clone());
+        for b in &s.backends {
+            let entry = b.entry(s.id);
+            if entry != Backend::default() {
+                f.backends.insert(b.id, entry);
+            }
+            if let Some(hop) = &b.hop {
+                f.devmap.insert(hop.egress(), hop.egress());
+            }
+        }
+        let vip = lb_common::VipKey {
+            addr: state::to_addr(s.cfg.vip),
+            proto: s.cfg.protocol.number(),
+            family: state::family(s.cfg.vip),
+            _pad: [0; 2],
+        };
+        by_vip
+            .entry((vip.addr, vip.proto, vip.family))
+            .or_insert((vip, vec![]))
+            .1
+            .push(s);
+    }
+    f.vip_filter = datapath::vip_filter_words(f.services.keys());
+    for (_, (key, list)) in by_vip {
+        // Named by the VIP's lowest service id, whatever the services' order.
+        let first = list
+            .iter()
+            .min_by_key(|s| s.id)
+            .expect("a group has a service");
+        let mut value = first.value();
+        // Only a VIP with one source-hashed service for the protocol can place a fragment
+        // without ports.
+        if list.len() != 1 || first.cfg.hash != HashMode::Source {
+            value.flags |= service_flags::NO_LATE_FRAGMENTS;
+        }
+        f.vips.insert(key, value);
+    }
+    f
 }
 
 pub struct Daemon {
@@ -278,7 +369,37 @@ fn spawn_conntrack_counter(bpffs_dir: PathBuf, out: Arc<ConntrackUse>) {
     }
 }
 
-pub type Shared = Arc<Mutex<Daemon>>;
+/// The daemon, shared by lbd's tasks. `lock` is held only for a moment at a time (a look, or
+/// applying a change to the runtime state and the maps): never across neighbour resolution,
+/// which can take seconds for an address nobody answers. `change` serialises whole changes
+/// (lbctl, SIGHUP): one is prepared under `lock`, its hops resolved without it, then applied
+/// under `lock` again; as no other change can come in between, what it prepared still holds
+/// (health results and neighbour refreshes meanwhile only touch the health and hops of
+/// backends it leaves alone, and are kept).
+#[derive(Clone)]
+pub struct Shared {
+    daemon: Arc<Mutex<Daemon>>,
+    changes: Arc<Mutex<()>>,
+}
+
+impl Shared {
+    pub fn new(daemon: Daemon) -> Shared {
+        Shared {
+            daemon: Arc::new(Mutex::new(daemon)),
+            changes: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// The daemon, for a moment.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Daemon> {
+        self.daemon.lock().await
+    }
+
+    /// The right to make a change (config file and runtime state), held for all of it.
+    pub async fn change(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+}
 
 fn drained_key(service: &str, address: IpAddr) -> String {
     format!("{service} {address}")
@@ -286,7 +407,7 @@ fn drained_key(service: &str, address: IpAddr) -> String {
 
 /// What resolving a backend's hop needs to know.
 #[derive(Debug, Clone, PartialEq)]
-struct HopRequest {
+pub struct HopRequest {
     backend: config::Backend,
     forwarding: Forwarding,
     tunnel_source: Option<IpAddr>,
@@ -443,6 +564,96 @@ async fn resolve_many(backends: Vec<HopRequest>) -> Vec<anyhow::Result<Hop>> {
         .collect()
 }
 
+/// Resolved hops by service name and backend address, as `Daemon::reconcile` takes them.
+pub type Hops = HashMap<(String, IpAddr), anyhow::Result<Hop>>;
+
+/// Resolves what `Daemon::hops_needed` asked for (several at a time; never holding the daemon's
+/// lock, so lbctl, metrics and health changes go on meanwhile).
+pub async fn resolve_hops(needed: Vec<(String, HopRequest)>) -> Hops {
+    let results = resolve_many(needed.iter().map(|(_, r)| r.clone()).collect()).await;
+    needed
+        .into_iter()
+        .zip(results)
+        .map(|((service, req), r)| ((service, req.backend.address), r))
+        .collect()
+}
+
+/// The backends a refresh resolves again.
+enum Which {
+    /// Those that have a hop (quick: their neighbours mostly answer at once).
+    Resolved,
+    /// Those that have none (up to `RESOLVE_ROUND` when some never answer).
+    Unresolved,
+    /// Those reached through one of these next hops (ifindex, address): their neighbour
+    /// entries changed.
+    Via(Vec<(u32, IpAddr)>),
+}
+
+impl Which {
+    fn picks(&self, hop: Option<&Hop>) -> bool {
+        match (self, hop) {
+            (Which::Resolved, h) => h.is_some(),
+            (Which::Unresolved, h) => h.is_none(),
+            (Which::Via(vias), Some(h)) => vias.contains(&(h.ifindex, h.via)),
+            (Which::Via(_), None) => false,
+        }
+    }
+}
+
+/// Applies a new resolution of backend `b`'s hop (of service `service`); returns whether its
+/// hop changed.
+fn follow_hop(service: &str, b: &mut BackendRuntime, result: anyhow::Result<Hop>) -> bool {
+    let address = b.cfg.address;
+    match result {
+        Ok(hop) if b.hop.as_ref() == Some(&hop) => false,
+        Ok(hop) => {
+            match &b.hop {
+                None => info!(
+                    "service {service}: backend {address} resolved: {} via {} on ifindex {} (MTU {})",
+                    mac_string(&hop.mac),
+                    hop.via,
+                    hop.ifindex,
+                    hop.mtu
+                ),
+                Some(old) => info!(
+                    "service {service}: backend {address} now reached at {} via {} on ifindex {} (MTU {}; was {} via {} on ifindex {}, MTU {})",
+                    mac_string(&hop.mac),
+                    hop.via,
+                    hop.ifindex,
+                    hop.mtu,
+                    mac_string(&old.mac),
+                    old.via,
+                    old.ifindex,
+                    old.mtu
+                ),
+            }
+            b.hop = Some(hop);
+            b.hop_error = None;
+            true
+        }
+        Err(e) => {
+            let neighbour_only = e.downcast_ref::<NetlinkError>().is_some_and(|e| {
+                matches!(
+                    e,
+                    NetlinkError::Unresolved { .. } | NetlinkError::Neighbour { .. }
+                )
+            });
+            if neighbour_only || b.hop.is_none() {
+                // The last hop stays (or there is none): a neighbour that stops answering for
+                // a while must not take a working backend out of service.
+                if b.hop.is_none() {
+                    b.hop_error = Some(format!("{e:#}"));
+                }
+                return false;
+            }
+            warn!("service {service}: backend {address} gets no traffic until it resolves: {e:#}");
+            b.hop = None;
+            b.hop_error = Some(format!("{e:#}"));
+            true
+        }
+    }
+}
+
 /// Lowest id in `0..max` not in `used`.
 fn free_id(used: &[u32], max: u32) -> anyhow::Result<u32> {
     (0..max)
@@ -462,40 +673,48 @@ impl Daemon {
         self.services.iter().map(|s| s.id).collect()
     }
 
-    /// Rebuilds a service's table and swaps it in when it changed.
-    fn sync_table(&mut self, si: usize) -> anyhow::Result<()> {
-        let table = self.services[si].table_without(&self.seed, None);
-        if table != self.services[si].table {
-            let id = self.services[si].id;
-            self.datapath.swap_table(id, &table)?;
-            self.services[si].table = table;
-        }
+    /// Makes every map hold what `fill` computes from the runtime state now: the one way the
+    /// data path is written, at start and after every change.
+    fn sync(&mut self) -> anyhow::Result<()> {
+        let config = self.datapath.config_for(self.seed)?;
+        let want = fill(config, &self.seed, &mut self.services);
+        self.datapath.apply(&want)?;
         Ok(())
     }
 
-    /// Writes a service completely: its backends, its table, its key.
-    fn install_service(&mut self, si: usize) -> anyhow::Result<()> {
-        let s = &self.services[si];
-        for b in &s.backends {
-            self.datapath.set_backend(b.id, &b.entry(s.id))?;
+    /// The hops `reconcile` to `new` needs resolved: those of new backends, and of every
+    /// backend of a service whose forwarding (or tunnel source) or fixed MAC changes.
+    pub fn hops_needed(&self, new: &Config) -> Vec<(String, HopRequest)> {
+        let mut needed = vec![];
+        for ns in &new.services {
+            let existing = self.services.iter().find(|s| s.cfg.name == ns.name);
+            let same_forwarding = existing.is_some_and(|s| {
+                s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
+            });
+            for nb in &ns.backends {
+                let known = existing.and_then(|s| s.backend(nb.address));
+                if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
+                    needed.push((ns.name.clone(), HopRequest::of(ns, nb)));
+                }
+            }
         }
-        let table = s.table_without(&self.seed, None);
-        self.datapath.set_service(&s.key(), &s.value(), &table)?;
-        self.services[si].table = table;
-        Ok(())
+        needed
     }
 
     /// Brings the daemon and the data path to `new`, keeping the runtime state (ids, hops,
-    /// health) of what stays. Used at SIGHUP and for every lbctl change. Returns a line per
-    /// change.
-    pub async fn reconcile(&mut self, new: Config) -> anyhow::Result<Vec<String>> {
+    /// health) of what stays; `hops` holds the resolutions `hops_needed` asked for (one
+    /// missing is retried in the background). Used at SIGHUP and for every lbctl change.
+    /// Returns a line per change.
+    pub fn reconcile(&mut self, new: Config, mut hops: Hops) -> anyhow::Result<Vec<String>> {
         let mut changes = vec![];
         let old_daemon = &self.config.daemon;
         if new.daemon != *old_daemon {
             warn!("[daemon] settings changed in the file; they take effect when lbd restarts");
         }
-        // Services that went away: key first (no new packet finds them), then table and
-        // backends.
+        // Ids freed in this pass are not given again before the data path has let go of them
+        // (in the next pass), so no packet of what went meets what comes under the same id.
+        let mut reserved_services: Vec<u32> = vec![];
+        let mut reserved_backends: Vec<u32> = vec![];
         let gone: Vec<usize> = (0..self.services.len())
             .filter(|&i| {
                 !new.services
@@ -506,55 +725,30 @@ impl Daemon {
             .collect();
         for i in gone {
             let s = self.services.remove(i);
-            self.datapath.remove_service(&s.key())?;
-            self.datapath.remove_table(s.id)?;
-            for b in &s.backends {
-                self.datapath.clear_backend(b.id)?;
-            }
+            reserved_services.push(s.id);
+            reserved_backends.extend(s.backends.iter().map(|b| b.id));
             self.monitor.remove_service(&s.cfg.name);
+            for b in &s.backends {
+                self.drained
+                    .remove(&drained_key(&s.cfg.name, b.cfg.address));
+            }
             changes.push(format!("service {} removed", s.cfg.name));
         }
-        // New backends (of new or existing services) need their hops first.
-        let mut to_resolve = vec![];
-        for ns in &new.services {
-            let existing = self.services.iter().find(|s| s.cfg.name == ns.name);
-            let same_forwarding = existing.is_some_and(|s| {
-                s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
-            });
-            for nb in &ns.backends {
-                let known = existing.and_then(|s| s.backend(nb.address));
-                if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
-                    to_resolve.push((ns.name.clone(), HopRequest::of(ns, nb)));
-                }
-            }
-        }
-        let mut hops: HashMap<(String, IpAddr), anyhow::Result<Hop>> = HashMap::new();
-        let results = resolve_many(to_resolve.iter().map(|(_, r)| r.clone()).collect()).await;
-        for ((service, req), r) in to_resolve.into_iter().zip(results) {
-            hops.insert((service, req.backend.address), r);
-        }
         let now = SystemTime::now();
-        // Ids of backends removed in this pass stay reserved until their entries are cleared
-        // below, so a backend added in the same pass never gets (and loses) one of them.
-        let mut reserved: Vec<u32> = vec![];
         for ns in &new.services {
             let si = match self.services.iter().position(|s| s.cfg.name == ns.name) {
                 Some(si) => si,
                 None => {
-                    let id = free_id(&self.used_service_ids(), MAX_SERVICES)?;
-                    self.services.push(ServiceRuntime {
-                        id,
-                        cfg: ns.clone(),
-                        backends: vec![],
-                        table: vec![],
-                    });
+                    let mut used = self.used_service_ids();
+                    used.extend_from_slice(&reserved_services);
+                    let id = free_id(&used, MAX_SERVICES)?;
+                    self.services
+                        .push(ServiceRuntime::new(id, ns.clone(), vec![]));
                     changes.push(format!("service {} added", ns.name));
                     self.services.len() - 1
                 }
             };
-            let old_key = self.services[si].key();
             let old_cfg = self.services[si].cfg.clone();
-            // Backends that went away: out of the table first, then their entries.
             let removed: Vec<BackendRuntime> = {
                 let s = &mut self.services[si];
                 let (keep, gone): (Vec<_>, Vec<_>) = s
@@ -564,7 +758,7 @@ impl Daemon {
                 s.backends = keep;
                 gone
             };
-            reserved.extend(removed.iter().map(|b| b.id));
+            reserved_backends.extend(removed.iter().map(|b| b.id));
             let mut added = vec![];
             for nb in &ns.backends {
                 let health_on = ns.health.check != CheckKind::None;
@@ -589,9 +783,13 @@ impl Daemon {
                     }
                     None => {
                         let mut used = self.used_backend_ids();
-                        used.extend_from_slice(&reserved);
+                        used.extend_from_slice(&reserved_backends);
                         let id = free_id(&used, MAX_BACKENDS)?;
-                        let hop = hop.unwrap_or_else(|| Err(anyhow::anyhow!("not resolved")));
+                        let hop = hop.unwrap_or_else(|| {
+                            Err(anyhow::anyhow!(
+                                "not resolved yet (retried in the background)"
+                            ))
+                        });
                         if let Err(e) = &hop {
                             warn!(
                                 "service {}: backend {} gets no traffic until it resolves: {e:#}",
@@ -619,30 +817,13 @@ impl Daemon {
                 .backends
                 .sort_by_key(|b| ns.backends.iter().position(|n| n.address == b.cfg.address));
             self.services[si].cfg = ns.clone();
-            if self.services[si].key() != old_key {
-                self.datapath.remove_service(&old_key)?;
+            if service_key(&old_cfg) != service_key(ns) {
                 changes.push(format!(
                     "service {}: now {} port {} {}",
                     ns.name, ns.vip, ns.port, ns.protocol
                 ));
             }
-            if old_cfg.table_size != ns.table_size {
-                // A new size changes the hash's modulus: the table is installed whole.
-                self.services[si].table.clear();
-            }
-            if self.services[si].table.is_empty() {
-                self.install_service(si)?;
-            } else {
-                let s = &self.services[si];
-                for b in &s.backends {
-                    self.datapath.set_backend(b.id, &b.entry(s.id))?;
-                }
-                self.sync_table(si)?;
-                let s = &self.services[si];
-                self.datapath.set_service_key(&s.key(), &s.value())?;
-            }
             for b in &removed {
-                self.datapath.clear_backend(b.id)?;
                 self.monitor.remove(&ns.name, b.cfg.address);
                 self.drained.remove(&drained_key(&ns.name, b.cfg.address));
                 changes.push(format!(
@@ -673,54 +854,12 @@ impl Daemon {
         self.services
             .sort_by_key(|s| new.services.iter().position(|n| n.name == s.cfg.name));
         self.config = new;
+        self.sync()?;
         self.save_drained();
         for c in &changes {
             info!("{c}");
         }
         Ok(changes)
-    }
-
-    /// The VIP-level entries fragments without ports need, and the egress interfaces of every
-    /// resolved backend as redirect targets.
-    fn sync_vips_and_egress(&mut self) -> anyhow::Result<()> {
-        let mut by_vip: HashMap<lb_common::VipKey, Vec<&ServiceRuntime>> = HashMap::new();
-        for s in &self.services {
-            let key = lb_common::VipKey {
-                addr: state::to_addr(s.cfg.vip),
-                proto: s.cfg.protocol.number(),
-                family: state::family(s.cfg.vip),
-                _pad: [0; 2],
-            };
-            by_vip.entry(key).or_default().push(s);
-        }
-        let entries: Vec<(lb_common::VipKey, ServiceValue)> = by_vip
-            .into_iter()
-            .map(|(k, list)| {
-                let mut v = list[0].value();
-                // Only a VIP with one source-hashed service for the protocol can place a
-                // fragment without ports.
-                if list.len() != 1 || list[0].cfg.hash != HashMode::Source {
-                    v.flags |= service_flags::NO_LATE_FRAGMENTS;
-                }
-                (k, v)
-            })
-            .collect();
-        self.datapath.set_vips(&entries)?;
-        let mut egress: Vec<u32> = self
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .filter_map(|b| b.hop.as_ref().map(Hop::egress))
-            })
-            .collect();
-        egress.sort_unstable();
-        egress.dedup();
-        for ifindex in egress {
-            self.datapath.add_egress(ifindex)?;
-        }
-        Ok(())
     }
 
     fn save_drained(&self) {
@@ -741,7 +880,6 @@ impl Daemon {
         let Some(si) = self.services.iter().position(|s| s.cfg.name == r.service) else {
             return Ok(());
         };
-        let sid = self.services[si].id;
         let Some(b) = self.services[si]
             .backends
             .iter_mut()
@@ -762,8 +900,6 @@ impl Daemon {
         }
         b.healthy = up;
         b.since = r.at;
-        let entry = b.entry(sid);
-        let id = b.id;
         if up {
             info!(
                 "service {}: backend {} is up ({})",
@@ -776,95 +912,78 @@ impl Daemon {
             );
         }
         // Down: flagged first (its flows move at once), then out of the table. Up: flagged
-        // usable first, then into the table.
-        self.datapath.set_backend(id, &entry)?;
-        self.sync_table(si)
+        // usable first, then into the table (`apply`'s order).
+        self.sync()
     }
 
-    /// Re-reads neighbours: follows MAC changes, picks up backends that now resolve.
-    async fn refresh(shared: &Shared) -> anyhow::Result<()> {
-        // Resolved backends: one neighbour lookup each, to follow a MAC that changed. Unresolved
-        // ones: the whole resolution again.
-        let (known, unknown): (Vec<_>, Vec<_>) = {
+    /// Resolves every backend's hop again (route, next hop's MAC, egress interface's MAC and
+    /// MTU, tunnel source) and applies what changed: a new gateway or egress interface, a new
+    /// MAC, a new MTU, a backend that now resolves. A backend whose neighbour stops answering
+    /// keeps its last hop (an entry that ages out must not take a working backend out of
+    /// service); one whose route or interface is gone loses it until it resolves again. Then
+    /// has the kernel re-confirm the stale neighbour entries the data path uses (XDP traffic
+    /// never does): one whose MAC changed fails, and the next refresh resolves it anew.
+    /// `which` picks the backends. Resolution runs without the daemon's lock.
+    async fn refresh(shared: &Shared, which: &Which) -> anyhow::Result<()> {
+        let backends: Vec<(String, HopRequest)> = {
             let d = shared.lock().await;
             d.services
                 .iter()
                 .flat_map(|s| {
-                    s.backends.iter().map(|b| {
-                        (
-                            s.cfg.name.clone(),
-                            HopRequest::of(&s.cfg, &b.cfg),
-                            b.hop.clone(),
-                        )
-                    })
+                    s.backends
+                        .iter()
+                        .filter(|b| which.picks(b.hop.as_ref()))
+                        .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
                 })
-                .partition(|(_, req, hop)| hop.is_some() && req.backend.mac.is_none())
+                .collect()
         };
-        // Without holding the lock: lbctl stays responsive.
-        let mut requests = vec![];
-        let mut results = vec![];
-        let mut resolve: Vec<(String, HopRequest)> = unknown
-            .into_iter()
-            .filter(|(_, _, hop)| hop.is_none())
-            .map(|(name, req, _)| (name, req))
-            .collect();
-        if !known.is_empty() {
-            let netlink = Netlink::new()?;
-            for (name, req, hop) in known {
-                let hop = hop.expect("partitioned on it");
-                match netlink.neighbour(hop.ifindex, hop.via).await {
-                    Ok(Some(mac)) if mac == hop.mac => {}
-                    Ok(Some(mac)) => {
-                        requests.push((name, req));
-                        results.push(Ok(Hop { mac, ..hop }));
-                    }
-                    // Gone from the table (or unreadable): resolve it again, which also asks
-                    // the kernel to resolve it; until then the last known MAC stays in use.
-                    _ => resolve.push((name, req)),
+        if backends.is_empty() {
+            return Ok(());
+        }
+        let results = resolve_many(backends.iter().map(|(_, r)| r.clone()).collect()).await;
+        let mut in_use: Vec<(u32, IpAddr)> = vec![];
+        {
+            let mut d = shared.lock().await;
+            let d = &mut *d;
+            let mut changed = false;
+            for ((name, req), result) in backends.into_iter().zip(results) {
+                // Applied only while the backend is still there, asked for the same way.
+                let Some(s) = d
+                    .services
+                    .iter_mut()
+                    .find(|s| s.cfg.name == name && HopRequest::of(&s.cfg, &req.backend) == req)
+                else {
+                    continue;
+                };
+                let Some(b) = s
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.cfg.address == req.backend.address)
+                else {
+                    continue;
+                };
+                changed |= follow_hop(&name, b, result);
+                if let Some(hop) = &b.hop
+                    && b.cfg.mac.is_none()
+                {
+                    in_use.push((hop.ifindex, hop.via));
                 }
             }
+            if changed {
+                d.sync()?;
+            }
         }
-        results.extend(resolve_many(resolve.iter().map(|(_, r)| r.clone()).collect()).await);
-        requests.extend(resolve);
-        let mut d = shared.lock().await;
-        let d = &mut *d;
-        for ((name, req), hop) in requests.into_iter().zip(results) {
-            let Ok(hop) = hop else { continue };
-            let Some(si) = d.services.iter().position(|s| {
-                s.cfg.name == name
-                    && HopRequest::of(&s.cfg, &req.backend) == req
-                    && s.backend(req.backend.address).is_some()
-            }) else {
-                continue;
-            };
-            let cfg = req.backend;
-            let s = &mut d.services[si];
-            let sid = s.id;
-            let b = s
-                .backends
-                .iter_mut()
-                .find(|b| b.cfg.address == cfg.address)
-                .expect("found above");
-            // A backend that stops resolving keeps its last known hop: a neighbour entry that
-            // ages out must not take a working backend out of service.
-            if b.hop.as_ref() == Some(&hop) {
-                continue;
+        in_use.sort_unstable();
+        in_use.dedup();
+        let netlink = Netlink::new()?;
+        for (ifindex, via) in in_use {
+            match netlink.reconfirm_neighbour(ifindex, via).await {
+                Ok(true) => {
+                    debug!("re-confirming the stale neighbour entry of {via} (ifindex {ifindex})")
+                }
+                Ok(false) => {}
+                Err(e) => debug!("cannot re-confirm {via}: {e}"),
             }
-            info!(
-                "service {name}: backend {} now reached at {} on ifindex {}",
-                cfg.address,
-                mac_string(&hop.mac),
-                hop.ifindex
-            );
-            let was_missing = b.hop.is_none();
-            b.hop = Some(hop);
-            b.hop_error = None;
-            let (id, entry) = (b.id, b.entry(sid));
-            d.datapath.set_backend(id, &entry)?;
-            if was_missing {
-                d.sync_table(si)?;
-            }
-            d.sync_vips_and_egress()?;
         }
         Ok(())
     }
@@ -895,6 +1014,90 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Whether the program is on an interface lbd is configured for (`lbctl status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceState {
+    /// The interface exists here and its pinned link is on it.
+    Attached,
+    /// No interface of that name in this network namespace.
+    Missing,
+    /// The interface exists, but the program is not on it: its link is gone, detached (the
+    /// interface was deleted and recreated), or on another interface.
+    Detached,
+}
+
+/// An interface lbd is configured for, as it is now.
+#[derive(Debug, Clone)]
+pub struct InterfaceNow {
+    pub state: InterfaceState,
+    /// Its index here, when it exists.
+    pub ifindex: Option<u32>,
+    /// The pinned link, and where it is, when there is one.
+    pub link: Option<(datapath::LinkFacts, LinkPlace)>,
+}
+
+/// Looks at interface `name` and its pinned link under `bpffs_dir` (link info and netlink).
+pub async fn interface_now(
+    netlink: &Netlink,
+    bpffs_dir: &Path,
+    name: &str,
+) -> anyhow::Result<InterfaceNow> {
+    let iface = netlink.interface_by_name(name).await?;
+    let pin = datapath::link_pin(bpffs_dir, name);
+    let link = match datapath::link_facts(&pin) {
+        Ok(facts) => {
+            let at_index = match facts.ifindex {
+                0 => None,
+                i => netlink.interface_by_index(i).await?,
+            };
+            Some((facts, LinkPlace::of(&facts, at_index.as_ref(), name)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the pinned link {}", pin.display()));
+        }
+    };
+    let state = match (&iface, &link) {
+        (None, _) => InterfaceState::Missing,
+        (Some(_), Some((_, LinkPlace::Here))) => InterfaceState::Attached,
+        (Some(_), _) => InterfaceState::Detached,
+    };
+    Ok(InterfaceNow {
+        state,
+        ifindex: iface.map(|i| i.index),
+        link,
+    })
+}
+
+/// At start, before the pins are opened: refuses a link pinned for `name` that is attached in
+/// another network namespace (an lbd there uses the same `bpffs_dir`), and removes one that
+/// is detached or on another interface here, so that the program is attached anew.
+async fn check_pinned_link(netlink: &Netlink, bpffs_dir: &Path, name: &str) -> anyhow::Result<()> {
+    let pin = datapath::link_pin(bpffs_dir, name);
+    let Some((facts, place)) = interface_now(netlink, bpffs_dir, name).await?.link else {
+        return Ok(());
+    };
+    match place {
+        LinkPlace::Here => return Ok(()),
+        LinkPlace::Foreign => bail!(
+            "{} holds link {} attached to ifindex {} of another network namespace, not to {name} here: an lbd there uses the same daemon.bpffs_dir; give each network namespace's lbd a bpffs_dir of its own (nothing was changed)",
+            pin.display(),
+            facts.id,
+            facts.ifindex
+        ),
+        LinkPlace::Defunct => warn!(
+            "{name}: the pinned link {} is detached (its interface was deleted, or moved to another namespace): attaching anew",
+            facts.id
+        ),
+        LinkPlace::OtherInterface { name: other } => warn!(
+            "{name}: the pinned link {} is on {other} (renamed?), not on {name}: attaching anew to {name}",
+            facts.id
+        ),
+    }
+    std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))
 }
 
 /// Services with ids, from the config and what the pinned maps already hold: a restarted lbd
@@ -951,12 +1154,7 @@ fn initial_runtime(config: &Config, datapath: &Datapath) -> anyhow::Result<Vec<S
                 since: now,
             });
         }
-        services.push(ServiceRuntime {
-            id,
-            cfg: s.clone(),
-            backends,
-            table: vec![],
-        });
+        services.push(ServiceRuntime::new(id, s.clone(), backends));
     }
     Ok(services)
 }
@@ -977,6 +1175,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             format!("daemon.interfaces: there is no interface {name:?} in this network namespace")
         })?;
         interfaces.push((name.clone(), iface.index));
+        check_pinned_link(&netlink, &config.daemon.bpffs_dir, name).await?;
     }
     drop(netlink);
 
@@ -1024,29 +1223,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         config,
     };
 
-    // Fill every map before the program goes in place, so its first packet finds every table.
-    daemon.datapath.set_config(seed)?;
-    for si in 0..daemon.services.len() {
-        daemon.install_service(si)?;
-    }
-    let keep: Vec<ServiceKey> = daemon.services.iter().map(|s| s.key()).collect();
-    for (key, value) in daemon.datapath.service_keys() {
-        if !keep.contains(&key) {
-            info!(
-                "removing service {} left from an earlier configuration",
-                value.id
-            );
-            daemon.datapath.remove_service(&key)?;
-            daemon.datapath.remove_table(value.id)?;
-        }
-    }
-    let used = daemon.used_backend_ids();
-    for (id, _) in daemon.datapath.backend_entries() {
-        if !used.contains(&id) {
-            daemon.datapath.clear_backend(id)?;
-        }
-    }
-    daemon.sync_vips_and_egress()?;
+    // Fill every map before the program goes in place, so its first packet finds every table;
+    // what an earlier configuration left in pinned maps goes.
+    daemon.sync()?;
     let mode = daemon.config.daemon.xdp_mode;
     for (name, index) in &interfaces {
         daemon.datapath.attach(name, *index, mode)?;
@@ -1069,7 +1248,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     );
     let socket_path = daemon.config.daemon.socket.clone();
     let metrics_addr = daemon.config.daemon.metrics;
-    let shared: Shared = Arc::new(Mutex::new(daemon));
+    let shared = Shared::new(daemon);
     let metrics_listener = match metrics_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -1098,17 +1277,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
         })
     };
-    let refresher = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(REFRESH_INTERVAL).await;
-                if let Err(e) = Daemon::refresh(&shared).await {
-                    error!("refreshing backends: {e:#}");
-                }
-            }
-        })
-    };
+    let follower = tokio::spawn(follow(shared.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listener) = metrics_listener {
         let shared = shared.clone();
@@ -1141,25 +1310,183 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     api::serve(listener, shared.clone(), signals).await?;
-    refresher.abort();
+    follower.abort();
     health_task.abort();
     shared.lock().await.monitor.stop_all();
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
 
-/// SIGHUP: re-read the file and apply the difference; a broken file changes nothing.
+/// How long lbd lets a burst of the kernel's notifications settle before acting on it.
+const SETTLE: Duration = Duration::from_millis(50);
+/// Refreshes that notifications cause come at most this often (a refresh re-confirming stale
+/// neighbours causes notifications of its own).
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
+
+/// Follows the system until aborted: the configured interfaces (attached anew when one comes
+/// back, see `follow_interfaces`) and the backends' hops (`Daemon::refresh`: routes, next hops'
+/// MACs, egress interfaces' MACs and MTUs), within a fraction of a second of the kernel
+/// announcing a change of a link, route, address or of a neighbour the data path uses, and
+/// every `REFRESH_INTERVAL` anyway (which also re-confirms stale neighbours).
+async fn follow(shared: Shared) {
+    use crate::netlink::Change;
+    let mut changes = match crate::netlink::watch() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(
+                "cannot follow the kernel's notifications ({e}): interfaces, routes and neighbours are re-read every {REFRESH_INTERVAL:?} only"
+            );
+            None
+        }
+    };
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + REFRESH_INTERVAL,
+        REFRESH_INTERVAL,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut states: HashMap<String, InterfaceState> = HashMap::new();
+    let names = shared.lock().await.config.daemon.interfaces.clone();
+    if let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
+        error!("following the interfaces: {e:#}");
+    }
+    let mut last_refresh = Instant::now();
+    let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        let names = shared.lock().await.config.daemon.interfaces.clone();
+        // Whether to look at the interfaces, which backends to resolve again, and whether to
+        // retry those without a hop.
+        let (links, hops, unresolved) = tokio::select! {
+            _ = tick.tick() => (true, Which::Resolved, true),
+            change = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(change) = change else {
+                    warn!("the kernel's notifications stopped: interfaces, routes and neighbours are re-read every {REFRESH_INTERVAL:?} only");
+                    changes = None;
+                    continue;
+                };
+                // A burst (an interface recreated: addresses, routes, neighbours) settles
+                // first, and refreshes come at most every MIN_REFRESH_GAP.
+                let wait = SETTLE.max(MIN_REFRESH_GAP.saturating_sub(last_refresh.elapsed()));
+                tokio::time::sleep(wait).await;
+                let mut all = vec![change];
+                if let Some(rx) = changes.as_mut() {
+                    while let Ok(c) = rx.try_recv() {
+                        all.push(c);
+                    }
+                }
+                let links = all.iter().any(|c| match c {
+                    Change::Link { name, .. } | Change::LinkGone { name, .. } => {
+                        names.contains(name)
+                    }
+                    _ => false,
+                });
+                // A link, route or address change may move any backend; a neighbour entry's
+                // change only those reached through it.
+                let unresolved = all.iter().any(|c| !matches!(c, Change::Neighbour { .. }));
+                let hops = if unresolved {
+                    Which::Resolved
+                } else {
+                    Which::Via(
+                        all.iter()
+                            .filter_map(|c| match c {
+                                Change::Neighbour { ifindex, addr: Some(a) } => Some((*ifindex, *a)),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                };
+                (links, hops, unresolved)
+            }
+        };
+        if links && let Err(e) = follow_interfaces(&shared, &names, &mut states).await {
+            error!("following the interfaces: {e:#}");
+        }
+        if !matches!(&hops, Which::Via(v) if v.is_empty()) {
+            last_refresh = Instant::now();
+            if let Err(e) = Daemon::refresh(&shared, &hops).await {
+                error!("refreshing backends: {e:#}");
+            }
+        }
+        // Backends without a hop are retried on a task of their own (one at a time), so one
+        // that never answers holds up nothing else.
+        if unresolved && !retrying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let (shared, retrying) = (shared.clone(), retrying.clone());
+            tokio::spawn(async move {
+                if let Err(e) = Daemon::refresh(&shared, &Which::Unresolved).await {
+                    error!("resolving backends: {e:#}");
+                }
+                retrying.store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
+    }
+}
+
+/// Looks at every configured interface: logs what changed since `states`, and attaches the
+/// program anew to one that is back (deleted and recreated, or renamed back while another
+/// took its name) with its link detached or elsewhere. A link pin removed by hand (`lbd
+/// --cleanup` of a running lbd) is left alone: the interface shows `detached`.
+async fn follow_interfaces(
+    shared: &Shared,
+    names: &[String],
+    states: &mut HashMap<String, InterfaceState>,
+) -> anyhow::Result<()> {
+    let netlink = Netlink::new()?;
+    let (bpffs_dir, mode) = {
+        let d = shared.lock().await;
+        (d.config.daemon.bpffs_dir.clone(), d.config.daemon.xdp_mode)
+    };
+    for name in names {
+        let mut now = interface_now(&netlink, &bpffs_dir, name).await?;
+        if let (Some(ifindex), Some((_, LinkPlace::Defunct | LinkPlace::OtherInterface { .. }))) =
+            (now.ifindex, &now.link)
+        {
+            let mut d = shared.lock().await;
+            match d.datapath.reattach(name, ifindex, mode) {
+                Ok(()) => {
+                    info!("{name} is back (ifindex {ifindex}): the program is attached to it anew");
+                    now.state = InterfaceState::Attached;
+                }
+                Err(e) => {
+                    error!("{name} is back (ifindex {ifindex}) but cannot take the program: {e}")
+                }
+            }
+        }
+        let before = states.insert(name.clone(), now.state);
+        if before.is_some_and(|b| b != now.state) {
+            match now.state {
+                InterfaceState::Attached => info!("{name}: attached"),
+                InterfaceState::Missing => warn!(
+                    "{name} is gone: nothing is balanced there until it comes back (lbd attaches the program to it then)"
+                ),
+                InterfaceState::Detached => warn!(
+                    "{name}: the program is not on it (its link pin {} is gone or elsewhere)",
+                    datapath::link_pin(&bpffs_dir, name).display()
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-read the file and apply the difference; a broken file changes nothing. Like an
+/// lbctl change, new hops are resolved without holding the daemon's lock.
 async fn reload(shared: &Shared) {
     notify(&[sd_notify::NotifyState::Reloading]);
-    let mut d = shared.lock().await;
-    let path = d.config_path.clone();
+    let _one_change_at_a_time = shared.change().await;
+    let path = shared.lock().await.config_path.clone();
     match config::load(&path) {
         Err(e) => error!("SIGHUP: {e}; the running state is unchanged"),
         Ok(loaded) => {
             for w in &loaded.warnings {
                 warn!("{}: {w}", path.display());
             }
-            match d.reconcile(loaded.config).await {
+            let needed = shared.lock().await.hops_needed(&loaded.config);
+            let hops = resolve_hops(needed).await;
+            match shared.lock().await.reconcile(loaded.config, hops) {
                 Ok(changes) if changes.is_empty() => {
                     info!("SIGHUP: {} reloaded, nothing changed", path.display())
                 }
@@ -1200,7 +1527,235 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    //! `fill`, the one function that decides what the maps hold: no kernel needed.
+
     use super::*;
+    use crate::config::Protocol;
+
+    const SEED: [u64; 2] = [1, 2];
+
+    fn hop(ifindex: u32) -> Hop {
+        Hop {
+            ifindex,
+            vlan: None,
+            mac: [2, 0, 0, 0, 0, ifindex as u8],
+            src_mac: [2, 0, 0, 0, 1, 1],
+            mtu: 1500,
+            tunnel_src: None,
+            via: "192.0.2.1".parse().unwrap(),
+        }
+    }
+
+    fn backend(
+        id: u32,
+        address: &str,
+        weight: u32,
+        hop: Option<Hop>,
+        healthy: bool,
+    ) -> BackendRuntime {
+        BackendRuntime {
+            id,
+            cfg: config::Backend {
+                address: address.parse().unwrap(),
+                weight,
+                mac: None,
+            },
+            hop,
+            hop_error: None,
+            healthy,
+            last: None,
+            since: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn service(
+        id: u32,
+        vip: &str,
+        port: u16,
+        protocol: Protocol,
+        hash: HashMode,
+        backends: Vec<BackendRuntime>,
+    ) -> ServiceRuntime {
+        ServiceRuntime::new(
+            id,
+            config::Service {
+                name: format!("s{id}"),
+                vip: vip.parse().unwrap(),
+                port,
+                protocol,
+                forwarding: Forwarding::Dsr,
+                hash,
+                table_size: 251,
+                tunnel_source: None,
+                health: config::Health::default(),
+                backends: vec![],
+            },
+            backends,
+        )
+    }
+
+    fn vip_key(vip: &str, protocol: Protocol) -> lb_common::VipKey {
+        let vip: IpAddr = vip.parse().unwrap();
+        lb_common::VipKey {
+            addr: state::to_addr(vip),
+            proto: protocol.number(),
+            family: state::family(vip),
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn every_map_follows_the_services() {
+        let mut services = vec![
+            service(
+                3,
+                "203.0.113.10",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![
+                    backend(0, "192.0.2.11", 100, Some(hop(2)), true),
+                    // Down: its entry says so (its flows leave it), and no slot is its.
+                    backend(1, "192.0.2.12", 100, Some(hop(2)), false),
+                    // Drained: a valid entry (its flows stay), no slot.
+                    backend(2, "192.0.2.13", 0, Some(hop(2)), true),
+                    // Unresolved: no entry at all.
+                    backend(4, "192.0.2.14", 100, None, true),
+                    // Behind another interface: a redirect target.
+                    backend(5, "198.51.100.5", 100, Some(hop(7)), true),
+                ],
+            ),
+            service(
+                1,
+                "203.0.113.10",
+                53,
+                Protocol::Udp,
+                HashMode::Source,
+                vec![backend(6, "192.0.2.11", 100, Some(hop(2)), true)],
+            ),
+        ];
+        let f = fill(lb_common::Config::default(), &SEED, &mut services);
+
+        assert_eq!(f.services.len(), 2);
+        for s in &services {
+            let (key, value) = (s.key(), s.value());
+            assert_eq!(f.services[&key], value);
+            assert_eq!(
+                f.service_by_id[&s.id],
+                lb_common::ServiceEntry { key, value }
+            );
+            assert_eq!(
+                &*f.maglev[&s.id],
+                &lb_common::maglev_words(&s.table_without(&SEED, None))[..]
+            );
+        }
+        assert_eq!(f.service_by_id.len(), 2);
+        let table = &services[0].table;
+        assert!(table.contains(&0) && table.contains(&5));
+        assert!(!table.contains(&1) && !table.contains(&2) && !table.contains(&4));
+
+        assert_eq!(
+            f.backends.keys().copied().collect::<Vec<_>>(),
+            [0, 1, 2, 5, 6]
+        );
+        assert_eq!(
+            f.backends[&1].flags,
+            backend_flags::VALID | backend_flags::DOWN
+        );
+        assert_eq!(f.backends[&2].flags, backend_flags::VALID);
+        assert_eq!(f.backends[&5].ifindex, 7);
+        assert_eq!(f.backends[&6].service, 1);
+        assert_eq!(
+            f.devmap.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
+            [(2, 2), (7, 7)]
+        );
+        assert_eq!(
+            f.vip_filter,
+            datapath::vip_filter_words(services.iter().map(|s| s.key()).collect::<Vec<_>>().iter())
+        );
+        // One source-hashed service per VIP and protocol: later fragments can be placed.
+        assert_eq!(f.vips.len(), 2);
+        assert_eq!(
+            f.vips[&vip_key("203.0.113.10", Protocol::Tcp)],
+            services[0].value()
+        );
+        assert_eq!(
+            f.vips[&vip_key("203.0.113.10", Protocol::Udp)],
+            services[1].value()
+        );
+    }
+
+    #[test]
+    fn a_vip_with_several_services_or_a_5_tuple_hash_places_no_late_fragments() {
+        let mut services = vec![
+            service(
+                4,
+                "203.0.113.10",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+            service(
+                2,
+                "203.0.113.10",
+                443,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+            service(
+                0,
+                "203.0.113.20",
+                53,
+                Protocol::Udp,
+                HashMode::FiveTuple,
+                vec![],
+            ),
+        ];
+        let f = fill(lb_common::Config::default(), &SEED, &mut services);
+        let shared = f.vips[&vip_key("203.0.113.10", Protocol::Tcp)];
+        // Named by the VIP's lowest id, whatever the order of the services.
+        assert_eq!(shared.id, 2);
+        assert_ne!(shared.flags & service_flags::NO_LATE_FRAGMENTS, 0);
+        let five = f.vips[&vip_key("203.0.113.20", Protocol::Udp)];
+        assert_ne!(five.flags & service_flags::NO_LATE_FRAGMENTS, 0);
+        services.reverse();
+        assert_eq!(
+            fill(lb_common::Config::default(), &SEED, &mut services),
+            f,
+            "the services' order does not matter"
+        );
+    }
+
+    #[test]
+    fn a_table_is_rebuilt_only_when_what_it_is_built_from_changes() {
+        let mut services = vec![service(
+            0,
+            "203.0.113.10",
+            80,
+            Protocol::Tcp,
+            HashMode::Source,
+            vec![
+                backend(0, "192.0.2.11", 100, Some(hop(2)), true),
+                backend(1, "192.0.2.12", 100, Some(hop(2)), true),
+            ],
+        )];
+        let first = fill(lb_common::Config::default(), &SEED, &mut services);
+        let again = fill(lb_common::Config::default(), &SEED, &mut services);
+        assert!(
+            Arc::ptr_eq(&first.maglev[&0], &again.maglev[&0]),
+            "not rebuilt"
+        );
+        services[0].backends[1].healthy = false;
+        let down = fill(lb_common::Config::default(), &SEED, &mut services);
+        assert!(!Arc::ptr_eq(&first.maglev[&0], &down.maglev[&0]));
+        assert!(services[0].table.iter().all(|&id| id == 0));
+        services[0].cfg.table_size = 257;
+        let resized = fill(lb_common::Config::default(), &SEED, &mut services);
+        assert_eq!(services[0].table.len(), 257);
+        assert_eq!(resized.maglev[&0].len(), 257usize.div_ceil(4));
+    }
 
     fn backend_with(hop: Hop) -> BackendRuntime {
         BackendRuntime {

@@ -17,13 +17,8 @@
 //! is swapped in atomically through the pinned link; a link whose interface is gone is replaced.
 
 use std::{
-    ffi::CString,
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
     path::{Path, PathBuf},
 };
 
@@ -37,15 +32,17 @@ use aya::{
         xdp::{XdpLink, XdpMode},
     },
 };
-use futures::TryStreamExt as _;
 use lb_common::{
     FAMILY_V4, FAMILY_V6,
     decap::{ADDRS, AddrKey, LAYOUT_VERSION, MAX_ADDRS, PROGRAM_NAME},
 };
 use log::{info, warn};
-use netlink_packet_route::link::{LinkAttribute, LinkXdp};
 
-use crate::{datapath, netlink::Netlink, state};
+use crate::{
+    datapath::{self, LinkFacts, LinkPlace, link_facts},
+    netlink::{Interface, Netlink},
+    state,
+};
 
 /// The decapsulation program, built by build.rs from lb-ebpf's `lb-decap` bin and embedded.
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
@@ -237,12 +234,11 @@ pub struct Report {
     pub removed: Vec<IpAddr>,
 }
 
-/// The interface as netlink sees it in this network namespace, with the ids of the XDP
-/// programs attached to it.
+/// The interface as netlink sees it in this network namespace (with the ids of the XDP
+/// programs attached to it), and its addresses, sorted.
 struct Target {
-    index: u32,
+    iface: Interface,
     addrs: Vec<IpAddr>,
-    xdp_programs: Vec<u32>,
 }
 
 async fn look_up(interface: &str) -> Result<Option<Target>> {
@@ -250,39 +246,10 @@ async fn look_up(interface: &str) -> Result<Option<Target>> {
     let Some(iface) = nl.interface_by_name(interface).await? else {
         return Ok(None);
     };
-    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
-    tokio::spawn(conn);
-    let mut xdp_programs = vec![];
-    let mut links = handle.link().get().match_index(iface.index).execute();
-    while let Some(msg) = links
-        .try_next()
-        .await
-        .with_context(|| format!("reading link {interface}"))?
-    {
-        for attr in &msg.attributes {
-            if let LinkAttribute::Xdp(nlas) = attr {
-                for nla in nlas {
-                    if let LinkXdp::ProgId(id)
-                    | LinkXdp::DrvProgId(id)
-                    | LinkXdp::SkbProgId(id)
-                    | LinkXdp::HwProgId(id) = nla
-                        && *id != 0
-                        && !xdp_programs.contains(id)
-                    {
-                        xdp_programs.push(*id);
-                    }
-                }
-            }
-        }
-    }
     let mut addrs: Vec<IpAddr> = iface.addrs.iter().map(|(a, _)| *a).collect();
     addrs.sort();
     addrs.dedup();
-    Ok(Some(Target {
-        index: iface.index,
-        addrs,
-        xdp_programs,
-    }))
+    Ok(Some(Target { iface, addrs }))
 }
 
 fn target(interface: &str) -> Result<Option<Target>> {
@@ -291,70 +258,6 @@ fn target(interface: &str) -> Result<Option<Target>> {
         .build()
         .context("starting a runtime for netlink")?
         .block_on(look_up(interface))
-}
-
-/// The `bpf_link_info` fields this module reads.
-struct LinkFacts {
-    id: u32,
-    program_id: u32,
-    /// The interface the XDP link is attached to; 0 once that interface is gone.
-    ifindex: u32,
-    is_xdp: bool,
-}
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_TYPE_XDP: u32 = 6;
-
-/// The facts of the link pinned at `pin`, read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD
-/// (aya 0.14 does not expose the XDP part of a link's info: its interface).
-fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags: all others zero.
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    // SAFETY: attr is a zeroed buffer the size of bpf_attr holding a valid NUL-terminated
-    // path, which outlives the call; the kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor, owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    use std::os::fd::AsRawFd as _;
-    // The head of bpf_link_info: type, id, prog_id, padding, then (XDP) ifindex. The kernel
-    // fills at most info_len bytes.
-    let mut info = [0u32; 6];
-    let mut attr = [0u64; 16];
-    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: attr names a valid fd and a writable buffer of info_len bytes, which outlives
-    // the call; the kernel writes at most info_len bytes into it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(LinkFacts {
-        is_xdp: info[0] == BPF_LINK_TYPE_XDP,
-        id: info[1],
-        program_id: info[2],
-        ifindex: info[4],
-    })
 }
 
 /// What the pin at `link_pin(.., interface)` holds, if anything.
@@ -375,14 +278,14 @@ fn inspect_pin(pin: &Path, interface: &str, target: Option<&Target>) -> Result<P
     if !facts.is_xdp {
         bail!("{} is not an XDP link: remove it by hand", pin.display());
     }
-    if facts.ifindex == 0 {
-        return Ok(Pinned::Defunct);
-    }
-    match target {
-        Some(t) if t.index == facts.ifindex && t.xdp_programs.contains(&facts.program_id) => {
-            Ok(Pinned::Working(facts))
-        }
-        _ => bail!(
+    // Only the interface of that name is known here: a link on any other is not this one's.
+    let at_index = target
+        .map(|t| &t.iface)
+        .filter(|i| i.index == facts.ifindex);
+    match LinkPlace::of(&facts, at_index, interface) {
+        LinkPlace::Defunct => Ok(Pinned::Defunct),
+        LinkPlace::Here => Ok(Pinned::Working(facts)),
+        LinkPlace::OtherInterface { .. } | LinkPlace::Foreign => bail!(
             "{} holds link {} attached to another interface (ifindex {}, perhaps in another network namespace), not to {interface} here: give this namespace its own --bpffs-dir",
             pin.display(),
             facts.id,
@@ -438,13 +341,13 @@ pub fn install(interface: &str, bpffs_dir: &Path) -> Result<Report> {
                 }
             }
             _ => {
-                if let Some(other) = target.xdp_programs.first() {
+                if let Some(other) = target.iface.xdp_programs.first() {
                     bail!(
                         "{interface} already runs XDP program {other} (not lb's decapsulation link in {}): detach it first",
                         bpffs_dir.display()
                     );
                 }
-                let (mode, link_id) = attach(&mut decap, interface, target.index, &link)?;
+                let (mode, link_id) = attach(&mut decap, interface, target.iface.index, &link)?;
                 (Action::Attached(mode), link_id)
             }
         };
@@ -457,7 +360,7 @@ pub fn install(interface: &str, bpffs_dir: &Path) -> Result<Report> {
         };
         Ok(Report {
             interface: interface.to_string(),
-            ifindex: target.index,
+            ifindex: target.iface.index,
             action,
             link_id,
             program_id,

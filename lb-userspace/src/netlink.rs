@@ -31,13 +31,15 @@ use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressFlags},
-    link::{InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
 };
-use rtnetlink::packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
 use tokio::time::Instant;
 
 /// How often [`Netlink::resolve_neighbour`] looks at the neighbour table.
@@ -47,6 +49,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT.
 const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 const NUD_NOARP: u16 = 0x40;
+const NUD_STALE: u16 = 0x04;
 const NUD_FAILED: u16 = 0x20;
 
 /// How long [`Netlink::resolve_neighbour`] waits for NTF_USE to work before it also sends a UDP
@@ -160,6 +163,8 @@ pub struct Interface {
     /// Set when the interface is a VLAN device (`ip link add link eth0 name eth0.100 type
     /// vlan id 100`): its tag and the interface it sits on.
     pub vlan: Option<Vlan>,
+    /// Ids of the XDP programs attached to it (IFLA_XDP), in any mode.
+    pub xdp_programs: Vec<u32>,
 }
 
 /// What makes an interface a VLAN device.
@@ -376,11 +381,21 @@ impl Netlink {
     ) -> Result<Option<[u8; 6]>, NetlinkError> {
         match self.neighbour_entry(ifindex, addr).await {
             Ok(entry) => Ok(entry.and_then(|e| e.usable_mac())),
-            Err(cause) => Err(NetlinkError::Neighbour {
-                addr,
-                iface: self.iface_label(ifindex).await,
-                cause,
-            }),
+            Err(cause) => Err(self.neighbour_error(ifindex, addr, cause).await),
+        }
+    }
+
+    /// A refused neighbour request about `addr` on `ifindex`, naming the interface.
+    async fn neighbour_error(
+        &self,
+        ifindex: u32,
+        addr: IpAddr,
+        cause: rtnetlink::Error,
+    ) -> NetlinkError {
+        NetlinkError::Neighbour {
+            addr,
+            iface: self.iface_label(ifindex).await,
+            cause,
         }
     }
 
@@ -419,6 +434,55 @@ impl Netlink {
             }
         }
         Ok(entry)
+    }
+
+    /// Has the kernel re-confirm the neighbour entry of `addr` on `ifindex` now, if it is
+    /// STALE: its state is set to PROBE (its MAC kept), so the kernel sends unicast probes at
+    /// once and the entry becomes REACHABLE again if the neighbour answers, or FAILED within a
+    /// few seconds if not (its MAC changed, or it is gone: it is then resolved anew). Traffic
+    /// forwarded by XDP never confirms the entries it relies on, so without this an entry
+    /// stays STALE with whatever MAC it had, for ever. Returns whether it asked.
+    pub async fn reconfirm_neighbour(
+        &self,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> Result<bool, NetlinkError> {
+        let error = |cause| self.neighbour_error(ifindex, addr, cause);
+        let entry = match self.neighbour_entry(ifindex, addr).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(false),
+            Err(cause) => return Err(error(cause).await),
+        };
+        let (NUD_STALE, Some(mac)) = (entry.state, entry.lladdr) else {
+            return Ok(false);
+        };
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(addr);
+        msg.header.ifindex = ifindex;
+        msg.header.state = NeighbourState::Probe;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neigh_addr(addr)));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+        // Replace only: an entry that went meanwhile is not created again in PROBE.
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE;
+        let mut replies = match self.handle.clone().request(req) {
+            Ok(r) => r,
+            Err(cause) => return Err(error(cause).await),
+        };
+        while let Some(reply) = replies.next().await {
+            if let NetlinkPayload::Error(e) = reply.payload
+                && e.raw_code() != 0
+            {
+                // Gone meanwhile: nothing to confirm.
+                if e.raw_code() == -libc::ENOENT {
+                    return Ok(false);
+                }
+                return Err(error(rtnetlink::Error::NetlinkError(e)).await);
+            }
+        }
+        Ok(true)
     }
 
     /// Asks the kernel to resolve `addr` on `ifindex`: RTM_NEWNEIGH with NTF_USE creates the
@@ -479,13 +543,7 @@ impl Netlink {
         timeout: Duration,
     ) -> Result<[u8; 6], NetlinkError> {
         let deadline = Instant::now() + timeout;
-        let lookup_error = |cause| async move {
-            NetlinkError::Neighbour {
-                addr,
-                iface: self.iface_label(ifindex).await,
-                cause,
-            }
-        };
+        let lookup_error = |cause| self.neighbour_error(ifindex, addr, cause);
         let entry = match self.neighbour_entry(ifindex, addr).await {
             Ok(e) => e,
             Err(cause) => return Err(lookup_error(cause).await),
@@ -625,6 +683,92 @@ impl Netlink {
     }
 }
 
+/// A change the kernel announced (rtnetlink notifications), as far as lbd follows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// An interface appeared or changed (name, MAC, MTU, state, XDP program): its index and
+    /// name.
+    Link { index: u32, name: String },
+    /// An interface went.
+    LinkGone { index: u32, name: String },
+    /// A route was added, changed or removed.
+    Route,
+    /// The neighbour entry of `addr` on interface `ifindex` changed (or went).
+    Neighbour { ifindex: u32, addr: Option<IpAddr> },
+    /// An address was added to or removed from interface `ifindex`.
+    Address { ifindex: u32 },
+}
+
+/// Subscribes to the kernel's notifications of links, routes (IPv4 and IPv6), neighbours and
+/// addresses in the calling thread's network namespace: every one is sent to the returned
+/// channel as it comes, until the receiver is dropped. Needs a tokio runtime.
+pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>, NetlinkError> {
+    use rtnetlink::MulticastGroup as G;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| NetlinkError::NoRuntime)?;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        G::Link,
+        G::Ipv4Route,
+        G::Ipv6Route,
+        G::Neigh,
+        G::Ipv4Ifaddr,
+        G::Ipv6Ifaddr,
+    ])
+    .map_err(NetlinkError::Connect)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let connection = runtime.spawn(conn);
+    runtime.spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let NetlinkPayload::InnerMessage(m) = message.payload else {
+                continue;
+            };
+            let change = match m {
+                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::SetLink(l) => {
+                    let i = parse_link(&l);
+                    Change::Link {
+                        index: i.index,
+                        name: i.name,
+                    }
+                }
+                RouteNetlinkMessage::DelLink(l) => {
+                    let i = parse_link(&l);
+                    Change::LinkGone {
+                        index: i.index,
+                        name: i.name,
+                    }
+                }
+                RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => {
+                    Change::Route
+                }
+                RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+                    Change::Neighbour {
+                        ifindex: n.header.ifindex,
+                        addr: n.attributes.iter().find_map(|a| match a {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                                Some(IpAddr::V4(*a))
+                            }
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                                Some(IpAddr::V6(*a))
+                            }
+                            _ => None,
+                        }),
+                    }
+                }
+                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                    Change::Address {
+                        ifindex: a.header.index,
+                    }
+                }
+                _ => continue,
+            };
+            if tx.send(change).is_err() {
+                break;
+            }
+        }
+        connection.abort();
+    });
+    Ok(rx)
+}
+
 /// An Interface without its addresses.
 fn parse_link(link: &LinkMessage) -> Interface {
     let mut iface = Interface {
@@ -635,12 +779,26 @@ fn parse_link(link: &LinkMessage) -> Interface {
         addrs: Vec::new(),
         up: link.header.flags.contains(LinkFlags::Up),
         vlan: None,
+        xdp_programs: Vec::new(),
     };
     let mut parent = None;
     let mut vlan_info = None;
     for attr in &link.attributes {
         match attr {
             LinkAttribute::IfName(n) => iface.name = n.clone(),
+            LinkAttribute::Xdp(nlas) => {
+                for nla in nlas {
+                    if let LinkXdp::ProgId(id)
+                    | LinkXdp::DrvProgId(id)
+                    | LinkXdp::SkbProgId(id)
+                    | LinkXdp::HwProgId(id) = nla
+                        && *id != 0
+                        && !iface.xdp_programs.contains(id)
+                    {
+                        iface.xdp_programs.push(*id);
+                    }
+                }
+            }
             LinkAttribute::Address(a) => {
                 if let Ok(mac) = <[u8; 6]>::try_from(&a[..]) {
                     iface.mac = mac;

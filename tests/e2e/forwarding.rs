@@ -386,26 +386,13 @@ fn a_backend_whose_mac_changes_is_followed() {
 
     // Backend 1 gets a new MAC (a replaced NIC, a moved VM); the balancer's neighbour entry goes.
     let new_mac = "02:00:00:00:0b:99";
-    t.exec_ok(
-        t.backend_ns(1),
-        &["ip", "link", "set", "eth0", "address", new_mac],
-    )
-    .unwrap();
+    t.set_backend_mac(1, new_mac).unwrap();
     t.exec_ok(t.lb_ns(), &["ip", "neigh", "flush", "to", "192.0.2.11"])
         .unwrap();
 
-    // lbd notices on its next neighbour refresh (every 5 s) and the data path follows.
-    let followed = retry_until(Duration::from_secs(20), "lbd to follow the new MAC", || {
-        let list = lbd.lbctl_json(&["backend", "list", "web"])?;
-        let mac = list
-            .as_array()
-            .and_then(|l| l.iter().find(|b| b["address"] == "192.0.2.11"))
-            .and_then(|b| b["mac"].as_str().map(str::to_owned));
-        match mac.as_deref() {
-            Some(m) if m == new_mac => Ok(()),
-            other => anyhow::bail!("backend list shows {other:?}"),
-        }
-    });
+    // The kernel announces the entry's removal; lbd resolves the backend again and the data
+    // path follows.
+    let followed = lbd.wait_backend_mac("web", "192.0.2.11", new_mac, Duration::from_secs(20));
     assert!(followed.is_ok(), "{followed:?}\nlbd log:\n{}", lbd.log());
     assert_eq!(
         t.which_backend(src, vip_port(80)).unwrap(),

@@ -97,12 +97,17 @@ fn register_cleanup(t: &Topology, paths: &LbdPaths) {
 
 /// Starts (another) lbd on the config already written at `paths.config`, without waiting.
 pub fn spawn_lbd<'t>(t: &'t Topology, paths: &LbdPaths) -> Result<Lbd<'t>> {
+    spawn_lbd_in(t, t.lb_ns(), paths)
+}
+
+/// Like [`spawn_lbd`], in network namespace `ns` of the topology instead of the LB's.
+pub fn spawn_lbd_in<'t>(t: &'t Topology, ns: &str, paths: &LbdPaths) -> Result<Lbd<'t>> {
     let mut cmd = Command::new(bin("lbd"));
     cmd.arg("--config").arg(&paths.config);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let handle = t.spawn_nsenter(t.lb_ns(), &cmd)?;
+    let handle = t.spawn_nsenter(ns, &cmd)?;
     Ok(Lbd {
         t,
         paths: paths.clone(),
@@ -210,6 +215,33 @@ impl Lbd<'_> {
             }
             Ok(Ok(status))
         })?
+    }
+}
+
+impl Lbd<'_> {
+    /// Waits up to `deadline` until `lbctl backend list SERVICE` shows `mac` for `address`.
+    pub fn wait_backend_mac(
+        &self,
+        service: &str,
+        address: &str,
+        mac: &str,
+        deadline: Duration,
+    ) -> Result<()> {
+        crate::retry_until(
+            deadline,
+            &format!("lbd to reach {address} at {mac}"),
+            || {
+                let list = self.lbctl_json(&["backend", "list", service])?;
+                let shown = list
+                    .as_array()
+                    .and_then(|l| l.iter().find(|b| b["address"] == address))
+                    .and_then(|b| b["mac"].as_str().map(str::to_owned));
+                match shown.as_deref() {
+                    Some(m) if m == mac => Ok(()),
+                    other => bail!("backend list shows {other:?}"),
+                }
+            },
+        )
     }
 }
 

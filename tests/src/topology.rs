@@ -262,6 +262,28 @@ struct Link {
     mac: String,
 }
 
+impl Link {
+    /// `ip -batch` lines, in the switch namespace, making this veth pair with its host end in
+    /// namespace `ns`.
+    fn plug_batch(&self, ns: &str) -> String {
+        format!(
+            "link add {port} type veth peer name {dev} netns {ns}\nlink set {port} master {br}\nlink set {port} up\n",
+            port = self.port,
+            dev = self.dev,
+            br = self.bridge,
+        )
+    }
+
+    /// `ip -batch` lines, in the host's namespace, giving the host end its MAC and bringing it up.
+    fn host_batch(&self) -> String {
+        format!(
+            "link set {dev} address {mac}\nlink set {dev} up\n",
+            dev = self.dev,
+            mac = self.mac
+        )
+    }
+}
+
 /// An address pair of a host and the device holding it.
 #[derive(Debug, Clone)]
 struct IfAddr {
@@ -269,6 +291,19 @@ struct IfAddr {
     addr: Ipv4Addr,
     plen: u8,
     addr6: Ipv6Addr,
+}
+
+impl IfAddr {
+    /// `ip -batch` lines adding the pair to its device.
+    fn batch(&self) -> String {
+        format!(
+            "addr add {}/{} dev {dev}\naddr add {}/64 dev {dev} nodad\n",
+            self.addr,
+            self.plen,
+            self.addr6,
+            dev = self.dev
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -588,13 +623,7 @@ impl Topology {
         }
         for h in &self.hosts {
             for l in &h.links {
-                batch.push_str(&format!(
-                    "link add {port} type veth peer name {dev} netns {ns}\nlink set {port} master {br}\nlink set {port} up\n",
-                    port = l.port,
-                    dev = l.dev,
-                    br = l.bridge,
-                    ns = h.ns
-                ));
+                batch.push_str(&l.plug_batch(&h.ns));
             }
         }
         ip_batch(&sw, &batch)?;
@@ -744,20 +773,10 @@ impl Topology {
     fn host_batch(&self, h: &Host) -> String {
         let mut b = String::from("link set lo up\n");
         for l in &h.links {
-            b.push_str(&format!(
-                "link set {dev} address {mac}\nlink set {dev} up\n",
-                dev = l.dev,
-                mac = l.mac
-            ));
+            b.push_str(&l.host_batch());
         }
         for a in &h.addrs {
-            b.push_str(&format!(
-                "addr add {}/{} dev {dev}\naddr add {}/64 dev {dev} nodad\n",
-                a.addr,
-                a.plen,
-                a.addr6,
-                dev = a.dev
-            ));
+            b.push_str(&a.batch());
         }
         let default_via = |v4: Ipv4Addr, v6: Ipv6Addr| {
             format!("route add default via {v4}\nroute add default via {v6}\n")
@@ -1403,6 +1422,39 @@ impl Topology {
     /// registration; a panic inside is reported and ignored.
     pub fn on_teardown(&self, f: impl FnOnce() + Send + 'static) {
         lock(&self.cleanups).push(Box::new(f));
+    }
+
+    // ---- interfaces that come and go ------------------------------------------------------
+
+    /// Gives backend `i` (1-based) a new MAC on its main interface (a replaced NIC, a moved
+    /// VM). Nothing is announced: neighbours keep the old MAC until they ask again.
+    pub fn set_backend_mac(&self, i: usize, mac: &str) -> Result<()> {
+        self.check_index("backend", i, self.n_backends);
+        let h = self.host(Role::Backend(i));
+        ip_batch(
+            &h.ns,
+            &format!("link set {} address {mac}\n", h.links[0].dev),
+        )
+    }
+
+    /// Gives the LB namespace a new `eth0` after a test deleted it (as a driver reload or a
+    /// recreated veth would): a new veth pair to the switch's `lb` port, with the same MAC,
+    /// addresses, routes, sysctls and offloads as at setup. Returns the link of the XDP_PASS
+    /// program on the switch's end (without which the veth may drop frames the LB sends back
+    /// with XDP_TX): keep it as long as the port is used.
+    pub fn recreate_lb_eth0(&self) -> Result<OwnedFd> {
+        let h = self.host(Role::Lb).clone();
+        let l = &h.links[0];
+        ip_batch(&self.switch_ns, &l.plug_batch(&h.ns))?;
+        netns::set_sysctls(&h.ns, &self.sysctls(&h, l.dev), false)?;
+        let mut batch = l.host_batch();
+        for a in h.addrs.iter().filter(|a| a.dev == l.dev) {
+            batch.push_str(&a.batch());
+        }
+        batch.push_str(&self.client_block_routes());
+        ip_batch(&h.ns, &batch)?;
+        ethtool(&h.ns, &["-K", l.dev, "tx", "off"])?;
+        netns::attach_raw_xdp(&self.switch_ns, &l.port, &[])
     }
 
     // ---- TCP and HTTP ----------------------------------------------------------------------

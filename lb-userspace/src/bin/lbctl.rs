@@ -156,6 +156,9 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                             old_layouts.join(", ")
                         )
                     }
+                    Start::Reattached =>
+                        "loaded the program again on its maps, attached anew where its link was detached"
+                            .to_string(),
                 }
             );
             println!("{} service(s), {} backend(s)\n", s.services, s.backends);
@@ -163,15 +166,21 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                 .interfaces
                 .iter()
                 .map(|i| {
+                    let state = match (&i.state, &i.problem) {
+                        (Some(s), _) => format!("{s:?}").to_lowercase(),
+                        (None, Some(p)) => format!("unknown ({p})"),
+                        (None, None) => "unknown".into(),
+                    };
                     vec![
                         i.name.clone(),
+                        state,
                         i.ifindex.to_string(),
                         i.mode.clone(),
                         i.link_id.to_string(),
                     ]
                 })
                 .collect();
-            print_table(&["INTERFACE", "IFINDEX", "MODE", "LINK"], &rows);
+            print_table(&["INTERFACE", "STATE", "IFINDEX", "MODE", "LINK"], &rows);
         }
         Command::Service(ServiceCommand::List) => {
             let list: Vec<ServiceInfo> = client.get("/v1/services").await?;
