@@ -130,9 +130,16 @@ pub struct LbdArgs {
     /// Validate the configuration file and exit (touches nothing on the system).
     #[arg(long, conflicts_with = "cleanup")]
     pub check: bool,
-    /// Detach the program and remove every pin: takes lb out of the path.
+    /// Detach the program and remove every pin: takes lb out of the path (refused while an lbd
+    /// runs on this config).
     #[arg(long)]
     pub cleanup: bool,
+    /// Apply the configured hash seed (without one: state_dir's, else a new random one) even
+    /// though the running data path uses another. Nearly every client moves to another backend
+    /// and established connections are reset. Without it lbd refuses a configured seed that
+    /// differs from the running one.
+    #[arg(long, conflicts_with_all = ["check", "cleanup"])]
+    pub reseed: bool,
     /// Print the man page (roff) and exit.
     #[arg(long, hide = true)]
     pub man: bool,

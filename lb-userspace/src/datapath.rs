@@ -124,23 +124,25 @@ fn on_bpffs(path: &Path) -> io::Result<bool> {
     Ok(st.f_type == libc::BPF_FS_MAGIC)
 }
 
-/// Makes sure `bpffs_dir` exists on a bpffs: mounts one at /sys/fs/bpf when the folder lies under
-/// it and nothing is mounted there (SPEC), creates the folder, and refuses a folder elsewhere
-/// that is not on a bpffs.
+/// Makes sure `bpffs_dir` exists on a bpffs: mounts one at /sys/fs/bpf (mode 0700: pins are
+/// root's business) when the folder lies under it and nothing is mounted there (SPEC), creates
+/// the folder (mode 0700), and refuses a folder elsewhere that is not on a bpffs, or one that
+/// others could change (whoever may write there can remove or replace the pins).
 pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if bpffs_dir.starts_with(root) && !on_bpffs(root).unwrap_or(false) {
-        info!("no bpffs mounted at /sys/fs/bpf: mounting one");
+        info!("no bpffs mounted at /sys/fs/bpf: mounting one (mode 0700)");
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
-        // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL.
+        let options = c"mode=0700";
+        // SAFETY: all pointers are valid NUL-terminated strings; bpffs reads `options` as text.
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),
                 target.as_ptr(),
                 src.as_ptr(),
                 0,
-                std::ptr::null(),
+                options.as_ptr().cast(),
             )
         };
         if rc != 0 {
@@ -150,15 +152,72 @@ pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
             });
         }
     }
-    fs::create_dir_all(bpffs_dir).map_err(io_err(format!("creating {}", bpffs_dir.display())))?;
+    if !bpffs_dir.exists() {
+        fs::create_dir_all(bpffs_dir)
+            .map_err(io_err(format!("creating {}", bpffs_dir.display())))?;
+        fs::set_permissions(bpffs_dir, fs::Permissions::from_mode(0o700)).map_err(io_err(
+            format!("setting the mode of {}", bpffs_dir.display()),
+        ))?;
+    }
     if !on_bpffs(bpffs_dir).map_err(io_err(format!("inspecting {}", bpffs_dir.display())))? {
         return Err(DatapathError::Other(format!(
             "daemon.bpffs_dir {} is not on a bpf filesystem: use a folder under /sys/fs/bpf or mount a bpffs there",
             bpffs_dir.display()
         )));
     }
-    let _ = fs::set_permissions(bpffs_dir, fs::Permissions::from_mode(0o700));
-    Ok(())
+    crate::state::check_private_dir("the pin folder", "pins", bpffs_dir)
+        .map_err(|e| DatapathError::Other(e.to_string()))
+}
+
+/// The hash seed of the data path pinned under `bpffs_dir`, if one is pinned and filled: the
+/// seed its clients are placed by. Read from this layout's `CONFIG`, else from another
+/// layout's (the seed is the first 16 bytes of `CONFIG[0]` in every layout), before anything is
+/// loaded or replaced.
+pub fn pinned_seed(bpffs_dir: &Path) -> Option<[u64; 2]> {
+    let mut dirs = vec![maps_dir(bpffs_dir)];
+    let mut others = other_layouts(bpffs_dir);
+    others.sort();
+    dirs.extend(others.into_iter().rev());
+    dirs.iter()
+        .filter_map(|d| read_first_value(&d.join(maps::CONFIG)))
+        .find_map(|v| {
+            let word = |i: usize| -> Option<u64> {
+                Some(u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().ok()?))
+            };
+            let seed: [u64; 2] = [word(0)?, word(1)?];
+            (seed != [0, 0]).then_some(seed)
+        })
+}
+
+/// The bytes of element 0 of the array map pinned at `pin`, whatever its value size (aya 0.14
+/// reads only values of a type known at compile time).
+fn read_first_value(pin: &Path) -> Option<Vec<u8>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    let map = MapData::from_pin(pin).ok()?;
+    let size = map.info().ok()?.value_size() as usize;
+    if size < 16 {
+        return None;
+    }
+    let key = 0u32;
+    let mut value = vec![0u8; size];
+    // bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags: rest zero.
+    let mut attr = [0u64; 8];
+    attr[0] = map.fd().as_fd().as_raw_fd() as u32 as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = value.as_mut_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr naming a valid map fd, a 4-byte key and a writable
+    // buffer of the map's value size, all alive for the call; the kernel writes only `size`
+    // bytes into `value`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            attr.as_mut_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    (rc == 0).then_some(value)
 }
 
 /// How the program ended up attached to one interface.

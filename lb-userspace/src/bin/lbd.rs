@@ -99,7 +99,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        runtime.block_on(daemon::run(&args.config))
+        runtime.block_on(daemon::run(&args.config, args.reseed))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
