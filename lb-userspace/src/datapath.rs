@@ -339,6 +339,9 @@ pub struct Datapath {
     program_id: u32,
     program_hash: u64,
     pub start: Start,
+    /// `CONFIG` as it must be once this lbd's program is in place, while an older program
+    /// still runs on these maps (see `set_config`).
+    pending_config: Option<Config>,
 }
 
 impl Datapath {
@@ -427,6 +430,7 @@ impl Datapath {
             program_id,
             program_hash: hash,
             start,
+            pending_config: None,
         })
     }
 
@@ -485,11 +489,19 @@ impl Datapath {
             program_id,
             program_hash: hash,
             start: Start::Adopted,
+            pending_config: None,
         }))
     }
 
-    /// After the program is in place: removes the pins of replaced layouts.
+    /// After the program is in place: writes `CONFIG` whole (see `set_config`), then removes
+    /// the pins of replaced layouts.
     pub fn finish_start(&mut self) -> Result<()> {
+        if let Some(value) = self.pending_config.take() {
+            self.maps
+                .config
+                .set(0, value, 0)
+                .map_err(map_err("writing CONFIG"))?;
+        }
         if let Start::Replaced { old_layouts } = &self.start {
             for dir in old_layouts {
                 fs::remove_dir_all(dir)
@@ -668,6 +680,15 @@ impl Datapath {
         Ok((result.return_value, result.duration))
     }
 
+    /// Writes `CONFIG`: the hash seed, this program's fingerprint, the connection table's
+    /// mask.
+    ///
+    /// When upgrading, the old program keeps running on these maps (and on its own connection
+    /// table, which may be smaller than the new one) until `attach` swaps the new one in. Until
+    /// then `CONFIG` holds the smaller of the two masks, so neither program indexes its table
+    /// past its end (the old one would pass such flows up unbalanced), and the old program's
+    /// fingerprint, so an lbd that dies before the swap is followed by one that upgrades
+    /// again rather than adopting the old program as its own. `finish_start` writes the rest.
     pub fn set_config(&mut self, hash_key: [u64; 2]) -> Result<()> {
         let sets = self.conntrack_sets()?;
         let value = Config {
@@ -676,9 +697,23 @@ impl Datapath {
             layout_version: LAYOUT_VERSION,
             flow_set_mask: sets - 1,
         };
+        let now = match self.maps.config.get(&0, 0) {
+            Ok(running) if self.start == Start::Upgraded && self.attachments.is_empty() => {
+                self.pending_config = Some(value);
+                Config {
+                    program_hash: running.program_hash,
+                    flow_set_mask: value.flow_set_mask.min(running.flow_set_mask),
+                    ..value
+                }
+            }
+            _ => {
+                self.pending_config = None;
+                value
+            }
+        };
         self.maps
             .config
-            .set(0, value, 0)
+            .set(0, now, 0)
             .map_err(map_err("writing CONFIG"))
     }
 

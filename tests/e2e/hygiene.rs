@@ -3,7 +3,8 @@
 //! its health checks; a health check that cannot run is lbd's error, not the backend's failure;
 //! the hash seed of a running data path survives a lost `state_dir` and a config without a seed,
 //! and is replaced only with `--reseed`; directories others may write are refused; bpffs is
-//! mounted 0700. Real lbd, real XDP, real nginx. Needs root.
+//! mounted 0700; an upgrade that resizes the connection table never lets the old program index
+//! its table with the new, bigger mask. Real lbd, real XDP, real nginx. Needs root.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -625,4 +626,137 @@ fn lbd_mounts_bpffs_with_mode_0700() {
     let mode = u32::from_str_radix(text(&out.stdout).trim(), 8)
         .unwrap_or_else(|e| panic!("stat printed {:?}: {e}\n{err}", text(&out.stdout)));
     assert_eq!(mode & 0o777, 0o700, "mode {mode:o}: {err}");
+}
+
+// ---- an upgrade that resizes the connection table ----------------------------------------------
+
+#[test]
+fn an_upgrade_that_grows_the_connection_table_keeps_the_old_program_in_its_table() {
+    use lb_common::{Backend, ServiceKey, ServiceValue, backend_flags};
+    use lb_tests::packet::ipv4_tcp;
+    use lb_userspace::{
+        config::XdpMode,
+        datapath::{self, Datapath, Start},
+        state::to_addr,
+    };
+    const XDP_TX: u32 = 3;
+    const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
+    const SMALL: u32 = 1024;
+    const BIG: u32 = 65536;
+
+    require_root();
+    let t = Topology::new(TopologyOptions {
+        backends: 0,
+        clients: 0,
+        start_servers: false,
+        ..Default::default()
+    })
+    .expect("topology");
+    let dir = PathBuf::from(format!("/sys/fs/bpf/{}-grow", t.prefix()));
+    let d = dir.clone();
+    t.on_teardown(move || {
+        let _ = datapath::cleanup(&d);
+        let _ = std::fs::remove_dir_all(&d);
+    });
+    let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
+    let lb_mac = [0x02, 0, 0, 0, 0x0a, 0x02];
+    let key = ServiceKey {
+        addr: to_addr(vip.into()),
+        port: 80u16.to_be(),
+        proto: 6,
+        family: 4,
+    };
+    let fill = |dp: &mut Datapath| {
+        dp.set_config(SEED).unwrap();
+        let backend = Backend {
+            addr: to_addr("192.0.2.11".parse().unwrap()),
+            mac: [0x02, 0, 0, 0, 0x0b, 1],
+            src_mac: lb_mac,
+            ifindex: 1,
+            service: 0,
+            family: 4,
+            flags: backend_flags::VALID,
+            mtu: 1500,
+            ..Default::default()
+        };
+        dp.set_backend(0, &backend).unwrap();
+        let value = ServiceValue {
+            id: 0,
+            flags: 0,
+            table_size: 7,
+            _pad: 0,
+        };
+        dp.set_service(&key, &value, &[0; 7]).unwrap();
+    };
+    let interfaces = vec!["eth0".to_string()];
+    t.in_netns(t.lb_ns(), || {
+        // SAFETY: a NUL-terminated name; the call only reads it.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        assert_ne!(ifindex, 0);
+        let mut old = Datapath::open(&dir, SMALL, &interfaces).unwrap();
+        fill(&mut old);
+        old.attach("eth0", ifindex, XdpMode::Auto).unwrap();
+        old.finish_start().unwrap();
+        let small_sets = lb_common::conntrack_sets(SMALL);
+
+        let mut new = Datapath::open(&dir, BIG, &interfaces).unwrap();
+        assert_eq!(new.start, Start::Upgraded);
+        fill(&mut new);
+        // The maps are filled, the new program not yet in place: the old one still runs, on its
+        // own small table. Each of these flows lies beyond it under the new mask.
+        let mut beyond = 0;
+        for port in 1000..1200u16 {
+            let client = std::net::Ipv4Addr::new(198, 51, 100, (port % 200) as u8 + 1);
+            let frame = ipv4_tcp(
+                [0x02, 0, 0, 0, 0, 0x65],
+                lb_mac,
+                client,
+                vip,
+                port,
+                80,
+                0x10,
+                b"",
+            );
+            let flow = lb_common::FlowKey {
+                src: to_addr(client.into()),
+                dst: to_addr(vip.into()),
+                sport: port.to_be(),
+                dport: 80u16.to_be(),
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            };
+            let set = lb_common::hash::flow_hash(&SEED, &flow) as u32
+                & (lb_common::conntrack_sets(BIG) - 1);
+            if set < small_sets {
+                continue;
+            }
+            beyond += 1;
+            let (action, _) = old.test_run(&frame.bytes).unwrap();
+            assert_eq!(
+                action,
+                XDP_TX,
+                "flow {client}:{port} (set {set} of the new table, the old has {small_sets}): the old program did not forward it"
+            );
+        }
+        assert!(beyond > 100, "{beyond} flows beyond the old table");
+        new.attach("eth0", ifindex, XdpMode::Auto).unwrap();
+        new.finish_start().unwrap();
+        let mask = {
+            let map = aya::maps::MapData::from_pin(
+                datapath::maps_dir(&dir).join(lb_common::maps::CONFIG),
+            )
+            .unwrap();
+            let config: aya::maps::Array<_, lb_common::Config> =
+                aya::maps::Array::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+            config.get(&0, 0).unwrap().flow_set_mask
+        };
+        assert_eq!(
+            mask,
+            lb_common::conntrack_sets(BIG) - 1,
+            "the new mask once the new program is in place"
+        );
+        Ok(())
+    })
+    .unwrap();
 }
