@@ -113,13 +113,15 @@ fn try_flock(f: &File) -> io::Result<bool> {
 }
 
 /// Locks `f` (opened from `path`), waiting up to `wait` for its holder; names the holder when
-/// it does not let go.
+/// it does not let go (from /proc/locks, else from what `pid_file` says, for a /proc that hides
+/// it as systemd's `ProcSubset=pid` does).
 fn lock(
     f: File,
     path: &Path,
     what: &'static str,
     wait: Duration,
     advice: &'static str,
+    pid_file: Option<&Path>,
 ) -> Result<File, LockError> {
     let until = Instant::now() + wait;
     loop {
@@ -135,7 +137,10 @@ fn lock(
             return Err(LockError::Held {
                 what,
                 path: path.display().to_string(),
-                holder: holder_name(flock_holder(&f)),
+                holder: holder_name(
+                    flock_holder(&f)
+                        .or_else(|| fs::read_to_string(pid_file?).ok()?.trim().parse().ok()),
+                ),
                 advice,
             });
         }
@@ -155,7 +160,7 @@ fn open_dir(dir: &Path) -> Result<File, LockError> {
 /// for another holder.
 pub fn pins(bpffs_dir: &Path, wait: Duration, advice: &'static str) -> Result<File, LockError> {
     datapath::prepare_bpffs(bpffs_dir)?;
-    lock(open_dir(bpffs_dir)?, bpffs_dir, "pins", wait, advice)
+    lock(open_dir(bpffs_dir)?, bpffs_dir, "pins", wait, advice, None)
 }
 
 /// The state in `state_dir` (created and checked first); the lock file then holds this pid.
@@ -177,7 +182,7 @@ pub fn state(state_dir: &Path) -> Result<File, LockError> {
             .open(&path)
             .map_err(io_err("opening"))?
     };
-    let mut f = lock(f, &path, "state", Duration::ZERO, RUN_ADVICE)?;
+    let mut f = lock(f, &path, "state", Duration::ZERO, RUN_ADVICE, Some(&path))?;
     f.set_len(0)
         .and_then(|()| writeln!(f, "{}", std::process::id()))
         .map_err(io_err("writing"))?;
@@ -219,6 +224,7 @@ pub fn cleanup(d: &config::Daemon) -> Result<Lock, LockError> {
             "pins",
             Duration::ZERO,
             CLEANUP_ADVICE,
+            None,
         )?);
     }
     Ok(Lock { _held: held })
@@ -242,6 +248,7 @@ pub fn decap_existing(bpffs_dir: &Path) -> Result<Lock, LockError> {
             "pins",
             Duration::from_secs(10),
             DECAP_ADVICE,
+            None,
         )?);
     }
     Ok(Lock { _held: held })
