@@ -201,23 +201,39 @@ fn read_first_value(pin: &Path) -> Option<Vec<u8>> {
     }
     let key = 0u32;
     let mut value = vec![0u8; size];
-    // bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags: rest zero.
-    let mut attr = [0u64; 8];
+    // bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
+    let mut attr = [0u64; 16];
     attr[0] = map.fd().as_fd().as_raw_fd() as u32 as u64;
     attr[1] = &key as *const u32 as u64;
     attr[2] = value.as_mut_ptr() as u64;
-    // SAFETY: attr is a zeroed bpf_attr naming a valid map fd, a 4-byte key and a writable
-    // buffer of the map's value size, all alive for the call; the kernel writes only `size`
-    // bytes into `value`.
+    // SAFETY: attr names a valid map fd, a 4-byte key and a writable buffer of the map's value
+    // size, all alive for the call; the kernel writes only `size` bytes into `value`.
+    unsafe { bpf_call(BPF_MAP_LOOKUP_ELEM, &mut attr) }.ok()?;
+    Some(value)
+}
+
+/// Calls bpf(2) with `attr` as its `union bpf_attr` (zero past what the command reads), for the
+/// few commands aya 0.14 does not expose: the call's non-negative result (a descriptor for the
+/// commands that make one), or the error.
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid for the command for the duration of the call:
+/// readable where the kernel reads, writable for as many bytes as the command says it writes.
+pub(crate) unsafe fn bpf_call(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: attr is a buffer the size of bpf_attr; what it points to is the caller's promise.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_LOOKUP_ELEM,
+            cmd,
             attr.as_mut_ptr(),
-            size_of_val(&attr) as u32,
+            size_of_val(attr) as u32,
         )
     };
-    (rc == 0).then_some(value)
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// How the program ended up attached to one interface.
@@ -1018,17 +1034,14 @@ impl Datapath {
     pub fn reason_counts(&self) -> Vec<(Reason, u64)> {
         Reason::ALL
             .iter()
-            .map(|&r| {
-                let n = self
-                    .maps
-                    .reason_stats
-                    .get(&(r as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (r, n)
-            })
+            .map(|&r| (r, per_cpu_total(&self.maps.reason_stats, r as u32)))
             .collect()
     }
+}
+
+/// Element `index` of a per-CPU counter array, summed over the CPUs (0 when unreadable).
+pub(crate) fn per_cpu_total(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 fn sum_counters(values: Option<aya::maps::PerCpuValues<Counter>>) -> Counter {

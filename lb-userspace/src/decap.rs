@@ -56,7 +56,7 @@ use lb_common::{
 use log::{info, warn};
 use netlink_packet_route::link::{LinkAttribute, LinkXdp};
 
-use crate::{lock, netlink::Netlink, state};
+use crate::{datapath, lock, netlink::Netlink, state};
 
 /// The decapsulation program, built by build.rs from lb-ebpf's `lb-decap` bin and embedded.
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
@@ -112,6 +112,13 @@ fn map_pins_of_any_layout(bpffs_dir: &Path, interface: &str) -> Vec<PathBuf> {
         .collect();
     pins.sort();
     pins
+}
+
+/// What `want` has that `have` lacks, and what `have` has that `want` lacks.
+fn differences<T: PartialEq + Copy>(have: &[T], want: &[T]) -> (Vec<T>, Vec<T>) {
+    let added = want.iter().filter(|x| !have.contains(x)).copied().collect();
+    let removed = have.iter().filter(|x| !want.contains(x)).copied().collect();
+    (added, removed)
 }
 
 /// A prefix of allowed tunnel sources (`--allow`): `192.0.2.0/24`, `2001:db8::/64`, or one
@@ -255,6 +262,15 @@ impl Maps {
         })
     }
 
+    /// The addresses in the map with `flag` (`addr_flags`).
+    fn addrs_with(&self, flag: u8) -> Vec<IpAddr> {
+        self.addrs()
+            .into_iter()
+            .filter(|(_, f)| f & flag != 0)
+            .map(|(a, _)| a)
+            .collect()
+    }
+
     /// Every address in the map, with its flags.
     fn addrs(&self) -> Vec<(IpAddr, u8)> {
         let mut v: Vec<(IpAddr, u8)> = self
@@ -281,14 +297,7 @@ impl Maps {
     fn stats(&self) -> Vec<(Stat, u64)> {
         Stat::ALL
             .iter()
-            .map(|&s| {
-                let n = self
-                    .stats
-                    .get(&(s as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (s, n)
-            })
+            .map(|&s| (s, datapath::per_cpu_total(&self.stats, s as u32)))
             .collect()
     }
 }
@@ -385,17 +394,7 @@ impl Decap {
                 addrs.len()
             );
         }
-        let current = self.addrs();
-        let added: Vec<(IpAddr, u8)> = addrs
-            .iter()
-            .filter(|a| !current.contains(a))
-            .copied()
-            .collect();
-        let removed: Vec<IpAddr> = current
-            .iter()
-            .filter(|(a, _)| !addrs.iter().any(|(b, _)| b == a))
-            .map(|(a, _)| *a)
-            .collect();
+        let (added, removed) = differences(&self.addrs(), addrs);
         // New ones first: an address that stays is never missing.
         for (a, flags) in &added {
             self.maps
@@ -403,6 +402,12 @@ impl Decap {
                 .insert(addr_key(*a), flags, 0)
                 .with_context(|| format!("adding {a} to the address map"))?;
         }
+        // An address whose flags changed was just written over: not removed.
+        let removed: Vec<IpAddr> = removed
+            .into_iter()
+            .map(|(a, _)| a)
+            .filter(|a| !addrs.iter().any(|(b, _)| b == a))
+            .collect();
         for a in &removed {
             self.maps
                 .addrs
@@ -421,17 +426,7 @@ impl Decap {
                 allow.len()
             );
         }
-        let current = self.allowed();
-        let added: Vec<Cidr> = allow
-            .iter()
-            .filter(|c| !current.contains(c))
-            .copied()
-            .collect();
-        let removed: Vec<Cidr> = current
-            .iter()
-            .filter(|c| !allow.contains(c))
-            .copied()
-            .collect();
+        let (added, removed) = differences(&self.allowed(), allow);
         for c in &added {
             self.maps
                 .allow
@@ -598,19 +593,9 @@ fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
     // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags: all others zero.
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
-    // SAFETY: attr is a zeroed buffer the size of bpf_attr holding a valid NUL-terminated
-    // path, which outlives the call; the kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: attr holds a valid NUL-terminated path, which outlives the call; the kernel only
+    // reads it.
+    let fd = unsafe { datapath::bpf_call(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the kernel just returned this descriptor, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     use std::os::fd::AsRawFd as _;
@@ -622,17 +607,7 @@ fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
     attr[1] = info.as_mut_ptr() as u64;
     // SAFETY: attr names a valid fd and a writable buffer of info_len bytes, which outlives
     // the call; the kernel writes at most info_len bytes into it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { datapath::bpf_call(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(LinkFacts {
         is_xdp: info[0] == BPF_LINK_TYPE_XDP,
         id: info[1],
@@ -766,14 +741,7 @@ pub fn install(interface: &str, bpffs_dir: &Path, allow: &[Cidr]) -> Result<Repo
                 info!("removed {}, a map of an older layout", old.display());
             }
         }
-        let entries = decap.addrs();
-        let with = |flag: u8| -> Vec<IpAddr> {
-            entries
-                .iter()
-                .filter(|(_, f)| f & flag != 0)
-                .map(|(a, _)| *a)
-                .collect()
-        };
+        let with = |flag| decap.maps.addrs_with(flag);
         Ok(Report {
             interface: interface.to_string(),
             ifindex: target.index,
@@ -900,14 +868,7 @@ pub fn status(interface: &str, bpffs_dir: &Path) -> Result<String> {
     };
     let _ = writeln!(out, "{:<20}{link_text}", "link");
     let _ = writeln!(out, "{:<20}{}", "allowed sources", list(&maps.allowed()));
-    let entries = maps.addrs();
-    let with = |flag: u8| -> Vec<IpAddr> {
-        entries
-            .iter()
-            .filter(|(_, f)| f & flag != 0)
-            .map(|(a, _)| *a)
-            .collect()
-    };
+    let with = |flag| maps.addrs_with(flag);
     let _ = writeln!(
         out,
         "{:<20}{}",

@@ -54,6 +54,16 @@ fn config(paths: &LbdPaths, daemon_extra: &str, backends: usize) -> String {
     c
 }
 
+/// `config` with the fixed seed and metrics on the LB's address.
+fn config_with_metrics(t: &Topology, paths: &LbdPaths, backends: usize) -> String {
+    let extra = format!(
+        "{}\nmetrics = \"{}:{METRICS_PORT}\"",
+        seeded(SEED_HEX),
+        t.lb_addr()
+    );
+    config(paths, &extra, backends)
+}
+
 fn seeded(seed: &str) -> String {
     format!("hash_seed = \"{seed}\"")
 }
@@ -220,19 +230,7 @@ fn a_second_lbd_exits_naming_the_first_and_leaves_its_socket_alone() {
 fn idle_metrics_connections_do_not_starve_the_health_checks() {
     let t = topology(3);
     let paths = LbdPaths::for_topology(&t);
-    prepare_lbd(
-        &t,
-        &config(
-            &paths,
-            &format!(
-                "{}\nmetrics = \"{}:{METRICS_PORT}\"",
-                seeded(SEED_HEX),
-                t.lb_addr()
-            ),
-            3,
-        ),
-    )
-    .unwrap();
+    prepare_lbd(&t, &config_with_metrics(&t, &paths, 3)).unwrap();
     // As a shell or a service manager without LimitNOFILE leaves it.
     let lbd = spawn_lbd_with(&t, &paths, &[], Some(1024)).unwrap();
     lbd.wait_answering(Duration::from_secs(10)).unwrap();
@@ -324,19 +322,7 @@ fn set_soft_nofile(pid: u32, soft: u64) {
 fn a_health_check_without_descriptors_is_an_error_of_lbd_not_a_backend_failure() {
     let t = topology(2);
     let paths = LbdPaths::for_topology(&t);
-    let lbd = start_lbd(
-        &t,
-        &config(
-            &paths,
-            &format!(
-                "{}\nmetrics = \"{}:{METRICS_PORT}\"",
-                seeded(SEED_HEX),
-                t.lb_addr()
-            ),
-            2,
-        ),
-    )
-    .unwrap();
+    let lbd = start_lbd(&t, &config_with_metrics(&t, &paths, 2)).unwrap();
     wait_all_up(&lbd);
     let pid = lbd.handle.pid();
     let (soft, _) = nofile_limits(pid);
