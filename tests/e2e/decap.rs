@@ -556,6 +556,32 @@ fn lbd_decap_twice_changes_nothing_and_remove_detaches() {
         "{out}"
     );
 
+    // Maps pinned under an older layout's names (as an lbd decap of layout 1 left them): the
+    // program is swapped in through the link with maps of this layout, the old pins removed.
+    for kind in ["addrs", "allow", "stats"] {
+        std::fs::rename(
+            dir.join(format!("{kind}_v{}_eth0", lb_common::decap::LAYOUT_VERSION)),
+            dir.join(format!("{kind}_v1_eth0")),
+        )
+        .unwrap();
+    }
+    let upgraded = lbd_decap(&t, &ns, &dir, &["--allow", "192.0.2.0/28"]);
+    assert_ok("lbd decap over an older layout", &upgraded);
+    let log = String::from_utf8_lossy(&upgraded.stderr);
+    assert!(log.contains("replaced by program"), "{log}");
+    assert!(log.contains("a map of an older layout"), "{log}");
+    assert_eq!(xdp_ids(&ns).len(), 1, "still one XDP program on eth0");
+    for kind in ["addrs", "allow", "stats"] {
+        assert!(
+            !dir.join(format!("{kind}_v1_eth0")).exists(),
+            "{kind}_v1 left"
+        );
+        assert!(
+            dir.join(format!("{kind}_v{}_eth0", lb_common::decap::LAYOUT_VERSION))
+                .exists()
+        );
+    }
+
     let removed = lbd_decap(&t, &ns, &dir, &["--remove"]);
     assert_ok("lbd decap --remove", &removed);
     assert!(xdp_ids(&ns).is_empty(), "still attached after --remove");
