@@ -208,7 +208,7 @@ fn read_first_value(pin: &Path) -> Option<Vec<u8>> {
     attr[2] = value.as_mut_ptr() as u64;
     // SAFETY: attr names a valid map fd, a 4-byte key and a writable buffer of the map's value
     // size, all alive for the call; the kernel writes only `size` bytes into `value`.
-    unsafe { bpf_call(BPF_MAP_LOOKUP_ELEM, &mut attr) }.ok()?;
+    unsafe { bpf_syscall(BPF_MAP_LOOKUP_ELEM, &mut attr) }.ok()?;
     Some(value)
 }
 
@@ -219,7 +219,7 @@ fn read_first_value(pin: &Path) -> Option<Vec<u8>> {
 /// # Safety
 /// Every pointer `attr` holds must be valid for the command for the duration of the call:
 /// readable where the kernel reads, writable for as many bytes as the command says it writes.
-pub(crate) unsafe fn bpf_call(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+pub(crate) unsafe fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
     // SAFETY: attr is a buffer the size of bpf_attr; what it points to is the caller's promise.
     let rc = unsafe {
         libc::syscall(

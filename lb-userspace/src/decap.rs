@@ -595,7 +595,7 @@ fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
     attr[0] = path.as_ptr() as u64;
     // SAFETY: attr holds a valid NUL-terminated path, which outlives the call; the kernel only
     // reads it.
-    let fd = unsafe { datapath::bpf_call(BPF_OBJ_GET, &mut attr) }?;
+    let fd = unsafe { datapath::bpf_syscall(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the kernel just returned this descriptor, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     use std::os::fd::AsRawFd as _;
@@ -607,7 +607,7 @@ fn link_facts(pin: &Path) -> io::Result<LinkFacts> {
     attr[1] = info.as_mut_ptr() as u64;
     // SAFETY: attr names a valid fd and a writable buffer of info_len bytes, which outlives
     // the call; the kernel writes at most info_len bytes into it.
-    unsafe { datapath::bpf_call(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    unsafe { datapath::bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(LinkFacts {
         is_xdp: info[0] == BPF_LINK_TYPE_XDP,
         id: info[1],
