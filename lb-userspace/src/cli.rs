@@ -130,9 +130,16 @@ pub struct LbdArgs {
     /// Validate the configuration file and exit (touches nothing on the system).
     #[arg(long, conflicts_with = "cleanup")]
     pub check: bool,
-    /// Detach the program and remove every pin: takes lb out of the path.
+    /// Detach the program and remove every pin: takes lb out of the path (refused while an lbd
+    /// runs on this config).
     #[arg(long)]
     pub cleanup: bool,
+    /// Apply the configured hash seed (without one: state_dir's, else a new random one) even
+    /// though the running data path uses another. Nearly every client moves to another backend
+    /// and established connections are reset. Without it lbd refuses a configured seed that
+    /// differs from the running one.
+    #[arg(long, conflicts_with_all = ["check", "cleanup"])]
+    pub reseed: bool,
     /// Print the man page (roff) and exit.
     #[arg(long, hide = true)]
     pub man: bool,
@@ -149,18 +156,31 @@ pub enum LbdCommand {
     /// Backends of `tunnel` services: attach lb's decapsulation program to an interface.
     ///
     /// The program strips the outer header of IPv4-in-IPv4 and IPv6-in-IPv6 packets addressed
-    /// to the interface's own addresses and passes everything else untouched. lbd decap pins
-    /// it and exits; running it again changes nothing but the address map, which it brings up
-    /// to date (run it again after an address change). `--remove` detaches it.
+    /// to the interface's own addresses, sent from a source given with --allow to an inner
+    /// destination that is an address of this host, and passes everything else untouched
+    /// (counting the tunnel packets it does not unwrap: see --status). lbd decap pins it and
+    /// exits; running it again changes nothing but the address map, which it brings up to date
+    /// (run it again after an address change, a VIP added on lo included), and the allowed
+    /// sources when --allow is given. `--remove` detaches it.
     Decap {
         /// The interface the tunnelled packets arrive on.
         #[arg(long, short)]
         interface: String,
-        /// Where the link and the address map are pinned (one folder per network namespace).
+        /// Where the link and the maps are pinned (one folder per network namespace).
         #[arg(long, default_value = crate::decap::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
+        /// An outer source tunnel packets are accepted from, as an address or a prefix
+        /// (192.0.2.2, 192.0.2.0/28, 2001:db8::/64): lb's balancers. Repeatable; given, the
+        /// list replaces the pinned one. Required the first time; later runs without it keep
+        /// the pinned list.
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<crate::decap::Cidr>,
         /// Detach the program from the interface and remove its pins.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["allow", "status"])]
         remove: bool,
+        /// Print the pinned link, the allowed sources, the addresses and the packet counters
+        /// (decapsulated, and passed up unchanged by reason), and change nothing.
+        #[arg(long, conflicts_with = "allow")]
+        status: bool,
     },
 }

@@ -88,7 +88,7 @@ impl std::fmt::Display for BackendState {
 /// The last health check of a backend.
 #[derive(Debug, Clone)]
 pub struct LastCheck {
-    pub ok: bool,
+    pub result: health::CheckResult,
     pub detail: String,
     pub at: SystemTime,
 }
@@ -315,8 +315,8 @@ pub struct Daemon {
     /// Weights of drained backends before their drain ("service address" → weight), kept in
     /// state_dir so `undrain` survives restarts.
     drained: BTreeMap<String, u32>,
-    /// Health checks run: (service, backend, ok) → count.
-    pub health_counts: BTreeMap<(String, IpAddr, bool), u64>,
+    /// Health checks run: (service, backend, result) → count.
+    pub health_counts: BTreeMap<(String, IpAddr, health::CheckResult), u64>,
     /// Flows in the connection table and its capacity, counted in the background.
     pub conntrack: Arc<ConntrackUse>,
 }
@@ -863,10 +863,8 @@ impl Daemon {
     }
 
     fn save_drained(&self) {
-        let path = self.config.daemon.state_dir.join("drained.json");
-        let text = serde_json::to_string_pretty(&self.drained).unwrap_or_default();
-        if let Err(e) = std::fs::write(&path, text) {
-            warn!("cannot keep the drained weights in {}: {e}", path.display());
+        if let Err(e) = state::save_drained(&self.config.daemon.state_dir, &self.drained) {
+            warn!("cannot keep the drained weights: {e}");
         }
     }
 
@@ -875,7 +873,7 @@ impl Daemon {
     fn on_health(&mut self, r: health::Report) -> anyhow::Result<()> {
         *self
             .health_counts
-            .entry((r.service.clone(), r.backend, r.ok))
+            .entry((r.service.clone(), r.backend, r.result))
             .or_default() += 1;
         let Some(si) = self.services.iter().position(|s| s.cfg.name == r.service) else {
             return Ok(());
@@ -887,8 +885,27 @@ impl Daemon {
         else {
             return Ok(());
         };
+        // lbd's own trouble is logged when it starts and when it ends, not at every check.
+        let was_error = b
+            .last
+            .as_ref()
+            .is_some_and(|l| l.result == health::CheckResult::Error);
+        match (was_error, r.result == health::CheckResult::Error) {
+            (false, true) => error!(
+                "service {}: the health check of backend {} {} (lbd lacks resources; the backend keeps its state, {})",
+                r.service,
+                r.backend,
+                r.detail,
+                b.state()
+            ),
+            (true, false) => info!(
+                "service {}: health checks of backend {} run again",
+                r.service, r.backend
+            ),
+            _ => {}
+        }
         b.last = Some(LastCheck {
-            ok: r.ok,
+            result: r.result,
             detail: r.detail.clone(),
             at: r.at,
         });
@@ -1161,13 +1178,23 @@ fn initial_runtime(config: &Config, datapath: &Datapath) -> anyhow::Result<Vec<S
 
 /// Starts lbd with the config at `config_path` and runs until SIGTERM or SIGINT. On return the
 /// data path stays attached and forwarding.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+/// With `reseed`, a configured seed that differs from the running data path's replaces it
+/// (see `state::hash_seed`).
+pub async fn run(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     let loaded = config::load(config_path)?;
     for w in &loaded.warnings {
         warn!("{}: {w}", config_path.display());
     }
     let config = loaded.config;
-    let seed = state::hash_seed(config.daemon.hash_seed, &config.daemon.state_dir)?;
+    // Before anything is touched: no other lbd on these pins, this state or this socket.
+    let _lock = crate::lock::daemon(&config.daemon)?;
+    raise_open_files();
+    let seed = state::hash_seed(
+        config.daemon.hash_seed,
+        &config.daemon.state_dir,
+        datapath::pinned_seed(&config.daemon.bpffs_dir),
+        reseed,
+    )?;
     let netlink = Netlink::new().context("opening a netlink connection")?;
     let mut interfaces = vec![];
     for name in &config.daemon.interfaces {
@@ -1204,11 +1231,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    let drained_path = config.daemon.state_dir.join("drained.json");
-    let drained = std::fs::read_to_string(&drained_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let drained = state::load_drained(&config.daemon.state_dir);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         config_path: config_path.to_owned(),
@@ -1262,7 +1285,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let listener = api::bind(&socket_path)?;
+    let (listener, socket_file) = api::bind(&socket_path)?;
     info!("ready: control socket {}", socket_path.display());
     notify(&[sd_notify::NotifyState::Ready]);
 
@@ -1313,7 +1336,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     follower.abort();
     health_task.abort();
     shared.lock().await.monitor.stop_all();
-    let _ = std::fs::remove_file(&socket_path);
+    socket_file.remove();
     Ok(())
 }
 
@@ -1472,6 +1495,17 @@ async fn follow_interfaces(
     Ok(())
 }
 
+/// Raises the soft limit of open files to the hard one (logged).
+fn raise_open_files() {
+    match crate::limits::raise_open_files() {
+        Ok((before, after)) if before != after => {
+            info!("open files: soft limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the soft limit of open files: {e}"),
+    }
+}
+
 /// SIGHUP: re-read the file and apply the difference; a broken file changes nothing. Like an
 /// lbctl change, new hops are resolved without holding the daemon's lock.
 async fn reload(shared: &Shared) {
@@ -1511,9 +1545,11 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// `lbd --cleanup`: detaches the program and removes every pin.
+/// `lbd --cleanup`: detaches the program and removes every pin; refused while an lbd runs on
+/// this config.
 pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     let config = config::load(config_path)?.config;
+    let _lock = crate::lock::cleanup(&config.daemon)?;
     let removed = datapath::cleanup(&config.daemon.bpffs_dir)?;
     if removed.is_empty() {
         info!("nothing pinned under {}", config.daemon.bpffs_dir.display());
@@ -1521,7 +1557,7 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     for r in removed {
         info!("removed {r}");
     }
-    let _ = std::fs::remove_file(&config.daemon.socket);
+    api::remove_stale_socket(&config.daemon.socket);
     Ok(())
 }
 

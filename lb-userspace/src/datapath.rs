@@ -136,23 +136,25 @@ fn on_bpffs(path: &Path) -> io::Result<bool> {
     Ok(st.f_type == libc::BPF_FS_MAGIC)
 }
 
-/// Makes sure `bpffs_dir` exists on a bpffs: mounts one at /sys/fs/bpf when the folder lies under
-/// it and nothing is mounted there (SPEC), creates the folder, and refuses a folder elsewhere
-/// that is not on a bpffs.
+/// Makes sure `bpffs_dir` exists on a bpffs: mounts one at /sys/fs/bpf (mode 0700: pins are
+/// root's business) when the folder lies under it and nothing is mounted there (SPEC), creates
+/// the folder (mode 0700), and refuses a folder elsewhere that is not on a bpffs, or one that
+/// others could change (whoever may write there can remove or replace the pins).
 pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if bpffs_dir.starts_with(root) && !on_bpffs(root).unwrap_or(false) {
-        info!("no bpffs mounted at /sys/fs/bpf: mounting one");
+        info!("no bpffs mounted at /sys/fs/bpf: mounting one (mode 0700)");
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
-        // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL.
+        let options = c"mode=0700";
+        // SAFETY: all pointers are valid NUL-terminated strings; bpffs reads `options` as text.
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),
                 target.as_ptr(),
                 src.as_ptr(),
                 0,
-                std::ptr::null(),
+                options.as_ptr().cast(),
             )
         };
         if rc != 0 {
@@ -162,15 +164,88 @@ pub fn prepare_bpffs(bpffs_dir: &Path) -> Result<()> {
             });
         }
     }
-    fs::create_dir_all(bpffs_dir).map_err(io_err(format!("creating {}", bpffs_dir.display())))?;
+    if !bpffs_dir.exists() {
+        fs::create_dir_all(bpffs_dir)
+            .map_err(io_err(format!("creating {}", bpffs_dir.display())))?;
+        fs::set_permissions(bpffs_dir, fs::Permissions::from_mode(0o700)).map_err(io_err(
+            format!("setting the mode of {}", bpffs_dir.display()),
+        ))?;
+    }
     if !on_bpffs(bpffs_dir).map_err(io_err(format!("inspecting {}", bpffs_dir.display())))? {
         return Err(DatapathError::Other(format!(
             "daemon.bpffs_dir {} is not on a bpf filesystem: use a folder under /sys/fs/bpf or mount a bpffs there",
             bpffs_dir.display()
         )));
     }
-    let _ = fs::set_permissions(bpffs_dir, fs::Permissions::from_mode(0o700));
-    Ok(())
+    crate::state::check_private_dir("the pin folder", "pins", bpffs_dir)
+        .map_err(|e| DatapathError::Other(e.to_string()))
+}
+
+/// The hash seed of the data path pinned under `bpffs_dir`, if one is pinned and filled: the
+/// seed its clients are placed by. Read from this layout's `CONFIG`, else from another
+/// layout's (the seed is the first 16 bytes of `CONFIG[0]` in every layout), before anything is
+/// loaded or replaced.
+pub fn pinned_seed(bpffs_dir: &Path) -> Option<[u64; 2]> {
+    let mut dirs = vec![maps_dir(bpffs_dir)];
+    let mut others = other_layouts(bpffs_dir);
+    others.sort();
+    dirs.extend(others.into_iter().rev());
+    dirs.iter()
+        .filter_map(|d| read_first_value(&d.join(maps::CONFIG)))
+        .find_map(|v| {
+            let word = |i: usize| -> Option<u64> {
+                Some(u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().ok()?))
+            };
+            let seed: [u64; 2] = [word(0)?, word(1)?];
+            (seed != [0, 0]).then_some(seed)
+        })
+}
+
+/// The bytes of element 0 of the array map pinned at `pin`, whatever its value size (aya 0.14
+/// reads only values of a type known at compile time).
+fn read_first_value(pin: &Path) -> Option<Vec<u8>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    let map = MapData::from_pin(pin).ok()?;
+    let size = map.info().ok()?.value_size() as usize;
+    if size < 16 {
+        return None;
+    }
+    let key = 0u32;
+    let mut value = vec![0u8; size];
+    // bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
+    let mut attr = [0u64; 16];
+    attr[0] = map.fd().as_fd().as_raw_fd() as u32 as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = value.as_mut_ptr() as u64;
+    // SAFETY: attr names a valid map fd, a 4-byte key and a writable buffer of the map's value
+    // size, all alive for the call; the kernel writes only `size` bytes into `value`.
+    unsafe { bpf_syscall(BPF_MAP_LOOKUP_ELEM, &mut attr) }.ok()?;
+    Some(value)
+}
+
+/// Calls bpf(2) with `attr` as its `union bpf_attr` (zero past what the command reads), for the
+/// few commands aya 0.14 does not expose: the call's non-negative result (a descriptor for the
+/// commands that make one), or the error.
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid for the command for the duration of the call:
+/// readable where the kernel reads, writable for as many bytes as the command says it writes.
+pub(crate) unsafe fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: attr is a buffer the size of bpf_attr; what it points to is the caller's promise.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            size_of_val(attr) as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// How the program ended up attached to one interface.
@@ -483,27 +558,6 @@ pub fn program_hash(object: &[u8]) -> u64 {
     })
 }
 
-/// The bpf(2) system call `cmd` with `attr` as its `bpf_attr` (zero-padded to 128 bytes):
-/// its non-negative result, or the error.
-///
-/// # Safety
-/// Every pointer `attr` holds must be valid, for the whole call, for what `cmd` does with it.
-unsafe fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
-    // SAFETY: attr is a buffer the size of bpf_attr; the caller vouches for its pointers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            size_of_val(attr) as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
-}
-
 /// What the kernel says of a pinned bpf_link (the head of its `bpf_link_info`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkFacts {
@@ -626,6 +680,9 @@ pub struct Datapath {
     program_id: u32,
     program_hash: u64,
     pub start: Start,
+    /// `CONFIG` as it must be once this lbd's program is in place, while an older program
+    /// still runs on these maps (see `set_config`).
+    pending_config: Option<Config>,
 }
 
 impl Datapath {
@@ -706,6 +763,7 @@ impl Datapath {
             program_id,
             program_hash: hash,
             start,
+            pending_config: None,
         })
     }
 
@@ -767,11 +825,16 @@ impl Datapath {
             program_id,
             program_hash: hash,
             start: Start::Adopted,
+            pending_config: None,
         }))
     }
 
-    /// After the program is in place: removes the pins of replaced layouts.
+    /// After the program is in place: writes `CONFIG` whole (see `set_config`), then removes
+    /// the pins of replaced layouts.
     pub fn finish_start(&mut self) -> Result<()> {
+        if let Some(value) = self.pending_config.take() {
+            self.write_config(value)?;
+        }
         if let Start::Replaced { old_layouts } = &self.start {
             for dir in old_layouts {
                 fs::remove_dir_all(dir)
@@ -1009,12 +1072,35 @@ impl Datapath {
         self.write_config(value)
     }
 
+    /// Writes `CONFIG`: the hash seed, this program's fingerprint, the connection table's
+    /// mask.
+    ///
+    /// When upgrading, the old program keeps running on these maps (and on its own connection
+    /// table, which may be smaller than the new one) until `attach` swaps the new one in. Until
+    /// then `CONFIG` holds the smaller of the two masks, so neither program indexes its table
+    /// past its end (the old one would pass such flows up unbalanced), and the old program's
+    /// fingerprint, so an lbd that dies before the swap is followed by one that upgrades
+    /// again rather than adopting the old program as its own. `finish_start` writes the rest.
     fn write_config(&mut self, value: Config) -> Result<()> {
+        let now = match self.maps.config.get(&0, 0) {
+            Ok(running) if self.start == Start::Upgraded && self.attachments.is_empty() => {
+                self.pending_config = Some(value);
+                Config {
+                    program_hash: running.program_hash,
+                    flow_set_mask: value.flow_set_mask.min(running.flow_set_mask),
+                    ..value
+                }
+            }
+            _ => {
+                self.pending_config = None;
+                value
+            }
+        };
         self.maps
             .config
-            .set(0, value, 0)
+            .set(0, now, 0)
             .map_err(map_err("writing CONFIG"))?;
-        self.shadow.config = value;
+        self.shadow.config = now;
         Ok(())
     }
 
@@ -1530,17 +1616,14 @@ impl Datapath {
     pub fn reason_counts(&self) -> Vec<(Reason, u64)> {
         Reason::ALL
             .iter()
-            .map(|&r| {
-                let n = self
-                    .maps
-                    .reason_stats
-                    .get(&(r as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (r, n)
-            })
+            .map(|&r| (r, per_cpu_total(&self.maps.reason_stats, r as u32)))
             .collect()
     }
+}
+
+/// Element `index` of a per-CPU counter array, summed over the CPUs (0 when unreadable).
+pub(crate) fn per_cpu_total(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 fn sum_counters(values: Option<aya::maps::PerCpuValues<Counter>>) -> Counter {

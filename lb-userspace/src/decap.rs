@@ -1,20 +1,28 @@
 //! `lbd decap`: puts lb's decapsulation program on a backend's interface, for `tunnel`
 //! services on hosts without an ipip device. The program strips the outer header of
-//! IPv4-in-IPv4 and IPv6-in-IPv6 packets addressed to one of the interface's own addresses and
-//! passes everything else untouched; this module loads it, fills its address map from netlink,
-//! attaches it (native XDP, else generic), pins link and map, and takes them away again.
+//! IPv4-in-IPv4 and IPv6-in-IPv6 packets addressed to one of the interface's own addresses,
+//! sent from an allowed source (`--allow CIDR`: the balancers) to an inner destination that is
+//! an address of this host, and passes everything else untouched, counting the tunnel packets
+//! it does not unwrap by why. This module loads it, fills its maps (the host's addresses from
+//! netlink, the allowed sources from the command line), attaches it (native XDP, else generic),
+//! pins link and maps, reports what is pinned and counted (`--status`), and takes them away
+//! again.
 //!
 //! Pins, under `bpffs_dir` (default `/sys/fs/bpf/lb-decap`):
 //! - `link_<interface>`: the program's bpf_link (removing it detaches the program);
-//! - `addrs_v<layout>_<interface>`: the interface's own addresses (one map per interface).
+//! - `addrs_v<layout>_<interface>`: the host's addresses, the interface's own flagged;
+//! - `allow_v<layout>_<interface>`: the allowed outer source prefixes;
+//! - `stats_v<layout>_<interface>`: the per-CPU packet counters.
 //!
 //! Interface names are only unique within a network namespace: hosts that run `lbd decap` in
 //! several namespaces give each namespace its own `--bpffs-dir`.
 //!
 //! Running it again changes nothing when the pinned link is still the one on the interface and
 //! runs this very program: only the address map is brought up to date (so re-running it after
-//! an address change is how the map follows the interface). A different build of the program
-//! is swapped in atomically through the pinned link; a link whose interface is gone is replaced.
+//! an address change is how the map follows the host), and the allowed sources when `--allow`
+//! is given. A different build of the program is swapped in atomically through the pinned link
+//! (pins of an older map layout are removed then); a link whose interface is gone is replaced.
+//! While it works, `lbd decap` holds a lock on `bpffs_dir` (see `lock`).
 
 use std::{
     fs, io,
@@ -25,7 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap as _, MapData},
+    maps::{HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         Xdp,
         links::{FdLink, PinnedLink},
@@ -34,12 +42,16 @@ use aya::{
 };
 use lb_common::{
     FAMILY_V4, FAMILY_V6,
-    decap::{ADDRS, AddrKey, LAYOUT_VERSION, MAX_ADDRS, PROGRAM_NAME},
+    decap::{
+        ADDRS, ALLOW, AddrKey, AllowData, LAYOUT_VERSION, MAX_ADDRS, MAX_ALLOW, PROGRAM_NAME,
+        STATS, Stat, addr_flags, allow_prefix_len,
+    },
 };
 use log::{info, warn};
 
 use crate::{
     datapath::{self, LinkFacts, LinkPlace, link_facts},
+    lock,
     netlink::{Interface, Netlink},
     state,
 };
@@ -57,7 +69,143 @@ pub fn link_pin(bpffs_dir: &Path, interface: &str) -> PathBuf {
 
 /// Where the address map of `interface` is pinned.
 pub fn addrs_pin(bpffs_dir: &Path, interface: &str) -> PathBuf {
-    bpffs_dir.join(format!("addrs_v{LAYOUT_VERSION}_{interface}"))
+    map_pin(bpffs_dir, "addrs", interface)
+}
+
+/// Where the map of allowed sources of `interface` is pinned.
+pub fn allow_pin(bpffs_dir: &Path, interface: &str) -> PathBuf {
+    map_pin(bpffs_dir, "allow", interface)
+}
+
+/// Where the packet counters of `interface` are pinned.
+pub fn stats_pin(bpffs_dir: &Path, interface: &str) -> PathBuf {
+    map_pin(bpffs_dir, "stats", interface)
+}
+
+const MAP_KINDS: [&str; 3] = ["addrs", "allow", "stats"];
+
+fn map_pin(bpffs_dir: &Path, kind: &str, interface: &str) -> PathBuf {
+    bpffs_dir.join(format!("{kind}_v{LAYOUT_VERSION}_{interface}"))
+}
+
+/// The map pins of `interface` under `bpffs_dir`, of any layout (`<kind>_v<N>_<interface>`).
+fn map_pins_of_any_layout(bpffs_dir: &Path, interface: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(bpffs_dir) else {
+        return vec![];
+    };
+    let mut pins: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            MAP_KINDS.iter().any(|kind| {
+                name.strip_prefix(kind)
+                    .and_then(|r| r.strip_prefix("_v"))
+                    .and_then(|r| r.split_once('_'))
+                    .is_some_and(|(n, iface)| {
+                        !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && iface == interface
+                    })
+            })
+        })
+        .map(|e| e.path())
+        .collect();
+    pins.sort();
+    pins
+}
+
+/// What `want` has that `have` lacks, and what `have` has that `want` lacks.
+fn differences<T: PartialEq + Copy>(have: &[T], want: &[T]) -> (Vec<T>, Vec<T>) {
+    let added = want.iter().filter(|x| !have.contains(x)).copied().collect();
+    let removed = have.iter().filter(|x| !want.contains(x)).copied().collect();
+    (added, removed)
+}
+
+/// A prefix of allowed tunnel sources (`--allow`): `192.0.2.0/24`, `2001:db8::/64`, or one
+/// address (`/32` or `/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    fn max_len(addr: IpAddr) -> u8 {
+        if addr.is_ipv4() { 32 } else { 128 }
+    }
+
+    /// The address with the bits past `len` cleared.
+    fn network(addr: IpAddr, len: u8) -> IpAddr {
+        match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        }
+    }
+
+    fn key(&self) -> Key<AllowData> {
+        Key::new(
+            allow_prefix_len(u32::from(self.len)),
+            AllowData {
+                family: state::family(self.addr),
+                _pad: [0; 3],
+                addr: state::to_addr(self.addr),
+            },
+        )
+    }
+
+    fn of_key(key: &Key<AllowData>) -> Option<Cidr> {
+        let data = key.data();
+        let addr = key_addr(&AddrKey {
+            addr: data.addr,
+            family: data.family,
+            _pad: [0; 3],
+        })?;
+        let len = key.prefix_len().checked_sub(allow_prefix_len(0))?;
+        Some(Cidr {
+            addr,
+            len: u8::try_from(len).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, len) = match s.split_once('/') {
+            Some((a, len)) => (a, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| {
+            format!("{s:?} is not an address or a prefix such as 192.0.2.0/24 or 2001:db8::/64")
+        })?;
+        let max = Cidr::max_len(addr);
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        let network = Cidr::network(addr, len);
+        if network != addr {
+            return Err(format!(
+                "{s:?} has bits set past its prefix length: did you mean {network}/{len}?"
+            ));
+        }
+        Ok(Cidr { addr, len })
+    }
 }
 
 /// The key of `addr` in the address map.
@@ -82,23 +230,95 @@ fn key_addr(key: &AddrKey) -> Option<IpAddr> {
     }
 }
 
-/// The decapsulation program, loaded (verified) but not attached, and its address map.
+/// The decapsulation program's maps.
+struct Maps {
+    addrs: HashMap<MapData, AddrKey, u8>,
+    allow: LpmTrie<MapData, AllowData, u8>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn build(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Maps> {
+        Ok(Maps {
+            addrs: HashMap::try_from(get(ADDRS)?).context("opening the address map")?,
+            allow: LpmTrie::try_from(get(ALLOW)?).context("opening the map of allowed sources")?,
+            stats: PerCpuArray::try_from(get(STATS)?).context("opening the packet counters")?,
+        })
+    }
+
+    /// The maps of `interface` as pinned under `bpffs_dir` (for `--status`).
+    fn from_pins(bpffs_dir: &Path, interface: &str) -> Result<Maps> {
+        Maps::build(|name| {
+            let pin = match name {
+                ADDRS => addrs_pin(bpffs_dir, interface),
+                ALLOW => allow_pin(bpffs_dir, interface),
+                _ => stats_pin(bpffs_dir, interface),
+            };
+            let data = MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned map {}", pin.display()))?;
+            Ok(aya::maps::Map::from_map_data(data)?)
+        })
+    }
+
+    /// The addresses in the map with `flag` (`addr_flags`).
+    fn addrs_with(&self, flag: u8) -> Vec<IpAddr> {
+        self.addrs()
+            .into_iter()
+            .filter(|(_, f)| f & flag != 0)
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    /// Every address in the map, with its flags.
+    fn addrs(&self) -> Vec<(IpAddr, u8)> {
+        let mut v: Vec<(IpAddr, u8)> = self
+            .addrs
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, f)| Some((key_addr(&k)?, f)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn allowed(&self) -> Vec<Cidr> {
+        let mut v: Vec<Cidr> = self
+            .allow
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| Cidr::of_key(&k))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn stats(&self) -> Vec<(Stat, u64)> {
+        Stat::ALL
+            .iter()
+            .map(|&s| (s, datapath::per_cpu_total(&self.stats, s as u32)))
+            .collect()
+    }
+}
+
+/// The decapsulation program, loaded (verified) but not attached, and its maps.
 pub struct Decap {
     ebpf: Ebpf,
-    addrs: HashMap<MapData, AddrKey, u8>,
+    maps: Maps,
 }
 
 impl Decap {
-    /// Loads the program with its address map pinned at `addrs_pin`: an existing pin is
-    /// reused, else the map is created and pinned there (its folder must be on a bpffs).
-    pub fn load(addrs_pin: &Path) -> Result<Decap> {
+    /// Loads the program with the maps of `interface` pinned under `bpffs_dir`: existing pins
+    /// are reused, else the maps are created and pinned there (the folder must be on a bpffs).
+    pub fn load(bpffs_dir: &Path, interface: &str) -> Result<Decap> {
         if DECAP_OBJECT.is_empty() {
             bail!(
                 "this lbd was built without its decapsulation program (AYA_BUILD_SKIP was set): rebuild it normally"
             );
         }
         let mut ebpf = EbpfLoader::new()
-            .map_pin_path(ADDRS, addrs_pin)
+            .map_pin_path(ADDRS, addrs_pin(bpffs_dir, interface))
+            .map_pin_path(ALLOW, allow_pin(bpffs_dir, interface))
+            .map_pin_path(STATS, stats_pin(bpffs_dir, interface))
             .load(DECAP_OBJECT)
             .context("loading the decapsulation program")?;
         let program: &mut Xdp = ebpf
@@ -109,11 +329,11 @@ impl Decap {
         program
             .load()
             .context("verifying and loading the decapsulation program")?;
-        let map = ebpf
-            .take_map(ADDRS)
-            .ok_or_else(|| anyhow!("map {ADDRS} missing from the object"))?;
-        let addrs = HashMap::try_from(map).context("opening the address map")?;
-        Ok(Decap { ebpf, addrs })
+        let maps = Maps::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        })?;
+        Ok(Decap { ebpf, maps })
     }
 
     fn program(&self) -> &Xdp {
@@ -137,57 +357,85 @@ impl Decap {
         Ok((info.id(), info.tag()))
     }
 
-    /// The kernel's id of the address map.
-    pub fn addrs_map_id(&self) -> Result<u32> {
-        Ok(self
-            .addrs
-            .map()
-            .info()
-            .context("reading the address map's info")?
-            .id())
+    /// The kernel's ids of the program's maps.
+    fn map_ids(&self) -> Result<Vec<u32>> {
+        let id =
+            |m: &MapData| -> Result<u32> { Ok(m.info().context("reading a map's info")?.id()) };
+        Ok(vec![
+            id(self.maps.addrs.map())?,
+            id(self.maps.allow.map())?,
+            id(self.maps.stats.map())?,
+        ])
     }
 
-    /// The addresses in the map.
-    pub fn addrs(&self) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = self
-            .addrs
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter_map(|k| key_addr(&k))
-            .collect();
-        v.sort();
-        v
+    /// The addresses in the map, with their flags (`addr_flags`).
+    pub fn addrs(&self) -> Vec<(IpAddr, u8)> {
+        self.maps.addrs()
     }
 
-    /// Makes the map hold exactly `addrs`: returns what was added and what removed.
-    pub fn set_addrs(&mut self, addrs: &[IpAddr]) -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
+    /// The allowed source prefixes.
+    pub fn allowed(&self) -> Vec<Cidr> {
+        self.maps.allowed()
+    }
+
+    /// The packet counters, summed over the CPUs.
+    pub fn stats(&self) -> Vec<(Stat, u64)> {
+        self.maps.stats()
+    }
+
+    /// Makes the address map hold exactly `addrs` (with their flags): returns the addresses
+    /// added (or whose flags changed) and those removed.
+    pub fn set_addrs(&mut self, addrs: &[(IpAddr, u8)]) -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
         if addrs.len() > MAX_ADDRS as usize {
             bail!(
                 "{} addresses: the decapsulation map holds at most {MAX_ADDRS}",
                 addrs.len()
             );
         }
-        let current = self.addrs();
-        let added: Vec<IpAddr> = addrs
-            .iter()
-            .filter(|a| !current.contains(a))
-            .copied()
-            .collect();
-        let removed: Vec<IpAddr> = current
-            .iter()
-            .filter(|a| !addrs.contains(a))
-            .copied()
-            .collect();
+        let (added, removed) = differences(&self.addrs(), addrs);
         // New ones first: an address that stays is never missing.
-        for a in &added {
-            self.addrs
-                .insert(addr_key(*a), 1, 0)
+        for (a, flags) in &added {
+            self.maps
+                .addrs
+                .insert(addr_key(*a), flags, 0)
                 .with_context(|| format!("adding {a} to the address map"))?;
         }
+        // An address whose flags changed was just written over: not removed.
+        let removed: Vec<IpAddr> = removed
+            .into_iter()
+            .map(|(a, _)| a)
+            .filter(|a| !addrs.iter().any(|(b, _)| b == a))
+            .collect();
         for a in &removed {
-            self.addrs
+            self.maps
+                .addrs
                 .remove(&addr_key(*a))
                 .with_context(|| format!("removing {a} from the address map"))?;
+        }
+        Ok((added.into_iter().map(|(a, _)| a).collect(), removed))
+    }
+
+    /// Makes the allowed sources exactly `allow` (new ones first): returns what was added and
+    /// what removed.
+    pub fn set_allowed(&mut self, allow: &[Cidr]) -> Result<(Vec<Cidr>, Vec<Cidr>)> {
+        if allow.len() > MAX_ALLOW as usize {
+            bail!(
+                "{} prefixes given with --allow: at most {MAX_ALLOW}",
+                allow.len()
+            );
+        }
+        let (added, removed) = differences(&self.allowed(), allow);
+        for c in &added {
+            self.maps
+                .allow
+                .insert(&c.key(), 1, 0)
+                .with_context(|| format!("adding {c} to the allowed sources"))?;
+        }
+        for c in &removed {
+            self.maps
+                .allow
+                .remove(&c.key())
+                .with_context(|| format!("removing {c} from the allowed sources"))?;
         }
         Ok((added, removed))
     }
@@ -213,9 +461,9 @@ impl Decap {
 pub enum Action {
     /// Nothing was attached: attached in this mode ("native" or "generic") and pinned.
     Attached(&'static str),
-    /// The pinned link already ran this program on this map: left as it was.
+    /// The pinned link already ran this program on these maps: left as it was.
     Kept,
-    /// The pinned link ran another build of the program (or on another map): replaced
+    /// The pinned link ran another build of the program (or on other maps): replaced
     /// atomically through the link.
     Replaced,
 }
@@ -228,10 +476,17 @@ pub struct Report {
     pub action: Action,
     pub link_id: u32,
     pub program_id: u32,
-    /// Every address now in the map, and the changes made to it.
+    /// The interface's own addresses now in the map (tunnel packets to them are unwrapped).
     pub addrs: Vec<IpAddr>,
+    /// This host's addresses now in the map (inner packets to them are let in).
+    pub host_addrs: Vec<IpAddr>,
+    /// The changes made to the address map.
     pub added: Vec<IpAddr>,
     pub removed: Vec<IpAddr>,
+    /// The allowed sources now, and the changes made to them.
+    pub allowed: Vec<Cidr>,
+    pub allow_added: Vec<Cidr>,
+    pub allow_removed: Vec<Cidr>,
 }
 
 /// The interface as netlink sees it in this network namespace (with the ids of the XDP
@@ -239,6 +494,27 @@ pub struct Report {
 struct Target {
     iface: Interface,
     addrs: Vec<IpAddr>,
+    /// Every address of this host (of every interface, `lo`'s included).
+    host_addrs: Vec<IpAddr>,
+}
+
+impl Target {
+    /// The address map's contents: the host's addresses, the interface's own flagged as such.
+    fn map_entries(&self) -> Vec<(IpAddr, u8)> {
+        let mut all: Vec<IpAddr> = self.host_addrs.iter().chain(&self.addrs).copied().collect();
+        all.sort();
+        all.dedup();
+        all.into_iter()
+            .map(|a| {
+                let own = if self.addrs.contains(&a) {
+                    addr_flags::OUTER
+                } else {
+                    0
+                };
+                (a, own | addr_flags::INNER)
+            })
+            .collect()
+    }
 }
 
 async fn look_up(interface: &str) -> Result<Option<Target>> {
@@ -249,7 +525,14 @@ async fn look_up(interface: &str) -> Result<Option<Target>> {
     let mut addrs: Vec<IpAddr> = iface.addrs.iter().map(|(a, _)| *a).collect();
     addrs.sort();
     addrs.dedup();
-    Ok(Some(Target { iface, addrs }))
+    let mut host_addrs = nl.all_addresses().await?;
+    host_addrs.sort();
+    host_addrs.dedup();
+    Ok(Some(Target {
+        iface,
+        addrs,
+        host_addrs,
+    }))
 }
 
 fn target(interface: &str) -> Result<Option<Target>> {
@@ -295,11 +578,12 @@ fn inspect_pin(pin: &Path, interface: &str, target: Option<&Target>) -> Result<P
 }
 
 /// Attaches the decapsulation program to `interface` (native XDP, else generic), fills its
-/// address map with the interface's addresses and pins both under `bpffs_dir` (mounting a
-/// bpffs at /sys/fs/bpf when the folder lies under it and none is there). When the pinned link
-/// is already on the interface, only the address map is brought up to date (and a different
-/// build of the program swapped in through the link).
-pub fn install(interface: &str, bpffs_dir: &Path) -> Result<Report> {
+/// maps (this host's addresses, the interface's own flagged; the allowed sources `allow`) and
+/// pins link and maps under `bpffs_dir` (mounting a bpffs at /sys/fs/bpf when the folder lies
+/// under it and none is there). When the pinned link is already on the interface, only the
+/// maps are brought up to date (and a different build of the program swapped in through the
+/// link). An empty `allow` keeps the pinned allowed sources; with none pinned it is an error.
+pub fn install(interface: &str, bpffs_dir: &Path, allow: &[Cidr]) -> Result<Report> {
     if DECAP_OBJECT.is_empty() {
         bail!(
             "this lbd was built without its decapsulation program (AYA_BUILD_SKIP was set): rebuild it normally"
@@ -307,10 +591,17 @@ pub fn install(interface: &str, bpffs_dir: &Path) -> Result<Report> {
     }
     let target = target(interface)?
         .ok_or_else(|| anyhow!("no interface {interface} in this network namespace"))?;
-    datapath::prepare_bpffs(bpffs_dir)
+    let no_allow = || {
+        anyhow!(
+            "lbd decap --interface {interface} needs --allow CIDR (repeatable): the addresses lb's balancers send tunnel packets from (their tunnel_source, or the address of the interface the tunnel leaves by), e.g. --allow 192.0.2.2/32; tunnel packets from anywhere else are passed up unchanged"
+        )
+    };
+    if allow.is_empty() && !allow_pin(bpffs_dir, interface).exists() {
+        return Err(no_allow());
+    }
+    let _lock = lock::decap(bpffs_dir)
         .with_context(|| format!("preparing the pin folder {}", bpffs_dir.display()))?;
     let link = link_pin(bpffs_dir, interface);
-    let map = addrs_pin(bpffs_dir, interface);
     let pinned = inspect_pin(&link, interface, Some(&target))?;
     if let Pinned::Defunct = pinned {
         warn!(
@@ -319,21 +610,30 @@ pub fn install(interface: &str, bpffs_dir: &Path) -> Result<Report> {
         );
         fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
     }
-    let map_existed = map.exists();
+    let maps_existed: Vec<PathBuf> = map_pins_of_any_layout(bpffs_dir, interface);
     let result = (|| {
-        let mut decap = Decap::load(&map)?;
-        let (added, removed) = decap.set_addrs(&target.addrs)?;
+        let mut decap = Decap::load(bpffs_dir, interface)?;
+        let (allow_added, allow_removed) = if allow.is_empty() {
+            (vec![], vec![])
+        } else {
+            decap.set_allowed(allow)?
+        };
+        if decap.allowed().is_empty() {
+            return Err(no_allow());
+        }
+        let (added, removed) = decap.set_addrs(&target.map_entries())?;
         let (action, link_id) = match &pinned {
             Pinned::Working(facts) => {
                 let (_, tag) = decap.program_id_and_tag()?;
                 let running = aya::programs::loaded_programs()
                     .filter_map(|p| p.ok())
                     .find(|p| p.id() == facts.program_id);
-                let same_map = running
+                let ours = decap.map_ids()?;
+                let same_maps = running
                     .as_ref()
                     .and_then(|p| p.map_ids().ok().flatten())
-                    .is_some_and(|ids| decap.addrs_map_id().is_ok_and(|m| ids.contains(&m)));
-                if running.is_some_and(|p| p.tag() == tag) && same_map {
+                    .is_some_and(|ids| ours.iter().all(|m| ids.contains(m)));
+                if running.is_some_and(|p| p.tag() == tag) && same_maps {
                     (Action::Kept, facts.id)
                 } else {
                     replace_in_link(&mut decap, &link)?;
@@ -358,20 +658,39 @@ pub fn install(interface: &str, bpffs_dir: &Path) -> Result<Report> {
             },
             _ => decap.program_id_and_tag()?.0,
         };
+        // The program in the link now uses this layout's maps: older layouts' pins go.
+        for old in map_pins_of_any_layout(bpffs_dir, interface) {
+            if !MAP_KINDS
+                .iter()
+                .any(|kind| old == map_pin(bpffs_dir, kind, interface))
+            {
+                fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+                info!("removed {}, a map of an older layout", old.display());
+            }
+        }
+        let with = |flag| decap.maps.addrs_with(flag);
         Ok(Report {
             interface: interface.to_string(),
             ifindex: target.iface.index,
             action,
             link_id,
             program_id,
-            addrs: decap.addrs(),
+            addrs: with(addr_flags::OUTER),
+            host_addrs: with(addr_flags::INNER),
             added,
             removed,
+            allowed: decap.allowed(),
+            allow_added,
+            allow_removed,
         })
     })();
-    if result.is_err() && !map_existed && !link.exists() {
+    if result.is_err() && !link.exists() {
         // Leave nothing behind from a failed first attach.
-        let _ = fs::remove_file(&map);
+        for pin in map_pins_of_any_layout(bpffs_dir, interface) {
+            if !maps_existed.contains(&pin) {
+                let _ = fs::remove_file(&pin);
+            }
+        }
         let _ = fs::remove_dir(bpffs_dir);
     }
     result
@@ -426,11 +745,11 @@ fn replace_in_link(decap: &mut Decap, pin: &Path) -> Result<()> {
 }
 
 /// Detaches the decapsulation program from `interface` (removes its link pin) and removes its
-/// address map pin, then the folder if nothing else is left in it. Returns the paths removed;
-/// nothing pinned is not an error.
+/// map pins (of any layout), then the folder if nothing else is left in it. Returns the paths
+/// removed; nothing pinned is not an error.
 pub fn remove(interface: &str, bpffs_dir: &Path) -> Result<Vec<PathBuf>> {
+    let _lock = lock::decap_existing(bpffs_dir)?;
     let link = link_pin(bpffs_dir, interface);
-    let map = addrs_pin(bpffs_dir, interface);
     let mut removed = vec![];
     if link.exists() {
         let target = target(interface)?;
@@ -439,7 +758,7 @@ pub fn remove(interface: &str, bpffs_dir: &Path) -> Result<Vec<PathBuf>> {
         fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
         removed.push(link);
     }
-    if map.exists() {
+    for map in map_pins_of_any_layout(bpffs_dir, interface) {
         fs::remove_file(&map).with_context(|| format!("removing {}", map.display()))?;
         removed.push(map);
     }
@@ -453,39 +772,99 @@ pub fn remove(interface: &str, bpffs_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-fn list(addrs: &[IpAddr]) -> String {
-    if addrs.is_empty() {
+/// What `lbd decap --status` prints: the link, the allowed sources, the addresses and the
+/// packet counters of `interface`'s pins under `bpffs_dir`.
+pub fn status(interface: &str, bpffs_dir: &Path) -> Result<String> {
+    use std::fmt::Write as _;
+    let link = link_pin(bpffs_dir, interface);
+    if !link.exists() && !allow_pin(bpffs_dir, interface).exists() {
+        bail!(
+            "nothing of lbd decap is pinned for {interface} under {} (attach it with lbd decap --interface {interface} --allow CIDR)",
+            bpffs_dir.display()
+        );
+    }
+    let maps = Maps::from_pins(bpffs_dir, interface)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<20}{interface}", "interface");
+    let link_text = match link_facts(&link) {
+        Ok(f) if f.ifindex == 0 => {
+            format!("{} (program {}), its interface is gone", f.id, f.program_id)
+        }
+        Ok(f) => format!("{} (program {}, ifindex {})", f.id, f.program_id, f.ifindex),
+        Err(e) => format!("none ({}: {e})", link.display()),
+    };
+    let _ = writeln!(out, "{:<20}{link_text}", "link");
+    let _ = writeln!(out, "{:<20}{}", "allowed sources", list(&maps.allowed()));
+    let with = |flag| maps.addrs_with(flag);
+    let _ = writeln!(
+        out,
+        "{:<20}{}",
+        "own addresses",
+        list(&with(addr_flags::OUTER))
+    );
+    let _ = writeln!(
+        out,
+        "{:<20}{}",
+        "host addresses",
+        list(&with(addr_flags::INNER))
+    );
+    for (stat, n) in maps.stats() {
+        let _ = writeln!(out, "{:<20}{n}", stat.label());
+    }
+    Ok(out)
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
         return "none".into();
     }
-    addrs
+    items
         .iter()
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// `lbd decap`: install (or with `remove`, remove) and log what was done.
-pub fn run(interface: &str, bpffs_dir: &Path, remove_it: bool) -> Result<()> {
-    if remove_it {
-        let removed = remove(interface, bpffs_dir)?;
-        if removed.is_empty() {
-            info!(
-                "{interface}: nothing pinned under {}: nothing to remove",
-                bpffs_dir.display()
-            );
-        } else {
-            info!(
-                "{interface}: decapsulation program detached; removed {}",
-                removed
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+/// What `lbd decap` was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Attach (or bring up to date), with these allowed sources (none: keep the pinned ones).
+    Install,
+    /// Detach and remove the pins.
+    Remove,
+    /// Print what is pinned and counted.
+    Status,
+}
+
+/// `lbd decap`: install, remove or show, and log what was done.
+pub fn run(interface: &str, bpffs_dir: &Path, mode: Mode, allow: &[Cidr]) -> Result<()> {
+    match mode {
+        Mode::Install => {}
+        Mode::Status => {
+            print!("{}", status(interface, bpffs_dir)?);
+            return Ok(());
         }
-        return Ok(());
+        Mode::Remove => {
+            let removed = remove(interface, bpffs_dir)?;
+            if removed.is_empty() {
+                info!(
+                    "{interface}: nothing pinned under {}: nothing to remove",
+                    bpffs_dir.display()
+                );
+            } else {
+                info!(
+                    "{interface}: decapsulation program detached; removed {}",
+                    removed
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            return Ok(());
+        }
     }
-    let r = install(interface, bpffs_dir)?;
+    let r = install(interface, bpffs_dir, allow)?;
     match r.action {
         Action::Attached(mode) => info!(
             "{interface}: decapsulation program {} attached in {mode} mode (link {}, pinned at {})",
@@ -498,7 +877,7 @@ pub fn run(interface: &str, bpffs_dir: &Path, remove_it: bool) -> Result<()> {
             r.program_id, r.link_id
         ),
         Action::Replaced => info!(
-            "{interface}: the pinned link ran another build of the program, or on another address map: replaced by program {} in link {}",
+            "{interface}: the pinned link ran another build of the program, or on other maps: replaced by program {} in link {}",
             r.program_id, r.link_id
         ),
     }
@@ -509,15 +888,118 @@ pub fn run(interface: &str, bpffs_dir: &Path, remove_it: bool) -> Result<()> {
             list(&r.removed)
         );
     }
+    if !r.allow_added.is_empty() || !r.allow_removed.is_empty() {
+        info!(
+            "{interface}: allowed sources: added {}; removed {}",
+            list(&r.allow_added),
+            list(&r.allow_removed)
+        );
+    }
     if r.addrs.is_empty() {
         warn!(
             "{interface} has no addresses: nothing is decapsulated until it has (run lbd decap again then)"
         );
     } else {
         info!(
-            "{interface}: decapsulating IP-in-IP packets to {}",
-            list(&r.addrs)
+            "{interface}: decapsulating IP-in-IP packets to {} from {} to this host's addresses ({})",
+            list(&r.addrs),
+            list(&r.allowed),
+            list(&r.host_addrs)
         );
     }
+    for (v4, family) in [(true, "IPv4"), (false, "IPv6")] {
+        let own = r
+            .addrs
+            .iter()
+            .any(|a| a.is_ipv4() == v4 && !is_link_local(a));
+        if own && !r.allowed.iter().any(|c| c.addr.is_ipv4() == v4) {
+            warn!(
+                "{interface}: no {family} prefix given with --allow: every {family} tunnel packet is passed up unchanged"
+            );
+        }
+    }
     Ok(())
+}
+
+fn is_link_local(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_say_what_is_wrong() {
+        let c: Cidr = "192.0.2.0/24".parse().unwrap();
+        assert_eq!((c.addr.to_string().as_str(), c.len), ("192.0.2.0", 24));
+        assert_eq!("192.0.2.2".parse::<Cidr>().unwrap().len, 32);
+        assert_eq!("2001:db8::/64".parse::<Cidr>().unwrap().len, 64);
+        assert_eq!("2001:db8::2".parse::<Cidr>().unwrap().len, 128);
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().len, 0);
+        assert_eq!(c.to_string(), "192.0.2.0/24");
+        let e = "192.0.2.2/24".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("did you mean 192.0.2.0/24"), "{e}");
+        let e = "2001:db8::1/64".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("did you mean 2001:db8::/64"), "{e}");
+        assert!(
+            "192.0.2.0/33"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("0 to 32")
+        );
+        assert!(
+            "2001:db8::/129"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("0 to 128")
+        );
+        assert!(
+            "lb1/24"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("not an address")
+        );
+        // Keys round-trip.
+        for text in ["192.0.2.0/24", "2001:db8::/64", "0.0.0.0/0", "192.0.2.2/32"] {
+            let c: Cidr = text.parse().unwrap();
+            assert_eq!(Cidr::of_key(&c.key()), Some(c), "{text}");
+        }
+    }
+
+    #[test]
+    fn pins_of_any_layout_are_this_interfaces_only() {
+        let dir = std::env::temp_dir().join(format!("lb-decap-pins-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "addrs_v1_eth0",
+            "addrs_v2_eth0",
+            "stats_v2_eth0",
+            "allow_v2_eth0",
+            "addrs_v2_eth0.100",
+            "addrs_v2_eth1",
+            "link_eth0",
+            "addrs_vx_eth0",
+        ] {
+            fs::write(dir.join(name), "").unwrap();
+        }
+        let names: Vec<String> = map_pins_of_any_layout(&dir, "eth0")
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "addrs_v1_eth0",
+                "addrs_v2_eth0",
+                "allow_v2_eth0",
+                "stats_v2_eth0"
+            ]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -10,6 +10,10 @@
 //! `timeout_ms`. `rise` consecutive successes make a down backend up, `fall` consecutive failures
 //! make an up backend down. Checks use plain Tokio sockets, so they run from the network namespace
 //! of the calling process.
+//!
+//! A check that cannot run for lack of lbd's own resources (out of file descriptors, memory,
+//! socket buffers or local ports) is reported as [`CheckResult::Error`]: it says nothing about
+//! the backend, so it counts neither towards `rise` nor towards `fall`.
 
 use std::collections::HashMap;
 use std::io;
@@ -46,21 +50,52 @@ pub enum Start {
     Down,
 }
 
+/// What one check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CheckResult {
+    /// The backend answered as expected.
+    Pass,
+    /// The backend did not (refused, timed out, answered wrong...).
+    Fail,
+    /// The check could not run for lack of lbd's own resources (no file descriptor, no
+    /// memory, no buffer space, no local port): lbd's error, which says nothing about the
+    /// backend, so it counts neither way towards `rise` or `fall`.
+    Error,
+}
+
+impl CheckResult {
+    /// The `result` label of `lb_health_checks_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckResult::Pass => "ok",
+            CheckResult::Fail => "fail",
+            CheckResult::Error => "error",
+        }
+    }
+}
+
 /// The result of one check.
 #[derive(Clone, Debug)]
 pub struct Report {
     pub service: String,
     pub backend: IpAddr,
     /// This check's result.
-    pub ok: bool,
+    pub result: CheckResult,
     /// "HTTP 200", "connected", or the failure reason: "connection refused", "HTTP 503",
     /// "timeout after 500 ms", "no route to host", "connection reset", "malformed HTTP
-    /// response"...
+    /// response"..., or why it could not run ("could not run: too many open files").
     pub detail: String,
     /// `Some(true)` became up, `Some(false)` became down, with this check (rise/fall reached).
     pub transition: Option<bool>,
     /// When the check ended.
     pub at: SystemTime,
+}
+
+impl Report {
+    /// Whether the check passed.
+    pub fn ok(&self) -> bool {
+        self.result == CheckResult::Pass
+    }
 }
 
 /// One running checker: its task, and the flag that lets [`Monitor`] guarantee that no report is
@@ -249,15 +284,19 @@ async fn run_checker(
     loop {
         tokio::time::sleep_until(next).await;
         let began = Instant::now();
-        let (ok, detail) = match check(addr, &spec).await {
-            Ok(detail) => (true, detail),
-            Err(detail) => (false, detail),
+        let (result, detail) = match check(addr, &spec).await {
+            Ok(detail) => (CheckResult::Pass, detail),
+            Err(Failed(result, detail)) => (result, detail),
         };
-        let transition = tracker.record(ok);
+        let transition = match result {
+            CheckResult::Pass => tracker.record(true),
+            CheckResult::Fail => tracker.record(false),
+            CheckResult::Error => None,
+        };
         let report = Report {
             service: service.clone(),
             backend,
-            ok,
+            result,
             detail,
             transition,
             at: SystemTime::now(),
@@ -272,14 +311,37 @@ async fn run_checker(
     }
 }
 
-/// Runs one check, bounded as a whole by `timeout_ms`. `Ok(detail)` when healthy, `Err(reason)`
-/// otherwise.
-async fn check(addr: SocketAddr, spec: &Health) -> Result<String, String> {
+/// Why a check did not pass: a failure of the backend, or lbd's own error, with its detail.
+#[derive(Debug, PartialEq)]
+struct Failed(CheckResult, String);
+
+impl Failed {
+    fn backend(detail: impl Into<String>) -> Failed {
+        Failed(CheckResult::Fail, detail.into())
+    }
+}
+
+/// A socket error of a check: lbd's own lack of resources, or the backend's failure.
+fn io_failure(e: io::Error) -> Failed {
+    match e.raw_os_error() {
+        // Out of descriptors (process or system), memory, socket buffers, or local ports.
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EADDRNOTAVAIL) => {
+            Failed(
+                CheckResult::Error,
+                format!("could not run: {}", describe(e)),
+            )
+        }
+        _ => Failed::backend(describe(e)),
+    }
+}
+
+/// Runs one check, bounded as a whole by `timeout_ms`. `Ok(detail)` when healthy.
+async fn check(addr: SocketAddr, spec: &Health) -> Result<String, Failed> {
     let timeout = Duration::from_millis(spec.timeout_ms);
     let exchange = async {
         match spec.check {
             CheckKind::Tcp => {
-                let stream = TcpStream::connect(addr).await.map_err(describe)?;
+                let stream = TcpStream::connect(addr).await.map_err(io_failure)?;
                 drop(stream);
                 Ok("connected".to_string())
             }
@@ -289,7 +351,10 @@ async fn check(addr: SocketAddr, spec: &Health) -> Result<String, String> {
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!("timeout after {} ms", spec.timeout_ms)),
+        Err(_) => Err(Failed::backend(format!(
+            "timeout after {} ms",
+            spec.timeout_ms
+        ))),
     }
 }
 
@@ -304,31 +369,31 @@ fn http_request(path: &str, backend: IpAddr) -> String {
     )
 }
 
-async fn http_check(addr: SocketAddr, spec: &Health) -> Result<String, String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(describe)?;
+async fn http_check(addr: SocketAddr, spec: &Health) -> Result<String, Failed> {
+    let mut stream = TcpStream::connect(addr).await.map_err(io_failure)?;
     stream
         .write_all(http_request(&spec.path, addr.ip()).as_bytes())
         .await
-        .map_err(describe)?;
+        .map_err(io_failure)?;
     // Read up to the end of the status line (or at most 1 KiB of it).
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.contains(&b'\n') && buf.len() < 1024 {
-        let n = stream.read(&mut chunk).await.map_err(describe)?;
+        let n = stream.read(&mut chunk).await.map_err(io_failure)?;
         if n == 0 {
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
     }
     if buf.is_empty() {
-        return Err("connection closed without a response".to_string());
+        return Err(Failed::backend("connection closed without a response"));
     }
-    let status = parse_status(&buf).ok_or_else(|| "malformed HTTP response".to_string())?;
+    let status = parse_status(&buf).ok_or_else(|| Failed::backend("malformed HTTP response"))?;
     let detail = format!("HTTP {status}");
     if status == spec.expect {
         Ok(detail)
     } else {
-        Err(detail)
+        Err(Failed::backend(detail))
     }
 }
 
@@ -596,6 +661,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn lack_of_resources_is_an_error_of_lbd() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::ENOBUFS,
+            libc::EADDRNOTAVAIL,
+        ] {
+            let f = io_failure(io::Error::from_raw_os_error(errno));
+            assert_eq!(f.0, CheckResult::Error, "errno {errno}: {f:?}");
+            assert!(f.1.starts_with("could not run: "), "{f:?}");
+        }
+        assert_eq!(
+            io_failure(io::Error::from_raw_os_error(libc::EMFILE)).1,
+            "could not run: too many open files"
+        );
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ETIMEDOUT,
+            libc::ECONNRESET,
+        ] {
+            let f = io_failure(io::Error::from_raw_os_error(errno));
+            assert_eq!(f.0, CheckResult::Fail, "errno {errno}: {f:?}");
+        }
+    }
+
     #[tokio::test]
     async fn tcp_fall_and_rise() {
         let addr = SocketAddr::new(lo(21), 0);
@@ -610,7 +703,7 @@ mod tests {
         assert!(m.is_checked("web", backend));
         for _ in 0..3 {
             let r = next(&mut rx).await;
-            assert!(r.ok, "{r:?}");
+            assert!(r.ok(), "{r:?}");
             assert_eq!(r.detail, "connected");
             assert_eq!(r.transition, None);
             assert_eq!(r.service, "web");
@@ -620,12 +713,12 @@ mod tests {
         stop(server).await;
         // A check already under way may still succeed; from the first failure on, count.
         let mut r = next(&mut rx).await;
-        while r.ok {
+        while r.ok() {
             r = next(&mut rx).await;
         }
         let mut failures = 1;
         loop {
-            assert!(!r.ok, "{r:?}");
+            assert!(!r.ok(), "{r:?}");
             assert_eq!(r.detail, "connection refused");
             if r.transition.is_some() {
                 break;
@@ -636,12 +729,12 @@ mod tests {
         assert_eq!(r.transition, Some(false));
         assert_eq!(failures, 3, "down after exactly `fall` failures");
         let r = next(&mut rx).await;
-        assert!(!r.ok);
+        assert!(!r.ok());
         assert_eq!(r.transition, None, "already down");
 
         let (_, server) = tcp_server(SocketAddr::new(backend, port)).await;
         let mut r = next(&mut rx).await;
-        while !r.ok {
+        while !r.ok() {
             assert_eq!(r.transition, None);
             r = next(&mut rx).await;
         }
@@ -650,10 +743,10 @@ mod tests {
             "one success is not enough with rise = 2"
         );
         let r = next(&mut rx).await;
-        assert!(r.ok);
+        assert!(r.ok());
         assert_eq!(r.transition, Some(true), "up after `rise` successes");
         let r = next(&mut rx).await;
-        assert!(r.ok);
+        assert!(r.ok());
         assert_eq!(r.transition, None);
         m.stop_all();
         assert!(m.is_empty());
@@ -672,7 +765,7 @@ mod tests {
         );
         for _ in 0..2 {
             let r = next(&mut rx).await;
-            assert!(r.ok, "{r:?}");
+            assert!(r.ok(), "{r:?}");
             assert_eq!(r.detail, "HTTP 200");
         }
         let req = tokio::time::timeout(WAIT, reqs.recv())
@@ -687,12 +780,12 @@ mod tests {
         m.set(target("web", backend, other), Start::Up);
         let r = next(&mut rx).await;
         // Best effort: a report of the old checker may already be in the channel.
-        let r = if r.ok { next(&mut rx).await } else { r };
-        assert!(!r.ok, "{r:?}");
+        let r = if r.ok() { next(&mut rx).await } else { r };
+        assert!(!r.ok(), "{r:?}");
         assert_eq!(r.detail, "HTTP 503");
         assert_eq!(r.transition, None);
         let r = next(&mut rx).await;
-        assert!(!r.ok);
+        assert!(!r.ok());
         assert_eq!(r.detail, "HTTP 503");
         assert_eq!(r.transition, Some(false));
 
@@ -702,7 +795,7 @@ mod tests {
         inverted.expect = 503;
         m.set(target("web", backend, inverted), Start::Down);
         let mut r = next(&mut rx).await;
-        while !r.ok {
+        while !r.ok() {
             r = next(&mut rx).await;
         }
         assert_eq!(r.detail, "HTTP 503");
@@ -736,7 +829,7 @@ mod tests {
         let mut details = Vec::new();
         for _ in 0..4 {
             let r = next(&mut rx).await;
-            assert!(!r.ok);
+            assert!(!r.ok());
             details.push(r.detail);
         }
         assert!(
@@ -773,7 +866,7 @@ mod tests {
             let began = std::time::Instant::now();
             let result = check(addr, &http).await;
             let took = began.elapsed();
-            assert_eq!(result, Err("timeout after 30 ms".to_string()));
+            assert_eq!(result, Err(Failed::backend("timeout after 30 ms")));
             assert!(
                 took >= Duration::from_millis(25) && took <= Duration::from_millis(500),
                 "{took:?}"
@@ -785,7 +878,7 @@ mod tests {
         m.set(target("web", lo(24), http), Start::Up);
         for i in 0..3 {
             let r = next(&mut rx).await;
-            assert!(!r.ok);
+            assert!(!r.ok());
             assert_eq!(r.detail, "timeout after 30 ms");
             assert_eq!(r.transition, (i == 2).then_some(false));
         }
@@ -802,7 +895,7 @@ mod tests {
         s.rise = 3;
         m.set(target("web", lo(25), s.clone()), Start::PendingFirstCheck);
         let r = next(&mut rx).await;
-        assert!(r.ok);
+        assert!(r.ok());
         assert_eq!(r.transition, Some(true), "the first success joins at once");
         let r = next(&mut rx).await;
         assert_eq!(r.transition, None);
@@ -822,18 +915,18 @@ mod tests {
         stop(server).await;
         m.set(target("web", lo(25), s), Start::PendingFirstCheck);
         let mut r = next(&mut rx).await;
-        while r.ok {
+        while r.ok() {
             // A report of the previous checker, or a check that raced the listener's close.
             r = next(&mut rx).await;
         }
         for _ in 0..4 {
-            assert!(!r.ok);
+            assert!(!r.ok());
             assert_eq!(r.detail, "connection refused");
             assert_eq!(r.transition, None, "pending is already not up");
             r = next(&mut rx).await;
         }
         let (_, server) = tcp_server(SocketAddr::new(lo(25), port)).await;
-        while !r.ok {
+        while !r.ok() {
             assert_eq!(r.transition, None);
             r = next(&mut rx).await;
         }

@@ -2,8 +2,10 @@
 //!
 //! Parts, each with one job: `config` (parse and validate the TOML), `datapath` (the only code
 //! that touches the XDP program and its maps), `netlink` (interfaces, routes, neighbours),
-//! `state` (the desired state and what lbd keeps on disk), `daemon` (puts them together and runs
-//! until told to stop), `api` (the control socket) and `client` (lbctl's side of it).
+//! `state` (the desired state and what lbd keeps on disk), `lock` (one lbd at a time on its
+//! pins, state and socket), `limits` (what clients may hold of lbd), `daemon` (puts them
+//! together and runs until told to stop), `api` (the control socket) and `client` (lbctl's side
+//! of it).
 
 pub mod api;
 pub mod cli;
@@ -14,6 +16,8 @@ pub mod daemon;
 pub mod datapath;
 pub mod decap;
 pub mod health;
+pub mod limits;
+pub mod lock;
 pub mod metrics;
 pub mod netlink;
 pub mod state;

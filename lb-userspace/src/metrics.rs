@@ -208,7 +208,7 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes, rendering `snapshot()` on every
-/// scrape. Every other path answers 404 (and another method on `/metrics` too; HEAD is answered
+/// scrape, at most `limits::METRICS.connections` connections at a time (idle ones are closed). Every other path answers 404 (and another method on `/metrics` too; HEAD is answered
 /// like GET, without a body).
 pub async fn serve<F, Fut>(
     listener: tokio::net::TcpListener,
@@ -226,9 +226,12 @@ where
     let app = Router::new()
         .route("/metrics", get(scrape).fallback(not_found))
         .fallback(not_found);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        crate::limits::Bounded::new(listener, crate::limits::METRICS),
+        app,
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn not_found() -> Response {

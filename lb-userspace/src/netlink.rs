@@ -113,6 +113,21 @@ pub enum NetlinkError {
     },
 }
 
+/// The host's own address in an address message: IFA_LOCAL is the interface's own address;
+/// IFA_ADDRESS is the peer's on point-to-point links and the same as IFA_LOCAL elsewhere (IPv6
+/// only has it).
+fn own_address(msg: &netlink_packet_route::address::AddressMessage) -> Option<IpAddr> {
+    let local = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    local.or(address)
+}
+
 impl NetlinkError {
     /// The errno of a request the kernel refused, if that is what this error is.
     pub fn os_error(&self) -> Option<i32> {
@@ -272,17 +287,7 @@ impl Netlink {
         loop {
             match addrs.try_next().await {
                 Ok(Some(msg)) => {
-                    let local = msg.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Local(ip) => Some(*ip),
-                        _ => None,
-                    });
-                    let address = msg.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(ip) => Some(*ip),
-                        _ => None,
-                    });
-                    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on
-                    // point-to-point links and the same as IFA_LOCAL elsewhere (IPv6 only has it).
-                    if let Some(ip) = local.or(address) {
+                    if let Some(ip) = own_address(&msg) {
                         iface.addrs.push((ip, msg.header.prefix_len));
                     }
                 }
@@ -296,6 +301,24 @@ impl Netlink {
             }
         }
         Ok(Some(iface))
+    }
+
+    /// Every address of every interface in this network namespace (`ip addr`), `lo`'s too.
+    pub async fn all_addresses(&self) -> Result<Vec<IpAddr>, NetlinkError> {
+        let mut addrs = self.handle.address().get().execute();
+        let mut out = vec![];
+        loop {
+            match addrs.try_next().await {
+                Ok(Some(msg)) => out.extend(own_address(&msg)),
+                Ok(None) => return Ok(out),
+                Err(cause) => {
+                    return Err(NetlinkError::Address {
+                        iface: "any".into(),
+                        cause,
+                    });
+                }
+            }
+        }
     }
 
     /// Route lookup like `ip route get DST`: the output interface, the gateway if any, the

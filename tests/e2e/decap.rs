@@ -1,7 +1,9 @@
-//! The backends' decapsulation program (`lbd decap`): byte-exact BPF_PROG_TEST_RUN fixtures,
-//! `lbd decap` run twice and removed in a namespace, and a `tunnel` service end to end (lbd
-//! encapsulates, each backend's `lbd decap` strips, the backend answers the client directly).
-//! Needs root (fails loudly without it).
+//! The backends' decapsulation program (`lbd decap`): byte-exact BPF_PROG_TEST_RUN fixtures
+//! (only tunnel packets from an allowed source to an address of this host are unwrapped, the
+//! others counted by why), `lbd decap` run twice and removed in a namespace, spoofed tunnel
+//! packets sent to a backend, and a `tunnel` service end to end (lbd encapsulates, each
+//! backend's `lbd decap --allow` strips, the backend answers the client directly). Needs root
+//! (fails loudly without it).
 
 use std::{
     collections::BTreeMap,
@@ -12,16 +14,16 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::decap::AddrKey;
+use lb_common::decap::{AddrKey, Stat, addr_flags};
 use lb_tests::{
     Topology, TopologyOptions, big_file_contents,
     lbd::{LbdPaths, bin, start_lbd},
-    packet::{Frame, checksum, ipv4_raw, ipv4_tcp, ipv6_tcp},
+    packet::{Frame, checksum, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_tcp},
     require_root,
 };
 use lb_userspace::{
     datapath,
-    decap::{self, Decap, addr_key},
+    decap::{self, Cidr, Decap, addr_key},
 };
 
 const XDP_PASS: u32 = 2;
@@ -53,7 +55,15 @@ impl Drop for Fixture {
     }
 }
 
+/// The sources the fixtures allow: the LB (in 192.0.2.0/30) and its IPv6 address.
+const ALLOWED: [&str; 2] = ["192.0.2.0/30", "2001:db8::2/128"];
+
+/// A fixture whose interface holds `own`, whose host also holds the VIPs, allowing `ALLOWED`.
 fn fixture(own: &[IpAddr]) -> Fixture {
+    fixture_with(own, &[VIP.into(), VIP6.into()], &ALLOWED)
+}
+
+fn fixture_with(own: &[IpAddr], host: &[IpAddr], allow: &[&str]) -> Fixture {
     require_root();
     static N: AtomicU32 = AtomicU32::new(0);
     // `lbt<pid>x<n>-...`: the harness reaps it should this process die before its Drop.
@@ -63,14 +73,20 @@ fn fixture(own: &[IpAddr]) -> Fixture {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     datapath::prepare_bpffs(&dir).expect("bpffs folder");
+    let mut decap = Decap::load(&dir, "test0").expect("loading the decapsulation program");
+    // The addresses filled directly through the pin, as an outsider would.
     let pin = decap::addrs_pin(&dir, "test0");
-    let decap = Decap::load(&pin).expect("loading the decapsulation program");
-    // Filled directly through the pin, as an outsider would.
     let mut map: HashMap<MapData, AddrKey, u8> =
         HashMap::try_from(Map::from_map_data(MapData::from_pin(&pin).unwrap()).unwrap()).unwrap();
     for a in own {
-        map.insert(addr_key(*a), 1, 0).unwrap();
+        map.insert(addr_key(*a), addr_flags::OUTER | addr_flags::INNER, 0)
+            .unwrap();
     }
+    for a in host {
+        map.insert(addr_key(*a), addr_flags::INNER, 0).unwrap();
+    }
+    let allow: Vec<Cidr> = allow.iter().map(|c| c.parse().unwrap()).collect();
+    decap.set_allowed(&allow).unwrap();
     Fixture { decap, dir }
 }
 
@@ -307,6 +323,90 @@ fn everything_else_passes_unchanged() {
     );
 }
 
+/// A host on the backends' segment that is no balancer.
+const SPOOFER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+const SPOOFER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99);
+
+#[test]
+fn only_allowed_sources_to_this_hosts_addresses_are_unwrapped() {
+    let f = fixture(&own());
+    let inner = inner_v4(b"x");
+    let inner6 = inner_v6();
+    // From inside the allowed prefixes, to the VIP (held by the host): unwrapped.
+    f.strips("from the LB", &ipip(&inner, LB, BACKEND, 4), &inner.bytes);
+    let first = Ipv4Addr::new(192, 0, 2, 1);
+    f.strips(
+        "from 192.0.2.1, in 192.0.2.0/30",
+        &ipip(&inner, first, BACKEND, 4),
+        &inner.bytes,
+    );
+    f.strips(
+        "IPv6 from the LB",
+        &ip6ip6(&inner6, LB6, BACKEND6, 41),
+        &inner6.bytes,
+    );
+    // An inner packet to the interface's own address: that is the host's too.
+    let to_backend = ipv4_tcp(LB_MAC, BACKEND_MAC, CLIENT, BACKEND, 40000, 22, 0x02, b"");
+    f.strips(
+        "to the backend's own address",
+        &ipip(&to_backend, LB, BACKEND, 4),
+        &to_backend.bytes,
+    );
+
+    // From anywhere else: passed up unchanged.
+    f.passes_unchanged(
+        "IPv4-in-IPv4 from a source outside --allow",
+        &ipip(&inner, SPOOFER, BACKEND, 4),
+    );
+    f.passes_unchanged(
+        "IPv4-in-IPv4 from 192.0.2.4, just past 192.0.2.0/30",
+        &ipip(&inner, Ipv4Addr::new(192, 0, 2, 4), BACKEND, 4),
+    );
+    f.passes_unchanged(
+        "IPv6-in-IPv6 from a source outside --allow",
+        &ip6ip6(&inner6, SPOOFER6, BACKEND6, 41),
+    );
+    // To an inner destination that is no address of this host: passed up unchanged.
+    let elsewhere = ipv4_tcp(LB_MAC, BACKEND_MAC, CLIENT, OTHER, 40000, 80, 0x02, b"");
+    f.passes_unchanged(
+        "inner destination not of this host",
+        &ipip(&elsewhere, LB, BACKEND, 4),
+    );
+    let elsewhere6 = ipv6_tcp(LB_MAC, BACKEND_MAC, CLIENT6, OTHER6, 40000, 80, 0x02, &[]);
+    f.passes_unchanged(
+        "IPv6 inner destination not of this host",
+        &ip6ip6(&elsewhere6, LB6, BACKEND6, 41),
+    );
+    // Each counted by why.
+    assert_eq!(
+        f.decap.stats(),
+        vec![
+            (Stat::Decapsulated, 4),
+            (Stat::SourceNotAllowed, 3),
+            (Stat::InnerNotLocal, 2),
+            (Stat::Malformed, 0)
+        ]
+    );
+
+    // Nothing allowed: nothing unwrapped.
+    let none = fixture_with(&own(), &[VIP.into()], &[]);
+    none.passes_unchanged(
+        "from the LB, nothing allowed",
+        &ipip(&inner, LB, BACKEND, 4),
+    );
+    // Everything allowed (0.0.0.0/0): an IPv4 prefix allows no IPv6 source.
+    let all4 = fixture_with(&own(), &[VIP.into(), VIP6.into()], &["0.0.0.0/0"]);
+    all4.strips(
+        "from a spoofer, 0.0.0.0/0 allowed",
+        &ipip(&inner, SPOOFER, BACKEND, 4),
+        &inner.bytes,
+    );
+    all4.passes_unchanged(
+        "IPv6 from the LB, only 0.0.0.0/0 allowed",
+        &ip6ip6(&inner6, LB6, BACKEND6, 41),
+    );
+}
+
 #[test]
 fn truncated_tunnel_packets_pass_unchanged_at_every_length() {
     let f = fixture(&own());
@@ -396,7 +496,25 @@ fn lbd_decap_twice_changes_nothing_and_remove_detaches() {
     let ns = t.backend_ns(1).to_string();
     let dir = decap_dir(&t, 1);
 
-    let first = lbd_decap(&t, &ns, &dir, &[]);
+    // Without --allow the first time: a clear error, nothing attached or pinned.
+    let out = lbd_decap(&t, &ns, &dir, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs --allow"),
+        "{err}"
+    );
+    assert!(xdp_ids(&ns).is_empty());
+    assert!(!dir.exists(), "pins left in {}", dir.display());
+    // A prefix with host bits set: refused, naming the prefix meant.
+    let out = lbd_decap(&t, &ns, &dir, &["--allow", "192.0.2.2/24"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("192.0.2.0/24"),
+        "{err}"
+    );
+    assert!(!dir.exists());
+
+    let first = lbd_decap(&t, &ns, &dir, &["--allow", "192.0.2.2/32"]);
     assert_ok("first lbd decap", &first);
     let ids = xdp_ids(&ns);
     assert_eq!(ids.len(), 1, "one XDP program on eth0: {ids:?}");
@@ -407,22 +525,62 @@ fn lbd_decap_twice_changes_nothing_and_remove_detaches() {
         log.contains("192.0.2.11"),
         "the address map names eth0's address: {log}"
     );
+    assert!(log.contains("from 192.0.2.2/32"), "{log}");
 
+    // Without --allow, a later run keeps the pinned list.
     let second = lbd_decap(&t, &ns, &dir, &[]);
     assert_ok("second lbd decap", &second);
     assert_eq!(xdp_ids(&ns), ids, "the same program, still the only one");
     let log = String::from_utf8_lossy(&second.stderr);
     assert!(log.contains("kept"), "{log}");
     assert!(!log.contains("added"), "the map was up to date: {log}");
+    assert!(log.contains("from 192.0.2.2/32"), "{log}");
 
     // A new address: a third run adds it and keeps the program.
     t.exec_ok(&ns, &["ip", "addr", "add", "192.0.2.211/24", "dev", "eth0"])
         .unwrap();
-    let third = lbd_decap(&t, &ns, &dir, &[]);
+    let third = lbd_decap(&t, &ns, &dir, &["--allow", "192.0.2.0/28"]);
     assert_ok("third lbd decap", &third);
     assert_eq!(xdp_ids(&ns), ids);
     let log = String::from_utf8_lossy(&third.stderr);
     assert!(log.contains("added 192.0.2.211"), "{log}");
+    assert!(
+        log.contains("allowed sources: added 192.0.2.0/28; removed 192.0.2.2/32"),
+        "--allow replaces the list: {log}"
+    );
+    let status = lbd_decap(&t, &ns, &dir, &["--status"]);
+    assert_ok("lbd decap --status", &status);
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains("192.0.2.0/28") && out.contains("192.0.2.211") && out.contains("decapsulated"),
+        "{out}"
+    );
+
+    // Maps pinned under an older layout's names (as an lbd decap of layout 1 left them): the
+    // program is swapped in through the link with maps of this layout, the old pins removed.
+    for kind in ["addrs", "allow", "stats"] {
+        std::fs::rename(
+            dir.join(format!("{kind}_v{}_eth0", lb_common::decap::LAYOUT_VERSION)),
+            dir.join(format!("{kind}_v1_eth0")),
+        )
+        .unwrap();
+    }
+    let upgraded = lbd_decap(&t, &ns, &dir, &["--allow", "192.0.2.0/28"]);
+    assert_ok("lbd decap over an older layout", &upgraded);
+    let log = String::from_utf8_lossy(&upgraded.stderr);
+    assert!(log.contains("replaced by program"), "{log}");
+    assert!(log.contains("a map of an older layout"), "{log}");
+    assert_eq!(xdp_ids(&ns).len(), 1, "still one XDP program on eth0");
+    for kind in ["addrs", "allow", "stats"] {
+        assert!(
+            !dir.join(format!("{kind}_v1_eth0")).exists(),
+            "{kind}_v1 left"
+        );
+        assert!(
+            dir.join(format!("{kind}_v{}_eth0", lb_common::decap::LAYOUT_VERSION))
+                .exists()
+        );
+    }
 
     let removed = lbd_decap(&t, &ns, &dir, &["--remove"]);
     assert_ok("lbd decap --remove", &removed);
@@ -499,7 +657,7 @@ fn tunnel_service_reaches_decapsulating_backends_which_answer_directly() {
 
     for i in 1..=t.backends() {
         let dir = decap_dir(&t, i);
-        let out = lbd_decap(&t, t.backend_ns(i), &dir, &[]);
+        let out = lbd_decap(&t, t.backend_ns(i), &dir, &["--allow", "192.0.2.2/32"]);
         assert_ok(&format!("lbd decap on backend {i}"), &out);
     }
 
@@ -571,4 +729,84 @@ fn tunnel_service_reaches_decapsulating_backends_which_answer_directly() {
         .expect("GET /big through the tunnel");
     assert_eq!(reply.status, 200);
     assert!(reply.body == big_file_contents(), "the /big bytes differ");
+}
+
+// ---- spoofed tunnel packets --------------------------------------------------------------------
+
+/// An IPv4 UDP packet (no link header) from a client's address to `dst`:5300 carrying `tag`.
+fn inner_udp(dst: Ipv4Addr, tag: &str) -> Vec<u8> {
+    let client = Ipv4Addr::new(198, 51, 100, 1);
+    ipv4_udp(LB_MAC, BACKEND_MAC, client, dst, 4000, 5300, tag.as_bytes()).bytes[14..].to_vec()
+}
+
+#[test]
+fn spoofed_tunnel_packets_are_not_unwrapped() {
+    require_root();
+    let vip: Ipv4Addr = TUNNEL_VIP.parse().unwrap();
+    let t = Topology::new(TopologyOptions {
+        backends: 1,
+        clients: 1,
+        addresses_per_client: 2,
+        vips: vec![vip.into()],
+        start_servers: false,
+        ..Default::default()
+    })
+    .expect("topology");
+    let ns = t.backend_ns(1).to_string();
+    let dir = decap_dir(&t, 1);
+    // Only the balancer (192.0.2.2) may send tunnel packets.
+    assert_ok(
+        "lbd decap",
+        &lbd_decap(&t, &ns, &dir, &["--allow", "192.0.2.2/32"]),
+    );
+    let backend = t.backend_addr(1);
+    // What the inner packets are sent to: a UDP socket on the VIP, held by the backend on lo.
+    let socket = t
+        .in_netns(&ns, || Ok(std::net::UdpSocket::bind((vip, 5300))?))
+        .unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let counter = |name: &str| -> u64 {
+        let out = lbd_decap(&t, &ns, &dir, &["--status"]);
+        assert_ok("lbd decap --status", &out);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} counter in:\n{text}"))
+    };
+
+    // From a host on the segment that is no balancer: refused, counted.
+    t.send_ip(t.client_ns(1), backend, 4, &inner_udp(vip, "spoofed"))
+        .unwrap();
+    lb_tests::wait_until(
+        std::time::Duration::from_secs(5),
+        "the spoofed packet to be counted",
+        || counter("source_not_allowed") >= 1,
+    )
+    .unwrap();
+    // To an address that is not the host's, from the balancer: refused, counted.
+    let elsewhere = Ipv4Addr::new(203, 0, 113, 99);
+    t.send_ip(t.lb_ns(), backend, 4, &inner_udp(elsewhere, "elsewhere"))
+        .unwrap();
+    lb_tests::wait_until(
+        std::time::Duration::from_secs(5),
+        "the packet to another host to be counted",
+        || counter("inner_not_local") >= 1,
+    )
+    .unwrap();
+    // From the balancer to the VIP: delivered, and it is the first packet the socket gets.
+    t.send_ip(t.lb_ns(), backend, 4, &inner_udp(vip, "from the balancer"))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = socket
+        .recv(&mut buf)
+        .expect("the balancer's packet arrives");
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        "from the balancer",
+        "the spoofed packet from {} was unwrapped and delivered",
+        t.client_addr(1)
+    );
+    assert_eq!(counter("decapsulated"), 1);
 }

@@ -115,7 +115,8 @@ fn looked_up(t: &Topology, lbd: &Lbd, service: &str, src: IpAddr) -> usize {
         .unwrap_or_else(|| panic!("lookup names {named}, not a backend"))
 }
 
-/// Strips the outer header on a tunnel backend (`lbd decap`); the pins go at teardown.
+/// Strips the outer header on a tunnel backend (`lbd decap`, allowing the LB's backend-side
+/// addresses, its tunnel sources); the pins go at teardown.
 fn decapsulate_on(t: &Topology, i: usize) {
     let dir = format!("/sys/fs/bpf/{}-decap-b{i}", t.prefix());
     let pins = dir.clone();
@@ -123,7 +124,10 @@ fn decapsulate_on(t: &Topology, i: usize) {
         let _ = std::fs::remove_dir_all(&pins);
     });
     let mut cmd = Command::new(bin("lbd"));
-    cmd.args(["decap", "--interface", "eth0", "--bpffs-dir", &dir]);
+    let (lb4, lb6) = t.lb_side_addrs();
+    let (allow4, allow6) = (format!("{lb4}/32"), format!("{lb6}/128"));
+    cmd.args(["decap", "--interface", "eth0", "--bpffs-dir", &dir])
+        .args(["--allow", &allow4, "--allow", &allow6]);
     let out = t.nsenter_output(t.backend_ns(i), &cmd).expect("lbd decap");
     assert!(
         out.status.success(),

@@ -74,6 +74,19 @@ fn unit_passes_systemd_analyze_verify() {
             "packaging/lbd.service lacks `{expected}`"
         );
     }
+    // Room for a health check's socket for every backend lbd can hold, and then some: without
+    // LimitNOFILE systemd leaves 1,024.
+    let nofile: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .unwrap_or_else(|| panic!("packaging/lbd.service lacks LimitNOFILE="))
+        .parse()
+        .expect("LimitNOFILE= is a number");
+    assert!(
+        nofile >= 2 * u64::from(lb_common::MAX_BACKENDS),
+        "LimitNOFILE={nofile} is less than twice the {} backends lbd may check",
+        lb_common::MAX_BACKENDS
+    );
     let copy = unit.replace(
         shipped,
         &format!(

@@ -63,6 +63,9 @@ impl LbdPaths {
     }
 }
 
+/// How long an lbctl command may take before the harness gives up on lbd answering.
+pub const LBCTL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A running lbd.
 pub struct Lbd<'t> {
     t: &'t Topology,
@@ -73,13 +76,20 @@ pub struct Lbd<'t> {
 /// Writes `config` and starts lbd on it in the LB namespace; returns once the control socket
 /// is there (lbd's readiness signal). At teardown `lbd --cleanup` runs and the pins go.
 pub fn start_lbd<'t>(t: &'t Topology, config: &str) -> Result<Lbd<'t>> {
+    let paths = prepare_lbd(t, config)?;
+    let lbd = spawn_lbd(t, &paths)?;
+    lbd.wait_ready(Duration::from_secs(10))?;
+    Ok(lbd)
+}
+
+/// Writes `config` for the topology's lbd and registers the teardown cleanup of
+/// [`start_lbd`] (`lbd --cleanup`, the pins removed), without starting anything.
+pub fn prepare_lbd(t: &Topology, config: &str) -> Result<LbdPaths> {
     let paths = LbdPaths::for_topology(t);
     std::fs::write(&paths.config, config)
         .with_context(|| format!("writing {}", paths.config.display()))?;
     register_cleanup(t, &paths);
-    let lbd = spawn_lbd(t, &paths)?;
-    lbd.wait_ready(Duration::from_secs(10))?;
-    Ok(lbd)
+    Ok(paths)
 }
 
 fn register_cleanup(t: &Topology, paths: &LbdPaths) {
@@ -97,13 +107,44 @@ fn register_cleanup(t: &Topology, paths: &LbdPaths) {
 
 /// Starts (another) lbd on the config already written at `paths.config`, without waiting.
 pub fn spawn_lbd<'t>(t: &'t Topology, paths: &LbdPaths) -> Result<Lbd<'t>> {
-    spawn_lbd_in(t, t.lb_ns(), paths)
+    spawn(t, t.lb_ns(), paths, &[], None)
 }
 
 /// Like [`spawn_lbd`], in network namespace `ns` of the topology instead of the LB's.
 pub fn spawn_lbd_in<'t>(t: &'t Topology, ns: &str, paths: &LbdPaths) -> Result<Lbd<'t>> {
-    let mut cmd = Command::new(bin("lbd"));
-    cmd.arg("--config").arg(&paths.config);
+    spawn(t, ns, paths, &[], None)
+}
+
+/// Like [`spawn_lbd`], with `extra` arguments after `--config FILE`, and with lbd's soft limit
+/// of open files set to `soft_nofile` first when given (`ulimit -Sn N`, as a shell or a
+/// service manager would leave it).
+pub fn spawn_lbd_with<'t>(
+    t: &'t Topology,
+    paths: &LbdPaths,
+    extra: &[&str],
+    soft_nofile: Option<u64>,
+) -> Result<Lbd<'t>> {
+    spawn(t, t.lb_ns(), paths, extra, soft_nofile)
+}
+
+fn spawn<'t>(
+    t: &'t Topology,
+    ns: &str,
+    paths: &LbdPaths,
+    extra: &[&str],
+    soft_nofile: Option<u64>,
+) -> Result<Lbd<'t>> {
+    let mut cmd = match soft_nofile {
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("ulimit -Sn {n} && exec \"$0\" \"$@\""))
+                .arg(bin("lbd"));
+            c
+        }
+        None => Command::new(bin("lbd")),
+    };
+    cmd.arg("--config").arg(&paths.config).args(extra);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
@@ -160,14 +201,17 @@ impl Lbd<'_> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Runs `lbctl --socket SOCKET ARGS...` (the socket is a file: any namespace reaches it).
+    /// Runs `lbctl --socket SOCKET ARGS...` (the socket is a file: any namespace reaches it);
+    /// an error when lbctl has not exited within 30 s (lbd does not answer).
     pub fn lbctl(&self, args: &[&str]) -> Result<Output> {
-        Command::new(bin("lbctl"))
-            .arg("--socket")
-            .arg(&self.paths.socket)
-            .args(args)
-            .output()
-            .context("running lbctl")
+        crate::netns::run_output_within(
+            Command::new(bin("lbctl"))
+                .arg("--socket")
+                .arg(&self.paths.socket)
+                .args(args),
+            LBCTL_DEADLINE,
+        )
+        .with_context(|| format!("lbctl {args:?}; lbd's log:\n{}", self.log_tail()))
     }
 
     /// `lbctl --json ARGS...`, which must succeed, parsed.
@@ -302,10 +346,7 @@ pub fn spawn_lbd_with_env<'t>(
     config: &str,
     env: &[(&str, &std::ffi::OsStr)],
 ) -> Result<Lbd<'t>> {
-    let paths = LbdPaths::for_topology(t);
-    std::fs::write(&paths.config, config)
-        .with_context(|| format!("writing {}", paths.config.display()))?;
-    register_cleanup(t, &paths);
+    let paths = prepare_lbd(t, config)?;
     let mut cmd = Command::new(bin("lbd"));
     cmd.arg("--config").arg(&paths.config);
     if std::env::var_os("RUST_LOG").is_none() {

@@ -172,3 +172,66 @@ pub fn run_output(cmd: &mut Command, stdin: Option<&str>) -> Result<Output> {
         .wait_with_output()
         .with_context(|| format!("waiting for `{}`", describe(cmd)))
 }
+
+/// Runs `cmd` and returns its output whatever the exit status, like [`run_output`], but kills
+/// it when it has not exited within `deadline` (an error then, naming the command and what it
+/// printed so far): for clients of a daemon that might never answer.
+pub fn run_output_within(cmd: &mut Command, deadline: std::time::Duration) -> Result<Output> {
+    use std::io::Read;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting `{}`", describe(cmd)))?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child
+            .try_wait()
+            .with_context(|| format!("waiting for `{}`", describe(cmd)))?
+        {
+            break Some(st);
+        }
+        if start.elapsed() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => bail!(
+            "`{}` did not exit within {deadline:?} (killed); its stderr: {}",
+            describe(cmd),
+            String::from_utf8_lossy(&stderr).trim()
+        ),
+    }
+}

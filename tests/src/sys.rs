@@ -189,6 +189,37 @@ pub fn tcp_connect_from(
     Ok(stream)
 }
 
+/// Sends `payload` as one IP packet of protocol `proto` to `dst` through a raw socket: the
+/// kernel writes the IP header (the source is the address of the route's interface). Sent from
+/// the calling thread's network namespace.
+pub fn send_ip(dst: IpAddr, proto: i32, payload: &[u8]) -> io::Result<()> {
+    let domain = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = cvt(unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) })?;
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (sa, len) = sockaddr(SocketAddr::new(dst, 0));
+    // SAFETY: a valid fd, a buffer of payload.len() bytes and a sockaddr of length `len`.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            &sa as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets SO_RCVBUF of `stream` to `bytes` (the kernel doubles it for its bookkeeping). This
 /// turns receive-buffer autotuning off, so the window the peer may fill stays small: a reader
 /// that pauses stalls the sender instead of letting it finish into a large buffer.

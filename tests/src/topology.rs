@@ -1477,6 +1477,16 @@ impl Topology {
         })
     }
 
+    /// Sends `payload` as one IP packet of protocol `proto` from namespace `ns` to `dst`, the
+    /// IP header written by the kernel there (e.g. protocol 4 and an IPv4 packet as payload:
+    /// IP-in-IP from that host).
+    pub fn send_ip(&self, ns: &str, dst: IpAddr, proto: i32, payload: &[u8]) -> Result<()> {
+        netns::in_netns(ns, || {
+            sys::send_ip(dst, proto, payload)
+                .with_context(|| format!("sending a protocol {proto} packet to {dst} from {ns}"))
+        })
+    }
+
     /// `GET path` (HTTP/1.0, `Connection: close`) from namespace `ns` with source address
     /// `src` to `dst` (IPv4 or IPv6, as `src`): connect timeout 2 s, whole exchange 10 s.
     /// Safe to call from many threads at once.

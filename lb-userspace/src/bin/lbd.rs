@@ -48,15 +48,22 @@ fn main() -> ExitCode {
     if let Some(LbdCommand::Decap {
         interface,
         bpffs_dir,
+        allow,
         remove,
+        status,
     }) = &args.command
     {
-        if args.check || args.cleanup {
-            eprintln!("lbd: decap takes neither --check nor --cleanup");
+        if args.check || args.cleanup || args.reseed {
+            eprintln!("lbd: decap takes neither --check, --cleanup nor --reseed");
             return ExitCode::from(2);
         }
         init_logging(None);
-        return match decap::run(interface, bpffs_dir, *remove) {
+        let mode = match (remove, status) {
+            (true, _) => decap::Mode::Remove,
+            (_, true) => decap::Mode::Status,
+            _ => decap::Mode::Install,
+        };
+        return match decap::run(interface, bpffs_dir, mode, allow) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 log::error!("{e:#}");
@@ -99,7 +106,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        runtime.block_on(daemon::run(&args.config))
+        runtime.block_on(daemon::run(&args.config, args.reseed))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
