@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -17,7 +17,7 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_common::decap::{AddrKey, Stat, addr_flags};
 use lb_tests::{
     Topology, TopologyOptions, big_file_contents,
-    lbd::{LbdPaths, bin, start_lbd},
+    lbd::{LbdPaths, bin, decap_dir, lbd_decap, start_lbd},
     packet::{Frame, checksum, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_tcp},
     require_root,
 };
@@ -440,14 +440,6 @@ fn truncated_tunnel_packets_pass_unchanged_at_every_length() {
 
 // ---- lbd decap in a namespace ---------------------------------------------------------------
 
-fn lbd_decap(t: &Topology, ns: &str, dir: &Path, extra: &[&str]) -> Output {
-    let mut cmd = Command::new(bin("lbd"));
-    cmd.args(["decap", "--interface", "eth0", "--bpffs-dir"])
-        .arg(dir)
-        .args(extra);
-    t.nsenter_output(ns, &cmd).expect("running lbd decap")
-}
-
 fn assert_ok(what: &str, out: &Output) {
     assert!(
         out.status.success(),
@@ -470,17 +462,6 @@ fn xdp_ids(ns: &str) -> Vec<u32> {
         .filter(|w| w[0].starts_with("prog/xdp") && w[1] == "id")
         .map(|w| w[2].parse().expect("program id"))
         .collect()
-}
-
-/// The pin folder of backend `i`'s `lbd decap`, removed at teardown whatever happens.
-fn decap_dir(t: &Topology, i: usize) -> PathBuf {
-    let dir = PathBuf::from(format!("/sys/fs/bpf/{}-decap-b{i}", t.prefix()));
-    let d = dir.clone();
-    // Removing the link pin detaches the program; the namespace goes right after.
-    t.on_teardown(move || {
-        let _ = std::fs::remove_dir_all(&d);
-    });
-    dir
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use lb_tests::{
     BackendSide, Topology, TopologyOptions,
-    lbd::{Lbd, LbdPaths, spawn_lbd, spawn_lbd_in, start_lbd},
+    lbd::{Lbd, LbdPaths, decapsulate_on, spawn_lbd, spawn_lbd_in, start_lbd},
     netns, require_root, retry_until, wait_until,
 };
 use lb_userspace::{
@@ -728,22 +728,10 @@ fn a_tunnel_backends_new_gateway_and_egress_mtu_are_followed() {
         std::net::IpAddr::V4(a) => a,
         other => panic!("{other}"),
     };
-    // The far backend strips the tunnel with lb's own decapsulation program.
-    let decap_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-decap", t.prefix()));
-    let d = decap_dir.clone();
-    t.on_teardown(move || {
-        let _ = std::fs::remove_dir_all(&d);
-    });
-    let mut decap = std::process::Command::new(lb_tests::lbd::bin("lbd"));
-    decap
-        .args(["decap", "--interface", "eth0", "--bpffs-dir"])
-        .arg(&decap_dir);
-    let out = t.nsenter_output(t.backend_ns(far), &decap).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The far backend strips the tunnel with lb's own decapsulation program, from the LB's
+    // backend-side addresses (the tunnel leaves by eth1).
+    let (lb4, lb6) = t.lb_side_addrs();
+    decapsulate_on(&t, far, &[lb4, lb6]);
 
     let paths = LbdPaths::for_topology(&t);
     let config = paths.daemon_section(&format!("hash_seed = \"{SEED_HEX}\"\n"))

@@ -13,7 +13,7 @@ use std::{
 use lb_tests::{
     BackendSide, Topology, TopologyOptions,
     http::upload,
-    lbd::{Lbd, LbdPaths, bin, start_lbd},
+    lbd::{Lbd, LbdPaths, decapsulate_on, start_lbd},
     require_root,
 };
 
@@ -115,27 +115,6 @@ fn looked_up(t: &Topology, lbd: &Lbd, service: &str, src: IpAddr) -> usize {
         .unwrap_or_else(|| panic!("lookup names {named}, not a backend"))
 }
 
-/// Strips the outer header on a tunnel backend (`lbd decap`, allowing the LB's backend-side
-/// addresses, its tunnel sources); the pins go at teardown.
-fn decapsulate_on(t: &Topology, i: usize) {
-    let dir = format!("/sys/fs/bpf/{}-decap-b{i}", t.prefix());
-    let pins = dir.clone();
-    t.on_teardown(move || {
-        let _ = std::fs::remove_dir_all(&pins);
-    });
-    let mut cmd = Command::new(bin("lbd"));
-    let (lb4, lb6) = t.lb_side_addrs();
-    let (allow4, allow6) = (format!("{lb4}/32"), format!("{lb6}/128"));
-    cmd.args(["decap", "--interface", "eth0", "--bpffs-dir", &dir])
-        .args(["--allow", &allow4, "--allow", &allow6]);
-    let out = t.nsenter_output(t.backend_ns(i), &cmd).expect("lbd decap");
-    assert!(
-        out.status.success(),
-        "lbd decap on backend {i}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The path MTU the kernel of namespace `ns` holds for `dst` (from `ip route get`), if any.
 fn path_mtu(ns: &str, dst: IpAddr) -> Option<u32> {
     let out = Command::new("ip")
@@ -172,7 +151,8 @@ fn clients_on_one_interface_reach_backends_behind_another_and_path_mtu_discovery
         "attached to eth0 and eth1: {status}"
     );
     for i in 3..=4 {
-        decapsulate_on(&t, i);
+        let (lb4, lb6) = t.lb_side_addrs();
+        decapsulate_on(&t, i, &[lb4, lb6]);
     }
 
     // dsr to the backends on eth1's segment, tunnel to those behind the gateway: every client

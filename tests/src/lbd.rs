@@ -358,3 +358,40 @@ pub fn spawn_lbd_with_env<'t>(
     let handle = t.spawn_nsenter(t.lb_ns(), &cmd)?;
     Ok(Lbd { t, paths, handle })
 }
+
+/// `lbd decap --interface eth0 --bpffs-dir DIR EXTRA…` in namespace `ns`, as run there.
+pub fn lbd_decap(t: &Topology, ns: &str, dir: &Path, extra: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("lbd"));
+    cmd.args(["decap", "--interface", "eth0", "--bpffs-dir"])
+        .arg(dir)
+        .args(extra);
+    t.nsenter_output(ns, &cmd).expect("running lbd decap")
+}
+
+/// The pin folder of backend `i`'s `lbd decap`, removed at teardown (removing the link pin
+/// detaches the program; the namespace goes right after).
+pub fn decap_dir(t: &Topology, i: usize) -> PathBuf {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/{}-decap-b{i}", t.prefix()));
+    let d = dir.clone();
+    t.on_teardown(move || {
+        let _ = std::fs::remove_dir_all(&d);
+    });
+    dir
+}
+
+/// Backend `i` strips lb's tunnel with `lbd decap`, allowing tunnel packets from `allow`
+/// (the LB's tunnel sources); panics with lbd's output when that fails.
+pub fn decapsulate_on(t: &Topology, i: usize, allow: &[std::net::IpAddr]) {
+    let mut args = vec![];
+    for a in allow {
+        args.push("--allow".to_string());
+        args.push(format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lbd_decap(t, t.backend_ns(i), &decap_dir(t, i), &args);
+    assert!(
+        out.status.success(),
+        "lbd decap on backend {i}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
