@@ -1793,22 +1793,6 @@ mod tests {
         assert_eq!(resized.maglev[&0].len(), 257usize.div_ceil(4));
     }
 
-    fn backend_with(hop: Hop) -> BackendRuntime {
-        BackendRuntime {
-            id: 4,
-            cfg: config::Backend {
-                address: "203.0.113.130".parse().unwrap(),
-                weight: 100,
-                mac: None,
-            },
-            hop: Some(hop),
-            hop_error: None,
-            healthy: true,
-            last: None,
-            since: SystemTime::now(),
-        }
-    }
-
     /// A backend whose route leaves by a VLAN device: its entry names the VLAN's parent as the
     /// egress (a VLAN device takes no XDP redirects) and the VLAN id as the tag to write.
     #[test]
@@ -1822,7 +1806,7 @@ mod tests {
             tunnel_src: None,
             via: "203.0.113.130".parse().unwrap(),
         };
-        let entry = backend_with(plain.clone()).entry(3);
+        let entry = backend(4, "203.0.113.130", 100, Some(plain.clone()), true).entry(3);
         assert_eq!((entry.ifindex, entry.vlan, entry.service), (7, 0, 3));
         let tagged = Hop {
             vlan: Some(Vlan {
@@ -1833,7 +1817,7 @@ mod tests {
             ..plain
         };
         assert_eq!(tagged.egress(), 2);
-        let entry = backend_with(tagged).entry(3);
+        let entry = backend(4, "203.0.113.130", 100, Some(tagged), true).entry(3);
         assert_eq!((entry.ifindex, entry.vlan), (2, 100));
         assert_eq!(entry.mac, [2, 0, 0, 0, 0xb, 1]);
         assert_eq!(entry.flags, backend_flags::VALID);
