@@ -431,3 +431,87 @@ fn follow_hop(service: &str, b: &mut BackendRuntime, result: Result<Hop, Resolve
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `follow_hop`: what a new resolution does to a backend's hop.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{config, netlink::NetlinkError};
+
+    fn hop(last: u8) -> Hop {
+        Hop {
+            ifindex: 2,
+            vlan: None,
+            mac: [2, 0, 0, 0, 0, last],
+            src_mac: [2, 0, 0, 0, 1, 1],
+            mtu: 1500,
+            tunnel_src: None,
+            via: "192.0.2.11".parse().unwrap(),
+        }
+    }
+
+    fn backend(hop: Option<Hop>) -> BackendRuntime {
+        BackendRuntime {
+            id: 0,
+            cfg: config::Backend {
+                address: "192.0.2.11".parse().unwrap(),
+                weight: 100,
+                mac: None,
+            },
+            hop,
+            hop_error: None,
+            healthy: true,
+            last: None,
+            since: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn silent_neighbour() -> ResolveError {
+        ResolveError::Netlink(NetlinkError::Unresolved {
+            addr: "192.0.2.11".parse().unwrap(),
+            iface: "eth1".into(),
+            timeout: Duration::from_secs(3),
+            detail: "no answer".into(),
+        })
+    }
+
+    fn no_route() -> ResolveError {
+        ResolveError::Netlink(NetlinkError::NoRoute {
+            dst: "192.0.2.11".parse().unwrap(),
+            reason: "unreachable".into(),
+        })
+    }
+
+    #[test]
+    fn a_new_mac_replaces_the_hop_and_the_same_one_changes_nothing() {
+        let mut b = backend(Some(hop(1)));
+        assert!(!follow_hop("web", &mut b, Ok(hop(1))));
+        assert!(follow_hop("web", &mut b, Ok(hop(2))));
+        assert_eq!(b.hop, Some(hop(2)));
+    }
+
+    #[test]
+    fn a_silent_neighbour_keeps_the_last_hop_but_a_lost_route_drops_it() {
+        let mut b = backend(Some(hop(1)));
+        assert!(!follow_hop("web", &mut b, Err(silent_neighbour())));
+        assert_eq!((b.hop.clone(), b.hop_error.clone()), (Some(hop(1)), None));
+        assert!(follow_hop("web", &mut b, Err(no_route())));
+        assert_eq!(b.hop, None);
+        assert_eq!(
+            b.hop_error.as_deref(),
+            Some("no route to 192.0.2.11: unreachable")
+        );
+    }
+
+    #[test]
+    fn an_unresolved_backend_says_why_and_joins_once_it_resolves() {
+        let mut b = backend(None);
+        assert!(!follow_hop("web", &mut b, Err(silent_neighbour())));
+        assert!(b.hop_error.as_deref().unwrap().contains("no answer"));
+        assert!(follow_hop("web", &mut b, Ok(hop(1))));
+        assert_eq!((b.hop.clone(), b.hop_error.clone()), (Some(hop(1)), None));
+    }
+}
