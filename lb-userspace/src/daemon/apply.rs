@@ -439,34 +439,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{config, netlink::NetlinkError};
-
-    fn hop(last: u8) -> Hop {
-        Hop {
-            ifindex: 2,
-            vlan: None,
-            mac: [2, 0, 0, 0, 0, last],
-            src_mac: [2, 0, 0, 0, 1, 1],
-            mtu: 1500,
-            tunnel_src: None,
-            via: "192.0.2.11".parse().unwrap(),
-        }
-    }
+    use crate::{
+        daemon::testing::{self, hop},
+        netlink::NetlinkError,
+    };
 
     fn backend(hop: Option<Hop>) -> BackendRuntime {
-        BackendRuntime {
-            id: 0,
-            cfg: config::Backend {
-                address: "192.0.2.11".parse().unwrap(),
-                weight: 100,
-                mac: None,
-            },
-            hop,
-            hop_error: None,
-            healthy: true,
-            last: None,
-            since: SystemTime::UNIX_EPOCH,
-        }
+        testing::backend(0, "192.0.2.11", 100, hop, true)
     }
 
     fn silent_neighbour() -> ResolveError {

@@ -84,45 +84,14 @@ mod tests {
     use super::*;
     use crate::{
         config::{self, Forwarding, Protocol},
-        daemon::model::{BackendRuntime, Hop},
+        daemon::{
+            model::{BackendRuntime, Hop},
+            testing::{backend, hop},
+        },
         netlink::{ETH_P_8021Q, Vlan},
     };
 
     const SEED: [u64; 2] = [1, 2];
-
-    fn hop(ifindex: u32) -> Hop {
-        Hop {
-            ifindex,
-            vlan: None,
-            mac: [2, 0, 0, 0, 0, ifindex as u8],
-            src_mac: [2, 0, 0, 0, 1, 1],
-            mtu: 1500,
-            tunnel_src: None,
-            via: "192.0.2.1".parse().unwrap(),
-        }
-    }
-
-    fn backend(
-        id: u32,
-        address: &str,
-        weight: u32,
-        hop: Option<Hop>,
-        healthy: bool,
-    ) -> BackendRuntime {
-        BackendRuntime {
-            id,
-            cfg: config::Backend {
-                address: address.parse().unwrap(),
-                weight,
-                mac: None,
-            },
-            hop,
-            hop_error: None,
-            healthy,
-            last: None,
-            since: SystemTime::UNIX_EPOCH,
-        }
-    }
 
     fn service(
         id: u32,

@@ -21,6 +21,8 @@ pub mod interfaces;
 pub mod model;
 pub mod plan;
 pub mod resolve;
+#[cfg(test)]
+mod testing;
 
 pub use apply::{ConntrackUse, Daemon, Shared};
 pub use fill::fill;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::*;
 use crate::{
     config::{self, Forwarding, HashMode},
-    daemon::model::{BackendState, Hop},
+    daemon::{model::BackendState, testing::hop},
     netlink::NetlinkError,
 };
 
@@ -56,29 +56,17 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn hop(last: u8) -> Hop {
-    Hop {
-        ifindex: 2,
-        vlan: None,
-        mac: [2, 0, 0, 0, 0, last],
-        src_mac: [2, 0, 0, 0, 1, 1],
-        mtu: 1500,
-        tunnel_src: None,
-        via: ip("192.0.2.1"),
-    }
-}
-
 /// Every hop `hops_needed` asks for, resolved (MAC ending in the address's last byte).
 fn resolved(needed: &[(String, HopRequest)]) -> Hops {
     needed
         .iter()
         .map(|(service, req)| {
             let address = req.backend.address;
-            let last = match address {
+            let last: u8 = match address {
                 IpAddr::V4(a) => a.octets()[3],
                 IpAddr::V6(a) => a.octets()[15],
             };
-            ((service.clone(), address), Ok(hop(last)))
+            ((service.clone(), address), Ok(hop(last.into())))
         })
         .collect()
 }
