@@ -77,7 +77,7 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
 mod tests {
     //! `fill`, the one function that decides what the maps hold: no kernel needed.
 
-    use std::{net::IpAddr, sync::Arc, time::SystemTime};
+    use std::{net::IpAddr, sync::Arc};
 
     use lb_common::backend_flags;
 
