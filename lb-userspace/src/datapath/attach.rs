@@ -7,23 +7,13 @@ use lb_common::PROGRAM_NAME;
 use log::{info, warn};
 
 use super::{
-    Datapath, Start,
+    Attachment, Datapath, Start,
     error::{DatapathError, Result, io_err},
     link::{self, link_pin},
     load::load_program,
     pins::maps_dir,
 };
 use crate::config;
-
-/// How the program ended up attached to one interface.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Attachment {
-    pub interface: String,
-    pub ifindex: u32,
-    /// "native" or "generic", or "adopted" when an existing pinned link was updated in place.
-    pub mode: String,
-    pub link_id: u32,
-}
 
 impl Datapath {
     fn program(&mut self) -> &mut Xdp {

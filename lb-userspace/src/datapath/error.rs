@@ -1,7 +1,7 @@
-//! The data path's errors: one typed error (`DatapathError`), whose causes keep the whole
+//! The data path's errors: `DatapathError`, and `LinkError` for XDP links (also `lbd decap`'s), whose causes keep the whole
 //! chain of aya's and the kernel's messages, and the small adapters that make one.
 
-use std::io;
+use std::{io, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -21,9 +21,40 @@ pub enum DatapathError {
     Map { what: String, cause: String },
     /// Attaching, pinning or replacing an XDP link failed.
     #[error(transparent)]
-    Link(#[from] super::link::LinkError),
+    Link(#[from] LinkError),
     #[error("{0}")]
     Other(String),
+}
+
+/// What went wrong with an XDP link. Each message names the interface or pin and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// No mode worked: each tried mode with the kernel's answer.
+    #[error("{interface} cannot take {program} ({})", .tried.join("; "))]
+    Attach {
+        interface: String,
+        program: &'static str,
+        tried: Vec<String>,
+    },
+    #[error("{interface}: taking the XDP link: {cause}")]
+    Take { interface: String, cause: String },
+    #[error(
+        "{interface}: the kernel attached XDP without a bpf_link ({cause}); lb needs bpf_link support to stay attached after it exits"
+    )]
+    NoBpfLink { interface: String, cause: String },
+    #[error("pinning the link of {interface} at {}: {cause}", .path.display())]
+    Pin {
+        interface: String,
+        path: PathBuf,
+        cause: String,
+    },
+    /// The pinned link could not be opened, is not an XDP link, or refused the new program.
+    #[error("{what} {}: {cause}", .path.display())]
+    Pinned {
+        what: &'static str,
+        path: PathBuf,
+        cause: String,
+    },
 }
 
 pub(crate) type Result<T> = std::result::Result<T, DatapathError>;

@@ -16,43 +16,13 @@ use aya::programs::{
 };
 use log::warn;
 
+pub use super::error::LinkError;
 use super::{error::error_chain, sys};
 use crate::config;
 
 /// Where the link of `interface` is pinned under `bpffs_dir`: `link_<interface>`.
 pub fn link_pin(bpffs_dir: &Path, interface: &str) -> PathBuf {
     bpffs_dir.join(format!("link_{interface}"))
-}
-
-/// What went wrong with an XDP link. Each message names the interface or pin and the cause.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// No mode worked: each tried mode with the kernel's answer.
-    #[error("{interface} cannot take {program} ({})", .tried.join("; "))]
-    Attach {
-        interface: String,
-        program: &'static str,
-        tried: Vec<String>,
-    },
-    #[error("{interface}: taking the XDP link: {cause}")]
-    Take { interface: String, cause: String },
-    #[error(
-        "{interface}: the kernel attached XDP without a bpf_link ({cause}); lb needs bpf_link support to stay attached after it exits"
-    )]
-    NoBpfLink { interface: String, cause: String },
-    #[error("pinning the link of {interface} at {}: {cause}", .path.display())]
-    Pin {
-        interface: String,
-        path: PathBuf,
-        cause: String,
-    },
-    /// The pinned link could not be opened, is not an XDP link, or refused the new program.
-    #[error("{what} {}: {cause}", .path.display())]
-    Pinned {
-        what: &'static str,
-        path: PathBuf,
-        cause: String,
-    },
 }
 
 /// The modes to try, in order, for a configured `mode`, each with its name in messages.

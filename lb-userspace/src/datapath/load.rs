@@ -11,8 +11,7 @@ use lb_common::{LAYOUT_VERSION, PROGRAM_NAME, conntrack_sets, maps};
 use log::{info, warn};
 
 use super::{
-    Datapath,
-    attach::Attachment,
+    Attachment, Datapath, Start,
     error::{DatapathError, Result, io_err, map_err, prog_err},
     fill::Fill,
     link::{link_facts, link_pin},
@@ -22,26 +21,6 @@ use super::{
 
 /// The XDP program, built by build.rs from lb-ebpf and embedded so `lbd` is self-contained.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-
-/// How `Datapath::open` found the system.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Start {
-    /// Nothing was pinned: program loaded, maps created.
-    Fresh,
-    /// The pinned program is this lbd's own program: kept running, maps opened from their pins.
-    Adopted,
-    /// A different program was running on maps of this layout: the new one is loaded on the
-    /// same maps and replaces it atomically in the pinned links.
-    Upgraded,
-    /// Pins of another map layout were found: the new program gets new maps of its own layout
-    /// and replaces the old program in one step; the old maps are removed after the swap.
-    Replaced { old_layouts: Vec<String> },
-    /// The pinned maps hold this very program's fingerprint, but the link of some interface
-    /// was missing or detached (its interface deleted and recreated): the program is loaded
-    /// again on the same maps, attached anew there and swapped in through the links that work.
-    Reattached,
-}
 
 /// Loads the program (verified, not attached) on the maps pinned in `dir` (creating and pinning
 /// those that are missing), with a connection table of `sets` sets: the object and the
