@@ -279,14 +279,10 @@ impl Datapath {
     pub(super) fn write_vip_filter(&mut self, words: &[u64]) -> Result<()> {
         let memory = ArrayMemory::map(self.maps.vip_filter.map(), words.len() * 8, true)
             .map_err(io_err("mapping VIP_FILTER"))?;
-        let base = memory.base.cast::<u64>();
         for (i, w) in words.iter().enumerate() {
-            // SAFETY: word i lies inside the mapping of VIP_FILTER_WORDS words; the program only
-            // reads them, a whole aligned word at a time.
-            unsafe {
-                if base.add(i).read_volatile() != *w {
-                    base.add(i).write_volatile(*w);
-                }
+            // The program reads whole aligned words: each changes once, old bits to new.
+            if memory.read::<u64>(i) != *w {
+                memory.write(i, *w);
             }
         }
         self.shadow.vip_filter = words.to_vec();

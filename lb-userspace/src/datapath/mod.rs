@@ -19,7 +19,8 @@
 //! - `maps`: every map, opened from the object or from the pins;
 //! - `link`: XDP links, shared with `lbd decap`: pin, attach, replace, facts, place, unpin;
 //! - `pins`: the pin folder on bpffs, layouts, the pinned seed, `cleanup`;
-//! - `sys`: the few syscalls aya 0.14 does not make (their `unsafe` lives there);
+//! - `sys`: the few syscalls aya 0.14 does not make, and checked access to mmapped arrays
+//!   (every `unsafe` of the data path lives there);
 //! - `error`: `DatapathError`, `LinkError` and their adapters.
 
 mod apply;

@@ -92,10 +92,6 @@ pub struct ConntrackCounter {
     sets: usize,
 }
 
-// SAFETY: the mapping is only read, through volatile loads; it stays valid as long as the
-// counter (which holds the map open) lives.
-unsafe impl Send for ConntrackCounter {}
-
 impl ConntrackCounter {
     pub fn open(bpffs_dir: &Path) -> Result<ConntrackCounter> {
         let path = maps_dir(bpffs_dir).join(maps::CONNTRACK);
@@ -114,11 +110,14 @@ impl ConntrackCounter {
     /// Flows in the table now (used entries), and its capacity.
     pub fn count(&self) -> (u64, u64) {
         let entries = self.sets * lb_common::FLOW_WAYS;
-        let base = self.memory.base.cast::<FlowEntry>();
+        let seen = std::mem::offset_of!(FlowEntry, seen);
+        // The program writes entries meanwhile: only the one field needed is read.
         let used = (0..entries)
-            // SAFETY: entry i lies inside the mapping (sets × FLOW_WAYS entries); the program
-            // writes it meanwhile, hence a volatile read of the one field that is needed.
-            .filter(|&i| unsafe { std::ptr::addr_of!((*base.add(i)).seen).read_volatile() } != 0)
+            .filter(|&i| {
+                self.memory
+                    .read_at::<u32>(i * size_of::<FlowEntry>() + seen)
+                    != 0
+            })
             .count();
         (used as u64, entries as u64)
     }

@@ -1,6 +1,6 @@
 //! The few system calls aya 0.14 does not make for lb: bpf(2) commands it does not expose,
-//! statfs and mount for the pin folder, and mmap of BPF_F_MMAPABLE arrays. Every `unsafe` of the
-//! data path's own calls lives here or is a commented read or write through [`ArrayMemory`].
+//! statfs and mount for the pin folder, and mmap of BPF_F_MMAPABLE arrays (read and written
+//! only through `ArrayMemory`'s checked accessors). Every `unsafe` of the data path is here.
 
 use std::{io, path::Path, sync::Arc};
 
@@ -134,11 +134,22 @@ pub(crate) fn map_delete(map: &MapData, key: u32) -> io::Result<()> {
     unsafe { bpf_syscall(BPF_MAP_DELETE_ELEM, &mut attr) }.map(|_| ())
 }
 
-/// The value area of a BPF_F_MMAPABLE array, mapped into this process (unmapped on drop).
+/// The value area of a BPF_F_MMAPABLE array, mapped into this process (unmapped on drop). It
+/// is reached only through [`ArrayMemory::read_at`], [`ArrayMemory::write`] and
+/// [`ArrayMemory::zero`]: whole, aligned, volatile accesses inside the bytes asked for (the
+/// program may read or write the same memory meanwhile).
 pub(crate) struct ArrayMemory {
-    pub(crate) base: *mut libc::c_void,
+    base: *mut libc::c_void,
+    /// The length of the mapping (whole pages).
     len: usize,
+    /// The bytes asked for: what the accessors may touch.
+    bytes: usize,
+    writable: bool,
 }
+
+// SAFETY: the mapping is shared memory owned by this value (unmapped on drop), valid whichever
+// thread uses it, and reached only through volatile accesses.
+unsafe impl Send for ArrayMemory {}
 
 impl ArrayMemory {
     /// Maps the first `bytes` of `map`'s values (rounded up to pages), shared.
@@ -159,7 +170,58 @@ impl ArrayMemory {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(ArrayMemory { base, len })
+        Ok(ArrayMemory {
+            base,
+            len,
+            bytes,
+            writable,
+        })
+    }
+
+    /// Where a `T` at byte `offset` is: inside the bytes asked for and aligned, else a panic
+    /// (a caller's bug, never the data's).
+    fn place<T>(&self, offset: usize) -> *mut T {
+        assert!(
+            offset + size_of::<T>() <= self.bytes,
+            "{} bytes at offset {offset} lie past the {} bytes mapped",
+            size_of::<T>(),
+            self.bytes
+        );
+        let at = self.base.cast::<u8>().wrapping_add(offset).cast::<T>();
+        assert!(
+            at.is_aligned(),
+            "offset {offset} is not aligned for its type"
+        );
+        at
+    }
+
+    /// The `T` at byte `offset`, read whole.
+    pub(crate) fn read_at<T: Copy>(&self, offset: usize) -> T {
+        // SAFETY: `place` checked that the value lies inside the mapping and is aligned; any
+        // bit pattern is a valid `T` for the plain-data types read here.
+        unsafe { self.place::<T>(offset).read_volatile() }
+    }
+
+    /// Element `i` of the memory seen as an array of `T`, read whole.
+    pub(crate) fn read<T: Copy>(&self, i: usize) -> T {
+        self.read_at(i * size_of::<T>())
+    }
+
+    /// Writes element `i` of the memory seen as an array of `T`, whole.
+    pub(crate) fn write<T: Copy>(&self, i: usize, value: T) {
+        assert!(self.writable, "the memory was mapped read-only");
+        // SAFETY: `place` checked that the value lies inside the mapping and is aligned; the
+        // mapping is writable.
+        unsafe { self.place::<T>(i * size_of::<T>()).write_volatile(value) }
+    }
+
+    #[cfg(any(test, feature = "test-hooks"))]
+    /// Zeroes the bytes asked for. The program may write meanwhile: a byte-wise zeroing races
+    /// with it harmlessly for the tables zeroed here (a torn entry belongs to no flow).
+    pub(crate) fn zero(&self) {
+        assert!(self.writable, "the memory was mapped read-only");
+        // SAFETY: the first `bytes` of the writable mapping are ours to write.
+        unsafe { std::ptr::write_bytes(self.base.cast::<u8>(), 0, self.bytes) }
     }
 }
 
@@ -185,10 +247,5 @@ pub(crate) fn fill_mmapable_array(map: &MapData, values: &[u64]) -> io::Result<(
 /// The first `len` u64 values of a BPF_F_MMAPABLE array, read through its memory.
 pub(crate) fn read_mmapable_array(map: &MapData, len: usize) -> io::Result<Arc<[u64]>> {
     let memory = ArrayMemory::map(map, len * 8, false)?;
-    let base = memory.base.cast::<u64>();
-    // SAFETY: the mapping holds at least `len` aligned 8-byte elements; the program may write
-    // them meanwhile, hence volatile reads of whole words.
-    Ok((0..len)
-        .map(|i| unsafe { base.add(i).read_volatile() })
-        .collect())
+    Ok((0..len).map(|i| memory.read::<u64>(i)).collect())
 }

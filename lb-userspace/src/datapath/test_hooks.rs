@@ -210,7 +210,6 @@ impl Datapath {
         let sets = self.conntrack_sets()? as usize;
         let memory = ArrayMemory::map(self.maps.conntrack.map(), sets * size_of::<FlowSet>(), true)
             .map_err(io_err("mapping CONNTRACK"))?;
-        let base = memory.base.cast::<FlowEntry>();
         let mut x: u64 = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -222,11 +221,7 @@ impl Datapath {
             x ^= x << 25;
             x ^= x >> 27;
             let hash = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-            // SAFETY: entry i lies inside the mapping (sets × FLOW_WAYS entries).
-            unsafe {
-                base.add(i)
-                    .write_volatile(FlowEntry::new(hash, value.backend, value.service, 1))
-            };
+            memory.write(i, FlowEntry::new(hash, value.backend, value.service, 1));
         }
         Ok(())
     }
@@ -236,9 +231,7 @@ impl Datapath {
         let sets = self.conntrack_sets()? as usize;
         let memory = ArrayMemory::map(self.maps.conntrack.map(), sets * size_of::<FlowSet>(), true)
             .map_err(io_err("mapping CONNTRACK"))?;
-        // SAFETY: the mapping covers `sets` FlowSets; the program may write entries meanwhile,
-        // and a byte-wise zeroing races with it harmlessly (a torn entry belongs to no flow).
-        unsafe { std::ptr::write_bytes(memory.base.cast::<FlowSet>(), 0, sets) };
+        memory.zero();
         Ok(())
     }
 

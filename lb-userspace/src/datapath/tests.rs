@@ -220,3 +220,33 @@ fn fragments_of_ids_that_change_meaning_are_forgotten() {
         "an entry made while the id had no service is not honoured once it has one"
     );
 }
+
+#[test]
+fn array_memory_reads_and_writes_whole_values_and_nothing_past_its_bytes() {
+    use aya::maps::{Array, IterableMap as _, MapData};
+    let array = Array::<MapData, u64>::create(4, lb_common::MAGLEV_TABLE_FLAGS)
+        .expect("creating a mmapable array (needs root)");
+    let memory = sys::ArrayMemory::map(array.map(), 4 * 8, true).unwrap();
+    memory.write(3, 0x1122_3344_5566_7788u64);
+    assert_eq!(memory.read::<u64>(3), 0x1122_3344_5566_7788);
+    // The kernel sees the same memory.
+    assert_eq!(array.get(&3, 0).unwrap(), 0x1122_3344_5566_7788);
+    assert_eq!(
+        memory.read_at::<u32>(3 * 8),
+        0x5566_7788,
+        "the low half, little-endian"
+    );
+    memory.zero();
+    assert_eq!(array.get(&3, 0).unwrap(), 0);
+    let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| memory.read::<u64>(4)));
+    assert!(
+        past.is_err(),
+        "element 4 of a 4-element array must be refused"
+    );
+    let torn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| memory.read_at::<u64>(4)));
+    assert!(torn.is_err(), "an unaligned read must be refused");
+    let read_only = sys::ArrayMemory::map(array.map(), 4 * 8, false).unwrap();
+    let refused =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_only.write(0, 1u64)));
+    assert!(refused.is_err(), "a read-only mapping must refuse writes");
+}
