@@ -19,7 +19,7 @@ use super::{
 
 /// What lbd writes into the maps: every map but the counters, the connection table and `FRAGS`
 /// (which the program fills). The daemon computes it from its runtime state with one function,
-/// at start and after every change; [`Datapath::apply`] makes the maps hold exactly it, and
+/// at start and after every change; [`Datapath::apply`](super::Datapath::apply) makes the maps hold exactly it, and
 /// `Fill::read_pinned` (tests) reads it back (to compare a running lbd's maps with a fresh fill).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fill {

@@ -8,7 +8,7 @@ pub enum NetlinkError {
     /// The NETLINK_ROUTE socket could not be opened.
     #[error("cannot open a netlink route socket: {0}")]
     Connect(std::io::Error),
-    /// [`Netlink::new`] was called outside a tokio runtime.
+    /// [`Netlink::new`](super::Netlink::new) was called outside a tokio runtime.
     #[error("cannot open a netlink route socket: not called from within a tokio runtime")]
     NoRuntime,
     /// The kernel refused a link query (a missing interface is `Ok(None)`, not this).
