@@ -662,7 +662,7 @@ fn icmp_errors_not_addressed_to_the_quoted_vip_pass_untouched() {
 fn too_big_answers_are_rate_limited_per_cpu() {
     let f = fixture();
     // One CPU's bucket: the runs stay on CPU 0.
-    let _pinned = lb_tests::bpf::Pinned::to(0).expect("pinning the test thread to CPU 0");
+    let _pinned = lb_tests::Pinned::to(0).expect("pinning the test thread to CPU 0");
     let big = too_big4(c4(73));
     let (too_big, suppressed) = (f.reason(Reason::TooBig), f.reason(Reason::TooBigSuppressed));
     const SENT: u64 = 4 * TOO_BIG_BURST;

@@ -32,6 +32,7 @@ use anyhow::{Result, anyhow, bail};
 
 pub use http::HttpReply;
 pub use netns::{in_netns, netns_path};
+pub use sys::Pinned;
 pub use topology::{
     BIG_FILE_SIZE, BackendSide, ProcHandle, ServerHandle, Topology, TopologyOptions,
     big_file_contents, parse_backend,
