@@ -44,6 +44,7 @@ use lb_tests::{
     packet::checksum,
 };
 use lb_userspace::state::{family, to_addr};
+use rand::{Rng as _, RngCore as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 
 /// The data-path fixture of tests/src/dpfixture.rs (the five services of e2e/packets.rs).
 fn fixture() -> Fixture {
@@ -132,44 +133,45 @@ impl Reference for Fixture {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A small deterministic PRNG (SplitMix64).
+// Random choices: `rand`'s StdRng, seeded (the same seed and Cargo.lock give the same frames).
 // ---------------------------------------------------------------------------------------------
 
-struct Rng(u64);
+struct Rng(StdRng);
 
 impl Rng {
+    fn seeded(seed: u64) -> Rng {
+        Rng(StdRng::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.random()
     }
     /// Uniform in 0..n (n > 0).
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.random_range(0..n)
     }
     /// Uniform in lo..=hi.
     fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
+        self.0.random_range(lo..=hi)
     }
     fn chance(&mut self, percent: usize) -> bool {
         self.below(100) < percent
     }
     fn u8(&mut self) -> u8 {
-        self.next() as u8
+        self.0.random()
     }
     fn u16(&mut self) -> u16 {
-        self.next() as u16
+        self.0.random()
     }
     fn u32(&mut self) -> u32 {
-        self.next() as u32
+        self.0.random()
     }
     fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
+        *xs.choose(&mut self.0).expect("a choice among none")
     }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.u8()).collect()
+        let mut v = vec![0; n];
+        self.0.fill_bytes(&mut v);
+        v
     }
     /// A payload length: mostly small, sometimes up to a full frame.
     fn payload_len(&mut self) -> usize {
@@ -1956,7 +1958,7 @@ fn run_random(tolerate_known_bugs: bool) {
     );
     let fx = fixture();
     let svcs = services();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded(seed);
     let mut by_category = Tally::new();
     let mut by_class = Tally::new();
     let mut by_why = Tally::new();
