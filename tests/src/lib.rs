@@ -18,6 +18,7 @@
 
 pub mod bench;
 pub mod bpf;
+pub mod cases;
 pub mod dpfixture;
 pub mod http;
 pub mod lbd;
