@@ -35,6 +35,7 @@ use std::{
     time::Instant,
 };
 
+use etherparse::{IpNumber, Ipv4Header, Ipv6Header};
 use lb_common::{FlowKey, Reason, hash};
 use lb_tests::{
     dpfixture::{
@@ -967,35 +968,45 @@ fn check_forwarded(fx: &Fixture, t: &Target, input: &[u8], out: &[u8]) -> Result
     if out[14 + overhead..] != input[l3..] {
         return Err("the inner packet is not byte-identical to the input's".into());
     }
+    // The outer header, parsed by etherparse (not by this file's reference parser).
     let o = &out[14..14 + overhead];
     match (s.tunnel_src.unwrap(), backend) {
         (IpAddr::V4(tsrc), IpAddr::V4(baddr)) => {
-            let want_df = if t.df { 0x40 } else { 0 };
+            let h = match Ipv4Header::from_slice(o) {
+                Ok((h, _)) => h,
+                Err(e) => return Err(format!("outer IPv4 header {}: {e}", hex(o))),
+            };
             let problems = [
-                (o[0] != 0x45, "version/IHL"),
-                (be16(o, 2) as usize != t.ip_len + 20, "total length"),
+                (h.ihl() != 5, "IHL (no options)"),
+                (h.total_len as usize != t.ip_len + 20, "total length"),
                 (
-                    o[6] != want_df || o[7] != 0,
+                    h.dont_fragment != t.df || h.more_fragments || h.fragment_offset.value() != 0,
                     "DF/fragment offset (DF follows the inner one)",
                 ),
-                (o[8] == 0, "TTL"),
-                (o[9] != 4, "protocol (4, IPIP)"),
-                (checksum(o, 0) != 0, "header checksum"),
-                (o[12..16] != tsrc.octets(), "source (tunnel source)"),
-                (o[16..20] != baddr.octets(), "destination (the backend)"),
+                (h.time_to_live == 0, "TTL"),
+                (h.protocol != IpNumber::IPV4, "protocol (4, IPIP)"),
+                (
+                    h.header_checksum != h.calc_header_checksum(),
+                    "header checksum",
+                ),
+                (h.source != tsrc.octets(), "source (tunnel source)"),
+                (h.destination != baddr.octets(), "destination (the backend)"),
             ];
             if let Some((_, what)) = problems.iter().find(|(bad, _)| *bad) {
                 return Err(format!("outer IPv4 header {}: wrong {what}", hex(o)));
             }
         }
         (IpAddr::V6(tsrc), IpAddr::V6(baddr)) => {
+            let h = match Ipv6Header::from_slice(o) {
+                Ok((h, _)) => h,
+                Err(e) => return Err(format!("outer IPv6 header {}: {e}", hex(o))),
+            };
             let problems = [
-                (o[0] >> 4 != 6, "version"),
-                (be16(o, 4) as usize != t.ip_len, "payload length"),
-                (o[6] != 41, "next header (41, IPv6)"),
-                (o[7] == 0, "hop limit"),
-                (o[8..24] != tsrc.octets(), "source (tunnel source)"),
-                (o[24..40] != baddr.octets(), "destination (the backend)"),
+                (h.payload_length as usize != t.ip_len, "payload length"),
+                (h.next_header != IpNumber::IPV6, "next header (41, IPv6)"),
+                (h.hop_limit == 0, "hop limit"),
+                (h.source != tsrc.octets(), "source (tunnel source)"),
+                (h.destination != baddr.octets(), "destination (the backend)"),
             ];
             if let Some((_, what)) = problems.iter().find(|(bad, _)| *bad) {
                 return Err(format!("outer IPv6 header {}: wrong {what}", hex(o)));
