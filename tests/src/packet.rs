@@ -307,13 +307,20 @@ pub fn icmpv6_too_big(
     Frame { bytes: b }
 }
 
+/// A packet's source and destination addresses.
+#[derive(Clone, Copy)]
+enum Addrs {
+    V4([u8; 4], [u8; 4]),
+    V6([u8; 16], [u8; 16]),
+}
+
 /// Parses `frame` with etherparse and checks what a receiver would: the IPv4 header checksum,
 /// the IP lengths against the frame, and the TCP, UDP (unless zero over IPv4), ICMP and ICMPv6
 /// checksums. Returns what it found wrong.
 pub fn verify(frame: &[u8]) -> Result<(), String> {
     let h = PacketHeaders::from_ethernet_slice(frame).map_err(|e| format!("unparsable: {e}"))?;
     let payload = h.payload.slice();
-    let (src, dst) = match &h.net {
+    let addrs = match &h.net {
         Some(NetHeaders::Ipv4(ip, _)) => {
             if ip.header_checksum != ip.calc_header_checksum() {
                 return Err(format!(
@@ -322,47 +329,41 @@ pub fn verify(frame: &[u8]) -> Result<(), String> {
                     ip.calc_header_checksum()
                 ));
             }
-            (ip.source.to_vec(), ip.destination.to_vec())
+            Addrs::V4(ip.source, ip.destination)
         }
-        Some(NetHeaders::Ipv6(ip, _)) => (ip.source.to_vec(), ip.destination.to_vec()),
+        Some(NetHeaders::Ipv6(ip, _)) => Addrs::V6(ip.source, ip.destination),
         _ => return Ok(()),
     };
-    let v4 = |a: &[u8]| <[u8; 4]>::try_from(a).ok();
-    let v6 = |a: &[u8]| <[u8; 16]>::try_from(a).ok();
-    let want = match &h.transport {
-        Some(TransportHeader::Tcp(t)) => Some((
+    let err = |e: etherparse::err::ValueTooBigError<usize>| e.to_string();
+    let want = match (&h.transport, addrs) {
+        (Some(TransportHeader::Tcp(t)), Addrs::V4(s, d)) => Some((
             "TCP",
             t.checksum,
-            match (v4(&src), v4(&dst), v6(&src), v6(&dst)) {
-                (Some(s), Some(d), ..) => t.calc_checksum_ipv4_raw(s, d, payload),
-                (.., Some(s), Some(d)) => t.calc_checksum_ipv6_raw(s, d, payload),
-                _ => unreachable!(),
-            }
-            .map_err(|e| e.to_string())?,
+            t.calc_checksum_ipv4_raw(s, d, payload).map_err(err)?,
         )),
-        Some(TransportHeader::Udp(u)) if u.checksum != 0 || src.len() == 16 => Some((
+        (Some(TransportHeader::Tcp(t)), Addrs::V6(s, d)) => Some((
+            "TCP",
+            t.checksum,
+            t.calc_checksum_ipv6_raw(s, d, payload).map_err(err)?,
+        )),
+        // Zero: no checksum, which only IPv4 allows.
+        (Some(TransportHeader::Udp(u)), Addrs::V4(s, d)) if u.checksum != 0 => Some((
             "UDP",
             u.checksum,
-            match (v4(&src), v4(&dst), v6(&src), v6(&dst)) {
-                (Some(s), Some(d), ..) => u.calc_checksum_ipv4_raw(s, d, payload),
-                (.., Some(s), Some(d)) => u.calc_checksum_ipv6_raw(s, d, payload),
-                _ => unreachable!(),
-            }
-            .map_err(|e| e.to_string())?,
+            u.calc_checksum_ipv4_raw(s, d, payload).map_err(err)?,
         )),
-        Some(TransportHeader::Icmpv4(i)) => {
+        (Some(TransportHeader::Udp(u)), Addrs::V6(s, d)) => Some((
+            "UDP",
+            u.checksum,
+            u.calc_checksum_ipv6_raw(s, d, payload).map_err(err)?,
+        )),
+        (Some(TransportHeader::Icmpv4(i)), _) => {
             Some(("ICMP", i.checksum, i.icmp_type.calc_checksum(payload)))
         }
-        Some(TransportHeader::Icmpv6(i)) => Some((
+        (Some(TransportHeader::Icmpv6(i)), Addrs::V6(s, d)) => Some((
             "ICMPv6",
             i.checksum,
-            i.icmp_type
-                .calc_checksum(
-                    v6(&src).expect("IPv6 under ICMPv6"),
-                    v6(&dst).expect("IPv6 under ICMPv6"),
-                    payload,
-                )
-                .map_err(|e| e.to_string())?,
+            i.icmp_type.calc_checksum(s, d, payload).map_err(err)?,
         )),
         _ => None,
     };
