@@ -209,7 +209,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         "ns/packet",
         column(&timed[est_repeat], |s| s.empty),
         &format!(
-            "2 instructions loaded with bpf(2), run on the established flow's frame with repeat {}; bpf_stats was {stats_during} during this pass; {context}",
+            "2 instructions (`pass` of the tests' XDP object, loaded with aya), run on the established flow's frame with repeat {}; bpf_stats was {stats_during} during this pass; {context}",
             thousands(REPEAT as u64)
         ),
     ));
