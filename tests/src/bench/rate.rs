@@ -200,27 +200,8 @@ fn check_frame(stream: Stream, n: u64, f: &[u8]) -> Result<()> {
     if got != want {
         bail!("frame {got:02x?}, expected {want:02x?}");
     }
-    let ones = |bytes: &[u8]| {
-        let mut s: u32 = bytes
-            .chunks(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-            .sum();
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        s
-    };
-    if ones(&f[14..34]) != 0xffff {
-        bail!("bad IPv4 header checksum");
-    }
-    if stream == Stream::Syn {
-        let mut pseudo = f[26..34].to_vec();
-        pseudo.extend_from_slice(&[0, 6, 0, 20]);
-        pseudo.extend_from_slice(&f[34..54]);
-        if ones(&pseudo) != 0xffff {
-            bail!("bad TCP checksum");
-        }
-    }
+    // Lengths and checksums, checked with etherparse.
+    crate::packet::verify(f).map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -1246,4 +1227,19 @@ fn share_note(runs: &[Run], slots: u32) -> String {
         .map(|c| format!("{:.1}", 100.0 * *c as f64 / total.max(1) as f64))
         .collect();
     format!("backend shares {}%", shares.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// What the rate part checks before it measures, as a test: each generator run once (not
+    /// live) per chosen counter value makes the template frame with the flow's address (and
+    /// port), and its lengths and checksums verify (etherparse).
+    #[test]
+    fn generators_make_the_frames_they_must() {
+        crate::require_root();
+        let mut rig = super::Rig::new().expect("the rate part's rig");
+        // A test run runs on the calling thread's CPU: the counter slot set is that CPU's.
+        let _pinned = crate::sys::Pinned::to(0).expect("pinning to CPU 0");
+        rig.check_generators(0).expect("the generators' frames");
+    }
 }
