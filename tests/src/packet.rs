@@ -6,8 +6,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Header,
-    NetHeaders, PacketBuilder, PacketHeaders, TcpHeader, TransportHeader,
+    EtherType, Ethernet2Header, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6FragmentHeader,
+    Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketHeaders, SingleVlanHeader,
+    TcpHeader, TransportHeader, VlanId,
 };
 
 /// A frame as it would arrive on the wire.
@@ -19,8 +20,15 @@ pub struct Frame {
 impl Frame {
     /// The same frame with an 802.1Q tag (VLAN `vid`) inserted after the MAC addresses.
     pub fn with_vlan(mut self, vid: u16) -> Frame {
-        let tag = [0x81, 0x00, (vid >> 8) as u8 & 0x0f, vid as u8];
-        self.bytes.splice(12..12, tag);
+        let tag = SingleVlanHeader {
+            pcp: Default::default(),
+            drop_eligible_indicator: false,
+            vlan_id: VlanId::try_new(vid).expect("a 12-bit VLAN id"),
+            ether_type: EtherType(u16::from_be_bytes([self.bytes[12], self.bytes[13]])),
+        };
+        let mut l2 = EtherType::VLAN_TAGGED_FRAME.0.to_be_bytes().to_vec();
+        l2.extend_from_slice(&tag.to_bytes());
+        self.bytes.splice(12..14, l2);
         self
     }
 }
@@ -252,27 +260,24 @@ pub fn ipv6_tcp(
     ipv6(src_mac, dst_mac, src, dst, ext, 6, &t.to_bytes())
 }
 /// An 8-byte IPv6 extension header of type `kind` (hop-by-hop 0, routing 43, destination
-/// options 60): padding only.
+/// options 60): padding only. Its next-header byte is filled in by `ipv6`.
 pub fn ipv6_ext(kind: u8) -> (u8, Vec<u8>) {
-    let mut h = vec![0u8; 8];
-    if kind == 43 {
+    let payload = if kind == 43 {
         // Routing header, type 0 segments left 0: a no-op.
-        h[2] = 0;
+        [0u8; 6]
     } else {
         // PadN option filling the 6 bytes.
-        h[2] = 1;
-        h[3] = 4;
-    }
-    (kind, h)
+        [1, 4, 0, 0, 0, 0]
+    };
+    let h = Ipv6RawExtHeader::new_raw(IpNumber(0), &payload).expect("an 8-byte header");
+    (kind, h.to_bytes().to_vec())
 }
 
-/// An IPv6 fragment header.
+/// An IPv6 fragment header. Its next-header byte is filled in by `ipv6`.
 pub fn ipv6_frag(offset_units: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
-    let mut h = vec![0u8; 8];
-    let v = (offset_units << 3) | more as u16;
-    h[2..4].copy_from_slice(&v.to_be_bytes());
-    h[4..8].copy_from_slice(&id.to_be_bytes());
-    (44, h)
+    let offset = IpFragOffset::try_new(offset_units).expect("a 13-bit fragment offset");
+    let h = Ipv6FragmentHeader::new(IpNumber(0), offset, more, id);
+    (44, h.to_bytes().to_vec())
 }
 
 /// ICMPv6 "packet too big" quoting a TCP packet `quoted_src` → `quoted_dst`.
