@@ -153,52 +153,50 @@ pub fn parse_seed(hex: &str) -> Option<[u64; 2]> {
 mod tests {
     use super::*;
 
-    /// A straightforward byte-wise SipHash-1-3 (any length, trailing bytes and length folded
-    /// into the last block as the SipHash paper specifies), to check the fixed-size word version.
-    fn siphash13_bytes(key: &[u8; 16], data: &[u8]) -> u64 {
-        let k0 = u64::from_le_bytes(key[..8].try_into().unwrap());
-        let k1 = u64::from_le_bytes(key[8..].try_into().unwrap());
-        let mut v = [
-            k0 ^ 0x736f6d6570736575,
-            k1 ^ 0x646f72616e646f6d,
-            k0 ^ 0x6c7967656e657261,
-            k1 ^ 0x7465646279746573,
-        ];
-        let mut chunks = data.chunks_exact(8);
-        for c in &mut chunks {
-            let m = u64::from_le_bytes(c.try_into().unwrap());
-            v[3] ^= m;
-            sip_round(&mut v);
-            v[0] ^= m;
-        }
-        let mut last = [0u8; 8];
-        let rem = chunks.remainder();
-        last[..rem.len()].copy_from_slice(rem);
-        last[7] = data.len() as u8;
-        let m = u64::from_le_bytes(last);
-        v[3] ^= m;
-        sip_round(&mut v);
-        v[0] ^= m;
-        v[2] ^= 0xff;
-        for _ in 0..3 {
-            sip_round(&mut v);
-        }
-        v[0] ^ v[1] ^ v[2] ^ v[3]
-    }
-
+    /// `siphash13` against an independent implementation (the `siphasher` crate's
+    /// `SipHasher13`, key words as they are, message words as little-endian bytes) for random
+    /// keys and messages of every length the balancer hashes (2 words: a client; 3: a backend;
+    /// 5: a 5-tuple). The seed is random unless `LB_TEST_SEED` gives one; a failure names it.
     #[test]
-    fn word_version_matches_byte_version() {
-        let key_bytes: [u8; 16] = core::array::from_fn(|i| i as u8);
-        let key = [
-            u64::from_le_bytes(key_bytes[..8].try_into().unwrap()),
-            u64::from_le_bytes(key_bytes[8..].try_into().unwrap()),
-        ];
+    fn siphash13_matches_the_siphasher_crate() {
+        use core::hash::Hasher as _;
+        use rand::{Rng as _, SeedableRng as _};
+
+        fn check<const N: usize>(rng: &mut rand::rngs::StdRng, seed: u64) {
+            for _ in 0..20_000 {
+                let key: [u64; 2] = rng.random();
+                let msg: [u64; N] = core::array::from_fn(|_| rng.random());
+                let mut oracle = siphasher::sip::SipHasher13::new_with_keys(key[0], key[1]);
+                for w in msg {
+                    oracle.write(&w.to_le_bytes());
+                }
+                assert_eq!(
+                    siphash13(&key, &msg),
+                    oracle.finish(),
+                    "key {key:x?}, message {msg:x?} (LB_TEST_SEED={seed})"
+                );
+            }
+        }
+        // The vector the word version was first checked with: key bytes 0..16, 16 bytes of data.
+        let mut oracle =
+            siphasher::sip::SipHasher13::new_with_key(&core::array::from_fn(|i| i as u8));
         let data: [u8; 16] = core::array::from_fn(|i| (i * 7 + 3) as u8);
+        oracle.write(&data);
+        let key = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
         let w = [
             u64::from_le_bytes(data[..8].try_into().unwrap()),
             u64::from_le_bytes(data[8..].try_into().unwrap()),
         ];
-        assert_eq!(siphash13(&key, &w), siphash13_bytes(&key_bytes, &data));
+        assert_eq!(siphash13(&key, &w), oracle.finish());
+        let seed = std::env::var("LB_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        check::<1>(&mut rng, seed);
+        check::<2>(&mut rng, seed);
+        check::<3>(&mut rng, seed);
+        check::<5>(&mut rng, seed);
     }
 
     #[test]

@@ -10,13 +10,9 @@
 //! argument parsing or lbctl without a daemon.
 
 use std::{
-    fs::{File, Permissions},
-    io::Read as _,
+    fs::Permissions,
     net::{IpAddr, SocketAddr},
-    os::{
-        fd::FromRawFd as _,
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _, fs::PermissionsExt as _},
-    },
+    os::unix::{fs::MetadataExt as _, fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::{Duration, Instant},
@@ -1066,124 +1062,28 @@ enum AsNobody {
     ConnectFailed(i32),
 }
 
-/// Sends `request` to the unix socket `path` from a forked child that has dropped to
-/// nobody (uid and gid 65534, no supplementary groups) before connecting, and returns what
-/// it got. The only unsafe code of these tests: after fork() in a threaded process the child
-/// may only make async-signal-safe calls, so everything it needs (the address, the request,
-/// a buffer on its stack) is ready before the fork, and it talks to the parent over a pipe
-/// with raw syscalls, then _exit()s: first byte 0 and the reply, or 1 and connect's errno, or
-/// 2 and the errno of a failed setup step.
+/// Sends `request` to the unix socket `path` from a child process running as nobody (uid and
+/// gid 65534; std's spawn drops the supplementary groups with them): `lb-unix-request`
+/// (tests/src/bin), which connects, sends, reads the reply and prints what it got.
 fn request_as_nobody(path: &Path, request: &[u8]) -> Result<AsNobody> {
-    // SAFETY: sockaddr_un is plain data, valid zeroed.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        bail!("socket path {} is too long", path.display());
-    }
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds has room for the two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    let [rd, wr] = fds;
-    // SAFETY: the child below makes only async-signal-safe calls and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error()).context("fork");
-    }
-    if pid == 0 {
-        // SAFETY: in the child: raw syscalls on descriptors we own and on stack memory.
-        unsafe {
-            let put = |buf: &[u8]| {
-                let mut off = 0;
-                while off < buf.len() {
-                    let n = libc::write(wr, buf[off..].as_ptr().cast(), buf.len() - off);
-                    if n <= 0 {
-                        break;
-                    }
-                    off += n as usize;
-                }
-            };
-            let fail = |tag: u8| -> ! {
-                let errno = *libc::__errno_location();
-                put(&[tag]);
-                put(&errno.to_ne_bytes());
-                libc::_exit(1)
-            };
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
-                || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
-            {
-                fail(2);
-            }
-            let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            if s < 0 {
-                fail(2);
-            }
-            // Never wait for ever on a server that keeps the connection open.
-            let tv = libc::timeval {
-                tv_sec: 5,
-                tv_usec: 0,
-            };
-            libc::setsockopt(
-                s,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-            if libc::connect(
-                s,
-                (&addr as *const libc::sockaddr_un).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            ) != 0
-            {
-                fail(1);
-            }
-            put(&[0]);
-            let mut off = 0;
-            while off < request.len() {
-                let n = libc::write(s, request[off..].as_ptr().cast(), request.len() - off);
-                if n <= 0 {
-                    break;
-                }
-                off += n as usize;
-            }
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = libc::read(s, buf.as_mut_ptr().cast(), buf.len());
-                if n <= 0 {
-                    break;
-                }
-                put(&buf[..n as usize]);
-            }
-            libc::_exit(0)
-        }
-    }
-    // SAFETY: wr is ours, and only the child writes to it now; rd becomes the File's.
-    let mut from_child = unsafe {
-        libc::close(wr);
-        File::from_raw_fd(rd)
-    };
-    let mut got = vec![];
-    let read = from_child.read_to_end(&mut got);
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    read.context("reading from the child")?;
-    let errno = |b: &[u8]| i32::from_ne_bytes(b.get(..4).unwrap_or(&[0; 4]).try_into().unwrap());
-    match got.split_first() {
-        Some((0, reply)) => Ok(AsNobody::Reply(reply.to_vec())),
-        Some((1, e)) => Ok(AsNobody::ConnectFailed(errno(e))),
-        Some((2, e)) => bail!(
-            "the child could not become nobody or make a socket: {}",
-            std::io::Error::from_raw_os_error(errno(e))
-        ),
-        _ => bail!("the child said nothing (status {status:#x})"),
+    let hex: String = request.iter().map(|b| format!("{b:02x}")).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-unix-request"))
+        .arg(path)
+        .arg(hex)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .context("running lb-unix-request as nobody")?;
+    let stdout = text(&out.stdout);
+    match stdout.trim().split_once(' ') {
+        Some(("reply", bytes)) => Ok(AsNobody::Reply(
+            (0..bytes.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&bytes[i..i + 2], 16))
+                .collect::<Result<_, _>>()?,
+        )),
+        Some(("connect-failed", errno)) => Ok(AsNobody::ConnectFailed(errno.parse()?)),
+        _ => bail!("{}", describe("lb-unix-request as nobody", &out)),
     }
 }
 
@@ -1196,20 +1096,16 @@ impl Drop for RestoreMode<'_> {
     }
 }
 
-/// lbctl run as nobody (setpriv, from util-linux).
+/// The real lbctl, run as nobody (uid and gid 65534, no supplementary groups).
 fn lbctl_as_nobody(socket: &Path, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([
-            format!("--reuid={NOBODY}"),
-            format!("--regid={NOBODY}"),
-            "--clear-groups".into(),
-        ])
-        .arg(bin("lbctl"))
+    Command::new(bin("lbctl"))
         .arg("--socket")
         .arg(socket)
         .args(args)
+        .uid(NOBODY)
+        .gid(NOBODY)
         .output()
-        .expect("running setpriv (util-linux)")
+        .expect("running lbctl as nobody")
 }
 
 /// The status code and the JSON body of a raw HTTP/1.1 reply.

@@ -7,6 +7,7 @@ use lb_common::{
     Backend, Reason, ServiceKey, ServiceValue, backend_flags, hash,
     maglev::{MaglevBackend, build_table},
 };
+use lb_tests::cases::{Case, run_cases};
 use lb_tests::packet::{Frame, ipv4_tcp, ipv4_udp};
 use lb_userspace::{
     datapath::{self, Datapath},
@@ -108,21 +109,26 @@ fn predicted(table: &[u32], src: Ipv4Addr) -> u32 {
 fn vip_packet_is_sent_to_the_predicted_backend_with_only_macs_changed() {
     let f = fixture([100, 100, 100]);
     let mut seen = [0u32; 3];
-    for i in 1..=60u8 {
-        let src = client(i);
-        let frame = vip_syn(src);
-        let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
-        assert_eq!(action, XDP_TX, "client {src}");
-        let b = predicted(&f.table, src);
-        seen[b as usize] += 1;
-        let mut expected = frame.bytes.clone();
-        expected[0..6].copy_from_slice(&backend_mac(b));
-        expected[6..12].copy_from_slice(&LB_MAC);
-        assert_eq!(
-            out, expected,
-            "client {src} should go to backend {b} unchanged but for MACs"
-        );
-    }
+    let cases: Vec<Case> = (1..=60u8)
+        .map(|i| {
+            let src = client(i);
+            let frame = vip_syn(src);
+            let b = predicted(&f.table, src);
+            seen[b as usize] += 1;
+            let mut expected = frame.bytes.clone();
+            expected[0..6].copy_from_slice(&backend_mac(b));
+            expected[6..12].copy_from_slice(&LB_MAC);
+            Case::gives(
+                format!("client {src} goes to backend {b} unchanged but for MACs"),
+                frame.bytes,
+                XDP_TX,
+                expected,
+            )
+        })
+        .collect();
+    run_cases("dsr-to-the-predicted-backend", &cases, |frame| {
+        f.dp.test_run(frame).unwrap()
+    });
     assert!(
         seen.iter().all(|&n| n > 0),
         "every backend gets some of 60 clients: {seen:?}"
@@ -138,15 +144,15 @@ fn vip_packet_is_sent_to_the_predicted_backend_with_only_macs_changed() {
 fn udp_to_the_tcp_service_and_other_ports_and_addresses_pass_unchanged() {
     let f = fixture([100, 100, 100]);
     let cases = [
-        (
+        Case::passes(
             "UDP to the VIP's TCP port",
-            ipv4_udp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 80, b"x"),
+            ipv4_udp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 80, b"x").bytes,
         ),
-        (
+        Case::passes(
             "TCP to the VIP on another port",
-            ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 8080, 0x02, b""),
+            ipv4_tcp(CLIENT_MAC, LB_MAC, client(1), VIP, 5000, 8080, 0x02, b"").bytes,
         ),
-        (
+        Case::passes(
             "TCP to a non-VIP address",
             ipv4_tcp(
                 CLIENT_MAC,
@@ -157,14 +163,13 @@ fn udp_to_the_tcp_service_and_other_ports_and_addresses_pass_unchanged() {
                 80,
                 0x02,
                 b"",
-            ),
+            )
+            .bytes,
         ),
     ];
-    for (what, frame) in cases {
-        let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
-        assert_eq!(action, XDP_PASS, "{what}");
-        assert_eq!(out, frame.bytes, "{what} must come out unchanged");
-    }
+    run_cases("not-the-service", &cases, |frame| {
+        f.dp.test_run(frame).unwrap()
+    });
     assert_eq!(f.dp.service_counter(0).packets, 0);
 }
 
@@ -238,11 +243,14 @@ fn non_ip_and_malformed_ip_pass_unchanged() {
     v5[14] = 0x55;
     let mut short_ihl = vip_syn(client(1)).bytes;
     short_ihl[14] = 0x44;
-    for (what, frame) in [("ARP", arp), ("IP version 5", v5), ("IHL 4", short_ihl)] {
-        let (action, out) = f.dp.test_run(&frame).unwrap();
-        assert_eq!(action, XDP_PASS, "{what}");
-        assert_eq!(out, frame, "{what} must come out unchanged");
-    }
+    let cases = [
+        Case::passes("ARP", arp),
+        Case::passes("IP version 5", v5),
+        Case::passes("IHL 4", short_ihl),
+    ];
+    run_cases("non-ip-and-malformed-ip", &cases, |frame| {
+        f.dp.test_run(frame).unwrap()
+    });
 }
 
 #[test]

@@ -4,19 +4,21 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use etherparse::{EtherType, Ethernet2Header, IpHeaders, IpNumber, Ipv4Header, PacketBuilder};
 use lb_common::{
     Reason, TOO_BIG_BURST, TOO_BIG_PER_SECOND,
     maglev::{MaglevBackend, build_table},
 };
 use lb_tests::{
+    cases::{Case, run_cases},
     dpfixture::{
         CLIENT_MAC, Fixture, INGRESS_IFINDEX, LB_MAC, MTU, OTHER_IFINDEX, SEED, TABLE, TUNNEL_SRC,
-        TUNNEL_SRC6, VIP, VIP_5TUPLE, VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_PASS,
-        XDP_REDIRECT, XDP_TX, mac,
+        TUNNEL_SRC6, VIP, VIP_5TUPLE, VIP_TUNNEL, VIP6, VIP6_TUNNEL, XDP_DROP, XDP_REDIRECT,
+        XDP_TX, mac,
     },
     packet::{
         Frame, checksum, icmp_frag_needed, icmpv6_too_big, ipv4_raw, ipv4_tcp, ipv4_udp, ipv6_ext,
-        ipv6_frag, ipv6_tcp, tcp_ports,
+        ipv6_frag, ipv6_tcp, tcp_ports, verify,
     },
 };
 use lb_userspace::state::to_addr;
@@ -44,9 +46,7 @@ impl Checks for Fixture {
     }
 
     fn passes_unchanged(&self, what: &str, frame: &[u8]) {
-        let (action, out) = self.run(frame);
-        assert_eq!(action, XDP_PASS, "{what}");
-        assert_eq!(out, frame, "{what} must come out unchanged");
+        run_cases("packets", &[Case::passes(what, frame)], |f| self.run(f));
     }
 }
 
@@ -93,20 +93,22 @@ fn ipv6_vip_is_forwarded_to_the_predicted_backend_also_through_extension_headers
 fn ipv6_that_is_not_ours_passes_unchanged() {
     let f = fixture();
     let other = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99);
-    f.passes_unchanged(
-        "non-VIP",
-        &ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), other, 1, 80, 2, &[]).bytes,
-    );
-    f.passes_unchanged(
-        "VIP, other port",
-        &ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 1, 81, 2, &[]).bytes,
-    );
-    // More extension headers than the program walks: not classifiable, left alone.
     let many: Vec<_> = (0..7).map(|_| ipv6_ext(60)).collect();
-    f.passes_unchanged(
-        "7 extension headers",
-        &ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 1, 80, 2, &many).bytes,
-    );
+    let mut cases = vec![
+        Case::passes(
+            "non-VIP",
+            ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), other, 1, 80, 2, &[]).bytes,
+        ),
+        Case::passes(
+            "VIP, other port",
+            ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 1, 81, 2, &[]).bytes,
+        ),
+        // More extension headers than the program walks: not classifiable, left alone.
+        Case::passes(
+            "7 extension headers",
+            ipv6_tcp(CLIENT_MAC, LB_MAC, c6(1), VIP6, 1, 80, 2, &many).bytes,
+        ),
+    ];
     // Cut at every length: never read past the end, never rewritten.
     let full = ipv6_tcp(
         CLIENT_MAC,
@@ -120,10 +122,9 @@ fn ipv6_that_is_not_ours_passes_unchanged() {
     )
     .bytes;
     for len in 14..full.len() {
-        let (action, out) = f.run(&full[..len]);
-        assert_eq!(action, XDP_PASS, "cut at {len}");
-        assert_eq!(out, &full[..len], "cut at {len}");
+        cases.push(Case::passes(format!("cut at {len}"), &full[..len]));
     }
+    run_cases("ipv6-not-ours", &cases, |frame| f.run(frame));
 }
 
 #[test]
@@ -318,23 +319,30 @@ fn too_big6(src: Ipv6Addr) -> Frame {
     lb_tests::packet::ipv6(CLIENT_MAC, LB_MAC, src, VIP6_TUNNEL, &[], 17, &udp)
 }
 
-/// The expected IPv4-in-IPv4 frame for `inner` sent to backend `id` at `backend`.
+/// The expected IPv4-in-IPv4 frame for `inner` sent to backend `id` at `backend`, built with
+/// etherparse: an outer IPv4 header (identification 0, TTL 64, DF as the inner header has it)
+/// from the tunnel source, the inner packet unchanged.
 fn encapsulated_v4(inner: &Frame, id: u32, backend: Ipv4Addr) -> Vec<u8> {
     let ip = &inner.bytes[14..];
-    let mut outer = [0u8; 20];
-    outer[0] = 0x45;
-    outer[2..4].copy_from_slice(&((ip.len() + 20) as u16).to_be_bytes());
-    outer[6] = ip[6] & 0x40; // DF follows the inner header
-    outer[8] = 64;
-    outer[9] = 4;
-    outer[12..16].copy_from_slice(&TUNNEL_SRC.octets());
-    outer[16..20].copy_from_slice(&backend.octets());
-    let c = checksum(&outer, 0);
-    outer[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut out = mac(id).to_vec();
-    out.extend_from_slice(&LB_MAC);
-    out.extend_from_slice(&[0x08, 0x00]);
-    out.extend_from_slice(&outer);
+    let (inner_ip, _) = Ipv4Header::from_slice(ip).expect("an IPv4 inner packet");
+    let mut outer = Ipv4Header::new(
+        ip.len() as u16,
+        64,
+        IpNumber::IPV4,
+        TUNNEL_SRC.octets(),
+        backend.octets(),
+    )
+    .unwrap();
+    outer.dont_fragment = inner_ip.dont_fragment;
+    let mut out = vec![];
+    Ethernet2Header {
+        source: LB_MAC,
+        destination: mac(id),
+        ether_type: EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    outer.write(&mut out).unwrap();
     out.extend_from_slice(ip);
     out
 }
@@ -354,8 +362,12 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
             encapsulated_v4(&inner, id, backend),
             "client {src}: byte for byte"
         );
-        // The outer header's checksum verifies.
+        // The outer header's checksum verifies, and the inner packet's.
         assert_eq!(checksum(&out[14..34], 0), 0);
+        assert_eq!(verify(&out), Ok(()), "client {src}: outer header");
+        let mut unwrapped = out[..14].to_vec();
+        unwrapped.extend_from_slice(&out[34..]);
+        assert_eq!(verify(&unwrapped), Ok(()), "client {src}: inner packet");
     }
     // IPv6-in-IPv6.
     let src6 = c6(60);
@@ -392,25 +404,20 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
     let (action, out) = f.run(&big.bytes);
     assert_eq!(action, XDP_TX);
     assert_eq!(f.reason(Reason::TooBig), before + 1);
-    let mut want = big.bytes[6..12].to_vec();
-    want.extend_from_slice(&big.bytes[0..6]);
-    want.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&56u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 1;
-    ip[12..16].copy_from_slice(&VIP_TUNNEL.octets());
-    ip[16..20].copy_from_slice(&c4(70).octets());
-    let c = checksum(&ip, 0);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    want.extend_from_slice(&ip);
-    let mut icmp = vec![3, 4, 0, 0, 0, 0];
-    icmp.extend_from_slice(&((MTU - 20) as u16).to_be_bytes());
-    icmp.extend_from_slice(&big.bytes[14..14 + 28]);
-    let c = checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    want.extend_from_slice(&icmp);
+    // Built with etherparse: from the VIP to the client, MACs swapped, IPv4 identification 0,
+    // no DF, TTL 64; ICMP type 3 code 4 with the tunnel's MTU, quoting the IP header and 8
+    // bytes.
+    let mut ip =
+        Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_TUNNEL.octets(), c4(70).octets()).unwrap();
+    ip.dont_fragment = false;
+    let [hi, lo] = ((MTU - 20) as u16).to_be_bytes();
+    let mut want = vec![];
+    PacketBuilder::ethernet2(LB_MAC, CLIENT_MAC)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4_raw(3, 4, [0, 0, hi, lo])
+        .write(&mut want, &big.bytes[14..14 + 28])
+        .unwrap();
+    assert_eq!(&big.bytes[0..6], &LB_MAC);
     assert_eq!(out, want, "the fragmentation-needed answer, byte for byte");
 
     // Without DF: dropped and counted (the sender's path may fragment; we do not).
@@ -441,16 +448,8 @@ fn tunnel_encapsulation_is_exact_and_oversized_packets_are_refused() {
         MTU as u32 - 40
     );
     assert_eq!(&out[62..], &big6.bytes[14..14 + 104]);
-    let mut pseudo = 0u32;
-    for pair in VIP6_TUNNEL
-        .octets()
-        .chunks(2)
-        .chain(src6.octets().chunks(2))
-    {
-        pseudo += u16::from_be_bytes([pair[0], pair[1]]) as u32;
-    }
-    pseudo += 58 + (8 + 104);
-    assert_eq!(checksum(&out[54..], pseudo), 0, "ICMPv6 checksum");
+    // The ICMPv6 checksum (over the pseudo-header) verifies.
+    assert_eq!(verify(&out), Ok(()), "ICMPv6 packet too big");
     // One that just fits is sent.
     let fits = ipv4_udp(
         CLIENT_MAC,
@@ -662,7 +661,7 @@ fn icmp_errors_not_addressed_to_the_quoted_vip_pass_untouched() {
 fn too_big_answers_are_rate_limited_per_cpu() {
     let f = fixture();
     // One CPU's bucket: the runs stay on CPU 0.
-    let _pinned = lb_tests::bpf::Pinned::to(0).expect("pinning the test thread to CPU 0");
+    let _pinned = lb_tests::Pinned::to(0).expect("pinning the test thread to CPU 0");
     let big = too_big4(c4(73));
     let (too_big, suppressed) = (f.reason(Reason::TooBig), f.reason(Reason::TooBigSuppressed));
     const SENT: u64 = 4 * TOO_BIG_BURST;

@@ -363,42 +363,6 @@ fn bad_options_fail_cleanly() {
     assert!(format!("{e:#}").contains("addresses per client"), "{e:#}");
 }
 
-/// One eBPF instruction in the kernel's encoding.
-fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    let mut b = [0u8; 8];
-    b[0] = op;
-    b[1] = (src << 4) | dst;
-    b[2..4].copy_from_slice(&off.to_le_bytes());
-    b[4..8].copy_from_slice(&imm.to_le_bytes());
-    u64::from_le_bytes(b)
-}
-
-/// A minimal DSR forwarder: IPv4 frames to `vip` get destination MAC `dst` and source MAC
-/// `src` and go back out with XDP_TX; everything else passes.
-fn dsr_program(vip: std::net::Ipv4Addr, dst: [u8; 6], src: [u8; 6]) -> Vec<u64> {
-    let w = |b: &[u8]| i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let h = |b: &[u8]| i32::from(u16::from_le_bytes([b[0], b[1]]));
-    vec![
-        insn(0x61, 2, 1, 0, 0),                // 0: r2 = ctx->data
-        insn(0x61, 3, 1, 4, 0),                // 1: r3 = ctx->data_end
-        insn(0xbf, 4, 2, 0, 0),                // 2: r4 = r2
-        insn(0x07, 4, 0, 0, 34),               // 3: r4 += 34 (eth + ipv4 header)
-        insn(0x2d, 4, 3, 10, 0),               // 4: if r4 > r3 goto pass
-        insn(0x69, 5, 2, 12, 0),               // 5: r5 = ethertype
-        insn(0x55, 5, 0, 8, 0x0008),           // 6: if r5 != htons(0x0800) goto pass
-        insn(0x61, 5, 2, 30, 0),               // 7: r5 = ip daddr
-        insn(0x55, 5, 0, 6, w(&vip.octets())), // 8: if r5 != vip goto pass
-        insn(0x62, 2, 0, 0, w(&dst[0..4])),    // 9: eth dst[0..4]
-        insn(0x6a, 2, 0, 4, h(&dst[4..6])),    // 10: eth dst[4..6]
-        insn(0x62, 2, 0, 6, w(&src[0..4])),    // 11: eth src[0..4]
-        insn(0x6a, 2, 0, 10, h(&src[4..6])),   // 12: eth src[4..6]
-        insn(0xb7, 0, 0, 0, 3),                // 13: r0 = XDP_TX
-        insn(0x95, 0, 0, 0, 0),                // 14: exit
-        insn(0xb7, 0, 0, 0, 2),                // 15: pass: r0 = XDP_PASS
-        insn(0x95, 0, 0, 0, 0),                // 16: exit
-    ]
-}
-
 fn mac(s: &str) -> [u8; 6] {
     let v: Vec<u8> = s
         .split(':')
@@ -442,8 +406,9 @@ fn xdp_tx_dsr_path_works() {
         ..Default::default()
     })
     .expect("topology");
-    let prog = dsr_program(vip, mac(t.backend_mac(2)), mac(t.lb_mac()));
-    let _link = netns::attach_raw_xdp(t.lb_ns(), "eth0", &prog).expect("attach forwarder");
+    let mut prog = bpf::TestProg::dsr(IpAddr::V4(vip), mac(t.backend_mac(2)), mac(t.lb_mac()))
+        .expect("loading the forwarder");
+    let _link = netns::attach_xdp(t.lb_ns(), "eth0", &mut prog).expect("attach forwarder");
     assert_dsr_path(&t, IpAddr::V4(vip), 2, &t.client_sources(1), t.lb_addr());
 }
 
@@ -579,40 +544,6 @@ fn ipv6_addresses_routes_and_direct_http() {
     assert_eq!(r.text(), "lb-host-v6");
 }
 
-/// A minimal IPv6 DSR forwarder: IPv6 frames to `vip` get destination MAC `dst` and source
-/// MAC `src` and go back out with XDP_TX; everything else passes.
-fn dsr_program_v6(vip: std::net::Ipv6Addr, dst: [u8; 6], src: [u8; 6]) -> Vec<u64> {
-    let o = vip.octets();
-    let w = |b: &[u8]| i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let h = |b: &[u8]| i32::from(u16::from_le_bytes([b[0], b[1]]));
-    // 0x56: BPF_JMP32 | BPF_JNE | BPF_K, so that words with the top bit set compare right.
-    vec![
-        insn(0x61, 2, 1, 0, 0),              // 0: r2 = ctx->data
-        insn(0x61, 3, 1, 4, 0),              // 1: r3 = ctx->data_end
-        insn(0xbf, 4, 2, 0, 0),              // 2: r4 = r2
-        insn(0x07, 4, 0, 0, 54),             // 3: r4 += 54 (eth + ipv6 header)
-        insn(0x2d, 4, 3, 16, 0),             // 4: if r4 > r3 goto pass
-        insn(0x69, 5, 2, 12, 0),             // 5: r5 = ethertype
-        insn(0x55, 5, 0, 14, 0xdd86),        // 6: if r5 != htons(0x86dd) goto pass
-        insn(0x61, 5, 2, 38, 0),             // 7: r5 = daddr[0..4]
-        insn(0x56, 5, 0, 12, w(&o[0..4])),   // 8: if w5 != vip[0..4] goto pass
-        insn(0x61, 5, 2, 42, 0),             // 9: r5 = daddr[4..8]
-        insn(0x56, 5, 0, 10, w(&o[4..8])),   // 10
-        insn(0x61, 5, 2, 46, 0),             // 11: r5 = daddr[8..12]
-        insn(0x56, 5, 0, 8, w(&o[8..12])),   // 12
-        insn(0x61, 5, 2, 50, 0),             // 13: r5 = daddr[12..16]
-        insn(0x56, 5, 0, 6, w(&o[12..16])),  // 14
-        insn(0x62, 2, 0, 0, w(&dst[0..4])),  // 15: eth dst[0..4]
-        insn(0x6a, 2, 0, 4, h(&dst[4..6])),  // 16: eth dst[4..6]
-        insn(0x62, 2, 0, 6, w(&src[0..4])),  // 17: eth src[0..4]
-        insn(0x6a, 2, 0, 10, h(&src[4..6])), // 18: eth src[4..6]
-        insn(0xb7, 0, 0, 0, 3),              // 19: r0 = XDP_TX
-        insn(0x95, 0, 0, 0, 0),              // 20: exit
-        insn(0xb7, 0, 0, 0, 2),              // 21: pass: r0 = XDP_PASS
-        insn(0x95, 0, 0, 0, 0),              // 22: exit
-    ]
-}
-
 /// The IPv6 DSR path end to end, as for IPv4: client -> IPv6 VIP via the LB, XDP_TX to backend
 /// 3, which holds the VIP on lo and answers the client directly. And no backend answers a
 /// neighbour solicitation for the VIP (held on lo, not on eth0).
@@ -629,8 +560,9 @@ fn xdp_tx_dsr_path_works_v6() {
         ..Default::default()
     })
     .expect("topology");
-    let prog = dsr_program_v6(vip, mac(t.backend_mac(3)), mac(t.lb_mac()));
-    let _link = netns::attach_raw_xdp(t.lb_ns(), "eth0", &prog).expect("attach forwarder");
+    let mut prog = bpf::TestProg::dsr(IpAddr::V6(vip), mac(t.backend_mac(3)), mac(t.lb_mac()))
+        .expect("loading the forwarder");
+    let _link = netns::attach_xdp(t.lb_ns(), "eth0", &mut prog).expect("attach forwarder");
     assert_dsr_path(
         &t,
         IpAddr::V6(vip),

@@ -18,6 +18,7 @@
 
 pub mod bench;
 pub mod bpf;
+pub mod cases;
 pub mod dpfixture;
 pub mod http;
 pub mod lbd;
@@ -32,6 +33,7 @@ use anyhow::{Result, anyhow, bail};
 
 pub use http::HttpReply;
 pub use netns::{in_netns, netns_path};
+pub use sys::Pinned;
 pub use topology::{
     BIG_FILE_SIZE, BackendSide, ProcHandle, ServerHandle, Topology, TopologyOptions,
     big_file_contents, parse_backend,

@@ -3,13 +3,16 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use aya::programs::xdp::XdpLink;
+
+use crate::bpf::TestProg;
 use crate::sys;
 
 /// `/run/netns/NAME`, where `ip netns add` mounts a named namespace.
@@ -67,21 +70,14 @@ pub fn set_sysctls(ns: &str, kvs: &[(String, String)], optional: bool) -> Result
     })
 }
 
-/// Loads `insns` (raw eBPF, one u64 per instruction) as an XDP program and attaches it in
-/// driver mode to interface `ifname` of namespace `ns` through a bpf_link; the program stays
-/// attached as long as the returned link fd is open. With no instructions given, a trivial
-/// XDP_PASS program is used (enough to make a veth accept XDP_TX/XDP_REDIRECT frames).
-pub fn attach_raw_xdp(ns: &str, ifname: &str, insns: &[u64]) -> Result<OwnedFd> {
-    let insns = if insns.is_empty() {
-        &sys::XDP_PASS_INSNS[..]
-    } else {
-        insns
-    };
+/// Attaches `prog` in driver mode to interface `ifname` of namespace `ns` through a bpf_link;
+/// the program stays attached as long as the returned link lives. With `pass` (XDP_PASS) this
+/// is what makes a veth accept XDP_TX/XDP_REDIRECT frames.
+pub fn attach_xdp(ns: &str, ifname: &str, prog: &mut TestProg) -> Result<XdpLink> {
     in_netns(ns, || {
-        let prog = sys::load_xdp(insns, "lbt_raw_xdp").context("loading the XDP program (bpf)")?;
         let idx = sys::if_nametoindex(ifname)
             .with_context(|| format!("ifindex of {ifname} in namespace {ns}"))?;
-        sys::xdp_link_create(prog.as_fd(), idx)
+        prog.attach(idx)
             .with_context(|| format!("attaching XDP to {ifname} in namespace {ns}"))
     })
 }

@@ -1,11 +1,17 @@
-//! Every `unsafe` of the harness lives here: thin, commented wrappers around the few system
-//! calls the standard library does not offer (setns, bpf, kill, a bound non-blocking connect).
+//! The harness's `unsafe`: thin, commented wrappers around the few system calls the standard
+//! library does not offer (setns, kill, a bound non-blocking connect, raw IP sends, CPU
+//! affinity). Every other module of the library calls these, or aya for bpf(2). Outside the
+//! library, a few commented `unsafe` blocks remain where a test or benchmark needs a call this
+//! module has no wrapper for (the control benchmark's datagram socket, lb-demo's signal
+//! handling, hygiene's interface index from inside a namespace thread).
 
 use std::io;
 use std::mem;
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
+
+use anyhow::Context;
 
 /// True when the effective user is root.
 pub fn is_root() -> bool {
@@ -239,63 +245,63 @@ pub fn set_recv_buffer(stream: &TcpStream, bytes: usize) -> io::Result<()> {
     Ok(())
 }
 
-// ---- bpf(2): a trivial XDP_PASS program, loaded and attached through a bpf_link ----------
+// ---- threads: CPU affinity and nice value, for the benchmarks ------------------------------
 
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_XDP: u32 = 37;
-
-/// The part of `union bpf_attr` used by BPF_LINK_CREATE for XDP.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_ifindex: u32,
-    attach_type: u32,
-    flags: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
-    // SAFETY: `attr` points to a live, initialised struct whose size is passed along; the
-    // kernel treats the missing tail of bpf_attr as zero. A non-negative result is a new fd.
+/// Pins the calling thread to CPU `cpu`.
+pub fn pin_thread(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data (all-zero is the empty set); CPU_SET writes inside it;
+    // sched_setaffinity(0, ...) affects only the calling thread and reads the set we own.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            mem::size_of::<T>() as libc::c_uint,
-        )
+        let mut set: libc::cpu_set_t = mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set)
     };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("pinning to CPU {cpu}"));
     }
-    let fd = libc::c_int::try_from(rc)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bpf returned a huge fd"))?;
-    // SAFETY: the kernel just created this fd for us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(())
 }
 
-/// `r0 = XDP_PASS; exit`.
-pub const XDP_PASS_INSNS: [u64; 2] = [
-    u64::from_le_bytes([0xb7, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00]),
-    u64::from_le_bytes([0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]),
-];
-
-/// Loads `insns` (raw eBPF instructions, one u64 each in the kernel's little-endian layout)
-/// as an XDP program named `name` (at most 15 bytes) and returns its fd.
-pub fn load_xdp(insns: &[u64], name: &str) -> io::Result<OwnedFd> {
-    crate::bpf::load_xdp(insns, name).map_err(|e| io::Error::other(format!("{e:#}")))
-}
-
-/// Attaches XDP program `prog` to interface `ifindex` of the calling thread's network namespace
-/// (driver mode, the default for links) and returns the link fd; closing it detaches.
-pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
-    let prog_fd = u32::try_from(prog.as_fd().as_raw_fd())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "negative fd"))?;
-    let mut attr = LinkCreateAttr {
-        prog_fd,
-        target_ifindex: ifindex,
-        attach_type: BPF_XDP,
-        flags: 0,
+/// Sets the calling thread's nice value (Linux: per thread), so other work on its CPU takes
+/// less of it during a measurement.
+pub fn nice_thread(nice: i32) -> anyhow::Result<()> {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id reads nothing.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
     };
-    bpf(BPF_LINK_CREATE, &mut attr)
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("setting nice {nice}"));
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to one CPU until dropped, then gives it back the CPUs it had.
+pub struct Pinned {
+    before: libc::cpu_set_t,
+}
+
+impl Pinned {
+    pub fn to(cpu: usize) -> anyhow::Result<Pinned> {
+        // SAFETY: cpu_set_t is plain data; sched_getaffinity(0, ...) fills the set we own for
+        // the calling thread.
+        let before = unsafe {
+            let mut set: libc::cpu_set_t = mem::zeroed();
+            if libc::sched_getaffinity(0, mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return Err(io::Error::last_os_error()).context("reading the CPU affinity");
+            }
+            set
+        };
+        pin_thread(cpu)?;
+        Ok(Pinned { before })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: restores the calling thread's affinity from the set saved in `to`.
+        unsafe {
+            libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &self.before);
+        }
+    }
 }

@@ -68,7 +68,6 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -77,7 +76,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use aya::programs::xdp::XdpLink;
 
+use crate::bpf::TestProg;
 use crate::http::{self, FixedServer, HttpReply};
 use crate::netns::{self, describe, run_checked, run_output};
 use crate::{sys, wait_until};
@@ -350,7 +351,7 @@ pub struct Topology {
     hosts: Vec<Host>,
     created_ns: Vec<String>,
     work_dir_created: bool,
-    xdp_links: Vec<OwnedFd>,
+    xdp_links: Vec<XdpLink>,
     procs: Mutex<Vec<Tracked>>,
     nginx: Mutex<Vec<Option<ProcHandle>>>,
     servers: Mutex<Vec<FixedServer>>,
@@ -647,15 +648,14 @@ impl Topology {
             .iter()
             .flat_map(|h| h.links.iter().map(|l| l.port.clone()))
             .collect();
+        let mut pass = TestProg::pass().context("loading the XDP_PASS program")?;
         self.xdp_links = netns::in_netns(&sw, || {
-            let prog = sys::load_xdp(&sys::XDP_PASS_INSNS, "lbt_xdp_pass")
-                .context("loading the XDP_PASS program (bpf)")?;
             let mut links = Vec::new();
             for p in &ports {
                 let idx = sys::if_nametoindex(p)
                     .with_context(|| format!("ifindex of {p} in namespace {sw}"))?;
                 links.push(
-                    sys::xdp_link_create(prog.as_fd(), idx)
+                    pass.attach(idx)
                         .with_context(|| format!("attaching XDP_PASS to {p} in {sw}"))?,
                 );
             }
@@ -1442,7 +1442,7 @@ impl Topology {
     /// addresses, routes, sysctls and offloads as at setup. Returns the link of the XDP_PASS
     /// program on the switch's end (without which the veth may drop frames the LB sends back
     /// with XDP_TX): keep it as long as the port is used.
-    pub fn recreate_lb_eth0(&self) -> Result<OwnedFd> {
+    pub fn recreate_lb_eth0(&self) -> Result<XdpLink> {
         let h = self.host(Role::Lb).clone();
         let l = &h.links[0];
         ip_batch(&self.switch_ns, &l.plug_batch(&h.ns))?;
@@ -1454,7 +1454,7 @@ impl Topology {
         batch.push_str(&self.client_block_routes());
         ip_batch(&h.ns, &batch)?;
         ethtool(&h.ns, &["-K", l.dev, "tx", "off"])?;
-        netns::attach_raw_xdp(&self.switch_ns, &l.port, &[])
+        netns::attach_xdp(&self.switch_ns, &l.port, &mut TestProg::pass()?)
     }
 
     // ---- TCP and HTTP ----------------------------------------------------------------------

@@ -34,13 +34,12 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use aya::programs::{ProgramFd, loaded_programs};
+use aya::programs::loaded_programs;
 use lb_common::{
     Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey, backend_flags,
     maglev::{MaglevBackend, build_table},
@@ -53,11 +52,12 @@ use lb_userspace::{
 
 use super::{Figure, Opts};
 use crate::{
+    bpf::TestProg,
     dpfixture::{
         self, CLIENT_MAC, LB_MAC, MTU, SEED, Svc, TABLE, VIP, VIP_TUNNEL, VIP6, VIP6_TUNNEL,
         XDP_PASS, XDP_TX,
     },
-    packet, sys,
+    packet,
 };
 
 const SECTION: &str = "per-packet cost (BPF_PROG_TEST_RUN)";
@@ -209,7 +209,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         "ns/packet",
         column(&timed[est_repeat], |s| s.empty),
         &format!(
-            "2 instructions loaded with bpf(2), run on the established flow's frame with repeat {}; bpf_stats was {stats_during} during this pass; {context}",
+            "2 instructions (`pass` of the tests' XDP object, loaded with aya), run on the established flow's frame with repeat {}; bpf_stats was {stats_during} during this pass; {context}",
             thousands(REPEAT as u64)
         ),
     ));
@@ -332,17 +332,6 @@ impl Drop for StatsOn {
     }
 }
 
-use crate::bpf::test_run;
-
-/// The id of the program behind `fd`, from /proc/self/fdinfo.
-fn prog_id_of(fd: BorrowedFd<'_>) -> Result<u32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("prog_id:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no prog_id in the fdinfo of fd {}", fd.as_raw_fd()))
-}
-
 fn program_info(id: u32) -> Result<aya::programs::ProgramInfo> {
     loaded_programs()
         .filter_map(|p| p.ok())
@@ -423,14 +412,23 @@ struct Counts {
     reasons: Vec<u64>,
 }
 
+/// The program a measurement times.
+#[derive(Clone, Copy)]
+enum Prog {
+    /// lb's, as the data path loaded it.
+    Lb,
+    /// The empty one (XDP_PASS).
+    Empty,
+}
+
 struct Bench {
     dp: Datapath,
     dir: PathBuf,
     /// Per service: its backends (id, address).
     backends: Vec<Vec<(u32, IpAddr)>>,
-    lb: ProgramFd,
     lb_id: u32,
-    empty: OwnedFd,
+    /// The empty program (XDP_PASS) of the tests' XDP object.
+    empty: TestProg,
     empty_id: u32,
     flows: ConntrackCounter,
     /// New flows added by the last measurements, removed before the next `Table::Emptied` one.
@@ -598,17 +596,14 @@ impl Bench {
         }
         dp.set_vips(&vips)?;
         let lb_id = dp.program_id();
-        let lb = program_info(lb_id)?.fd()?;
-        let empty = sys::load_xdp(&sys::XDP_PASS_INSNS, "lb_bench_empty")
-            .context("loading the empty XDP program")?;
-        let empty_id = prog_id_of(empty.as_fd())?;
+        let empty = TestProg::pass().context("loading the empty XDP program")?;
+        let empty_id = empty.id()?;
         let flows = ConntrackCounter::open(dir)?;
         check_services(&svcs)?;
         Ok(Bench {
             dp,
             dir: dir.to_owned(),
             backends,
-            lb,
             lb_id,
             empty,
             empty_id,
@@ -991,25 +986,26 @@ impl Bench {
 
     /// Times the program on `frames` (one test run with repeat `REPEAT`, or one run per frame):
     /// ns per run, each run's action checked.
-    fn time(
-        &self,
-        prog: BorrowedFd<'_>,
-        method: Method,
-        frames: &[Vec<u8>],
-        action: u32,
-    ) -> Result<f64> {
+    fn time(&self, prog: Prog, method: Method, frames: &[Vec<u8>], action: u32) -> Result<f64> {
+        let run = |frame: &[u8], repeat: u32| -> Result<(u32, u64)> {
+            let (a, d) = match prog {
+                Prog::Lb => self.dp.test_run_repeat(frame, repeat)?,
+                Prog::Empty => self.empty.test_run(frame, repeat)?,
+            };
+            Ok((a, d.as_nanos() as u64))
+        };
         match method {
             Method::Repeat => {
-                let (a, ns) = test_run(prog, &frames[0], REPEAT).context("BPF_PROG_TEST_RUN")?;
+                let (a, ns) = run(&frames[0], REPEAT)?;
                 ensure!(a == action, "action {a}, expected {action}");
                 Ok(ns as f64)
             }
             Method::Single => {
                 let mut total = 0u64;
                 for f in frames {
-                    let (a, ns) = test_run(prog, f, 1).context("BPF_PROG_TEST_RUN")?;
+                    let (a, ns) = run(f, 1)?;
                     ensure!(a == action, "action {a}, expected {action}");
-                    total += ns as u64;
+                    total += ns;
                 }
                 Ok(total as f64 / frames.len() as f64)
             }
@@ -1056,7 +1052,7 @@ impl Bench {
         } else {
             None
         };
-        let lb = self.time(self.lb.as_fd(), path.method, &frames, path.action)?;
+        let lb = self.time(Prog::Lb, path.method, &frames, path.action)?;
         let lb_stats = match stats_before {
             Some(b) => per_run(b, run_stats(self.lb_id)?, n, "the program")?,
             None => 0.0,
@@ -1094,7 +1090,7 @@ impl Bench {
         } else {
             None
         };
-        let empty = self.time(self.empty.as_fd(), path.method, &frames, XDP_PASS)?;
+        let empty = self.time(Prog::Empty, path.method, &frames, XDP_PASS)?;
         let empty_stats = match stats_before {
             Some(b) => per_run(b, run_stats(self.empty_id)?, n, "the empty program")?,
             None => 0.0,

@@ -2,9 +2,10 @@
 //! the project's own built on BPF_PROG_TEST_RUN live frames.
 //!
 //! Topology: two namespaces joined by one veth pair, `lbb<pid>g` (generator and sink, `g0`) and
-//! `lbb<pid>l` (the balancer, `l0`). The generator is a raw-instruction XDP program that is
-//! test-run (not attached) in live-frames mode with `ingress_ifindex = g0`: every run writes the
-//! whole 60-byte frame (a 64-byte frame on the wire with its FCS) from immediates — a page comes
+//! `lbb<pid>l` (the balancer, `l0`). The generator is an XDP program of the tests' own
+//! (`generator` in lb-ebpf/src/testgen.rs, loaded with aya) that is test-run (not attached) in
+//! live-frames mode with `ingress_ifindex = g0`: every run writes the whole 60-byte frame (a
+//! 64-byte frame on the wire with its FCS) from its template, set at load time — a page comes
 //! back from the page pool with whatever the data path wrote into it, so nothing of the previous
 //! run may survive — takes its client address (and for SYNs its source port) from a per-CPU
 //! counter, fixes the checksums incrementally and returns XDP_TX, which sends the frame out of
@@ -21,7 +22,9 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use aya::programs::xdp::XdpLink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,10 +43,9 @@ use lb_userspace::{
 };
 
 use super::{Figure, Opts};
-use crate::bpf::{
-    self, Alu, Asm, Cond, Counters, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Size,
-};
+use crate::bpf::TestProg;
 use crate::netns::{in_netns, netns_path, run_checked, set_sysctls};
+use crate::sys::{nice_thread, pin_thread};
 
 const SECTION: &str = "packet rate";
 
@@ -77,8 +79,6 @@ const BATCH: u32 = 64;
 /// idle, hypervisor steal; the ~20 ms the call takes to start and end count as idle) is repeated.
 const MAX_ELSEWHERE: f64 = 0.09;
 const XDP_TX: i32 = 3;
-const XDP_DROP: i32 = 1;
-const XDP_PASS: i32 = 2;
 
 /// The traffic a generator program makes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -200,159 +200,37 @@ fn check_frame(stream: Stream, n: u64, f: &[u8]) -> Result<()> {
     if got != want {
         bail!("frame {got:02x?}, expected {want:02x?}");
     }
-    let ones = |bytes: &[u8]| {
-        let mut s: u32 = bytes
-            .chunks(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-            .sum();
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        s
-    };
-    if ones(&f[14..34]) != 0xffff {
-        bail!("bad IPv4 header checksum");
-    }
-    if stream == Stream::Syn {
-        let mut pseudo = f[26..34].to_vec();
-        pseudo.extend_from_slice(&[0, 6, 0, 20]);
-        pseudo.extend_from_slice(&f[34..54]);
-        if ones(&pseudo) != 0xffff {
-            bail!("bad TCP checksum");
-        }
-    }
+    // Lengths and checksums, checked with etherparse.
+    crate::packet::verify(f).map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
-/// `reg = ~fold(reg)` for a sum of at most three 16-bit words (clobbers `tmp`).
-fn fold(a: &mut Asm, reg: u8, tmp: u8) {
-    for _ in 0..2 {
-        a.alu_reg(Alu::Mov, tmp, reg)
-            .alu_imm(Alu::Rsh, tmp, 16)
-            .alu_imm(Alu::And, reg, 0xffff)
-            .alu_reg(Alu::Add, reg, tmp);
-    }
-    a.alu_imm(Alu::Xor, reg, 0xffff);
-}
-
-/// The generator: writes the whole frame of `stream` from immediates, then its variable fields
-/// from the per-CPU counter `n` (slot 0 of `sent`, incremented: it counts the frames sent).
-fn generator(stream: Stream, sent: &Counters) -> Result<Vec<u64>> {
+/// Loads the generator of `stream` (lb-ebpf/src/testgen.rs): it writes the whole frame of
+/// `stream` from its template, then the variable fields from its per-CPU counter `n` (slot 0
+/// of its `SENT`, incremented: it counts the frames sent).
+fn generator(stream: Stream) -> Result<TestProg> {
     let (frame, ip_base, l4_base) = template(stream);
-    let mut a = Asm::new();
-    a.ldx(Size::W, R7, R1, 0)
-        .ldx(Size::W, R8, R1, 4)
-        .alu_reg(Alu::Mov, R2, R7)
-        .alu_imm(Alu::Add, R2, FRAME as i32)
-        .jmp_reg(Cond::Gt, R2, R8, "out")
-        .st(Size::W, R10, -8, 0)
-        .ld_map(R1, &sent.fd)
-        .alu_reg(Alu::Mov, R2, R10)
-        .alu_imm(Alu::Add, R2, -8)
-        .call_map_lookup()
-        .jmp_imm(Cond::Eq, R0, 0, "out")
-        .ldx(Size::DW, R9, R0, 0)
-        .alu_reg(Alu::Mov, R1, R9)
-        .alu_imm(Alu::Add, R1, 1)
-        .stx(Size::DW, R0, 0, R1);
-    for (i, chunk) in frame.chunks(8).enumerate() {
-        let off = (i * 8) as i16;
-        if chunk.len() == 8 {
-            a.ld_imm64(R1, u64::from_le_bytes(chunk.try_into().unwrap()))
-                .stx(Size::DW, R7, off, R1);
-        } else {
-            let mut w = [0u8; 4];
-            w.copy_from_slice(chunk);
-            a.ld_imm64(R1, u32::from_le_bytes(w) as u64)
-                .stx(Size::W, R7, off, R1);
-        }
-    }
-    // r1 = the flow's word (client address bytes 3 and 4).
-    a.alu_reg(Alu::Mov, R1, R9);
-    match stream {
-        Stream::UdpEst => a.alu_imm(Alu::Mod, R1, EST_FLOWS as i32),
-        Stream::UdpWalk | Stream::Syn => a.alu_imm(Alu::And, R1, (WALK - 1) as i32),
+    let mut whole = [0u8; 64];
+    whole[..FRAME].copy_from_slice(&frame);
+    // The program walks 65,536 addresses (the counter's low 16 bits) unless told a flow count.
+    const _: () = assert!(WALK == 1 << 16);
+    let flows: u32 = if stream == Stream::UdpEst {
+        EST_FLOWS
+    } else {
+        0
     };
-    a.stx(Size::H, R7, 28, R1)
-        .alu_reg(Alu::Mov, R4, R1)
-        .alu_imm(Alu::Add, R4, ip_base as i32);
-    fold(&mut a, R4, R2);
-    a.stx(Size::H, R7, 24, R4);
-    if stream == Stream::Syn {
-        // Source port: 1024 + the number of completed walks (a new connection every time).
-        a.alu_reg(Alu::Mov, R3, R9)
-            .alu_imm(Alu::Rsh, R3, 16)
-            .alu_imm(Alu::And, R3, 0x7fff)
-            .alu_imm(Alu::Add, R3, 1024)
-            .stx(Size::H, R7, 34, R3)
-            .alu_reg(Alu::Mov, R4, R1)
-            .alu_reg(Alu::Add, R4, R3)
-            .alu_imm(Alu::Add, R4, l4_base as i32);
-        fold(&mut a, R4, R2);
-        a.stx(Size::H, R7, 50, R4);
-    }
-    a.alu_imm(Alu::Mov, R0, XDP_TX)
-        .exit()
-        .label("out")
-        .alu_imm(Alu::Mov, R0, XDP_DROP)
-        .exit();
-    a.finish()
-}
-
-/// The sink: counts IPv4 TCP, UDP and IP-in-IP frames in `counts` (slot 0, and the slot of the
-/// destination MAC), drops everything.
-fn sink(counts: &Counters) -> Result<Vec<u64>> {
-    let mut a = Asm::new();
-    a.ldx(Size::W, R6, R1, 0)
-        .ldx(Size::W, R7, R1, 4)
-        .alu_reg(Alu::Mov, R2, R6)
-        .alu_imm(Alu::Add, R2, 34)
-        .jmp_reg(Cond::Gt, R2, R7, "drop")
-        .ldx(Size::H, R2, R6, 12)
-        .jmp_imm(Cond::Ne, R2, 0x0008, "drop") // 0x0800 read little-endian
-        .ldx(Size::B, R2, R6, 23)
-        .jmp_imm(Cond::Eq, R2, 6, "count")
-        .jmp_imm(Cond::Eq, R2, 17, "count")
-        .jmp_imm(Cond::Eq, R2, 4, "count")
-        .ja("drop")
-        .label("count")
-        .ldx(Size::B, R8, R6, 4)
-        .alu_imm(Alu::Lsh, R8, 8)
-        .ldx(Size::B, R2, R6, 5)
-        .alu_reg(Alu::Or, R8, R2)
-        .alu_imm(Alu::And, R8, 1023)
-        .alu_imm(Alu::Add, R8, 1)
-        .alu_imm(Alu::Mov, R9, 0)
-        .count_slot(&counts.fd, R9, "drop")
-        .count_slot(&counts.fd, R8, "drop")
-        .label("drop")
-        .alu_imm(Alu::Mov, R0, XDP_DROP)
-        .exit();
-    a.finish()
-}
-
-/// The floor: swaps the MACs and sends the frame back out of the interface it came in on.
-fn floor() -> Result<Vec<u64>> {
-    let mut a = Asm::new();
-    a.ldx(Size::W, R2, R1, 0)
-        .ldx(Size::W, R3, R1, 4)
-        .alu_reg(Alu::Mov, R4, R2)
-        .alu_imm(Alu::Add, R4, 14)
-        .jmp_reg(Cond::Gt, R4, R3, "pass")
-        .ldx(Size::W, R4, R2, 0)
-        .ldx(Size::H, R5, R2, 4)
-        .ldx(Size::W, R0, R2, 6)
-        .ldx(Size::H, R3, R2, 10)
-        .stx(Size::W, R2, 0, R0)
-        .stx(Size::H, R2, 4, R3)
-        .stx(Size::W, R2, 6, R4)
-        .stx(Size::H, R2, 10, R5)
-        .alu_imm(Alu::Mov, R0, XDP_TX)
-        .exit()
-        .label("pass")
-        .alu_imm(Alu::Mov, R0, XDP_PASS)
-        .exit();
-    a.finish()
+    let syn = u32::from(stream == Stream::Syn);
+    TestProg::load(
+        "generator",
+        &[
+            ("GEN_FRAME", &whole),
+            ("GEN_IP_BASE", &ip_base.to_ne_bytes()),
+            ("GEN_L4_BASE", &l4_base.to_ne_bytes()),
+            ("GEN_FLOWS", &flows.to_ne_bytes()),
+            ("GEN_SYN", &syn.to_ne_bytes()),
+        ],
+    )
+    .with_context(|| format!("loading the generator of {stream:?}"))
 }
 
 // ---- the rig: namespaces, veth, sink, generators --------------------------------------------
@@ -396,11 +274,13 @@ struct Rig {
     l: String,
     g0: u32,
     l0: u32,
-    sink: Counters,
-    sent: Counters,
-    gens: BTreeMap<Stream, OwnedFd>,
-    /// The sink's link on g0 (closing it detaches).
-    sink_link: Option<OwnedFd>,
+    /// The sink (lb-ebpf/src/testgen.rs): counts IPv4 TCP, UDP and IP-in-IP frames in its
+    /// `SINK` (slot 0, and the slot of the destination MAC), drops everything.
+    sink: TestProg,
+    /// The generators, each with its own counter of frames sent (`SENT`).
+    gens: BTreeMap<Stream, TestProg>,
+    /// The sink's link on g0 (dropping it detaches).
+    sink_link: Option<XdpLink>,
     /// Pin folders of lb data paths made so far.
     pins: Vec<PathBuf>,
     gen_cpu: usize,
@@ -433,8 +313,7 @@ impl Rig {
             l: format!("lbb{pid}l"),
             g0: 0,
             l0: 0,
-            sink: Counters::create("lbb_sink", SINK_SLOTS)?,
-            sent: Counters::create("lbb_sent", 1)?,
+            sink: TestProg::load("sink", &[]).context("loading the sink")?,
             gens: BTreeMap::new(),
             sink_link: None,
             pins: vec![],
@@ -501,14 +380,16 @@ impl Rig {
         set_sysctls(&l, &sysctls, false)?;
         rig.g0 = in_netns(&g, || Ok(crate::sys::if_nametoindex("g0")?))?;
         rig.l0 = in_netns(&l, || Ok(crate::sys::if_nametoindex("l0")?))?;
-        let sink_prog = bpf::load_xdp(&sink(&rig.sink)?, "lbb_sink")?;
+        let slots = rig.sink.slots("SINK")?;
+        if slots != SINK_SLOTS {
+            bail!("the sink has {slots} slots, this part counts on {SINK_SLOTS}");
+        }
         let g0 = rig.g0;
-        rig.sink_link = Some(in_netns(&g, || {
-            crate::sys::xdp_link_create(sink_prog.as_fd(), g0).context("attaching the sink to g0")
-        })?);
+        let sink = &mut rig.sink;
+        let link = in_netns(&g, || sink.attach(g0).context("attaching the sink to g0"))?;
+        rig.sink_link = Some(link);
         for s in [Stream::UdpEst, Stream::UdpWalk, Stream::Syn] {
-            let prog = bpf::load_xdp(&generator(s, &rig.sent)?, "lbb_gen")?;
-            rig.gens.insert(s, prog);
+            rig.gens.insert(s, generator(s)?);
         }
         Ok(rig)
     }
@@ -516,10 +397,10 @@ impl Rig {
     /// Checks the generators' frames: each of them run once (not live) on the calling thread's
     /// CPU, `cpu`, with chosen counter values; the frame must be the template with the flow's
     /// address (and port) and correct checksums. The counter is restored afterwards.
-    fn check_generators(&self, cpu: usize) -> Result<()> {
-        let saved = self.sent.per_cpu(0)?;
-        let result = (|| -> Result<()> {
-            for (&stream, prog) in &self.gens {
+    fn check_generators(&mut self, cpu: usize) -> Result<()> {
+        for (&stream, prog) in &mut self.gens {
+            let saved = prog.per_cpu("SENT", 0)?;
+            let result = (|| -> Result<()> {
                 for n in [
                     0u64,
                     1,
@@ -532,31 +413,30 @@ impl Rig {
                 ] {
                     let mut v = saved.clone();
                     v[cpu] = n;
-                    self.sent.set(0, &v)?;
-                    let (action, frame) = bpf::test_run_once(prog, &[0xaa; FRAME])?;
+                    prog.set_per_cpu("SENT", 0, &v)?;
+                    let (action, frame) = prog.test_run_once(&[0xaa; FRAME])?;
                     if action != XDP_TX as u32 {
                         bail!("generator {stream:?} returned {action}, not XDP_TX");
                     }
                     check_frame(stream, n, &frame)
                         .with_context(|| format!("generator {stream:?}, counter {n}"))?;
                 }
-            }
-            Ok(())
-        })();
-        self.sent.set(0, &saved)?;
-        result
+                Ok(())
+            })();
+            prog.set_per_cpu("SENT", 0, &saved)?;
+            result?;
+        }
+        Ok(())
     }
 
-    /// Attaches raw XDP instructions to l0; detached when the returned link is dropped.
-    fn attach_l0(&self, insns: &[u64], name: &str) -> Result<OwnedFd> {
-        let prog = bpf::load_xdp(insns, name)?;
+    /// Attaches program `name` of the tests' XDP object (`floor` or `pass`) to l0; detached
+    /// when the returned link is dropped.
+    fn attach_l0(&self, name: &'static str) -> Result<XdpLink> {
+        let mut prog = TestProg::load(name, &[])?;
         let l0 = self.l0;
         // A link removed just before may still be going away (EBUSY meanwhile).
         crate::retry_until(Duration::from_secs(5), "attaching to l0", || {
-            in_netns(&self.l, || {
-                crate::sys::xdp_link_create(prog.as_fd(), l0)
-                    .with_context(|| format!("attaching {name} to l0"))
-            })
+            in_netns(&self.l, || prog.attach(l0))
         })
     }
 
@@ -564,11 +444,11 @@ impl Rig {
     fn measure(&self, stream: Stream, window: Window, repeat: u32, slots: u32) -> Result<Run> {
         let (frame, _, _) = template(stream);
         let prog = &self.gens[&stream];
-        let sent0 = self.sent.sum(0)?;
-        let cpu0 = self.sink.per_cpu(0)?;
+        let sent0 = prog.sum("SENT", 0)?;
+        let cpu0 = self.sink.per_cpu("SINK", 0)?;
         let got0: u64 = cpu0.iter().sum();
         let slots0: Vec<u64> = (1..=slots)
-            .map(|s| self.sink.sum(s))
+            .map(|s| self.sink.sum("SINK", s))
             .collect::<Result<_>>()?;
         let cpu_before = cpu_times(self.gen_cpu)?;
         let done = AtomicBool::new(false);
@@ -579,21 +459,21 @@ impl Rig {
                 let r = (|| {
                     crate::sys::setns_net(ns.as_fd())
                         .context("entering the generator namespace")?;
-                    bpf::pin_thread(self.gen_cpu)?;
-                    bpf::nice_thread(-20)?;
-                    bpf::test_run_live(prog, &frame, self.g0, repeat, BATCH)
+                    pin_thread(self.gen_cpu)?;
+                    nice_thread(-20)?;
+                    prog.test_run_live(&frame, self.g0, repeat, BATCH)
                 })();
                 done.store(true, Ordering::SeqCst);
                 r
             });
             let sampler = s.spawn(|| -> Result<Vec<(Instant, u64)>> {
-                bpf::pin_thread(self.sample_cpu)?;
-                bpf::nice_thread(-20)?;
+                pin_thread(self.sample_cpu)?;
+                nice_thread(-20)?;
                 let mut v = Vec::with_capacity(1 << 16);
                 loop {
                     let finished = done.load(Ordering::SeqCst);
                     let before = Instant::now();
-                    let count = self.sink.sum(0)?;
+                    let count = self.sink.sum("SINK", 0)?;
                     let took = before.elapsed();
                     // A sample whose read was held up (preempted) has no precise time: skipped.
                     if took < Duration::from_micros(50) {
@@ -623,12 +503,12 @@ impl Rig {
         let cpu_after = cpu_times(self.gen_cpu)?;
         // Whatever is still in flight lands within the call; give stragglers a moment anyway.
         std::thread::sleep(Duration::from_millis(10));
-        let sent = self.sent.sum(0)? - sent0;
-        let cpu1 = self.sink.per_cpu(0)?;
+        let sent = prog.sum("SENT", 0)? - sent0;
+        let cpu1 = self.sink.per_cpu("SINK", 0)?;
         let delivered: u64 = cpu1.iter().sum::<u64>() - got0;
         let on_cpu = cpu1[self.gen_cpu] - cpu0[self.gen_cpu];
         let per_slot = (1..=slots)
-            .map(|s| Ok(self.sink.sum(s)? - slots0[s as usize - 1]))
+            .map(|s| Ok(self.sink.sum("SINK", s)? - slots0[s as usize - 1]))
             .collect::<Result<Vec<u64>>>()?;
         // No usable window (the call ended too early): a run of zero length, which `series`
         // repeats with a longer call.
@@ -980,7 +860,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     let mut rig = Rig::new()?;
     // This thread fills and empties maps between calls: on the other CPU than the data path's,
     // so it does not evict the data path's caches.
-    let _pinned = bpf::Pinned::to(rig.sample_cpu)?;
+    let _pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
     rig.check_generators(rig.sample_cpu)?;
     let cpu = rig.gen_cpu;
     let mut series: Vec<Series> = vec![];
@@ -989,7 +869,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     // The floor: MAC swap and XDP_TX on l0; measured first and again last (its runs are taken
     // together), so a machine that got busier or quieter meanwhile shows.
     let floor_runs = |rig: &Rig| -> Result<Vec<Vec<Run>>> {
-        let _link = rig.attach_l0(&floor()?, "lbb_floor")?;
+        let _link = rig.attach_l0("floor")?;
         [Stream::UdpEst, Stream::Syn]
             .iter()
             .map(|&stream| rig.series(stream, time, reps, 0, || Ok(())))
@@ -1029,7 +909,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             Command::new("ip").args(["netns", "exec", &rig.l, "nft", "-f", "-"]),
             Some(&ruleset),
         )?;
-        let _link = rig.attach_l0(&crate::sys::XDP_PASS_INSNS, "lbb_pass")?;
+        let _link = rig.attach_l0("pass")?;
         for stream in [Stream::UdpEst, Stream::Syn] {
             let runs = rig.series(stream, time, reps, 3, || Ok(()))?;
             let conntrack = in_netns(&rig.l, || {
@@ -1347,4 +1227,19 @@ fn share_note(runs: &[Run], slots: u32) -> String {
         .map(|c| format!("{:.1}", 100.0 * *c as f64 / total.max(1) as f64))
         .collect();
     format!("backend shares {}%", shares.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// What the rate part checks before it measures, as a test: each generator run once (not
+    /// live) per chosen counter value makes the template frame with the flow's address (and
+    /// port), and its lengths and checksums verify (etherparse).
+    #[test]
+    fn generators_make_the_frames_they_must() {
+        crate::require_root();
+        let mut rig = super::Rig::new().expect("the rate part's rig");
+        // A test run runs on the calling thread's CPU: the counter slot set is that CPU's.
+        let _pinned = crate::sys::Pinned::to(0).expect("pinning to CPU 0");
+        rig.check_generators(0).expect("the generators' frames");
+    }
 }

@@ -1,0 +1,228 @@
+//! The XDP programs of lb's tests and benchmarks (not part of lb, never loaded by lbd): a traffic
+//! generator and a sink for the benchmarks' live-frames rig, the MAC-swapping floor program, an
+//! XDP_PASS program (what makes a veth accept XDP_TX frames, and the "empty program" of the cost
+//! benchmark) and a one-VIP L2 DSR forwarder for the harness's own tests. The tests crate loads
+//! this object with aya (tests/src/bpf.rs); configuration comes in as globals set at load time.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::PerCpuArray,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+
+/// Bytes the generator writes: a 64-byte frame on the wire with its FCS.
+const FRAME: usize = 60;
+/// The sink's slots: 0 counts every frame, 1 + (last two bytes of the destination MAC & 1023)
+/// each destination.
+const SINK_SLOTS: usize = 1025;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+// ---- configuration, set by the loader (aya's `EbpfLoader::set_global`) ----------------------
+
+/// The generator's frame, whole (the first `FRAME` bytes are used), with its variable fields
+/// (client address bytes 3 and 4, TCP source port, checksums) zero.
+#[unsafe(no_mangle)]
+static GEN_FRAME: [u64; 8] = [0; 8];
+/// Folded one's-complement sums of the IPv4 header and of the TCP pseudo-header and header
+/// without their variable fields (little-endian words).
+#[unsafe(no_mangle)]
+static GEN_IP_BASE: u32 = 0;
+#[unsafe(no_mangle)]
+static GEN_L4_BASE: u32 = 0;
+/// Non-zero: the flow is the counter modulo this (established flows, round robin); zero: the
+/// counter's low 16 bits (a 65,536-address walk).
+#[unsafe(no_mangle)]
+static GEN_FLOWS: u32 = 0;
+/// Non-zero: a TCP SYN, whose source port (and checksum) changes with every completed walk.
+#[unsafe(no_mangle)]
+static GEN_SYN: u32 = 0;
+
+/// The forwarder's VIP (IPv4: the first 4 bytes), its family (4 or 6) and the MACs it writes.
+#[unsafe(no_mangle)]
+static FWD_VIP: [u8; 16] = [0; 16];
+#[unsafe(no_mangle)]
+static FWD_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static FWD_DST_MAC: [u8; 6] = [0; 6];
+#[unsafe(no_mangle)]
+static FWD_SRC_MAC: [u8; 6] = [0; 6];
+
+/// Frames the generator made (slot 0, per CPU); its value is also the next frame's number.
+#[btf_map]
+static SENT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Frames the sink counted (see `SINK_SLOTS`).
+#[btf_map]
+static SINK: PerCpuArray<u64, SINK_SLOTS> = PerCpuArray::new();
+
+/// A global as the loader set it (a volatile read, so the compiler does not fold the default).
+#[inline(always)]
+fn config<T: Copy>(global: &T) -> T {
+    // SAFETY: a reference to a static is valid and aligned.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+/// The packet's start if at least `len` bytes lie inside it.
+#[inline(always)]
+fn packet(ctx: &XdpContext, len: usize) -> Option<*mut u8> {
+    let start = ctx.data();
+    if start + len > ctx.data_end() {
+        return None;
+    }
+    Some(start as *mut u8)
+}
+
+/// `~fold(sum)` for a sum of at most three 16-bit words.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Writes the whole frame (a page comes back from the page pool with whatever the path under
+/// test wrote into it, so nothing of the previous run may survive), then the variable fields
+/// from the frame's number: the client address's last two bytes (a little-endian u16 over
+/// 198.18.0.0), for SYNs the source port (1024 + completed walks, stored little-endian), and
+/// the checksums fixed from their bases. Returns XDP_TX.
+#[xdp]
+pub fn generator(ctx: XdpContext) -> u32 {
+    let Some(p) = packet(&ctx, FRAME) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(sent) = SENT.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: a pointer from a map lookup is valid for this run; per-CPU, so no other writer.
+    let n = unsafe {
+        let n = *sent;
+        *sent = n + 1;
+        n
+    };
+    let frame = p as *mut u64;
+    // SAFETY: `packet` checked that FRAME bytes lie inside the packet; a frame starts 8-byte
+    // aligned (XDP headroom), and every field written below is at an even offset.
+    unsafe {
+        for i in 0..FRAME / 8 {
+            *frame.add(i) = config(&GEN_FRAME[i]);
+        }
+        *(frame.add(FRAME / 8) as *mut u32) = config(&GEN_FRAME[FRAME / 8]) as u32;
+        let flows = config(&GEN_FLOWS) as u64;
+        let w = if flows != 0 { n % flows } else { n & 0xffff };
+        *(p.add(28) as *mut u16) = w as u16;
+        *(p.add(24) as *mut u16) = fold(w + config(&GEN_IP_BASE) as u64);
+        if config(&GEN_SYN) != 0 {
+            let sport = ((n >> 16) & 0x7fff) + 1024;
+            *(p.add(34) as *mut u16) = sport as u16;
+            *(p.add(50) as *mut u16) = fold(w + sport + config(&GEN_L4_BASE) as u64);
+        }
+    }
+    xdp_action::XDP_TX
+}
+
+/// Adds one to slot `slot` of the sink.
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = SINK.get_ptr_mut(slot) {
+        // SAFETY: a pointer from a map lookup is valid for this run; per-CPU, so no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts IPv4 TCP, UDP and IP-in-IP frames (slot 0, and the slot of the destination MAC) and
+/// drops every frame.
+#[xdp]
+pub fn sink(ctx: XdpContext) -> u32 {
+    let Some(p) = packet(&ctx, 34) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: `packet` checked that 34 bytes lie inside the packet.
+    let (ether_type, proto, mac) = unsafe {
+        (
+            u16::from_be_bytes([*p.add(12), *p.add(13)]),
+            *p.add(23),
+            u16::from_be_bytes([*p.add(4), *p.add(5)]),
+        )
+    };
+    if ether_type == ETH_P_IP && matches!(proto, 6 | 17 | 4) {
+        count(0);
+        count(1 + (mac & 1023) as u32);
+    }
+    xdp_action::XDP_DROP
+}
+
+/// Swaps the source and destination MACs, for a frame at least an Ethernet header long.
+#[inline(always)]
+fn swap_macs(p: *mut u8) {
+    // SAFETY: callers checked that 14 bytes lie inside the packet.
+    unsafe {
+        let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
+        let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
+        core::ptr::write_unaligned(p as *mut [u8; 6], src);
+        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
+    }
+}
+
+/// The floor of the rate benchmark: swaps the MACs and sends the frame back out of the
+/// interface it came in on (frames shorter than an Ethernet header pass).
+#[xdp]
+pub fn floor(ctx: XdpContext) -> u32 {
+    let Some(p) = packet(&ctx, 14) else {
+        return xdp_action::XDP_PASS;
+    };
+    swap_macs(p);
+    xdp_action::XDP_TX
+}
+
+/// XDP_PASS, and nothing else.
+#[xdp]
+pub fn pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// A one-VIP L2 direct-server-return forwarder: a frame to `FWD_VIP` (of `FWD_FAMILY`) goes
+/// back out with destination MAC `FWD_DST_MAC` and source `FWD_SRC_MAC`; everything else passes.
+#[xdp]
+pub fn dsr(ctx: XdpContext) -> u32 {
+    if config(&FWD_FAMILY) == 6 {
+        forward::<16>(&ctx, ETH_P_IPV6, 14 + 24)
+    } else {
+        forward::<4>(&ctx, ETH_P_IP, 14 + 16)
+    }
+}
+
+/// `dsr` for one family: its ethertype, and its destination address of `N` bytes at `at`.
+#[inline(always)]
+fn forward<const N: usize>(ctx: &XdpContext, ether_type: u16, at: usize) -> u32 {
+    let Some(p) = packet(ctx, at + N) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: `packet` checked that the bytes up to the end of the address lie in the packet.
+    unsafe {
+        if u16::from_be_bytes([*p.add(12), *p.add(13)]) != ether_type {
+            return xdp_action::XDP_PASS;
+        }
+        for i in 0..N {
+            if *p.add(at + i) != config(&FWD_VIP[i]) {
+                return xdp_action::XDP_PASS;
+            }
+        }
+        core::ptr::write_unaligned(p as *mut [u8; 6], config(&FWD_DST_MAC));
+        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], config(&FWD_SRC_MAC));
+    }
+    xdp_action::XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
