@@ -65,7 +65,7 @@ fn words(a: &Addr) -> [u64; 2] {
 }
 
 /// Hash of a client address (`hash = "source"`): every packet and every fragment of a client
-/// gets the same value.
+/// gets the same value. Which hash a service uses, and the slot it selects: `crate::maglev_slot`.
 #[inline(always)]
 pub fn hash_source(key: &[u64; 2], src: &Addr) -> u32 {
     let h = siphash13(key, &words(src));
@@ -122,12 +122,6 @@ pub fn flow_hash(key: &[u64; 2], flow: &FlowKey) -> u64 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
-}
-
-/// The Maglev slot a hash selects in a table of `table_size` slots.
-#[inline(always)]
-pub fn slot(hash: u32, table_size: u32) -> u32 {
-    hash % table_size
 }
 
 /// 64-bit hash of a backend address for its Maglev permutation (offset and skip).

@@ -12,7 +12,7 @@ use axum::{
     http::StatusCode,
     routing::{get, post, put},
 };
-use lb_common::{FlowKey, NO_BACKEND, hash};
+use lb_common::{FlowKey, NO_BACKEND, ServiceValue, Slot, maglev_slot, service_flags};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::AsyncWriteExt,
@@ -1029,9 +1029,9 @@ async fn lookup(State(shared): State<Shared>, Query(q): Query<LookupQuery>) -> R
         family: state::family(client),
         _pad: [0; 2],
     };
-    let h = match (s.cfg.hash, q.port) {
-        (HashMode::Source, _) => hash::hash_source(&d.seed, &state::to_addr(client)),
-        (HashMode::FiveTuple, Some(p)) => hash::hash_5tuple(&d.seed, &flow(p)),
+    let (flags, port) = match (s.cfg.hash, q.port) {
+        (HashMode::Source, port) => (0, port.unwrap_or(0)),
+        (HashMode::FiveTuple, Some(p)) => (service_flags::HASH_5TUPLE, p),
         (HashMode::FiveTuple, None) => {
             return Err(bad(format!(
                 "service {} hashes the 5-tuple: give the client's port with --port",
@@ -1039,7 +1039,16 @@ async fn lookup(State(shared): State<Shared>, Query(q): Query<LookupQuery>) -> R
             )));
         }
     };
-    let slot = hash::slot(h, s.cfg.table_size);
+    let value = ServiceValue {
+        flags,
+        table_size: s.cfg.table_size,
+        ..Default::default()
+    };
+    let Slot {
+        hash: h,
+        index: slot,
+    } = maglev_slot(&d.seed, &value, &flow(port))
+        .ok_or_else(|| bad(format!("service {} has no Maglev table", s.cfg.name)))?;
     let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
     // An established flow keeps its backend while that backend is usable: as the data path.
     if let Some(port) = q.port
