@@ -3,9 +3,10 @@
 //! Parts, each with one job: `config` (parse and validate the TOML), `datapath` (the only code
 //! that touches the XDP program and its maps), `netlink` (interfaces, routes, neighbours),
 //! `state` (the desired state and what lbd keeps on disk), `lock` (one lbd at a time on its
-//! pins, state and socket), `limits` (what clients may hold of lbd), `daemon` (puts them
-//! together and runs until told to stop), `api` (the control socket) and `client` (lbctl's side
-//! of it).
+//! pins, state and socket), `limits` (what clients may hold of lbd), `daemon` (the runtime state
+//! and every operation on it, in one-way layers), `api` (the control socket, over `daemon`),
+//! `run` (lbd as a process: wires `daemon` and `api` together and runs until told to stop) and
+//! `client` (lbctl's side of the socket).
 
 pub mod api;
 pub mod cli;
@@ -20,4 +21,5 @@ pub mod limits;
 pub mod lock;
 pub mod metrics;
 pub mod netlink;
+pub mod run;
 pub mod state;

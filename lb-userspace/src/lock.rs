@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{api, config, datapath, state};
+use crate::{config, datapath, state};
 
 /// The name of the lock file in `state_dir`.
 pub const STATE_LOCK_FILE: &str = "lbd.lock";
@@ -189,9 +189,71 @@ pub fn state(state_dir: &Path) -> Result<File, LockError> {
     Ok(f)
 }
 
+/// Whether some process answers on the unix socket at `path`: `Some` with its pid (as the
+/// kernel recorded it when the socket was bound, SO_PEERCRED) when a connection is accepted or
+/// the backlog is full, `None` when nothing listens there (no file, not a socket, or a stale
+/// socket file a killed process left).
+pub fn socket_answers(path: &Path) -> Option<Option<u32>> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in below within its bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return None;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid descriptor and a sockaddr_un of the size given.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        // EAGAIN: a listener whose backlog is full (alive, but busy).
+        return (std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN))
+            .then_some(None);
+    }
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, a ucred buffer and its length, both ours.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    Some((rc == 0 && cred.pid > 0).then_some(cred.pid as u32))
+}
+
 /// Refuses a control socket some process answers on.
 fn socket_free(socket: &Path, advice: &'static str) -> Result<(), LockError> {
-    match api::socket_answers(socket) {
+    match socket_answers(socket) {
         Some(pid) => Err(LockError::SocketAnswers {
             path: socket.display().to_string(),
             holder: holder_name(pid),

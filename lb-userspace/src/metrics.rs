@@ -173,7 +173,9 @@ impl Collector for SnapshotCollector {
         family(
             &mut encoder,
             "lb_dropped",
-            "Packets dropped by the XDP program, by reason.",
+            "VIP packets not forwarded by the XDP program, by reason: dropped (no_backend, \
+             no_egress, too_big_suppressed), answered with ICMP or dropped (too_big), or passed \
+             up to the kernel (malformed, unsupported_fragment, missing_state).",
             s.dropped.iter().map(|(reason, packets)| {
                 ([("reason", reason.as_str())], ConstCounter::new(*packets))
             }),
@@ -386,6 +388,28 @@ mod tests {
             assert!(
                 text.lines().any(|l| l == format!("# TYPE {name} {kind}")),
                 "no TYPE {kind} for {name}:\n{text}"
+            );
+        }
+    }
+
+    /// `lb_dropped_total` counts every VIP packet not forwarded, most of them passed up to the
+    /// kernel: its help names each reason with what became of its packets, not "dropped".
+    #[test]
+    fn metrics_dropped_help_is_true() {
+        let text = render(&sample());
+        let help = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# HELP lb_dropped "))
+            .expect("a HELP line for lb_dropped");
+        assert!(!help.starts_with("Packets dropped"), "{help}");
+        for word in ["not forwarded", "passed up", "dropped", "ICMP"] {
+            assert!(help.contains(word), "{word:?} missing from {help:?}");
+        }
+        for reason in lb_common::Reason::ALL {
+            assert!(
+                help.contains(reason.label()),
+                "reason {} missing from {help:?}",
+                reason.label()
             );
         }
     }

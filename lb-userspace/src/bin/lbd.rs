@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser as _};
 use lb_userspace::{
     cli::{LbdArgs, LbdCommand},
-    config, daemon, decap,
+    config, decap, run,
 };
 
 fn init_logging(level: Option<&str>) {
@@ -87,13 +87,13 @@ fn main() -> ExitCode {
         };
     }
     // The level comes from the config when it can be read; errors about the config itself are
-    // reported by run() below.
+    // reported by run::daemon() below.
     let level = config::load(&args.config)
         .ok()
         .and_then(|l| l.config.daemon.log_level);
     init_logging(level.as_deref());
     let result = if args.cleanup {
-        daemon::cleanup(&args.config)
+        run::cleanup(&args.config)
     } else {
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        runtime.block_on(daemon::run(&args.config, args.reseed))
+        runtime.block_on(run::daemon(&args.config, args.reseed))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,232 @@
+//! The handlers that change something: each edits the config file in memory, and `change`
+//! validates the result, applies it to the data path (`Daemon::reconcile`) and writes the file.
+
+use axum::{
+    Json,
+    extract::{Path as UrlPath, State},
+};
+
+use super::{handlers::*, types::*};
+use crate::{
+    config,
+    config_edit::ConfigFile,
+    daemon::{Daemon, Shared},
+};
+
+/// Applies an edit of the config file: edit in memory (`edit` also checks what it needs of the
+/// daemon's state), validate, apply to the data path, then write the file. An invalid result
+/// changes nothing. One change at a time; the hops of new backends are resolved without
+/// holding the daemon's lock, so status, metrics and health changes go on meanwhile (see
+/// `Shared`).
+async fn change(
+    shared: &Shared,
+    edit: impl FnOnce(&mut Daemon, &mut ConfigFile) -> Result<(), Refusal>,
+) -> Reply<Changed> {
+    let _one_change_at_a_time = shared.change().await;
+    let (file, new, needed) = {
+        let mut d = shared.lock().await;
+        let mut file = ConfigFile::load(&d.config_path).map_err(internal)?;
+        edit(&mut d, &mut file)?;
+        let loaded = config::parse(&file.text()).map_err(|problems| {
+            bad(problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; "))
+        })?;
+        if loaded.config.daemon != d.config.daemon {
+            return Err(conflict(format!(
+                "{} was edited by hand since lbd read it ([daemon] differs): send lbd a SIGHUP (or restart it) first",
+                d.config_path.display()
+            )));
+        }
+        let needed = d.hops_needed(&loaded.config);
+        (file, loaded.config, needed)
+    };
+    let hops = crate::daemon::resolve_hops(needed).await;
+    let changes = shared
+        .lock()
+        .await
+        .reconcile(new, hops)
+        .map_err(|e| internal(format!("{e:#}")))?;
+    file.save().map_err(|e| {
+        internal(format!(
+            "the data path changed but writing the config failed: {e}"
+        ))
+    })?;
+    Ok(Json(Changed { changes }))
+}
+
+fn edit_error(e: crate::config_edit::EditError) -> Refusal {
+    use crate::config_edit::EditError as E;
+    match e {
+        E::NoSuchService(_) | E::NoSuchBackend { .. } => not_found(e.to_string()),
+        E::ServiceExists(_) | E::BackendExists { .. } | E::Conflict(_) => conflict(e.to_string()),
+        E::Invalid(_) | E::Parse(_) | E::Unsupported(_) => bad(e.to_string()),
+        other => internal(other),
+    }
+}
+
+pub(super) async fn service_add(
+    State(shared): State<Shared>,
+    Json(n): Json<NewService>,
+) -> Reply<Changed> {
+    if let Some(problem) = config::name_problem(&n.name) {
+        return Err(bad(format!("service name: {problem}")));
+    }
+    let service = config::Service {
+        name: n.name,
+        vip: n.vip,
+        port: n.port,
+        protocol: n.protocol,
+        forwarding: n.forwarding,
+        hash: n.hash,
+        table_size: lb_common::DEFAULT_TABLE_SIZE,
+        tunnel_source: None,
+        health: config::Health {
+            port: n.port,
+            ..config::Health::default()
+        },
+        backends: vec![],
+    };
+    change(&shared, |d, f| {
+        if d.services.iter().any(|s| s.cfg.name == service.name) {
+            return Err(conflict(format!(
+                "a service named {:?} exists already",
+                service.name
+            )));
+        }
+        f.add_service(&service).map_err(edit_error)
+    })
+    .await
+}
+
+pub(super) async fn service_remove(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<Changed> {
+    change(&shared, |d, f| {
+        d.find_service(&name).map_err(not_found)?;
+        f.remove_service(&name).map_err(edit_error)
+    })
+    .await
+}
+
+fn check_weight(w: u32) -> Result<u32, Refusal> {
+    if w > config::MAX_WEIGHT {
+        return Err(bad(format!(
+            "weight {w} is larger than the maximum {}",
+            config::MAX_WEIGHT
+        )));
+    }
+    Ok(w)
+}
+
+pub(super) async fn backend_add(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(n): Json<NewBackend>,
+) -> Reply<Changed> {
+    let weight = check_weight(n.weight.unwrap_or(config::DEFAULT_WEIGHT))?;
+    let backend = config::Backend {
+        address: n.address,
+        weight,
+        mac: None,
+    };
+    change(&shared, |d, f| {
+        let s = d.find_service(&name).map_err(not_found)?;
+        if s.backend(n.address).is_some() {
+            return Err(conflict(format!(
+                "service {name} already has backend {}",
+                n.address
+            )));
+        }
+        if n.address.is_ipv4() != s.cfg.vip.is_ipv4() {
+            return Err(bad(format!(
+                "{} is not of the VIP's address family ({})",
+                n.address, s.cfg.vip
+            )));
+        }
+        f.add_backend(&name, &backend).map_err(edit_error)
+    })
+    .await
+}
+
+pub(super) async fn backend_remove(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Changed> {
+    change(&shared, |d, f| {
+        let (address, _) = existing(d, &name, &address)?;
+        f.remove_backend(&name, address).map_err(edit_error)
+    })
+    .await
+}
+
+pub(super) async fn backend_drain(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Changed> {
+    let mut remembered = None;
+    let result = change(&shared, |d, f| {
+        let (address, weight) = existing(d, &name, &address)?;
+        if weight == 0 {
+            return Err(conflict(format!(
+                "backend {address} of {name} is already drained"
+            )));
+        }
+        d.remember_drain(&name, address, weight);
+        remembered = Some(address);
+        f.set_weight(&name, address, 0).map_err(edit_error)
+    })
+    .await;
+    if let (Err(_), Some(address)) = (&result, remembered) {
+        shared.lock().await.forget_drain(&name, address);
+    }
+    result
+}
+
+pub(super) async fn backend_undrain(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Changed> {
+    let mut undrained = None;
+    let result = change(&shared, |d, f| {
+        let (address, weight) = existing(d, &name, &address)?;
+        if weight != 0 {
+            return Err(conflict(format!(
+                "backend {address} of {name} is not drained (weight {weight})"
+            )));
+        }
+        let before = d
+            .weight_before_drain(&name, address)
+            .unwrap_or(config::DEFAULT_WEIGHT);
+        undrained = Some(address);
+        f.set_weight(&name, address, before).map_err(edit_error)
+    })
+    .await;
+    if let (Ok(_), Some(address)) = (&result, undrained) {
+        shared.lock().await.forget_drain(&name, address);
+    }
+    result
+}
+
+pub(super) async fn backend_weight(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+    Json(w): Json<NewWeight>,
+) -> Reply<Changed> {
+    let weight = check_weight(w.weight)?;
+    change(&shared, |d, f| {
+        let (address, _) = existing(d, &name, &address)?;
+        if weight == 0 {
+            return Err(bad(
+                "weight 0 drains a backend: use `lbctl backend drain` (undrain restores the weight)"
+                    .into(),
+            ));
+        }
+        d.forget_drain(&name, address);
+        f.set_weight(&name, address, weight).map_err(edit_error)
+    })
+    .await
+}

@@ -1,0 +1,316 @@
+//! The API's read-only handlers (status, stats, lists, lookup, what a removal
+//! would move). The handlers that change something are in `edits`.
+//!
+//! Handlers read the daemon's runtime state (`daemon`) under its lock and answer with the wire
+//! types of `types`; an error answer is a [`Refusal`].
+
+use std::{net::IpAddr, time::SystemTime};
+
+use axum::{
+    Json,
+    extract::{Path as UrlPath, Query, State},
+    http::StatusCode,
+};
+use lb_common::{FlowKey, NO_BACKEND, Slot, maglev_slot};
+
+use super::{snapshot, types::*};
+use crate::{
+    config::HashMode,
+    daemon::{BackendState, Daemon, ServiceRuntime, Shared},
+    datapath::Attachment,
+    state,
+};
+
+/// An error answer: the status and lbd's message, as `{"error": ...}`.
+pub struct Refusal(StatusCode, String);
+
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> axum::response::Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+pub(super) fn not_found(m: String) -> Refusal {
+    Refusal(StatusCode::NOT_FOUND, m)
+}
+pub(super) fn bad(m: String) -> Refusal {
+    Refusal(StatusCode::BAD_REQUEST, m)
+}
+pub(super) fn conflict(m: String) -> Refusal {
+    Refusal(StatusCode::CONFLICT, m)
+}
+pub(super) fn internal(e: impl std::fmt::Display) -> Refusal {
+    Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+pub(super) type Reply<T> = Result<Json<T>, Refusal>;
+
+// ---- status and stats ----
+
+fn interface_status(a: &Attachment) -> InterfaceStatus {
+    InterfaceStatus {
+        name: a.interface.clone(),
+        ifindex: a.ifindex,
+        mode: a.mode.clone(),
+        link_id: a.link_id,
+        state: None,
+        problem: None,
+    }
+}
+
+pub(super) async fn status(State(shared): State<Shared>) -> Json<Status> {
+    let mut status = status_of(&*shared.lock().await);
+    // Each interface as it is now (netlink and link info), without holding the daemon.
+    let bpffs_dir = std::path::PathBuf::from(&status.bpffs_dir);
+    match crate::netlink::Netlink::new() {
+        Ok(netlink) => {
+            for i in &mut status.interfaces {
+                match crate::daemon::interface_now(&netlink, &bpffs_dir, &i.name).await {
+                    Ok(now) => {
+                        i.state = Some(now.state);
+                        i.ifindex = now.ifindex.unwrap_or(0);
+                    }
+                    Err(e) => i.problem = Some(format!("{e:#}")),
+                }
+            }
+        }
+        Err(e) => {
+            for i in &mut status.interfaces {
+                i.problem = Some(e.to_string());
+            }
+        }
+    }
+    Json(status)
+}
+
+fn status_of(d: &Daemon) -> Status {
+    Status {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        config: d.config_path.display().to_string(),
+        uptime_s: d.started.elapsed().as_secs(),
+        program_id: d.datapath.program_id(),
+        layout_version: lb_common::LAYOUT_VERSION,
+        bpffs_dir: d.config.daemon.bpffs_dir.display().to_string(),
+        start: d.datapath.start.clone(),
+        interfaces: d
+            .datapath
+            .attachments
+            .iter()
+            .map(interface_status)
+            .collect(),
+        services: d.services.len(),
+        backends: d.services.iter().map(|s| s.backends.len()).sum(),
+    }
+}
+
+fn selected<'a>(
+    d: &'a Daemon,
+    service: &Option<String>,
+) -> Result<Vec<&'a ServiceRuntime>, Refusal> {
+    match service {
+        None => Ok(d.services.iter().collect()),
+        Some(name) => Ok(vec![d.find_service(name).map_err(not_found)?]),
+    }
+}
+
+pub(super) async fn stats(
+    State(shared): State<Shared>,
+    Query(f): Query<ServiceFilter>,
+) -> Reply<Stats> {
+    let d = shared.lock().await;
+    let services = selected(&d, &f.service)?;
+    Ok(Json(Stats::from(&snapshot::counters(&d, services))))
+}
+
+// ---- services ----
+
+pub(super) async fn service_list(State(shared): State<Shared>) -> Json<Vec<ServiceInfo>> {
+    let d = shared.lock().await;
+    Json(
+        d.services
+            .iter()
+            .map(|s| ServiceInfo {
+                name: s.cfg.name.clone(),
+                vip: s.cfg.vip,
+                port: s.cfg.port,
+                protocol: s.cfg.protocol,
+                forwarding: s.cfg.forwarding,
+                hash: s.cfg.hash,
+                table_size: s.cfg.table_size,
+                check: s.cfg.health.check,
+                backends: s.backends.len(),
+                up: s
+                    .backends
+                    .iter()
+                    .filter(|b| b.state() == BackendState::Up)
+                    .count(),
+            })
+            .collect(),
+    )
+}
+
+// ---- backends ----
+
+fn age(t: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) async fn backend_list(
+    State(shared): State<Shared>,
+    Query(f): Query<ServiceFilter>,
+) -> Reply<Vec<BackendInfo>> {
+    let d = shared.lock().await;
+    let mut out = vec![];
+    for s in selected(&d, &f.service)? {
+        for b in &s.backends {
+            let c = d.datapath.backend_counter(b.id);
+            out.push(BackendInfo {
+                service: s.cfg.name.clone(),
+                address: b.cfg.address,
+                weight: b.cfg.weight,
+                state: b.state(),
+                since_s: age(b.since),
+                check: s.cfg.health.check,
+                last_check: b.last.as_ref().map(|l| l.detail.clone()),
+                last_check_ok: b
+                    .last
+                    .as_ref()
+                    .map(|l| l.result == crate::health::CheckResult::Pass),
+                last_check_age_s: b.last.as_ref().map(|l| age(l.at)),
+                mac: b.hop.as_ref().map(|h| crate::daemon::mac_string(&h.mac)),
+                problem: b.hop_error.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+    }
+    Ok(Json(out))
+}
+
+pub(super) fn parse_address(s: &str) -> Result<IpAddr, Refusal> {
+    s.parse()
+        .map_err(|_| bad(format!("{s:?} is not an IP address")))
+}
+
+/// The service and backend named in a URL, or a 404 naming what is missing.
+pub(super) fn existing(d: &Daemon, name: &str, address: &str) -> Result<(IpAddr, u32), Refusal> {
+    let address = parse_address(address)?;
+    let s = d.find_service(name).map_err(not_found)?;
+    let b = s.backend(address).ok_or_else(|| {
+        not_found(format!(
+            "service {name} has no backend {address} (see `lbctl backend list {name}`)"
+        ))
+    })?;
+    Ok((address, b.cfg.weight))
+}
+
+pub(super) async fn backend_remove_dry_run(
+    State(shared): State<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Reply<Removal> {
+    let d = shared.lock().await;
+    let (address, _) = existing(&d, &name, &address)?;
+    let s = d.find_service(&name).map_err(not_found)?;
+    let id = s.backend(address).map(|b| b.id).unwrap_or(NO_BACKEND);
+    let after = s.table_without(&d.seed, Some(address));
+    let (mut moved, mut own, mut others, mut others_moved) = (0u64, 0u64, 0u64, 0u64);
+    for (before, after) in s.table.iter().zip(&after) {
+        moved += (before != after) as u64;
+        if *before == id {
+            own += 1;
+        } else {
+            others += 1;
+            others_moved += (before != after) as u64;
+        }
+    }
+    let total = s.table.len().max(1) as f64;
+    Ok(Json(Removal {
+        service: name,
+        address,
+        table_size: s.cfg.table_size,
+        moved_slots: moved,
+        moved_share: moved as f64 / total,
+        own_share: own as f64 / total,
+        others_moved_share: if others == 0 {
+            0.0
+        } else {
+            others_moved as f64 / others as f64
+        },
+    }))
+}
+
+// ---- lookup ----
+
+pub(super) async fn lookup(
+    State(shared): State<Shared>,
+    Query(q): Query<LookupQuery>,
+) -> Reply<Lookup> {
+    let d = shared.lock().await;
+    let client = parse_address(&q.client)?;
+    let s = d.find_service(&q.service).map_err(not_found)?;
+    if client.is_ipv4() != s.cfg.vip.is_ipv4() {
+        return Err(bad(format!(
+            "{client} is not of the VIP's address family ({})",
+            s.cfg.vip
+        )));
+    }
+    let flow = |sport: u16| FlowKey {
+        src: state::to_addr(client),
+        dst: state::to_addr(s.cfg.vip),
+        sport: sport.to_be(),
+        dport: s.cfg.port.to_be(),
+        proto: s.cfg.protocol.number(),
+        family: state::family(client),
+        _pad: [0; 2],
+    };
+    if s.cfg.hash == HashMode::FiveTuple && q.port.is_none() {
+        return Err(bad(format!(
+            "service {} hashes the 5-tuple: give the client's port with --port",
+            s.cfg.name
+        )));
+    }
+    let Slot {
+        hash: h,
+        index: slot,
+    } = maglev_slot(&d.seed, &s.value(), &flow(q.port.unwrap_or(0)))
+        .ok_or_else(|| bad(format!("service {} has no Maglev table", s.cfg.name)))?;
+    let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
+    // An established flow keeps its backend while that backend is usable: as the data path.
+    if let Some(port) = q.port
+        && let Some(entry) = d.datapath.flow(&flow(port))
+        && entry.service == s.id
+        && let Some(b) = by_id(entry.backend)
+        && b.hop.is_some()
+        && b.healthy
+    {
+        return Ok(Json(Lookup {
+            service: s.cfg.name.clone(),
+            client,
+            client_port: q.port,
+            backend: Some(b.cfg.address),
+            reason: "connection-table".into(),
+            hash: h,
+            slot,
+            table_size: s.cfg.table_size,
+        }));
+    }
+    let backend = s
+        .table
+        .get(slot as usize)
+        .and_then(|&id| by_id(id))
+        .map(|b| b.cfg.address);
+    Ok(Json(Lookup {
+        service: s.cfg.name.clone(),
+        client,
+        client_port: q.port,
+        backend,
+        reason: "hash".into(),
+        hash: h,
+        slot,
+        table_size: s.cfg.table_size,
+    }))
+}

@@ -1,0 +1,163 @@
+//! One snapshot of the counters, read under the daemon's lock, serves both `/v1/stats` (as
+//! [`Stats`]) and `/metrics` (rendered by `metrics`): the two can never count differently.
+
+use crate::{
+    daemon::{BackendState, Daemon, ServiceRuntime},
+    metrics::{BackendMetrics, HealthCount, ServiceMetrics, Snapshot},
+};
+
+use super::types::{BackendStats, Conntrack, ReasonCount, ServiceStats, Stats};
+
+/// The counters of `services` (of the daemon `d`), the reasons' totals, the connection table's
+/// fill and the health checks' counts.
+pub fn counters<'a>(
+    d: &Daemon,
+    services: impl IntoIterator<Item = &'a ServiceRuntime>,
+) -> Snapshot {
+    let services = services
+        .into_iter()
+        .map(|s| {
+            let c = d.datapath.service_counter(s.id);
+            ServiceMetrics {
+                name: s.cfg.name.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let c = d.datapath.backend_counter(b.id);
+                        BackendMetrics {
+                            address: b.cfg.address.to_string(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                            up: b.state() == BackendState::Up,
+                            weight: b.cfg.weight,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let (entries, capacity) = d.conntrack.get();
+    Snapshot {
+        services,
+        conntrack_entries: entries,
+        conntrack_capacity: capacity,
+        dropped: d
+            .datapath
+            .reason_counts()
+            .into_iter()
+            .map(|(r, n)| (r.label().to_string(), n))
+            .collect(),
+        health_checks: d
+            .health_counts
+            .iter()
+            .map(|((service, backend, result), count)| HealthCount {
+                service: service.clone(),
+                backend: backend.to_string(),
+                result: result.label().into(),
+                count: *count,
+            })
+            .collect(),
+    }
+}
+
+/// What the metrics endpoint reports: the snapshot of every service.
+pub fn metrics_snapshot(d: &Daemon) -> Snapshot {
+    counters(d, &d.services)
+}
+
+/// `/v1/stats` is the snapshot's packet, byte, reason and connection-table counts.
+impl From<&Snapshot> for Stats {
+    fn from(s: &Snapshot) -> Self {
+        Stats {
+            services: s
+                .services
+                .iter()
+                .map(|svc| ServiceStats {
+                    service: svc.name.clone(),
+                    packets: svc.packets,
+                    bytes: svc.bytes,
+                    backends: svc
+                        .backends
+                        .iter()
+                        .map(|b| BackendStats {
+                            address: b.address.clone(),
+                            packets: b.packets,
+                            bytes: b.bytes,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            dropped: s
+                .dropped
+                .iter()
+                .map(|(reason, packets)| ReasonCount {
+                    reason: reason.clone(),
+                    packets: *packets,
+                })
+                .collect(),
+            conntrack: Conntrack {
+                entries: s.conntrack_entries,
+                capacity: s.conntrack_capacity,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/v1/stats` reports exactly the snapshot's numbers, in its order: the counts `/metrics`
+    /// renders from the same snapshot.
+    #[test]
+    fn stats_are_the_snapshot() {
+        let backend = |address: &str, packets| BackendMetrics {
+            address: address.into(),
+            packets,
+            bytes: packets * 60,
+            up: packets % 2 == 0,
+            weight: 100,
+        };
+        let snapshot = Snapshot {
+            services: vec![
+                ServiceMetrics {
+                    name: "web".into(),
+                    packets: 30,
+                    bytes: 1800,
+                    backends: vec![backend("192.0.2.11", 10), backend("192.0.2.12", 20)],
+                },
+                ServiceMetrics {
+                    name: "dns".into(),
+                    packets: 0,
+                    bytes: 0,
+                    backends: vec![],
+                },
+            ],
+            conntrack_entries: 3,
+            conntrack_capacity: 1024,
+            dropped: vec![("no_backend".into(), 4), ("malformed".into(), 1)],
+            health_checks: vec![],
+        };
+        let stats = serde_json::to_value(Stats::from(&snapshot)).unwrap();
+        assert_eq!(
+            stats,
+            serde_json::json!({
+                "services": [
+                    { "service": "web", "packets": 30, "bytes": 1800, "backends": [
+                        { "address": "192.0.2.11", "packets": 10, "bytes": 600 },
+                        { "address": "192.0.2.12", "packets": 20, "bytes": 1200 },
+                    ] },
+                    { "service": "dns", "packets": 0, "bytes": 0, "backends": [] },
+                ],
+                "dropped": [
+                    { "reason": "no_backend", "packets": 4 },
+                    { "reason": "malformed", "packets": 1 },
+                ],
+                "conntrack": { "entries": 3, "capacity": 1024 },
+            })
+        );
+    }
+}

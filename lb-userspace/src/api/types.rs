@@ -1,0 +1,192 @@
+//! The control API's wire types: what lbctl sends and what lbd answers, as JSON.
+//!
+//! Plain data only: nothing here reads the daemon, the data path or the config file. The few
+//! enums a field carries are the config's value types and the state enums lbd reports
+//! (`BackendState`, `InterfaceState`, `Start`), all plain `serde` enums.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{CheckKind, Forwarding, HashMode, Protocol},
+    daemon::{BackendState, InterfaceState},
+};
+
+// ---- status and stats ----
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub config: String,
+    pub uptime_s: u64,
+    pub program_id: u32,
+    pub layout_version: u32,
+    pub bpffs_dir: String,
+    pub start: crate::datapath::Start,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub services: usize,
+    pub backends: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// Its index now (0 while it is missing).
+    pub ifindex: u32,
+    pub mode: String,
+    pub link_id: u32,
+    /// Whether the program is on it now: `attached`, `missing` or `detached`.
+    pub state: Option<InterfaceState>,
+    /// Why its state could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Stats {
+    pub services: Vec<ServiceStats>,
+    pub dropped: Vec<ReasonCount>,
+    pub conntrack: Conntrack,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Conntrack {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServiceStats {
+    pub service: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BackendStats {
+    pub address: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub packets: u64,
+}
+
+/// `?service=NAME`: only that service (`/v1/stats`, `/v1/backends`).
+#[derive(Deserialize)]
+pub struct ServiceFilter {
+    pub service: Option<String>,
+}
+
+// ---- services ----
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    pub table_size: u32,
+    pub check: CheckKind,
+    pub backends: usize,
+    pub up: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewService {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default)]
+    pub hash: HashMode,
+}
+
+/// An answer to a change: what changed.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Changed {
+    pub changes: Vec<String>,
+}
+
+// ---- backends ----
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BackendInfo {
+    pub service: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Seconds in the current state.
+    pub since_s: u64,
+    pub check: CheckKind,
+    pub last_check: Option<String>,
+    pub last_check_ok: Option<bool>,
+    /// Seconds since the last check.
+    pub last_check_age_s: Option<u64>,
+    pub mac: Option<String>,
+    /// Why the backend cannot be reached (unresolved MAC), when it cannot.
+    pub problem: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewBackend {
+    pub address: IpAddr,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Removal {
+    pub service: String,
+    pub address: IpAddr,
+    pub table_size: u32,
+    /// Slots (clients) that would change backend.
+    pub moved_slots: u64,
+    /// Share of all clients that would move.
+    pub moved_share: f64,
+    /// Share of all clients now on this backend (they all move).
+    pub own_share: f64,
+    /// Share of the other backends' clients that would move too.
+    pub others_moved_share: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewWeight {
+    pub weight: u32,
+}
+
+// ---- lookup ----
+
+/// `?service=NAME&client=ADDRESS[&port=PORT]`.
+#[derive(Deserialize)]
+pub struct LookupQuery {
+    pub service: String,
+    pub client: String,
+    pub port: Option<u16>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Lookup {
+    pub service: String,
+    pub client: IpAddr,
+    pub client_port: Option<u16>,
+    /// The backend chosen, or None when the service has no usable backend.
+    pub backend: Option<IpAddr>,
+    /// "connection-table" when an established flow decides, else "hash".
+    pub reason: String,
+    pub hash: u32,
+    pub slot: u32,
+    pub table_size: u32,
+}

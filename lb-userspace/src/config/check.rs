@@ -1,0 +1,579 @@
+//! Validation: from the config text to a [`Config`] or every [`Problem`] found, each named with
+//! its dotted key and line.
+
+use super::*;
+
+/// The problems and warnings found while validating, with line numbers from `src`.
+struct Checker<'a> {
+    src: &'a str,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.src[..offset.min(self.src.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+    fn error<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let line = Some(self.line(at.span().start));
+        self.problems.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+    fn warn<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let line = Some(self.line(at.span().start));
+        self.warnings.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Parses and validates config text: the config, or every problem found.
+pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
+    let raw: RawConfig = match toml::from_str(src) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let mut checker = Checker {
+                src,
+                problems: vec![],
+                warnings: vec![],
+            };
+            let line = e.span().map(|s| checker.line(s.start));
+            checker.problems.push(Problem {
+                line,
+                key: e
+                    .span()
+                    .and_then(|s| key_at(src, s.start))
+                    .unwrap_or_default(),
+                message: e.message().trim().to_string(),
+            });
+            return Err(checker.problems);
+        }
+    };
+    let mut c = Checker {
+        src,
+        problems: vec![],
+        warnings: vec![],
+    };
+    let daemon = check_daemon(&mut c, raw.daemon.into_inner());
+    let services = check_services(&mut c, raw.service);
+    if c.problems.is_empty() {
+        Ok(Loaded {
+            config: Config { daemon, services },
+            warnings: c.warnings,
+        })
+    } else {
+        Err(c.problems)
+    }
+}
+
+/// The dotted key (`service[1].backend[0].weight`) whose value or table starts at `offset`,
+/// worked out from the table headers above it: toml's own errors give only a position.
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let (mut service, mut backend) = (-1i64, -1i64);
+    let mut table = String::new();
+    for line in src[..line_start].lines() {
+        let header: String = line
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        match header.as_str() {
+            "[daemon]" => table = "daemon".into(),
+            "[[service]]" => {
+                service += 1;
+                backend = -1;
+                table = format!("service[{service}]");
+            }
+            "[service.health]" => table = format!("service[{service}].health"),
+            "[[service.backend]]" => {
+                backend += 1;
+                table = format!("service[{service}].backend[{backend}]");
+            }
+            h if h.starts_with('[') => table = h.trim_matches(|c| c == '[' || c == ']').to_string(),
+            _ => {}
+        }
+    }
+    let line = src[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string());
+    match (table.is_empty(), key) {
+        (_, Some(k)) if !k.starts_with('[') && !k.is_empty() => Some(if table.is_empty() {
+            k
+        } else {
+            format!("{table}.{k}")
+        }),
+        (false, _) => Some(table),
+        (true, _) => None,
+    }
+}
+
+fn absolute_path(
+    c: &mut Checker,
+    v: Option<Spanned<PathBuf>>,
+    key: &str,
+    default: &str,
+) -> PathBuf {
+    match v {
+        None => PathBuf::from(default),
+        Some(p) => {
+            if !p.get_ref().is_absolute() {
+                c.error(
+                    &p,
+                    key,
+                    format!("{} is not an absolute path", p.get_ref().display()),
+                );
+            }
+            p.into_inner()
+        }
+    }
+}
+
+fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
+    let mut interfaces = vec![];
+    if d.interfaces.get_ref().is_empty() {
+        c.error(
+            &d.interfaces,
+            "daemon.interfaces",
+            "lists no interface; name at least one, e.g. [\"eth0\"]",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in d.interfaces.get_ref().iter().enumerate() {
+        let key = format!("daemon.interfaces[{i}]");
+        let n = name.get_ref();
+        if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) || n == "." || n == ".." {
+            c.error(
+                name,
+                &key,
+                format!(
+                    "{n:?} is not a valid interface name (1 to 15 characters, no '/' or space)"
+                ),
+            );
+        } else if !seen.insert(n.clone()) {
+            c.error(name, &key, format!("interface {n:?} is listed twice"));
+        }
+        interfaces.push(n.clone());
+    }
+    let metrics = d
+        .metrics
+        .and_then(|m| match m.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.error(
+                    &m,
+                    "daemon.metrics",
+                    format!(
+                        "{:?} is not an address:port such as \"127.0.0.1:9917\"",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    let conntrack_entries = match d.conntrack_entries {
+        None => DEFAULT_CONNTRACK_ENTRIES,
+        Some(n) => {
+            if *n.get_ref() == 0 || *n.get_ref() > 1 << 27 {
+                c.error(
+                    &n,
+                    "daemon.conntrack_entries",
+                    format!("{} is out of range: 1 to 134217728", n.get_ref()),
+                );
+            }
+            *n.get_ref()
+        }
+    };
+    let hash_seed = d
+        .hash_seed
+        .and_then(|s| match lb_common::hash::parse_seed(s.get_ref()) {
+            Some(seed) => Some(seed),
+            None => {
+                c.error(
+                    &s,
+                    "daemon.hash_seed",
+                    "must be exactly 32 hex digits (128 bits), e.g. from `openssl rand -hex 16`",
+                );
+                None
+            }
+        });
+    let log_level = d.log_level.map(|l| {
+        let v = l.get_ref().to_ascii_lowercase();
+        if !["error", "warn", "info", "debug", "trace", "off"].contains(&v.as_str()) {
+            c.error(
+                &l,
+                "daemon.log_level",
+                format!("{v:?} is not one of error, warn, info, debug, trace, off"),
+            );
+        }
+        v
+    });
+    Daemon {
+        interfaces,
+        xdp_mode: d.xdp_mode,
+        socket: absolute_path(c, d.socket, "daemon.socket", DEFAULT_SOCKET),
+        bpffs_dir: absolute_path(c, d.bpffs_dir, "daemon.bpffs_dir", DEFAULT_BPFFS_DIR),
+        metrics,
+        conntrack_entries,
+        state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),
+        hash_seed,
+        log_level,
+    }
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Checks a service name: the same rule for the file and for `lbctl service add`.
+pub fn name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+    (!ok).then(|| format!("{name:?} is not a valid name (1 to 64 of a-z, A-Z, 0-9, '-', '_', '.')"))
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service> {
+    if raw.len() > MAX_SERVICES as usize {
+        c.problems.push(Problem {
+            line: None,
+            key: "service".into(),
+            message: format!(
+                "{} services configured; the data path holds at most {MAX_SERVICES}",
+                raw.len()
+            ),
+        });
+    }
+    let mut names = HashSet::new();
+    let mut endpoints = HashMap::new();
+    let mut services = vec![];
+    let mut total_backends = 0usize;
+    for (i, s) in raw.into_iter().enumerate() {
+        let s = s.into_inner();
+        let key = |k: &str| format!("service[{i}].{k}");
+        if let Some(msg) = name_problem(s.name.get_ref()) {
+            c.error(&s.name, key("name"), msg);
+        } else if !names.insert(s.name.get_ref().clone()) {
+            c.error(
+                &s.name,
+                key("name"),
+                format!("a service named {:?} is already defined", s.name.get_ref()),
+            );
+        }
+        let vip = *s.vip.get_ref();
+        let endpoint = (vip, *s.port.get_ref(), s.protocol);
+        if let Some(other) = endpoints.insert(endpoint, s.name.get_ref().clone()) {
+            c.error(
+                &s.vip,
+                key("vip"),
+                format!(
+                    "{vip} port {} {} is already used by service {other:?}",
+                    s.port.get_ref(),
+                    s.protocol
+                ),
+            );
+        }
+        let forwarding = s
+            .forwarding
+            .as_ref()
+            .map(|f| *f.get_ref())
+            .unwrap_or_default();
+        let tunnel_source = s.tunnel_source.map(|t| {
+            if forwarding != Forwarding::Tunnel {
+                c.error(
+                    &t,
+                    key("tunnel_source"),
+                    "is only meaningful with forwarding = \"tunnel\"",
+                );
+            }
+            if t.get_ref().is_ipv4() != vip.is_ipv4() {
+                c.error(
+                    &t,
+                    key("tunnel_source"),
+                    format!("{} is not of the VIP's address family ({vip})", t.get_ref()),
+                );
+            }
+            *t.get_ref()
+        });
+        let backends = check_backends(c, i, vip, forwarding, s.backend);
+        total_backends += backends.len();
+        let table_size = match &s.table_size {
+            None => DEFAULT_TABLE_SIZE,
+            Some(t) => *t.get_ref(),
+        };
+        if let Some(t) = &s.table_size {
+            if !is_prime(table_size) {
+                c.error(
+                    t,
+                    key("table_size"),
+                    format!(
+                        "{table_size} is not a prime (Maglev needs a prime table size, e.g. 65537)"
+                    ),
+                );
+            } else if table_size > MAX_TABLE_SIZE {
+                c.error(
+                    t,
+                    key("table_size"),
+                    format!("{table_size} is larger than the maximum {MAX_TABLE_SIZE}"),
+                );
+            } else if (table_size as usize) < backends.len() {
+                c.error(
+                    t,
+                    key("table_size"),
+                    format!(
+                        "{table_size} is smaller than the number of backends ({})",
+                        backends.len()
+                    ),
+                );
+            } else if (table_size as usize) < 100 * backends.len() {
+                c.warn(
+                    t,
+                    key("table_size"),
+                    format!(
+                        "{table_size} is less than 100 × the {} backends: balance drifts past 1%",
+                        backends.len()
+                    ),
+                );
+            }
+        }
+        let health = check_health(c, i, *s.port.get_ref(), s.health);
+        services.push(Service {
+            name: s.name.into_inner(),
+            vip,
+            port: *s.port.get_ref(),
+            protocol: s.protocol,
+            forwarding,
+            hash: s.hash,
+            table_size,
+            tunnel_source,
+            health,
+            backends,
+        });
+    }
+    if total_backends > MAX_BACKENDS as usize {
+        c.problems.push(Problem {
+            line: None,
+            key: "service.backend".into(),
+            message: format!(
+                "{total_backends} backends configured; the data path holds at most {MAX_BACKENDS}"
+            ),
+        });
+    }
+    services
+}
+
+fn check_backends(
+    c: &mut Checker,
+    service: usize,
+    vip: IpAddr,
+    forwarding: Forwarding,
+    raw: Vec<Spanned<RawBackend>>,
+) -> Vec<Backend> {
+    let mut seen = HashSet::new();
+    let mut backends = vec![];
+    for (j, b) in raw.into_iter().enumerate() {
+        let b = b.into_inner();
+        let key = |k: &str| format!("service[{service}].backend[{j}].{k}");
+        let address = *b.address.get_ref();
+        if address.is_ipv4() != vip.is_ipv4() {
+            c.error(
+                &b.address,
+                key("address"),
+                format!("{address} is not of the VIP's address family ({vip})"),
+            );
+        } else if !seen.insert(address) {
+            c.error(
+                &b.address,
+                key("address"),
+                format!("backend {address} is listed twice in this service"),
+            );
+        }
+        let weight = match &b.weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) => {
+                if *w.get_ref() > MAX_WEIGHT {
+                    c.error(
+                        w,
+                        key("weight"),
+                        format!("{} is larger than the maximum {MAX_WEIGHT}", w.get_ref()),
+                    );
+                }
+                *w.get_ref()
+            }
+        };
+        let mac = b.mac.and_then(|m| {
+            if forwarding != Forwarding::Dsr {
+                c.error(
+                    &m,
+                    key("mac"),
+                    "is only meaningful with forwarding = \"dsr\"",
+                );
+            }
+            match parse_mac(m.get_ref()) {
+                Some(mac) => Some(mac),
+                None => {
+                    c.error(
+                        &m,
+                        key("mac"),
+                        format!(
+                            "{:?} is not a MAC address like \"02:00:00:00:0b:01\"",
+                            m.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
+        backends.push(Backend {
+            address,
+            weight,
+            mac,
+        });
+    }
+    backends
+}
+
+fn check_health(
+    c: &mut Checker,
+    service: usize,
+    service_port: u16,
+    raw: Option<Spanned<RawHealth>>,
+) -> Health {
+    let Some(raw) = raw else {
+        return Health {
+            port: service_port,
+            ..Health::default()
+        };
+    };
+    let at = raw.span();
+    let h = raw.into_inner();
+    let key = |k: &str| format!("service[{service}].health.{k}");
+    let d = Health::default();
+    let port = match &h.port {
+        Some(p) => *p.get_ref(),
+        None => service_port,
+    };
+    if port == 0 && h.check != CheckKind::None {
+        let line = Some(c.line(at.start));
+        c.problems.push(Problem {
+            line,
+            key: key("port"),
+            message: "is required when the service port is 0 (every port)".into(),
+        });
+    }
+    let path = match h.path {
+        Some(p) => {
+            if !p.get_ref().starts_with('/') {
+                c.error(
+                    &p,
+                    key("path"),
+                    format!("{:?} must start with '/'", p.get_ref()),
+                );
+            }
+            p.into_inner()
+        }
+        None => d.path,
+    };
+    let expect = match h.expect {
+        Some(e) => {
+            if !(100..=599).contains(e.get_ref()) {
+                c.error(
+                    &e,
+                    key("expect"),
+                    format!("{} is not an HTTP status (100 to 599)", e.get_ref()),
+                );
+            }
+            *e.get_ref()
+        }
+        None => d.expect,
+    };
+    let mut positive = |v: Option<Spanned<u64>>, k: &str, default: u64| match v {
+        Some(v) => {
+            if *v.get_ref() == 0 || *v.get_ref() > 3_600_000 {
+                c.error(
+                    &v,
+                    key(k),
+                    format!("{} is out of range: 1 to 3600000 ms", v.get_ref()),
+                );
+            }
+            *v.get_ref()
+        }
+        None => default,
+    };
+    let interval_ms = positive(h.interval_ms, "interval_ms", d.interval_ms);
+    let timeout_span = h.timeout_ms.as_ref().map(|t| t.span());
+    let timeout_ms = positive(h.timeout_ms, "timeout_ms", d.timeout_ms);
+    if timeout_ms > interval_ms {
+        let line = Some(c.line(timeout_span.unwrap_or(at.clone()).start));
+        c.problems.push(Problem {
+            line,
+            key: key("timeout_ms"),
+            message: format!("{timeout_ms} is longer than interval_ms ({interval_ms}); a check must end before the next"),
+        });
+    }
+    let mut count = |v: Option<Spanned<u32>>, k: &str, default: u32| match v {
+        Some(v) => {
+            if *v.get_ref() == 0 || *v.get_ref() > 1000 {
+                c.error(
+                    &v,
+                    key(k),
+                    format!("{} is out of range: 1 to 1000", v.get_ref()),
+                );
+            }
+            *v.get_ref()
+        }
+        None => default,
+    };
+    let rise = count(h.rise, "rise", d.rise);
+    let fall = count(h.fall, "fall", d.fall);
+    Health {
+        check: h.check,
+        port,
+        path,
+        expect,
+        interval_ms,
+        timeout_ms,
+        rise,
+        fall,
+    }
+}

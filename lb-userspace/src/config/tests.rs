@@ -1,0 +1,198 @@
+use super::*;
+
+const GOOD: &str = r#"
+[daemon]
+interfaces = ["eth0"]
+bpffs_dir = "/sys/fs/bpf/lbtest"
+
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+
+[service.health]
+check = "http"
+path = "/healthz"
+
+[[service.backend]]
+address = "192.0.2.11"
+
+[[service.backend]]
+address = "192.0.2.12"
+weight = 50
+"#;
+
+fn problems(src: &str) -> Vec<Problem> {
+    parse(src).expect_err("config should be rejected")
+}
+
+#[test]
+fn good_config_with_defaults() {
+    let c = parse(GOOD).unwrap().config;
+    assert_eq!(c.daemon.socket, PathBuf::from(DEFAULT_SOCKET));
+    assert_eq!(c.daemon.bpffs_dir, PathBuf::from("/sys/fs/bpf/lbtest"));
+    assert_eq!(c.daemon.conntrack_entries, DEFAULT_CONNTRACK_ENTRIES);
+    assert_eq!(c.daemon.xdp_mode, XdpMode::Auto);
+    let s = &c.services[0];
+    assert_eq!(s.table_size, DEFAULT_TABLE_SIZE);
+    assert_eq!(s.forwarding, Forwarding::Dsr);
+    assert_eq!(s.hash, HashMode::Source);
+    assert_eq!(s.health.check, CheckKind::Http);
+    assert_eq!(s.health.port, 80);
+    assert_eq!(s.health.interval_ms, 1000);
+    assert_eq!(s.backends[0].weight, 100);
+    assert_eq!(s.backends[1].weight, 50);
+}
+
+#[test]
+fn service_without_health_has_no_check() {
+    let src = GOOD.replace(
+        "[service.health]\ncheck = \"http\"\npath = \"/healthz\"\n",
+        "",
+    );
+    let c = parse(&src).unwrap().config;
+    assert_eq!(c.services[0].health.check, CheckKind::None);
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    let p = problems(&GOOD.replace("port = 80", "port = \"eighty\""));
+    assert_eq!(p[0].key, "service[0].port", "{p:?}");
+    let p = problems(&GOOD.replace("weight = 50", "weight = -1"));
+    assert_eq!(p[0].key, "service[0].backend[1].weight", "{p:?}");
+    let p = problems(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+    assert_eq!(p[0].key, "service[0].protocol", "{p:?}");
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let p = problems("[daemon]\ninterfaces = [\"eth0\"\n");
+    assert_eq!(p.len(), 1);
+    assert!(p[0].line.is_some(), "{p:?}");
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_line() {
+    let src = GOOD.replace("port = 80", "port = 80\ncolour = \"blue\"");
+    let p = problems(&src);
+    assert!(p[0].message.contains("colour"), "{p:?}");
+    assert_eq!(p[0].line, Some(10));
+}
+
+#[test]
+fn missing_required_keys() {
+    assert!(problems("[daemon]\n")[0].message.contains("interfaces"));
+    let src = GOOD.replace("protocol = \"tcp\"\n", "");
+    assert!(problems(&src)[0].message.contains("protocol"));
+    let src = GOOD.replace("address = \"192.0.2.12\"\n", "");
+    assert!(problems(&src)[0].message.contains("address"));
+}
+
+#[test]
+fn every_semantic_problem_is_reported() {
+    let src = r#"
+[daemon]
+interfaces = ["eth0", "eth0"]
+hash_seed = "xyz"
+
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+table_size = 65536
+
+[[service.backend]]
+address = "2001:db8::1"
+
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+"#;
+    let p = problems(src);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"daemon.interfaces[1]"), "{p:?}");
+    assert!(keys.contains(&"daemon.hash_seed"), "{p:?}");
+    assert!(keys.contains(&"service[0].table_size"), "{p:?}");
+    assert!(keys.contains(&"service[0].backend[0].address"), "{p:?}");
+    assert!(keys.contains(&"service[1].name"), "{p:?}");
+    assert!(keys.contains(&"service[1].vip"), "{p:?}");
+    let table = p.iter().find(|p| p.key == "service[0].table_size").unwrap();
+    assert_eq!(table.line, Some(11));
+    assert!(table.message.contains("not a prime"));
+}
+
+#[test]
+fn bad_values() {
+    for (from, to, key) in [
+        ("port = 80", "port = 70000", ""),
+        ("protocol = \"tcp\"", "protocol = \"sctp\"", ""),
+        ("vip = \"203.0.113.10\"", "vip = \"203.0.113\"", ""),
+        (
+            "address = \"192.0.2.12\"",
+            "address = \"192.0.2.11\"",
+            "service[0].backend[1].address",
+        ),
+        (
+            "weight = 50",
+            "weight = 5000000",
+            "service[0].backend[1].weight",
+        ),
+        (
+            "path = \"/healthz\"",
+            "path = \"healthz\"",
+            "service[0].health.path",
+        ),
+        (
+            "check = \"http\"",
+            "check = \"http\"\ntimeout_ms = 2000",
+            "service[0].health.timeout_ms",
+        ),
+        (
+            "check = \"http\"",
+            "check = \"http\"\nrise = 0",
+            "service[0].health.rise",
+        ),
+        (
+            "bpffs_dir = \"/sys/fs/bpf/lbtest\"",
+            "bpffs_dir = \"relative\"",
+            "daemon.bpffs_dir",
+        ),
+        (
+            "port = 80",
+            "port = 80\ntable_size = 7\n[[service.backend]]\naddress=\"192.0.2.1\"\n[[service.backend]]\naddress=\"192.0.2.2\"\n[[service.backend]]\naddress=\"192.0.2.3\"\n[[service.backend]]\naddress=\"192.0.2.4\"\n[[service.backend]]\naddress=\"192.0.2.5\"\n[[service.backend]]\naddress=\"192.0.2.6\"",
+            "",
+        ),
+    ] {
+        let src = GOOD.replace(from, to);
+        assert_ne!(src, GOOD, "replacement {from:?} did not apply");
+        let p = problems(&src);
+        assert!(p.iter().all(|p| p.line.is_some()), "{p:?}");
+        if !key.is_empty() {
+            assert!(
+                p.iter().any(|p| p.key == key),
+                "expected a problem at {key}: {p:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn small_table_is_a_warning() {
+    let src = GOOD.replace("port = 80", "port = 80\ntable_size = 101");
+    let loaded = parse(&src).unwrap();
+    assert_eq!(loaded.warnings.len(), 1);
+    assert!(loaded.warnings[0].message.contains("balance"));
+}
+
+#[test]
+fn primes() {
+    assert!(is_prime(65_537));
+    assert!(is_prime(655_373));
+    assert!(!is_prime(65_536));
+    assert!(!is_prime(1));
+    assert!(is_prime(2));
+}

@@ -1,0 +1,177 @@
+//! Building new service and backend tables in the style (indentation, key column) of their
+//! neighbours.
+
+use super::*;
+
+pub(super) fn check_name(c: CheckKind) -> &'static str {
+    match c {
+        CheckKind::Tcp => "tcp",
+        CheckKind::Http => "http",
+        CheckKind::None => "none",
+    }
+}
+
+pub(super) fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub(super) fn int(v: impl Into<i64>) -> Value {
+    Value::from(v.into())
+}
+
+pub(super) fn service_table(
+    s: &Service,
+    tpl: Option<&Table>,
+    health_tpl: Option<&Table>,
+    backend_tpl: Option<&Table>,
+) -> Table {
+    let mut pairs: Vec<(&str, Value)> = vec![
+        ("name", Value::from(s.name.as_str())),
+        ("vip", Value::from(s.vip.to_string())),
+        ("port", int(s.port)),
+        ("protocol", Value::from(s.protocol.to_string())),
+    ];
+    if s.forwarding != Forwarding::default() {
+        pairs.push(("forwarding", Value::from("tunnel")));
+    }
+    if s.hash != HashMode::default() {
+        pairs.push(("hash", Value::from("5-tuple")));
+    }
+    if s.table_size != lb_common::DEFAULT_TABLE_SIZE {
+        pairs.push(("table_size", int(s.table_size)));
+    }
+    if let Some(t) = s.tunnel_source {
+        pairs.push(("tunnel_source", Value::from(t.to_string())));
+    }
+    let mut table = styled_table(pairs, tpl);
+    if s.health.check != CheckKind::None {
+        let h = &s.health;
+        let d = Health::default();
+        let mut pairs = vec![("check", Value::from(check_name(h.check)))];
+        if h.port != s.port {
+            pairs.push(("port", int(h.port)));
+        }
+        if h.path != d.path {
+            pairs.push(("path", Value::from(h.path.as_str())));
+        }
+        if h.expect != d.expect {
+            pairs.push(("expect", int(h.expect)));
+        }
+        if h.interval_ms != d.interval_ms {
+            pairs.push(("interval_ms", int(h.interval_ms as i64)));
+        }
+        if h.timeout_ms != d.timeout_ms {
+            pairs.push(("timeout_ms", int(h.timeout_ms as i64)));
+        }
+        if h.rise != d.rise {
+            pairs.push(("rise", int(h.rise)));
+        }
+        if h.fall != d.fall {
+            pairs.push(("fall", int(h.fall)));
+        }
+        table.insert("health", Item::Table(styled_table(pairs, health_tpl)));
+    }
+    if !s.backends.is_empty() {
+        let mut a = ArrayOfTables::new();
+        for b in &s.backends {
+            a.push(backend_table(b, backend_tpl));
+        }
+        table.insert("backend", Item::ArrayOfTables(a));
+    }
+    table
+}
+
+pub(super) fn backend_table(b: &Backend, tpl: Option<&Table>) -> Table {
+    let mut pairs = vec![("address", Value::from(b.address.to_string()))];
+    if b.weight != config::DEFAULT_WEIGHT {
+        pairs.push(("weight", int(b.weight)));
+    }
+    if let Some(mac) = b.mac {
+        pairs.push(("mac", Value::from(mac_string(mac))));
+    }
+    styled_table(pairs, tpl)
+}
+
+/// How the keys of a table are laid out: indentation, the column of `=`, the space after it.
+#[derive(Default)]
+pub(super) struct Style {
+    indent: String,
+    /// Width of key plus padding when keys are aligned (`weight  = 100`).
+    column: Option<usize>,
+    value_prefix: Option<String>,
+}
+
+pub(super) fn is_blank(s: &str) -> bool {
+    s.chars().all(|c| c == ' ' || c == '\t')
+}
+
+pub(super) fn raw(r: Option<&toml_edit::RawString>, default: &str) -> String {
+    r.and_then(|r| r.as_str()).unwrap_or(default).to_owned()
+}
+
+pub(super) fn style_of(tpl: &Table) -> Style {
+    let mut style = Style::default();
+    let mut first = true;
+    let mut widest = 0;
+    let mut padded = false;
+    for (k, item) in tpl.iter() {
+        let (Some(key), Some(value)) = (tpl.key(k), item.as_value()) else {
+            continue;
+        };
+        let prefix = raw(key.leaf_decor().prefix(), "");
+        let suffix = raw(key.leaf_decor().suffix(), " ");
+        if first {
+            first = false;
+            let last_line = prefix.rsplit('\n').next().unwrap_or("");
+            if is_blank(last_line) {
+                style.indent = last_line.to_owned();
+            }
+            let vp = raw(value.decor().prefix(), " ");
+            if is_blank(&vp) && !vp.is_empty() {
+                style.value_prefix = Some(vp);
+            }
+        }
+        if is_blank(&suffix) {
+            padded |= suffix.len() > 1;
+            widest = widest.max(key.display_repr().len() + suffix.len());
+        }
+    }
+    if padded {
+        style.column = Some(widest);
+    }
+    style
+}
+
+pub(super) fn styled_key(name: &str, style: &Style) -> Key {
+    let pad = style
+        .column
+        .map_or(1, |c| c.saturating_sub(name.len()).max(1));
+    Key::new(name).with_leaf_decor(Decor::new(style.indent.clone(), " ".repeat(pad)))
+}
+
+pub(super) fn style_value(v: &mut Value, style: &Style) {
+    if let Some(p) = &style.value_prefix {
+        v.decor_mut().set_prefix(p.clone());
+    }
+}
+
+pub(super) fn styled_table(pairs: Vec<(&str, Value)>, tpl: Option<&Table>) -> Table {
+    let style = tpl.map(style_of).unwrap_or_default();
+    let mut t = Table::new();
+    // Indent the header as the template's is.
+    if let Some(tpl) = tpl {
+        let prefix = raw(tpl.decor().prefix(), "");
+        let indent = prefix.rsplit('\n').next().unwrap_or("");
+        if !indent.is_empty() && is_blank(indent) {
+            t.decor_mut().set_prefix(format!("\n{indent}"));
+        }
+    }
+    for (k, mut v) in pairs {
+        style_value(&mut v, &style);
+        t.insert_formatted(&styled_key(k, &style), Item::Value(v));
+    }
+    t
+}

@@ -1,0 +1,532 @@
+use super::*;
+use crate::config::Protocol;
+
+const ORIGINAL: &str = r#"# lb configuration for the edge pair.
+# Managed by hand and by lbctl.
+
+[daemon]
+interfaces  = ["eth0"]                # uplink
+xdp_mode    = "auto"
+bpffs_dir   = "/sys/fs/bpf/lbtest"    # test pin dir
+
+# ---------------------------------------------------------------
+# Services
+# ---------------------------------------------------------------
+
+# The public web front.
+[[service]]
+vip      = "203.0.113.10"   # anycast VIP
+name     = "web"
+protocol = "tcp"
+port     = 80
+
+# HTTP check against the app's health endpoint.
+[service.health]
+path  = "/healthz"    # served by every app node
+check = "http"
+
+# rack A
+[[service.backend]]
+address = "192.0.2.11"  # web-a1
+weight  = 50  # half
+
+# rack B
+[[service.backend]]
+weight = 100
+address = "192.0.2.12"  # web-b1
+
+[[service.backend]]
+address = "192.0.2.13"
+mac = "02:00:00:00:0b:03"   # static neighbour
+
+# DNS over UDP, IPv6 only.
+[[service]]
+name = "dns"
+vip = "2001:db8::53"
+port = 53
+protocol = "udp"
+
+[[service.backend]]
+address = "2001:0db8::1"   # ns1
+
+[[service.backend]]
+address = "2001:db8::2"    # ns2
+
+# end of file
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn file(text: &str) -> ConfigFile {
+    ConfigFile::from_text(Path::new("/nonexistent/lb.toml"), text).unwrap()
+}
+
+/// (service, [(address, weight)]) as the edited text parses.
+fn summary(text: &str) -> Vec<(String, Vec<(IpAddr, u32)>)> {
+    let c = config::parse(text)
+        .unwrap_or_else(|p| panic!("edited text is invalid: {p:?}\n{text}"))
+        .config;
+    c.services
+        .into_iter()
+        .map(|s| {
+            let b = s.backends.iter().map(|b| (b.address, b.weight)).collect();
+            (s.name, b)
+        })
+        .collect()
+}
+
+fn comments(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.find('#').map(|i| l[i..].to_owned()))
+        .collect()
+}
+
+/// Every comment of the original except `gone` is still in `text`, verbatim and in order.
+fn assert_comments_kept(text: &str, gone: &[&str]) {
+    let now = comments(text);
+    let expected: Vec<String> = comments(ORIGINAL)
+        .into_iter()
+        .filter(|c| !gone.iter().any(|g| c.contains(g)))
+        .collect();
+    assert_eq!(now, expected, "comments changed:\n{text}");
+}
+
+fn web(weights: &[(&str, u32)]) -> (String, Vec<(IpAddr, u32)>) {
+    (
+        "web".into(),
+        weights.iter().map(|(a, w)| (ip(a), *w)).collect(),
+    )
+}
+
+fn dns(weights: &[(&str, u32)]) -> (String, Vec<(IpAddr, u32)>) {
+    (
+        "dns".into(),
+        weights.iter().map(|(a, w)| (ip(a), *w)).collect(),
+    )
+}
+
+#[test]
+fn untouched_file_renders_verbatim() {
+    assert_eq!(file(ORIGINAL).text(), ORIGINAL);
+    summary(ORIGINAL);
+}
+
+#[test]
+fn set_weight_keeps_the_trailing_comment_and_alignment() {
+    let mut f = file(ORIGINAL);
+    f.set_weight("web", ip("192.0.2.11"), 75).unwrap();
+    let text = f.text();
+    assert_eq!(
+        text,
+        ORIGINAL.replace("weight  = 50  # half", "weight  = 75  # half")
+    );
+    assert_eq!(
+        summary(&text),
+        vec![
+            web(&[("192.0.2.11", 75), ("192.0.2.12", 100), ("192.0.2.13", 100)]),
+            dns(&[("2001:db8::1", 100), ("2001:db8::2", 100)])
+        ]
+    );
+}
+
+#[test]
+fn set_weight_keeps_the_comment_column() {
+    let src = ORIGINAL.replace("weight  = 50  # half", "weight  = 50       # half");
+    let mut f = file(&src);
+    f.set_weight("web", ip("192.0.2.11"), 5).unwrap();
+    assert!(
+        f.text().contains("weight  = 5        # half\n"),
+        "{}",
+        f.text()
+    );
+    f.set_weight("web", ip("192.0.2.11"), 123_456).unwrap();
+    assert!(
+        f.text().contains("weight  = 123456   # half\n"),
+        "{}",
+        f.text()
+    );
+    f.set_weight("web", ip("192.0.2.11"), 12_345_678).unwrap();
+    assert!(
+        f.text().contains("weight  = 12345678 # half\n"),
+        "{}",
+        f.text()
+    );
+    // No space left: one stays.
+    f.set_weight("web", ip("192.0.2.11"), 1_234_567_890)
+        .unwrap();
+    assert!(
+        f.text().contains("weight  = 1234567890 # half\n"),
+        "{}",
+        f.text()
+    );
+}
+
+#[test]
+fn new_tables_follow_an_indented_aligned_layout() {
+    let src = "[daemon]\ninterfaces = [\"eth0\"]\n\n[[service]]\nname = \"web\"\n\
+                   vip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n\n  [[service.backend]]\n  \
+                   address = \"192.0.2.11\"\n  weight  = 100   # share\n";
+    let mut f = file(src);
+    f.add_backend(
+        "web",
+        &Backend {
+            address: ip("192.0.2.12"),
+            weight: 30,
+            mac: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        f.text(),
+        format!("{src}\n  [[service.backend]]\n  address = \"192.0.2.12\"\n  weight  = 30\n")
+    );
+}
+
+#[test]
+fn set_weight_adds_a_key_after_the_address() {
+    let mut f = file(ORIGINAL);
+    f.set_weight("web", ip("192.0.2.13"), 0).unwrap();
+    // Matched as an address: the file spells it 2001:0db8::1.
+    f.set_weight("dns", ip("2001:db8::1"), 20).unwrap();
+    let text = f.text();
+    let expected = ORIGINAL
+        .replace(
+            "address = \"192.0.2.13\"\nmac",
+            "address = \"192.0.2.13\"\nweight = 0\nmac",
+        )
+        .replace(
+            "address = \"2001:0db8::1\"   # ns1\n",
+            "address = \"2001:0db8::1\"   # ns1\nweight = 20\n",
+        );
+    assert_eq!(text, expected);
+    let c = config::parse(&text).unwrap().config;
+    assert_eq!(c.services[0].backends[2].weight, 0);
+    assert_eq!(c.services[0].backends[2].mac, Some([2, 0, 0, 0, 0x0b, 3]));
+    assert_eq!(
+        summary(&text),
+        vec![
+            web(&[("192.0.2.11", 50), ("192.0.2.12", 100), ("192.0.2.13", 0)]),
+            dns(&[("2001:db8::1", 20), ("2001:db8::2", 100)])
+        ]
+    );
+    assert_comments_kept(&text, &[]);
+}
+
+#[test]
+fn set_weight_follows_an_aligned_layout() {
+    let src = ORIGINAL.replace(
+        "address = \"192.0.2.13\"\nmac = ",
+        "address   = \"192.0.2.13\"\nmac       = ",
+    );
+    let mut f = file(&src);
+    f.set_weight("web", ip("192.0.2.13"), 7).unwrap();
+    assert!(
+        f.text()
+            .contains("address   = \"192.0.2.13\"\nweight    = 7\nmac       = "),
+        "{}",
+        f.text()
+    );
+}
+
+#[test]
+fn remove_backend_takes_its_table_and_leading_comments_only() {
+    let mut f = file(ORIGINAL);
+    f.remove_backend("web", ip("192.0.2.12")).unwrap();
+    let text = f.text();
+    let removed =
+        "\n# rack B\n[[service.backend]]\nweight = 100\naddress = \"192.0.2.12\"  # web-b1\n";
+    assert!(ORIGINAL.contains(removed));
+    assert_eq!(text, ORIGINAL.replacen(removed, "", 1));
+    assert_eq!(
+        summary(&text),
+        vec![
+            web(&[("192.0.2.11", 50), ("192.0.2.13", 100)]),
+            dns(&[("2001:db8::1", 100), ("2001:db8::2", 100)])
+        ]
+    );
+    assert_comments_kept(&text, &["rack B", "web-b1"]);
+
+    f.remove_backend("dns", ip("2001:db8::2")).unwrap();
+    let text = f.text();
+    assert_eq!(
+        text,
+        ORIGINAL.replacen(removed, "", 1).replacen(
+            "\n[[service.backend]]\naddress = \"2001:db8::2\"    # ns2\n",
+            "",
+            1
+        )
+    );
+    assert_comments_kept(&text, &["rack B", "web-b1", "ns2"]);
+}
+
+#[test]
+fn removing_every_backend_leaves_a_valid_service() {
+    let mut f = file(ORIGINAL);
+    f.remove_backend("dns", ip("2001:db8::1")).unwrap();
+    f.remove_backend("dns", ip("2001:db8::2")).unwrap();
+    let text = f.text();
+    assert_eq!(summary(&text)[1], dns(&[]));
+    assert!(
+        text.ends_with("protocol = \"udp\"\n\n# end of file\n"),
+        "{text}"
+    );
+    // And one can be added back.
+    f.add_backend(
+        "dns",
+        &Backend {
+            address: ip("2001:db8::9"),
+            weight: 100,
+            mac: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(summary(&f.text())[1], dns(&[("2001:db8::9", 100)]));
+}
+
+#[test]
+fn remove_service_keeps_the_section_comment_above_it() {
+    let mut f = file(ORIGINAL);
+    f.remove_service("web").unwrap();
+    let text = f.text();
+    let start = ORIGINAL.find("# The public web front.").unwrap();
+    let end = ORIGINAL.find("# DNS over UDP").unwrap();
+    let expected = format!("{}{}", &ORIGINAL[..start], &ORIGINAL[end..]);
+    assert_eq!(text, expected);
+    assert_eq!(
+        summary(&text),
+        vec![dns(&[("2001:db8::1", 100), ("2001:db8::2", 100)])]
+    );
+    assert_comments_kept(
+        &text,
+        &[
+            "public web",
+            "anycast",
+            "half",
+            "HTTP check",
+            "served by",
+            "rack",
+            "web-",
+            "static",
+        ],
+    );
+}
+
+#[test]
+fn remove_last_service() {
+    let mut f = file(ORIGINAL);
+    f.remove_service("dns").unwrap();
+    let text = f.text();
+    let start = ORIGINAL.find("\n# DNS over UDP").unwrap();
+    let end = ORIGINAL.find("\n# end of file").unwrap();
+    let expected = format!("{}{}", &ORIGINAL[..start], &ORIGINAL[end..]);
+    assert_eq!(text, expected);
+    f.remove_service("web").unwrap();
+    let text = f.text();
+    assert!(summary(&text).is_empty());
+    assert!(text.contains("# Services"), "{text}");
+    assert!(text.ends_with("# end of file\n"), "{text}");
+}
+
+#[test]
+fn a_blank_line_separates_a_section_comment_from_a_backend() {
+    let src = ORIGINAL.replace("# rack B\n", "# ---- rack B ----\n\n");
+    let mut f = file(&src);
+    f.remove_backend("web", ip("192.0.2.12")).unwrap();
+    let text = f.text();
+    assert!(!text.contains("192.0.2.12"));
+    assert!(
+        text.contains(
+            "# half\n\n# ---- rack B ----\n\n[[service.backend]]\naddress = \"192.0.2.13\""
+        ),
+        "{text}"
+    );
+    // The last table: the section comment stays at the end.
+    let src = ORIGINAL.replace(
+        "\n[[service.backend]]\naddress = \"2001:db8::2\"",
+        "\n# spare\n\n[[service.backend]]\naddress = \"2001:db8::2\"",
+    );
+    let mut f = file(&src);
+    f.remove_backend("dns", ip("2001:db8::2")).unwrap();
+    assert!(
+        f.text().ends_with("# ns1\n\n# spare\n\n# end of file\n"),
+        "{}",
+        f.text()
+    );
+}
+
+#[test]
+fn add_backend_appends_after_the_services_last_backend() {
+    let mut f = file(ORIGINAL);
+    f.add_backend(
+        "web",
+        &Backend {
+            address: ip("192.0.2.14"),
+            weight: 100,
+            mac: None,
+        },
+    )
+    .unwrap();
+    f.add_backend(
+        "web",
+        &Backend {
+            address: ip("192.0.2.15"),
+            weight: 30,
+            mac: Some([2, 0, 0, 0, 0x0b, 0x0f]),
+        },
+    )
+    .unwrap();
+    let text = f.text();
+    let expected = ORIGINAL.replace(
+            "# static neighbour\n",
+            "# static neighbour\n\n[[service.backend]]\naddress = \"192.0.2.14\"\n\n\
+             [[service.backend]]\naddress = \"192.0.2.15\"\nweight = 30\nmac = \"02:00:00:00:0b:0f\"\n",
+        );
+    assert_eq!(text, expected);
+    assert_eq!(
+        summary(&text)[0],
+        web(&[
+            ("192.0.2.11", 50),
+            ("192.0.2.12", 100),
+            ("192.0.2.13", 100),
+            ("192.0.2.14", 100),
+            ("192.0.2.15", 30)
+        ])
+    );
+    let c = config::parse(&text).unwrap().config;
+    assert_eq!(
+        c.services[0].backends[4].mac,
+        Some([2, 0, 0, 0, 0x0b, 0x0f])
+    );
+    assert_comments_kept(&text, &[]);
+}
+
+#[test]
+fn add_service_writes_only_what_differs_from_defaults() {
+    let mut f = file(ORIGINAL);
+    let api = Service {
+        name: "api".into(),
+        vip: ip("203.0.113.20"),
+        port: 443,
+        protocol: Protocol::Tcp,
+        forwarding: Forwarding::Tunnel,
+        hash: HashMode::FiveTuple,
+        table_size: 65_537,
+        tunnel_source: Some(ip("198.51.100.1")),
+        health: Health {
+            check: CheckKind::Tcp,
+            port: 443,
+            interval_ms: 2000,
+            ..Health::default()
+        },
+        backends: vec![
+            Backend {
+                address: ip("192.0.2.21"),
+                weight: 100,
+                mac: None,
+            },
+            Backend {
+                address: ip("192.0.2.22"),
+                weight: 10,
+                mac: None,
+            },
+        ],
+    };
+    f.add_service(&api).unwrap();
+    let text = f.text();
+    let added = "\n[[service]]\nname = \"api\"\nvip = \"203.0.113.20\"\nport = 443\n\
+                     protocol = \"tcp\"\nforwarding = \"tunnel\"\nhash = \"5-tuple\"\n\
+                     tunnel_source = \"198.51.100.1\"\n\n[service.health]\ncheck = \"tcp\"\n\
+                     interval_ms = 2000\n\n[[service.backend]]\naddress = \"192.0.2.21\"\n\n\
+                     [[service.backend]]\naddress = \"192.0.2.22\"\nweight = 10\n";
+    assert_eq!(
+        text,
+        ORIGINAL.replace("# ns2\n", &format!("# ns2\n{added}")),
+        "{text}"
+    );
+    let c = config::parse(&text).unwrap().config;
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(c.services[2], api);
+    assert_comments_kept(&text, &[]);
+
+    // No health table for check = none; into a file without services.
+    let mut f = file("[daemon]\ninterfaces = [\"eth0\"]  # only\n");
+    let plain = Service {
+        name: "p".into(),
+        vip: ip("10.0.0.1"),
+        port: 0,
+        protocol: Protocol::Udp,
+        forwarding: Forwarding::Dsr,
+        hash: HashMode::Source,
+        table_size: 65_537,
+        tunnel_source: None,
+        health: Health::default(),
+        backends: vec![],
+    };
+    f.add_service(&plain).unwrap();
+    assert_eq!(
+        f.text(),
+        "[daemon]\ninterfaces = [\"eth0\"]  # only\n\n[[service]]\nname = \"p\"\n\
+             vip = \"10.0.0.1\"\nport = 0\nprotocol = \"udp\"\n"
+    );
+    assert_eq!(config::parse(&f.text()).unwrap().config.services[0], plain);
+}
+
+#[test]
+fn errors_name_what_is_missing_or_duplicated() {
+    let mut f = file(ORIGINAL);
+    let b = Backend {
+        address: ip("192.0.2.11"),
+        weight: 100,
+        mac: None,
+    };
+    let e = f.set_weight("nope", ip("192.0.2.11"), 1).unwrap_err();
+    assert!(
+        matches!(&e, EditError::NoSuchService(n) if n == "nope"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nope"));
+    assert!(matches!(
+        f.remove_service("nope"),
+        Err(EditError::NoSuchService(_))
+    ));
+    assert!(matches!(
+        f.add_backend("nope", &b),
+        Err(EditError::NoSuchService(_))
+    ));
+    let e = f.remove_backend("web", ip("192.0.2.99")).unwrap_err();
+    assert!(
+        matches!(&e, EditError::NoSuchBackend { service, address } if service == "web" && *address == ip("192.0.2.99"))
+    );
+    assert!(e.to_string().contains("192.0.2.99"), "{e}");
+    assert!(matches!(
+        f.set_weight("web", ip("2001:db8::1"), 1),
+        Err(EditError::NoSuchBackend { .. })
+    ));
+    let e = f.add_backend("web", &b).unwrap_err();
+    assert!(matches!(e, EditError::BackendExists { .. }), "{e}");
+    assert!(e.to_string().contains("192.0.2.11"));
+    // Equal as an address, spelt differently.
+    let b6 = Backend {
+        address: ip("2001:db8:0:0::2"),
+        weight: 100,
+        mac: None,
+    };
+    assert!(matches!(
+        f.add_backend("dns", &b6),
+        Err(EditError::BackendExists { .. })
+    ));
+    let mut web = config::parse(ORIGINAL).unwrap().config.services[0].clone();
+    web.vip = ip("203.0.113.99");
+    let e = f.add_service(&web).unwrap_err();
+    assert!(
+        matches!(&e, EditError::ServiceExists(n) if n == "web"),
+        "{e}"
+    );
+    // Nothing changed.
+    assert_eq!(f.text(), ORIGINAL);
+}
+
+mod layouts;
+mod save;

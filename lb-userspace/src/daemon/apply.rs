@@ -1,0 +1,496 @@
+//! The daemon: the runtime state with what it was made from, and the only code that changes
+//! it and writes the maps (`sync`, from `fill`): at start, for a change of the config (the
+//! `plan` carried out), a health check's result and a new resolution of hops. `Shared` is how
+//! lbd's tasks reach it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use log::{error, info, warn};
+use tokio::sync::Mutex;
+
+use super::{
+    fill::fill,
+    model::{
+        BackendRuntime, Hop, HopRequest, Hops, LastCheck, ResolveError, ServiceRuntime,
+        drained_key, mac_string,
+    },
+    plan::{self, Change, Plan},
+};
+use crate::{config::Config, datapath::Datapath, health, state};
+
+pub struct Daemon {
+    pub config_path: PathBuf,
+    /// The desired state, as in the file.
+    pub config: Config,
+    pub seed: [u64; 2],
+    pub datapath: Datapath,
+    pub services: Vec<ServiceRuntime>,
+    pub started: Instant,
+    monitor: health::Monitor,
+    /// Weights of drained backends before their drain ("service address" → weight), kept in
+    /// state_dir so `undrain` survives restarts.
+    drained: BTreeMap<String, u32>,
+    /// Health checks run: (service, backend, result) → count.
+    pub health_counts: BTreeMap<(String, IpAddr, health::CheckResult), u64>,
+    /// Flows in the connection table and its capacity, counted in the background.
+    pub conntrack: Arc<ConntrackUse>,
+}
+
+/// The connection table's use as last counted.
+#[derive(Default)]
+pub struct ConntrackUse {
+    pub entries: std::sync::atomic::AtomicU64,
+    pub capacity: std::sync::atomic::AtomicU64,
+}
+
+impl ConntrackUse {
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.entries.load(Relaxed), self.capacity.load(Relaxed))
+    }
+}
+
+/// The daemon, shared by lbd's tasks. `lock` is held only for a moment at a time (a look, or
+/// applying a change to the runtime state and the maps): never across neighbour resolution,
+/// which can take seconds for an address nobody answers. `change` serialises whole changes
+/// (lbctl, SIGHUP): one is prepared under `lock`, its hops resolved without it, then applied
+/// under `lock` again; as no other change can come in between, what it prepared still holds
+/// (health results and neighbour refreshes meanwhile only touch the health and hops of
+/// backends it leaves alone, and are kept).
+#[derive(Clone)]
+pub struct Shared {
+    daemon: Arc<Mutex<Daemon>>,
+    changes: Arc<Mutex<()>>,
+}
+
+impl Shared {
+    pub fn new(daemon: Daemon) -> Shared {
+        Shared {
+            daemon: Arc::new(Mutex::new(daemon)),
+            changes: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// The daemon, for a moment.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Daemon> {
+        self.daemon.lock().await
+    }
+
+    /// The right to make a change (config file and runtime state), held for all of it.
+    pub async fn change(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+}
+
+impl Daemon {
+    /// A daemon for `services` (from `plan::initial`, hops resolved) on `datapath`; health
+    /// reports go to `monitor`'s channel. Nothing is written until `start`.
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        seed: [u64; 2],
+        datapath: Datapath,
+        services: Vec<ServiceRuntime>,
+        monitor: health::Monitor,
+    ) -> Daemon {
+        Daemon {
+            config_path,
+            drained: state::load_drained(&config.daemon.state_dir),
+            seed,
+            datapath,
+            services,
+            started: Instant::now(),
+            monitor,
+            health_counts: BTreeMap::new(),
+            conntrack: Arc::new(ConntrackUse::default()),
+            config,
+        }
+    }
+
+    /// Fills every map before the program goes in place (so its first packet finds every
+    /// table; what an earlier configuration left in pinned maps goes), attaches it to
+    /// `interfaces` (name, index) and starts the health checks.
+    pub fn start(&mut self, interfaces: &[(String, u32)]) -> anyhow::Result<()> {
+        self.sync()?;
+        let mode = self.config.daemon.xdp_mode;
+        for (name, index) in interfaces {
+            self.datapath.attach(name, *index, mode)?;
+        }
+        self.datapath.finish_start()?;
+        for s in &self.services {
+            for b in &s.backends {
+                let start = if b.healthy {
+                    health::Start::Up
+                } else {
+                    health::Start::Down
+                };
+                self.monitor.set(s.health_target(b), start);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every health check (at exit).
+    pub fn stop(&mut self) {
+        self.monitor.stop_all();
+    }
+
+    /// Makes every map hold what `fill` computes from the runtime state now: the one way the
+    /// data path is written, at start and after every change.
+    fn sync(&mut self) -> anyhow::Result<()> {
+        let config = self.datapath.config_for(self.seed)?;
+        let want = fill(config, &self.seed, &mut self.services);
+        self.datapath.apply(&want)?;
+        Ok(())
+    }
+
+    /// The hops `reconcile` to `new` needs resolved (see `plan::hops_needed`).
+    pub fn hops_needed(&self, new: &Config) -> Vec<(String, HopRequest)> {
+        plan::hops_needed(&self.services, new)
+    }
+
+    /// Brings the daemon and the data path to `new`, keeping the runtime state (ids, hops,
+    /// health) of what stays; `hops` holds the resolutions `hops_needed` asked for (one
+    /// missing is retried in the background). Used at SIGHUP and for every lbctl change. A
+    /// change that cannot be planned changes nothing. Returns a line per change.
+    pub fn reconcile(&mut self, new: Config, hops: Hops) -> anyhow::Result<Vec<String>> {
+        if new.daemon != self.config.daemon {
+            warn!("[daemon] settings changed in the file; they take effect when lbd restarts");
+        }
+        let plan = plan::plan(&self.services, &new, hops, SystemTime::now())?;
+        self.carry_out(plan, new)
+    }
+
+    fn carry_out(&mut self, plan: Plan, new: Config) -> anyhow::Result<Vec<String>> {
+        let Plan {
+            mut services,
+            changes,
+            checks,
+        } = plan;
+        for c in &changes {
+            match c {
+                Change::ServiceRemoved {
+                    service, backends, ..
+                } => {
+                    self.monitor.remove_service(service);
+                    for address in backends {
+                        self.drained.remove(&drained_key(service, *address));
+                    }
+                }
+                Change::BackendRemoved {
+                    service, address, ..
+                } => {
+                    self.monitor.remove(service, *address);
+                    self.drained.remove(&drained_key(service, *address));
+                }
+                Change::BackendAdded {
+                    service, address, ..
+                } => {
+                    let b = services
+                        .iter()
+                        .find(|s| s.cfg.name == *service)
+                        .and_then(|s| s.backend(*address));
+                    if let Some(BackendRuntime {
+                        hop: None,
+                        hop_error: Some(e),
+                        ..
+                    }) = b
+                    {
+                        warn!(
+                            "service {service}: backend {address} gets no traffic until it resolves: {e}"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        // What stays keeps its Maglev table (rebuilt only if what it is built from changed).
+        // An id is never given to what comes in the change that frees it, so the id names the
+        // same service before and after.
+        let mut before: HashMap<u32, ServiceRuntime> =
+            self.services.drain(..).map(|s| (s.id, s)).collect();
+        for s in &mut services {
+            if let Some(old) = before.remove(&s.id) {
+                s.keep_table_of(old);
+            }
+        }
+        self.services = services;
+        for c in checks {
+            if !c.restart && self.monitor.is_checked(&c.service, c.backend) {
+                continue;
+            }
+            let Some(s) = self.services.iter().find(|s| s.cfg.name == c.service) else {
+                continue;
+            };
+            if let Some(b) = s.backend(c.backend) {
+                self.monitor.set(s.health_target(b), c.start);
+            }
+        }
+        self.config = new;
+        self.sync()?;
+        self.save_drained();
+        let lines: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        for line in &lines {
+            info!("{line}");
+        }
+        Ok(lines)
+    }
+
+    fn save_drained(&self) {
+        if let Err(e) = state::save_drained(&self.config.daemon.state_dir, &self.drained) {
+            warn!("cannot keep the drained weights: {e}");
+        }
+    }
+
+    /// One health check's result: counted, shown, and on a state change applied to the data
+    /// path before the new state is visible.
+    pub fn on_health(&mut self, r: health::Report) -> anyhow::Result<()> {
+        *self
+            .health_counts
+            .entry((r.service.clone(), r.backend, r.result))
+            .or_default() += 1;
+        let Some(si) = self.services.iter().position(|s| s.cfg.name == r.service) else {
+            return Ok(());
+        };
+        let Some(b) = self.services[si]
+            .backends
+            .iter_mut()
+            .find(|b| b.cfg.address == r.backend)
+        else {
+            return Ok(());
+        };
+        // lbd's own trouble is logged when it starts and when it ends, not at every check.
+        let was_error = b
+            .last
+            .as_ref()
+            .is_some_and(|l| l.result == health::CheckResult::Error);
+        match (was_error, r.result == health::CheckResult::Error) {
+            (false, true) => error!(
+                "service {}: the health check of backend {} {} (lbd lacks resources; the backend keeps its state, {})",
+                r.service,
+                r.backend,
+                r.detail,
+                b.state()
+            ),
+            (true, false) => info!(
+                "service {}: health checks of backend {} run again",
+                r.service, r.backend
+            ),
+            _ => {}
+        }
+        b.last = Some(LastCheck {
+            result: r.result,
+            detail: r.detail.clone(),
+            at: r.at,
+        });
+        let Some(up) = r.transition else {
+            return Ok(());
+        };
+        if b.healthy == up {
+            return Ok(());
+        }
+        b.healthy = up;
+        b.since = r.at;
+        if up {
+            info!(
+                "service {}: backend {} is up ({})",
+                r.service, r.backend, r.detail
+            );
+        } else {
+            warn!(
+                "service {}: backend {} is down ({})",
+                r.service, r.backend, r.detail
+            );
+        }
+        // Down: flagged first (its flows move at once), then out of the table. Up: flagged
+        // usable first, then into the table (`apply`'s order).
+        self.sync()
+    }
+
+    /// The backends `picks` (given each one's hop) chooses, as resolution requests.
+    pub fn hop_requests(&self, picks: impl Fn(Option<&Hop>) -> bool) -> Vec<(String, HopRequest)> {
+        self.services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| picks(b.hop.as_ref()))
+                    .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
+            })
+            .collect()
+    }
+
+    /// Takes new resolutions of hops (`hop_requests` with their results) and applies what
+    /// changed; each only while its backend is still there, asked for the same way. Returns
+    /// the neighbours (ifindex, address) the data path now uses that lbd looked up itself.
+    pub fn take_hops(
+        &mut self,
+        resolved: impl IntoIterator<Item = ((String, HopRequest), Result<Hop, ResolveError>)>,
+    ) -> anyhow::Result<Vec<(u32, IpAddr)>> {
+        let mut in_use = vec![];
+        let mut changed = false;
+        for ((name, req), result) in resolved {
+            let Some(s) = self
+                .services
+                .iter_mut()
+                .find(|s| s.cfg.name == name && HopRequest::of(&s.cfg, &req.backend) == req)
+            else {
+                continue;
+            };
+            let Some(b) = s
+                .backends
+                .iter_mut()
+                .find(|b| b.cfg.address == req.backend.address)
+            else {
+                continue;
+            };
+            changed |= follow_hop(&name, b, result);
+            if let Some(hop) = &b.hop
+                && b.cfg.mac.is_none()
+            {
+                in_use.push((hop.ifindex, hop.via));
+            }
+        }
+        if changed {
+            self.sync()?;
+        }
+        Ok(in_use)
+    }
+
+    pub fn find_service(&self, name: &str) -> Result<&ServiceRuntime, String> {
+        self.services
+            .iter()
+            .find(|s| s.cfg.name == name)
+            .ok_or_else(|| format!("no service named {name:?} (see `lbctl service list`)"))
+    }
+
+    /// Weight a drained backend had before its drain.
+    pub fn weight_before_drain(&self, service: &str, address: IpAddr) -> Option<u32> {
+        self.drained.get(&drained_key(service, address)).copied()
+    }
+
+    pub fn remember_drain(&mut self, service: &str, address: IpAddr, weight: u32) {
+        self.drained.insert(drained_key(service, address), weight);
+    }
+
+    pub fn forget_drain(&mut self, service: &str, address: IpAddr) {
+        self.drained.remove(&drained_key(service, address));
+    }
+}
+
+/// Applies a new resolution of backend `b`'s hop (of service `service`); returns whether its
+/// hop changed.
+fn follow_hop(service: &str, b: &mut BackendRuntime, result: Result<Hop, ResolveError>) -> bool {
+    let address = b.cfg.address;
+    match result {
+        Ok(hop) if b.hop.as_ref() == Some(&hop) => false,
+        Ok(hop) => {
+            match &b.hop {
+                None => info!(
+                    "service {service}: backend {address} resolved: {} via {} on ifindex {} (MTU {})",
+                    mac_string(&hop.mac),
+                    hop.via,
+                    hop.ifindex,
+                    hop.mtu
+                ),
+                Some(old) => info!(
+                    "service {service}: backend {address} now reached at {} via {} on ifindex {} (MTU {}; was {} via {} on ifindex {}, MTU {})",
+                    mac_string(&hop.mac),
+                    hop.via,
+                    hop.ifindex,
+                    hop.mtu,
+                    mac_string(&old.mac),
+                    old.via,
+                    old.ifindex,
+                    old.mtu
+                ),
+            }
+            b.hop = Some(hop);
+            b.hop_error = None;
+            true
+        }
+        Err(e) => {
+            if e.neighbour_only() || b.hop.is_none() {
+                // The last hop stays (or there is none): a neighbour that stops answering for
+                // a while must not take a working backend out of service.
+                if b.hop.is_none() {
+                    b.hop_error = Some(e.to_string());
+                }
+                return false;
+            }
+            warn!("service {service}: backend {address} gets no traffic until it resolves: {e}");
+            b.hop = None;
+            b.hop_error = Some(e.to_string());
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `follow_hop`: what a new resolution does to a backend's hop.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        daemon::testing::{self, hop},
+        netlink::NetlinkError,
+    };
+
+    fn backend(hop: Option<Hop>) -> BackendRuntime {
+        testing::backend(0, "192.0.2.11", 100, hop, true)
+    }
+
+    fn silent_neighbour() -> ResolveError {
+        ResolveError::Netlink(NetlinkError::Unresolved {
+            addr: "192.0.2.11".parse().unwrap(),
+            iface: "eth1".into(),
+            timeout: Duration::from_secs(3),
+            detail: "no answer".into(),
+        })
+    }
+
+    fn no_route() -> ResolveError {
+        ResolveError::Netlink(NetlinkError::NoRoute {
+            dst: "192.0.2.11".parse().unwrap(),
+            reason: "unreachable".into(),
+        })
+    }
+
+    #[test]
+    fn a_new_mac_replaces_the_hop_and_the_same_one_changes_nothing() {
+        let mut b = backend(Some(hop(1)));
+        assert!(!follow_hop("web", &mut b, Ok(hop(1))));
+        assert!(follow_hop("web", &mut b, Ok(hop(2))));
+        assert_eq!(b.hop, Some(hop(2)));
+    }
+
+    #[test]
+    fn a_silent_neighbour_keeps_the_last_hop_but_a_lost_route_drops_it() {
+        let mut b = backend(Some(hop(1)));
+        assert!(!follow_hop("web", &mut b, Err(silent_neighbour())));
+        assert_eq!((b.hop.clone(), b.hop_error.clone()), (Some(hop(1)), None));
+        assert!(follow_hop("web", &mut b, Err(no_route())));
+        assert_eq!(b.hop, None);
+        assert_eq!(
+            b.hop_error.as_deref(),
+            Some("no route to 192.0.2.11: unreachable")
+        );
+    }
+
+    #[test]
+    fn an_unresolved_backend_says_why_and_joins_once_it_resolves() {
+        let mut b = backend(None);
+        assert!(!follow_hop("web", &mut b, Err(silent_neighbour())));
+        assert!(b.hop_error.as_deref().unwrap().contains("no answer"));
+        assert!(follow_hop("web", &mut b, Ok(hop(1))));
+        assert_eq!((b.hop.clone(), b.hop_error.clone()), (Some(hop(1)), None));
+    }
+}

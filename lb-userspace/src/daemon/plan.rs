@@ -1,0 +1,332 @@
+//! What a change of the config means for the runtime state, decided by pure functions (no
+//! kernel, no lock, no I/O): which hops must be resolved first (`hops_needed`), then which
+//! services and backends come, go or change, the ids the data path will know them by, and
+//! which health checkers start (`plan`). `Daemon::reconcile` carries the plan out.
+
+use std::{collections::HashMap, net::IpAddr, time::SystemTime};
+
+use lb_common::{MAX_BACKENDS, MAX_SERVICES, ServiceKey, backend_flags};
+
+use super::model::{BackendRuntime, HopRequest, Hops, ResolveError, ServiceRuntime, service_key};
+use crate::{
+    config::{CheckKind, Config, Protocol},
+    health, state,
+};
+
+/// Why a plan cannot be made (nothing was changed).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// Every id the data path has for services (or backends) is taken, counting those freed by
+    /// this very change (they are given again only in a later one).
+    #[error("all {max} data-path slots are in use")]
+    Full { max: u32 },
+}
+
+/// One change, as reported (`Display` is its line for the log and for lbctl).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    ServiceRemoved {
+        service: String,
+        id: u32,
+        /// Its backends, whose checkers and drained weights go with it.
+        backends: Vec<IpAddr>,
+    },
+    ServiceAdded {
+        service: String,
+        id: u32,
+    },
+    BackendWeight {
+        service: String,
+        address: IpAddr,
+        from: u32,
+        to: u32,
+    },
+    BackendAdded {
+        service: String,
+        address: IpAddr,
+        id: u32,
+    },
+    /// The service's address, port or protocol changed (its id stays).
+    ServiceMoved {
+        service: String,
+        vip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+    },
+    BackendRemoved {
+        service: String,
+        address: IpAddr,
+        id: u32,
+    },
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::ServiceRemoved { service, .. } => write!(f, "service {service} removed"),
+            Change::ServiceAdded { service, .. } => write!(f, "service {service} added"),
+            Change::BackendWeight {
+                service,
+                address,
+                from,
+                to,
+            } => write!(
+                f,
+                "service {service}: backend {address} weight {from} -> {to}"
+            ),
+            Change::BackendAdded {
+                service, address, ..
+            } => write!(f, "service {service}: backend {address} added"),
+            Change::ServiceMoved {
+                service,
+                vip,
+                port,
+                protocol,
+            } => write!(f, "service {service}: now {vip} port {port} {protocol}"),
+            Change::BackendRemoved {
+                service, address, ..
+            } => write!(f, "service {service}: backend {address} removed"),
+        }
+    }
+}
+
+/// A backend's health checker after the change: started anew (`restart`: a new backend, or
+/// the service's health settings changed), or else only when it has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub service: String,
+    pub backend: IpAddr,
+    pub start: health::Start,
+    pub restart: bool,
+}
+
+/// What `plan` decided.
+#[derive(Debug)]
+pub struct Plan {
+    /// The runtime state to go to, in the file's order: what stays keeps its id, hop and
+    /// health; what comes gets a free id.
+    pub services: Vec<ServiceRuntime>,
+    /// What changed, in the order it is reported.
+    pub changes: Vec<Change>,
+    /// Every backend's checker.
+    pub checks: Vec<Check>,
+}
+
+/// Lowest id in `0..max` not in `taken`, which then holds it.
+fn take_id(taken: &mut Vec<u32>, max: u32) -> Result<u32, PlanError> {
+    let id = (0..max)
+        .find(|id| !taken.contains(id))
+        .ok_or(PlanError::Full { max })?;
+    taken.push(id);
+    Ok(id)
+}
+
+/// The hops going from `current` to `new` needs resolved: those of new backends, and of every
+/// backend of a service whose forwarding (or tunnel source) or fixed MAC changes.
+pub fn hops_needed(current: &[ServiceRuntime], new: &Config) -> Vec<(String, HopRequest)> {
+    let mut needed = vec![];
+    for ns in &new.services {
+        let existing = current.iter().find(|s| s.cfg.name == ns.name);
+        let same_forwarding = existing.is_some_and(|s| {
+            s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
+        });
+        for nb in &ns.backends {
+            let known = existing.and_then(|s| s.backend(nb.address));
+            if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
+                needed.push((ns.name.clone(), HopRequest::of(ns, nb)));
+            }
+        }
+    }
+    needed
+}
+
+/// Goes from `current` to `new`, keeping the runtime state (ids, hops, health) of what stays;
+/// `hops` holds the resolutions `hops_needed` asked for (a new backend without one gets no
+/// traffic until the background retry resolves it). `now` is when states change.
+///
+/// Ids freed by this change are not given again before the data path has let go of them (in a
+/// later change), so no packet of what went meets what comes under the same id.
+pub fn plan(
+    current: &[ServiceRuntime],
+    new: &Config,
+    mut hops: Hops,
+    now: SystemTime,
+) -> Result<Plan, PlanError> {
+    let mut changes = vec![];
+    let mut checks = vec![];
+    let mut service_ids: Vec<u32> = current.iter().map(|s| s.id).collect();
+    let mut backend_ids: Vec<u32> = current
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.id))
+        .collect();
+    for s in current.iter().rev() {
+        if !new.services.iter().any(|n| n.name == s.cfg.name) {
+            changes.push(Change::ServiceRemoved {
+                service: s.cfg.name.clone(),
+                id: s.id,
+                backends: s.backends.iter().map(|b| b.cfg.address).collect(),
+            });
+        }
+    }
+    let mut services = vec![];
+    for ns in &new.services {
+        let existing = current.iter().find(|s| s.cfg.name == ns.name);
+        let id = match existing {
+            Some(s) => s.id,
+            None => {
+                let id = take_id(&mut service_ids, MAX_SERVICES)?;
+                changes.push(Change::ServiceAdded {
+                    service: ns.name.clone(),
+                    id,
+                });
+                id
+            }
+        };
+        let old: &[BackendRuntime] = existing.map_or(&[], |s| &s.backends);
+        let health_on = ns.health.check != CheckKind::None;
+        let mut backends = vec![];
+        let mut added = vec![];
+        for nb in &ns.backends {
+            let hop = hops.remove(&(ns.name.clone(), nb.address));
+            match old.iter().find(|b| b.cfg.address == nb.address) {
+                Some(b) => {
+                    let mut b = b.clone();
+                    if b.cfg.weight != nb.weight {
+                        changes.push(Change::BackendWeight {
+                            service: ns.name.clone(),
+                            address: nb.address,
+                            from: b.cfg.weight,
+                            to: nb.weight,
+                        });
+                        if (b.cfg.weight == 0) != (nb.weight == 0) {
+                            b.since = now;
+                        }
+                    }
+                    b.cfg = nb.clone();
+                    if let Some(hop) = hop {
+                        b.set_hop(hop);
+                    }
+                    backends.push(b);
+                }
+                None => {
+                    let bid = take_id(&mut backend_ids, MAX_BACKENDS)?;
+                    let mut b = BackendRuntime {
+                        id: bid,
+                        cfg: nb.clone(),
+                        hop: None,
+                        hop_error: None,
+                        // Joins once its first check passes.
+                        healthy: !health_on,
+                        last: None,
+                        since: now,
+                    };
+                    b.set_hop(hop.unwrap_or(Err(ResolveError::NotYet)));
+                    backends.push(b);
+                    added.push(nb.address);
+                    changes.push(Change::BackendAdded {
+                        service: ns.name.clone(),
+                        address: nb.address,
+                        id: bid,
+                    });
+                }
+            }
+        }
+        if let Some(s) = existing {
+            if service_key(&s.cfg) != service_key(ns) {
+                changes.push(Change::ServiceMoved {
+                    service: ns.name.clone(),
+                    vip: ns.vip,
+                    port: ns.port,
+                    protocol: ns.protocol,
+                });
+            }
+            for b in old {
+                if !ns.backends.iter().any(|n| n.address == b.cfg.address) {
+                    changes.push(Change::BackendRemoved {
+                        service: ns.name.clone(),
+                        address: b.cfg.address,
+                        id: b.id,
+                    });
+                }
+            }
+        }
+        // Health checkers follow the service's settings.
+        let spec_changed = existing.is_some_and(|s| s.cfg.health != ns.health);
+        for b in &backends {
+            let is_new = added.contains(&b.cfg.address);
+            checks.push(Check {
+                service: ns.name.clone(),
+                backend: b.cfg.address,
+                start: if is_new {
+                    health::Start::PendingFirstCheck
+                } else if b.healthy {
+                    health::Start::Up
+                } else {
+                    health::Start::Down
+                },
+                restart: spec_changed || is_new,
+            });
+        }
+        services.push(ServiceRuntime::new(id, ns.clone(), backends));
+    }
+    Ok(Plan {
+        services,
+        changes,
+        checks,
+    })
+}
+
+/// What the pinned maps of a running (or earlier) data path hold: each service's id by key,
+/// each backend's id and flags by service id and address.
+#[derive(Debug, Default)]
+pub struct Pinned {
+    pub services: HashMap<ServiceKey, u32>,
+    pub backends: HashMap<(u32, lb_common::Addr), (u32, u8)>,
+}
+
+/// The runtime state lbd starts from: services with ids, from the config and what the pinned
+/// maps already hold, so a restarted lbd keeps every id the data path (and its connection
+/// table) uses. With `adopting` (the data path was running), a backend keeps the health its
+/// checks last gave, until lbd's own checks have run. No hop is resolved yet.
+pub fn initial(
+    config: &Config,
+    pinned: &Pinned,
+    adopting: bool,
+    now: SystemTime,
+) -> Result<Vec<ServiceRuntime>, PlanError> {
+    let mut services: Vec<ServiceRuntime> = vec![];
+    let mut service_ids: Vec<u32> = pinned.services.values().copied().collect();
+    let mut backend_ids: Vec<u32> = pinned.backends.values().map(|(id, _)| *id).collect();
+    for s in &config.services {
+        let id = match pinned.services.get(&service_key(s)) {
+            Some(&id) if !services.iter().any(|x| x.id == id) => id,
+            _ => take_id(&mut service_ids, MAX_SERVICES)?,
+        };
+        let mut backends = vec![];
+        for b in &s.backends {
+            let pinned = pinned.backends.get(&(id, state::to_addr(b.address)));
+            let bid = match pinned {
+                Some(&(bid, _)) => bid,
+                None => take_id(&mut backend_ids, MAX_BACKENDS)?,
+            };
+            let healthy = match pinned {
+                Some(&(_, flags)) if adopting => flags & backend_flags::DOWN == 0,
+                _ => true,
+            };
+            backends.push(BackendRuntime {
+                id: bid,
+                cfg: b.clone(),
+                hop: None,
+                hop_error: None,
+                healthy,
+                last: None,
+                since: now,
+            });
+        }
+        services.push(ServiceRuntime::new(id, s.clone(), backends));
+    }
+    Ok(services)
+}
+
+#[cfg(test)]
+mod tests;

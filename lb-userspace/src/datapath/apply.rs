@@ -1,0 +1,347 @@
+//! `apply`: the only writer of the maps lbd fills. It makes them hold a `Fill` exactly, writing
+//! only what differs from its shadow, in an order no packet can see half-made; the writers it
+//! uses (one per map) keep the shadow in step.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use aya::maps::{Array, IterableMap as _, MapData};
+use lb_common::{
+    Backend, Config, FragKey, LAYOUT_VERSION, ServiceEntry, ServiceKey, ServiceValue, VipKey, maps,
+};
+use log::{info, warn};
+
+use super::{
+    Datapath, Start,
+    error::{DatapathError, Result, error_chain, io_err, is_not_found, map_err},
+    fill::Fill,
+    pins::maps_dir,
+    sys::{ArrayMemory, fill_mmapable_array, map_delete},
+};
+
+impl Datapath {
+    /// `CONFIG` for this program and connection table, with the hash seed `hash_key`.
+    pub fn config_for(&self, hash_key: [u64; 2]) -> Result<Config> {
+        Ok(Config {
+            hash_key,
+            program_hash: self.program_hash,
+            layout_version: LAYOUT_VERSION,
+            flow_set_mask: self.conntrack_sets()? - 1,
+        })
+    }
+
+    /// Makes the maps hold exactly `want`, writing only what differs, in an order that never
+    /// lets a packet find a half-made change: new redirect targets first; keys that go before
+    /// anything they name; fragments of ids that change hands forgotten; backend entries
+    /// (down ones flagged) before the tables that name them; tables before the keys that lead
+    /// to them; the VIP filter's bits before new keys; what nothing names any more last.
+    pub fn apply(&mut self, want: &Fill) -> Result<()> {
+        if self.shadow.config != want.config {
+            self.write_config(want.config)?;
+        }
+        for (&ifindex, &target) in &want.devmap {
+            if self.shadow.devmap.get(&ifindex) != Some(&target)
+                && let Err(e) = self.write_egress(ifindex)
+            {
+                // The interface went meanwhile (its backends follow once their hops are
+                // resolved again): only the redirects to it fail, and they are counted.
+                warn!("{e}; retried at the next change");
+            }
+        }
+        let gone: Vec<ServiceKey> = absent(self.shadow.services.keys(), |k| {
+            want.services.contains_key(k)
+        });
+        for key in &gone {
+            self.remove_service_key(key)?;
+        }
+        let gone: Vec<VipKey> = absent(self.shadow.vips.keys(), |k| want.vips.contains_key(k));
+        for key in &gone {
+            match self.maps.vips.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("removing a VIP from VIPS")(e)),
+            }
+            self.shadow.vips.remove(key);
+        }
+        self.forget_stale_fragments(want)?;
+        for (&id, b) in &want.backends {
+            if self.shadow.backends.get(&id) != Some(b) {
+                self.write_backend(id, b)?;
+            }
+        }
+        for (&id, words) in &want.maglev {
+            if self.shadow.maglev.get(&id) != Some(words) {
+                self.swap_words(id, words.clone())?;
+            }
+        }
+        if self.shadow.vip_filter != want.vip_filter {
+            self.write_vip_filter(&want.vip_filter)?;
+        }
+        for (&id, e) in &want.service_by_id {
+            if self.shadow.service_by_id.get(&id) != Some(e) {
+                self.write_service_by_id(id, *e)?;
+            }
+        }
+        for (k, v) in &want.services {
+            if self.shadow.services.get(k) != Some(v) {
+                self.write_service_key(k, v)?;
+            }
+        }
+        for (k, v) in &want.vips {
+            if self.shadow.vips.get(k) != Some(v) {
+                self.maps
+                    .vips
+                    .insert(k, v, 0)
+                    .map_err(map_err("writing VIPS"))?;
+                self.shadow.vips.insert(*k, *v);
+            }
+        }
+        // What nothing names any more.
+        let ids: Vec<u32> = absent(self.shadow.service_by_id.keys(), |k| {
+            want.service_by_id.contains_key(k)
+        });
+        for id in ids {
+            self.write_service_by_id(id, ServiceEntry::default())?;
+        }
+        let ids: Vec<u32> = absent(self.shadow.maglev.keys(), |k| want.maglev.contains_key(k));
+        for id in ids {
+            self.delete_table(id)?;
+        }
+        let ids: Vec<u32> = absent(self.shadow.backends.keys(), |k| {
+            want.backends.contains_key(k)
+        });
+        for id in ids {
+            self.write_backend(id, &Backend::default())?;
+        }
+        let ids: Vec<u32> = absent(self.shadow.devmap.keys(), |k| want.devmap.contains_key(k));
+        for ifindex in ids {
+            match self.maps.devmap.remove(ifindex) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(map_err(format!("removing interface {ifindex} from DEVMAP"))(e));
+                }
+            }
+            self.shadow.devmap.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    /// Removes the `FRAGS` entries that would send a datagram's later fragments where its
+    /// first fragment did not go: those of a service or backend id whose entry is gone, new or
+    /// changes meaning with `want` (a removed service's id reused, a service whose flags
+    /// change, a backend id given to another backend). Scans `FRAGS` only when some id comes,
+    /// goes or changes (and once after the maps were opened).
+    fn forget_stale_fragments(&mut self, want: &Fill) -> Result<()> {
+        let same_backend = |a: &Backend, b: &Backend| {
+            a.addr == b.addr && a.service == b.service && a.family == b.family
+        };
+        let backends_change = |a: &BTreeMap<u32, Backend>, b: &BTreeMap<u32, Backend>| {
+            a.iter()
+                .any(|(id, x)| !b.get(id).is_some_and(|y| same_backend(x, y)))
+        };
+        let ids_change = self.shadow.service_by_id != want.service_by_id
+            || backends_change(&self.shadow.backends, &want.backends)
+            || backends_change(&want.backends, &self.shadow.backends);
+        if self.frags_checked && !ids_change {
+            return Ok(());
+        }
+        let stale: Vec<FragKey> = self
+            .maps
+            .frags
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| {
+                let sid = v.service.id;
+                let service_stays = match (
+                    self.shadow.service_by_id.get(&sid),
+                    want.service_by_id.get(&sid),
+                ) {
+                    (Some(now), Some(next)) => {
+                        now == next
+                            && next.value == v.service
+                            && next.key.addr == k.dst
+                            && next.key.proto == k.proto
+                            && next.key.family == k.family
+                    }
+                    _ => false,
+                };
+                let backend_stays = match (
+                    self.shadow.backends.get(&v.backend),
+                    want.backends.get(&v.backend),
+                ) {
+                    (Some(now), Some(next)) => same_backend(now, next) && next.service == sid,
+                    _ => false,
+                };
+                !(service_stays && backend_stays)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            match self.maps.frags.remove(k) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("removing a stale FRAGS entry")(e)),
+            }
+        }
+        if !stale.is_empty() {
+            info!(
+                "forgot {} fragment entries of services or backends that changed",
+                stale.len()
+            );
+        }
+        self.frags_checked = true;
+        Ok(())
+    }
+
+    /// Writes `CONFIG`: the hash seed, this program's fingerprint, the connection table's
+    /// mask.
+    ///
+    /// When upgrading, the old program keeps running on these maps (and on its own connection
+    /// table, which may be smaller than the new one) until `attach` swaps the new one in. Until
+    /// then `CONFIG` holds the smaller of the two masks, so neither program indexes its table
+    /// past its end (the old one would pass such flows up unbalanced), and the old program's
+    /// fingerprint, so an lbd that dies before the swap is followed by one that upgrades
+    /// again rather than adopting the old program as its own. `finish_start` writes the rest.
+    pub(super) fn write_config(&mut self, value: Config) -> Result<()> {
+        let now = match self.maps.config.get(&0, 0) {
+            Ok(running) if self.start == Start::Upgraded && self.attachments.is_empty() => {
+                self.pending_config = Some(value);
+                Config {
+                    program_hash: running.program_hash,
+                    flow_set_mask: value.flow_set_mask.min(running.flow_set_mask),
+                    ..value
+                }
+            }
+            _ => {
+                self.pending_config = None;
+                value
+            }
+        };
+        self.maps
+            .config
+            .set(0, now, 0)
+            .map_err(map_err("writing CONFIG"))?;
+        self.shadow.config = now;
+        Ok(())
+    }
+
+    pub(super) fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.maps
+            .backends
+            .set(id, backend, 0)
+            .map_err(map_err(format!("writing backend {id}")))?;
+        if *backend == Backend::default() {
+            self.shadow.backends.remove(&id);
+        } else {
+            self.shadow.backends.insert(id, *backend);
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_service_key(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<()> {
+        self.maps
+            .services
+            .insert(key, value, 0)
+            .map_err(map_err(format!("writing service {}", value.id)))?;
+        self.shadow.services.insert(*key, *value);
+        Ok(())
+    }
+
+    pub(super) fn remove_service_key(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.maps.services.remove(key) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(map_err("removing a service")(e)),
+        }
+        self.shadow.services.remove(key);
+        Ok(())
+    }
+
+    pub(super) fn write_service_by_id(&mut self, id: u32, entry: ServiceEntry) -> Result<()> {
+        self.maps
+            .service_by_id
+            .set(id, entry, 0)
+            .map_err(map_err(format!("writing service {id} by id")))?;
+        if entry == ServiceEntry::default() {
+            self.shadow.service_by_id.remove(&id);
+        } else {
+            self.shadow.service_by_id.insert(id, entry);
+        }
+        Ok(())
+    }
+
+    /// Writes `VIP_FILTER` through the array's memory, a word at a time (the program reads
+    /// whole aligned words): a word changes once, from its old bits to its new ones.
+    pub(super) fn write_vip_filter(&mut self, words: &[u64]) -> Result<()> {
+        let memory = ArrayMemory::map(self.maps.vip_filter.map(), words.len() * 8, true)
+            .map_err(io_err("mapping VIP_FILTER"))?;
+        for (i, w) in words.iter().enumerate() {
+            // The program reads whole aligned words: each changes once, old bits to new.
+            if memory.read::<u64>(i) != *w {
+                memory.write(i, *w);
+            }
+        }
+        self.shadow.vip_filter = words.to_vec();
+        Ok(())
+    }
+
+    /// Replaces the Maglev table of service `id` atomically, given as its array's words.
+    pub(super) fn swap_words(&mut self, id: u32, words: Arc<[u64]>) -> Result<()> {
+        let slots = words.len() * lb_common::MAGLEV_SLOTS_PER_WORD as usize;
+        let inner =
+            Array::<MapData, u64>::create(words.len() as u32, lb_common::MAGLEV_TABLE_FLAGS)
+                .map_err(map_err(format!("creating a Maglev table of {slots} slots")))?;
+        fill_mmapable_array(inner.map(), &words)
+            .map_err(io_err(format!("filling a Maglev table of {slots} slots")))?;
+        self.maps
+            .maglev
+            .set(id, &inner, 0)
+            .map_err(map_err(format!(
+                "swapping in the Maglev table of service {id}"
+            )))?;
+        self.shadow.maglev.insert(id, words);
+        Ok(())
+    }
+
+    /// Empties the Maglev slot of a service id that has no service any more.
+    fn delete_table(&mut self, id: u32) -> Result<()> {
+        // aya's ArrayOfMaps lends out no descriptor: the pin gives one.
+        let pin = maps_dir(&self.bpffs_dir).join(maps::MAGLEV);
+        let maglev = MapData::from_pin(&pin)
+            .map_err(map_err(format!("opening the pinned map {}", pin.display())))?;
+        match map_delete(&maglev, id) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(io_err(format!("removing the Maglev table of service {id}"))(e)),
+        }
+        self.shadow.maglev.remove(&id);
+        Ok(())
+    }
+
+    /// Makes `ifindex` a redirect target (a backend reached through another interface).
+    pub(super) fn write_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.maps
+            .devmap
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| {
+                DatapathError::Other(format!(
+                    "adding interface {ifindex} to DEVMAP: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        self.shadow.devmap.insert(ifindex, ifindex);
+        Ok(())
+    }
+}
+
+/// The keys of `have` that `keep` does not keep (what `apply` removes).
+fn absent<'a, K: Copy + 'a>(
+    have: impl Iterator<Item = &'a K>,
+    keep: impl Fn(&K) -> bool,
+) -> Vec<K> {
+    have.filter(|k| !keep(k)).copied().collect()
+}

@@ -1,0 +1,91 @@
+//! Every map of the program, opened from the loaded object or from their pins, and the sums
+//! of per-CPU counters.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+};
+use lb_common::{
+    Backend, Config, Counter, FlowSet, FragKey, FragValue, ServiceEntry, ServiceKey, ServiceValue,
+    VipKey, maps,
+};
+
+use super::error::{DatapathError, Result, map_err};
+
+/// Every map, opened.
+pub(super) struct Maps {
+    pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub(super) service_by_id: Array<MapData, ServiceEntry>,
+    pub(super) vip_filter: Array<MapData, u64>,
+    pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u64>>,
+    pub(super) backends: Array<MapData, Backend>,
+    pub(super) config: Array<MapData, Config>,
+    pub(super) conntrack: Array<MapData, FlowSet>,
+    pub(super) frags: HashMap<MapData, FragKey, FragValue>,
+    pub(super) vips: HashMap<MapData, VipKey, ServiceValue>,
+    pub(super) devmap: aya::maps::DevMapHash<MapData>,
+    pub(super) service_stats: PerCpuArray<MapData, Counter>,
+    pub(super) backend_stats: PerCpuArray<MapData, Counter>,
+    pub(super) reason_stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn build(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Maps> {
+        Ok(Maps {
+            services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
+            service_by_id: Array::try_from(get(maps::SERVICE_BY_ID)?)
+                .map_err(map_err(maps::SERVICE_BY_ID))?,
+            vip_filter: Array::try_from(get(maps::VIP_FILTER)?)
+                .map_err(map_err(maps::VIP_FILTER))?,
+            maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
+            backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
+            config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
+            conntrack: Array::try_from(get(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?,
+            frags: HashMap::try_from(get(maps::FRAGS)?).map_err(map_err(maps::FRAGS))?,
+            vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
+            devmap: aya::maps::DevMapHash::try_from(get(maps::DEVMAP)?)
+                .map_err(map_err(maps::DEVMAP))?,
+            service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
+                .map_err(map_err(maps::SERVICE_STATS))?,
+            backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)
+                .map_err(map_err(maps::REASON_STATS))?,
+        })
+    }
+
+    pub(super) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps> {
+        Maps::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| DatapathError::Other(format!("map {name} missing from the object")))
+        })
+    }
+
+    pub(super) fn from_pins(dir: &Path) -> Result<Maps> {
+        Maps::build(|name| {
+            let path = dir.join(name);
+            let what = format!("opening the pinned map {}", path.display());
+            MapData::from_pin(&path)
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(map_err(what))
+        })
+    }
+}
+
+/// Element `index` of a per-CPU counter array, summed over the CPUs (0 when unreadable).
+pub(crate) fn per_cpu_total(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+pub(super) fn sum_counters(values: Option<aya::maps::PerCpuValues<Counter>>) -> Counter {
+    values
+        .map(|v| {
+            v.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            })
+        })
+        .unwrap_or_default()
+}

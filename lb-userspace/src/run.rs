@@ -1,0 +1,261 @@
+//! lbd as a process: start (config, lock, seed, interfaces, data path, runtime state, hops,
+//! maps, then the control socket and metrics once everything is ready), signals (SIGHUP
+//! reloads the file, SIGTERM and SIGINT stop lbd with the data path forwarding), sd_notify,
+//! shutdown and `lbd --cleanup`. The one place that wires `daemon` and `api` together.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use log::{error, info, warn};
+use tokio::sync::mpsc;
+
+use crate::{
+    api, config,
+    daemon::{
+        ConntrackUse, Daemon, Shared, follow::follow, interfaces::check_pinned_link, plan, resolve,
+    },
+    datapath::{self, Datapath, Start},
+    health,
+    netlink::Netlink,
+    state,
+};
+
+/// Starts lbd with the config at `config_path` and runs until SIGTERM or SIGINT. On return the
+/// data path stays attached and forwarding.
+/// With `reseed`, a configured seed that differs from the running data path's replaces it
+/// (see `state::hash_seed`).
+pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
+    let loaded = config::load(config_path)?;
+    for w in &loaded.warnings {
+        warn!("{}: {w}", config_path.display());
+    }
+    let config = loaded.config;
+    // Before anything is touched: no other lbd on these pins, this state or this socket.
+    let _lock = crate::lock::daemon(&config.daemon)?;
+    raise_open_files();
+    let seed = state::hash_seed(
+        config.daemon.hash_seed,
+        &config.daemon.state_dir,
+        datapath::pinned_seed(&config.daemon.bpffs_dir),
+        reseed,
+    )?;
+    let netlink = Netlink::new().context("opening a netlink connection")?;
+    let mut interfaces = vec![];
+    for name in &config.daemon.interfaces {
+        let iface = netlink.interface_by_name(name).await?.with_context(|| {
+            format!("daemon.interfaces: there is no interface {name:?} in this network namespace")
+        })?;
+        interfaces.push((name.clone(), iface.index));
+        check_pinned_link(&netlink, &config.daemon.bpffs_dir, name).await?;
+    }
+    drop(netlink);
+
+    let datapath = Datapath::open(
+        &config.daemon.bpffs_dir,
+        config.daemon.conntrack_entries,
+        &config.daemon.interfaces,
+    )?;
+    let pinned = plan::Pinned {
+        services: datapath
+            .service_keys()
+            .into_iter()
+            .map(|(k, v)| (k, v.id))
+            .collect(),
+        backends: datapath
+            .backend_entries()
+            .into_iter()
+            .map(|(id, b)| ((b.service, b.addr), (id, b.flags)))
+            .collect(),
+    };
+    let adopting = datapath.start != Start::Fresh;
+    let mut services = plan::initial(&config, &pinned, adopting, SystemTime::now())?;
+    resolve::resolve_all(&mut services).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut daemon = Daemon::new(
+        config_path.to_owned(),
+        config,
+        seed,
+        datapath,
+        services,
+        health::Monitor::new(tx),
+    );
+    daemon.start(&interfaces)?;
+
+    spawn_conntrack_counter(
+        daemon.config.daemon.bpffs_dir.clone(),
+        daemon.conntrack.clone(),
+    );
+    let socket_path = daemon.config.daemon.socket.clone();
+    let metrics_addr = daemon.config.daemon.metrics;
+    let shared = Shared::new(daemon);
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("daemon.metrics: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    // Signal handlers before the socket: a script may signal lbd as soon as the socket is there.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (listener, socket_file) = api::bind(&socket_path)?;
+    info!("ready: control socket {}", socket_path.display());
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    let health_task = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(report) = rx.recv().await {
+                let mut d = shared.lock().await;
+                if let Err(e) = d.on_health(report) {
+                    error!("applying a health change: {e:#}");
+                }
+            }
+        })
+    };
+    let follower = tokio::spawn(follow(shared.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(listener) = metrics_listener {
+        let shared = shared.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let snapshot = move || {
+                let shared = shared.clone();
+                async move { api::metrics_snapshot(&*shared.lock().await) }
+            };
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = crate::metrics::serve(listener, snapshot, shutdown).await {
+                error!("metrics server: {e}");
+            }
+        });
+    }
+    let signals = {
+        let shared = shared.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { info!("SIGTERM: exiting; the data path keeps forwarding"); break }
+                    _ = int.recv() => { info!("SIGINT: exiting; the data path keeps forwarding"); break }
+                    _ = hup.recv() => reload(&shared).await,
+                }
+            }
+            notify(&[sd_notify::NotifyState::Stopping]);
+            let _ = stop_tx.send(true);
+        }
+    };
+    api::serve(listener, shared.clone(), signals).await?;
+    follower.abort();
+    health_task.abort();
+    shared.lock().await.stop();
+    socket_file.remove();
+    Ok(())
+}
+
+/// The connection table's flows are counted (a scan of its memory, off the lock) at least this
+/// often, and never spending more than 5% of a CPU on it: a big table is counted less often.
+const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Counts the connection table now and then, on a thread of its own (detached: it ends with
+/// the process, or once the daemon is gone).
+fn spawn_conntrack_counter(bpffs_dir: PathBuf, out: Arc<ConntrackUse>) {
+    let spawned = std::thread::Builder::new()
+        .name("conntrack-count".into())
+        .spawn(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            let counter = match datapath::ConntrackCounter::open(&bpffs_dir) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("connection-table use will not be reported: {e}");
+                    return;
+                }
+            };
+            loop {
+                let started = Instant::now();
+                let (entries, capacity) = counter.count();
+                out.entries.store(entries, Relaxed);
+                out.capacity.store(capacity, Relaxed);
+                if Arc::strong_count(&out) == 1 {
+                    return; // the daemon is gone
+                }
+                std::thread::sleep(CONNTRACK_COUNT_INTERVAL.max(started.elapsed() * 20));
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("connection-table use will not be reported: cannot start its thread: {e}");
+    }
+}
+
+/// Raises the soft limit of open files to the hard one (logged).
+fn raise_open_files() {
+    match crate::limits::raise_open_files() {
+        Ok((before, after)) if before != after => {
+            info!("open files: soft limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the soft limit of open files: {e}"),
+    }
+}
+
+/// SIGHUP: re-read the file and apply the difference; a broken file changes nothing. Like an
+/// lbctl change, new hops are resolved without holding the daemon's lock.
+async fn reload(shared: &Shared) {
+    notify(&[sd_notify::NotifyState::Reloading]);
+    let _one_change_at_a_time = shared.change().await;
+    let path = shared.lock().await.config_path.clone();
+    match config::load(&path) {
+        Err(e) => error!("SIGHUP: {e}; the running state is unchanged"),
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                warn!("{}: {w}", path.display());
+            }
+            let needed = shared.lock().await.hops_needed(&loaded.config);
+            let hops = resolve::resolve_hops(needed).await;
+            match shared.lock().await.reconcile(loaded.config, hops) {
+                Ok(changes) if changes.is_empty() => {
+                    info!("SIGHUP: {} reloaded, nothing changed", path.display())
+                }
+                Ok(changes) => info!(
+                    "SIGHUP: {} reloaded, {} change(s)",
+                    path.display(),
+                    changes.len()
+                ),
+                Err(e) => error!("SIGHUP: applying {}: {e:#}", path.display()),
+            }
+        }
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Tells systemd (Type=notify) about readiness; nothing when not run by systemd.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(states)
+    {
+        warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// `lbd --cleanup`: detaches the program and removes every pin; refused while an lbd runs on
+/// this config.
+pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
+    let config = config::load(config_path)?.config;
+    let _lock = crate::lock::cleanup(&config.daemon)?;
+    let removed = datapath::cleanup(&config.daemon.bpffs_dir)?;
+    if removed.is_empty() {
+        info!("nothing pinned under {}", config.daemon.bpffs_dir.display());
+    }
+    for r in removed {
+        info!("removed {r}");
+    }
+    api::remove_stale_socket(&config.daemon.socket);
+    Ok(())
+}
