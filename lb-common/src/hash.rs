@@ -144,7 +144,7 @@ pub fn parse_seed(hex: &str) -> Option<[u64; 2]> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A straightforward byte-wise SipHash-1-3 (any length, trailing bytes and length folded
@@ -229,7 +229,8 @@ mod tests {
         }
     }
 
-    fn flow(i: u32, sport: u16) -> FlowKey {
+    /// A TCP flow from client `i` of 198.18.0.0/16, port `sport`, to 203.0.113.10:80.
+    pub(crate) fn flow(i: u32, sport: u16) -> FlowKey {
         FlowKey {
             src: [u32::from_be(0xc612_0000 | i), 0, 0, 0],
             dst: [u32::from_be(0xcb00_710a), 0, 0, 0],

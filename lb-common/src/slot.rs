@@ -91,7 +91,7 @@ pub fn maglev_words(table: &[u32]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FAMILY_V4, MAX_BACKENDS, PROTO_TCP};
+    use crate::{MAX_BACKENDS, hash::tests::flow};
 
     const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
 
@@ -101,18 +101,6 @@ mod tests {
             flags,
             table_size,
             _pad: 0,
-        }
-    }
-
-    fn flow(client: u32, sport: u16) -> FlowKey {
-        FlowKey {
-            src: [u32::from_be(0xc612_0000 | client), 0, 0, 0],
-            dst: [u32::from_be(0xcb00_710a), 0, 0, 0],
-            sport: sport.to_be(),
-            dport: 80u16.to_be(),
-            proto: PROTO_TCP,
-            family: FAMILY_V4,
-            _pad: [0; 2],
         }
     }
 
