@@ -65,7 +65,7 @@ fn words(a: &Addr) -> [u64; 2] {
 }
 
 /// Hash of a client address (`hash = "source"`): every packet and every fragment of a client
-/// gets the same value.
+/// gets the same value. Which hash a service uses, and the slot it selects: `crate::maglev_slot`.
 #[inline(always)]
 pub fn hash_source(key: &[u64; 2], src: &Addr) -> u32 {
     let h = siphash13(key, &words(src));
@@ -124,12 +124,6 @@ pub fn flow_hash(key: &[u64; 2], flow: &FlowKey) -> u64 {
     h ^ (h >> 31)
 }
 
-/// The Maglev slot a hash selects in a table of `table_size` slots.
-#[inline(always)]
-pub fn slot(hash: u32, table_size: u32) -> u32 {
-    hash % table_size
-}
-
 /// 64-bit hash of a backend address for its Maglev permutation (offset and skip).
 pub fn hash_backend(key: &[u64; 2], addr: &Addr) -> u64 {
     // A distinct length (3 words) keeps these values unrelated to client hashes of the same
@@ -150,7 +144,7 @@ pub fn parse_seed(hex: &str) -> Option<[u64; 2]> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `siphash13` against an independent implementation (the `siphasher` crate's
@@ -233,7 +227,8 @@ mod tests {
         }
     }
 
-    fn flow(i: u32, sport: u16) -> FlowKey {
+    /// A TCP flow from client `i` of 198.18.0.0/16, port `sport`, to 203.0.113.10:80.
+    pub(crate) fn flow(i: u32, sport: u16) -> FlowKey {
         FlowKey {
             src: [u32::from_be(0xc612_0000 | i), 0, 0, 0],
             dst: [u32::from_be(0xcb00_710a), 0, 0, 0],

@@ -9,7 +9,8 @@
 //! It never drops.
 //!
 //! Self-contained on purpose (the balancer's parser does far more than this needs): each header
-//! is read whole, at a constant offset (14 or 18), through one bounds check.
+//! is read whole, at a constant offset (`ETH_HLEN`, or `ETH_HLEN + VLAN_HLEN`), through one
+//! bounds check.
 #![no_std]
 #![no_main]
 
@@ -25,8 +26,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use headers::{
-    ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
-    VLAN_HLEN,
+    ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_AT, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr,
+    Ipv6Hdr, VLAN_HLEN,
 };
 use lb_common::{
     Addr, FAMILY_V4, FAMILY_V6,
@@ -106,17 +107,17 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> Result<(), ()> {
-    let ether_type = u16::from_be(read_hdr::<u16>(ctx, 12)?);
+    let ether_type = u16::from_be(read_hdr::<u16>(ctx, ETH_TYPE_AT)?);
     if ether_type == ETH_P_8021Q {
-        let inner = u16::from_be(read_hdr::<u16>(ctx, ETH_HLEN + 2)?);
+        let inner = u16::from_be(read_hdr::<u16>(ctx, ETH_TYPE_AT + VLAN_HLEN)?);
         decap_at::<{ ETH_HLEN + VLAN_HLEN }>(ctx, inner)
     } else {
         decap_at::<ETH_HLEN>(ctx, ether_type)
     }
 }
 
-/// Decapsulates the packet whose IP header starts at `L3` (14, or 18 behind a VLAN tag), if it
-/// is a tunnel packet for this host from an allowed source.
+/// Decapsulates the packet whose IP header starts at `L3` (`ETH_HLEN`, or `ETH_HLEN + VLAN_HLEN`
+/// behind a VLAN tag), if it is a tunnel packet for this host from an allowed source.
 #[inline(always)]
 fn decap_at<const L3: usize>(ctx: &XdpContext, ether_type: u16) -> Result<(), ()> {
     // Both headers are read before any length is compared with the frame's: LLVM would

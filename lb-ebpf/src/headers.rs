@@ -4,6 +4,8 @@
 use lb_common::Addr;
 
 pub const ETH_HLEN: usize = 14;
+/// Where the ethertype (or an 802.1Q tag's type) follows the two addresses.
+pub const ETH_TYPE_AT: usize = 12;
 pub const VLAN_HLEN: usize = 4;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;

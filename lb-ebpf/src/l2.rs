@@ -7,7 +7,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::Backend;
 
 use crate::access::{read_hdr, write_hdr};
-use crate::headers::{ETH_HLEN, ETH_P_8021Q, EthAddrs, VLAN_HLEN};
+use crate::headers::{ETH_HLEN, ETH_P_8021Q, ETH_TYPE_AT, EthAddrs, VLAN_HLEN};
 
 // `addresses` reads the two MACs of a backend entry as 16-bit words: both lie at even offsets
 // of a struct aligned to 4.
@@ -79,12 +79,24 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), ()> {
     if rc == 0 { Ok(()) } else { Err(()) }
 }
 
+/// Direct server return: the frame goes to the backend's MAC from the egress interface's MAC,
+/// with the backend's VLAN tag or none (`retag` when that changes the header's length or tag);
+/// IP and L4 stay as the client sent them (the backend holds the VIP). The arrival's IP header
+/// is at `l3`.
+#[inline(always)]
+pub fn rewrite_dsr(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
+    if l3 == ETH_HLEN && b.vlan == 0 {
+        return write_hdr(ctx, 0, addresses(b));
+    }
+    retag(ctx, l3, b)
+}
+
 /// dsr, for a frame whose tag must change (added, replaced or removed; the caller rewrites an
 /// untagged frame to an untagged backend itself): the backend's MACs and tag in place of the
 /// arrival's header. The IP packet does not move. A function of its own (a BPF-to-BPF call):
 /// off the established flow's fast path.
 #[inline(never)]
-pub fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
+fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
     crate::packet::keep_context(ctx);
     if b.vlan == 0 {
         // Tagged → untagged: the front cut by the tag's length (the ethertype then follows
@@ -103,7 +115,7 @@ pub fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
 /// tunnel: the Ethernet header of a frame that grows by an outer IP header of `outer` bytes
 /// (of ethertype `ethertype`), the arrival's IP header at `l3`. Grows the frame at the front
 /// and writes the backend's MACs, tag and the ethertype; returns where the outer IP header
-/// goes (14, or 18 with a tag).
+/// goes (`ETH_HLEN`, or `ETH_HLEN + VLAN_HLEN` with a tag).
 #[inline(always)]
 pub fn grow_for_outer(
     ctx: &XdpContext,
@@ -117,13 +129,13 @@ pub fn grow_for_outer(
     if b.vlan == 0 {
         adjust_head(ctx, l3 as i32 - (ETH_HLEN + outer) as i32)?;
         write_hdr(ctx, 0, addresses(b))?;
-        write_hdr(ctx, 12, ethertype.to_be())?;
+        write_hdr(ctx, ETH_TYPE_AT, ethertype.to_be())?;
         return Ok(ETH_HLEN);
     }
     let tci = tci(ctx, l3, b.vlan)?;
     let l2 = ETH_HLEN + VLAN_HLEN;
     adjust_head(ctx, l3 as i32 - (l2 + outer) as i32)?;
     write_tagged(ctx, addresses(b), tci)?;
-    write_hdr(ctx, 16, ethertype.to_be())?;
+    write_hdr(ctx, ETH_TYPE_AT + VLAN_HLEN, ethertype.to_be())?;
     Ok(l2)
 }

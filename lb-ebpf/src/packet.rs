@@ -1,20 +1,19 @@
 //! Parsing: bounds checked once, through `ptr_at`; every header read through `read_at`.
 
-use core::mem::size_of;
-
 use aya_ebpf::programs::XdpContext;
 
-pub use crate::access::{ptr_at, read_at, read_hdr, write_hdr};
-pub use crate::headers::{ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr};
-use crate::headers::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN};
+use crate::access::{read_at, read_hdr};
+use crate::headers::{
+    ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_AT, IPV4_MIN_HLEN, IPV6_HLEN, Ipv4Hdr,
+    Ipv6Hdr, VLAN_HLEN,
+};
+use crate::icmp::{self, PROTO_ICMP, PROTO_ICMPV6};
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, FlowKey, FragKey, PROTO_TCP, PROTO_UDP};
 
 /// More-fragments flag and fragment offset of IPv4's frag_off field (host order).
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 pub const IP_DF: u16 = 0x4000;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
 /// IPv6 extension headers skipped on the way to the transport header.
 const EXT_HOP_BY_HOP: u8 = 0;
 const EXT_ROUTING: u8 = 43;
@@ -29,18 +28,13 @@ const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-/// ICMP "destination unreachable / fragmentation needed", ICMPv6 "packet too big".
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-pub const ICMP_HLEN: usize = 8;
 
 /// The first four bytes of TCP and UDP headers alike.
 #[repr(C, packed(2))]
 #[derive(Clone, Copy)]
-struct Ports {
-    src: u16,
-    dst: u16,
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
 }
 
 #[repr(C, packed(2))]
@@ -165,12 +159,12 @@ fn fill<'a>(out: *mut Packet, value: Packet) -> &'a mut Packet {
 
 #[inline(always)]
 fn parse(ctx: &XdpContext, out: *mut Packet) -> Result<(), ()> {
-    let eth_type: u16 = read_hdr(ctx, 12)?;
+    let eth_type: u16 = read_hdr(ctx, ETH_TYPE_AT)?;
     let mut l3 = ETH_HLEN;
     let mut ether_type = u16::from_be(eth_type);
     if ether_type == ETH_P_8021Q {
         // One 802.1Q tag: the inner type follows the tag control field. The tag stays.
-        let inner: u16 = read_hdr(ctx, ETH_HLEN + 2)?;
+        let inner: u16 = read_hdr(ctx, ETH_TYPE_AT + VLAN_HLEN)?;
         ether_type = u16::from_be(inner);
         l3 += VLAN_HLEN;
     }
@@ -220,7 +214,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
     );
     p.l4 = l3 + ihl;
     if ip.proto == PROTO_ICMP && frag == Frag::None {
-        quoted_flow(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))?;
+        icmp::quoted_flow(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))?;
     } else {
         transport(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))?;
     }
@@ -298,7 +292,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
     }
     p.l4 = off;
     if next == PROTO_ICMPV6 && p.frag == Frag::None {
-        quoted_flow(ctx, p, off, ip_len.saturating_sub(header_bytes))?;
+        icmp::quoted_flow(ctx, p, off, ip_len.saturating_sub(header_bytes))?;
     } else {
         transport(ctx, p, off, ip_len.saturating_sub(header_bytes))?;
     }
@@ -348,58 +342,5 @@ fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Resu
             Err(()) => p.malformed = true,
         }
     }
-    Ok(())
-}
-
-/// An ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) quotes the start of a
-/// packet the VIP sent (VIP → client); the packet is classified as that flow in the client's
-/// direction, so it reaches the backend that owns the flow. Only an error addressed to the
-/// quoted packet's source (the VIP) is: one sent to any other address (a forged or misrouted
-/// error naming a VIP flow) is not ours, nor is other ICMP.
-#[inline(always)]
-fn quoted_flow(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Result<(), ()> {
-    let [icmp_type, code]: [u8; 2] = read_at(ctx, l4)?;
-    let quote = l4 + ICMP_HLEN;
-    let (inner_src, inner_dst, inner_proto, ports_at) = if p.family == FAMILY_V4 {
-        if icmp_type != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
-            return Err(());
-        }
-        let inner: Ipv4Hdr = read_hdr(ctx, quote)?;
-        let ihl = ((inner.version_ihl & 0x0f) as usize) * 4;
-        if inner.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
-            return Err(());
-        }
-        (
-            [inner.saddr, 0, 0, 0],
-            [inner.daddr, 0, 0, 0],
-            inner.proto,
-            quote + ihl,
-        )
-    } else {
-        if icmp_type != ICMPV6_PACKET_TOO_BIG {
-            return Err(());
-        }
-        let inner: Ipv6Hdr = read_hdr(ctx, quote)?;
-        (
-            inner.saddr,
-            inner.daddr,
-            inner.next_header,
-            quote + IPV6_HLEN,
-        )
-    };
-    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP || inner_src != p.dst {
-        return Err(());
-    }
-    let ports: Ports = read_hdr(ctx, ports_at)?;
-    if l4_len < ports_at + size_of::<Ports>() - l4 {
-        p.malformed = true;
-    }
-    // The quoted packet went VIP → client: turned around.
-    p.src = inner_dst;
-    p.dst = inner_src;
-    p.sport = ports.dst;
-    p.dport = ports.src;
-    p.proto = inner_proto;
-    p.icmp_error = true;
     Ok(())
 }

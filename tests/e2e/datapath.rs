@@ -4,8 +4,9 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use lb_common::{
-    Backend, Reason, ServiceKey, ServiceValue, backend_flags, hash,
+    Backend, Reason, ServiceKey, ServiceValue, backend_flags,
     maglev::{MaglevBackend, build_table},
+    source_slot,
 };
 use lb_tests::cases::{Case, run_cases};
 use lb_tests::packet::{Frame, ipv4_tcp, ipv4_udp};
@@ -101,8 +102,7 @@ fn vip_syn(src: Ipv4Addr) -> Frame {
 
 /// The backend lb-common predicts for a client: what `lbctl lookup` will say.
 fn predicted(table: &[u32], src: Ipv4Addr) -> u32 {
-    let h = hash::hash_source(&SEED, &to_addr(src.into()));
-    table[hash::slot(h, TABLE_SIZE) as usize]
+    table[source_slot(&SEED, TABLE_SIZE, &to_addr(src.into())).unwrap() as usize]
 }
 
 #[test]

@@ -17,6 +17,7 @@ use std::{
 use lb_common::{
     hash,
     maglev::{MaglevBackend, build_table},
+    source_slot,
 };
 use lb_tests::{
     BIG_FILE_SIZE, Topology, TopologyOptions, big_file_contents,
@@ -134,7 +135,7 @@ fn predicted_backend(t: &Topology, f: Family, src: IpAddr) -> usize {
         })
         .collect();
     let table = build_table(&seed, &backends, TABLE_SIZE);
-    let slot = hash::slot(hash::hash_source(&seed, &to_addr(src)), TABLE_SIZE);
+    let slot = source_slot(&seed, TABLE_SIZE, &to_addr(src)).unwrap();
     table[slot as usize] as usize
 }
 

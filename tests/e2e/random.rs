@@ -36,7 +36,7 @@ use std::{
 };
 
 use etherparse::{IpNumber, Ipv4Header, Ipv6Header};
-use lb_common::{FlowKey, Reason, hash};
+use lb_common::{FlowKey, Reason, ServiceValue, maglev_slot};
 use lb_tests::{
     dpfixture::{
         Fixture, LB_MAC, MTU, SEED, Svc, TABLE, VIP, VIP_TUNNEL, VIP6, XDP_ABORTED, XDP_DROP,
@@ -109,8 +109,13 @@ impl Reference for Fixture {
             family: family(client),
             _pad: [0; 2],
         };
-        let h = hash::hash_5tuple(&SEED, &key);
-        Rule::Exact(self.tables[sid].1[hash::slot(h, TABLE) as usize])
+        let service = ServiceValue {
+            flags: s.flags,
+            table_size: TABLE,
+            ..Default::default()
+        };
+        let slot = maglev_slot(&SEED, &service, &key).unwrap().index;
+        Rule::Exact(self.tables[sid].1[slot as usize])
     }
 
     /// The backend of service `sid` whose MAC is `m`: (id, address).

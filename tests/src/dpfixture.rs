@@ -9,9 +9,9 @@ use std::{
 };
 
 use lb_common::{
-    Backend, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, hash,
+    Backend, Reason, ServiceKey, ServiceValue, VipKey, backend_flags,
     maglev::{MaglevBackend, build_table},
-    service_flags,
+    service_flags, source_slot,
 };
 use lb_userspace::{
     datapath::{self, Datapath},
@@ -229,8 +229,7 @@ pub fn fixture(tag: &str) -> Fixture {
 impl Fixture {
     /// The backend id lb-common chooses for client `src` of source-hashed service `sid`.
     pub fn predicted(&self, sid: usize, src: IpAddr) -> u32 {
-        let h = hash::hash_source(&SEED, &to_addr(src));
-        self.tables[sid].1[hash::slot(h, TABLE) as usize]
+        self.tables[sid].1[source_slot(&SEED, TABLE, &to_addr(src)).unwrap() as usize]
     }
 
     /// One run of the program on `frame`: the action and the frame it left.

@@ -11,7 +11,7 @@ use axum::{
     extract::{Path as UrlPath, Query, State},
     http::StatusCode,
 };
-use lb_common::{FlowKey, NO_BACKEND, hash};
+use lb_common::{FlowKey, NO_BACKEND, Slot, maglev_slot};
 
 use super::{snapshot, types::*};
 use crate::{
@@ -267,17 +267,17 @@ pub(super) async fn lookup(
         family: state::family(client),
         _pad: [0; 2],
     };
-    let h = match (s.cfg.hash, q.port) {
-        (HashMode::Source, _) => hash::hash_source(&d.seed, &state::to_addr(client)),
-        (HashMode::FiveTuple, Some(p)) => hash::hash_5tuple(&d.seed, &flow(p)),
-        (HashMode::FiveTuple, None) => {
-            return Err(bad(format!(
-                "service {} hashes the 5-tuple: give the client's port with --port",
-                s.cfg.name
-            )));
-        }
-    };
-    let slot = hash::slot(h, s.cfg.table_size);
+    if s.cfg.hash == HashMode::FiveTuple && q.port.is_none() {
+        return Err(bad(format!(
+            "service {} hashes the 5-tuple: give the client's port with --port",
+            s.cfg.name
+        )));
+    }
+    let Slot {
+        hash: h,
+        index: slot,
+    } = maglev_slot(&d.seed, &s.value(), &flow(q.port.unwrap_or(0)))
+        .ok_or_else(|| bad(format!("service {} has no Maglev table", s.cfg.name)))?;
     let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
     // An established flow keeps its backend while that backend is usable: as the data path.
     if let Some(port) = q.port

@@ -247,7 +247,7 @@ impl ServiceRuntime {
         service_key(&self.cfg)
     }
 
-    pub(super) fn value(&self) -> ServiceValue {
+    pub(crate) fn value(&self) -> ServiceValue {
         let mut flags = 0;
         if self.cfg.forwarding == Forwarding::Tunnel {
             flags |= service_flags::TUNNEL;

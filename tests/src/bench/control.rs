@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail};
 use lb_common::{
     hash,
     maglev::{MaglevBackend, build_table},
+    source_slot,
 };
 use lb_userspace::state::to_addr;
 
@@ -193,8 +194,7 @@ fn predicted(src: IpAddr, among: &[usize]) -> usize {
         })
         .collect();
     let table = build_table(&seed(), &bs, SMALL);
-    let h = hash::hash_source(&seed(), &to_addr(src));
-    table[hash::slot(h, SMALL) as usize] as usize
+    table[source_slot(&seed(), SMALL, &to_addr(src)).unwrap() as usize] as usize
 }
 
 fn config(paths: &LbdPaths, backends: &[usize]) -> String {

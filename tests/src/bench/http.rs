@@ -29,8 +29,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use lb_common::{
-    hash,
     maglev::{MaglevBackend, build_table},
+    source_slot,
 };
 use lb_userspace::state::to_addr;
 
@@ -242,8 +242,8 @@ fn seed_spreading_clients(t: &Topology) -> Result<(String, Vec<usize>)> {
         let table = build_table(&seed, &backends, TABLE_SIZE);
         let placement: Vec<usize> = (1..=t.clients())
             .map(|c| {
-                let h = hash::hash_source(&seed, &to_addr(t.client_addr(c)));
-                table[hash::slot(h, TABLE_SIZE) as usize] as usize
+                let slot = source_slot(&seed, TABLE_SIZE, &to_addr(t.client_addr(c)));
+                table[slot.unwrap() as usize] as usize
             })
             .collect();
         let mut distinct = placement.clone();

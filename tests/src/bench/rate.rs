@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use lb_common::{
-    Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, backend_flags, hash,
+    Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, backend_flags,
     maglev::{MaglevBackend, build_table},
-    service_flags,
+    service_flags, source_slot,
 };
 use lb_userspace::{
     config::XdpMode,
@@ -786,7 +786,7 @@ impl Lb {
                 family: 4,
                 _pad: [0; 2],
             };
-            let backend = self.table[hash::slot(hash::hash_source(&SEED, &src), TABLE) as usize];
+            let backend = self.table[source_slot(&SEED, TABLE, &src).unwrap() as usize];
             self.dp
                 .set_flow(
                     &key,

@@ -1,0 +1,196 @@
+//! Which Maglev slot a service's flow takes, and what a slot holds: the choice the XDP program
+//! makes for a new flow, and that lbd (`lbctl lookup`) and the tests predict, in one place.
+
+use crate::{Addr, FlowKey, NO_BACKEND, ServiceValue, hash, service_flags};
+
+/// Where a flow lands in its service's Maglev table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// The service's keyed hash of the flow (`lbctl lookup` shows it).
+    pub hash: u32,
+    /// The slot it selects: `hash % table_size`.
+    pub index: u32,
+}
+
+/// The Maglev slot of `flow` in the table of `service`, under the hash seed `seed`: the hash the
+/// service's flags name (`HASH_5TUPLE`: the 5-tuple; otherwise the client address alone, so every
+/// packet and fragment of a client lands alike), modulo the service's table size. `None` for a
+/// service without a table (size 0). The one definition: the program places new flows by it,
+/// `lbctl lookup` and the tests predict them with it.
+#[inline(always)]
+pub fn maglev_slot(seed: &[u64; 2], service: &ServiceValue, flow: &FlowKey) -> Option<Slot> {
+    let hash = if service.flags & service_flags::HASH_5TUPLE != 0 {
+        hash::hash_5tuple(seed, flow)
+    } else {
+        hash::hash_source(seed, &flow.src)
+    };
+    if service.table_size == 0 {
+        return None;
+    }
+    Some(Slot {
+        hash,
+        index: hash % service.table_size,
+    })
+}
+
+/// Maglev slots per element of a service's table array: backend ids are stored in 16 bits, four
+/// to a u64 element (an array element takes 8 bytes whatever its value size, so a u32 per slot
+/// would take 8). A 65,537-slot table is then 128 KiB instead of 512 KiB, which matters to a
+/// stream of new flows from many clients: every one reads a slot at random.
+pub const MAGLEV_SLOTS_PER_WORD: u32 = 4;
+/// A slot's 16-bit value for "no backend".
+const NO_BACKEND_16: u64 = 0xffff;
+
+/// The slot of client `src` in the table of a source-hashed service of `table_size` slots:
+/// `maglev_slot` of a flow known by its client alone, as the tests' oracles predict it. `None`
+/// for a table of size 0.
+pub fn source_slot(seed: &[u64; 2], table_size: u32, src: &Addr) -> Option<u32> {
+    let service = ServiceValue {
+        table_size,
+        ..Default::default()
+    };
+    let flow = FlowKey {
+        src: *src,
+        ..Default::default()
+    };
+    maglev_slot(seed, &service, &flow).map(|slot| slot.index)
+}
+
+/// The backend id of Maglev `slot` in its table word `word` (`slot / MAGLEV_SLOTS_PER_WORD`).
+#[inline(always)]
+pub fn maglev_slot_value(word: u64, slot: u32) -> u32 {
+    let id = (word >> ((slot % MAGLEV_SLOTS_PER_WORD) * 16)) & 0xffff;
+    if id == NO_BACKEND_16 {
+        NO_BACKEND
+    } else {
+        id as u32
+    }
+}
+
+/// A Maglev table (one backend id or `NO_BACKEND` per slot) as the words of its array.
+#[cfg(any(feature = "user", test))]
+pub fn maglev_words(table: &[u32]) -> Vec<u64> {
+    table
+        .chunks(MAGLEV_SLOTS_PER_WORD as usize)
+        .map(|chunk| {
+            let mut word = u64::MAX; // missing slots of the last word: no backend
+            for (lane, &id) in chunk.iter().enumerate() {
+                let v = if id == NO_BACKEND {
+                    NO_BACKEND_16
+                } else {
+                    id as u64 & 0xffff
+                };
+                word &= !(0xffff << (lane * 16));
+                word |= v << (lane * 16);
+            }
+            word
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MAX_BACKENDS, hash::tests::flow};
+
+    const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
+
+    fn service(flags: u32, table_size: u32) -> ServiceValue {
+        ServiceValue {
+            id: 3,
+            flags,
+            table_size,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_source_hashed_service_places_a_client_by_its_address_alone() {
+        let s = service(service_flags::TUNNEL, 65_537);
+        let base = maglev_slot(&SEED, &s, &flow(7, 40_000)).unwrap();
+        assert_eq!(base.hash, hash::hash_source(&SEED, &flow(7, 40_000).src));
+        assert_eq!(base.index, base.hash % 65_537);
+        // Other ports, destination, protocol: the same slot (fragments without ports follow).
+        let other = FlowKey {
+            dst: [1, 0, 0, 0],
+            dport: 443u16.to_be(),
+            proto: 17,
+            ..flow(7, 1)
+        };
+        assert_eq!(maglev_slot(&SEED, &s, &other), Some(base));
+        assert_eq!(
+            maglev_slot(
+                &SEED,
+                &s,
+                &FlowKey {
+                    sport: 0,
+                    dport: 0,
+                    ..other
+                }
+            ),
+            Some(base)
+        );
+        assert_ne!(maglev_slot(&SEED, &s, &flow(8, 40_000)), Some(base));
+        assert_eq!(
+            source_slot(&SEED, 65_537, &flow(7, 40_000).src),
+            Some(base.index)
+        );
+        assert_eq!(source_slot(&SEED, 0, &flow(7, 40_000).src), None);
+    }
+
+    #[test]
+    fn a_five_tuple_service_places_each_flow_by_its_five_tuple() {
+        let s = service(service_flags::HASH_5TUPLE, 65_537);
+        let f = flow(7, 40_000);
+        let base = maglev_slot(&SEED, &s, &f).unwrap();
+        assert_eq!(base.hash, hash::hash_5tuple(&SEED, &f));
+        assert_eq!(base.index, base.hash % 65_537);
+        assert_ne!(base.hash, hash::hash_source(&SEED, &f.src));
+        let ports: std::collections::HashSet<u32> = (0..64)
+            .map(|p| maglev_slot(&SEED, &s, &flow(7, 40_000 + p)).unwrap().index)
+            .collect();
+        assert!(
+            ports.len() > 60,
+            "one client's ports spread: {}",
+            ports.len()
+        );
+    }
+
+    #[test]
+    fn every_slot_lies_in_the_table_and_a_tableless_service_has_none() {
+        for size in [2, 13, 65_537, crate::MAX_TABLE_SIZE] {
+            for flags in [0, service_flags::HASH_5TUPLE] {
+                for i in 0..1_000 {
+                    let slot = maglev_slot(&SEED, &service(flags, size), &flow(i, 1)).unwrap();
+                    assert!(slot.index < size);
+                }
+            }
+        }
+        assert_eq!(maglev_slot(&SEED, &service(0, 0), &flow(1, 1)), None);
+        assert_eq!(
+            maglev_slot(&SEED, &service(service_flags::HASH_5TUPLE, 0), &flow(1, 1)),
+            None
+        );
+    }
+
+    #[test]
+    fn every_slot_reads_back_from_its_word() {
+        let table: Vec<u32> = (0..13u32)
+            .map(|i| {
+                if i % 5 == 4 {
+                    NO_BACKEND
+                } else {
+                    i * 1000 % MAX_BACKENDS
+                }
+            })
+            .collect();
+        let words = maglev_words(&table);
+        assert_eq!(words.len(), 4);
+        for (slot, &id) in table.iter().enumerate() {
+            let word = words[slot / MAGLEV_SLOTS_PER_WORD as usize];
+            assert_eq!(maglev_slot_value(word, slot as u32), id, "slot {slot}");
+        }
+        // Backend ids fit in 16 bits, with room for the no-backend value.
+        assert!(MAX_BACKENDS <= NO_BACKEND_16 as u32);
+    }
+}

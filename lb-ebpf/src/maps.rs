@@ -1,0 +1,77 @@
+//! The maps of the balancer program (names in `lb_common::maps`; lbd pins every one but
+//! `TOO_BIG_BUCKET`).
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FlowSet, FragKey, FragValue,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, ServiceEntry, ServiceKey, ServiceValue,
+    TooBigBucket, VIP_FILTER_WORDS, VipKey,
+};
+
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Services by id, each with its key: an established flow's service, checked against the packet
+/// without a hash lookup.
+#[btf_map]
+pub static SERVICE_BY_ID: Array<ServiceEntry, { MAX_SERVICES as usize }> = Array::new();
+
+/// A Bloom filter of the VIP addresses (two bits each, see `lb_common::vip_filter_bits`): most
+/// packets that are no VIP's leave after two array reads.
+#[btf_map]
+pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
+
+/// One Maglev table per service id. lbd builds a new inner array aside and swaps it in with a
+/// single update, so the program never sees a half-built table. BPF_F_INNER_MAP lets each
+/// service's table have its own size.
+#[btf_map]
+pub static MAGLEV: ArrayOfMaps<
+    Array<u64, 1, { MAGLEV_TABLE_FLAGS as usize }>,
+    { MAX_SERVICES as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// The connection table: flow → backend, so a flow keeps its backend when the Maglev table
+/// changes. A set-associative cache in an array (see `FlowSet`): finding a flow is one hash of
+/// the program's own and one inlined array access, and recording one is a few stores, where a
+/// kernel LRU hash spends ~150 ns taking an element off its lists under a lock. Shared, not
+/// per-CPU: on veth, and with RPS, one flow's packets can be handled on different CPUs, and
+/// every CPU must see its entry. lbd sizes it from `daemon.conntrack_entries`.
+#[btf_map]
+pub static CONNTRACK: Array<FlowSet, 16_384, { CONNTRACK_FLAGS as usize }> = Array::new();
+
+/// Where the first fragment of a datagram went: the later ones (which carry no ports) follow.
+#[btf_map]
+pub static FRAGS: LruHashMap<FragKey, FragValue, 8192> = LruHashMap::new();
+
+/// VIP and protocol → the VIP's source-hashed service, for fragments that come before their
+/// first fragment (or `NO_LATE_FRAGMENTS` when there is no single such service).
+#[btf_map]
+pub static VIPS: HashMap<VipKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Egress interfaces other than the receiving one (tunnel next hops), by ifindex.
+#[btf_map]
+pub static DEVMAP: DevMapHash<64> = DevMapHash::new();
+
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<Counter, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<Counter, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Each CPU's budget of "too big" answers. Not pinned (nothing outside the program reads it):
+/// a newly loaded program starts with full buckets.
+#[btf_map]
+pub static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket, 1> = PerCpuArray::new();

@@ -1,0 +1,104 @@
+//! What the program decides for a packet, as types: `Chosen` (a service packet's service and
+//! backend), `Skip` (why a packet is not forwarded: `NotOurs`, or refused for a `Reason`) and
+//! `Egress` (where the rewritten frame goes). Steps return `Result<_, Skip>` (or `Reason`, or
+//! `NotOurs`, which convert into it with `?`); `Status` carries one across a BPF-to-BPF call.
+
+use lb_common::{Backend, Reason, ServiceValue};
+
+/// The service and backend of a packet that is to be forwarded.
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub service: ServiceValue,
+    /// Index of `backend` in `BACKENDS` (and `BACKEND_STATS`).
+    pub backend_id: u32,
+    /// The `BACKENDS` entry: valid for this program run.
+    pub backend: &'static Backend,
+}
+
+/// Why a packet is not forwarded.
+#[derive(Clone, Copy)]
+pub enum Skip {
+    /// Not a service packet (no VIP's, not TCP or UDP, not IP, or the maps are not filled in
+    /// yet), or one that cannot be read: passed to the kernel untouched and not counted.
+    NotOurs,
+    /// A service packet that is not forwarded: counted under its reason, then dropped or passed
+    /// up (`Skip::drops`).
+    Refused(Reason),
+}
+
+/// `Skip::NotOurs` as a type of its own, for steps that can only find a packet not ours: its
+/// `Result` carries no undefined reason bytes (LLVM stores those, and the verifier refuses a
+/// store of an uninitialised register).
+#[derive(Clone, Copy)]
+pub struct NotOurs;
+
+impl From<NotOurs> for Skip {
+    #[inline(always)]
+    fn from(_: NotOurs) -> Skip {
+        Skip::NotOurs
+    }
+}
+
+impl From<Reason> for Skip {
+    #[inline(always)]
+    fn from(reason: Reason) -> Skip {
+        Skip::Refused(reason)
+    }
+}
+
+impl Skip {
+    /// Whether the packet is dropped (no usable backend: the client retries; too big; no
+    /// egress), else passed up (the kernel decides).
+    #[inline(always)]
+    pub fn drops(self) -> bool {
+        matches!(
+            self,
+            Skip::Refused(
+                Reason::NoBackend | Reason::TooBig | Reason::TooBigSuppressed | Reason::NoEgress
+            )
+        )
+    }
+}
+
+/// A `Result<(), Skip>` as the one register a BPF-to-BPF call returns, encoded and decoded here
+/// only. (A `Result<Chosen, Skip>` written whole into the caller's frame does not do: the bytes
+/// of the variant not taken are undefined, and the verifier refuses the stores LLVM makes of
+/// them.)
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Status(u32);
+
+impl Status {
+    const OK: u32 = 0;
+    const NOT_OURS: u32 = 1;
+    /// `Refused(reason)`: this bit, and the reason's index in the low byte.
+    const REFUSED: u32 = 1 << 8;
+
+    #[inline(always)]
+    pub fn encode(result: Result<(), Skip>) -> Status {
+        Status(match result {
+            Ok(()) => Self::OK,
+            Err(Skip::NotOurs) => Self::NOT_OURS,
+            Err(Skip::Refused(reason)) => Self::REFUSED | reason as u32,
+        })
+    }
+
+    #[inline(always)]
+    pub fn decode(self) -> Result<(), Skip> {
+        match self.0 {
+            Self::OK => Ok(()),
+            Self::NOT_OURS => Err(Skip::NotOurs),
+            code => Err(Skip::Refused(Reason::from_index(code & !Self::REFUSED))),
+        }
+    }
+}
+
+/// Where the rewrite sent the frame. Only a frame rewritten for the backend leaves by the
+/// backend's interface and counts as the service's and backend's traffic; an answer to the
+/// sender goes back out of the receiving interface.
+pub enum Egress {
+    /// Rewritten for the backend (dsr MACs, or encapsulated).
+    ToBackend,
+    /// Turned into an answer to the sender (ICMP "fragmentation needed" / "packet too big").
+    ReplyToSender,
+}
