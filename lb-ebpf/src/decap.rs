@@ -16,6 +16,7 @@
 
 mod access;
 mod headers;
+mod runtime;
 
 use access::{read_at, read_hdr, write_at};
 use aya_ebpf::{
@@ -189,13 +190,3 @@ fn decap_at<const L3: usize>(ctx: &XdpContext, ether_type: u16) -> Result<(), ()
     count(Stat::Decapsulated);
     Ok(())
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -25,6 +25,7 @@ mod icmp;
 mod l2;
 mod maps;
 mod packet;
+mod runtime;
 mod tunnel;
 mod verdict;
 
@@ -170,13 +171,3 @@ fn count(chosen: &Chosen, bytes: u64) {
         }
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -6,6 +6,8 @@
 #![no_std]
 #![no_main]
 
+mod runtime;
+
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::PerCpuArray,
@@ -216,13 +218,3 @@ fn forward<const N: usize>(ctx: &XdpContext, ether_type: u16, at: usize) -> u32 
     }
     xdp_action::XDP_TX
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
