@@ -217,9 +217,7 @@ async fn reload(shared: &Shared) {
             for w in &loaded.warnings {
                 warn!("{}: {w}", path.display());
             }
-            let needed = shared.lock().await.hops_needed(&loaded.config);
-            let hops = resolve::resolve_hops(needed).await;
-            match shared.lock().await.reconcile(loaded.config, hops) {
+            match shared.reconcile_to(loaded.config).await {
                 Ok(changes) if changes.is_empty() => {
                     info!("SIGHUP: {} reloaded, nothing changed", path.display())
                 }

@@ -23,7 +23,7 @@ async fn change(
     edit: impl FnOnce(&mut Daemon, &mut ConfigFile) -> Result<(), Refusal>,
 ) -> Reply<Changed> {
     let _one_change_at_a_time = shared.change().await;
-    let (file, new, needed) = {
+    let (file, new) = {
         let mut d = shared.lock().await;
         let mut file = ConfigFile::load(&d.config_path).map_err(internal)?;
         edit(&mut d, &mut file)?;
@@ -40,14 +40,11 @@ async fn change(
                 d.config_path.display()
             )));
         }
-        let needed = d.hops_needed(&loaded.config);
-        (file, loaded.config, needed)
+        (file, loaded.config)
     };
-    let hops = crate::daemon::resolve_hops(needed).await;
     let changes = shared
-        .lock()
+        .reconcile_to(new)
         .await
-        .reconcile(new, hops)
         .map_err(|e| internal(format!("{e:#}")))?;
     file.save().map_err(|e| {
         internal(format!(

@@ -86,6 +86,15 @@ impl Shared {
     pub async fn change(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.changes.lock().await
     }
+
+    /// Brings the runtime state and the maps to `new` (the caller holds `change`): the hops
+    /// it needs are resolved without the lock, then `Daemon::reconcile` applies it. The changes
+    /// made, one line each.
+    pub async fn reconcile_to(&self, new: Config) -> anyhow::Result<Vec<String>> {
+        let needed = self.lock().await.hops_needed(&new);
+        let hops = super::resolve::resolve_hops(needed).await;
+        self.lock().await.reconcile(new, hops)
+    }
 }
 
 impl Daemon {

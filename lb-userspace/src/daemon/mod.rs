@@ -31,4 +31,3 @@ pub use model::{
     BackendRuntime, BackendState, Hop, HopRequest, Hops, LastCheck, ResolveError, ServiceRuntime,
     mac_string, service_key,
 };
-pub use resolve::resolve_hops;
