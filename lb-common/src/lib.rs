@@ -23,6 +23,7 @@ pub mod hash;
 pub mod maglev;
 mod service;
 mod slot;
+pub mod slotstate;
 mod stats;
 
 pub use flow::{
