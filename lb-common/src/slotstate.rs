@@ -350,6 +350,21 @@ pub fn decide<B: Backends>(
     }
 }
 
+/// The backend of a later fragment (no ports, so no flow hash) whose datagram left no entry in
+/// `FRAGS`: where an unrecorded flow of its protocol on its slot goes. Right on an unchanged
+/// slot; on a changed one it can miss a flow recorded elsewhere (as today's choice can after a
+/// change).
+#[inline(always)]
+pub fn later_fragment<B: Backends>(
+    hot: Hot,
+    side: impl FnOnce() -> Side,
+    udp: bool,
+    backends: &B,
+) -> u32 {
+    let kind = if udp { Kind::Udp } else { Kind::Tcp };
+    decide(hot, side, kind, || None, backends).backend
+}
+
 #[cfg(any(feature = "user", test))]
 pub use table::{SlotTable, pins};
 

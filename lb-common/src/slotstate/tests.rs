@@ -726,3 +726,29 @@ fn icmp_errors_follow_their_flow_and_record_nothing() {
     }
     assert_eq!(sim.records, records);
 }
+
+#[test]
+fn a_later_fragment_without_its_first_goes_where_an_unrecorded_flow_of_its_client_goes() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut sim = Sim::new(&[100, 100, 100], 1 << 12);
+    let tcp = tcp_flows(&mut sim, &mut rng, 1_000);
+    sim.pool.0[0].weight = 0;
+    sim.change();
+    let frag = |sim: &Sim, f: &FlowKey, udp: bool| {
+        let s = sim.slot(f) as usize;
+        later_fragment(sim.slots.hot[s], || sim.slots.side[s], udp, &sim.pool)
+    };
+    // TCP: an unrecorded flow keeps its backend, and so does its fragment.
+    for (f, b) in &tcp {
+        assert_eq!(frag(&sim, f, false), *b);
+    }
+    // UDP after the adoption window: a new flow takes the current backend, so does a fragment.
+    sim.pass(LIMITS.udp_adopt);
+    sim.scan();
+    for _ in 0..1_000 {
+        let f = flow(&mut rng, crate::PROTO_UDP);
+        let fragment = frag(&sim, &f, true);
+        assert_eq!(fragment, sim.send(&f, Kind::Udp));
+        assert_eq!(fragment, sim.current(&f));
+    }
+}
