@@ -198,7 +198,7 @@ impl Record {
 }
 
 /// Entries per set of the proposed table.
-pub const RECORD_WAYS: usize = 4;
+pub const RECORD_WAYS: usize = crate::FLOW_WAYS;
 
 /// One set of the proposed connection table: one cache line.
 #[repr(C)]
@@ -212,26 +212,12 @@ impl RecordSet {
     /// else the least recently seen (as `FlowSet::place`).
     #[inline(always)]
     pub fn place(&self, hash: u64, service: u32, slot: u32, now: u32) -> (Option<usize>, usize) {
-        let mut victim = 0;
-        let mut oldest = 0u32;
-        let mut i = 0;
-        while i < RECORD_WAYS {
-            let e = &self.ways[i];
-            if e.belongs_to(hash, service, slot) {
-                return (Some(i), i);
-            }
-            let age = if e.seen == 0 {
-                u32::MAX
-            } else {
-                now.wrapping_sub(e.seen)
-            };
-            if age > oldest {
-                oldest = age;
-                victim = i;
-            }
-            i += 1;
-        }
-        (None, victim)
+        crate::flow::place_in(
+            &self.ways,
+            now,
+            |e| e.belongs_to(hash, service, slot),
+            |e| e.seen,
+        )
     }
 }
 

@@ -31,6 +31,16 @@ struct B {
     weight: u32,
 }
 
+impl B {
+    fn up(weight: u32) -> B {
+        B {
+            valid: true,
+            down: false,
+            weight,
+        }
+    }
+}
+
 struct Pool(Vec<B>);
 
 impl Backends for Pool {
@@ -57,16 +67,7 @@ struct Sim {
 
 impl Sim {
     fn new(weights: &[u32], sets: usize) -> Sim {
-        let pool = Pool(
-            weights
-                .iter()
-                .map(|&weight| B {
-                    valid: true,
-                    down: false,
-                    weight,
-                })
-                .collect(),
-        );
+        let pool = Pool(weights.iter().map(|&w| B::up(w)).collect());
         let mut sim = Sim {
             service: ServiceValue {
                 id: SVC,
@@ -221,6 +222,15 @@ fn tcp_flows(sim: &mut Sim, rng: &mut StdRng, n: usize) -> Vec<(FlowKey, u32)> {
         .collect()
 }
 
+/// A simulation seeded `seed` with three backends of equal weight, a table of `sets` sets and
+/// `n` connections begun with a SYN (and where each went).
+fn established(seed: u64, sets: usize, n: usize) -> (StdRng, Sim, Vec<(FlowKey, u32)>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sim = Sim::new(&[100, 100, 100], sets);
+    let flows = tcp_flows(&mut sim, &mut rng, n);
+    (rng, sim, flows)
+}
+
 #[test]
 fn the_halves_and_the_record_have_the_layout_the_maps_need() {
     assert_eq!(core::mem::size_of::<Hot>(), 2);
@@ -341,13 +351,7 @@ fn connections_keep_their_backend_through_adds_weight_changes_and_drains() {
     let mut sim = Sim::new(&[100, 100, 100], 1 << 14);
     let mut flows = tcp_flows(&mut sim, &mut rng, 4_000);
     let steps: [&dyn Fn(&mut Pool); 4] = [
-        &|p| {
-            p.0.push(B {
-                valid: true,
-                down: false,
-                weight: 100,
-            })
-        },
+        &|p| p.0.push(B::up(100)),
         &|p| p.0[0].weight = 300,
         &|p| p.0[1].weight = 0,
         &|p| p.0[2].weight = 50,
@@ -393,9 +397,7 @@ fn connections_keep_their_backend_through_adds_weight_changes_and_drains() {
 
 #[test]
 fn two_changes_in_a_row_keep_the_flows_of_both_and_a_change_undone_keeps_the_middle_ones() {
-    let mut rng = StdRng::seed_from_u64(4);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 14);
-    let before = tcp_flows(&mut sim, &mut rng, 3_000);
+    let (mut rng, mut sim, before) = established(4, 1 << 14, 3_000);
     sim.pool.0[0].weight = 300;
     sim.change();
     // Flows begun between the changes; the older ones stay idle.
@@ -473,14 +475,8 @@ fn a_drain_during_a_long_download_keeps_it_until_it_ends_then_the_slot_clears() 
 
 #[test]
 fn an_idle_flow_keeps_its_backend_within_the_hold_and_a_recorded_one_past_the_clocks_wrap() {
-    let mut rng = StdRng::seed_from_u64(6);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 12);
-    let flows = tcp_flows(&mut sim, &mut rng, 2_000);
-    sim.pool.0.push(B {
-        valid: true,
-        down: false,
-        weight: 100,
-    });
+    let (_, mut sim, flows) = established(6, 1 << 12, 2_000);
+    sim.pool.0.push(B::up(100));
     sim.change();
     let moved: Vec<_> = flows
         .iter()
@@ -559,9 +555,7 @@ fn liveness_reads_ages_across_the_clocks_wrap() {
 
 #[test]
 fn flows_of_a_down_or_removed_backend_are_rehashed_and_stay_rehashed() {
-    let mut rng = StdRng::seed_from_u64(8);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 14);
-    let flows = tcp_flows(&mut sim, &mut rng, 3_000);
+    let (mut rng, mut sim, flows) = established(8, 1 << 14, 3_000);
     // Backend 0 fails its checks: flagged down, table rebuilt without it.
     sim.pool.0[0].down = true;
     sim.change();
@@ -598,9 +592,7 @@ fn flows_of_a_down_or_removed_backend_are_rehashed_and_stay_rehashed() {
 
 #[test]
 fn a_syn_takes_the_current_choice_over_a_stale_record() {
-    let mut rng = StdRng::seed_from_u64(9);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 12);
-    let flows = tcp_flows(&mut sim, &mut rng, 2_000);
+    let (_, mut sim, flows) = established(9, 1 << 12, 2_000);
     sim.pool.0[2].weight = 0;
     sim.change();
     for (f, b) in &flows {
@@ -675,14 +667,8 @@ fn udp_flows_follow_the_adoption_window_and_a_drain_completes() {
 /// untouched by it, and the flood's records are bounded by its share of changed slots.
 #[test]
 fn a_syn_flood_takes_entries_only_on_changed_slots() {
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 12);
-    let flows = tcp_flows(&mut sim, &mut rng, 2_000);
-    sim.pool.0.push(B {
-        valid: true,
-        down: false,
-        weight: 100,
-    });
+    let (mut rng, mut sim, flows) = established(11, 1 << 12, 2_000);
+    sim.pool.0.push(B::up(100));
     sim.change();
     let changed: HashSet<u32> = (0..SIZE)
         .filter(|&s| sim.slots.hot[s as usize].changed())
@@ -715,9 +701,7 @@ fn a_syn_flood_takes_entries_only_on_changed_slots() {
 
 #[test]
 fn icmp_errors_follow_their_flow_and_record_nothing() {
-    let mut rng = StdRng::seed_from_u64(12);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 12);
-    let flows = tcp_flows(&mut sim, &mut rng, 1_000);
+    let (_, mut sim, flows) = established(12, 1 << 12, 1_000);
     sim.pool.0[1].weight = 0;
     sim.change();
     let records = sim.records;
@@ -729,9 +713,7 @@ fn icmp_errors_follow_their_flow_and_record_nothing() {
 
 #[test]
 fn a_later_fragment_without_its_first_goes_where_an_unrecorded_flow_of_its_client_goes() {
-    let mut rng = StdRng::seed_from_u64(13);
-    let mut sim = Sim::new(&[100, 100, 100], 1 << 12);
-    let tcp = tcp_flows(&mut sim, &mut rng, 1_000);
+    let (mut rng, mut sim, tcp) = established(13, 1 << 12, 1_000);
     sim.pool.0[0].weight = 0;
     sim.change();
     let frag = |sim: &Sim, f: &FlowKey, udp: bool| {
