@@ -352,19 +352,25 @@ pub fn later_fragment<B: Backends>(
 }
 
 #[cfg(any(feature = "user", test))]
-pub use table::{SlotTable, pins};
+pub use table::{QUIET_SCANS, SlotTable, pins};
 
 #[cfg(any(feature = "user", test))]
 mod table {
     use super::*;
 
+    /// Consecutive scans that must find a changed slot clearable before lbd clears it: a record
+    /// being written while lbd reads it may be missed by one scan, not by two.
+    pub const QUIET_SCANS: u8 = 2;
+
     /// lbd's view of a service's slot state: both halves and, per slot, when it last went from
-    /// unchanged to changed (lbd's clock, seconds; not in the map).
+    /// unchanged to changed (lbd's clock, seconds) and how many scans in a row found it
+    /// clearable (neither is in the map).
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub struct SlotTable {
         pub hot: Vec<Hot>,
         pub side: Vec<Side>,
         pub changed_at: Vec<u64>,
+        pub quiet: Vec<u8>,
     }
 
     impl SlotTable {
@@ -374,6 +380,7 @@ mod table {
                 hot: table.iter().map(|&b| Hot::new(b, false)).collect(),
                 side: vec![Side::NONE; table.len()],
                 changed_at: vec![0; table.len()],
+                quiet: vec![0; table.len()],
             }
         }
 
@@ -389,6 +396,7 @@ mod table {
                 let hot = self.hot[s];
                 if hot.changed() {
                     next.hot[s] = Hot::new(b, true);
+                    next.quiet[s] = 0;
                 } else if hot.current() != b {
                     next.hot[s] = Hot::new(b, true);
                     next.side[s] = Side::new(hot.current(), true);
@@ -401,7 +409,7 @@ mod table {
         /// Clears what lbd may at `now`: `ADOPT_UDP` once `udp_adopt` has passed; and a changed
         /// slot's state when no live record needs it (`pinned`, from `pins`) and its unrecorded
         /// flows need it no longer: `old` is the current backend, unusable, or `idle_hold` has
-        /// passed. Time alone never clears a slot a record needs.
+        /// passed, in `QUIET_SCANS` scans in a row. Time alone never clears a slot a record needs.
         pub fn clear<B: Backends>(
             &mut self,
             pinned: &[bool],
@@ -424,9 +432,15 @@ mod table {
                     && old != NO_BACKEND
                     && backends.usable(old)
                     && since < limits.idle_hold;
-                if !pinned && !unrecorded_need_old {
+                if pinned || unrecorded_need_old {
+                    self.quiet[s] = 0;
+                    continue;
+                }
+                self.quiet[s] += 1;
+                if self.quiet[s] >= QUIET_SCANS {
                     self.hot[s] = Hot::new(hot.current(), false);
                     self.side[s] = Side::NONE;
+                    self.quiet[s] = 0;
                 }
             }
         }

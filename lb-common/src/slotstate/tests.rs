@@ -254,6 +254,7 @@ fn the_halves_and_the_record_have_the_layout_the_maps_need() {
         hot: (0..n).map(|_| Hot(rng.random())).collect(),
         side: (0..n).map(|_| Side(rng.random())).collect(),
         changed_at: vec![0; n],
+        quiet: vec![0; n],
     };
     let words = t.words();
     let half = half_words(n as u32);
@@ -461,6 +462,11 @@ fn a_drain_during_a_long_download_keeps_it_until_it_ends_then_the_slot_clears() 
     assert_eq!(sim.send(&f, Kind::Tcp), b);
     sim.pass(60);
     sim.scan();
+    assert!(
+        sim.slots.hot[slot].changed(),
+        "one quiet scan is not enough"
+    );
+    sim.scan();
     assert_eq!(
         sim.slots.changed(),
         0,
@@ -659,7 +665,9 @@ fn udp_flows_follow_the_adoption_window_and_a_drain_completes() {
     }
     // The flows go quiet: past udp_idle and the hold, every slot clears.
     sim.pass(LIMITS.udp_idle as u64 / HZ as u64 + sim.limits.idle_hold);
-    sim.scan();
+    for _ in 0..QUIET_SCANS {
+        sim.scan();
+    }
     assert_eq!(sim.slots.changed(), 0);
 }
 
