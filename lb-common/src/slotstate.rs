@@ -111,24 +111,37 @@ pub mod record_flags {
 /// changed slots live flows still need.
 ///
 /// `check` is the high half of the flow's 64-bit hash (the low bits chose the set) XOR a mix of
-/// `ids` and `slot`: an entry belongs to a flow when its check matches and its service and slot
-/// are the packet's. An entry torn by two writers (one's ids, the other's check) matches
-/// neither flow but by a 2^-32 chance, and then only a flow of the same service and slot.
+/// `ids` and `place`; `place` holds the slot and 12 more bits of the hash (bits 20-31, above
+/// the default table's 18 set bits). An entry belongs to a flow when its check and hash bits
+/// match and its service and slot are the packet's: 44 bits of the hash beyond the set index,
+/// so another connection of the same client (same slot) matches by a 2^-44 chance per way. An
+/// entry torn by two writers (one's ids, the other's check) matches neither flow but by a 2^-32
+/// chance, and then only a flow of the same service and slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Record {
     pub check: u32,
     /// Backend id (bits 0-13), service id (bits 14-21), `record_flags`.
     pub ids: u32,
-    /// The Maglev slot of the flow in its service's table.
-    pub slot: u32,
+    /// The Maglev slot of the flow in its service's table (bits 0-19: `MAX_TABLE_SIZE` < 2^20),
+    /// and in bits 20-31 the same bits of the flow's hash.
+    pub place: u32,
     /// The table's clock when the flow was last seen, never 0 in a used entry.
     pub seen: u32,
 }
 
 #[inline(always)]
-const fn mix(ids: u32, slot: u32) -> u32 {
-    ((((ids as u64) << 32) | slot as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+const fn mix(ids: u32, place: u32) -> u32 {
+    ((((ids as u64) << 32) | place as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
+/// Bits of `Record::place` that hold the slot.
+const PLACE_SLOT: u32 = (1 << 20) - 1;
+
+/// A record's `place`: the slot and bits 20-31 of the flow's hash.
+#[inline(always)]
+const fn place_of(hash: u64, slot: u32) -> u32 {
+    (slot & PLACE_SLOT) | (hash as u32 & !PLACE_SLOT)
 }
 
 impl Record {
@@ -147,10 +160,11 @@ impl Record {
         seen: u32,
     ) -> Record {
         let ids = Self::ids_of(backend, service, flags);
+        let place = place_of(hash, slot);
         Record {
-            check: (hash >> 32) as u32 ^ mix(ids, slot),
+            check: (hash >> 32) as u32 ^ mix(ids, place),
             ids,
-            slot,
+            place,
             seen,
         }
     }
@@ -159,9 +173,15 @@ impl Record {
     #[inline(always)]
     pub const fn belongs_to(&self, hash: u64, service: u32, slot: u32) -> bool {
         self.seen != 0
-            && self.slot == slot
+            && self.place == place_of(hash, slot)
             && self.service() == service
-            && self.check == (hash >> 32) as u32 ^ mix(self.ids, self.slot)
+            && self.check == (hash >> 32) as u32 ^ mix(self.ids, self.place)
+    }
+
+    /// The flow's Maglev slot.
+    #[inline(always)]
+    pub const fn slot(&self) -> u32 {
+        self.place & PLACE_SLOT
     }
 
     #[inline(always)]
@@ -488,11 +508,11 @@ mod table {
             if r.service() != service || !r.live(now, limits) {
                 continue;
             }
-            let Some(hot) = table.hot.get(r.slot as usize) else {
+            let Some(hot) = table.hot.get(r.slot() as usize) else {
                 continue;
             };
             if hot.changed() && r.backend() != hot.current() && backends.usable(r.backend()) {
-                pinned[r.slot as usize] = true;
+                pinned[r.slot() as usize] = true;
             }
         }
         pinned

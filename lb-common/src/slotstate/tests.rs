@@ -280,6 +280,11 @@ fn a_record_belongs_to_its_flow_service_and_slot_only() {
         (7, SVC, record_flags::UDP)
     );
     assert!(!r.belongs_to(h ^ 1 << 40, SVC, 99), "another flow");
+    assert!(
+        !r.belongs_to(h ^ 1 << 25, SVC, 99),
+        "another flow, same high half"
+    );
+    assert_eq!(r.slot(), 99);
     assert!(!r.belongs_to(h, SVC + 1, 99), "another service");
     assert!(!r.belongs_to(h, SVC, 98), "another slot");
     assert!(!Record::default().belongs_to(0, 0, 0), "a free entry");
