@@ -12,7 +12,9 @@
 //! - `slot`: which Maglev slot a service's flow takes, and what a slot holds;
 //! - `stats`: what the program counts, and why it does not forward (`Reason`);
 //! - `hash`: the keyed hashes; `maglev` (userspace): the table builder;
-//! - `decap`: the decapsulation program's maps.
+//! - `decap`: the decapsulation program's maps;
+//! - `slotstate`: a host model of per-slot state (issue 12, docs/design/slot-state.md), used by
+//!   neither side yet.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod decap;
@@ -23,6 +25,7 @@ pub mod hash;
 pub mod maglev;
 mod service;
 mod slot;
+pub mod slotstate;
 mod stats;
 
 pub use flow::{

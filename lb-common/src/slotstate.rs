@@ -1,0 +1,523 @@
+//! Per-slot state: "per-packet state only where the backend set changed" (issue 12), as a host
+//! model the program and lbd can later share. Nothing uses it yet; docs/design/slot-state.md is
+//! the design it models, and its tests prove the guarantees on simulated tables.
+//!
+//! - Each Maglev slot has a *hot* half (16 bits, four to a word, read by every packet): the
+//!   current backend and a `CHANGED` bit; and a *side* half (16 bits, read only when `CHANGED`):
+//!   the backend of the slot's *unrecorded* flows (`old`) and `ADOPT_UDP`.
+//! - A packet on an unchanged slot goes to the current backend: no connection-table access.
+//! - On a changed slot the connection table decides (`decide`): a SYN takes the current backend
+//!   and is recorded; a recorded flow follows its record; an unrecorded one is older than the
+//!   change and goes to `old` (recorded then).
+//! - Records (`Record`, the proposed connection-table entry) name their slot, so lbd sees from
+//!   the mapped table which changed slots a live flow still needs (`pins`), and clears the others
+//!   (`SlotTable::clear`).
+
+use crate::NO_BACKEND;
+
+/// A slot's backend in 15 bits (`MAX_BACKENDS` is 2^14): this value is "no backend".
+pub const SLOT_NONE: u16 = 0x7fff;
+/// Hot half: the slot's backend changed and a live flow may still need another one.
+pub const SLOT_CHANGED: u16 = 0x8000;
+/// Side half: an unrecorded UDP flow on this slot is taken as older than the change.
+pub const SIDE_ADOPT_UDP: u16 = 0x8000;
+/// Slots per 64-bit word of either half.
+pub const SLOTS_PER_WORD: u32 = 4;
+
+#[inline(always)]
+const fn to16(id: u32) -> u16 {
+    if id == NO_BACKEND {
+        SLOT_NONE
+    } else {
+        (id & 0x7fff) as u16
+    }
+}
+
+#[inline(always)]
+const fn to32(v: u16) -> u32 {
+    let id = v & 0x7fff;
+    if id == SLOT_NONE {
+        NO_BACKEND
+    } else {
+        id as u32
+    }
+}
+
+/// The hot half of a slot: current backend (bits 0-14), `SLOT_CHANGED` (bit 15).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hot(pub u16);
+
+impl Hot {
+    #[inline(always)]
+    pub const fn new(current: u32, changed: bool) -> Hot {
+        Hot(to16(current) | if changed { SLOT_CHANGED } else { 0 })
+    }
+    /// The backend new flows take (`NO_BACKEND`: none).
+    #[inline(always)]
+    pub const fn current(self) -> u32 {
+        to32(self.0)
+    }
+    #[inline(always)]
+    pub const fn changed(self) -> bool {
+        self.0 & SLOT_CHANGED != 0
+    }
+}
+
+/// The side half of a slot: the backend of its unrecorded flows (bits 0-14), `SIDE_ADOPT_UDP`.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Side(pub u16);
+
+impl Side {
+    pub const NONE: Side = Side(SLOT_NONE);
+    #[inline(always)]
+    pub const fn new(old: u32, adopt_udp: bool) -> Side {
+        Side(to16(old) | if adopt_udp { SIDE_ADOPT_UDP } else { 0 })
+    }
+    #[inline(always)]
+    pub const fn old(self) -> u32 {
+        to32(self.0)
+    }
+    #[inline(always)]
+    pub const fn adopt_udp(self) -> bool {
+        self.0 & SIDE_ADOPT_UDP != 0
+    }
+}
+
+/// Words of one half of a table of `table_size` slots. A service's inner array holds the hot
+/// words, then as many side words: the side half of `slot` is in word `hot_words + slot / 4`.
+#[inline(always)]
+pub const fn half_words(table_size: u32) -> u32 {
+    table_size.div_ceil(SLOTS_PER_WORD)
+}
+
+/// The 16-bit lane of `slot` in its word.
+#[inline(always)]
+pub const fn lane(word: u64, slot: u32) -> u16 {
+    (word >> ((slot % SLOTS_PER_WORD) * 16)) as u16
+}
+
+/// Flags of a record (bits of `Record::ids` above the backend and service).
+pub mod record_flags {
+    /// A UDP flow: live while seen within `Limits::udp_idle`.
+    pub const UDP: u32 = 1 << 22;
+    /// A TCP flow the client sent FIN or RST on: live for `Limits::close_grace` after that.
+    pub const CLOSING: u32 = 1 << 23;
+}
+
+/// The proposed connection-table entry (16 bytes, four to a 64-byte set, as today's
+/// `FlowEntry`), which also names the Maglev slot the flow hashes to, so lbd can tell which
+/// changed slots live flows still need.
+///
+/// `check` is the high half of the flow's 64-bit hash (the low bits chose the set) XOR a mix of
+/// `ids` and `place`; `place` holds the slot and 12 more bits of the hash (bits 20-31, above
+/// the default table's 18 set bits). An entry belongs to a flow when its check and hash bits
+/// match and its service and slot are the packet's: 44 bits of the hash beyond the set index,
+/// so another connection of the same client (same slot) matches by a 2^-44 chance per way. An
+/// entry torn by two writers (one's ids, the other's check) matches neither flow but by a 2^-32
+/// chance, and then only a flow of the same service and slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub check: u32,
+    /// Backend id (bits 0-13), service id (bits 14-21), `record_flags`.
+    pub ids: u32,
+    /// The Maglev slot of the flow in its service's table (bits 0-19: `MAX_TABLE_SIZE` < 2^20),
+    /// and in bits 20-31 the same bits of the flow's hash.
+    pub place: u32,
+    /// The table's clock when the flow was last seen, never 0 in a used entry.
+    pub seen: u32,
+}
+
+#[inline(always)]
+const fn mix(ids: u32, place: u32) -> u32 {
+    ((((ids as u64) << 32) | place as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
+/// Bits of `Record::place` that hold the slot.
+const PLACE_SLOT: u32 = (1 << 20) - 1;
+
+/// A record's `place`: the slot and bits 20-31 of the flow's hash.
+#[inline(always)]
+const fn place_of(hash: u64, slot: u32) -> u32 {
+    (slot & PLACE_SLOT) | (hash as u32 & !PLACE_SLOT)
+}
+
+impl Record {
+    #[inline(always)]
+    pub const fn ids_of(backend: u32, service: u32, flags: u32) -> u32 {
+        (backend & 0x3fff) | (service & 0xff) << 14 | flags
+    }
+
+    #[inline(always)]
+    pub const fn new(
+        hash: u64,
+        backend: u32,
+        service: u32,
+        slot: u32,
+        flags: u32,
+        seen: u32,
+    ) -> Record {
+        let ids = Self::ids_of(backend, service, flags);
+        let place = place_of(hash, slot);
+        Record {
+            check: (hash >> 32) as u32 ^ mix(ids, place),
+            ids,
+            place,
+            seen,
+        }
+    }
+
+    /// Whether this entry is the flow of `hash`, of `service`, on `slot`.
+    #[inline(always)]
+    pub const fn belongs_to(&self, hash: u64, service: u32, slot: u32) -> bool {
+        self.seen != 0
+            && self.place == place_of(hash, slot)
+            && self.service() == service
+            && self.check == (hash >> 32) as u32 ^ mix(self.ids, self.place)
+    }
+
+    /// The flow's Maglev slot.
+    #[inline(always)]
+    pub const fn slot(&self) -> u32 {
+        self.place & PLACE_SLOT
+    }
+
+    #[inline(always)]
+    pub const fn backend(&self) -> u32 {
+        self.ids & 0x3fff
+    }
+    #[inline(always)]
+    pub const fn service(&self) -> u32 {
+        (self.ids >> 14) & 0xff
+    }
+    #[inline(always)]
+    pub const fn flags(&self) -> u32 {
+        self.ids & (record_flags::UDP | record_flags::CLOSING)
+    }
+
+    /// Whether lbd must take this record as a flow that may still send, at clock `now`. A TCP
+    /// record lives as long as it is in the table (however long it was idle: its age is never
+    /// read); a UDP one while seen within `udp_idle`, a closing one within `close_grace`. Ages
+    /// count modulo the clock's wrap, so a wrap can only make a dead record look alive (its
+    /// slot stays changed a little longer), never a live one (seen within the limit) look dead.
+    pub const fn live(&self, now: u32, limits: &Limits) -> bool {
+        if self.seen == 0 {
+            return false;
+        }
+        let age = now.wrapping_sub(self.seen);
+        if self.ids & record_flags::CLOSING != 0 {
+            age < limits.close_grace
+        } else if self.ids & record_flags::UDP != 0 {
+            age < limits.udp_idle
+        } else {
+            true
+        }
+    }
+}
+
+/// Entries per set of the proposed table.
+pub const RECORD_WAYS: usize = crate::FLOW_WAYS;
+
+/// One set of the proposed connection table: one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordSet {
+    pub ways: [Record; RECORD_WAYS],
+}
+
+impl RecordSet {
+    /// The way holding the flow's record, if any, and the way a new record takes: a free one,
+    /// else the least recently seen (as `FlowSet::place`).
+    #[inline(always)]
+    pub fn place(&self, hash: u64, service: u32, slot: u32, now: u32) -> (Option<usize>, usize) {
+        crate::flow::place_in(
+            &self.ways,
+            now,
+            |e| e.belongs_to(hash, service, slot),
+            |e| e.seen,
+        )
+    }
+}
+
+/// What lbd's clearing and the records' liveness go by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Table clock ticks a UDP record lives unseen.
+    pub udp_idle: u32,
+    /// Table clock ticks a closing TCP record lives unseen.
+    pub close_grace: u32,
+    /// lbd seconds after a slot's first change during which an unrecorded UDP flow is taken as
+    /// older than the change (`SIDE_ADOPT_UDP`).
+    pub udp_adopt: u64,
+    /// lbd seconds after a slot's first change during which its unrecorded flows (idle since
+    /// before the change) keep `old`, records or not. `u64::MAX`: for as long as `old` is
+    /// usable.
+    pub idle_hold: u64,
+}
+
+/// What the packet is, as far as the choice goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP SYN (without ACK): a new connection.
+    Syn,
+    /// Any other TCP packet.
+    Tcp,
+    /// TCP FIN or RST from the client.
+    TcpClosing,
+    Udp,
+    /// An ICMP error quoting a flow: follows it, never records.
+    IcmpError,
+}
+
+/// The backends as the choice sees them.
+pub trait Backends {
+    /// Filled in, not down, of this service: a record naming it is honoured.
+    fn usable(&self, id: u32) -> bool;
+}
+
+/// What the choice writes into the connection table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    Nothing,
+    /// Mark the flow's record seen (with `CLOSING` added when `closing`).
+    Touch {
+        closing: bool,
+    },
+    /// Record the flow on `backend` (its own entry if it has one, else the victim way).
+    Record {
+        backend: u32,
+        closing: bool,
+    },
+}
+
+/// The choice for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The backend (`NO_BACKEND`: none, the packet is dropped and counted).
+    pub backend: u32,
+    pub write: Write,
+}
+
+/// The backend of a packet of `kind` on a slot whose hot half is `hot`. `side` reads the slot's
+/// side half and `lookup` the connection table (the backend the flow's record names, if any):
+/// both are called only when the slot is changed, so a packet on an unchanged slot touches
+/// neither the side half nor the table.
+#[inline(always)]
+pub fn decide<B: Backends>(
+    hot: Hot,
+    side: impl FnOnce() -> Side,
+    kind: Kind,
+    lookup: impl FnOnce() -> Option<u32>,
+    backends: &B,
+) -> Decision {
+    let current = hot.current();
+    if !hot.changed() {
+        return Decision {
+            backend: current,
+            write: Write::Nothing,
+        };
+    }
+    let closing = kind == Kind::TcpClosing;
+    let record = |backend: u32| Decision {
+        backend,
+        write: if backend == NO_BACKEND || kind == Kind::IcmpError {
+            Write::Nothing
+        } else {
+            Write::Record { backend, closing }
+        },
+    };
+    if kind == Kind::Syn {
+        return record(current);
+    }
+    let found = lookup();
+    match found {
+        Some(b) if backends.usable(b) => Decision {
+            backend: b,
+            write: if kind == Kind::IcmpError {
+                Write::Nothing
+            } else {
+                Write::Touch { closing }
+            },
+        },
+        // Its backend went away (down, removed, another service's now): rehashed.
+        Some(_) => record(current),
+        None => {
+            let side = side();
+            let older = kind != Kind::Udp || side.adopt_udp();
+            let old = side.old();
+            if older && old != NO_BACKEND && backends.usable(old) {
+                record(old)
+            } else {
+                record(current)
+            }
+        }
+    }
+}
+
+/// The backend of a later fragment (no ports, so no flow hash) whose datagram left no entry in
+/// `FRAGS`: where an unrecorded flow of its protocol on its slot goes. Right on an unchanged
+/// slot; on a changed one it can miss a flow recorded elsewhere (as today's choice can after a
+/// change).
+#[inline(always)]
+pub fn later_fragment<B: Backends>(
+    hot: Hot,
+    side: impl FnOnce() -> Side,
+    udp: bool,
+    backends: &B,
+) -> u32 {
+    let kind = if udp { Kind::Udp } else { Kind::Tcp };
+    decide(hot, side, kind, || None, backends).backend
+}
+
+#[cfg(any(feature = "user", test))]
+pub use table::{QUIET_SCANS, SlotTable, pins};
+
+#[cfg(any(feature = "user", test))]
+mod table {
+    use super::*;
+
+    /// Consecutive scans that must find a changed slot clearable before lbd clears it: a record
+    /// being written while lbd reads it may be missed by one scan, not by two.
+    pub const QUIET_SCANS: u8 = 2;
+
+    /// lbd's view of a service's slot state: both halves and, per slot, when it last went from
+    /// unchanged to changed (lbd's clock, seconds) and how many scans in a row found it
+    /// clearable (neither is in the map).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct SlotTable {
+        pub hot: Vec<Hot>,
+        pub side: Vec<Side>,
+        pub changed_at: Vec<u64>,
+        pub quiet: Vec<u8>,
+    }
+
+    impl SlotTable {
+        /// The first table of a service (or one after a resize): nothing changed.
+        pub fn fresh(table: &[u32]) -> SlotTable {
+            SlotTable {
+                hot: table.iter().map(|&b| Hot::new(b, false)).collect(),
+                side: vec![Side::NONE; table.len()],
+                changed_at: vec![0; table.len()],
+                quiet: vec![0; table.len()],
+            }
+        }
+
+        /// The state after the Maglev table becomes `table` (same size) at `now`. A slot whose
+        /// backend changes becomes changed, its unrecorded flows still the old backend's; a slot
+        /// changed already keeps its `old`, `ADOPT_UDP` and first change time: the flows that
+        /// began since were recorded (SYNs, UDP after the window), so the unrecorded ones are
+        /// still those from before the first change.
+        pub fn rebuilt(&self, table: &[u32], now: u64) -> SlotTable {
+            assert_eq!(table.len(), self.hot.len(), "a resize starts a fresh table");
+            let mut next = self.clone();
+            for (s, &b) in table.iter().enumerate() {
+                let hot = self.hot[s];
+                if hot.changed() {
+                    next.hot[s] = Hot::new(b, true);
+                    next.quiet[s] = 0;
+                } else if hot.current() != b {
+                    next.hot[s] = Hot::new(b, true);
+                    next.side[s] = Side::new(hot.current(), true);
+                    next.changed_at[s] = now;
+                }
+            }
+            next
+        }
+
+        /// Clears what lbd may at `now`: `ADOPT_UDP` once `udp_adopt` has passed; and a changed
+        /// slot's state when no live record needs it (`pinned`, from `pins`) and its unrecorded
+        /// flows need it no longer: `old` is the current backend, unusable, or `idle_hold` has
+        /// passed, in `QUIET_SCANS` scans in a row. Time alone never clears a slot a record needs.
+        pub fn clear<B: Backends>(
+            &mut self,
+            pinned: &[bool],
+            now: u64,
+            limits: &Limits,
+            backends: &B,
+        ) {
+            for (s, &pinned) in pinned.iter().enumerate().take(self.hot.len()) {
+                let hot = self.hot[s];
+                if !hot.changed() {
+                    continue;
+                }
+                let since = now.saturating_sub(self.changed_at[s]);
+                let side = self.side[s];
+                if side.adopt_udp() && since >= limits.udp_adopt {
+                    self.side[s] = Side::new(side.old(), false);
+                }
+                let old = side.old();
+                let unrecorded_need_old = old != hot.current()
+                    && old != NO_BACKEND
+                    && backends.usable(old)
+                    && since < limits.idle_hold;
+                if pinned || unrecorded_need_old {
+                    self.quiet[s] = 0;
+                    continue;
+                }
+                self.quiet[s] += 1;
+                if self.quiet[s] >= QUIET_SCANS {
+                    self.hot[s] = Hot::new(hot.current(), false);
+                    self.side[s] = Side::NONE;
+                    self.quiet[s] = 0;
+                }
+            }
+        }
+
+        /// Slots changed now.
+        pub fn changed(&self) -> usize {
+            self.hot.iter().filter(|h| h.changed()).count()
+        }
+
+        /// The inner array's words: the hot half, then the side half.
+        pub fn words(&self) -> Vec<u64> {
+            let pack = |lanes: &mut dyn Iterator<Item = u16>| -> Vec<u64> {
+                let lanes: Vec<u16> = lanes.collect();
+                lanes
+                    .chunks(SLOTS_PER_WORD as usize)
+                    .map(|c| {
+                        let mut w = u64::from(SLOT_NONE) * 0x0001_0001_0001_0001;
+                        for (i, &v) in c.iter().enumerate() {
+                            w &= !(0xffff << (i * 16));
+                            w |= u64::from(v) << (i * 16);
+                        }
+                        w
+                    })
+                    .collect()
+            };
+            let mut words = pack(&mut self.hot.iter().map(|h| h.0));
+            words.extend(pack(&mut self.side.iter().map(|s| s.0)));
+            words
+        }
+    }
+
+    /// Which slots of `service` (state `table`) a live record needs at table clock `now`: one
+    /// that names a usable backend other than the slot's current one. lbd reads the records
+    /// through its read-only mapping of the connection table.
+    pub fn pins<B: Backends>(
+        sets: &[RecordSet],
+        service: u32,
+        table: &SlotTable,
+        now: u32,
+        limits: &Limits,
+        backends: &B,
+    ) -> Vec<bool> {
+        let mut pinned = vec![false; table.hot.len()];
+        for r in sets.iter().flat_map(|s| s.ways.iter()) {
+            if r.service() != service || !r.live(now, limits) {
+                continue;
+            }
+            let Some(hot) = table.hot.get(r.slot() as usize) else {
+                continue;
+            };
+            if hot.changed() && r.backend() != hot.current() && backends.usable(r.backend()) {
+                pinned[r.slot() as usize] = true;
+            }
+        }
+        pinned
+    }
+}
+
+#[cfg(test)]
+mod tests;
