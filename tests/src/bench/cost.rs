@@ -306,12 +306,12 @@ impl Drop for Pins {
 }
 
 /// Sets kernel.bpf_stats_enabled to 1 and puts the old value back when dropped.
-struct StatsOn {
+pub(super) struct StatsOn {
     old: String,
 }
 
 impl StatsOn {
-    fn enable() -> Result<StatsOn> {
+    pub(super) fn enable() -> Result<StatsOn> {
         let old = std::fs::read_to_string(STATS_SYSCTL)
             .with_context(|| format!("reading {STATS_SYSCTL}"))?
             .trim()
@@ -340,7 +340,7 @@ fn program_info(id: u32) -> Result<aya::programs::ProgramInfo> {
 }
 
 /// (run_time_ns, run_cnt) of program `id` as bpf_stats counted them.
-fn run_stats(id: u32) -> Result<(u64, u64)> {
+pub(super) fn run_stats(id: u32) -> Result<(u64, u64)> {
     let info = program_info(id)?;
     Ok((info.run_time().as_nanos() as u64, info.run_count()))
 }

@@ -37,7 +37,7 @@ use lb_common::{
     service_flags, source_slot,
 };
 use lb_userspace::{
-    config::XdpMode,
+    config::{DEFAULT_CONNTRACK_ENTRIES, XdpMode},
     datapath::{self, Datapath},
     state::to_addr,
 };
@@ -68,6 +68,8 @@ const ROOMY: u32 = 1 << 22;
 const EST_FLOWS: u32 = 1_000;
 /// Addresses of the walk (198.18.0.0/16).
 const WALK: u32 = 65_536;
+/// Client counts of the many-clients walks (the headline: the last).
+const CLIENTS: [u32; 3] = [1_024, 16_384, 65_536];
 /// Frame length without FCS: a 64-byte frame on the wire.
 const FRAME: usize = 60;
 /// Sink slots: 0 counts every frame, 1 + (last two bytes of the destination MAC & 1023) each
@@ -89,16 +91,53 @@ enum Stream {
     UdpWalk,
     /// TCP SYNs, every one a new connection: 65,536 addresses, then the next source port.
     Syn,
+    /// UDP from this many client addresses in turn (at most 65,536): established once the
+    /// first walk recorded them.
+    UdpClients(u32),
+    /// TCP SYNs from this many client addresses in turn (at most 65,536), then the next source
+    /// port: every one a new connection.
+    SynClients(u32),
 }
 
 impl Stream {
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Stream::UdpEst => "UDP established (1,000 flows)",
-            Stream::UdpWalk => "UDP, 65,536-address walk (as many flows as entries)",
-            Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)",
+            Stream::UdpEst => "UDP established (1,000 flows)".into(),
+            Stream::UdpWalk => "UDP, 65,536-address walk (as many flows as entries)".into(),
+            Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)".into(),
+            Stream::UdpClients(n) => format!("UDP established, {} clients", thousands(n)),
+            Stream::SynClients(n) => format!(
+                "TCP SYN, {} clients (every one a new connection)",
+                thousands(n)
+            ),
         }
     }
+
+    /// The flows (addresses) the generator cycles through.
+    fn flows(self) -> u32 {
+        match self {
+            Stream::UdpEst => EST_FLOWS,
+            Stream::UdpWalk | Stream::Syn => WALK,
+            Stream::UdpClients(n) | Stream::SynClients(n) => n,
+        }
+    }
+
+    fn syn(self) -> bool {
+        matches!(self, Stream::Syn | Stream::SynClients(_))
+    }
+}
+
+/// `n` with a comma every three digits: 65536 -> "65,536".
+fn thousands(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The client address of walk index (or established flow) `w`: the generator stores `w` as a
@@ -141,7 +180,7 @@ fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
     f[0..6].copy_from_slice(&L0_MAC);
     f[6..12].copy_from_slice(&G0_MAC);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let tcp = stream == Stream::Syn;
+    let tcp = stream.syn();
     let ip_len: u16 = if tcp { 40 } else { 46 };
     let ip = &mut f[14..34];
     ip[0] = 0x45;
@@ -180,21 +219,19 @@ fn check_frame(stream: Stream, n: u64, f: &[u8]) -> Result<()> {
     if f.len() != FRAME {
         bail!("{} bytes, not {FRAME}", f.len());
     }
-    let w = match stream {
-        Stream::UdpEst => n % EST_FLOWS as u64,
-        _ => n & (WALK as u64 - 1),
-    } as u32;
+    let flows = stream.flows() as u64;
+    let w = (n % flows) as u32;
     let mut want = template(stream).0;
     want[26..30].copy_from_slice(&client(w).octets());
-    let sport = 1024 + ((n >> 16) & 0x7fff) as u16;
-    if stream == Stream::Syn {
+    let sport = 1024 + ((n / flows) & 0x7fff) as u16;
+    if stream.syn() {
         // The generator stores the port as a little-endian word: its value on the wire is the
         // byte-swapped number, different for every walk.
         want[34..36].copy_from_slice(&sport.to_le_bytes());
     }
     let mut got = f.to_vec();
     got[24..26].fill(0);
-    if stream == Stream::Syn {
+    if stream.syn() {
         got[50..52].fill(0);
     }
     if got != want {
@@ -214,12 +251,12 @@ fn generator(stream: Stream) -> Result<TestProg> {
     whole[..FRAME].copy_from_slice(&frame);
     // The program walks 65,536 addresses (the counter's low 16 bits) unless told a flow count.
     const _: () = assert!(WALK == 1 << 16);
-    let flows: u32 = if stream == Stream::UdpEst {
-        EST_FLOWS
-    } else {
-        0
-    };
-    let syn = u32::from(stream == Stream::Syn);
+    let flows = stream.flows();
+    if flows == 0 || flows > WALK {
+        bail!("{stream:?}: 1 to {WALK} flows, not {flows}");
+    }
+    let flows: u32 = if flows == WALK { 0 } else { flows };
+    let syn = u32::from(stream.syn());
     TestProg::load(
         "generator",
         &[
@@ -388,7 +425,11 @@ impl Rig {
         let sink = &mut rig.sink;
         let link = in_netns(&g, || sink.attach(g0).context("attaching the sink to g0"))?;
         rig.sink_link = Some(link);
-        for s in [Stream::UdpEst, Stream::UdpWalk, Stream::Syn] {
+        let mut streams = vec![Stream::UdpEst, Stream::UdpWalk, Stream::Syn];
+        for n in CLIENTS {
+            streams.extend([Stream::UdpClients(n), Stream::SynClients(n)]);
+        }
+        for s in streams {
             rig.gens.insert(s, generator(s)?);
         }
         Ok(rig)
@@ -432,11 +473,37 @@ impl Rig {
     /// Attaches program `name` of the tests' XDP object (`floor` or `pass`) to l0; detached
     /// when the returned link is dropped.
     fn attach_l0(&self, name: &'static str) -> Result<XdpLink> {
-        let mut prog = TestProg::load(name, &[])?;
+        Ok(self.attach_prog_l0(TestProg::load(name, &[])?)?.0)
+    }
+
+    /// Attaches `prog` to l0: its link (dropping it detaches) and the program's id.
+    fn attach_prog_l0(&self, mut prog: TestProg) -> Result<(XdpLink, u32)> {
         let l0 = self.l0;
         // A link removed just before may still be going away (EBUSY meanwhile).
-        crate::retry_until(Duration::from_secs(5), "attaching to l0", || {
+        let link = crate::retry_until(Duration::from_secs(5), "attaching to l0", || {
             in_netns(&self.l, || prog.attach(l0))
+        })?;
+        Ok((link, prog.id()?))
+    }
+
+    /// One more call of `stream`, sized for `mpps`, with kernel.bpf_stats_enabled on (the old
+    /// value restored after): program `id`'s run_time_ns / run_cnt over the call, its run count,
+    /// and the rate of this call (the accounting's clock reads included).
+    fn live_cost(&self, stream: Stream, window: Window, mpps: f64, id: u32) -> Result<LiveCost> {
+        let _on = super::cost::StatsOn::enable()?;
+        let before = super::cost::run_stats(id)?;
+        let repeat = (mpps.max(0.1) * 1e6 * (window.warmup + window.length) * 1.25 + 20_000.0)
+            .min(4e9) as u32;
+        let run = self.measure(stream, window, repeat, 0)?;
+        let after = super::cost::run_stats(id)?;
+        let runs = after.1 - before.1;
+        if runs == 0 {
+            bail!("bpf_stats: program {id} did not run during the call of {stream:?}");
+        }
+        Ok(LiveCost {
+            ns: (after.0 - before.0) as f64 / runs as f64,
+            runs,
+            mpps: run.mpps,
         })
     }
 
@@ -620,6 +687,14 @@ impl Window {
         let secs = b.0.duration_since(a.0).as_secs_f64();
         (secs > 0.0 && b.1 > a.1).then(|| ((b.1 - a.1) as f64 / secs, secs))
     }
+}
+
+/// A program's own time per run during live frames (bpf_stats).
+struct LiveCost {
+    ns: f64,
+    runs: u64,
+    /// The rate during that call (with the accounting on).
+    mpps: f64,
 }
 
 /// One measurement.
@@ -843,9 +918,8 @@ impl Series {
     }
 }
 
-pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
-    crate::require_root();
-    reap_stale();
+/// Repetitions and window of the part's series.
+fn timing(opts: &Opts) -> (usize, Window) {
     let quick = opts.quick;
     let reps = if quick {
         opts.repetitions.min(3)
@@ -853,10 +927,185 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         opts.repetitions.max(5)
     };
     let length = if quick { 0.25 } else { 0.5 };
-    let time = Window {
-        warmup: 0.1,
-        length,
-    };
+    (
+        reps,
+        Window {
+            warmup: 0.1,
+            length,
+        },
+    )
+}
+
+/// The program under test on l0 in the many-clients walks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Under {
+    Floor,
+    Toy,
+    Lb,
+}
+
+impl Under {
+    fn label(self) -> &'static str {
+        match self {
+            Under::Floor => "floor (MAC swap + XDP_TX)",
+            Under::Toy => "toy (stateless: hash lookup of the VIP, jhash % 3, MACs, XDP_TX)",
+            Under::Lb => "lb dsr, 3 backends, lbd's default 1,048,576-entry table",
+        }
+    }
+}
+
+/// Part `clients`, the headline: what users run (lbd's default connection table, 3 dsr
+/// backends) under walks of 1,024, 16,384 and 65,536 clients, against the floor and a
+/// stateless toy balancer measured side by side in the same run. Per configuration: the rate
+/// (bpf_stats as it was), then one more call with kernel.bpf_stats_enabled for the program's
+/// own live ns per run.
+pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
+    crate::require_root();
+    reap_stale();
+    let (reps, time) = timing(opts);
+    let mut rig = Rig::new()?;
+    let _pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
+    rig.check_generators(rig.sample_cpu)?;
+    let cpu = rig.gen_cpu;
+    let section = "packet rate, many clients (lbd's default table)";
+    let mut figures = vec![];
+    // (clients, syn, under) -> (median Mpps, live ns per run)
+    let mut got: BTreeMap<(u32, bool, u8), (f64, f64)> = BTreeMap::new();
+    for n in CLIENTS {
+        for under in [Under::Floor, Under::Toy, Under::Lb] {
+            let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
+            let (mut lb, _link, id) = match under {
+                Under::Floor => {
+                    let (link, id) = rig.attach_prog_l0(TestProg::load("floor", &[])?)?;
+                    (None, Some(link), id)
+                }
+                Under::Toy => {
+                    let toy = TestProg::toy(VIP, &macs, L0_MAC, SEED[0] as u32)?;
+                    let (link, id) = rig.attach_prog_l0(toy)?;
+                    (None, Some(link), id)
+                }
+                Under::Lb => {
+                    let lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+                    let id = lb.dp.program_id();
+                    (Some(lb), None, id)
+                }
+            };
+            let slots = if under == Under::Floor { 0 } else { 3 };
+            for stream in [Stream::UdpClients(n), Stream::SynClients(n)] {
+                let syn = stream.syn();
+                if let Some(lb) = lb.as_mut() {
+                    lb.service(if syn { 6 } else { 17 })?;
+                    lb.clear()?;
+                }
+                let runs = rig.series(stream, time, reps, slots, || Ok(()))?;
+                let s = Series {
+                    name: format!("{}, {}", under.label(), stream.label()),
+                    extra: share_note(&runs, slots),
+                    runs,
+                };
+                let mpps = s.median();
+                let live = rig.live_cost(stream, time, mpps, id)?;
+                let flows = lb.as_ref().map(|lb| lb.flows());
+                let mut note = format!(
+                    "{:.0} ns/packet for the whole path; lost {} of {} sent; the program's own live cost (bpf_stats, one more call): {:.1} ns per run over {} runs ({:.2} Mpps with the accounting on)",
+                    1e3 / mpps,
+                    s.lost(),
+                    s.sent(),
+                    live.ns,
+                    live.runs,
+                    live.mpps
+                );
+                if let Some(&(floor, _)) = got.get(&(n, syn, Under::Floor as u8)) {
+                    note.push_str(&format!(
+                        "; {:.2}× floor ({:+.0} ns/packet)",
+                        mpps / floor,
+                        1e3 / mpps - 1e3 / floor
+                    ));
+                }
+                if let Some(flows) = flows {
+                    note.push_str(&format!(
+                        "; {flows} flows in the table after (emptied before the series{})",
+                        if syn {
+                            ", then filled by the SYNs: every SYN once it is full takes the place of another"
+                        } else {
+                            "; the first walk records the clients, the windows start after it"
+                        }
+                    ));
+                }
+                if !s.extra.is_empty() {
+                    note.push_str("; ");
+                    note.push_str(&s.extra);
+                }
+                figures.push(Figure::from_samples(
+                    section,
+                    &s.name,
+                    "Mpps",
+                    s.runs.iter().map(|r| r.mpps).collect(),
+                    &note,
+                ));
+                got.insert((n, syn, under as u8), (mpps, live.ns));
+            }
+            if let Some(lb) = lb {
+                lb.remove()?;
+            }
+        }
+    }
+    // The table: live ns per run of each program, and rates as × floor.
+    for n in CLIENTS {
+        let at = |syn: bool, u: Under| got.get(&(n, syn, u as u8)).copied();
+        for syn in [false, true] {
+            let what = if syn { "TCP SYN" } else { "UDP established" };
+            let (Some(floor), Some(toy), Some(lb)) = (
+                at(syn, Under::Floor),
+                at(syn, Under::Toy),
+                at(syn, Under::Lb),
+            ) else {
+                continue;
+            };
+            let clients = thousands(n);
+            figures.push(Figure::value(
+                section,
+                &format!("live ns per run (bpf_stats), {what}, {clients} clients: lb"),
+                "ns",
+                lb.1,
+                &format!(
+                    "floor {:.1} ns, toy {:.1} ns; lb = {:.2}× the toy's (target ≤ 1.5× with 65,536 clients)",
+                    floor.1,
+                    toy.1,
+                    lb.1 / toy.1
+                ),
+            ));
+            figures.push(Figure::value(
+                section,
+                &format!("ratio lb/floor, {what}, {clients} clients"),
+                "×",
+                lb.0 / floor.0,
+                &format!(
+                    "{:.2} vs {:.2} Mpps; toy {:.2}× floor (target for lb with 65,536 clients: ≥ {})",
+                    lb.0,
+                    floor.0,
+                    toy.0 / floor.0,
+                    if syn { "0.70" } else { "0.80" }
+                ),
+            ));
+        }
+    }
+    figures.push(Figure::value(
+        section,
+        "how these were measured",
+        "",
+        f64::NAN,
+        &format!(
+            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < clients), one UDP flow each, or SYNs whose source port changes with every walk; per client count the floor, the toy and lb one after the other; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
+        ),
+    ));
+    Ok(figures)
+}
+
+pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
+    crate::require_root();
+    reap_stale();
+    let (reps, time) = timing(opts);
     let mut rig = Rig::new()?;
     // This thread fills and empties maps between calls: on the other CPU than the data path's,
     // so it does not evict the data path's caches.
@@ -966,7 +1215,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             let flows = lb.flows();
             lb_names.push((series.len(), Stream::UdpEst, false));
             series.push(Series {
-                name: name(Stream::UdpEst.label(), "empty 65,536-entry table"),
+                name: name(&Stream::UdpEst.label(), "empty 65,536-entry table"),
                 extra: format!(
                     "{flows} flows in the table (only these); {}",
                     share_note(&runs, slots)
@@ -980,7 +1229,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
             lb_names.push((series.len(), Stream::UdpEst, !tunnel && n == 3));
             series.push(Series {
-                name: name(Stream::UdpEst.label(), "full 65,536-entry table"),
+                name: name(&Stream::UdpEst.label(), "full 65,536-entry table"),
                 extra: format!("all {before} entries taken; {}", share_note(&runs, slots)),
                 runs,
             });
@@ -994,7 +1243,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                 let runs = rig.series(Stream::UdpWalk, time, reps, slots, || Ok(()))?;
                 let after = lb.flows();
                 series.push(Series {
-                    name: name(Stream::UdpWalk.label(), "full 65,536-entry table"),
+                    name: name(&Stream::UdpWalk.label(), "full 65,536-entry table"),
                     extra: format!("{before} flows in the table before, {after} after"),
                     runs,
                 });
@@ -1019,7 +1268,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
             lb_names.push((series.len(), Stream::Syn, !tunnel && n == 3));
             series.push(Series {
-                name: name(Stream::Syn.label(), "full 65,536-entry table"),
+                name: name(&Stream::Syn.label(), "full 65,536-entry table"),
                 extra: format!(
                     "every one of the table's {before} entries taken before each call, so every SYN takes the place of its set's least recently seen flow; {}",
                     share_note(&runs, slots)
@@ -1038,7 +1287,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
             lb_names.push((series.len(), Stream::Syn, false));
             series.push(Series {
-                name: name(Stream::Syn.label(), "empty 4,194,304-entry table"),
+                name: name(&Stream::Syn.label(), "empty 4,194,304-entry table"),
                 extra: format!(
                     "emptied before each call, which then inserted at most {most} flows (no eviction; a table of 64 MiB, far beyond the caches); {}",
                     share_note(&runs, slots)
@@ -1241,5 +1490,54 @@ mod tests {
         // A test run runs on the calling thread's CPU: the counter slot set is that CPU's.
         let _pinned = crate::sys::Pinned::to(0).expect("pinning to CPU 0");
         rig.check_generators(0).expect("the generators' frames");
+    }
+
+    /// The toy balancer (the many-clients part's second reference) sends a frame to its VIP
+    /// back out to one of its backends' MACs, the same one every time for a flow, spreads the
+    /// walk's clients over all three, and lets a frame to another address pass unchanged.
+    #[test]
+    fn toy_balancer_spreads_clients_and_passes_the_rest() {
+        use super::*;
+        crate::require_root();
+        let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
+        let toy = TestProg::toy(VIP, &macs, L0_MAC, 7).expect("loading the toy balancer");
+        let mut seen = [0u32; 3];
+        for w in 0..300 {
+            let mut f = template(Stream::UdpClients(300)).0;
+            f[26..30].copy_from_slice(&client(w).octets());
+            let (action, out) = toy.test_run_once(&f).expect("a test run of the toy");
+            assert_eq!(action, XDP_TX as u32, "client {w}");
+            assert_eq!(out[6..12], L0_MAC, "client {w}: source MAC");
+            assert_eq!(out[12..], f[12..], "client {w}: only the MACs change");
+            let i = macs
+                .iter()
+                .position(|m| out[0..6] == m[..])
+                .unwrap_or_else(|| panic!("client {w}: MAC {:02x?} is no backend's", &out[0..6]));
+            assert_eq!(
+                toy.test_run_once(&f).unwrap().1,
+                out,
+                "client {w}: same backend"
+            );
+            seen[i] += 1;
+        }
+        assert!(
+            seen.iter().all(|&c| c > 60),
+            "300 clients over 3 backends: {seen:?}"
+        );
+        let mut other = template(Stream::UdpClients(300)).0;
+        other[30..34].copy_from_slice(&[203, 0, 113, 11]);
+        let (action, out) = toy.test_run_once(&other).unwrap();
+        assert_eq!(
+            (action, &out[..]),
+            (2, &other[..]),
+            "another destination passes"
+        );
+    }
+
+    #[test]
+    fn thousands_separates_digits() {
+        assert_eq!(super::thousands(65_536), "65,536");
+        assert_eq!(super::thousands(1_048_576), "1,048,576");
+        assert_eq!(super::thousands(999), "999");
     }
 }
