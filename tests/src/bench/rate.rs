@@ -509,6 +509,20 @@ impl Rig {
 
     /// One live-frames call of `repeat` frames of `stream`, sampled from the other CPU.
     fn measure(&self, stream: Stream, window: Window, repeat: u32, slots: u32) -> Result<Run> {
+        Ok(self.measure_with(stream, window, repeat, slots, None)?.0)
+    }
+
+    /// `measure`, and with `change` = (seconds, action): the sampling thread runs the action
+    /// that long after the first frame arrived. Also returns the sink's samples (time, total)
+    /// and when the action had ended.
+    fn measure_with(
+        &self,
+        stream: Stream,
+        window: Window,
+        repeat: u32,
+        slots: u32,
+        mut change: Option<(f64, &mut (dyn FnMut() -> Result<()> + Send))>,
+    ) -> Result<(Run, Vec<(Instant, u64)>, Option<Instant>)> {
         let (frame, _, _) = template(stream);
         let prog = &self.gens[&stream];
         let sent0 = prog.sum("SENT", 0)?;
@@ -533,10 +547,13 @@ impl Rig {
                 done.store(true, Ordering::SeqCst);
                 r
             });
-            let sampler = s.spawn(|| -> Result<Vec<(Instant, u64)>> {
+            let change = &mut change;
+            let sampler = s.spawn(|| -> Result<(Vec<(Instant, u64)>, Option<Instant>)> {
                 pin_thread(self.sample_cpu)?;
                 nice_thread(-20)?;
                 let mut v = Vec::with_capacity(1 << 16);
+                let mut first: Option<Instant> = None;
+                let mut changed = None;
                 loop {
                     let finished = done.load(Ordering::SeqCst);
                     let before = Instant::now();
@@ -551,7 +568,17 @@ impl Rig {
                         if took >= Duration::from_micros(50) {
                             v.push((before + took / 2, count));
                         }
-                        return Ok(v);
+                        return Ok((v, changed));
+                    }
+                    if first.is_none() && count > got0 {
+                        first = Some(before);
+                    }
+                    if let (Some(t0), Some((after, action)), None) =
+                        (first, change.as_mut(), changed)
+                        && before >= t0 + Duration::from_secs_f64(*after)
+                    {
+                        action()?;
+                        changed = Some(Instant::now());
                     }
                     std::thread::sleep(period);
                 }
@@ -566,7 +593,7 @@ impl Rig {
             )
         });
         gen_result??;
-        let samples = samples??;
+        let (samples, changed) = samples??;
         let cpu_after = cpu_times(self.gen_cpu)?;
         // Whatever is still in flight lands within the call; give stragglers a moment anyway.
         std::thread::sleep(Duration::from_millis(10));
@@ -593,7 +620,7 @@ impl Rig {
                 cpu_times(self.gen_cpu)?.elsewhere_since(&cpu_before) * 100.0
             );
         }
-        Ok(Run {
+        let run = Run {
             mpps: pps / 1e6,
             sent,
             delivered,
@@ -605,7 +632,8 @@ impl Rig {
             },
             per_slot,
             elsewhere: cpu_after.elsewhere_since(&cpu_before),
-        })
+        };
+        Ok((run, samples, changed))
     }
 
     /// `reps` measurements of `stream` over `window`, each after `before`; a time window gets
@@ -751,6 +779,18 @@ fn cpu_times(cpu: usize) -> Result<CpuTimes> {
 
 // ---- lb ---------------------------------------------------------------------------------------
 
+/// The Maglev table of backends 0..n, equal weights.
+fn maglev(n: u32) -> Vec<u32> {
+    let live: Vec<MaglevBackend> = (0..n)
+        .map(|i| MaglevBackend {
+            id: i,
+            addr: to_addr(IpAddr::V4(backend_addr(i))),
+            weight: 100,
+        })
+        .collect();
+    build_table(&SEED, &live, TABLE)
+}
+
 /// lb's program loaded by lbd's datapath code into a pin folder of the rig, with one service
 /// and `n` backends, attached to l0.
 struct Lb {
@@ -770,7 +810,6 @@ impl Lb {
         rig.pins.push(dir.clone());
         let mut dp = Datapath::open(&dir, capacity, &[])?;
         dp.set_config(SEED)?;
-        let mut live = vec![];
         for i in 0..n {
             let addr = to_addr(IpAddr::V4(backend_addr(i)));
             let b = Backend {
@@ -786,13 +825,8 @@ impl Lb {
                 ..Default::default()
             };
             dp.set_backend(i, &b)?;
-            live.push(MaglevBackend {
-                id: i,
-                addr,
-                weight: 100,
-            });
         }
-        let table = build_table(&SEED, &live, TABLE);
+        let table = maglev(n);
         let l0 = rig.l0;
         let l = rig.l.clone();
         crate::retry_until(Duration::from_secs(5), "attaching lb to l0", || {
@@ -1090,6 +1124,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
             ));
         }
     }
+    change_rate(&mut rig, reps, section, &mut figures)?;
     figures.push(Figure::value(
         section,
         "how these were measured",
@@ -1100,6 +1135,106 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
         ),
     ));
     Ok(figures)
+}
+
+/// The sink's rate between `from` and `to` (while traffic still came), and the window's length.
+fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> Option<(f64, f64)> {
+    let last = samples.last()?.1;
+    let stop = samples.iter().position(|s| s.1 == last)?;
+    let during = &samples[..stop];
+    let a = during.iter().find(|s| s.0 >= from)?;
+    let b = during.iter().rev().find(|s| s.0 <= to)?;
+    let secs = b.0.saturating_duration_since(a.0).as_secs_f64();
+    (secs > 0.0).then(|| ((b.1 - a.1) as f64 / secs, secs))
+}
+
+/// A backend added while 65,536 clients send: lb (default table, backends 0-2 in the Maglev
+/// table, backend 3 configured but in no slot) gets a table with all four in the middle of one
+/// long call (0.5 s after the first frame). The rate over the second after the change, the
+/// slowest 100 ms in it, against the same call's rate before the change (0.1-0.4 s).
+fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>) -> Result<()> {
+    let (three, four) = (maglev(3), maglev(4));
+    let mut lb = Lb::new(rig, 4, false, DEFAULT_CONNTRACK_ENTRIES)?;
+    lb.table = three.clone();
+    let before_window = Window {
+        warmup: 0.1,
+        length: 0.3,
+    };
+    for stream in [Stream::UdpClients(WALK), Stream::SynClients(WALK)] {
+        lb.service(if stream.syn() { 6 } else { 17 })?;
+        lb.clear()?;
+        let cal = rig.measure(
+            stream,
+            Window {
+                warmup: 0.005,
+                length: f64::INFINITY,
+            },
+            200_000,
+            0,
+        )?;
+        let mut pps = cal.mpps.max(0.1) * 1e6;
+        let (mut after, mut before, mut worst, mut to_new) = (vec![], vec![], vec![], 0u64);
+        for _ in 0..reps {
+            let mut tries = 0;
+            loop {
+                lb.dp.swap_table(0, &three)?;
+                lb.clear()?;
+                let repeat = (pps * 1.6 * 1.5 + 20_000.0).min(4e9) as u32;
+                let dp = &mut lb.dp;
+                let mut add = || -> Result<()> { Ok(dp.swap_table(0, &four)?) };
+                let (run, samples, changed) =
+                    rig.measure_with(stream, before_window, repeat, 4, Some((0.5, &mut add)))?;
+                let changed = changed.ok_or_else(|| anyhow!("the call ended before the change"))?;
+                let second = rate_between(&samples, changed, changed + Duration::from_secs(1));
+                pps = pps.max(run.mpps * 1e6);
+                match second {
+                    Some((rate, secs)) if secs >= 0.95 => {
+                        let slowest = (0..10)
+                            .filter_map(|i| {
+                                let from = changed + Duration::from_millis(100 * i);
+                                rate_between(&samples, from, from + Duration::from_millis(100))
+                            })
+                            .map(|(r, _)| r)
+                            .fold(f64::INFINITY, f64::min);
+                        after.push(rate / 1e6);
+                        before.push(run.mpps);
+                        worst.push(slowest / 1e6);
+                        to_new += run.per_slot[3];
+                        break;
+                    }
+                    _ => {
+                        tries += 1;
+                        if tries > 3 {
+                            bail!("{stream:?}: the calls ended before a second after the change");
+                        }
+                        pps *= 2.0;
+                    }
+                }
+            }
+        }
+        let med = |v: &[f64]| Figure::from_samples("", "", "", v.to_vec(), "").median;
+        figures.push(Figure::from_samples(
+            section,
+            &format!(
+                "lb, the second after a backend is added (3 → 4), {}",
+                stream.label()
+            ),
+            "Mpps",
+            after.clone(),
+            &format!(
+                "{:.2}× the same calls' rate before the change (median {:.2} Mpps); slowest 100 ms in that second: median {:.2} Mpps; {to_new} packets to the new backend over all calls ({}); lbd's default table, emptied before each call",
+                med(&after) / med(&before),
+                med(&before),
+                med(&worst),
+                if stream.syn() {
+                    "SYNs take the new choice"
+                } else {
+                    "established flows keep their backend"
+                }
+            ),
+        ));
+    }
+    lb.remove()
 }
 
 pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
