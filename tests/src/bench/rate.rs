@@ -522,7 +522,7 @@ impl Rig {
         repeat: u32,
         slots: u32,
         mut change: Option<(f64, &mut (dyn FnMut() -> Result<()> + Send))>,
-    ) -> Result<(Run, Vec<(Instant, u64)>, Option<Instant>)> {
+    ) -> Result<(Run, Samples, Option<Instant>)> {
         let (frame, _, _) = template(stream);
         let prog = &self.gens[&stream];
         let sent0 = prog.sum("SENT", 0)?;
@@ -548,7 +548,7 @@ impl Rig {
                 r
             });
             let change = &mut change;
-            let sampler = s.spawn(|| -> Result<(Vec<(Instant, u64)>, Option<Instant>)> {
+            let sampler = s.spawn(|| -> Result<(Samples, Option<Instant>)> {
                 pin_thread(self.sample_cpu)?;
                 nice_thread(-20)?;
                 let mut v = Vec::with_capacity(1 << 16);
@@ -716,6 +716,9 @@ impl Window {
         (secs > 0.0 && b.1 > a.1).then(|| ((b.1 - a.1) as f64 / secs, secs))
     }
 }
+
+/// The sink's total at times during a call.
+type Samples = Vec<(Instant, u64)>;
 
 /// A program's own time per run during live frames (bpf_stats).
 struct LiveCost {
