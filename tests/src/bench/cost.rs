@@ -50,7 +50,7 @@ use lb_userspace::{
     state::{family, to_addr},
 };
 
-use super::{Figure, Opts};
+use super::{Figure, Opts, thousands};
 use crate::{
     bpf::TestProg,
     dpfixture::{
@@ -281,19 +281,6 @@ fn loadavg() -> String {
 
 fn column(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Vec<f64> {
     samples.iter().map(f).collect()
-}
-
-/// 1234567 → "1,234,567".
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Removes the pin folder (maps of the program under test) when dropped.

@@ -102,6 +102,19 @@ pub fn markdown(figures: &[Figure]) -> String {
     out
 }
 
+/// `n` with a comma every three digits: 1234567 → "1,234,567".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn fmt(v: f64) -> String {
     if v.is_nan() {
         "–".into()
@@ -125,5 +138,13 @@ mod tests {
         let f = Figure::from_samples("s", "n", "u", vec![4.0, 1.0], "");
         assert_eq!(f.median, 2.5);
         assert!(markdown(&[f]).contains("| n | 2.500 | 1.000 | 4.000 | u |  |"));
+    }
+
+    #[test]
+    fn thousands_separates_digits() {
+        assert_eq!(thousands(65_536), "65,536");
+        assert_eq!(thousands(1_048_576), "1,048,576");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(0), "0");
     }
 }

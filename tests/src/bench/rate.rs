@@ -42,7 +42,7 @@ use lb_userspace::{
     state::to_addr,
 };
 
-use super::{Figure, Opts};
+use super::{Figure, Opts, thousands};
 use crate::bpf::TestProg;
 use crate::netns::{in_netns, netns_path, run_checked, set_sysctls};
 use crate::sys::{nice_thread, pin_thread};
@@ -105,10 +105,10 @@ impl Stream {
             Stream::UdpEst => "UDP established (1,000 flows)".into(),
             Stream::UdpWalk => "UDP, 65,536-address walk (as many flows as entries)".into(),
             Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)".into(),
-            Stream::UdpClients(n) => format!("UDP established, {} clients", thousands(n)),
+            Stream::UdpClients(n) => format!("UDP established, {} clients", thousands(n as u64)),
             Stream::SynClients(n) => format!(
                 "TCP SYN, {} clients (every one a new connection)",
-                thousands(n)
+                thousands(n as u64)
             ),
         }
     }
@@ -125,19 +125,6 @@ impl Stream {
     fn syn(self) -> bool {
         matches!(self, Stream::Syn | Stream::SynClients(_))
     }
-}
-
-/// `n` with a comma every three digits: 65536 -> "65,536".
-fn thousands(n: u32) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The client address of walk index (or established flow) `w`: the generator stores `w` as a
@@ -943,6 +930,21 @@ impl Series {
         Figure::from_samples("", "", "", self.runs.iter().map(|r| r.mpps).collect(), "").median
     }
 
+    /// Its figure (Mpps) in `section`: `note`, then the series' own remarks.
+    fn figure(&self, section: &str, mut note: String) -> Figure {
+        if !self.extra.is_empty() {
+            note.push_str("; ");
+            note.push_str(&self.extra);
+        }
+        Figure::from_samples(
+            section,
+            &self.name,
+            "Mpps",
+            self.runs.iter().map(|r| r.mpps).collect(),
+            &note,
+        )
+    }
+
     fn sent(&self) -> u64 {
         self.runs.iter().map(|r| r.sent).sum()
     }
@@ -1069,17 +1071,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                         }
                     ));
                 }
-                if !s.extra.is_empty() {
-                    note.push_str("; ");
-                    note.push_str(&s.extra);
-                }
-                figures.push(Figure::from_samples(
-                    section,
-                    &s.name,
-                    "Mpps",
-                    s.runs.iter().map(|r| r.mpps).collect(),
-                    &note,
-                ));
+                figures.push(s.figure(section, note));
                 got.insert((n, syn, under as u8), (mpps, live.ns));
             }
             if let Some(lb) = lb {
@@ -1099,7 +1091,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
             ) else {
                 continue;
             };
-            let clients = thousands(n);
+            let clients = thousands(n as u64);
             figures.push(Figure::value(
                 section,
                 &format!("live ns per run (bpf_stats), {what}, {clients} clients: lb"),
@@ -1513,17 +1505,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                 elsewhere.median, elsewhere.max
             ));
         }
-        if !s.extra.is_empty() {
-            note.push_str("; ");
-            note.push_str(&s.extra);
-        }
-        figures.push(Figure::from_samples(
-            SECTION,
-            &s.name,
-            "Mpps",
-            s.runs.iter().map(|r| r.mpps).collect(),
-            &note,
-        ));
+        figures.push(s.figure(SECTION, note));
     }
     let sharing = format!(
         "generator, data path and sink share CPU {cpu} (pinned test-run thread; on veth the whole path runs in its softirq); the rate is read from the sink's counter sampled from CPU {} during one long live-frames call",
@@ -1670,12 +1652,5 @@ mod tests {
             (2, &other[..]),
             "another destination passes"
         );
-    }
-
-    #[test]
-    fn thousands_separates_digits() {
-        assert_eq!(super::thousands(65_536), "65,536");
-        assert_eq!(super::thousands(1_048_576), "1,048,576");
-        assert_eq!(super::thousands(999), "999");
     }
 }
