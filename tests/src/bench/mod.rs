@@ -139,12 +139,4 @@ mod tests {
         assert_eq!(f.median, 2.5);
         assert!(markdown(&[f]).contains("| n | 2.500 | 1.000 | 4.000 | u |  |"));
     }
-
-    #[test]
-    fn thousands_separates_digits() {
-        assert_eq!(thousands(65_536), "65,536");
-        assert_eq!(thousands(1_048_576), "1,048,576");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(0), "0");
-    }
 }

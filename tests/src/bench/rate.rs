@@ -957,6 +957,19 @@ impl Series {
     }
 }
 
+/// What both rate parts start with: the rig, checked, this thread pinned to the sampling CPU
+/// (it fills and empties maps between calls: on the other CPU than the data path's, so it does
+/// not evict the data path's caches), repetitions and window.
+fn start(opts: &Opts) -> Result<(Rig, crate::sys::Pinned, usize, Window)> {
+    crate::require_root();
+    reap_stale();
+    let (reps, time) = timing(opts);
+    let mut rig = Rig::new()?;
+    let pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
+    rig.check_generators(rig.sample_cpu)?;
+    Ok((rig, pinned, reps, time))
+}
+
 /// Repetitions and window of the part's series.
 fn timing(opts: &Opts) -> (usize, Window) {
     let quick = opts.quick;
@@ -999,12 +1012,7 @@ impl Under {
 /// (bpf_stats as it was), then one more call with kernel.bpf_stats_enabled for the program's
 /// own live ns per run.
 pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
-    crate::require_root();
-    reap_stale();
-    let (reps, time) = timing(opts);
-    let mut rig = Rig::new()?;
-    let _pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
-    rig.check_generators(rig.sample_cpu)?;
+    let (mut rig, _pinned, reps, time) = start(opts)?;
     let cpu = rig.gen_cpu;
     let section = "packet rate, many clients (lbd's default table)";
     let mut figures = vec![];
@@ -1233,14 +1241,7 @@ fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figu
 }
 
 pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
-    crate::require_root();
-    reap_stale();
-    let (reps, time) = timing(opts);
-    let mut rig = Rig::new()?;
-    // This thread fills and empties maps between calls: on the other CPU than the data path's,
-    // so it does not evict the data path's caches.
-    let _pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
-    rig.check_generators(rig.sample_cpu)?;
+    let (mut rig, _pinned, reps, time) = start(opts)?;
     let cpu = rig.gen_cpu;
     let mut series: Vec<Series> = vec![];
     let mut floors: BTreeMap<Stream, f64> = BTreeMap::new();
