@@ -494,6 +494,44 @@ impl Rig {
         })
     }
 
+    /// One live-frames call of `repeat` frames of `stream` from each CPU of `cpus` at once
+    /// (a thread pinned to each): frames delivered to the sink per second (Mpps) from the
+    /// threads' start to the last call's end (each call's fixed ~24 ms included).
+    fn measure_cpus(&self, stream: Stream, cpus: &[usize], repeat: u32) -> Result<f64> {
+        let (frame, _, _) = template(stream);
+        let prog = &self.gens[&stream];
+        let got0 = self.sink.sum("SINK", 0)?;
+        let start = Instant::now();
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let threads: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    s.spawn(move || -> Result<()> {
+                        let ns = File::open(netns_path(&self.g))
+                            .context("opening the generator namespace")?;
+                        crate::sys::setns_net(ns.as_fd())
+                            .context("entering the generator namespace")?;
+                        pin_thread(cpu)?;
+                        nice_thread(-20)?;
+                        prog.test_run_live(&frame, self.g0, repeat, BATCH)
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().map_err(|_| anyhow!("a generator thread panicked"))?)
+                .collect()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        for r in results {
+            r?;
+        }
+        // Whatever is still in flight lands within the call; give stragglers a moment anyway.
+        std::thread::sleep(Duration::from_millis(10));
+        let got = self.sink.sum("SINK", 0)? - got0;
+        Ok(got as f64 / secs / 1e6)
+    }
+
     /// One live-frames call of `repeat` frames of `stream`, sampled from the other CPU.
     fn measure(&self, stream: Stream, window: Window, repeat: u32, slots: u32) -> Result<Run> {
         Ok(self.measure_with(stream, window, repeat, slots, None)?.0)
@@ -1128,6 +1166,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
         }
     }
     change_rate(&mut rig, reps, section, &mut figures)?;
+    two_cpus(&mut rig, reps.min(3), section, &mut figures)?;
     figures.push(Figure::value(
         section,
         "how these were measured",
@@ -1238,6 +1277,85 @@ fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figu
         ));
     }
     lb.remove()
+}
+
+/// The same streams of 65,536 clients from both CPUs at once (two generator threads, each
+/// pinned to its CPU; on veth each frame's whole path then runs on the CPU that sent it), the
+/// floor's and lb's rate against one CPU, measured the same way (delivered frames over the
+/// calls' wall time, ~1 s calls). Both CPUs walk the same clients, their counters apart (half a
+/// walk for UDP, so a flow's packets come from both CPUs, unlike with RSS; 16,384 walks for
+/// SYNs, so every SYN is still a new connection).
+fn two_cpus(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>) -> Result<()> {
+    // The rig's CPUs (this thread is pinned to the sampling one by now).
+    if rig.gen_cpu == rig.sample_cpu {
+        bail!("two-CPU scaling needs two CPUs, this machine has one");
+    }
+    let (one, both) = ([rig.gen_cpu], [rig.sample_cpu, rig.gen_cpu]);
+    let mut scaling: BTreeMap<(bool, u8), f64> = BTreeMap::new();
+    for under in [Under::Floor, Under::Lb] {
+        let (mut lb, _link) = match under {
+            Under::Lb => (
+                Some(Lb::new(rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?),
+                None,
+            ),
+            _ => (
+                None,
+                Some(rig.attach_prog_l0(TestProg::load("floor", &[])?)?.0),
+            ),
+        };
+        for stream in [Stream::UdpClients(WALK), Stream::SynClients(WALK)] {
+            if let Some(lb) = lb.as_mut() {
+                lb.service(if stream.syn() { 6 } else { 17 })?;
+                lb.clear()?;
+            }
+            let cal = rig.measure_cpus(stream, &one, 2_000_000)?;
+            let repeat = (cal * 1e6).clamp(1e5, 4e9) as u32;
+            let (mut single, mut double) = (vec![], vec![]);
+            for _ in 0..reps {
+                single.push(rig.measure_cpus(stream, &one, repeat)?);
+                let generator = rig.gens.get_mut(&stream).expect("every stream has a generator");
+                let mut sent = generator.per_cpu("SENT", 0)?;
+                let apart: u64 = if stream.syn() { 0x4000_0000 } else { 0x8000 };
+                sent[both[0]] = sent[both[1]] + apart;
+                generator.set_per_cpu("SENT", 0, &sent)?;
+                double.push(rig.measure_cpus(stream, &both, repeat)?);
+            }
+            let med = |v: &[f64]| Figure::from_samples("", "", "", v.to_vec(), "").median;
+            let x = med(&double) / med(&single);
+            scaling.insert((stream.syn(), under as u8), x);
+            figures.push(Figure::from_samples(
+                section,
+                &format!("{}, {}, both CPUs", under.label(), stream.label()),
+                "Mpps",
+                double,
+                &format!(
+                    "{x:.2}× one CPU measured the same way (median {:.2} Mpps); delivered frames over the calls' wall time",
+                    med(&single)
+                ),
+            ));
+        }
+        if let Some(lb) = lb {
+            lb.remove()?;
+        }
+    }
+    for syn in [false, true] {
+        if let (Some(lb), Some(floor)) = (
+            scaling.get(&(syn, Under::Lb as u8)),
+            scaling.get(&(syn, Under::Floor as u8)),
+        ) {
+            figures.push(Figure::value(
+                section,
+                &format!(
+                    "two-CPU scaling, lb against the floor, {}",
+                    if syn { "TCP SYN" } else { "UDP established" }
+                ),
+                "×",
+                lb / floor,
+                &format!("lb {lb:.2}× from one CPU to two, the floor {floor:.2}×"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
