@@ -372,6 +372,10 @@ impl Rig {
             "g0",
             "address",
             &mac(G0_MAC),
+            "numtxqueues",
+            "2",
+            "numrxqueues",
+            "2",
             "type",
             "veth",
             "peer",
@@ -379,6 +383,10 @@ impl Rig {
             "l0",
             "address",
             &mac(L0_MAC),
+            "numtxqueues",
+            "2",
+            "numrxqueues",
+            "2",
             "netns",
             &l,
         ])?;
@@ -519,7 +527,10 @@ impl Rig {
                 .collect();
             threads
                 .into_iter()
-                .map(|t| t.join().map_err(|_| anyhow!("a generator thread panicked"))?)
+                .map(|t| {
+                    t.join()
+                        .map_err(|_| anyhow!("a generator thread panicked"))?
+                })
                 .collect()
         });
         let secs = start.elapsed().as_secs_f64();
@@ -1313,7 +1324,10 @@ fn two_cpus(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>
             let (mut single, mut double) = (vec![], vec![]);
             for _ in 0..reps {
                 single.push(rig.measure_cpus(stream, &one, repeat)?);
-                let generator = rig.gens.get_mut(&stream).expect("every stream has a generator");
+                let generator = rig
+                    .gens
+                    .get_mut(&stream)
+                    .expect("every stream has a generator");
                 let mut sent = generator.per_cpu("SENT", 0)?;
                 let apart: u64 = if stream.syn() { 0x4000_0000 } else { 0x8000 };
                 sent[both[0]] = sent[both[1]] + apart;
