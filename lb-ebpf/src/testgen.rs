@@ -1,7 +1,8 @@
 //! The XDP programs of lb's tests and benchmarks (not part of lb, never loaded by lbd): a traffic
 //! generator and a sink for the benchmarks' live-frames rig, the MAC-swapping floor program, an
 //! XDP_PASS program (what makes a veth accept XDP_TX frames, and the "empty program" of the cost
-//! benchmark) and a one-VIP L2 DSR forwarder for the harness's own tests. The tests crate loads
+//! benchmark), a one-VIP L2 DSR forwarder for the harness's own tests and a stateless toy
+//! balancer (the rate benchmark's second reference). The tests crate loads
 //! this object with aya (tests/src/bpf.rs); configuration comes in as globals set at load time.
 #![no_std]
 #![no_main]
@@ -10,7 +11,7 @@ mod runtime;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::PerCpuArray,
+    btf_maps::{HashMap, PerCpuArray},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -53,6 +54,21 @@ static FWD_DST_MAC: [u8; 6] = [0; 6];
 #[unsafe(no_mangle)]
 static FWD_SRC_MAC: [u8; 6] = [0; 6];
 
+/// The toy balancer's backends' MACs (it uses the first `n` of them, `n` from `TOY_SERVICES`)
+/// and the source MAC it writes.
+#[unsafe(no_mangle)]
+static TOY_MACS: [[u8; 6]; 4] = [[0; 6]; 4];
+#[unsafe(no_mangle)]
+static TOY_SRC_MAC: [u8; 6] = [0; 6];
+/// The toy's jhash seed.
+#[unsafe(no_mangle)]
+static TOY_SEED: u32 = 0;
+
+/// The toy balancer's services: IPv4 destination address (as in the packet) -> number of
+/// backends (1 to 4).
+#[btf_map]
+static TOY_SERVICES: HashMap<u32, u32, 16> = HashMap::new();
+
 /// Frames the generator made (slot 0, per CPU); its value is also the next frame's number.
 #[btf_map]
 static SENT: PerCpuArray<u64, 1> = PerCpuArray::new();
@@ -89,7 +105,8 @@ fn fold(mut sum: u64) -> u16 {
 /// Writes the whole frame (a page comes back from the page pool with whatever the path under
 /// test wrote into it, so nothing of the previous run may survive), then the variable fields
 /// from the frame's number: the client address's last two bytes (a little-endian u16 over
-/// 198.18.0.0), for SYNs the source port (1024 + completed walks, stored little-endian), and
+/// 198.18.0.0), for SYNs the source port (1024 + completed walks of `GEN_FLOWS` or 65,536
+/// addresses, stored little-endian), and
 /// the checksums fixed from their bases. Returns XDP_TX.
 #[xdp]
 pub fn generator(ctx: XdpContext) -> u32 {
@@ -118,7 +135,9 @@ pub fn generator(ctx: XdpContext) -> u32 {
         *(p.add(28) as *mut u16) = w as u16;
         *(p.add(24) as *mut u16) = fold(w + config(&GEN_IP_BASE) as u64);
         if config(&GEN_SYN) != 0 {
-            let sport = ((n >> 16) & 0x7fff) + 1024;
+            // The source port changes with every completed walk.
+            let walks = if flows != 0 { n / flows } else { n >> 16 };
+            let sport = (walks & 0x7fff) + 1024;
             *(p.add(34) as *mut u16) = sport as u16;
             *(p.add(50) as *mut u16) = fold(w + sport + config(&GEN_L4_BASE) as u64);
         }
@@ -215,6 +234,71 @@ fn forward<const N: usize>(ctx: &XdpContext, ether_type: u16, at: usize) -> u32 
         }
         core::ptr::write_unaligned(p as *mut [u8; 6], config(&FWD_DST_MAC));
         core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], config(&FWD_SRC_MAC));
+    }
+    xdp_action::XDP_TX
+}
+
+/// Bob Jenkins' final mix of three words (the kernel's `jhash_3words`).
+#[inline(always)]
+fn jhash_3words(a: u32, b: u32, c: u32, seed: u32) -> u32 {
+    let init = seed.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
+    let (mut a, mut b, mut c) = (
+        a.wrapping_add(init),
+        b.wrapping_add(init),
+        c.wrapping_add(init),
+    );
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
+}
+
+/// A stateless toy balancer, the rate benchmark's second reference (what a balancer without a
+/// connection table costs): an IPv4 TCP or UDP packet (no IP options) whose destination is in
+/// `TOY_SERVICES` goes to backend `jhash(source, destination, ports) % n`: destination MAC
+/// `TOY_MACS[i]`, source `TOY_SRC_MAC`, XDP_TX. Everything else passes.
+#[xdp]
+pub fn toy(ctx: XdpContext) -> u32 {
+    let Some(p) = packet(&ctx, 14 + 20 + 4) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: `packet` checked that the Ethernet and IPv4 headers and the ports lie inside it.
+    unsafe {
+        if u16::from_be_bytes([*p.add(12), *p.add(13)]) != ETH_P_IP
+            || *p.add(14) != 0x45
+            || !matches!(*p.add(23), 6 | 17)
+        {
+            return xdp_action::XDP_PASS;
+        }
+        let dst = core::ptr::read_unaligned(p.add(30) as *const u32);
+        let Some(n) = TOY_SERVICES.get_ptr(dst) else {
+            return xdp_action::XDP_PASS;
+        };
+        let n = *n;
+        if n == 0 || n > 4 {
+            return xdp_action::XDP_PASS;
+        }
+        let src = core::ptr::read_unaligned(p.add(26) as *const u32);
+        let ports = core::ptr::read_unaligned(p.add(34) as *const u32);
+        // A constant index each (the verifier does not bound a `%` by a map value).
+        let mac = match jhash_3words(src, dst, ports, config(&TOY_SEED)) % n {
+            0 => config(&TOY_MACS[0]),
+            1 => config(&TOY_MACS[1]),
+            2 => config(&TOY_MACS[2]),
+            _ => config(&TOY_MACS[3]),
+        };
+        core::ptr::write_unaligned(p as *mut [u8; 6], mac);
+        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], config(&TOY_SRC_MAC));
     }
     xdp_action::XDP_TX
 }

@@ -1,14 +1,14 @@
 //! The tests' and benchmarks' own XDP programs, loaded with aya: lb-ebpf's `lb-testgen` object
-//! (lb-ebpf/src/testgen.rs: `generator`, `sink`, `floor`, `pass`, `dsr`), embedded by this
+//! (lb-ebpf/src/testgen.rs: `generator`, `sink`, `floor`, `pass`, `dsr`, `toy`), embedded by this
 //! crate's build script from lb-userspace's build (which builds every program of lb-ebpf).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuValues},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLink},
 };
 
@@ -70,6 +70,36 @@ impl TestProg {
                 ("FWD_SRC_MAC", &src),
             ],
         )
+    }
+
+    /// `toy`, the stateless toy balancer: TCP and UDP to `vip` go to one of `macs` (1 to 4) by
+    /// a jhash of addresses and ports (seed `seed`), with source MAC `src`.
+    pub fn toy(vip: Ipv4Addr, macs: &[[u8; 6]], src: [u8; 6], seed: u32) -> Result<TestProg> {
+        if macs.is_empty() || macs.len() > 4 {
+            bail!("the toy balancer takes 1 to 4 backends, not {}", macs.len());
+        }
+        let mut all = [0u8; 24];
+        for (i, m) in macs.iter().enumerate() {
+            all[i * 6..i * 6 + 6].copy_from_slice(m);
+        }
+        let mut prog = TestProg::load(
+            "toy",
+            &[
+                ("TOY_MACS", &all),
+                ("TOY_SRC_MAC", &src),
+                ("TOY_SEED", &seed.to_ne_bytes()),
+            ],
+        )?;
+        let m = prog
+            .ebpf
+            .map_mut("TOY_SERVICES")
+            .context("no map TOY_SERVICES in the tests' XDP object")?;
+        let mut services = HashMap::<_, u32, u32>::try_from(m)?;
+        // The key is the address as the packet holds it (network order), read as a u32.
+        services
+            .insert(u32::from_ne_bytes(vip.octets()), macs.len() as u32, 0)
+            .context("adding the toy balancer's service")?;
+        Ok(prog)
     }
 
     fn xdp(&self) -> &Xdp {

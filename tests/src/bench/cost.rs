@@ -50,7 +50,7 @@ use lb_userspace::{
     state::{family, to_addr},
 };
 
-use super::{Figure, Opts};
+use super::{Figure, Opts, thousands};
 use crate::{
     bpf::TestProg,
     dpfixture::{
@@ -283,19 +283,6 @@ fn column(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Vec<f64> {
     samples.iter().map(f).collect()
 }
 
-/// 1234567 → "1,234,567".
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// Removes the pin folder (maps of the program under test) when dropped.
 struct Pins(PathBuf);
 
@@ -306,12 +293,12 @@ impl Drop for Pins {
 }
 
 /// Sets kernel.bpf_stats_enabled to 1 and puts the old value back when dropped.
-struct StatsOn {
+pub(super) struct StatsOn {
     old: String,
 }
 
 impl StatsOn {
-    fn enable() -> Result<StatsOn> {
+    pub(super) fn enable() -> Result<StatsOn> {
         let old = std::fs::read_to_string(STATS_SYSCTL)
             .with_context(|| format!("reading {STATS_SYSCTL}"))?
             .trim()
@@ -340,7 +327,7 @@ fn program_info(id: u32) -> Result<aya::programs::ProgramInfo> {
 }
 
 /// (run_time_ns, run_cnt) of program `id` as bpf_stats counted them.
-fn run_stats(id: u32) -> Result<(u64, u64)> {
+pub(super) fn run_stats(id: u32) -> Result<(u64, u64)> {
     let info = program_info(id)?;
     Ok((info.run_time().as_nanos() as u64, info.run_count()))
 }

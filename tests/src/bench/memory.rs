@@ -28,7 +28,7 @@ use aya::{
 };
 use lb_userspace::datapath::{self, Datapath};
 
-use super::{Figure, Opts};
+use super::{Figure, Opts, thousands};
 use crate::{ProcHandle, Topology, TopologyOptions, dpfixture, lbd::LbdPaths, retry_until};
 
 const SECTION_MAPS: &str = "memory: maps (kernel memory, bpftool memlock)";
@@ -49,19 +49,6 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     let mut figures = maps().context("map memory")?;
     figures.extend(lbd_rss(opts).context("lbd's resident set")?);
     Ok(figures)
-}
-
-/// 1234567 → "1,234,567".
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn mib(bytes: u64) -> String {

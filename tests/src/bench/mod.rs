@@ -102,6 +102,19 @@ pub fn markdown(figures: &[Figure]) -> String {
     out
 }
 
+/// `n` with a comma every three digits: 1234567 → "1,234,567".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn fmt(v: f64) -> String {
     if v.is_nan() {
         "–".into()

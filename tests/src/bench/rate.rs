@@ -37,12 +37,12 @@ use lb_common::{
     service_flags, source_slot,
 };
 use lb_userspace::{
-    config::XdpMode,
+    config::{DEFAULT_CONNTRACK_ENTRIES, XdpMode},
     datapath::{self, Datapath},
     state::to_addr,
 };
 
-use super::{Figure, Opts};
+use super::{Figure, Opts, thousands};
 use crate::bpf::TestProg;
 use crate::netns::{in_netns, netns_path, run_checked, set_sysctls};
 use crate::sys::{nice_thread, pin_thread};
@@ -68,6 +68,8 @@ const ROOMY: u32 = 1 << 22;
 const EST_FLOWS: u32 = 1_000;
 /// Addresses of the walk (198.18.0.0/16).
 const WALK: u32 = 65_536;
+/// Client counts of the many-clients walks (the headline: the last).
+const CLIENTS: [u32; 3] = [1_024, 16_384, 65_536];
 /// Frame length without FCS: a 64-byte frame on the wire.
 const FRAME: usize = 60;
 /// Sink slots: 0 counts every frame, 1 + (last two bytes of the destination MAC & 1023) each
@@ -89,15 +91,39 @@ enum Stream {
     UdpWalk,
     /// TCP SYNs, every one a new connection: 65,536 addresses, then the next source port.
     Syn,
+    /// UDP from this many client addresses in turn (at most 65,536): established once the
+    /// first walk recorded them.
+    UdpClients(u32),
+    /// TCP SYNs from this many client addresses in turn (at most 65,536), then the next source
+    /// port: every one a new connection.
+    SynClients(u32),
 }
 
 impl Stream {
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Stream::UdpEst => "UDP established (1,000 flows)",
-            Stream::UdpWalk => "UDP, 65,536-address walk (as many flows as entries)",
-            Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)",
+            Stream::UdpEst => "UDP established (1,000 flows)".into(),
+            Stream::UdpWalk => "UDP, 65,536-address walk (as many flows as entries)".into(),
+            Stream::Syn => "TCP SYN (every one a new connection, 65,536-address walk)".into(),
+            Stream::UdpClients(n) => format!("UDP established, {} clients", thousands(n as u64)),
+            Stream::SynClients(n) => format!(
+                "TCP SYN, {} clients (every one a new connection)",
+                thousands(n as u64)
+            ),
         }
+    }
+
+    /// The flows (addresses) the generator cycles through.
+    fn flows(self) -> u32 {
+        match self {
+            Stream::UdpEst => EST_FLOWS,
+            Stream::UdpWalk | Stream::Syn => WALK,
+            Stream::UdpClients(n) | Stream::SynClients(n) => n,
+        }
+    }
+
+    fn syn(self) -> bool {
+        matches!(self, Stream::Syn | Stream::SynClients(_))
     }
 }
 
@@ -141,7 +167,7 @@ fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
     f[0..6].copy_from_slice(&L0_MAC);
     f[6..12].copy_from_slice(&G0_MAC);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let tcp = stream == Stream::Syn;
+    let tcp = stream.syn();
     let ip_len: u16 = if tcp { 40 } else { 46 };
     let ip = &mut f[14..34];
     ip[0] = 0x45;
@@ -180,21 +206,19 @@ fn check_frame(stream: Stream, n: u64, f: &[u8]) -> Result<()> {
     if f.len() != FRAME {
         bail!("{} bytes, not {FRAME}", f.len());
     }
-    let w = match stream {
-        Stream::UdpEst => n % EST_FLOWS as u64,
-        _ => n & (WALK as u64 - 1),
-    } as u32;
+    let flows = stream.flows() as u64;
+    let w = (n % flows) as u32;
     let mut want = template(stream).0;
     want[26..30].copy_from_slice(&client(w).octets());
-    let sport = 1024 + ((n >> 16) & 0x7fff) as u16;
-    if stream == Stream::Syn {
+    let sport = 1024 + ((n / flows) & 0x7fff) as u16;
+    if stream.syn() {
         // The generator stores the port as a little-endian word: its value on the wire is the
         // byte-swapped number, different for every walk.
         want[34..36].copy_from_slice(&sport.to_le_bytes());
     }
     let mut got = f.to_vec();
     got[24..26].fill(0);
-    if stream == Stream::Syn {
+    if stream.syn() {
         got[50..52].fill(0);
     }
     if got != want {
@@ -214,12 +238,12 @@ fn generator(stream: Stream) -> Result<TestProg> {
     whole[..FRAME].copy_from_slice(&frame);
     // The program walks 65,536 addresses (the counter's low 16 bits) unless told a flow count.
     const _: () = assert!(WALK == 1 << 16);
-    let flows: u32 = if stream == Stream::UdpEst {
-        EST_FLOWS
-    } else {
-        0
-    };
-    let syn = u32::from(stream == Stream::Syn);
+    let flows = stream.flows();
+    if flows == 0 || flows > WALK {
+        bail!("{stream:?}: 1 to {WALK} flows, not {flows}");
+    }
+    let flows: u32 = if flows == WALK { 0 } else { flows };
+    let syn = u32::from(stream.syn());
     TestProg::load(
         "generator",
         &[
@@ -348,6 +372,10 @@ impl Rig {
             "g0",
             "address",
             &mac(G0_MAC),
+            "numtxqueues",
+            "2",
+            "numrxqueues",
+            "2",
             "type",
             "veth",
             "peer",
@@ -355,6 +383,10 @@ impl Rig {
             "l0",
             "address",
             &mac(L0_MAC),
+            "numtxqueues",
+            "2",
+            "numrxqueues",
+            "2",
             "netns",
             &l,
         ])?;
@@ -388,7 +420,11 @@ impl Rig {
         let sink = &mut rig.sink;
         let link = in_netns(&g, || sink.attach(g0).context("attaching the sink to g0"))?;
         rig.sink_link = Some(link);
-        for s in [Stream::UdpEst, Stream::UdpWalk, Stream::Syn] {
+        let mut streams = vec![Stream::UdpEst, Stream::UdpWalk, Stream::Syn];
+        for n in CLIENTS {
+            streams.extend([Stream::UdpClients(n), Stream::SynClients(n)]);
+        }
+        for s in streams {
             rig.gens.insert(s, generator(s)?);
         }
         Ok(rig)
@@ -432,16 +468,97 @@ impl Rig {
     /// Attaches program `name` of the tests' XDP object (`floor` or `pass`) to l0; detached
     /// when the returned link is dropped.
     fn attach_l0(&self, name: &'static str) -> Result<XdpLink> {
-        let mut prog = TestProg::load(name, &[])?;
+        Ok(self.attach_prog_l0(TestProg::load(name, &[])?)?.0)
+    }
+
+    /// Attaches `prog` to l0: its link (dropping it detaches) and the program's id.
+    fn attach_prog_l0(&self, mut prog: TestProg) -> Result<(XdpLink, u32)> {
         let l0 = self.l0;
         // A link removed just before may still be going away (EBUSY meanwhile).
-        crate::retry_until(Duration::from_secs(5), "attaching to l0", || {
+        let link = crate::retry_until(Duration::from_secs(5), "attaching to l0", || {
             in_netns(&self.l, || prog.attach(l0))
+        })?;
+        Ok((link, prog.id()?))
+    }
+
+    /// One more call of `stream`, sized for `mpps`, with kernel.bpf_stats_enabled on (the old
+    /// value restored after): program `id`'s run_time_ns / run_cnt over the call, its run count,
+    /// and the rate of this call (the accounting's clock reads included).
+    fn live_cost(&self, stream: Stream, window: Window, mpps: f64, id: u32) -> Result<LiveCost> {
+        let _on = super::cost::StatsOn::enable()?;
+        let before = super::cost::run_stats(id)?;
+        let repeat = (mpps.max(0.1) * 1e6 * (window.warmup + window.length) * 1.25 + 20_000.0)
+            .min(4e9) as u32;
+        let run = self.measure(stream, window, repeat, 0)?;
+        let after = super::cost::run_stats(id)?;
+        let runs = after.1 - before.1;
+        if runs == 0 {
+            bail!("bpf_stats: program {id} did not run during the call of {stream:?}");
+        }
+        Ok(LiveCost {
+            ns: (after.0 - before.0) as f64 / runs as f64,
+            runs,
+            mpps: run.mpps,
         })
+    }
+
+    /// One live-frames call of `repeat` frames of `stream` from each CPU of `cpus` at once
+    /// (a thread pinned to each): frames delivered to the sink per second (Mpps) from the
+    /// threads' start to the last call's end (each call's fixed ~24 ms included).
+    fn measure_cpus(&self, stream: Stream, cpus: &[usize], repeat: u32) -> Result<f64> {
+        let (frame, _, _) = template(stream);
+        let prog = &self.gens[&stream];
+        let got0 = self.sink.sum("SINK", 0)?;
+        let start = Instant::now();
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let threads: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    s.spawn(move || -> Result<()> {
+                        let ns = File::open(netns_path(&self.g))
+                            .context("opening the generator namespace")?;
+                        crate::sys::setns_net(ns.as_fd())
+                            .context("entering the generator namespace")?;
+                        pin_thread(cpu)?;
+                        nice_thread(-20)?;
+                        prog.test_run_live(&frame, self.g0, repeat, BATCH)
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .map_err(|_| anyhow!("a generator thread panicked"))?
+                })
+                .collect()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        for r in results {
+            r?;
+        }
+        // Whatever is still in flight lands within the call; give stragglers a moment anyway.
+        std::thread::sleep(Duration::from_millis(10));
+        let got = self.sink.sum("SINK", 0)? - got0;
+        Ok(got as f64 / secs / 1e6)
     }
 
     /// One live-frames call of `repeat` frames of `stream`, sampled from the other CPU.
     fn measure(&self, stream: Stream, window: Window, repeat: u32, slots: u32) -> Result<Run> {
+        Ok(self.measure_with(stream, window, repeat, slots, None)?.0)
+    }
+
+    /// `measure`, and with `change` = (seconds, action): the sampling thread runs the action
+    /// that long after the first frame arrived. Also returns the sink's samples (time, total)
+    /// and when the action had ended.
+    fn measure_with(
+        &self,
+        stream: Stream,
+        window: Window,
+        repeat: u32,
+        slots: u32,
+        mut change: Option<(f64, &mut (dyn FnMut() -> Result<()> + Send))>,
+    ) -> Result<(Run, Samples, Option<Instant>)> {
         let (frame, _, _) = template(stream);
         let prog = &self.gens[&stream];
         let sent0 = prog.sum("SENT", 0)?;
@@ -466,10 +583,13 @@ impl Rig {
                 done.store(true, Ordering::SeqCst);
                 r
             });
-            let sampler = s.spawn(|| -> Result<Vec<(Instant, u64)>> {
+            let change = &mut change;
+            let sampler = s.spawn(|| -> Result<(Samples, Option<Instant>)> {
                 pin_thread(self.sample_cpu)?;
                 nice_thread(-20)?;
                 let mut v = Vec::with_capacity(1 << 16);
+                let mut first: Option<Instant> = None;
+                let mut changed = None;
                 loop {
                     let finished = done.load(Ordering::SeqCst);
                     let before = Instant::now();
@@ -484,7 +604,17 @@ impl Rig {
                         if took >= Duration::from_micros(50) {
                             v.push((before + took / 2, count));
                         }
-                        return Ok(v);
+                        return Ok((v, changed));
+                    }
+                    if first.is_none() && count > got0 {
+                        first = Some(before);
+                    }
+                    if let (Some(t0), Some((after, action)), None) =
+                        (first, change.as_mut(), changed)
+                        && before >= t0 + Duration::from_secs_f64(*after)
+                    {
+                        action()?;
+                        changed = Some(Instant::now());
                     }
                     std::thread::sleep(period);
                 }
@@ -499,7 +629,7 @@ impl Rig {
             )
         });
         gen_result??;
-        let samples = samples??;
+        let (samples, changed) = samples??;
         let cpu_after = cpu_times(self.gen_cpu)?;
         // Whatever is still in flight lands within the call; give stragglers a moment anyway.
         std::thread::sleep(Duration::from_millis(10));
@@ -526,7 +656,7 @@ impl Rig {
                 cpu_times(self.gen_cpu)?.elsewhere_since(&cpu_before) * 100.0
             );
         }
-        Ok(Run {
+        let run = Run {
             mpps: pps / 1e6,
             sent,
             delivered,
@@ -538,7 +668,8 @@ impl Rig {
             },
             per_slot,
             elsewhere: cpu_after.elsewhere_since(&cpu_before),
-        })
+        };
+        Ok((run, samples, changed))
     }
 
     /// `reps` measurements of `stream` over `window`, each after `before`; a time window gets
@@ -622,6 +753,17 @@ impl Window {
     }
 }
 
+/// The sink's total at times during a call.
+type Samples = Vec<(Instant, u64)>;
+
+/// A program's own time per run during live frames (bpf_stats).
+struct LiveCost {
+    ns: f64,
+    runs: u64,
+    /// The rate during that call (with the accounting on).
+    mpps: f64,
+}
+
 /// One measurement.
 struct Run {
     mpps: f64,
@@ -676,6 +818,18 @@ fn cpu_times(cpu: usize) -> Result<CpuTimes> {
 
 // ---- lb ---------------------------------------------------------------------------------------
 
+/// The Maglev table of backends 0..n, equal weights.
+fn maglev(n: u32) -> Vec<u32> {
+    let live: Vec<MaglevBackend> = (0..n)
+        .map(|i| MaglevBackend {
+            id: i,
+            addr: to_addr(IpAddr::V4(backend_addr(i))),
+            weight: 100,
+        })
+        .collect();
+    build_table(&SEED, &live, TABLE)
+}
+
 /// lb's program loaded by lbd's datapath code into a pin folder of the rig, with one service
 /// and `n` backends, attached to l0.
 struct Lb {
@@ -695,7 +849,6 @@ impl Lb {
         rig.pins.push(dir.clone());
         let mut dp = Datapath::open(&dir, capacity, &[])?;
         dp.set_config(SEED)?;
-        let mut live = vec![];
         for i in 0..n {
             let addr = to_addr(IpAddr::V4(backend_addr(i)));
             let b = Backend {
@@ -711,13 +864,8 @@ impl Lb {
                 ..Default::default()
             };
             dp.set_backend(i, &b)?;
-            live.push(MaglevBackend {
-                id: i,
-                addr,
-                weight: 100,
-            });
         }
-        let table = build_table(&SEED, &live, TABLE);
+        let table = maglev(n);
         let l0 = rig.l0;
         let l = rig.l.clone();
         crate::retry_until(Duration::from_secs(5), "attaching lb to l0", || {
@@ -831,6 +979,21 @@ impl Series {
         Figure::from_samples("", "", "", self.runs.iter().map(|r| r.mpps).collect(), "").median
     }
 
+    /// Its figure (Mpps) in `section`: `note`, then the series' own remarks.
+    fn figure(&self, section: &str, mut note: String) -> Figure {
+        if !self.extra.is_empty() {
+            note.push_str("; ");
+            note.push_str(&self.extra);
+        }
+        Figure::from_samples(
+            section,
+            &self.name,
+            "Mpps",
+            self.runs.iter().map(|r| r.mpps).collect(),
+            &note,
+        )
+    }
+
     fn sent(&self) -> u64 {
         self.runs.iter().map(|r| r.sent).sum()
     }
@@ -843,9 +1006,21 @@ impl Series {
     }
 }
 
-pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
+/// What both rate parts start with: the rig, checked, this thread pinned to the sampling CPU
+/// (it fills and empties maps between calls: on the other CPU than the data path's, so it does
+/// not evict the data path's caches), repetitions and window.
+fn start(opts: &Opts) -> Result<(Rig, crate::sys::Pinned, usize, Window)> {
     crate::require_root();
     reap_stale();
+    let (reps, time) = timing(opts);
+    let mut rig = Rig::new()?;
+    let pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
+    rig.check_generators(rig.sample_cpu)?;
+    Ok((rig, pinned, reps, time))
+}
+
+/// Repetitions and window of the part's series.
+fn timing(opts: &Opts) -> (usize, Window) {
     let quick = opts.quick;
     let reps = if quick {
         opts.repetitions.min(3)
@@ -853,15 +1028,352 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         opts.repetitions.max(5)
     };
     let length = if quick { 0.25 } else { 0.5 };
-    let time = Window {
+    (
+        reps,
+        Window {
+            warmup: 0.1,
+            length,
+        },
+    )
+}
+
+/// The program under test on l0 in the many-clients walks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Under {
+    Floor,
+    Toy,
+    Lb,
+}
+
+impl Under {
+    fn label(self) -> &'static str {
+        match self {
+            Under::Floor => "floor (MAC swap + XDP_TX)",
+            Under::Toy => "toy (stateless: hash lookup of the VIP, jhash % 3, MACs, XDP_TX)",
+            Under::Lb => "lb dsr, 3 backends, lbd's default 1,048,576-entry table",
+        }
+    }
+}
+
+/// Part `clients`, the headline: what users run (lbd's default connection table, 3 dsr
+/// backends) under walks of 1,024, 16,384 and 65,536 clients, against the floor and a
+/// stateless toy balancer measured side by side in the same run. Per configuration: the rate
+/// (bpf_stats as it was), then one more call with kernel.bpf_stats_enabled for the program's
+/// own live ns per run.
+pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
+    let (mut rig, _pinned, reps, time) = start(opts)?;
+    let cpu = rig.gen_cpu;
+    let section = "packet rate, many clients (lbd's default table)";
+    let mut figures = vec![];
+    // (clients, syn, under) -> (median Mpps, live ns per run)
+    let mut got: BTreeMap<(u32, bool, u8), (f64, f64)> = BTreeMap::new();
+    for n in CLIENTS {
+        for under in [Under::Floor, Under::Toy, Under::Lb] {
+            let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
+            let (mut lb, _link, id) = match under {
+                Under::Floor => {
+                    let (link, id) = rig.attach_prog_l0(TestProg::load("floor", &[])?)?;
+                    (None, Some(link), id)
+                }
+                Under::Toy => {
+                    let toy = TestProg::toy(VIP, &macs, L0_MAC, SEED[0] as u32)?;
+                    let (link, id) = rig.attach_prog_l0(toy)?;
+                    (None, Some(link), id)
+                }
+                Under::Lb => {
+                    let lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+                    let id = lb.dp.program_id();
+                    (Some(lb), None, id)
+                }
+            };
+            let slots = if under == Under::Floor { 0 } else { 3 };
+            for stream in [Stream::UdpClients(n), Stream::SynClients(n)] {
+                let syn = stream.syn();
+                if let Some(lb) = lb.as_mut() {
+                    lb.service(if syn { 6 } else { 17 })?;
+                    lb.clear()?;
+                }
+                let runs = rig.series(stream, time, reps, slots, || Ok(()))?;
+                let s = Series {
+                    name: format!("{}, {}", under.label(), stream.label()),
+                    extra: share_note(&runs, slots),
+                    runs,
+                };
+                let mpps = s.median();
+                let live = rig.live_cost(stream, time, mpps, id)?;
+                let flows = lb.as_ref().map(|lb| lb.flows());
+                let mut note = format!(
+                    "{:.0} ns/packet for the whole path; lost {} of {} sent; the program's own live cost (bpf_stats, one more call): {:.1} ns per run over {} runs ({:.2} Mpps with the accounting on)",
+                    1e3 / mpps,
+                    s.lost(),
+                    s.sent(),
+                    live.ns,
+                    live.runs,
+                    live.mpps
+                );
+                if let Some(&(floor, _)) = got.get(&(n, syn, Under::Floor as u8)) {
+                    note.push_str(&format!(
+                        "; {:.2}× floor ({:+.0} ns/packet)",
+                        mpps / floor,
+                        1e3 / mpps - 1e3 / floor
+                    ));
+                }
+                if let Some(flows) = flows {
+                    note.push_str(&format!(
+                        "; {flows} flows in the table after (emptied before the series{})",
+                        if syn {
+                            ", then filled by the SYNs: every SYN once it is full takes the place of another"
+                        } else {
+                            "; the first walk records the clients, the windows start after it"
+                        }
+                    ));
+                }
+                figures.push(s.figure(section, note));
+                got.insert((n, syn, under as u8), (mpps, live.ns));
+            }
+            if let Some(lb) = lb {
+                lb.remove()?;
+            }
+        }
+    }
+    // The table: live ns per run of each program, and rates as × floor.
+    for n in CLIENTS {
+        let at = |syn: bool, u: Under| got.get(&(n, syn, u as u8)).copied();
+        for syn in [false, true] {
+            let what = if syn { "TCP SYN" } else { "UDP established" };
+            let (Some(floor), Some(toy), Some(lb)) = (
+                at(syn, Under::Floor),
+                at(syn, Under::Toy),
+                at(syn, Under::Lb),
+            ) else {
+                continue;
+            };
+            let clients = thousands(n as u64);
+            figures.push(Figure::value(
+                section,
+                &format!("live ns per run (bpf_stats), {what}, {clients} clients: lb"),
+                "ns",
+                lb.1,
+                &format!(
+                    "floor {:.1} ns, toy {:.1} ns; lb = {:.2}× the toy's (target ≤ 1.5× with 65,536 clients)",
+                    floor.1,
+                    toy.1,
+                    lb.1 / toy.1
+                ),
+            ));
+            figures.push(Figure::value(
+                section,
+                &format!("ratio lb/floor, {what}, {clients} clients"),
+                "×",
+                lb.0 / floor.0,
+                &format!(
+                    "{:.2} vs {:.2} Mpps; toy {:.2}× floor (target for lb with 65,536 clients: ≥ {})",
+                    lb.0,
+                    floor.0,
+                    toy.0 / floor.0,
+                    if syn { "0.70" } else { "0.80" }
+                ),
+            ));
+        }
+    }
+    change_rate(&mut rig, reps, section, &mut figures)?;
+    two_cpus(&mut rig, reps.min(3), section, &mut figures)?;
+    figures.push(Figure::value(
+        section,
+        "how these were measured",
+        "",
+        f64::NAN,
+        &format!(
+            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < clients), one UDP flow each, or SYNs whose source port changes with every walk; per client count the floor, the toy and lb one after the other; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
+        ),
+    ));
+    Ok(figures)
+}
+
+/// The sink's rate between `from` and `to` (while traffic still came), and the window's length.
+fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> Option<(f64, f64)> {
+    let last = samples.last()?.1;
+    let stop = samples.iter().position(|s| s.1 == last)?;
+    let during = &samples[..stop];
+    let a = during.iter().find(|s| s.0 >= from)?;
+    let b = during.iter().rev().find(|s| s.0 <= to)?;
+    let secs = b.0.saturating_duration_since(a.0).as_secs_f64();
+    (secs > 0.0).then(|| ((b.1 - a.1) as f64 / secs, secs))
+}
+
+/// A backend added while 65,536 clients send: lb (default table, backends 0-2 in the Maglev
+/// table, backend 3 configured but in no slot) gets a table with all four in the middle of one
+/// long call (0.5 s after the first frame). The rate over the second after the change, the
+/// slowest 100 ms in it, against the same call's rate before the change (0.1-0.4 s).
+fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>) -> Result<()> {
+    let (three, four) = (maglev(3), maglev(4));
+    let mut lb = Lb::new(rig, 4, false, DEFAULT_CONNTRACK_ENTRIES)?;
+    lb.table = three.clone();
+    let before_window = Window {
         warmup: 0.1,
-        length,
+        length: 0.3,
     };
-    let mut rig = Rig::new()?;
-    // This thread fills and empties maps between calls: on the other CPU than the data path's,
-    // so it does not evict the data path's caches.
-    let _pinned = crate::sys::Pinned::to(rig.sample_cpu)?;
-    rig.check_generators(rig.sample_cpu)?;
+    for stream in [Stream::UdpClients(WALK), Stream::SynClients(WALK)] {
+        lb.service(if stream.syn() { 6 } else { 17 })?;
+        lb.clear()?;
+        let cal = rig.measure(
+            stream,
+            Window {
+                warmup: 0.005,
+                length: f64::INFINITY,
+            },
+            200_000,
+            0,
+        )?;
+        let mut pps = cal.mpps.max(0.1) * 1e6;
+        let (mut after, mut before, mut worst, mut to_new) = (vec![], vec![], vec![], 0u64);
+        for _ in 0..reps {
+            let mut tries = 0;
+            loop {
+                lb.dp.swap_table(0, &three)?;
+                lb.clear()?;
+                let repeat = (pps * 1.6 * 1.5 + 20_000.0).min(4e9) as u32;
+                let dp = &mut lb.dp;
+                let mut add = || -> Result<()> { Ok(dp.swap_table(0, &four)?) };
+                let (run, samples, changed) =
+                    rig.measure_with(stream, before_window, repeat, 4, Some((0.5, &mut add)))?;
+                let changed = changed.ok_or_else(|| anyhow!("the call ended before the change"))?;
+                let second = rate_between(&samples, changed, changed + Duration::from_secs(1));
+                pps = pps.max(run.mpps * 1e6);
+                match second {
+                    Some((rate, secs)) if secs >= 0.95 => {
+                        let slowest = (0..10)
+                            .filter_map(|i| {
+                                let from = changed + Duration::from_millis(100 * i);
+                                rate_between(&samples, from, from + Duration::from_millis(100))
+                            })
+                            .map(|(r, _)| r)
+                            .fold(f64::INFINITY, f64::min);
+                        after.push(rate / 1e6);
+                        before.push(run.mpps);
+                        worst.push(slowest / 1e6);
+                        to_new += run.per_slot[3];
+                        break;
+                    }
+                    _ => {
+                        tries += 1;
+                        if tries > 3 {
+                            bail!("{stream:?}: the calls ended before a second after the change");
+                        }
+                        pps *= 2.0;
+                    }
+                }
+            }
+        }
+        let med = |v: &[f64]| Figure::from_samples("", "", "", v.to_vec(), "").median;
+        figures.push(Figure::from_samples(
+            section,
+            &format!(
+                "lb, the second after a backend is added (3 → 4), {}",
+                stream.label()
+            ),
+            "Mpps",
+            after.clone(),
+            &format!(
+                "{:.2}× the same calls' rate before the change (median {:.2} Mpps); slowest 100 ms in that second: median {:.2} Mpps; {to_new} packets to the new backend over all calls ({}); lbd's default table, emptied before each call",
+                med(&after) / med(&before),
+                med(&before),
+                med(&worst),
+                if stream.syn() {
+                    "SYNs take the new choice"
+                } else {
+                    "established flows keep their backend"
+                }
+            ),
+        ));
+    }
+    lb.remove()
+}
+
+/// The same streams of 65,536 clients from both CPUs at once (two generator threads, each
+/// pinned to its CPU; on veth each frame's whole path then runs on the CPU that sent it), the
+/// floor's and lb's rate against one CPU, measured the same way (delivered frames over the
+/// calls' wall time, ~1 s calls). Both CPUs walk the same clients, their counters apart (half a
+/// walk for UDP, so a flow's packets come from both CPUs, unlike with RSS; 16,384 walks for
+/// SYNs, so every SYN is still a new connection).
+fn two_cpus(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>) -> Result<()> {
+    // The rig's CPUs (this thread is pinned to the sampling one by now).
+    if rig.gen_cpu == rig.sample_cpu {
+        bail!("two-CPU scaling needs two CPUs, this machine has one");
+    }
+    let (one, both) = ([rig.gen_cpu], [rig.sample_cpu, rig.gen_cpu]);
+    let mut scaling: BTreeMap<(bool, u8), f64> = BTreeMap::new();
+    for under in [Under::Floor, Under::Lb] {
+        let (mut lb, _link) = match under {
+            Under::Lb => (
+                Some(Lb::new(rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?),
+                None,
+            ),
+            _ => (
+                None,
+                Some(rig.attach_prog_l0(TestProg::load("floor", &[])?)?.0),
+            ),
+        };
+        for stream in [Stream::UdpClients(WALK), Stream::SynClients(WALK)] {
+            if let Some(lb) = lb.as_mut() {
+                lb.service(if stream.syn() { 6 } else { 17 })?;
+                lb.clear()?;
+            }
+            let cal = rig.measure_cpus(stream, &one, 2_000_000)?;
+            let repeat = (cal * 1e6).clamp(1e5, 4e9) as u32;
+            let (mut single, mut double) = (vec![], vec![]);
+            for _ in 0..reps {
+                single.push(rig.measure_cpus(stream, &one, repeat)?);
+                let generator = rig
+                    .gens
+                    .get_mut(&stream)
+                    .expect("every stream has a generator");
+                let mut sent = generator.per_cpu("SENT", 0)?;
+                let apart: u64 = if stream.syn() { 0x4000_0000 } else { 0x8000 };
+                sent[both[0]] = sent[both[1]] + apart;
+                generator.set_per_cpu("SENT", 0, &sent)?;
+                double.push(rig.measure_cpus(stream, &both, repeat)?);
+            }
+            let med = |v: &[f64]| Figure::from_samples("", "", "", v.to_vec(), "").median;
+            let x = med(&double) / med(&single);
+            scaling.insert((stream.syn(), under as u8), x);
+            figures.push(Figure::from_samples(
+                section,
+                &format!("{}, {}, both CPUs", under.label(), stream.label()),
+                "Mpps",
+                double,
+                &format!(
+                    "{x:.2}× one CPU measured the same way (median {:.2} Mpps); delivered frames over the calls' wall time",
+                    med(&single)
+                ),
+            ));
+        }
+        if let Some(lb) = lb {
+            lb.remove()?;
+        }
+    }
+    for syn in [false, true] {
+        if let (Some(lb), Some(floor)) = (
+            scaling.get(&(syn, Under::Lb as u8)),
+            scaling.get(&(syn, Under::Floor as u8)),
+        ) {
+            figures.push(Figure::value(
+                section,
+                &format!(
+                    "two-CPU scaling, lb against the floor, {}",
+                    if syn { "TCP SYN" } else { "UDP established" }
+                ),
+                "×",
+                lb / floor,
+                &format!("lb {lb:.2}× from one CPU to two, the floor {floor:.2}×"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
+    let (mut rig, _pinned, reps, time) = start(opts)?;
     let cpu = rig.gen_cpu;
     let mut series: Vec<Series> = vec![];
     let mut floors: BTreeMap<Stream, f64> = BTreeMap::new();
@@ -966,7 +1478,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             let flows = lb.flows();
             lb_names.push((series.len(), Stream::UdpEst, false));
             series.push(Series {
-                name: name(Stream::UdpEst.label(), "empty 65,536-entry table"),
+                name: name(&Stream::UdpEst.label(), "empty 65,536-entry table"),
                 extra: format!(
                     "{flows} flows in the table (only these); {}",
                     share_note(&runs, slots)
@@ -980,7 +1492,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
             lb_names.push((series.len(), Stream::UdpEst, !tunnel && n == 3));
             series.push(Series {
-                name: name(Stream::UdpEst.label(), "full 65,536-entry table"),
+                name: name(&Stream::UdpEst.label(), "full 65,536-entry table"),
                 extra: format!("all {before} entries taken; {}", share_note(&runs, slots)),
                 runs,
             });
@@ -994,7 +1506,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                 let runs = rig.series(Stream::UdpWalk, time, reps, slots, || Ok(()))?;
                 let after = lb.flows();
                 series.push(Series {
-                    name: name(Stream::UdpWalk.label(), "full 65,536-entry table"),
+                    name: name(&Stream::UdpWalk.label(), "full 65,536-entry table"),
                     extra: format!("{before} flows in the table before, {after} after"),
                     runs,
                 });
@@ -1019,7 +1531,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
             lb_names.push((series.len(), Stream::Syn, !tunnel && n == 3));
             series.push(Series {
-                name: name(Stream::Syn.label(), "full 65,536-entry table"),
+                name: name(&Stream::Syn.label(), "full 65,536-entry table"),
                 extra: format!(
                     "every one of the table's {before} entries taken before each call, so every SYN takes the place of its set's least recently seen flow; {}",
                     share_note(&runs, slots)
@@ -1038,7 +1550,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
             lb_names.push((series.len(), Stream::Syn, false));
             series.push(Series {
-                name: name(Stream::Syn.label(), "empty 4,194,304-entry table"),
+                name: name(&Stream::Syn.label(), "empty 4,194,304-entry table"),
                 extra: format!(
                     "emptied before each call, which then inserted at most {most} flows (no eviction; a table of 64 MiB, far beyond the caches); {}",
                     share_note(&runs, slots)
@@ -1126,17 +1638,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                 elsewhere.median, elsewhere.max
             ));
         }
-        if !s.extra.is_empty() {
-            note.push_str("; ");
-            note.push_str(&s.extra);
-        }
-        figures.push(Figure::from_samples(
-            SECTION,
-            &s.name,
-            "Mpps",
-            s.runs.iter().map(|r| r.mpps).collect(),
-            &note,
-        ));
+        figures.push(s.figure(SECTION, note));
     }
     let sharing = format!(
         "generator, data path and sink share CPU {cpu} (pinned test-run thread; on veth the whole path runs in its softirq); the rate is read from the sink's counter sampled from CPU {} during one long live-frames call",
@@ -1241,5 +1743,47 @@ mod tests {
         // A test run runs on the calling thread's CPU: the counter slot set is that CPU's.
         let _pinned = crate::sys::Pinned::to(0).expect("pinning to CPU 0");
         rig.check_generators(0).expect("the generators' frames");
+    }
+
+    /// The toy balancer (the many-clients part's second reference) sends a frame to its VIP
+    /// back out to one of its backends' MACs, the same one every time for a flow, spreads the
+    /// walk's clients over all three, and lets a frame to another address pass unchanged.
+    #[test]
+    fn toy_balancer_spreads_clients_and_passes_the_rest() {
+        use super::*;
+        crate::require_root();
+        let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
+        let toy = TestProg::toy(VIP, &macs, L0_MAC, 7).expect("loading the toy balancer");
+        let mut seen = [0u32; 3];
+        for w in 0..300 {
+            let mut f = template(Stream::UdpClients(300)).0;
+            f[26..30].copy_from_slice(&client(w).octets());
+            let (action, out) = toy.test_run_once(&f).expect("a test run of the toy");
+            assert_eq!(action, XDP_TX as u32, "client {w}");
+            assert_eq!(out[6..12], L0_MAC, "client {w}: source MAC");
+            assert_eq!(out[12..], f[12..], "client {w}: only the MACs change");
+            let i = macs
+                .iter()
+                .position(|m| out[0..6] == m[..])
+                .unwrap_or_else(|| panic!("client {w}: MAC {:02x?} is no backend's", &out[0..6]));
+            assert_eq!(
+                toy.test_run_once(&f).unwrap().1,
+                out,
+                "client {w}: same backend"
+            );
+            seen[i] += 1;
+        }
+        assert!(
+            seen.iter().all(|&c| c > 60),
+            "300 clients over 3 backends: {seen:?}"
+        );
+        let mut other = template(Stream::UdpClients(300)).0;
+        other[30..34].copy_from_slice(&[203, 0, 113, 11]);
+        let (action, out) = toy.test_run_once(&other).unwrap();
+        assert_eq!(
+            (action, &out[..]),
+            (2, &other[..]),
+            "another destination passes"
+        );
     }
 }

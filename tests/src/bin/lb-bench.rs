@@ -14,6 +14,7 @@ const PARTS: &[Part] = &[
     ("control", bench::control::run),
     ("memory", bench::memory::run),
     ("cost", bench::cost::run),
+    ("clients", bench::rate::run_clients),
     ("rate", bench::rate::run),
     ("http", bench::http::run),
 ];
