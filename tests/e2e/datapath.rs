@@ -379,15 +379,7 @@ fn a_flow_entry_is_honoured_only_for_its_own_service() {
 }
 
 fn flow_key(src: Ipv4Addr, sport: u16) -> lb_common::FlowKey {
-    lb_common::FlowKey {
-        src: to_addr(src.into()),
-        dst: to_addr(VIP.into()),
-        sport: sport.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
-        family: 4,
-        _pad: [0; 2],
-    }
+    lb_tests::dpfixture::flow_key(src.into(), VIP.into(), sport, 80, 6)
 }
 
 #[test]

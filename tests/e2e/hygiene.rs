@@ -704,15 +704,7 @@ fn an_upgrade_that_grows_the_connection_table_keeps_the_old_program_in_its_table
                 0x10,
                 b"",
             );
-            let flow = lb_common::FlowKey {
-                src: to_addr(client.into()),
-                dst: to_addr(vip.into()),
-                sport: port.to_be(),
-                dport: 80u16.to_be(),
-                proto: 6,
-                family: 4,
-                _pad: [0; 2],
-            };
+            let flow = lb_tests::dpfixture::flow_key(client.into(), vip.into(), port, 80, 6);
             let set = lb_common::hash::flow_hash(&SEED, &flow) as u32
                 & (lb_common::conntrack_sets(BIG) - 1);
             if set < small_sets {

@@ -36,7 +36,7 @@ use std::{
 };
 
 use etherparse::{IpNumber, Ipv4Header, Ipv6Header};
-use lb_common::{FlowKey, Reason, ServiceValue, maglev_slot};
+use lb_common::{Reason, ServiceValue, maglev_slot};
 use lb_tests::{
     dpfixture::{
         Fixture, LB_MAC, MTU, SEED, Svc, TABLE, VIP, VIP_TUNNEL, VIP6, XDP_ABORTED, XDP_DROP,
@@ -44,7 +44,6 @@ use lb_tests::{
     },
     packet::checksum,
 };
-use lb_userspace::state::{family, to_addr};
 use rand::{Rng as _, RngCore as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 
 /// The data-path fixture of tests/src/dpfixture.rs (the five services of e2e/packets.rs).
@@ -100,15 +99,7 @@ impl Reference for Fixture {
         if !s.five_tuple() {
             return Rule::Exact(self.predicted(sid, client));
         }
-        let key = FlowKey {
-            src: to_addr(client),
-            dst: to_addr(s.vip),
-            sport: cport.to_be(),
-            dport: vport.to_be(),
-            proto,
-            family: family(client),
-            _pad: [0; 2],
-        };
+        let key = lb_tests::dpfixture::flow_key(client, s.vip, cport, vport, proto);
         let service = ServiceValue {
             flags: s.flags,
             table_size: TABLE,

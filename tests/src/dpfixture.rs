@@ -285,3 +285,16 @@ impl Fixture {
             .1
     }
 }
+
+/// The program's key of a TCP or UDP flow (`proto` 6 or 17), ports in host order.
+pub fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src: to_addr(src),
+        dst: to_addr(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family: family(src),
+        _pad: [0; 2],
+    }
+}

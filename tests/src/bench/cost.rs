@@ -55,7 +55,7 @@ use crate::{
     bpf::TestProg,
     dpfixture::{
         self, CLIENT_MAC, LB_MAC, MTU, SEED, Svc, TABLE, VIP, VIP_TUNNEL, VIP6, VIP6_TUNNEL,
-        XDP_PASS, XDP_TX,
+        XDP_PASS, XDP_TX, flow_key,
     },
     packet,
 };
@@ -475,18 +475,6 @@ fn fresh4(i: u64) -> (Ipv4Addr, u16) {
 /// The `i`-th fresh IPv6 client: 2001:2::/48 (RFC 5180, benchmarking).
 fn fresh6(i: u64) -> Ipv6Addr {
     Ipv6Addr::from((0x2001_0002u128 << 96) | (i as u128 + 1))
-}
-
-fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src: to_addr(src),
-        dst: to_addr(dst),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        family: family(src),
-        _pad: [0; 2],
-    }
 }
 
 /// The flow a TCP/UDP frame (IPv4 without options, or IPv6 without extension headers) belongs

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use lb_common::{
-    Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, backend_flags,
+    Backend, FlowValue, ServiceKey, ServiceValue, backend_flags,
     maglev::{MaglevBackend, build_table},
     service_flags, source_slot,
 };
@@ -44,6 +44,7 @@ use lb_userspace::{
 
 use super::{Figure, Opts, thousands};
 use crate::bpf::TestProg;
+use crate::dpfixture::flow_key;
 use crate::netns::{in_netns, netns_path, run_checked, set_sysctls};
 use crate::sys::{nice_thread, pin_thread};
 
@@ -925,15 +926,7 @@ impl Lb {
     fn fill(&mut self) -> Result<()> {
         for w in 0..WALK {
             let src = to_addr(IpAddr::V4(client(w)));
-            let key = FlowKey {
-                src,
-                dst: to_addr(IpAddr::V4(VIP)),
-                sport: UDP_SPORT.to_be(),
-                dport: UDP_PORT.to_be(),
-                proto: 17,
-                family: 4,
-                _pad: [0; 2],
-            };
+            let key = flow_key(client(w).into(), VIP.into(), UDP_SPORT, UDP_PORT, 17);
             let backend = self.table[source_slot(&SEED, TABLE, &src).unwrap() as usize];
             self.dp
                 .set_flow(
