@@ -1,5 +1,6 @@
-//! The connection table (`CONNTRACK`: flow → backend, a set-associative cache in an array) and
-//! the fragments table (`FRAGS`): where a flow's and a datagram's packets go once placed.
+//! The connection table's geometry (`CONNTRACK`: a set-associative cache in an array of
+//! `slotstate::RecordSet`s) and the fragments table (`FRAGS`): where a flow's and a datagram's
+//! packets go once placed.
 
 use crate::{Addr, BPF_F_MMAPABLE, ServiceValue};
 
@@ -36,87 +37,13 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// What the connection table says about a flow: the backend it was sent to.
+/// What the connection table says about a flow (`slotstate::Record::value`): the backend it
+/// was sent to, of which service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub backend: u32,
     pub service: u32,
-}
-
-/// One entry of the connection table: a flow, known by its 64-bit keyed hash
-/// (`hash::flow_hash`), and its backend.
-///
-/// `check` is the flow's hash XOR `ids`. An entry belongs to a flow when `check ^ hash == ids`:
-/// the 64-bit hash tells flows apart (the flows of one set share the hash's low bits, the set
-/// index; that two of them share the rest is a chance of 2^-46 at the default 262,144 sets),
-/// and an entry torn by two CPUs writing it at once (one's `ids`, the other's `check`)
-/// belongs to no flow, so it can send no flow to the wrong backend. An all-zero entry is free.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowEntry {
-    pub check: u64,
-    /// Backend id (low 16 bits) and service id (high 16 bits).
-    pub ids: u32,
-    /// When the flow was last seen: a coarse clock (jiffies / 64), never 0 in a used entry; the
-    /// set's least recently seen entry makes room for a new flow.
-    pub seen: u32,
-}
-
-impl FlowEntry {
-    #[inline(always)]
-    pub const fn ids_of(backend: u32, service: u32) -> u32 {
-        (backend & 0xffff) | service << 16
-    }
-
-    #[inline(always)]
-    pub const fn new(hash: u64, backend: u32, service: u32, seen: u32) -> FlowEntry {
-        let ids = Self::ids_of(backend, service);
-        FlowEntry {
-            check: hash ^ ids as u64,
-            ids,
-            seen,
-        }
-    }
-
-    /// Whether this entry is the flow of `hash`.
-    #[inline(always)]
-    pub const fn belongs_to(&self, hash: u64) -> bool {
-        self.check ^ hash == self.ids as u64 && self.seen != 0
-    }
-
-    #[inline(always)]
-    pub const fn value(&self) -> FlowValue {
-        FlowValue {
-            backend: self.ids & 0xffff,
-            service: self.ids >> 16,
-        }
-    }
-}
-
-/// Value of `CONNTRACK` (an array indexed by `flow_hash & Config::flow_set_mask`): the
-/// `FLOW_WAYS` entries of one set, one cache line. A flow is looked for in its set only;
-/// when all of a set's entries are taken, the least recently seen one makes room.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowSet {
-    pub ways: [FlowEntry; FLOW_WAYS],
-}
-
-impl FlowSet {
-    /// Where the flow of `hash` stands in this set at time `now` (the table's clock): the way
-    /// holding its entry, if any, and the way a new entry takes — a free one, else the least
-    /// recently seen (the first of equals). The program and lbd choose alike through this.
-    #[inline(always)]
-    pub fn place(&self, hash: u64, now: u32) -> (Option<usize>, usize) {
-        place_in(&self.ways, now, |e| e.belongs_to(hash), |e| e.seen)
-    }
-
-    /// The entry of the flow of `hash`, if the set has one.
-    #[inline(always)]
-    pub fn find(&self, hash: u64) -> Option<&FlowEntry> {
-        self.ways.iter().find(|e| e.belongs_to(hash))
-    }
 }
 
 /// Where an entry stands in a set of `FLOW_WAYS` entries at time `now`: the way `belongs`
@@ -184,45 +111,5 @@ mod flow_tests {
         assert_eq!(conntrack_sets(65_536), 16_384);
         assert_eq!(conntrack_sets(1), 16);
         assert_eq!(conntrack_sets(1 << 27), 1 << 25);
-    }
-
-    #[test]
-    fn a_new_flow_takes_a_free_way_else_the_least_recently_seen() {
-        let mut set = FlowSet::default();
-        set.ways[0] = FlowEntry::new(10, 1, 0, 100);
-        set.ways[2] = FlowEntry::new(12, 1, 0, 90);
-        assert_eq!(set.place(10, 101), (Some(0), 0));
-        assert_eq!(set.place(99, 101), (None, 1), "the first free way");
-        set.ways[1] = FlowEntry::new(11, 1, 0, 95);
-        set.ways[3] = FlowEntry::new(13, 1, 0, 100);
-        assert_eq!(set.place(99, 101), (None, 2), "seen longest ago");
-        // Ages count across the clock's wrap: a stamp from just before it is the oldest.
-        set.ways[2].seen = u32::MAX - 5;
-        set.ways[1].seen = 3;
-        assert_eq!(set.place(99, 101), (None, 2));
-    }
-
-    #[test]
-    fn an_entry_belongs_to_its_flow_only() {
-        let e = FlowEntry::new(0x1234_5678_9abc_def0, 7, 3, 1);
-        assert!(e.belongs_to(0x1234_5678_9abc_def0));
-        assert!(!e.belongs_to(0x1234_5678_9abc_def1));
-        assert_eq!(
-            e.value(),
-            FlowValue {
-                backend: 7,
-                service: 3
-            }
-        );
-        // Free entries belong to nobody, not even the flow whose hash is 0.
-        assert!(!FlowEntry::default().belongs_to(0));
-        // Torn: one flow's ids with another's check.
-        let other = FlowEntry::new(0x0fed_cba9_8765_4321, 9, 3, 1);
-        let torn = FlowEntry {
-            ids: other.ids,
-            ..e
-        };
-        assert!(!torn.belongs_to(0x1234_5678_9abc_def0));
-        assert!(!torn.belongs_to(0x0fed_cba9_8765_4321));
     }
 }

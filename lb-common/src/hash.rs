@@ -94,7 +94,7 @@ fn absorb(h: u64, w: u64) -> u64 {
 }
 
 /// The connection table's hash of a flow: its set (low bits, masked) and its identity (all 64
-/// bits, see `FlowEntry`). Not SipHash: this runs for every packet and a multiply-xorshift chain
+/// bits, see `slotstate::Record`). Not SipHash: this runs for every packet and a multiply-xorshift chain
 /// over the flow's words (two for IPv4, five for IPv6) costs a fraction of it; keyed by the same secret seed (both words), so
 /// outsiders cannot aim flows at one set. Every step is a bijection of the running value, and
 /// the splitmix64 finaliser spreads every input bit over every output bit.

@@ -13,8 +13,8 @@
 //! - `stats`: what the program counts, and why it does not forward (`Reason`);
 //! - `hash`: the keyed hashes; `maglev` (userspace): the table builder;
 //! - `decap`: the decapsulation program's maps;
-//! - `slotstate`: a host model of per-slot state (issue 12, docs/design/slot-state.md), used by
-//!   neither side yet.
+//! - `slotstate`: per-slot state (docs/design/slot-state.md): what a Maglev slot holds besides
+//!   its backend, the connection table's records, and the per-packet choice both sides share.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod decap;
@@ -29,22 +29,21 @@ pub mod slotstate;
 mod stats;
 
 pub use flow::{
-    CONNTRACK_FLAGS, FLOW_WAYS, FlowEntry, FlowKey, FlowSet, FlowValue, FragKey, FragValue,
-    MIN_CONNTRACK_ENTRIES, conntrack_sets,
+    CONNTRACK_FLAGS, FLOW_WAYS, FlowKey, FlowValue, FragKey, FragValue, MIN_CONNTRACK_ENTRIES,
+    conntrack_sets,
 };
 pub use service::{
     Backend, Config, ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey,
     backend_flags, service_flags, vip_filter_bits,
 };
-#[cfg(any(feature = "user", test))]
-pub use slot::maglev_words;
-pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, maglev_slot_value, source_slot};
+pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
+pub use slotstate::{Record, RecordSet};
 pub use stats::{Counter, Reason, TOO_BIG_BURST, TOO_BIG_PER_SECOND, TooBigBucket};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -118,7 +117,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::FlowSet {}
+    unsafe impl aya::Pod for super::RecordSet {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
@@ -139,8 +138,8 @@ mod layout_tests {
         assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
-        assert_eq!(size_of::<FlowEntry>(), 16);
-        assert_eq!(size_of::<FlowSet>(), 64);
+        assert_eq!(size_of::<Record>(), 16);
+        assert_eq!(size_of::<RecordSet>(), 64);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragValue>(), 20);

@@ -1,7 +1,7 @@
-//! Which Maglev slot a service's flow takes, and what a slot holds: the choice the XDP program
+//! Which Maglev slot a service's flow takes (what a slot holds is `slotstate`'s): the choice the XDP program
 //! makes for a new flow, and that lbd (`lbctl lookup`) and the tests predict, in one place.
 
-use crate::{Addr, FlowKey, NO_BACKEND, ServiceValue, hash, service_flags};
+use crate::{Addr, FlowKey, ServiceValue, hash, service_flags};
 
 /// Where a flow lands in its service's Maglev table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,13 +33,12 @@ pub fn maglev_slot(seed: &[u64; 2], service: &ServiceValue, flow: &FlowKey) -> O
     })
 }
 
-/// Maglev slots per element of a service's table array: backend ids are stored in 16 bits, four
-/// to a u64 element (an array element takes 8 bytes whatever its value size, so a u32 per slot
-/// would take 8). A 65,537-slot table is then 128 KiB instead of 512 KiB, which matters to a
-/// stream of new flows from many clients: every one reads a slot at random.
+/// Maglev slots per element of a service's table array: each slot's lanes (`slotstate::Hot`,
+/// `slotstate::Side`) are 16 bits, four to a u64 element (an array element takes 8 bytes
+/// whatever its value size, so a u32 per slot would take 8). A 65,537-slot table's hot half is
+/// then 128 KiB instead of 512 KiB, which matters with many clients: every packet reads a slot
+/// at random.
 pub const MAGLEV_SLOTS_PER_WORD: u32 = 4;
-/// A slot's 16-bit value for "no backend".
-const NO_BACKEND_16: u64 = 0xffff;
 
 /// The slot of client `src` in the table of a source-hashed service of `table_size` slots:
 /// `maglev_slot` of a flow known by its client alone, as the tests' oracles predict it. `None`
@@ -56,42 +55,10 @@ pub fn source_slot(seed: &[u64; 2], table_size: u32, src: &Addr) -> Option<u32> 
     maglev_slot(seed, &service, &flow).map(|slot| slot.index)
 }
 
-/// The backend id of Maglev `slot` in its table word `word` (`slot / MAGLEV_SLOTS_PER_WORD`).
-#[inline(always)]
-pub fn maglev_slot_value(word: u64, slot: u32) -> u32 {
-    let id = (word >> ((slot % MAGLEV_SLOTS_PER_WORD) * 16)) & 0xffff;
-    if id == NO_BACKEND_16 {
-        NO_BACKEND
-    } else {
-        id as u32
-    }
-}
-
-/// A Maglev table (one backend id or `NO_BACKEND` per slot) as the words of its array.
-#[cfg(any(feature = "user", test))]
-pub fn maglev_words(table: &[u32]) -> Vec<u64> {
-    table
-        .chunks(MAGLEV_SLOTS_PER_WORD as usize)
-        .map(|chunk| {
-            let mut word = u64::MAX; // missing slots of the last word: no backend
-            for (lane, &id) in chunk.iter().enumerate() {
-                let v = if id == NO_BACKEND {
-                    NO_BACKEND_16
-                } else {
-                    id as u64 & 0xffff
-                };
-                word &= !(0xffff << (lane * 16));
-                word |= v << (lane * 16);
-            }
-            word
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MAX_BACKENDS, hash::tests::flow};
+    use crate::hash::tests::flow;
 
     const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
 
@@ -171,26 +138,5 @@ mod tests {
             maglev_slot(&SEED, &service(service_flags::HASH_5TUPLE, 0), &flow(1, 1)),
             None
         );
-    }
-
-    #[test]
-    fn every_slot_reads_back_from_its_word() {
-        let table: Vec<u32> = (0..13u32)
-            .map(|i| {
-                if i % 5 == 4 {
-                    NO_BACKEND
-                } else {
-                    i * 1000 % MAX_BACKENDS
-                }
-            })
-            .collect();
-        let words = maglev_words(&table);
-        assert_eq!(words.len(), 4);
-        for (slot, &id) in table.iter().enumerate() {
-            let word = words[slot / MAGLEV_SLOTS_PER_WORD as usize];
-            assert_eq!(maglev_slot_value(word, slot as u32), id, "slot {slot}");
-        }
-        // Backend ids fit in 16 bits, with room for the no-backend value.
-        assert!(MAX_BACKENDS <= NO_BACKEND_16 as u32);
     }
 }

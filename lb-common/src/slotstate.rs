@@ -1,6 +1,8 @@
-//! Per-slot state: "per-packet state only where the backend set changed" (issue 12), as a host
-//! model the program and lbd can later share. Nothing uses it yet; docs/design/slot-state.md is
-//! the design it models, and its tests prove the guarantees on simulated tables.
+//! Per-slot state: "per-packet state only where the backend set changed" (issue 12). The XDP
+//! program and lbd share it: the layout of a service's Maglev array, the connection table's
+//! records, the per-packet choice (`decide`) and lbd's bookkeeping (`SlotTable`, `pins`).
+//! docs/design/slot-state.md is the design; its tests (`slotstate/tests.rs`) prove the
+//! guarantees on simulated tables.
 //!
 //! - Each Maglev slot has a *hot* half (16 bits, four to a word, read by every packet): the
 //!   current backend and a `CHANGED` bit; and a *side* half (16 bits, read only when `CHANGED`):
@@ -22,7 +24,12 @@ pub const SLOT_CHANGED: u16 = 0x8000;
 /// Side half: an unrecorded UDP flow on this slot is taken as older than the change.
 pub const SIDE_ADOPT_UDP: u16 = 0x8000;
 /// Slots per 64-bit word of either half.
-pub const SLOTS_PER_WORD: u32 = 4;
+pub const SLOTS_PER_WORD: u32 = crate::MAGLEV_SLOTS_PER_WORD;
+/// Side half's `old` for "the unrecorded flows of this slot belong to the VIP's every-port
+/// service": the slots of an exact-port service created while its VIP had an every-port one,
+/// whose connections in progress on that port must stay with it. No backend id (they are
+/// below `MAX_BACKENDS`, 2^14) has this value.
+pub const DEFER: u32 = 0x7ffe;
 
 #[inline(always)]
 const fn to16(id: u32) -> u16 {
@@ -106,9 +113,9 @@ pub mod record_flags {
     pub const CLOSING: u32 = 1 << 23;
 }
 
-/// The proposed connection-table entry (16 bytes, four to a 64-byte set, as today's
-/// `FlowEntry`), which also names the Maglev slot the flow hashes to, so lbd can tell which
-/// changed slots live flows still need.
+/// An entry of the connection table (16 bytes, four to a 64-byte set): a flow's backend, of
+/// which service, on which Maglev slot (so lbd can tell which changed slots live flows still
+/// need), and when it was last seen. Only flows on changed slots have one.
 ///
 /// `check` is the high half of the flow's 64-bit hash (the low bits chose the set) XOR a mix of
 /// `ids` and `place`; `place` holds the slot and 12 more bits of the hash (bits 20-31, above
@@ -178,6 +185,15 @@ impl Record {
             && self.check == (hash >> 32) as u32 ^ mix(self.ids, self.place)
     }
 
+    /// What the record says about its flow.
+    #[inline(always)]
+    pub const fn value(&self) -> crate::FlowValue {
+        crate::FlowValue {
+            backend: self.backend(),
+            service: self.service(),
+        }
+    }
+
     /// The flow's Maglev slot.
     #[inline(always)]
     pub const fn slot(&self) -> u32 {
@@ -217,10 +233,12 @@ impl Record {
     }
 }
 
-/// Entries per set of the proposed table.
+/// Entries per set of the connection table.
 pub const RECORD_WAYS: usize = crate::FLOW_WAYS;
 
-/// One set of the proposed connection table: one cache line.
+/// One set of the connection table (`CONNTRACK`, an array indexed by `flow_hash &
+/// Config::flow_set_mask`): one cache line. A flow is looked for in its set only; when all
+/// of a set's entries are taken, the least recently seen one makes room.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordSet {
@@ -229,7 +247,8 @@ pub struct RecordSet {
 
 impl RecordSet {
     /// The way holding the flow's record, if any, and the way a new record takes: a free one,
-    /// else the least recently seen (as `FlowSet::place`).
+    /// else the least recently seen, ages counted across the clock's wrap. The program and lbd
+    /// choose alike through this.
     #[inline(always)]
     pub fn place(&self, hash: u64, service: u32, slot: u32, now: u32) -> (Option<usize>, usize) {
         crate::flow::place_in(
@@ -238,6 +257,12 @@ impl RecordSet {
             |e| e.belongs_to(hash, service, slot),
             |e| e.seen,
         )
+    }
+
+    /// The record of the flow of `hash`, of `service`, on `slot`, if the set has one.
+    #[inline(always)]
+    pub fn find(&self, hash: u64, service: u32, slot: u32) -> Option<&Record> {
+        self.ways.iter().find(|e| e.belongs_to(hash, service, slot))
     }
 }
 
@@ -303,7 +328,9 @@ pub struct Decision {
 /// The backend of a packet of `kind` on a slot whose hot half is `hot`. `side` reads the slot's
 /// side half and `lookup` the connection table (the backend the flow's record names, if any):
 /// both are called only when the slot is changed, so a packet on an unchanged slot touches
-/// neither the side half nor the table.
+/// neither the side half nor the table. `DEFER` (nothing written): an unrecorded flow of a slot
+/// whose `old` is `DEFER`; the caller decides it again by the VIP's every-port service, or by
+/// `current` when there is none.
 #[inline(always)]
 pub fn decide<B: Backends>(
     hot: Hot,
@@ -347,7 +374,13 @@ pub fn decide<B: Backends>(
             let side = side();
             let older = kind != Kind::Udp || side.adopt_udp();
             let old = side.old();
-            if older && old != NO_BACKEND && backends.usable(old) {
+            if older && old == DEFER {
+                // Decided again by the every-port service (its `decide`, its records).
+                Decision {
+                    backend: DEFER,
+                    write: Write::Nothing,
+                }
+            } else if older && old != NO_BACKEND && backends.usable(old) {
                 record(old)
             } else {
                 record(current)
@@ -368,7 +401,10 @@ pub fn later_fragment<B: Backends>(
     backends: &B,
 ) -> u32 {
     let kind = if udp { Kind::Udp } else { Kind::Tcp };
-    decide(hot, side, kind, || None, backends).backend
+    match decide(hot, side, kind, || None, backends).backend {
+        DEFER => hot.current(),
+        b => b,
+    }
 }
 
 #[cfg(any(feature = "user", test))]
@@ -402,6 +438,50 @@ mod table {
                 changed_at: vec![0; table.len()],
                 quiet: vec![0; table.len()],
             }
+        }
+
+        /// The first table of an exact-port service created while its VIP has an every-port
+        /// service, at `now`: every slot changed, its unrecorded flows the every-port
+        /// service's (`DEFER`; for UDP while `ADOPT_UDP` lasts), so connections in progress on
+        /// the port stay where they are.
+        pub fn deferring(table: &[u32], now: u64) -> SlotTable {
+            SlotTable {
+                hot: table.iter().map(|&b| Hot::new(b, true)).collect(),
+                side: vec![Side::new(DEFER, true); table.len()],
+                changed_at: vec![now; table.len()],
+                quiet: vec![0; table.len()],
+            }
+        }
+
+        /// The state read back from a service's array (`words`, both halves) of `table_size`
+        /// slots, as a restarted lbd adopts it: every changed slot's hold starts again at `now`
+        /// (lbd keeps no times across restarts: the conservative choice). `None` when `words`
+        /// is not the array of such a table.
+        pub fn from_words(words: &[u64], table_size: u32, now: u64) -> Option<SlotTable> {
+            let half = half_words(table_size) as usize;
+            if words.len() != 2 * half {
+                return None;
+            }
+            let n = table_size as usize;
+            let lanes = |base: usize| {
+                (0..n).map(move |s| lane(words[base + s / SLOTS_PER_WORD as usize], s as u32))
+            };
+            let hot: Vec<Hot> = lanes(0).map(Hot).collect();
+            let changed_at = hot
+                .iter()
+                .map(|h| if h.changed() { now } else { 0 })
+                .collect();
+            Some(SlotTable {
+                hot,
+                side: lanes(half).map(Side).collect(),
+                changed_at,
+                quiet: vec![0; n],
+            })
+        }
+
+        /// The Maglev table: each slot's current backend.
+        pub fn current(&self) -> Vec<u32> {
+            self.hot.iter().map(|h| h.current()).collect()
         }
 
         /// The state after the Maglev table becomes `table` (same size) at `now`. A slot whose
@@ -448,9 +528,8 @@ mod table {
                     self.side[s] = Side::new(side.old(), false);
                 }
                 let old = side.old();
-                let unrecorded_need_old = old != hot.current()
-                    && old != NO_BACKEND
-                    && backends.usable(old)
+                let unrecorded_need_old = (old == DEFER
+                    || old != hot.current() && old != NO_BACKEND && backends.usable(old))
                     && since < limits.idle_hold;
                 if pinned || unrecorded_need_old {
                     self.quiet[s] = 0;
@@ -472,24 +551,29 @@ mod table {
 
         /// The inner array's words: the hot half, then the side half.
         pub fn words(&self) -> Vec<u64> {
-            let pack = |lanes: &mut dyn Iterator<Item = u16>| -> Vec<u64> {
-                let lanes: Vec<u16> = lanes.collect();
-                lanes
-                    .chunks(SLOTS_PER_WORD as usize)
-                    .map(|c| {
-                        let mut w = u64::from(SLOT_NONE) * 0x0001_0001_0001_0001;
-                        for (i, &v) in c.iter().enumerate() {
-                            w &= !(0xffff << (i * 16));
-                            w |= u64::from(v) << (i * 16);
-                        }
-                        w
-                    })
-                    .collect()
-            };
-            let mut words = pack(&mut self.hot.iter().map(|h| h.0));
-            words.extend(pack(&mut self.side.iter().map(|s| s.0)));
+            let half = self.hot.len().div_ceil(SLOTS_PER_WORD as usize);
+            let mut words: Vec<u64> = (0..half).map(|w| self.hot_word(w)).collect();
+            words.extend((0..half).map(|w| self.side_word(w)));
             words
         }
+
+        /// Word `w` of the hot half (slots `4w` to `4w + 3`; missing slots: no backend).
+        pub fn hot_word(&self, w: usize) -> u64 {
+            pack(w, |s| self.hot.get(s).map(|h| h.0))
+        }
+
+        /// Word `w` of the side half.
+        pub fn side_word(&self, w: usize) -> u64 {
+            pack(w, |s| self.side.get(s).map(|h| h.0))
+        }
+    }
+
+    /// Word `w` of a half whose lanes `lane` gives (`None` past the end: `SLOT_NONE`).
+    fn pack(w: usize, lane: impl Fn(usize) -> Option<u16>) -> u64 {
+        let per = SLOTS_PER_WORD as usize;
+        (0..per).fold(0, |word, i| {
+            word | u64::from(lane(w * per + i).unwrap_or(SLOT_NONE)) << (i * 16)
+        })
     }
 
     /// Which slots of `service` (state `table`) a live record needs at table clock `now`: one

@@ -1,84 +1,123 @@
 //! Which backend a classified packet goes to: the one place that decides it.
 //!
-//! - An established flow: the backend its connection-table entry recorded (`classify::established`
-//!   checked it may still take the flow, and yields it).
-//! - A packet classified by its destination: the backend the connection table recorded for the
-//!   flow, while it is usable for this service and the packet is no SYN; otherwise (new flow,
-//!   TCP SYN, backend down or removed) the Maglev table's choice (`lb_common::maglev_slot`),
-//!   which is then recorded (ICMP errors about a flow only read the table). A first fragment
-//!   also leaves its choice in `FRAGS` for the later ones.
+//! - A packet classified by its destination takes its Maglev slot (`lb_common::maglev_slot`)
+//!   and reads the slot's hot half (`slotstate::Hot`). On an unchanged slot (the steady state:
+//!   every slot) its backend is the slot's current one, and nothing else is read or written. On
+//!   a slot whose backend changed since some live flow began, the connection table decides
+//!   (`conntrack::on_changed_slot`). A first fragment also leaves its choice in `FRAGS` for the
+//!   later ones.
 //! - A later fragment: where its first fragment went (`FRAGS`); else, for a VIP with a single
-//!   source-hashed service, that service's Maglev choice for the client (no port needed).
+//!   source-hashed service, where an unrecorded flow of its client goes
+//!   (`slotstate::later_fragment`: no port needed).
 
 use lb_common::{
     Backend, FragValue, MAGLEV_SLOTS_PER_WORD, NO_BACKEND, Reason, ServiceValue, backend_flags,
-    maglev_slot, maglev_slot_value, service_flags,
+    maglev_slot, service_flags,
+    slotstate::{self, Backends, Hot, Side},
 };
+
+use core::mem::MaybeUninit;
 
 use crate::{
     classify::Class,
-    conntrack::FlowSlot,
+    conntrack::{self, SlotChoice},
     maps::{BACKENDS, CONFIG, FRAGS, MAGLEV},
     packet::{Frag, Packet},
-    verdict::{Chosen, Skip},
+    verdict::{Chosen, Placed, Skip},
 };
 
-/// The backend of a packet classified as `class`.
+/// The backend of a packet classified as `class`, written into `out` (`Placed::Chosen`), or its
+/// changed slot, written into `at` (`Placed::OnChangedSlot`: `on_changed_slot` decides). Written
+/// where they are found, not returned in an enum: LLVM splits the pointer of a `Chosen` moved
+/// out of one into 32-bit stores, which the verifier refuses.
 #[inline(always)]
-pub fn choose(p: &Packet, class: Class) -> Result<Chosen, Skip> {
+pub fn choose(
+    p: &Packet,
+    class: Class,
+    out: &mut MaybeUninit<Chosen>,
+    at: &mut MaybeUninit<SlotChoice>,
+) -> Result<Placed, Skip> {
     match class {
-        Class::ByDestination { service, flow } => {
-            let chosen = for_flow(p, service, flow)?;
-            if p.frag == Frag::First {
-                // Later fragments carry no ports: they follow this one.
-                let _ = FRAGS.insert(
-                    p.frag_key(),
-                    FragValue {
-                        backend: chosen.backend_id,
-                        service,
-                    },
-                    0,
-                );
-            }
-            Ok(chosen)
+        Class::ByDestination(service) => for_flow(p, service, out, at),
+        Class::LaterFragment(service) => {
+            out.write(for_later_fragment(p, service)?);
+            Ok(Placed::Chosen)
         }
-        Class::LaterFragment(service) => for_later_fragment(p, service),
     }
 }
 
-/// The connection table's backend for the flow, else the Maglev table's (recorded).
+/// The backend of a packet whose slot `at` is changed: the connection table's choice
+/// (`conntrack::on_changed_slot`, a call of its own: its frame is not added to the classifying
+/// one's).
 #[inline(always)]
-fn for_flow(p: &Packet, service: ServiceValue, flow: &mut FlowSlot) -> Result<Chosen, Reason> {
-    if let Some(way) = flow.found
-        && !p.syn
-    {
-        let id = flow.way(way).value().backend;
-        if let Some(backend) = usable_backend(id, &service) {
-            flow.touch(way);
-            return Ok(Chosen {
-                service,
-                backend_id: id,
-                backend,
-            });
-        }
-    }
-    let id = from_table(p, &service)?;
-    let backend = match BACKENDS.get(id) {
-        Some(b) if b.flags & backend_flags::VALID != 0 => b,
-        _ => return Err(Reason::MissingState),
-    };
-    if !p.icmp_error {
-        flow.record(id, service.id);
-    }
-    Ok(Chosen {
-        service,
-        backend_id: id,
-        backend,
-    })
+pub fn on_changed_slot(p: &Packet, at: &mut SlotChoice) -> Result<Chosen, Reason> {
+    conntrack::on_changed_slot(p, at)?;
+    let chosen = chosen(at.service, at.backend)?;
+    remember_first_fragment(p, &chosen);
+    Ok(chosen)
 }
 
-/// Where the first fragment went; else the Maglev choice of the VIP's single source-hashed
-/// service.
+/// A first fragment leaves its choice for the later ones, which carry no ports.
+#[inline(always)]
+fn remember_first_fragment(p: &Packet, chosen: &Chosen) {
+    if p.frag == Frag::First {
+        let _ = FRAGS.insert(
+            p.frag_key(),
+            FragValue {
+                backend: chosen.backend_id,
+                service: chosen.service,
+            },
+            0,
+        );
+    }
+}
+
+/// The slot's current backend when the slot is unchanged; else the slot, for the connection
+/// table to decide.
+#[inline(always)]
+fn for_flow(
+    p: &Packet,
+    service: ServiceValue,
+    out: &mut MaybeUninit<Chosen>,
+    at: &mut MaybeUninit<SlotChoice>,
+) -> Result<Placed, Skip> {
+    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
+    let slot = maglev_slot(&config.hash_key, &service, &p.flow_key())
+        .ok_or(Reason::MissingState)?
+        .index;
+    let hot = hot_lane(&service, slot)?;
+    if !hot.changed() {
+        let chosen = out.write(chosen(service, hot.current())?);
+        remember_first_fragment(p, chosen);
+        return Ok(Placed::Chosen);
+    }
+    at.write(SlotChoice {
+        service,
+        slot,
+        hot,
+        backend: NO_BACKEND,
+    });
+    Ok(Placed::OnChangedSlot)
+}
+
+/// Backend `id` of `service`, when it is filled in.
+#[inline(always)]
+fn chosen(service: ServiceValue, id: u32) -> Result<Chosen, Reason> {
+    if id == NO_BACKEND {
+        return Err(Reason::NoBackend);
+    }
+    match BACKENDS.get(id) {
+        Some(backend) if backend.flags & backend_flags::VALID != 0 => Ok(Chosen {
+            service,
+            backend_id: id,
+            backend,
+        }),
+        _ => Err(Reason::MissingState),
+    }
+}
+
+/// Where the first fragment went; else where an unrecorded flow of the client goes in the
+/// VIP's single source-hashed service.
 #[inline(always)]
 fn for_later_fragment(p: &Packet, service: ServiceValue) -> Result<Chosen, Skip> {
     if let Some(v) = FRAGS.get_ptr(p.frag_key()) {
@@ -94,7 +133,20 @@ fn for_later_fragment(p: &Packet, service: ServiceValue) -> Result<Chosen, Skip>
     if service.flags & service_flags::NO_LATE_FRAGMENTS != 0 {
         return Err(Reason::UnsupportedFragment.into());
     }
-    let id = from_table(p, &service)?;
+    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
+    let slot = maglev_slot(&config.hash_key, &service, &p.flow_key())
+        .ok_or(Reason::MissingState)?
+        .index;
+    let hot = hot_lane(&service, slot)?;
+    let id = slotstate::later_fragment(
+        hot,
+        || side_lane(&service, slot),
+        p.proto == lb_common::PROTO_UDP,
+        &Usable(&service),
+    );
+    if id == NO_BACKEND {
+        return Err(Reason::NoBackend.into());
+    }
     let backend = usable_backend(id, &service).ok_or(Reason::MissingState)?;
     Ok(Chosen {
         service,
@@ -103,17 +155,34 @@ fn for_later_fragment(p: &Packet, service: ServiceValue) -> Result<Chosen, Skip>
     })
 }
 
-/// The backend id in the service's Maglev table at the flow's slot.
+/// The hot half of `slot` in the service's Maglev array: its current backend, whether it
+/// changed.
 #[inline(always)]
-fn from_table(p: &Packet, service: &ServiceValue) -> Result<u32, Reason> {
-    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
-    let slot = maglev_slot(&config.hash_key, service, &p.flow_key()).ok_or(Reason::MissingState)?;
+pub fn hot_lane(service: &ServiceValue, slot: u32) -> Result<Hot, Reason> {
     let word = *MAGLEV
-        .get_value(service.id, &(slot.index / MAGLEV_SLOTS_PER_WORD))
+        .get_value(service.id, &(slot / MAGLEV_SLOTS_PER_WORD))
         .ok_or(Reason::MissingState)?;
-    match maglev_slot_value(word, slot.index) {
-        NO_BACKEND => Err(Reason::NoBackend),
-        id => Ok(id),
+    Ok(Hot(slotstate::lane(word, slot)))
+}
+
+/// The side half of `slot` (after the hot half's words): the backend of its unrecorded flows.
+/// `Side::NONE` when it cannot be read.
+#[inline(always)]
+pub fn side_lane(service: &ServiceValue, slot: u32) -> Side {
+    let index = slotstate::half_words(service.table_size) + slot / MAGLEV_SLOTS_PER_WORD;
+    match MAGLEV.get_value(service.id, &index) {
+        Some(word) => Side(slotstate::lane(*word, slot)),
+        None => Side::NONE,
+    }
+}
+
+/// The backends of one service as `slotstate` sees them.
+pub struct Usable<'a>(pub &'a ServiceValue);
+
+impl Backends for Usable<'_> {
+    #[inline(always)]
+    fn usable(&self, id: u32) -> bool {
+        usable_backend(id, self.0).is_some()
     }
 }
 

@@ -1,89 +1,34 @@
-//! Which service a packet belongs to: decided in this module only, in three steps the program
-//! runs in order (`flow_place`, `established`, `classify`).
+//! Which service a packet belongs to: decided in this module only.
 //!
 //! - A fragment after the first (it has no ports): its VIP's entry in `VIPS` for its protocol.
-//! - Anything else must pass the VIP filter, then finds its flow's place in the connection table
-//!   (`flow_place`). An established flow (a plain packet whose flow has an entry) stays with the
-//!   service the entry names, as long as that service still answers to the packet's destination
-//!   (`SERVICE_BY_ID`, no hash lookup) and the entry's backend may still take it; it stays even
-//!   if a more exact service (a port of a VIP that had an every-port service) appeared since
-//!   (`established`: the fast path, which also yields the backend).
-//! - Otherwise the destination is looked up in `SERVICES`: the exact (VIP, port, protocol), then
-//!   the VIP's every-port service (port 0) (`classify`).
+//! - Anything else must pass the VIP filter (`VIP_FILTER`: most packets that are no VIP's leave
+//!   after two array reads), then its destination is looked up in `SERVICES`: the exact (VIP,
+//!   port, protocol), then the VIP's every-port service (port 0). A connection that began under
+//!   the every-port service before its port got a service of its own stays with it: the new
+//!   service's slots defer such flows to it (`slotstate::DEFER`, `every_port_service`).
 //!
 //! A packet of no service is `Skip::NotOurs`; a malformed packet of a service is refused.
 
 use lb_common::{Addr, Reason, ServiceKey, ServiceValue, VipKey, vip_filter_bits};
 
 use crate::{
-    choose::usable_backend,
-    conntrack::FlowSlot,
-    maps::{CONFIG, SERVICE_BY_ID, SERVICES, VIP_FILTER, VIPS},
+    maps::{SERVICES, VIP_FILTER, VIPS},
     packet::{Frag, Packet},
-    verdict::{Chosen, NotOurs, Skip},
+    verdict::Skip,
 };
 
 /// A packet's service, and what backend selection has to go on.
-pub enum Class<'a> {
-    /// The service of the destination (`SERVICES`), with the flow's place in the connection
-    /// table.
-    ByDestination {
-        service: ServiceValue,
-        flow: &'a mut FlowSlot,
-    },
+pub enum Class {
+    /// The service of the destination (`SERVICES`).
+    ByDestination(ServiceValue),
     /// A fragment after the first: its VIP's source-hashed service for the protocol (`VIPS`),
     /// or an entry marked `NO_LATE_FRAGMENTS`.
     LaterFragment(ServiceValue),
 }
 
-/// The first step for every packet: the flow's place in the connection table, `None` for a
-/// later fragment (it has no ports). `NotOurs` for a destination that is no VIP's (the VIP
-/// filter), and when the maps are not filled in yet.
+/// The service of a packet (see the module's description).
 #[inline(always)]
-pub fn flow_place(p: &Packet) -> Result<Option<FlowSlot>, NotOurs> {
-    if p.frag == Frag::Later {
-        return Ok(None);
-    }
-    if !maybe_vip(&p.dst) {
-        return Err(NotOurs);
-    }
-    let config = CONFIG.get(0).ok_or(NotOurs)?;
-    FlowSlot::find(p, config).map(Some).ok_or(NotOurs)
-}
-
-/// An established flow's service and backend: a plain packet (no SYN, no fragment, no ICMP
-/// error, well formed) whose flow has an entry, whose recorded service still answers to the
-/// packet's destination and whose backend is still usable for it. Its entry is marked seen.
-/// Cheap (array reads only), so the program runs it inline; any other packet is `classify`'s.
-#[inline(always)]
-pub fn established(p: &Packet, flow: &mut FlowSlot) -> Option<Chosen> {
-    if p.syn || p.icmp_error || p.malformed || p.frag != Frag::None {
-        return None;
-    }
-    let way = flow.found?;
-    let recorded = flow.way(way).value();
-    let entry = SERVICE_BY_ID.get(recorded.service)?;
-    let key = &entry.key;
-    if key.addr != p.dst
-        || key.proto != p.proto
-        || key.family != p.family
-        || (key.port != p.dport && key.port != 0)
-    {
-        return None;
-    }
-    let backend = usable_backend(recorded.backend, &entry.value)?;
-    flow.touch(way);
-    Some(Chosen {
-        service: entry.value,
-        backend_id: recorded.backend,
-        backend,
-    })
-}
-
-/// The service of a packet that is no established flow's (see the module's description);
-/// `flow` is its `flow_place`.
-#[inline(always)]
-pub fn classify<'a>(p: &Packet, flow: Option<&'a mut FlowSlot>) -> Result<Class<'a>, Skip> {
+pub fn classify(p: &Packet) -> Result<Class, Skip> {
     if p.frag == Frag::Later {
         // Every VIP has an entry per protocol: a miss means the fragment is not ours.
         let key = VipKey {
@@ -96,10 +41,12 @@ pub fn classify<'a>(p: &Packet, flow: Option<&'a mut FlowSlot>) -> Result<Class<
         refuse_malformed(p)?;
         return Ok(Class::LaterFragment(service));
     }
-    let flow = flow.ok_or(Skip::NotOurs)?;
+    if !maybe_vip(&p.dst) {
+        return Err(Skip::NotOurs);
+    }
     let service = by_destination(p).ok_or(Skip::NotOurs)?;
     refuse_malformed(p)?;
-    Ok(Class::ByDestination { service, flow })
+    Ok(Class::ByDestination(service))
 }
 
 /// A packet whose headers are inconsistent is not forwarded, even to its service.
@@ -137,6 +84,18 @@ fn by_destination(p: &Packet) -> Option<ServiceValue> {
         return Some(v);
     }
     key.port = 0;
+    lookup(&SERVICES, &key)
+}
+
+/// The every-port service (port 0) of the packet's VIP and protocol, if it has one.
+#[inline(always)]
+pub fn every_port_service(p: &Packet) -> Option<ServiceValue> {
+    let key = ServiceKey {
+        addr: p.dst,
+        port: 0,
+        proto: p.proto,
+        family: p.family,
+    };
     lookup(&SERVICES, &key)
 }
 

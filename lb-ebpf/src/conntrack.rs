@@ -1,77 +1,190 @@
-//! A packet's place in the connection table (`CONNTRACK`): its flow's set, the way holding the
-//! flow's entry if there is one, and the way a new entry would take. Classification reads it
-//! (an established flow), backend selection reads and writes it (a recorded backend, a new
-//! flow's choice).
+//! The choice on a changed Maglev slot (`lb_common::slotstate`): only there does a packet read
+//! the slot's side half and its flow's set of the connection table (`CONNTRACK`), and write a
+//! record. A packet on an unchanged slot never comes here (`choose::for_flow`).
 
-use lb_common::{Config, FLOW_WAYS, FlowEntry, FlowSet, hash};
+use lb_common::{
+    NO_BACKEND, PROTO_UDP, Reason, Record, RecordSet, ServiceValue, hash, maglev_slot,
+    slotstate::{self, DEFER, Hot, Kind, Write, record_flags},
+};
 
-use crate::{maps::CONNTRACK, packet::Packet};
+use crate::{
+    choose::{Usable, hot_lane, side_lane},
+    classify,
+    maps::{CONFIG, CONNTRACK},
+    packet::Packet,
+};
 
-/// A packet's place in the connection table: its flow's hash and set, the way holding its entry
-/// if there is one, and the way a new entry would take (a free one, else the least recently
-/// seen).
-pub struct FlowSlot {
+/// A packet's flow in the connection table: its hash, its set, the table's clock.
+struct Flow {
     hash: u64,
-    set: &'static mut FlowSet,
-    /// The way holding the flow's entry, if the table knows the flow.
-    pub found: Option<usize>,
-    victim: usize,
+    set: &'static mut RecordSet,
     now: u32,
+    /// `record_flags::UDP` for a UDP flow.
+    udp: u32,
+    kind: Kind,
 }
 
-impl FlowSlot {
-    /// The place of `p`'s flow; `None` when the set cannot be read (a table not sized yet).
-    #[inline(always)]
-    pub fn find(p: &Packet, config: &Config) -> Option<FlowSlot> {
-        let hash = hash::flow_hash(&config.hash_key, &p.flow_key());
-        let set = CONNTRACK.get_ptr_mut(hash as u32 & config.flow_set_mask)?;
+/// A packet's place in its service's Maglev table, and the choice made there.
+pub struct SlotChoice {
+    pub service: ServiceValue,
+    pub slot: u32,
+    pub hot: Hot,
+    /// The chosen backend (`NO_BACKEND` until chosen).
+    pub backend: u32,
+}
+
+/// The service and backend of a packet of `service` whose `slot` is changed (`hot`): its record
+/// if it has a usable one, else the slot's `old` backend for a flow older than the change, else
+/// the current one (`slotstate::decide`); recorded or touched as `decide` says. A slot deferring
+/// to the VIP's every-port service (`DEFER`) decides an unrecorded flow by that service instead.
+/// A function of its own (a BPF-to-BPF call): the packet path of unchanged slots stays small.
+/// `at` is the packet's service, slot and hot half on the way in; the chosen service and
+/// backend on the way out (five arguments at most cross a BPF-to-BPF call). Called from the
+/// main program, not from `place`: three frames deep at most (main, this, `decide_and_write`).
+#[inline(never)]
+pub fn on_changed_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), Reason> {
+    let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
+    let hash = hash::flow_hash(&config.hash_key, &p.flow_key());
+    let set = CONNTRACK
+        .get_ptr_mut(hash as u32 & config.flow_set_mask)
+        .ok_or(Reason::MissingState)?;
+    let mut flow = Flow {
+        hash,
         // SAFETY: a pointer returned by a map lookup is valid for this program run; other CPUs
-        // may write the set meanwhile, which `FlowEntry::belongs_to` tolerates.
-        let set = unsafe { &mut *set };
-        let now = clock();
-        let (found, victim) = set.place(hash, now);
-        Some(FlowSlot {
-            hash,
-            set,
-            found,
-            victim,
-            now,
-        })
-    }
-
-    /// Way `i` of the set (`i % FLOW_WAYS`: the verifier must see the index is in bounds).
-    #[inline(always)]
-    pub fn way(&mut self, i: usize) -> &mut FlowEntry {
-        &mut self.set.ways[i % FLOW_WAYS]
-    }
-
-    /// Marks way `i` seen now (a store only when the coarse clock has moved).
-    #[inline(always)]
-    pub fn touch(&mut self, i: usize) {
-        let now = self.now;
-        let e = self.way(i);
-        if e.seen != now {
-            e.seen = now;
-        }
-    }
-
-    /// Records the flow on `backend` of `service`: its own entry if it has one (a SYN reusing
-    /// a port, a flow whose backend went away), else the victim way.
-    #[inline(always)]
-    pub fn record(&mut self, backend: u32, service: u32) {
-        let i = self.found.unwrap_or(self.victim);
-        let ids = FlowEntry::ids_of(backend, service);
-        let check = self.hash ^ ids as u64;
-        let now = self.now;
-        let e = self.way(i);
-        if e.ids != ids || e.check != check {
-            // `check` last: until it is written the entry belongs to no flow.
-            e.ids = ids;
-            e.seen = now;
-            e.check = check;
+        // may write the set meanwhile, which `Record::belongs_to` tolerates.
+        set: unsafe { &mut *set },
+        now: clock(),
+        udp: if p.proto == PROTO_UDP {
+            record_flags::UDP
         } else {
-            self.touch(i);
+            0
+        },
+        kind: kind_of(p),
+    };
+    decide_and_write(&mut flow, at);
+    if at.backend != DEFER {
+        return Ok(());
+    }
+    // An unrecorded flow of a port that had no service of its own when it began: its VIP's
+    // every-port service's, placed and recorded by that service (its slot taken as changed, so
+    // the flow gets a record and the record keeps the deferring slots as they are).
+    if every_port_slot(p, at).is_err() {
+        record_current(&mut flow, at);
+        return Ok(());
+    }
+    decide_and_write(&mut flow, at);
+    Ok(())
+}
+
+/// Makes `at` the packet's slot in its VIP's every-port service, taken as changed (so its flow
+/// is looked up and recorded there); `Err` when the VIP has no every-port service (any more).
+/// A call of its own: its frame (a flow key, a slot hash) is not added to the caller's.
+#[inline(never)]
+fn every_port_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), ()> {
+    let config = CONFIG.get(0).ok_or(())?;
+    let every_port = classify::every_port_service(p).ok_or(())?;
+    let slot = maglev_slot(&config.hash_key, &every_port, &p.flow_key())
+        .ok_or(())?
+        .index;
+    let hot = hot_lane(&every_port, slot).map_err(|_| ())?;
+    *at = SlotChoice {
+        service: every_port,
+        slot,
+        hot: Hot::new(hot.current(), true),
+        backend: NO_BACKEND,
+    };
+    Ok(())
+}
+
+/// `decide` for the flow on `at`'s slot (its service, slot and hot half), and its write; the
+/// backend into `at`. A call of its own: made twice (the slot's service, the every-port one),
+/// its frame is not added to the caller's.
+#[inline(never)]
+fn decide_and_write(flow: &mut Flow, at: &mut SlotChoice) {
+    let service = &at.service;
+    let slot = at.slot;
+    let (found, victim) = flow.set.place(flow.hash, service.id, slot, flow.now);
+    let recorded = found.map(|w| flow.set.ways[w % lb_common::FLOW_WAYS].backend());
+    let d = slotstate::decide(
+        at.hot,
+        || side_lane(service, slot),
+        flow.kind,
+        || recorded,
+        &Usable(service),
+    );
+    flow.write(d.write, found.unwrap_or(victim), service.id, slot);
+    at.backend = d.backend;
+}
+
+/// The current backend of a deferring slot whose VIP has no every-port service any more,
+/// recorded like a new flow's.
+#[inline(always)]
+fn record_current(flow: &mut Flow, at: &mut SlotChoice) {
+    let backend = at.hot.current();
+    at.backend = backend;
+    if backend != NO_BACKEND && flow.kind != Kind::IcmpError {
+        let (found, victim) = flow.set.place(flow.hash, at.service.id, at.slot, flow.now);
+        let closing = flow.kind == Kind::TcpClosing;
+        flow.write(
+            Write::Record { backend, closing },
+            found.unwrap_or(victim),
+            at.service.id,
+            at.slot,
+        );
+    }
+}
+
+/// What the packet is, for `decide`.
+#[inline(always)]
+fn kind_of(p: &Packet) -> Kind {
+    if p.icmp_error {
+        Kind::IcmpError
+    } else if p.proto == PROTO_UDP {
+        Kind::Udp
+    } else if p.syn {
+        Kind::Syn
+    } else if p.closing {
+        Kind::TcpClosing
+    } else {
+        Kind::Tcp
+    }
+}
+
+impl Flow {
+    /// Carries out `write` on way `way` (the flow's own record, or the set's victim).
+    #[inline(always)]
+    fn write(&mut self, write: Write, way: usize, service: u32, slot: u32) {
+        let (backend, closing) = match write {
+            Write::Nothing => return,
+            Write::Touch { closing } => {
+                let e = &self.set.ways[way % lb_common::FLOW_WAYS];
+                if !closing || e.flags() & record_flags::CLOSING != 0 {
+                    let now = self.now;
+                    let e = &mut self.set.ways[way % lb_common::FLOW_WAYS];
+                    // A store only when the coarse clock has moved.
+                    if e.seen != now {
+                        e.seen = now;
+                    }
+                    return;
+                }
+                (e.backend(), true)
+            }
+            Write::Record { backend, closing } => (backend, closing),
+        };
+        let flags = self.udp | if closing { record_flags::CLOSING } else { 0 };
+        let r = Record::new(self.hash, backend, service, slot, flags, self.now);
+        let e = &mut self.set.ways[way % lb_common::FLOW_WAYS];
+        if e.ids == r.ids && e.check == r.check && e.place == r.place {
+            if e.seen != r.seen {
+                e.seen = r.seen;
+            }
+            return;
         }
+        // `check` last: until it is written the entry belongs to no flow.
+        e.ids = r.ids;
+        e.place = r.place;
+        e.seen = r.seen;
+        e.check = r.check;
     }
 }
 

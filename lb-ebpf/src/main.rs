@@ -3,8 +3,9 @@
 //! 1. parse (`packet`): Ethernet, optional 802.1Q, IPv4 or IPv6 with its extension headers,
 //!    then the ports, or the flow an ICMP error quotes (`icmp`);
 //! 2. classify (`classify`): which service, if any, the packet belongs to;
-//! 3. choose (`choose`): which of its backends (connection table, `FRAGS`, else the Maglev slot
-//!    `lb_common::maglev_slot` names);
+//! 3. choose (`choose`): which of its backends: the current backend of the Maglev slot
+//!    `lb_common::maglev_slot` names, unless that slot changed since a live flow began, when the
+//!    connection table decides (`conntrack`); later fragments follow their first (`FRAGS`);
 //! 4. rewrite: direct server return (`l2`: MACs and VLAN tag only) or tunnel (`tunnel`:
 //!    IP-in-IP, or the ICMP "too big" answer of `icmp`);
 //! 5. send (the receiving interface, or a redirect) and count.
@@ -32,11 +33,11 @@ mod verdict;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use conntrack::FlowSlot;
+use conntrack::SlotChoice;
 use lb_common::{Backend, Reason, service_flags};
 use maps::{BACKEND_STATS, DEVMAP, REASON_STATS, SERVICE_STATS};
 use packet::Packet;
-use verdict::{Chosen, Egress, NotOurs, Skip, Status};
+use verdict::{Chosen, Egress, NotOurs, Placed, Skip, Status};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -56,20 +57,19 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
-    // Classify and choose: an established flow here, any other packet in `place`.
-    let mut flow = classify::flow_place(packet)?;
-    let chosen = match flow.as_mut().and_then(|f| classify::established(packet, f)) {
-        Some(chosen) => chosen,
-        None => {
-            let mut chosen = MaybeUninit::<Chosen>::uninit();
-            let flow = flow
-                .as_mut()
-                .map_or(core::ptr::null_mut(), |f| f as *mut FlowSlot);
-            if let Err(skip) = place(packet, flow, &mut chosen).decode() {
-                return Ok(give_up(skip));
+    // Classify and choose.
+    let mut chosen = MaybeUninit::<Chosen>::uninit();
+    let mut at = MaybeUninit::<SlotChoice>::uninit();
+    let chosen = match place(packet, &mut chosen, &mut at).decode() {
+        Err(skip) => return Ok(give_up(skip)),
+        // SAFETY: place returned Chosen, so it wrote `chosen`.
+        Ok(Placed::Chosen) => unsafe { chosen.assume_init() },
+        // SAFETY: place returned OnChangedSlot, so it wrote `at`.
+        Ok(Placed::OnChangedSlot) => {
+            match choose::on_changed_slot(packet, unsafe { at.assume_init_mut() }) {
+                Ok(chosen) => chosen,
+                Err(reason) => return Ok(give_up(reason.into())),
             }
-            // SAFETY: place returned Ok, so it wrote `chosen`.
-            unsafe { chosen.assume_init() }
         }
     };
     // Rewrite.
@@ -100,22 +100,15 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     }
 }
 
-/// The service and backend of a packet that is no established flow's: classified, then chosen.
-/// `flow` is null or the packet's `classify::flow_place`. A function of its own (a BPF-to-BPF
-/// call) so its map keys and hashes stay off the main frame, whose stack the tunnel's
-/// subprograms share the 512-byte budget with. The choice is written into the caller's `out`
-/// when the status is Ok.
+/// The service and backend of a packet: classified, then chosen. A function of its own (a
+/// BPF-to-BPF call) so its map keys and hashes stay off the main frame, whose stack the
+/// tunnel's subprograms share the 512-byte budget with. The choice is written into the
+/// caller's `out` (`Placed::Chosen`), or the packet's changed slot into `at`
+/// (`Placed::OnChangedSlot`: the caller has the connection table decide); `NotOurs` comes back
+/// as a status like any refusal.
 #[inline(never)]
-fn place(p: &Packet, flow: *mut FlowSlot, out: &mut MaybeUninit<Chosen>) -> Status {
-    // SAFETY: `flow` is null or points to the caller's FlowSlot, alive for this call.
-    let flow = unsafe { flow.as_mut() };
-    Status::encode(
-        classify::classify(p, flow)
-            .and_then(|class| choose::choose(p, class))
-            .map(|chosen| {
-                out.write(chosen);
-            }),
-    )
+fn place(p: &Packet, out: &mut MaybeUninit<Chosen>, at: &mut MaybeUninit<SlotChoice>) -> Status {
+    Status::encode(classify::classify(p).and_then(|class| choose::choose(p, class, out, at)))
 }
 
 /// Sends a frame rewritten for `backend` out of the backend's interface: XDP_TX when that is

@@ -6,16 +6,15 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FlowSet, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, ServiceEntry, ServiceKey, ServiceValue,
-    TooBigBucket, VIP_FILTER_WORDS, VipKey,
+    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, RecordSet, ServiceEntry, ServiceKey,
+    ServiceValue, TooBigBucket, VIP_FILTER_WORDS, VipKey,
 };
 
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
-/// Services by id, each with its key: an established flow's service, checked against the packet
-/// without a hash lookup.
+/// Services by id, each with its key (lbd's bookkeeping: the program does not read it).
 #[btf_map]
 pub static SERVICE_BY_ID: Array<ServiceEntry, { MAX_SERVICES as usize }> = Array::new();
 
@@ -25,9 +24,11 @@ pub static SERVICE_BY_ID: Array<ServiceEntry, { MAX_SERVICES as usize }> = Array
 pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { BPF_F_MMAPABLE as usize }> =
     Array::new();
 
-/// One Maglev table per service id. lbd builds a new inner array aside and swaps it in with a
-/// single update, so the program never sees a half-built table. BPF_F_INNER_MAP lets each
-/// service's table have its own size.
+/// One Maglev table per service id, with its slot state (`lb_common::slotstate`): the hot half
+/// (each slot's backend and whether it changed), then the side half. lbd builds a new inner
+/// array aside and swaps it in with a single update, so the program never sees a half-built
+/// table, and clears changed slots in place. BPF_F_INNER_MAP lets each service's table have its
+/// own size.
 #[btf_map]
 pub static MAGLEV: ArrayOfMaps<
     Array<u64, 1, { MAGLEV_TABLE_FLAGS as usize }>,
@@ -40,14 +41,15 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// The connection table: flow → backend, so a flow keeps its backend when the Maglev table
-/// changes. A set-associative cache in an array (see `FlowSet`): finding a flow is one hash of
+/// The connection table: flow → backend, for flows on changed Maglev slots only, so a flow
+/// keeps its backend when the table changes. A set-associative cache in an array (see
+/// `RecordSet`): finding a flow is one hash of
 /// the program's own and one inlined array access, and recording one is a few stores, where a
 /// kernel LRU hash spends ~150 ns taking an element off its lists under a lock. Shared, not
 /// per-CPU: on veth, and with RPS, one flow's packets can be handled on different CPUs, and
 /// every CPU must see its entry. lbd sizes it from `daemon.conntrack_entries`.
 #[btf_map]
-pub static CONNTRACK: Array<FlowSet, 16_384, { CONNTRACK_FLAGS as usize }> = Array::new();
+pub static CONNTRACK: Array<RecordSet, 16_384, { CONNTRACK_FLAGS as usize }> = Array::new();
 
 /// Where the first fragment of a datagram went: the later ones (which carry no ports) follow.
 #[btf_map]

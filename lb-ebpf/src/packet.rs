@@ -26,7 +26,9 @@ const MAX_EXT_HEADERS: usize = 6;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// The first four bytes of TCP and UDP headers alike.
@@ -78,6 +80,8 @@ pub struct Packet {
     pub malformed: bool,
     /// A TCP SYN without ACK: a new connection, which always takes the current table's choice.
     pub syn: bool,
+    /// A TCP FIN or RST from the client: its record, if it has one, lives only a short grace.
+    pub closing: bool,
     /// IPv4 with DF set (IPv6 never fragments on the way).
     pub dont_fragment: bool,
     /// An ICMP "fragmentation needed" / "packet too big" about a flow.
@@ -199,6 +203,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
             ip_len,
             malformed: ip_len < ihl || l3 + ip_len > ctx.data_end() - ctx.data(),
             syn: false,
+            closing: false,
             dont_fragment: frag_off & IP_DF != 0,
             icmp_error: false,
             frag,
@@ -237,6 +242,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
             ip_len,
             malformed: l3 + ip_len > ctx.data_end() - ctx.data(),
             syn: false,
+            closing: false,
             dont_fragment: true,
             icmp_error: false,
             frag: Frag::None,
@@ -338,7 +344,10 @@ fn transport(ctx: &XdpContext, p: &mut Packet, l4: usize, l4_len: usize) -> Resu
         // Data offset and flags as one read: single-byte reads at variable offsets get bounds
         // checks the verifier cannot follow once LLVM rewrites them.
         match read_at::<[u8; 2]>(ctx, l4 + TCP_FLAGS_OFFSET - 1) {
-            Ok([_, flags]) => p.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            Ok([_, flags]) => {
+                p.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                p.closing = flags & (TCP_FIN | TCP_RST) != 0;
+            }
             Err(()) => p.malformed = true,
         }
     }

@@ -60,8 +60,16 @@ impl Skip {
     }
 }
 
-/// A `Result<(), Skip>` as the one register a BPF-to-BPF call returns, encoded and decoded here
-/// only. (A `Result<Chosen, Skip>` written whole into the caller's frame does not do: the bytes
+/// What `place` did with a packet it did not refuse: chose its backend, or found its slot
+/// changed (the connection table decides, in a call of its own from the main program).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    Chosen,
+    OnChangedSlot,
+}
+
+/// A `Result<Placed, Skip>` as the one register a BPF-to-BPF call returns, encoded and decoded
+/// here only. (A `Result<Chosen, Skip>` written whole into the caller's frame does not do: the bytes
 /// of the variant not taken are undefined, and the verifier refuses the stores LLVM makes of
 /// them.)
 #[derive(Clone, Copy)]
@@ -71,22 +79,25 @@ pub struct Status(u32);
 impl Status {
     const OK: u32 = 0;
     const NOT_OURS: u32 = 1;
+    const CHANGED_SLOT: u32 = 2;
     /// `Refused(reason)`: this bit, and the reason's index in the low byte.
     const REFUSED: u32 = 1 << 8;
 
     #[inline(always)]
-    pub fn encode(result: Result<(), Skip>) -> Status {
+    pub fn encode(result: Result<Placed, Skip>) -> Status {
         Status(match result {
-            Ok(()) => Self::OK,
+            Ok(Placed::Chosen) => Self::OK,
+            Ok(Placed::OnChangedSlot) => Self::CHANGED_SLOT,
             Err(Skip::NotOurs) => Self::NOT_OURS,
             Err(Skip::Refused(reason)) => Self::REFUSED | reason as u32,
         })
     }
 
     #[inline(always)]
-    pub fn decode(self) -> Result<(), Skip> {
+    pub fn decode(self) -> Result<Placed, Skip> {
         match self.0 {
-            Self::OK => Ok(()),
+            Self::OK => Ok(Placed::Chosen),
+            Self::CHANGED_SLOT => Ok(Placed::OnChangedSlot),
             Self::NOT_OURS => Err(Skip::NotOurs),
             code => Err(Skip::Refused(Reason::from_index(code & !Self::REFUSED))),
         }

@@ -136,6 +136,9 @@ pub struct Daemon {
     pub bpffs_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub conntrack_entries: u32,
+    /// Seconds a connection idle across a backend change (so it has no record) keeps its
+    /// backend after the change, at least (docs/design/slot-state.md).
+    pub idle_hold_s: u64,
     pub state_dir: PathBuf,
     pub hash_seed: Option<[u64; 2]>,
     pub log_level: Option<String>,
@@ -202,6 +205,7 @@ struct RawDaemon {
     bpffs_dir: Option<Spanned<PathBuf>>,
     metrics: Option<Spanned<String>>,
     conntrack_entries: Option<Spanned<u32>>,
+    idle_hold_s: Option<Spanned<u64>>,
     state_dir: Option<Spanned<PathBuf>>,
     hash_seed: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,

@@ -85,13 +85,12 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     );
     daemon.start(&interfaces)?;
 
-    spawn_conntrack_counter(
-        daemon.config.daemon.bpffs_dir.clone(),
-        daemon.conntrack.clone(),
-    );
+    let bpffs_dir = daemon.config.daemon.bpffs_dir.clone();
+    let conntrack_use = daemon.conntrack.clone();
     let socket_path = daemon.config.daemon.socket.clone();
     let metrics_addr = daemon.config.daemon.metrics;
     let shared = Shared::new(daemon);
+    spawn_conntrack_scanner(bpffs_dir, shared.clone(), conntrack_use);
     let metrics_listener = match metrics_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -160,33 +159,64 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The connection table's flows are counted (a scan of its memory, off the lock) at least this
-/// often, and never spending more than 5% of a CPU on it: a big table is counted less often.
-const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(1);
+/// The connection table is counted and scanned (a read of its memory, off the lock) at least
+/// this often, and never spending more than 5% of a CPU on it: a big table is read less often.
+const CONNTRACK_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Counts the connection table now and then, on a thread of its own (detached: it ends with
-/// the process, or once the daemon is gone).
-fn spawn_conntrack_counter(bpffs_dir: PathBuf, out: Arc<ConntrackUse>) {
+/// Reads the connection table now and then, on a thread of its own (detached: it ends with the
+/// process, or once the daemon is gone): counts its flows and, while Maglev slots are changed,
+/// finds which of them live flows still need and clears the others
+/// (`Datapath::clear_slots`).
+fn spawn_conntrack_scanner(bpffs_dir: PathBuf, shared: Shared, out: Arc<ConntrackUse>) {
     let spawned = std::thread::Builder::new()
-        .name("conntrack-count".into())
+        .name("conntrack-scan".into())
         .spawn(move || {
             use std::sync::atomic::Ordering::Relaxed;
             let counter = match datapath::ConntrackCounter::open(&bpffs_dir) {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!("connection-table use will not be reported: {e}");
+                    warn!("connection-table use will not be reported, changed slots not cleared: {e}");
                     return;
                 }
             };
+            let mut clock = datapath::TableClock::default();
+            let mut warned = false;
             loop {
                 let started = Instant::now();
+                let (view, times) = {
+                    let d = shared.blocking_lock();
+                    let times = datapath::SlotTimes {
+                        idle_hold: Duration::from_secs(d.config.daemon.idle_hold_s),
+                        ..Default::default()
+                    };
+                    (d.datapath.slot_view(), times)
+                };
                 let (entries, capacity) = counter.count();
                 out.entries.store(entries, Relaxed);
                 out.capacity.store(capacity, Relaxed);
+                match (view, clock.now()) {
+                    (Some(view), Some(now)) => {
+                        let limits = times.limits(clock.ticks_per_second());
+                        let scan = view.scan(counter.records(), now, &limits);
+                        let mut d = shared.blocking_lock();
+                        let cleared = d.datapath.clear_slots(&scan, &limits);
+                        if cleared > 0 {
+                            let (changed, _) = d.datapath.changed_slots();
+                            info!("{cleared} Maglev slots no live flow needs any more cleared; {changed} still changed");
+                        }
+                    }
+                    (Some(_), None) if !warned => {
+                        warned = true;
+                        warn!("cannot read the kernel's jiffies from /proc/timer_list: changed Maglev slots are not cleared (packets on them keep reading the connection table)");
+                    }
+                    _ => {}
+                }
+                out.changed_slots
+                    .store(shared.blocking_lock().datapath.changed_slots().0, Relaxed);
                 if Arc::strong_count(&out) == 1 {
                     return; // the daemon is gone
                 }
-                std::thread::sleep(CONNTRACK_COUNT_INTERVAL.max(started.elapsed() * 20));
+                std::thread::sleep(CONNTRACK_SCAN_INTERVAL.max(started.elapsed() * 20));
             }
         });
     if let Err(e) = spawned {

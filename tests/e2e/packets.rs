@@ -260,7 +260,9 @@ fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
         b,
         "to the backend that owns the flow, not the table's choice"
     );
-    // A flow the connection table does not know: the table's choice for the client.
+    // A flow the connection table does not know: where an unrecorded flow of its client goes.
+    // Its slot changed, so the flow is taken for one older than the change: the slot's
+    // previous backend (the table's choice before the swap) when that differs.
     let icmp = icmp_frag_needed(
         CLIENT_MAC,
         LB_MAC,
@@ -272,7 +274,18 @@ fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
         42000,
         1400,
     );
-    assert_eq!(f.dsr(&icmp), other);
+    assert_eq!(f.dsr(&icmp), f.predicted(0, c4(51).into()));
+    // ICMP errors write nothing: that flow still has no record.
+    assert_eq!(
+        f.dp.flow(&lb_tests::dpfixture::flow_key(
+            c4(51).into(),
+            VIP.into(),
+            42000,
+            80,
+            6
+        )),
+        None
+    );
 
     // IPv6 "packet too big".
     let client6 = c6(50);

@@ -197,6 +197,22 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
             *n.get_ref()
         }
     };
+    let idle_hold_s = match d.idle_hold_s {
+        None => crate::datapath::DEFAULT_IDLE_HOLD_S,
+        Some(n) => {
+            if *n.get_ref() > MAX_IDLE_HOLD_S {
+                c.error(
+                    &n,
+                    "daemon.idle_hold_s",
+                    format!(
+                        "{} is out of range: 0 to {MAX_IDLE_HOLD_S} (ten years)",
+                        n.get_ref()
+                    ),
+                );
+            }
+            *n.get_ref()
+        }
+    };
     let hash_seed = d
         .hash_seed
         .and_then(|s| match lb_common::hash::parse_seed(s.get_ref()) {
@@ -228,11 +244,15 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         bpffs_dir: absolute_path(c, d.bpffs_dir, "daemon.bpffs_dir", DEFAULT_BPFFS_DIR),
         metrics,
         conntrack_entries,
+        idle_hold_s,
         state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),
         hash_seed,
         log_level,
     }
 }
+
+/// Largest `daemon.idle_hold_s`: ten years, "for as long as the old backend lives".
+const MAX_IDLE_HOLD_S: u64 = 10 * 366 * 86_400;
 
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {

@@ -42,17 +42,23 @@ pub struct Daemon {
     pub conntrack: Arc<ConntrackUse>,
 }
 
-/// The connection table's use as last counted.
+/// The connection table's use as last counted, and the Maglev slots changed then.
 #[derive(Default)]
 pub struct ConntrackUse {
     pub entries: std::sync::atomic::AtomicU64,
     pub capacity: std::sync::atomic::AtomicU64,
+    pub changed_slots: std::sync::atomic::AtomicU64,
 }
 
 impl ConntrackUse {
     pub fn get(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.entries.load(Relaxed), self.capacity.load(Relaxed))
+    }
+
+    pub fn changed_slots(&self) -> u64 {
+        self.changed_slots
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -80,6 +86,12 @@ impl Shared {
     /// The daemon, for a moment.
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Daemon> {
         self.daemon.lock().await
+    }
+
+    /// The daemon, for a moment, from a thread outside the runtime (the connection-table
+    /// scanner).
+    pub fn blocking_lock(&self) -> tokio::sync::MutexGuard<'_, Daemon> {
+        self.daemon.blocking_lock()
     }
 
     /// The right to make a change (config file and runtime state), held for all of it.

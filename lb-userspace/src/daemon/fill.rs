@@ -33,7 +33,7 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
         f.services.insert(key, value);
         f.service_by_id
             .insert(s.id, lb_common::ServiceEntry { key, value });
-        f.maglev.insert(s.id, s.words.clone());
+        f.maglev.insert(s.id, s.table.clone());
         for b in &s.backends {
             let entry = b.entry(s.id);
             if entry != Backend::default() {
@@ -169,10 +169,7 @@ mod tests {
                 f.service_by_id[&s.id],
                 lb_common::ServiceEntry { key, value }
             );
-            assert_eq!(
-                &*f.maglev[&s.id],
-                &lb_common::maglev_words(&s.table_without(&SEED, None))[..]
-            );
+            assert_eq!(&*f.maglev[&s.id], &s.table_without(&SEED, None)[..]);
         }
         assert_eq!(f.service_by_id.len(), 2);
         let table = &services[0].table;

@@ -214,11 +214,9 @@ pub struct ServiceRuntime {
     pub cfg: config::Service,
     pub backends: Vec<BackendRuntime>,
     /// The Maglev table of the backends that may take new clients now (the data path's once
-    /// the daemon has synced it).
-    pub table: Vec<u32>,
-    /// `table` as the words of its array, and what it was built from: it is rebuilt only when
-    /// that changes.
-    pub(super) words: Arc<[u64]>,
+    /// the daemon has synced it), and what it was built from: it is rebuilt only when that
+    /// changes (shared with the fills that name it).
+    pub table: Arc<[u32]>,
     built_from: Option<([u64; 2], u32, Vec<MaglevBackend>)>,
 }
 
@@ -237,8 +235,7 @@ impl ServiceRuntime {
             id,
             cfg,
             backends,
-            table: vec![],
-            words: Arc::from([]),
+            table: Arc::from([]),
             built_from: None,
         }
     }
@@ -286,8 +283,7 @@ impl ServiceRuntime {
     pub(super) fn refresh_table(&mut self, seed: &[u64; 2]) {
         let inputs = (*seed, self.cfg.table_size, self.live(None));
         if self.built_from.as_ref() != Some(&inputs) {
-            self.table = build_table(seed, &inputs.2, self.cfg.table_size);
-            self.words = lb_common::maglev_words(&self.table).into();
+            self.table = build_table(seed, &inputs.2, self.cfg.table_size).into();
             self.built_from = Some(inputs);
         }
     }
@@ -296,7 +292,6 @@ impl ServiceRuntime {
     /// rebuilt only if what it is built from changed.
     pub(super) fn keep_table_of(&mut self, old: ServiceRuntime) {
         self.table = old.table;
-        self.words = old.words;
         self.built_from = old.built_from;
     }
 

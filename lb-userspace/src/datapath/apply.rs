@@ -2,9 +2,9 @@
 //! only what differs from its shadow, in an order no packet can see half-made; the writers it
 //! uses (one per map) keep the shadow in step.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
-use aya::maps::{Array, IterableMap as _, MapData};
+use aya::maps::{IterableMap as _, MapData};
 use lb_common::{
     Backend, Config, FragKey, LAYOUT_VERSION, ServiceEntry, ServiceKey, ServiceValue, VipKey, maps,
 };
@@ -15,7 +15,7 @@ use super::{
     error::{DatapathError, Result, error_chain, io_err, is_not_found, map_err},
     fill::Fill,
     pins::maps_dir,
-    sys::{ArrayMemory, fill_mmapable_array, map_delete},
+    sys::{ArrayMemory, map_delete},
 };
 
 impl Datapath {
@@ -68,9 +68,14 @@ impl Datapath {
                 self.write_backend(id, b)?;
             }
         }
-        for (&id, words) in &want.maglev {
-            if self.shadow.maglev.get(&id) != Some(words) {
-                self.swap_words(id, words.clone())?;
+        for (&id, table) in &want.maglev {
+            let key = want
+                .service_by_id
+                .get(&id)
+                .map_or_else(ServiceKey::default, |e| e.key);
+            let same_service = self.slots.get(&id).is_some_and(|s| s.key == key);
+            if self.shadow.maglev.get(&id) != Some(table) || !same_service {
+                self.install_table(id, &key, table.clone())?;
             }
         }
         if self.shadow.vip_filter != want.vip_filter {
@@ -230,6 +235,8 @@ impl Datapath {
             .backends
             .set(id, backend, 0)
             .map_err(map_err(format!("writing backend {id}")))?;
+        // Which records may keep their flows changed: a scan from before is not used.
+        self.slot_generation += 1;
         if *backend == Backend::default() {
             self.shadow.backends.remove(&id);
         } else {
@@ -289,24 +296,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// Replaces the Maglev table of service `id` atomically, given as its array's words.
-    pub(super) fn swap_words(&mut self, id: u32, words: Arc<[u64]>) -> Result<()> {
-        let slots = words.len() * lb_common::MAGLEV_SLOTS_PER_WORD as usize;
-        let inner =
-            Array::<MapData, u64>::create(words.len() as u32, lb_common::MAGLEV_TABLE_FLAGS)
-                .map_err(map_err(format!("creating a Maglev table of {slots} slots")))?;
-        fill_mmapable_array(inner.map(), &words)
-            .map_err(io_err(format!("filling a Maglev table of {slots} slots")))?;
-        self.maps
-            .maglev
-            .set(id, &inner, 0)
-            .map_err(map_err(format!(
-                "swapping in the Maglev table of service {id}"
-            )))?;
-        self.shadow.maglev.insert(id, words);
-        Ok(())
-    }
-
     /// Empties the Maglev slot of a service id that has no service any more.
     fn delete_table(&mut self, id: u32) -> Result<()> {
         // aya's ArrayOfMaps lends out no descriptor: the pin gives one.
@@ -319,6 +308,7 @@ impl Datapath {
             Err(e) => return Err(io_err(format!("removing the Maglev table of service {id}"))(e)),
         }
         self.shadow.maglev.remove(&id);
+        self.forget_slots(id);
         Ok(())
     }
 

@@ -29,9 +29,10 @@ pub struct Fill {
     pub service_by_id: BTreeMap<u32, ServiceEntry>,
     /// `VIP_FILTER`'s words: the bits of every key of `services` (see [`vip_filter_words`]).
     pub vip_filter: Vec<u64>,
-    /// The words of each service's Maglev table (`lb_common::maglev_words`); an id without a
-    /// service has no table at all.
-    pub maglev: BTreeMap<u32, Arc<[u64]>>,
+    /// Each service's Maglev table (a backend id or `NO_BACKEND` per slot); an id without a
+    /// service has no table at all. Its array also holds the slots' state
+    /// (`lb_common::slotstate`), which `Datapath` keeps besides the fill.
+    pub maglev: BTreeMap<u32, Arc<[u32]>>,
     /// The entries of `BACKENDS` in use (the others are all zero).
     pub backends: BTreeMap<u32, Backend>,
     pub vips: StdHashMap<VipKey, ServiceValue>,
@@ -50,26 +51,40 @@ pub fn vip_filter_words<'a>(keys: impl IntoIterator<Item = &'a ServiceKey>) -> V
     words
 }
 
+/// A service's Maglev array as found in the pinned maps: the words of both halves.
+pub(super) struct PinnedTable {
+    pub id: u32,
+    pub key: ServiceKey,
+    pub table_size: u32,
+    pub words: Arc<[u64]>,
+    pub inner: Array<MapData, u64>,
+}
+
 impl Fill {
-    /// What the maps hold now.
-    pub(super) fn read(maps: &Maps) -> Result<Fill> {
+    /// What the maps hold now, the Maglev tables (`maglev`) left out: they come back as the
+    /// arrays found, whose slot state `Datapath` adopts.
+    pub(super) fn read(maps: &Maps) -> Result<(Fill, Vec<PinnedTable>)> {
         let config = maps.config.get(&0, 0).map_err(map_err("reading CONFIG"))?;
         let services = maps
             .services
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("reading SERVICES"))?;
-        let service_by_id = used_entries(&maps.service_by_id, MAX_SERVICES, maps::SERVICE_BY_ID)?;
-        let mut maglev = BTreeMap::new();
-        for id in 0..MAX_SERVICES {
+        let service_by_id: BTreeMap<u32, ServiceEntry> =
+            used_entries(&maps.service_by_id, MAX_SERVICES, maps::SERVICE_BY_ID)?;
+        let mut tables = vec![];
+        for (&id, entry) in &service_by_id {
             match maps.maglev.get(&id, 0) {
                 Ok(inner) => {
                     let what = || format!("reading the Maglev table of service {id}");
                     let len = inner.map().info().map_err(map_err(what()))?.max_entries() as usize;
-                    maglev.insert(
+                    tables.push(PinnedTable {
                         id,
-                        read_mmapable_array(inner.map(), len).map_err(io_err(what()))?,
-                    );
+                        key: entry.key,
+                        table_size: entry.value.table_size,
+                        words: read_mmapable_array(inner.map(), len).map_err(io_err(what()))?,
+                        inner,
+                    });
                 }
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(format!("reading MAGLEV[{id}]"))(e)),
@@ -90,16 +105,17 @@ impl Fill {
             .map(|r| r.map(|(k, v)| (k, v.if_index)))
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("reading DEVMAP"))?;
-        Ok(Fill {
+        let fill = Fill {
             config,
             services,
             service_by_id,
             vip_filter,
-            maglev,
+            maglev: BTreeMap::new(),
             backends,
             vips,
             devmap,
-        })
+        };
+        Ok((fill, tables))
     }
 
     #[cfg(any(test, feature = "test-hooks"))]
@@ -176,7 +192,7 @@ fn used_entries<V: aya::Pod + Default + PartialEq>(
 #[cfg(any(test, feature = "test-hooks"))]
 /// A Maglev table in a diff: compared whole, shown by its size and a checksum.
 #[derive(Clone, PartialEq)]
-struct TableSummary(Arc<[u64]>);
+struct TableSummary(Arc<[u32]>);
 
 #[cfg(any(test, feature = "test-hooks"))]
 impl std::fmt::Debug for TableSummary {
@@ -185,7 +201,9 @@ impl std::fmt::Debug for TableSummary {
             f,
             "{} words, sum {:x}",
             self.0.len(),
-            self.0.iter().fold(0u64, |a, w| a.rotate_left(5) ^ w)
+            self.0
+                .iter()
+                .fold(0u64, |a, &w| a.rotate_left(5) ^ u64::from(w))
         )
     }
 }

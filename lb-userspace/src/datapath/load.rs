@@ -125,19 +125,43 @@ impl Datapath {
         } else {
             Start::Fresh
         };
-        let shadow = Fill::read(&maps)?;
-        Ok(Datapath {
-            ebpf: Some(ebpf),
+        Datapath::opened(Some(ebpf), bpffs_dir, maps, vec![], program_id, hash, start)
+    }
+
+    /// The data path on `maps`, with what they hold read back: the fill, and each service's
+    /// slot state (whose holds start again now).
+    fn opened(
+        ebpf: Option<Ebpf>,
+        bpffs_dir: &Path,
+        maps: Maps,
+        attachments: Vec<Attachment>,
+        program_id: u32,
+        program_hash: u64,
+        start: Start,
+    ) -> Result<Datapath> {
+        let (shadow, tables) = Fill::read(&maps)?;
+        let mut dp = Datapath {
+            ebpf,
             bpffs_dir: bpffs_dir.to_owned(),
             maps,
             shadow,
+            slots: Default::default(),
+            slot_generation: 0,
             frags_checked: false,
-            attachments: vec![],
+            attachments,
             program_id,
-            program_hash: hash,
+            program_hash,
             start,
             pending_config: None,
-        })
+        };
+        for t in tables {
+            if let Some(current) =
+                dp.adopt_slots(t.id, t.key, t.table_size, &t.words, t.inner.map())?
+            {
+                dp.shadow.maglev.insert(t.id, current);
+            }
+        }
+        Ok(dp)
     }
 
     /// The pinned data path, if it runs this very program on maps of this layout and size.
@@ -178,19 +202,16 @@ impl Datapath {
             });
         }
         info!("adopted the running program {program_id} and its pinned maps (no reload)");
-        let shadow = Fill::read(&maps)?;
-        Ok(Some(Datapath {
-            ebpf: None,
-            bpffs_dir: bpffs_dir.to_owned(),
+        Datapath::opened(
+            None,
+            bpffs_dir,
             maps,
-            shadow,
-            frags_checked: false,
             attachments,
             program_id,
-            program_hash: hash,
-            start: Start::Adopted,
-            pending_config: None,
-        }))
+            hash,
+            Start::Adopted,
+        )
+        .map(Some)
     }
 
     /// After the program is in place: writes `CONFIG` whole (see `write_config`), then removes

@@ -8,8 +8,8 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    Backend, Config, Counter, FlowSet, FragKey, FragValue, ServiceEntry, ServiceKey, ServiceValue,
-    VipKey, maps,
+    Backend, Config, Counter, FragKey, FragValue, RecordSet, ServiceEntry, ServiceKey,
+    ServiceValue, VipKey, maps,
 };
 
 use super::error::{DatapathError, Result, map_err};
@@ -22,7 +22,7 @@ pub(super) struct Maps {
     pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u64>>,
     pub(super) backends: Array<MapData, Backend>,
     pub(super) config: Array<MapData, Config>,
-    pub(super) conntrack: Array<MapData, FlowSet>,
+    pub(super) conntrack: Array<MapData, RecordSet>,
     pub(super) frags: HashMap<MapData, FragKey, FragValue>,
     pub(super) vips: HashMap<MapData, VipKey, ServiceValue>,
     pub(super) devmap: aya::maps::DevMapHash<MapData>,

@@ -14,6 +14,8 @@
 //! - `load`: loading the program, `Datapath::open` (fresh, adopt, upgrade, new layout,
 //!   reattach) and `finish_start`;
 //! - `apply`: `Datapath::apply`, the only writer of the maps lbd fills, and its per-map writers;
+//! - `slots`: each service's slot state (changed slots, their previous backends), the
+//!   connection table's scan and the clearing of slots no flow needs any more;
 //! - `read`: what the maps hold, flows, counters, `ConntrackCounter`;
 //! - `fill`: the `Fill` value (what lbd writes), read from the maps, compared;
 //! - `maps`: every map, opened from the object or from the pins;
@@ -32,6 +34,7 @@ mod load;
 mod maps;
 mod pins;
 mod read;
+mod slots;
 mod sys;
 #[cfg(any(test, feature = "test-hooks"))]
 mod test_hooks;
@@ -49,7 +52,8 @@ pub use link::{LinkFacts, LinkPlace, link_facts, link_pin};
 pub use load::{PROGRAM_OBJECT, program_hash};
 pub(crate) use maps::per_cpu_total;
 pub use pins::{cleanup, maps_dir, pinned_seed, prepare_bpffs};
-pub use read::ConntrackCounter;
+pub use read::{ConntrackCounter, TableClock};
+pub use slots::{DEFAULT_IDLE_HOLD_S, SlotScan, SlotTimes, SlotView, slot_seconds};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use test_hooks::read_pinned_frags;
 
@@ -93,6 +97,12 @@ pub struct Datapath {
     /// What lbd's maps hold (read at open, kept up to date by every write): `apply` writes
     /// only what differs from it.
     shadow: Fill,
+    /// Each service's slot state, by id (`slots`): what its Maglev array holds besides the
+    /// table in `shadow.maglev`.
+    slots: std::collections::BTreeMap<u32, slots::ServiceSlots>,
+    /// Counts changes of the tables and backends: a scan of the connection table made before
+    /// one is not used to clear slots (`Datapath::clear_slots`).
+    slot_generation: u64,
     /// Whether `FRAGS` was checked against the fill since the maps were opened.
     frags_checked: bool,
     pub attachments: Vec<Attachment>,

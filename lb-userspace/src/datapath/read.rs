@@ -5,8 +5,8 @@ use std::path::Path;
 
 use aya::maps::{IterableMap as _, MapData};
 use lb_common::{
-    Backend, Counter, FlowEntry, FlowKey, FlowSet, FlowValue, Reason, ServiceKey, ServiceValue,
-    backend_flags, maps,
+    Backend, Counter, FlowKey, FlowValue, Reason, Record, RecordSet, ServiceKey, ServiceValue,
+    backend_flags, maglev_slot, maps,
 };
 
 use super::{
@@ -55,16 +55,40 @@ impl Datapath {
         Some((hash as u32 & config.flow_set_mask, hash))
     }
 
-    /// What the connection table says about a flow.
+    /// The service a flow's packets are placed by, and the flow's slot in its table: the
+    /// destination's service, then the VIP's every-port one (a flow of a deferring slot is
+    /// recorded under it).
+    pub(super) fn flow_services(&self, key: &FlowKey) -> Vec<(ServiceValue, u32)> {
+        let Ok(config) = self.maps.config.get(&0, 0) else {
+            return vec![];
+        };
+        let exact = ServiceKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
+        let every_port = ServiceKey { port: 0, ..exact };
+        [exact, every_port]
+            .iter()
+            .filter_map(|k| self.shadow.services.get(k))
+            .filter_map(|v| Some((*v, maglev_slot(&config.hash_key, v, key)?.index)))
+            .collect()
+    }
+
+    /// What the connection table says about a flow (only flows on changed slots have a
+    /// record).
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.stored_flow(key).map(|e| e.value())
     }
 
-    /// The connection-table entry of a flow, as stored (with its `seen` stamp).
-    pub(super) fn stored_flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+    /// The connection-table record of a flow, as stored (with its `seen` stamp).
+    pub(super) fn stored_flow(&self, key: &FlowKey) -> Option<Record> {
         let (index, hash) = self.flow_place(key)?;
-        let set = self.maps.conntrack.get(&index, 0).ok()?;
-        set.find(hash).copied()
+        let set: RecordSet = self.maps.conntrack.get(&index, 0).ok()?;
+        self.flow_services(key)
+            .into_iter()
+            .find_map(|(v, slot)| set.find(hash, v.id, slot).copied())
     }
 
     pub fn service_counter(&self, id: u32) -> Counter {
@@ -83,9 +107,9 @@ impl Datapath {
     }
 }
 
-/// Counts the connection table's flows on its own read-only mapping of the pinned table, so
-/// counting (a scan of its memory: ~16 MiB at the default size) never holds up the daemon and
-/// costs no syscalls.
+/// Reads the connection table on its own read-only mapping of the pinned table, so counting and
+/// scanning it (a read of its memory: 16 MiB at the default size) never hold up the daemon and
+/// cost no syscalls.
 pub struct ConntrackCounter {
     _map: MapData,
     memory: ArrayMemory,
@@ -98,7 +122,7 @@ impl ConntrackCounter {
         let what = format!("opening the pinned map {}", path.display());
         let map = MapData::from_pin(&path).map_err(map_err(what.clone()))?;
         let sets = map.info().map(|i| i.max_entries() as usize).unwrap_or(0);
-        let memory = ArrayMemory::map(&map, sets * size_of::<FlowSet>(), false)
+        let memory = ArrayMemory::map(&map, sets * size_of::<RecordSet>(), false)
             .map_err(io_err(format!("mapping {}", path.display())))?;
         Ok(ConntrackCounter {
             _map: map,
@@ -110,15 +134,72 @@ impl ConntrackCounter {
     /// Flows in the table now (used entries), and its capacity.
     pub fn count(&self) -> (u64, u64) {
         let entries = self.sets * lb_common::FLOW_WAYS;
-        let seen = std::mem::offset_of!(FlowEntry, seen);
+        let seen = std::mem::offset_of!(Record, seen);
         // The program writes entries meanwhile: only the one field needed is read.
         let used = (0..entries)
-            .filter(|&i| {
-                self.memory
-                    .read_at::<u32>(i * size_of::<FlowEntry>() + seen)
-                    != 0
-            })
+            .filter(|&i| self.memory.read_at::<u32>(i * size_of::<Record>() + seen) != 0)
             .count();
         (used as u64, entries as u64)
     }
+
+    /// Every used record, each read whole (the program may be writing it: a torn one names a
+    /// flow that does not exist, and is read right by the next scan).
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        (0..self.sets * lb_common::FLOW_WAYS)
+            .map(|i| self.memory.read::<Record>(i))
+            .filter(|r| r.seen != 0)
+    }
+}
+
+/// The connection table's clock as the program reads it (`bpf_jiffies64() / 64`), for the ages
+/// of records: the kernel's jiffies from /proc/timer_list (root only), and their rate measured
+/// against lbd's monotonic clock. Until the rate is known, HZ=1000 is assumed: the fastest
+/// tick, so limits in ticks last at least their nominal time at any HZ.
+pub struct TableClock {
+    first: Option<(std::time::Instant, u64)>,
+    ticks_per_second: u32,
+}
+
+impl Default for TableClock {
+    fn default() -> TableClock {
+        TableClock {
+            first: None,
+            ticks_per_second: 1000 / 64 + 1,
+        }
+    }
+}
+
+impl TableClock {
+    /// The table's clock now, `None` when jiffies cannot be read.
+    pub fn now(&mut self) -> Option<u32> {
+        let jiffies = read_jiffies()?;
+        let at = std::time::Instant::now();
+        match self.first {
+            None => self.first = Some((at, jiffies)),
+            Some((t0, j0)) if at.duration_since(t0).as_secs() >= 2 => {
+                let hz = (jiffies - j0) as f64 / at.duration_since(t0).as_secs_f64();
+                // CONFIG_HZ is one of 100, 250, 300, 1000.
+                let hz = [100u32, 250, 300, 1000]
+                    .into_iter()
+                    .min_by_key(|&h| (f64::from(h) - hz).abs() as u64)
+                    .unwrap_or(1000);
+                self.ticks_per_second = hz.div_ceil(64);
+            }
+            Some(_) => {}
+        }
+        Some((jiffies >> 6) as u32 | 1)
+    }
+
+    /// Table-clock ticks per second (rounded up).
+    pub fn ticks_per_second(&self) -> u32 {
+        self.ticks_per_second
+    }
+}
+
+/// The kernel's jiffies (its first "jiffies:" line of /proc/timer_list).
+fn read_jiffies() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use aya::{maps::IterableMap as _, programs::Xdp};
 use lb_common::{
-    Backend, FlowEntry, FlowKey, FlowSet, FlowValue, FragKey, FragValue, PROGRAM_NAME,
-    ServiceEntry, ServiceKey, ServiceValue, VipKey,
+    Backend, FlowKey, FlowValue, FragKey, FragValue, PROGRAM_NAME, Record, RecordSet, ServiceEntry,
+    ServiceKey, ServiceValue, VipKey,
 };
 
 use super::{
@@ -94,14 +94,15 @@ impl Datapath {
 
     /// Installs a service's Maglev table, then its key. The table is filled aside in a new
     /// inner map and swapped in with one update, so a packet sees the old table or the new one,
-    /// never a mix.
+    /// never a mix; its slot state is that of a new service (or of the same service's next
+    /// table, when `key` already had this id), as `apply` makes it.
     pub fn set_service(
         &mut self,
         key: &ServiceKey,
         value: &ServiceValue,
         table: &[u32],
     ) -> Result<()> {
-        self.swap_table(value.id, table)?;
+        self.install_table(value.id, key, table.into())?;
         self.set_service_key(key, value)
     }
 
@@ -121,9 +122,20 @@ impl Datapath {
         self.write_service_key(key, value)
     }
 
-    /// Replaces the Maglev table of service `id` atomically.
+    /// Replaces the Maglev table of service `id` atomically, as `apply` does: the slots whose
+    /// backend changes are marked changed.
     pub fn swap_table(&mut self, id: u32, table: &[u32]) -> Result<()> {
-        self.swap_words(id, lb_common::maglev_words(table).into())
+        let key = self
+            .shadow
+            .service_by_id
+            .get(&id)
+            .map_or_else(ServiceKey::default, |e| e.key);
+        self.install_table(id, &key, table.into())
+    }
+
+    /// The slot state of service `id`: each slot's hot and side halves as the map holds them.
+    pub fn slot_state(&self, id: u32) -> Option<lb_common::slotstate::SlotTable> {
+        self.slots.get(&id).map(|s| s.table.clone())
     }
 
     /// Removes a service key: the key first (no new packet finds it), then its entry by id
@@ -149,8 +161,8 @@ impl Datapath {
         &self.shadow
     }
 
-    /// The connection-table entry of a flow, as stored (with its `seen` stamp).
-    pub fn flow_entry(&self, key: &FlowKey) -> Option<FlowEntry> {
+    /// The connection-table record of a flow, as stored (with its `seen` stamp).
+    pub fn flow_entry(&self, key: &FlowKey) -> Option<Record> {
         self.stored_flow(key)
     }
 
@@ -159,37 +171,87 @@ impl Datapath {
         self.flow_place(key).map(|(index, _)| index)
     }
 
-    /// Records `value` for a flow the way the program does (`FlowSet::place`), as seen at clock
-    /// 1 (long ago): for benchmarks and tests that fill the table.
-    pub fn set_flow(&mut self, key: &FlowKey, value: FlowValue) -> Result<()> {
+    /// Writes `record` for a flow: its own entry if it has one, else the set's victim as the
+    /// program picks it at clock `now`. For tests that age a record.
+    pub fn set_flow_entry(&mut self, key: &FlowKey, record: Record, now: u32) -> Result<()> {
         let (index, hash) = self
             .flow_place(key)
             .ok_or_else(|| DatapathError::Other("CONFIG is not set".into()))?;
-        let mut set = self
+        let mut set: RecordSet = self
             .maps
             .conntrack
             .get(&index, 0)
             .map_err(map_err("reading CONNTRACK"))?;
-        let (found, victim) = set.place(hash, 1);
-        set.ways[found.unwrap_or(victim)] = FlowEntry::new(hash, value.backend, value.service, 1);
+        let (found, victim) = set.place(hash, record.service(), record.slot(), now);
+        set.ways[found.unwrap_or(victim)] = record;
         self.maps
             .conntrack
             .set(index, set, 0)
             .map_err(map_err("writing CONNTRACK"))
     }
 
-    /// Removes a flow's entry, if it has one.
+    /// The record the program would write for a flow of service `value.service` sent to
+    /// `value.backend`, seen at clock `seen`, with `flags` (`slotstate::record_flags`).
+    pub fn record_for(
+        &self,
+        key: &FlowKey,
+        value: FlowValue,
+        flags: u32,
+        seen: u32,
+    ) -> Result<Record> {
+        let (_, hash) = self
+            .flow_place(key)
+            .ok_or_else(|| DatapathError::Other("CONFIG is not set".into()))?;
+        let (_, slot) = self
+            .flow_services(key)
+            .into_iter()
+            .find(|(v, _)| v.id == value.service)
+            .ok_or_else(|| {
+                DatapathError::Other(format!(
+                    "service {} does not answer to the flow's destination",
+                    value.service
+                ))
+            })?;
+        Ok(Record::new(
+            hash,
+            value.backend,
+            value.service,
+            slot,
+            flags,
+            seen,
+        ))
+    }
+
+    /// Records `value` for a flow the way the program does (`RecordSet::place`), as seen at
+    /// clock 1 (long ago): for benchmarks and tests that fill the table.
+    pub fn set_flow(&mut self, key: &FlowKey, value: FlowValue) -> Result<()> {
+        let flags = if key.proto == lb_common::PROTO_UDP {
+            lb_common::slotstate::record_flags::UDP
+        } else {
+            0
+        };
+        let record = self.record_for(key, value, flags, 1)?;
+        self.set_flow_entry(key, record, 1)
+    }
+
+    /// Removes a flow's record, if it has one.
     pub fn forget_flow(&mut self, key: &FlowKey) -> Result<()> {
         let Some((index, hash)) = self.flow_place(key) else {
             return Ok(());
         };
-        let mut set = self
+        let mut set: RecordSet = self
             .maps
             .conntrack
             .get(&index, 0)
             .map_err(map_err("reading CONNTRACK"))?;
-        if let (Some(way), _) = set.place(hash, 1) {
-            set.ways[way] = FlowEntry::default();
+        let mut found = false;
+        for (v, slot) in self.flow_services(key) {
+            if let (Some(way), _) = set.place(hash, v.id, slot, 1) {
+                set.ways[way] = Record::default();
+                found = true;
+            }
+        }
+        if found {
             self.maps
                 .conntrack
                 .set(index, set, 0)
@@ -208,8 +270,12 @@ impl Datapath {
     /// benchmarks of the path that has to make room.
     pub fn fill_flows(&mut self, value: FlowValue) -> Result<()> {
         let sets = self.conntrack_sets()? as usize;
-        let memory = ArrayMemory::map(self.maps.conntrack.map(), sets * size_of::<FlowSet>(), true)
-            .map_err(io_err("mapping CONNTRACK"))?;
+        let memory = ArrayMemory::map(
+            self.maps.conntrack.map(),
+            sets * size_of::<RecordSet>(),
+            true,
+        )
+        .map_err(io_err("mapping CONNTRACK"))?;
         let mut x: u64 = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -221,7 +287,17 @@ impl Datapath {
             x ^= x << 25;
             x ^= x >> 27;
             let hash = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-            memory.write(i, FlowEntry::new(hash, value.backend, value.service, 1));
+            memory.write(
+                i,
+                Record::new(
+                    hash,
+                    value.backend,
+                    value.service,
+                    hash as u32 % 65_537,
+                    0,
+                    1,
+                ),
+            );
         }
         Ok(())
     }
@@ -229,8 +305,12 @@ impl Datapath {
     /// Empties the connection table (every flow then takes the Maglev table's choice).
     pub fn clear_flows(&mut self) -> Result<()> {
         let sets = self.conntrack_sets()? as usize;
-        let memory = ArrayMemory::map(self.maps.conntrack.map(), sets * size_of::<FlowSet>(), true)
-            .map_err(io_err("mapping CONNTRACK"))?;
+        let memory = ArrayMemory::map(
+            self.maps.conntrack.map(),
+            sets * size_of::<RecordSet>(),
+            true,
+        )
+        .map_err(io_err("mapping CONNTRACK"))?;
         memory.zero();
         Ok(())
     }
@@ -274,8 +354,17 @@ pub fn read_pinned_frags(bpffs_dir: &Path) -> Result<Vec<(FragKey, FragValue)>> 
 }
 
 impl Fill {
-    /// What the pinned maps of this layout under `bpffs_dir` hold now.
+    /// What the pinned maps of this layout under `bpffs_dir` hold now, each Maglev table as
+    /// its slots' current backends.
     pub fn read_pinned(bpffs_dir: &Path) -> Result<Fill> {
-        Fill::read(&Maps::from_pins(&maps_dir(bpffs_dir))?)
+        let (mut fill, tables) = Fill::read(&Maps::from_pins(&maps_dir(bpffs_dir))?)?;
+        for t in tables {
+            if let Some(state) =
+                lb_common::slotstate::SlotTable::from_words(&t.words, t.table_size, 0)
+            {
+                fill.maglev.insert(t.id, state.current().into());
+            }
+        }
+        Ok(fill)
     }
 }

@@ -78,8 +78,8 @@ fn random_fill(rng: &mut Rng, config: Config) -> Fill {
         };
         f.services.insert(key, value);
         f.service_by_id.insert(id, ServiceEntry { key, value });
-        let words: Vec<u64> = (0..2 + rng.below(3)).map(|_| rng.below(4)).collect();
-        f.maglev.insert(id, words.into());
+        let table: Vec<u32> = (0..7).map(|_| rng.below(4) as u32).collect();
+        f.maglev.insert(id, table.into());
         f.vips.insert(
             VipKey {
                 addr: key.addr,

@@ -1,0 +1,349 @@
+//! lbd's side of the per-slot state (`lb_common::slotstate`, docs/design/slot-state.md): each
+//! service's Maglev array holds, per slot, its backend and whether it changed since a live flow
+//! began (hot half), and the backend of its unrecorded flows (side half). Here:
+//! - a new table of a service becomes a new array whose changed slots are marked
+//!   (`SlotTable::rebuilt`), swapped in with one update;
+//! - a scan of the connection table (`SlotView::scan`, on the counting thread, off the daemon's
+//!   lock) finds which changed slots live records still need, and `Datapath::clear_slots`
+//!   clears the others in place, once their unrecorded flows need them no longer.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, IterableMap as _, MapData};
+use lb_common::{
+    Record, ServiceKey, backend_flags,
+    slotstate::{Backends, DEFER, Hot, Limits, SlotTable, half_words},
+};
+
+use super::{
+    Datapath,
+    error::{Result, io_err, map_err},
+    sys::{ArrayMemory, fill_mmapable_array},
+};
+
+/// How long slot state is kept for flows lbd cannot see (docs/design/slot-state.md, section 9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotTimes {
+    /// A UDP record not seen this long is a flow that ended.
+    pub udp_idle: Duration,
+    /// A TCP record after the client's FIN or RST, not seen this long, is a flow that ended.
+    pub close_grace: Duration,
+    /// After a slot's first change, an unrecorded UDP flow on it is taken as older than the
+    /// change (goes to the previous backend) for this long.
+    pub udp_adopt: Duration,
+    /// After a slot's first change, its unrecorded flows (idle since before the change) keep
+    /// the previous backend for at least this long (`daemon.idle_hold_s`).
+    pub idle_hold: Duration,
+}
+
+impl Default for SlotTimes {
+    fn default() -> SlotTimes {
+        SlotTimes {
+            udp_idle: Duration::from_secs(30),
+            close_grace: Duration::from_secs(10),
+            udp_adopt: Duration::from_secs(60),
+            idle_hold: Duration::from_secs(DEFAULT_IDLE_HOLD_S),
+        }
+    }
+}
+
+/// `daemon.idle_hold_s` by default: 2 h 30 min, past Linux's first TCP keepalive probe (7,200 s
+/// idle), so a connection with keepalives on is recorded within the hold.
+pub const DEFAULT_IDLE_HOLD_S: u64 = 9_000;
+
+impl SlotTimes {
+    /// The limits in the units each side counts in: table-clock ticks (`ticks_per_second`) for
+    /// the records' ages, lbd's seconds for the slots' holds.
+    pub fn limits(&self, ticks_per_second: u32) -> Limits {
+        let ticks = |d: Duration| {
+            (d.as_millis() as u64 * u64::from(ticks_per_second))
+                .div_ceil(1000)
+                .min(u64::from(u32::MAX / 2)) as u32
+        };
+        Limits {
+            udp_idle: ticks(self.udp_idle),
+            close_grace: ticks(self.close_grace),
+            udp_adopt: self.udp_adopt.as_secs(),
+            idle_hold: self.idle_hold.as_secs(),
+        }
+    }
+}
+
+/// lbd's clock for slot bookkeeping: seconds since it first looked (monotonic).
+pub fn slot_seconds() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
+}
+
+/// One service's slot state and its array in the map, mapped writable so that lbd clears
+/// changed slots in place (the program only reads the array).
+pub(super) struct ServiceSlots {
+    pub(super) table: SlotTable,
+    /// The service the state was built for: an id given to another service starts afresh.
+    pub(super) key: ServiceKey,
+    /// The array's memory (the mapping keeps the array alive, whatever becomes of its fd).
+    memory: ArrayMemory,
+}
+
+impl ServiceSlots {
+    fn new(table: SlotTable, key: ServiceKey, map: &MapData) -> Result<ServiceSlots> {
+        let len = 2 * half_words(table.hot.len() as u32) as usize;
+        let memory = ArrayMemory::map(map, len * 8, true).map_err(io_err(format!(
+            "mapping a Maglev table of {} slots",
+            table.hot.len()
+        )))?;
+        Ok(ServiceSlots { table, key, memory })
+    }
+}
+
+/// What the scan needs of the slot state, taken under the daemon's lock.
+pub struct SlotView {
+    generation: u64,
+    /// Per service id with changed slots: each slot's hot half.
+    hot: BTreeMap<u32, Vec<Hot>>,
+    /// (service, backend) of every usable backend.
+    usable: BTreeSet<(u32, u32)>,
+}
+
+/// What a scan of the connection table found.
+pub struct SlotScan {
+    generation: u64,
+    /// Per service: the changed slots a live record needs.
+    pinned: BTreeMap<u32, Vec<bool>>,
+    /// Services with at least one live record (a slot deferring to such a service is kept).
+    live_services: BTreeSet<u32>,
+}
+
+struct UsableOf<'a> {
+    usable: &'a BTreeSet<(u32, u32)>,
+    service: u32,
+}
+
+impl Backends for UsableOf<'_> {
+    fn usable(&self, id: u32) -> bool {
+        self.usable.contains(&(self.service, id))
+    }
+}
+
+impl SlotView {
+    /// Services with changed slots.
+    pub fn is_empty(&self) -> bool {
+        self.hot.is_empty()
+    }
+
+    /// Which changed slots live `records` need at table clock `now`: one whose record names a
+    /// usable backend other than its slot's current one.
+    pub fn scan(
+        &self,
+        records: impl Iterator<Item = Record>,
+        now: u32,
+        limits: &Limits,
+    ) -> SlotScan {
+        let mut pinned: BTreeMap<u32, Vec<bool>> = BTreeMap::new();
+        let mut live_services = BTreeSet::new();
+        for r in records {
+            if !r.live(now, limits) {
+                continue;
+            }
+            let service = r.service();
+            live_services.insert(service);
+            let Some(hot) = self.hot.get(&service) else {
+                continue;
+            };
+            let slot = r.slot() as usize;
+            let Some(h) = hot.get(slot) else { continue };
+            if h.changed()
+                && r.backend() != h.current()
+                && self.usable.contains(&(service, r.backend()))
+            {
+                pinned
+                    .entry(service)
+                    .or_insert_with(|| vec![false; hot.len()])[slot] = true;
+            }
+        }
+        SlotScan {
+            generation: self.generation,
+            pinned,
+            live_services,
+        }
+    }
+}
+
+impl Datapath {
+    /// The state a new `table` of service `id` (answering to `key`) starts with at `now`: the
+    /// same service's state rebuilt (its changed slots marked); for a new service on a port of
+    /// a VIP that has an every-port service, every slot deferring to that one; else nothing
+    /// changed.
+    fn next_slot_table(&self, id: u32, key: &ServiceKey, table: &[u32], now: u64) -> SlotTable {
+        if let Some(s) = self.slots.get(&id)
+            && s.key == *key
+            && s.table.hot.len() == table.len()
+        {
+            return s.table.rebuilt(table, now);
+        }
+        let every_port = ServiceKey { port: 0, ..*key };
+        if key.port != 0 && self.shadow.services.contains_key(&every_port) {
+            SlotTable::deferring(table, now)
+        } else {
+            SlotTable::fresh(table)
+        }
+    }
+
+    /// Replaces the Maglev table of service `id` (answering to `key`) atomically: a new array
+    /// with both halves, filled aside and swapped in with one update.
+    pub(super) fn install_table(
+        &mut self,
+        id: u32,
+        key: &ServiceKey,
+        table: Arc<[u32]>,
+    ) -> Result<()> {
+        let state = self.next_slot_table(id, key, &table, slot_seconds());
+        let words = state.words();
+        let inner =
+            Array::<MapData, u64>::create(words.len() as u32, lb_common::MAGLEV_TABLE_FLAGS)
+                .map_err(map_err(format!(
+                    "creating a Maglev table of {} slots",
+                    table.len()
+                )))?;
+        fill_mmapable_array(inner.map(), &words).map_err(io_err(format!(
+            "filling a Maglev table of {} slots",
+            table.len()
+        )))?;
+        self.maps
+            .maglev
+            .set(id, &inner, 0)
+            .map_err(map_err(format!(
+                "swapping in the Maglev table of service {id}"
+            )))?;
+        self.slots
+            .insert(id, ServiceSlots::new(state, *key, inner.map())?);
+        self.shadow.maglev.insert(id, table);
+        self.slot_generation += 1;
+        Ok(())
+    }
+
+    /// Adopts the slot state of a service's array read back from the pinned maps (`words`,
+    /// both halves), as a restarted lbd does: its changed slots' holds start again now.
+    pub(super) fn adopt_slots(
+        &mut self,
+        id: u32,
+        key: ServiceKey,
+        table_size: u32,
+        words: &[u64],
+        map: &MapData,
+    ) -> Result<Option<Arc<[u32]>>> {
+        let Some(table) = SlotTable::from_words(words, table_size, slot_seconds()) else {
+            return Ok(None);
+        };
+        let current: Arc<[u32]> = table.current().into();
+        self.slots.insert(id, ServiceSlots::new(table, key, map)?);
+        Ok(Some(current))
+    }
+
+    /// Forgets the slot state of a service id whose table is gone.
+    pub(super) fn forget_slots(&mut self, id: u32) {
+        self.slots.remove(&id);
+        self.slot_generation += 1;
+    }
+
+    /// What a scan of the connection table needs; `None` when no slot is changed (nothing to
+    /// clear, no scan needed beyond counting).
+    pub fn slot_view(&self) -> Option<SlotView> {
+        let hot: BTreeMap<u32, Vec<Hot>> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.table.hot.iter().any(|h| h.changed()))
+            .map(|(&id, s)| (id, s.table.hot.clone()))
+            .collect();
+        if hot.is_empty() {
+            return None;
+        }
+        Some(SlotView {
+            generation: self.slot_generation,
+            hot,
+            usable: self.usable_backends(),
+        })
+    }
+
+    /// (service, backend) of every backend a record may keep its flow on: filled in, not down.
+    fn usable_backends(&self) -> BTreeSet<(u32, u32)> {
+        self.shadow
+            .backends
+            .iter()
+            .filter(|(_, b)| {
+                b.flags & (backend_flags::VALID | backend_flags::DOWN) == backend_flags::VALID
+            })
+            .map(|(&id, b)| (b.service, id))
+            .collect()
+    }
+
+    /// Clears the changed slots `scan` found unneeded (in `QUIET_SCANS` scans in a row), in
+    /// place: hot half first, then side half. A scan of tables that changed since its view
+    /// was taken is ignored (the next one sees them). The number of slots cleared.
+    pub fn clear_slots(&mut self, scan: &SlotScan, limits: &Limits) -> usize {
+        if scan.generation != self.slot_generation {
+            return 0;
+        }
+        let usable = self.usable_backends();
+        let now = slot_seconds();
+        let mut cleared = 0;
+        for (&id, s) in self.slots.iter_mut() {
+            if !s.table.hot.iter().any(|h| h.changed()) {
+                continue;
+            }
+            let mut pinned = scan
+                .pinned
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| vec![false; s.table.hot.len()]);
+            let defer_live = self
+                .shadow
+                .services
+                .get(&ServiceKey { port: 0, ..s.key })
+                .is_some_and(|e| scan.live_services.contains(&e.id));
+            if defer_live {
+                for (p, side) in pinned.iter_mut().zip(&s.table.side) {
+                    *p |= side.old() == DEFER;
+                }
+            }
+            let before = s.table.clone();
+            s.table.clear(
+                &pinned,
+                now,
+                limits,
+                &UsableOf {
+                    usable: &usable,
+                    service: id,
+                },
+            );
+            let half = half_words(s.table.hot.len() as u32) as usize;
+            let per = lb_common::MAGLEV_SLOTS_PER_WORD as usize;
+            for w in 0..half {
+                let range = w * per..((w + 1) * per).min(s.table.hot.len());
+                let hot_moved = s.table.hot[range.clone()] != before.hot[range.clone()];
+                let side_moved = s.table.side[range.clone()] != before.side[range.clone()];
+                if hot_moved {
+                    cleared += range
+                        .filter(|&i| before.hot[i].changed() && !s.table.hot[i].changed())
+                        .count();
+                    s.memory.write(w, s.table.hot_word(w));
+                }
+                if side_moved {
+                    s.memory.write(half + w, s.table.side_word(w));
+                }
+            }
+        }
+        cleared
+    }
+
+    /// Slots changed now, and slots in all, over every service.
+    pub fn changed_slots(&self) -> (u64, u64) {
+        self.slots.values().fold((0, 0), |(c, t), s| {
+            (c + s.table.changed() as u64, t + s.table.hot.len() as u64)
+        })
+    }
+}
