@@ -266,6 +266,11 @@ impl RecordSet {
     }
 }
 
+/// lbd's default `idle_hold` (`daemon.idle_hold_s`): 2 h 30 min, past Linux's first TCP
+/// keepalive probe (7,200 s idle), so a connection with keepalives on is recorded within the
+/// hold.
+pub const DEFAULT_IDLE_HOLD_S: u64 = 9_000;
+
 /// What lbd's clearing and the records' liveness go by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {

@@ -9,7 +9,7 @@
 //! Exported (see SPEC "Metrics"):
 //! `lb_service_packets_total{service}`, `lb_service_bytes_total{service}`,
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
-//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`,
+//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`,
 //! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`.
 
 use std::future::Future;
@@ -34,6 +34,9 @@ pub struct Snapshot {
     pub services: Vec<ServiceMetrics>,
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// Maglev slots (all services) whose backend changed since a flow that may still live
+    /// began: only their packets read the connection table.
+    pub changed_slots: u64,
     /// Drop reason label → packets.
     pub dropped: Vec<(String, u64)>,
     pub health_checks: Vec<HealthCount>,
@@ -170,6 +173,14 @@ impl Collector for SnapshotCollector {
             ConstGauge::<u64>::TYPE,
         )?;
         ConstGauge::new(s.conntrack_capacity).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "lb_changed_slots",
+            "Maglev slots (all services) whose backend changed since a flow that may still \
+             live began: only packets on them read and write the connection table.",
+            None,
+            ConstGauge::<u64>::TYPE,
+        )?;
+        ConstGauge::new(s.changed_slots).encode(metric)?;
         family(
             &mut encoder,
             "lb_dropped",
@@ -276,6 +287,7 @@ mod tests {
             ],
             conntrack_entries: 12,
             conntrack_capacity: 1_048_576,
+            changed_slots: 7,
             dropped: vec![("malformed".into(), 3), ("no_backend".into(), 5)],
             health_checks: vec![
                 HealthCount {
@@ -342,6 +354,7 @@ mod tests {
         ),
         ("lb_conntrack_entries", "12"),
         ("lb_conntrack_capacity", "1048576"),
+        ("lb_changed_slots", "7"),
         (r#"lb_dropped_total{reason="malformed"}"#, "3"),
         (r#"lb_dropped_total{reason="no_backend"}"#, "5"),
         (
@@ -422,6 +435,7 @@ mod tests {
             vec![
                 ("lb_conntrack_entries".to_string(), "0".to_string()),
                 ("lb_conntrack_capacity".to_string(), "0".to_string()),
+                ("lb_changed_slots".to_string(), "0".to_string()),
             ]
         );
         assert!(text.ends_with("# EOF\n"));

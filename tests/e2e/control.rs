@@ -503,7 +503,8 @@ fn drained_stream_completes_byte_exact() {
             &sport.to_string(),
         ])
         .unwrap();
-    assert_eq!(flow["reason"], "connection-table", "{flow}");
+    // The flow's slot has not changed: it needs no record, the slot's backend is its own.
+    assert_eq!(flow["reason"], "hash", "{flow}");
     assert_eq!(flow["backend"], baddr(b).to_string(), "{flow}");
 
     lbd.lbctl_ok(&["backend", "drain", "web", &baddr(b).to_string()]);
@@ -516,15 +517,28 @@ fn drained_stream_completes_byte_exact() {
     for _ in 0..3 {
         assert_eq!(t.which_backend(src, vip()).unwrap(), now);
     }
-    let flow = lbd
-        .lbctl_json(&[
+    let flow_now = || {
+        lbd.lbctl_json(&[
             "lookup",
             "web",
             &src.to_string(),
             "--port",
             &sport.to_string(),
         ])
-        .unwrap();
+        .unwrap()
+    };
+    // The flow's slot changed: until its next packet it has no record, and the data path
+    // takes it for one older than the change (the slot's previous backend, b).
+    let flow = flow_now();
+    assert!(
+        ["previous-backend", "connection-table"].contains(&flow["reason"].as_str().unwrap()),
+        "{flow}"
+    );
+    assert_eq!(flow["backend"], baddr(b).to_string(), "{flow}");
+    // Reading on makes the client acknowledge through lb: the flow is recorded on b.
+    let read = got.len();
+    assert!(read_until(&mut s, &mut got, read + 256 * 1024), "EOF early");
+    let flow = flow_now();
     assert_eq!(flow["reason"], "connection-table", "{flow}");
     assert_eq!(flow["backend"], baddr(b).to_string(), "{flow}");
 
@@ -817,7 +831,7 @@ fn metrics_endpoint() {
     };
 
     // Traffic: every client address once.
-    follow_lookup(&t, &lbd, "traffic for the metrics");
+    let placed = follow_lookup(&t, &lbd, "traffic for the metrics");
     // A service without backends: its packets are dropped as no_backend.
     lbd.lbctl_ok(&[
         "service",
@@ -896,15 +910,9 @@ fn metrics_endpoint() {
             "{b}"
         );
     }
-    // The connection table is counted in the background, about every second.
-    let counted = retry_until(Duration::from_secs(10), "lb_conntrack_entries > 0", || {
-        let text = scrape()?;
-        match metric(&text, "lb_conntrack_entries") {
-            Some(v) if v > 0.0 => Ok(v),
-            other => anyhow::bail!("lb_conntrack_entries is {other:?}"),
-        }
-    });
-    assert!(counted.is_ok(), "{counted:?}\n{text}");
+    // Nothing changed since lbd started: no slot is changed, no flow needs a record.
+    assert_eq!(metric(&text, "lb_changed_slots"), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "lb_conntrack_entries"), Some(0.0), "{text}");
     assert!(text.trim_end().ends_with("# EOF"));
 
     // A down backend shows as 0 and its failed checks are counted.
@@ -929,6 +937,28 @@ fn metrics_endpoint() {
         .unwrap()
             >= FALL as f64
     );
+    // Its slots changed; connections on them are recorded. Both are counted in the
+    // background, about every second.
+    let gauge = |name: &'static str| {
+        retry_until(Duration::from_secs(10), &format!("{name} > 0"), || {
+            let text = scrape()?;
+            match metric(&text, name) {
+                Some(v) if v > 0.0 => Ok(v),
+                other => anyhow::bail!("{name} is {other:?}"),
+            }
+        })
+    };
+    let changed = gauge("lb_changed_slots").unwrap();
+    assert!(
+        (65_537.0 / 3.0 * 0.8..65_537.0 / 3.0 * 1.2).contains(&changed),
+        "about a third of the 65,537 slots moved off the down backend: {changed}"
+    );
+    // Clients that were on the down backend connect again: on their changed slots the new
+    // connections are recorded.
+    for (&src, _) in placed.iter().filter(|(_, b)| **b == 3) {
+        t.which_backend(src, vip()).unwrap();
+    }
+    gauge("lb_conntrack_entries").unwrap();
     let r = t
         .http_get(t.client_ns(1), t.client_addr(1), endpoint, "/nothing")
         .unwrap();

@@ -11,11 +11,11 @@ use axum::{
     extract::{Path as UrlPath, Query, State},
     http::StatusCode,
 };
-use lb_common::{FlowKey, NO_BACKEND, Slot, maglev_slot};
+use lb_common::{FlowKey, NO_BACKEND, Slot, maglev_slot, slotstate};
 
 use super::{snapshot, types::*};
 use crate::{
-    config::HashMode,
+    config::{HashMode, Protocol},
     daemon::{BackendState, Daemon, ServiceRuntime, Shared},
     datapath::Attachment,
     state,
@@ -297,6 +297,46 @@ pub(super) async fn lookup(
             slot,
             table_size: s.cfg.table_size,
         }));
+    }
+    let lookup = |backend: Option<IpAddr>, reason: &str| {
+        Ok(Json(Lookup {
+            service: s.cfg.name.clone(),
+            client,
+            client_port: q.port,
+            backend,
+            reason: reason.into(),
+            hash: h,
+            slot,
+            table_size: s.cfg.table_size,
+        }))
+    };
+    // A flow with no record on a slot that changed backend: the data path takes it for one
+    // older than the change (TCP; UDP while the slot adopts UDP flows).
+    if q.port.is_some()
+        && let Some((hot, side)) = d.datapath.slot_lanes(s.id, slot)
+        && hot.changed()
+        && (s.cfg.protocol != Protocol::Udp || side.adopt_udp())
+    {
+        if side.old() == slotstate::DEFER
+            && let Some(every_port) = d.services.iter().find(|e| {
+                e.cfg.vip == s.cfg.vip && e.cfg.port == 0 && e.cfg.protocol == s.cfg.protocol
+            })
+            && let Some(e_slot) =
+                maglev_slot(&d.seed, &every_port.value(), &flow(q.port.unwrap_or(0)))
+        {
+            let backend = every_port
+                .table
+                .get(e_slot.index as usize)
+                .and_then(|&id| every_port.backends.iter().find(|b| b.id == id))
+                .map(|b| b.cfg.address);
+            return lookup(backend, "every-port-service");
+        }
+        if let Some(b) = by_id(side.old())
+            && b.hop.is_some()
+            && b.healthy
+        {
+            return lookup(Some(b.cfg.address), "previous-backend");
+        }
     }
     let backend = s
         .table

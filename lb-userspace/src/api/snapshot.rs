@@ -44,6 +44,7 @@ pub fn counters<'a>(
         services,
         conntrack_entries: entries,
         conntrack_capacity: capacity,
+        changed_slots: d.conntrack.changed_slots(),
         dropped: d
             .datapath
             .reason_counts()
@@ -101,6 +102,7 @@ impl From<&Snapshot> for Stats {
             conntrack: Conntrack {
                 entries: s.conntrack_entries,
                 capacity: s.conntrack_capacity,
+                changed_slots: s.changed_slots,
             },
         }
     }
@@ -138,6 +140,7 @@ mod tests {
             ],
             conntrack_entries: 3,
             conntrack_capacity: 1024,
+            changed_slots: 2,
             dropped: vec![("no_backend".into(), 4), ("malformed".into(), 1)],
             health_checks: vec![],
         };
@@ -156,7 +159,7 @@ mod tests {
                     { "reason": "no_backend", "packets": 4 },
                     { "reason": "malformed", "packets": 1 },
                 ],
-                "conntrack": { "entries": 3, "capacity": 1024 },
+                "conntrack": { "entries": 3, "capacity": 1024, "changed_slots": 2 },
             })
         );
     }

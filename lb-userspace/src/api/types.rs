@@ -55,6 +55,10 @@ pub struct Stats {
 pub struct Conntrack {
     pub entries: u64,
     pub capacity: u64,
+    /// Maglev slots whose backend changed since a flow that may still live began (only flows
+    /// on them are recorded).
+    #[serde(default)]
+    pub changed_slots: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -184,7 +188,11 @@ pub struct Lookup {
     pub client_port: Option<u16>,
     /// The backend chosen, or None when the service has no usable backend.
     pub backend: Option<IpAddr>,
-    /// "connection-table" when an established flow decides, else "hash".
+    /// With a port, what decides the flow's next packet (not a SYN): "connection-table" (its
+    /// record), "previous-backend" (no record, on a slot that changed backend: the flow is
+    /// taken for one older than the change), "every-port-service" (no record, on a port that
+    /// got its own service after the flow began); else, and without a port, "hash" (the
+    /// Maglev slot's current backend: where a new connection goes).
     pub reason: String,
     pub hash: u32,
     pub slot: u32,

@@ -121,8 +121,9 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
         .collect();
     print_table(&["DROPPED OR PASSED", "PACKETS"], &rows);
     println!(
-        "\nconnection table: {} of {} entries in use (counted about every second)",
-        s.conntrack.entries, s.conntrack.capacity
+        "\nconnection table: {} of {} entries in use; {} Maglev slots changed (only flows on \
+         changed slots are recorded; counted about every second)",
+        s.conntrack.entries, s.conntrack.capacity, s.conntrack.changed_slots
     );
     Ok(())
 }
@@ -417,6 +418,21 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                     l.service,
                     l.slot,
                     l.table_size
+                ),
+                (Some(b), "previous-backend") => println!(
+                    "{b}: slot {} of {} in {}'s Maglev table changed backend and this flow ({}:{}) has no record: taken for one older than the change, it keeps the slot's previous backend (a new connection takes the current one)",
+                    l.slot,
+                    l.table_size,
+                    l.service,
+                    l.client,
+                    l.client_port.unwrap_or(0)
+                ),
+                (Some(b), "every-port-service") => println!(
+                    "{b}: {}'s port got its own service after this flow ({}:{}) may have begun, and the flow has no record: it stays with the VIP's every-port service (a new connection goes to {})",
+                    l.service,
+                    l.client,
+                    l.client_port.unwrap_or(0),
+                    l.service
                 ),
                 (Some(b), _) => println!(
                     "{b}: hash {:#010x} of {} selects slot {} of {} in {}'s Maglev table",

@@ -198,7 +198,7 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         }
     };
     let idle_hold_s = match d.idle_hold_s {
-        None => crate::datapath::DEFAULT_IDLE_HOLD_S,
+        None => lb_common::slotstate::DEFAULT_IDLE_HOLD_S,
         Some(n) => {
             if *n.get_ref() > MAX_IDLE_HOLD_S {
                 c.error(

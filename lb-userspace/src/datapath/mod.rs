@@ -53,7 +53,7 @@ pub use load::{PROGRAM_OBJECT, program_hash};
 pub(crate) use maps::per_cpu_total;
 pub use pins::{cleanup, maps_dir, pinned_seed, prepare_bpffs};
 pub use read::{ConntrackCounter, TableClock};
-pub use slots::{DEFAULT_IDLE_HOLD_S, SlotScan, SlotTimes, SlotView, slot_seconds};
+pub use slots::{SlotScan, SlotTimes, SlotView, slot_seconds};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use test_hooks::read_pinned_frags;
 

@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{Array, IterableMap as _, MapData};
 use lb_common::{
     Record, ServiceKey, backend_flags,
-    slotstate::{Backends, DEFER, Hot, Limits, SlotTable, half_words},
+    slotstate::{Backends, DEFAULT_IDLE_HOLD_S, DEFER, Hot, Limits, Side, SlotTable, half_words},
 };
 
 use super::{
@@ -50,10 +50,6 @@ impl Default for SlotTimes {
         }
     }
 }
-
-/// `daemon.idle_hold_s` by default: 2 h 30 min, past Linux's first TCP keepalive probe (7,200 s
-/// idle), so a connection with keepalives on is recorded within the hold.
-pub const DEFAULT_IDLE_HOLD_S: u64 = 9_000;
 
 impl SlotTimes {
     /// The limits in the units each side counts in: table-clock ticks (`ticks_per_second`) for
@@ -338,6 +334,15 @@ impl Datapath {
             }
         }
         cleared
+    }
+
+    /// The hot and side halves of `slot` in service `id`'s array, as the program reads them.
+    pub fn slot_lanes(&self, id: u32, slot: u32) -> Option<(Hot, Side)> {
+        let s = self.slots.get(&id)?;
+        Some((
+            *s.table.hot.get(slot as usize)?,
+            *s.table.side.get(slot as usize)?,
+        ))
     }
 
     /// Slots changed now, and slots in all, over every service.
