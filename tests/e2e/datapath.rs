@@ -546,3 +546,80 @@ fn a_flow_of_an_every_port_service_keeps_its_backend_when_its_port_gets_a_servic
     let (action, out) = f.dp.test_run(&syn.bytes).unwrap();
     assert_eq!((action, &out[0..6]), (XDP_TX, &b3.mac[..]));
 }
+
+/// The slot of `src` in the fixture's table.
+fn slot_of(src: Ipv4Addr) -> usize {
+    source_slot(&SEED, TABLE_SIZE, &to_addr(src.into())).unwrap() as usize
+}
+
+#[test]
+fn a_connection_idle_past_the_clocks_wrap_keeps_its_backend_and_its_slot_until_it_closes() {
+    use lb_common::FlowValue;
+    use lb_userspace::datapath::SlotTimes;
+    let mut f = fixture([100, 100, 100]);
+    let src = client(61);
+    let first = predicted(&f.table, src);
+    let other = (first + 1) % 3;
+    let key = flow_key(src, 40000);
+    // The table changes: the client's slot now names `other`.
+    f.dp.swap_table(0, &only(other)).unwrap();
+    let changed_at_first = f.dp.slot_state(0).unwrap().changed();
+    assert!(f.dp.slot_state(0).unwrap().hot[slot_of(src)].changed());
+    // The connection's record on `first`, last seen one tick after the table's clock now: as
+    // old as a record can look (2^32 - 1 ticks: the clock has wrapped since, 8.7 years of
+    // jiffies / 64 at HZ=1000).
+    let now = f.dp.table_clock().unwrap();
+    let record =
+        f.dp.record_for(
+            &key,
+            FlowValue {
+                backend: first,
+                service: 0,
+            },
+            0,
+            now.wrapping_add(2) | 1,
+        )
+        .unwrap();
+    f.dp.set_flow_entry(&key, record, now).unwrap();
+    // lbd's scans with no hold for flows without a record, and no grace for closed ones: the
+    // record alone keeps its slot changed; every other slot is cleared.
+    let times = SlotTimes {
+        idle_hold: std::time::Duration::ZERO,
+        close_grace: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let mut cleared = 0;
+    for _ in 0..3 {
+        cleared += f.dp.scan_slots(&times).unwrap();
+    }
+    let state = f.dp.slot_state(0).unwrap();
+    assert!(
+        state.hot[slot_of(src)].changed(),
+        "the record pins its slot"
+    );
+    assert_eq!(state.changed(), 1, "of {changed_at_first} changed slots");
+    assert_eq!(cleared, changed_at_first - 1);
+    // The connection follows its record; a new one of the same client takes the table's choice
+    // (recorded, since its slot is changed: it pins nothing, being on the current backend).
+    assert_eq!(sent_to(&f, &vip_ack(src)), first);
+    let syn = |port: u16| ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, port, 80, 0x02, b"");
+    assert_eq!(sent_to(&f, &syn(40001)), other);
+    f.dp.scan_slots(&times).unwrap();
+    f.dp.scan_slots(&times).unwrap();
+    assert!(f.dp.slot_state(0).unwrap().hot[slot_of(src)].changed());
+    assert_eq!(sent_to(&f, &vip_ack(src)), first, "still");
+    // The client closes (FIN): with no grace the record lives no more, and two scans clear the
+    // slot. From then on the client's flows need no record.
+    let fin = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40000, 80, 0x11, b"");
+    assert_eq!(sent_to(&f, &fin), first);
+    assert_eq!(
+        f.dp.scan_slots(&times).unwrap(),
+        0,
+        "one quiet scan is not enough"
+    );
+    assert_eq!(f.dp.scan_slots(&times).unwrap(), 1);
+    assert_eq!(f.dp.slot_state(0).unwrap().changed(), 0);
+    let ack = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40002, 80, 0x10, b"");
+    assert_eq!(sent_to(&f, &ack), other);
+    assert_eq!(f.dp.flow(&flow_key(src, 40002)), None);
+}

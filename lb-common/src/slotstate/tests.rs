@@ -325,6 +325,79 @@ fn rebuilding_marks_the_slots_that_changed_and_keeps_the_first_old_backend() {
 }
 
 #[test]
+fn the_array_reads_back_as_the_state_it_was_written_from() {
+    // What a restarted lbd adopts: both halves as written, every changed slot's hold started
+    // again at the adoption.
+    let t = SlotTable::fresh(&[0, 0, 1, 1, 2, 2, 0])
+        .rebuilt(&[0, 3, 1, NO_BACKEND, 2, 3, 0], 50)
+        .rebuilt(&[0, 3, 3, NO_BACKEND, 2, 3, 0], 60);
+    let back = SlotTable::from_words(&t.words(), 7, 500).unwrap();
+    assert_eq!((&back.hot, &back.side), (&t.hot, &t.side));
+    for s in 0..7 {
+        let expected = if t.hot[s].changed() { 500 } else { 0 };
+        assert_eq!(back.changed_at[s], expected, "slot {s}");
+    }
+    assert_eq!(back.current(), vec![0, 3, 3, NO_BACKEND, 2, 3, 0]);
+    // An array of another size is not this table's.
+    assert_eq!(SlotTable::from_words(&t.words(), 9, 500), None);
+}
+
+#[test]
+fn a_new_port_service_defers_its_unrecorded_flows_to_the_every_port_one_for_the_hold() {
+    let pool = Pool(vec![B::up(100), B::up(100)]);
+    let mut t = SlotTable::deferring(&[0, 1, 0], 100);
+    assert_eq!(t.changed(), 3);
+    let side = t.side[0];
+    let found = |b: Option<u32>| move || b;
+    // A connection in progress (no record here, no SYN): decided again by the every-port
+    // service; a new one takes the new service's backend and is recorded.
+    for kind in [Kind::Tcp, Kind::TcpClosing, Kind::IcmpError, Kind::Udp] {
+        let d = decide(t.hot[0], || side, kind, found(None), &pool);
+        assert_eq!(
+            d,
+            Decision {
+                backend: DEFER,
+                write: Write::Nothing
+            },
+            "{kind:?}"
+        );
+    }
+    let d = decide(t.hot[0], || side, Kind::Syn, found(None), &pool);
+    assert_eq!(d.backend, 0);
+    assert_eq!(
+        d.write,
+        Write::Record {
+            backend: 0,
+            closing: false
+        }
+    );
+    // A flow recorded under the new service follows its record.
+    assert_eq!(
+        decide(t.hot[1], || side, Kind::Tcp, found(Some(1)), &pool).backend,
+        1
+    );
+    // A later fragment without its first has no flow to defer: the current backend.
+    assert_eq!(later_fragment(t.hot[2], || side, false, &pool), 0);
+    // Unpinned, the slots keep deferring until the hold has passed; UDP flows only while the
+    // slot adopts them.
+    let none = vec![false; 3];
+    t.clear(&none, 100 + LIMITS.udp_adopt, &LIMITS, &pool);
+    t.clear(&none, 100 + LIMITS.udp_adopt, &LIMITS, &pool);
+    assert_eq!(t.changed(), 3);
+    assert!(!t.side[0].adopt_udp());
+    let d = decide(t.hot[0], || t.side[0], Kind::Udp, found(None), &pool);
+    assert_eq!(
+        d.backend, 0,
+        "a UDP flow after the window takes the new service's backend"
+    );
+    let later = 100 + LIMITS.idle_hold;
+    t.clear(&[true, false, false], later, &LIMITS, &pool);
+    t.clear(&[true, false, false], later, &LIMITS, &pool);
+    assert_eq!(t.changed(), 1, "only the pinned slot is left");
+    assert!(t.hot[0].changed() && t.side[0].old() == DEFER);
+}
+
+#[test]
 fn an_unchanged_slot_never_touches_the_connection_table() {
     let mut rng = StdRng::seed_from_u64(2);
     let mut sim = Sim::new(&[100, 100, 100], 1 << 12);

@@ -260,6 +260,30 @@ impl Datapath {
         Ok(())
     }
 
+    /// One round of lbd's scanner (`run::spawn_conntrack_scanner`): the connection table read
+    /// through its mapping at the table's clock now, then the changed slots no flow needs
+    /// cleared. The number of slots cleared.
+    pub fn scan_slots(&mut self, times: &super::SlotTimes) -> Result<usize> {
+        let Some(view) = self.slot_view() else {
+            return Ok(0);
+        };
+        let counter = ConntrackCounter::open(&self.bpffs_dir)?;
+        let mut clock = super::TableClock::default();
+        let now = clock
+            .now()
+            .ok_or_else(|| DatapathError::Other("cannot read jiffies".into()))?;
+        let limits = times.limits(clock.ticks_per_second());
+        let scan = view.scan(counter.records(), now, &limits);
+        Ok(self.clear_slots(&scan, &limits))
+    }
+
+    /// The table's clock now, as the program reads it.
+    pub fn table_clock(&self) -> Result<u32> {
+        super::TableClock::default()
+            .now()
+            .ok_or_else(|| DatapathError::Other("cannot read jiffies".into()))
+    }
+
     /// Flows in the connection table now, and its capacity.
     pub fn flow_count(&self) -> Result<(u64, u64)> {
         Ok(ConntrackCounter::open(&self.bpffs_dir)?.count())
