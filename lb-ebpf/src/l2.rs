@@ -94,7 +94,7 @@ pub fn rewrite_dsr(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
 /// dsr, for a frame whose tag must change (added, replaced or removed; the caller rewrites an
 /// untagged frame to an untagged backend itself): the backend's MACs and tag in place of the
 /// arrival's header. The IP packet does not move. A function of its own (a BPF-to-BPF call):
-/// off the established flow's fast path.
+/// off the common path.
 #[inline(never)]
 fn retag(ctx: &XdpContext, l3: usize, b: &Backend) -> Result<(), ()> {
     crate::packet::keep_context(ctx);
