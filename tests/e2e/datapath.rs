@@ -623,3 +623,56 @@ fn a_connection_idle_past_the_clocks_wrap_keeps_its_backend_and_its_slot_until_i
     assert_eq!(sent_to(&f, &ack), other);
     assert_eq!(f.dp.flow(&flow_key(src, 40002)), None);
 }
+
+#[test]
+fn two_changes_in_a_row_keep_the_connections_begun_before_each() {
+    let mut f = fixture([100, 100, 100]);
+    // Clients whose slot names backend 0 before any change.
+    let on_zero: Vec<Ipv4Addr> = (1..=250)
+        .map(client)
+        .filter(|&c| predicted(&f.table, c) == 0)
+        .take(20)
+        .collect();
+    assert_eq!(on_zero.len(), 20);
+    let conn = |src: Ipv4Addr, port: u16, flags: u8| {
+        ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, port, 80, flags, b"")
+    };
+    // Connections begun before the first change (SYN on an unchanged slot: no record).
+    for &c in &on_zero {
+        assert_eq!(sent_to(&f, &conn(c, 1000, 0x02)), 0);
+        assert_eq!(f.dp.flow(&flow_key(c, 1000)), None);
+    }
+    // Change 1: everything to backend 1. Connections begun now are recorded on it.
+    f.dp.swap_table(0, &only(1)).unwrap();
+    for &c in &on_zero {
+        assert_eq!(sent_to(&f, &conn(c, 2000, 0x02)), 1);
+        assert_eq!(f.dp.flow(&flow_key(c, 2000)).map(|v| v.backend), Some(1));
+    }
+    // Change 2: everything to backend 2. The slots keep the backend from before the first
+    // change for their flows without a record.
+    f.dp.swap_table(0, &only(2)).unwrap();
+    let state = f.dp.slot_state(0).unwrap();
+    for &c in &on_zero {
+        let s = slot_of(c);
+        assert!(state.hot[s].changed() && state.hot[s].current() == 2);
+        assert_eq!(
+            state.side[s].old(),
+            0,
+            "the backend before the first change"
+        );
+        // Idle across both changes: still backend 0 (recorded now); begun between: 1; new: 2.
+        assert_eq!(sent_to(&f, &conn(c, 1000, 0x10)), 0);
+        assert_eq!(sent_to(&f, &conn(c, 2000, 0x10)), 1);
+        assert_eq!(sent_to(&f, &conn(c, 3000, 0x02)), 2);
+    }
+    // Undone (back to the first table): the slots stay changed, every connection keeps its
+    // backend, new ones take the table's choice again.
+    f.dp.swap_table(0, &f.table.clone()).unwrap();
+    for &c in &on_zero {
+        assert!(f.dp.slot_state(0).unwrap().hot[slot_of(c)].changed());
+        assert_eq!(sent_to(&f, &conn(c, 1000, 0x10)), 0);
+        assert_eq!(sent_to(&f, &conn(c, 2000, 0x10)), 1);
+        assert_eq!(sent_to(&f, &conn(c, 3000, 0x10)), 2);
+        assert_eq!(sent_to(&f, &conn(c, 4000, 0x02)), 0);
+    }
+}
