@@ -1773,6 +1773,8 @@ http {{
         add_header X-Backend {n} always;
         location = / {{ return 200 "backend {n}\n"; }}
         location = /healthz {{ return 200 "ok\n"; }}
+        # For tests that keep an HTTP/1.1 connection idle across changes (and restarts).
+        location = /keep {{ keepalive_timeout 300s; return 200 "backend {n}\n"; }}
         location = /big {{ default_type application/octet-stream; }}
         location / {{ return 404 "not found\n"; }}
     }}
