@@ -182,7 +182,6 @@ fn spawn_conntrack_scanner(bpffs_dir: PathBuf, shared: Shared, out: Arc<Conntrac
             let mut clock = datapath::TableClock::default();
             let mut warned = false;
             loop {
-                let started = Instant::now();
                 let (view, times) = {
                     let d = shared.blocking_lock();
                     let times = datapath::SlotTimes {
@@ -191,32 +190,41 @@ fn spawn_conntrack_scanner(bpffs_dir: PathBuf, shared: Shared, out: Arc<Conntrac
                     };
                     (d.datapath.slot_view(), times)
                 };
-                let (entries, capacity) = counter.count();
+                // Only the reading counts towards the pause, not waits for the lock.
+                let started = Instant::now();
+                let scan = clock.now().map(|now| {
+                    let limits = times.limits(clock.ticks_per_second());
+                    (view.scan(counter.records(), now, &limits), limits)
+                });
+                let (entries, capacity) = match &scan {
+                    Some((scan, _)) => (scan.used, counter.capacity()),
+                    None => counter.count(),
+                };
+                let spent = started.elapsed();
                 out.entries.store(entries, Relaxed);
                 out.capacity.store(capacity, Relaxed);
-                match (view, clock.now()) {
-                    (Some(view), Some(now)) => {
-                        let limits = times.limits(clock.ticks_per_second());
-                        let scan = view.scan(counter.records(), now, &limits);
-                        let mut d = shared.blocking_lock();
+                let mut d = shared.blocking_lock();
+                match scan {
+                    Some((scan, limits)) => {
                         let cleared = d.datapath.clear_slots(&scan, &limits);
                         if cleared > 0 {
                             let (changed, _) = d.datapath.changed_slots();
                             info!("{cleared} Maglev slots no live flow needs any more cleared; {changed} still changed");
                         }
                     }
-                    (Some(_), None) if !warned => {
+                    None if !warned => {
                         warned = true;
                         warn!("cannot read the kernel's jiffies from /proc/timer_list: changed Maglev slots are not cleared (packets on them keep reading the connection table)");
                     }
-                    _ => {}
+                    None => {}
                 }
                 out.changed_slots
-                    .store(shared.blocking_lock().datapath.changed_slots().0, Relaxed);
+                    .store(d.datapath.changed_slots().0, Relaxed);
+                drop(d);
                 if Arc::strong_count(&out) == 1 {
                     return; // the daemon is gone
                 }
-                std::thread::sleep(CONNTRACK_SCAN_INTERVAL.max(started.elapsed() * 20));
+                std::thread::sleep(CONNTRACK_SCAN_INTERVAL.max(spent * 20));
             }
         });
     if let Err(e) = spawned {

@@ -622,6 +622,12 @@ fn a_connection_idle_past_the_clocks_wrap_keeps_its_backend_and_its_slot_until_i
     let ack = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40002, 80, 0x10, b"");
     assert_eq!(sent_to(&f, &ack), other);
     assert_eq!(f.dp.flow(&flow_key(src, 40002)), None);
+    // The records the slot had (the closed connection's, the new one's on the current backend)
+    // would be read by nobody now: they went with the clearing, so they cannot pin the slot
+    // after a later change.
+    assert_eq!(f.dp.flow_entry(&flow_key(src, 40000)), None);
+    assert_eq!(f.dp.flow_entry(&flow_key(src, 40001)), None);
+    assert_eq!(f.dp.flow_count().unwrap().0, 0);
 }
 
 #[test]

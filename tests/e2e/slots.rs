@@ -411,35 +411,22 @@ fn a_drain_during_a_long_download_keeps_it_until_it_ends_then_the_slots_clear() 
         "the downloaded bytes differ from /big"
     );
 
-    // After the client's FIN, the closing record lives the close grace (10 s), then two quiet
-    // scans clear the slot.
-    let closed_at = Instant::now();
-    poll_changed(
-        &lbd,
-        Duration::from_secs(40),
-        "the download's slot to clear",
-        |n| n == 0,
-        |_| false,
-    );
-    let slot_cleared_after = closed_at.elapsed();
-    assert!(
-        slot_cleared_after >= Duration::from_secs(9),
-        "the download's slot cleared {slot_cleared_after:?} after its end, within the close grace"
-    );
-    assert_eq!(metric(&t, "lb_changed_slots"), Some(0.0));
-    eprintln!(
-        "changed slots: {after_drain} after the drain, {pinned} from {cleared_after:?} after it \
-         ({pieces} pieces read over {download_took:?}), 0 {slot_cleared_after:?} after the \
-         download ended"
-    );
-    // The slot is unchanged: a packet of the old flow would follow the table, as would a new
-    // connection.
+    // After the client's FIN the closing record lives the close grace (5 min: with direct
+    // server return a FIN is only the client's half-close) and keeps its slot changed and the
+    // flow on b meanwhile. (That the slot then clears is shown at the data path's level, with
+    // lbd's own scan and a grace of 0: datapath.rs,
+    // `a_connection_idle_past_the_clocks_wrap_keeps_its_backend_and_its_slot_until_it_closes`.)
     assert_eq!(
         flow_lookup(&lbd, src, sport),
-        ("hash".to_string(), now),
-        "the download's flow after its slot cleared"
+        ("connection-table".to_string(), b),
+        "the download's flow after its end, within the close grace"
     );
+    assert_eq!(changed_slots(&lbd), 1, "after the download's end");
     assert_eq!(t.which_backend(src, vip()).unwrap(), now);
+    eprintln!(
+        "changed slots: {after_drain} after the drain, {pinned} from {cleared_after:?} after it \
+         ({pieces} pieces read over {download_took:?}), 1 after the download ended"
+    );
 }
 
 // ---- 2 ----------------------------------------------------------------------------------------
@@ -616,12 +603,12 @@ fn a_restarted_lbd_keeps_the_slot_state() {
 
 /// Connections begun on changed slots are recorded at their SYN; once the hold has passed their
 /// slots clear (records on the current backend pin nothing), and when they then close, cleanly,
-/// on unchanged slots, the program writes nothing: their records stay live TCP records for ever.
-/// A later change that moves those slots away from that backend (still usable: drained) leaves
-/// them pinned by connections that no longer exist. With no connection open at all, every
-/// changed slot should clear once the hold has passed.
+/// on unchanged slots, the program writes nothing. Their records, which nothing reads any more,
+/// must not outlive them: lbd's scan removes records on unchanged slots. Otherwise a later
+/// change that moves those slots away from that backend (still usable: drained) would leave
+/// them pinned by connections that no longer exist (it did: 32 of 32, for good). With no
+/// connection open at all, every changed slot clears once the hold has passed.
 #[test]
-#[ignore = "lbd bug: records of connections that closed on unchanged slots pin slots after a later change (see the report of branch i12e2e)"]
 fn no_open_connection_leaves_slots_changed_past_the_hold() {
     const HOLD_S: u64 = 3;
     let t = topology();
@@ -687,12 +674,11 @@ fn no_open_connection_leaves_slots_changed_past_the_hold() {
 // ---- 5 ----------------------------------------------------------------------------------------
 
 /// Under direct server return lb sees only the client's side: the client's FIN is a half-close,
-/// after which the server may still answer. A record with FIN seen lives the close grace (10 s)
-/// unseen; once it is dead and the hold has passed, the slot clears, and a half-closed
-/// connection whose server answered after more than 10 s of silence has its client's
-/// acknowledgements sent to the slot's current backend, which resets it.
+/// after which the server may still answer. A record with FIN seen lives the close grace unseen;
+/// with a grace of 10 s (as first proposed) a half-closed connection whose server answered after
+/// more than 10 s of silence, once the hold had passed and its slot cleared, had its client's
+/// acknowledgements sent to the slot's current backend, which reset it. The grace is 5 min.
 #[test]
-#[ignore = "design question: a half-closed connection silent longer than the close grace loses its backend once its slot clears (see the report of branch i12e2e)"]
 fn a_half_closed_connection_keeps_its_backend_while_its_server_is_silent() {
     use std::sync::{
         Arc,
@@ -772,21 +758,31 @@ fn a_half_closed_connection_keeps_its_backend_while_its_server_is_silent() {
         |n| n > 0,
         |_| false,
     );
+    // Every other slot clears once the hold has passed; the connection's stays changed, its
+    // closing record alive, past the 10 s first proposed as the grace.
     poll_changed(
         &lbd,
         Duration::from_secs(40),
-        "every slot to clear",
-        |n| n == 0,
+        "every other slot to clear",
+        |n| n == 1,
         |_| false,
     );
+    while fin.elapsed() < Duration::from_secs(12) {
+        assert_eq!(
+            changed_slots(&lbd),
+            1,
+            "{:?} after the client's FIN",
+            fin.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let cleared = fin.elapsed();
     answer.store(true, Ordering::Relaxed);
     let mut got = Vec::new();
     let read = s.read_to_end(&mut got);
     assert!(
         read.is_ok() && got.len() == 4 << 20 && got.iter().all(|&x| x == b as u8),
-        "the answer of backend {b}, sent after its slot cleared ({cleared:?} after the client's \
-         FIN): {} bytes, {read:?}",
+        "the answer of backend {b}, sent {cleared:?} after the client's FIN: {} bytes, {read:?}",
         got.len()
     );
 }

@@ -279,8 +279,14 @@ pub(super) async fn lookup(
     } = maglev_slot(&d.seed, &s.value(), &flow(q.port.unwrap_or(0)))
         .ok_or_else(|| bad(format!("service {} has no Maglev table", s.cfg.name)))?;
     let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
-    // An established flow keeps its backend while that backend is usable: as the data path.
+    // A flow's record decides only on a changed slot, while its backend is usable: as the
+    // data path (a record left on an unchanged slot is read by nobody).
+    let changed = d
+        .datapath
+        .slot_lanes(s.id, slot)
+        .is_some_and(|(hot, _)| hot.changed());
     if let Some(port) = q.port
+        && changed
         && let Some(entry) = d.datapath.flow(&flow(port))
         && entry.service == s.id
         && let Some(b) = by_id(entry.backend)
@@ -324,11 +330,29 @@ pub(super) async fn lookup(
             && let Some(e_slot) =
                 maglev_slot(&d.seed, &every_port.value(), &flow(q.port.unwrap_or(0)))
         {
-            let backend = every_port
+            // Its record under the every-port service, else that service's slot (as a flow
+            // older than any change there: its previous backend, if the slot changed).
+            let usable = |id: u32| {
+                every_port
+                    .backends
+                    .iter()
+                    .find(|b| b.id == id && b.hop.is_some() && b.healthy)
+            };
+            let recorded = d
+                .datapath
+                .flow(&flow(q.port.unwrap_or(0)))
+                .filter(|e| e.service == every_port.id)
+                .and_then(|e| usable(e.backend));
+            let previous = d
+                .datapath
+                .slot_lanes(every_port.id, e_slot.index)
+                .filter(|(hot, _)| hot.changed())
+                .and_then(|(_, side)| usable(side.old()));
+            let current = every_port
                 .table
                 .get(e_slot.index as usize)
-                .and_then(|&id| every_port.backends.iter().find(|b| b.id == id))
-                .map(|b| b.cfg.address);
+                .and_then(|&id| every_port.backends.iter().find(|b| b.id == id));
+            let backend = recorded.or(previous).or(current).map(|b| b.cfg.address);
             return lookup(backend, "every-port-service");
         }
         if let Some(b) = by_id(side.old())

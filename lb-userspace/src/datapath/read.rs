@@ -131,6 +131,11 @@ impl ConntrackCounter {
         })
     }
 
+    /// Entries the table holds.
+    pub fn capacity(&self) -> u64 {
+        (self.sets * lb_common::FLOW_WAYS) as u64
+    }
+
     /// Flows in the table now (used entries), and its capacity.
     pub fn count(&self) -> (u64, u64) {
         let entries = self.sets * lb_common::FLOW_WAYS;
@@ -142,12 +147,13 @@ impl ConntrackCounter {
         (used as u64, entries as u64)
     }
 
-    /// Every used record, each read whole (the program may be writing it: a torn one names a
-    /// flow that does not exist, and is read right by the next scan).
-    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+    /// Every used record with its index in the table, each read whole (the program may be
+    /// writing it: a torn one names a flow that does not exist, and is read right by the next
+    /// scan).
+    pub fn records(&self) -> impl Iterator<Item = (usize, Record)> + '_ {
         (0..self.sets * lb_common::FLOW_WAYS)
-            .map(|i| self.memory.read::<Record>(i))
-            .filter(|r| r.seen != 0)
+            .map(|i| (i, self.memory.read::<Record>(i)))
+            .filter(|(_, r)| r.seen != 0)
     }
 }
 

@@ -31,6 +31,10 @@ pub struct SlotTimes {
     /// A UDP record not seen this long is a flow that ended.
     pub udp_idle: Duration,
     /// A TCP record after the client's FIN or RST, not seen this long, is a flow that ended.
+    /// Long (5 min): with direct server return lb sees only the client's half, and a client's
+    /// FIN is a half-close; the server may go on sending, and the client's next packet (an
+    /// acknowledgement, an answer to a zero-window probe backed off up to 120 s) may come
+    /// minutes later.
     pub close_grace: Duration,
     /// After a slot's first change, an unrecorded UDP flow on it is taken as older than the
     /// change (goes to the previous backend) for this long.
@@ -44,7 +48,7 @@ impl Default for SlotTimes {
     fn default() -> SlotTimes {
         SlotTimes {
             udp_idle: Duration::from_secs(30),
-            close_grace: Duration::from_secs(10),
+            close_grace: Duration::from_secs(300),
             udp_adopt: Duration::from_secs(60),
             idle_hold: Duration::from_secs(DEFAULT_IDLE_HOLD_S),
         }
@@ -103,7 +107,16 @@ pub struct SlotView {
     hot: BTreeMap<u32, Vec<Hot>>,
     /// (service, backend) of every usable backend.
     usable: BTreeSet<(u32, u32)>,
+    /// Services whose records the data path may read: those with changed slots, and the
+    /// every-port services that deferring slots send flows to (their records are read
+    /// whatever their own slots' state). A record of any other service, or on an unchanged
+    /// slot, is read by nobody.
+    read: BTreeSet<u32>,
 }
+
+/// At most this many stale records are removed per scan (a bound on the time lbd's lock is
+/// held for it: the rest go at the next scans).
+const STALE_PER_SCAN: usize = 65_536;
 
 /// What a scan of the connection table found.
 pub struct SlotScan {
@@ -112,6 +125,14 @@ pub struct SlotScan {
     pinned: BTreeMap<u32, Vec<bool>>,
     /// Services with at least one live record (a slot deferring to such a service is kept).
     live_services: BTreeSet<u32>,
+    /// Records nothing reads any more (on an unchanged slot, of no service), by index in the
+    /// table, as read: removed unless they changed meanwhile.
+    stale: Vec<(usize, Record)>,
+    /// Records on changed slots that pin nothing (on the slot's current backend, of an
+    /// unusable backend, or dead), as read: removed if their slot is cleared.
+    clearable: Vec<(usize, Record)>,
+    /// Used entries seen.
+    pub used: u64,
 }
 
 struct UsableOf<'a> {
@@ -131,40 +152,61 @@ impl SlotView {
         self.hot.is_empty()
     }
 
-    /// Which changed slots live `records` need at table clock `now`: one whose record names a
-    /// usable backend other than its slot's current one.
+    /// Which changed slots live `records` (by index in the table) need at table clock `now`:
+    /// one whose record names a usable backend other than its slot's current one. And which
+    /// records are stale: on a slot that is not changed (the data path reads no record there:
+    /// every flow of an unchanged slot is its current backend's, so a record left from when it
+    /// was changed would only pin the slot wrongly after a later change, or outlive its flow
+    /// since the flow's FIN is never seen), or of a service with no table.
     pub fn scan(
         &self,
-        records: impl Iterator<Item = Record>,
+        records: impl Iterator<Item = (usize, Record)>,
         now: u32,
         limits: &Limits,
     ) -> SlotScan {
         let mut pinned: BTreeMap<u32, Vec<bool>> = BTreeMap::new();
         let mut live_services = BTreeSet::new();
-        for r in records {
-            if !r.live(now, limits) {
+        let mut stale = vec![];
+        let mut clearable = vec![];
+        let mut used = 0;
+        for (i, r) in records {
+            used += 1;
+            let service = r.service();
+            let slot = r.slot() as usize;
+            let hot = self.hot.get(&service);
+            let read = self.read.contains(&service)
+                && hot.is_none_or(|hot| hot.get(slot).is_some_and(|h| h.changed()));
+            if !read {
+                if stale.len() < STALE_PER_SCAN {
+                    stale.push((i, r));
+                }
                 continue;
             }
-            let service = r.service();
-            live_services.insert(service);
-            let Some(hot) = self.hot.get(&service) else {
+            let live = r.live(now, limits);
+            if live {
+                live_services.insert(service);
+            }
+            let Some(hot) = hot else {
                 continue;
             };
-            let slot = r.slot() as usize;
             let Some(h) = hot.get(slot) else { continue };
-            if h.changed()
-                && r.backend() != h.current()
-                && self.usable.contains(&(service, r.backend()))
-            {
+            if live && r.backend() != h.current() && self.usable.contains(&(service, r.backend())) {
                 pinned
                     .entry(service)
                     .or_insert_with(|| vec![false; hot.len()])[slot] = true;
+            } else if clearable.len() < STALE_PER_SCAN {
+                // Needed by nobody once its slot is cleared: removed with the clearing, before
+                // its flow can end unseen on an unchanged slot.
+                clearable.push((i, r));
             }
         }
         SlotScan {
             generation: self.generation,
             pinned,
             live_services,
+            stale,
+            clearable,
+            used,
         }
     }
 }
@@ -246,23 +288,29 @@ impl Datapath {
         self.slot_generation += 1;
     }
 
-    /// What a scan of the connection table needs; `None` when no slot is changed (nothing to
-    /// clear, no scan needed beyond counting).
-    pub fn slot_view(&self) -> Option<SlotView> {
+    /// What a scan of the connection table needs (the hot halves of the services with changed
+    /// slots, taken under the daemon's lock).
+    pub fn slot_view(&self) -> SlotView {
         let hot: BTreeMap<u32, Vec<Hot>> = self
             .slots
             .iter()
             .filter(|(_, s)| s.table.hot.iter().any(|h| h.changed()))
             .map(|(&id, s)| (id, s.table.hot.clone()))
             .collect();
-        if hot.is_empty() {
-            return None;
+        let mut read: BTreeSet<u32> = hot.keys().copied().collect();
+        for s in self.slots.values() {
+            if s.table.side.iter().any(|side| side.old() == DEFER)
+                && let Some(e) = self.shadow.services.get(&ServiceKey { port: 0, ..s.key })
+            {
+                read.insert(e.id);
+            }
         }
-        Some(SlotView {
+        SlotView {
             generation: self.slot_generation,
             hot,
             usable: self.usable_backends(),
-        })
+            read,
+        }
     }
 
     /// (service, backend) of every backend a record may keep its flow on: filled in, not down.
@@ -278,15 +326,23 @@ impl Datapath {
     }
 
     /// Clears the changed slots `scan` found unneeded (in `QUIET_SCANS` scans in a row), in
-    /// place: hot half first, then side half. A scan of tables that changed since its view
-    /// was taken is ignored (the next one sees them). The number of slots cleared.
+    /// place: hot half first, then side half; and removes the stale records it found (those
+    /// still as read: the data path writes no record on an unchanged slot). A scan of tables
+    /// that changed since its view was taken is ignored (the next one sees them). The number of
+    /// slots cleared.
     pub fn clear_slots(&mut self, scan: &SlotScan, limits: &Limits) -> usize {
         if scan.generation != self.slot_generation {
             return 0;
         }
+        if !scan.stale.is_empty()
+            && let Err(e) = self.remove_stale(&scan.stale)
+        {
+            log::warn!("stale connection-table records not removed: {e}");
+        }
         let usable = self.usable_backends();
         let now = slot_seconds();
         let mut cleared = 0;
+        let mut cleared_slots = BTreeSet::new();
         for (&id, s) in self.slots.iter_mut() {
             if !s.table.hot.iter().any(|h| h.changed()) {
                 continue;
@@ -323,15 +379,28 @@ impl Datapath {
                 let hot_moved = s.table.hot[range.clone()] != before.hot[range.clone()];
                 let side_moved = s.table.side[range.clone()] != before.side[range.clone()];
                 if hot_moved {
-                    cleared += range
-                        .filter(|&i| before.hot[i].changed() && !s.table.hot[i].changed())
-                        .count();
+                    for i in range.filter(|&i| before.hot[i].changed() && !s.table.hot[i].changed())
+                    {
+                        cleared += 1;
+                        cleared_slots.insert((id, i as u32));
+                    }
                     s.memory.write(w, s.table.hot_word(w));
                 }
                 if side_moved {
                     s.memory.write(half + w, s.table.side_word(w));
                 }
             }
+        }
+        let with_cleared: Vec<(usize, Record)> = scan
+            .clearable
+            .iter()
+            .filter(|(_, r)| cleared_slots.contains(&(r.service(), r.slot())))
+            .copied()
+            .collect();
+        if !with_cleared.is_empty()
+            && let Err(e) = self.remove_stale(&with_cleared)
+        {
+            log::warn!("records of cleared slots not removed: {e}");
         }
         cleared
     }
@@ -343,6 +412,23 @@ impl Datapath {
             *s.table.hot.get(slot as usize)?,
             *s.table.side.get(slot as usize)?,
         ))
+    }
+
+    /// Removes `stale` records (index, as read) that are still as read.
+    fn remove_stale(&mut self, stale: &[(usize, Record)]) -> Result<()> {
+        let sets = self.conntrack_sets()? as usize;
+        let memory = ArrayMemory::map(
+            self.maps.conntrack.map(),
+            sets * size_of::<lb_common::RecordSet>(),
+            true,
+        )
+        .map_err(io_err("mapping CONNTRACK"))?;
+        for &(i, r) in stale {
+            if i < sets * lb_common::FLOW_WAYS && memory.read::<Record>(i) == r {
+                memory.write(i, Record::default());
+            }
+        }
+        Ok(())
     }
 
     /// Slots changed now, and slots in all, over every service.
