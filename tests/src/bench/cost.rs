@@ -6,31 +6,52 @@
 //! its default 1,048,576 entries) into a pin folder of its own, with the five services of the
 //! data-path tests (tests/src/dpfixture.rs).
 //!
+//! The paths are those of the slot-state data path (docs/design/slot-state.md): a packet on an
+//! *unchanged* Maglev slot (every slot in the steady state) goes to the slot's backend without
+//! touching the connection table; only on a *changed* slot (after a backend add, drain or
+//! weight change, until lbd clears it) does it read its flow's set. So the services 0 (IPv4)
+//! and 1 (IPv6) get a change first, through `swap_table` as lbd applies one: every odd slot
+//! moves to the service's next backend (half the slots changed, their first backend kept as
+//! `old`), every even slot stays. Each path's flows are picked on the kind of slot it measures:
+//! - established packet on an unchanged slot (the common case), IPv4 and IPv6, repeated and as
+//!   single runs; a record naming another backend is planted for its flow first, so a packet
+//!   that read the table would be counted elsewhere, and the record must be byte for byte as
+//!   planted afterwards;
+//! - established packet of a recorded flow on a changed slot (a table hit): its SYN recorded it
+//!   on the slot's current backend, then a second change moved the slot on to the third
+//!   backend, so its record names neither the slot's current nor its previous backend;
+//! - an unrecorded non-SYN (TCP ACK of a flow never seen) on a changed slot: goes to the slot's
+//!   previous backend and is recorded there;
+//! - a SYN on an unchanged slot (nothing written) and on a changed slot (recorded on the current
+//!   backend), from fresh clients, the latter on a near-empty and on a full table; a SYN
+//!   repeated on each kind of slot (on the changed one the flow's record is found and written
+//!   again: port reuse);
+//! - tunnel packets (IPv4-in-IPv4, IPv6-in-IPv6) of UDP flows on unchanged slots (the tunnel
+//!   services are never changed), and a non-VIP packet.
+//!
 //! A repeated test run hands every repetition the buffer the previous one left: after an
 //! encapsulation the next repetition sees an IP-in-IP packet (and measures the pass path), and a
-//! new flow is new only once. So:
-//! - paths whose rewrite leaves the path unchanged are run with repeat 1,000,000: a non-VIP
-//!   packet (untouched), an established dsr flow over IPv4 and IPv6 (only the MACs change), a SYN
-//!   of a flow already in the table (the table's choice is kept in place, MACs only);
-//! - new flows (a fresh client address from 198.18.0.0/15, or 2001:2::/48, per packet) and
-//!   tunnel packets (the frame grows) are run as many single runs (repeat 1): the figure is the
-//!   mean of the kernel-reported durations. A single run carries an overhead of its own (the
-//!   timer, and a program that runs cold after the syscall), so the established IPv4 flow is
-//!   measured that way too, and the difference to its repeated figure is reported.
+//! new flow is new only once. So paths whose rewrite leaves the path unchanged are run with
+//! repeat 1,000,000 (non-VIP, dsr established, a SYN of the same flow), and fresh flows (a new
+//! client address from 198.18.0.0/15, or 2001:2::/48, per packet, kept only when its slot is of
+//! the path's kind) and tunnel packets (the frame grows) as many single runs (repeat 1): the
+//! figure is the mean of the kernel-reported durations. A single run carries an overhead of its
+//! own (the timer, and a program that runs cold after the syscall), so the established IPv4 flow
+//! is measured that way too, and the difference to its repeated figure is reported.
 //!
-//! A new flow's cost depends on the connection table: measured once on a near-empty table (the
-//! flows earlier measurements added are deleted first) and once, in a last pass, on a table
-//! filled to capacity, where every insert takes the place of its set's least recently seen flow.
+//! Recording a new flow depends on the connection table: measured on a near-empty table (the
+//! flows earlier measurements added are deleted first) and, in a last pass, on a table filled to
+//! capacity, where every insert takes the place of its set's least recently seen flow.
 //!
-//! Every measurement proves its path with the program's own counters, or it fails: the service
-//! and backend packet counters must have grown by exactly the number of runs (repetitions) and
-//! nothing else may have moved; an established flow's recorded backend is first taken out of
-//! its service's Maglev table, so a packet that missed the connection table would be counted on
-//! another backend; every new flow must be in the table afterwards (and on the near-empty table,
-//! the table must have grown by exactly one entry per packet). With `kernel.bpf_stats_enabled`
-//! (set for a second pass, its old value restored) the program's run_cnt must grow by exactly
-//! the number of runs, and run_time_ns / run_cnt is reported: the program's time alone, without
-//! the test run's loop.
+//! Every measurement proves its path, or it fails: the service counter must have grown by
+//! exactly the number of runs, every backend counter by exactly the packets predicted for it
+//! (the slot's current backend, its previous one, or the flow's record, as the path says), and
+//! nothing else may have moved; afterwards each fresh flow must have a record naming its
+//! predicted backend, or none where nothing may be written, and the table must have grown by
+//! exactly one entry per recorded packet (none elsewhere). With `kernel.bpf_stats_enabled` (set
+//! for a second pass, its old value restored) the program's run_cnt must grow by exactly the
+//! number of runs, and run_time_ns / run_cnt is reported: the program's time alone, without the
+//! test run's loop.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -41,9 +62,9 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::programs::loaded_programs;
 use lb_common::{
-    Backend, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey, backend_flags,
+    Backend, FlowKey, FlowValue, Record, ServiceKey, ServiceValue, VipKey, backend_flags,
     maglev::{MaglevBackend, build_table},
-    service_flags,
+    maglev_slot, service_flags,
 };
 use lb_userspace::{
     datapath::{self, ConntrackCounter, Datapath, PROGRAM_OBJECT},
@@ -149,7 +170,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         Method::Single => format!(
             "mean of {} BPF_PROG_TEST_RUNs with repeat 1 on {} frames (the kernel's duration of each)",
             thousands(singles as u64),
-            if p.fresh { "fresh" } else { "identical" }
+            if p.fresh() { "fresh" } else { "identical" }
         ),
     };
     // What a single-run figure compares with: the established flow timed the same way.
@@ -342,31 +363,68 @@ enum Method {
     Single,
 }
 
+/// Which backend of its slot a fresh flow's packet must go to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Which {
+    /// The slot's current backend (the Maglev table's choice now).
+    Current,
+    /// The slot's previous backend (`old`: its backend before the change).
+    Old,
+}
+
 /// What the counters must show after a measurement of `n` packets.
 #[derive(Clone, Copy, Debug)]
 enum Expect {
     /// Passed up untouched: no service, backend or reason counter moves.
     Untouched,
-    /// Forwarded by service `sid`: it counted `n` packets; so did `backend` (when given, and no
-    /// other backend did), else the service's backends together. No reason counter moves.
-    Forwarded { sid: usize, backend: Option<u32> },
+    /// Forwarded by service `sid` to `backend`: both counted `n` packets, no other service or
+    /// backend counted any. No reason counter moves.
+    Forwarded { sid: usize, backend: u32 },
+    /// Every frame the first packet of a flow never seen before, of service `sid`: each must be
+    /// counted on the backend predicted for its slot (`go`), so every backend's count grows by
+    /// exactly the packets predicted for it; `recorded`: afterwards each flow has a record
+    /// naming that backend, else none.
+    Fresh {
+        sid: usize,
+        go: Which,
+        recorded: bool,
+    },
+}
+
+/// What the connection table must hold for a fixed-frame path's flow after a measurement.
+#[derive(Clone, Copy, Debug)]
+enum Keep {
+    /// This record, untouched (its `seen` stamp included): the path wrote nothing.
+    Exactly(Record),
+    /// A record naming this backend.
+    Names(u32),
+    /// No record.
+    Nothing,
 }
 
 struct PathDef {
     key: &'static str,
     name: String,
     method: Method,
-    fresh: bool,
     /// The frames of one measurement: one for `Repeat`, `count` for `Single`.
     frames: Box<dyn FnMut(usize) -> Vec<Vec<u8>>>,
     action: u32,
     expect: Expect,
+    /// The flow of a fixed-frame path and what the table must hold for it afterwards.
+    keep: Option<(FlowKey, Keep)>,
     /// Connection-table entries each packet must add (checked when given).
     flows_per_packet: Option<u64>,
     /// The connection table this path is measured on.
     table: Table,
     /// What a measurement proves (for the figure's note).
     proof: String,
+}
+
+impl PathDef {
+    /// Fresh frames: every one a flow never seen before.
+    fn fresh(&self) -> bool {
+        matches!(self.expect, Expect::Fresh { .. })
+    }
 }
 
 /// The state of the connection table a path is measured on.
@@ -413,6 +471,13 @@ struct Bench {
     dir: PathBuf,
     /// Per service: its backends (id, address).
     backends: Vec<Vec<(u32, IpAddr)>>,
+    /// Per service: its entry (for the slot of a flow).
+    values: Vec<ServiceValue>,
+    /// Per service: the Maglev table it was created with (each slot's backend before any
+    /// change: the `old` of a changed slot).
+    first: Vec<Vec<u32>>,
+    /// Per service: its Maglev table now (each slot's current backend).
+    now: Vec<Vec<u32>>,
     lb_id: u32,
     /// The empty program (XDP_PASS) of the tests' XDP object.
     empty: TestProg,
@@ -423,18 +488,35 @@ struct Bench {
     singles: usize,
 }
 
-/// Client addresses of the established flows (outside 198.18.0.0/15, where new flows come from).
-const C4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const C4_SYN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
-const T4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
-const C6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 7);
-const T6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 8);
 /// Not a VIP: the balancer's own address.
 const NOT_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The client of the non-VIP packet.
+const C4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const SPORT: u16 = 40_000;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const UDP_PAYLOAD: [u8; 64] = [0x5a; 64];
+/// Where each fresh-flow path's clients start (`fresh4`, `fresh6`): apart, so that no path
+/// ever sends a flow another one sent.
+const FRESH_BLOCK: u64 = 1 << 28;
+
+/// The slots the benchmark's change marks in services 0 and 1: every odd one (half the table).
+fn marked(slot: u32) -> bool {
+    slot % 2 == 1
+}
+
+/// The Maglev slot of `key` in the table of service `value`.
+fn slot_of(value: &ServiceValue, key: &FlowKey) -> u32 {
+    maglev_slot(&SEED, value, key).map_or(0, |s| s.index)
+}
+
+fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => tcp4(s, d, sport, dport, flags),
+        (IpAddr::V6(s), IpAddr::V6(d)) => tcp6(s, d, sport, dport, flags),
+        _ => unreachable!("a client and a VIP of different families"),
+    }
+}
 
 fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     packet::ipv4_tcp(CLIENT_MAC, LB_MAC, src, dst, sport, dport, flags, b"").bytes
@@ -505,6 +587,38 @@ fn flow_of(frame: &[u8]) -> Result<FlowKey> {
     }
 }
 
+/// Frames of flows never seen before to service `value` at `dst` port 80: TCP with `flags`
+/// from clients of 198.18.0.0/15 (the source port moving on after each pass over them) or of
+/// 2001:2::/48, from the `start`-th on, keeping only those whose slot is marked changed or not,
+/// as `changed` asks.
+fn fresh_frames(
+    value: ServiceValue,
+    dst: IpAddr,
+    start: u64,
+    changed: bool,
+    flags: u8,
+) -> Box<dyn FnMut(usize) -> Vec<Vec<u8>>> {
+    let mut next = start;
+    Box::new(move |count| {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let i = next;
+            next += 1;
+            let (src, sport) = match dst {
+                IpAddr::V4(_) => {
+                    let (a, p) = fresh4(i);
+                    (IpAddr::V4(a), p)
+                }
+                IpAddr::V6(_) => (IpAddr::V6(fresh6(i)), SPORT),
+            };
+            if marked(slot_of(&value, &flow_key(src, dst, sport, 80, 6))) == changed {
+                out.push(tcp(src, dst, sport, 80, flags));
+            }
+        }
+        out
+    })
+}
+
 impl Bench {
     /// The program with the five services of the data-path fixture, the connection table at
     /// lbd's default size, and the empty program.
@@ -515,6 +629,8 @@ impl Bench {
         let mut next = 0u32;
         let mut backends = vec![];
         let mut vips = vec![];
+        let mut values = vec![];
+        let mut tables = vec![];
         for (sid, s) in svcs.iter().enumerate() {
             let mut mine = vec![];
             let mut live = vec![];
@@ -568,6 +684,8 @@ impl Bench {
                 vip_value,
             ));
             backends.push(mine);
+            values.push(value);
+            tables.push(table);
         }
         dp.set_vips(&vips)?;
         let lb_id = dp.program_id();
@@ -579,6 +697,9 @@ impl Bench {
             dp,
             dir: dir.to_owned(),
             backends,
+            values,
+            now: tables.clone(),
+            first: tables,
             lb_id,
             empty,
             empty_id,
@@ -601,74 +722,234 @@ impl Bench {
         }
     }
 
-    /// Sends `frame` once (a flow's first packet), then takes the backend the connection table
-    /// recorded for it out of service `sid`'s Maglev table: from then on only a table hit sends
-    /// that flow's packets there. Returns that backend.
-    fn establish(&mut self, sid: usize, frame: &[u8], key: &FlowKey) -> Result<u32> {
-        let (action, _) = self.dp.test_run(frame)?;
-        ensure!(
-            action == XDP_TX,
-            "first packet of service {sid}: action {action}"
-        );
-        let recorded = self
-            .dp
-            .flow(key)
-            .context("the first packet left no connection-table entry")?
-            .backend;
-        let live: Vec<MaglevBackend> = self.backends[sid]
-            .iter()
-            .filter(|(id, _)| *id != recorded)
-            .map(|(id, addr)| MaglevBackend {
-                id: *id,
-                addr: to_addr(*addr),
-                weight: 100,
-            })
-            .collect();
-        self.dp
-            .swap_table(sid as u32, &build_table(&SEED, &live, TABLE))?;
-        Ok(recorded)
+    /// The slot of `key` in service `sid`'s table.
+    fn slot(&self, sid: usize, key: &FlowKey) -> usize {
+        slot_of(&self.values[sid], key) as usize
     }
 
-    /// Sets up the flows and defines every measured path, with one-off checks of what the
-    /// program makes of each frame.
+    /// The backend after `b` among service `sid`'s (the last one's next is the first).
+    fn rotate(&self, sid: usize, b: u32) -> u32 {
+        let ids: Vec<u32> = self.backends[sid].iter().map(|(id, _)| *id).collect();
+        let at = ids.iter().position(|&id| id == b).unwrap_or(0);
+        ids[(at + 1) % ids.len()]
+    }
+
+    /// Gives service `sid` the Maglev table `table` through `swap_table`, as lbd applies a
+    /// change, and checks the slot state it left: a slot is changed exactly when its backend
+    /// differs from the service's first table (nothing clears slots here), with that first
+    /// backend as its `old`.
+    fn swap(&mut self, sid: usize, table: Vec<u32>) -> Result<()> {
+        self.dp.swap_table(sid as u32, &table)?;
+        let state = self
+            .dp
+            .slot_state(sid as u32)
+            .context("no slot state after swapping a table in")?;
+        ensure!(
+            state.hot.len() == table.len(),
+            "slot state of {} slots",
+            state.hot.len()
+        );
+        for (s, &b) in table.iter().enumerate() {
+            let (hot, side) = (state.hot[s], state.side[s]);
+            let first = self.first[sid][s];
+            ensure!(
+                hot.current() == b
+                    && hot.changed() == (b != first)
+                    && (!hot.changed() || side.old() == first),
+                "service {sid} slot {s}: current {} changed {} old {} after swapping in backend {b} (first {first})",
+                hot.current(),
+                hot.changed(),
+                side.old()
+            );
+        }
+        self.now[sid] = table;
+        Ok(())
+    }
+
+    /// Whether slot `s` of service `sid` is changed, as the slot state says.
+    fn changed(&self, sid: usize, s: usize) -> bool {
+        self.dp
+            .slot_state(sid as u32)
+            .is_some_and(|st| st.hot[s].changed())
+    }
+
+    /// The next client (after `*next`) of 198.51.100.0/24 (IPv4 VIPs) or 2001:db8:c1::/64 (IPv6
+    /// VIPs) whose flow to `dst`:`dport` lands on a marked slot of service `sid`, or on an
+    /// unmarked one, as `changed` asks.
+    fn pick(
+        &self,
+        sid: usize,
+        next: &mut u16,
+        dst: IpAddr,
+        dport: u16,
+        proto: u8,
+        changed: bool,
+    ) -> Result<(IpAddr, FlowKey)> {
+        for _ in 0..100 {
+            *next += 1;
+            let src = match dst {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(198, 51, 100, *next as u8)),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, *next)),
+            };
+            let key = flow_key(src, dst, SPORT, dport, proto);
+            if marked(self.slot(sid, &key) as u32) == changed {
+                return Ok((src, key));
+            }
+        }
+        bail!("no client of service {sid} on a slot with changed = {changed}")
+    }
+
+    /// Runs `frame` once: XDP_TX, dsr to `backend` (its MAC, ours as the source, the rest of
+    /// the frame unchanged).
+    fn once_dsr(&self, frame: &[u8], backend: u32, what: &str) -> Result<()> {
+        let (action, out) = self.dp.test_run(frame)?;
+        ensure!(
+            action == XDP_TX
+                && out[..6] == dpfixture::mac(backend)
+                && out[6..12] == LB_MAC
+                && out[12..] == frame[12..],
+            "{what}: action {action}, frame {out:02x?}, expected dsr to backend {backend}"
+        );
+        Ok(())
+    }
+
+    /// Plants a record for `key` (service `sid`, on an unchanged slot) naming another backend
+    /// than its slot's: a packet that read the connection table would go there. Returns the
+    /// slot's backend and the record as stored.
+    fn plant(&mut self, sid: usize, key: &FlowKey) -> Result<(u32, Record)> {
+        let s = self.slot(sid, key);
+        ensure!(!self.changed(sid, s), "service {sid} slot {s} is changed");
+        let current = self.now[sid][s];
+        let other = self.rotate(sid, current);
+        self.dp.set_flow(
+            key,
+            FlowValue {
+                backend: other,
+                service: sid as u32,
+            },
+        )?;
+        let record = self
+            .dp
+            .flow_entry(key)
+            .context("the planted record is not in the table")?;
+        ensure!(
+            record.backend() == other && other != current,
+            "planted record {record:?}"
+        );
+        Ok((current, record))
+    }
+
+    /// Sets up the flows and the change, and defines every measured path, with one-off checks
+    /// of what the program makes of each frame.
     fn paths(&mut self) -> Result<Vec<PathDef>> {
         let vip4 = IpAddr::V4(VIP);
         let vip6 = IpAddr::V6(VIP6);
 
-        // Established flows, their recorded backends out of the tables.
-        let est4 = tcp4(C4, VIP, SPORT, 80, ACK);
-        let b4 = self.establish(
-            0,
-            &tcp4(C4, VIP, SPORT, 80, SYN),
-            &flow_key(C4.into(), vip4, SPORT, 80, 6),
-        )?;
-        let est6 = tcp6(C6, VIP6, SPORT, 80, ACK);
-        let b6 = self.establish(
-            1,
-            &tcp6(C6, VIP6, SPORT, 80, SYN),
-            &flow_key(C6.into(), vip6, SPORT, 80, 6),
-        )?;
-        let tun4 = udp4(T4, VIP_TUNNEL, 53);
-        let bt4 = self.establish(
-            2,
-            &tun4,
-            &flow_key(T4.into(), VIP_TUNNEL.into(), SPORT, 53, 17),
-        )?;
-        let tun6 = udp6(T6, VIP6_TUNNEL, 53);
-        let bt6 = self.establish(
-            4,
-            &tun6,
-            &flow_key(T6.into(), VIP6_TUNNEL.into(), SPORT, 53, 17),
-        )?;
-        // A SYN of a flow already in the table (after the swap: the table's choice stays).
-        let syn = tcp4(C4_SYN, VIP, SPORT, 80, SYN);
-        let (action, _) = self.dp.test_run(&syn)?;
-        ensure!(action == XDP_TX, "SYN: action {action}");
-        let bsyn = self
-            .dp
-            .flow(&flow_key(C4_SYN.into(), vip4, SPORT, 80, 6))
-            .context("the SYN left no entry")?
-            .backend;
+        // The change: services 0 (IPv4) and 1 (IPv6) get a table in which every odd slot has
+        // the next of the service's backends, swapped in as lbd applies a change: those slots
+        // are changed, with their first backend as `old`; the even ones are as they were.
+        for sid in [0, 1] {
+            let t: Vec<u32> = self.first[sid]
+                .iter()
+                .enumerate()
+                .map(|(s, &b)| {
+                    if marked(s as u32) {
+                        self.rotate(sid, b)
+                    } else {
+                        b
+                    }
+                })
+                .collect();
+            self.swap(sid, t)?;
+        }
+        let (mut n4, mut n6) = (9u16, 0u16);
+
+        // Recorded flows on changed slots: each SYN is recorded on its slot's current backend;
+        // then a second change moves those slots on to the service's third backend, so that
+        // the record names neither the slot's current backend nor its previous one: a packet
+        // that missed its record would go elsewhere.
+        let mut recorded = vec![];
+        for (sid, vip, next) in [(0usize, vip4, &mut n4), (1, vip6, &mut n6)] {
+            let (src, key) = self.pick(sid, next, vip, 80, 6, true)?;
+            let s = self.slot(sid, &key);
+            ensure!(
+                self.changed(sid, s),
+                "service {sid} slot {s} is not changed"
+            );
+            let current = self.now[sid][s];
+            self.once_dsr(
+                &tcp(src, vip, SPORT, 80, SYN),
+                current,
+                "SYN on a changed slot",
+            )?;
+            let r = self
+                .dp
+                .flow(&key)
+                .context("a SYN on a changed slot left no record")?
+                .backend;
+            ensure!(
+                r == current,
+                "a SYN on a changed slot was recorded on {r}, not on the slot's current {current}"
+            );
+            let mut t = self.now[sid].clone();
+            t[s] = self.rotate(sid, t[s]);
+            self.swap(sid, t)?;
+            let (now, old) = (self.now[sid][s], self.first[sid][s]);
+            ensure!(
+                r != now && r != old && self.changed(sid, s),
+                "record {r}, slot now {now}, old {old}"
+            );
+            let ack = tcp(src, vip, SPORT, 80, ACK);
+            self.once_dsr(&ack, r, "established packet of a recorded flow")?;
+            recorded.push((sid, key, ack, r));
+        }
+
+        // Established flows on unchanged slots, each with a planted record naming another
+        // backend than its slot's.
+        let mut unchanged = vec![];
+        for (sid, vip, next) in [(0usize, vip4, &mut n4), (1, vip6, &mut n6)] {
+            let (src, key) = self.pick(sid, next, vip, 80, 6, false)?;
+            let (b, record) = self.plant(sid, &key)?;
+            let ack = tcp(src, vip, SPORT, 80, ACK);
+            self.once_dsr(&ack, b, "established packet on an unchanged slot")?;
+            ensure!(
+                self.dp.flow_entry(&key) == Some(record),
+                "a packet on an unchanged slot touched the flow's record"
+            );
+            unchanged.push((sid, key, ack, b, record));
+        }
+
+        // A SYN on an unchanged slot, repeated: nothing is written.
+        let (src, syn_u_key) = self.pick(0, &mut n4, vip4, 80, 6, false)?;
+        let syn_u = tcp(src, vip4, SPORT, 80, SYN);
+        let syn_u_b = self.now[0][self.slot(0, &syn_u_key)];
+        self.once_dsr(&syn_u, syn_u_b, "SYN on an unchanged slot")?;
+        ensure!(
+            self.dp.flow(&syn_u_key).is_none(),
+            "a SYN on an unchanged slot left a record"
+        );
+        // A SYN on a changed slot, repeated: the first one records the flow on the slot's
+        // current backend, every later one finds that record and writes it again (a new
+        // connection on the same port: port reuse).
+        let (src, syn_c_key) = self.pick(0, &mut n4, vip4, 80, 6, true)?;
+        let syn_c = tcp(src, vip4, SPORT, 80, SYN);
+        let syn_c_b = self.now[0][self.slot(0, &syn_c_key)];
+        self.once_dsr(&syn_c, syn_c_b, "SYN on a changed slot")?;
+        ensure!(
+            self.dp.flow(&syn_c_key).map(|v| v.backend) == Some(syn_c_b),
+            "a SYN on a changed slot was not recorded on the slot's current backend"
+        );
+
+        // Tunnel flows (UDP) on unchanged slots of the tunnel services (no change there), each
+        // with a planted record naming the service's other backend.
+        let (t4, tun4_key) = self.pick(2, &mut n4, VIP_TUNNEL.into(), 53, 17, false)?;
+        let IpAddr::V4(t4) = t4 else { unreachable!() };
+        let tun4 = udp4(t4, VIP_TUNNEL, 53);
+        let (bt4, tun4_record) = self.plant(2, &tun4_key)?;
+        let (t6, tun6_key) = self.pick(4, &mut n6, VIP6_TUNNEL.into(), 53, 17, false)?;
+        let IpAddr::V6(t6) = t6 else { unreachable!() };
+        let tun6 = udp6(t6, VIP6_TUNNEL, 53);
+        let (bt6, tun6_record) = self.plant(4, &tun6_key)?;
         let non_vip = tcp4(C4, NOT_VIP, SPORT, 80, ACK);
 
         // One-off checks of the output frames.
@@ -678,16 +959,6 @@ impl Bench {
             "non-VIP packet: action {action}, frame changed: {}",
             out != non_vip
         );
-        for (frame, b) in [(&est4, b4), (&est6, b6)] {
-            let (action, out) = self.dp.test_run(frame)?;
-            ensure!(
-                action == XDP_TX
-                    && out[..6] == dpfixture::mac(b)
-                    && out[6..12] == LB_MAC
-                    && out[12..] == frame[12..],
-                "dsr: action {action}, frame {out:02x?}"
-            );
-        }
         let backend_addr = |sid: usize, b: u32| {
             self.backends[sid]
                 .iter()
@@ -720,6 +991,12 @@ impl Bench {
                 && out[54..] == tun6[14..],
             "IPv6 tunnel: action {action}, frame {out:02x?}"
         );
+        for (key, record) in [(&tun4_key, tun4_record), (&tun6_key, tun6_record)] {
+            ensure!(
+                self.dp.flow_entry(key) == Some(record),
+                "a tunnel packet on an unchanged slot touched the flow's record"
+            );
+        }
 
         let fixed = |frame: Vec<u8>, method: Method| -> Box<dyn FnMut(usize) -> Vec<Vec<u8>>> {
             Box::new(move |count| match method {
@@ -727,222 +1004,293 @@ impl Bench {
                 Method::Single => vec![frame.clone(); count],
             })
         };
-        let hit = |b: u32| {
+        let untouched = |b: u32| {
             format!(
-                "every packet counted on backend {b}, the flow's recorded backend, which is no longer in the service's Maglev table: the service and that backend grew by exactly the number of runs, no other counter moved, so every run hit the connection table"
+                "every packet counted on backend {b}, the slot's, and no other; the flow has a planted record naming another backend, which no packet followed and which is byte for byte as planted afterwards (its `seen` stamp included), and the table did not grow: the connection table was neither consulted nor written"
             )
         };
-        let mut next4 = 0u64;
-        let mut next6 = 0u64;
-        // The full-table paths' clients: further on in the same blocks.
-        let mut next4_full = 1u64 << 24;
-        let mut next6_full = 1u64 << 40;
-        Ok(vec![
+        let hit = |b: u32| {
+            format!(
+                "every packet counted on backend {b}, the flow's recorded backend, which is neither the slot's current backend nor its previous one (a second change moved the slot on after the flow's SYN was recorded): the service and that backend grew by exactly the number of runs, no other counter moved, so every run found the record; the record still names {b} afterwards and the table did not grow"
+            )
+        };
+        let [(rsid4, rkey4, rack4, rb4), (rsid6, rkey6, rack6, rb6)]: [_; 2] = recorded
+            .try_into()
+            .map_err(|_| anyhow!("two recorded flows"))?;
+        let [
+            (usid4, ukey4, uack4, ub4, urec4),
+            (usid6, ukey6, uack6, ub6, urec6),
+        ]: [_; 2] = unchanged
+            .try_into()
+            .map_err(|_| anyhow!("two flows on unchanged slots"))?;
+        let (v0, v1) = (self.values[0], self.values[1]);
+        let fresh = |k: u64| k * FRESH_BLOCK;
+        let mut paths = vec![
             PathDef {
                 key: "nonvip",
                 name: "non-VIP packet (IPv4 TCP to the balancer's own address), repeat".into(),
                 method: Method::Repeat,
-                fresh: false,
                 frames: fixed(non_vip, Method::Repeat),
                 action: XDP_PASS,
                 expect: Expect::Untouched,
+                keep: None,
                 flows_per_packet: None,
                 table: Table::AsIs,
                 proof: "XDP_PASS, frame unchanged (checked once), no service, backend or reason counter moved; bpf_stats run_cnt grew by exactly the repeat count (second pass)".into(),
             },
             PathDef {
                 key: "est4",
-                name: "established flow, IPv4 TCP ACK, dsr, repeat".into(),
+                name: "established, unchanged slot (no table access), IPv4 TCP ACK, dsr, repeat"
+                    .into(),
                 method: Method::Repeat,
-                fresh: false,
-                frames: fixed(est4.clone(), Method::Repeat),
+                frames: fixed(uack4.clone(), Method::Repeat),
                 action: XDP_TX,
                 expect: Expect::Forwarded {
-                    sid: 0,
-                    backend: Some(b4),
+                    sid: usid4,
+                    backend: ub4,
                 },
-                flows_per_packet: None,
+                keep: Some((ukey4, Keep::Exactly(urec4))),
+                flows_per_packet: Some(0),
                 table: Table::AsIs,
-                proof: format!("XDP_TX, MACs rewritten (checked once); {}", hit(b4)),
+                proof: format!("XDP_TX, MACs rewritten (checked once); {}", untouched(ub4)),
             },
             PathDef {
                 key: "est6",
-                name: "established flow, IPv6 TCP ACK, dsr, repeat".into(),
+                name: "established, unchanged slot (no table access), IPv6 TCP ACK, dsr, repeat"
+                    .into(),
                 method: Method::Repeat,
-                fresh: false,
-                frames: fixed(est6, Method::Repeat),
+                frames: fixed(uack6, Method::Repeat),
                 action: XDP_TX,
                 expect: Expect::Forwarded {
-                    sid: 1,
-                    backend: Some(b6),
+                    sid: usid6,
+                    backend: ub6,
                 },
-                flows_per_packet: None,
+                keep: Some((ukey6, Keep::Exactly(urec6))),
+                flows_per_packet: Some(0),
                 table: Table::AsIs,
-                proof: format!("XDP_TX, MACs rewritten (checked once); {}", hit(b6)),
+                proof: format!("XDP_TX, MACs rewritten (checked once); {}", untouched(ub6)),
             },
             PathDef {
-                key: "syn",
-                name: "SYN of a flow already in the table (port reuse), IPv4, repeat".into(),
+                key: "rec4",
+                name: "established, recorded flow on a changed slot (table hit), IPv4 TCP ACK, dsr, repeat".into(),
                 method: Method::Repeat,
-                fresh: false,
-                frames: fixed(syn, Method::Repeat),
+                frames: fixed(rack4, Method::Repeat),
+                action: XDP_TX,
+                expect: Expect::Forwarded {
+                    sid: rsid4,
+                    backend: rb4,
+                },
+                keep: Some((rkey4, Keep::Names(rb4))),
+                flows_per_packet: Some(0),
+                table: Table::AsIs,
+                proof: format!("XDP_TX, MACs rewritten (checked once); {}", hit(rb4)),
+            },
+            PathDef {
+                key: "rec6",
+                name: "established, recorded flow on a changed slot (table hit), IPv6 TCP ACK, dsr, repeat".into(),
+                method: Method::Repeat,
+                frames: fixed(rack6, Method::Repeat),
+                action: XDP_TX,
+                expect: Expect::Forwarded {
+                    sid: rsid6,
+                    backend: rb6,
+                },
+                keep: Some((rkey6, Keep::Names(rb6))),
+                flows_per_packet: Some(0),
+                table: Table::AsIs,
+                proof: format!("XDP_TX, MACs rewritten (checked once); {}", hit(rb6)),
+            },
+            PathDef {
+                key: "syn4",
+                name: "SYN on an unchanged slot (nothing written), IPv4, repeat".into(),
+                method: Method::Repeat,
+                frames: fixed(syn_u, Method::Repeat),
                 action: XDP_TX,
                 expect: Expect::Forwarded {
                     sid: 0,
-                    backend: Some(bsyn),
+                    backend: syn_u_b,
                 },
+                keep: Some((syn_u_key, Keep::Nothing)),
                 flows_per_packet: Some(0),
                 table: Table::AsIs,
                 proof: format!(
-                    "XDP_TX; the service and backend {bsyn} (the table's choice, already recorded) grew by exactly the repeat count, the connection table did not grow: the Maglev choice was made and the entry kept in place every time"
+                    "XDP_TX; the service and backend {syn_u_b} (the slot's) grew by exactly the repeat count, no other counter moved; the flow has no record afterwards and the table did not grow"
+                ),
+            },
+            PathDef {
+                key: "synrec4",
+                name: "SYN of a recorded flow on a changed slot (port reuse: the record written again), IPv4, repeat".into(),
+                method: Method::Repeat,
+                frames: fixed(syn_c, Method::Repeat),
+                action: XDP_TX,
+                expect: Expect::Forwarded {
+                    sid: 0,
+                    backend: syn_c_b,
+                },
+                keep: Some((syn_c_key, Keep::Names(syn_c_b))),
+                flows_per_packet: Some(0),
+                table: Table::AsIs,
+                proof: format!(
+                    "XDP_TX; the service and backend {syn_c_b} (the changed slot's current backend, not its previous one) grew by exactly the repeat count, no other counter moved; the flow's record names {syn_c_b} afterwards and the table did not grow: each SYN found the flow's own entry and wrote it again"
                 ),
             },
             PathDef {
                 key: "est4-single",
-                name: "established flow, IPv4 TCP ACK, dsr, single runs".into(),
+                name: "established, unchanged slot, IPv4 TCP ACK, dsr, single runs".into(),
                 method: Method::Single,
-                fresh: false,
-                frames: fixed(est4, Method::Single),
+                frames: fixed(uack4, Method::Single),
                 action: XDP_TX,
                 expect: Expect::Forwarded {
-                    sid: 0,
-                    backend: Some(b4),
+                    sid: usid4,
+                    backend: ub4,
                 },
-                flows_per_packet: None,
+                keep: Some((ukey4, Keep::Exactly(urec4))),
+                flows_per_packet: Some(0),
                 table: Table::AsIs,
-                proof: format!("XDP_TX every run; {}", hit(b4)),
+                proof: format!("XDP_TX every run; {}", untouched(ub4)),
             },
-            PathDef {
-                key: "new4",
-                name: "new flow, IPv4 TCP SYN from a fresh client, single runs, near-empty table"
-                    .into(),
+        ];
+        let old_proof = |clients: &str| {
+            format!(
+                "XDP_TX every run; every packet counted on its slot's previous backend (`old`, the backend before the change, which differs from the slot's current one on every changed slot): each backend's count grew by exactly the packets predicted for it, no other counter moved; afterwards every flow has a record naming that backend and the table grew by exactly one entry per run; clients from {clients}, only those on changed slots; the table emptied of earlier measurements' new flows before each one"
+            )
+        };
+        let syn_u_proof = |clients: &str| {
+            format!(
+                "XDP_TX every run; every packet counted on its slot's backend (each backend's count grew by exactly the packets predicted for it, no other counter moved); afterwards no flow has a record and the table did not grow; clients from {clients}, only those on unchanged slots"
+            )
+        };
+        let syn_c_proof = |clients: &str, full: bool| {
+            format!(
+                "XDP_TX every run; every packet counted on its slot's current backend, not the previous one (each backend's count grew by exactly the packets predicted for it, no other counter moved); afterwards every flow has a record naming that backend{}; clients from {clients}, only those on changed slots",
+                if full {
+                    ", in a table filled to capacity first: each insert took the place of its set's least recently seen flow"
+                } else {
+                    " and the table grew by exactly one entry per run; the table emptied of earlier measurements' new flows before each measurement"
+                }
+            )
+        };
+        for (v, vip, sid, family, clients, k) in [
+            (v0, vip4, 0usize, "IPv4", "198.18.0.0/15", 0u64),
+            (v1, vip6, 1, "IPv6", "2001:2::/48", 0),
+        ] {
+            paths.push(PathDef {
+                key: if sid == 0 { "old4" } else { "old6" },
+                name: format!(
+                    "unrecorded non-SYN on a changed slot (to the previous backend, recorded), {family} TCP ACK from a fresh client, single runs, near-empty table"
+                ),
                 method: Method::Single,
-                fresh: true,
-                frames: Box::new(move |count| {
-                    (0..count)
-                        .map(|_| {
-                            let (src, sport) = fresh4(next4);
-                            next4 += 1;
-                            tcp4(src, VIP, sport, 80, SYN)
-                        })
-                        .collect()
-                }),
+                frames: fresh_frames(v, vip, fresh(k), true, ACK),
                 action: XDP_TX,
-                expect: Expect::Forwarded {
-                    sid: 0,
-                    backend: None,
+                expect: Expect::Fresh {
+                    sid,
+                    go: Which::Old,
+                    recorded: true,
                 },
+                keep: None,
                 flows_per_packet: Some(1),
                 table: Table::Emptied,
-                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs, the connection table by exactly one entry per run and every packet's flow is in it afterwards (a flow never seen before, hashed and inserted each time); clients from 198.18.0.0/15; before each measurement the flows earlier ones added are deleted, so the table holds the few established flows and this measurement's new ones".into(),
-            },
-            PathDef {
-                key: "new6",
-                name: "new flow, IPv6 TCP SYN from a fresh client, single runs, near-empty table"
-                    .into(),
+                proof: old_proof(clients),
+            });
+            paths.push(PathDef {
+                key: if sid == 0 { "new4" } else { "new6" },
+                name: format!(
+                    "new flow on an unchanged slot (nothing written), {family} TCP SYN from a fresh client, single runs"
+                ),
                 method: Method::Single,
-                fresh: true,
-                frames: Box::new(move |count| {
-                    (0..count)
-                        .map(|_| {
-                            let src = fresh6(next6);
-                            next6 += 1;
-                            tcp6(src, VIP6, SPORT, 80, SYN)
-                        })
-                        .collect()
-                }),
+                frames: fresh_frames(v, vip, fresh(k + 1), false, SYN),
                 action: XDP_TX,
-                expect: Expect::Forwarded {
-                    sid: 1,
-                    backend: None,
+                expect: Expect::Fresh {
+                    sid,
+                    go: Which::Current,
+                    recorded: false,
                 },
+                keep: None,
+                flows_per_packet: Some(0),
+                table: Table::AsIs,
+                proof: syn_u_proof(clients),
+            });
+            paths.push(PathDef {
+                key: if sid == 0 { "newc4" } else { "newc6" },
+                name: format!(
+                    "new flow on a changed slot (recorded), {family} TCP SYN from a fresh client, single runs, near-empty table"
+                ),
+                method: Method::Single,
+                frames: fresh_frames(v, vip, fresh(k + 2), true, SYN),
+                action: XDP_TX,
+                expect: Expect::Fresh {
+                    sid,
+                    go: Which::Current,
+                    recorded: true,
+                },
+                keep: None,
                 flows_per_packet: Some(1),
                 table: Table::Emptied,
-                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs, the connection table by exactly one entry per run and every packet's flow is in it afterwards; clients from 2001:2::/48; the table emptied of earlier new flows before each measurement".into(),
-            },
+                proof: syn_c_proof(clients, false),
+            });
+        }
+        paths.extend([
             PathDef {
                 key: "tun4",
-                name: "tunnel, IPv4-in-IPv4, established UDP flow, single runs".into(),
+                name: "tunnel, IPv4-in-IPv4, UDP flow on an unchanged slot, single runs".into(),
                 method: Method::Single,
-                fresh: false,
                 frames: fixed(tun4, Method::Single),
                 action: XDP_TX,
                 expect: Expect::Forwarded {
                     sid: 2,
-                    backend: Some(bt4),
+                    backend: bt4,
                 },
-                flows_per_packet: None,
+                keep: Some((tun4_key, Keep::Exactly(tun4_record))),
+                flows_per_packet: Some(0),
                 table: Table::AsIs,
                 proof: format!(
                     "XDP_TX every run, the frame grows by the 20-byte outer header towards the backend (checked once); {}",
-                    hit(bt4)
+                    untouched(bt4)
                 ),
             },
             PathDef {
                 key: "tun6",
-                name: "tunnel, IPv6-in-IPv6, established UDP flow, single runs".into(),
+                name: "tunnel, IPv6-in-IPv6, UDP flow on an unchanged slot, single runs".into(),
                 method: Method::Single,
-                fresh: false,
                 frames: fixed(tun6, Method::Single),
                 action: XDP_TX,
                 expect: Expect::Forwarded {
                     sid: 4,
-                    backend: Some(bt6),
+                    backend: bt6,
                 },
-                flows_per_packet: None,
+                keep: Some((tun6_key, Keep::Exactly(tun6_record))),
+                flows_per_packet: Some(0),
                 table: Table::AsIs,
                 proof: format!(
                     "XDP_TX every run, the frame grows by the 40-byte outer header towards the backend (checked once); {}",
-                    hit(bt6)
+                    untouched(bt6)
                 ),
             },
-            PathDef {
-                key: "new4-full",
-                name: "new flow, IPv4 TCP SYN from a fresh client, single runs, full table".into(),
+        ]);
+        for (v, vip, sid, family, clients) in [
+            (v0, vip4, 0usize, "IPv4", "198.18.0.0/15"),
+            (v1, vip6, 1, "IPv6", "2001:2::/48"),
+        ] {
+            paths.push(PathDef {
+                key: if sid == 0 { "newc4-full" } else { "newc6-full" },
+                name: format!(
+                    "new flow on a changed slot (recorded), {family} TCP SYN from a fresh client, single runs, full table"
+                ),
                 method: Method::Single,
-                fresh: true,
-                frames: Box::new(move |count| {
-                    (0..count)
-                        .map(|_| {
-                            let (src, sport) = fresh4(next4_full);
-                            next4_full += 1;
-                            tcp4(src, VIP, sport, 80, SYN)
-                        })
-                        .collect()
-                }),
+                frames: fresh_frames(v, vip, fresh(3), true, SYN),
                 action: XDP_TX,
-                expect: Expect::Forwarded {
-                    sid: 0,
-                    backend: None,
+                expect: Expect::Fresh {
+                    sid,
+                    go: Which::Current,
+                    recorded: true,
                 },
+                keep: None,
                 flows_per_packet: None,
                 table: Table::Full,
-                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs and every packet's flow is in the table afterwards, which was filled to capacity first: each insert took the place of its set's least recently seen flow".into(),
-            },
-            PathDef {
-                key: "new6-full",
-                name: "new flow, IPv6 TCP SYN from a fresh client, single runs, full table".into(),
-                method: Method::Single,
-                fresh: true,
-                frames: Box::new(move |count| {
-                    (0..count)
-                        .map(|_| {
-                            let src = fresh6(next6_full);
-                            next6_full += 1;
-                            tcp6(src, VIP6, SPORT, 80, SYN)
-                        })
-                        .collect()
-                }),
-                action: XDP_TX,
-                expect: Expect::Forwarded {
-                    sid: 1,
-                    backend: None,
-                },
-                flows_per_packet: None,
-                table: Table::Full,
-                proof: "XDP_TX every run; the service's packet count grew by exactly the number of runs and every packet's flow is in the table afterwards, which was filled to capacity first: each insert took the place of its set's least recently seen flow".into(),
-            },
-        ])
+                proof: syn_c_proof(clients, true),
+            });
+        }
+        Ok(paths)
     }
 
     /// Fills every entry of the connection table with a made-up flow (from userspace): from
@@ -988,7 +1336,7 @@ impl Bench {
     }
 
     /// One measurement of `path` and of the empty program on the same frames, proven with the
-    /// counters (and, with `stats`, with bpf_stats' run_cnt).
+    /// counters and the connection table (and, with `stats`, with bpf_stats' run_cnt).
     fn measure(&mut self, path: &mut PathDef, stats: bool) -> Result<Sample> {
         if path.table == Table::Emptied {
             for k in self.inserted.drain(..) {
@@ -1001,15 +1349,29 @@ impl Bench {
             self.fill()?;
         }
         let frames = (path.frames)(self.singles);
-        // A set holds FLOW_WAYS flows: where more of this measurement's new flows share one,
-        // the latest take the earlier ones' entries (with these many flows in a big table,
-        // rarely any).
-        let mut per_set: std::collections::HashMap<u32, u64> = Default::default();
-        if path.fresh {
+        // Fresh frames: each flow's key and the backend predicted for it.
+        let mut predicted: Vec<(FlowKey, u32)> = vec![];
+        if let Expect::Fresh { sid, go, .. } = path.expect {
             for f in &frames {
+                let key = flow_of(f)?;
+                let s = self.slot(sid, &key);
+                let b = match go {
+                    Which::Current => self.now[sid][s],
+                    Which::Old => self.first[sid][s],
+                };
+                predicted.push((key, b));
+            }
+        }
+        let recording = matches!(path.expect, Expect::Fresh { recorded: true, .. });
+        // A set holds FLOW_WAYS flows: where more of this measurement's recorded flows share
+        // one, the latest take the earlier ones' entries (with these many flows in a big
+        // table, rarely any).
+        let mut per_set: std::collections::HashMap<u32, u64> = Default::default();
+        if recording {
+            for (key, _) in &predicted {
                 let set = self
                     .dp
-                    .flow_set(&flow_of(f)?)
+                    .flow_set(key)
                     .ok_or_else(|| anyhow!("CONFIG is not set"))?;
                 *per_set.entry(set).or_default() += 1;
             }
@@ -1033,30 +1395,57 @@ impl Bench {
             None => 0.0,
         };
         let after = self.counts();
-        self.check(&before, &after, path.expect, n)?;
+        self.check(&before, &after, path.expect, n, &predicted)?;
         if let (Some(per), Some(b)) = (path.flows_per_packet, flows_before) {
             let a = self.flows.count().0;
+            let displaced = if per > 0 { displaced } else { 0 };
             let expected = b + per * n - displaced;
             ensure!(
                 a == expected,
                 "connection table: {b} flows before, {a} after {n} packets, expected {expected} ({displaced} displaced by new flows of their own set)",
             );
         }
-        if path.fresh {
-            for f in &frames {
-                let key = flow_of(f)?;
-                let crowded = self
-                    .dp
-                    .flow_set(&key)
-                    .and_then(|s| per_set.get(&s))
-                    .copied()
-                    > Some(ways);
+        for (key, b) in &predicted {
+            let found = self.dp.flow(key);
+            if recording {
+                let crowded =
+                    self.dp.flow_set(key).and_then(|s| per_set.get(&s)).copied() > Some(ways);
                 ensure!(
-                    self.dp.flow(&key).is_some() || crowded,
-                    "a new flow is not in the connection table after its packet: {key:?}"
+                    found.map(|v| v.backend) == Some(*b) || (found.is_none() && crowded),
+                    "a new flow's record after its packet: {found:?}, expected one naming backend {b}: {key:?}"
                 );
                 if path.table == Table::Emptied {
-                    self.inserted.push(key);
+                    self.inserted.push(*key);
+                }
+            } else {
+                ensure!(
+                    found.is_none(),
+                    "a packet on an unchanged slot left a record: {found:?} for {key:?}"
+                );
+            }
+        }
+        if let Some((key, keep)) = &path.keep {
+            match *keep {
+                Keep::Exactly(record) => {
+                    let now = self.dp.flow_entry(key);
+                    ensure!(
+                        now == Some(record),
+                        "the flow's record was {record:?} before, {now:?} after: the path touched the connection table"
+                    );
+                }
+                Keep::Names(b) => {
+                    let now = self.dp.flow(key);
+                    ensure!(
+                        now.map(|v| v.backend) == Some(b),
+                        "the flow's record names {now:?}, expected backend {b}"
+                    );
+                }
+                Keep::Nothing => {
+                    ensure!(
+                        self.dp.flow(key).is_none(),
+                        "the flow has a record: {:?}",
+                        self.dp.flow(key)
+                    );
                 }
             }
         }
@@ -1078,7 +1467,15 @@ impl Bench {
         })
     }
 
-    fn check(&self, before: &Counts, after: &Counts, expect: Expect, n: u64) -> Result<()> {
+    /// The counters after `n` packets against `expect`; `predicted`: each fresh flow's backend.
+    fn check(
+        &self,
+        before: &Counts,
+        after: &Counts,
+        expect: Expect,
+        n: u64,
+        predicted: &[(FlowKey, u32)],
+    ) -> Result<()> {
         let delta = |a: &[u64], b: &[u64]| -> Vec<u64> {
             a.iter().zip(b).map(|(a, b)| a.wrapping_sub(*b)).collect()
         };
@@ -1089,46 +1486,38 @@ impl Bench {
             reasons.iter().all(|&r| r == 0),
             "reason counters moved: {reasons:?}"
         );
-        match expect {
-            Expect::Untouched => {
-                ensure!(
-                    services.iter().chain(&backends).all(|&c| c == 0),
-                    "counters moved for a packet that must pass untouched: services {services:?}, backends {backends:?}"
-                );
-            }
+        let mut want: std::collections::BTreeMap<u32, u64> = Default::default();
+        let sid = match expect {
+            Expect::Untouched => None,
             Expect::Forwarded { sid, backend } => {
-                for (s, &d) in services.iter().enumerate() {
-                    let want = if s == sid { n } else { 0 };
-                    ensure!(
-                        d == want,
-                        "service {s} counted {d} packets, expected {want}: {services:?}"
-                    );
-                }
-                let mine: Vec<u32> = self.backends[sid].iter().map(|(id, _)| *id).collect();
-                let mut sum = 0;
-                for (b, &d) in backends.iter().enumerate() {
-                    let b = b as u32;
-                    let want = match backend {
-                        Some(only) if only == b => Some(n),
-                        Some(_) => Some(0),
-                        None if mine.contains(&b) => None,
-                        None => Some(0),
-                    };
-                    if let Some(want) = want {
-                        ensure!(
-                            d == want,
-                            "backend {b} counted {d} packets, expected {want}: {backends:?}"
-                        );
-                    }
-                    if mine.contains(&b) {
-                        sum += d;
-                    }
-                }
-                ensure!(
-                    sum == n,
-                    "the service's backends counted {sum} packets, expected {n}"
-                );
+                want.insert(backend, n);
+                Some(sid)
             }
+            Expect::Fresh { sid, .. } => {
+                ensure!(
+                    predicted.len() as u64 == n,
+                    "{} predictions for {n} packets",
+                    predicted.len()
+                );
+                for (_, b) in predicted {
+                    *want.entry(*b).or_default() += 1;
+                }
+                Some(sid)
+            }
+        };
+        for (s, &d) in services.iter().enumerate() {
+            let w = if Some(s) == sid { n } else { 0 };
+            ensure!(
+                d == w,
+                "service {s} counted {d} packets, expected {w}: {services:?}"
+            );
+        }
+        for (b, &d) in backends.iter().enumerate() {
+            let w = want.get(&(b as u32)).copied().unwrap_or(0);
+            ensure!(
+                d == w,
+                "backend {b} counted {d} packets, expected {w} (the backends predicted for the packets: {want:?}): {backends:?}"
+            );
         }
         Ok(())
     }

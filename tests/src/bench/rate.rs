@@ -30,7 +30,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use lb_common::{
     Backend, FlowValue, ServiceKey, ServiceValue, backend_flags,
     maglev::{MaglevBackend, build_table},
@@ -38,7 +38,7 @@ use lb_common::{
 };
 use lb_userspace::{
     config::{DEFAULT_CONNTRACK_ENTRIES, XdpMode},
-    datapath::{self, Datapath},
+    datapath::{self, Datapath, SlotTimes},
     state::to_addr,
 };
 
@@ -836,7 +836,10 @@ fn maglev(n: u32) -> Vec<u32> {
 struct Lb {
     dp: Datapath,
     dir: PathBuf,
+    /// The Maglev table `service` installs (backends 0..n).
     table: Vec<u32>,
+    /// Backends configured (0..n).
+    n: u32,
     flags: u32,
 }
 
@@ -879,6 +882,7 @@ impl Lb {
             dp,
             dir,
             table,
+            n,
             flags: if tunnel { service_flags::TUNNEL } else { 0 },
         })
     }
@@ -913,31 +917,101 @@ impl Lb {
         Ok(self.dp.clear_flows()?)
     }
 
+    /// Back to the steady state: the connection table emptied, then lbd's clearing (two scans,
+    /// `QUIET_SCANS`) with every hold at zero, so that every slot is unchanged again (checked).
+    fn settle(&mut self) -> Result<()> {
+        self.clear()?;
+        let zero = Duration::ZERO;
+        let times = SlotTimes {
+            udp_idle: zero,
+            close_grace: zero,
+            udp_adopt: zero,
+            idle_hold: zero,
+        };
+        for _ in 0..lb_common::slotstate::QUIET_SCANS {
+            self.dp.scan_slots(&times)?;
+        }
+        let state = self
+            .dp
+            .slot_state(0)
+            .context("service 0 has no slot state")?;
+        ensure!(
+            state.changed() == 0,
+            "{} slots still changed after clearing",
+            state.changed()
+        );
+        Ok(())
+    }
+
+    /// The one service the `proto` one, its table `self.table`, every slot unchanged and the
+    /// connection table empty: the steady state, where no packet touches the connection table.
+    fn steady(&mut self, proto: u8) -> Result<()> {
+        self.service(proto)?;
+        self.settle()?;
+        let current = self.dp.slot_state(0).map(|s| s.current());
+        ensure!(
+            current.as_deref() == Some(&self.table[..]),
+            "service 0's table is not the one installed"
+        );
+        Ok(())
+    }
+
+    /// Right after a change that moved every slot: the table in which each slot has the next
+    /// backend (b → b + 1 mod n) swapped in as lbd applies a change, so that every slot is
+    /// changed, its backend before the change its `old` (with `ADOPT_UDP`): every packet then
+    /// takes the changed-slot path (reads its flow's set), which is what every packet cost
+    /// before issue 12. From the steady state; checked in the slot state.
+    fn change_every_slot(&mut self) -> Result<()> {
+        let n = self.n;
+        let moved: Vec<u32> = self.table.iter().map(|&b| (b + 1) % n).collect();
+        self.dp.swap_table(0, &moved)?;
+        let state = self
+            .dp
+            .slot_state(0)
+            .context("service 0 has no slot state")?;
+        ensure!(
+            state.changed() == self.table.len()
+                && state
+                    .side
+                    .iter()
+                    .zip(&self.table)
+                    .all(|(side, &b)| side.old() == b && side.adopt_udp()),
+            "after the change {} of {} slots changed, or an `old` is not the backend before",
+            state.changed(),
+            self.table.len()
+        );
+        Ok(())
+    }
+
+    /// The UDP flows of clients 0..`flows` whose slot has another backend in `after` than in
+    /// `before`, by what the connection table holds for each: (records naming the backend of
+    /// `before`, records naming another, no record); and how many clients of the other slots
+    /// have a record (none should: nothing writes one on an unchanged slot).
+    fn udp_records(&self, flows: u32, before: &[u32], after: &[u32]) -> ((u32, u32, u32), u32) {
+        let (mut kept, mut other, mut none, mut stray) = (0, 0, 0, 0);
+        for w in 0..flows {
+            let src = to_addr(IpAddr::V4(client(w)));
+            let key = flow_key(client(w).into(), VIP.into(), UDP_SPORT, UDP_PORT, 17);
+            let s = source_slot(&SEED, TABLE, &src).unwrap() as usize;
+            let found = self.dp.flow(&key);
+            if before[s] == after[s] {
+                stray += u32::from(found.is_some());
+                continue;
+            }
+            match found {
+                Some(v) if v.backend == before[s] => kept += 1,
+                Some(_) => other += 1,
+                None => none += 1,
+            }
+        }
+        ((kept, other, none), stray)
+    }
+
     /// Detaches the program (its link is pinned) and removes its maps.
     fn remove(self) -> Result<()> {
         let dir = self.dir.clone();
         drop(self);
         datapath::cleanup(&dir).map_err(|e| anyhow!("removing {}: {e}", dir.display()))?;
-        Ok(())
-    }
-
-    /// Fills the connection table with the 65,536 UDP flows of the walk (the 1,000 established
-    /// flows among them), each on the backend the program would choose.
-    fn fill(&mut self) -> Result<()> {
-        for w in 0..WALK {
-            let src = to_addr(IpAddr::V4(client(w)));
-            let key = flow_key(client(w).into(), VIP.into(), UDP_SPORT, UDP_PORT, 17);
-            let backend = self.table[source_slot(&SEED, TABLE, &src).unwrap() as usize];
-            self.dp
-                .set_flow(
-                    &key,
-                    FlowValue {
-                        backend,
-                        service: 0,
-                    },
-                )
-                .context("filling the connection table")?;
-        }
         Ok(())
     }
 
@@ -1035,7 +1109,10 @@ fn timing(opts: &Opts) -> (usize, Window) {
 enum Under {
     Floor,
     Toy,
+    /// lb in the steady state: every slot unchanged (no connection-table access).
     Lb,
+    /// lb right after a change that moved every slot: every packet on a changed slot.
+    LbChanged,
 }
 
 impl Under {
@@ -1043,16 +1120,23 @@ impl Under {
         match self {
             Under::Floor => "floor (MAC swap + XDP_TX)",
             Under::Toy => "toy (stateless: hash lookup of the VIP, jhash % 3, MACs, XDP_TX)",
-            Under::Lb => "lb dsr, 3 backends, lbd's default 1,048,576-entry table",
+            Under::Lb => {
+                "lb dsr, 3 backends, lbd's default 1,048,576-entry table, every slot unchanged (steady state)"
+            }
+            Under::LbChanged => {
+                "lb dsr, 3 backends, lbd's default 1,048,576-entry table, every slot changed (right after a change)"
+            }
         }
     }
 }
 
 /// Part `clients`, the headline: what users run (lbd's default connection table, 3 dsr
 /// backends) under walks of 1,024, 16,384 and 65,536 clients, against the floor and a
-/// stateless toy balancer measured side by side in the same run. Per configuration: the rate
-/// (bpf_stats as it was), then one more call with kernel.bpf_stats_enabled for the program's
-/// own live ns per run.
+/// stateless toy balancer measured side by side in the same run. lb twice: in the steady state
+/// (every slot unchanged: no packet touches the connection table) and right after a change that
+/// moved every slot (every packet reads its flow's set: the worst case, what every packet cost
+/// before issue 12). Per configuration: the rate (bpf_stats as it was), then one more call with
+/// kernel.bpf_stats_enabled for the program's own live ns per run.
 pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
     let (mut rig, _pinned, reps, time) = start(opts)?;
     let cpu = rig.gen_cpu;
@@ -1061,7 +1145,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
     // (clients, syn, under) -> (median Mpps, live ns per run)
     let mut got: BTreeMap<(u32, bool, u8), (f64, f64)> = BTreeMap::new();
     for n in CLIENTS {
-        for under in [Under::Floor, Under::Toy, Under::Lb] {
+        for under in [Under::Floor, Under::Toy, Under::Lb, Under::LbChanged] {
             let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
             let (mut lb, _link, id) = match under {
                 Under::Floor => {
@@ -1073,7 +1157,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                     let (link, id) = rig.attach_prog_l0(toy)?;
                     (None, Some(link), id)
                 }
-                Under::Lb => {
+                Under::Lb | Under::LbChanged => {
                     let lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
                     let id = lb.dp.program_id();
                     (Some(lb), None, id)
@@ -1083,8 +1167,10 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
             for stream in [Stream::UdpClients(n), Stream::SynClients(n)] {
                 let syn = stream.syn();
                 if let Some(lb) = lb.as_mut() {
-                    lb.service(if syn { 6 } else { 17 })?;
-                    lb.clear()?;
+                    lb.steady(if syn { 6 } else { 17 })?;
+                    if under == Under::LbChanged {
+                        lb.change_every_slot()?;
+                    }
                 }
                 let runs = rig.series(stream, time, reps, slots, || Ok(()))?;
                 let s = Series {
@@ -1111,15 +1197,28 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                         1e3 / mpps - 1e3 / floor
                     ));
                 }
-                if let Some(flows) = flows {
+                if let (Some(lb), Some(flows)) = (lb.as_ref(), flows) {
+                    let changed = lb.dp.slot_state(0).map_or(0, |s| s.changed());
                     note.push_str(&format!(
-                        "; {flows} flows in the table after (emptied before the series{})",
-                        if syn {
-                            ", then filled by the SYNs: every SYN once it is full takes the place of another"
-                        } else {
-                            "; the first walk records the clients, the windows start after it"
-                        }
+                        "; {} of {} slots changed during the series; {flows} flows in the table after (emptied before the series",
+                        thousands(changed as u64),
+                        thousands(TABLE as u64)
                     ));
+                    note.push_str(&match (under, syn) {
+                        (Under::LbChanged, true) => {
+                            "; every SYN, on a changed slot, recorded on its slot's current backend: the table fills up, then every SYN takes the place of its set's least recently seen flow)".to_string()
+                        }
+                        (Under::LbChanged, false) => {
+                            let moved = lb.dp.slot_state(0).map(|s| s.current()).unwrap_or_default();
+                            let ((old, other, none), _) = lb.udp_records(n, &lb.table, &moved);
+                            format!(
+                                "; the first walk after the change (the calibration call) recorded every client on its slot's previous backend, every later packet follows its record: the windows measure table hits; after the series {old} of {n} clients had a record naming their slot's previous backend, {other} another backend, {none} none)"
+                            )
+                        }
+                        _ => {
+                            "; no packet on an unchanged slot writes the table)".to_string()
+                        }
+                    });
                 }
                 figures.push(s.figure(section, note));
                 got.insert((n, syn, under as u8), (mpps, live.ns));
@@ -1142,16 +1241,22 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                 continue;
             };
             let clients = thousands(n as u64);
+            let changed = at(syn, Under::LbChanged);
             figures.push(Figure::value(
                 section,
                 &format!("live ns per run (bpf_stats), {what}, {clients} clients: lb"),
                 "ns",
                 lb.1,
                 &format!(
-                    "floor {:.1} ns, toy {:.1} ns; lb = {:.2}× the toy's (target ≤ 1.5× with 65,536 clients)",
+                    "every slot unchanged (the steady state); floor {:.1} ns, toy {:.1} ns; lb = {:.2}× the toy's (target ≤ 1.5× with 65,536 clients){}",
                     floor.1,
                     toy.1,
-                    lb.1 / toy.1
+                    lb.1 / toy.1,
+                    changed.map_or(String::new(), |c| format!(
+                        "; with every slot changed {:.1} ns ({:+.1} ns)",
+                        c.1,
+                        c.1 - lb.1
+                    ))
                 ),
             ));
             figures.push(Figure::value(
@@ -1160,13 +1265,45 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                 "×",
                 lb.0 / floor.0,
                 &format!(
-                    "{:.2} vs {:.2} Mpps; toy {:.2}× floor (target for lb with 65,536 clients: ≥ {})",
+                    "every slot unchanged (the steady state); {:.2} vs {:.2} Mpps; toy {:.2}× floor (target for lb with 65,536 clients: ≥ {})",
                     lb.0,
                     floor.0,
                     toy.0 / floor.0,
                     if syn { "0.70" } else { "0.80" }
                 ),
             ));
+            if let Some(c) = changed {
+                figures.push(Figure::value(
+                    section,
+                    &format!(
+                        "live ns per run (bpf_stats), {what}, {clients} clients: lb, every slot changed"
+                    ),
+                    "ns",
+                    c.1,
+                    &format!(
+                        "right after a change that moved every slot ({}): the worst case, what every packet cost before issue 12; {:.2}× the toy's, {:.2}× lb's with every slot unchanged",
+                        if syn {
+                            "every SYN recorded"
+                        } else {
+                            "every packet a table hit of its flow's record"
+                        },
+                        c.1 / toy.1,
+                        c.1 / lb.1
+                    ),
+                ));
+                figures.push(Figure::value(
+                    section,
+                    &format!("ratio lb/floor, {what}, {clients} clients, every slot changed"),
+                    "×",
+                    c.0 / floor.0,
+                    &format!(
+                        "{:.2} vs {:.2} Mpps; {:.2}× lb's rate with every slot unchanged",
+                        c.0,
+                        floor.0,
+                        c.0 / lb.0
+                    ),
+                ));
+            }
         }
     }
     change_rate(&mut rig, reps, section, &mut figures)?;
@@ -1177,7 +1314,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
         "",
         f64::NAN,
         &format!(
-            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < clients), one UDP flow each, or SYNs whose source port changes with every walk; per client count the floor, the toy and lb one after the other; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
+            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < clients), one UDP flow each, or SYNs whose source port changes with every walk; per client count the floor, the toy, lb with every slot unchanged and lb right after a change that moved every slot (a table of each slot's next backend swapped in, as lbd applies a change) one after the other; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
         ),
     ));
     Ok(figures)
@@ -1197,7 +1334,11 @@ fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> Optio
 /// A backend added while 65,536 clients send: lb (default table, backends 0-2 in the Maglev
 /// table, backend 3 configured but in no slot) gets a table with all four in the middle of one
 /// long call (0.5 s after the first frame). The rate over the second after the change, the
-/// slowest 100 ms in it, against the same call's rate before the change (0.1-0.4 s).
+/// slowest 100 ms in it, against the same call's rate before the change (0.1-0.4 s). Every call
+/// starts from the steady state (table emptied, every slot unchanged). For established UDP,
+/// what moved: the packets the sink counted on the new backend's MAC (no flow went there before
+/// the change, so each is a packet of an established flow that moved), and per flow what the
+/// connection table holds after the call for the clients whose slot the change moved.
 fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>) -> Result<()> {
     let (three, four) = (maglev(3), maglev(4));
     let mut lb = Lb::new(rig, 4, false, DEFAULT_CONNTRACK_ENTRIES)?;
@@ -1206,9 +1347,16 @@ fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figu
         warmup: 0.1,
         length: 0.3,
     };
+    // The clients whose slot the add moves (their packets after it take the changed-slot
+    // path); the others' slots keep their backend.
+    let on_moved: u32 = (0..WALK)
+        .filter(|&w| {
+            let s = source_slot(&SEED, TABLE, &to_addr(IpAddr::V4(client(w)))).unwrap() as usize;
+            three[s] != four[s]
+        })
+        .count() as u32;
     for stream in [Stream::UdpClients(WALK), Stream::SynClients(WALK)] {
-        lb.service(if stream.syn() { 6 } else { 17 })?;
-        lb.clear()?;
+        lb.steady(if stream.syn() { 6 } else { 17 })?;
         let cal = rig.measure(
             stream,
             Window {
@@ -1220,11 +1368,14 @@ fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figu
         )?;
         let mut pps = cal.mpps.max(0.1) * 1e6;
         let (mut after, mut before, mut worst, mut to_new) = (vec![], vec![], vec![], 0u64);
+        // Per flow after each UDP call: records naming the backend before the change, another
+        // backend, none (clients on moved slots only); and slots changed by the add.
+        let (mut kept, mut moved, mut unrecorded, mut changed_slots) = (0u64, 0u64, 0u64, 0usize);
         for _ in 0..reps {
             let mut tries = 0;
             loop {
                 lb.dp.swap_table(0, &three)?;
-                lb.clear()?;
+                lb.settle()?;
                 let repeat = (pps * 1.6 * 1.5 + 20_000.0).min(4e9) as u32;
                 let dp = &mut lb.dp;
                 let mut add = || -> Result<()> { Ok(dp.swap_table(0, &four)?) };
@@ -1246,6 +1397,17 @@ fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figu
                         before.push(run.mpps);
                         worst.push(slowest / 1e6);
                         to_new += run.per_slot[3];
+                        changed_slots = lb.dp.slot_state(0).map_or(0, |s| s.changed());
+                        if !stream.syn() {
+                            let ((k, o, none), stray) = lb.udp_records(WALK, &three, &four);
+                            ensure!(
+                                stray == 0,
+                                "{stray} clients on slots the add did not move have a record"
+                            );
+                            kept += k as u64;
+                            moved += o as u64;
+                            unrecorded += none as u64;
+                        }
                         break;
                     }
                     _ => {
@@ -1268,14 +1430,20 @@ fn change_rate(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figu
             "Mpps",
             after.clone(),
             &format!(
-                "{:.2}× the same calls' rate before the change (median {:.2} Mpps); slowest 100 ms in that second: median {:.2} Mpps; {to_new} packets to the new backend over all calls ({}); lbd's default table, emptied before each call",
+                "{:.2}× the same calls' rate before the change (median {:.2} Mpps); slowest 100 ms in that second: median {:.2} Mpps; the add changed {} of {} slots ({} of the 65,536 clients on them); {to_new} packets to the new backend over all {} calls ({}); lbd's default table, emptied and every slot unchanged before each call",
                 med(&after) / med(&before),
                 med(&before),
                 med(&worst),
+                thousands(changed_slots as u64),
+                thousands(TABLE as u64),
+                thousands(on_moved as u64),
+                after.len(),
                 if stream.syn() {
-                    "SYNs take the new choice"
+                    "SYNs on changed slots take the new choice".to_string()
                 } else {
-                    "established flows keep their backend"
+                    format!(
+                        "no flow went there before the change, so each is a packet of an established flow that moved; per flow, from the connection table after each call, over all calls: {kept} records of clients on changed slots name the backend from before the change (their packets after it went there: the first was decided by the slot's previous backend and recorded, the later ones followed the record), {moved} name another backend, {unrecorded} such clients had no record; the clients on unchanged slots have none, their packets went to the slot's backend, the same as before"
+                    )
                 }
             ),
         ));
@@ -1309,8 +1477,7 @@ fn two_cpus(rig: &mut Rig, reps: usize, section: &str, figures: &mut Vec<Figure>
         };
         for stream in [Stream::UdpClients(WALK), Stream::SynClients(WALK)] {
             if let Some(lb) = lb.as_mut() {
-                lb.service(if stream.syn() { 6 } else { 17 })?;
-                lb.clear()?;
+                lb.steady(if stream.syn() { 6 } else { 17 })?;
             }
             let cal = rig.measure_cpus(stream, &one, 2_000_000)?;
             let repeat = (cal * 1e6).clamp(1e5, 4e9) as u32;
@@ -1452,63 +1619,77 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         )?;
     }
 
-    // lb.
+    // lb, in the steady state (every slot unchanged: no packet touches the connection table)
+    // and right after a change that moved every slot (every packet takes the changed-slot
+    // path: reads its flow's set, and records it if it has no record).
     let mut shares: Vec<Vec<f64>> = vec![vec![]; 3];
     let mut share_from = String::new();
-    // (index in series, stream, the headline configuration: dsr, 3 backends, full table)
+    // (index in series, stream, the headline configuration: dsr, 3 backends, steady state)
     let mut lb_names: Vec<(usize, Stream, bool)> = vec![];
     for tunnel in [false, true] {
         for n in [3u32, 100, 1000] {
             let mode = if tunnel { "tunnel" } else { "dsr" };
             let name =
-                |what: &str, table: &str| format!("lb {mode}, {n} backends, {what}, {table}");
+                |what: &str, state: &str| format!("lb {mode}, {n} backends, {what}, {state}");
             let slots = if n == 3 { 3 } else { 0 };
             let mut lb = Lb::new(&mut rig, n, tunnel, CONNTRACK)?;
-            // UDP: the 1,000 established flows, alone in the table and in a full one.
-            lb.service(17)?;
-            lb.clear()?;
+            // UDP: the 1,000 established flows on unchanged slots (no record written or read).
+            lb.steady(17)?;
             let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
             let flows = lb.flows();
-            lb_names.push((series.len(), Stream::UdpEst, false));
+            lb_names.push((series.len(), Stream::UdpEst, !tunnel && n == 3));
             series.push(Series {
-                name: name(&Stream::UdpEst.label(), "empty 65,536-entry table"),
+                name: name(&Stream::UdpEst.label(), "every slot unchanged"),
                 extra: format!(
-                    "{flows} flows in the table (only these); {}",
+                    "{flows} flows in the table after (no packet on an unchanged slot writes one); {}",
                     share_note(&runs, slots)
                 ),
                 runs,
             });
-            // The same flows in a table whose every entry is taken (they take their entries
-            // back in the warm-up, each from its set's least recently seen flow).
-            lb.fill_all()?;
-            let before = lb.flows();
+            // The same flows right after a change that moved every slot: the first walk after
+            // it (the calibration call) records each on its slot's previous backend, every later
+            // packet is a table hit of its record. (Replaces the "full table" row of the design
+            // before issue 12: on unchanged slots the table is never read, full or not.)
+            lb.change_every_slot()?;
             let runs = rig.series(Stream::UdpEst, time, reps, slots, || Ok(()))?;
-            lb_names.push((series.len(), Stream::UdpEst, !tunnel && n == 3));
+            let moved = lb.dp.slot_state(0).map(|s| s.current()).unwrap_or_default();
+            let ((old, other, none), _) = lb.udp_records(EST_FLOWS, &lb.table, &moved);
+            lb_names.push((series.len(), Stream::UdpEst, false));
             series.push(Series {
-                name: name(&Stream::UdpEst.label(), "full 65,536-entry table"),
-                extra: format!("all {before} entries taken; {}", share_note(&runs, slots)),
+                name: name(
+                    &Stream::UdpEst.label(),
+                    "every slot changed (table hits), 65,536-entry table",
+                ),
+                extra: format!(
+                    "after the series {old} of {EST_FLOWS} flows had a record naming their slot's previous backend, {other} another, {none} none; {}",
+                    share_note(&runs, slots)
+                ),
                 runs,
             });
             if n == 3 || n == 1000 {
-                // The walk's 65,536 flows recorded first, as many as their sets hold (sets of
-                // 4 overflow: the others are recorded when their packets come, in place of
-                // another).
-                lb.clear()?;
-                lb.fill()?;
-                let before = lb.flows();
+                // The walk's 65,536 flows right after a change that moved every slot, in a
+                // table of as many entries: each is recorded at its first packet, but sets of 4
+                // overflow, so some flows keep taking each other's entries (a miss goes to the
+                // slot's previous backend and is recorded again). (Replaces the "full table"
+                // row filled from userspace: on unchanged slots nothing is recorded.)
+                lb.steady(17)?;
+                lb.change_every_slot()?;
                 let runs = rig.series(Stream::UdpWalk, time, reps, slots, || Ok(()))?;
                 let after = lb.flows();
                 series.push(Series {
-                    name: name(&Stream::UdpWalk.label(), "full 65,536-entry table"),
-                    extra: format!("{before} flows in the table before, {after} after"),
+                    name: name(
+                        &Stream::UdpWalk.label(),
+                        "every slot changed, 65,536-entry table",
+                    ),
+                    extra: format!("{after} flows in the table after"),
                     runs,
                 });
             }
-            // TCP SYNs, each a new connection, into a full table: every insert takes the place
-            // of its set's least recently seen flow (every entry refilled before each call).
-            lb.service(6)?;
-            let runs = rig.series(Stream::Syn, time, reps, slots, || lb.fill_all())?;
-            let before = lb.flows();
+            // TCP SYNs, each a new connection, on unchanged slots: nothing written. (Replaces
+            // the "full table" row: a SYN on an unchanged slot never reaches the table.)
+            lb.steady(6)?;
+            let runs = rig.series(Stream::Syn, time, reps, slots, || Ok(()))?;
+            let after = lb.flows();
             if n == 3 && !tunnel {
                 for r in &runs {
                     let total: u64 = r.per_slot.iter().sum();
@@ -1517,14 +1698,33 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                     }
                 }
                 share_from = format!(
-                    "lb dsr, 3 backends, {}, full 65,536-entry table; {} runs",
+                    "lb dsr, 3 backends, {}, every slot unchanged; {} runs",
                     Stream::Syn.label(),
                     runs.len()
                 );
             }
             lb_names.push((series.len(), Stream::Syn, !tunnel && n == 3));
             series.push(Series {
-                name: name(&Stream::Syn.label(), "full 65,536-entry table"),
+                name: name(&Stream::Syn.label(), "every slot unchanged"),
+                extra: format!(
+                    "{after} flows in the table after (no SYN on an unchanged slot writes one); {}",
+                    share_note(&runs, slots)
+                ),
+                runs,
+            });
+            // TCP SYNs on changed slots (right after a change that moved every slot) into a
+            // full table: each is recorded on its slot's current backend, in the place of its
+            // set's least recently seen flow (every entry refilled before each call). Kept from
+            // before issue 12: SYNs on changed slots still take entries.
+            lb.change_every_slot()?;
+            let runs = rig.series(Stream::Syn, time, reps, slots, || lb.fill_all())?;
+            let before = lb.flows();
+            lb_names.push((series.len(), Stream::Syn, false));
+            series.push(Series {
+                name: name(
+                    &Stream::Syn.label(),
+                    "every slot changed, full 65,536-entry table",
+                ),
                 extra: format!(
                     "every one of the table's {before} entries taken before each call, so every SYN takes the place of its set's least recently seen flow; {}",
                     share_note(&runs, slots)
@@ -1532,10 +1732,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
                 runs,
             });
             lb.remove()?;
-            // TCP SYNs into an empty table with room for every one of them (no eviction
-            // during a call): a table of ROOMY entries, emptied before each call.
+            // TCP SYNs on changed slots into an empty table with room for every one of them
+            // (no eviction during a call): a table of ROOMY entries, emptied before each call.
             let mut lb = Lb::new(&mut rig, n, tunnel, ROOMY)?;
-            lb.service(6)?;
+            lb.steady(6)?;
+            lb.change_every_slot()?;
             let mut most = 0;
             let runs = rig.series(Stream::Syn, time, reps, slots, || lb.clear())?;
             for r in &runs {
@@ -1543,9 +1744,12 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
             lb_names.push((series.len(), Stream::Syn, false));
             series.push(Series {
-                name: name(&Stream::Syn.label(), "empty 4,194,304-entry table"),
+                name: name(
+                    &Stream::Syn.label(),
+                    "every slot changed, empty 4,194,304-entry table",
+                ),
                 extra: format!(
-                    "emptied before each call, which then inserted at most {most} flows (no eviction; a table of 64 MiB, far beyond the caches); {}",
+                    "emptied before each call, which then recorded at most {most} flows (no eviction; a table of 64 MiB, far beyond the caches); {}",
                     share_note(&runs, slots)
                 ),
                 runs,
