@@ -14,7 +14,7 @@ use lb_common::{Addr, Reason, ServiceKey, ServiceValue, VipKey, vip_filter_bits}
 use crate::{
     maps::{SERVICES, VIP_FILTER, VIPS},
     packet::{Frag, Packet},
-    verdict::Skip,
+    verdict::{NotOurs, Skip},
 };
 
 /// A packet's service, and what backend selection has to go on.
@@ -26,7 +26,17 @@ pub enum Class {
     LaterFragment(ServiceValue),
 }
 
-/// The service of a packet (see the module's description).
+/// The first step for every packet: `NotOurs` for one whose destination is no VIP's (the VIP
+/// filter), but for a later fragment (its VIP's entry in `VIPS` decides).
+#[inline(always)]
+pub fn vip_filter(p: &Packet) -> Result<(), NotOurs> {
+    if p.frag != Frag::Later && !maybe_vip(&p.dst) {
+        return Err(NotOurs);
+    }
+    Ok(())
+}
+
+/// The service of a packet that passed `vip_filter` (see the module's description).
 #[inline(always)]
 pub fn classify(p: &Packet) -> Result<Class, Skip> {
     if p.frag == Frag::Later {
@@ -40,9 +50,6 @@ pub fn classify(p: &Packet) -> Result<Class, Skip> {
         let service = lookup(&VIPS, &key).ok_or(Skip::NotOurs)?;
         refuse_malformed(p)?;
         return Ok(Class::LaterFragment(service));
-    }
-    if !maybe_vip(&p.dst) {
-        return Err(Skip::NotOurs);
     }
     let service = by_destination(p).ok_or(Skip::NotOurs)?;
     refuse_malformed(p)?;

@@ -57,7 +57,8 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
-    // Classify and choose.
+    // Classify (most packets that are no VIP's leave here, before any call) and choose.
+    classify::vip_filter(packet)?;
     let mut chosen = MaybeUninit::<Chosen>::uninit();
     let mut at = MaybeUninit::<SlotChoice>::uninit();
     let chosen = match place(packet, &mut chosen, &mut at).decode() {
