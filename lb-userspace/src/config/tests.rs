@@ -196,3 +196,17 @@ fn primes() {
     assert!(!is_prime(1));
     assert!(is_prime(2));
 }
+
+#[test]
+fn idle_hold_defaults_to_two_and_a_half_hours_and_is_checked() {
+    let c = parse(GOOD).unwrap().config;
+    assert_eq!(c.daemon.idle_hold_s, 9_000);
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nidle_hold_s = 0\n", 1);
+    assert_eq!(parse(&src).unwrap().config.daemon.idle_hold_s, 0);
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nidle_hold_s = 999999999999\n", 1);
+    let p = problems(&src);
+    assert_eq!(p[0].key, "daemon.idle_hold_s", "{p:?}");
+    assert!(p[0].message.contains("out of range"), "{p:?}");
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nidle_hold_s = -1\n", 1);
+    assert_eq!(problems(&src)[0].key, "daemon.idle_hold_s");
+}
