@@ -32,9 +32,12 @@ pub use flow::{
     CONNTRACK_FLAGS, FLOW_WAYS, FlowKey, FlowValue, FragKey, FragValue, MIN_CONNTRACK_ENTRIES,
     conntrack_sets,
 };
+#[cfg(any(feature = "user", test))]
+pub use service::service_index;
 pub use service::{
-    Backend, Config, ServiceEntry, ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey,
-    backend_flags, service_flags, vip_filter_bits,
+    Backend, Config, SERVICE_INDEX_REWRITING, SERVICE_INDEX_SLOTS, ServiceEntry, ServiceIndexEntry,
+    ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
+    service_index_check, service_index_slot, service_index_state, vip_filter_bits,
 };
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
 pub use slotstate::{Record, RecordSet};
@@ -84,9 +87,11 @@ pub mod maps {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_BY_ID: &str = "SERVICE_BY_ID";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
+        SERVICE_INDEX,
         SERVICE_BY_ID,
         VIP_FILTER,
         MAGLEV,
@@ -115,6 +120,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::ServiceIndexEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RecordSet {}

@@ -15,14 +15,109 @@ pub struct ServiceKey {
 }
 
 /// Value of `SERVICE_BY_ID` (an array indexed by service id): a service with the key it answers
-/// to. An established flow's entry names its service; the program checks that service's key
-/// against the packet here instead of looking the destination up in `SERVICES` (a hash lookup,
-/// ~10 ns). A free id has an all-zero entry (family 0 matches no packet).
+/// to (lbd's bookkeeping, read back by a restarted lbd). A free id has an all-zero entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceEntry {
     pub key: ServiceKey,
     pub value: ServiceValue,
+}
+
+/// Entries of `SERVICE_INDEX`.
+pub const SERVICE_INDEX_SLOTS: u32 = 1024;
+
+/// An entry of `SERVICE_INDEX`: a direct-mapped copy of `SERVICES` the program reads first (one
+/// array read and a compare, where the hash map's lookup cost ~35 ns a packet). Each key is at
+/// its slot (`service_index_slot`) unless another key holds it, in which case the slot says
+/// `COLLIDED` and the program looks such keys up in `SERVICES`. `check` covers the rest of the
+/// entry, so an entry read while lbd rewrites it in place is seen as invalid, and the program
+/// asks `SERVICES` (always right) instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceIndexEntry {
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+    /// `service_index_state`.
+    pub state: u32,
+    /// `service_index_check` of the other fields; 0 for an empty entry.
+    pub check: u32,
+    /// To 48 bytes: the array's element size (values are 8-byte aligned), so lbd's mapping
+    /// and the program agree on where an entry is.
+    pub _pad: u32,
+}
+
+/// States of a `SERVICE_INDEX` entry.
+pub mod service_index_state {
+    /// The entry holds its key's service.
+    pub const HELD: u32 = 1 << 0;
+    /// Another key belongs at this slot too: keys not held here are in `SERVICES` only.
+    pub const COLLIDED: u32 = 1 << 1;
+}
+
+/// A `check` no entry has: written first when lbd rewrites an entry.
+pub const SERVICE_INDEX_REWRITING: u32 = 2;
+
+/// The slot of `key` in `SERVICE_INDEX`: a multiply-xorshift of its words (unkeyed: only lbd
+/// chooses keys).
+#[inline(always)]
+pub fn service_index_slot(key: &ServiceKey) -> u32 {
+    let w0 = key.addr[0] as u64 | (key.addr[1] as u64) << 32;
+    let w1 = key.addr[2] as u64 | (key.addr[3] as u64) << 32;
+    let w2 = key.port as u64 | (key.proto as u64) << 16 | (key.family as u64) << 24;
+    let mut h = (w0 ^ 0x2545_f491_4f6c_dd1d).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 29) ^ w1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 31) ^ w2).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (h >> 54) as u32 & (SERVICE_INDEX_SLOTS - 1)
+}
+
+/// The `check` of an entry with these fields: 0 for an empty one (state 0), else odd.
+#[inline(always)]
+pub fn service_index_check(e: &ServiceIndexEntry) -> u32 {
+    if e.state == 0 {
+        return 0;
+    }
+    let k = &e.key;
+    let v = &e.value;
+    let words = [
+        k.addr[0] as u64 | (k.addr[1] as u64) << 32,
+        k.addr[2] as u64 | (k.addr[3] as u64) << 32,
+        k.port as u64 | (k.proto as u64) << 16 | (k.family as u64) << 24 | (e.state as u64) << 32,
+        v.id as u64 | (v.flags as u64) << 32,
+        v.table_size as u64 | (v._pad as u64) << 32,
+    ];
+    let mut h: u64 = 0x6a09_e667_f3bc_c908;
+    let mut i = 0;
+    while i < words.len() {
+        h = (h ^ words[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 32;
+        i += 1;
+    }
+    (h as u32) | 1
+}
+
+/// `SERVICE_INDEX` for the services `services` (every key, whatever its port): each key at its
+/// slot, the first of colliding keys (in key order) held there and the slot marked `COLLIDED`.
+#[cfg(any(feature = "user", test))]
+pub fn service_index<'a>(
+    services: impl IntoIterator<Item = (&'a ServiceKey, &'a ServiceValue)>,
+) -> Vec<ServiceIndexEntry> {
+    let mut entries = vec![ServiceIndexEntry::default(); SERVICE_INDEX_SLOTS as usize];
+    let mut keys: Vec<(&ServiceKey, &ServiceValue)> = services.into_iter().collect();
+    keys.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.family));
+    for (k, v) in keys {
+        let e = &mut entries[service_index_slot(k) as usize];
+        if e.state & service_index_state::HELD == 0 {
+            e.key = *k;
+            e.value = *v;
+            e.state |= service_index_state::HELD;
+        } else {
+            e.state |= service_index_state::COLLIDED;
+        }
+    }
+    for e in &mut entries {
+        e.check = service_index_check(e);
+    }
+    entries
 }
 
 /// 64-bit words of `VIP_FILTER`: a 65,536-bit Bloom filter of the VIP addresses.
@@ -160,5 +255,84 @@ mod vip_filter_tests {
             })
             .count();
         assert!(positives < 65, "{positives} false positives of 65,536");
+    }
+}
+
+#[cfg(test)]
+mod service_index_tests {
+    use super::*;
+
+    fn key(i: u32, port: u16) -> ServiceKey {
+        ServiceKey {
+            addr: [0xcb00_710a_u32.wrapping_add(i << 24), 0, 0, 0],
+            port: port.to_be(),
+            proto: 6,
+            family: 4,
+        }
+    }
+
+    /// What the program does with the index (and `SERVICES`, given as `all`).
+    fn find(
+        index: &[ServiceIndexEntry],
+        all: &[(ServiceKey, ServiceValue)],
+        k: &ServiceKey,
+    ) -> Option<ServiceValue> {
+        let e = index[service_index_slot(k) as usize];
+        let from_map = || all.iter().find(|(x, _)| x == k).map(|(_, v)| *v);
+        if e.check != service_index_check(&e) {
+            return from_map();
+        }
+        if e.state & service_index_state::HELD != 0 && e.key == *k {
+            return Some(e.value);
+        }
+        if e.state & service_index_state::COLLIDED == 0 {
+            return None;
+        }
+        from_map()
+    }
+
+    #[test]
+    fn every_key_is_found_through_the_index_and_no_other() {
+        let all: std::vec::Vec<(ServiceKey, ServiceValue)> = (0..256u32)
+            .map(|i| {
+                let value = ServiceValue {
+                    id: i,
+                    flags: i % 3,
+                    table_size: 65_537,
+                    _pad: 0,
+                };
+                (key(i % 40, (i / 40) as u16 * 1000), value)
+            })
+            .collect();
+        let index = service_index(all.iter().map(|(k, v)| (k, v)));
+        let held = index
+            .iter()
+            .filter(|e| e.state & service_index_state::HELD != 0)
+            .count();
+        let collided = index
+            .iter()
+            .filter(|e| e.state & service_index_state::COLLIDED != 0)
+            .count();
+        assert!(
+            held > 200,
+            "{held} of 256 keys held at their slot ({collided} slots collided)"
+        );
+        for (k, v) in &all {
+            assert_eq!(find(&index, &all, k), Some(*v), "{k:?}");
+        }
+        for i in 0..1000u32 {
+            let other = key(1000 + i, 7);
+            assert_eq!(find(&index, &all, &other), None);
+        }
+        // An entry torn by a rewrite (its key changed, its check not yet): the map decides.
+        let (k, v) = all[0];
+        let mut torn = index.clone();
+        let s = service_index_slot(&k) as usize;
+        torn[s].value.id = 999;
+        assert_eq!(find(&torn, &all, &k), Some(v));
+        torn[s].check = SERVICE_INDEX_REWRITING;
+        assert_eq!(find(&torn, &all, &k), Some(v));
+        assert_eq!(service_index_check(&ServiceIndexEntry::default()), 0);
+        assert_eq!(core::mem::size_of::<ServiceIndexEntry>(), 48);
     }
 }

@@ -9,10 +9,15 @@
 //!
 //! A packet of no service is `Skip::NotOurs`; a malformed packet of a service is refused.
 
-use lb_common::{Addr, Reason, ServiceKey, ServiceValue, VipKey, vip_filter_bits};
+use core::mem::MaybeUninit;
+
+use lb_common::{
+    Addr, Reason, ServiceKey, ServiceValue, VipKey, service_index_check, service_index_slot,
+    service_index_state, vip_filter_bits,
+};
 
 use crate::{
-    maps::{SERVICES, VIP_FILTER, VIPS},
+    maps::{SERVICE_INDEX, SERVICES, VIP_FILTER, VIPS},
     packet::{Frag, Packet},
     verdict::{NotOurs, Skip},
 };
@@ -87,14 +92,16 @@ fn by_destination(p: &Packet) -> Option<ServiceValue> {
         proto: p.proto,
         family: p.family,
     };
-    if let Some(v) = lookup(&SERVICES, &key) {
+    if let Some(v) = service_of(&key) {
         return Some(v);
     }
     key.port = 0;
-    lookup(&SERVICES, &key)
+    service_of(&key)
 }
 
-/// The every-port service (port 0) of the packet's VIP and protocol, if it has one.
+/// The every-port service (port 0) of the packet's VIP and protocol, if it has one. From
+/// `SERVICES` itself: a rare path (flows deferred to that service), already three calls deep,
+/// where `index_lookup`'s frame would not fit the stack.
 #[inline(always)]
 pub fn every_port_service(p: &Packet) -> Option<ServiceValue> {
     let key = ServiceKey {
@@ -104,6 +111,40 @@ pub fn every_port_service(p: &Packet) -> Option<ServiceValue> {
         family: p.family,
     };
     lookup(&SERVICES, &key)
+}
+
+/// The service of `key` (see `index_lookup`).
+#[inline(always)]
+fn service_of(key: &ServiceKey) -> Option<ServiceValue> {
+    let mut value = MaybeUninit::<ServiceValue>::uninit();
+    // SAFETY: index_lookup returned true, so it wrote `value`.
+    index_lookup(key, &mut value).then(|| unsafe { value.assume_init() })
+}
+
+/// The service of `key` into `out`: from its `SERVICE_INDEX` entry (an array read), else from
+/// `SERVICES` when the entry cannot say (another key holds the slot, or lbd is rewriting it).
+/// A call of its own: inlined at its three call sites it took the verifier past its limit.
+#[inline(never)]
+fn index_lookup(key: &ServiceKey, out: &mut MaybeUninit<ServiceValue>) -> bool {
+    if let Some(e) = SERVICE_INDEX.get(service_index_slot(key)) {
+        let e = *e;
+        if e.check == service_index_check(&e) {
+            if e.state & service_index_state::HELD != 0 && e.key == *key {
+                out.write(e.value);
+                return true;
+            }
+            if e.state & service_index_state::COLLIDED == 0 {
+                return false;
+            }
+        }
+    }
+    match lookup(&SERVICES, key) {
+        Some(v) => {
+            out.write(v);
+            true
+        }
+        None => false,
+    }
 }
 
 /// A copy of the value of `key` in a hash map of services.

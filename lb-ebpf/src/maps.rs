@@ -7,12 +7,22 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, RecordSet, ServiceEntry, ServiceKey,
-    ServiceValue, TooBigBucket, VIP_FILTER_WORDS, VipKey,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, RecordSet, SERVICE_INDEX_SLOTS,
+    ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, TooBigBucket, VIP_FILTER_WORDS,
+    VipKey,
 };
 
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// A direct-mapped copy of `SERVICES`, read first (`lb_common::ServiceIndexEntry`); lbd
+/// rewrites its entries in place through the array's memory.
+#[btf_map]
+pub static SERVICE_INDEX: Array<
+    ServiceIndexEntry,
+    { SERVICE_INDEX_SLOTS as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 /// Services by id, each with its key (lbd's bookkeeping: the program does not read it).
 #[btf_map]

@@ -682,3 +682,100 @@ fn two_changes_in_a_row_keep_the_connections_begun_before_each() {
         assert_eq!(sent_to(&f, &conn(c, 4000, 0x02)), 0);
     }
 }
+
+#[test]
+fn every_service_is_found_through_the_index_collisions_and_removals_included() {
+    use lb_common::{service_index, service_index_state};
+    let mut f = fixture([100, 100, 100]);
+    f.dp.remove_service(&service_key(80)).unwrap();
+    // 200 services on ports of the VIP chosen so that 20 slots of the index are each wanted by
+    // three of them; service i's only backend has id 10 + i.
+    let n = 200u32;
+    let mut by_slot: std::collections::BTreeMap<u32, Vec<u16>> = Default::default();
+    for port in 1..u16::MAX {
+        by_slot
+            .entry(lb_common::service_index_slot(&service_key(port)))
+            .or_default()
+            .push(port);
+    }
+    let mut ports: Vec<u16> = by_slot
+        .values()
+        .take(20)
+        .flat_map(|p| p[..3].to_vec())
+        .collect();
+    ports.extend(
+        by_slot
+            .values()
+            .skip(20)
+            .take(n as usize - ports.len())
+            .map(|p| p[0]),
+    );
+    assert_eq!(ports.len(), n as usize);
+    let value = |i: u32| ServiceValue {
+        id: i,
+        flags: 0,
+        table_size: 13,
+        _pad: 0,
+    };
+    for i in 0..n {
+        let b = Backend {
+            addr: to_addr(Ipv4Addr::new(192, 0, 2, 20).into()),
+            mac: [0x02, 0, 0, 0, (i >> 8) as u8 + 1, i as u8],
+            src_mac: LB_MAC,
+            ifindex: 1,
+            service: i,
+            family: 4,
+            flags: backend_flags::VALID,
+            mtu: 1500,
+            ..Default::default()
+        };
+        f.dp.set_backend(10 + i, &b).unwrap();
+        f.dp.set_service(&service_key(ports[i as usize]), &value(i), &[10 + i; 13])
+            .unwrap();
+    }
+    // Some keys share a slot of the index: those are found through SERVICES.
+    let keys: Vec<(ServiceKey, ServiceValue)> = (0..n)
+        .map(|i| (service_key(ports[i as usize]), value(i)))
+        .collect();
+    let index = service_index(keys.iter().map(|(k, v)| (k, v)));
+    let collided = index
+        .iter()
+        .filter(|e| e.state & service_index_state::COLLIDED != 0)
+        .count();
+    assert_eq!(collided, 20, "slots wanted by more than one key");
+    let to_port = |port: u16| ipv4_tcp(CLIENT_MAC, LB_MAC, client(9), VIP, 40000, port, 0x02, b"");
+    let reaches = |f: &Fixture, i: u32| -> Option<u32> {
+        let frame = to_port(ports[i as usize]);
+        let (action, out) = f.dp.test_run(&frame.bytes).unwrap();
+        match action {
+            XDP_TX => Some((u32::from(out[4]) - 1) << 8 | u32::from(out[5])),
+            XDP_PASS => {
+                assert_eq!(out, frame.bytes, "passed, but changed");
+                None
+            }
+            other => panic!("service {i}: action {other}"),
+        }
+    };
+    for i in 0..n {
+        assert_eq!(
+            reaches(&f, i),
+            Some(i),
+            "service {i} ({collided} slots collided)"
+        );
+    }
+    // Half of them removed: their packets pass, the others still reach their own.
+    for i in (0..n).step_by(2) {
+        f.dp.remove_service(&service_key(ports[i as usize]))
+            .unwrap();
+    }
+    for i in 0..n {
+        let want = (i % 2 == 1).then_some(i);
+        assert_eq!(reaches(&f, i), want, "service {i} after the removals");
+    }
+    // A port that never had a service passes.
+    let frame = to_port(by_slot.values().nth(300).unwrap()[0]);
+    assert_eq!(
+        f.dp.test_run(&frame.bytes).unwrap(),
+        (XDP_PASS, frame.bytes.clone())
+    );
+}

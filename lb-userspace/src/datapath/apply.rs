@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use aya::maps::{IterableMap as _, MapData};
 use lb_common::{
-    Backend, Config, FragKey, LAYOUT_VERSION, ServiceEntry, ServiceKey, ServiceValue, VipKey, maps,
+    Backend, Config, FragKey, LAYOUT_VERSION, ServiceEntry, ServiceIndexEntry, ServiceKey,
+    ServiceValue, VipKey, maps,
 };
 use log::{info, warn};
 
@@ -245,6 +246,7 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes a service key: into `SERVICES`, then its copy in `SERVICE_INDEX`.
     pub(super) fn write_service_key(
         &mut self,
         key: &ServiceKey,
@@ -255,16 +257,55 @@ impl Datapath {
             .insert(key, value, 0)
             .map_err(map_err(format!("writing service {}", value.id)))?;
         self.shadow.services.insert(*key, *value);
-        Ok(())
+        self.write_service_index()
     }
 
+    /// Removes a service key: from `SERVICE_INDEX` first (the program then asks `SERVICES`),
+    /// then from `SERVICES`.
     pub(super) fn remove_service_key(&mut self, key: &ServiceKey) -> Result<()> {
+        let value = self.shadow.services.remove(key);
+        self.write_service_index()?;
         match self.maps.services.remove(key) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(map_err("removing a service")(e)),
+            Err(e) => {
+                if let Some(v) = value {
+                    self.shadow.services.insert(*key, v);
+                }
+                return Err(map_err("removing a service")(e));
+            }
         }
-        self.shadow.services.remove(key);
+        Ok(())
+    }
+
+    /// Makes `SERVICE_INDEX` the index of the services in the shadow, rewriting in place only
+    /// the entries that differ: each one's check first to a value no entry has, then its
+    /// fields, then its check, so a packet that reads it meanwhile sees it invalid and asks
+    /// `SERVICES` (`lb_common::ServiceIndexEntry`).
+    fn write_service_index(&mut self) -> Result<()> {
+        let want = lb_common::service_index(self.shadow.services.iter());
+        let memory = ArrayMemory::map(
+            self.maps.service_index.map(),
+            want.len() * size_of::<ServiceIndexEntry>(),
+            true,
+        )
+        .map_err(io_err("mapping SERVICE_INDEX"))?;
+        let check_at = std::mem::offset_of!(ServiceIndexEntry, check);
+        for (i, e) in want.iter().enumerate() {
+            if memory.read::<ServiceIndexEntry>(i) == *e {
+                continue;
+            }
+            let at = i * size_of::<ServiceIndexEntry>();
+            memory.write_at(at + check_at, lb_common::SERVICE_INDEX_REWRITING);
+            memory.write_at(
+                at,
+                ServiceIndexEntry {
+                    check: lb_common::SERVICE_INDEX_REWRITING,
+                    ..*e
+                },
+            );
+            memory.write_at(at + check_at, e.check);
+        }
         Ok(())
     }
 

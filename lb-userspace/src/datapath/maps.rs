@@ -8,8 +8,8 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    Backend, Config, Counter, FragKey, FragValue, RecordSet, ServiceEntry, ServiceKey,
-    ServiceValue, VipKey, maps,
+    Backend, Config, Counter, FragKey, FragValue, RecordSet, ServiceEntry, ServiceIndexEntry,
+    ServiceKey, ServiceValue, VipKey, maps,
 };
 
 use super::error::{DatapathError, Result, map_err};
@@ -18,6 +18,7 @@ use super::error::{DatapathError, Result, map_err};
 pub(super) struct Maps {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub(super) service_by_id: Array<MapData, ServiceEntry>,
+    pub(super) service_index: Array<MapData, ServiceIndexEntry>,
     pub(super) vip_filter: Array<MapData, u64>,
     pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u64>>,
     pub(super) backends: Array<MapData, Backend>,
@@ -37,6 +38,8 @@ impl Maps {
             services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
             service_by_id: Array::try_from(get(maps::SERVICE_BY_ID)?)
                 .map_err(map_err(maps::SERVICE_BY_ID))?,
+            service_index: Array::try_from(get(maps::SERVICE_INDEX)?)
+                .map_err(map_err(maps::SERVICE_INDEX))?,
             vip_filter: Array::try_from(get(maps::VIP_FILTER)?)
                 .map_err(map_err(maps::VIP_FILTER))?,
             maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,

@@ -207,6 +207,14 @@ impl ArrayMemory {
         self.read_at(i * size_of::<T>())
     }
 
+    /// Writes a `T` at byte `offset`, whole.
+    pub(crate) fn write_at<T: Copy>(&self, offset: usize, value: T) {
+        assert!(self.writable, "the memory was mapped read-only");
+        // SAFETY: `place` checked that the value lies inside the mapping and is aligned; the
+        // mapping is writable.
+        unsafe { self.place::<T>(offset).write_volatile(value) }
+    }
+
     /// Writes element `i` of the memory seen as an array of `T`, whole.
     pub(crate) fn write<T: Copy>(&self, i: usize, value: T) {
         assert!(self.writable, "the memory was mapped read-only");
