@@ -3,6 +3,7 @@
 //! established download, a SIGKILLed lbd restarted without losing a request, SIGHUP, metrics.
 //! Real lbd, real XDP, real nginx, real HTTP from 80 client addresses. Needs root.
 
+use lb_tests::http::metric;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
@@ -444,19 +445,6 @@ fn live_changes_follow_lookup() {
 
 // ---- 3 ----------------------------------------------------------------------------------------
 
-/// Reads from `s` into `buf` until it holds at least `want` bytes or EOF; returns false at EOF.
-fn read_until(s: &mut std::net::TcpStream, buf: &mut Vec<u8>, want: usize) -> bool {
-    let mut chunk = [0u8; 16 * 1024];
-    while buf.len() < want {
-        let n = s.read(&mut chunk).expect("reading the download");
-        if n == 0 {
-            return false;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    true
-}
-
 #[test]
 fn drained_stream_completes_byte_exact() {
     let t = topology();
@@ -488,7 +476,10 @@ fn drained_stream_completes_byte_exact() {
     .unwrap();
     // A first part, then the reader pauses (the transfer stalls on a full window).
     let mut got = Vec::with_capacity(BIG_FILE_SIZE + 1024);
-    assert!(read_until(&mut s, &mut got, 512 * 1024), "EOF early");
+    assert!(
+        lb_tests::http::read_until(&mut s, &mut got, 512 * 1024),
+        "EOF early"
+    );
     assert!(
         got.len() < BIG_FILE_SIZE,
         "the download is still in progress"
@@ -537,7 +528,10 @@ fn drained_stream_completes_byte_exact() {
     assert_eq!(flow["backend"], baddr(b).to_string(), "{flow}");
     // Reading on makes the client acknowledge through lb: the flow is recorded on b.
     let read = got.len();
-    assert!(read_until(&mut s, &mut got, read + 256 * 1024), "EOF early");
+    assert!(
+        lb_tests::http::read_until(&mut s, &mut got, read + 256 * 1024),
+        "EOF early"
+    );
     let flow = flow_now();
     assert_eq!(flow["reason"], "connection-table", "{flow}");
     assert_eq!(flow["backend"], baddr(b).to_string(), "{flow}");
@@ -800,13 +794,6 @@ fn sighup_applies_the_file() {
 }
 
 // ---- 6 ----------------------------------------------------------------------------------------
-
-/// The value of the sample `series` (e.g. `lb_conntrack_entries` or `x{a="b"}`) in `text`.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 #[test]
 fn metrics_endpoint() {

@@ -6,6 +6,7 @@
 //! mounted 0700; an upgrade that resizes the connection table never lets the old program index
 //! its table with the new, bigger mask. Real lbd, real XDP, real nginx. Needs root.
 
+use lb_tests::http::metric;
 use std::{
     net::{SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt as _,
@@ -125,13 +126,6 @@ fn nofile_limits(pid: u32) -> (u64, u64) {
         .filter_map(|w| w.parse().ok())
         .collect();
     (n[0], n[1])
-}
-
-/// The value of the sample `series` in a metrics text.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 // ---- one lbd at a time ----------------------------------------------------------------------

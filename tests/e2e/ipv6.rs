@@ -356,19 +356,6 @@ fn ipv6_health_failover() {
 
 // ---- 2 ----------------------------------------------------------------------------------------
 
-/// Reads from `s` into `buf` until it holds at least `want` bytes or EOF; returns false at EOF.
-fn read_until(s: &mut std::net::TcpStream, buf: &mut Vec<u8>, want: usize) -> bool {
-    let mut chunk = [0u8; 16 * 1024];
-    while buf.len() < want {
-        let n = s.read(&mut chunk).expect("reading the download");
-        if n == 0 {
-            return false;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    true
-}
-
 /// Packets lb has sent to backend address `a` of `service` so far.
 fn backend_packets(lbd: &Lbd, service: &str, a: IpAddr) -> u64 {
     let stats = lbd.lbctl_json(&["stats", service]).unwrap();
@@ -417,7 +404,10 @@ fn stream_survives_changes(f: Family) {
     .unwrap();
     // A first part, then the reader pauses (the transfer stalls on a full window).
     let mut got = Vec::with_capacity(BIG_FILE_SIZE + 1024);
-    assert!(read_until(&mut s, &mut got, 512 * 1024), "EOF early");
+    assert!(
+        lb_tests::http::read_until(&mut s, &mut got, 512 * 1024),
+        "EOF early"
+    );
     assert!(
         got.len() < BIG_FILE_SIZE / 2,
         "the download is still in progress"
@@ -477,7 +467,10 @@ fn stream_survives_changes(f: Family) {
     );
     assert_eq!(flow["backend"], f.backend(&t, b).to_string(), "{flow}");
     let read = got.len();
-    assert!(read_until(&mut s, &mut got, read + 256 * 1024), "EOF early");
+    assert!(
+        lb_tests::http::read_until(&mut s, &mut got, read + 256 * 1024),
+        "EOF early"
+    );
     let flow = lookup_json(&lbd, svc, src, Some(sport));
     assert_eq!(flow["reason"], "connection-table", "{flow}");
     assert_eq!(flow["backend"], b_addr, "{flow}");

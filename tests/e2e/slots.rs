@@ -113,23 +113,7 @@ fn metric(t: &Topology, series: &str) -> Option<f64> {
             "/metrics",
         )
         .expect("GET /metrics");
-    r.text()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Reads from `s` into `buf` until it holds at least `want` bytes or EOF; returns false at EOF.
-fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> bool {
-    let mut chunk = [0u8; 16 * 1024];
-    while buf.len() < want {
-        let n = s.read(&mut chunk).expect("reading the download");
-        if n == 0 {
-            return false;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    true
+    lb_tests::http::metric(&r.text(), series)
 }
 
 /// An HTTP/1.1 connection kept open to the VIP (nginx keeps `/keep` connections 300 s).
@@ -327,7 +311,10 @@ fn a_drain_during_a_long_download_keeps_it_until_it_ends_then_the_slots_clear() 
     )
     .unwrap();
     let mut got = Vec::with_capacity(BIG_FILE_SIZE + 1024);
-    assert!(read_until(&mut s, &mut got, 512 * 1024), "EOF early");
+    assert!(
+        lb_tests::http::read_until(&mut s, &mut got, 512 * 1024),
+        "EOF early"
+    );
     assert!(got.len() < BIG_FILE_SIZE / 2, "the download is in progress");
     assert_eq!(flow_lookup(&lbd, src, sport), ("hash".to_string(), b));
 
@@ -336,7 +323,10 @@ fn a_drain_during_a_long_download_keeps_it_until_it_ends_then_the_slots_clear() 
     // Reading on at once (well within the hold) makes the client acknowledge through lb: the
     // flow, on a changed slot, is recorded on b.
     let read = got.len();
-    assert!(read_until(&mut s, &mut got, read + 256 * 1024), "EOF early");
+    assert!(
+        lb_tests::http::read_until(&mut s, &mut got, read + 256 * 1024),
+        "EOF early"
+    );
     assert_eq!(
         flow_lookup(&lbd, src, sport),
         ("connection-table".to_string(), b),

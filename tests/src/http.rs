@@ -281,6 +281,28 @@ pub fn upload(mut stream: TcpStream, len: usize, timeout: Duration) -> Result<u6
         .with_context(|| format!("the sink answered {answer:?}, not a count"))
 }
 
+/// Reads from `s` into `buf` until it holds at least `want` bytes or EOF; false at EOF.
+pub fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> bool {
+    use std::io::Read as _;
+    let mut chunk = [0u8; 16 * 1024];
+    while buf.len() < want {
+        let n = s.read(&mut chunk).expect("reading the download");
+        if n == 0 {
+            return false;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    true
+}
+
+/// The value of the sample `series` (e.g. `lb_conntrack_entries` or `x{a="b"}`) in a metrics
+/// text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
