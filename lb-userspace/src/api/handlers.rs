@@ -279,31 +279,6 @@ pub(super) async fn lookup(
     } = maglev_slot(&d.seed, &s.value(), &flow(q.port.unwrap_or(0)))
         .ok_or_else(|| bad(format!("service {} has no Maglev table", s.cfg.name)))?;
     let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
-    // A flow's record decides only on a changed slot, while its backend is usable: as the
-    // data path (a record left on an unchanged slot is read by nobody).
-    let changed = d
-        .datapath
-        .slot_lanes(s.id, slot)
-        .is_some_and(|(hot, _)| hot.changed());
-    if let Some(port) = q.port
-        && changed
-        && let Some(entry) = d.datapath.flow(&flow(port))
-        && entry.service == s.id
-        && let Some(b) = by_id(entry.backend)
-        && b.hop.is_some()
-        && b.healthy
-    {
-        return Ok(Json(Lookup {
-            service: s.cfg.name.clone(),
-            client,
-            client_port: q.port,
-            backend: Some(b.cfg.address),
-            reason: "connection-table".into(),
-            hash: h,
-            slot,
-            table_size: s.cfg.table_size,
-        }));
-    }
     let lookup = |backend: Option<IpAddr>, reason: &str| {
         Ok(Json(Lookup {
             service: s.cfg.name.clone(),
@@ -316,50 +291,51 @@ pub(super) async fn lookup(
             table_size: s.cfg.table_size,
         }))
     };
-    // A flow with no record on a slot that changed backend: the data path takes it for one
-    // older than the change (TCP; UDP while the slot adopts UDP flows).
-    if q.port.is_some()
+    // With a port: what the flow's next packet (not a SYN) gets, decided as the data path
+    // decides it (`slotstate::decide`) from the slot's state and the flow's record (read only
+    // on a changed slot).
+    if let Some(port) = q.port
         && let Some((hot, side)) = d.datapath.slot_lanes(s.id, slot)
-        && hot.changed()
-        && (s.cfg.protocol != Protocol::Udp || side.adopt_udp())
     {
-        if side.old() == slotstate::DEFER
-            && let Some(every_port) = d.services.iter().find(|e| {
-                e.cfg.vip == s.cfg.vip && e.cfg.port == 0 && e.cfg.protocol == s.cfg.protocol
-            })
-            && let Some(e_slot) =
-                maglev_slot(&d.seed, &every_port.value(), &flow(q.port.unwrap_or(0)))
-        {
-            // Its record under the every-port service, else that service's slot (as a flow
-            // older than any change there: its previous backend, if the slot changed).
-            let usable = |id: u32| {
-                every_port
-                    .backends
-                    .iter()
-                    .find(|b| b.id == id && b.hop.is_some() && b.healthy)
+        let kind = if s.cfg.protocol == Protocol::Udp {
+            slotstate::Kind::Udp
+        } else {
+            slotstate::Kind::Tcp
+        };
+        let decide = |sv: &ServiceRuntime, hot, side| {
+            let record = || {
+                d.datapath
+                    .flow(&flow(port))
+                    .filter(|e| e.service == sv.id)
+                    .map(|e| e.backend)
             };
-            let recorded = d
-                .datapath
-                .flow(&flow(q.port.unwrap_or(0)))
-                .filter(|e| e.service == every_port.id)
-                .and_then(|e| usable(e.backend));
-            let previous = d
-                .datapath
-                .slot_lanes(every_port.id, e_slot.index)
-                .filter(|(hot, _)| hot.changed())
-                .and_then(|(_, side)| usable(side.old()));
-            let current = every_port
-                .table
-                .get(e_slot.index as usize)
-                .and_then(|&id| every_port.backends.iter().find(|b| b.id == id));
-            let backend = recorded.or(previous).or(current).map(|b| b.cfg.address);
-            return lookup(backend, "every-port-service");
-        }
-        if let Some(b) = by_id(side.old())
-            && b.hop.is_some()
-            && b.healthy
-        {
-            return lookup(Some(b.cfg.address), "previous-backend");
+            let chosen = slotstate::decide(hot, || side, kind, record, &Usable(sv));
+            (chosen, sv.address_of(chosen.backend))
+        };
+        match decide(s, hot, side) {
+            (c, b) if matches!(c.write, slotstate::Write::Touch { .. }) => {
+                return lookup(b, "connection-table");
+            }
+            (c, _) if c.backend == slotstate::DEFER => {
+                // Decided again by the VIP's every-port service, its slot taken as changed.
+                if let Some(every_port) = d.services.iter().find(|e| {
+                    e.cfg.vip == s.cfg.vip && e.cfg.port == 0 && e.cfg.protocol == s.cfg.protocol
+                }) && let Some(e_slot) = maglev_slot(&d.seed, &every_port.value(), &flow(port))
+                    && let Some((e_hot, e_side)) =
+                        d.datapath.slot_lanes(every_port.id, e_slot.index)
+                {
+                    let (_, b) = decide(
+                        every_port,
+                        slotstate::Hot::new(e_hot.current(), true),
+                        e_side,
+                    );
+                    return lookup(b, "every-port-service");
+                }
+            }
+            (c, b) if hot.changed() && c.backend == side.old() && c.backend != hot.current() => {
+                return lookup(b, "previous-backend");
+            }
+            _ => {}
         }
     }
     let backend = s
@@ -377,4 +353,17 @@ pub(super) async fn lookup(
         slot,
         table_size: s.cfg.table_size,
     }))
+}
+
+/// A service's backends as the data path's choice sees them (`slotstate::Backends`): in the
+/// data path and not down (drained ones included).
+struct Usable<'a>(&'a ServiceRuntime);
+
+impl slotstate::Backends for Usable<'_> {
+    fn usable(&self, id: u32) -> bool {
+        self.0
+            .backends
+            .iter()
+            .any(|b| b.id == id && b.hop.is_some() && b.healthy)
+    }
 }

@@ -244,6 +244,14 @@ impl ServiceRuntime {
         service_key(&self.cfg)
     }
 
+    /// The address of backend `id`, if it is this service's.
+    pub fn address_of(&self, id: u32) -> Option<IpAddr> {
+        self.backends
+            .iter()
+            .find(|b| b.id == id)
+            .map(|b| b.cfg.address)
+    }
+
     pub(crate) fn value(&self) -> ServiceValue {
         let mut flags = 0;
         if self.cfg.forwarding == Forwarding::Tunnel {
