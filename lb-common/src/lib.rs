@@ -13,6 +13,7 @@
 //! - `stats`: what the program counts, and why it does not forward (`Reason`);
 //! - `hash`: the keyed hashes; `maglev` (userspace): the table builder;
 //! - `decap`: the decapsulation program's maps;
+//! - `sync`: what the program reports to lbd for other nodes (`SyncEvent`);
 //! - `slotstate`: per-slot state (docs/design/slot-state.md): what a Maglev slot holds besides
 //!   its backend, the connection table's records, and the per-packet choice both sides share.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
@@ -27,6 +28,7 @@ mod service;
 mod slot;
 pub mod slotstate;
 mod stats;
+mod sync;
 
 pub use flow::{
     CONNTRACK_FLAGS, FLOW_WAYS, FlowKey, FlowValue, FragKey, FragValue, MIN_CONNTRACK_ENTRIES,
@@ -41,12 +43,13 @@ pub use service::{
 };
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
 pub use slotstate::{Record, RecordSet};
+pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
 pub use stats::{Counter, Reason, TOO_BIG_BURST, TOO_BIG_PER_SECOND, TooBigBucket};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -88,8 +91,9 @@ pub mod maps {
     pub const SERVICE_BY_ID: &str = "SERVICE_BY_ID";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
+    pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -104,6 +108,7 @@ pub mod maps {
         SERVICE_STATS,
         BACKEND_STATS,
         REASON_STATS,
+        SYNC_EVENTS,
     ];
 }
 
@@ -127,6 +132,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::SyncEvent {}
     unsafe impl aya::Pod for super::VipKey {}
 }
 

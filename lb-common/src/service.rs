@@ -213,6 +213,10 @@ pub struct Config {
     /// Sets of `CONNTRACK` minus one (a power of two minus one): a flow's set is its hash
     /// masked with this.
     pub flow_set_mask: u32,
+    /// Non-zero when lbd shares connection state with other nodes (`[daemon.sync]`): the
+    /// program then reports every record it writes in `SYNC_EVENTS`.
+    pub sync_events: u32,
+    pub _pad: u32,
 }
 
 /// Key of `VIPS`: a VIP and protocol, whatever the port (for fragments without ports).

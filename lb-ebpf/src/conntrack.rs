@@ -5,12 +5,13 @@
 use lb_common::{
     NO_BACKEND, PROTO_UDP, Reason, Record, RecordSet, ServiceValue, hash, maglev_slot,
     slotstate::{self, DEFER, Hot, Kind, Write, record_flags},
+    sync_event_flags,
 };
 
 use crate::{
     choose::{Usable, hot_lane, side_lane},
     classify,
-    maps::{CONFIG, CONNTRACK},
+    maps::{CONFIG, CONNTRACK, SYNC_EVENTS},
     packet::Packet,
 };
 
@@ -61,19 +62,58 @@ pub fn on_changed_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), Reason> {
         },
         kind: kind_of(p),
     };
-    decide_and_write(&mut flow, at);
-    if at.backend != DEFER {
-        return Ok(());
+    let mut wrote = decide_and_write(&mut flow, at);
+    if at.backend == DEFER {
+        // An unrecorded flow of a port that had no service of its own when it began: its VIP's
+        // every-port service's, placed and recorded by that service (its slot taken as changed,
+        // so the flow gets a record and the record keeps the deferring slots as they are).
+        wrote = if every_port_slot(p, at).is_err() {
+            record_current(&mut flow, at)
+        } else {
+            decide_and_write(&mut flow, at)
+        };
     }
-    // An unrecorded flow of a port that had no service of its own when it began: its VIP's
-    // every-port service's, placed and recorded by that service (its slot taken as changed, so
-    // the flow gets a record and the record keeps the deferring slots as they are).
-    if every_port_slot(p, at).is_err() {
-        record_current(&mut flow, at);
-        return Ok(());
+    if wrote != 0 {
+        report(p, at, wrote);
     }
-    decide_and_write(&mut flow, at);
     Ok(())
+}
+
+/// Tells lbd (`SYNC_EVENTS`) that the flow of `p` was recorded on `at`'s service and backend,
+/// for other nodes (`lb_common::SyncEvent`), when lbd asked for it (`Config::sync_events`).
+/// `written` is what `Flow::write` returned. A full
+/// ring loses the event: the flow then has a record on this node only. A call of its own: the
+/// rare path keeps its frame apart.
+#[inline(never)]
+fn report(p: &Packet, at: &SlotChoice, written: u32) {
+    if CONFIG.get(0).is_none_or(|c| c.sync_events == 0) {
+        return;
+    }
+    let Some(mut entry) = SYNC_EVENTS.reserve(0) else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry, valid and writable until submitted. Written field by
+    // field, not from a `SyncEvent` built first: a copy on this frame took the three frames
+    // (main, `on_changed_slot`, this) past the verifier's 512 bytes.
+    unsafe {
+        (*e).flow.src = p.src;
+        (*e).flow.dst = p.dst;
+        (*e).flow.sport = p.sport;
+        (*e).flow.dport = p.dport;
+        (*e).flow.proto = p.proto;
+        (*e).flow.family = p.family;
+        (*e).flow._pad = [0; 2];
+        (*e).service = at.service.id;
+        (*e).backend = at.backend;
+        (*e).flags = if written & record_flags::CLOSING != 0 {
+            sync_event_flags::CLOSING
+        } else {
+            0
+        };
+        (*e)._pad = 0;
+    }
+    entry.submit(0);
 }
 
 /// Makes `at` the packet's slot in its VIP's every-port service, taken as changed (so its flow
@@ -97,10 +137,10 @@ fn every_port_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), ()> {
 }
 
 /// `decide` for the flow on `at`'s slot (its service, slot and hot half), and its write; the
-/// backend into `at`. A call of its own: made twice (the slot's service, the every-port one),
-/// its frame is not added to the caller's.
+/// backend into `at`. What `Flow::write` returns. A call of its own: made twice (the slot's
+/// service, the every-port one), its frame is not added to the caller's.
 #[inline(never)]
-fn decide_and_write(flow: &mut Flow, at: &mut SlotChoice) {
+fn decide_and_write(flow: &mut Flow, at: &mut SlotChoice) -> u32 {
     let service = &at.service;
     let slot = at.slot;
     let (found, victim) = flow.set.place(flow.hash, service.id, slot, flow.now);
@@ -112,27 +152,31 @@ fn decide_and_write(flow: &mut Flow, at: &mut SlotChoice) {
         || recorded,
         &Usable(service),
     );
-    flow.write(d.write, found.unwrap_or(victim), service.id, slot);
     at.backend = d.backend;
+    flow.write(d.write, found.unwrap_or(victim), service.id, slot)
 }
 
 /// The current backend of a deferring slot whose VIP has no every-port service any more,
-/// recorded like a new flow's.
+/// recorded like a new flow's. What `Flow::write` returns.
 #[inline(always)]
-fn record_current(flow: &mut Flow, at: &mut SlotChoice) {
+fn record_current(flow: &mut Flow, at: &mut SlotChoice) -> u32 {
     let backend = at.hot.current();
     at.backend = backend;
-    if backend != NO_BACKEND && flow.kind != Kind::IcmpError {
-        let (found, victim) = flow.set.place(flow.hash, at.service.id, at.slot, flow.now);
-        let closing = flow.kind == Kind::TcpClosing;
-        flow.write(
-            Write::Record { backend, closing },
-            found.unwrap_or(victim),
-            at.service.id,
-            at.slot,
-        );
+    if backend == NO_BACKEND || flow.kind == Kind::IcmpError {
+        return 0;
     }
+    let (found, victim) = flow.set.place(flow.hash, at.service.id, at.slot, flow.now);
+    let closing = flow.kind == Kind::TcpClosing;
+    flow.write(
+        Write::Record { backend, closing },
+        found.unwrap_or(victim),
+        at.service.id,
+        at.slot,
+    )
 }
+
+/// In what `Flow::write` returns: a record was written.
+const RECORDED: u32 = 1 << 31;
 
 /// What the packet is, for `decide`.
 #[inline(always)]
@@ -151,11 +195,13 @@ fn kind_of(p: &Packet) -> Kind {
 }
 
 impl Flow {
-    /// Carries out `write` on way `way` (the flow's own record, or the set's victim).
+    /// Carries out `write` on way `way` (the flow's own record, or the set's victim). Returns
+    /// the flags of the record when one was written anew (a flow recorded, moved to another
+    /// backend or marked closing) with `RECORDED` added; 0 when nothing was, or only a stamp.
     #[inline(always)]
-    fn write(&mut self, write: Write, way: usize, service: u32, slot: u32) {
+    fn write(&mut self, write: Write, way: usize, service: u32, slot: u32) -> u32 {
         let (backend, closing) = match write {
-            Write::Nothing => return,
+            Write::Nothing => return 0,
             Write::Touch { closing } => {
                 let e = &self.set.ways[way % lb_common::FLOW_WAYS];
                 if !closing || e.flags() & record_flags::CLOSING != 0 {
@@ -165,7 +211,7 @@ impl Flow {
                     if e.seen != now {
                         e.seen = now;
                     }
-                    return;
+                    return 0;
                 }
                 (e.backend(), true)
             }
@@ -178,13 +224,14 @@ impl Flow {
             if e.seen != r.seen {
                 e.seen = r.seen;
             }
-            return;
+            return 0;
         }
         // `check` last: until it is written the entry belongs to no flow.
         e.ids = r.ids;
         e.place = r.place;
         e.seen = r.seen;
         e.check = r.check;
+        flags | RECORDED
     }
 }
 

@@ -2,12 +2,13 @@
 //! `TOO_BIG_BUCKET`).
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
     MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, RecordSet, SERVICE_INDEX_SLOTS,
+    SYNC_EVENTS_BYTES, SyncEvent,
     ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, TooBigBucket, VIP_FILTER_WORDS,
     VipKey,
 };
@@ -87,3 +88,8 @@ pub static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuAr
 /// a newly loaded program starts with full buckets.
 #[btf_map]
 pub static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket, 1> = PerCpuArray::new();
+
+/// The records the program writes, for lbd to share with other nodes (`lb_common::SyncEvent`);
+/// written only while `Config::sync_events` is set.
+#[btf_map]
+pub static SYNC_EVENTS: RingBuf<SyncEvent, { SYNC_EVENTS_BYTES as usize }> = RingBuf::new();

@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod netlink;
 pub mod run;
 pub mod state;
+pub mod sync;

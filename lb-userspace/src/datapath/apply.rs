@@ -20,13 +20,16 @@ use super::{
 };
 
 impl Datapath {
-    /// `CONFIG` for this program and connection table, with the hash seed `hash_key`.
+    /// `CONFIG` for this program and connection table, with the hash seed `hash_key`; sync
+    /// events off (the daemon turns them on with `[daemon.sync]`).
     pub fn config_for(&self, hash_key: [u64; 2]) -> Result<Config> {
         Ok(Config {
             hash_key,
             program_hash: self.program_hash,
             layout_version: LAYOUT_VERSION,
             flow_set_mask: self.conntrack_sets()? - 1,
+            sync_events: 0,
+            _pad: 0,
         })
     }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, Config, Counter, FragKey, FragValue, RecordSet, ServiceEntry, ServiceIndexEntry,
@@ -30,6 +30,9 @@ pub(super) struct Maps {
     pub(super) service_stats: PerCpuArray<MapData, Counter>,
     pub(super) backend_stats: PerCpuArray<MapData, Counter>,
     pub(super) reason_stats: PerCpuArray<MapData, u64>,
+    /// The program's reports of the records it writes, until the sync thread takes them
+    /// (`Datapath::take_sync_events`).
+    pub(super) sync_events: Option<RingBuf<MapData>>,
 }
 
 impl Maps {
@@ -56,6 +59,9 @@ impl Maps {
                 .map_err(map_err(maps::BACKEND_STATS))?,
             reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)
                 .map_err(map_err(maps::REASON_STATS))?,
+            sync_events: Some(
+                RingBuf::try_from(get(maps::SYNC_EVENTS)?).map_err(map_err(maps::SYNC_EVENTS))?,
+            ),
         })
     }
 

@@ -98,6 +98,11 @@ impl ServiceSlots {
         )))?;
         Ok(ServiceSlots { table, key, memory })
     }
+
+    /// Writes word `w` of the array (the hot half's words, then the side half's).
+    pub(super) fn write_word(&self, w: usize, value: u64) {
+        self.memory.write(w, value);
+    }
 }
 
 /// What the scan needs of the slot state, taken under the daemon's lock.
