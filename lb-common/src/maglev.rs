@@ -196,7 +196,10 @@ mod tests {
         assert_ne!(a, fingerprint_of(&[1, 2], &[(1, 100), (2, 100), (3, 50)]));
         assert_ne!(a, fingerprint_of(&SEED, &[(1, 100), (2, 100), (3, 51)]));
         assert_ne!(a, fingerprint_of(&SEED, &[(1, 100), (2, 100)]));
-        assert_ne!(a, fingerprint_of(&SEED, &[(1, 100), (2, 100), (3, 50), (4, 1)]));
+        assert_ne!(
+            a,
+            fingerprint_of(&SEED, &[(1, 100), (2, 100), (3, 50), (4, 1)])
+        );
         // The same table placed by the 5-tuple, or of another size, is another table.
         let backends: Vec<_> = (1..=3).map(|i| backend(i, 100)).collect();
         let table = build_table(&SEED, &backends, 65_537);
@@ -212,7 +215,10 @@ mod tests {
         let empty = build_table(&SEED, &[], 65_537);
         let none = table_fingerprint(&SEED, &empty, &[], crate::FAMILY_V4, false);
         assert_ne!(none, source);
-        assert_eq!(none, table_fingerprint(&SEED, &empty, &[], crate::FAMILY_V4, false));
+        assert_eq!(
+            none,
+            table_fingerprint(&SEED, &empty, &[], crate::FAMILY_V4, false)
+        );
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<u32> {
