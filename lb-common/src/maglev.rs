@@ -109,6 +109,51 @@ pub fn build_table(seed: &[u64; 2], backends: &[MaglevBackend], table_size: u32)
     table
 }
 
+/// The fingerprint of a Maglev table: a SipHash-1-3, keyed with the hash seed, of what decides
+/// where every client goes: the table's size, the address family, the hash the service places
+/// clients by (`five_tuple`) and, slot by slot, the *address* of the backend there (never lbd's
+/// backend id, which differs between nodes). Two nodes with the same seed, backends and weights
+/// build the same table, so they show the same fingerprint whatever order the backends were
+/// listed or added in; another seed, another weight or another backend gives another one.
+///
+/// `table` holds a backend id per slot ([`crate::NO_BACKEND`] for none) and `backends` names the
+/// address of each id found there (the backends the table was built from).
+pub fn table_fingerprint(
+    seed: &[u64; 2],
+    table: &[u32],
+    backends: &[MaglevBackend],
+    family: u8,
+    five_tuple: bool,
+) -> u64 {
+    let mut by_id: Vec<(u32, [u64; 2])> = backends
+        .iter()
+        .map(|b| (b.id, crate::hash::words(&b.addr)))
+        .collect();
+    by_id.sort_unstable_by_key(|&(id, _)| id);
+    // An empty slot (or an id not among `backends`): all ones, which no backend address is
+    // (ffff:...: is multicast; an IPv4 address fills only the first word).
+    const EMPTY: [u64; 2] = [u64::MAX, u64::MAX];
+    let mut h = crate::hash::Sip13::new(seed);
+    h.write(u64::from_le_bytes(*b"lb-fp-v1"));
+    h.write(table.len() as u64 | (family as u64) << 32 | (five_tuple as u64) << 40);
+    let mut last: Option<(u32, [u64; 2])> = None;
+    for &id in table {
+        let words = match last {
+            Some((l, w)) if l == id => w,
+            _ => {
+                let w = by_id
+                    .binary_search_by_key(&id, |&(i, _)| i)
+                    .map_or(EMPTY, |i| by_id[i].1);
+                last = Some((id, w));
+                w
+            }
+        };
+        h.write(words[0]);
+        h.write(words[1]);
+    }
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +169,56 @@ mod tests {
             addr: [ip.to_be(), 0, 0, 0],
             weight,
         }
+    }
+
+    /// The fingerprint of a table built from `(address index, weight)` pairs, ids given in
+    /// list order (as an lbd assigns them).
+    fn fingerprint_of(seed: &[u64; 2], list: &[(u32, u32)]) -> u64 {
+        let backends: Vec<MaglevBackend> = list
+            .iter()
+            .enumerate()
+            .map(|(id, &(i, w))| MaglevBackend {
+                id: id as u32 + 100,
+                ..backend(i, w)
+            })
+            .collect();
+        let table = build_table(seed, &backends, 65_537);
+        table_fingerprint(seed, &table, &backends, crate::FAMILY_V4, false)
+    }
+
+    #[test]
+    fn fingerprint_ignores_order_and_ids_but_not_seed_weights_or_mode() {
+        let a = fingerprint_of(&SEED, &[(1, 100), (2, 100), (3, 50)]);
+        // Listed in another order: other ids, the same table of addresses.
+        assert_eq!(a, fingerprint_of(&SEED, &[(3, 50), (1, 100), (2, 100)]));
+        assert_eq!(a, fingerprint_of(&SEED, &[(2, 100), (3, 50), (1, 100)]));
+        // Another seed, one weight changed, a backend more or less: another fingerprint.
+        assert_ne!(a, fingerprint_of(&[1, 2], &[(1, 100), (2, 100), (3, 50)]));
+        assert_ne!(a, fingerprint_of(&SEED, &[(1, 100), (2, 100), (3, 51)]));
+        assert_ne!(a, fingerprint_of(&SEED, &[(1, 100), (2, 100)]));
+        assert_ne!(
+            a,
+            fingerprint_of(&SEED, &[(1, 100), (2, 100), (3, 50), (4, 1)])
+        );
+        // The same table placed by the 5-tuple, or of another size, is another table.
+        let backends: Vec<_> = (1..=3).map(|i| backend(i, 100)).collect();
+        let table = build_table(&SEED, &backends, 65_537);
+        let source = table_fingerprint(&SEED, &table, &backends, crate::FAMILY_V4, false);
+        let tuple = table_fingerprint(&SEED, &table, &backends, crate::FAMILY_V4, true);
+        assert_ne!(source, tuple);
+        let small = build_table(&SEED, &backends, 65_521);
+        assert_ne!(
+            source,
+            table_fingerprint(&SEED, &small, &backends, crate::FAMILY_V4, false)
+        );
+        // An empty table (no backend up) has a fingerprint of its own too.
+        let empty = build_table(&SEED, &[], 65_537);
+        let none = table_fingerprint(&SEED, &empty, &[], crate::FAMILY_V4, false);
+        assert_ne!(none, source);
+        assert_eq!(
+            none,
+            table_fingerprint(&SEED, &empty, &[], crate::FAMILY_V4, false)
+        );
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<u32> {

@@ -47,6 +47,9 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// This node: drain, undrain, check (for keepalived's track_script).
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// The backend a client reaches now, and why (hash and slot, or the connection table).
     Lookup {
         service: String,
@@ -119,6 +122,18 @@ pub enum BackendCommand {
         address: IpAddr,
         weight: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Withdraw every VIP route of this node (kept across restarts); flows that still arrive
+    /// are forwarded.
+    Drain,
+    /// Announce the serving VIPs again.
+    Undrain,
+    /// Exit 0 when this node would announce at least one VIP (not drained, the data path
+    /// attached, a service with a backend up), else 1: for keepalived's track_script.
+    Check,
 }
 
 #[derive(Parser, Debug)]

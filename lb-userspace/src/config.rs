@@ -142,6 +142,55 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub hash_seed: Option<[u64; 2]>,
     pub log_level: Option<String>,
+    /// `node_name`: as configured; the host name when None (see [`Daemon::node_name`]).
+    pub node_name: Option<String>,
+    /// `[daemon.announce]`: the VIP host routes lbd keeps for a routing daemon, if configured.
+    pub announce: Option<Announce>,
+}
+
+/// `[daemon.announce]`: where lbd keeps a host route for each serving VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    /// The kernel routing table (RTA_TABLE) the routes go into.
+    pub table: u32,
+    /// Their rtnetlink protocol (rtm_protocol): how lbd, and the routing daemon, tell them apart.
+    pub protocol: u8,
+}
+
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 100;
+pub const DEFAULT_ANNOUNCE_PROTOCOL: u8 = 200;
+
+impl Default for Announce {
+    fn default() -> Self {
+        Announce {
+            table: DEFAULT_ANNOUNCE_TABLE,
+            protocol: DEFAULT_ANNOUNCE_PROTOCOL,
+        }
+    }
+}
+
+impl Daemon {
+    /// This node's name: `node_name`, else the host name (of lbd's UTS namespace), else
+    /// "unnamed" when even that cannot be read.
+    pub fn node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .or_else(host_name)
+            .unwrap_or_else(|| "unnamed".into())
+    }
+}
+
+/// The host name (gethostname(2)), if it can be read and is UTF-8.
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for writes of its whole length, which is what we pass.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,6 +258,15 @@ struct RawDaemon {
     state_dir: Option<Spanned<PathBuf>>,
     hash_seed: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    node_name: Option<Spanned<String>>,
+    announce: Option<Spanned<RawAnnounce>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    table: Option<Spanned<i64>>,
+    protocol: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +370,14 @@ impl Config {
                 s.backends.len(),
                 s.health.check
             ));
+        }
+        out.push_str(&format!("  node {}", self.daemon.node_name()));
+        match self.daemon.announce {
+            Some(a) => out.push_str(&format!(
+                ", serving VIPs announced as host routes in table {} with protocol {}\n",
+                a.table, a.protocol
+            )),
+            None => out.push_str(", VIPs not announced (no [daemon.announce])\n"),
         }
         out
     }

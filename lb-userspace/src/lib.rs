@@ -8,6 +8,7 @@
 //! `run` (lbd as a process: wires `daemon` and `api` together and runs until told to stop) and
 //! `client` (lbctl's side of the socket).
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod client;

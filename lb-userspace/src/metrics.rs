@@ -10,7 +10,9 @@
 //! `lb_service_packets_total{service}`, `lb_service_bytes_total{service}`,
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
 //! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`,
-//! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`.
+//! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`,
+//! `lb_service_table_fingerprint{service}` (the low 52 bits of the Maglev table's fingerprint:
+//! a float holds them exactly), `lb_node_drained` (0/1), `lb_announced_vips`.
 
 use std::future::Future;
 
@@ -40,6 +42,18 @@ pub struct Snapshot {
     /// Drop reason label → packets.
     pub dropped: Vec<(String, u64)>,
     pub health_checks: Vec<HealthCount>,
+    /// `lbctl node drain`.
+    pub node_drained: bool,
+    /// VIP routes in the announce table, as the announcer last found them (0 without
+    /// `[daemon.announce]`).
+    pub announced_vips: u64,
+}
+
+/// The part of a 64-bit fingerprint a metric value carries: its low 52 bits, which a float64
+/// (Prometheus' sample type) holds exactly; the last 13 hex digits of the fingerprint
+/// `lbctl status` shows.
+pub fn fingerprint_metric(fingerprint: u64) -> u64 {
+    fingerprint & ((1 << 52) - 1)
 }
 
 #[derive(Clone, Debug, Default)]
@@ -48,6 +62,8 @@ pub struct ServiceMetrics {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendMetrics>,
+    /// The Maglev table's fingerprint (all 64 bits).
+    pub fingerprint: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -159,6 +175,33 @@ impl Collector for SnapshotCollector {
                 )
             }),
         )?;
+        family(
+            &mut encoder,
+            "lb_service_table_fingerprint",
+            "Low 52 bits of the fingerprint of the service's Maglev table (keyed with the hash \
+             seed; the last 13 hex digits of lbctl status's): equal on every node that places \
+             every client of the service alike.",
+            s.services.iter().map(|svc| {
+                (
+                    [("service", svc.name.as_str())],
+                    ConstGauge::new(fingerprint_metric(svc.fingerprint)),
+                )
+            }),
+        )?;
+        let metric = encoder.encode_descriptor(
+            "lb_node_drained",
+            "Whether the node is drained (lbctl node drain): it announces no VIP.",
+            None,
+            ConstGauge::<u64>::TYPE,
+        )?;
+        ConstGauge::new(u64::from(s.node_drained)).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "lb_announced_vips",
+            "VIP host routes in the announce table ([daemon.announce]; 0 without it).",
+            None,
+            ConstGauge::<u64>::TYPE,
+        )?;
+        ConstGauge::new(s.announced_vips).encode(metric)?;
         let metric = encoder.encode_descriptor(
             "lb_conntrack_entries",
             "Entries in the connection table.",
@@ -277,14 +320,18 @@ mod tests {
                         backend("192.0.2.11", 600, true, 100),
                         backend("192.0.2.12", 400, false, 50),
                     ],
+                    fingerprint: 0xfedc_ba98_7654_3210,
                 },
                 ServiceMetrics {
                     name: "dns".into(),
                     packets: 7,
                     bytes: 420,
                     backends: vec![backend("2001:db8::53", 7, true, 0)],
+                    fingerprint: 1,
                 },
             ],
+            node_drained: true,
+            announced_vips: 2,
             conntrack_entries: 12,
             conntrack_capacity: 1_048_576,
             changed_slots: 7,
@@ -352,6 +399,13 @@ mod tests {
             r#"lb_backend_weight{service="dns",backend="2001:db8::53"}"#,
             "0",
         ),
+        (
+            r#"lb_service_table_fingerprint{service="web"}"#,
+            "3582863703552528",
+        ),
+        (r#"lb_service_table_fingerprint{service="dns"}"#, "1"),
+        ("lb_node_drained", "1"),
+        ("lb_announced_vips", "2"),
         ("lb_conntrack_entries", "12"),
         ("lb_conntrack_capacity", "1048576"),
         ("lb_changed_slots", "7"),
@@ -390,6 +444,9 @@ mod tests {
             ("lb_backend_weight", "gauge"),
             ("lb_conntrack_entries", "gauge"),
             ("lb_conntrack_capacity", "gauge"),
+            ("lb_service_table_fingerprint", "gauge"),
+            ("lb_node_drained", "gauge"),
+            ("lb_announced_vips", "gauge"),
             ("lb_dropped", "counter"),
             ("lb_health_checks", "counter"),
         ] {
@@ -433,6 +490,8 @@ mod tests {
         assert_eq!(
             samples(&text),
             vec![
+                ("lb_node_drained".to_string(), "0".to_string()),
+                ("lb_announced_vips".to_string(), "0".to_string()),
                 ("lb_conntrack_entries".to_string(), "0".to_string()),
                 ("lb_conntrack_capacity".to_string(), "0".to_string()),
                 ("lb_changed_slots".to_string(), "0".to_string()),

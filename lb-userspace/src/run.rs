@@ -1,7 +1,8 @@
 //! lbd as a process: start (config, lock, seed, interfaces, data path, runtime state, hops,
 //! maps, then the control socket and metrics once everything is ready), signals (SIGHUP
 //! reloads the file, SIGTERM and SIGINT stop lbd with the data path forwarding), sd_notify,
-//! shutdown and `lbd --cleanup`. The one place that wires `daemon` and `api` together.
+//! shutdown and `lbd --cleanup`. The one place that wires `daemon`, `announce` and `api`
+//! together.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +15,7 @@ use log::{error, info, warn};
 use tokio::sync::mpsc;
 
 use crate::{
-    api, config,
+    announce, api, config,
     daemon::{
         ConntrackUse, Daemon, Shared, follow::follow, interfaces::check_pinned_link, plan, resolve,
     },
@@ -85,6 +86,14 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     );
     daemon.start(&interfaces)?;
 
+    // The routes follow the serving VIPs from now on: the runtime state is filled and the
+    // program attached, so a restarted lbd finds its routes as it left them (no flap).
+    let announcer = match (daemon.config.daemon.announce, daemon.take_announce_ends()) {
+        (Some(cfg), Some((serving, report))) => {
+            Some(tokio::spawn(announce::follow(cfg, serving, report)))
+        }
+        _ => None,
+    };
     let bpffs_dir = daemon.config.daemon.bpffs_dir.clone();
     let conntrack_use = daemon.conntrack.clone();
     let socket_path = daemon.config.daemon.socket.clone();
@@ -154,6 +163,10 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     api::serve(listener, shared.clone(), signals).await?;
     follower.abort();
     health_task.abort();
+    // The VIP routes stay (a restart or upgrade does not withdraw them).
+    if let Some(a) = announcer {
+        a.abort();
+    }
     shared.lock().await.stop();
     socket_file.remove();
     Ok(())
@@ -285,6 +298,31 @@ fn notify(states: &[sd_notify::NotifyState]) {
 pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     let config = config::load(config_path)?.config;
     let _lock = crate::lock::cleanup(&config.daemon)?;
+    // The VIP routes go first: the node stops attracting traffic before it stops balancing.
+    if let Some(cfg) = config.daemon.announce {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime for netlink")?;
+        let removed = runtime.block_on(announce::cleanup(&cfg)).with_context(|| {
+            format!(
+                "removing the VIP routes of table {} (protocol {})",
+                cfg.table, cfg.protocol
+            )
+        })?;
+        for vip in &removed {
+            info!(
+                "withdrawn: {vip} (route removed from table {}, protocol {})",
+                cfg.table, cfg.protocol
+            );
+        }
+        if removed.is_empty() {
+            info!(
+                "no VIP route in table {} with protocol {}",
+                cfg.table, cfg.protocol
+            );
+        }
+    }
     let removed = datapath::cleanup(&config.daemon.bpffs_dir)?;
     if removed.is_empty() {
         info!("nothing pinned under {}", config.daemon.bpffs_dir.display());

@@ -15,6 +15,8 @@ use lb_common::Addr;
 pub const SEED_FILE: &str = "hash_seed";
 /// The weights drained backends had before their drain, in `daemon.state_dir`.
 pub const DRAINED_FILE: &str = "drained.json";
+/// Whether this node is drained (`lbctl node drain`), in `daemon.state_dir`.
+pub const NODE_FILE: &str = "node.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -243,6 +245,41 @@ pub fn save_drained(state_dir: &Path, drained: &BTreeMap<String, u32>) -> Result
     write_atomic(&state_dir.join(DRAINED_FILE), text.as_bytes())
 }
 
+/// What lbd keeps about the node itself (`state_dir/node.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeState {
+    /// `lbctl node drain`: no VIP is announced until `lbctl node undrain`.
+    pub drained: bool,
+}
+
+/// The node's state as kept in `state_dir`: not drained when the file is missing. A file that
+/// cannot be read or understood counts as drained (logged, naming the file and the way out):
+/// an operator drained the node to take it out of the routing, and a damaged file must not
+/// bring it back unasked; `lbctl node undrain` writes a good file.
+pub fn load_node(state_dir: &Path) -> NodeState {
+    let path = state_dir.join(NODE_FILE);
+    let damaged = |why: String| {
+        log::warn!(
+            "{}: {why}; the node stays drained (no VIP is announced) until `lbctl node undrain`",
+            path.display()
+        );
+        NodeState { drained: true }
+    };
+    match fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            damaged(format!("not a node state like {{\"drained\": true}} ({e})"))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => NodeState::default(),
+        Err(e) => damaged(format!("cannot be read ({e})")),
+    }
+}
+
+/// Keeps the node's state in `state_dir` (atomically).
+pub fn save_node(state_dir: &Path, node: &NodeState) -> Result<(), StateError> {
+    let text = serde_json::to_string(node).unwrap_or_default() + "\n";
+    write_atomic(&state_dir.join(NODE_FILE), text.as_bytes())
+}
+
 pub fn seed_hex(seed: &[u64; 2]) -> String {
     format!("{:016x}{:016x}", seed[0], seed[1])
 }
@@ -411,6 +448,20 @@ mod tests {
         let drained = BTreeMap::from([("web 192.0.2.11".to_string(), 70)]);
         save_drained(&dir.0, &drained).unwrap();
         assert_eq!(load_drained(&dir.0), drained);
+    }
+
+    #[test]
+    fn the_node_state_is_kept_and_a_damaged_file_means_drained() {
+        let dir = TempDir::new("node");
+        prepare_state_dir(&dir.0).unwrap();
+        assert_eq!(load_node(&dir.0), NodeState { drained: false });
+        save_node(&dir.0, &NodeState { drained: true }).unwrap();
+        assert_eq!(load_node(&dir.0), NodeState { drained: true });
+        assert_eq!(mode(&dir.0.join(NODE_FILE)), 0o600);
+        save_node(&dir.0, &NodeState { drained: false }).unwrap();
+        assert_eq!(load_node(&dir.0), NodeState { drained: false });
+        fs::write(dir.0.join(NODE_FILE), "{\"drained\": tru").unwrap();
+        assert_eq!(load_node(&dir.0), NodeState { drained: true });
     }
 
     #[test]

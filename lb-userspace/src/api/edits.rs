@@ -227,3 +227,82 @@ pub(super) async fn backend_weight(
     })
     .await
 }
+
+// ---- the node ----
+
+/// How long `lbctl node drain` and `undrain` wait for the routes to follow.
+const ROUTES_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub(super) async fn node_drain(State(shared): State<Shared>) -> Reply<Changed> {
+    set_node_drained(&shared, true).await
+}
+
+pub(super) async fn node_undrain(State(shared): State<Shared>) -> Reply<Changed> {
+    set_node_drained(&shared, false).await
+}
+
+/// Drains or undrains the node (kept in state_dir, not in the config file) and, with
+/// `[daemon.announce]`, answers once the routes follow. Draining a drained node (or undraining
+/// one that is not) changes nothing and is no error: scripts may repeat it.
+async fn set_node_drained(shared: &Shared, drained: bool) -> Reply<Changed> {
+    let _one_change_at_a_time = shared.change().await;
+    let (name, was, before, after, generation, mut report, announce) = {
+        let mut d = shared.lock().await;
+        let was = d.node_drained();
+        let before = d.serving_vips();
+        let generation = d.set_node_drained(drained).map_err(|e| {
+            internal(format!(
+                "the node's state could not be kept, nothing changed: {e}"
+            ))
+        })?;
+        (
+            d.config.daemon.node_name(),
+            was,
+            before,
+            d.serving_vips(),
+            generation,
+            d.announce_report(),
+            d.config.daemon.announce,
+        )
+    };
+    let list = |vips: &std::collections::BTreeSet<std::net::IpAddr>| {
+        vips.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let line = match (was, drained) {
+        (true, true) => format!("node {name} is already drained: nothing changed"),
+        (false, false) => format!("node {name} is not drained: nothing changed"),
+        (false, true) if before.is_empty() => {
+            format!("node {name} drained (it served no VIP)")
+        }
+        (false, true) => format!("node {name} drained: no longer serving {}", list(&before)),
+        (true, false) if after.is_empty() => {
+            format!("node {name} undrained: no VIP serves yet (no service has a backend up)")
+        }
+        (true, false) => format!("node {name} undrained: serving {}", list(&after)),
+    };
+    if announce.is_some() {
+        let followed = tokio::time::timeout(
+            ROUTES_DEADLINE,
+            report.wait_for(|r| r.generation >= generation),
+        )
+        .await;
+        let problem = match followed {
+            Ok(Ok(r)) => r.error.clone(),
+            Ok(Err(_)) => Some("lbd's announcer is not running".into()),
+            Err(_) => Some(format!(
+                "not done within {ROUTES_DEADLINE:?} (see lbd's log)"
+            )),
+        };
+        if let Some(problem) = problem {
+            return Err(internal(format!(
+                "{line}, but the VIP routes did not follow: {problem}"
+            )));
+        }
+    }
+    Ok(Json(Changed {
+        changes: vec![line],
+    }))
+}

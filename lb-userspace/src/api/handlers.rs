@@ -59,11 +59,16 @@ fn interface_status(a: &Attachment) -> InterfaceStatus {
 }
 
 pub(super) async fn status(State(shared): State<Shared>) -> Json<Status> {
-    let mut status = status_of(&*shared.lock().await);
-    // Each interface as it is now (netlink and link info), without holding the daemon.
+    let (mut status, mut node) = {
+        let d = shared.lock().await;
+        (status_of(&d), node_of(&d))
+    };
+    // Each interface as it is now (netlink and link info), and the routes in the announce
+    // table, without holding the daemon.
     let bpffs_dir = std::path::PathBuf::from(&status.bpffs_dir);
     match crate::netlink::Netlink::new() {
         Ok(netlink) => {
+            announced_now(&netlink, &mut node).await;
             for i in &mut status.interfaces {
                 match crate::daemon::interface_now(&netlink, &bpffs_dir, &i.name).await {
                     Ok(now) => {
@@ -78,9 +83,61 @@ pub(super) async fn status(State(shared): State<Shared>) -> Json<Status> {
             for i in &mut status.interfaces {
                 i.problem = Some(e.to_string());
             }
+            if node.announce.is_some() {
+                node.announce_problem = Some(e.to_string());
+            }
         }
     }
+    status.announced = node.announced;
+    status.announce_problem = node.announce_problem;
     Json(status)
+}
+
+/// The node as the daemon sees it; `announced` is what the announcer last reported (see
+/// `announced_now` for the kernel's word).
+pub(super) fn node_of(d: &Daemon) -> NodeStatus {
+    let report = d.announce_report();
+    let report = report.borrow();
+    let announce = d.config.daemon.announce.map(|a| AnnounceConfig {
+        table: a.table,
+        protocol: a.protocol,
+    });
+    NodeStatus {
+        node_name: d.config.daemon.node_name(),
+        drained: d.node_drained(),
+        serving: d.serving_vips().iter().map(|v| v.to_string()).collect(),
+        announced: match announce {
+            Some(_) => report.installed.iter().map(|v| v.to_string()).collect(),
+            None => vec![],
+        },
+        announce_problem: announce.and(report.error.clone()),
+        announce,
+    }
+}
+
+/// Reads the announce table: `announced` becomes the VIP routes actually there.
+async fn announced_now(netlink: &crate::netlink::Netlink, node: &mut NodeStatus) {
+    let Some(a) = node.announce else {
+        return;
+    };
+    let cfg = crate::config::Announce {
+        table: a.table,
+        protocol: a.protocol,
+    };
+    match crate::announce::installed(netlink, &cfg).await {
+        Ok(vips) => node.announced = vips.iter().map(|v| v.to_string()).collect(),
+        Err(e) => node.announce_problem = Some(e.to_string()),
+    }
+}
+
+pub(super) async fn node(State(shared): State<Shared>) -> Json<NodeStatus> {
+    let mut node = node_of(&*shared.lock().await);
+    match crate::netlink::Netlink::new() {
+        Ok(netlink) => announced_now(&netlink, &mut node).await,
+        Err(e) if node.announce.is_some() => node.announce_problem = Some(e.to_string()),
+        Err(_) => {}
+    }
+    Json(node)
 }
 
 fn status_of(d: &Daemon) -> Status {
@@ -99,7 +156,31 @@ fn status_of(d: &Daemon) -> Status {
             .iter()
             .map(interface_status)
             .collect(),
-        services: d.services.len(),
+        node_name: d.config.daemon.node_name(),
+        drained: d.node_drained(),
+        serving: d.serving_vips().iter().map(|v| v.to_string()).collect(),
+        announced: vec![],
+        announce: d.config.daemon.announce.map(|a| AnnounceConfig {
+            table: a.table,
+            protocol: a.protocol,
+        }),
+        announce_problem: None,
+        services: d
+            .services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.cfg.name.clone(),
+                vip: s.cfg.vip,
+                port: s.cfg.port,
+                protocol: s.cfg.protocol,
+                up: s
+                    .backends
+                    .iter()
+                    .filter(|b| b.state() == BackendState::Up)
+                    .count(),
+                fingerprint: format!("{:016x}", s.fingerprint()),
+            })
+            .collect(),
         backends: d.services.iter().map(|s| s.backends.len()).sum(),
     }
 }

@@ -248,5 +248,8 @@ pub fn router(shared: Shared) -> Router {
             put(backend_weight),
         )
         .route("/v1/lookup", get(lookup))
+        .route("/v1/node", get(node))
+        .route("/v1/node/drain", post(node_drain))
+        .route("/v1/node/undrain", post(node_undrain))
         .with_state(shared)
 }

@@ -36,6 +36,7 @@ pub fn counters<'a>(
                         }
                     })
                     .collect(),
+                fingerprint: s.fingerprint(),
             }
         })
         .collect();
@@ -61,6 +62,11 @@ pub fn counters<'a>(
                 count: *count,
             })
             .collect(),
+        node_drained: d.node_drained(),
+        announced_vips: match d.config.daemon.announce {
+            Some(_) => d.announce_report().borrow().installed.len() as u64,
+            None => 0,
+        },
     }
 }
 
@@ -130,12 +136,14 @@ mod tests {
                     packets: 30,
                     bytes: 1800,
                     backends: vec![backend("192.0.2.11", 10), backend("192.0.2.12", 20)],
+                    fingerprint: 7,
                 },
                 ServiceMetrics {
                     name: "dns".into(),
                     packets: 0,
                     bytes: 0,
                     backends: vec![],
+                    fingerprint: 8,
                 },
             ],
             conntrack_entries: 3,
@@ -143,6 +151,8 @@ mod tests {
             changed_slots: 2,
             dropped: vec![("no_backend".into(), 4), ("malformed".into(), 1)],
             health_checks: vec![],
+            node_drained: false,
+            announced_vips: 0,
         };
         let stats = serde_json::to_value(Stats::from(&snapshot)).unwrap();
         assert_eq!(

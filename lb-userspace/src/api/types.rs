@@ -26,8 +26,57 @@ pub struct Status {
     pub bpffs_dir: String,
     pub start: crate::datapath::Start,
     pub interfaces: Vec<InterfaceStatus>,
-    pub services: usize,
+    /// This node's name (`daemon.node_name`, else the host name).
+    pub node_name: String,
+    /// `lbctl node drain`: no VIP is announced.
+    pub drained: bool,
+    /// The VIPs this node serves now (what it announces with `[daemon.announce]`).
+    pub serving: Vec<String>,
+    /// The VIPs whose host routes are in the announce table now (empty without
+    /// `[daemon.announce]`).
+    pub announced: Vec<String>,
+    /// `[daemon.announce]`, if configured.
+    pub announce: Option<AnnounceConfig>,
+    /// Why the routes are not in step with the serving VIPs, if they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_problem: Option<String>,
+    pub services: Vec<ServiceStatus>,
     pub backends: usize,
+}
+
+/// `[daemon.announce]` as lbd runs with it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    pub table: u32,
+    pub protocol: u8,
+}
+
+/// A service in `lbctl status`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Backends up (taking new clients).
+    pub up: usize,
+    /// The Maglev table's fingerprint (`lb_common::maglev::table_fingerprint`, keyed with the
+    /// hash seed), 16 hex digits: equal on nodes that place every client alike.
+    pub fingerprint: String,
+}
+
+/// `GET /v1/node`: the node's name, drain and what it serves and announces.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NodeStatus {
+    pub node_name: String,
+    pub drained: bool,
+    /// The VIPs this node serves (and, with `[daemon.announce]`, announces): `lbctl node
+    /// check` succeeds when there is one.
+    pub serving: Vec<String>,
+    pub announced: Vec<String>,
+    pub announce: Option<AnnounceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_problem: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -6,10 +6,10 @@ use clap::Parser;
 use hyper::Method;
 use lb_userspace::{
     api::{
-        BackendInfo, Changed, Lookup, NewBackend, NewService, NewWeight, Removal, ServiceInfo,
-        Stats, Status,
+        BackendInfo, Changed, Lookup, NewBackend, NewService, NewWeight, NodeStatus, Removal,
+        ServiceInfo, Stats, Status,
     },
-    cli::{BackendCommand, Command, LbctlArgs, ServiceCommand},
+    cli::{BackendCommand, Command, LbctlArgs, NodeCommand, ServiceCommand},
     client::Client,
     datapath::Start,
 };
@@ -33,6 +33,14 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row.clone());
+    }
+}
+
+fn list_or_none(l: &[String]) -> String {
+    if l.is_empty() {
+        "none".into()
+    } else {
+        l.join(", ")
     }
 }
 
@@ -128,7 +136,41 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
     Ok(())
 }
 
-async fn run(args: LbctlArgs) -> anyhow::Result<()> {
+/// Runs the command; its exit code (1 also for `node check` finding nothing to announce).
+async fn run(args: LbctlArgs) -> anyhow::Result<ExitCode> {
+    if let Command::Node(NodeCommand::Check) = args.command {
+        return node_check(&Client::new(&args.socket), args.json).await;
+    }
+    run_command(args).await.map(|()| ExitCode::SUCCESS)
+}
+
+/// `lbctl node check`: 0 when the node would announce a VIP, else 1 (keepalived's
+/// track_script); an lbd that does not answer is an error (also exit 1).
+async fn node_check(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let n: NodeStatus = client.get("/v1/node").await?;
+    if json {
+        print_json(&n)?;
+    } else if n.serving.is_empty() {
+        println!(
+            "node {} would announce no VIP: {}",
+            n.node_name,
+            if n.drained {
+                "it is drained"
+            } else {
+                "no service has a backend up (or the data path is not attached)"
+            }
+        );
+    } else {
+        println!("node {} serves {}", n.node_name, n.serving.join(", "));
+    }
+    Ok(if n.serving.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.socket);
     let json = args.json;
     match args.command {
@@ -162,7 +204,29 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                             .to_string(),
                 }
             );
-            println!("{} service(s), {} backend(s)\n", s.services, s.backends);
+            println!(
+                "node {}{}; serving {}; announced {}",
+                s.node_name,
+                if s.drained { " (drained)" } else { "" },
+                list_or_none(&s.serving),
+                match &s.announce {
+                    Some(a) => format!(
+                        "{} (table {}, protocol {})",
+                        list_or_none(&s.announced),
+                        a.table,
+                        a.protocol
+                    ),
+                    None => "nothing (no [daemon.announce])".into(),
+                }
+            );
+            if let Some(p) = &s.announce_problem {
+                println!("announce problem: {p}");
+            }
+            println!(
+                "{} service(s), {} backend(s)\n",
+                s.services.len(),
+                s.backends
+            );
             let rows: Vec<Vec<String>> = s
                 .interfaces
                 .iter()
@@ -182,7 +246,39 @@ async fn run(args: LbctlArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             print_table(&["INTERFACE", "STATE", "IFINDEX", "MODE", "LINK"], &rows);
+            if !s.services.is_empty() {
+                println!();
+                let rows: Vec<Vec<String>> = s
+                    .services
+                    .iter()
+                    .map(|svc| {
+                        vec![
+                            svc.name.clone(),
+                            svc.vip.to_string(),
+                            svc.port.to_string(),
+                            svc.protocol.to_string(),
+                            svc.up.to_string(),
+                            svc.fingerprint.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["SERVICE", "VIP", "PORT", "PROTOCOL", "UP", "FINGERPRINT"],
+                    &rows,
+                );
+            }
         }
+        Command::Node(NodeCommand::Drain) => {
+            let c: Changed = client.request(Method::POST, "/v1/node/drain", None).await?;
+            print_changes(json, &c)?;
+        }
+        Command::Node(NodeCommand::Undrain) => {
+            let c: Changed = client
+                .request(Method::POST, "/v1/node/undrain", None)
+                .await?;
+            print_changes(json, &c)?;
+        }
+        Command::Node(NodeCommand::Check) => unreachable!("answered by node_check"),
         Command::Service(ServiceCommand::List) => {
             let list: Vec<ServiceInfo> = client.get("/v1/services").await?;
             if json {
@@ -467,7 +563,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lbctl: {e:#}");
             ExitCode::FAILURE

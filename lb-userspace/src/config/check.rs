@@ -237,6 +237,13 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         }
         v
     });
+    let node_name = d.node_name.map(|n| {
+        if let Some(problem) = name_problem(n.get_ref()) {
+            c.error(&n, "daemon.node_name", problem);
+        }
+        n.into_inner()
+    });
+    let announce = d.announce.map(|a| check_announce(c, a.into_inner()));
     Daemon {
         interfaces,
         xdp_mode: d.xdp_mode,
@@ -248,8 +255,81 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),
         hash_seed,
         log_level,
+        node_name,
+        announce,
     }
 }
+
+/// `[daemon.announce]`: a routing table and a protocol number that are lbd's alone.
+fn check_announce(c: &mut Checker, a: RawAnnounce) -> Announce {
+    let mut out = Announce::default();
+    if let Some(t) = a.table {
+        let v = *t.get_ref();
+        match v {
+            0 | 252..=255 => c.error(
+                &t,
+                "daemon.announce.table",
+                format!(
+                    "{v} is a table the kernel reserves (0 unspec, 252 compat, 253 default, 254 main, 255 local): lbd adds and removes every route of its protocol in its table, so give it a table of its own, 1 to 251 or 256 to 4294967295 (e.g. 100)"
+                ),
+            ),
+            1..=0xffff_ffff => out.table = v as u32,
+            _ => c.error(
+                &t,
+                "daemon.announce.table",
+                format!("{v} is not a routing table id: 1 to 4294967295, not 252 to 255 (e.g. 100)"),
+            ),
+        }
+    }
+    if let Some(p) = a.protocol {
+        let v = *p.get_ref();
+        match v {
+            0..=4 => c.error(
+                &p,
+                "daemon.announce.protocol",
+                format!(
+                    "{v} is reserved to the kernel (0 unspec, 1 redirect, 2 kernel, 3 boot, 4 static): routing daemons treat such routes as the kernel's or the operator's; choose a number of lbd's own, 5 to 255 (e.g. 200)"
+                ),
+            ),
+            _ if ROUTING_DAEMON_PROTOCOLS.iter().any(|&(n, _)| n as i64 == v) => {
+                let who = ROUTING_DAEMON_PROTOCOLS
+                    .iter()
+                    .find(|&&(n, _)| n as i64 == v)
+                    .map_or("", |&(_, who)| who);
+                c.error(
+                    &p,
+                    "daemon.announce.protocol",
+                    format!(
+                        "{v} is the protocol of {who}'s own routes: it would take lbd's routes for its own (and remove them); choose another number, 5 to 255 (e.g. 200)"
+                    ),
+                )
+            }
+            5..=255 => out.protocol = v as u8,
+            _ => c.error(
+                &p,
+                "daemon.announce.protocol",
+                format!("{v} is not an rtnetlink protocol number: 5 to 255 (e.g. 200)"),
+            ),
+        }
+    }
+    out
+}
+
+/// Protocol numbers (iproute2's rt_protos) under which routing daemons install routes of their
+/// own, which they take back or flush at start: never lbd's.
+const ROUTING_DAEMON_PROTOCOLS: [(u8, &str); 11] = [
+    (11, "zebra (Quagga, FRR)"),
+    (12, "BIRD"),
+    (16, "a DHCP client"),
+    (18, "keepalived"),
+    (42, "babeld"),
+    (186, "FRR's bgpd"),
+    (187, "FRR's isisd"),
+    (188, "FRR's ospfd"),
+    (189, "FRR's ripd"),
+    (192, "FRR's eigrpd"),
+    (99, "Open/R"),
+];
 
 /// Largest `daemon.idle_hold_s`: ten years, "for as long as the old backend lives".
 const MAX_IDLE_HOLD_S: u64 = 10 * 366 * 86_400;

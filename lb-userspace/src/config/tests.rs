@@ -210,3 +210,97 @@ fn idle_hold_defaults_to_two_and_a_half_hours_and_is_checked() {
     let src = GOOD.replacen("[daemon]\n", "[daemon]\nidle_hold_s = -1\n", 1);
     assert_eq!(problems(&src)[0].key, "daemon.idle_hold_s");
 }
+
+/// GOOD with `[daemon.announce]` holding `body`, placed after `[daemon]`, and the line of
+/// `body`'s first line.
+fn with_announce(body: &str) -> (String, usize) {
+    let at = GOOD.find("[[service]]").unwrap();
+    let src = format!(
+        "{}[daemon.announce]\n{body}\n\n{}",
+        &GOOD[..at],
+        &GOOD[at..]
+    );
+    let line = GOOD[..at].lines().count() + 2;
+    (src, line)
+}
+
+#[test]
+fn node_name_defaults_to_the_host_name_and_announce_is_off_unless_configured() {
+    let c = parse(GOOD).unwrap().config;
+    assert_eq!(c.daemon.node_name, None);
+    assert_eq!(Some(c.daemon.node_name()), host_name());
+    assert_eq!(c.daemon.announce, None);
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nnode_name = \"lb1\"\n", 1);
+    assert_eq!(parse(&src).unwrap().config.daemon.node_name(), "lb1");
+    let p = problems(&GOOD.replacen("[daemon]\n", "[daemon]\nnode_name = \"lb 1\"\n", 1));
+    assert_eq!(
+        (p[0].key.as_str(), p[0].line),
+        ("daemon.node_name", Some(3)),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn announce_takes_defaults_and_values() {
+    let (src, _) = with_announce("");
+    let a = parse(&src).unwrap().config.daemon.announce;
+    assert_eq!(
+        a,
+        Some(Announce {
+            table: 100,
+            protocol: 200
+        })
+    );
+    let (src, _) = with_announce("table = 4242\nprotocol = 77");
+    let a = parse(&src).unwrap().config.daemon.announce.unwrap();
+    assert_eq!((a.table, a.protocol), (4242, 77));
+    let (src, _) = with_announce("table = 4294967295\nprotocol = 255");
+    let a = parse(&src).unwrap().config.daemon.announce.unwrap();
+    assert_eq!((a.table, a.protocol), (u32::MAX, 255));
+}
+
+#[test]
+fn announce_refuses_reserved_tables_and_protocols_naming_key_and_line() {
+    for (body, key, says) in [
+        ("table = 0", "daemon.announce.table", "reserves"),
+        ("table = 254", "daemon.announce.table", "254 main"),
+        ("table = 255", "daemon.announce.table", "255 local"),
+        ("table = 253", "daemon.announce.table", "253 default"),
+        ("table = -1", "daemon.announce.table", "not a routing table"),
+        (
+            "table = 4294967296",
+            "daemon.announce.table",
+            "not a routing table",
+        ),
+        (
+            "protocol = 0",
+            "daemon.announce.protocol",
+            "reserved to the kernel",
+        ),
+        ("protocol = 2", "daemon.announce.protocol", "2 kernel"),
+        ("protocol = 4", "daemon.announce.protocol", "4 static"),
+        ("protocol = 12", "daemon.announce.protocol", "BIRD"),
+        ("protocol = 186", "daemon.announce.protocol", "bgpd"),
+        ("protocol = 256", "daemon.announce.protocol", "5 to 255"),
+        ("table = \"main\"", "daemon.announce.table", ""),
+    ] {
+        let (src, line) = with_announce(body);
+        let p = problems(&src);
+        assert_eq!(p.len(), 1, "{body}: {p:?}");
+        assert_eq!(p[0].key, key, "{body}: {p:?}");
+        assert_eq!(p[0].line, Some(line), "{body}: {p:?}");
+        assert!(p[0].message.contains(says), "{body}: {p:?}");
+    }
+}
+
+#[test]
+fn announce_unknown_key_is_named_with_its_line() {
+    let (src, line) = with_announce("table = 100\nmetric = 5");
+    let p = problems(&src);
+    assert!(p[0].message.contains("metric"), "{p:?}");
+    assert_eq!(p[0].line, Some(line + 1), "{p:?}");
+    assert_eq!(p[0].key, "daemon.announce.metric", "{p:?}");
+    let p = problems(&GOOD.replacen("[daemon]\n", "[daemon]\nnode = \"lb1\"\n", 1));
+    assert!(p[0].message.contains("node"), "{p:?}");
+    assert_eq!(p[0].key, "daemon.node", "{p:?}");
+}

@@ -530,3 +530,66 @@ fn errors_name_what_is_missing_or_duplicated() {
 
 mod layouts;
 mod save;
+
+/// `[daemon]` with `node_name` and a `[daemon.announce]` table (issue 13) changes nothing for
+/// edits: services and backends are added, drained and removed around it, and it stays as
+/// written.
+#[test]
+fn edits_keep_the_announce_table() {
+    let announce = "[daemon.announce]   # routes for BIRD\ntable = 100\nprotocol = 200\n";
+    let src = ORIGINAL
+        .replace(
+            "xdp_mode    = \"auto\"\n",
+            "xdp_mode    = \"auto\"\nnode_name   = \"lb1\"\n",
+        )
+        .replacen("\n# -----", &format!("\n{announce}\n# -----"), 1);
+    let mut f = file(&src);
+    f.set_weight("web", ip("192.0.2.11"), 0).unwrap();
+    f.add_backend(
+        "dns",
+        &Backend {
+            address: ip("2001:db8::3"),
+            weight: 10,
+            mac: None,
+        },
+    )
+    .unwrap();
+    f.remove_service("web").unwrap();
+    f.add_service(&Service {
+        name: "api".into(),
+        vip: ip("203.0.113.20"),
+        port: 443,
+        protocol: Protocol::Tcp,
+        forwarding: config::Forwarding::Dsr,
+        hash: config::HashMode::Source,
+        table_size: 65_537,
+        tunnel_source: None,
+        health: config::Health::default(),
+        backends: vec![],
+    })
+    .unwrap();
+    let text = f.text();
+    assert!(text.contains(announce), "{text}");
+    let c = config::parse(&text)
+        .unwrap_or_else(|p| panic!("{p:?}\n{text}"))
+        .config;
+    assert_eq!(c.daemon.node_name.as_deref(), Some("lb1"));
+    assert_eq!(
+        c.daemon.announce,
+        Some(config::Announce {
+            table: 100,
+            protocol: 200
+        })
+    );
+    assert_eq!(
+        summary(&text),
+        vec![
+            dns(&[
+                ("2001:db8::1", 100),
+                ("2001:db8::2", 100),
+                ("2001:db8::3", 10)
+            ]),
+            ("api".into(), vec![])
+        ]
+    );
+}

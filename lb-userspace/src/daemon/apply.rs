@@ -4,7 +4,7 @@
 //! lbd's tasks reach it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -12,7 +12,7 @@ use std::{
 };
 
 use log::{error, info, warn};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use super::{
     fill::fill,
@@ -21,6 +21,7 @@ use super::{
         drained_key, mac_string,
     },
     plan::{self, Change, Plan},
+    serving::{AnnounceReport, Serving, serving_vips},
 };
 use crate::{config::Config, datapath::Datapath, health, state};
 
@@ -40,6 +41,17 @@ pub struct Daemon {
     pub health_counts: BTreeMap<(String, IpAddr, health::CheckResult), u64>,
     /// Flows in the connection table and its capacity, counted in the background.
     pub conntrack: Arc<ConntrackUse>,
+    /// `lbctl node drain`: no VIP serves (kept in state_dir).
+    node: state::NodeState,
+    /// Whether the program is on the configured interfaces (set at start, and as `follow`
+    /// finds them: false while none has it).
+    attached: bool,
+    /// The serving VIPs, published after every change (`publish_serving`).
+    serving: watch::Sender<Serving>,
+    /// What the announcer did last.
+    announce_report: watch::Receiver<AnnounceReport>,
+    /// The announcer's ends of both channels, until `run` hands them to it.
+    announce_ends: Option<(watch::Receiver<Serving>, watch::Sender<AnnounceReport>)>,
 }
 
 /// The connection table's use as last counted, and the Maglev slots changed then.
@@ -120,7 +132,14 @@ impl Daemon {
         services: Vec<ServiceRuntime>,
         monitor: health::Monitor,
     ) -> Daemon {
+        let (serving, serving_rx) = watch::channel(Serving::default());
+        let (report_tx, announce_report) = watch::channel(AnnounceReport::default());
         Daemon {
+            node: state::load_node(&config.daemon.state_dir),
+            attached: false,
+            serving,
+            announce_report,
+            announce_ends: Some((serving_rx, report_tx)),
             config_path,
             drained: state::load_drained(&config.daemon.state_dir),
             seed,
@@ -144,6 +163,8 @@ impl Daemon {
             self.datapath.attach(name, *index, mode)?;
         }
         self.datapath.finish_start()?;
+        self.attached = true;
+        self.publish_serving();
         for s in &self.services {
             for b in &s.backends {
                 let start = if b.healthy {
@@ -168,7 +189,81 @@ impl Daemon {
         let config = self.datapath.config_for(self.seed)?;
         let want = fill(config, &self.seed, &mut self.services);
         self.datapath.apply(&want)?;
+        self.publish_serving();
         Ok(())
+    }
+
+    /// The VIPs this node serves now (`serving::serving_vips`).
+    pub fn serving_vips(&self) -> BTreeSet<IpAddr> {
+        serving_vips(&self.services, self.attached, self.node.drained)
+    }
+
+    /// Publishes the serving VIPs to the announcer when they changed; returns the generation
+    /// published now (the announcer reports it once the routes follow).
+    fn publish_serving(&mut self) -> u64 {
+        let vips = self.serving_vips();
+        self.serving.send_if_modified(|s| {
+            if s.vips == vips {
+                return false;
+            }
+            info!(
+                "serving VIPs: {}",
+                if vips.is_empty() {
+                    "none".to_string()
+                } else {
+                    vips.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            s.vips = vips;
+            s.generation += 1;
+            true
+        });
+        self.serving.borrow().generation
+    }
+
+    /// Whether the node is drained (`lbctl node drain`).
+    pub fn node_drained(&self) -> bool {
+        self.node.drained
+    }
+
+    /// Drains or undrains the node: kept in state_dir first (refused, changing nothing, when
+    /// that fails), then published. Returns the generation of the serving VIPs to wait for.
+    pub fn set_node_drained(&mut self, drained: bool) -> Result<u64, state::StateError> {
+        let node = state::NodeState { drained };
+        if node != self.node {
+            state::save_node(&self.config.daemon.state_dir, &node)?;
+            self.node = node;
+            if drained {
+                warn!("node drained: no VIP is announced until `lbctl node undrain`");
+            } else {
+                info!("node undrained: serving VIPs are announced again");
+            }
+        }
+        Ok(self.publish_serving())
+    }
+
+    /// Whether the program is on the configured interfaces now (`follow` tells).
+    pub fn set_attached(&mut self, attached: bool) {
+        if attached != self.attached {
+            self.attached = attached;
+            self.publish_serving();
+        }
+    }
+
+    /// The announcer's ends of the channels: the serving VIPs to follow and where to report.
+    /// Once only (`run` starts the announcer with them).
+    pub fn take_announce_ends(
+        &mut self,
+    ) -> Option<(watch::Receiver<Serving>, watch::Sender<AnnounceReport>)> {
+        self.announce_ends.take()
+    }
+
+    /// What the announcer did last (a fresh receiver, e.g. to wait for a generation).
+    pub fn announce_report(&self) -> watch::Receiver<AnnounceReport> {
+        self.announce_report.clone()
     }
 
     /// The hops `reconcile` to `new` needs resolved (see `plan::hops_needed`).

@@ -145,5 +145,10 @@ pub(super) async fn follow_interfaces(
             }
         }
     }
+    // The VIPs serve while the program is on at least one of the interfaces.
+    let attached = names
+        .iter()
+        .any(|n| states.get(n) == Some(&InterfaceState::Attached));
+    shared.lock().await.set_attached(attached);
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod interfaces;
 pub mod model;
 pub mod plan;
 pub mod resolve;
+pub mod serving;
 #[cfg(test)]
 mod testing;
 

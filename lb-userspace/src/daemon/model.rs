@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc, time::SystemTime};
 
 use lb_common::{
     Backend, ServiceKey, ServiceValue, backend_flags,
-    maglev::{MaglevBackend, build_table},
+    maglev::{MaglevBackend, build_table, table_fingerprint},
     service_flags,
 };
 
@@ -218,6 +218,9 @@ pub struct ServiceRuntime {
     /// changes (shared with the fills that name it).
     pub table: Arc<[u32]>,
     built_from: Option<([u64; 2], u32, Vec<MaglevBackend>)>,
+    /// `table`'s fingerprint (`lb_common::maglev::table_fingerprint`), and whether it was taken
+    /// for 5-tuple hashing (None: not taken yet for this table).
+    fingerprint: (u64, Option<bool>),
 }
 
 pub fn service_key(s: &config::Service) -> ServiceKey {
@@ -237,6 +240,7 @@ impl ServiceRuntime {
             backends,
             table: Arc::from([]),
             built_from: None,
+            fingerprint: (0, None),
         }
     }
 
@@ -293,7 +297,28 @@ impl ServiceRuntime {
         if self.built_from.as_ref() != Some(&inputs) {
             self.table = build_table(seed, &inputs.2, self.cfg.table_size).into();
             self.built_from = Some(inputs);
+            self.fingerprint.1 = None;
         }
+        let five_tuple = self.cfg.hash == HashMode::FiveTuple;
+        if self.fingerprint.1 != Some(five_tuple)
+            && let Some((_, _, live)) = &self.built_from
+        {
+            let fp = table_fingerprint(
+                seed,
+                &self.table,
+                live,
+                state::family(self.cfg.vip),
+                five_tuple,
+            );
+            self.fingerprint = (fp, Some(five_tuple));
+        }
+    }
+
+    /// The fingerprint of the Maglev table (`lb_common::maglev::table_fingerprint`): equal on
+    /// every node with the same seed, backends, weights, table size and hash. 0 until the
+    /// table is first built.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint.0
     }
 
     /// Takes over the table `old` (the same service before a change) built, so that it is
@@ -301,6 +326,7 @@ impl ServiceRuntime {
     pub(super) fn keep_table_of(&mut self, old: ServiceRuntime) {
         self.table = old.table;
         self.built_from = old.built_from;
+        self.fingerprint = old.fingerprint;
     }
 
     pub fn backend(&self, address: IpAddr) -> Option<&BackendRuntime> {

@@ -47,6 +47,18 @@ pub enum NetlinkError {
         iface: String,
         cause: rtnetlink::Error,
     },
+    /// The routes of a table could not be listed.
+    #[error("cannot list the routes of table {table}: {}", Cause(.cause))]
+    RouteTable { table: u32, cause: rtnetlink::Error },
+    /// The kernel refused to add or remove a host route.
+    #[error("{action} the route {dst} in table {table} (protocol {protocol}) failed: {}", Cause(.cause))]
+    HostRoute {
+        action: &'static str,
+        dst: IpAddr,
+        table: u32,
+        protocol: u8,
+        cause: rtnetlink::Error,
+    },
     /// Nobody answered ARP/ND for the address within the timeout.
     #[error(
         "could not resolve the link-layer address of {addr} on {iface} within {timeout:?}: {detail}"
@@ -67,7 +79,9 @@ impl NetlinkError {
             Self::Link { cause, .. }
             | Self::Address { cause, .. }
             | Self::Route { cause, .. }
-            | Self::Neighbour { cause, .. } => errno(cause),
+            | Self::Neighbour { cause, .. }
+            | Self::RouteTable { cause, .. }
+            | Self::HostRoute { cause, .. } => errno(cause),
             _ => None,
         }
     }

@@ -8,8 +8,9 @@
 //! The netlink socket belongs to the network namespace of the thread that calls [`Netlink::new`].
 //!
 //!
-//! Its parts: `query` (interfaces, addresses, routes, next hops) and `neighbour` (the
-//! neighbour table, resolution) make requests; `watch` follows the kernel's notifications;
+//! Its parts: `query` (interfaces, addresses, routes, next hops), `neighbour` (the
+//! neighbour table, resolution) and `routes` (host routes of one table and protocol: list, add,
+//! remove) make requests; `watch` follows the kernel's notifications;
 //! `parse` reads the kernel's messages; `error` is `NetlinkError`. Each may call `parse` and
 //! `error`; `query` calls `neighbour` (a next hop needs its MAC).
 
@@ -17,6 +18,7 @@ mod error;
 mod neighbour;
 mod parse;
 mod query;
+mod routes;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -25,6 +27,7 @@ use std::net::IpAddr;
 
 pub use error::NetlinkError;
 pub use parse::ETH_P_8021Q;
+pub use routes::TableRoute;
 pub use watch::{Change, watch};
 
 /// A network interface as the kernel reports it.

@@ -475,3 +475,102 @@ fn next_hop_through_a_gateway_and_on_link() {
         "{err}"
     );
 }
+
+/// Host routes of one table and protocol (the announcer's): added on lo in both families, in a
+/// table past 255 too, listed as `ip` shows them, other protocols' routes in the same table
+/// neither listed nor removed; removing one already gone is no error. Then the announcer's
+/// `reconcile` on that table: it adopts what is there, removes what should not be, adds what
+/// is missing, and leaves other protocols' routes alone.
+#[test]
+fn host_routes_of_a_table_and_protocol() {
+    let lab = Lab::new();
+    let (lo, _) = lab.link(&lab.a, "lo");
+    let vip4: IpAddr = "203.0.113.10".parse().unwrap();
+    let vip6: IpAddr = "2001:db8::10".parse().unwrap();
+    let other: IpAddr = "203.0.113.99".parse().unwrap();
+    ip(&[
+        "-n",
+        &lab.a,
+        "route",
+        "add",
+        "203.0.113.99/32",
+        "dev",
+        "lo",
+        "table",
+        "100",
+        "proto",
+        "201",
+    ]);
+    let listed = lab.in_a(move |nl| async move {
+        nl.add_host_route(vip4, lo, 100, 200).await.unwrap();
+        nl.add_host_route(vip6, lo, 100, 200).await.unwrap();
+        // Again: replaced, not an error.
+        nl.add_host_route(vip4, lo, 100, 200).await.unwrap();
+        nl.add_host_route(vip4, lo, 70_000, 200).await.unwrap();
+        (
+            nl.table_routes(100, 200).await.unwrap(),
+            nl.table_routes(70_000, 200).await.unwrap(),
+        )
+    });
+    let dsts: Vec<IpAddr> = listed.0.iter().map(|r| r.dst).collect();
+    assert_eq!(dsts, vec![vip4, vip6], "{listed:?}");
+    assert!(
+        listed.0.iter().all(|r| r.is_host_route_on(lo)),
+        "{listed:?}"
+    );
+    assert_eq!(listed.1.len(), 1, "{listed:?}");
+    let shown = ip(&["-n", &lab.a, "-d", "route", "show", "table", "100"]);
+    assert!(
+        shown.contains("unicast 203.0.113.10 dev lo proto 200 scope link"),
+        "{shown}"
+    );
+    assert!(shown.contains("203.0.113.99 dev lo proto 201"), "{shown}");
+    let shown6 = ip(&["-n", &lab.a, "-6", "-d", "route", "show", "table", "100"]);
+    assert!(
+        shown6.contains("unicast 2001:db8::10 dev lo proto 200"),
+        "{shown6}"
+    );
+
+    let after = lab.in_a(move |nl| async move {
+        nl.remove_route(vip6, 128, 100, 200).await.unwrap();
+        nl.remove_route(vip6, 128, 100, 200).await.unwrap();
+        nl.remove_route(vip4, 32, 70_000, 200).await.unwrap();
+        nl.table_routes(100, 200).await.unwrap()
+    });
+    assert_eq!(
+        after.iter().map(|r| r.dst).collect::<Vec<_>>(),
+        vec![vip4],
+        "{after:?}"
+    );
+
+    // The announcer: a route of its protocol that is not a host route on lo is replaced, one
+    // of a VIP that does not serve removed, a missing one added; proto 201's stays.
+    ip(&[
+        "-n",
+        &lab.a,
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "dev",
+        "veth0",
+        "table",
+        "100",
+        "proto",
+        "200",
+    ]);
+    let cfg = crate::config::Announce {
+        table: 100,
+        protocol: 200,
+    };
+    let want: std::collections::BTreeSet<IpAddr> = [vip6].into_iter().collect();
+    let (done, now) = lab.in_a(move |nl| async move {
+        let done = crate::announce::reconcile(&nl, &cfg, &want).await.unwrap();
+        (done, crate::announce::installed(&nl, &cfg).await.unwrap())
+    });
+    assert_eq!(done, now);
+    assert_eq!(now.into_iter().collect::<Vec<_>>(), vec![vip6]);
+    let shown = ip(&["-n", &lab.a, "route", "show", "table", "100"]);
+    assert!(!shown.contains("198.51.100.0"), "{shown}");
+    assert!(!shown.contains("203.0.113.10"), "{shown}");
+    assert!(shown.contains(&other.to_string()), "{shown}");
+}
