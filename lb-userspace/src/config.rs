@@ -146,6 +146,18 @@ pub struct Daemon {
     pub node_name: Option<String>,
     /// `[daemon.announce]`: the VIP host routes lbd keeps for a routing daemon, if configured.
     pub announce: Option<Announce>,
+    /// `[daemon.sync]`: connection state shared with other lb nodes, if configured.
+    pub sync: Option<SyncPeers>,
+}
+
+/// `[daemon.sync]`: where this node listens for its peers' datagrams, who they are, and the
+/// key every datagram is sealed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPeers {
+    pub listen: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    /// Read when lbd starts (not by `lbd --check`): 64 hex digits.
+    pub key_file: PathBuf,
 }
 
 /// `[daemon.announce]`: where lbd keeps a host route for each serving VIP.
@@ -260,6 +272,15 @@ struct RawDaemon {
     log_level: Option<Spanned<String>>,
     node_name: Option<Spanned<String>>,
     announce: Option<Spanned<RawAnnounce>>,
+    sync: Option<Spanned<RawSync>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    listen: Option<Spanned<String>>,
+    peers: Option<Spanned<Vec<Spanned<String>>>>,
+    key_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -378,6 +399,17 @@ impl Config {
                 a.table, a.protocol
             )),
             None => out.push_str(", VIPs not announced (no [daemon.announce])\n"),
+        }
+        if let Some(sync) = &self.daemon.sync {
+            out.push_str(&format!(
+                "  connection state shared from {} with {}\n",
+                sync.listen,
+                sync.peers
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         out
     }

@@ -11,6 +11,8 @@
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
 //! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`,
 //! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`,
+//! With `[daemon.sync]`: `lb_sync_entries_sent_total{peer}`, `lb_sync_entries_received_total{peer}`,
+//! `lb_sync_peer_up{peer}`, `lb_sync_rejected_total{reason}`.
 //! `lb_service_table_fingerprint{service}` (the low 52 bits of the Maglev table's fingerprint:
 //! a float holds them exactly), `lb_node_drained` (0/1), `lb_announced_vips`.
 
@@ -47,6 +49,24 @@ pub struct Snapshot {
     /// VIP routes in the announce table, as the announcer last found them (0 without
     /// `[daemon.announce]`).
     pub announced_vips: u64,
+    /// With `[daemon.sync]`.
+    pub sync: Option<SyncMetrics>,
+}
+
+/// The sync threads' counters.
+#[derive(Clone, Debug, Default)]
+pub struct SyncMetrics {
+    pub peers: Vec<PeerMetrics>,
+    /// Refusal reason label → datagrams.
+    pub rejected: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PeerMetrics {
+    pub peer: String,
+    pub entries_sent: u64,
+    pub entries_received: u64,
+    pub up: bool,
 }
 
 /// The part of a 64-bit fingerprint a metric value carries: its low 52 bits, which a float64
@@ -202,6 +222,41 @@ impl Collector for SnapshotCollector {
             ConstGauge::<u64>::TYPE,
         )?;
         ConstGauge::new(s.announced_vips).encode(metric)?;
+        if let Some(sync) = &s.sync {
+            let peer = |p: &PeerMetrics| [("peer", p.peer.clone())];
+            family(
+                &mut encoder,
+                "lb_sync_entries_sent",
+                "Flows sent to the peer ([daemon.sync]).",
+                sync.peers
+                    .iter()
+                    .map(|p| (peer(p), ConstCounter::new(p.entries_sent))),
+            )?;
+            family(
+                &mut encoder,
+                "lb_sync_entries_received",
+                "Flows received from the peer and taken ([daemon.sync]).",
+                sync.peers
+                    .iter()
+                    .map(|p| (peer(p), ConstCounter::new(p.entries_received))),
+            )?;
+            family(
+                &mut encoder,
+                "lb_sync_peer_up",
+                "Whether the peer was heard within the last 3 s.",
+                sync.peers
+                    .iter()
+                    .map(|p| (peer(p), ConstGauge::new(u64::from(p.up)))),
+            )?;
+            family(
+                &mut encoder,
+                "lb_sync_rejected",
+                "Sync datagrams refused, by reason.",
+                sync.rejected
+                    .iter()
+                    .map(|(r, n)| ([("reason", r.clone())], ConstCounter::new(*n))),
+            )?;
+        }
         let metric = encoder.encode_descriptor(
             "lb_conntrack_entries",
             "Entries in the connection table.",
@@ -332,6 +387,15 @@ mod tests {
             ],
             node_drained: true,
             announced_vips: 2,
+            sync: Some(SyncMetrics {
+                peers: vec![PeerMetrics {
+                    peer: "192.0.2.3:9918".into(),
+                    entries_sent: 5,
+                    entries_received: 7,
+                    up: true,
+                }],
+                rejected: vec![("other_seed".into(), 2)],
+            }),
             conntrack_entries: 12,
             conntrack_capacity: 1_048_576,
             changed_slots: 7,
@@ -406,6 +470,16 @@ mod tests {
         (r#"lb_service_table_fingerprint{service="dns"}"#, "1"),
         ("lb_node_drained", "1"),
         ("lb_announced_vips", "2"),
+        (
+            r#"lb_sync_entries_sent_total{peer="192.0.2.3:9918"}"#,
+            "5",
+        ),
+        (
+            r#"lb_sync_entries_received_total{peer="192.0.2.3:9918"}"#,
+            "7",
+        ),
+        (r#"lb_sync_peer_up{peer="192.0.2.3:9918"}"#, "1"),
+        (r#"lb_sync_rejected_total{reason="other_seed"}"#, "2"),
         ("lb_conntrack_entries", "12"),
         ("lb_conntrack_capacity", "1048576"),
         ("lb_changed_slots", "7"),
@@ -447,6 +521,10 @@ mod tests {
             ("lb_service_table_fingerprint", "gauge"),
             ("lb_node_drained", "gauge"),
             ("lb_announced_vips", "gauge"),
+            ("lb_sync_entries_sent", "counter"),
+            ("lb_sync_entries_received", "counter"),
+            ("lb_sync_peer_up", "gauge"),
+            ("lb_sync_rejected", "counter"),
             ("lb_dropped", "counter"),
             ("lb_health_checks", "counter"),
         ] {

@@ -22,7 +22,7 @@ use crate::{
     datapath::{self, Datapath, Start},
     health,
     netlink::Netlink,
-    state,
+    state, sync,
 };
 
 /// Starts lbd with the config at `config_path` and runs until SIGTERM or SIGINT. On return the
@@ -35,6 +35,11 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
         warn!("{}: {w}", config_path.display());
     }
     let config = loaded.config;
+    // Read before anything is touched: a missing or malformed key stops lbd here.
+    let sync_key = match &config.daemon.sync {
+        Some(s) => Some(sync::read_key(&s.key_file)?),
+        None => None,
+    };
     // Before anything is touched: no other lbd on these pins, this state or this socket.
     let _lock = crate::lock::daemon(&config.daemon)?;
     raise_open_files();
@@ -100,6 +105,11 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     let metrics_addr = daemon.config.daemon.metrics;
     let shared = Shared::new(daemon);
     spawn_conntrack_scanner(bpffs_dir, shared.clone(), conntrack_use);
+    // Stops its threads when dropped, at exit.
+    let _sync = match sync_key {
+        Some(key) => Some(start_sync(&shared, key).await?),
+        None => None,
+    };
     let metrics_listener = match metrics_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -170,6 +180,72 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     shared.lock().await.stop();
     socket_file.remove();
     Ok(())
+}
+
+/// Starts sharing connection state with the peers of `[daemon.sync]`.
+async fn start_sync(shared: &Shared, key: [u8; 32]) -> anyhow::Result<sync::Sync> {
+    let (settings, events) = {
+        let mut d = shared.lock().await;
+        let cfg = d
+            .config
+            .daemon
+            .sync
+            .clone()
+            .context("daemon.sync is not configured")?;
+        let events = d
+            .datapath
+            .take_sync_events()
+            .context("the data path's SYNC_EVENTS ring buffer was already taken")?;
+        let settings = sync::Settings {
+            listen: cfg.listen,
+            peers: cfg.peers,
+            key,
+            node: d.config.daemon.node_name(),
+            seed: d.seed,
+        };
+        (settings, events)
+    };
+    let running = sync::start(settings, Arc::new(SyncedDaemon(shared.clone())), events)?;
+    shared.lock().await.sync_status = Some(running.status.clone());
+    Ok(running)
+}
+
+/// The daemon as the sync threads see it (from threads outside the runtime).
+struct SyncedDaemon(Shared);
+
+impl sync::Node for SyncedDaemon {
+    fn describe(&self, events: &[lb_common::SyncEvent]) -> Vec<Option<sync::SyncedFlow>> {
+        let d = self.0.blocking_lock();
+        events
+            .iter()
+            .map(|e| d.datapath.describe_event(e))
+            .collect()
+    }
+
+    fn adopt(
+        &self,
+        flows: &[sync::SyncedFlow],
+        now: u32,
+    ) -> Vec<Result<datapath::Adopted, datapath::DatapathError>> {
+        let mut d = self.0.blocking_lock();
+        flows
+            .iter()
+            .map(|f| d.datapath.adopt_peer_flow(f, now))
+            .collect()
+    }
+
+    fn hello(&self) -> (bool, Vec<sync::Fingerprint>) {
+        let d = self.0.blocking_lock();
+        let fingerprints = d
+            .services
+            .iter()
+            .map(|s| sync::Fingerprint {
+                service: s.cfg.name.clone(),
+                fingerprint: s.fingerprint(),
+            })
+            .collect();
+        (d.node_drained(), fingerprints)
+    }
 }
 
 /// The connection table is counted and scanned (a read of its memory, off the lock) at least

@@ -182,7 +182,25 @@ fn status_of(d: &Daemon) -> Status {
             })
             .collect(),
         backends: d.services.iter().map(|s| s.backends.len()).sum(),
+        peers: d.sync_status.as_ref().map(|s| peer_statuses(s)),
     }
+}
+
+fn peer_statuses(s: &crate::sync::SyncStatus) -> Vec<super::types::PeerStatus> {
+    let peers = s.peers.lock().unwrap_or_else(|e| e.into_inner());
+    peers
+        .iter()
+        .map(|p| super::types::PeerStatus {
+            address: p.addr.map(|a| a.to_string()).unwrap_or_default(),
+            node_name: p.node.clone(),
+            last_heard_s: p.last_heard.map(|t| t.elapsed().as_secs_f64()),
+            up: p.up(),
+            agree: p.agree,
+            refused: p.refused.map(|r| r.to_string()),
+            entries_sent: p.entries_sent,
+            entries_received: p.entries_received,
+        })
+        .collect()
 }
 
 fn selected<'a>(

@@ -67,6 +67,24 @@ pub fn counters<'a>(
             Some(_) => d.announce_report().borrow().installed.len() as u64,
             None => 0,
         },
+        sync: d.sync_status.as_ref().map(|s| crate::metrics::SyncMetrics {
+            peers: s
+                .peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|p| crate::metrics::PeerMetrics {
+                    peer: p.addr.map(|a| a.to_string()).unwrap_or_default(),
+                    entries_sent: p.entries_sent,
+                    entries_received: p.entries_received,
+                    up: p.up(),
+                })
+                .collect(),
+            rejected: crate::sync::Refused::ALL
+                .iter()
+                .map(|r| (r.label().to_string(), s.rejected(*r)))
+                .collect(),
+        }),
     }
 }
 
@@ -153,6 +171,7 @@ mod tests {
             health_checks: vec![],
             node_drained: false,
             announced_vips: 0,
+            sync: None,
         };
         let stats = serde_json::to_value(Stats::from(&snapshot)).unwrap();
         assert_eq!(

@@ -42,6 +42,29 @@ pub struct Status {
     pub announce_problem: Option<String>,
     pub services: Vec<ServiceStatus>,
     pub backends: usize,
+    /// With `[daemon.sync]`: the other nodes, as this one hears them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<PeerStatus>>,
+}
+
+/// A peer of `[daemon.sync]` in `lbctl status`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    /// Its `listen` address, as configured here.
+    pub address: String,
+    /// The name it gave, once heard.
+    pub node_name: Option<String>,
+    /// Seconds since its last accepted datagram.
+    pub last_heard_s: Option<f64>,
+    /// Heard within the last 3 s.
+    pub up: bool,
+    /// Whether every service both nodes have has equal table fingerprints (from its last
+    /// hello).
+    pub agree: Option<bool>,
+    /// Why its last datagram was refused (e.g. sent with another hash seed), if it was.
+    pub refused: Option<String>,
+    pub entries_sent: u64,
+    pub entries_received: u64,
 }
 
 /// `[daemon.announce]` as lbd runs with it.

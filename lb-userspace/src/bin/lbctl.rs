@@ -267,6 +267,38 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                     &rows,
                 );
             }
+            if let Some(peers) = &s.peers {
+                println!();
+                let yes_no = |b: Option<bool>| match b {
+                    Some(true) => "yes".to_string(),
+                    Some(false) => "no".to_string(),
+                    None => "-".to_string(),
+                };
+                let rows: Vec<Vec<String>> = peers
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.address.clone(),
+                            p.node_name.clone().unwrap_or_else(|| "-".into()),
+                            match p.last_heard_s {
+                                Some(t) => format!("{t:.1}s ago"),
+                                None => "never".into(),
+                            },
+                            if p.up { "up" } else { "down" }.into(),
+                            yes_no(p.agree),
+                            p.entries_sent.to_string(),
+                            p.entries_received.to_string(),
+                            p.refused.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "PEER", "NODE", "LAST HEARD", "STATE", "AGREE", "SENT", "RECEIVED", "REFUSED",
+                    ],
+                    &rows,
+                );
+            }
         }
         Command::Node(NodeCommand::Drain) => {
             let c: Changed = client.request(Method::POST, "/v1/node/drain", None).await?;

@@ -26,6 +26,14 @@ impl Checker<'_> {
             message: message.into(),
         });
     }
+    fn error_at(&mut self, span: std::ops::Range<usize>, key: &str, message: &str) {
+        let line = Some(self.line(span.start));
+        self.problems.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
     fn warn<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
         let line = Some(self.line(at.span().start));
         self.warnings.push(Problem {
@@ -244,6 +252,10 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         n.into_inner()
     });
     let announce = d.announce.map(|a| check_announce(c, a.into_inner()));
+    let sync = d.sync.and_then(|s| {
+        let span = s.span();
+        check_sync(c, s.into_inner(), span)
+    });
     Daemon {
         interfaces,
         xdp_mode: d.xdp_mode,
@@ -257,7 +269,70 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         log_level,
         node_name,
         announce,
+        sync,
     }
+}
+
+/// `[daemon.sync]`: `listen` and `key_file` required, `peers` at least one address other than
+/// `listen`, each an IP address with a port.
+fn check_sync(c: &mut Checker, s: RawSync, span: std::ops::Range<usize>) -> Option<SyncPeers> {
+    let addr = |c: &mut Checker, v: &Spanned<String>, key: &str| -> Option<SocketAddr> {
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+            _ => {
+                c.error(
+                    v,
+                    key,
+                    format!(
+                        "{:?} is not an IP address with a port (e.g. \"192.0.2.1:9918\" or \"[2001:db8::1]:9918\")",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    };
+    let listen = match &s.listen {
+        Some(l) => addr(c, l, "daemon.sync.listen"),
+        None => {
+            c.error_at(span.clone(), "daemon.sync.listen", "required: this node's UDP address for its peers (e.g. \"192.0.2.1:9918\")");
+            None
+        }
+    };
+    let mut peers = vec![];
+    match &s.peers {
+        Some(list) if !list.get_ref().is_empty() => {
+            for p in list.get_ref() {
+                if let Some(a) = addr(c, p, "daemon.sync.peers") {
+                    if Some(a) == listen {
+                        c.error(p, "daemon.sync.peers", format!("{a} is this node's own `listen` address: list the other nodes only"));
+                    } else if peers.contains(&a) {
+                        c.error(p, "daemon.sync.peers", format!("{a} is listed twice"));
+                    } else {
+                        peers.push(a);
+                    }
+                }
+            }
+        }
+        Some(list) => c.error(list, "daemon.sync.peers", "empty: list the other nodes' `listen` addresses"),
+        None => c.error_at(span.clone(), "daemon.sync.peers", "required: the other nodes' `listen` addresses"),
+    }
+    let key_file = match s.key_file {
+        Some(k) if k.get_ref().is_absolute() => Some(k.into_inner()),
+        Some(k) => {
+            c.error(&k, "daemon.sync.key_file", format!("{} is not an absolute path", k.get_ref().display()));
+            None
+        }
+        None => {
+            c.error_at(span, "daemon.sync.key_file", "required: a file of 64 hex digits (32 bytes) every node shares, e.g. made with `openssl rand -hex 32`");
+            None
+        }
+    };
+    Some(SyncPeers {
+        listen: listen?,
+        peers,
+        key_file: key_file?,
+    })
 }
 
 /// `[daemon.announce]`: a routing table and a protocol number that are lbd's alone.

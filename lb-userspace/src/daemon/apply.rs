@@ -41,6 +41,8 @@ pub struct Daemon {
     pub health_counts: BTreeMap<(String, IpAddr, health::CheckResult), u64>,
     /// Flows in the connection table and its capacity, counted in the background.
     pub conntrack: Arc<ConntrackUse>,
+    /// The sync threads' peers and counters, with `[daemon.sync]` (set once they run).
+    pub sync_status: Option<Arc<crate::sync::SyncStatus>>,
     /// `lbctl node drain`: no VIP serves (kept in state_dir).
     node: state::NodeState,
     /// Whether the program is on the configured interfaces (set at start, and as `follow`
@@ -149,6 +151,7 @@ impl Daemon {
             monitor,
             health_counts: BTreeMap::new(),
             conntrack: Arc::new(ConntrackUse::default()),
+            sync_status: None,
             config,
         }
     }
@@ -186,7 +189,9 @@ impl Daemon {
     /// Makes every map hold what `fill` computes from the runtime state now: the one way the
     /// data path is written, at start and after every change.
     fn sync(&mut self) -> anyhow::Result<()> {
-        let config = self.datapath.config_for(self.seed)?;
+        let mut config = self.datapath.config_for(self.seed)?;
+        // The program reports the records it writes only for a node that shares them.
+        config.sync_events = u32::from(self.config.daemon.sync.is_some());
         let want = fill(config, &self.seed, &mut self.services);
         self.datapath.apply(&want)?;
         self.publish_serving();

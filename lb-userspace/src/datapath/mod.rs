@@ -52,7 +52,7 @@ pub use fill::{Fill, vip_filter_words};
 pub use link::{LinkFacts, LinkPlace, link_facts, link_pin};
 pub use load::{PROGRAM_OBJECT, program_hash};
 pub(crate) use maps::per_cpu_total;
-pub use peer::Adopted;
+pub use peer::{Adopted, PeerFlow};
 pub use pins::{cleanup, maps_dir, pinned_seed, prepare_bpffs};
 pub use read::{ConntrackCounter, TableClock};
 pub use slots::{SlotScan, SlotTimes, SlotView, slot_seconds};

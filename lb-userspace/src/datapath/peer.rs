@@ -1,10 +1,10 @@
-//! Connection state shared with other lb nodes (`crate::sync`): the program's reports of the
+//! Connection state shared with other lb nodes (lbd's sync threads): the program's reports of the
 //! records it writes, turned into addresses, and a peer's flows written into this node's
 //! connection table, in this node's ids.
 
 use std::net::IpAddr;
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{IterableMap as _, MapData, RingBuf};
 use lb_common::{
     FlowKey, PROTO_UDP, Record, RecordSet, ServiceKey, SyncEvent, maglev_slot,
     slotstate::{Hot, Side, half_words, record_flags},
@@ -17,7 +17,22 @@ use super::{
     slots::slot_seconds,
     sys::ArrayMemory,
 };
-use crate::{state::to_addr, sync::SyncedFlow};
+use crate::state::to_addr;
+
+/// A flow one node recorded, as another node can place it (what the sync datagrams carry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerFlow {
+    pub client: IpAddr,
+    pub vip: IpAddr,
+    pub proto: u8,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// The record names the VIP's every-port service (port 0), not the destination port's.
+    pub every_port: bool,
+    pub backend: IpAddr,
+    pub closing: bool,
+}
 
 /// What became of a peer's flow here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +57,7 @@ impl Datapath {
 
     /// A reported record in terms another node understands (addresses, not ids); `None` when
     /// its service or backend is not (or no longer) in the maps.
-    pub fn describe_event(&self, e: &SyncEvent) -> Option<SyncedFlow> {
+    pub fn describe_event(&self, e: &SyncEvent) -> Option<PeerFlow> {
         let (key, _) = self
             .shadow
             .services
@@ -52,7 +67,7 @@ impl Datapath {
         if backend.service != e.service {
             return None;
         }
-        Some(SyncedFlow {
+        Some(PeerFlow {
             client: ip_of(&e.flow.src, e.flow.family),
             vip: ip_of(&e.flow.dst, e.flow.family),
             proto: e.flow.proto,
@@ -69,7 +84,7 @@ impl Datapath {
     /// When the flow's slot is unchanged here and names another backend, the slot is marked
     /// changed first, its unrecorded flows still on its current backend (`old` = current), so
     /// nothing but this flow moves; the scanner clears it once no live record needs it.
-    pub fn adopt_peer_flow(&mut self, f: &SyncedFlow, now: u32) -> Result<Adopted> {
+    pub fn adopt_peer_flow(&mut self, f: &PeerFlow, now: u32) -> Result<Adopted> {
         let family = crate::state::family(f.vip);
         if crate::state::family(f.client) != family {
             return Ok(Adopted::Unknown);

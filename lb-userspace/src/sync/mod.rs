@@ -32,8 +32,19 @@ use aya::maps::{MapData, RingBuf};
 use lb_common::SyncEvent;
 use log::{info, warn};
 
-use crate::{daemon::Shared, datapath::Adopted};
+use crate::datapath::{Adopted, DatapathError};
 pub use wire::{Body, Fingerprint, Message, Refused, SyncedFlow};
+
+/// What the sync threads need of the node (lbd wires it to the daemon): each call takes the
+/// daemon for a moment.
+pub trait Node: Send + std::marker::Sync + 'static {
+    /// Reported records in addresses; `None` for one whose service or backend is gone.
+    fn describe(&self, events: &[SyncEvent]) -> Vec<Option<SyncedFlow>>;
+    /// Writes peers' flows into the connection table, stamped `now` (the table's clock).
+    fn adopt(&self, flows: &[SyncedFlow], now: u32) -> Vec<Result<Adopted, DatapathError>>;
+    /// Whether the node is drained, and each service's table fingerprint.
+    fn hello(&self) -> (bool, Vec<Fingerprint>);
+}
 
 /// How often a node says hello; a peer not heard for `PEER_DOWN_AFTER` is down.
 const HELLO_EVERY: Duration = Duration::from_secs(1);
@@ -62,18 +73,7 @@ pub struct PeerState {
     /// The name it gave in its last accepted datagram.
     pub node: Option<String>,
     pub last_heard: Option<Instant>,
-    /// Each service's table fingerprint, as hellos carry them.
-pub fn fingerprints(d: &crate::daemon::Daemon) -> Vec<Fingerprint> {
-    d.services
-        .iter()
-        .map(|s| Fingerprint {
-            service: s.cfg.name.clone(),
-            fingerprint: s.fingerprint(),
-        })
-        .collect()
-}
-
-/// Whether every service both nodes have has the same table fingerprint on both (from its
+    /// Whether every service both nodes have has the same table fingerprint on both (from its
     /// last hello); `None` before one.
     pub agree: Option<bool>,
     pub drained: Option<bool>,
@@ -166,8 +166,21 @@ impl Drop for Sync {
     }
 }
 
+/// The key of `[daemon.sync]` from `path` (64 hex digits), with an error naming the file.
+pub fn read_key(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("daemon.sync.key_file: cannot read {}", path.display()))?;
+    wire::parse_key(&text)
+        .map_err(|e| anyhow::anyhow!("daemon.sync.key_file {}: {e}", path.display()))
+}
+
 /// Binds `settings.listen` and starts the sender (reading `events`) and the receiver.
-pub fn start(settings: Settings, shared: Shared, events: RingBuf<MapData>) -> io::Result<Sync> {
+pub fn start(
+    settings: Settings,
+    node: Arc<dyn Node>,
+    events: RingBuf<MapData>,
+) -> io::Result<Sync> {
     let socket = UdpSocket::bind(settings.listen).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -195,17 +208,17 @@ pub fn start(settings: Settings, shared: Shared, events: RingBuf<MapData>) -> io
     let stop = Arc::new(AtomicBool::new(false));
     let send_socket = socket.try_clone()?;
     {
-        let (settings, shared, status, stop) =
-            (settings.clone(), shared.clone(), status.clone(), stop.clone());
+        let (settings, node, status, stop) =
+            (settings.clone(), node.clone(), status.clone(), stop.clone());
         std::thread::Builder::new()
             .name("sync-send".into())
-            .spawn(move || send_loop(settings, shared, events, send_socket, status, stop))?;
+            .spawn(move || send_loop(settings, node, events, send_socket, status, stop))?;
     }
     {
         let (status, stop) = (status.clone(), stop.clone());
         std::thread::Builder::new()
             .name("sync-receive".into())
-            .spawn(move || receive_loop(settings, shared, socket, status, stop))?;
+            .spawn(move || receive_loop(settings, node, socket, status, stop))?;
     }
     info!(
         "sync: listening on UDP {}, peers {}",
@@ -301,7 +314,7 @@ impl Sender {
 
 fn send_loop(
     settings: Settings,
-    shared: Shared,
+    node: Arc<dyn Node>,
     mut events: RingBuf<MapData>,
     socket: UdpSocket,
     status: Arc<SyncStatus>,
@@ -335,27 +348,22 @@ fn send_loop(
         }
         let full = pending.len() * 18 >= wire::MAX_DATAGRAM;
         if pending_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) || full {
-            let flows: Vec<SyncedFlow> = {
-                let d = shared.blocking_lock();
-                pending
-                    .drain(..)
-                    .filter_map(|e| {
-                        let f = d.datapath.describe_event(&e);
-                        if f.is_none() {
-                            status.undescribed.fetch_add(1, Relaxed);
-                        }
-                        f
-                    })
-                    .collect()
-            };
+            let flows: Vec<SyncedFlow> = node
+                .describe(&pending)
+                .into_iter()
+                .filter_map(|f| {
+                    if f.is_none() {
+                        status.undescribed.fetch_add(1, Relaxed);
+                    }
+                    f
+                })
+                .collect();
+            pending.clear();
             pending_since = None;
             sender.send_flows(flows);
         }
         if Instant::now() >= next_hello {
-            let (drained, fingerprints) = {
-                let d = shared.blocking_lock();
-                (d.node_drained(), fingerprints(&d))
-            };
+            let (drained, fingerprints) = node.hello();
             sender.send(Body::Hello {
                 drained,
                 fingerprints,
@@ -367,7 +375,7 @@ fn send_loop(
 
 fn receive_loop(
     settings: Settings,
-    shared: Shared,
+    node: Arc<dyn Node>,
     socket: UdpSocket,
     status: Arc<SyncStatus>,
     stop: Arc<AtomicBool>,
@@ -402,10 +410,7 @@ fn receive_loop(
                 drained,
                 fingerprints,
             } => {
-                let agree = {
-                    let d = shared.blocking_lock();
-                    agree(&self::fingerprints(&d), &fingerprints)
-                };
+                let agree = agree(&node.hello().1, &fingerprints);
                 status.peer_mut(from, |p| {
                     p.agree = Some(agree);
                     p.drained = Some(drained);
@@ -420,9 +425,8 @@ fn receive_loop(
                     continue;
                 };
                 let count = flows.len() as u64;
-                let mut d = shared.blocking_lock();
-                for f in &flows {
-                    match d.datapath.adopt_peer_flow(f, now) {
+                for r in node.adopt(&flows, now) {
+                    match r {
                         Ok(Adopted::Recorded) => {
                             status.adopted.fetch_add(1, Relaxed);
                         }
@@ -437,7 +441,6 @@ fn receive_loop(
                         Err(e) => warn!("sync: recording a flow of {from}: {e}"),
                     }
                 }
-                drop(d);
                 status.peer_mut(from, |p| p.entries_received += count);
             }
         }
@@ -474,17 +477,6 @@ fn check(
         p.refused = None;
     });
     Ok(m)
-}
-
-/// Each service's table fingerprint, as hellos carry them.
-pub fn fingerprints(d: &crate::daemon::Daemon) -> Vec<Fingerprint> {
-    d.services
-        .iter()
-        .map(|s| Fingerprint {
-            service: s.cfg.name.clone(),
-            fingerprint: s.fingerprint(),
-        })
-        .collect()
 }
 
 /// Whether every service both nodes have has the same fingerprint on both.

@@ -23,6 +23,8 @@
 
 use std::net::IpAddr;
 
+pub use crate::datapath::PeerFlow as SyncedFlow;
+
 use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
     aead::{Aead, KeyInit, Payload},
@@ -77,21 +79,6 @@ impl Refused {
         Refused::UnknownPeer,
         Refused::Replayed,
     ];
-}
-
-/// A flow one node recorded, as another node can place it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SyncedFlow {
-    pub client: IpAddr,
-    pub vip: IpAddr,
-    pub proto: u8,
-    /// Host byte order.
-    pub sport: u16,
-    pub dport: u16,
-    /// The record names the VIP's every-port service (port 0), not the destination port's.
-    pub every_port: bool,
-    pub backend: IpAddr,
-    pub closing: bool,
 }
 
 /// A service's table fingerprint, as a hello carries it.
