@@ -1004,3 +1004,71 @@ fn run_download(
     }
     Ok(())
 }
+
+/// What [`Cluster::measure_node_loss_after_backend_add`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct SyncGap {
+    /// Sessions opened before the backend was added, and how many of them broke.
+    pub before: usize,
+    pub before_broken: usize,
+    /// Sessions opened after it, and how many of them broke.
+    pub after: usize,
+    pub after_broken: usize,
+    /// How many of the sessions opened after it answered from the new backend.
+    pub after_on_new: usize,
+}
+
+impl Cluster {
+    /// The case connection-state sync between nodes is for (not built yet), measured rather
+    /// than asserted: `before` keep-alive sessions open, backend `new` (not in the services
+    /// yet: build with `backends_in_service` below it) is added on every node, `after` more
+    /// sessions open, `settle` later node `kill` dies, and 3 s after that every session is
+    /// checked. A session breaks when the node that now carries it has no record of it and
+    /// chooses another backend than the one it began on.
+    pub fn measure_node_loss_after_backend_add(
+        &self,
+        new: usize,
+        kill: usize,
+        before: usize,
+        after: usize,
+        settle: Duration,
+    ) -> Result<SyncGap> {
+        let sources = self.all_client_sources();
+        let old = self.start_flows(&sources, vip(), before, 0)?;
+        for n in 1..=self.opts.nodes {
+            let lbd = self.lbd(n);
+            let out = lbd.lbctl(&["backend", "add", "web", &backend_addr(new).to_string()])?;
+            if !out.status.success() {
+                bail!(
+                    "lbctl backend add on node {n}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        for n in 1..=self.opts.nodes {
+            let lbd = self.lbd(n);
+            wait_until(Duration::from_secs(10), "the new backend up", || {
+                lbd.lbctl_json(&["backend", "list", "web"]).is_ok_and(|l| {
+                    l.as_array().into_iter().flatten().any(|r| {
+                        r["address"] == backend_addr(new).to_string().as_str() && r["state"] == "up"
+                    })
+                })
+            })?;
+        }
+        // Sources in reverse order, so the new sessions are not the old ones' twins.
+        let rev: Vec<IpAddr> = sources.iter().rev().copied().collect();
+        let young = self.start_flows(&rev, vip(), after, 0)?;
+        std::thread::sleep(settle);
+        self.kill_node(kill)?;
+        std::thread::sleep(Duration::from_secs(3));
+        let old = old.finish();
+        let young = young.finish();
+        Ok(SyncGap {
+            before: old.len(),
+            before_broken: old.iter().filter(|o| o.broken.is_some()).count(),
+            after: young.len(),
+            after_broken: young.iter().filter(|o| o.broken.is_some()).count(),
+            after_on_new: young.iter().filter(|o| o.backend == Some(new)).count(),
+        })
+    }
+}
