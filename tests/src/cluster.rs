@@ -65,7 +65,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::lbd::{Lbd, LbdPaths, prepare_lbd_at, spawn_lbd_in};
 use crate::netns::{self, run_checked};
 use crate::routing::{self, Bird, Keepalived};
-use crate::topology::{ExtraLink, ip_batch};
+use crate::topology::{ExtraLink, client_block_sources, ip_batch};
 use crate::{ProcHandle, Topology, TopologyOptions, big_file_contents, parse_backend, wait_until};
 
 /// The IPv4 VIP (service `web`, port 80).
@@ -633,10 +633,7 @@ impl Cluster {
 
     /// Client `i`'s (1-based) source addresses.
     pub fn client_sources(&self, i: usize) -> Vec<IpAddr> {
-        let base = self.block * (i - 1);
-        (1..=self.opts.addresses_per_client)
-            .map(|k| IpAddr::V4(Ipv4Addr::new(198, 51, 100, (base + k) as u8)))
-            .collect()
+        client_block_sources(self.block, i, self.opts.addresses_per_client)
     }
 
     /// Every client's source addresses, client 1's first.
@@ -887,42 +884,6 @@ impl Cluster {
     }
 }
 
-/// Reads an HTTP/1.1 response with a Content-Length from `s`: the body.
-fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>> {
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .ok_or_else(|| anyhow!("no Content-Length in {head:?}"))?;
-            if !head.starts_with("HTTP/1.1 200") {
-                bail!("answer {head:?}");
-            }
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut chunk).context("reading an answer")?;
-                if n == 0 {
-                    bail!("EOF in the middle of an answer");
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let body = buf[end + 4..end + 4 + len].to_vec();
-            buf.drain(..end + 4 + len);
-            return Ok(body);
-        }
-        let n = s.read(&mut chunk).context("reading an answer")?;
-        if n == 0 {
-            bail!("EOF before an answer (the server closed the session)");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 fn run_session(
     mut s: TcpStream,
     to: SocketAddr,
@@ -931,11 +892,13 @@ fn run_session(
     stop: &AtomicBool,
 ) -> Result<()> {
     let req = format!("GET /keep HTTP/1.1\r\nHost: {to}\r\nUser-Agent: lb-tests\r\n\r\n");
-    let mut buf = Vec::new();
     loop {
         s.write_all(req.as_bytes()).context("sending a request")?;
-        let body = read_response(&mut s, &mut buf)?;
-        let text = String::from_utf8_lossy(&body);
+        let reply = crate::http::read_kept_response(&mut s)?;
+        if reply.status != 200 {
+            bail!("status {}", reply.status);
+        }
+        let text = reply.text();
         let b = parse_backend(&text).ok_or_else(|| anyhow!("answer {text:?}"))?;
         match o.backend {
             None => {

@@ -1226,10 +1226,7 @@ impl Topology {
     /// The extra source addresses of client `i` (1-based), see the module docs.
     pub fn client_sources(&self, i: usize) -> Vec<IpAddr> {
         self.check_index("client", i, self.opts.clients);
-        let base = self.block * (i - 1);
-        (1..=self.opts.addresses_per_client)
-            .map(|k| IpAddr::V4(Ipv4Addr::new(198, 51, 100, (base + k) as u8)))
-            .collect()
+        client_block_sources(self.block, i, self.opts.addresses_per_client)
     }
 
     /// The extra source addresses of every client, client 1's first.
@@ -1787,6 +1784,15 @@ pub fn ip_batch(ns: &str, batch: &str) -> Result<()> {
     )
     .map(|_| ())
     .with_context(|| format!("configuring namespace {ns}"))
+}
+
+/// Client `i`'s (1-based) `count` source addresses when 198.51.100.0/24 is cut into blocks
+/// of `block` addresses: 198.51.100.(block*(i-1)+1) onwards (see the module docs).
+pub(crate) fn client_block_sources(block: usize, i: usize, count: usize) -> Vec<IpAddr> {
+    let base = block * (i - 1);
+    (1..=count)
+        .map(|k| IpAddr::V4(Ipv4Addr::new(198, 51, 100, (base + k) as u8)))
+        .collect()
 }
 
 /// N of a `backend N` body.
