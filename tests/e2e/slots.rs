@@ -154,39 +154,7 @@ impl Kept {
         self.stream.write_all(
             format!("GET /keep HTTP/1.1\r\nHost: {VIP}\r\nUser-Agent: lb-tests\r\n\r\n").as_bytes(),
         )?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let head_end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                anyhow::bail!(
-                    "the connection closed after {} bytes of the answer: {:?}",
-                    buf.len(),
-                    String::from_utf8_lossy(&buf)
-                );
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .ok_or_else(|| anyhow::anyhow!("no Content-Length in {head:?}"))?;
-        while buf.len() < head_end + len {
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                anyhow::bail!("the connection closed in the body: {head:?}");
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let reply = lb_tests::http::parse_response(&buf[..head_end + len])?;
+        let reply = lb_tests::http::read_kept_response(&mut self.stream)?;
         anyhow::ensure!(reply.status == 200, "status {}", reply.status);
         let by_header: usize = reply
             .header("x-backend")

@@ -141,6 +141,45 @@ pub fn parse_response(buf: &[u8]) -> Result<HttpReply> {
     Ok(reply)
 }
 
+/// Reads one response of a kept-alive HTTP/1.1 connection (its head, then as many body bytes
+/// as its Content-Length says; no pipelining: nothing after it is read) and parses it. An
+/// error when the connection closes first or the head has no Content-Length.
+pub fn read_kept_response(stream: &mut impl Read) -> Result<HttpReply> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = stream.read(&mut chunk).context("reading an answer")?;
+        if n == 0 {
+            bail!(
+                "the connection closed after {} bytes of the answer: {:?}",
+                buf.len(),
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .ok_or_else(|| anyhow!("no Content-Length in {head:?}"))?;
+    while buf.len() < head_end + len {
+        let n = stream.read(&mut chunk).context("reading an answer")?;
+        if n == 0 {
+            bail!("the connection closed in the body: {head:?}");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    parse_response(&buf[..head_end + len])
+}
+
 /// A running fixed-answer server (see `Topology::serve_fixed`).
 pub(crate) struct FixedServer {
     pub(crate) addr: SocketAddr,

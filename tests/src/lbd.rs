@@ -92,6 +92,19 @@ pub fn prepare_lbd(t: &Topology, config: &str) -> Result<LbdPaths> {
     Ok(paths)
 }
 
+/// Writes `config` at `paths.config` and registers the teardown cleanup of [`start_lbd`] for
+/// those paths: for an lbd of its own in another namespace of the topology (one node of
+/// several), started with [`spawn_lbd_in`].
+pub fn prepare_lbd_at(t: &Topology, paths: &LbdPaths, config: &str) -> Result<()> {
+    if let Some(dir) = paths.config.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&paths.config, config)
+        .with_context(|| format!("writing {}", paths.config.display()))?;
+    register_cleanup(t, paths);
+    Ok(())
+}
+
 fn register_cleanup(t: &Topology, paths: &LbdPaths) {
     let config = paths.config.clone();
     let bpffs_dir = paths.bpffs_dir.clone();
@@ -154,6 +167,14 @@ fn spawn<'t>(
         paths: paths.clone(),
         handle,
     })
+}
+
+impl<'t> Lbd<'t> {
+    /// The lbd of `t` running as `handle` on `paths` (one started earlier, e.g. kept by a
+    /// structure that owns `t` and so cannot hold an `Lbd` itself).
+    pub fn adopt(t: &'t Topology, paths: LbdPaths, handle: ProcHandle) -> Lbd<'t> {
+        Lbd { t, paths, handle }
+    }
 }
 
 impl Lbd<'_> {

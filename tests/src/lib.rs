@@ -19,11 +19,13 @@
 pub mod bench;
 pub mod bpf;
 pub mod cases;
+pub mod cluster;
 pub mod dpfixture;
 pub mod http;
 pub mod lbd;
 pub mod netns;
 pub mod packet;
+pub mod routing;
 mod sys;
 pub mod topology;
 
@@ -35,7 +37,7 @@ pub use http::HttpReply;
 pub use netns::{in_netns, netns_path};
 pub use sys::Pinned;
 pub use topology::{
-    BIG_FILE_SIZE, BackendSide, ProcHandle, ServerHandle, Topology, TopologyOptions,
+    BIG_FILE_SIZE, BackendSide, ExtraLink, ProcHandle, ServerHandle, Topology, TopologyOptions,
     big_file_contents, parse_backend,
 };
 

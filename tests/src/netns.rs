@@ -114,6 +114,27 @@ pub fn pids_in_netns(ns: &str) -> Result<Vec<u32>> {
     Ok(pids)
 }
 
+/// `cmd` with only its network namespace changed to `ns`: `nsenter --net=/run/netns/NS --
+/// PROGRAM ARGS...` (so it keeps the root's mount namespace, /sys and bpffs), with `cmd`'s
+/// environment and working directory.
+pub fn nsenter_command(ns: &str, cmd: &Command) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns_path(ns).display()))
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c
+}
+
 /// Human-readable form of a command line, for error messages.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();

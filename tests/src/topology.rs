@@ -206,6 +206,18 @@ pub struct BackendSide {
     pub behind: usize,
 }
 
+/// One link of a host added with `Topology::add_host`: a veth pair, `dev` in the host's
+/// namespace, the other end a port of `bridge` (made when new) in the switch namespace.
+#[derive(Debug, Clone)]
+pub struct ExtraLink {
+    pub bridge: &'static str,
+    pub dev: &'static str,
+    pub mac: String,
+    pub addr: Ipv4Addr,
+    pub plen: u8,
+    pub addr6: Ipv6Addr,
+}
+
 /// A process started through the harness (`Topology::spawn_nsenter`). Cheap to copy; the
 /// `Topology` owns the process itself and kills it on teardown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +264,8 @@ enum Role {
     Backend(usize),
     Client(usize),
     Gateway(usize),
+    /// A host added after setup (`Topology::add_host`).
+    Extra(usize),
 }
 
 /// One veth pair of a host: `port` on `bridge` in the switch namespace, `dev` in the host's.
@@ -350,6 +364,8 @@ pub struct Topology {
     switch_ns: String,
     hosts: Vec<Host>,
     created_ns: Vec<String>,
+    /// Bridges made so far in the switch namespace.
+    bridges: Vec<&'static str>,
     work_dir_created: bool,
     xdp_links: Vec<XdpLink>,
     procs: Mutex<Vec<Tracked>>,
@@ -564,6 +580,7 @@ impl Topology {
             opts,
             hosts,
             created_ns: Vec::new(),
+            bridges: Vec::new(),
             work_dir_created: false,
             xdp_links: Vec::new(),
             procs: Mutex::new(Vec::new()),
@@ -606,61 +623,7 @@ impl Topology {
             netns::set_sysctls(&h.ns, &self.sysctls(&h, "default"), false)?;
         }
 
-        // The bridges and the hosts' veth pairs, created from the switch namespace with the
-        // host end put straight into its namespace (as eth0, or eth1 for a second link).
-        // Multicast snooping off: neighbour solicitations (to solicited-node groups) are flooded
-        // to every port whatever MLD reports the bridge has seen.
-        let mut bridges: Vec<&str> = vec![];
-        for l in self.hosts.iter().flat_map(|h| &h.links) {
-            if !bridges.contains(&l.bridge) {
-                bridges.push(l.bridge);
-            }
-        }
-        let mut batch = String::from("link set lo up\n");
-        for br in &bridges {
-            batch.push_str(&format!(
-                "link add {br} type bridge mcast_snooping 0\nlink set {br} up\n"
-            ));
-        }
-        for h in &self.hosts {
-            for l in &h.links {
-                batch.push_str(&l.plug_batch(&h.ns));
-            }
-        }
-        ip_batch(&sw, &batch)?;
-
-        // Each host: sysctls on its links, MACs, addresses, routes, no TX checksum offload.
-        for h in self.hosts.clone() {
-            for l in &h.links {
-                netns::set_sysctls(&h.ns, &self.sysctls(&h, l.dev), false)?;
-            }
-            netns::set_sysctls(&h.ns, &kv(&[("net.ipv4.conf.lo.rp_filter", "0")]), false)?;
-            ip_batch(&h.ns, &self.host_batch(&h))?;
-            for l in &h.links {
-                ethtool(&h.ns, &["-K", l.dev, "tx", "off"])?;
-            }
-        }
-
-        // XDP_PASS on every switch-side veth end, so that frames the LB sends back with
-        // XDP_TX are not dropped by the receiving veth (see TOOLCHAIN.md).
-        let ports: Vec<String> = self
-            .hosts
-            .iter()
-            .flat_map(|h| h.links.iter().map(|l| l.port.clone()))
-            .collect();
-        let mut pass = TestProg::pass().context("loading the XDP_PASS program")?;
-        self.xdp_links = netns::in_netns(&sw, || {
-            let mut links = Vec::new();
-            for p in &ports {
-                let idx = sys::if_nametoindex(p)
-                    .with_context(|| format!("ifindex of {p} in namespace {sw}"))?;
-                links.push(
-                    pass.attach(idx)
-                        .with_context(|| format!("attaching XDP_PASS to {p} in {sw}"))?,
-                );
-            }
-            Ok(links)
-        })?;
+        self.plug(&self.hosts.clone())?;
 
         if self.n_backends > 0 {
             self.write_backend_files()?;
@@ -674,6 +637,123 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// Plugs `hosts` (their namespaces exist) into the switch: the bridges they need that do
+    /// not exist yet, their veth pairs (made in the switch namespace with the host end put
+    /// straight into the host's namespace), then on each host its sysctls, MACs, addresses and
+    /// routes, no TX checksum offload, and XDP_PASS on every new switch-side end.
+    fn plug(&mut self, hosts: &[Host]) -> Result<()> {
+        let sw = self.switch_ns.clone();
+        // Multicast snooping off: neighbour solicitations (to solicited-node groups) are
+        // flooded to every port whatever MLD reports the bridge has seen.
+        let mut batch = String::new();
+        if self.bridges.is_empty() {
+            batch.push_str("link set lo up\n");
+        }
+        for l in hosts.iter().flat_map(|h| &h.links) {
+            if !self.bridges.contains(&l.bridge) {
+                self.bridges.push(l.bridge);
+                batch.push_str(&format!(
+                    "link add {br} type bridge mcast_snooping 0\nlink set {br} up\n",
+                    br = l.bridge
+                ));
+            }
+        }
+        for h in hosts {
+            for l in &h.links {
+                batch.push_str(&l.plug_batch(&h.ns));
+            }
+        }
+        ip_batch(&sw, &batch)?;
+
+        for h in hosts {
+            for l in &h.links {
+                netns::set_sysctls(&h.ns, &self.sysctls(h, l.dev), false)?;
+            }
+            netns::set_sysctls(&h.ns, &kv(&[("net.ipv4.conf.lo.rp_filter", "0")]), false)?;
+            ip_batch(&h.ns, &self.host_batch(h))?;
+            for l in &h.links {
+                ethtool(&h.ns, &["-K", l.dev, "tx", "off"])?;
+            }
+        }
+
+        // XDP_PASS on every switch-side veth end, so that frames an LB sends back with
+        // XDP_TX are not dropped by the receiving veth (see TOOLCHAIN.md).
+        let ports: Vec<String> = hosts
+            .iter()
+            .flat_map(|h| h.links.iter().map(|l| l.port.clone()))
+            .collect();
+        let mut pass = TestProg::pass().context("loading the XDP_PASS program")?;
+        let links = netns::in_netns(&sw, || {
+            let mut links = Vec::new();
+            for p in &ports {
+                let idx = sys::if_nametoindex(p)
+                    .with_context(|| format!("ifindex of {p} in namespace {sw}"))?;
+                links.push(
+                    pass.attach(idx)
+                        .with_context(|| format!("attaching XDP_PASS to {p} in {sw}"))?,
+                );
+            }
+            Ok(links)
+        })?;
+        self.xdp_links.extend(links);
+        Ok(())
+    }
+
+    /// Adds a host to the built topology: namespace `PREFIX-NAME`, with one veth pair per
+    /// link (the first's switch port is called NAME, the others NAMEeK), each with its MAC
+    /// and address pair (IPv6 /64, `nodad`), plugged as the setup's own hosts are (sysctls
+    /// of a plain host: no rp_filter, no DAD, no router advertisements; no TX checksum
+    /// offload; XDP_PASS on the switch's end). A new bridge is made when a link names one.
+    /// Routes, forwarding and the rest are the caller's. Returns the namespace; it goes at
+    /// teardown like every other.
+    pub fn add_host(&mut self, name: &str, links: &[ExtraLink]) -> Result<String> {
+        if links.is_empty() {
+            bail!("host {name}: no links");
+        }
+        let extra = self
+            .hosts
+            .iter()
+            .filter(|h| matches!(h.role, Role::Extra(_)))
+            .count();
+        let ns = format!("{}-{name}", self.prefix);
+        let host = Host {
+            role: Role::Extra(extra + 1),
+            ns: ns.clone(),
+            links: links
+                .iter()
+                .enumerate()
+                .map(|(k, l)| Link {
+                    port: if k == 0 {
+                        name.to_string()
+                    } else {
+                        format!("{name}e{k}")
+                    },
+                    bridge: l.bridge,
+                    dev: l.dev,
+                    mac: l.mac.clone(),
+                })
+                .collect(),
+            addrs: links
+                .iter()
+                .map(|l| IfAddr {
+                    dev: l.dev,
+                    addr: l.addr,
+                    plen: l.plen,
+                    addr6: l.addr6,
+                })
+                .collect(),
+        };
+        if self.hosts.iter().any(|h| h.ns == ns) {
+            bail!("host {name} exists already");
+        }
+        self.add_netns(&ns)?;
+        netns::set_sysctls(&ns, &self.sysctls(&host, "default"), false)?;
+        self.hosts.push(host.clone());
+        self.plug(&[host])
+            .with_context(|| format!("adding host {name} to topology {}", self.prefix))?;
+        Ok(ns)
     }
 
     fn validate(&self) -> Result<()> {
@@ -764,7 +844,7 @@ impl Topology {
                 Role::Client(_) => {
                     v.push((format!("net.ipv4.conf.{d}.arp_announce"), "2".into()));
                 }
-                Role::Lb | Role::Gateway(_) => {}
+                Role::Lb | Role::Gateway(_) | Role::Extra(_) => {}
             }
         }
         v
@@ -837,6 +917,7 @@ impl Topology {
                 }
             }
             Role::Gateway(_) => b.push_str(&default_via(lb_side, lb_side6)),
+            Role::Extra(_) => {}
         }
         b
     }
@@ -1145,10 +1226,7 @@ impl Topology {
     /// The extra source addresses of client `i` (1-based), see the module docs.
     pub fn client_sources(&self, i: usize) -> Vec<IpAddr> {
         self.check_index("client", i, self.opts.clients);
-        let base = self.block * (i - 1);
-        (1..=self.opts.addresses_per_client)
-            .map(|k| IpAddr::V4(Ipv4Addr::new(198, 51, 100, (base + k) as u8)))
-            .collect()
+        client_block_sources(self.block, i, self.opts.addresses_per_client)
     }
 
     /// The extra source addresses of every client, client 1's first.
@@ -1257,29 +1335,11 @@ impl Topology {
         run_checked(&mut cmd, None)
     }
 
-    fn nsenter_command(&self, ns: &str, cmd: &Command) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", netns::netns_path(ns).display()))
-            .arg("--")
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        if let Some(d) = cmd.get_current_dir() {
-            c.current_dir(d);
-        }
-        c
-    }
-
     /// Runs `cmd` to completion with only its network namespace changed to `ns`
     /// (`nsenter --net=/run/netns/NS -- ...`; program, arguments, environment and working
     /// directory are taken from `cmd`). Returns the output whatever the exit status.
     pub fn nsenter_output(&self, ns: &str, cmd: &Command) -> Result<Output> {
-        run_output(&mut self.nsenter_command(ns, cmd), None)
+        run_output(&mut netns::nsenter_command(ns, cmd), None)
     }
 
     /// Starts `cmd` in the background with only its network namespace changed to `ns`
@@ -1306,7 +1366,7 @@ impl Topology {
         let err = out
             .try_clone()
             .with_context(|| format!("duplicating {}", log.display()))?;
-        let mut c = self.nsenter_command(ns, cmd);
+        let mut c = netns::nsenter_command(ns, cmd);
         c.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = c
             .spawn()
@@ -1716,13 +1776,23 @@ fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
     .with_context(|| format!("ethtool {} in {ns}", args.join(" ")))
 }
 
-fn ip_batch(ns: &str, batch: &str) -> Result<()> {
+/// `ip -n NS -batch -` fed `batch`; fails naming the namespace and ip's complaint.
+pub fn ip_batch(ns: &str, batch: &str) -> Result<()> {
     run_checked(
         Command::new("ip").args(["-n", ns, "-batch", "-"]),
         Some(batch),
     )
     .map(|_| ())
     .with_context(|| format!("configuring namespace {ns}"))
+}
+
+/// Client `i`'s (1-based) `count` source addresses when 198.51.100.0/24 is cut into blocks
+/// of `block` addresses: 198.51.100.(block*(i-1)+1) onwards (see the module docs).
+pub(crate) fn client_block_sources(block: usize, i: usize, count: usize) -> Vec<IpAddr> {
+    let base = block * (i - 1);
+    (1..=count)
+        .map(|k| IpAddr::V4(Ipv4Addr::new(198, 51, 100, (base + k) as u8)))
+        .collect()
 }
 
 /// N of a `backend N` body.

@@ -67,6 +67,25 @@ const APT_PACKAGES: &[AptPackage] = &[
         name: "tcpdump",
         why: "packet captures when a test needs debugging",
     },
+    AptPackage {
+        name: "bird2",
+        why: "BGP with BFD between the multi-node tests' router and lb nodes (`bird`, `birdc`)",
+    },
+    AptPackage {
+        name: "keepalived",
+        why: "VRRP between two lb nodes holding a VIP in the multi-node tests",
+    },
+];
+
+/// Daemons some packages above install as services (package, unit): the tests run their own
+/// copies inside namespaces, so the host's must neither run nor start at boot. Right after
+/// installing such a package, setup disables its unit (and stops it if systemd runs); a
+/// package that was already installed is left as its owner configured it.
+const HOST_SERVICES_OFF: &[(&str, &str)] = &[
+    ("bird2", "bird"),
+    ("keepalived", "keepalived"),
+    ("nginx-light", "nginx"),
+    ("haproxy", "haproxy"),
 ];
 
 const LLVM_DIR: &str = "/usr/lib/llvm-22";
@@ -155,6 +174,11 @@ fn ensure_apt_packages(packages: &'static [AptPackage]) -> Result<Outcome> {
     need_root(&format!("install the apt packages {}", names.join(", ")))?;
     println!("setup: installing {}", names.join(" "));
     apt_install(&names)?;
+    for (package, unit) in HOST_SERVICES_OFF {
+        if names.contains(package) {
+            quiet_service(unit)?;
+        }
+    }
     let still_missing = missing_apt_packages(packages)?;
     if !still_missing.is_empty() {
         let names: Vec<&str> = still_missing.iter().map(|package| package.name).collect();
@@ -201,6 +225,35 @@ fn apt_install(names: &[&str]) -> Result<()> {
             .arg("--no-install-recommends")
             .args(names),
     )
+}
+
+/// Keeps the host's copy of service `unit` from running now or at boot: the policy-rc.d kept
+/// the install from starting it, but Debian's maintainer scripts still enable it (a systemd
+/// unit link, or sysv rc links).
+fn quiet_service(unit: &str) -> Result<()> {
+    let systemd_unit = ["/lib/systemd/system", "/usr/lib/systemd/system"]
+        .iter()
+        .any(|dir| Path::new(dir).join(format!("{unit}.service")).exists());
+    let systemd_running = Path::new("/run/systemd/system").exists();
+    if systemd_unit {
+        // `systemctl disable` works without a running systemd (it edits links only).
+        let mut disable = Command::new("systemctl");
+        disable.args(["disable", "--quiet"]);
+        if systemd_running {
+            disable.arg("--now");
+        }
+        cmd::run(disable.arg(format!("{unit}.service")))?;
+    }
+    if Path::new("/etc/init.d").join(unit).exists() {
+        if !systemd_running {
+            // No systemd: the sysv script is what would start it. Stopping a daemon that is
+            // not running fails harmlessly; the install itself started nothing.
+            let _ = cmd::capture(Command::new("/etc/init.d/".to_owned() + unit).arg("stop"));
+        }
+        cmd::run(Command::new("update-rc.d").args([unit, "disable"]))?;
+    }
+    println!("setup: disabled the host's {unit} service (the tests run their own)");
+    Ok(())
 }
 
 fn run_apt(command: &mut Command) -> Result<()> {

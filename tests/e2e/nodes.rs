@@ -1,0 +1,309 @@
+//! End to end: several lb nodes behind a router (`lb_tests::cluster`). ECMP over BGP (BIRD 2,
+//! BFD) spreads clients over every node and every node chooses the same backend for a client;
+//! a node lost under load is withdrawn within a second and no connection breaks; a VRRP pair
+//! (keepalived) hands the VIP over with no connection broken. Real lbd, BIRD, keepalived,
+//! nginx. Needs root and `cargo xtask setup` (bird2, keepalived).
+//!
+//! The nodes' VIP routes are added by `Cluster::announce_by_hand`, a stand-in for lbd's
+//! `[daemon.announce]`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use lb_tests::cluster::{
+    Announce, Cluster, ClusterOptions, FlowOutcome, VIP, VIP6, backend_addr, node_addr, node_addr6,
+    node_mac, vip, vip6,
+};
+use lb_tests::{require_root, routing};
+
+fn cluster(opts: ClusterOptions) -> Cluster {
+    require_root();
+    Cluster::new(opts).expect("building the cluster")
+}
+
+/// Outcomes that broke, one line each.
+fn broken(outcomes: &[FlowOutcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| {
+            o.broken.as_ref().map(|why| {
+                format!(
+                    "{} ({}, backend {:?}, {} done): {why}",
+                    o.src,
+                    if o.download { "download" } else { "session" },
+                    o.backend,
+                    o.progress
+                )
+            })
+        })
+        .collect()
+}
+
+/// Packets each node forwarded for `web` so far.
+fn per_node_packets(c: &Cluster) -> Vec<u64> {
+    (1..=c.nodes())
+        .map(|n| c.forwarded_packets(n, "web").expect("lbctl stats"))
+        .collect()
+}
+
+// ---- a. ECMP spread ----------------------------------------------------------------------------
+
+#[test]
+fn ecmp_spreads_clients_over_every_node_and_all_nodes_agree() {
+    let c = cluster(ClusterOptions::default());
+    let nodes: Vec<IpAddr> = (1..=3).map(|n| node_addr(n).into()).collect();
+    let nodes6: Vec<IpAddr> = (1..=3).map(|n| node_addr6(n).into()).collect();
+
+    // The router's kernel has one multipath route over every node, for each VIP, and BIRD
+    // knows each node's route.
+    let mut hops = c.router_next_hops(VIP).unwrap();
+    hops.sort();
+    assert_eq!(hops, nodes, "the router's kernel route to {VIP}");
+    let mut hops6 = c.router_next_hops(VIP6).unwrap();
+    hops6.sort();
+    assert_eq!(hops6, nodes6, "the router's kernel route to {VIP6}");
+    let mut bird_hops = c
+        .with_bird(0, |b| b.route_next_hops(&format!("{VIP}/32")))
+        .unwrap();
+    bird_hops.sort();
+    assert_eq!(bird_hops, nodes, "BIRD's routes to {VIP}");
+    let route = String::from_utf8_lossy(
+        &c.topology()
+            .exec(c.router_ns(), &["ip", "route", "show", VIP])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    eprintln!("router: ip route show {VIP}:\n{route}");
+    assert_eq!(route.matches("nexthop via").count(), 3, "{route}");
+
+    let before = per_node_packets(&c);
+    let sources = c.all_client_sources();
+    assert!(sources.len() >= 64);
+    // Several requests from each source (each a new connection, so a new source port and
+    // L4 hash): every node gets some.
+    let mut answered: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    std::thread::scope(|s| {
+        let per = sources.len().div_ceil(4);
+        let handles: Vec<_> = sources
+            .chunks(per)
+            .map(|chunk| {
+                let c = &c;
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    for &src in chunk {
+                        let first = c.which_backend(src, vip()).expect("GET /");
+                        for _ in 0..3 {
+                            assert_eq!(
+                                c.which_backend(src, vip()).expect("GET /"),
+                                first,
+                                "{src} changed backend between connections"
+                            );
+                        }
+                        got.push((src, first));
+                    }
+                    got
+                })
+            })
+            .collect();
+        for h in handles {
+            answered.extend(h.join().unwrap());
+        }
+    });
+    let after = per_node_packets(&c);
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!(
+        "{} sources × 4 connections: packets forwarded per node {delta:?}",
+        sources.len()
+    );
+    for (n, d) in delta.iter().enumerate() {
+        assert!(*d > 0, "node {} forwarded nothing: {delta:?}", n + 1);
+    }
+
+    // Each client's backend is the one every node's lookup names.
+    let mut per_backend = [0usize; 3];
+    for (&src, &b) in &answered {
+        per_backend[b - 1] += 1;
+        for n in 1..=3 {
+            assert_eq!(
+                c.lookup(n, "web", src).unwrap(),
+                b,
+                "{src}: node {n}'s lookup disagrees with the backend that answered ({})",
+                backend_addr(b)
+            );
+        }
+    }
+    eprintln!("clients per backend: {per_backend:?}");
+    assert!(per_backend.iter().all(|&k| k > 0), "{per_backend:?}");
+
+    // IPv6 through the same nodes.
+    for i in 1..=2 {
+        let src = c.client_addr6(i);
+        let b = c.which_backend(src, vip6()).expect("GET / over IPv6");
+        for n in 1..=3 {
+            assert_eq!(c.lookup(n, "web6", src).unwrap(), b, "{src} on node {n}");
+        }
+    }
+}
+
+// ---- b. node loss ------------------------------------------------------------------------------
+
+#[test]
+fn node_lost_under_load_is_withdrawn_fast_and_no_connection_breaks() {
+    let c = cluster(ClusterOptions::default());
+    let sources = c.all_client_sources();
+    let flows = c
+        .start_flows(&sources, vip(), 100, 24)
+        .expect("starting the connections");
+    let before = per_node_packets(&c);
+    std::thread::sleep(Duration::from_millis(1000));
+    let carried = per_node_packets(&c);
+    let delta: Vec<u64> = carried.iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!("packets per node during 1 s of load: {delta:?}");
+    assert!(
+        delta.iter().all(|&d| d > 0),
+        "every node carries some of the connections: {delta:?}"
+    );
+
+    let dead: IpAddr = node_addr(2).into();
+    let at = c.kill_node(2).expect("killing node 2");
+    let kernel = c
+        .time_until(
+            at,
+            Duration::from_secs(10),
+            "the router's route without node 2",
+            || {
+                c.router_next_hops(VIP)
+                    .is_ok_and(|h| !h.contains(&dead) && h.len() == 2)
+            },
+        )
+        .unwrap();
+    let bird = c
+        .with_bird(0, |b| b.route_next_hops(&format!("{VIP}/32")))
+        .unwrap();
+    eprintln!(
+        "node 2 lost: the router's kernel route lost it after {} ms; BIRD now has {bird:?}",
+        kernel.as_millis()
+    );
+    assert!(!bird.contains(&dead), "{bird:?}");
+    assert!(
+        kernel < Duration::from_secs(3),
+        "the route kept the dead node for {kernel:?}"
+    );
+
+    // Sessions go on for 2 s more on the surviving nodes; downloads run to their end.
+    std::thread::sleep(Duration::from_secs(2));
+    let outcomes = flows.finish();
+    let broken = broken(&outcomes);
+    let sessions = outcomes.iter().filter(|o| !o.download).count();
+    let requests: u64 = outcomes
+        .iter()
+        .filter(|o| !o.download)
+        .map(|o| o.progress)
+        .sum();
+    eprintln!(
+        "{} connections ({sessions} sessions, {requests} requests; {} downloads): {} broken",
+        outcomes.len(),
+        outcomes.len() - sessions,
+        broken.len()
+    );
+    assert!(outcomes.len() >= 100);
+    assert!(
+        broken.is_empty(),
+        "broken connections:\n{}",
+        broken.join("\n")
+    );
+}
+
+// ---- c. VRRP pair ------------------------------------------------------------------------------
+
+#[test]
+fn vrrp_master_lost_under_load_backup_takes_over_and_no_connection_breaks() {
+    let c = cluster(ClusterOptions {
+        nodes: 2,
+        announce: Announce::Vrrp,
+        ..Default::default()
+    });
+    let vip_addr: IpAddr = VIP.parse().unwrap();
+    assert!(routing::holds_address(c.node_ns(1), vip_addr).unwrap());
+    assert!(!routing::holds_address(c.node_ns(2), vip_addr).unwrap());
+    let sources = c.all_client_sources();
+    let flows = c
+        .start_flows(&sources, vip(), 100, 20)
+        .expect("starting the connections");
+    assert_eq!(
+        routing::neighbour_mac(c.router_ns(), vip_addr).unwrap(),
+        Some(node_mac(1)),
+        "the router sends the VIP's traffic to node 1"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(c.forwarded_packets(1, "web").unwrap() > 0);
+
+    let at = c.kill_node(1).expect("killing node 1");
+    let holds = c
+        .time_until(
+            at,
+            Duration::from_secs(15),
+            "node 2 to hold the VIP",
+            || routing::holds_address(c.node_ns(2), vip_addr).unwrap_or(false),
+        )
+        .unwrap();
+    let router = c
+        .time_until(
+            at,
+            Duration::from_secs(15),
+            "the router to reach the VIP at node 2",
+            || {
+                routing::neighbour_mac(c.router_ns(), vip_addr).unwrap_or_default()
+                    == Some(node_mac(2))
+            },
+        )
+        .unwrap();
+    eprintln!(
+        "VRRP master lost: node 2 holds the VIP after {} ms, the router's neighbour entry points at it after {} ms",
+        holds.as_millis(),
+        router.as_millis()
+    );
+    // advert_int 1: the backup declares the master down after 3 × 1 s + skew (0.6 s).
+    assert!(router < Duration::from_secs(6), "takeover took {router:?}");
+
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let outcomes = flows.finish();
+    let broken = broken(&outcomes);
+    eprintln!(
+        "{} connections: {} broken (finished {:?} after the takeover); node 2 forwarded {} packets",
+        outcomes.len(),
+        broken.len(),
+        started.elapsed(),
+        c.forwarded_packets(2, "web").unwrap()
+    );
+    assert!(c.forwarded_packets(2, "web").unwrap() > 0);
+    assert!(
+        broken.is_empty(),
+        "broken connections:\n{}",
+        broken.join("\n")
+    );
+}
+
+// ---- without connection-state sync: a measurement, not a test ----------------------------------
+
+/// A backend added a few seconds before a node dies: what breaks without connection-state
+/// sync between nodes (not built yet). Prints the figures; asserts nothing about them.
+/// Run with `cargo xtask test -- --ignored node_loss_after_backend_add --nocapture`.
+#[test]
+#[ignore = "a measurement for the design of connection-state sync; asserts nothing"]
+fn node_loss_after_backend_add_without_sync_measured() {
+    let c = cluster(ClusterOptions {
+        backends_in_service: 2,
+        ..Default::default()
+    });
+    let gap = c
+        .measure_node_loss_after_backend_add(3, 2, 60, 60, Duration::from_secs(3))
+        .expect("measuring");
+    eprintln!(
+        "without sync, node 2 lost 3 s after backend 3 was added: {} of {} sessions opened before the add broke, {} of {} opened after it ({} of those on the new backend)",
+        gap.before_broken, gap.before, gap.after_broken, gap.after, gap.after_on_new
+    );
+}
