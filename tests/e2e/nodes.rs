@@ -307,3 +307,56 @@ fn node_loss_after_backend_add_without_sync_measured() {
         gap.before_broken, gap.before, gap.after_broken, gap.after, gap.after_on_new
     );
 }
+
+/// The case `[daemon.sync]` is for: a backend added on every node, sessions opened after it
+/// (their SYNs on changed Maglev slots are recorded by the node that took them), then that
+/// node lost. Without sync the nodes that take over have no record and send some of those
+/// sessions to another backend (`node_loss_after_backend_add_without_sync_measured`); with it
+/// none breaks. Also: what the nodes sent each other, and that they agree.
+#[test]
+fn node_loss_after_backend_add_with_sync_breaks_no_connection() {
+    let c = cluster(ClusterOptions {
+        backends_in_service: 2,
+        sync: true,
+        ..Default::default()
+    });
+    // Every node hears every other and agrees on every table before anything happens.
+    for n in 1..=3 {
+        let lbd = c.lbd(n);
+        lb_tests::wait_until(Duration::from_secs(10), &format!("node {n} hears its peers"), || {
+            lbd.lbctl_json(&["status"]).is_ok_and(|s| {
+                let peers = s["peers"].as_array().cloned().unwrap_or_default();
+                peers.len() == 2
+                    && peers
+                        .iter()
+                        .all(|p| p["up"] == true && p["agree"] == true && p["refused"].is_null())
+            })
+        })
+        .expect("peers heard");
+    }
+    let gap = c
+        .measure_node_loss_after_backend_add(3, 2, 60, 60, Duration::from_secs(3))
+        .expect("measuring");
+    eprintln!(
+        "with sync, node 2 lost 3 s after backend 3 was added: {} of {} sessions opened before the add broke, {} of {} opened after it ({} of those on the new backend)",
+        gap.before_broken, gap.before, gap.after_broken, gap.after, gap.after_on_new
+    );
+    assert!(gap.after_on_new > 0, "no session reached the new backend: {gap:?}");
+    assert_eq!(
+        (gap.before_broken, gap.after_broken),
+        (0, 0),
+        "sessions broke with sync on: {gap:?}"
+    );
+    // What the surviving nodes sent and received, in flows and bytes.
+    let mut sent = 0;
+    let mut received = 0;
+    for n in [1, 3] {
+        let s = c.lbd(n).lbctl_json(&["status"]).expect("status");
+        for p in s["peers"].as_array().expect("peers") {
+            sent += p["entries_sent"].as_u64().unwrap_or(0);
+            received += p["entries_received"].as_u64().unwrap_or(0);
+        }
+    }
+    eprintln!("nodes 1 and 3 sent {sent} flow entries to their peers and received {received}");
+    assert!(received > 0, "no flow was shared");
+}

@@ -106,7 +106,13 @@ pub struct ClusterOptions {
     pub addresses_per_client: usize,
     /// Backends 1..=N (of 3) in the services at start.
     pub backends_in_service: usize,
+    /// Every node shares connection state with the others (`[daemon.sync]`, UDP port
+    /// `SYNC_PORT` on the node segment, one key file for all).
+    pub sync: bool,
 }
+
+/// The UDP port of `[daemon.sync]` on every node.
+pub const SYNC_PORT: u16 = 9918;
 
 impl Default for ClusterOptions {
     fn default() -> Self {
@@ -116,6 +122,7 @@ impl Default for ClusterOptions {
             clients: 2,
             addresses_per_client: 40,
             backends_in_service: 3,
+            sync: false,
         }
     }
 }
@@ -355,6 +362,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The key file every node's `[daemon.sync]` names (written by `start_lbds`).
+    pub fn sync_key_file(&self) -> PathBuf {
+        self.t.work_dir().join("sync.key")
+    }
+
     fn node_dir(&self, n: usize) -> PathBuf {
         self.t.work_dir().join(format!("node{n}"))
     }
@@ -375,6 +387,21 @@ impl Cluster {
     /// 1..=`backends_in_service`, the common seed.
     fn lbd_config(&self, paths: &LbdPaths) -> String {
         let mut c = paths.daemon_section(&format!("hash_seed = \"{SEED_HEX}\""));
+        if self.opts.sync {
+            let n = (1..=self.opts.nodes)
+                .find(|&n| self.lbd_paths(n).config == paths.config)
+                .expect("a node's paths");
+            let peers: Vec<String> = (1..=self.opts.nodes)
+                .filter(|&p| p != n)
+                .map(|p| format!("\"{}:{SYNC_PORT}\"", node_addr(p)))
+                .collect();
+            c.push_str(&format!(
+                "node_name = \"node{n}\"\n\n[daemon.sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n",
+                node_addr(n),
+                peers.join(", "),
+                self.sync_key_file().display()
+            ));
+        }
         for (name, vip, v6) in [("web", VIP, false), ("web6", VIP6, true)] {
             c.push_str(&format!(
                 "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n\n"
@@ -394,6 +421,10 @@ impl Cluster {
     }
 
     fn start_lbds(&mut self) -> Result<()> {
+        if self.opts.sync {
+            let key: String = (0..32).map(|i| format!("{:02x}", i * 7 + 3)).collect();
+            std::fs::write(self.sync_key_file(), format!("{key}\n"))?;
+        }
         for n in 1..=self.opts.nodes {
             let paths = self.lbd_paths(n);
             prepare_lbd_at(&self.t, &paths, &self.lbd_config(&paths))?;
