@@ -43,8 +43,8 @@ pub use service::{
 };
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
 pub use slotstate::{Record, RecordSet};
-pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
 pub use stats::{Counter, Reason, TOO_BIG_BURST, TOO_BIG_PER_SECOND, TooBigBucket};
+pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of

@@ -8,9 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
     MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, RecordSet, SERVICE_INDEX_SLOTS,
-    SYNC_EVENTS_BYTES, SyncEvent,
-    ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, TooBigBucket, VIP_FILTER_WORDS,
-    VipKey,
+    SYNC_EVENTS_BYTES, ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent,
+    TooBigBucket, VIP_FILTER_WORDS, VipKey,
 };
 
 #[btf_map]

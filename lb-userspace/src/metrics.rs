@@ -470,10 +470,7 @@ mod tests {
         (r#"lb_service_table_fingerprint{service="dns"}"#, "1"),
         ("lb_node_drained", "1"),
         ("lb_announced_vips", "2"),
-        (
-            r#"lb_sync_entries_sent_total{peer="192.0.2.3:9918"}"#,
-            "5",
-        ),
+        (r#"lb_sync_entries_sent_total{peer="192.0.2.3:9918"}"#, "5"),
         (
             r#"lb_sync_entries_received_total{peer="192.0.2.3:9918"}"#,
             "7",

@@ -323,15 +323,19 @@ fn node_loss_after_backend_add_with_sync_breaks_no_connection() {
     // Every node hears every other and agrees on every table before anything happens.
     for n in 1..=3 {
         let lbd = c.lbd(n);
-        lb_tests::wait_until(Duration::from_secs(10), &format!("node {n} hears its peers"), || {
-            lbd.lbctl_json(&["status"]).is_ok_and(|s| {
-                let peers = s["peers"].as_array().cloned().unwrap_or_default();
-                peers.len() == 2
-                    && peers
-                        .iter()
-                        .all(|p| p["up"] == true && p["agree"] == true && p["refused"].is_null())
-            })
-        })
+        lb_tests::wait_until(
+            Duration::from_secs(10),
+            &format!("node {n} hears its peers"),
+            || {
+                lbd.lbctl_json(&["status"]).is_ok_and(|s| {
+                    let peers = s["peers"].as_array().cloned().unwrap_or_default();
+                    peers.len() == 2
+                        && peers.iter().all(|p| {
+                            p["up"] == true && p["agree"] == true && p["refused"].is_null()
+                        })
+                })
+            },
+        )
         .expect("peers heard");
     }
     let gap = c
@@ -341,7 +345,10 @@ fn node_loss_after_backend_add_with_sync_breaks_no_connection() {
         "with sync, node 2 lost 3 s after backend 3 was added: {} of {} sessions opened before the add broke, {} of {} opened after it ({} of those on the new backend)",
         gap.before_broken, gap.before, gap.after_broken, gap.after, gap.after_on_new
     );
-    assert!(gap.after_on_new > 0, "no session reached the new backend: {gap:?}");
+    assert!(
+        gap.after_on_new > 0,
+        "no session reached the new backend: {gap:?}"
+    );
     assert_eq!(
         (gap.before_broken, gap.after_broken),
         (0, 0),

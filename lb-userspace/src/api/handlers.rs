@@ -199,6 +199,8 @@ fn peer_statuses(s: &crate::sync::SyncStatus) -> Vec<super::types::PeerStatus> {
             refused: p.refused.map(|r| r.to_string()),
             entries_sent: p.entries_sent,
             entries_received: p.entries_received,
+            datagrams_sent: p.datagrams_sent,
+            bytes_sent: p.bytes_sent,
         })
         .collect()
 }

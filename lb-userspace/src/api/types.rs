@@ -65,6 +65,9 @@ pub struct PeerStatus {
     pub refused: Option<String>,
     pub entries_sent: u64,
     pub entries_received: u64,
+    /// Datagrams and bytes (UDP payload) sent to it, hellos included.
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
 }
 
 /// `[daemon.announce]` as lbd runs with it.

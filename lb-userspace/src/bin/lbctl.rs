@@ -294,7 +294,14 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                     .collect();
                 print_table(
                     &[
-                        "PEER", "NODE", "LAST HEARD", "STATE", "AGREE", "SENT", "RECEIVED", "REFUSED",
+                        "PEER",
+                        "NODE",
+                        "LAST HEARD",
+                        "STATE",
+                        "AGREE",
+                        "SENT",
+                        "RECEIVED",
+                        "REFUSED",
                     ],
                     &rows,
                 );

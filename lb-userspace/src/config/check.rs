@@ -19,14 +19,14 @@ impl Checker<'_> {
             + 1
     }
     fn error<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
-        let line = Some(self.line(at.span().start));
-        self.problems.push(Problem {
-            line,
-            key: key.into(),
-            message: message.into(),
-        });
+        self.error_at(at.span(), key, message);
     }
-    fn error_at(&mut self, span: std::ops::Range<usize>, key: &str, message: &str) {
+    fn error_at(
+        &mut self,
+        span: std::ops::Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let line = Some(self.line(span.start));
         self.problems.push(Problem {
             line,
@@ -295,7 +295,11 @@ fn check_sync(c: &mut Checker, s: RawSync, span: std::ops::Range<usize>) -> Opti
     let listen = match &s.listen {
         Some(l) => addr(c, l, "daemon.sync.listen"),
         None => {
-            c.error_at(span.clone(), "daemon.sync.listen", "required: this node's UDP address for its peers (e.g. \"192.0.2.1:9918\")");
+            c.error_at(
+                span.clone(),
+                "daemon.sync.listen",
+                "required: this node's UDP address for its peers (e.g. \"192.0.2.1:9918\")",
+            );
             None
         }
     };
@@ -305,7 +309,13 @@ fn check_sync(c: &mut Checker, s: RawSync, span: std::ops::Range<usize>) -> Opti
             for p in list.get_ref() {
                 if let Some(a) = addr(c, p, "daemon.sync.peers") {
                     if Some(a) == listen {
-                        c.error(p, "daemon.sync.peers", format!("{a} is this node's own `listen` address: list the other nodes only"));
+                        c.error(
+                            p,
+                            "daemon.sync.peers",
+                            format!(
+                                "{a} is this node's own `listen` address: list the other nodes only"
+                            ),
+                        );
                     } else if peers.contains(&a) {
                         c.error(p, "daemon.sync.peers", format!("{a} is listed twice"));
                     } else {
@@ -314,13 +324,25 @@ fn check_sync(c: &mut Checker, s: RawSync, span: std::ops::Range<usize>) -> Opti
                 }
             }
         }
-        Some(list) => c.error(list, "daemon.sync.peers", "empty: list the other nodes' `listen` addresses"),
-        None => c.error_at(span.clone(), "daemon.sync.peers", "required: the other nodes' `listen` addresses"),
+        Some(list) => c.error(
+            list,
+            "daemon.sync.peers",
+            "empty: list the other nodes' `listen` addresses",
+        ),
+        None => c.error_at(
+            span.clone(),
+            "daemon.sync.peers",
+            "required: the other nodes' `listen` addresses",
+        ),
     }
     let key_file = match s.key_file {
         Some(k) if k.get_ref().is_absolute() => Some(k.into_inner()),
         Some(k) => {
-            c.error(&k, "daemon.sync.key_file", format!("{} is not an absolute path", k.get_ref().display()));
+            c.error(
+                &k,
+                "daemon.sync.key_file",
+                format!("{} is not an absolute path", k.get_ref().display()),
+            );
             None
         }
         None => {

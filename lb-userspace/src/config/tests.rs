@@ -304,3 +304,107 @@ fn announce_unknown_key_is_named_with_its_line() {
     assert!(p[0].message.contains("node"), "{p:?}");
     assert_eq!(p[0].key, "daemon.node", "{p:?}");
 }
+
+/// GOOD with `[daemon.sync]` holding `body`, and the line of `body`'s first line.
+fn with_sync(body: &str) -> (String, usize) {
+    let at = GOOD.find("[[service]]").unwrap();
+    let src = format!("{}[daemon.sync]\n{body}\n\n{}", &GOOD[..at], &GOOD[at..]);
+    let line = GOOD[..at].lines().count() + 2;
+    (src, line)
+}
+
+#[test]
+fn sync_takes_its_addresses_and_key_file() {
+    assert_eq!(parse(GOOD).unwrap().config.daemon.sync, None);
+    let (src, _) = with_sync(
+        "listen = \"192.0.2.1:9918\"\npeers = [\"192.0.2.2:9918\", \"[2001:db8::3]:9918\"]\nkey_file = \"/etc/lb/sync.key\"",
+    );
+    let s = parse(&src).unwrap().config.daemon.sync.unwrap();
+    assert_eq!(s.listen, "192.0.2.1:9918".parse().unwrap());
+    assert_eq!(
+        s.peers,
+        vec![
+            "192.0.2.2:9918".parse().unwrap(),
+            "[2001:db8::3]:9918".parse().unwrap()
+        ]
+    );
+    assert_eq!(s.key_file, PathBuf::from("/etc/lb/sync.key"));
+}
+
+#[test]
+fn sync_refuses_bad_addresses_peers_and_key_files_naming_key_and_line() {
+    let listen = "listen = \"192.0.2.1:9918\"";
+    let peers = "peers = [\"192.0.2.2:9918\"]";
+    let key = "key_file = \"/etc/lb/sync.key\"";
+    for (body, key_name, line_offset, says) in [
+        (
+            format!("listen = \"192.0.2.1\"\n{peers}\n{key}"),
+            "daemon.sync.listen",
+            0,
+            "with a port",
+        ),
+        (
+            format!("listen = \"0.0.0.0:9918\"\n{peers}\n{key}"),
+            "daemon.sync.listen",
+            0,
+            "with a port",
+        ),
+        (
+            format!("{peers}\n{key}"),
+            "daemon.sync.listen",
+            -1,
+            "required",
+        ),
+        (
+            format!("{listen}\n{key}"),
+            "daemon.sync.peers",
+            -1,
+            "required",
+        ),
+        (
+            format!("{listen}\npeers = []\n{key}"),
+            "daemon.sync.peers",
+            1,
+            "empty",
+        ),
+        (
+            format!("{listen}\npeers = [\"192.0.2.1:9918\"]\n{key}"),
+            "daemon.sync.peers",
+            1,
+            "own `listen`",
+        ),
+        (
+            format!("{listen}\npeers = [\"192.0.2.2:9918\", \"192.0.2.2:9918\"]\n{key}"),
+            "daemon.sync.peers",
+            1,
+            "twice",
+        ),
+        (
+            format!("{listen}\n{peers}\nkey_file = \"sync.key\""),
+            "daemon.sync.key_file",
+            2,
+            "absolute",
+        ),
+        (
+            format!("{listen}\n{peers}"),
+            "daemon.sync.key_file",
+            -1,
+            "64 hex digits",
+        ),
+    ] {
+        let (src, line) = with_sync(&body);
+        let p = problems(&src);
+        assert_eq!(p.len(), 1, "{body}: {p:?}");
+        assert_eq!(p[0].key, key_name, "{body}: {p:?}");
+        assert_eq!(
+            p[0].line,
+            Some((line as i64 + line_offset) as usize),
+            "{body}: {p:?}"
+        );
+        assert!(p[0].message.contains(says), "{body}: {p:?}");
+    }
+    let (src, line) = with_sync(&format!("{listen}\n{peers}\n{key}\nport = 1"));
+    let p = problems(&src);
+    assert_eq!(p[0].key, "daemon.sync.port", "{p:?}");
+    assert_eq!(p[0].line, Some(line + 3), "{p:?}");
+}

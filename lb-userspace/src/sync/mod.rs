@@ -387,7 +387,12 @@ fn receive_loop(
     while !stop.load(Relaxed) {
         let (n, from) = match socket.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 continue;
             }
             Err(e) => {
@@ -420,7 +425,9 @@ fn receive_loop(
                 let Some(now) = clock.now() else {
                     if !warned_clock {
                         warned_clock = true;
-                        warn!("sync: cannot read the kernel's jiffies from /proc/timer_list: peers' flows are not recorded");
+                        warn!(
+                            "sync: cannot read the kernel's jiffies from /proc/timer_list: peers' flows are not recorded"
+                        );
                     }
                     continue;
                 };
@@ -507,6 +514,75 @@ mod tests {
         assert!(p.accept_sequence(500));
         assert!(!p.accept_sequence(500 - REPLAY_WINDOW), "below the window");
         assert!(p.accept_sequence(499));
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            listen: "192.0.2.2:9918".parse().unwrap(),
+            peers: vec!["192.0.2.3:9918".parse().unwrap()],
+            key: [9; 32],
+            node: "lb1".into(),
+            seed: [1, 2],
+        }
+    }
+
+    fn status_of(s: &Settings) -> SyncStatus {
+        SyncStatus {
+            peers: Mutex::new(
+                s.peers
+                    .iter()
+                    .map(|a| PeerState {
+                        addr: Some(*a),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn hello(seed: [u64; 2], sent_at_ms: u64, sequence: u64) -> Message {
+        Message {
+            seed_tag: wire::seed_tag(&seed),
+            sent_at_ms,
+            sequence,
+            node: "lb2".into(),
+            body: Body::Hello {
+                drained: false,
+                fingerprints: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn only_fresh_datagrams_of_a_peer_with_the_key_and_the_seed_are_taken() {
+        let s = settings();
+        let status = status_of(&s);
+        let tag = wire::seed_tag(&s.seed);
+        let peer = s.peers[0];
+        let now = unix_ms();
+        let ok = wire::seal(&s.key, &hello(s.seed, now, 10));
+        let check = |from, d: &[u8]| check(&s, tag, &status, from, d).map(|m| m.node);
+        assert_eq!(
+            check("192.0.2.9:9918".parse().unwrap(), &ok),
+            Err(Refused::UnknownPeer)
+        );
+        assert_eq!(
+            check(peer, &wire::seal(&[1; 32], &hello(s.seed, now, 11))),
+            Err(Refused::Authentication)
+        );
+        assert_eq!(
+            check(peer, &wire::seal(&s.key, &hello([1, 3], now, 12))),
+            Err(Refused::OtherSeed)
+        );
+        assert_eq!(
+            check(peer, &wire::seal(&s.key, &hello(s.seed, now - 60_000, 13))),
+            Err(Refused::Stale)
+        );
+        assert_eq!(check(peer, &ok), Ok("lb2".to_string()));
+        assert_eq!(check(peer, &ok), Err(Refused::Replayed));
+        let heard = status.peer_mut(peer, |p| (p.node.clone(), p.up())).unwrap();
+        assert_eq!(heard, (Some("lb2".into()), true));
     }
 
     #[test]

@@ -434,7 +434,10 @@ mod tests {
             assert!(open(&KEY, &bad).is_err(), "byte {i} changed was accepted");
         }
         for n in 0..d.len() {
-            assert!(open(&KEY, &d[..n]).is_err(), "a datagram cut to {n} bytes was accepted");
+            assert!(
+                open(&KEY, &d[..n]).is_err(),
+                "a datagram cut to {n} bytes was accepted"
+            );
         }
     }
 
