@@ -93,12 +93,9 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
 
     // The routes follow the serving VIPs from now on: the runtime state is filled and the
     // program attached, so a restarted lbd finds its routes as it left them (no flap).
-    let announcer = match (daemon.config.daemon.announce, daemon.take_announce_ends()) {
-        (Some(cfg), Some((serving, report))) => {
-            Some(tokio::spawn(announce::follow(cfg, serving, report)))
-        }
-        _ => None,
-    };
+    let announcer = daemon
+        .take_announce_ends()
+        .map(|(cfg, serving, report)| tokio::spawn(announce::follow(cfg, serving, report)));
     let bpffs_dir = daemon.config.daemon.bpffs_dir.clone();
     let conntrack_use = daemon.conntrack.clone();
     let socket_path = daemon.config.daemon.socket.clone();

@@ -262,7 +262,7 @@ async fn set_node_drained(shared: &Shared, drained: bool) -> Reply<Changed> {
             d.serving_vips(),
             generation,
             d.announce_report(),
-            d.config.daemon.announce,
+            d.announcing(),
         )
     };
     let list = |vips: &std::collections::BTreeSet<std::net::IpAddr>| {

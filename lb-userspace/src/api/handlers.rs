@@ -98,7 +98,7 @@ pub(super) async fn status(State(shared): State<Shared>) -> Json<Status> {
 pub(super) fn node_of(d: &Daemon) -> NodeStatus {
     let report = d.announce_report();
     let report = report.borrow();
-    let announce = d.config.daemon.announce.map(|a| AnnounceConfig {
+    let announce = d.announcing().map(|a| AnnounceConfig {
         table: a.table,
         protocol: a.protocol,
     });
@@ -160,7 +160,7 @@ fn status_of(d: &Daemon) -> Status {
         drained: d.node_drained(),
         serving: d.serving_vips().iter().map(|v| v.to_string()).collect(),
         announced: vec![],
-        announce: d.config.daemon.announce.map(|a| AnnounceConfig {
+        announce: d.announcing().map(|a| AnnounceConfig {
             table: a.table,
             protocol: a.protocol,
         }),

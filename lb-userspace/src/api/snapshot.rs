@@ -63,7 +63,7 @@ pub fn counters<'a>(
             })
             .collect(),
         node_drained: d.node_drained(),
-        announced_vips: match d.config.daemon.announce {
+        announced_vips: match d.announcing() {
             Some(_) => d.announce_report().borrow().installed.len() as u64,
             None => 0,
         },

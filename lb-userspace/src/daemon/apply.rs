@@ -54,6 +54,9 @@ pub struct Daemon {
     announce_report: watch::Receiver<AnnounceReport>,
     /// The announcer's ends of both channels, until `run` hands them to it.
     announce_ends: Option<(watch::Receiver<Serving>, watch::Sender<AnnounceReport>)>,
+    /// `[daemon.announce]` as the announcer runs with it (read at start: a SIGHUP does not
+    /// change it).
+    announcing: Option<crate::config::Announce>,
 }
 
 /// The connection table's use as last counted, and the Maglev slots changed then.
@@ -142,6 +145,7 @@ impl Daemon {
             serving,
             announce_report,
             announce_ends: Some((serving_rx, report_tx)),
+            announcing: None,
             config_path,
             drained: state::load_drained(&config.daemon.state_dir),
             seed,
@@ -258,12 +262,25 @@ impl Daemon {
         }
     }
 
-    /// The announcer's ends of the channels: the serving VIPs to follow and where to report.
-    /// Once only (`run` starts the announcer with them).
+    /// For the announcer, when `[daemon.announce]` is configured: its settings and its ends of
+    /// the channels (the serving VIPs to follow, where to report). Once only (`run` starts the
+    /// announcer with them).
     pub fn take_announce_ends(
         &mut self,
-    ) -> Option<(watch::Receiver<Serving>, watch::Sender<AnnounceReport>)> {
-        self.announce_ends.take()
+    ) -> Option<(
+        crate::config::Announce,
+        watch::Receiver<Serving>,
+        watch::Sender<AnnounceReport>,
+    )> {
+        let cfg = self.config.daemon.announce?;
+        let (serving, report) = self.announce_ends.take()?;
+        self.announcing = Some(cfg);
+        Some((cfg, serving, report))
+    }
+
+    /// `[daemon.announce]` as the running announcer uses it (None: no routes are kept).
+    pub fn announcing(&self) -> Option<crate::config::Announce> {
+        self.announcing
     }
 
     /// What the announcer did last (a fresh receiver, e.g. to wait for a generation).

@@ -1,6 +1,7 @@
 //! Which VIPs this node serves (SPEC "Several nodes"), and what the announcer reports back.
 //! Plain data and a pure function; the daemon publishes the set after every change
-//! (`Daemon::publish_serving`), the announcer (`crate::announce`) keeps the routes in step.
+//! (`Daemon::publish_serving`), and the announcer (the `announce` module, which uses this one)
+//! keeps the routes in step.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
