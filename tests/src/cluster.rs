@@ -17,10 +17,9 @@
 //!   IPv4 VIP on its `eth0`, so its kernel answers ARP for it; the router has an on-link route
 //!   to the VIP on the node segment (`203.0.113.10/32 dev eth0`). IPv4 only.
 //!
-//! Until lbd announces its VIPs itself, [`Cluster::announce_by_hand`] stands in for it: it
-//! adds on a node the routes lbd will keep with `[daemon.announce] table = 100, protocol =
-//! 200` (`VIP/32` and `VIP6/128`, `dev lo`, table 100, proto 200). That function is the one
-//! place to swap for lbd's own routes.
+//! With `Announce::Bgp` every node's lbd announces its serving VIPs itself (`[daemon.announce]
+//! table = 100, protocol = 200`: `VIP/32` and `VIP6/128`, `dev lo`), which the node's BIRD
+//! learns and advertises; [`Cluster::wait_announced`] waits for those routes.
 //!
 //! Addressing (RFC 5737 and 2001:db8::/32 only; IPv6 hex-named after the last IPv4 octet as
 //! in [`crate::topology`]):
@@ -386,17 +385,24 @@ impl Cluster {
     /// Node `n`'s lbd config: services `web` (VIP:80) and `web6` (VIP6:80), dsr, backends
     /// 1..=`backends_in_service`, the common seed.
     fn lbd_config(&self, paths: &LbdPaths) -> String {
-        let mut c = paths.daemon_section(&format!("hash_seed = \"{SEED_HEX}\""));
+        let n = (1..=self.opts.nodes)
+            .find(|&n| self.lbd_paths(n).config == paths.config)
+            .expect("a node's paths");
+        let mut c = paths.daemon_section(&format!(
+            "hash_seed = \"{SEED_HEX}\"\nnode_name = \"node{n}\""
+        ));
+        if self.opts.announce == Announce::Bgp {
+            c.push_str(&format!(
+                "\n[daemon.announce]\ntable = {ANNOUNCE_TABLE}\nprotocol = {ANNOUNCE_PROTOCOL}\n"
+            ));
+        }
         if self.opts.sync {
-            let n = (1..=self.opts.nodes)
-                .find(|&n| self.lbd_paths(n).config == paths.config)
-                .expect("a node's paths");
             let peers: Vec<String> = (1..=self.opts.nodes)
                 .filter(|&p| p != n)
                 .map(|p| format!("\"{}:{SYNC_PORT}\"", node_addr(p)))
                 .collect();
             c.push_str(&format!(
-                "node_name = \"node{n}\"\n\n[daemon.sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n",
+                "\n[daemon.sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n",
                 node_addr(n),
                 peers.join(", "),
                 self.sync_key_file().display()
@@ -546,7 +552,7 @@ impl Cluster {
                 &self.node_bird_config(n),
             )?;
             lock(&self.birds).push(Some(b));
-            self.announce_by_hand(n)?;
+            self.wait_announced(n)?;
         }
         let names: Vec<String> = (1..=self.opts.nodes)
             .flat_map(|n| [format!("n{n}"), format!("n{n}v6")])
@@ -579,7 +585,7 @@ impl Cluster {
                 &self.node_ns[n - 1],
                 &dir,
                 &format!("keepalived-n{n}"),
-                &keepalived_config(n),
+                &keepalived_config(n, &self.lbd_paths(n).socket),
             )?;
             lock(&self.keepaliveds).push(Some(k));
         }
@@ -593,18 +599,34 @@ impl Cluster {
         Ok(())
     }
 
-    /// STAND-IN for lbd's own announcement (`[daemon.announce] table = 100, protocol = 200`):
-    /// adds on node `n` the host routes lbd will keep for its serving VIPs, `VIP/32` and
-    /// `VIP6/128`, `dev lo`, table 100, proto 200, which the node's BIRD learns and
-    /// advertises. Replace the body with "wait until lbd's routes are there" once lbd
-    /// announces; nothing else in the harness adds these routes.
-    pub fn announce_by_hand(&self, n: usize) -> Result<()> {
-        ip_batch(
-            &self.node_ns[n - 1],
-            &format!(
-                "route replace {VIP}/32 dev lo table {ANNOUNCE_TABLE} proto {ANNOUNCE_PROTOCOL}\n\
-                 route replace {VIP6}/128 dev lo table {ANNOUNCE_TABLE} proto {ANNOUNCE_PROTOCOL}\n"
-            ),
+    /// Waits until node `n`'s lbd has its VIP routes in table 100 (protocol 200): `VIP/32`
+    /// and `VIP6/128`, which the node's BIRD learns and advertises.
+    pub fn wait_announced(&self, n: usize) -> Result<()> {
+        let ns = &self.node_ns[n - 1];
+        wait_until(
+            Duration::from_secs(10),
+            &format!("node {n}'s lbd announcing {VIP} and {VIP6}"),
+            || {
+                [("-4", VIP.to_string()), ("-6", VIP6.to_string())]
+                    .iter()
+                    .all(|(family, vip)| {
+                        netns::run_output_within(
+                            Command::new("ip").args([
+                                "-n",
+                                ns,
+                                family,
+                                "route",
+                                "show",
+                                "table",
+                                &ANNOUNCE_TABLE.to_string(),
+                                "proto",
+                                &ANNOUNCE_PROTOCOL.to_string(),
+                            ]),
+                            Duration::from_secs(5),
+                        )
+                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(vip.as_str()))
+                    })
+            },
         )
     }
 
@@ -795,8 +817,14 @@ fn bgp_session(
 }
 
 /// Keepalived's config on VRRP node `n` (1 or 2; node 1 starts as MASTER with the higher
-/// priority).
-fn keepalived_config(n: usize) -> String {
+/// priority), tracking `lbctl node check` of the node's lbd (at `socket`): a node that would
+/// not serve the VIP gives it up.
+fn keepalived_config(n: usize, socket: &std::path::Path) -> String {
+    let check = format!(
+        "{} --socket {} node check",
+        crate::lbd::bin("lbctl").display(),
+        socket.display()
+    );
     let (state, priority) = if n == 1 {
         ("MASTER", 150)
     } else {
@@ -804,8 +832,7 @@ fn keepalived_config(n: usize) -> String {
     };
     format!(
         "global_defs {{\n  router_id lb{n}\n  script_user root\n  enable_script_security\n}}\n\
-         # Later: `lbctl node check` (exit 0 while this node would announce a VIP).\n\
-         vrrp_script node_check {{\n  script \"/bin/true\"\n  interval 1\n  fall 2\n  rise 1\n}}\n\
+         vrrp_script node_check {{\n  script \"{check}\"\n  interval 1\n  fall 2\n  rise 1\n}}\n\
          vrrp_instance lb {{\n  state {state}\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int 1\n  \
          virtual_ipaddress {{\n    {VIP}/32 dev eth0\n  }}\n  track_script {{\n    node_check\n  }}\n}}\n"
     )
