@@ -147,7 +147,7 @@ mod layout_tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<ServiceEntry>(), 36);
         assert_eq!(size_of::<Backend>(), 60);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Record>(), 16);
@@ -157,5 +157,6 @@ mod layout_tests {
         assert_eq!(size_of::<FragValue>(), 20);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<TooBigBucket>(), 8);
+        assert_eq!(size_of::<SyncEvent>(), 56);
     }
 }
