@@ -367,3 +367,42 @@ fn node_loss_after_backend_add_with_sync_breaks_no_connection() {
     eprintln!("nodes 1 and 3 sent {sent} flow entries to their peers and received {received}");
     assert!(received > 0, "no flow was shared");
 }
+
+/// An lbd killed and started again (a crash, an upgrade) leaves its node's routes in place: the
+/// router's multipath route lists the node in every sample taken across the restart, so BGP
+/// never withdraws it and no client moves.
+#[test]
+fn a_restarted_lbd_is_never_withdrawn_by_the_router() {
+    let mut c = cluster(ClusterOptions::default());
+    let router = c.router_ns().to_string();
+    let node: IpAddr = node_addr(2).into();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let samples = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut samples = vec![];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && samples.len() < 100_000 {
+                samples.push(routing::kernel_next_hops(&router, VIP));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            samples
+        });
+        c.restart_lbd(2).expect("restarting node 2's lbd");
+        // BIRD's kernel protocol scans its table now and then: give it time to see any gap.
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().expect("sampler")
+    });
+    assert!(samples.len() >= 50, "only {} samples", samples.len());
+    let missing = samples
+        .iter()
+        .filter(|s| !s.as_ref().is_ok_and(|hops| hops.contains(&node)))
+        .count();
+    eprintln!(
+        "{} samples of the router's route across node 2's lbd restart, {missing} without node 2",
+        samples.len()
+    );
+    assert_eq!(missing, 0, "the router lost node 2 in {missing} samples");
+    let lbd = c.lbd(2);
+    let status = lbd.lbctl_json(&["status"]).expect("status");
+    assert_eq!(status["start"], "adopted", "{status}");
+}

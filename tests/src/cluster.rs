@@ -774,6 +774,18 @@ impl Cluster {
         Ok(at)
     }
 
+    /// SIGKILLs node `n`'s lbd and starts a new one on the same config and pins (the way an
+    /// upgrade or a crash and restart goes); returns once the new one is ready.
+    pub fn restart_lbd(&mut self, n: usize) -> Result<()> {
+        self.t.kill(self.lbds[n - 1].1)?;
+        let paths = self.lbd_paths(n);
+        let lbd = spawn_lbd_in(&self.t, &self.node_ns[n - 1], &paths)?;
+        lbd.wait_ready(Duration::from_secs(15))
+            .with_context(|| format!("the restarted lbd of node {n}"))?;
+        self.lbds[n - 1].1 = lbd.handle;
+        Ok(())
+    }
+
     /// Polls (every 5 ms) until `done` holds, for at most `deadline`; returns how long it took.
     pub fn time_until(
         &self,
