@@ -28,37 +28,22 @@ fn sip_round(v: &mut [u64; 4]) {
     v[2] = v[2].rotate_left(32);
 }
 
-/// SipHash-1-3 of `N` little-endian 64-bit message words (`8 * N` bytes).
+/// SipHash-1-3 of `N` little-endian 64-bit message words (`8 * N` bytes): [`Sip13`] over
+/// them, unrolled (the word count is a constant).
 #[inline(always)]
 pub fn siphash13<const N: usize>(key: &[u64; 2], msg: &[u64; N]) -> u64 {
-    let mut v = [
-        key[0] ^ 0x736f_6d65_7073_6575,
-        key[1] ^ 0x646f_7261_6e64_6f6d,
-        key[0] ^ 0x6c79_6765_6e65_7261,
-        key[1] ^ 0x7465_6462_7974_6573,
-    ];
+    let mut h = Sip13::new(key);
     let mut i = 0;
     while i < N {
-        v[3] ^= msg[i];
-        sip_round(&mut v);
-        v[0] ^= msg[i];
+        h.write(msg[i]);
         i += 1;
     }
-    // Final block: no trailing bytes, only the length in the top byte.
-    let last = ((8 * N) as u64 & 0xff) << 56;
-    v[3] ^= last;
-    sip_round(&mut v);
-    v[0] ^= last;
-    v[2] ^= 0xff;
-    sip_round(&mut v);
-    sip_round(&mut v);
-    sip_round(&mut v);
-    v[0] ^ v[1] ^ v[2] ^ v[3]
+    h.finish()
 }
 
-/// SipHash-1-3 over a stream of 64-bit words, for inputs too long or too variable for
-/// [`siphash13`] (a whole Maglev table: [`crate::maglev::table_fingerprint`]). The same words
-/// give the same value as `siphash13`.
+/// SipHash-1-3 over a stream of 64-bit words (little-endian message bytes): for fixed short
+/// inputs through [`siphash13`], for long ones directly (a whole Maglev table:
+/// [`crate::maglev::table_fingerprint`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Sip13 {
     v: [u64; 4],
@@ -66,6 +51,7 @@ pub struct Sip13 {
 }
 
 impl Sip13 {
+    #[inline(always)]
     pub fn new(key: &[u64; 2]) -> Sip13 {
         Sip13 {
             v: [
@@ -78,6 +64,7 @@ impl Sip13 {
         }
     }
 
+    #[inline(always)]
     pub fn write(&mut self, word: u64) {
         self.v[3] ^= word;
         sip_round(&mut self.v);
@@ -85,6 +72,8 @@ impl Sip13 {
         self.words += 1;
     }
 
+    /// The final block holds no trailing bytes, only the length in its top byte.
+    #[inline(always)]
     pub fn finish(mut self) -> u64 {
         let last = ((8 * self.words) & 0xff) << 56;
         let v = &mut self.v;
