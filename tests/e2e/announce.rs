@@ -22,7 +22,7 @@ use lb_common::maglev::{MaglevBackend, table_fingerprint};
 use lb_tests::{
     Topology, TopologyOptions,
     http::metric,
-    lbd::{Lbd, LbdPaths, bin, spawn_lbd, start_lbd},
+    lbd::{Lbd, LbdPaths, cleanup_lbd, spawn_lbd, start_lbd},
     require_root, wait_until,
 };
 use lb_userspace::state::to_addr;
@@ -464,14 +464,7 @@ fn routes_stay_through_kill_and_restart_and_go_with_cleanup() {
     // SIGTERM: the routes stay; --cleanup removes them, and nothing else.
     new_lbd.stop().unwrap();
     assert_eq!(routes(&t), both);
-    let out = t
-        .nsenter_output(
-            t.lb_ns(),
-            Command::new(bin("lbd"))
-                .args(["--cleanup", "--config"])
-                .arg(&paths.config),
-        )
-        .unwrap();
+    let out = cleanup_lbd(&t, &paths).unwrap();
     assert!(
         out.status.success(),
         "lbd --cleanup: {}",
@@ -571,14 +564,7 @@ fn node_check_without_announce_and_fingerprints() {
 
     // Another lbd (fresh: pins removed) given the backends in another order.
     lbd.stop().unwrap();
-    let out = t
-        .nsenter_output(
-            t.lb_ns(),
-            Command::new(bin("lbd"))
-                .args(["--cleanup", "--config"])
-                .arg(&paths.config),
-        )
-        .unwrap();
+    let out = cleanup_lbd(&t, &paths).unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_tests::{
     Topology, TopologyOptions,
-    lbd::{Lbd, LbdPaths, bin, check_config, lbctl_at, spawn_lbd, start_lbd},
+    lbd::{Lbd, LbdPaths, bin, check_config, lbctl_at, register_cleanup, spawn_lbd, start_lbd},
     require_root,
 };
 use serde_json::Value;
@@ -674,18 +674,7 @@ fn lbd_does_not_start_on_a_malformed_config_or_a_missing_interface() {
         state_dir: t.work_dir().join("state-noif"),
         interfaces: t.lb_interfaces(),
     };
-    {
-        let config = noif.config.clone();
-        let bpffs_dir = noif.bpffs_dir.clone();
-        t.on_teardown(move || {
-            let _ = Command::new(bin("lbd"))
-                .arg("--cleanup")
-                .arg("--config")
-                .arg(&config)
-                .output();
-            let _ = std::fs::remove_dir_all(&bpffs_dir);
-        });
-    }
+    register_cleanup(&t, &noif);
     let section = daemon_section(&noif).replace("[\"eth0\"]", "[\"nosuch0\"]");
     assert!(section.contains("nosuch0"));
     std::fs::write(&noif.config, good_config(&section)).unwrap();

@@ -15,7 +15,7 @@ use lb_common::{
 };
 use lb_tests::{
     Topology, TopologyOptions,
-    lbd::{LbdPaths, bin, spawn_lbd, start_lbd},
+    lbd::{LbdPaths, bin, cleanup_lbd, spawn_lbd, start_lbd},
     require_root, retry_until,
 };
 use lb_userspace::state::to_addr;
@@ -193,15 +193,7 @@ fn lbd_exit_leaves_forwarding_restart_replaces_and_cleanup_removes() {
 
     // lbd --cleanup takes lb out of the path: the VIP's port 80 is now the LB host's own
     // (nothing listens there, so the connection is refused), and no pin is left.
-    let out = t
-        .nsenter_output(
-            t.lb_ns(),
-            Command::new(bin("lbd"))
-                .arg("--cleanup")
-                .arg("--config")
-                .arg(&paths.config),
-        )
-        .unwrap();
+    let out = cleanup_lbd(&t, &paths).unwrap();
     assert!(
         out.status.success(),
         "lbd --cleanup: {}",

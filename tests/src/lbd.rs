@@ -105,7 +105,20 @@ pub fn prepare_lbd_at(t: &Topology, paths: &LbdPaths, config: &str) -> Result<()
     Ok(())
 }
 
-fn register_cleanup(t: &Topology, paths: &LbdPaths) {
+/// Runs `lbd --cleanup` on `paths`' config in the LB's namespace, as an operator takes lb out of
+/// the path.
+pub fn cleanup_lbd(t: &Topology, paths: &LbdPaths) -> Result<Output> {
+    t.nsenter_output(
+        t.lb_ns(),
+        Command::new(bin("lbd"))
+            .args(["--cleanup", "--config"])
+            .arg(&paths.config),
+    )
+}
+
+/// Has the topology's teardown run `lbd --cleanup` on `paths` and remove its pin folder, also
+/// when a test fails.
+pub fn register_cleanup(t: &Topology, paths: &LbdPaths) {
     let config = paths.config.clone();
     let bpffs_dir = paths.bpffs_dir.clone();
     t.on_teardown(move || {
