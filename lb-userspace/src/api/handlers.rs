@@ -59,16 +59,13 @@ fn interface_status(a: &Attachment) -> InterfaceStatus {
 }
 
 pub(super) async fn status(State(shared): State<Shared>) -> Json<Status> {
-    let (mut status, mut node) = {
-        let d = shared.lock().await;
-        (status_of(&d), node_of(&d))
-    };
+    let mut status = status_of(&*shared.lock().await);
     // Each interface as it is now (netlink and link info), and the routes in the announce
     // table, without holding the daemon.
     let bpffs_dir = std::path::PathBuf::from(&status.bpffs_dir);
     match crate::netlink::Netlink::new() {
         Ok(netlink) => {
-            announced_now(&netlink, &mut node).await;
+            announced_now(&netlink, &mut status.node).await;
             for i in &mut status.interfaces {
                 match crate::daemon::interface_now(&netlink, &bpffs_dir, &i.name).await {
                     Ok(now) => {
@@ -83,13 +80,11 @@ pub(super) async fn status(State(shared): State<Shared>) -> Json<Status> {
             for i in &mut status.interfaces {
                 i.problem = Some(e.to_string());
             }
-            if node.announce.is_some() {
-                node.announce_problem = Some(e.to_string());
+            if status.node.announce.is_some() {
+                status.node.announce_problem = Some(e.to_string());
             }
         }
     }
-    status.announced = node.announced;
-    status.announce_problem = node.announce_problem;
     Json(status)
 }
 
@@ -156,15 +151,7 @@ fn status_of(d: &Daemon) -> Status {
             .iter()
             .map(interface_status)
             .collect(),
-        node_name: d.config.daemon.node_name(),
-        drained: d.node_drained(),
-        serving: d.serving_vips().iter().map(|v| v.to_string()).collect(),
-        announced: vec![],
-        announce: d.announcing().map(|a| AnnounceConfig {
-            table: a.table,
-            protocol: a.protocol,
-        }),
-        announce_problem: None,
+        node: node_of(d),
         services: d
             .services
             .iter()
@@ -199,6 +186,8 @@ fn peer_statuses(s: &crate::sync::SyncStatus) -> Vec<super::types::PeerStatus> {
             refused: p.refused.map(|r| r.to_string()),
             entries_sent: p.entries_sent,
             entries_received: p.entries_received,
+            entries_unplaced: p.entries_unplaced,
+            drained: p.drained,
             datagrams_sent: p.datagrams_sent,
             bytes_sent: p.bytes_sent,
         })

@@ -26,20 +26,10 @@ pub struct Status {
     pub bpffs_dir: String,
     pub start: crate::datapath::Start,
     pub interfaces: Vec<InterfaceStatus>,
-    /// This node's name (`daemon.node_name`, else the host name).
-    pub node_name: String,
-    /// `lbctl node drain`: no VIP is announced.
-    pub drained: bool,
-    /// The VIPs this node serves now (what it announces with `[daemon.announce]`).
-    pub serving: Vec<String>,
-    /// The VIPs whose host routes are in the announce table now (empty without
-    /// `[daemon.announce]`).
-    pub announced: Vec<String>,
-    /// `[daemon.announce]`, if configured.
-    pub announce: Option<AnnounceConfig>,
-    /// Why the routes are not in step with the serving VIPs, if they are not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub announce_problem: Option<String>,
+    /// The node's name, drain, and what it serves and announces (flattened: `node_name`,
+    /// `drained`, `serving`, `announced`, … at the top of the document).
+    #[serde(flatten)]
+    pub node: NodeStatus,
     pub services: Vec<ServiceStatus>,
     pub backends: usize,
     /// With `[daemon.sync]`: the other nodes, as this one hears them.
@@ -65,6 +55,10 @@ pub struct PeerStatus {
     pub refused: Option<String>,
     pub entries_sent: u64,
     pub entries_received: u64,
+    /// Flows received that this node has no service or backend for (their tables differ).
+    pub entries_unplaced: u64,
+    /// Whether it says it is drained (from its last hello).
+    pub drained: Option<bool>,
     /// Datagrams and bytes (UDP payload) sent to it, hellos included.
     pub datagrams_sent: u64,
     pub bytes_sent: u64,
@@ -94,13 +88,19 @@ pub struct ServiceStatus {
 /// `GET /v1/node`: the node's name, drain and what it serves and announces.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct NodeStatus {
+    /// This node's name (`daemon.node_name`, else the host name).
     pub node_name: String,
+    /// `lbctl node drain`: no VIP is announced.
     pub drained: bool,
     /// The VIPs this node serves (and, with `[daemon.announce]`, announces): `lbctl node
     /// check` succeeds when there is one.
     pub serving: Vec<String>,
+    /// The VIPs whose host routes are in the announce table now (empty without
+    /// `[daemon.announce]`).
     pub announced: Vec<String>,
+    /// `[daemon.announce]`, if configured.
     pub announce: Option<AnnounceConfig>,
+    /// Why the routes are not in step with the serving VIPs, if they are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce_problem: Option<String>,
 }

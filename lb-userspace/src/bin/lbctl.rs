@@ -204,22 +204,23 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                             .to_string(),
                 }
             );
+            let n = &s.node;
             println!(
                 "node {}{}; serving {}; announced {}",
-                s.node_name,
-                if s.drained { " (drained)" } else { "" },
-                list_or_none(&s.serving),
-                match &s.announce {
+                n.node_name,
+                if n.drained { " (drained)" } else { "" },
+                list_or_none(&n.serving),
+                match &n.announce {
                     Some(a) => format!(
                         "{} (table {}, protocol {})",
-                        list_or_none(&s.announced),
+                        list_or_none(&n.announced),
                         a.table,
                         a.protocol
                     ),
                     None => "nothing (no [daemon.announce])".into(),
                 }
             );
-            if let Some(p) = &s.announce_problem {
+            if let Some(p) = &n.announce_problem {
                 println!("announce problem: {p}");
             }
             println!(
