@@ -503,12 +503,22 @@ mod table {
                     next.hot[s] = Hot::new(b, true);
                     next.quiet[s] = 0;
                 } else if hot.current() != b {
+                    next.mark_changed(s, now);
                     next.hot[s] = Hot::new(b, true);
-                    next.side[s] = Side::new(hot.current(), true);
-                    next.changed_at[s] = now;
                 }
             }
             next
+        }
+
+        /// Marks unchanged slot `s` changed at `now` with its backend as it is: its unrecorded
+        /// flows (UDP ones too, while `ADOPT_UDP` lasts) stay on that backend, whatever the slot
+        /// names later, and a record on it is read.
+        pub fn mark_changed(&mut self, s: usize, now: u64) {
+            let current = self.hot[s].current();
+            self.hot[s] = Hot::new(current, true);
+            self.side[s] = Side::new(current, true);
+            self.changed_at[s] = now;
+            self.quiet[s] = 0;
         }
 
         /// Clears what lbd may at `now`: `ADOPT_UDP` once `udp_adopt` has passed; and a changed

@@ -223,12 +223,8 @@ impl sync::Node for SyncedDaemon {
         &self,
         flows: &[sync::SyncedFlow],
         now: u32,
-    ) -> Vec<Result<datapath::Adopted, datapath::DatapathError>> {
-        let mut d = self.0.blocking_lock();
-        flows
-            .iter()
-            .map(|f| d.datapath.adopt_peer_flow(f, now))
-            .collect()
+    ) -> Result<Vec<datapath::Adopted>, datapath::DatapathError> {
+        self.0.blocking_lock().datapath.adopt_peer_flows(flows, now)
     }
 
     fn hello(&self) -> (bool, Vec<sync::Fingerprint>) {

@@ -297,6 +297,19 @@ pub fn to_addr(ip: IpAddr) -> Addr {
     }
 }
 
+/// An address as the data path stores it (`to_addr`), back as an `IpAddr` of `family`.
+pub fn from_addr(addr: &Addr, family: u8) -> IpAddr {
+    if family == lb_common::FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(addr[0].to_ne_bytes())
+    }
+}
+
 pub fn family(ip: IpAddr) -> u8 {
     if ip.is_ipv4() {
         lb_common::FAMILY_V4
@@ -498,5 +511,9 @@ mod tests {
         let b = to_addr("2001:db8::1".parse().unwrap());
         assert_eq!(b[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(b[3].to_ne_bytes(), [0, 0, 0, 1]);
+        for ip in ["192.0.2.1", "2001:db8::1", "::ffff:192.0.2.9"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(from_addr(&to_addr(ip), family(ip)), ip);
+        }
     }
 }

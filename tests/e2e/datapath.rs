@@ -779,3 +779,64 @@ fn every_service_is_found_through_the_index_collisions_and_removals_included() {
         (XDP_PASS, frame.bytes.clone())
     );
 }
+
+/// A flow another node recorded (`[daemon.sync]`), written here by `adopt_peer_flows`: its next
+/// packets follow it even where this node's slot was unchanged (the slot is then marked changed
+/// with its own backend as the previous one), while every other flow of the slot stays where
+/// it was; a flow already where this node sends it writes nothing, one of a backend this node
+/// does not have is not placed.
+#[test]
+fn a_peers_flow_is_followed_and_moves_no_other_flow_of_its_slot() {
+    use lb_userspace::datapath::{Adopted, PeerFlow};
+    let mut f = fixture([100, 100, 100]);
+    let src = client(11);
+    let here = predicted(&f.table, src);
+    let there = (here + 1) % 3;
+    let peer = |client: Ipv4Addr, backend: Ipv4Addr| PeerFlow {
+        client: client.into(),
+        vip: VIP.into(),
+        proto: 6,
+        sport: 40000,
+        dport: 80,
+        every_port: false,
+        backend: backend.into(),
+        closing: false,
+    };
+    let slot = source_slot(&SEED, TABLE_SIZE, &to_addr(src.into())).unwrap();
+    assert!(!f.dp.slot_lanes(0, slot).unwrap().0.changed());
+    let now = datapath::TableClock::default()
+        .now()
+        .expect("the table clock");
+    let unchanged = client(12);
+    let adopted =
+        f.dp.adopt_peer_flows(
+            &[
+                peer(src, backend_ip(there)),
+                peer(unchanged, backend_ip(predicted(&f.table, unchanged))),
+                peer(client(13), Ipv4Addr::new(192, 0, 2, 99)),
+            ],
+            now,
+        )
+        .unwrap();
+    assert_eq!(
+        adopted,
+        [Adopted::Recorded, Adopted::AlreadyThere, Adopted::Unknown]
+    );
+    // The peer's flow goes where the peer sent it, here too.
+    assert_eq!(sent_to(&f, &vip_ack(src)), there);
+    // Its slot is changed now, its previous backend the one it had: another unrecorded flow of
+    // the same client (same slot) stays there, and so does a new connection.
+    let (hot, side) = f.dp.slot_lanes(0, slot).unwrap();
+    assert!(hot.changed());
+    assert_eq!((hot.current(), side.old()), (here, here));
+    let other_flow = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40001, 80, 0x10, b"");
+    assert_eq!(sent_to(&f, &other_flow), here);
+    let new_flow = ipv4_tcp(CLIENT_MAC, LB_MAC, src, VIP, 40002, 80, 0x02, b"");
+    assert_eq!(sent_to(&f, &new_flow), here);
+    // Nothing was written for the flow already in place: its slot stays unchanged.
+    let unchanged_slot = source_slot(&SEED, TABLE_SIZE, &to_addr(unchanged.into())).unwrap();
+    if unchanged_slot != slot {
+        assert!(!f.dp.slot_lanes(0, unchanged_slot).unwrap().0.changed());
+    }
+    assert_eq!(f.dp.flow(&flow_key(unchanged, 40000)), None);
+}

@@ -99,9 +99,13 @@ impl ServiceSlots {
         Ok(ServiceSlots { table, key, memory })
     }
 
-    /// Writes word `w` of the array (the hot half's words, then the side half's).
-    pub(super) fn write_word(&self, w: usize, value: u64) {
-        self.memory.write(w, value);
+    /// Writes the words of the array that hold `slot` (its side half's word first, then its
+    /// hot half's: a packet that sees the slot changed finds its side half written).
+    pub(super) fn write_slot(&self, slot: usize) {
+        let w = slot / lb_common::MAGLEV_SLOTS_PER_WORD as usize;
+        let half = half_words(self.table.hot.len() as u32) as usize;
+        self.memory.write(half + w, self.table.side_word(w));
+        self.memory.write(w, self.table.hot_word(w));
     }
 }
 

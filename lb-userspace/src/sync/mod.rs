@@ -41,7 +41,7 @@ pub trait Node: Send + std::marker::Sync + 'static {
     /// Reported records in addresses; `None` for one whose service or backend is gone.
     fn describe(&self, events: &[SyncEvent]) -> Vec<Option<SyncedFlow>>;
     /// Writes peers' flows into the connection table, stamped `now` (the table's clock).
-    fn adopt(&self, flows: &[SyncedFlow], now: u32) -> Vec<Result<Adopted, DatapathError>>;
+    fn adopt(&self, flows: &[SyncedFlow], now: u32) -> Result<Vec<Adopted>, DatapathError>;
     /// Whether the node is drained, and each service's table fingerprint.
     fn hello(&self) -> (bool, Vec<Fingerprint>);
 }
@@ -51,6 +51,8 @@ const HELLO_EVERY: Duration = Duration::from_secs(1);
 pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(3);
 /// Reported flows wait at most this long for more to fill their datagram.
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
+/// Reports sent at once, at most, whatever their age (a burst of new flows).
+const MAX_PENDING: usize = 512;
 /// Datagrams sent more than this long ago (by the sender's clock) are refused.
 const MAX_AGE: Duration = Duration::from_secs(30);
 /// Sequence numbers this far below a peer's highest are still taken once (reordering).
@@ -81,6 +83,8 @@ pub struct PeerState {
     pub refused: Option<Refused>,
     pub entries_sent: u64,
     pub entries_received: u64,
+    /// Flows received that this node has no service or backend for.
+    pub entries_unplaced: u64,
     pub datagrams_sent: u64,
     pub bytes_sent: u64,
     /// Replay protection: the highest sequence accepted, and which of the `REPLAY_WINDOW`
@@ -125,19 +129,28 @@ impl PeerState {
 /// The sync threads' counters and peers, for status and metrics.
 #[derive(Default)]
 pub struct SyncStatus {
-    pub listen: Option<SocketAddr>,
     pub peers: Mutex<Vec<PeerState>>,
     /// Datagrams refused, by `Refused::ALL` index.
     pub rejected: [AtomicU64; 6],
-    /// Reports that named a service or backend no longer there.
-    pub undescribed: AtomicU64,
-    /// Peers' flows by what became of them (`Adopted`).
-    pub adopted: AtomicU64,
-    pub slots_marked: AtomicU64,
-    pub unknown: AtomicU64,
 }
 
 impl SyncStatus {
+    /// Every peer of `peers` not heard yet.
+    pub fn new(peers: &[SocketAddr]) -> SyncStatus {
+        SyncStatus {
+            peers: Mutex::new(
+                peers
+                    .iter()
+                    .map(|a| PeerState {
+                        addr: Some(*a),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
     pub fn rejected(&self, r: Refused) -> u64 {
         let i = Refused::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.rejected[i].load(Relaxed)
@@ -191,20 +204,17 @@ pub fn start(
         )
     })?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let status = Arc::new(SyncStatus {
-        listen: Some(settings.listen),
-        peers: Mutex::new(
-            settings
-                .peers
-                .iter()
-                .map(|a| PeerState {
-                    addr: Some(*a),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-        ..Default::default()
-    });
+    info!(
+        "sync: listening on UDP {}, peers {}",
+        settings.listen,
+        settings
+            .peers
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let status = Arc::new(SyncStatus::new(&settings.peers));
     let stop = Arc::new(AtomicBool::new(false));
     let send_socket = socket.try_clone()?;
     {
@@ -220,19 +230,6 @@ pub fn start(
             .name("sync-receive".into())
             .spawn(move || receive_loop(settings, node, socket, status, stop))?;
     }
-    info!(
-        "sync: listening on UDP {}, peers {}",
-        status.listen.map(|a| a.to_string()).unwrap_or_default(),
-        status
-            .peers
-            .lock()
-            .map(|p| p
-                .iter()
-                .filter_map(|p| p.addr.map(|a| a.to_string()))
-                .collect::<Vec<_>>()
-                .join(", "))
-            .unwrap_or_default()
-    );
     Ok(Sync { status, stop })
 }
 
@@ -346,18 +343,10 @@ fn send_loop(
                 pending_since.get_or_insert_with(Instant::now);
             }
         }
-        let full = pending.len() * 18 >= wire::MAX_DATAGRAM;
-        if pending_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) || full {
-            let flows: Vec<SyncedFlow> = node
-                .describe(&pending)
-                .into_iter()
-                .filter_map(|f| {
-                    if f.is_none() {
-                        status.undescribed.fetch_add(1, Relaxed);
-                    }
-                    f
-                })
-                .collect();
+        if pending.len() >= MAX_PENDING || pending_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER)
+        {
+            // A report whose service or backend went meanwhile has nothing left to share.
+            let flows: Vec<SyncedFlow> = node.describe(&pending).into_iter().flatten().collect();
             pending.clear();
             pending_since = None;
             sender.send_flows(flows);
@@ -432,23 +421,17 @@ fn receive_loop(
                     continue;
                 };
                 let count = flows.len() as u64;
-                for r in node.adopt(&flows, now) {
-                    match r {
-                        Ok(Adopted::Recorded) => {
-                            status.adopted.fetch_add(1, Relaxed);
-                        }
-                        Ok(Adopted::RecordedOnNewlyChangedSlot) => {
-                            status.adopted.fetch_add(1, Relaxed);
-                            status.slots_marked.fetch_add(1, Relaxed);
-                        }
-                        Ok(Adopted::AlreadyThere) => {}
-                        Ok(Adopted::Unknown) => {
-                            status.unknown.fetch_add(1, Relaxed);
-                        }
-                        Err(e) => warn!("sync: recording a flow of {from}: {e}"),
+                let unplaced = match node.adopt(&flows, now) {
+                    Ok(adopted) => adopted.iter().filter(|a| **a == Adopted::Unknown).count(),
+                    Err(e) => {
+                        warn!("sync: recording the flows of {from}: {e}");
+                        flows.len()
                     }
-                }
-                status.peer_mut(from, |p| p.entries_received += count);
+                } as u64;
+                status.peer_mut(from, |p| {
+                    p.entries_received += count;
+                    p.entries_unplaced += unplaced;
+                });
             }
         }
     }
@@ -526,21 +509,6 @@ mod tests {
         }
     }
 
-    fn status_of(s: &Settings) -> SyncStatus {
-        SyncStatus {
-            peers: Mutex::new(
-                s.peers
-                    .iter()
-                    .map(|a| PeerState {
-                        addr: Some(*a),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        }
-    }
-
     fn hello(seed: [u64; 2], sent_at_ms: u64, sequence: u64) -> Message {
         Message {
             seed_tag: wire::seed_tag(&seed),
@@ -557,7 +525,7 @@ mod tests {
     #[test]
     fn only_fresh_datagrams_of_a_peer_with_the_key_and_the_seed_are_taken() {
         let s = settings();
-        let status = status_of(&s);
+        let status = SyncStatus::new(&s.peers);
         let tag = wire::seed_tag(&s.seed);
         let peer = s.peers[0];
         let now = unix_ms();
