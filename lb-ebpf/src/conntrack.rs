@@ -81,9 +81,8 @@ pub fn on_changed_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), Reason> {
 
 /// Tells lbd (`SYNC_EVENTS`) that the flow of `p` was recorded on `at`'s service and backend,
 /// for other nodes (`lb_common::SyncEvent`), when lbd asked for it (`Config::sync_events`).
-/// `written` is what `Flow::write` returned. A full
-/// ring loses the event: the flow then has a record on this node only. A call of its own: the
-/// rare path keeps its frame apart.
+/// `written` is what `Flow::write` returned. A full ring loses the event: the flow then has a
+/// record on this node only. A call of its own: the rare path keeps its frame apart.
 #[inline(never)]
 fn report(p: &Packet, at: &SlotChoice, written: u32) {
     if CONFIG.get(0).is_none_or(|c| c.sync_events == 0) {
