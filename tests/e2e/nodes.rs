@@ -1,11 +1,12 @@
 //! End to end: several lb nodes behind a router (`lb_tests::cluster`). ECMP over BGP (BIRD 2,
 //! BFD) spreads clients over every node and every node chooses the same backend for a client;
-//! a node lost under load is withdrawn within a second and no connection breaks; a VRRP pair
-//! (keepalived) hands the VIP over with no connection broken. Real lbd, BIRD, keepalived,
-//! nginx. Needs root and `cargo xtask setup` (bird2, keepalived).
-//!
-//! The nodes' VIP routes are added by `Cluster::announce_by_hand`, a stand-in for lbd's
-//! `[daemon.announce]`.
+//! a node lost under load is withdrawn within a second and no connection breaks; a node whose
+//! backends all fail their checks, or that is drained, is withdrawn and comes back; a restarted
+//! lbd is never withdrawn; a VRRP pair (keepalived) hands the VIP over with no connection
+//! broken; with `[daemon.sync]` a node lost after a backend change breaks no connection, and a
+//! peer with another seed is refused and shown. Real lbd (announcing its VIPs itself with
+//! `[daemon.announce]`), BIRD, keepalived, nginx. Needs root and `cargo xtask setup` (bird2,
+//! keepalived).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -290,7 +291,8 @@ fn vrrp_master_lost_under_load_backup_takes_over_and_no_connection_breaks() {
 // ---- without connection-state sync: a measurement, not a test ----------------------------------
 
 /// A backend added a few seconds before a node dies: what breaks without connection-state
-/// sync between nodes (not built yet). Prints the figures; asserts nothing about them.
+/// sync between nodes (`[daemon.sync]` off; `node_loss_after_backend_add_with_sync_breaks_no_connection`
+/// is the same with it on). Prints the figures; asserts nothing about them.
 /// Run with `cargo xtask test -- --ignored node_loss_after_backend_add --nocapture`.
 #[test]
 #[ignore = "a measurement for the design of connection-state sync; asserts nothing"]
@@ -405,4 +407,220 @@ fn a_restarted_lbd_is_never_withdrawn_by_the_router() {
     let lbd = c.lbd(2);
     let status = lbd.lbctl_json(&["status"]).expect("status");
     assert_eq!(status["start"], "adopted", "{status}");
+}
+
+/// Waits until the router's route to the VIP lists node `n` (`present`) or not, at most
+/// `deadline` after `since`; how long it took.
+fn router_route_has(
+    c: &Cluster,
+    n: usize,
+    present: bool,
+    since: Instant,
+    deadline: Duration,
+) -> Duration {
+    let node: IpAddr = node_addr(n).into();
+    let others = c.nodes() - 1;
+    c.time_until(
+        since,
+        deadline,
+        &format!(
+            "the router's route {} node {n}",
+            if present { "with" } else { "without" }
+        ),
+        || {
+            c.router_next_hops(VIP).is_ok_and(|h| {
+                h.contains(&node) == present && h.len() == if present { others + 1 } else { others }
+            })
+        },
+    )
+    .unwrap()
+}
+
+/// A node that can no longer reach its backends (its health checks dropped by a firewall rule
+/// of its own; the clients' packets, forwarded by XDP, never meet it) stops serving the VIP:
+/// its route goes, the router drops it, and every client is served by the others. Reachable
+/// again: announced again. Connections that reached the node while it took its backends for
+/// down one by one, before the router dropped it, were rehashed there (a down backend's flows
+/// are, by design): how many broke is printed, not asserted.
+#[test]
+fn a_node_whose_backends_all_fail_their_checks_is_withdrawn_and_comes_back() {
+    let c = cluster(ClusterOptions {
+        health: true,
+        ..Default::default()
+    });
+    let flows = c
+        .start_flows(&c.all_client_sources(), vip(), 60, 0)
+        .expect("starting the connections");
+    let ns = c.node_ns(2).to_string();
+    // nft in node 2's namespace: its own output to port 80 (its health checks) is dropped.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "nft"])
+            .args(args)
+            .output()
+            .expect("running nft");
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["add", "table", "inet", "lbt"]);
+    run(&[
+        "add",
+        "chain",
+        "inet",
+        "lbt",
+        "out",
+        "{ type filter hook output priority 0 ; }",
+    ]);
+    run(&[
+        "add", "rule", "inet", "lbt", "out", "tcp", "dport", "80", "drop",
+    ]);
+    let blocked = Instant::now();
+    let gone = router_route_has(&c, 2, false, blocked, Duration::from_secs(10));
+    eprintln!(
+        "node 2's checks blocked: the router dropped it after {} ms",
+        gone.as_millis()
+    );
+    assert!(
+        gone < Duration::from_secs(3),
+        "the router kept node 2 for {gone:?} (checks every 200 ms, down after 2)"
+    );
+    run(&["delete", "table", "inet", "lbt"]);
+    // Every client is served (by nodes 1 and 3) while node 2 is out.
+    for src in c.all_client_sources() {
+        c.which_backend(src, vip())
+            .unwrap_or_else(|e| panic!("{src} not served while node 2 is out: {e:#}"));
+    }
+    let open = Instant::now();
+    let back = router_route_has(&c, 2, true, open, Duration::from_secs(10));
+    eprintln!(
+        "checks open again: node 2 back after {} ms",
+        back.as_millis()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let outcomes = flows.finish();
+    let broken = broken(&outcomes);
+    eprintln!(
+        "{} sessions across node 2's loss of its backends: {} broken (rehashed on node 2 before the router dropped it)",
+        outcomes.len(),
+        broken.len()
+    );
+    assert_eq!(outcomes.len(), 60);
+}
+
+/// `lbctl node drain` under load: the router drops the node, its traffic falls to zero, no
+/// connection breaks (the others choose the same backends); undrained, it is back.
+#[test]
+fn a_drained_node_is_withdrawn_under_load_without_a_broken_connection() {
+    let c = cluster(ClusterOptions::default());
+    let flows = c
+        .start_flows(&c.all_client_sources(), vip(), 100, 24)
+        .expect("starting the connections");
+    std::thread::sleep(Duration::from_millis(500));
+    let lbd = c.lbd(2);
+    let at = Instant::now();
+    let out = lbd.lbctl(&["node", "drain"]).expect("lbctl node drain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = router_route_has(&c, 2, false, at, Duration::from_secs(10));
+    eprintln!(
+        "node 2 drained: the router dropped it after {} ms",
+        gone.as_millis()
+    );
+    assert!(gone < Duration::from_secs(3), "{gone:?}");
+    // What was on its way settles; then node 2 forwards nothing more.
+    std::thread::sleep(Duration::from_millis(500));
+    let a = c.forwarded_packets(2, "web").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = c.forwarded_packets(2, "web").unwrap();
+    let others: u64 = [1, 3]
+        .iter()
+        .map(|&n| c.forwarded_packets(n, "web").unwrap())
+        .sum();
+    eprintln!(
+        "node 2 forwarded {} packets in the second after it was withdrawn",
+        b - a
+    );
+    assert_eq!(a, b, "a drained, withdrawn node still gets traffic");
+    assert!(others > 0);
+    let outcomes = flows.finish();
+    let broken = broken(&outcomes);
+    eprintln!("{} connections, {} broken", outcomes.len(), broken.len());
+    assert!(broken.is_empty(), "broken:\n{}", broken.join("\n"));
+    let out = lbd.lbctl(&["node", "undrain"]).expect("lbctl node undrain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    router_route_has(&c, 2, true, Instant::now(), Duration::from_secs(10));
+}
+
+/// A peer with another hash seed is refused, and each side shows why in `lbctl status`; the
+/// fingerprints differ too.
+#[test]
+fn a_peer_with_another_seed_is_refused_and_shown() {
+    let c = cluster(ClusterOptions {
+        nodes: 2,
+        sync: true,
+        other_seed: Some(2),
+        ..Default::default()
+    });
+    let status = |n: usize| c.lbd(n).lbctl_json(&["status"]).expect("status");
+    for n in 1..=2 {
+        lb_tests::wait_until(
+            Duration::from_secs(10),
+            &format!("node {n} refusing its peer's datagrams"),
+            || {
+                let s = status(n);
+                let p = &s["peers"][0];
+                p["refused"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("another hash seed"))
+                    && p["up"] == false
+                    && p["entries_received"] == 0
+            },
+        )
+        .expect("the other seed refused");
+    }
+    let fingerprint = |n: usize| status(n)["services"][0]["fingerprint"].clone();
+    assert_ne!(fingerprint(1), fingerprint(2));
+    let text = c.lbd(1).lbctl(&["status"]).expect("lbctl status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("sent with another hash seed"), "{text}");
+}
+
+/// The keepalived pair with sync: a backend added on both nodes, sessions opened after it on
+/// the master (recorded there, on changed slots), the master killed: the backup holds the VIP
+/// and every session goes on, the later ones too (the backup has their records).
+#[test]
+fn vrrp_failover_after_a_backend_add_with_sync_breaks_no_connection() {
+    let c = cluster(ClusterOptions {
+        nodes: 2,
+        announce: Announce::Vrrp,
+        backends_in_service: 2,
+        sync: true,
+        ..Default::default()
+    });
+    let gap = c
+        .measure_node_loss_after_backend_add(3, 1, 40, 40, Duration::from_secs(2))
+        .expect("measuring");
+    eprintln!(
+        "VRRP master lost 2 s after backend 3 was added, with sync: {} of {} sessions opened before the add broke, {} of {} opened after it ({} of those on the new backend)",
+        gap.before_broken, gap.before, gap.after_broken, gap.after, gap.after_on_new
+    );
+    assert!(
+        gap.after_on_new > 0,
+        "no session reached the new backend: {gap:?}"
+    );
+    assert_eq!(
+        (gap.before_broken, gap.after_broken),
+        (0, 0),
+        "sessions broke with sync on: {gap:?}"
+    );
 }

@@ -108,7 +108,15 @@ pub struct ClusterOptions {
     /// Every node shares connection state with the others (`[daemon.sync]`, UDP port
     /// `SYNC_PORT` on the node segment, one key file for all).
     pub sync: bool,
+    /// Services check their backends over HTTP (`/healthz`, every 200 ms, down after 2
+    /// failures, up after 2 successes); without, every backend is up.
+    pub health: bool,
+    /// This node (1-based) is given another `hash_seed` than the others.
+    pub other_seed: Option<usize>,
 }
+
+/// The seed of `ClusterOptions::other_seed`'s node.
+pub const OTHER_SEED_HEX: &str = "00112233445566778899aabbccddeeff";
 
 /// The UDP port of `[daemon.sync]` on every node.
 pub const SYNC_PORT: u16 = 9918;
@@ -122,6 +130,8 @@ impl Default for ClusterOptions {
             addresses_per_client: 40,
             backends_in_service: 3,
             sync: false,
+            health: false,
+            other_seed: None,
         }
     }
 }
@@ -388,9 +398,13 @@ impl Cluster {
         let n = (1..=self.opts.nodes)
             .find(|&n| self.lbd_paths(n).config == paths.config)
             .expect("a node's paths");
-        let mut c = paths.daemon_section(&format!(
-            "hash_seed = \"{SEED_HEX}\"\nnode_name = \"node{n}\""
-        ));
+        let seed = if self.opts.other_seed == Some(n) {
+            OTHER_SEED_HEX
+        } else {
+            SEED_HEX
+        };
+        let mut c =
+            paths.daemon_section(&format!("hash_seed = \"{seed}\"\nnode_name = \"node{n}\""));
         if self.opts.announce == Announce::Bgp {
             c.push_str(&format!(
                 "\n[daemon.announce]\ntable = {ANNOUNCE_TABLE}\nprotocol = {ANNOUNCE_PROTOCOL}\n"
@@ -412,6 +426,11 @@ impl Cluster {
             c.push_str(&format!(
                 "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n\n"
             ));
+            if self.opts.health {
+                c.push_str(
+                    "[service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n",
+                );
+            }
             for i in 1..=self.opts.backends_in_service {
                 let a = if v6 {
                     backend_addr6(i)
@@ -1052,7 +1071,7 @@ pub struct SyncGap {
 }
 
 impl Cluster {
-    /// The case connection-state sync between nodes is for (not built yet), measured rather
+    /// The case connection-state sync between nodes (`[daemon.sync]`) is for, measured rather
     /// than asserted: `before` keep-alive sessions open, backend `new` (not in the services
     /// yet: build with `backends_in_service` below it) is added on every node, `after` more
     /// sessions open, `settle` later node `kill` dies, and 3 s after that every session is
