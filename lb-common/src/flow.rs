@@ -46,39 +46,6 @@ pub struct FlowValue {
     pub service: u32,
 }
 
-/// Where an entry stands in a set of `FLOW_WAYS` entries at time `now`: the way `belongs`
-/// picks, if any, and the way a new entry takes: a free one (`seen` 0), else the least recently
-/// seen (the first of equals), ages counted across the clock's wrap. The one placement of both
-/// the connection table's entries and `slotstate`'s records.
-#[inline(always)]
-pub(crate) fn place_in<E>(
-    ways: &[E; FLOW_WAYS],
-    now: u32,
-    belongs: impl Fn(&E) -> bool,
-    seen: impl Fn(&E) -> u32,
-) -> (Option<usize>, usize) {
-    let mut victim = 0;
-    let mut oldest = 0u32;
-    let mut i = 0;
-    while i < FLOW_WAYS {
-        let e = &ways[i];
-        if belongs(e) {
-            return (Some(i), i);
-        }
-        let age = if seen(e) == 0 {
-            u32::MAX
-        } else {
-            now.wrapping_sub(seen(e))
-        };
-        if age > oldest {
-            oldest = age;
-            victim = i;
-        }
-        i += 1;
-    }
-    (None, victim)
-}
-
 /// Key of `FRAGS`: one fragmented datagram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -38,18 +38,21 @@ pub use flow::{
 pub use service::service_index;
 pub use service::{
     Backend, Config, SERVICE_INDEX_REWRITING, SERVICE_INDEX_SLOTS, ServiceEntry, ServiceIndexEntry,
-    ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
+    ServiceKey, ServiceValue, TRACE_ALL, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
     service_index_check, service_index_slot, service_index_state, vip_filter_bits,
 };
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
 pub use slotstate::{Record, RecordSet};
-pub use stats::{Counter, Reason, TOO_BIG_BURST, TOO_BIG_PER_SECOND, TooBigBucket};
+pub use stats::{
+    Counter, DEFAULT_NEW_FLOW_LIMIT, NEW_FLOW_BURST_NS, NewFlow, RateBucket, Reason, TOO_BIG_BURST,
+    TOO_BIG_INTERVAL_NS, TOO_BIG_PER_SECOND, TOO_BIG_TOLERANCE_NS, TooBigBucket,
+};
 pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -92,8 +95,9 @@ pub mod maps {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
     pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
+    pub const NEW_FLOW_STATS: &str = "NEW_FLOW_STATS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -109,6 +113,7 @@ pub mod maps {
         BACKEND_STATS,
         REASON_STATS,
         SYNC_EVENTS,
+        NEW_FLOW_STATS,
     ];
 }
 
@@ -147,7 +152,7 @@ mod layout_tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<ServiceEntry>(), 36);
         assert_eq!(size_of::<Backend>(), 60);
-        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Config>(), 80);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Record>(), 16);

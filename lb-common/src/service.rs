@@ -214,10 +214,21 @@ pub struct Config {
     /// masked with this.
     pub flow_set_mask: u32,
     /// Non-zero when lbd shares connection state with other nodes (`[daemon.sync]`): the
-    /// program then reports every record it writes in `SYNC_EVENTS`.
+    /// program then reports every confirmed record it writes in `SYNC_EVENTS`.
     pub sync_events: u32,
+    /// How long records of each kind keep their ways from new records.
+    pub eviction: crate::slotstate::Eviction,
+    /// Nanoseconds between new records each CPU may write (`daemon.new_flow_limit`); 0: no
+    /// limit.
+    pub new_flow_interval_ns: u32,
+    /// While lbd traces packets (`lbctl trace`): the traced service's id plus one, or
+    /// `TRACE_ALL`; 0 when no trace runs (the program then samples nothing).
+    pub trace: u32,
     pub _pad: u32,
 }
+
+/// `Config::trace` for "every service".
+pub const TRACE_ALL: u32 = u32::MAX;
 
 /// Key of `VIPS`: a VIP and protocol, whatever the port (for fragments without ports).
 #[repr(C)]

@@ -111,6 +111,12 @@ pub mod record_flags {
     pub const UDP: u32 = 1 << 22;
     /// A TCP flow the client sent FIN or RST on: live for `Limits::close_grace` after that.
     pub const CLOSING: u32 = 1 << 23;
+    /// A flow seen once (a SYN, or the first packet of an unrecorded flow): live while seen
+    /// within `Limits::udp_idle`, and never makes room for by a record that is not tentative
+    /// itself (`Eviction`). Its next packet confirms it (clears the flag). A spoofed flood sends
+    /// each flow's first packet only, so its records stay tentative and cannot push out the
+    /// records of established flows.
+    pub const TENTATIVE: u32 = 1 << 24;
 }
 
 /// An entry of the connection table (16 bytes, four to a 64-byte set): a flow's backend, of
@@ -176,6 +182,22 @@ impl Record {
         }
     }
 
+    /// How readily this entry makes room for a new record at `now`: 0 not at all (a record
+    /// alive by its kind's `Eviction` limit), else the larger the older (a free entry's the
+    /// largest). Two branches: in the XDP program every branch here, four ways over,
+    /// multiplies the verifier's paths.
+    #[inline(always)]
+    fn room_rank(&self, now: u32, limits: &Eviction) -> u64 {
+        if self.seen == 0 {
+            return u64::MAX;
+        }
+        let age = now.wrapping_sub(self.seen);
+        if age < limits.ticks[((self.ids >> 22) & 7) as usize] {
+            return 0;
+        }
+        age as u64 + 1
+    }
+
     /// Whether this entry is the flow of `hash`, of `service`, on `slot`.
     #[inline(always)]
     pub const fn belongs_to(&self, hash: u64, service: u32, slot: u32) -> bool {
@@ -210,23 +232,35 @@ impl Record {
     }
     #[inline(always)]
     pub const fn flags(&self) -> u32 {
-        self.ids & (record_flags::UDP | record_flags::CLOSING)
+        self.ids & (record_flags::UDP | record_flags::CLOSING | record_flags::TENTATIVE)
+    }
+
+    #[inline(always)]
+    pub const fn tentative(&self) -> bool {
+        self.ids & record_flags::TENTATIVE != 0
     }
 
     /// Whether lbd must take this record as a flow that may still send, at clock `now`. A TCP
     /// record lives as long as it is in the table (however long it was idle: its age is never
-    /// read); a UDP one while seen within `udp_idle`, a closing one within `close_grace`. Ages
-    /// count modulo the clock's wrap, so a wrap can only make a dead record look alive (its
-    /// slot stays changed a little longer), never a live one (seen within the limit) look dead.
+    /// read); a UDP or tentative one while seen within `udp_idle`, a closing one within
+    /// `close_grace`. Ages count modulo the clock's wrap, so a wrap can only make a dead record
+    /// look alive (its slot stays changed a little longer), never a live one (seen within the
+    /// limit) look dead.
     pub const fn live(&self, now: u32, limits: &Limits) -> bool {
+        self.alive(now, limits.udp_idle, limits.close_grace)
+    }
+
+    /// `live` with the two limits it reads (the program has them from `Config`).
+    #[inline(always)]
+    pub const fn alive(&self, now: u32, udp_idle: u32, close_grace: u32) -> bool {
         if self.seen == 0 {
             return false;
         }
         let age = now.wrapping_sub(self.seen);
         if self.ids & record_flags::CLOSING != 0 {
-            age < limits.close_grace
-        } else if self.ids & record_flags::UDP != 0 {
-            age < limits.udp_idle
+            age < close_grace
+        } else if self.ids & (record_flags::UDP | record_flags::TENTATIVE) != 0 {
+            age < udp_idle
         } else {
             true
         }
@@ -236,9 +270,51 @@ impl Record {
 /// Entries per set of the connection table.
 pub const RECORD_WAYS: usize = crate::FLOW_WAYS;
 
+/// How long a record of each kind keeps its way from a new record, in table clock ticks,
+/// indexed by its flags (`record_flags` shifted down by 22: UDP 1, CLOSING 2, TENTATIVE 4). A
+/// record unseen for at least its kind's limit may make room, the least recently seen first;
+/// a tentative one at any age. The program reads it from `Config`, lbd builds it from its
+/// limits (`Eviction::new`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Eviction {
+    pub ticks: [u32; 8],
+}
+
+impl Eviction {
+    /// A confirmed TCP record keeps its way while seen within `stale` (lbd's idle hold: a
+    /// connection idle that long without a keepalive has most likely gone), a confirmed UDP
+    /// one within `udp_idle`, a closing one within `close_grace`; a tentative one not at all.
+    pub const fn new(udp_idle: u32, close_grace: u32, stale: u32) -> Eviction {
+        let mut ticks = [0u32; 8];
+        ticks[0] = stale;
+        ticks[1] = udp_idle;
+        ticks[2] = close_grace;
+        ticks[3] = close_grace;
+        Eviction { ticks }
+    }
+}
+
+/// A flow as `RecordSet::apply` writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowAt {
+    /// `hash::flow_hash` of its 5-tuple.
+    pub hash: u64,
+    pub service: u32,
+    pub slot: u32,
+    /// The table's clock.
+    pub now: u32,
+    /// `record_flags::UDP` for a UDP flow, else 0.
+    pub udp: u32,
+    /// The packet is a TCP SYN: what it records stays tentative.
+    pub syn: bool,
+}
+
+/// In what `RecordSet::apply` returns: a record was written.
+pub const RECORDED: u32 = 1 << 31;
+
 /// One set of the connection table (`CONNTRACK`, an array indexed by `flow_hash &
-/// Config::flow_set_mask`): one cache line. A flow is looked for in its set only; when all
-/// of a set's entries are taken, the least recently seen one makes room.
+/// Config::flow_set_mask`): one cache line. A flow is looked for in its set only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordSet {
@@ -246,17 +322,89 @@ pub struct RecordSet {
 }
 
 impl RecordSet {
-    /// The way holding the flow's record, if any, and the way a new record takes: a free one,
-    /// else the least recently seen, ages counted across the clock's wrap. The program and lbd
-    /// choose alike through this.
+    /// The way holding the flow's record, if any, and the way a new record may take (`None`:
+    /// none, the flow is not recorded): a free way, else the least recently seen of the
+    /// records unseen past their kind's `Eviction` limit (tentative ones at any age), ages
+    /// counted across the clock's wrap. So a tentative record (a flood's) never takes the way
+    /// of a confirmed one that is alive. The program and lbd choose alike through this.
     #[inline(always)]
-    pub fn place(&self, hash: u64, service: u32, slot: u32, now: u32) -> (Option<usize>, usize) {
-        crate::flow::place_in(
-            &self.ways,
-            now,
-            |e| e.belongs_to(hash, service, slot),
-            |e| e.seen,
-        )
+    pub fn place(
+        &self,
+        hash: u64,
+        service: u32,
+        slot: u32,
+        now: u32,
+        limits: &Eviction,
+    ) -> (Option<usize>, Option<usize>) {
+        let mut victim = None;
+        let mut best = 0u64;
+        let mut i = 0;
+        while i < RECORD_WAYS {
+            let e = &self.ways[i];
+            if e.belongs_to(hash, service, slot) {
+                return (Some(i), Some(i));
+            }
+            let rank = e.room_rank(now, limits);
+            if rank > best {
+                best = rank;
+                victim = Some(i);
+            }
+            i += 1;
+        }
+        (None, victim)
+    }
+
+    /// Carries out `write` for `flow` on way `way` (the flow's own record when `found`, else
+    /// the way `place` gave). A record written anew, or by a SYN, is `TENTATIVE`; one written
+    /// over the flow's own entry, or touched, is confirmed. Returns the record's flags with
+    /// `RECORDED` added when a record was written (a flow recorded, moved to another backend,
+    /// confirmed or marked closing), 0 when nothing was or only its stamp. `check` is written
+    /// last: until then the entry belongs to no flow. The program and lbd write alike through
+    /// this.
+    #[inline(always)]
+    pub fn apply(&mut self, write: Write, way: usize, found: bool, flow: &FlowAt) -> u32 {
+        let e = &mut self.ways[way % RECORD_WAYS];
+        let was_closing = e.ids & record_flags::CLOSING != 0;
+        let (backend, closing, tentative) = match write {
+            Write::Nothing => return 0,
+            Write::Touch { closing } => {
+                if !e.tentative() && (was_closing || !closing) {
+                    // A store only when the coarse clock has moved.
+                    if e.seen != flow.now {
+                        e.seen = flow.now;
+                    }
+                    return 0;
+                }
+                (e.backend(), closing || was_closing, false)
+            }
+            Write::Record { backend, closing } => (backend, closing, !found || flow.syn),
+        };
+        let flags = flow.udp
+            | if closing { record_flags::CLOSING } else { 0 }
+            | if tentative {
+                record_flags::TENTATIVE
+            } else {
+                0
+            };
+        let r = Record::new(flow.hash, backend, flow.service, flow.slot, flags, flow.now);
+        if e.ids == r.ids && e.check == r.check && e.place == r.place {
+            if e.seen != r.seen {
+                e.seen = r.seen;
+            }
+            return 0;
+        }
+        e.ids = r.ids;
+        e.place = r.place;
+        e.seen = r.seen;
+        e.check = r.check;
+        flags | RECORDED
+    }
+
+    /// The way of the record of the flow of `hash`, of `service`, on `slot`, if the set has one.
+    pub fn find_way(&self, hash: u64, service: u32, slot: u32) -> Option<usize> {
+        self.ways
+            .iter()
+            .position(|e| e.belongs_to(hash, service, slot))
     }
 
     /// The record of the flow of `hash`, of `service`, on `slot`, if the set has one.
@@ -311,11 +459,13 @@ pub trait Backends {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
     Nothing,
-    /// Mark the flow's record seen (with `CLOSING` added when `closing`).
+    /// Mark the flow's record seen (with `CLOSING` added when `closing`), and confirmed: its
+    /// `TENTATIVE` flag cleared.
     Touch {
         closing: bool,
     },
-    /// Record the flow on `backend` (its own entry if it has one, else the victim way).
+    /// Record the flow on `backend`: over its own entry if it has one (confirmed then: the flow
+    /// was seen before), else in the way `RecordSet::place` gave (`TENTATIVE`).
     Record {
         backend: u32,
         closing: bool,
@@ -333,15 +483,20 @@ pub struct Decision {
 /// The backend of a packet of `kind` on a slot whose hot half is `hot`. `side` reads the slot's
 /// side half and `lookup` the connection table (the backend the flow's record names, if any):
 /// both are called only when the slot is changed, so a packet on an unchanged slot touches
-/// neither the side half nor the table. `DEFER` (nothing written): an unrecorded flow of a slot
-/// whose `old` is `DEFER`; the caller decides it again by the VIP's every-port service, or by
-/// `current` when there is none.
+/// neither the side half nor the table. `room` says whether a flow without a record may have
+/// one now (a way to take, and the new-flow rate allows it); it is asked once at most, and only
+/// for such a flow. A flow that gets none goes where its packets without a record will keep
+/// going: a SYN too, so a new connection is never split between two backends (it takes the
+/// slot's previous backend, as a connection older than the change would). `DEFER` (nothing
+/// written): an unrecorded flow of a slot whose `old` is `DEFER`; the caller decides it again
+/// by the VIP's every-port service, or by `current` when there is none.
 #[inline(always)]
 pub fn decide<B: Backends>(
     hot: Hot,
     side: impl FnOnce() -> Side,
     kind: Kind,
     lookup: impl FnOnce() -> Option<u32>,
+    room: impl FnOnce() -> bool,
     backends: &B,
 ) -> Decision {
     let current = hot.current();
@@ -360,11 +515,10 @@ pub fn decide<B: Backends>(
             Write::Record { backend, closing }
         },
     };
-    if kind == Kind::Syn {
-        return record(current);
-    }
     let found = lookup();
     match found {
+        // A SYN takes the current backend over its own (older) record.
+        Some(_) if kind == Kind::Syn => record(current),
         Some(b) if backends.usable(b) => Decision {
             backend: b,
             write: if kind == Kind::IcmpError {
@@ -376,20 +530,56 @@ pub fn decide<B: Backends>(
         // Its backend went away (down, removed, another service's now): rehashed.
         Some(_) => record(current),
         None => {
-            let side = side();
-            let older = kind != Kind::Udp || side.adopt_udp();
-            let old = side.old();
-            if older && old == DEFER {
-                // Decided again by the every-port service (its `decide`, its records).
-                Decision {
-                    backend: DEFER,
-                    write: Write::Nothing,
+            if kind == Kind::Syn {
+                // No backend takes new connections: none is recorded, none goes to `old`.
+                if current == NO_BACKEND || room() {
+                    return record(current);
                 }
-            } else if older && old != NO_BACKEND && backends.usable(old) {
-                record(old)
-            } else {
-                record(current)
+                return unrecorded(hot, side, kind, || false, backends);
             }
+            unrecorded(hot, side, kind, room, backends)
+        }
+    }
+}
+
+/// The backend of a flow without a record on a changed slot, recorded when `room` allows (a SYN
+/// that got no room comes here with a `room` that says no).
+#[inline(always)]
+fn unrecorded<B: Backends>(
+    hot: Hot,
+    side: impl FnOnce() -> Side,
+    kind: Kind,
+    room: impl FnOnce() -> bool,
+    backends: &B,
+) -> Decision {
+    let current = hot.current();
+    let side = side();
+    let older = kind != Kind::Udp || side.adopt_udp();
+    let old = side.old();
+    let backend = if older && old == DEFER {
+        // Decided again by the every-port service (its `decide`, its records).
+        return Decision {
+            backend: DEFER,
+            write: Write::Nothing,
+        };
+    } else if older && old != NO_BACKEND && backends.usable(old) {
+        old
+    } else {
+        current
+    };
+    let recordable = backend != NO_BACKEND && kind != Kind::IcmpError && room();
+    if recordable {
+        Decision {
+            backend,
+            write: Write::Record {
+                backend,
+                closing: kind == Kind::TcpClosing,
+            },
+        }
+    } else {
+        Decision {
+            backend,
+            write: Write::Nothing,
         }
     }
 }
@@ -406,7 +596,7 @@ pub fn later_fragment<B: Backends>(
     backends: &B,
 ) -> u32 {
     let kind = if udp { Kind::Udp } else { Kind::Tcp };
-    match decide(hot, side, kind, || None, backends).backend {
+    match decide(hot, side, kind, || None, || false, backends).backend {
         DEFER => hot.current(),
         b => b,
     }

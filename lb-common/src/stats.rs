@@ -99,30 +99,68 @@ mod reason_tests {
 pub const TOO_BIG_PER_SECOND: u64 = 1_000;
 pub const TOO_BIG_BURST: u64 = 50;
 
-/// The per-CPU token bucket of "too big" answers, as one number (the generic cell rate
-/// algorithm): `due` is when the bucket would hold no token if every answer so far had taken
-/// one at the allowed rate. An answer may go while `due` lies at most `TOO_BIG_BURST - 1`
-/// intervals ahead of now, and pushes it one interval further. A zero bucket is full.
+/// A per-CPU token bucket as one number (the generic cell rate algorithm): `due` is when the
+/// bucket would hold no token if every event so far had taken one at the allowed rate (one per
+/// `interval_ns`). An event may go while `due` lies at most `tolerance_ns` ahead of now (the
+/// burst less one interval), and pushes it one interval further. A zero bucket is full. Used
+/// for the "too big" answers (`TOO_BIG_PER_SECOND`) and new records (`daemon.new_flow_limit`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TooBigBucket {
+pub struct RateBucket {
     /// Nanoseconds on the clock `take` is given (the program's: bpf_ktime_get_ns).
     pub due: u64,
 }
 
-impl TooBigBucket {
-    const INTERVAL_NS: u64 = 1_000_000_000 / TOO_BIG_PER_SECOND;
-    const TOLERANCE_NS: u64 = (TOO_BIG_BURST - 1) * Self::INTERVAL_NS;
-
-    /// Whether an answer may be sent at `now_ns`; if so its token is taken.
+impl RateBucket {
+    /// Whether an event may go at `now_ns`; if so its token is taken.
     #[inline(always)]
-    pub fn take(&mut self, now_ns: u64) -> bool {
+    pub fn take(&mut self, now_ns: u64, interval_ns: u64, tolerance_ns: u64) -> bool {
         let due = if self.due > now_ns { self.due } else { now_ns };
-        if due - now_ns > Self::TOLERANCE_NS {
+        if due - now_ns > tolerance_ns {
             return false;
         }
-        self.due = due + Self::INTERVAL_NS;
+        self.due = due + interval_ns;
         true
+    }
+}
+
+/// The "too big" answers' bucket (`RateBucket`) and its figures.
+pub type TooBigBucket = RateBucket;
+/// Interval of the "too big" answers' bucket.
+pub const TOO_BIG_INTERVAL_NS: u64 = 1_000_000_000 / TOO_BIG_PER_SECOND;
+/// Tolerance of the "too big" answers' bucket: a burst of `TOO_BIG_BURST`.
+pub const TOO_BIG_TOLERANCE_NS: u64 = (TOO_BIG_BURST - 1) * TOO_BIG_INTERVAL_NS;
+
+/// lbd's default `daemon.new_flow_limit`: new records each CPU may write per second.
+pub const DEFAULT_NEW_FLOW_LIMIT: u32 = 200_000;
+/// The burst of new records above the rate: 100 ms worth at any limit.
+pub const NEW_FLOW_BURST_NS: u64 = 100_000_000;
+
+/// What became of a new flow that asked for a record (on a changed slot; flows on unchanged
+/// slots need none). Indexes `NEW_FLOW_STATS` (per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewFlow {
+    /// Recorded (tentatively, until its next packet).
+    Recorded = 0,
+    /// Not recorded: over this CPU's `new_flow_limit`.
+    OverLimit = 1,
+    /// Not recorded: its set of the connection table holds only established flows' records.
+    NoRoom = 2,
+}
+
+impl NewFlow {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [NewFlow; NewFlow::COUNT as usize] =
+        [NewFlow::Recorded, NewFlow::OverLimit, NewFlow::NoRoom];
+
+    /// The `outcome` label of `lb_new_flows_total`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            NewFlow::Recorded => "recorded",
+            NewFlow::OverLimit => "over_limit",
+            NewFlow::NoRoom => "no_room",
+        }
     }
 }
 
@@ -130,27 +168,31 @@ impl TooBigBucket {
 mod too_big_bucket_tests {
     use super::*;
 
+    fn take(b: &mut TooBigBucket, now: u64) -> bool {
+        b.take(now, TOO_BIG_INTERVAL_NS, TOO_BIG_TOLERANCE_NS)
+    }
+
     const MS: u64 = 1_000_000;
 
     #[test]
     fn a_burst_then_the_rate() {
         let mut b = TooBigBucket::default();
         let t0 = 5_000 * MS;
-        let burst = (0..200).filter(|_| b.take(t0)).count() as u64;
+        let burst = (0..200).filter(|_| take(&mut b, t0)).count() as u64;
         assert_eq!(
             burst, TOO_BIG_BURST,
             "a full bucket gives its burst at once"
         );
         assert!(
-            !b.take(t0 + MS / 2),
+            !take(&mut b, t0 + MS / 2),
             "no token before an interval has passed"
         );
-        assert!(b.take(t0 + MS), "one token per interval");
-        assert!(!b.take(t0 + MS));
+        assert!(take(&mut b, t0 + MS), "one token per interval");
+        assert!(!take(&mut b, t0 + MS));
         // Offered 10 answers per ms for a second: the rate is what goes out.
         let mut sent = 0;
         for i in 0..10_000u64 {
-            sent += b.take(t0 + 2 * MS + i * MS / 10) as u64;
+            sent += take(&mut b, t0 + 2 * MS + i * MS / 10) as u64;
         }
         assert!(
             (TOO_BIG_PER_SECOND - 1..=TOO_BIG_PER_SECOND + 1).contains(&sent),
@@ -162,9 +204,9 @@ mod too_big_bucket_tests {
     fn a_quiet_spell_refills_the_burst_and_no_more() {
         let mut b = TooBigBucket::default();
         let t0 = 7 * MS;
-        while b.take(t0) {}
+        while take(&mut b, t0) {}
         let later = t0 + 3_600_000 * MS;
-        let burst = (0..200).filter(|_| b.take(later)).count() as u64;
+        let burst = (0..200).filter(|_| take(&mut b, later)).count() as u64;
         assert_eq!(burst, TOO_BIG_BURST);
     }
 }

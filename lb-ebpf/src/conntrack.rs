@@ -3,15 +3,16 @@
 //! record. A packet on an unchanged slot never comes here (`choose::for_flow`).
 
 use lb_common::{
-    NO_BACKEND, PROTO_UDP, Reason, Record, RecordSet, ServiceValue, hash, maglev_slot,
-    slotstate::{self, DEFER, Hot, Kind, Write, record_flags},
+    Config, NEW_FLOW_BURST_NS, NO_BACKEND, NewFlow, PROTO_UDP, Reason, RecordSet, ServiceValue,
+    hash, maglev_slot,
+    slotstate::{self, DEFER, FlowAt, Hot, Kind, RECORDED, Write, record_flags},
     sync_event_flags,
 };
 
 use crate::{
     choose::{Usable, hot_lane, side_lane},
     classify,
-    maps::{CONFIG, CONNTRACK, SYNC_EVENTS},
+    maps::{CONFIG, CONNTRACK, NEW_FLOW_BUCKET, NEW_FLOW_STATS, SYNC_EVENTS},
     packet::Packet,
 };
 
@@ -45,7 +46,7 @@ pub struct SlotChoice {
 #[inline(never)]
 pub fn on_changed_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), Reason> {
     let config = CONFIG.get(0).ok_or(Reason::MissingState)?;
-    let hash = hash::flow_hash(&config.hash_key, &p.flow_key());
+    let hash = flow_hash(p, &config.hash_key);
     let set = CONNTRACK
         .get_ptr_mut(hash as u32 & config.flow_set_mask)
         .ok_or(Reason::MissingState)?;
@@ -73,15 +74,23 @@ pub fn on_changed_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), Reason> {
             decide_and_write(&mut flow, at)
         };
     }
-    if wrote != 0 {
+    // Only confirmed records travel: a flood's tentative ones stay on this node.
+    if wrote & RECORDED != 0 && wrote & record_flags::TENTATIVE == 0 {
         report(p, at, wrote);
     }
     Ok(())
 }
 
+/// The packet's flow hash (`hash::flow_hash`). A call of its own: the flow key and the hash's
+/// state stay off `on_changed_slot`'s frame, which the calls it makes next add to.
+#[inline(never)]
+fn flow_hash(p: &Packet, key: &[u64; 2]) -> u64 {
+    hash::flow_hash(key, &p.flow_key())
+}
+
 /// Tells lbd (`SYNC_EVENTS`) that the flow of `p` was recorded on `at`'s service and backend,
 /// for other nodes (`lb_common::SyncEvent`), when lbd asked for it (`Config::sync_events`).
-/// `written` is what `Flow::write` returned. A full ring loses the event: the flow then has a
+/// `written` is what `RecordSet::apply` returned. A full ring loses the event: the flow then has a
 /// record on this node only. A call of its own: the rare path keeps its frame apart.
 #[inline(never)]
 fn report(p: &Packet, at: &SlotChoice, written: u32) {
@@ -136,46 +145,109 @@ fn every_port_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), ()> {
 }
 
 /// `decide` for the flow on `at`'s slot (its service, slot and hot half), and its write; the
-/// backend into `at`. What `Flow::write` returns. A call of its own: made twice (the slot's
-/// service, the every-port one), its frame is not added to the caller's.
+/// backend into `at`. What `RecordSet::apply` returns. A call of its own: made twice (the
+/// slot's service, the every-port one), its frame is not added to the caller's.
 #[inline(never)]
 fn decide_and_write(flow: &mut Flow, at: &mut SlotChoice) -> u32 {
     let service = &at.service;
     let slot = at.slot;
-    let (found, victim) = flow.set.place(flow.hash, service.id, slot, flow.now);
-    let recorded = found.map(|w| flow.set.ways[w % lb_common::FLOW_WAYS].backend());
+    let Some(config) = CONFIG.get(0) else {
+        return 0;
+    };
+    let (found, way) = place(flow, service.id, slot, config);
+    let recorded = match way {
+        Some(w) if found => Some(flow.set.ways[w % lb_common::FLOW_WAYS].backend()),
+        _ => None,
+    };
     let d = slotstate::decide(
         at.hot,
         || side_lane(service, slot),
         flow.kind,
         || recorded,
+        || room(way.is_some(), config.new_flow_interval_ns),
         &Usable(service),
     );
     at.backend = d.backend;
-    flow.write(d.write, found.unwrap_or(victim), service.id, slot)
+    match way {
+        Some(way) => flow.write(d.write, way, found, service.id, slot),
+        None => 0,
+    }
 }
 
 /// The current backend of a deferring slot whose VIP has no every-port service any more,
-/// recorded like a new flow's. What `Flow::write` returns.
-#[inline(always)]
+/// recorded like a new flow's when there is room. What `RecordSet::apply` returns. A call of
+/// its own (a rare path): its frame is not added to `on_changed_slot`'s.
+#[inline(never)]
 fn record_current(flow: &mut Flow, at: &mut SlotChoice) -> u32 {
     let backend = at.hot.current();
     at.backend = backend;
     if backend == NO_BACKEND || flow.kind == Kind::IcmpError {
         return 0;
     }
-    let (found, victim) = flow.set.place(flow.hash, at.service.id, at.slot, flow.now);
+    let Some(config) = CONFIG.get(0) else {
+        return 0;
+    };
+    let (found, way) = place(flow, at.service.id, at.slot, config);
+    let way = match way {
+        Some(way) if found || room(true, config.new_flow_interval_ns) => way,
+        _ => return 0,
+    };
     let closing = flow.kind == Kind::TcpClosing;
     flow.write(
         Write::Record { backend, closing },
-        found.unwrap_or(victim),
+        way,
+        found,
         at.service.id,
         at.slot,
     )
 }
 
-/// In what `Flow::write` returns: a record was written.
-const RECORDED: u32 = 1 << 31;
+/// `RecordSet::place` for `flow` on `service`'s `slot`: whether the flow has a record, and the
+/// way to write: its record's, else the way a new record may take (`None`: no room). One
+/// index, not two: each distinct pair multiplied the verifier's paths after it.
+#[inline(always)]
+fn place(flow: &Flow, service: u32, slot: u32, config: &Config) -> (bool, Option<usize>) {
+    let (found, way) = flow
+        .set
+        .place(flow.hash, service, slot, flow.now, &config.eviction);
+    (found.is_some(), way)
+}
+
+/// Whether a flow without a record may have one now: `way` (its set has a way it may take)
+/// and this CPU's new-flow budget allows it (`Config::new_flow_interval_ns`). Counted in
+/// `NEW_FLOW_STATS` either way.
+#[inline(always)]
+fn room(way: bool, interval_ns: u32) -> bool {
+    let outcome = if !way {
+        NewFlow::NoRoom
+    } else if !within_limit(interval_ns) {
+        NewFlow::OverLimit
+    } else {
+        NewFlow::Recorded
+    };
+    if let Some(c) = NEW_FLOW_STATS.get_ptr_mut(outcome as u32) {
+        // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+        unsafe { *c += 1 };
+    }
+    outcome == NewFlow::Recorded
+}
+
+/// Takes a token of this CPU's new-flow budget: one per `interval_ns` (0: no limit), with a
+/// burst of `NEW_FLOW_BURST_NS` worth.
+#[inline(always)]
+fn within_limit(interval_ns: u32) -> bool {
+    if interval_ns == 0 {
+        return true;
+    }
+    let Some(bucket) = NEW_FLOW_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    let interval = interval_ns as u64;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+    unsafe { (*bucket).take(now, interval, NEW_FLOW_BURST_NS.saturating_sub(interval)) }
+}
 
 /// What the packet is, for `decide`.
 #[inline(always)]
@@ -194,43 +266,19 @@ fn kind_of(p: &Packet) -> Kind {
 }
 
 impl Flow {
-    /// Carries out `write` on way `way` (the flow's own record, or the set's victim). Returns
-    /// the flags of the record when one was written anew (a flow recorded, moved to another
-    /// backend or marked closing) with `RECORDED` added; 0 when nothing was, or only a stamp.
+    /// Carries out `write` on way `way` (the flow's own record when `found`, else the set's
+    /// victim): `RecordSet::apply`.
     #[inline(always)]
-    fn write(&mut self, write: Write, way: usize, service: u32, slot: u32) -> u32 {
-        let (backend, closing) = match write {
-            Write::Nothing => return 0,
-            Write::Touch { closing } => {
-                let e = &self.set.ways[way % lb_common::FLOW_WAYS];
-                if !closing || e.flags() & record_flags::CLOSING != 0 {
-                    let now = self.now;
-                    let e = &mut self.set.ways[way % lb_common::FLOW_WAYS];
-                    // A store only when the coarse clock has moved.
-                    if e.seen != now {
-                        e.seen = now;
-                    }
-                    return 0;
-                }
-                (e.backend(), true)
-            }
-            Write::Record { backend, closing } => (backend, closing),
+    fn write(&mut self, write: Write, way: usize, found: bool, service: u32, slot: u32) -> u32 {
+        let at = FlowAt {
+            hash: self.hash,
+            service,
+            slot,
+            now: self.now,
+            udp: self.udp,
+            syn: self.kind == Kind::Syn,
         };
-        let flags = self.udp | if closing { record_flags::CLOSING } else { 0 };
-        let r = Record::new(self.hash, backend, service, slot, flags, self.now);
-        let e = &mut self.set.ways[way % lb_common::FLOW_WAYS];
-        if e.ids == r.ids && e.check == r.check && e.place == r.place {
-            if e.seen != r.seen {
-                e.seen = r.seen;
-            }
-            return 0;
-        }
-        // `check` last: until it is written the entry belongs to no flow.
-        e.ids = r.ids;
-        e.place = r.place;
-        e.seen = r.seen;
-        e.check = r.check;
-        flags | RECORDED
+        self.set.apply(write, way, found, &at)
     }
 }
 

@@ -7,7 +7,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Addr, FAMILY_V4, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{
+    Addr, FAMILY_V4, PROTO_TCP, PROTO_UDP, Reason, TOO_BIG_INTERVAL_NS, TOO_BIG_TOLERANCE_NS,
+};
 
 use crate::{
     access,
@@ -125,7 +127,7 @@ fn may_answer() -> bool {
     // SAFETY: a helper without arguments.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
-    unsafe { (*bucket).take(now) }
+    unsafe { (*bucket).take(now, TOO_BIG_INTERVAL_NS, TOO_BIG_TOLERANCE_NS) }
 }
 
 /// Turns the frame into an ICMP "fragmentation needed" from the VIP to the sender, carrying

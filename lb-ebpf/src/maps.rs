@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, Reason, RecordSet, SERVICE_INDEX_SLOTS,
-    SYNC_EVENTS_BYTES, ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent,
-    TooBigBucket, VIP_FILTER_WORDS, VipKey,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NewFlow, RateBucket, Reason, RecordSet,
+    SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES, ServiceEntry, ServiceIndexEntry, ServiceKey,
+    ServiceValue, SyncEvent, TooBigBucket, VIP_FILTER_WORDS, VipKey,
 };
 
 #[btf_map]
@@ -87,6 +87,15 @@ pub static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuAr
 /// a newly loaded program starts with full buckets.
 #[btf_map]
 pub static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket, 1> = PerCpuArray::new();
+
+/// What became of the new flows that asked for a record (`lb_common::NewFlow`), per CPU.
+#[btf_map]
+pub static NEW_FLOW_STATS: PerCpuArray<u64, { NewFlow::COUNT as usize }> = PerCpuArray::new();
+
+/// Each CPU's budget of new records (`Config::new_flow_interval_ns`). Not pinned, like
+/// `TOO_BIG_BUCKET`.
+#[btf_map]
+pub static NEW_FLOW_BUCKET: PerCpuArray<RateBucket, 1> = PerCpuArray::new();
 
 /// The records the program writes, for lbd to share with other nodes (`lb_common::SyncEvent`);
 /// written only while `Config::sync_events` is set.

@@ -139,6 +139,9 @@ pub struct Daemon {
     /// Seconds a connection idle across a backend change (so it has no record) keeps its
     /// backend after the change, at least (docs/design/slot-state.md).
     pub idle_hold_s: u64,
+    /// New flows each CPU records per second at most (0: no limit); above it they are
+    /// balanced without a record (`lb_common::NewFlow::OverLimit`).
+    pub new_flow_limit: u32,
     pub state_dir: PathBuf,
     pub hash_seed: Option<[u64; 2]>,
     pub log_level: Option<String>,
@@ -267,6 +270,7 @@ struct RawDaemon {
     metrics: Option<Spanned<String>>,
     conntrack_entries: Option<Spanned<u32>>,
     idle_hold_s: Option<Spanned<u64>>,
+    new_flow_limit: Option<Spanned<u32>>,
     state_dir: Option<Spanned<PathBuf>>,
     hash_seed: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,

@@ -9,7 +9,7 @@
 //! Exported (see SPEC "Metrics"):
 //! `lb_service_packets_total{service}`, `lb_service_bytes_total{service}`,
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
-//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`,
+//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`, `lb_new_flows_total{outcome}`,
 //! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`,
 //! With `[daemon.sync]`: `lb_sync_entries_sent_total{peer}`, `lb_sync_entries_received_total{peer}`,
 //! `lb_sync_peer_up{peer}`, `lb_sync_rejected_total{reason}`.
@@ -43,6 +43,9 @@ pub struct Snapshot {
     pub changed_slots: u64,
     /// Drop reason label → packets.
     pub dropped: Vec<(String, u64)>,
+    /// What became of new flows that asked for a record: outcome label → (flows, flows per
+    /// second over the last count).
+    pub new_flows: Vec<(String, u64, u64)>,
     pub health_checks: Vec<HealthCount>,
     /// `lbctl node drain`.
     pub node_drained: bool,
@@ -291,6 +294,16 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut encoder,
+            "lb_new_flows",
+            "New flows on changed Maglev slots (the only ones that need a record), by outcome: \
+             recorded, over_limit (above daemon.new_flow_limit: balanced without a record) or \
+             no_room (their set held only established flows' records).",
+            s.new_flows.iter().map(|(outcome, flows, _)| {
+                ([("outcome", outcome.as_str())], ConstCounter::new(*flows))
+            }),
+        )?;
+        family(
+            &mut encoder,
             "lb_health_checks",
             "Health checks run, by result.",
             s.health_checks.iter().map(|h| {
@@ -400,6 +413,7 @@ mod tests {
             conntrack_capacity: 1_048_576,
             changed_slots: 7,
             dropped: vec![("malformed".into(), 3), ("no_backend".into(), 5)],
+            new_flows: vec![("recorded".into(), 11, 2), ("over_limit".into(), 4, 0)],
             health_checks: vec![
                 HealthCount {
                     service: "web".into(),
@@ -482,6 +496,8 @@ mod tests {
         ("lb_changed_slots", "7"),
         (r#"lb_dropped_total{reason="malformed"}"#, "3"),
         (r#"lb_dropped_total{reason="no_backend"}"#, "5"),
+        (r#"lb_new_flows_total{outcome="recorded"}"#, "11"),
+        (r#"lb_new_flows_total{outcome="over_limit"}"#, "4"),
         (
             r#"lb_health_checks_total{service="web",backend="192.0.2.11",result="ok"}"#,
             "42",

@@ -263,6 +263,8 @@ fn spawn_conntrack_scanner(bpffs_dir: PathBuf, shared: Shared, out: Arc<Conntrac
             };
             let mut clock = datapath::TableClock::default();
             let mut warned = false;
+            let mut new_flows: Option<(Instant, [u64; lb_common::NewFlow::COUNT as usize])> =
+                None;
             loop {
                 let (view, times) = {
                     let d = shared.blocking_lock();
@@ -302,7 +304,17 @@ fn spawn_conntrack_scanner(bpffs_dir: PathBuf, shared: Shared, out: Arc<Conntrac
                 }
                 out.changed_slots
                     .store(d.datapath.changed_slots().0, Relaxed);
+                let counts = d.datapath.new_flow_counts();
                 drop(d);
+                let at = Instant::now();
+                if let Some((then, before)) = new_flows {
+                    let secs = at.duration_since(then).as_secs_f64().max(1e-3);
+                    for (i, rate) in out.new_flows_per_second.iter().enumerate() {
+                        let n = counts[i].saturating_sub(before[i]);
+                        rate.store((n as f64 / secs).round() as u64, Relaxed);
+                    }
+                }
+                new_flows = Some((at, counts));
                 if Arc::strong_count(&out) == 1 {
                     return; // the daemon is gone
                 }

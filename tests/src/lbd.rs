@@ -78,7 +78,7 @@ pub struct Lbd<'t> {
 pub fn start_lbd<'t>(t: &'t Topology, config: &str) -> Result<Lbd<'t>> {
     let paths = prepare_lbd(t, config)?;
     let lbd = spawn_lbd(t, &paths)?;
-    lbd.wait_ready(Duration::from_secs(10))?;
+    lbd.wait_ready(Duration::from_secs(30))?;
     Ok(lbd)
 }
 

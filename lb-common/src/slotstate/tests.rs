@@ -23,6 +23,8 @@ const LIMITS: Limits = Limits {
     udp_adopt: 60,
     idle_hold: 3 * 3600,
 };
+/// Ticks a confirmed record is unseen before it may make room (the idle hold).
+const STALE: u32 = 3 * 3600 * HZ;
 
 #[derive(Clone, Copy)]
 struct B {
@@ -63,6 +65,10 @@ struct Sim {
     /// Packets on unchanged slots that read or wrote the connection table (must stay 0).
     touched_unchanged: u64,
     records: u64,
+    /// New flows that were not recorded (no way to take, or over the budget).
+    unrecorded: u64,
+    /// How many more new records the rate limit allows (`u64::MAX`: no limit).
+    new_flow_budget: u64,
 }
 
 impl Sim {
@@ -86,6 +92,8 @@ impl Sim {
             lookups: 0,
             touched_unchanged: 0,
             records: 0,
+            unrecorded: 0,
+            new_flow_budget: u64::MAX,
         };
         sim.slots = SlotTable::fresh(&sim.maglev());
         sim
@@ -147,42 +155,62 @@ impl Sim {
         self.packets += 1;
         self.on_changed += hot.changed() as u64;
         let looked = self.lookups;
-        let sets = &self.sets;
+        let eviction = self.eviction();
+        let (found, victim) = self.sets[set].place(h, SVC, slot, now, &eviction);
+        let recorded = found.map(|w| self.sets[set].ways[w].backend());
         let lookups = &mut self.lookups;
+        let (unrecorded, limit) = (&mut self.unrecorded, &mut self.new_flow_budget);
         let d = decide(
             hot,
             || side,
             kind,
             || {
                 *lookups += 1;
-                let (found, _) = sets[set].place(h, SVC, slot, now);
-                found.map(|w| sets[set].ways[w].backend())
+                recorded
+            },
+            || {
+                let room = victim.is_some() && *limit > 0;
+                *limit = limit.saturating_sub(1);
+                *unrecorded += !room as u64;
+                room
             },
             &self.pool,
         );
         if !hot.changed() && (self.lookups != looked || d.write != Write::Nothing) {
             self.touched_unchanged += 1;
         }
-        let (found, victim) = self.sets[set].place(h, SVC, slot, now);
-        let udp = if f.proto == crate::PROTO_UDP {
-            record_flags::UDP
-        } else {
-            0
+        let flow = FlowAt {
+            hash: h,
+            service: SVC,
+            slot,
+            now,
+            udp: if f.proto == crate::PROTO_UDP {
+                record_flags::UDP
+            } else {
+                0
+            },
+            syn: kind == Kind::Syn,
         };
-        let closed = |c: bool| if c { record_flags::CLOSING } else { 0 };
-        match d.write {
-            Write::Nothing => {}
-            Write::Touch { closing } => {
-                let e = &mut self.sets[set].ways[found.expect("a touched flow has a record")];
-                *e = Record::new(h, e.backend(), SVC, slot, e.flags() | closed(closing), now);
-            }
-            Write::Record { backend, closing } => {
-                self.records += 1;
-                self.sets[set].ways[found.unwrap_or(victim)] =
-                    Record::new(h, backend, SVC, slot, udp | closed(closing), now);
-            }
+        if let Write::Record { .. } = d.write {
+            self.records += 1;
+        }
+        let way = found.or(victim);
+        if d.write != Write::Nothing {
+            let way = way.expect("a write has a way");
+            self.sets[set].apply(d.write, way, found.is_some(), &flow);
         }
         d.backend
+    }
+
+    fn eviction(&self) -> Eviction {
+        Eviction::new(self.limits.udp_idle, self.limits.close_grace, STALE)
+    }
+
+    /// The record of `f`, if it has one.
+    fn record(&self, f: &FlowKey) -> Option<Record> {
+        let h = hash::flow_hash(&SEED, f);
+        let set = &self.sets[(h as usize) & (self.sets.len() - 1)];
+        set.find(h, SVC, self.slot(f)).copied()
     }
 
     fn current(&self, f: &FlowKey) -> u32 {
@@ -352,7 +380,7 @@ fn a_new_port_service_defers_its_unrecorded_flows_to_the_every_port_one_for_the_
     // A connection in progress (no record here, no SYN): decided again by the every-port
     // service; a new one takes the new service's backend and is recorded.
     for kind in [Kind::Tcp, Kind::TcpClosing, Kind::IcmpError, Kind::Udp] {
-        let d = decide(t.hot[0], || side, kind, found(None), &pool);
+        let d = decide(t.hot[0], || side, kind, found(None), || true, &pool);
         assert_eq!(
             d,
             Decision {
@@ -362,7 +390,7 @@ fn a_new_port_service_defers_its_unrecorded_flows_to_the_every_port_one_for_the_
             "{kind:?}"
         );
     }
-    let d = decide(t.hot[0], || side, Kind::Syn, found(None), &pool);
+    let d = decide(t.hot[0], || side, Kind::Syn, found(None), || true, &pool);
     assert_eq!(d.backend, 0);
     assert_eq!(
         d.write,
@@ -373,7 +401,7 @@ fn a_new_port_service_defers_its_unrecorded_flows_to_the_every_port_one_for_the_
     );
     // A flow recorded under the new service follows its record.
     assert_eq!(
-        decide(t.hot[1], || side, Kind::Tcp, found(Some(1)), &pool).backend,
+        decide(t.hot[1], || side, Kind::Tcp, found(Some(1)), || true, &pool).backend,
         1
     );
     // A later fragment without its first has no flow to defer: the current backend.
@@ -385,7 +413,14 @@ fn a_new_port_service_defers_its_unrecorded_flows_to_the_every_port_one_for_the_
     t.clear(&none, 100 + LIMITS.udp_adopt, &LIMITS, &pool);
     assert_eq!(t.changed(), 3);
     assert!(!t.side[0].adopt_udp());
-    let d = decide(t.hot[0], || t.side[0], Kind::Udp, found(None), &pool);
+    let d = decide(
+        t.hot[0],
+        || t.side[0],
+        Kind::Udp,
+        found(None),
+        || true,
+        &pool,
+    );
     assert_eq!(
         d.backend, 0,
         "a UDP flow after the window takes the new service's backend"
@@ -574,8 +609,13 @@ fn an_idle_flow_keeps_its_backend_within_the_hold_and_a_recorded_one_past_the_cl
         sim.pass(LIMITS.idle_hold / 11);
         sim.scan();
     }
+    // They wake: a request, and the ACK of its answer. The first packet records each flow
+    // tentatively (a spoofed flood's packets look the same); the second confirms it.
     for (f, b) in woken {
         assert_eq!(sim.send(f, Kind::Tcp), *b, "idle within the hold");
+        assert!(sim.record(f).unwrap().tentative());
+        assert_eq!(sim.send(f, Kind::Tcp), *b);
+        assert!(!sim.record(f).unwrap().tentative());
     }
     // Now recorded: idle longer than the table clock's wrap (2^32 ticks), they keep it.
     let wrap_secs = (1u64 << 32) / HZ as u64;
@@ -634,7 +674,12 @@ fn liveness_reads_ages_across_the_clocks_wrap() {
     for (i, seen) in [100u32, u32::MAX - 5, 3, 90].into_iter().enumerate() {
         set.ways[i] = Record::new((i as u64 + 1) << 40, 1, SVC, 5, 0, seen);
     }
-    assert_eq!(set.place(99 << 40, SVC, 5, 101), (None, 1));
+    let eviction = Eviction::new(10, 10, 1 << 30);
+    // Confirmed TCP records that are alive: none makes room, however long idle...
+    assert_eq!(set.place(99 << 40, SVC, 5, 101, &eviction), (None, None));
+    // ...but past `stale` they do, the least recently seen first, across the wrap.
+    let stale = Eviction::new(10, 10, 90);
+    assert_eq!(set.place(99 << 40, SVC, 5, 101, &stale), (None, Some(1)));
 }
 
 #[test]
@@ -819,4 +864,101 @@ fn a_later_fragment_without_its_first_goes_where_an_unrecorded_flow_of_its_clien
         assert_eq!(fragment, sim.send(&f, Kind::Udp));
         assert_eq!(fragment, sim.current(&f));
     }
+}
+
+/// Spoofed SYN and UDP floods (each source sends one packet) during a drain and an add, into a
+/// table small enough that the flood fills every set: the flood's records stay tentative and
+/// take only free, dead or tentative ways, so every established flow on a changed slot keeps
+/// its record and its backend.
+#[test]
+fn a_flood_during_changes_never_evicts_an_established_flow() {
+    let (mut rng, mut sim, _) = established(21, 1 << 8, 0);
+    sim.pool.0.push(B::up(100));
+    sim.change();
+    // Connections that began after the change on changed slots: SYN, then ACK (confirmed).
+    let mut live = Vec::new();
+    while live.len() < 300 {
+        let f = flow(&mut rng, crate::PROTO_TCP);
+        if !sim.slots.hot[sim.slot(&f) as usize].changed() {
+            continue;
+        }
+        let b = sim.send(&f, Kind::Syn);
+        assert_eq!(sim.send(&f, Kind::Tcp), b);
+        if sim.record(&f).is_some_and(|r| !r.tentative()) {
+            live.push((f, b));
+        }
+    }
+    let flood = |sim: &mut Sim, rng: &mut StdRng| {
+        for i in 0..60_000 {
+            let f = flow(rng, [crate::PROTO_TCP, crate::PROTO_UDP][i % 2]);
+            let kind = [Kind::Syn, Kind::Udp][i % 2];
+            sim.send(&f, kind);
+        }
+    };
+    flood(&mut sim, &mut rng);
+    sim.pool.0[0].weight = 0;
+    sim.change();
+    flood(&mut sim, &mut rng);
+    sim.pool.0.push(B::up(100));
+    sim.change();
+    flood(&mut sim, &mut rng);
+    let tentative = sim
+        .sets
+        .iter()
+        .flat_map(|s| s.ways.iter())
+        .filter(|r| r.tentative())
+        .count();
+    assert!(
+        tentative > 600,
+        "the flood filled the table's free ways ({tentative} tentative records)"
+    );
+    for (f, b) in &live {
+        let r = sim.record(f).expect("an established flow keeps its record");
+        assert!(!r.tentative());
+        assert_eq!(sim.send(f, Kind::Tcp), *b, "and its backend");
+    }
+    assert!(sim.unrecorded > 0, "some flood packets found no room");
+}
+
+/// Over the new-flow limit (here: no new record at all), a SYN on a changed slot goes where its
+/// later packets without a record go (the slot's previous backend while it is usable), so the
+/// connection is balanced, never split; under the limit it takes the current backend.
+#[test]
+fn a_new_flow_over_the_limit_is_balanced_unrecorded_and_never_split() {
+    let (mut rng, mut sim, _) = established(22, 1 << 12, 0);
+    sim.pool.0.push(B::up(100));
+    sim.change();
+    sim.new_flow_budget = 0;
+    let (mut checked, mut old) = (0, 0);
+    while checked < 500 {
+        let f = flow(&mut rng, crate::PROTO_TCP);
+        let slot = sim.slot(&f) as usize;
+        if !sim.slots.hot[slot].changed() {
+            continue;
+        }
+        checked += 1;
+        let b = sim.send(&f, Kind::Syn);
+        assert_eq!(
+            b,
+            sim.slots.side[slot].old(),
+            "the previous backend, usable"
+        );
+        old += (b != sim.current(&f)) as usize;
+        for _ in 0..3 {
+            assert_eq!(sim.send(&f, Kind::Tcp), b, "the connection is not split");
+        }
+        assert_eq!(sim.send(&f, Kind::TcpClosing), b);
+        assert!(sim.record(&f).is_none(), "nothing recorded over the limit");
+    }
+    assert_eq!(
+        old, checked,
+        "every changed slot's previous backend is another"
+    );
+    sim.new_flow_budget = u64::MAX;
+    let f = (0..)
+        .map(|_| flow(&mut rng, crate::PROTO_TCP))
+        .find(|f| sim.slots.hot[sim.slot(f) as usize].changed())
+        .unwrap();
+    assert_eq!(sim.send(&f, Kind::Syn), sim.current(&f));
+    assert!(sim.record(&f).unwrap().tentative());
 }

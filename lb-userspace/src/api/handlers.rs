@@ -399,7 +399,7 @@ pub(super) async fn lookup(
                     .filter(|e| e.service == sv.id)
                     .map(|e| e.backend)
             };
-            let chosen = slotstate::decide(hot, || side, kind, record, &Usable(sv));
+            let chosen = slotstate::decide(hot, || side, kind, record, || true, &Usable(sv));
             (chosen, sv.address_of(chosen.backend))
         };
         match decide(s, hot, side) {

@@ -6,7 +6,7 @@ use crate::{
     metrics::{BackendMetrics, HealthCount, ServiceMetrics, Snapshot},
 };
 
-use super::types::{BackendStats, Conntrack, ReasonCount, ServiceStats, Stats};
+use super::types::{BackendStats, Conntrack, NewFlowCount, ReasonCount, ServiceStats, Stats};
 
 /// The counters of `services` (of the daemon `d`), the reasons' totals, the connection table's
 /// fill and the health checks' counts.
@@ -52,6 +52,17 @@ pub fn counters<'a>(
             .into_iter()
             .map(|(r, n)| (r.label().to_string(), n))
             .collect(),
+        new_flows: {
+            let totals = d.datapath.new_flow_counts();
+            let rates = d.conntrack.new_flow_rates();
+            lb_common::NewFlow::ALL
+                .iter()
+                .map(|o| {
+                    let i = *o as usize;
+                    (o.label().to_string(), totals[i], rates[i])
+                })
+                .collect()
+        },
         health_checks: d
             .health_counts
             .iter()
@@ -127,6 +138,15 @@ impl From<&Snapshot> for Stats {
                 entries: s.conntrack_entries,
                 capacity: s.conntrack_capacity,
                 changed_slots: s.changed_slots,
+                new_flows: s
+                    .new_flows
+                    .iter()
+                    .map(|(outcome, flows, per_second)| NewFlowCount {
+                        outcome: outcome.clone(),
+                        flows: *flows,
+                        per_second: *per_second,
+                    })
+                    .collect(),
             },
         }
     }
@@ -168,6 +188,7 @@ mod tests {
             conntrack_capacity: 1024,
             changed_slots: 2,
             dropped: vec![("no_backend".into(), 4), ("malformed".into(), 1)],
+            new_flows: vec![("recorded".into(), 9, 3)],
             health_checks: vec![],
             node_drained: false,
             announced_vips: 0,
@@ -188,7 +209,12 @@ mod tests {
                     { "reason": "no_backend", "packets": 4 },
                     { "reason": "malformed", "packets": 1 },
                 ],
-                "conntrack": { "entries": 3, "capacity": 1024, "changed_slots": 2 },
+                "conntrack": {
+                    "entries": 3,
+                    "capacity": 1024,
+                    "changed_slots": 2,
+                    "new_flows": [{ "outcome": "recorded", "flows": 9, "per_second": 3 }],
+                },
             })
         );
     }

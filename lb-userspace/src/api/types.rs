@@ -134,6 +134,18 @@ pub struct Conntrack {
     /// on them are recorded).
     #[serde(default)]
     pub changed_slots: u64,
+    /// New flows on changed slots by outcome (`recorded`, `over_limit`, `no_room`).
+    #[serde(default)]
+    pub new_flows: Vec<NewFlowCount>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NewFlowCount {
+    pub outcome: String,
+    /// Since the program was loaded.
+    pub flows: u64,
+    /// Over the last count (about a second).
+    pub per_second: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

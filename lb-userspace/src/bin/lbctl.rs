@@ -133,6 +133,22 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
          changed slots are recorded; counted about every second)",
         s.conntrack.entries, s.conntrack.capacity, s.conntrack.changed_slots
     );
+    let new_flow = |outcome: &str| {
+        s.conntrack
+            .new_flows
+            .iter()
+            .find(|n| n.outcome == outcome)
+            .map_or((0, 0), |n| (n.flows, n.per_second))
+    };
+    let (recorded, recorded_rate) = new_flow("recorded");
+    let (over, over_rate) = new_flow("over_limit");
+    let (no_room, no_room_rate) = new_flow("no_room");
+    println!(
+        "new flows on changed slots: {recorded_rate}/s recorded, {}/s not recorded \
+         ({over_rate}/s over the limit, {no_room_rate}/s no room); since start {recorded} \
+         recorded, {over} over the limit, {no_room} no room",
+        over_rate + no_room_rate
+    );
     Ok(())
 }
 

@@ -221,6 +221,22 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
             *n.get_ref()
         }
     };
+    let new_flow_limit = match d.new_flow_limit {
+        None => lb_common::DEFAULT_NEW_FLOW_LIMIT,
+        Some(n) => {
+            if *n.get_ref() > MAX_NEW_FLOW_LIMIT {
+                c.error(
+                    &n,
+                    "daemon.new_flow_limit",
+                    format!(
+                        "{} is out of range: 0 (no limit) to {MAX_NEW_FLOW_LIMIT} new flows per second per CPU",
+                        n.get_ref()
+                    ),
+                );
+            }
+            *n.get_ref()
+        }
+    };
     let hash_seed = d
         .hash_seed
         .and_then(|s| match lb_common::hash::parse_seed(s.get_ref()) {
@@ -264,6 +280,7 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         metrics,
         conntrack_entries,
         idle_hold_s,
+        new_flow_limit,
         state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),
         hash_seed,
         log_level,
@@ -427,6 +444,10 @@ const ROUTING_DAEMON_PROTOCOLS: [(u8, &str); 11] = [
     (192, "FRR's eigrpd"),
     (99, "Open/R"),
 ];
+
+/// Largest `daemon.new_flow_limit`: one new record a nanosecond is the program's own limit
+/// (`Config::new_flow_interval_ns` counts whole nanoseconds).
+const MAX_NEW_FLOW_LIMIT: u32 = 1_000_000_000;
 
 /// Largest `daemon.idle_hold_s`: ten years, "for as long as the old backend lives".
 const MAX_IDLE_HOLD_S: u64 = 10 * 366 * 86_400;

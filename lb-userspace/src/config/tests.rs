@@ -211,6 +211,20 @@ fn idle_hold_defaults_to_two_and_a_half_hours_and_is_checked() {
     assert_eq!(problems(&src)[0].key, "daemon.idle_hold_s");
 }
 
+#[test]
+fn new_flow_limit_defaults_to_200000_and_is_checked() {
+    let c = parse(GOOD).unwrap().config;
+    assert_eq!(c.daemon.new_flow_limit, 200_000);
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nnew_flow_limit = 0\n", 1);
+    assert_eq!(parse(&src).unwrap().config.daemon.new_flow_limit, 0);
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nnew_flow_limit = 2000000000\n", 1);
+    let p = problems(&src);
+    assert_eq!(p[0].key, "daemon.new_flow_limit", "{p:?}");
+    assert!(p[0].message.contains("out of range"), "{p:?}");
+    let src = GOOD.replacen("[daemon]\n", "[daemon]\nnew_flow_limit = \"lots\"\n", 1);
+    assert_eq!(problems(&src)[0].key, "daemon.new_flow_limit");
+}
+
 /// GOOD with `[daemon.announce]` holding `body`, placed after `[daemon]`, and the line of
 /// `body`'s first line.
 fn with_announce(body: &str) -> (String, usize) {

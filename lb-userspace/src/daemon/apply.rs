@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use log::{error, info, warn};
@@ -23,7 +23,11 @@ use super::{
     plan::{self, Change, Plan},
     serving::{AnnounceReport, Serving, serving_vips},
 };
-use crate::{config::Config, datapath::Datapath, health, state};
+use crate::{
+    config::Config,
+    datapath::{self, Datapath},
+    health, state,
+};
 
 pub struct Daemon {
     pub config_path: PathBuf,
@@ -65,12 +69,22 @@ pub struct ConntrackUse {
     pub entries: std::sync::atomic::AtomicU64,
     pub capacity: std::sync::atomic::AtomicU64,
     pub changed_slots: std::sync::atomic::AtomicU64,
+    /// New flows per second over the last count, by `lb_common::NewFlow` index (recorded, over
+    /// the limit, no room).
+    pub new_flows_per_second: [std::sync::atomic::AtomicU64; lb_common::NewFlow::COUNT as usize],
 }
 
 impl ConntrackUse {
     pub fn get(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.entries.load(Relaxed), self.capacity.load(Relaxed))
+    }
+
+    /// `new_flows_per_second` as numbers.
+    pub fn new_flow_rates(&self) -> [u64; lb_common::NewFlow::COUNT as usize] {
+        self.new_flows_per_second
+            .each_ref()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn changed_slots(&self) -> u64 {
@@ -196,6 +210,15 @@ impl Daemon {
         let mut config = self.datapath.config_for(self.seed)?;
         // The program reports the records it writes only for a node that shares them.
         config.sync_events = u32::from(self.config.daemon.sync.is_some());
+        let daemon = &self.config.daemon;
+        datapath::Protection {
+            times: datapath::SlotTimes {
+                idle_hold: Duration::from_secs(daemon.idle_hold_s),
+                ..Default::default()
+            },
+            new_flow_limit: daemon.new_flow_limit,
+        }
+        .write_into(&mut config);
         let want = fill(config, &self.seed, &mut self.services);
         self.datapath.apply(&want)?;
         self.publish_serving();
@@ -573,8 +596,6 @@ fn follow_hop(service: &str, b: &mut BackendRuntime, result: Result<Hop, Resolve
 #[cfg(test)]
 mod tests {
     //! `follow_hop`: what a new resolution does to a backend's hop.
-
-    use std::time::Duration;
 
     use super::*;
     use crate::{

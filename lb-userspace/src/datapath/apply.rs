@@ -21,16 +21,22 @@ use super::{
 
 impl Datapath {
     /// `CONFIG` for this program and connection table, with the hash seed `hash_key`; sync
-    /// events off (the daemon turns them on with `[daemon.sync]`).
+    /// events off (the daemon turns them on with `[daemon.sync]`), the default protection
+    /// (`Protection`) and no trace.
     pub fn config_for(&self, hash_key: [u64; 2]) -> Result<Config> {
-        Ok(Config {
+        let mut config = Config {
             hash_key,
             program_hash: self.program_hash,
             layout_version: LAYOUT_VERSION,
             flow_set_mask: self.conntrack_sets()? - 1,
             sync_events: 0,
+            eviction: Default::default(),
+            new_flow_interval_ns: 0,
+            trace: 0,
             _pad: 0,
-        })
+        };
+        super::Protection::default().write_into(&mut config);
+        Ok(config)
     }
 
     /// Makes the maps hold exactly `want`, writing only what differs, in an order that never

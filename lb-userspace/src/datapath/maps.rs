@@ -30,6 +30,7 @@ pub(super) struct Maps {
     pub(super) service_stats: PerCpuArray<MapData, Counter>,
     pub(super) backend_stats: PerCpuArray<MapData, Counter>,
     pub(super) reason_stats: PerCpuArray<MapData, u64>,
+    pub(super) new_flow_stats: PerCpuArray<MapData, u64>,
     /// The program's reports of the records it writes, until the sync thread takes them
     /// (`Datapath::take_sync_events`).
     pub(super) sync_events: Option<RingBuf<MapData>>,
@@ -59,6 +60,8 @@ impl Maps {
                 .map_err(map_err(maps::BACKEND_STATS))?,
             reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)
                 .map_err(map_err(maps::REASON_STATS))?,
+            new_flow_stats: PerCpuArray::try_from(get(maps::NEW_FLOW_STATS)?)
+                .map_err(map_err(maps::NEW_FLOW_STATS))?,
             sync_events: Some(
                 RingBuf::try_from(get(maps::SYNC_EVENTS)?).map_err(map_err(maps::SYNC_EVENTS))?,
             ),

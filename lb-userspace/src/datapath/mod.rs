@@ -55,7 +55,7 @@ pub(crate) use maps::per_cpu_total;
 pub use peer::{Adopted, PeerFlow};
 pub use pins::{cleanup, maps_dir, pinned_seed, prepare_bpffs};
 pub use read::{ConntrackCounter, TableClock};
-pub use slots::{SlotScan, SlotTimes, SlotView, slot_seconds};
+pub use slots::{Protection, SlotScan, SlotTimes, SlotView, slot_seconds};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use test_hooks::read_pinned_frags;
 

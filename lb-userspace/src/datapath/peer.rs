@@ -45,6 +45,9 @@ pub enum Adopted {
     /// This node has no such service or backend (a flow of a service that differs between
     /// the nodes is not this node's to decide).
     Unknown,
+    /// Its set of the connection table holds only this node's established flows' records:
+    /// a peer's flow does not push one out.
+    NoRoom,
 }
 
 impl Datapath {
@@ -120,9 +123,13 @@ impl Datapath {
                 }
                 let index = (hash as u32 & config.flow_set_mask) as usize;
                 let set: RecordSet = memory.read(index);
-                let (found, victim) = set.place(hash, service.id, slot, now);
+                let (_, Some(way)) = set.place(hash, service.id, slot, now, &config.eviction)
+                else {
+                    return Adopted::NoRoom;
+                };
+                // Confirmed, as it was on the peer that sent it (only confirmed records travel).
                 memory.write(
-                    index * lb_common::FLOW_WAYS + found.unwrap_or(victim),
+                    index * lb_common::FLOW_WAYS + way,
                     Record::new(hash, backend, service.id, slot, flags, now),
                 );
                 if !hot.changed() {

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use aya::maps::{IterableMap as _, MapData};
 use lb_common::{
-    Backend, Counter, FlowKey, FlowValue, Reason, Record, RecordSet, ServiceKey, ServiceValue,
-    backend_flags, maglev_slot, maps,
+    Backend, Counter, FlowKey, FlowValue, NewFlow, Reason, Record, RecordSet, ServiceKey,
+    ServiceValue, backend_flags, maglev_slot, maps,
 };
 
 use super::{
@@ -97,6 +97,12 @@ impl Datapath {
 
     pub fn backend_counter(&self, id: u32) -> Counter {
         sum_counters(self.maps.backend_stats.get(&id, 0).ok())
+    }
+
+    /// What became of the new flows that asked for a record, summed over CPUs, by
+    /// `NewFlow` index.
+    pub fn new_flow_counts(&self) -> [u64; NewFlow::COUNT as usize] {
+        NewFlow::ALL.map(|o| per_cpu_total(&self.maps.new_flow_stats, o as u32))
     }
 
     pub fn reason_counts(&self) -> Vec<(Reason, u64)> {

@@ -15,8 +15,10 @@ use std::{
 
 use aya::maps::{Array, IterableMap as _, MapData};
 use lb_common::{
-    Record, ServiceKey, backend_flags,
-    slotstate::{Backends, DEFAULT_IDLE_HOLD_S, DEFER, Hot, Limits, Side, SlotTable, half_words},
+    Config, Record, ServiceKey, backend_flags,
+    slotstate::{
+        Backends, DEFAULT_IDLE_HOLD_S, DEFER, Eviction, Hot, Limits, Side, SlotTable, half_words,
+    },
 };
 
 use super::{
@@ -70,6 +72,39 @@ impl SlotTimes {
             udp_adopt: self.udp_adopt.as_secs(),
             idle_hold: self.idle_hold.as_secs(),
         }
+    }
+}
+
+/// What `CONFIG` says about new records: how long records of each kind live for eviction, and
+/// the new-flow limit (`daemon.idle_hold_s`, `daemon.new_flow_limit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protection {
+    pub times: SlotTimes,
+    /// New records per second per CPU; 0: no limit.
+    pub new_flow_limit: u32,
+}
+
+impl Default for Protection {
+    fn default() -> Protection {
+        Protection {
+            times: SlotTimes::default(),
+            new_flow_limit: lb_common::DEFAULT_NEW_FLOW_LIMIT,
+        }
+    }
+}
+
+impl Protection {
+    /// Writes itself into `config`. Ticks are counted at the fastest table clock (HZ=1000):
+    /// at a slower one a record is kept longer than its nominal time, never shorter.
+    pub fn write_into(&self, config: &mut Config) {
+        let tps = super::TableClock::default().ticks_per_second();
+        let limits = self.times.limits(tps);
+        let stale = (self.times.idle_hold.as_secs() * u64::from(tps)).min(u64::from(u32::MAX / 2));
+        config.eviction = Eviction::new(limits.udp_idle, limits.close_grace, stale as u32);
+        config.new_flow_interval_ns = match self.new_flow_limit {
+            0 => 0,
+            n => (1_000_000_000 / n).max(1),
+        };
     }
 }
 

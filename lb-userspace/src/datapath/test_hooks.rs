@@ -182,8 +182,14 @@ impl Datapath {
             .conntrack
             .get(&index, 0)
             .map_err(map_err("reading CONNTRACK"))?;
-        let (found, victim) = set.place(hash, record.service(), record.slot(), now);
-        set.ways[found.unwrap_or(victim)] = record;
+        let eviction = self.shadow.config.eviction;
+        let (_, Some(way)) = set.place(hash, record.service(), record.slot(), now, &eviction)
+        else {
+            return Err(DatapathError::Other(
+                "the flow's set holds only confirmed live records".into(),
+            ));
+        };
+        set.ways[way] = record;
         self.maps
             .conntrack
             .set(index, set, 0)
@@ -246,7 +252,7 @@ impl Datapath {
             .map_err(map_err("reading CONNTRACK"))?;
         let mut found = false;
         for (v, slot) in self.flow_services(key) {
-            if let (Some(way), _) = set.place(hash, v.id, slot, 1) {
+            if let Some(way) = set.find_way(hash, v.id, slot) {
                 set.ways[way] = Record::default();
                 found = true;
             }

@@ -422,7 +422,10 @@ fn receive_loop(
                 };
                 let count = flows.len() as u64;
                 let unplaced = match node.adopt(&flows, now) {
-                    Ok(adopted) => adopted.iter().filter(|a| **a == Adopted::Unknown).count(),
+                    Ok(adopted) => adopted
+                        .iter()
+                        .filter(|a| matches!(a, Adopted::Unknown | Adopted::NoRoom))
+                        .count(),
                     Err(e) => {
                         warn!("sync: recording the flows of {from}: {e}");
                         flows.len()
