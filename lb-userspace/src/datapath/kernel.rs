@@ -213,12 +213,11 @@ pub enum KernelError {
     },
     /// bpf(2) refused this process: a permission problem, not a missing feature.
     #[error(
-        "cannot probe the kernel's BPF features: creating a one-entry test map failed ({cause}). \
-         lbd needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (as \
-         packaging/lbd.service gives them); check also kernel.unprivileged_bpf_disabled and any \
-         seccomp filter"
+        "cannot probe the kernel's BPF features: {what}: {cause}. lbd needs root, or the \
+         capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (as packaging/lbd.service gives \
+         them); check also kernel.unprivileged_bpf_disabled and any seccomp filter"
     )]
-    NotPermitted { cause: io::Error },
+    NotPermitted { what: String, cause: String },
 }
 
 fn version(v: (u32, u32)) -> String {
@@ -288,7 +287,12 @@ pub fn check(needs: Needs) -> Result<Checked, KernelError> {
                 }],
             });
         }
-        Err(cause) => return Err(KernelError::NotPermitted { cause }),
+        Err(cause) => {
+            return Err(KernelError::NotPermitted {
+                what: "creating a one-entry test map".to_owned(),
+                cause: cause.to_string(),
+            });
+        }
     }
     let mut missing = vec![];
     let mut raised_memlock = false;
@@ -307,10 +311,17 @@ pub fn check(needs: Needs) -> Result<Checked, KernelError> {
                 since: f.since,
                 error: None,
             }),
+            // Refused for want of a privilege: no answer about the feature.
+            Err(e) if e.denied => {
+                return Err(KernelError::NotPermitted {
+                    what: format!("probing {}", f.what),
+                    cause: e.text,
+                });
+            }
             Err(e) => missing.push(Missing {
                 what: f.what,
                 since: f.since,
-                error: Some(e),
+                error: Some(e.text),
             }),
         }
     }
@@ -328,16 +339,18 @@ pub fn check(needs: Needs) -> Result<Checked, KernelError> {
 /// [`check`], then logs what it found (a warning for a release older than [`MINIMUM`] that
 /// has everything, as a backporting distribution's may).
 pub fn check_and_log(needs: Needs) -> Result<(), KernelError> {
+    let start = std::time::Instant::now();
     let checked = check(needs)?;
+    let took = start.elapsed().as_millis();
     let minimum = version(MINIMUM);
     if checked.older_than_minimum {
         log::warn!(
-            "kernel {} is older than {minimum}, the oldest lb is meant for, but has every feature lb probes for: going on",
+            "kernel {} is older than {minimum}, the oldest lb is meant for, but has every feature lb probes for: going on (probed in {took} ms)",
             checked.release
         );
     } else {
         log::info!(
-            "kernel {}: every BPF and XDP feature lb uses is there",
+            "kernel {}: every BPF and XDP feature lb uses is there (probed in {took} ms)",
             checked.release
         );
     }
@@ -356,24 +369,52 @@ const BPF_F_INNER_MAP: u32 = lb_common::BPF_F_INNER_MAP;
 /// `enum bpf_attach_type`'s BPF_XDP.
 const BPF_XDP: u32 = 37;
 
+/// A probe that got no answer: its error with every cause, and whether the kernel refused it
+/// for want of a privilege (EPERM, EACCES) rather than for want of the feature.
+#[derive(Debug, PartialEq, Eq)]
+struct Failed {
+    text: String,
+    denied: bool,
+}
+
+fn failed(what: &str, e: &(dyn std::error::Error + 'static)) -> Failed {
+    let mut parts = vec![];
+    if !what.is_empty() {
+        parts.push(what.to_owned());
+    }
+    let mut denied = false;
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            denied |= matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES));
+        }
+        parts.push(c.to_string());
+        cause = c.source();
+    }
+    Failed {
+        text: parts.join(": "),
+        denied,
+    }
+}
+
 /// Runs one probe: Ok(false) when the feature is absent, Err with the probe's error when the
 /// answer was unexpected.
-fn probe(p: Probe) -> Result<bool, String> {
+fn probe(p: Probe) -> Result<bool, Failed> {
     use std::os::fd::AsFd as _;
     match p {
-        Probe::Program(t) => is_program_supported(t).map_err(|e| e.to_string()),
-        Probe::Map(t) => is_map_supported(t).map_err(|e| e.to_string()),
-        Probe::Helper(h) => is_helper_supported(ProgramType::Xdp, h).map_err(|e| e.to_string()),
+        Probe::Program(t) => is_program_supported(t).map_err(|e| failed("", &e)),
+        Probe::Map(t) => is_map_supported(t).map_err(|e| failed("", &e)),
+        Probe::Helper(h) => is_helper_supported(ProgramType::Xdp, h).map_err(|e| failed("", &e)),
         Probe::MmapableArray => {
             // An unknown flag is EINVAL on a kernel without it.
             let map = match sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1, BPF_F_MMAPABLE, None) {
                 Ok(map) => map,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-                Err(e) => return Err(format!("creating a BPF_F_MMAPABLE array: {e}")),
+                Err(e) => return Err(failed("creating a BPF_F_MMAPABLE array", &e)),
             };
             sys::mmap_read_only(map.as_fd())
                 .map(|()| true)
-                .map_err(|e| format!("mapping a BPF_F_MMAPABLE array: {e}"))
+                .map_err(|e| failed("mapping a BPF_F_MMAPABLE array", &e))
         }
         Probe::InnerMapSizes => {
             // As lbd uses it: the template holds one entry, the table put in holds two.
@@ -381,7 +422,7 @@ fn probe(p: Probe) -> Result<bool, String> {
             let template = match sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1, flags, None) {
                 Ok(map) => map,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-                Err(e) => return Err(format!("creating an inner map template: {e}")),
+                Err(e) => return Err(failed("creating an inner map template", &e)),
             };
             let outer = sys::map_create(
                 BPF_MAP_TYPE_ARRAY_OF_MAPS,
@@ -391,14 +432,14 @@ fn probe(p: Probe) -> Result<bool, String> {
                 0,
                 Some(template.as_fd()),
             )
-            .map_err(|e| format!("creating an array of maps: {e}"))?;
+            .map_err(|e| failed("creating an array of maps", &e))?;
             let table = sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 2, flags, None)
-                .map_err(|e| format!("creating an inner map: {e}"))?;
+                .map_err(|e| failed("creating an inner map", &e))?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&table) as u32;
             match sys::map_update(outer.as_fd(), &0u32.to_ne_bytes(), &fd.to_ne_bytes()) {
                 Ok(()) => Ok(true),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
-                Err(e) => Err(format!("putting an inner map of another size: {e}")),
+                Err(e) => Err(failed("putting an inner map of another size", &e)),
             }
         }
         Probe::XdpLink => {
@@ -411,7 +452,7 @@ fn probe(p: Probe) -> Result<bool, String> {
             match e.raw_os_error() {
                 Some(libc::EBADF) => Ok(true),
                 Some(libc::EINVAL) => Ok(false),
-                _ => Err(format!("BPF_LINK_CREATE: {e}")),
+                _ => Err(failed("BPF_LINK_CREATE", &e)),
             }
         }
         Probe::MemcgAccounting => memcg_accounting().map(|(ok, _)| ok),
@@ -422,26 +463,26 @@ fn probe(p: Probe) -> Result<bool, String> {
 /// limit at 0 is refused (EPERM) only by a kernel that charges maps to that limit (before
 /// 5.11). On such a kernel, an unlimited hard limit is as good: the soft one is raised to it
 /// (the second value says so).
-fn memcg_accounting() -> Result<(bool, bool), String> {
-    let (soft, hard) = sys::memlock_limit().map_err(|e| format!("getrlimit: {e}"))?;
+fn memcg_accounting() -> Result<(bool, bool), Failed> {
+    let (soft, hard) = sys::memlock_limit().map_err(|e| failed("getrlimit", &e))?;
     if soft == libc::RLIM_INFINITY {
         return Ok((true, false));
     }
-    sys::set_memlock_soft_limit(0).map_err(|e| format!("setrlimit: {e}"))?;
+    sys::set_memlock_soft_limit(0).map_err(|e| failed("setrlimit", &e))?;
     let made = sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1, 0, None);
-    sys::set_memlock_soft_limit(soft).map_err(|e| format!("setrlimit: {e}"))?;
+    sys::set_memlock_soft_limit(soft).map_err(|e| failed("setrlimit", &e))?;
     match made {
         Ok(_) => Ok((true, false)),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             if hard == libc::RLIM_INFINITY {
                 sys::set_memlock_soft_limit(libc::RLIM_INFINITY)
-                    .map_err(|e| format!("setrlimit: {e}"))?;
+                    .map_err(|e| failed("setrlimit", &e))?;
                 Ok((true, true))
             } else {
                 Ok((false, false))
             }
         }
-        Err(e) => Err(format!("creating a map under RLIMIT_MEMLOCK 0: {e}")),
+        Err(e) => Err(failed("creating a map under RLIMIT_MEMLOCK 0", &e)),
     }
 }
 
@@ -524,6 +565,41 @@ mod tests {
         sys::set_memlock_soft_limit(soft).unwrap();
         assert_eq!(found, Ok((true, false)));
         assert_eq!(after, (64 * 1024, hard));
+    }
+
+    /// A probe refused for want of a privilege is told apart from a missing feature, through
+    /// the error's causes, and its message keeps every cause.
+    #[test]
+    fn a_refusal_is_not_a_missing_feature() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("`bpf_prog_load` failed")]
+        struct Wrapped(#[source] io::Error);
+        let denied = failed("", &Wrapped(io::Error::from_raw_os_error(libc::EPERM)));
+        assert!(denied.denied);
+        assert_eq!(
+            denied.text,
+            "`bpf_prog_load` failed: Operation not permitted (os error 1)"
+        );
+        let other = failed("x", &io::Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(
+            other,
+            Failed {
+                text: "x: Invalid argument (os error 22)".to_owned(),
+                denied: false
+            }
+        );
+        let e = KernelError::NotPermitted {
+            what: "probing XDP programs".to_owned(),
+            cause: denied.text,
+        };
+        assert!(
+            e.to_string().starts_with(
+                "cannot probe the kernel's BPF features: probing XDP programs: `bpf_prog_load` \
+                 failed: Operation not permitted (os error 1). lbd needs root, or the \
+                 capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+            ),
+            "{e}"
+        );
     }
 
     /// A probe can say no: a helper XDP programs may not call.
