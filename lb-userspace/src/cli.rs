@@ -1,7 +1,10 @@
 //! The command lines of lbd and lbctl (clap definitions), in the library so completions and
 //! man pages are generated from the same definitions the binaries parse.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use clap::{Parser, Subcommand};
 
@@ -63,9 +66,13 @@ pub enum Command {
     /// Print a shell completion script.
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
+    /// Print the man page (roff); with --dir, write it and one page per subcommand there.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Write lbctl.8 and a page per subcommand (lbctl-backend-add.8, ...) into this folder.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,6 +165,9 @@ pub struct LbdArgs {
     /// Print the man page (roff) and exit.
     #[arg(long, hide = true)]
     pub man: bool,
+    /// Write lbd.8 and a page per subcommand (lbd-decap.8) into this folder and exit.
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub man_dir: Option<PathBuf>,
     /// Print a shell completion script and exit.
     #[arg(long, hide = true, value_name = "SHELL")]
     pub completions: Option<clap_complete::Shell>,
@@ -198,4 +208,32 @@ pub enum LbdCommand {
         #[arg(long, conflicts_with = "allow")]
         status: bool,
     },
+}
+
+/// `cmd`'s man page in section 8 (system administration, where the unit's
+/// `Documentation=man:lbd(8) man:lbctl(8)` looks), without clap's `help` subcommand (which has
+/// no page).
+pub fn man_page(cmd: clap::Command) -> clap_mangen::Man {
+    clap_mangen::Man::new(cmd.disable_help_subcommand(true))
+        .section("8")
+        .source(concat!("lb ", env!("CARGO_PKG_VERSION")))
+}
+
+/// Writes `cmd`'s man page and one for each visible subcommand, at every depth, into `dir`
+/// (`lbctl.8`, `lbctl-backend.8`, `lbctl-backend-add.8`, ...: the names the pages' SUBCOMMANDS
+/// sections refer to). Returns the files written, parents first.
+pub fn write_man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn write(cmd: clap::Command, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        out.push(man_page(cmd.clone()).generate_to(dir)?);
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), dir, out)?;
+        }
+        Ok(())
+    }
+    let mut cmd = cmd.disable_help_subcommand(true);
+    // Building names the subcommands after their parents (`lbctl-backend-add`).
+    cmd.build();
+    let mut out = vec![];
+    write(cmd, dir, &mut out)?;
+    Ok(out)
 }

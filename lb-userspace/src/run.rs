@@ -40,6 +40,9 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
         Some(s) => Some(sync::read_key(&s.key_file)?),
         None => None,
     };
+    // Before anything is touched: the kernel has every feature the program uses (one error
+    // naming all that are missing).
+    datapath::kernel::check_and_log(datapath::kernel::Needs::Daemon)?;
     // Before anything is touched: no other lbd on these pins, this state or this socket.
     let _lock = crate::lock::daemon(&config.daemon)?;
     raise_open_files();

@@ -18,7 +18,7 @@ pub enum Profile {
 }
 
 impl Profile {
-    fn dir_name(self) -> &'static str {
+    pub fn dir_name(self) -> &'static str {
         match self {
             Profile::Debug => "debug",
             Profile::Release => "release",
@@ -53,7 +53,7 @@ pub fn run() -> Result<()> {
 const SHELLS: [&str; 3] = ["bash", "zsh", "fish"];
 
 /// The file name of `name`'s completion script for `shell` (zsh needs `_NAME`).
-fn completion_file(shell: &str, name: &str) -> String {
+pub fn completion_file(shell: &str, name: &str) -> String {
     match shell {
         "zsh" => format!("_{name}"),
         _ => format!("{name}.{shell}"),
@@ -64,7 +64,8 @@ fn completion_file(shell: &str, name: &str) -> String {
 const PACKAGING: [&str; 2] = ["lbd.service", "lb.sysusers.conf"];
 
 /// Fills `BIN_DIR/dist` (emptied first) from the binaries in `bin_dir`: the man pages
-/// `lbd.8` and `lbctl.8` (`lbd --man`, `lbctl man`), completion scripts for bash, zsh and fish
+/// `lbd.8`, `lbctl.8` and one per subcommand (`lbd --man-dir`, `lbctl man --dir`: `lbctl.8`
+/// refers to `lbctl-backend(8)`, that one to `lbctl-backend-add(8)`, ...), completion scripts for bash, zsh and fish
 /// (`lbd --completions SHELL`, `lbctl completions SHELL`), and packaging/'s systemd unit and
 /// sysusers.d file. Prints each file and returns the folder.
 pub fn dist(bin_dir: &Path) -> Result<PathBuf> {
@@ -77,9 +78,15 @@ pub fn dist(bin_dir: &Path) -> Result<PathBuf> {
     let mut made = vec![];
     for name in BINARIES {
         let bin = bin_dir.join(name);
-        let man_args: &[&str] = if name == "lbd" { &["--man"] } else { &["man"] };
-        let page = man_section_8(&output_of(&bin, man_args)?);
-        made.push(write(&dist.join(format!("{name}.8")), page.as_bytes())?);
+        let dir = dist.to_string_lossy().into_owned();
+        let man_args: &[&str] = if name == "lbd" {
+            &["--man-dir", &dir]
+        } else {
+            &["man", "--dir", &dir]
+        };
+        // Each page written, one a line.
+        let pages = output_of(&bin, man_args)?;
+        made.extend(pages.lines().map(PathBuf::from));
         for shell in SHELLS {
             let args: &[&str] = if name == "lbd" {
                 &["--completions", shell]
@@ -117,24 +124,22 @@ fn output_of(bin: &Path, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
-/// The page in section 8 (system administration), where lbd and lbctl belong and where the
-/// unit's `Documentation=man:lbd(8) man:lbctl(8)` looks: clap_mangen titles a page section 1
-/// unless told otherwise, so the section field of its `.TH` line is set to 8.
-fn man_section_8(page: &str) -> String {
-    page.lines()
-        .map(|line| match line.strip_prefix(".TH ") {
-            Some(rest) => {
-                let mut fields: Vec<&str> = rest.splitn(3, ' ').collect();
-                if fields.len() >= 2 {
-                    fields[1] = "8";
-                }
-                format!(".TH {}", fields.join(" "))
-            }
-            None => line.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
+/// The man pages `dist` holds (`*.8`), sorted.
+pub fn man_pages(dist: &Path) -> Result<Vec<PathBuf>> {
+    let mut pages = vec![];
+    for entry in
+        std::fs::read_dir(dist).with_context(|| format!("cannot list {}", dist.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "8") {
+            pages.push(path);
+        }
+    }
+    pages.sort();
+    if pages.is_empty() {
+        bail!("no man page in {}", dist.display());
+    }
+    Ok(pages)
 }
 
 fn write(path: &Path, contents: &[u8]) -> Result<PathBuf> {
@@ -160,20 +165,4 @@ pub fn binaries(profile: Profile) -> Result<PathBuf> {
         }
     }
     Ok(dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn man_pages_go_to_section_8() {
-        let page = ".ie \\n(.g .ds Aq \\(aq\n.TH lbd 1  \"lbd 0.1.0\" \n.SH NAME\nlbd\n";
-        assert_eq!(
-            man_section_8(page),
-            ".ie \\n(.g .ds Aq \\(aq\n.TH lbd 8  \"lbd 0.1.0\" \n.SH NAME\nlbd\n"
-        );
-        // Already section 8: unchanged.
-        assert_eq!(man_section_8(&man_section_8(page)), man_section_8(page));
-    }
 }

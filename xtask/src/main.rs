@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod demo;
 mod netns;
+mod package;
 mod setup;
 mod test;
 mod workspace;
@@ -20,7 +21,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Tasks of the lb project: setup, build, test, demo"
+    about = "Tasks of the lb project: setup, build, package, test, demo, bench"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +35,8 @@ enum Task {
     Setup,
     /// Setup, then build the release binaries target/release/lbd and target/release/lbctl
     Build,
+    /// Setup, release build, then the Debian package target/debian/lb_VERSION_ARCH.deb
+    Package(package::PackageArgs),
     /// Setup, then run every test: unit, data-path and end-to-end (needs root)
     Test(test::TestArgs),
     /// Setup, build, and show lb balancing HTTP across namespaced backends (needs root)
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup::run(),
         Task::Build => build::run(),
+        Task::Package(args) => package::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),

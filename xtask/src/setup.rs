@@ -75,6 +75,14 @@ const APT_PACKAGES: &[AptPackage] = &[
         name: "keepalived",
         why: "VRRP between two lb nodes holding a VIP in the multi-node tests",
     },
+    AptPackage {
+        name: "dpkg-dev",
+        why: "dpkg-shlibdeps: the Debian package's library dependencies (cargo xtask package)",
+    },
+    AptPackage {
+        name: "man-db",
+        why: "`man`: the package test finds the installed man pages as systemd-analyze does",
+    },
 ];
 
 /// Daemons some packages above install as services (package, unit): the tests run their own

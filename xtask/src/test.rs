@@ -1,4 +1,5 @@
-//! `cargo xtask test`: setup, the debug binaries the end-to-end tests start, then every test
+//! `cargo xtask test`: setup, the debug binaries the end-to-end tests start (and a Debian
+//! package of them, `LB_DEB`, for tests/e2e/package.rs), then every test
 //! of the workspace, and a check that the tests removed the namespaces they made.
 
 use std::collections::BTreeSet;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::build::{self, Profile};
-use crate::{cmd, netns, setup, workspace};
+use crate::{cmd, netns, package, setup, workspace};
 
 /// How long the output of cargo test may stay open after cargo test exits.
 const RELAY_GRACE: Duration = Duration::from_secs(3);
@@ -38,11 +39,14 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let before = netns::list()?;
     report_existing(&before);
 
-    cmd::phase("[3/5] build lbd and lbctl (debug) for the end-to-end tests");
+    cmd::phase(
+        "[3/5] build lbd and lbctl (debug) and their Debian package for the end-to-end tests",
+    );
     let bin_dir = build::binaries(Profile::Debug)?;
+    let deb = package::make(&bin_dir, Profile::Debug)?;
 
     cmd::phase("[4/5] cargo test");
-    let tests = cargo_test(args, &bin_dir)?;
+    let tests = cargo_test(args, &bin_dir, &deb)?;
 
     cmd::phase("[5/5] network namespaces the tests left behind");
     let leftovers = remove_leftovers(&before)?;
@@ -83,10 +87,15 @@ struct TestRun {
     totals: Option<Totals>,
 }
 
-fn cargo_test(args: &TestArgs, bin_dir: &Path) -> Result<TestRun> {
+fn cargo_test(args: &TestArgs, bin_dir: &Path, deb: &Path) -> Result<TestRun> {
     let mut test = cargo_test_command(args, bin_dir);
+    test.env("LB_DEB", deb);
     let shown = cmd::describe(&test);
-    println!("$ LB_BIN_DIR={} {shown}", bin_dir.display());
+    println!(
+        "$ LB_BIN_DIR={} LB_DEB={} {shown}",
+        bin_dir.display(),
+        deb.display()
+    );
     let mut child = test
         .spawn()
         .with_context(|| format!("could not start `{shown}`"))?;

@@ -30,13 +30,31 @@ pub fn cargo() -> Command {
     command
 }
 
-/// The absolute target directory, wherever CARGO_TARGET_DIR or a config file puts it.
-pub fn target_dir() -> Result<PathBuf> {
+/// The workspace's version (`[workspace.package] version`, lb-userspace's).
+pub fn version() -> Result<String> {
+    let metadata = metadata()?;
+    metadata["packages"]
+        .as_array()
+        .and_then(|packages| {
+            packages
+                .iter()
+                .find(|p| p["name"] == "lb-userspace")
+                .and_then(|p| p["version"].as_str())
+        })
+        .map(str::to_owned)
+        .context("`cargo metadata` gave no version for lb-userspace")
+}
+
+fn metadata() -> Result<serde_json::Value> {
     let mut command = cargo();
     command.args(["metadata", "--format-version", "1", "--no-deps"]);
     let json = cmd::stdout_of(&mut command)?;
-    let metadata: serde_json::Value =
-        serde_json::from_str(&json).context("cannot parse `cargo metadata` output")?;
+    serde_json::from_str(&json).context("cannot parse `cargo metadata` output")
+}
+
+/// The absolute target directory, wherever CARGO_TARGET_DIR or a config file puts it.
+pub fn target_dir() -> Result<PathBuf> {
+    let metadata = metadata()?;
     let dir = metadata["target_directory"]
         .as_str()
         .context("`cargo metadata` gave no target_directory")?;

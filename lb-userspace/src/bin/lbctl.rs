@@ -2,6 +2,7 @@
 
 use std::{net::IpAddr, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::Parser;
 use hyper::Method;
 use lb_userspace::{
@@ -596,11 +597,18 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
             let mut cmd = <LbctlArgs as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "lbctl", &mut std::io::stdout());
         }
-        Command::Man => {
+        Command::Man { dir } => {
             let cmd = <LbctlArgs as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd)
-                .section("8")
-                .render(&mut std::io::stdout())?;
+            match dir {
+                Some(dir) => {
+                    for page in lb_userspace::cli::write_man_pages(cmd, &dir)
+                        .with_context(|| format!("writing man pages into {}", dir.display()))?
+                    {
+                        println!("{}", page.display());
+                    }
+                }
+                None => lb_userspace::cli::man_page(cmd).render(&mut std::io::stdout())?,
+            }
         }
     }
     Ok(())

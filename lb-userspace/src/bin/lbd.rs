@@ -24,10 +24,22 @@ fn init_logging(level: Option<&str>) {
 
 fn main() -> ExitCode {
     let args = LbdArgs::parse();
+    if let Some(dir) = &args.man_dir {
+        return match lb_userspace::cli::write_man_pages(LbdArgs::command(), dir) {
+            Ok(pages) => {
+                for page in pages {
+                    println!("{}", page.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lbd: writing man pages into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.man {
-        return match clap_mangen::Man::new(LbdArgs::command())
-            .section("8")
-            .render(&mut std::io::stdout())
+        return match lb_userspace::cli::man_page(LbdArgs::command()).render(&mut std::io::stdout())
         {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

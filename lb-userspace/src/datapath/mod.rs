@@ -21,6 +21,7 @@
 //! - `maps`: every map, opened from the object or from the pins;
 //! - `link`: XDP links, shared with `lbd decap`: pin, attach, replace, facts, place, unpin;
 //! - `pins`: the pin folder on bpffs, layouts, the pinned seed, `cleanup`;
+//! - `kernel`: what the running kernel must offer, probed before anything is touched;
 //! - `sys`: the few syscalls aya 0.14 does not make, and checked access to mmapped arrays
 //!   (every `unsafe` of the data path lives there);
 //! - `error`: `DatapathError`, `LinkError` and their adapters.
@@ -29,6 +30,7 @@ mod apply;
 mod attach;
 mod error;
 mod fill;
+pub mod kernel;
 pub mod link;
 mod load;
 mod maps;

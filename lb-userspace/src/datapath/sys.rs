@@ -257,3 +257,154 @@ pub(crate) fn read_mmapable_array(map: &MapData, len: usize) -> io::Result<Arc<[
     let memory = ArrayMemory::map(map, len * 8, false)?;
     Ok((0..len).map(|i| memory.read::<u64>(i)).collect())
 }
+
+// ---- probes of the kernel's features (`kernel`) ----
+
+/// Writes the `index`th u32 of a `union bpf_attr` held as u64 words (native byte order).
+fn put_u32(attr: &mut [u64; 16], index: usize, value: u32) {
+    let shift = if cfg!(target_endian = "little") {
+        (index % 2) * 32
+    } else {
+        (1 - index % 2) * 32
+    };
+    let word = &mut attr[index / 2];
+    *word = (*word & !(0xffff_ffffu64 << shift)) | (u64::from(value) << shift);
+}
+
+/// A new map (BPF_MAP_CREATE) for a probe, with no BTF and no name; closed when dropped.
+pub(crate) fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+    inner_map: Option<std::os::fd::BorrowedFd<'_>>,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    // bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags,
+    // inner_map_fd (u32 each); the rest zero.
+    let mut attr = [0u64; 16];
+    put_u32(&mut attr, 0, map_type);
+    put_u32(&mut attr, 1, key_size);
+    put_u32(&mut attr, 2, value_size);
+    put_u32(&mut attr, 3, max_entries);
+    put_u32(&mut attr, 4, flags);
+    put_u32(
+        &mut attr,
+        5,
+        inner_map.map_or(0, |fd| fd.as_raw_fd() as u32),
+    );
+    // SAFETY: the attr holds no pointers; the inner map's descriptor is borrowed for the call.
+    let fd = unsafe { bpf_syscall(BPF_MAP_CREATE, &mut attr) }?;
+    // SAFETY: BPF_MAP_CREATE returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sets `key` to `value` in `map` (BPF_MAP_UPDATE_ELEM, BPF_ANY); both must have the map's
+/// key and value sizes.
+pub(crate) fn map_update(
+    map: std::os::fd::BorrowedFd<'_>,
+    key: &[u8],
+    value: &[u8],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    // bpf_attr for BPF_MAP_UPDATE_ELEM: map_fd (u32, padded), key, value, flags (0: BPF_ANY).
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value.as_ptr() as u64;
+    // SAFETY: key and value are readable for the map's key and value sizes (the caller's
+    // promise, checked by the kernel against the map it created); the kernel only reads them.
+    unsafe { bpf_syscall(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(|_| ())
+}
+
+/// Maps the first page of `map`'s values read-only and unmaps it: whether the kernel lets a
+/// BPF_F_MMAPABLE array be mapped.
+pub(crate) fn mmap_read_only(map: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    // SAFETY: a new read-only shared mapping of one page; the result is checked, and the
+    // mapping is removed right away, never read.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            map.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: exactly the mapping made above.
+    unsafe { libc::munmap(base, page) };
+    Ok(())
+}
+
+/// BPF_LINK_CREATE with a program descriptor that names no program: the kernel's answer tells
+/// whether it knows `attach_type` for links (an error naming the descriptor, EBADF) or not
+/// (EINVAL). Never creates anything.
+pub(crate) fn link_create_without_program(attach_type: u32) -> io::Error {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    // bpf_attr for BPF_LINK_CREATE: prog_fd, target_fd (or ifindex), attach_type, flags.
+    let mut attr = [0u64; 16];
+    put_u32(&mut attr, 0, u32::MAX);
+    put_u32(&mut attr, 1, 0);
+    put_u32(&mut attr, 2, attach_type);
+    // SAFETY: the attr holds no pointers.
+    match unsafe { bpf_syscall(BPF_LINK_CREATE, &mut attr) } {
+        Err(e) => e,
+        Ok(fd) => {
+            // Cannot happen (no program); close whatever came back rather than leak it.
+            // SAFETY: a descriptor the kernel just returned and nothing else owns.
+            drop(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+            });
+            io::Error::other("BPF_LINK_CREATE succeeded without a program")
+        }
+    }
+}
+
+/// RLIMIT_MEMLOCK: (soft, hard), RLIM_INFINITY for unlimited.
+pub(crate) fn memlock_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Sets RLIMIT_MEMLOCK's soft limit (at most the hard one, so no privilege is needed).
+pub(crate) fn set_memlock_soft_limit(soft: u64) -> io::Result<()> {
+    let (_, hard) = memlock_limit()?;
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The running kernel's release (`uname -r`).
+pub(crate) fn kernel_release() -> io::Result<String> {
+    // SAFETY: uname writes into the zeroed struct we own.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: uname fills `release` with a NUL-terminated string.
+    let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) };
+    Ok(release.to_string_lossy().into_owned())
+}

@@ -64,7 +64,10 @@ pub enum Mode {
 /// `lbd decap`: install, remove or show, and log what was done.
 pub fn run(interface: &str, bpffs_dir: &Path, mode: Mode, allow: &[Cidr]) -> Result<()> {
     match mode {
-        Mode::Install => {}
+        // Before anything is touched: the kernel has what the program uses.
+        Mode::Install => {
+            crate::datapath::kernel::check_and_log(crate::datapath::kernel::Needs::Decap)?
+        }
         Mode::Status => {
             print!("{}", status(interface, bpffs_dir)?);
             return Ok(());
