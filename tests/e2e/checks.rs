@@ -34,6 +34,9 @@ const SILENT_TCP: u16 = 7000;
 /// The table cases' timing: one check decides (rise = fall = 1).
 const INTERVAL_MS: u64 = 1000;
 const TIMEOUT_MS: u64 = 800;
+/// Small Maglev tables (1 or 2 backends each): lbd's slot upkeep over 38 services of the
+/// default 65537 slots takes seconds in a debug build, and holds health reports up meanwhile.
+const TABLE_SIZE: u32 = 251;
 
 fn baddr(i: usize) -> IpAddr {
     format!("192.0.2.{}", 10 + i).parse().unwrap()
@@ -402,11 +405,14 @@ fn start_servers(t: &Topology) -> Servers {
     start_redis(t, 1, &dir);
     start_redis(t, 2, &dir);
     start_silent_udp(t);
-    // Three cases ask backend 1's closed port every second: let its kernel answer each with a
-    // port unreachable (by default it sends one a second to a peer, and a check waiting for a
-    // rate-limited one would end in a timeout instead).
-    t.sysctl(t.backend_ns(1), "net.ipv4.icmp_ratelimit", "0")
-        .unwrap();
+    // Three cases ask backend 1's closed port every second, and the flapping one backend 2's
+    // stopped dnsmasq every 200 ms: let their kernels answer each with a port unreachable (by
+    // default one a second goes to a peer, and a check waiting for a rate-limited one would end
+    // in a timeout instead).
+    for i in [1, 2] {
+        t.sysctl(t.backend_ns(i), "net.ipv4.icmp_ratelimit", "0")
+            .unwrap();
+    }
     // A TCP server that accepts and never answers (it waits for the client to finish sending).
     t.serve_sink(t.backend_ns(1), SocketAddr::new(baddr(1), SILENT_TCP))
         .unwrap();
@@ -758,7 +764,7 @@ fn config(paths: &LbdPaths, cases: &[Case], extra: &str) -> String {
     let mut c = paths.daemon_section("");
     for (n, k) in cases.iter().enumerate() {
         c.push_str(&format!(
-            "\n[[service]]\nname = \"{}\"\nvip = \"{VIP}\"\nport = {}\nprotocol = \"{}\"\n\n[service.health]\n{}\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = 1\nfall = 1\n",
+            "\n[[service]]\nname = \"{}\"\nvip = \"{VIP}\"\nport = {}\nprotocol = \"{}\"\ntable_size = {TABLE_SIZE}\n\n[service.health]\n{}\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = 1\nfall = 1\n",
             k.name,
             1000 + n,
             k.protocol,
@@ -859,7 +865,7 @@ fn check_kinds_against_real_servers() {
 
     // The flapping service: dnsmasq of backend 2 under a dns check.
     let flap = format!(
-        "\n[[service]]\nname = \"dns-flap\"\nvip = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\n\n[service.health]\ncheck = \"dns\"\nquery_name = \"health.example.\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 3\n\n[[service.backend]]\naddress = \"{}\"\n",
+        "\n[[service]]\nname = \"dns-flap\"\nvip = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = {TABLE_SIZE}\n\n[service.health]\ncheck = \"dns\"\nquery_name = \"health.example.\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 3\n\n[[service.backend]]\naddress = \"{}\"\n",
         baddr(2)
     );
     let paths = LbdPaths::for_topology(&t);
@@ -877,6 +883,28 @@ fn check_kinds_against_real_servers() {
         "lbd --check: {}",
         String::from_utf8_lossy(&check.stderr)
     );
+    // A key of another kind: refused by `lbd --check` with its key and line.
+    let bad = text.replacen(
+        "check = \"redis\"\nport = 6379\n",
+        "check = \"redis\"\nport = 6379\nuser = \"lb\"\n",
+        1,
+    );
+    assert_ne!(bad, text);
+    let line = bad[..bad.find("user = \"lb\"").unwrap()].lines().count() + 1;
+    std::fs::write(t.work_dir().join("bad.toml"), &bad).unwrap();
+    let refused = Command::new(lb_tests::lbd::bin("lbd"))
+        .args(["--check", "--config"])
+        .arg(t.work_dir().join("bad.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    let redis_ok = cases.iter().position(|c| c.name == "redis-ok").unwrap();
+    let want = format!(
+        "line {line}: `service[{redis_ok}].health.user`: is not a key of check = \"redis\": it belongs to check = \"pgsql\" or \"exec\""
+    );
+    assert!(said.contains(&want), "{said:?} does not say {want:?}");
+
     let lbd = start_lbd(&t, &text).expect("starting lbd");
 
     // Every case settles where it should.
