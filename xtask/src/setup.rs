@@ -83,6 +83,26 @@ const APT_PACKAGES: &[AptPackage] = &[
         name: "man-db",
         why: "`man`: the package test finds the installed man pages as systemd-analyze does",
     },
+    AptPackage {
+        name: "postgresql-15",
+        why: "the primary and replica the `pgsql` health checks are tested against",
+    },
+    AptPackage {
+        name: "redis-server",
+        why: "the master and replica the `redis` health checks are tested against",
+    },
+    AptPackage {
+        name: "dnsmasq-base",
+        why: "the DNS server the `dns` and `udp` health checks are tested against",
+    },
+    AptPackage {
+        name: "bind9-dnsutils",
+        why: "`dig`: the health check tests wait until dnsmasq answers",
+    },
+    AptPackage {
+        name: "openssl",
+        why: "the test CA and certificate of the `https` health check tests",
+    },
 ];
 
 /// Daemons some packages above install as services (package, unit): the tests run their own
@@ -94,6 +114,8 @@ const HOST_SERVICES_OFF: &[(&str, &str)] = &[
     ("keepalived", "keepalived"),
     ("nginx-light", "nginx"),
     ("haproxy", "haproxy"),
+    ("postgresql-15", "postgresql"),
+    ("redis-server", "redis-server"),
 ];
 
 const LLVM_DIR: &str = "/usr/lib/llvm-22";
