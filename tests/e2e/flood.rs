@@ -107,8 +107,16 @@ struct Kept {
 
 impl Kept {
     fn open(t: &Topology, src: IpAddr) -> anyhow::Result<Kept> {
+        Kept::open_or(t, src, |_| String::new())
+    }
+
+    /// `open`, with `why(source port)` in the error when the first request fails, and how
+    /// long the connect took.
+    fn open_or(t: &Topology, src: IpAddr, why: impl FnOnce(u16) -> String) -> anyhow::Result<Kept> {
         let ns = t.client_ns_of(src).expect("a client address");
+        let began = Instant::now();
         let stream = t.connect_tcp(ns, Some(src), vip(), Duration::from_secs(5))?;
+        let connect = began.elapsed();
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         let sport = stream.local_addr()?.port();
@@ -118,7 +126,12 @@ impl Kept {
             stream,
             backend: 0,
         };
-        k.backend = k.ask().map_err(|e| e.context(format!("{src}:{sport}")))?;
+        k.backend = k.ask().map_err(|e| {
+            e.context(format!(
+                "{src}:{sport} (connected in {connect:?}) {}",
+                why(sport)
+            ))
+        })?;
         Ok(k)
     }
 
@@ -418,7 +431,16 @@ fn established_connections_survive_syn_and_udp_floods_during_a_drain_and_an_add(
         let mut during = vec![];
         let mut not_opened = vec![];
         for k in 0..KEPT_DURING {
-            match Kept::open(&t, sources[(k * 3 + 1) % sources.len()]) {
+            let src = sources[(k * 3 + 1) % sources.len()];
+            // When it fails: what lbd says of the flow, at once.
+            let lookup = |sport: u16| {
+                let (src, port) = (src.to_string(), sport.to_string());
+                match lbd.lbctl_json(&["lookup", "web", &src, "--port", &port]) {
+                    Ok(v) => format!("lookup: {v}"),
+                    Err(e) => format!("lookup failed: {e:#}"),
+                }
+            };
+            match Kept::open_or(&t, src, lookup) {
                 Ok(c) => during.push(c),
                 Err(e) => not_opened.push(format!("{e:#}")),
             }
