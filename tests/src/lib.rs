@@ -21,6 +21,7 @@ pub mod bpf;
 pub mod cases;
 pub mod cluster;
 pub mod dpfixture;
+pub mod flood;
 pub mod http;
 pub mod lbd;
 pub mod netns;

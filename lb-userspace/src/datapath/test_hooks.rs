@@ -75,6 +75,18 @@ impl Datapath {
         self.write_config(value)
     }
 
+    /// Writes `CONFIG` for this program with the hash seed `hash_key` and `protection` (the
+    /// eviction times and the new-flow limit) instead of the default one.
+    pub fn set_config_with(
+        &mut self,
+        hash_key: [u64; 2],
+        protection: &super::Protection,
+    ) -> Result<()> {
+        let mut value = self.config_for(hash_key)?;
+        protection.write_into(&mut value);
+        self.write_config(value)
+    }
+
     /// Writes backend entry `id`.
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         self.write_backend(id, backend)

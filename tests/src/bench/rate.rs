@@ -1320,6 +1320,106 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
+/// Part `flood`: the SYN walk of 65,536 clients (every SYN a new connection) right after a
+/// backend is added (3 → 4, the table swapped in as lbd applies an add: the slots the add moved
+/// are changed, so every SYN on them asks for a record), lb with lbd's default table and the
+/// default new-flow limit, against the floor measured in the same run; and lb the same way with
+/// no limit (every SYN on a changed slot recorded), to show what the limit saves. Every call
+/// starts from the steady state with the add applied again (table emptied, slots cleared, then
+/// the add), so each call is "right after the change".
+pub fn run_flood(opts: &Opts) -> Result<Vec<Figure>> {
+    let (mut rig, _pinned, reps, time) = start(opts)?;
+    let section = "packet rate, SYN flood right after a backend add";
+    let stream = Stream::SynClients(WALK);
+    let mut figures = vec![];
+    let floor = {
+        let (_link, _) = rig.attach_prog_l0(TestProg::load("floor", &[])?)?;
+        let s = Series {
+            name: format!("floor (MAC swap + XDP_TX), {}", stream.label()),
+            extra: String::new(),
+            runs: rig.series(stream, time, reps, 0, || Ok(()))?,
+        };
+        let mpps = s.median();
+        figures.push(s.figure(
+            section,
+            format!("{:.0} ns/packet for the whole path", 1e3 / mpps),
+        ));
+        mpps
+    };
+    let (three, four) = (maglev(3), maglev(4));
+    let moved = three.iter().zip(&four).filter(|(a, b)| a != b).count();
+    for limit in [lb_common::DEFAULT_NEW_FLOW_LIMIT, 0] {
+        let what = match limit {
+            0 => "no new-flow limit".to_string(),
+            n => format!(
+                "the default new_flow_limit ({}/s per CPU)",
+                thousands(n as u64)
+            ),
+        };
+        let mut lb = Lb::new(&mut rig, 4, false, DEFAULT_CONNTRACK_ENTRIES)?;
+        lb.dp.set_config_with(
+            SEED,
+            &datapath::Protection {
+                new_flow_limit: limit,
+                ..Default::default()
+            },
+        )?;
+        lb.table = three.clone();
+        let counts_before = lb.dp.new_flow_counts();
+        let runs = rig.series(stream, time, reps, 4, || {
+            lb.steady(6)?;
+            lb.dp.swap_table(0, &four)?;
+            Ok(())
+        })?;
+        let counts = lb.dp.new_flow_counts();
+        let [recorded, over, no_room] =
+            [0, 1, 2].map(|i| counts[i].saturating_sub(counts_before[i]));
+        let changed = lb.dp.slot_state(0).map_or(0, |s| s.changed());
+        let s = Series {
+            name: format!(
+                "lb dsr, lbd's default table, right after a backend add (3 → 4), {what}, {}",
+                stream.label()
+            ),
+            extra: String::new(),
+            runs,
+        };
+        let mpps = s.median();
+        figures.push(s.figure(
+            section,
+            format!(
+                "{:.0} ns/packet for the whole path; {:.2}× floor ({:+.0} ns/packet); the add changed {} of {} slots ({} after the last call); new flows over all calls: {} recorded, {} over the limit, {} without room; lost {} of {} sent",
+                1e3 / mpps,
+                mpps / floor,
+                1e3 / mpps - 1e3 / floor,
+                thousands(moved as u64),
+                thousands(TABLE as u64),
+                thousands(changed as u64),
+                thousands(recorded),
+                thousands(over),
+                thousands(no_room),
+                s.lost(),
+                s.sent()
+            ),
+        ));
+        figures.push(Figure::value(
+            section,
+            &format!("ratio lb/floor, TCP SYN right after a backend add, {what}"),
+            "×",
+            mpps / floor,
+            &format!(
+                "{mpps:.2} vs {floor:.2} Mpps{}",
+                if limit == 0 {
+                    ""
+                } else {
+                    " (target: ≥ 0.70 with the default config)"
+                }
+            ),
+        ));
+        lb.remove()?;
+    }
+    Ok(figures)
+}
+
 /// The sink's rate between `from` and `to` (while traffic still came), and the window's length.
 fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> Option<(f64, f64)> {
     let last = samples.last()?.1;

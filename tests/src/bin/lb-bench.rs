@@ -16,6 +16,7 @@ const PARTS: &[Part] = &[
     ("cost", bench::cost::run),
     ("clients", bench::rate::run_clients),
     ("rate", bench::rate::run),
+    ("flood", bench::rate::run_flood),
     ("http", bench::http::run),
 ];
 
