@@ -75,6 +75,38 @@ const APT_PACKAGES: &[AptPackage] = &[
         name: "keepalived",
         why: "VRRP between two lb nodes holding a VIP in the multi-node tests",
     },
+    AptPackage {
+        name: "postgresql-15",
+        why: "the hosting-stack test's primary and streaming replicas, and `pgbench`",
+    },
+    AptPackage {
+        name: "redis-server",
+        why: "the hosting-stack test's Redis server",
+    },
+    AptPackage {
+        name: "redis-tools",
+        why: "`redis-benchmark` and `redis-cli` in the hosting-stack test",
+    },
+    AptPackage {
+        name: "dnsmasq-base",
+        why: "the hosting-stack test's DNS servers (the daemon only, no host service)",
+    },
+    AptPackage {
+        name: "bind9-dnsutils",
+        why: "`dig`, the DNS client of the hosting-stack test",
+    },
+    AptPackage {
+        name: "gunicorn",
+        why: "the hosting-stack test's application servers",
+    },
+    AptPackage {
+        name: "python3-flask",
+        why: "the hosting-stack test's small web application",
+    },
+    AptPackage {
+        name: "python3-psycopg2",
+        why: "the hosting-stack test's application reads PostgreSQL with it",
+    },
 ];
 
 /// Daemons some packages above install as services (package, unit): the tests run their own
@@ -86,6 +118,8 @@ const HOST_SERVICES_OFF: &[(&str, &str)] = &[
     ("keepalived", "keepalived"),
     ("nginx-light", "nginx"),
     ("haproxy", "haproxy"),
+    ("postgresql-15", "postgresql"),
+    ("redis-server", "redis-server"),
 ];
 
 const LLVM_DIR: &str = "/usr/lib/llvm-22";
