@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Forwarding, HashMode, Protocol};
+use crate::config::{CheckKind, Forwarding, HashMode, Protocol, Role};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,6 +29,8 @@ pub struct LbctlArgs {
     pub command: Command,
 }
 
+// Parsed once per run: the size of the `service add` variant (its check options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Daemon, interfaces (attached, missing or detached), mode, program id, uptime.
@@ -68,11 +70,16 @@ pub enum Command {
     Man,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
     /// Every service with its VIP, port and backends up.
     List,
     /// Add a service (no backends yet; add them with `lbctl backend add`).
+    ///
+    /// Health check options are the keys of `[service.health]` (README, "Health checks"),
+    /// checked as the config file's; an `exec` check's command follows `--`, e.g.
+    /// `--check exec -- /usr/local/bin/check --fast`.
     Add {
         name: String,
         #[arg(long)]
@@ -85,9 +92,84 @@ pub enum ServiceCommand {
         forwarding: Forwarding,
         #[arg(long, value_enum, default_value = "source")]
         hash: HashMode,
+        /// Maglev table size, a prime (default 65537).
+        #[arg(long)]
+        table_size: Option<u32>,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// Remove a service and all its backends.
     Remove { name: String },
+}
+
+/// The health check options of `lbctl service add`: the keys of `[service.health]`.
+#[derive(clap::Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Health check")]
+pub struct CheckArgs {
+    /// The check (without it and without other check options: no checks).
+    #[arg(long, value_enum)]
+    pub check: Option<CheckKind>,
+    /// The port checked (default: the service port).
+    #[arg(long, value_name = "N")]
+    pub check_port: Option<u16>,
+    /// Time from one check to the next (default 1000).
+    #[arg(long, value_name = "MS")]
+    pub interval_ms: Option<u64>,
+    /// Time a check may take (default 500).
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+    /// Consecutive successes to become up (default 2).
+    #[arg(long, value_name = "N")]
+    pub rise: Option<u32>,
+    /// Consecutive failures to become down (default 3).
+    #[arg(long, value_name = "N")]
+    pub fall: Option<u32>,
+    /// http, https: the path requested (default /).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// http, https: the status that means healthy (default 200).
+    #[arg(long, value_name = "STATUS")]
+    pub expect: Option<u16>,
+    /// https: verify the certificate (against --ca-file, else the webpki roots).
+    #[arg(long)]
+    pub tls_verify: bool,
+    /// https: the server name sent (default: none, the backend is an IP address).
+    #[arg(long, value_name = "NAME")]
+    pub sni: Option<String>,
+    /// https with --tls-verify: PEM file of the CA certificates to trust.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// udp: the datagram sent, as text.
+    #[arg(long, value_name = "TEXT")]
+    pub send: Option<String>,
+    /// udp: the datagram sent, in hex.
+    #[arg(long, value_name = "HEX")]
+    pub send_hex: Option<String>,
+    /// udp: the bytes (hex) a reply must start with (default: any reply).
+    #[arg(long, value_name = "HEX")]
+    pub expect_hex: Option<String>,
+    /// dns: the name asked for (default ".", asking for the root's NS records).
+    #[arg(long, value_name = "NAME")]
+    pub query_name: Option<String>,
+    /// dns: the record type asked for (default A with --query-name).
+    #[arg(long, value_name = "TYPE")]
+    pub query_type: Option<String>,
+    /// pgsql: the role logged in as (default lb); exec: the user the command runs as
+    /// (default nobody).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// pgsql: the database (default postgres).
+    #[arg(long)]
+    pub database: Option<String>,
+    /// pgsql (primary, replica), redis (master, replica): the role the server must have.
+    #[arg(long, value_enum)]
+    pub role: Option<Role>,
+    /// pgsql, redis: file holding the password (read at each check).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// exec: the program (absolute path) and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -17,10 +17,15 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 mod check;
+mod checker;
+mod health;
 #[cfg(test)]
 mod tests;
 
-pub use check::{is_prime, name_problem, parse, parse_mac};
+pub use check::{is_prime, name_problem, parse, parse_mac, table_size_problem};
+pub use health::{
+    DEFAULT_EXEC_USER, DEFAULT_PGSQL_USER, HEALTH_KEYS, from_hex, parse_health, to_hex,
+};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,13 +116,90 @@ pub enum HashMode {
     FiveTuple,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     Tcp,
     Http,
+    Https,
+    Udp,
+    Dns,
+    Pgsql,
+    Redis,
+    Exec,
     #[default]
     None,
+}
+
+impl CheckKind {
+    /// The name written in the config (`check = "NAME"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Https => "https",
+            CheckKind::Udp => "udp",
+            CheckKind::Dns => "dns",
+            CheckKind::Pgsql => "pgsql",
+            CheckKind::Redis => "redis",
+            CheckKind::Exec => "exec",
+            CheckKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The role a `pgsql` (`primary`, `replica`) or `redis` (`master`, `replica`) check requires of
+/// the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Master,
+    Replica,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Master => "master",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a `udp` check sends: `send` (text) or `send_hex`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Text(String),
+    Hex(Vec<u8>),
+}
+
+impl Payload {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Text(t) => t.as_bytes(),
+            Payload::Hex(b) => b,
+        }
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::Text(String::new())
+    }
 }
 
 // ---- the validated configuration ----
@@ -219,16 +301,40 @@ pub struct Service {
     pub backends: Vec<Backend>,
 }
 
+/// `[service.health]`, validated. The keys of one kind only are set from the file; the others
+/// keep their defaults (a key of another kind is a config error).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
     pub check: CheckKind,
     pub port: u16,
-    pub path: String,
-    pub expect: u16,
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub rise: u32,
     pub fall: u32,
+    /// `http`, `https`: the request path and the status that means healthy.
+    pub path: String,
+    pub expect: u16,
+    /// `https`: verify the certificate (against `ca_file`, else the webpki roots), and the
+    /// server name to send (none by default: the backend is an IP address).
+    pub tls_verify: bool,
+    pub sni: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// `udp`: the datagram sent, and the prefix a reply must start with (any reply without).
+    pub send: Payload,
+    pub expect_hex: Option<Vec<u8>>,
+    /// `dns`: the question asked (default ". NS"; with a `query_name`, type A by default).
+    pub query_name: String,
+    pub query_type: String,
+    /// `pgsql` (default "lb") and `exec` (default "nobody"): who the check is.
+    pub user: String,
+    /// `pgsql`: the database named in the startup message.
+    pub database: String,
+    /// `pgsql`, `redis`: the role the server must have.
+    pub role: Option<Role>,
+    /// `pgsql` (required with `role`), `redis`: read at each check.
+    pub password_file: Option<PathBuf>,
+    /// `exec`: the program (absolute path) and its arguments.
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -313,12 +419,25 @@ struct RawHealth {
     #[serde(default = "default_check")]
     check: CheckKind,
     port: Option<Spanned<u16>>,
-    path: Option<Spanned<String>>,
-    expect: Option<Spanned<u16>>,
     interval_ms: Option<Spanned<u64>>,
     timeout_ms: Option<Spanned<u64>>,
     rise: Option<Spanned<u32>>,
     fall: Option<Spanned<u32>>,
+    path: Option<Spanned<String>>,
+    expect: Option<Spanned<u16>>,
+    tls_verify: Option<Spanned<bool>>,
+    sni: Option<Spanned<String>>,
+    ca_file: Option<Spanned<PathBuf>>,
+    send: Option<Spanned<String>>,
+    send_hex: Option<Spanned<String>>,
+    expect_hex: Option<Spanned<String>>,
+    query_name: Option<Spanned<String>>,
+    query_type: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    database: Option<Spanned<String>>,
+    role: Option<Spanned<Role>>,
+    password_file: Option<Spanned<PathBuf>>,
+    command: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 fn default_check() -> CheckKind {
@@ -338,12 +457,24 @@ impl Default for Health {
         Health {
             check: CheckKind::None,
             port: 0,
-            path: "/".into(),
-            expect: 200,
             interval_ms: 1000,
             timeout_ms: 500,
             rise: 2,
             fall: 3,
+            path: "/".into(),
+            expect: 200,
+            tls_verify: false,
+            sni: None,
+            ca_file: None,
+            send: Payload::default(),
+            expect_hex: None,
+            query_name: ".".into(),
+            query_type: "NS".into(),
+            user: String::new(),
+            database: "postgres".into(),
+            role: None,
+            password_file: None,
+            command: vec![],
         }
     }
 }

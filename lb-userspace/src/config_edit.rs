@@ -40,7 +40,9 @@ use toml_edit::{
     Array, ArrayOfTables, Decor, DocumentMut, InlineTable, Item, Key, Table, TableLike, Value,
 };
 
-use crate::config::{self, Backend, CheckKind, Forwarding, HashMode, Health, Problem, Service};
+use crate::config::{
+    self, Backend, CheckKind, Forwarding, HashMode, Health, Payload, Problem, Service,
+};
 
 mod build;
 mod find;

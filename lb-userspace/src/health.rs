@@ -4,7 +4,8 @@
 //! reports (counts `lb_health_checks_total`, keeps the last detail for `lbctl backend list`, and
 //! acts on `transition`).
 //!
-//! A checker runs a `tcp` or `http` check against `backend:spec.port` every `interval_ms`
+//! A checker runs its check (`tcp`, `http`, `https`, `udp`, `dns`, `pgsql`, `redis` or `exec`)
+//! against `backend:spec.port` every `interval_ms`
 //! (jittered: the first check after a random delay in `[0, interval)`, each later one
 //! `interval × [0.9, 1.1]` after the start of the previous one), each check bounded as a whole by
 //! `timeout_ms`. `rise` consecutive successes make a down backend up, `fall` consecutive failures
@@ -16,8 +17,9 @@
 //! the backend, so it counts neither towards `rise` nor towards `fall`.
 //!
 //! This file owns the scheduling (the [`Monitor`], one checker task per backend, its jittered
-//! timing and the rise/fall tracker); `check` runs one check. Neither calls anything of lbd but
-//! `config`.
+//! timing and the rise/fall tracker) and runs one check by its kind: `check` says what a
+//! failure means and holds the TCP and HTTP checks, `tls` the HTTPS one, `udp` the UDP and DNS
+//! ones, `pgsql`, `redis` and `exec` theirs. None calls anything of lbd but `config`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,10 +35,15 @@ use tokio::time::Instant;
 use crate::config::{CheckKind, Health};
 
 mod check;
+mod exec;
+mod pgsql;
+mod redis;
 #[cfg(test)]
 mod tests;
+mod tls;
+mod udp;
 
-use check::{Failed, check};
+use check::Failed;
 
 /// What to check: a backend of a service, with the service's health settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,9 +95,10 @@ pub struct Report {
     pub backend: IpAddr,
     /// This check's result.
     pub result: CheckResult,
-    /// "HTTP 200", "connected", or the failure reason: "connection refused", "HTTP 503",
-    /// "timeout after 500 ms", "no route to host", "connection reset", "malformed HTTP
-    /// response"..., or why it could not run ("could not run: too many open files").
+    /// "HTTP 200", "connected", "DNS NOERROR", "pgsql: replica", "exit 0"..., or the failure
+    /// reason: "connection refused", "HTTP 503", "timeout after 500 ms", "port unreachable",
+    /// "DNS SERVFAIL", "role primary expected, server is a replica", "exit 1: …"..., or why it
+    /// could not run ("could not run: too many open files").
     pub detail: String,
     /// `Some(true)` became up, `Some(false)` became down, with this check (rise/fall reached).
     pub transition: Option<bool>,
@@ -258,6 +266,35 @@ impl Tracker {
     }
 }
 
+/// Runs one check of `addr` for `service`, bounded as a whole by `timeout_ms` (an `exec`
+/// check bounds itself: it kills its process group). `Ok(detail)` when healthy.
+async fn check(service: &str, addr: SocketAddr, spec: &Health) -> Result<String, Failed> {
+    if spec.check == CheckKind::Exec {
+        return exec::exec_check(service, addr, spec).await;
+    }
+    let timeout = Duration::from_millis(spec.timeout_ms);
+    let exchange = async {
+        match spec.check {
+            CheckKind::Tcp => check::tcp_check(addr).await,
+            CheckKind::Http => check::http_check(addr, spec).await,
+            CheckKind::Https => tls::https_check(addr, spec).await,
+            CheckKind::Udp => udp::udp_check(addr, spec).await,
+            CheckKind::Dns => udp::dns_check(addr, spec).await,
+            CheckKind::Pgsql => pgsql::pgsql_check(addr, spec).await,
+            CheckKind::Redis => redis::redis_check(addr, spec).await,
+            CheckKind::Exec => exec::exec_check(service, addr, spec).await,
+            CheckKind::None => Ok("not checked".to_string()),
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(Failed::backend(format!(
+            "timeout after {} ms",
+            spec.timeout_ms
+        ))),
+    }
+}
+
 /// Delay before the first check of a checker: uniform in `[0, interval)`.
 fn first_delay<R: Rng + ?Sized>(interval: Duration, rng: &mut R) -> Duration {
     let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
@@ -291,7 +328,7 @@ async fn run_checker(
     loop {
         tokio::time::sleep_until(next).await;
         let began = Instant::now();
-        let (result, detail) = match check(addr, &spec).await {
+        let (result, detail) = match check(&service, addr, &spec).await {
             Ok(detail) => (CheckResult::Pass, detail),
             Err(Failed(result, detail)) => (result, detail),
         };

@@ -71,6 +71,17 @@ pub(super) async fn service_add(
     if let Some(problem) = config::name_problem(&n.name) {
         return Err(bad(format!("service name: {problem}")));
     }
+    let table_size = n.table_size.unwrap_or(lb_common::DEFAULT_TABLE_SIZE);
+    if let Some((true, problem)) = config::table_size_problem(table_size, 0) {
+        return Err(bad(format!("--table-size: {problem}")));
+    }
+    let health = match &n.health {
+        None => config::Health {
+            port: n.port,
+            ..config::Health::default()
+        },
+        Some(options) => health_of(options, n.port)?,
+    };
     let service = config::Service {
         name: n.name,
         vip: n.vip,
@@ -78,12 +89,9 @@ pub(super) async fn service_add(
         protocol: n.protocol,
         forwarding: n.forwarding,
         hash: n.hash,
-        table_size: lb_common::DEFAULT_TABLE_SIZE,
+        table_size,
         tunnel_source: None,
-        health: config::Health {
-            port: n.port,
-            ..config::Health::default()
-        },
+        health,
         backends: vec![],
     };
     change(&shared, |d, f| {
@@ -96,6 +104,27 @@ pub(super) async fn service_add(
         f.add_service(&service).map_err(edit_error)
     })
     .await
+}
+
+/// The health settings of a new service, validated as a `[service.health]` table of the file
+/// (one rule for both); each problem names the lbctl option.
+fn health_of(options: &HealthOptions, service_port: u16) -> Result<config::Health, Refusal> {
+    let table = toml::to_string(options).map_err(|e| bad(format!("health options: {e}")))?;
+    config::parse_health(&table, service_port).map_err(|problems| {
+        bad(problems
+            .iter()
+            .map(|p| {
+                let key = p.key.strip_prefix("health.").unwrap_or(&p.key);
+                format!(
+                    "health check {} ({}): {}",
+                    key,
+                    HealthOptions::flag_of(key),
+                    p.message
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "))
+    })
 }
 
 pub(super) async fn service_remove(

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{CheckKind, Forwarding, HashMode, Protocol},
+    config::{CheckKind, Forwarding, HashMode, Protocol, Role},
     daemon::{BackendState, InterfaceState},
 };
 
@@ -189,6 +189,72 @@ pub struct NewService {
     pub forwarding: Forwarding,
     #[serde(default)]
     pub hash: HashMode,
+    /// The Maglev table size (default 65537).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<u32>,
+    /// `[service.health]`, as the keys of the config file (validated by lbd as the file's
+    /// are); absent: no checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthOptions>,
+}
+
+/// The keys of a `[service.health]` table, each optional, named as in the config file.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_hex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_hex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+}
+
+impl HealthOptions {
+    /// The lbctl option that sets a key of `[service.health]`.
+    pub fn flag_of(key: &str) -> String {
+        match key {
+            "port" => "--check-port".into(),
+            "command" => "the command after `--`".into(),
+            k => format!("--{}", k.replace('_', "-")),
+        }
+    }
 }
 
 /// An answer to a change: what changed.

@@ -6,13 +6,50 @@ use clap::Parser;
 use hyper::Method;
 use lb_userspace::{
     api::{
-        BackendInfo, Changed, Lookup, NewBackend, NewService, NewWeight, NodeStatus, Removal,
-        ServiceInfo, Stats, Status,
+        BackendInfo, Changed, HealthOptions, Lookup, NewBackend, NewService, NewWeight, NodeStatus,
+        Removal, ServiceInfo, Stats, Status,
     },
-    cli::{BackendCommand, Command, LbctlArgs, NodeCommand, ServiceCommand},
+    cli::{BackendCommand, CheckArgs, Command, LbctlArgs, NodeCommand, ServiceCommand},
     client::Client,
     datapath::Start,
 };
+
+/// The health options of `service add` as `[service.health]` keys (None: no check option was
+/// given, so no checks). Relative file names are taken from the current folder.
+fn health_options(a: CheckArgs) -> anyhow::Result<Option<HealthOptions>> {
+    let file = |p: Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
+        p.map(|p| {
+            std::path::absolute(&p)
+                .map(|p| p.display().to_string())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        })
+        .transpose()
+    };
+    let options = HealthOptions {
+        check: a.check,
+        port: a.check_port,
+        interval_ms: a.interval_ms,
+        timeout_ms: a.timeout_ms,
+        rise: a.rise,
+        fall: a.fall,
+        path: a.path,
+        expect: a.expect,
+        tls_verify: a.tls_verify.then_some(true),
+        sni: a.sni,
+        ca_file: file(a.ca_file)?,
+        send: a.send,
+        send_hex: a.send_hex,
+        expect_hex: a.expect_hex,
+        query_name: a.query_name,
+        query_type: a.query_type,
+        user: a.user,
+        database: a.database,
+        role: a.role,
+        password_file: file(a.password_file)?,
+        command: (!a.command.is_empty()).then_some(a.command),
+    };
+    Ok((options != HealthOptions::default()).then_some(options))
+}
 
 /// Prints rows as a table aligned on a header row.
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -363,6 +400,8 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
             protocol,
             forwarding,
             hash,
+            table_size,
+            check,
         }) => {
             let body = NewService {
                 name,
@@ -371,6 +410,8 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                 protocol,
                 forwarding,
                 hash,
+                table_size,
+                health: health_options(check)?,
             };
             let c: Changed = client
                 .request(

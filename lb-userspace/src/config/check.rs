@@ -1,48 +1,8 @@
 //! Validation: from the config text to a [`Config`] or every [`Problem`] found, each named with
 //! its dotted key and line.
 
+use super::checker::{Checker, key_at};
 use super::*;
-
-/// The problems and warnings found while validating, with line numbers from `src`.
-struct Checker<'a> {
-    src: &'a str,
-    problems: Vec<Problem>,
-    warnings: Vec<Problem>,
-}
-
-impl Checker<'_> {
-    fn line(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())]
-            .bytes()
-            .filter(|&b| b == b'\n')
-            .count()
-            + 1
-    }
-    fn error<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
-        self.error_at(at.span(), key, message);
-    }
-    fn error_at(
-        &mut self,
-        span: std::ops::Range<usize>,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) {
-        let line = Some(self.line(span.start));
-        self.problems.push(Problem {
-            line,
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-    fn warn<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
-        let line = Some(self.line(at.span().start));
-        self.warnings.push(Problem {
-            line,
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-}
 
 /// Parses and validates config text: the config, or every problem found.
 pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
@@ -80,52 +40,6 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
         })
     } else {
         Err(c.problems)
-    }
-}
-
-/// The dotted key (`service[1].backend[0].weight`) whose value or table starts at `offset`,
-/// worked out from the table headers above it: toml's own errors give only a position.
-fn key_at(src: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(src.len());
-    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let (mut service, mut backend) = (-1i64, -1i64);
-    let mut table = String::new();
-    for line in src[..line_start].lines() {
-        let header: String = line
-            .split('#')
-            .next()
-            .unwrap_or("")
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect();
-        match header.as_str() {
-            "[daemon]" => table = "daemon".into(),
-            "[[service]]" => {
-                service += 1;
-                backend = -1;
-                table = format!("service[{service}]");
-            }
-            "[service.health]" => table = format!("service[{service}].health"),
-            "[[service.backend]]" => {
-                backend += 1;
-                table = format!("service[{service}].backend[{backend}]");
-            }
-            h if h.starts_with('[') => table = h.trim_matches(|c| c == '[' || c == ']').to_string(),
-            _ => {}
-        }
-    }
-    let line = src[line_start..].lines().next().unwrap_or("");
-    let key = line
-        .split_once('=')
-        .map(|(k, _)| k.trim().trim_matches('"').to_string());
-    match (table.is_empty(), key) {
-        (_, Some(k)) if !k.starts_with('[') && !k.is_empty() => Some(if table.is_empty() {
-            k
-        } else {
-            format!("{table}.{k}")
-        }),
-        (false, _) => Some(table),
-        (true, _) => None,
     }
 }
 
@@ -431,6 +345,36 @@ const ROUTING_DAEMON_PROTOCOLS: [(u8, &str); 11] = [
 /// Largest `daemon.idle_hold_s`: ten years, "for as long as the old backend lives".
 const MAX_IDLE_HOLD_S: u64 = 10 * 366 * 86_400;
 
+/// What is wrong with a Maglev table size for `backends` backends: `(true, why)` an error,
+/// `(false, why)` a warning. The same rule for the file and for `lbctl service add`.
+pub fn table_size_problem(table_size: u32, backends: usize) -> Option<(bool, String)> {
+    if !is_prime(table_size) {
+        Some((
+            true,
+            format!("{table_size} is not a prime (Maglev needs a prime table size, e.g. 65537)"),
+        ))
+    } else if table_size > MAX_TABLE_SIZE {
+        Some((
+            true,
+            format!("{table_size} is larger than the maximum {MAX_TABLE_SIZE}"),
+        ))
+    } else if (table_size as usize) < backends {
+        Some((
+            true,
+            format!("{table_size} is smaller than the number of backends ({backends})"),
+        ))
+    } else if (table_size as usize) < 100 * backends {
+        Some((
+            false,
+            format!(
+                "{table_size} is less than 100 × the {backends} backends: balance drifts past 1%"
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -539,41 +483,18 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
             Some(t) => *t.get_ref(),
         };
         if let Some(t) = &s.table_size {
-            if !is_prime(table_size) {
-                c.error(
-                    t,
-                    key("table_size"),
-                    format!(
-                        "{table_size} is not a prime (Maglev needs a prime table size, e.g. 65537)"
-                    ),
-                );
-            } else if table_size > MAX_TABLE_SIZE {
-                c.error(
-                    t,
-                    key("table_size"),
-                    format!("{table_size} is larger than the maximum {MAX_TABLE_SIZE}"),
-                );
-            } else if (table_size as usize) < backends.len() {
-                c.error(
-                    t,
-                    key("table_size"),
-                    format!(
-                        "{table_size} is smaller than the number of backends ({})",
-                        backends.len()
-                    ),
-                );
-            } else if (table_size as usize) < 100 * backends.len() {
-                c.warn(
-                    t,
-                    key("table_size"),
-                    format!(
-                        "{table_size} is less than 100 × the {} backends: balance drifts past 1%",
-                        backends.len()
-                    ),
-                );
+            match table_size_problem(table_size, backends.len()) {
+                Some((true, msg)) => c.error(t, key("table_size"), msg),
+                Some((false, msg)) => c.warn(t, key("table_size"), msg),
+                None => {}
             }
         }
-        let health = check_health(c, i, *s.port.get_ref(), s.health);
+        let health = super::health::check_health(
+            c,
+            &format!("service[{i}].health"),
+            *s.port.get_ref(),
+            s.health,
+        );
         services.push(Service {
             name: s.name.into_inner(),
             vip,
@@ -668,109 +589,4 @@ fn check_backends(
         });
     }
     backends
-}
-
-fn check_health(
-    c: &mut Checker,
-    service: usize,
-    service_port: u16,
-    raw: Option<Spanned<RawHealth>>,
-) -> Health {
-    let Some(raw) = raw else {
-        return Health {
-            port: service_port,
-            ..Health::default()
-        };
-    };
-    let at = raw.span();
-    let h = raw.into_inner();
-    let key = |k: &str| format!("service[{service}].health.{k}");
-    let d = Health::default();
-    let port = match &h.port {
-        Some(p) => *p.get_ref(),
-        None => service_port,
-    };
-    if port == 0 && h.check != CheckKind::None {
-        let line = Some(c.line(at.start));
-        c.problems.push(Problem {
-            line,
-            key: key("port"),
-            message: "is required when the service port is 0 (every port)".into(),
-        });
-    }
-    let path = match h.path {
-        Some(p) => {
-            if !p.get_ref().starts_with('/') {
-                c.error(
-                    &p,
-                    key("path"),
-                    format!("{:?} must start with '/'", p.get_ref()),
-                );
-            }
-            p.into_inner()
-        }
-        None => d.path,
-    };
-    let expect = match h.expect {
-        Some(e) => {
-            if !(100..=599).contains(e.get_ref()) {
-                c.error(
-                    &e,
-                    key("expect"),
-                    format!("{} is not an HTTP status (100 to 599)", e.get_ref()),
-                );
-            }
-            *e.get_ref()
-        }
-        None => d.expect,
-    };
-    let mut positive = |v: Option<Spanned<u64>>, k: &str, default: u64| match v {
-        Some(v) => {
-            if *v.get_ref() == 0 || *v.get_ref() > 3_600_000 {
-                c.error(
-                    &v,
-                    key(k),
-                    format!("{} is out of range: 1 to 3600000 ms", v.get_ref()),
-                );
-            }
-            *v.get_ref()
-        }
-        None => default,
-    };
-    let interval_ms = positive(h.interval_ms, "interval_ms", d.interval_ms);
-    let timeout_span = h.timeout_ms.as_ref().map(|t| t.span());
-    let timeout_ms = positive(h.timeout_ms, "timeout_ms", d.timeout_ms);
-    if timeout_ms > interval_ms {
-        let line = Some(c.line(timeout_span.unwrap_or(at.clone()).start));
-        c.problems.push(Problem {
-            line,
-            key: key("timeout_ms"),
-            message: format!("{timeout_ms} is longer than interval_ms ({interval_ms}); a check must end before the next"),
-        });
-    }
-    let mut count = |v: Option<Spanned<u32>>, k: &str, default: u32| match v {
-        Some(v) => {
-            if *v.get_ref() == 0 || *v.get_ref() > 1000 {
-                c.error(
-                    &v,
-                    key(k),
-                    format!("{} is out of range: 1 to 1000", v.get_ref()),
-                );
-            }
-            *v.get_ref()
-        }
-        None => default,
-    };
-    let rise = count(h.rise, "rise", d.rise);
-    let fall = count(h.fall, "fall", d.fall);
-    Health {
-        check: h.check,
-        port,
-        path,
-        expect,
-        interval_ms,
-        timeout_ms,
-        rise,
-        fall,
-    }
 }

@@ -408,3 +408,306 @@ fn sync_refuses_bad_addresses_peers_and_key_files_naming_key_and_line() {
     assert_eq!(p[0].key, "daemon.sync.port", "{p:?}");
     assert_eq!(p[0].line, Some(line + 3), "{p:?}");
 }
+
+/// GOOD with its health table replaced by `health` (the lines after `[service.health]`).
+fn with_health(health: &str) -> String {
+    GOOD.replace(
+        "check = \"http\"\npath = \"/healthz\"\n",
+        &format!("{health}\n"),
+    )
+}
+
+fn health_of(health: &str) -> Health {
+    let src = with_health(health);
+    match parse(&src) {
+        Ok(l) => l.config.services[0].health.clone(),
+        Err(p) => panic!("{health:?} rejected: {p:?}"),
+    }
+}
+
+#[test]
+fn every_check_kind_with_its_keys() {
+    let h = health_of(
+        "check = \"https\"\npath = \"/up\"\nexpect = 204\ntls_verify = true\nsni = \"app.example\"\nca_file = \"/etc/lb/ca.pem\"",
+    );
+    assert_eq!(h.check, CheckKind::Https);
+    assert_eq!(
+        (h.path.as_str(), h.expect, h.tls_verify),
+        ("/up", 204, true)
+    );
+    assert_eq!(h.sni.as_deref(), Some("app.example"));
+    assert_eq!(h.ca_file, Some(PathBuf::from("/etc/lb/ca.pem")));
+    let h = health_of("check = \"https\"");
+    assert!(!h.tls_verify && h.sni.is_none() && h.ca_file.is_none());
+
+    let h = health_of("check = \"udp\"\nsend = \"ping\\n\"");
+    assert_eq!(h.send, Payload::Text("ping\n".into()));
+    assert_eq!(h.expect_hex, None);
+    let h = health_of("check = \"udp\"\nsend_hex = \"DE ad:be\"\nexpect_hex = \"ff00\"");
+    assert_eq!(h.send, Payload::Hex(vec![0xde, 0xad, 0xbe]));
+    assert_eq!(h.expect_hex, Some(vec![0xff, 0]));
+
+    let h = health_of("check = \"dns\"");
+    assert_eq!((h.query_name.as_str(), h.query_type.as_str()), (".", "NS"));
+    let h = health_of("check = \"dns\"\nquery_name = \"health.example.\"");
+    assert_eq!(
+        (h.query_name.as_str(), h.query_type.as_str()),
+        ("health.example.", "A")
+    );
+    let h = health_of("check = \"dns\"\nquery_name = \"x.example\"\nquery_type = \"aaaa\"");
+    assert_eq!(h.query_type, "AAAA");
+
+    let h = health_of("check = \"pgsql\"");
+    assert_eq!(
+        (h.user.as_str(), h.database.as_str(), h.role),
+        ("lb", "postgres", None)
+    );
+    let h = health_of(
+        "check = \"pgsql\"\nuser = \"monitor\"\ndatabase = \"app\"\nrole = \"replica\"\npassword_file = \"/etc/lb/pg.pass\"",
+    );
+    assert_eq!((h.user.as_str(), h.database.as_str()), ("monitor", "app"));
+    assert_eq!(h.role, Some(Role::Replica));
+    assert_eq!(h.password_file, Some(PathBuf::from("/etc/lb/pg.pass")));
+
+    let h = health_of("check = \"redis\"");
+    assert_eq!((h.role, h.password_file.clone()), (None, None));
+    let h =
+        health_of("check = \"redis\"\nrole = \"master\"\npassword_file = \"/etc/lb/redis.pass\"");
+    assert_eq!(h.role, Some(Role::Master));
+
+    let h = health_of("check = \"exec\"\ncommand = [\"/usr/local/bin/check\", \"--fast\"]");
+    assert_eq!(h.command, ["/usr/local/bin/check", "--fast"]);
+    assert_eq!(h.user, "nobody");
+    let h = health_of(
+        "check = \"exec\"\ncommand = [\"/bin/true\"]\nuser = \"lbcheck\"\ntimeout_ms = 200",
+    );
+    assert_eq!((h.user.as_str(), h.timeout_ms), ("lbcheck", 200));
+}
+
+#[test]
+fn bad_health_keys_are_named_with_their_line() {
+    // (health table, key named, words the message must hold)
+    let cases: &[(&str, &str, &str)] = &[
+        ("check = \"ftp\"", "check", "unknown variant"),
+        (
+            "check = \"tcp\"\npath = \"/x\"",
+            "path",
+            "belongs to check = \"http\" or \"https\"",
+        ),
+        (
+            "check = \"tcp\"\nexpect = 200",
+            "expect",
+            "not a key of check = \"tcp\"",
+        ),
+        (
+            "check = \"http\"\ntls_verify = true",
+            "tls_verify",
+            "\"https\"",
+        ),
+        ("check = \"http\"\nsni = \"a.example\"", "sni", "\"https\""),
+        ("check = \"dns\"\nsend = \"x\"", "send", "\"udp\""),
+        (
+            "check = \"udp\"\nsend = \"x\"\nquery_name = \"a.\"",
+            "query_name",
+            "\"dns\"",
+        ),
+        (
+            "check = \"redis\"\nuser = \"x\"",
+            "user",
+            "\"pgsql\" or \"exec\"",
+        ),
+        (
+            "check = \"exec\"\ncommand = [\"/bin/true\"]\ndatabase = \"x\"",
+            "database",
+            "\"pgsql\"",
+        ),
+        (
+            "check = \"http\"\nrole = \"master\"",
+            "role",
+            "\"pgsql\" or \"redis\"",
+        ),
+        (
+            "check = \"exec\"\ncommand = [\"/bin/true\"]\npassword_file = \"/p\"",
+            "password_file",
+            "\"pgsql\" or \"redis\"",
+        ),
+        (
+            "check = \"pgsql\"\ncommand = [\"/bin/true\"]",
+            "command",
+            "\"exec\"",
+        ),
+        ("check = \"tcp\"\nfoo = 1", "foo", "unknown field"),
+        (
+            "check = \"https\"\npath = \"x\"",
+            "path",
+            "must start with '/'",
+        ),
+        (
+            "check = \"https\"\nexpect = 99",
+            "expect",
+            "not an HTTP status",
+        ),
+        (
+            "check = \"https\"\ntls_verify = \"yes\"",
+            "tls_verify",
+            "invalid type",
+        ),
+        (
+            "check = \"https\"\nsni = \"192.0.2.1\"",
+            "sni",
+            "IP address",
+        ),
+        (
+            "check = \"https\"\nsni = \"bad name!\"",
+            "sni",
+            "not a DNS name",
+        ),
+        (
+            "check = \"https\"\ntls_verify = true\nca_file = \"ca.pem\"",
+            "ca_file",
+            "absolute",
+        ),
+        (
+            "check = \"https\"\nca_file = \"/ca.pem\"",
+            "ca_file",
+            "tls_verify = true",
+        ),
+        ("check = \"udp\"", "send", "required"),
+        (
+            "check = \"udp\"\nsend = \"a\"\nsend_hex = \"61\"",
+            "send_hex",
+            "not both",
+        ),
+        (
+            "check = \"udp\"\nsend_hex = \"abc\"",
+            "send_hex",
+            "hex digits",
+        ),
+        (
+            "check = \"udp\"\nsend_hex = \"zz\"",
+            "send_hex",
+            "hex digits",
+        ),
+        (
+            "check = \"udp\"\nsend = \"a\"\nexpect_hex = \"1\"",
+            "expect_hex",
+            "hex digits",
+        ),
+        (
+            "check = \"dns\"\nquery_name = \"\"",
+            "query_name",
+            "not a domain name",
+        ),
+        (
+            "check = \"dns\"\nquery_name = \"a..b\"",
+            "query_name",
+            "not a domain name",
+        ),
+        (
+            "check = \"dns\"\nquery_type = \"BOGUS\"",
+            "query_type",
+            "record type",
+        ),
+        (
+            "check = \"pgsql\"\nuser = \"\"",
+            "user",
+            "PostgreSQL role name",
+        ),
+        (
+            "check = \"pgsql\"\ndatabase = \"\"",
+            "database",
+            "database name",
+        ),
+        (
+            "check = \"pgsql\"\nrole = \"master\"",
+            "role",
+            "\"primary\" or \"replica\"",
+        ),
+        (
+            "check = \"pgsql\"\nrole = \"leader\"",
+            "role",
+            "unknown variant",
+        ),
+        (
+            "check = \"pgsql\"\nrole = \"primary\"",
+            "password_file",
+            "required with `role`",
+        ),
+        (
+            "check = \"pgsql\"\npassword_file = \"pass\"",
+            "password_file",
+            "absolute",
+        ),
+        (
+            "check = \"redis\"\nrole = \"primary\"",
+            "role",
+            "\"master\" or \"replica\"",
+        ),
+        (
+            "check = \"redis\"\npassword_file = \"./p\"",
+            "password_file",
+            "absolute",
+        ),
+        ("check = \"exec\"", "command", "required"),
+        ("check = \"exec\"\ncommand = []", "command", "empty"),
+        (
+            "check = \"exec\"\ncommand = [\"check\"]",
+            "command",
+            "absolute path",
+        ),
+        (
+            "check = \"exec\"\ncommand = \"/bin/true\"",
+            "command",
+            "invalid type",
+        ),
+        (
+            "check = \"exec\"\ncommand = [\"/bin/true\"]\nuser = \"-x\"",
+            "user",
+            "user name",
+        ),
+        (
+            "check = \"exec\"\ncommand = [\"/bin/true\"]\nuser = \"a b\"",
+            "user",
+            "user name",
+        ),
+    ];
+    for (health, key, words) in cases {
+        let src = with_health(health);
+        let p = problems(&src);
+        let want = format!("service[0].health.{key}");
+        let hit = p.iter().find(|p| p.key == want);
+        let Some(hit) = hit else {
+            panic!("{health:?}: no problem at {want}: {p:?}");
+        };
+        assert!(
+            hit.message.contains(words),
+            "{health:?}: {:?} does not say {words:?}",
+            hit.message
+        );
+        // The line is the key's own, or (for a missing key) one of its table.
+        let line = hit.line.expect("a line");
+        let text = src.lines().nth(line - 1).unwrap();
+        assert!(
+            text.starts_with(key)
+                || text == "[service.health]"
+                || health.lines().any(|l| l == text),
+            "{health:?}: line {line} is {text:?}"
+        );
+    }
+}
+
+#[test]
+fn health_options_are_checked_by_the_same_rules() {
+    let h = parse_health("check = \"redis\"\nrole = \"replica\"\n", 6379).unwrap();
+    assert_eq!(
+        (h.check, h.port, h.role),
+        (CheckKind::Redis, 6379, Some(Role::Replica))
+    );
+    let p = parse_health("check = \"tcp\"\npath = \"/x\"\n", 80).unwrap_err();
+    assert_eq!(p[0].key, "health.path");
+    assert_eq!(p[0].line, None);
+    let p = parse_health("check = \"exec\"\n", 80).unwrap_err();
+    assert_eq!(p[0].key, "health.command");
+    let p = parse_health("check = \"pgsql\"\nbogus = 1\n", 80).unwrap_err();
+    assert_eq!(p[0].key, "health.bogus");
+}

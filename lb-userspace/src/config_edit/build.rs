@@ -3,14 +3,6 @@
 
 use super::*;
 
-pub(super) fn check_name(c: CheckKind) -> &'static str {
-    match c {
-        CheckKind::Tcp => "tcp",
-        CheckKind::Http => "http",
-        CheckKind::None => "none",
-    }
-}
-
 pub(super) fn mac_string(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -48,30 +40,7 @@ pub(super) fn service_table(
     }
     let mut table = styled_table(pairs, tpl);
     if s.health.check != CheckKind::None {
-        let h = &s.health;
-        let d = Health::default();
-        let mut pairs = vec![("check", Value::from(check_name(h.check)))];
-        if h.port != s.port {
-            pairs.push(("port", int(h.port)));
-        }
-        if h.path != d.path {
-            pairs.push(("path", Value::from(h.path.as_str())));
-        }
-        if h.expect != d.expect {
-            pairs.push(("expect", int(h.expect)));
-        }
-        if h.interval_ms != d.interval_ms {
-            pairs.push(("interval_ms", int(h.interval_ms as i64)));
-        }
-        if h.timeout_ms != d.timeout_ms {
-            pairs.push(("timeout_ms", int(h.timeout_ms as i64)));
-        }
-        if h.rise != d.rise {
-            pairs.push(("rise", int(h.rise)));
-        }
-        if h.fall != d.fall {
-            pairs.push(("fall", int(h.fall)));
-        }
+        let pairs = health_pairs(&s.health, s.port);
         table.insert("health", Item::Table(styled_table(pairs, health_tpl)));
     }
     if !s.backends.is_empty() {
@@ -82,6 +51,94 @@ pub(super) fn service_table(
         table.insert("backend", Item::ArrayOfTables(a));
     }
     table
+}
+
+/// The keys of a `[service.health]` table: `check`, and every key whose value differs from
+/// its default for that kind (a `dns` check writes its question in full).
+pub(super) fn health_pairs(h: &Health, service_port: u16) -> Vec<(&'static str, Value)> {
+    let d = Health::default();
+    let text = |s: &str| Value::from(s);
+    let path = |p: &std::path::Path| Value::from(p.display().to_string());
+    let mut pairs = vec![("check", text(h.check.name()))];
+    if h.port != service_port {
+        pairs.push(("port", int(h.port)));
+    }
+    if h.interval_ms != d.interval_ms {
+        pairs.push(("interval_ms", int(h.interval_ms as i64)));
+    }
+    if h.timeout_ms != d.timeout_ms {
+        pairs.push(("timeout_ms", int(h.timeout_ms as i64)));
+    }
+    if h.rise != d.rise {
+        pairs.push(("rise", int(h.rise)));
+    }
+    if h.fall != d.fall {
+        pairs.push(("fall", int(h.fall)));
+    }
+    match h.check {
+        CheckKind::Http | CheckKind::Https => {
+            if h.path != d.path {
+                pairs.push(("path", text(&h.path)));
+            }
+            if h.expect != d.expect {
+                pairs.push(("expect", int(h.expect)));
+            }
+            if h.check == CheckKind::Https {
+                if h.tls_verify {
+                    pairs.push(("tls_verify", Value::from(true)));
+                }
+                if let Some(sni) = &h.sni {
+                    pairs.push(("sni", text(sni)));
+                }
+                if let Some(f) = &h.ca_file {
+                    pairs.push(("ca_file", path(f)));
+                }
+            }
+        }
+        CheckKind::Udp => {
+            match &h.send {
+                Payload::Text(t) => pairs.push(("send", text(t))),
+                Payload::Hex(b) => pairs.push(("send_hex", text(&config::to_hex(b)))),
+            }
+            if let Some(x) = &h.expect_hex {
+                pairs.push(("expect_hex", text(&config::to_hex(x))));
+            }
+        }
+        CheckKind::Dns => {
+            if h.query_name != d.query_name || h.query_type != d.query_type {
+                pairs.push(("query_name", text(&h.query_name)));
+                pairs.push(("query_type", text(&h.query_type)));
+            }
+        }
+        CheckKind::Pgsql | CheckKind::Redis => {
+            if h.check == CheckKind::Pgsql {
+                if h.user != config::DEFAULT_PGSQL_USER {
+                    pairs.push(("user", text(&h.user)));
+                }
+                if h.database != d.database {
+                    pairs.push(("database", text(&h.database)));
+                }
+            }
+            if let Some(r) = h.role {
+                pairs.push(("role", text(r.name())));
+            }
+            if let Some(f) = &h.password_file {
+                pairs.push(("password_file", path(f)));
+            }
+        }
+        CheckKind::Exec => {
+            let mut a = Array::new();
+            for arg in &h.command {
+                a.push(arg.as_str());
+            }
+            pairs.push(("command", Value::Array(a)));
+            if h.user != config::DEFAULT_EXEC_USER {
+                pairs.push(("user", text(&h.user)));
+            }
+        }
+        CheckKind::Tcp | CheckKind::None => {}
+    }
+    pairs
 }
 
 pub(super) fn backend_table(b: &Backend, tpl: Option<&Table>) -> Table {

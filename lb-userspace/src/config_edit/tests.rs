@@ -593,3 +593,46 @@ fn edits_keep_the_announce_table() {
         ]
     );
 }
+
+#[test]
+fn added_health_tables_of_every_kind_read_back_the_same() {
+    let health_of = |text: &str| {
+        let src = format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"s\"\nvip = \"10.0.0.1\"\nport = 53\nprotocol = \"udp\"\n[service.health]\n{text}\n"
+        );
+        config::parse(&src).unwrap().config.services[0]
+            .health
+            .clone()
+    };
+    for text in [
+        "check = \"https\"\npath = \"/up\"\nexpect = 204\ntls_verify = true\nsni = \"a.example\"\nca_file = \"/ca.pem\"\nport = 443",
+        "check = \"https\"",
+        "check = \"udp\"\nsend = \"ping\"\nexpect_hex = \"706f6e67\"",
+        "check = \"udp\"\nsend_hex = \"00ff\"",
+        "check = \"dns\"",
+        "check = \"dns\"\nquery_name = \"health.example.\"",
+        "check = \"dns\"\nquery_name = \".\"\nquery_type = \"SOA\"",
+        "check = \"pgsql\"\nport = 5432",
+        "check = \"pgsql\"\nport = 5432\nuser = \"mon\"\ndatabase = \"app\"\nrole = \"primary\"\npassword_file = \"/p\"",
+        "check = \"redis\"\nport = 6379\nrole = \"replica\"\npassword_file = \"/p\"",
+        "check = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 0\"]\nuser = \"daemon\"\ntimeout_ms = 100\ninterval_ms = 200\nrise = 1\nfall = 1",
+    ] {
+        let health = health_of(text);
+        let service = Service {
+            name: "s".into(),
+            vip: ip("10.0.0.1"),
+            port: 53,
+            protocol: Protocol::Udp,
+            forwarding: Forwarding::Dsr,
+            hash: HashMode::Source,
+            table_size: 65_537,
+            tunnel_source: None,
+            health: health.clone(),
+            backends: vec![],
+        };
+        let mut f = file("[daemon]\ninterfaces = [\"eth0\"]\n");
+        f.add_service(&service).unwrap();
+        let back = config::parse(&f.text()).unwrap().config;
+        assert_eq!(back.services[0].health, health, "{text}\n---\n{}", f.text());
+    }
+}

@@ -1,15 +1,14 @@
-//! One check of one backend: a TCP connect or an HTTP request, bounded by its timeout, and
-//! what its failure means (the backend's fault, or lbd's own lack of resources).
+//! What a check's failure means (the backend's fault, or lbd's own lack of resources), and the
+//! checks over plain TCP: a connect, or an HTTP request (also sent over TLS by `tls`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::CheckResult;
-use crate::config::{CheckKind, Health};
+use crate::config::Health;
 
 /// Why a check did not pass: a failure of the backend, or lbd's own error, with its detail.
 #[derive(Debug, PartialEq)]
@@ -19,6 +18,28 @@ impl Failed {
     pub(super) fn backend(detail: impl Into<String>) -> Failed {
         Failed(CheckResult::Fail, detail.into())
     }
+
+    /// lbd's own error (a file it must read, a user it must run as...): says nothing about
+    /// the backend.
+    pub(super) fn lbd(detail: impl std::fmt::Display) -> Failed {
+        Failed(CheckResult::Error, format!("could not run: {detail}"))
+    }
+}
+
+/// Reads a secret file at the start of a check (so a rotated file is followed): its text
+/// without the line end. Unreadable or empty: lbd's own error.
+pub(super) async fn read_secret(path: &std::path::Path) -> Result<String, Failed> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| Failed::lbd(format!("password_file {}: {}", path.display(), describe(e))))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        return Err(Failed::lbd(format!(
+            "password_file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(secret)
 }
 
 /// A socket error of a check: lbd's own lack of resources, or the backend's failure.
@@ -35,35 +56,23 @@ pub(super) fn io_failure(e: io::Error) -> Failed {
     }
 }
 
-/// Runs one check, bounded as a whole by `timeout_ms`. `Ok(detail)` when healthy.
-pub(super) async fn check(addr: SocketAddr, spec: &Health) -> Result<String, Failed> {
-    let timeout = Duration::from_millis(spec.timeout_ms);
-    let exchange = async {
-        match spec.check {
-            CheckKind::Tcp => {
-                let stream = TcpStream::connect(addr).await.map_err(io_failure)?;
-                drop(stream);
-                Ok("connected".to_string())
-            }
-            CheckKind::Http => http_check(addr, spec).await,
-            CheckKind::None => Ok("not checked".to_string()),
-        }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(Failed::backend(format!(
-            "timeout after {} ms",
-            spec.timeout_ms
-        ))),
+/// A TCP connect: healthy once connected.
+pub(super) async fn tcp_check(addr: SocketAddr) -> Result<String, Failed> {
+    let stream = TcpStream::connect(addr).await.map_err(io_failure)?;
+    drop(stream);
+    Ok("connected".to_string())
+}
+
+/// The `Host` header for a backend address.
+pub(super) fn host_of(backend: IpAddr) -> String {
+    match backend {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
     }
 }
 
 /// The request sent by an `http` check.
-pub(super) fn http_request(path: &str, backend: IpAddr) -> String {
-    let host = match backend {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("[{a}]"),
-    };
+pub(super) fn http_request(path: &str, host: &str) -> String {
     format!(
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
     )
@@ -71,8 +80,23 @@ pub(super) fn http_request(path: &str, backend: IpAddr) -> String {
 
 pub(super) async fn http_check(addr: SocketAddr, spec: &Health) -> Result<String, Failed> {
     let mut stream = TcpStream::connect(addr).await.map_err(io_failure)?;
+    let status = http_exchange(&mut stream, &host_of(addr.ip()), &spec.path).await?;
+    let detail = format!("HTTP {status}");
+    if status == spec.expect {
+        Ok(detail)
+    } else {
+        Err(Failed::backend(detail))
+    }
+}
+
+/// Sends the request on an open stream and reads the status of the answer.
+pub(super) async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    host: &str,
+    path: &str,
+) -> Result<u16, Failed> {
     stream
-        .write_all(http_request(&spec.path, addr.ip()).as_bytes())
+        .write_all(http_request(path, host).as_bytes())
         .await
         .map_err(io_failure)?;
     // Read up to the end of the status line (or at most 1 KiB of it).
@@ -88,13 +112,7 @@ pub(super) async fn http_check(addr: SocketAddr, spec: &Health) -> Result<String
     if buf.is_empty() {
         return Err(Failed::backend("connection closed without a response"));
     }
-    let status = parse_status(&buf).ok_or_else(|| Failed::backend("malformed HTTP response"))?;
-    let detail = format!("HTTP {status}");
-    if status == spec.expect {
-        Ok(detail)
-    } else {
-        Err(Failed::backend(detail))
-    }
+    parse_status(&buf).ok_or_else(|| Failed::backend("malformed HTTP response"))
 }
 
 /// The status code of an HTTP status line (`HTTP/1.1 200 OK`), from the start of a response.

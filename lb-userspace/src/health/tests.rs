@@ -18,6 +18,7 @@ fn spec(check: CheckKind, port: u16) -> Health {
         timeout_ms: 30,
         rise: 2,
         fall: 3,
+        ..Health::default()
     }
 }
 
@@ -188,10 +189,13 @@ fn status_lines() {
 #[test]
 fn request_format() {
     assert_eq!(
-        http_request("/healthz", lo(9)),
+        http_request("/healthz", &host_of(lo(9))),
         "GET /healthz HTTP/1.0\r\nHost: 127.0.0.9\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
     );
-    assert!(http_request("/", "2001:db8::1".parse().unwrap()).contains("Host: [2001:db8::1]\r\n"));
+    assert!(
+        http_request("/", &host_of("2001:db8::1".parse().unwrap()))
+            .contains("Host: [2001:db8::1]\r\n")
+    );
 }
 
 #[test]
@@ -321,7 +325,7 @@ async fn http_checks() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(req, http_request("/healthz", backend));
+    assert_eq!(req, http_request("/healthz", &host_of(backend)));
 
     let mut other = spec(CheckKind::Http, port);
     other.path = "/other".into();
@@ -413,7 +417,7 @@ async fn timeout_when_the_backend_never_answers() {
     let addr = SocketAddr::new(lo(24), port);
     for _ in 0..3 {
         let began = std::time::Instant::now();
-        let result = check(addr, &http).await;
+        let result = check("web", addr, &http).await;
         let took = began.elapsed();
         assert_eq!(result, Err(Failed::backend("timeout after 30 ms")));
         assert!(
@@ -582,4 +586,247 @@ async fn checkers_do_not_fire_in_lockstep() {
     assert!(max < Duration::from_millis(200 + 500), "{firsts:?}");
     drop(m);
     stop(server).await;
+}
+
+// ---- the other kinds: their protocol pieces, and real processes and sockets ----
+
+#[test]
+fn resp_replies() {
+    use super::redis::{Reply, command, parse, role_of};
+    assert_eq!(command(&[b"PING"]), b"*1\r\n$4\r\nPING\r\n");
+    assert_eq!(
+        command(&[b"AUTH", b"s3cret"]),
+        b"*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n"
+    );
+    assert_eq!(
+        parse(b"+PONG\r\n", 0),
+        Ok(Some((Reply::Simple("PONG".into()), 7)))
+    );
+    assert_eq!(
+        parse(b"-NOAUTH Authentication required.\r\n+x", 0),
+        Ok(Some((
+            Reply::Error("NOAUTH Authentication required.".into()),
+            34
+        )))
+    );
+    assert_eq!(parse(b"+PON", 0), Ok(None));
+    assert_eq!(parse(b"$5\r\nmas", 0), Ok(None));
+    assert_eq!(parse(b"HTTP/1.1 400\r\n", 0), Err(()));
+    assert_eq!(parse(b"\r\n", 0), Err(()));
+    let master = b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n";
+    let (reply, used) = parse(master, 0).unwrap().unwrap();
+    assert_eq!(used, master.len());
+    assert_eq!(role_of(&reply).as_deref(), Some("master"));
+    let replica = b"*5\r\n$5\r\nslave\r\n$9\r\n192.0.2.1\r\n:6379\r\n$9\r\nconnected\r\n:14\r\n";
+    let (reply, _) = parse(replica, 0).unwrap().unwrap();
+    assert_eq!(role_of(&reply).as_deref(), Some("replica"));
+    assert_eq!(parse(&replica[..20], 0), Ok(None));
+}
+
+#[test]
+fn dns_questions_and_answers() {
+    use super::udp::{dns_answer, dns_query, rcode_name};
+    use hickory_proto::op::Message;
+    let spec = Health {
+        check: CheckKind::Dns,
+        query_name: "health.example".into(),
+        query_type: "AAAA".into(),
+        ..Health::default()
+    };
+    let q = dns_query(&spec, 0x1234).unwrap();
+    let m = Message::from_vec(&q).unwrap();
+    assert_eq!(m.id(), 0x1234);
+    assert!(m.recursion_desired());
+    assert_eq!(m.queries()[0].name().to_ascii(), "health.example.");
+    assert_eq!(m.queries()[0].query_type().to_string(), "AAAA");
+    // An answer: the query with QR set and an rcode.
+    let mut reply = q.clone();
+    reply[2] |= 0x80;
+    assert_eq!(dns_answer(&reply, 0x1234).unwrap().unwrap(), "DNS NOERROR");
+    assert!(
+        dns_answer(&reply, 0x4321).is_none(),
+        "another id is not our answer"
+    );
+    assert!(dns_answer(&q, 0x1234).is_none(), "a query is not an answer");
+    reply[3] = (reply[3] & 0xf0) | 2;
+    let f = dns_answer(&reply, 0x1234).unwrap().unwrap_err();
+    assert_eq!(f, Failed(CheckResult::Fail, "DNS SERVFAIL".into()));
+    assert_eq!(rcode_name(3), "NXDOMAIN");
+    assert_eq!(rcode_name(5), "REFUSED");
+    assert_eq!(rcode_name(23), "RCODE23");
+    assert!(dns_answer(&[0x12, 0x34, 0x80], 0x1234).is_none());
+}
+
+#[test]
+fn pgsql_messages() {
+    use super::pgsql::{error_message, startup_message};
+    let m = startup_message("lb", "postgres");
+    assert_eq!(
+        u32::from_be_bytes(m[..4].try_into().unwrap()) as usize,
+        m.len()
+    );
+    assert_eq!(&m[4..8], &196_608u32.to_be_bytes());
+    assert!(m.ends_with(b"lbd-health-check\0\0"));
+    assert!(m.windows(20).any(|w| w == b"user\0lb\0database\0pos"));
+    let body = b"SFATAL\0VFATAL\0C53300\0Msorry, too many clients already\0Fproc.c\0\0";
+    assert_eq!(error_message(body), "sorry, too many clients already");
+    assert_eq!(
+        error_message(b"SFATAL\0\0"),
+        "error response without a message"
+    );
+}
+
+#[test]
+fn first_output_line() {
+    use super::exec::first_line;
+    assert_eq!(
+        first_line(b"\n  oops \nmore", b"out").as_deref(),
+        Some("oops")
+    );
+    assert_eq!(first_line(b"", b"out\n").as_deref(), Some("out"));
+    assert_eq!(first_line(b" \n", b""), None);
+}
+
+fn exec_spec(script: &str, timeout_ms: u64) -> Health {
+    Health {
+        check: CheckKind::Exec,
+        port: 9,
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        user: "nobody".into(),
+        timeout_ms,
+        interval_ms: 1000,
+        ..Health::default()
+    }
+}
+
+#[tokio::test]
+async fn exec_runs_as_the_user_with_the_backend_in_its_environment() {
+    let addr = SocketAddr::new(lo(7), 9);
+    let ok = exec_spec("exit 0", 2000);
+    assert_eq!(check("web", addr, &ok).await, Ok("exit 0".into()));
+    // Unprivileged, no supplementary group, a clean environment, stdin empty.
+    let env = exec_spec(
+        "echo \"$LB_BACKEND_ADDRESS $LB_BACKEND_PORT $LB_SERVICE $(id -u) $(id -G) $(wc -c) ${HOME:-nohome}\" >&2; exit 3",
+        2000,
+    );
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        check("web", addr, &env).await,
+        Err(Failed(
+            CheckResult::Fail,
+            format!(
+                "exit 3: 127.0.0.7 9 web {} {} 0 nohome",
+                nobody.uid, nobody.gid
+            )
+        ))
+    );
+    let stdout = exec_spec("echo 'backend says no'; exit 1", 2000);
+    assert_eq!(
+        check("web", addr, &stdout).await.unwrap_err().1,
+        "exit 1: backend says no"
+    );
+    let mut missing = exec_spec("exit 0", 2000);
+    missing.command = vec!["/nonexistent/check".into()];
+    let f = check("web", addr, &missing).await.unwrap_err();
+    assert_eq!(f.0, CheckResult::Error, "{f:?}");
+    assert!(f.1.contains("/nonexistent/check"), "{f:?}");
+    let mut stranger = exec_spec("exit 0", 2000);
+    stranger.user = "no-such-user-lbtest".into();
+    let f = check("web", addr, &stranger).await.unwrap_err();
+    assert_eq!(
+        f,
+        Failed(
+            CheckResult::Error,
+            "could not run: no user \"no-such-user-lbtest\" on this host".into()
+        )
+    );
+}
+
+#[tokio::test]
+async fn exec_is_killed_with_its_process_group_at_the_timeout() {
+    let dir = std::env::temp_dir().join(format!("lb-exec-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let pidfile = dir.join("child.pid");
+    // A child of the check, in its group, that would outlive it.
+    let spec = exec_spec(
+        &format!("sleep 30 & echo $! > {}; sleep 30", pidfile.display()),
+        300,
+    );
+    let began = std::time::Instant::now();
+    let result = check("web", SocketAddr::new(lo(7), 9), &spec).await;
+    let took = began.elapsed();
+    assert_eq!(
+        result,
+        Err(Failed(CheckResult::Fail, "killed after 300 ms".into()))
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Gone, or a zombie waiting for a reaper: not running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let running = state
+            .as_deref()
+            .and_then(|s| s.rsplit(')').next())
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'));
+        if !running {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check's child {pid} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn udp_replies_and_port_unreachable() {
+    let server = tokio::net::UdpSocket::bind((lo(1), 0)).await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let echo = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            let mut reply = b"pong:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            server.send_to(&reply, from).await.unwrap();
+        }
+    });
+    let mut spec = Health {
+        check: CheckKind::Udp,
+        port,
+        send: crate::config::Payload::Text("hi".into()),
+        timeout_ms: 500,
+        ..Health::default()
+    };
+    let addr = SocketAddr::new(lo(1), port);
+    assert_eq!(
+        check("dns", addr, &spec).await,
+        Ok("UDP reply, 7 bytes".into())
+    );
+    spec.expect_hex = Some(b"pong".to_vec());
+    assert!(check("dns", addr, &spec).await.is_ok());
+    spec.expect_hex = Some(b"PONG".to_vec());
+    assert_eq!(
+        check("dns", addr, &spec).await.unwrap_err().1,
+        "UDP reply 706f6e673a6869 does not start with 504f4e47"
+    );
+    stop(echo).await;
+    // Nothing bound there now: the kernel answers with a port unreachable.
+    assert_eq!(
+        check("dns", addr, &spec).await,
+        Err(Failed(CheckResult::Fail, "port unreachable".into()))
+    );
+    spec.check = CheckKind::Dns;
+    assert_eq!(
+        check("dns", addr, &spec).await,
+        Err(Failed(CheckResult::Fail, "port unreachable".into()))
+    );
 }
