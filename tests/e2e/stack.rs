@@ -1099,11 +1099,14 @@ impl BenchRun {
     }
 }
 
-fn pgbench_cmd(host: IpAddr, clients: usize, seconds: u64) -> Command {
+/// `pgbench -S` with `clients` clients on `threads` threads for `seconds`.
+fn pgbench_cmd(host: IpAddr, clients: usize, threads: usize, seconds: u64) -> Command {
     let mut cmd = Command::new(Path::new(PG_BIN).join("pgbench"));
     cmd.args(["-S", "-n", "-c"])
         .arg(clients.to_string())
-        .args(["-j", "2", "-T"])
+        .arg("-j")
+        .arg(threads.to_string())
+        .arg("-T")
         .arg(seconds.to_string())
         .arg("-h")
         .arg(host.to_string())
@@ -1147,9 +1150,12 @@ fn parse_run(out: &Output, start: Duration, end: Duration) -> BenchRun {
 
 /// `pgbench -S` from client 1 to `host`, `clients` clients, for `seconds`: its TPS (fails
 /// unless every client finished).
-fn pgbench_tps(t: &Topology, host: IpAddr, clients: usize, seconds: u64) -> f64 {
+fn pgbench_tps(t: &Topology, host: IpAddr, clients: usize, threads: usize, seconds: u64) -> f64 {
     let out = t
-        .nsenter_output(t.client_ns(1), &pgbench_cmd(host, clients, seconds))
+        .nsenter_output(
+            t.client_ns(1),
+            &pgbench_cmd(host, clients, threads, seconds),
+        )
         .expect("running pgbench");
     let run = parse_run(&out, Duration::ZERO, Duration::ZERO);
     assert!(
@@ -1196,7 +1202,7 @@ impl PgLoad {
         while !self.stop.load(Ordering::Relaxed) {
             let start = self.now();
             let out = t
-                .nsenter_output(t.client_ns(1), &pgbench_cmd(ip(PG_VIP), 32, 1))
+                .nsenter_output(t.client_ns(1), &pgbench_cmd(ip(PG_VIP), 32, 2, 1))
                 .expect("running pgbench");
             let run = parse_run(&out, start, self.now());
             let pause = run.connect_failed;
@@ -1484,29 +1490,39 @@ fn redis_steady(s: &Stack) {
     }
 }
 
-/// pgbench -S, 32 clients through the read-only VIP (its connections spread over both
-/// replicas); the same work without lb, 16 clients straight to each replica at once; and 32
-/// straight to one replica. Two rounds in turn.
+/// pgbench -S, 32 clients on 2 threads through the read-only VIP (its connections spread over
+/// both replicas); the same work without lb, 16 clients on 1 thread straight to each replica at
+/// once; and 32 on 2 threads straight to one replica. Two rounds in turn.
 fn pgbench_steady(s: &Stack) {
     let t = s.t;
     let before = s.backend_packets("pg-ro");
-    for round in 1..=2 {
-        let split: f64 = std::thread::scope(|sc| {
+    let split = || -> f64 {
+        std::thread::scope(|sc| {
             let runs: Vec<_> = REPLICAS
                 .iter()
                 .map(|&r| {
                     let addr = s.addr(r);
-                    sc.spawn(move || pgbench_tps(t, addr, 16, 4))
+                    sc.spawn(move || pgbench_tps(t, addr, 16, 1, 4))
                 })
                 .collect();
             runs.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        let via = pgbench_tps(t, ip(PG_VIP), 32, 4);
+        })
+    };
+    let via = || pgbench_tps(t, ip(PG_VIP), 32, 2, 4);
+    for round in 1..=2 {
+        // Each first in one round.
+        let (via, split) = if round == 1 {
+            let v = via();
+            (v, split())
+        } else {
+            let sp = split();
+            (via(), sp)
+        };
         figure!(
             "pgbench -S -T 4, round {round}: 32 clients through {PG_VIP} {via:.0} tps; 16 + 16 clients straight to the two replicas {split:.0} tps"
         );
     }
-    let one = pgbench_tps(t, s.addr(REPLICAS[0]), 32, 4);
+    let one = pgbench_tps(t, s.addr(REPLICAS[0]), 32, 2, 4);
     figure!("pgbench -S -T 4: 32 clients straight to replica1 alone {one:.0} tps");
     let after = s.backend_packets("pg-ro");
     figure!("pg-ro packets per backend during those runs: before {before:?}, after {after:?}");
@@ -1580,8 +1596,11 @@ fn check_pg_load(
     }
     let clean_after: Vec<&BenchRun> = runs.iter().filter(|r| r.start > detected).collect();
     assert!(clean_after.len() >= 2, "{what}: {runs:?}");
+    // (On a busy machine a 1 s run may spend it all connecting its 32 clients: it then
+    // processes nothing, without an error.)
     assert!(
-        clean_after.iter().all(|r| !r.failed() && r.processed > 0),
+        clean_after.iter().all(|r| !r.failed())
+            && clean_after.iter().map(|r| r.processed).sum::<u64>() > 0,
         "{what}: {clean_after:?}"
     );
     assert!(
