@@ -106,7 +106,8 @@ pub enum ServiceCommand {
 #[derive(clap::Args, Debug, Default, Clone)]
 #[command(next_help_heading = "Health check")]
 pub struct CheckArgs {
-    /// The check (without it and without other check options: no checks).
+    /// The check. Without it: `tcp` when another check option is given (as a `[service.health]`
+    /// table without `check`), else no checks.
     #[arg(long, value_enum)]
     pub check: Option<CheckKind>,
     /// The port checked (default: the service port).

@@ -511,7 +511,7 @@ impl Config {
         );
         for s in &self.services {
             out.push_str(&format!(
-                "  service {}: {} port {} {} via {:?}, hash {:?}, table {}, {} backend(s), health {:?}\n",
+                "  service {}: {} port {} {} via {:?}, hash {:?}, table {}, {} backend(s), health {}\n",
                 s.name,
                 s.vip,
                 s.port,

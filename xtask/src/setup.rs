@@ -77,11 +77,11 @@ const APT_PACKAGES: &[AptPackage] = &[
     },
     AptPackage {
         name: "postgresql-15",
-        why: "the hosting-stack test's primary and streaming replicas, and `pgbench`",
+        why: "the `pgsql` health checks' tests, and the hosting-stack test's primary and streaming replicas, and `pgbench`",
     },
     AptPackage {
         name: "redis-server",
-        why: "the hosting-stack test's Redis server",
+        why: "the `redis` health checks' tests, and the hosting-stack test's Redis",
     },
     AptPackage {
         name: "redis-tools",
@@ -89,11 +89,15 @@ const APT_PACKAGES: &[AptPackage] = &[
     },
     AptPackage {
         name: "dnsmasq-base",
-        why: "the hosting-stack test's DNS servers (the daemon only, no host service)",
+        why: "the DNS servers of the `dns` and `udp` health checks' tests and of the hosting-stack test",
     },
     AptPackage {
         name: "bind9-dnsutils",
-        why: "`dig`, the DNS client of the hosting-stack test",
+        why: "`dig`: the health check tests wait until dnsmasq answers; the hosting-stack test asks through lb",
+    },
+    AptPackage {
+        name: "openssl",
+        why: "the test CA and certificate of the `https` health check tests",
     },
     AptPackage {
         name: "gunicorn",

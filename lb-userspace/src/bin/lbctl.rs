@@ -375,7 +375,7 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                             lb_userspace::config::HashMode::FiveTuple => "5-tuple".into(),
                         },
                         format!("{}/{}", s.up, s.backends),
-                        format!("{:?}", s.check).to_lowercase(),
+                        s.check.to_string(),
                     ]
                 })
                 .collect();
@@ -454,7 +454,7 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                         b.weight.to_string(),
                         b.state.to_string(),
                         human_age(b.since_s),
-                        format!("{:?}", b.check).to_lowercase(),
+                        b.check.to_string(),
                         match &b.problem {
                             Some(p) => format!("{health}; {p}"),
                             None => health,

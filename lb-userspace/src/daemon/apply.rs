@@ -410,7 +410,7 @@ impl Daemon {
             .is_some_and(|l| l.result == health::CheckResult::Error);
         match (was_error, r.result == health::CheckResult::Error) {
             (false, true) => error!(
-                "service {}: the health check of backend {} {} (lbd lacks resources; the backend keeps its state, {})",
+                "service {}: the health check of backend {} {} (a problem of lbd's own, not of the backend: it keeps its state, {})",
                 r.service,
                 r.backend,
                 r.detail,
