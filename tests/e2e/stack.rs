@@ -1,23 +1,25 @@
 //! End to end: a small hosting stack behind lb, built once from real Debian servers in
 //! namespaces the test creates, and real clients through lb's VIPs.
 //!
-//! | backend | address      | runs                                   | behind VIP (service)          |
-//! |---------|--------------|----------------------------------------|-------------------------------|
-//! | 1, 2    | 192.0.2.11-12| gunicorn + a Flask app (`app1`, `app2`) | 203.0.113.20:80/tcp (`app`)   |
-//! | 3       | 192.0.2.13   | PostgreSQL 15 primary                  | none (reached directly)       |
-//! | 4, 5    | 192.0.2.14-15| PostgreSQL 15 streaming replicas       | 203.0.113.21:5432/tcp (`pg-ro`)|
-//! | 6       | 192.0.2.16   | Redis                                  | 203.0.113.22:6379/tcp (`redis`)|
-//! | 7, 8    | 192.0.2.17-18| dnsmasq answering `stack.test`         | 203.0.113.23:53/udp (`dns`)   |
+//! | backend | address        | runs                                    | behind VIP (service)            |
+//! |---------|----------------|-----------------------------------------|---------------------------------|
+//! | 1, 2    | 192.0.2.11, 12 | gunicorn + a Flask app (`app1`, `app2`) | 203.0.113.20:80/tcp (`app`)     |
+//! | 3       | 192.0.2.13     | PostgreSQL 15 primary                   | none (reached directly)         |
+//! | 4, 5    | 192.0.2.14, 15 | PostgreSQL 15 streaming replicas        | 203.0.113.21:5432/tcp (`pg-ro`) |
+//! | 6       | 192.0.2.16     | Redis                                   | 203.0.113.22:6379/tcp (`redis`) |
+//! | 7, 8    | 192.0.2.17, 18 | dnsmasq answering `stack.test`          | 203.0.113.23:53/udp (`dns`)     |
 //!
 //! Each backend holds only its own service's VIP on `lo` (DSR). The app servers are clients of
 //! `pg-ro` themselves: their route to its VIP goes through the LB, so every request to
-//! `/account/N` crosses lb twice. `pgbench -S` (32 clients), `redis-benchmark`, a burst of DNS
-//! queries and HTTP requests run from the client namespaces, through lb and (for comparison)
-//! straight to one server. Then, under load: a replica stopped, a replica promoted to primary,
-//! a DNS server stopped. Every figure is printed (`stack:` lines on stderr).
+//! `/account/N` crosses lb twice. Health checks by protocol: `http`, `pgsql` with
+//! `role = "replica"`, `redis` with `role = "master"`, `dns`. `pgbench -S` (32 clients),
+//! `redis-benchmark`, bursts of DNS queries and HTTP requests run from the client namespaces,
+//! through lb and, for comparison, straight to the servers. Then, under load: a replica
+//! stopped, the same replica back, a DNS server stopped, a replica promoted to primary. Every
+//! figure is printed (`stack:` lines on stderr).
 //!
-//! Needs root and `cargo xtask setup` (postgresql-15, redis, dnsmasq, gunicorn, Flask,
-//! psycopg2, dig).
+//! Needs root and `cargo xtask setup` (postgresql-15, redis-server, redis-tools, dnsmasq-base,
+//! bind9-dnsutils, gunicorn, python3-flask, python3-psycopg2).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -65,6 +67,28 @@ const _: () = assert!(
     DNS_TIMEOUT.as_millis() * (DNS_TRIES as u128 - 2)
         > DETECTION_BOUND.as_millis() + DETECTION_SLACK.as_millis()
 );
+
+/// Runs `cmd` in namespace `ns` (only its network namespace entered) and returns its output
+/// whatever the exit status; an error when it has not exited within `deadline` (killed then):
+/// a client stuck on a connection that went silent fails the test instead of hanging it.
+fn run_in(ns: &str, cmd: &Command, deadline: Duration) -> Result<Output> {
+    lb_tests::netns::run_output_within(&mut lb_tests::netns::nsenter_command(ns, cmd), deadline)
+}
+
+/// Like [`run_in`], and fails (naming the command and its stderr) unless it exits 0; returns
+/// stdout.
+fn run_ok_in(ns: &str, cmd: &Command, deadline: Duration) -> Result<String> {
+    let out = run_in(ns, cmd, deadline)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` in {ns} failed ({}): {}",
+            lb_tests::netns::describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 fn ip(a: Ipv4Addr) -> IpAddr {
     IpAddr::V4(a)
@@ -203,8 +227,8 @@ impl<'t> Stack<'t> {
         let started = Instant::now();
         let postgres = Mutex::new([None, None, None]);
         let dnsmasq = Mutex::new([None, None]);
-        // lbd first: the app servers' and the replicas' traffic needs no lb, but the sooner
-        // its checks run the sooner everything is up.
+        // lbd first, as on a host whose balancer runs before the services behind it: each
+        // backend is down until its server answers its checks.
         let paths = LbdPaths::for_topology(t);
         let secret = pg_password_file(t);
         std::fs::write(&secret, format!("{PG_PASSWORD}\n")).expect("writing the password file");
@@ -230,10 +254,10 @@ impl<'t> Stack<'t> {
         for a in APPS {
             s.start_app(a).expect("gunicorn");
         }
-        s.wait_states("app", &[(APPS[0], "up"), (APPS[1], "up")]);
-        s.wait_states("pg-ro", &[(REPLICAS[0], "up"), (REPLICAS[1], "up")]);
-        s.wait_states("redis", &[(REDIS, "up")]);
-        s.wait_states("dns", &[(DNS[0], "up"), (DNS[1], "up")]);
+        s.wait_up("app", &APPS);
+        s.wait_up("pg-ro", &REPLICAS);
+        s.wait_up("redis", &[REDIS]);
+        s.wait_up("dns", &DNS);
         figure!("stack built in {:.1} s", started.elapsed().as_secs_f64());
         s
     }
@@ -283,7 +307,7 @@ impl<'t> Stack<'t> {
             .args(args)
             .env("PGPASSWORD", PG_PASSWORD)
             .current_dir(self.t.work_dir());
-        let out = self.t.nsenter_output(self.t.backend_ns(b), &cmd)?;
+        let out = run_in(self.t.backend_ns(b), &cmd, Duration::from_secs(120))?;
         if !out.status.success() {
             bail!(
                 "{prog} {args:?} as postgres on backend {b} failed ({}): {}{}",
@@ -355,7 +379,7 @@ impl<'t> Stack<'t> {
             ))
             .args(["-c", sql])
             .env("PGPASSWORD", PG_PASSWORD);
-        let out = self.t.nsenter_output(ns, &cmd)?;
+        let out = run_in(ns, &cmd, Duration::from_secs(30))?;
         if !out.status.success() {
             bail!(
                 "psql -c {sql:?} to {host} as {user}: {}",
@@ -458,7 +482,7 @@ impl<'t> Stack<'t> {
             .arg(self.addr(PRIMARY).to_string())
             .args(["-U", "bench", "bench"])
             .env("PGPASSWORD", PG_PASSWORD);
-        let out = self.t.nsenter_output(self.t.client_ns(1), &cmd)?;
+        let out = run_in(self.t.client_ns(1), &cmd, Duration::from_secs(120))?;
         if !out.status.success() {
             bail!(
                 "pgbench -i on the primary: {}",
@@ -615,8 +639,7 @@ impl<'t> Stack<'t> {
             .arg(host.to_string())
             .args(["-p", "6379"])
             .args(args);
-        let out =
-            lb_tests::netns::run_checked(&mut lb_tests::netns::nsenter_command(ns, &cmd), None)?;
+        let out = run_ok_in(ns, &cmd, Duration::from_secs(30))?;
         Ok(out.trim().to_string())
     }
 
@@ -761,22 +784,30 @@ impl<'t> Stack<'t> {
             .ok_or_else(|| anyhow!("{addr} is not a backend of {service}"))
     }
 
-    fn wait_states(&self, service: &str, want: &[(usize, &str)]) {
-        let mut last = Vec::new();
+    /// Waits until every backend `bs` of `service` is up by a check that passed (a backend
+    /// starts up before lbd has checked it).
+    fn wait_up(&self, service: &str, bs: &[usize]) {
+        let mut last = serde_json::Value::Null;
         let ok = wait_until(
-            Duration::from_secs(20),
-            &format!("{service}'s backends to be {want:?}"),
+            Duration::from_secs(30),
+            &format!("{service}'s backends {bs:?} up by their checks"),
             || {
-                last = self.states(service).unwrap_or_default();
-                want.iter()
-                    .all(|(b, st)| last.iter().any(|(a, s, _)| *a == self.addr(*b) && s == st))
+                last = self
+                    .lbd
+                    .lbctl_json(&["backend", "list", service])
+                    .unwrap_or_default();
+                bs.iter().all(|&b| {
+                    let addr = self.addr(b).to_string();
+                    last.as_array().into_iter().flatten().any(|r| {
+                        r["address"] == addr.as_str()
+                            && r["state"] == "up"
+                            && r["last_check_ok"] == true
+                    })
+                })
             },
         );
         if let Err(e) = ok {
-            panic!(
-                "{e:#}; last seen {last:?}\nlbd log:\n{}",
-                self.lbd.log_tail()
-            );
+            panic!("{e:#}; last seen {last}\nlbd log:\n{}", self.lbd.log_tail());
         }
     }
 
@@ -1151,12 +1182,12 @@ fn parse_run(out: &Output, start: Duration, end: Duration) -> BenchRun {
 /// `pgbench -S` from client 1 to `host`, `clients` clients, for `seconds`: its TPS (fails
 /// unless every client finished).
 fn pgbench_tps(t: &Topology, host: IpAddr, clients: usize, threads: usize, seconds: u64) -> f64 {
-    let out = t
-        .nsenter_output(
-            t.client_ns(1),
-            &pgbench_cmd(host, clients, threads, seconds),
-        )
-        .expect("running pgbench");
+    let out = run_in(
+        t.client_ns(1),
+        &pgbench_cmd(host, clients, threads, seconds),
+        Duration::from_secs(seconds + 60),
+    )
+    .expect("running pgbench");
     let run = parse_run(&out, Duration::ZERO, Duration::ZERO);
     assert!(
         !run.failed() && run.processed > 0,
@@ -1201,9 +1232,12 @@ impl PgLoad {
     fn bench(&self, t: &Topology) {
         while !self.stop.load(Ordering::Relaxed) {
             let start = self.now();
-            let out = t
-                .nsenter_output(t.client_ns(1), &pgbench_cmd(ip(PG_VIP), 32, 2, 1))
-                .expect("running pgbench");
+            let out = run_in(
+                t.client_ns(1),
+                &pgbench_cmd(ip(PG_VIP), 32, 2, 1),
+                Duration::from_secs(60),
+            )
+            .expect("running pgbench");
             let run = parse_run(&out, start, self.now());
             let pause = run.connect_failed;
             self.runs.lock().unwrap().push(run);
@@ -1313,11 +1347,7 @@ fn redis_benchmark(t: &Topology, host: IpAddr) -> BTreeMap<String, f64> {
     cmd.arg("-h").arg(host.to_string()).args([
         "-p", "6379", "-t", "set,get", "-n", "100000", "-c", "50", "--csv",
     ]);
-    let out = lb_tests::netns::run_checked(
-        &mut lb_tests::netns::nsenter_command(t.client_ns(2), &cmd),
-        None,
-    )
-    .expect("redis-benchmark");
+    let out = run_ok_in(t.client_ns(2), &cmd, Duration::from_secs(120)).expect("redis-benchmark");
     let mut rps = BTreeMap::new();
     for line in out.lines() {
         let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
@@ -1412,19 +1442,17 @@ fn http_through_both_tiers(s: &Stack) {
 /// `dig` through the DNS VIP, then bursts of queries through it and straight to one server.
 fn dns_steady(s: &Stack) {
     let t = s.t;
-    let dig = lb_tests::netns::run_checked(
-        &mut lb_tests::netns::nsenter_command(
-            t.client_ns(2),
-            Command::new("dig").args([
-                &format!("@{DNS_VIP}"),
-                "+short",
-                "+tries=1",
-                "+time=2",
-                "www.stack.test",
-                "A",
-            ]),
-        ),
-        None,
+    let dig = run_ok_in(
+        t.client_ns(2),
+        Command::new("dig").args([
+            &format!("@{DNS_VIP}"),
+            "+short",
+            "+tries=1",
+            "+time=2",
+            "www.stack.test",
+            "A",
+        ]),
+        Duration::from_secs(10),
     )
     .expect("dig");
     assert_eq!(
