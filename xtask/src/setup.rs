@@ -85,23 +85,39 @@ const APT_PACKAGES: &[AptPackage] = &[
     },
     AptPackage {
         name: "postgresql-15",
-        why: "the primary and replica the `pgsql` health checks are tested against",
+        why: "the `pgsql` health checks' tests, and the hosting-stack test's primary and streaming replicas, and `pgbench`",
     },
     AptPackage {
         name: "redis-server",
-        why: "the master and replica the `redis` health checks are tested against",
+        why: "the `redis` health checks' tests, and the hosting-stack test's Redis",
+    },
+    AptPackage {
+        name: "redis-tools",
+        why: "`redis-benchmark` and `redis-cli` in the hosting-stack test",
     },
     AptPackage {
         name: "dnsmasq-base",
-        why: "the DNS server the `dns` and `udp` health checks are tested against",
+        why: "the DNS servers of the `dns` and `udp` health checks' tests and of the hosting-stack test",
     },
     AptPackage {
         name: "bind9-dnsutils",
-        why: "`dig`: the health check tests wait until dnsmasq answers",
+        why: "`dig`: the health check tests wait until dnsmasq answers; the hosting-stack test asks through lb",
     },
     AptPackage {
         name: "openssl",
         why: "the test CA and certificate of the `https` health check tests",
+    },
+    AptPackage {
+        name: "gunicorn",
+        why: "the hosting-stack test's application servers",
+    },
+    AptPackage {
+        name: "python3-flask",
+        why: "the hosting-stack test's small web application",
+    },
+    AptPackage {
+        name: "python3-psycopg2",
+        why: "the hosting-stack test's application reads PostgreSQL with it",
     },
 ];
 
