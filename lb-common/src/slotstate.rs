@@ -272,9 +272,8 @@ pub const RECORD_WAYS: usize = crate::FLOW_WAYS;
 
 /// How long a record of each kind keeps its way from a new record, in table clock ticks,
 /// indexed by its flags (`record_flags` shifted down by 22: UDP 1, CLOSING 2, TENTATIVE 4). A
-/// record unseen for at least its kind's limit may make room, the least recently seen first;
-/// a tentative one at any age. The program reads it from `Config`, lbd builds it from its
-/// limits (`Eviction::new`).
+/// record unseen for at least its kind's limit may make room, the least recently seen first.
+/// The program reads it from `Config`, lbd builds it from its limits (`Eviction::new`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Eviction {
@@ -284,9 +283,12 @@ pub struct Eviction {
 impl Eviction {
     /// A confirmed TCP record keeps its way while seen within `stale` (lbd's idle hold: a
     /// connection idle that long without a keepalive has most likely gone), a confirmed UDP
-    /// one within `udp_idle`, a closing one within `close_grace`; a tentative one not at all.
-    pub const fn new(udp_idle: u32, close_grace: u32, stale: u32) -> Eviction {
-        let mut ticks = [0u32; 8];
+    /// one within `udp_idle`, a closing one within `close_grace`, a tentative one within
+    /// `handshake`: long enough for a real client's SYN to see its ACK before a flood's SYNs may
+    /// take its way (its ACK would otherwise find no record and go to the slot's previous
+    /// backend), short enough that a flood's records soon make room again.
+    pub const fn new(udp_idle: u32, close_grace: u32, stale: u32, handshake: u32) -> Eviction {
+        let mut ticks = [handshake; 8];
         ticks[0] = stale;
         ticks[1] = udp_idle;
         ticks[2] = close_grace;
@@ -324,7 +326,7 @@ pub struct RecordSet {
 impl RecordSet {
     /// The way holding the flow's record, if any, and the way a new record may take (`None`:
     /// none, the flow is not recorded): a free way, else the least recently seen of the
-    /// records unseen past their kind's `Eviction` limit (tentative ones at any age), ages
+    /// records unseen past their kind's `Eviction` limit (a tentative one's is short), ages
     /// counted across the clock's wrap. So a tentative record (a flood's) never takes the way
     /// of a confirmed one that is alive. The program and lbd choose alike through this.
     #[inline(always)]

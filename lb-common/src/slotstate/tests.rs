@@ -203,7 +203,7 @@ impl Sim {
     }
 
     fn eviction(&self) -> Eviction {
-        Eviction::new(self.limits.udp_idle, self.limits.close_grace, STALE)
+        Eviction::new(self.limits.udp_idle, self.limits.close_grace, STALE, HZ)
     }
 
     /// The record of `f`, if it has one.
@@ -674,11 +674,11 @@ fn liveness_reads_ages_across_the_clocks_wrap() {
     for (i, seen) in [100u32, u32::MAX - 5, 3, 90].into_iter().enumerate() {
         set.ways[i] = Record::new((i as u64 + 1) << 40, 1, SVC, 5, 0, seen);
     }
-    let eviction = Eviction::new(10, 10, 1 << 30);
+    let eviction = Eviction::new(10, 10, 1 << 30, 2);
     // Confirmed TCP records that are alive: none makes room, however long idle...
     assert_eq!(set.place(99 << 40, SVC, 5, 101, &eviction), (None, None));
     // ...but past `stale` they do, the least recently seen first, across the wrap.
-    let stale = Eviction::new(10, 10, 90);
+    let stale = Eviction::new(10, 10, 90, 2);
     assert_eq!(set.place(99 << 40, SVC, 5, 101, &stale), (None, Some(1)));
 }
 
@@ -804,14 +804,19 @@ fn a_syn_flood_takes_entries_only_on_changed_slots() {
     let changed: HashSet<u32> = (0..SIZE)
         .filter(|&s| sim.slots.hot[s as usize].changed())
         .collect();
-    let (records, on_changed) = (sim.records, sim.on_changed);
+    let (records, unrecorded, on_changed) = (sim.records, sim.unrecorded, sim.on_changed);
     let n = 100_000u64;
     for _ in 0..n {
         let f = flow(&mut rng, crate::PROTO_TCP);
         sim.send(&f, Kind::Syn);
     }
     let flood_changed = sim.on_changed - on_changed;
-    assert_eq!(sim.records - records, flood_changed);
+    // Every SYN on a changed slot asked for a record; those that found their set full of
+    // fresh tentative ones (the flood's own, within a handshake) got none.
+    assert_eq!(
+        sim.records - records + sim.unrecorded - unrecorded,
+        flood_changed
+    );
     let share = changed.len() as f64 / SIZE as f64;
     assert!((flood_changed as f64 / n as f64 - share).abs() < 0.02);
     for (f, b) in &flows {
@@ -961,4 +966,31 @@ fn a_new_flow_over_the_limit_is_balanced_unrecorded_and_never_split() {
         .unwrap();
     assert_eq!(sim.send(&f, Kind::Syn), sim.current(&f));
     assert!(sim.record(&f).unwrap().tentative());
+}
+
+/// A real client's SYN keeps its record through a flood for a handshake's time: a set full of
+/// fresh tentative records makes no room (the flood's next SYN goes unrecorded), and one a
+/// handshake old does.
+#[test]
+fn a_fresh_tentative_record_keeps_its_way_for_a_handshake() {
+    let eviction = Eviction::new(30 * HZ, 10 * HZ, STALE, HZ);
+    let mut set = RecordSet::default();
+    let now = 5_001;
+    for i in 0..RECORD_WAYS {
+        set.ways[i] = Record::new(
+            (i as u64 + 1) << 40,
+            1,
+            SVC,
+            5,
+            record_flags::TENTATIVE,
+            now - i as u32,
+        );
+    }
+    assert_eq!(set.place(99 << 40, SVC, 5, now, &eviction), (None, None));
+    // A handshake later, the oldest tentative record makes room.
+    let later = now + HZ;
+    assert_eq!(
+        set.place(99 << 40, SVC, 5, later, &eviction),
+        (None, Some(RECORD_WAYS - 1))
+    );
 }

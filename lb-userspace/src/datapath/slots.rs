@@ -75,6 +75,10 @@ impl SlotTimes {
     }
 }
 
+/// How long a tentative record keeps its way from a new record: a handshake's time (a SYN's
+/// ACK within it confirms the record), on a slow path.
+pub const TENTATIVE_HOLD: Duration = Duration::from_secs(1);
+
 /// What `CONFIG` says about new records: how long records of each kind live for eviction, and
 /// the new-flow limit (`daemon.idle_hold_s`, `daemon.new_flow_limit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +104,14 @@ impl Protection {
         let tps = super::TableClock::default().ticks_per_second();
         let limits = self.times.limits(tps);
         let stale = (self.times.idle_hold.as_secs() * u64::from(tps)).min(u64::from(u32::MAX / 2));
-        config.eviction = Eviction::new(limits.udp_idle, limits.close_grace, stale as u32);
+        let handshake = SlotTimes {
+            udp_idle: TENTATIVE_HOLD,
+            ..self.times
+        }
+        .limits(tps)
+        .udp_idle;
+        config.eviction =
+            Eviction::new(limits.udp_idle, limits.close_grace, stale as u32, handshake);
         config.new_flow_interval_ns = match self.new_flow_limit {
             0 => 0,
             n => (1_000_000_000 / n).max(1),
