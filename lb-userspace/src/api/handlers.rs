@@ -235,6 +235,8 @@ pub(super) async fn service_list(State(shared): State<Shared>) -> Json<Vec<Servi
                     .iter()
                     .filter(|b| b.state() == BackendState::Up)
                     .count(),
+                allow: s.cfg.allow.clone(),
+                deny: s.cfg.deny.clone(),
             })
             .collect(),
     )

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{CheckKind, Forwarding, HashMode, Protocol},
+    config::{CheckKind, Cidr, Forwarding, HashMode, Protocol},
     daemon::{BackendState, InterfaceState},
 };
 
@@ -142,6 +142,10 @@ pub struct ServiceStats {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendStats>,
+    /// The service's packets not forwarded, by reason (every reason; also in `dropped` of
+    /// `Stats`, which counts every service's and those of no known service).
+    #[serde(default)]
+    pub dropped: Vec<ReasonCount>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -177,6 +181,18 @@ pub struct ServiceInfo {
     pub check: CheckKind,
     pub backends: usize,
     pub up: usize,
+    /// Client filters: only these clients (empty: every client)…
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// …and never these (checked first).
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+}
+
+/// A prefix for `lbctl service allow|deny|unlist`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewPrefix {
+    pub prefix: Cidr,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
