@@ -229,6 +229,21 @@ pub struct Service {
 }
 
 impl Service {
+    /// Why the client filters refuse `client` (as the data path decides: deny first, then the
+    /// allow list), or None when they let it in.
+    pub fn refuses(&self, client: IpAddr) -> Option<String> {
+        if let Some(p) = self.deny.iter().find(|p| p.contains(client)) {
+            return Some(format!("{client} is in {p} on the deny list"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|p| p.contains(client)) {
+            return Some(format!(
+                "{client} is in none of the {} prefixes of the allow list",
+                self.allow.len()
+            ));
+        }
+        None
+    }
+
     /// The client filters in a few words (`, allow 3 prefixes, deny 1 prefix`), or nothing.
     pub fn filters_summary(&self) -> String {
         let count = |n: usize| format!("{n} prefix{}", if n == 1 { "" } else { "es" });

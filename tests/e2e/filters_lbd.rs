@@ -193,6 +193,11 @@ fn allowed_clients_connect_denied_ones_never_reach_a_backend_at_run_time_and_aft
     assert!(dropped >= 1, "{d}'s SYNs counted as denied for web");
     let file = std::fs::read_to_string(&paths.config).unwrap();
     assert!(file.contains(&format!("deny = [\"{d}/32\"]")), "{file}");
+    let l = lbd.lbctl_json(&["lookup", "web", &d.to_string()]).unwrap();
+    assert_eq!(l["reason"], "denied", "{l}");
+    assert!(l["backend"].is_null(), "{l}");
+    let l = lbctl_ok(&lbd, &["lookup", "web", &d.to_string()]);
+    assert!(l.contains("on the deny list"), "{l}");
     let list = lbd.lbctl_json(&["service", "list"]).unwrap();
     assert_eq!(
         list[0]["deny"],

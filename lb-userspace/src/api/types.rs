@@ -283,9 +283,14 @@ pub struct Lookup {
     /// record), "previous-backend" (no record, on a slot that changed backend: the flow is
     /// taken for one older than the change), "every-port-service" (no record, on a port that
     /// got its own service after the flow began); else, and without a port, "hash" (the
-    /// Maglev slot's current backend: where a new connection goes).
+    /// Maglev slot's current backend: where a new connection goes); "denied" when the
+    /// service's client filters drop the client's packets.
     pub reason: String,
     pub hash: u32,
     pub slot: u32,
     pub table_size: u32,
+    /// With reason "denied": why the service's client filters drop this client's packets
+    /// (`backend` is then null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<String>,
 }

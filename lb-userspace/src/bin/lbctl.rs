@@ -587,6 +587,11 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                 return print_json(&l);
             }
             match (&l.backend, l.reason.as_str()) {
+                (None, "denied") => println!(
+                    "no backend: {}'s client filters drop this client's packets ({})",
+                    l.service,
+                    l.denied.as_deref().unwrap_or("denied")
+                ),
                 (None, _) => println!(
                     "{}: no usable backend (slot {} of {} is empty): packets to the VIP are dropped",
                     l.service, l.slot, l.table_size

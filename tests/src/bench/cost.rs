@@ -141,26 +141,8 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
         }
     }
-    // Pass 3: new flows into a full table, both ways.
-    let (full_before, capacity) = bench.fill()?;
-    for _ in 0..reps {
-        for (i, p) in paths.iter_mut().enumerate() {
-            if p.table != Table::Full {
-                continue;
-            }
-            let s = bench
-                .measure(p, false)
-                .with_context(|| format!("measuring `{}`", p.name))?;
-            timed[i].push(s);
-            let _stats = StatsOn::enable()?;
-            let s = bench
-                .measure(p, true)
-                .with_context(|| format!("measuring `{}` with bpf_stats", p.name))?;
-            stats[i].push(s);
-        }
-    }
-    let (full_after, _) = bench.flows.count();
-    // Pass 4: client filter lists of growing size on the established IPv4 path.
+    // Pass 3: client filter lists of growing size on the established IPv4 path (before the
+    // table is filled: the path's planted record must still be there).
     let est4 = paths.iter().position(|p| p.key == "est4").expect("defined");
     let mut filtered: Vec<(usize, Vec<Sample>)> =
         FILTER_SIZES.iter().map(|&n| (n, vec![])).collect();
@@ -186,6 +168,25 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         }
     }
     bench.set_lists(&mut paths[est4], 0)?;
+    // Pass 4: new flows into a full table, both ways.
+    let (full_before, capacity) = bench.fill()?;
+    for _ in 0..reps {
+        for (i, p) in paths.iter_mut().enumerate() {
+            if p.table != Table::Full {
+                continue;
+            }
+            let s = bench
+                .measure(p, false)
+                .with_context(|| format!("measuring `{}`", p.name))?;
+            timed[i].push(s);
+            let _stats = StatsOn::enable()?;
+            let s = bench
+                .measure(p, true)
+                .with_context(|| format!("measuring `{}` with bpf_stats", p.name))?;
+            stats[i].push(s);
+        }
+    }
+    let (full_after, _) = bench.flows.count();
     let load_after = loadavg();
     let context = format!(
         "1-minute load average {load_before} before the part, {load_after} after (2 CPUs, shared with whatever else runs)"
