@@ -327,3 +327,24 @@ fn ten_thousand_prefixes_on_a_list_hold_and_decide() {
     ];
     run_cases("filters-10k", &cases, |fr| f.run(fr));
 }
+
+/// The client filters' lookups are a call of their own: a service's check, filtered or not,
+/// leaves the verifier one state to go on with, so its work stays well within its limit of
+/// 1,000,000 instructions (inlined, the check took it to 728,498).
+#[test]
+fn the_verifier_keeps_its_headroom() {
+    let f = fixture();
+    let id = f.dp.program_id();
+    let info = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == id)
+        .expect("the program is loaded");
+    let verified = info
+        .verified_instruction_count()
+        .expect("the kernel reports verified_insns");
+    eprintln!("verified_insns: {verified}");
+    assert!(
+        verified < 500_000,
+        "the verifier processed {verified} instructions (limit 1,000,000)"
+    );
+}
