@@ -11,6 +11,7 @@
 //! - `flow`: the connection table and the fragments table;
 //! - `slot`: which Maglev slot a service's flow takes, and what a slot holds;
 //! - `stats`: what the program counts, and why it does not forward (`Reason`);
+//! - `filter`: each service's client filters (`allow` and `deny` prefixes);
 //! - `hash`: the keyed hashes; `maglev` (userspace): the table builder;
 //! - `decap`: the decapsulation program's maps;
 //! - `sync`: what the program reports to lbd for other nodes (`SyncEvent`);
@@ -19,6 +20,7 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod decap;
+mod filter;
 mod flow;
 pub mod hash;
 /// The table builder needs allocation: userspace only.
@@ -30,6 +32,10 @@ pub mod slotstate;
 mod stats;
 mod sync;
 
+pub use filter::{
+    FILTER_HEAD_BITS, FILTER_LOOKUP_LEN, FilterData, MAX_FILTER_PREFIXES, filter_list,
+    filter_prefix_len,
+};
 pub use flow::{
     CONNTRACK_FLAGS, FLOW_WAYS, FlowKey, FlowValue, FragKey, FragValue, MIN_CONNTRACK_ENTRIES,
     conntrack_sets,
@@ -44,15 +50,16 @@ pub use service::{
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
 pub use slotstate::{Record, RecordSet};
 pub use stats::{
-    Counter, DEFAULT_NEW_FLOW_LIMIT, NEW_FLOW_BURST_NS, NewFlow, RateBucket, Reason, TOO_BIG_BURST,
-    TOO_BIG_INTERVAL_NS, TOO_BIG_PER_SECOND, TOO_BIG_TOLERANCE_NS, TooBigBucket,
+    Counter, DEFAULT_NEW_FLOW_LIMIT, NEW_FLOW_BURST_NS, NewFlow, REASONS_PER_SERVICE, RateBucket,
+    Reason, TOO_BIG_BURST, TOO_BIG_INTERVAL_NS, TOO_BIG_PER_SECOND, TOO_BIG_TOLERANCE_NS,
+    TooBigBucket, service_reason_index,
 };
 pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -96,8 +103,10 @@ pub mod maps {
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
     pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
     pub const NEW_FLOW_STATS: &str = "NEW_FLOW_STATS";
+    pub const FILTERS: &str = "FILTERS";
+    pub const SERVICE_REASON_STATS: &str = "SERVICE_REASON_STATS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -114,6 +123,8 @@ pub mod maps {
         REASON_STATS,
         SYNC_EVENTS,
         NEW_FLOW_STATS,
+        FILTERS,
+        SERVICE_REASON_STATS,
     ];
 }
 
@@ -139,6 +150,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::SyncEvent {}
     unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::FilterData {}
 }
 
 #[cfg(test)]
@@ -163,5 +175,6 @@ mod layout_tests {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<TooBigBucket>(), 8);
         assert_eq!(size_of::<SyncEvent>(), 56);
+        assert_eq!(size_of::<FilterData>() as u32 * 8, FILTER_HEAD_BITS + 128);
     }
 }

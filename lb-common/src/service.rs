@@ -148,6 +148,10 @@ pub mod service_flags {
     /// In `VIPS`: the VIP has no single source-hashed service for this protocol, so a
     /// fragment that arrives before its first fragment cannot be placed.
     pub const NO_LATE_FRAGMENTS: u32 = 1 << 2;
+    /// The service has a `deny` list in `FILTERS` (`lb_common::filter`).
+    pub const HAS_DENY: u32 = 1 << 3;
+    /// The service has an `allow` list in `FILTERS`: a client in none of it is dropped.
+    pub const HAS_ALLOW: u32 = 1 << 4;
 }
 
 /// Value of `SERVICES`.

@@ -1,5 +1,17 @@
-//! What the program counts (`SERVICE_STATS`, `BACKEND_STATS`, `REASON_STATS`) and the budget of
-//! its "too big" answers (`TOO_BIG_BUCKET`).
+//! What the program counts (`SERVICE_STATS`, `BACKEND_STATS`, `REASON_STATS`, and every
+//! refused packet of a known service once more in `SERVICE_REASON_STATS`) and the budget of its
+//! "too big" answers (`TOO_BIG_BUCKET`).
+
+/// Reasons each service has room for in `SERVICE_REASON_STATS` (a power of two, at least
+/// `Reason::COUNT`): its counters are at `service id × REASONS_PER_SERVICE + reason`.
+pub const REASONS_PER_SERVICE: u32 = 16;
+const _: () = assert!(Reason::COUNT <= REASONS_PER_SERVICE);
+
+/// The index in `SERVICE_REASON_STATS` of `reason` for service `id`.
+#[inline(always)]
+pub const fn service_reason_index(id: u32, reason: Reason) -> u32 {
+    id * REASONS_PER_SERVICE + reason as u32
+}
 
 /// Per-CPU packet and byte counter (`SERVICE_STATS`, `BACKEND_STATS`).
 #[repr(C)]
@@ -32,10 +44,13 @@ pub enum Reason {
     /// Too big for the tunnel, and this CPU's "too big" answers are over their rate
     /// (`TooBigBucket`): dropped without an answer.
     TooBigSuppressed = 6,
+    /// The client is on the service's `deny` list, or the service has an `allow` list and
+    /// the client is on none of it: dropped.
+    Denied = 7,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::NoBackend,
         Reason::Malformed,
@@ -44,6 +59,7 @@ impl Reason {
         Reason::MissingState,
         Reason::NoEgress,
         Reason::TooBigSuppressed,
+        Reason::Denied,
     ];
     /// The reason at `index` (`Reason as u32`); out-of-range indexes read as `MissingState`.
     pub const fn from_index(index: u32) -> Reason {
@@ -54,6 +70,7 @@ impl Reason {
             3 => Reason::TooBig,
             5 => Reason::NoEgress,
             6 => Reason::TooBigSuppressed,
+            7 => Reason::Denied,
             _ => Reason::MissingState,
         }
     }
@@ -68,6 +85,7 @@ impl Reason {
             Reason::MissingState => "missing_state",
             Reason::NoEgress => "no_egress",
             Reason::TooBigSuppressed => "too_big_suppressed",
+            Reason::Denied => "denied",
         }
     }
 }

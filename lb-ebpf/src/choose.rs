@@ -21,6 +21,7 @@ use core::mem::MaybeUninit;
 use crate::{
     classify::Class,
     conntrack::{self, SlotChoice},
+    filter,
     maps::{BACKENDS, CONFIG, FRAGS, MAGLEV},
     packet::{Frag, Packet},
     verdict::{Chosen, Placed, Skip},
@@ -123,7 +124,10 @@ fn for_later_fragment(p: &Packet, service: ServiceValue) -> Result<Chosen, Skip>
     if let Some(v) = FRAGS.get_ptr(p.frag_key()) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         let v = unsafe { *v };
-        let backend = usable_backend(v.backend, &v.service).ok_or(Reason::UnsupportedFragment)?;
+        // The filters of the service the first fragment went to (lists may have changed since).
+        filter::check(&p.src, &v.service)?;
+        let backend = usable_backend(v.backend, &v.service)
+            .ok_or(Skip::refused(Reason::UnsupportedFragment, v.service.id))?;
         return Ok(Chosen {
             service: v.service,
             backend_id: v.backend,

@@ -7,19 +7,23 @@
 //!   the every-port service before its port got a service of its own stays with it: the new
 //!   service's slots defer such flows to it (`slotstate::DEFER`, `every_port_service`).
 //!
-//! A packet of no service is `Skip::NotOurs`; a malformed packet of a service is refused.
+//! Then, first thing for its service, the client filters (`filter`): a later fragment's when
+//! its VIP has a single service to place it by (else `choose` checks those of the service its
+//! first fragment went to). A packet of no service is `Skip::NotOurs`; a filtered client's or
+//! a malformed packet of a service is refused.
 
 use core::mem::MaybeUninit;
 
 use lb_common::{
-    Addr, Reason, ServiceKey, ServiceValue, VipKey, service_index_check, service_index_slot,
-    service_index_state, vip_filter_bits,
+    Addr, Reason, ServiceKey, ServiceValue, VipKey, service_flags, service_index_check,
+    service_index_slot, service_index_state, vip_filter_bits,
 };
 
 use crate::{
+    filter,
     maps::{SERVICE_INDEX, SERVICES, VIP_FILTER, VIPS},
     packet::{Frag, Packet},
-    verdict::{NotOurs, Skip},
+    verdict::{NO_SERVICE, NotOurs, Skip},
 };
 
 /// A packet's service, and what backend selection has to go on.
@@ -29,6 +33,20 @@ pub enum Class {
     /// A fragment after the first: its VIP's source-hashed service for the protocol (`VIPS`),
     /// or an entry marked `NO_LATE_FRAGMENTS`.
     LaterFragment(ServiceValue),
+}
+
+impl Class {
+    /// The id of the service a refusal of this packet counts for: its own, or for a later
+    /// fragment the VIP's single service (`NO_SERVICE` when the VIP has several: which one the
+    /// fragment is of is known only from its first fragment).
+    #[inline(always)]
+    pub fn counted_service(&self) -> u32 {
+        match self {
+            Class::ByDestination(s) => s.id,
+            Class::LaterFragment(s) if s.flags & service_flags::NO_LATE_FRAGMENTS == 0 => s.id,
+            Class::LaterFragment(_) => NO_SERVICE,
+        }
+    }
 }
 
 /// The first step for every packet: `NotOurs` for one whose destination is no VIP's (the VIP
@@ -53,19 +71,24 @@ pub fn classify(p: &Packet) -> Result<Class, Skip> {
             _pad: [0; 2],
         };
         let service = lookup(&VIPS, &key).ok_or(Skip::NotOurs)?;
-        refuse_malformed(p)?;
-        return Ok(Class::LaterFragment(service));
+        let class = Class::LaterFragment(service);
+        if service.flags & service_flags::NO_LATE_FRAGMENTS == 0 {
+            filter::check(&p.src, &service)?;
+        }
+        refuse_malformed(p, class.counted_service())?;
+        return Ok(class);
     }
     let service = by_destination(p).ok_or(Skip::NotOurs)?;
-    refuse_malformed(p)?;
+    filter::check(&p.src, &service)?;
+    refuse_malformed(p, service.id)?;
     Ok(Class::ByDestination(service))
 }
 
-/// A packet whose headers are inconsistent is not forwarded, even to its service.
+/// A packet whose headers are inconsistent is not forwarded, even to its service (`id`).
 #[inline(always)]
-fn refuse_malformed(p: &Packet) -> Result<(), Skip> {
+fn refuse_malformed(p: &Packet, id: u32) -> Result<(), Skip> {
     if p.malformed {
-        return Err(Skip::Refused(Reason::Malformed));
+        return Err(Skip::from(Reason::Malformed).for_service(id));
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! 1. parse (`packet`): Ethernet, optional 802.1Q, IPv4 or IPv6 with its extension headers,
 //!    then the ports, or the flow an ICMP error quotes (`icmp`);
-//! 2. classify (`classify`): which service, if any, the packet belongs to;
+//! 2. classify (`classify`): which service, if any, the packet belongs to, and whether that
+//!    service takes packets from this client (`filter`);
 //! 3. choose (`choose`): which of its backends: the current backend of the Maglev slot
 //!    `lb_common::maglev_slot` names, unless that slot changed since a live flow began, when the
 //!    connection table decides (`conntrack`); later fragments follow their first (`FRAGS`);
@@ -20,6 +21,7 @@ mod access;
 mod choose;
 mod classify;
 mod conntrack;
+mod filter;
 mod frame;
 mod headers;
 mod icmp;
@@ -34,8 +36,8 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use conntrack::SlotChoice;
-use lb_common::{Backend, Reason, service_flags};
-use maps::{BACKEND_STATS, DEVMAP, REASON_STATS, SERVICE_STATS};
+use lb_common::{Backend, Reason, service_flags, service_reason_index};
+use maps::{BACKEND_STATS, DEVMAP, REASON_STATS, SERVICE_REASON_STATS, SERVICE_STATS};
 use packet::Packet;
 use verdict::{Chosen, Egress, NotOurs, Placed, Skip, Status};
 
@@ -67,9 +69,10 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
         Ok(Placed::Chosen) => unsafe { chosen.assume_init() },
         // SAFETY: place returned OnChangedSlot, so it wrote `at`.
         Ok(Placed::OnChangedSlot) => {
-            match choose::on_changed_slot(packet, unsafe { at.assume_init_mut() }) {
+            let at = unsafe { at.assume_init_mut() };
+            match choose::on_changed_slot(packet, at) {
                 Ok(chosen) => chosen,
-                Err(reason) => return Ok(give_up(reason.into())),
+                Err(reason) => return Ok(give_up(Skip::refused(reason, at.service.id))),
             }
         }
     };
@@ -78,7 +81,7 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     let egress = if chosen.service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, chosen.backend) {
             Ok(egress) => egress,
-            Err(reason) => return Ok(give_up(reason.into())),
+            Err(reason) => return Ok(give_up(Skip::refused(reason, chosen.service.id))),
         }
     } else {
         // A frame that cannot be rewritten (none that parsed) is passed up uncounted.
@@ -92,10 +95,10 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
                 count(&chosen, bytes);
                 action
             }
-            Err(reason) => give_up(reason.into()),
+            Err(reason) => give_up(Skip::refused(reason, chosen.service.id)),
         }),
         Egress::ReplyToSender => {
-            count_reason(Reason::TooBig);
+            count_reason(Reason::TooBig, Some(chosen.service.id));
             Ok(xdp_action::XDP_TX)
         }
     }
@@ -109,7 +112,10 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
 /// frames fit since the connection table's part moved into `conntrack::on_changed_slot`.
 #[inline(always)]
 fn place(p: &Packet, out: &mut MaybeUninit<Chosen>, at: &mut MaybeUninit<SlotChoice>) -> Status {
-    Status::encode(classify::classify(p).and_then(|class| choose::choose(p, class, out, at)))
+    Status::encode(classify::classify(p).and_then(|class| {
+        let id = class.counted_service();
+        choose::choose(p, class, out, at).map_err(|skip| skip.for_service(id))
+    }))
 }
 
 /// Sends a frame rewritten for `backend` out of the backend's interface: XDP_TX when that is
@@ -126,11 +132,12 @@ fn send(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
 }
 
 /// A packet that is not forwarded: one of no service passes untouched; a service packet is
-/// counted under its reason, then dropped or passed up (`Skip::drops`).
+/// counted under its reason (and its service's, when known), then dropped or passed up
+/// (`Skip::drops`).
 #[inline(always)]
 fn give_up(skip: Skip) -> u32 {
-    if let Skip::Refused(reason) = skip {
-        count_reason(reason);
+    if let Skip::Refused(refusal) = skip {
+        count_reason(refusal.reason(), refusal.service());
     }
     if skip.drops() {
         xdp_action::XDP_DROP
@@ -139,10 +146,17 @@ fn give_up(skip: Skip) -> u32 {
     }
 }
 
+/// A refused packet on its reason's counter, and on its service's counter of that reason.
 #[inline(always)]
-fn count_reason(reason: Reason) {
+fn count_reason(reason: Reason, service: Option<u32>) {
     if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+        unsafe { *c += 1 };
+    }
+    if let Some(id) = service
+        && let Some(c) = SERVICE_REASON_STATS.get_ptr_mut(service_reason_index(id, reason))
+    {
+        // SAFETY: as above.
         unsafe { *c += 1 };
     }
 }

@@ -2,14 +2,17 @@
 //! `TOO_BIG_BUCKET`).
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+    },
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NewFlow, RateBucket, Reason, RecordSet,
-    SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES, ServiceEntry, ServiceIndexEntry, ServiceKey,
-    ServiceValue, SyncEvent, TooBigBucket, VIP_FILTER_WORDS, VipKey,
+    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FilterData, FragKey, FragValue,
+    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FILTER_PREFIXES, MAX_SERVICES, NewFlow,
+    REASONS_PER_SERVICE, RateBucket, Reason, RecordSet, SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES,
+    ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent, TooBigBucket,
+    VIP_FILTER_WORDS, VipKey,
 };
 
 #[btf_map]
@@ -82,6 +85,19 @@ pub static BACKEND_STATS: PerCpuArray<Counter, { MAX_BACKENDS as usize }> = PerC
 
 #[btf_map]
 pub static REASON_STATS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Every refused packet of a known service, once more by service and reason
+/// (`lb_common::service_reason_index`).
+#[btf_map]
+pub static SERVICE_REASON_STATS: PerCpuArray<
+    u64,
+    { (MAX_SERVICES * REASONS_PER_SERVICE) as usize },
+> = PerCpuArray::new();
+
+/// Each service's client filters (`lb_common::filter`): its `deny` and `allow` prefixes,
+/// keyed by service id and list (value unused, 1).
+#[btf_map]
+pub static FILTERS: LpmTrie<FilterData, u8, { MAX_FILTER_PREFIXES as usize }> = LpmTrie::new();
 
 /// Each CPU's budget of "too big" answers. Not pinned (nothing outside the program reads it):
 /// a newly loaded program starts with full buckets.

@@ -21,10 +21,43 @@ pub enum Skip {
     /// Not a service packet (no VIP's, not TCP or UDP, not IP, or the maps are not filled in
     /// yet), or one that cannot be read: passed to the kernel untouched and not counted.
     NotOurs,
-    /// A service packet that is not forwarded: counted under its reason, then dropped or passed
-    /// up (`Skip::drops`).
-    Refused(Reason),
+    /// A service packet that is not forwarded: counted under its reason (and its service's,
+    /// when the service is known), then dropped or passed up (`Skip::drops`).
+    Refused(Refusal),
 }
+
+/// Why a service packet is refused, and the service it counts for when the packet's service is
+/// known: one register (the reason in the low byte, `SERVICE_KNOWN`, the service id in the
+/// high half), so it crosses calls and `Status` whole.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Refusal(u32);
+
+impl Refusal {
+    const REASON: u32 = 0xff;
+    const SERVICE_KNOWN: u32 = 1 << 8;
+    const SERVICE_SHIFT: u32 = 16;
+
+    /// Refused for `reason`, for service `id`.
+    #[inline(always)]
+    pub fn of(reason: Reason, id: u32) -> Refusal {
+        Refusal(reason as u32 | Self::SERVICE_KNOWN | id << Self::SERVICE_SHIFT)
+    }
+
+    #[inline(always)]
+    pub fn reason(self) -> Reason {
+        Reason::from_index(self.0 & Self::REASON)
+    }
+
+    /// The service id the refusal counts for, if known.
+    #[inline(always)]
+    pub fn service(self) -> Option<u32> {
+        (self.0 & Self::SERVICE_KNOWN != 0).then_some(self.0 >> Self::SERVICE_SHIFT)
+    }
+}
+
+/// A service id no service has: a refusal for it counts for no service.
+pub const NO_SERVICE: u32 = u32::MAX;
 
 /// `Skip::NotOurs` as a type of its own, for steps that can only find a packet not ours: its
 /// `Result` carries no undefined reason bytes (LLVM stores those, and the verifier refuses a
@@ -39,24 +72,47 @@ impl From<NotOurs> for Skip {
     }
 }
 
+/// A refusal of a step that does not know the service (the caller names it: `for_service`).
 impl From<Reason> for Skip {
     #[inline(always)]
     fn from(reason: Reason) -> Skip {
-        Skip::Refused(reason)
+        Skip::Refused(Refusal(reason as u32))
     }
 }
 
 impl Skip {
+    /// Refused for `reason`, for service `id`.
+    #[inline(always)]
+    pub fn refused(reason: Reason, id: u32) -> Skip {
+        Skip::Refused(Refusal::of(reason, id))
+    }
+
+    /// A refusal whose service is not known yet counts for service `id` (`NO_SERVICE`: none).
+    #[inline(always)]
+    pub fn for_service(self, id: u32) -> Skip {
+        match self {
+            Skip::Refused(r) if r.0 & Refusal::SERVICE_KNOWN == 0 && id != NO_SERVICE => {
+                Skip::Refused(Refusal::of(r.reason(), id))
+            }
+            other => other,
+        }
+    }
+
     /// Whether the packet is dropped (no usable backend: the client retries; too big; no
-    /// egress), else passed up (the kernel decides).
+    /// egress; a filtered client), else passed up (the kernel decides).
     #[inline(always)]
     pub fn drops(self) -> bool {
-        matches!(
-            self,
-            Skip::Refused(
-                Reason::NoBackend | Reason::TooBig | Reason::TooBigSuppressed | Reason::NoEgress
-            )
-        )
+        match self {
+            Skip::NotOurs => false,
+            Skip::Refused(r) => matches!(
+                r.reason(),
+                Reason::NoBackend
+                    | Reason::TooBig
+                    | Reason::TooBigSuppressed
+                    | Reason::NoEgress
+                    | Reason::Denied
+            ),
+        }
     }
 }
 
@@ -80,8 +136,8 @@ impl Status {
     const OK: u32 = 0;
     const NOT_OURS: u32 = 1;
     const CHANGED_SLOT: u32 = 2;
-    /// `Refused(reason)`: this bit, and the reason's index in the low byte.
-    const REFUSED: u32 = 1 << 8;
+    /// `Refused(refusal)`: this bit, and the refusal's bits (which never use it).
+    const REFUSED: u32 = 1 << 9;
 
     #[inline(always)]
     pub fn encode(result: Result<Placed, Skip>) -> Status {
@@ -89,7 +145,7 @@ impl Status {
             Ok(Placed::Chosen) => Self::OK,
             Ok(Placed::OnChangedSlot) => Self::CHANGED_SLOT,
             Err(Skip::NotOurs) => Self::NOT_OURS,
-            Err(Skip::Refused(reason)) => Self::REFUSED | reason as u32,
+            Err(Skip::Refused(refusal)) => Self::REFUSED | refusal.0,
         })
     }
 
@@ -99,7 +155,7 @@ impl Status {
             Self::OK => Ok(Placed::Chosen),
             Self::CHANGED_SLOT => Ok(Placed::OnChangedSlot),
             Self::NOT_OURS => Err(Skip::NotOurs),
-            code => Err(Skip::Refused(Reason::from_index(code & !Self::REFUSED))),
+            code => Err(Skip::Refused(Refusal(code & !Self::REFUSED))),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{CheckKind, Forwarding, HashMode, Protocol, Role};
+use crate::config::{CheckKind, Cidr, Forwarding, HashMode, Protocol, Role};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,7 +38,7 @@ pub struct LbctlArgs {
 pub enum Command {
     /// Daemon, interfaces (attached, missing or detached), mode, program id, uptime.
     Status,
-    /// Services: list, add, remove.
+    /// Services: list, add, remove, and their client filters (allow, deny, unlist).
     #[command(subcommand)]
     Service(ServiceCommand),
     /// Backends: list, add, remove, drain, undrain, weight.
@@ -107,6 +107,26 @@ pub enum ServiceCommand {
     },
     /// Remove a service and all its backends.
     Remove { name: String },
+    /// Let only clients of this prefix (and of the others on the list) reach the service.
+    /// The lists are checked in the data path, before the host firewall ever sees a packet.
+    Allow {
+        service: String,
+        /// An address or a prefix: 198.51.100.0/24, 2001:db8::/32, 198.51.100.66.
+        #[arg(value_name = "CIDR")]
+        prefix: Cidr,
+    },
+    /// Drop every packet of clients in this prefix (checked before the allow list).
+    Deny {
+        service: String,
+        #[arg(value_name = "CIDR")]
+        prefix: Cidr,
+    },
+    /// Take a prefix off whichever of the service's lists has it.
+    Unlist {
+        service: String,
+        #[arg(value_name = "CIDR")]
+        prefix: Cidr,
+    },
 }
 
 /// The health check options of `lbctl service add`: the keys of `[service.health]`.

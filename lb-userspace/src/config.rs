@@ -3,7 +3,7 @@
 //!
 //! This file holds the types (the validated config, and the file as written, with spans) and
 //! reading a file; `check` turns the text into a [`Config`] or every [`Problem`] it has. Nothing
-//! here depends on the rest of lbd.
+//! here depends on the rest of lbd but `cidr` (prefixes, which depend on nothing).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,9 +12,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use lb_common::{DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TABLE_SIZE};
+use lb_common::{
+    DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_FILTER_PREFIXES, MAX_SERVICES, MAX_TABLE_SIZE,
+};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
+
+pub use crate::cidr::Cidr;
 
 mod check;
 mod checker;
@@ -302,6 +306,41 @@ pub struct Service {
     pub tunnel_source: Option<IpAddr>,
     pub health: Health,
     pub backends: Vec<Backend>,
+    /// Client filters (`lb_common::filter`): only clients in these prefixes (empty: every
+    /// client)…
+    pub allow: Vec<Cidr>,
+    /// …and never clients in these (checked first).
+    pub deny: Vec<Cidr>,
+}
+
+impl Service {
+    /// Why the client filters refuse `client` (as the data path decides: deny first, then the
+    /// allow list), or None when they let it in.
+    pub fn refuses(&self, client: IpAddr) -> Option<String> {
+        if let Some(p) = self.deny.iter().find(|p| p.contains(client)) {
+            return Some(format!("{client} is in {p} on the deny list"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|p| p.contains(client)) {
+            return Some(format!(
+                "{client} is in none of the {} prefixes of the allow list",
+                self.allow.len()
+            ));
+        }
+        None
+    }
+
+    /// The client filters in a few words (`, allow 3 prefixes, deny 1 prefix`), or nothing.
+    pub fn filters_summary(&self) -> String {
+        let count = |n: usize| format!("{n} prefix{}", if n == 1 { "" } else { "es" });
+        let mut out = String::new();
+        if !self.allow.is_empty() {
+            out.push_str(&format!(", allow {}", count(self.allow.len())));
+        }
+        if !self.deny.is_empty() {
+            out.push_str(&format!(", deny {}", count(self.deny.len())));
+        }
+        out
+    }
 }
 
 /// `[service.health]`, validated. The keys of one kind only are set from the file; the others
@@ -415,6 +454,8 @@ struct RawService {
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    deny: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -515,7 +556,7 @@ impl Config {
         );
         for s in &self.services {
             out.push_str(&format!(
-                "  service {}: {} port {} {} via {:?}, hash {:?}, table {}, {} backend(s), health {}\n",
+                "  service {}: {} port {} {} via {:?}, hash {:?}, table {}, {} backend(s), health {}{}\n",
                 s.name,
                 s.vip,
                 s.port,
@@ -524,7 +565,8 @@ impl Config {
                 s.hash,
                 s.table_size,
                 s.backends.len(),
-                s.health.check
+                s.health.check,
+                s.filters_summary()
             ));
         }
         out.push_str(&format!("  node {}", self.daemon.node_name()));

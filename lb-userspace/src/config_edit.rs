@@ -41,7 +41,7 @@ use toml_edit::{
 };
 
 use crate::config::{
-    self, Backend, CheckKind, Forwarding, HashMode, Health, Payload, Problem, Service,
+    self, Backend, CheckKind, Cidr, Forwarding, HashMode, Health, Payload, Problem, Service,
 };
 
 mod build;
@@ -71,6 +71,14 @@ pub enum EditError {
     ServiceExists(String),
     #[error("service {service:?} already has a backend {address}")]
     BackendExists { service: String, address: IpAddr },
+    #[error("{prefix} is already on the {list} list of service {service:?}")]
+    PrefixExists {
+        service: String,
+        list: &'static str,
+        prefix: Cidr,
+    },
+    #[error("{prefix} is on neither the allow nor the deny list of service {service:?}")]
+    NoSuchPrefix { service: String, prefix: Cidr },
     /// The edited text fails validation (line numbers refer to the edited text, not the file).
     #[error("the change would make the config invalid (nothing was written):\n{}",
         .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
@@ -294,6 +302,86 @@ impl ConfigFile {
             },
         }
         Ok(())
+    }
+
+    /// Adds `prefix` to the service's client filter list `list` (`allow` or `deny`): at the end
+    /// of its array, in the array's style; a service without that key gets one after its last
+    /// plain key.
+    pub fn add_prefix(
+        &mut self,
+        service: &str,
+        list: &'static str,
+        prefix: Cidr,
+    ) -> Result<(), EditError> {
+        let value = Value::from(prefix.to_string());
+        let mut node = service_node(&mut self.doc, service)?;
+        if let Some(a) = prefix_list(node.like(), list)? {
+            if a.iter().any(|v| is_prefix(v, prefix)) {
+                return Err(EditError::PrefixExists {
+                    service: service.to_owned(),
+                    list,
+                    prefix,
+                });
+            }
+            array_push(a, value);
+            return Ok(());
+        }
+        let mut a = Array::new();
+        a.push(value);
+        match node {
+            Node::Table(t) => {
+                let style = style_of(t);
+                let key = styled_key(list, &style);
+                let mut value = Value::Array(a);
+                style_value(&mut value, &style);
+                let plain: Vec<String> = t
+                    .iter()
+                    .filter(|(_, item)| item.is_value())
+                    .map(|(k, _)| k.to_owned())
+                    .collect();
+                let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+                table_insert_after(t, &plain, key, Item::Value(value));
+            }
+            Node::Inline(t) => {
+                // Before the backends and health check written inline, after the rest.
+                let plain: Vec<String> = t
+                    .iter()
+                    .map(|(k, _)| k.to_owned())
+                    .filter(|k| k != "backend" && k != "health")
+                    .collect();
+                let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+                inline_insert_after(t, &plain, Key::new(list), Value::Array(a));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `prefix` from whichever client filter list of the service has it, and returns
+    /// that list's name; a list left empty loses its key (no list: every client allowed, none
+    /// denied).
+    pub fn remove_prefix(
+        &mut self,
+        service: &str,
+        prefix: Cidr,
+    ) -> Result<&'static str, EditError> {
+        let mut node = service_node(&mut self.doc, service)?;
+        for list in ["deny", "allow"] {
+            let Some(a) = prefix_list(node.like(), list)? else {
+                continue;
+            };
+            let Some(i) = a.iter().position(|v| is_prefix(v, prefix)) else {
+                continue;
+            };
+            array_remove(a, i);
+            if a.is_empty() {
+                node.like().remove(list);
+            }
+            return Ok(list);
+        }
+        Err(EditError::NoSuchPrefix {
+            service: service.to_owned(),
+            prefix,
+        })
     }
 
     /// Validates the edited text with [`config::parse`] (an edit that would make the file invalid

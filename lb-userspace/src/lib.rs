@@ -10,6 +10,7 @@
 
 pub mod announce;
 pub mod api;
+pub mod cidr;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -10,7 +10,9 @@
 //! `lb_service_packets_total{service}`, `lb_service_bytes_total{service}`,
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
 //! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`, `lb_new_flows_total{outcome}`,
-//! `lb_dropped_total{reason}`, `lb_health_checks_total{service,backend,result}`,
+//! `lb_dropped_total{reason}`, `lb_service_dropped_total{service,reason}` (the refused packets
+//! of known services again, by service: `lb_dropped_total` is their sum plus the refused
+//! packets whose service is not known), `lb_health_checks_total{service,backend,result}`,
 //! With `[daemon.sync]`: `lb_sync_entries_sent_total{peer}`, `lb_sync_entries_received_total{peer}`,
 //! `lb_sync_peer_up{peer}`, `lb_sync_rejected_total{reason}`.
 //! `lb_service_table_fingerprint{service}` (the low 52 bits of the Maglev table's fingerprint:
@@ -87,6 +89,8 @@ pub struct ServiceMetrics {
     pub backends: Vec<BackendMetrics>,
     /// The Maglev table's fingerprint (all 64 bits).
     pub fingerprint: u64,
+    /// The service's refused packets: drop reason label → packets (every reason).
+    pub dropped: Vec<(String, u64)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -287,7 +291,8 @@ impl Collector for SnapshotCollector {
             "lb_dropped",
             "VIP packets not forwarded by the XDP program, by reason: dropped (no_backend, \
              no_egress, too_big_suppressed), answered with ICMP or dropped (too_big), or passed \
-             up to the kernel (malformed, unsupported_fragment, missing_state).",
+             up to the kernel (malformed, unsupported_fragment, missing_state), or dropped for \
+             the service's client filters (denied).",
             s.dropped.iter().map(|(reason, packets)| {
                 ([("reason", reason.as_str())], ConstCounter::new(*packets))
             }),
@@ -300,6 +305,20 @@ impl Collector for SnapshotCollector {
              no_room (their set held only established flows' records).",
             s.new_flows.iter().map(|(outcome, flows, _)| {
                 ([("outcome", outcome.as_str())], ConstCounter::new(*flows))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lb_service_dropped",
+            "The service's VIP packets not forwarded by the XDP program, by reason (as \
+             lb_dropped, which also counts those whose service is not known).",
+            s.services.iter().flat_map(|svc| {
+                svc.dropped.iter().map(|(reason, packets)| {
+                    (
+                        [("service", svc.name.as_str()), ("reason", reason.as_str())],
+                        ConstCounter::new(*packets),
+                    )
+                })
             }),
         )?;
         family(
@@ -389,6 +408,7 @@ mod tests {
                         backend("192.0.2.12", 400, false, 50),
                     ],
                     fingerprint: 0xfedc_ba98_7654_3210,
+                    dropped: vec![("no_backend".into(), 4), ("denied".into(), 9)],
                 },
                 ServiceMetrics {
                     name: "dns".into(),
@@ -396,6 +416,7 @@ mod tests {
                     bytes: 420,
                     backends: vec![backend("2001:db8::53", 7, true, 0)],
                     fingerprint: 1,
+                    dropped: vec![],
                 },
             ],
             node_drained: true,
@@ -499,6 +520,14 @@ mod tests {
         (r#"lb_new_flows_total{outcome="recorded"}"#, "11"),
         (r#"lb_new_flows_total{outcome="over_limit"}"#, "4"),
         (
+            r#"lb_service_dropped_total{service="web",reason="no_backend"}"#,
+            "4",
+        ),
+        (
+            r#"lb_service_dropped_total{service="web",reason="denied"}"#,
+            "9",
+        ),
+        (
             r#"lb_health_checks_total{service="web",backend="192.0.2.11",result="ok"}"#,
             "42",
         ),
@@ -532,6 +561,7 @@ mod tests {
             ("lb_conntrack_entries", "gauge"),
             ("lb_conntrack_capacity", "gauge"),
             ("lb_service_table_fingerprint", "gauge"),
+            ("lb_service_dropped", "counter"),
             ("lb_node_drained", "gauge"),
             ("lb_announced_vips", "gauge"),
             ("lb_sync_entries_sent", "counter"),

@@ -9,12 +9,13 @@ use std::{
 };
 
 use lb_common::{
-    Backend, Reason, ServiceKey, ServiceValue, VipKey, backend_flags,
+    Backend, FilterData, Reason, ServiceKey, ServiceValue, VipKey, backend_flags, filter_list,
     maglev::{MaglevBackend, build_table},
     service_flags, source_slot,
 };
 use lb_userspace::{
-    datapath::{self, Datapath},
+    cidr::Cidr,
+    datapath::{self, Datapath, FilterEntry},
     state::{family, to_addr},
 };
 
@@ -273,6 +274,80 @@ impl Fixture {
             .map(|id| self.dp.backend_counter(id).packets)
             .sum();
         (self.dp.service_counter(sid as u32).packets, backends)
+    }
+
+    /// Gives service `sid` the client filter lists `allow` and `deny` (prefixes as written in
+    /// the config; empty: no list), as lbd does: the prefixes first, then the service's flags
+    /// in `SERVICES` and `VIPS`.
+    pub fn set_lists(&mut self, sid: usize, allow: &[&str], deny: &[&str]) {
+        let id = sid as u32;
+        let mut entries: Vec<FilterEntry> = self
+            .dp
+            .fill()
+            .filters
+            .iter()
+            .filter(|e| e.data.service != id)
+            .copied()
+            .collect();
+        for (list, prefixes) in [(filter_list::DENY, deny), (filter_list::ALLOW, allow)] {
+            for p in prefixes {
+                let c: Cidr = p.parse().unwrap_or_else(|e| panic!("{e}"));
+                entries.push(FilterEntry {
+                    data: FilterData {
+                        service: id,
+                        list,
+                        _pad: [0; 3],
+                        addr: to_addr(c.addr),
+                    },
+                    len: c.len,
+                });
+            }
+        }
+        self.dp.set_filters(entries).unwrap();
+        let lists = |flags: u32| {
+            let mut f = flags & !(service_flags::HAS_ALLOW | service_flags::HAS_DENY);
+            if !allow.is_empty() {
+                f |= service_flags::HAS_ALLOW;
+            }
+            if !deny.is_empty() {
+                f |= service_flags::HAS_DENY;
+            }
+            f
+        };
+        let s = &self.svcs[sid];
+        let key = ServiceKey {
+            addr: to_addr(s.vip),
+            port: s.port.to_be(),
+            proto: s.proto,
+            family: family(s.vip),
+        };
+        let mut value = self.dp.fill().services[&key];
+        value.flags = lists(value.flags);
+        self.dp.set_service_key(&key, &value).unwrap();
+        let vips: Vec<(VipKey, ServiceValue)> = self
+            .dp
+            .fill()
+            .vips
+            .iter()
+            .map(|(k, v)| {
+                let mut v = *v;
+                if v.id == id {
+                    v.flags = lists(v.flags);
+                }
+                (*k, v)
+            })
+            .collect();
+        self.dp.set_vips(&vips).unwrap();
+    }
+
+    /// How many packets of service `sid` were counted under `r` so far.
+    pub fn service_reason(&self, sid: usize, r: Reason) -> u64 {
+        self.dp
+            .service_reason_counts(sid as u32)
+            .into_iter()
+            .find(|(x, _)| *x == r)
+            .unwrap()
+            .1
     }
 
     /// How many packets were counted under `r` so far.

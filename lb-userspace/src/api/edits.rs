@@ -58,7 +58,10 @@ fn edit_error(e: crate::config_edit::EditError) -> Refusal {
     use crate::config_edit::EditError as E;
     match e {
         E::NoSuchService(_) | E::NoSuchBackend { .. } => not_found(e.to_string()),
-        E::ServiceExists(_) | E::BackendExists { .. } | E::Conflict(_) => conflict(e.to_string()),
+        E::NoSuchPrefix { .. } => not_found(e.to_string()),
+        E::ServiceExists(_) | E::BackendExists { .. } | E::PrefixExists { .. } | E::Conflict(_) => {
+            conflict(e.to_string())
+        }
         E::Invalid(_) | E::Parse(_) | E::Unsupported(_) => bad(e.to_string()),
         other => internal(other),
     }
@@ -93,6 +96,8 @@ pub(super) async fn service_add(
         tunnel_source: None,
         health,
         backends: vec![],
+        allow: vec![],
+        deny: vec![],
     };
     change(&shared, |d, f| {
         if d.services.iter().any(|s| s.cfg.name == service.name) {
@@ -134,6 +139,73 @@ pub(super) async fn service_remove(
     change(&shared, |d, f| {
         d.find_service(&name).map_err(not_found)?;
         f.remove_service(&name).map_err(edit_error)
+    })
+    .await
+}
+
+pub(super) async fn service_allow(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(p): Json<NewPrefix>,
+) -> Reply<Changed> {
+    add_prefix(&shared, name, "allow", p.prefix).await
+}
+
+pub(super) async fn service_deny(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(p): Json<NewPrefix>,
+) -> Reply<Changed> {
+    add_prefix(&shared, name, "deny", p.prefix).await
+}
+
+/// Puts `prefix` on the service's `list`: refused when it is of the other family than the
+/// VIP's, or already on either list (on the other one it must be unlisted first: deny would
+/// win, and one of the two is a mistake).
+async fn add_prefix(
+    shared: &Shared,
+    name: String,
+    list: &'static str,
+    prefix: config::Cidr,
+) -> Reply<Changed> {
+    change(shared, |d, f| {
+        let s = d.find_service(&name).map_err(not_found)?;
+        if prefix.addr.is_ipv4() != s.cfg.vip.is_ipv4() {
+            return Err(bad(format!(
+                "{prefix} is not of the VIP's address family ({})",
+                s.cfg.vip
+            )));
+        }
+        let (this, other, other_name) = match list {
+            "allow" => (&s.cfg.allow, &s.cfg.deny, "deny"),
+            _ => (&s.cfg.deny, &s.cfg.allow, "allow"),
+        };
+        if this.contains(&prefix) {
+            return Err(conflict(format!(
+                "{prefix} is already on the {list} list of service {name}"
+            )));
+        }
+        if other.contains(&prefix) {
+            return Err(conflict(format!(
+                "{prefix} is on the {other_name} list of service {name}: `lbctl service unlist {name} {prefix}` first"
+            )));
+        }
+        f.add_prefix(&name, list, prefix).map_err(edit_error)
+    })
+    .await
+}
+
+/// Takes `prefix` off whichever list of the service has it (an error when none does).
+pub(super) async fn service_unlist(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(p): Json<NewPrefix>,
+) -> Reply<Changed> {
+    change(&shared, |d, f| {
+        d.find_service(&name).map_err(not_found)?;
+        f.remove_prefix(&name, p.prefix)
+            .map(|_| ())
+            .map_err(edit_error)
     })
     .await
 }

@@ -235,6 +235,8 @@ pub(super) async fn service_list(State(shared): State<Shared>) -> Json<Vec<Servi
                     .iter()
                     .filter(|b| b.state() == BackendState::Up)
                     .count(),
+                allow: s.cfg.allow.clone(),
+                deny: s.cfg.deny.clone(),
             })
             .collect(),
     )
@@ -379,8 +381,15 @@ pub(super) async fn lookup(
             hash: h,
             slot,
             table_size: s.cfg.table_size,
+            denied: None,
         }))
     };
+    // The filters come first in the data path: a refused client reaches no backend.
+    if let Some(why) = s.cfg.refuses(client) {
+        let mut denied = lookup(None, "denied")?.0;
+        denied.denied = Some(why);
+        return Ok(Json(denied));
+    }
     // With a port: what the flow's next packet (not a SYN) gets, decided as the data path
     // decides it (`slotstate::decide`) from the slot's state and the flow's record (read only
     // on a changed slot).
@@ -442,6 +451,7 @@ pub(super) async fn lookup(
         hash: h,
         slot,
         table_size: s.cfg.table_size,
+        denied: None,
     }))
 }
 

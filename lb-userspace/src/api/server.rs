@@ -225,6 +225,9 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/services", get(service_list).post(service_add))
         .route("/v1/services/{name}", axum::routing::delete(service_remove))
+        .route("/v1/services/{name}/allow", post(service_allow))
+        .route("/v1/services/{name}/deny", post(service_deny))
+        .route("/v1/services/{name}/unlist", post(service_unlist))
         .route("/v1/backends", get(backend_list))
         .route("/v1/services/{name}/backends", post(backend_add))
         .route(

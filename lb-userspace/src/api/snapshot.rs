@@ -37,6 +37,12 @@ pub fn counters<'a>(
                     })
                     .collect(),
                 fingerprint: s.fingerprint(),
+                dropped: d
+                    .datapath
+                    .service_reason_counts(s.id)
+                    .into_iter()
+                    .map(|(r, n)| (r.label().to_string(), n))
+                    .collect(),
             }
         })
         .collect();
@@ -124,16 +130,10 @@ impl From<&Snapshot> for Stats {
                             bytes: b.bytes,
                         })
                         .collect(),
+                    dropped: reason_counts(&svc.dropped),
                 })
                 .collect(),
-            dropped: s
-                .dropped
-                .iter()
-                .map(|(reason, packets)| ReasonCount {
-                    reason: reason.clone(),
-                    packets: *packets,
-                })
-                .collect(),
+            dropped: reason_counts(&s.dropped),
             conntrack: Conntrack {
                 entries: s.conntrack_entries,
                 capacity: s.conntrack_capacity,
@@ -150,6 +150,16 @@ impl From<&Snapshot> for Stats {
             },
         }
     }
+}
+
+fn reason_counts(counts: &[(String, u64)]) -> Vec<ReasonCount> {
+    counts
+        .iter()
+        .map(|(reason, packets)| ReasonCount {
+            reason: reason.clone(),
+            packets: *packets,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -175,6 +185,7 @@ mod tests {
                     bytes: 1800,
                     backends: vec![backend("192.0.2.11", 10), backend("192.0.2.12", 20)],
                     fingerprint: 7,
+                    dropped: vec![("denied".into(), 2)],
                 },
                 ServiceMetrics {
                     name: "dns".into(),
@@ -182,6 +193,7 @@ mod tests {
                     bytes: 0,
                     backends: vec![],
                     fingerprint: 8,
+                    dropped: vec![],
                 },
             ],
             conntrack_entries: 3,
@@ -202,8 +214,8 @@ mod tests {
                     { "service": "web", "packets": 30, "bytes": 1800, "backends": [
                         { "address": "192.0.2.11", "packets": 10, "bytes": 600 },
                         { "address": "192.0.2.12", "packets": 20, "bytes": 1200 },
-                    ] },
-                    { "service": "dns", "packets": 0, "bytes": 0, "backends": [] },
+                    ], "dropped": [{ "reason": "denied", "packets": 2 }] },
+                    { "service": "dns", "packets": 0, "bytes": 0, "backends": [], "dropped": [] },
                 ],
                 "dropped": [
                     { "reason": "no_backend", "packets": 4 },

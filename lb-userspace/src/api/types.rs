@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{CheckKind, Forwarding, HashMode, Protocol, Role},
+    config::{CheckKind, Cidr, Forwarding, HashMode, Protocol, Role},
     daemon::{BackendState, InterfaceState},
 };
 
@@ -154,6 +154,10 @@ pub struct ServiceStats {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendStats>,
+    /// The service's packets not forwarded, by reason (every reason; also in `dropped` of
+    /// `Stats`, which counts every service's and those of no known service).
+    #[serde(default)]
+    pub dropped: Vec<ReasonCount>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -189,6 +193,18 @@ pub struct ServiceInfo {
     pub check: CheckKind,
     pub backends: usize,
     pub up: usize,
+    /// Client filters: only these clients (empty: every client)…
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// …and never these (checked first).
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+}
+
+/// A prefix for `lbctl service allow|deny|unlist`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewPrefix {
+    pub prefix: Cidr,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -345,9 +361,14 @@ pub struct Lookup {
     /// record), "previous-backend" (no record, on a slot that changed backend: the flow is
     /// taken for one older than the change), "every-port-service" (no record, on a port that
     /// got its own service after the flow began); else, and without a port, "hash" (the
-    /// Maglev slot's current backend: where a new connection goes).
+    /// Maglev slot's current backend: where a new connection goes); "denied" when the
+    /// service's client filters drop the client's packets.
     pub reason: String,
     pub hash: u32,
     pub slot: u32,
     pub table_size: u32,
+    /// With reason "denied": why the service's client filters drop this client's packets
+    /// (`backend` is then null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<String>,
 }

@@ -7,8 +7,8 @@ use clap::Parser;
 use hyper::Method;
 use lb_userspace::{
     api::{
-        BackendInfo, Changed, HealthOptions, Lookup, NewBackend, NewService, NewWeight, NodeStatus,
-        Removal, ServiceInfo, Stats, Status,
+        BackendInfo, Changed, HealthOptions, Lookup, NewBackend, NewPrefix, NewService, NewWeight,
+        NodeStatus, Removal, ServiceInfo, Stats, Status,
     },
     cli::{BackendCommand, CheckArgs, Command, LbctlArgs, NodeCommand, ServiceCommand},
     client::Client,
@@ -166,6 +166,20 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
         .map(|r| vec![r.reason.clone(), r.packets.to_string()])
         .collect();
     print_table(&["DROPPED OR PASSED", "PACKETS"], &rows);
+    let rows: Vec<Vec<String>> = s
+        .services
+        .iter()
+        .flat_map(|svc| {
+            svc.dropped
+                .iter()
+                .filter(|r| r.packets > 0)
+                .map(|r| vec![svc.service.clone(), r.reason.clone(), r.packets.to_string()])
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!();
+        print_table(&["SERVICE", "DROPPED OR PASSED", "PACKETS"], &rows);
+    }
     println!(
         "\nconnection table: {} of {} entries in use; {} Maglev slots changed (only flows on \
          changed slots are recorded; counted about every second)",
@@ -188,6 +202,20 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
         over_rate + no_room_rate
     );
     Ok(())
+}
+
+/// `lbctl service allow|deny|unlist SERVICE CIDR` (`action`).
+async fn change_list(
+    client: &Client,
+    json: bool,
+    service: &str,
+    action: &str,
+    prefix: lb_userspace::config::Cidr,
+) -> anyhow::Result<()> {
+    let body = serde_json::to_value(NewPrefix { prefix })?;
+    let path = format!("/v1/services/{}/{action}", enc(service));
+    let c: Changed = client.request(Method::POST, &path, Some(body)).await?;
+    print_changes(json, &c)
 }
 
 /// Runs the command; its exit code (1 also for `node check` finding nothing to announce).
@@ -393,6 +421,11 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                         },
                         format!("{}/{}", s.up, s.backends),
                         s.check.to_string(),
+                        match s.allow.len() {
+                            0 => "all".into(),
+                            n => n.to_string(),
+                        },
+                        s.deny.len().to_string(),
                     ]
                 })
                 .collect();
@@ -406,9 +439,20 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                     "HASH",
                     "UP",
                     "CHECK",
+                    "ALLOW",
+                    "DENY",
                 ],
                 &rows,
             );
+        }
+        Command::Service(ServiceCommand::Allow { service, prefix }) => {
+            change_list(&client, json, &service, "allow", prefix).await?;
+        }
+        Command::Service(ServiceCommand::Deny { service, prefix }) => {
+            change_list(&client, json, &service, "deny", prefix).await?;
+        }
+        Command::Service(ServiceCommand::Unlist { service, prefix }) => {
+            change_list(&client, json, &service, "unlist", prefix).await?;
         }
         Command::Service(ServiceCommand::Add {
             name,
@@ -601,6 +645,11 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                 return print_json(&l);
             }
             match (&l.backend, l.reason.as_str()) {
+                (None, "denied") => println!(
+                    "no backend: {}'s client filters drop this client's packets ({})",
+                    l.service,
+                    l.denied.as_deref().unwrap_or("denied")
+                ),
                 (None, _) => println!(
                     "{}: no usable backend (slot {} of {} is empty): packets to the VIP are dropped",
                     l.service, l.slot, l.table_size

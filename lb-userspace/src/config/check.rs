@@ -9,11 +9,7 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
     let raw: RawConfig = match toml::from_str(src) {
         Ok(raw) => raw,
         Err(e) => {
-            let mut checker = Checker {
-                src,
-                problems: vec![],
-                warnings: vec![],
-            };
+            let mut checker = Checker::new(src);
             let line = e.span().map(|s| checker.line(s.start));
             checker.problems.push(Problem {
                 line,
@@ -26,11 +22,7 @@ pub fn parse(src: &str) -> Result<Loaded, Vec<Problem>> {
             return Err(checker.problems);
         }
     };
-    let mut c = Checker {
-        src,
-        problems: vec![],
-        warnings: vec![],
-    };
+    let mut c = Checker::new(src);
     let daemon = check_daemon(&mut c, raw.daemon.into_inner());
     let services = check_services(&mut c, raw.service);
     if c.problems.is_empty() {
@@ -450,6 +442,7 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
     let mut endpoints = HashMap::new();
     let mut services = vec![];
     let mut total_backends = 0usize;
+    let mut total_prefixes = 0usize;
     for (i, s) in raw.into_iter().enumerate() {
         let s = s.into_inner();
         let key = |k: &str| format!("service[{i}].{k}");
@@ -516,6 +509,22 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
             *s.port.get_ref(),
             s.health,
         );
+        let allow = check_prefixes(c, i, "allow", vip, s.allow);
+        let deny = check_prefixes(c, i, "deny", vip, s.deny);
+        let denied: HashMap<Cidr, usize> = deny.iter().map(|(d, at)| (*d, at.start)).collect();
+        for (a, at) in &allow {
+            if let Some(&d_at) = denied.get(a) {
+                let line = c.line(d_at);
+                c.error_at(
+                    at.clone(),
+                    key("allow"),
+                    format!(
+                        "{a} is also in deny (line {line}); deny wins, so one of them is a mistake: remove it from one list"
+                    ),
+                );
+            }
+        }
+        total_prefixes += allow.len() + deny.len();
         services.push(Service {
             name: s.name.into_inner(),
             vip,
@@ -527,6 +536,17 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
             tunnel_source,
             health,
             backends,
+            allow: allow.into_iter().map(|(p, _)| p).collect(),
+            deny: deny.into_iter().map(|(p, _)| p).collect(),
+        });
+    }
+    if total_prefixes > MAX_FILTER_PREFIXES as usize {
+        c.problems.push(Problem {
+            line: None,
+            key: "service.allow, service.deny".into(),
+            message: format!(
+                "{total_prefixes} client filter prefixes configured over all services; the data path holds at most {MAX_FILTER_PREFIXES}"
+            ),
         });
     }
     if total_backends > MAX_BACKENDS as usize {
@@ -539,6 +559,63 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
         });
     }
     services
+}
+
+/// A service's `allow` or `deny` list (`list`): each prefix with its place in the file. Bad
+/// syntax, host bits set past the length, a prefix of the other family than the VIP's, or one
+/// listed twice: each an error naming the entry. An empty list is no list (a warning says so).
+fn check_prefixes(
+    c: &mut Checker,
+    service: usize,
+    list: &str,
+    vip: IpAddr,
+    raw: Option<Spanned<Vec<Spanned<String>>>>,
+) -> Vec<(Cidr, std::ops::Range<usize>)> {
+    let Some(raw) = raw else {
+        return vec![];
+    };
+    if raw.get_ref().is_empty() {
+        let meaning = if list == "allow" {
+            "allows every client"
+        } else {
+            "denies no client"
+        };
+        c.warn(
+            &raw,
+            format!("service[{service}].{list}"),
+            format!("is empty: it {meaning}, as if it were absent"),
+        );
+    }
+    let mut out: Vec<(Cidr, std::ops::Range<usize>)> = vec![];
+    let mut first_at: HashMap<Cidr, usize> = HashMap::new();
+    for (j, text) in raw.into_inner().into_iter().enumerate() {
+        let key = format!("service[{service}].{list}[{j}]");
+        let prefix = match text.get_ref().trim().parse::<Cidr>() {
+            Ok(p) => p,
+            Err(e) => {
+                c.error(&text, key, e);
+                continue;
+            }
+        };
+        if prefix.addr.is_ipv4() != vip.is_ipv4() {
+            c.error(
+                &text,
+                key,
+                format!("{prefix} is not of the VIP's address family ({vip})"),
+            );
+        } else if let Some(&first) = first_at.get(&prefix) {
+            let line = c.line(first);
+            c.error(
+                &text,
+                key,
+                format!("{prefix} is listed twice (first on line {line})"),
+            );
+        } else {
+            first_at.insert(prefix, text.span().start);
+            out.push((prefix, text.span()));
+        }
+    }
+    out
 }
 
 fn check_backends(

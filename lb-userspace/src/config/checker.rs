@@ -8,15 +8,24 @@ pub(super) struct Checker<'a> {
     pub(super) src: &'a str,
     pub(super) problems: Vec<Problem>,
     pub(super) warnings: Vec<Problem>,
+    /// Where each line after the first starts (a long list with many mistakes names each
+    /// line without counting from the start every time).
+    line_starts: Vec<usize>,
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
+    pub(super) fn new(src: &'a str) -> Checker<'a> {
+        Checker {
+            src,
+            problems: vec![],
+            warnings: vec![],
+            line_starts: src.match_indices('\n').map(|(i, _)| i + 1).collect(),
+        }
+    }
+
     pub(super) fn line(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())]
-            .bytes()
-            .filter(|&b| b == b'\n')
-            .count()
-            + 1
+        let offset = offset.min(self.src.len());
+        self.line_starts.partition_point(|&start| start <= offset) + 1
     }
     pub(super) fn error<T>(
         &mut self,

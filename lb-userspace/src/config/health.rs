@@ -79,11 +79,7 @@ pub fn parse_health(table: &str, service_port: u16) -> Result<Health, Vec<Proble
             message: e.message().trim().to_string(),
         }]
     })?;
-    let mut c = Checker {
-        src: &src,
-        problems: vec![],
-        warnings: vec![],
-    };
+    let mut c = Checker::new(&src);
     let health = check_health(&mut c, "health", service_port, Some(raw.health));
     if c.problems.is_empty() {
         Ok(health)

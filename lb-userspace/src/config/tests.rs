@@ -725,3 +725,115 @@ fn health_options_are_checked_by_the_same_rules() {
     let p = parse_health("check = \"pgsql\"\nbogus = 1\n", 80).unwrap_err();
     assert_eq!(p[0].key, "health.bogus");
 }
+
+/// The client filters: prefixes of either family (the VIP's), single addresses as /32 or /128,
+/// and every mistake named with its entry and line.
+#[test]
+fn client_filters_parse_and_every_mistake_is_named() {
+    let with = |lists: &str| {
+        GOOD.replace(
+            "protocol = \"tcp\"\n",
+            &format!("protocol = \"tcp\"\n{lists}"),
+        )
+    };
+    let c = parse(&with(
+        "allow = [\"198.51.100.0/24\", \"192.0.2.0/28\"]\ndeny = [\"198.51.100.66\"]\n",
+    ))
+    .unwrap()
+    .config;
+    let s = &c.services[0];
+    let shown: Vec<String> = s.allow.iter().map(|p| p.to_string()).collect();
+    assert_eq!(shown, ["198.51.100.0/24", "192.0.2.0/28"]);
+    assert_eq!(s.deny[0].to_string(), "198.51.100.66/32");
+    assert!(
+        c.summary().contains("allow 2 prefixes, deny 1 prefix"),
+        "{}",
+        c.summary()
+    );
+
+    // Host bits set: which prefix was meant.
+    let p = problems(&with("allow = [\"198.51.100.7/24\"]\n"));
+    assert_eq!(p[0].key, "service[0].allow[0]", "{p:?}");
+    assert_eq!(p[0].line, Some(11), "{p:?}");
+    assert!(
+        p[0].message.contains("did you mean 198.51.100.0/24"),
+        "{p:?}"
+    );
+    // Bad syntax, a length out of range.
+    let p = problems(&with(
+        "deny = [\"192.0.2.0/24\", \"lb1\", \"192.0.2.0/33\"]\n",
+    ));
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert_eq!(p[0].key, "service[0].deny[1]", "{p:?}");
+    assert!(p[0].message.contains("not an address or a prefix"), "{p:?}");
+    assert_eq!(p[1].key, "service[0].deny[2]", "{p:?}");
+    assert!(p[1].message.contains("0 to 32"), "{p:?}");
+    // The other family than the VIP's.
+    let p = problems(&with("allow = [\"2001:db8::/32\"]\n"));
+    assert_eq!(p[0].key, "service[0].allow[0]", "{p:?}");
+    assert!(
+        p[0].message.contains("VIP's address family (203.0.113.10)"),
+        "{p:?}"
+    );
+    // Twice in one list, and in both lists.
+    let p = problems(&with("deny = [\"192.0.2.0/24\", \"192.0.2.0/24\"]\n"));
+    assert_eq!(p[0].key, "service[0].deny[1]", "{p:?}");
+    assert!(
+        p[0].message.contains("listed twice (first on line 11)"),
+        "{p:?}"
+    );
+    let p = problems(&with(
+        "allow = [\"192.0.2.0/24\"]\ndeny = [\"192.0.2.0/24\"]\n",
+    ));
+    assert_eq!(p[0].key, "service[0].allow", "{p:?}");
+    assert!(p[0].message.contains("also in deny (line 12)"), "{p:?}");
+    // Not a list of strings.
+    let p = problems(&with("allow = \"192.0.2.0/24\"\n"));
+    assert!(p[0].key.starts_with("service[0].allow"), "{p:?}");
+    // An empty list is no list, with a warning.
+    let loaded = parse(&with("allow = []\n")).unwrap();
+    assert!(loaded.config.services[0].allow.is_empty());
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.key == "service[0].allow" && w.message.contains("allows every client")),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn client_filters_over_every_service_fit_the_data_path() {
+    let many: Vec<String> = (0..=lb_common::MAX_FILTER_PREFIXES / 2)
+        .map(|i| format!("\"10.{}.{}.{}/32\"", i >> 16, (i >> 8) & 255, i & 255))
+        .collect();
+    let list = many.join(",");
+    let v4 = |name: &str, vip: &str| {
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\ndeny = [{list}]\n"
+        )
+    };
+    let src = format!(
+        "[daemon]\ninterfaces = [\"eth0\"]\n{}{}",
+        v4("a", "203.0.113.1"),
+        v4("b", "203.0.113.2")
+    );
+    let p = problems(&src);
+    assert_eq!(p.len(), 1, "{:?}", &p[..p.len().min(3)]);
+    assert_eq!(p[0].key, "service.allow, service.deny");
+    assert!(
+        p[0].message
+            .contains(&format!("at most {}", lb_common::MAX_FILTER_PREFIXES)),
+        "{p:?}"
+    );
+    // One service alone may hold half of them, or 10,000 and more.
+    let one = format!(
+        "[daemon]\ninterfaces = [\"eth0\"]\n{}",
+        v4("a", "203.0.113.1")
+    );
+    assert_eq!(
+        parse(&one).unwrap().config.services[0].deny.len(),
+        many.len()
+    );
+}

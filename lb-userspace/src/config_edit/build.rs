@@ -38,6 +38,12 @@ pub(super) fn service_table(
     if let Some(t) = s.tunnel_source {
         pairs.push(("tunnel_source", Value::from(t.to_string())));
     }
+    for (list, prefixes) in [("allow", &s.allow), ("deny", &s.deny)] {
+        if !prefixes.is_empty() {
+            let a: Array = prefixes.iter().map(|p| p.to_string()).collect();
+            pairs.push((list, Value::Array(a)));
+        }
+    }
     let mut table = styled_table(pairs, tpl);
     if s.health.check != CheckKind::None {
         let pairs = health_pairs(&s.health, s.port);

@@ -125,3 +125,23 @@ pub(super) fn any_subtable<'d>(doc: &'d DocumentMut, key: &str) -> Option<&'d Ta
         })
         .last()
 }
+
+/// The service's client filter list `list` (an array of strings), if it has one.
+pub(super) fn prefix_list<'a>(
+    service: &'a mut dyn TableLike,
+    list: &str,
+) -> Result<Option<&'a mut Array>, EditError> {
+    match service.get_mut(list) {
+        None | Some(Item::None) => Ok(None),
+        Some(Item::Value(Value::Array(a))) => Ok(Some(a)),
+        Some(_) => Err(EditError::Unsupported(format!(
+            "`{list}` is not an array of prefixes; write it as {list} = [\"192.0.2.0/24\", ...]"
+        ))),
+    }
+}
+
+/// Whether an element of a filter list is `prefix` (compared as prefixes: "2001:db8::/32"
+/// matches "2001:0db8::/32", and "192.0.2.1" matches "192.0.2.1/32").
+pub(super) fn is_prefix(v: &Value, prefix: Cidr) -> bool {
+    v.as_str().and_then(|s| s.trim().parse::<Cidr>().ok()) == Some(prefix)
+}

@@ -432,12 +432,15 @@ fn add_service_writes_only_what_differs_from_defaults() {
                 mac: None,
             },
         ],
+        allow: vec!["198.51.100.0/24".parse().unwrap()],
+        deny: vec!["198.51.100.66/32".parse().unwrap()],
     };
     f.add_service(&api).unwrap();
     let text = f.text();
     let added = "\n[[service]]\nname = \"api\"\nvip = \"203.0.113.20\"\nport = 443\n\
                      protocol = \"tcp\"\nforwarding = \"tunnel\"\nhash = \"5-tuple\"\n\
-                     tunnel_source = \"198.51.100.1\"\n\n[service.health]\ncheck = \"tcp\"\n\
+                     tunnel_source = \"198.51.100.1\"\nallow = [\"198.51.100.0/24\"]\n\
+                     deny = [\"198.51.100.66/32\"]\n\n[service.health]\ncheck = \"tcp\"\n\
                      interval_ms = 2000\n\n[[service.backend]]\naddress = \"192.0.2.21\"\n\n\
                      [[service.backend]]\naddress = \"192.0.2.22\"\nweight = 10\n";
     assert_eq!(
@@ -463,6 +466,8 @@ fn add_service_writes_only_what_differs_from_defaults() {
         tunnel_source: None,
         health: Health::default(),
         backends: vec![],
+        allow: vec![],
+        deny: vec![],
     };
     f.add_service(&plain).unwrap();
     assert_eq!(
@@ -566,6 +571,8 @@ fn edits_keep_the_announce_table() {
         tunnel_source: None,
         health: config::Health::default(),
         backends: vec![],
+        allow: vec![],
+        deny: vec![],
     })
     .unwrap();
     let text = f.text();
@@ -628,6 +635,8 @@ fn added_health_tables_of_every_kind_read_back_the_same() {
             table_size: 65_537,
             tunnel_source: None,
             health: health.clone(),
+            allow: vec![],
+            deny: vec![],
             backends: vec![],
         };
         let mut f = file("[daemon]\ninterfaces = [\"eth0\"]\n");
@@ -635,4 +644,91 @@ fn added_health_tables_of_every_kind_read_back_the_same() {
         let back = config::parse(&f.text()).unwrap().config;
         assert_eq!(back.services[0].health, health, "{text}\n---\n{}", f.text());
     }
+}
+
+/// `lbctl service allow|deny|unlist`: a new list goes after the service's plain keys, more
+/// prefixes go at the end of its array in its style, and unlisting the last one removes the key;
+/// comments stay.
+#[test]
+fn client_filter_prefixes_are_added_and_removed_in_place() {
+    let mut f = file(ORIGINAL);
+    let p = |s: &str| s.parse::<Cidr>().unwrap();
+    f.add_prefix("web", "deny", p("198.51.100.66/32")).unwrap();
+    f.add_prefix("web", "deny", p("198.51.100.0/28")).unwrap();
+    f.add_prefix("web", "allow", p("198.51.100.0/24")).unwrap();
+    f.add_prefix("dns", "allow", p("2001:db8:1::/48")).unwrap();
+    let text = f.text();
+    assert!(
+        text.contains(
+            "port     = 80\ndeny     = [\"198.51.100.66/32\", \"198.51.100.0/28\"]\n\
+             allow    = [\"198.51.100.0/24\"]\n\n# HTTP check"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("protocol = \"udp\"\nallow = [\"2001:db8:1::/48\"]\n"),
+        "{text}"
+    );
+    let c = config::parse(&text).unwrap().config;
+    assert_eq!(
+        c.services[0].deny,
+        [p("198.51.100.66/32"), p("198.51.100.0/28")]
+    );
+    assert_eq!(c.services[0].allow, [p("198.51.100.0/24")]);
+    assert_eq!(c.services[1].allow, [p("2001:db8:1::/48")]);
+    assert_comments_kept(&text, &[]);
+
+    assert!(matches!(
+        f.add_prefix("web", "deny", p("198.51.100.66/32")),
+        Err(EditError::PrefixExists { list: "deny", .. })
+    ));
+    // Found whichever way it is written: "2001:0db8:1::/48" is "2001:db8:1::/48".
+    let mut g = file(&text.replace("2001:db8:1::/48", "2001:0db8:1::/48"));
+    assert_eq!(
+        g.remove_prefix("dns", p("2001:db8:1::/48")).unwrap(),
+        "allow"
+    );
+    assert!(!g.text().contains("allow = "), "{}", g.text());
+    assert_eq!(
+        f.remove_prefix("web", p("198.51.100.66/32")).unwrap(),
+        "deny"
+    );
+    assert_eq!(
+        f.remove_prefix("web", p("198.51.100.0/24")).unwrap(),
+        "allow"
+    );
+    let text = f.text();
+    assert!(
+        text.contains("port     = 80\ndeny     = [\"198.51.100.0/28\"]\n\n# HTTP check"),
+        "{text}"
+    );
+    assert!(matches!(
+        f.remove_prefix("web", p("203.0.113.0/24")),
+        Err(EditError::NoSuchPrefix { .. })
+    ));
+    assert!(matches!(
+        f.add_prefix("nope", "deny", p("203.0.113.0/24")),
+        Err(EditError::NoSuchService(_))
+    ));
+    // Inline tables and multi-line arrays keep their layout.
+    let mut h = file(
+        "service = [\n  { name = \"a\", vip = \"203.0.113.1\", port = 80, protocol = \"tcp\" },\n]\n\n[daemon]\ninterfaces = [\"eth0\"]\n",
+    );
+    h.add_prefix("a", "deny", p("192.0.2.0/24")).unwrap();
+    assert!(
+        h.text()
+            .contains("protocol = \"tcp\", deny = [\"192.0.2.0/24\"] }"),
+        "{}",
+        h.text()
+    );
+    let mut m = file(
+        "[daemon]\ninterfaces = [\"eth0\"]\n\n[[service]]\nname = \"a\"\nvip = \"203.0.113.1\"\nport = 80\nprotocol = \"tcp\"\nallow = [\n    \"192.0.2.0/24\",  # office\n]\n",
+    );
+    m.add_prefix("a", "allow", p("198.51.100.0/24")).unwrap();
+    assert!(
+        m.text()
+            .contains("allow = [\n    \"192.0.2.0/24\",  # office\n    \"198.51.100.0/24\",\n]\n"),
+        "{}",
+        m.text()
+    );
 }

@@ -3,19 +3,19 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, service_flags};
+use lb_common::{Backend, FilterData, filter_list, service_flags};
 
 use super::model::ServiceRuntime;
 use crate::{
     config::HashMode,
-    datapath::{self, Fill},
+    datapath::{self, Fill, FilterEntry},
     state,
 };
 
 /// What every map must hold for `services` (whose Maglev tables it brings up to date): their
 /// keys, entries by id and tables, every resolved backend's entry (flagged down while its
-/// checks fail), the VIP filter, the VIP-level entries that place fragments without ports, and
-/// every egress interface as a redirect target. The one function that decides map contents:
+/// checks fail), the VIP filter, the VIP-level entries that place fragments without ports,
+/// every egress interface as a redirect target, and the services' client filters. The one function that decides map contents:
 /// lbd fills the maps with it at start and after every change, so a running lbd's maps are
 /// always those a fresh lbd with the same state would fill.
 pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceRuntime]) -> Fill {
@@ -34,6 +34,20 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
         f.service_by_id
             .insert(s.id, lb_common::ServiceEntry { key, value });
         f.maglev.insert(s.id, s.table.clone());
+        for (list, prefixes) in [
+            (filter_list::DENY, &s.cfg.deny),
+            (filter_list::ALLOW, &s.cfg.allow),
+        ] {
+            f.filters.extend(prefixes.iter().map(|p| FilterEntry {
+                data: FilterData {
+                    service: s.id,
+                    list,
+                    _pad: [0; 3],
+                    addr: state::to_addr(p.addr),
+                },
+                len: p.len,
+            }));
+        }
         for b in &s.backends {
             let entry = b.entry(s.id);
             if entry != Backend::default() {
@@ -114,6 +128,8 @@ mod tests {
                 tunnel_source: None,
                 health: config::Health::default(),
                 backends: vec![],
+                allow: vec![],
+                deny: vec![],
             },
             backends,
         )
@@ -277,6 +293,81 @@ mod tests {
         let resized = fill(lb_common::Config::default(), &SEED, &mut services);
         assert_eq!(services[0].table.len(), 257);
         assert_eq!(resized.maglev[&0].len(), 257);
+    }
+
+    /// A service's lists become its prefixes in `FILTERS` (under its id, each list apart) and
+    /// the flags that make the program read them; a service without lists has neither.
+    #[test]
+    fn client_filters_are_prefixes_under_the_service_id_and_its_flags() {
+        let mut services = vec![
+            service(
+                5,
+                "203.0.113.10",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+            service(
+                6,
+                "2001:db8::10",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+            service(
+                7,
+                "203.0.113.11",
+                80,
+                Protocol::Tcp,
+                HashMode::Source,
+                vec![],
+            ),
+        ];
+        let p = |s: &str| s.parse::<crate::config::Cidr>().unwrap();
+        services[0].cfg.allow = vec![p("198.51.100.0/24")];
+        services[0].cfg.deny = vec![p("198.51.100.66/32")];
+        services[1].cfg.deny = vec![p("2001:db8:bad::/48")];
+        let f = fill(lb_common::Config::default(), &SEED, &mut services);
+        let entries: Vec<(u32, u8, lb_common::Addr, u8)> = f
+            .filters
+            .iter()
+            .map(|e| (e.data.service, e.data.list, e.data.addr, e.len))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                (
+                    5,
+                    filter_list::DENY,
+                    state::to_addr(p("198.51.100.66/32").addr),
+                    32
+                ),
+                (
+                    5,
+                    filter_list::ALLOW,
+                    state::to_addr(p("198.51.100.0/24").addr),
+                    24
+                ),
+                (
+                    6,
+                    filter_list::DENY,
+                    state::to_addr(p("2001:db8:bad::/48").addr),
+                    48
+                ),
+            ]
+        );
+        let flags = |s: &ServiceRuntime| f.services[&s.key()].flags;
+        let both = service_flags::HAS_ALLOW | service_flags::HAS_DENY;
+        assert_eq!(flags(&services[0]) & both, both);
+        assert_eq!(flags(&services[1]) & both, service_flags::HAS_DENY);
+        assert_eq!(flags(&services[2]) & both, 0);
+        // Later fragments are placed by the VIP's entry: it carries the flags too.
+        assert_eq!(
+            f.vips[&vip_key("203.0.113.10", Protocol::Tcp)].flags & both,
+            both
+        );
     }
 
     /// A backend whose route leaves by a VLAN device: its entry names the VLAN's parent as the

@@ -264,6 +264,12 @@ impl ServiceRuntime {
         if self.cfg.hash == HashMode::FiveTuple {
             flags |= service_flags::HASH_5TUPLE;
         }
+        if !self.cfg.deny.is_empty() {
+            flags |= service_flags::HAS_DENY;
+        }
+        if !self.cfg.allow.is_empty() {
+            flags |= service_flags::HAS_ALLOW;
+        }
         ServiceValue {
             id: self.id,
             flags,

@@ -3,13 +3,17 @@
 //! services and backends come, go or change, the ids the data path will know them by, and
 //! which health checkers start (`plan`). `Daemon::reconcile` carries the plan out.
 
-use std::{collections::HashMap, net::IpAddr, time::SystemTime};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    time::SystemTime,
+};
 
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, ServiceKey, backend_flags};
 
 use super::model::{BackendRuntime, HopRequest, Hops, ResolveError, ServiceRuntime, service_key};
 use crate::{
-    config::{CheckKind, Config, Protocol},
+    config::{CheckKind, Cidr, Config, Protocol},
     health, state,
 };
 
@@ -58,6 +62,15 @@ pub enum Change {
         address: IpAddr,
         id: u32,
     },
+    /// Prefixes came to or left a client filter list (`list`: "allow" or "deny").
+    Filters {
+        service: String,
+        list: &'static str,
+        added: Vec<Cidr>,
+        removed: Vec<Cidr>,
+        /// Prefixes in the list now.
+        now: usize,
+    },
 }
 
 impl std::fmt::Display for Change {
@@ -86,6 +99,32 @@ impl std::fmt::Display for Change {
             Change::BackendRemoved {
                 service, address, ..
             } => write!(f, "service {service}: backend {address} removed"),
+            Change::Filters {
+                service,
+                list,
+                added,
+                removed,
+                now,
+            } => {
+                let shown = |v: &[Cidr]| {
+                    let mut text: Vec<String> = v.iter().take(5).map(|c| c.to_string()).collect();
+                    if v.len() > 5 {
+                        text.push(format!("and {} more", v.len() - 5));
+                    }
+                    text.join(", ")
+                };
+                write!(f, "service {service}: {list} list")?;
+                if !added.is_empty() {
+                    write!(f, " +{}", shown(added))?;
+                }
+                if !removed.is_empty() {
+                    write!(f, " -{}", shown(removed))?;
+                }
+                match (*list, *now) {
+                    ("allow", 0) => write!(f, " (now empty: every client allowed)"),
+                    (_, n) => write!(f, " ({n} prefix{})", if n == 1 { "" } else { "es" }),
+                }
+            }
         }
     }
 }
@@ -248,6 +287,34 @@ pub fn plan(
                         id: b.id,
                     });
                 }
+            }
+        }
+        let old_lists =
+            existing.map_or((&[][..], &[][..]), |s| (&s.cfg.allow[..], &s.cfg.deny[..]));
+        for (list, old, new) in [
+            ("allow", old_lists.0, &ns.allow[..]),
+            ("deny", old_lists.1, &ns.deny[..]),
+        ] {
+            let (old_set, new_set): (BTreeSet<&Cidr>, BTreeSet<&Cidr>) =
+                (old.iter().collect(), new.iter().collect());
+            let added: Vec<Cidr> = new
+                .iter()
+                .filter(|c| !old_set.contains(c))
+                .copied()
+                .collect();
+            let removed: Vec<Cidr> = old
+                .iter()
+                .filter(|c| !new_set.contains(c))
+                .copied()
+                .collect();
+            if !added.is_empty() || !removed.is_empty() {
+                changes.push(Change::Filters {
+                    service: ns.name.clone(),
+                    list,
+                    added,
+                    removed,
+                    now: new.len(),
+                });
             }
         }
         // Health checkers follow the service's settings.

@@ -64,6 +64,8 @@ mod tests {
             tunnel_source: None,
             health: crate::config::Health::default(),
             backends: vec![],
+            allow: vec![],
+            deny: vec![],
         };
         let backends = backends
             .into_iter()

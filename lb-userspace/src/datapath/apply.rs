@@ -6,15 +6,15 @@ use std::collections::BTreeMap;
 
 use aya::maps::{IterableMap as _, MapData};
 use lb_common::{
-    Backend, Config, FragKey, LAYOUT_VERSION, ServiceEntry, ServiceIndexEntry, ServiceKey,
-    ServiceValue, VipKey, maps,
+    Backend, Config, FragKey, LAYOUT_VERSION, MAX_FILTER_PREFIXES, ServiceEntry, ServiceIndexEntry,
+    ServiceKey, ServiceValue, VipKey, maps,
 };
 use log::{info, warn};
 
 use super::{
     Datapath, Start,
     error::{DatapathError, Result, error_chain, io_err, is_not_found, map_err},
-    fill::Fill,
+    fill::{Fill, FilterEntry},
     pins::maps_dir,
     sys::{ArrayMemory, map_delete},
 };
@@ -43,7 +43,9 @@ impl Datapath {
     /// lets a packet find a half-made change: new redirect targets first; keys that go before
     /// anything they name; fragments of ids that change hands forgotten; backend entries
     /// (down ones flagged) before the tables that name them; tables before the keys that lead
-    /// to them; the VIP filter's bits before new keys; what nothing names any more last.
+    /// to them; the VIP filter's bits and new client filter prefixes before new keys and the
+    /// service flags that make the program read them; what nothing names any more last (a
+    /// list that changes is, for an instant, the union of old and new).
     pub fn apply(&mut self, want: &Fill) -> Result<()> {
         if self.shadow.config != want.config {
             self.write_config(want.config)?;
@@ -91,6 +93,7 @@ impl Datapath {
         if self.shadow.vip_filter != want.vip_filter {
             self.write_vip_filter(&want.vip_filter)?;
         }
+        self.add_filters(want)?;
         for (&id, e) in &want.service_by_id {
             if self.shadow.service_by_id.get(&id) != Some(e) {
                 self.write_service_by_id(id, *e)?;
@@ -127,6 +130,7 @@ impl Datapath {
         for id in ids {
             self.write_backend(id, &Backend::default())?;
         }
+        self.remove_filters(want)?;
         let ids: Vec<u32> = absent(self.shadow.devmap.keys(), |k| want.devmap.contains_key(k));
         for ifindex in ids {
             match self.maps.devmap.remove(ifindex) {
@@ -137,6 +141,57 @@ impl Datapath {
                 }
             }
             self.shadow.devmap.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    /// Writes the client filter prefixes of `want` that `FILTERS` lacks. Should old and new
+    /// not fit the map together, the old ones go first (the lists then briefly lack them).
+    pub(super) fn add_filters(&mut self, want: &Fill) -> Result<()> {
+        let new: Vec<FilterEntry> = want
+            .filters
+            .difference(&self.shadow.filters)
+            .copied()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        if self.shadow.filters.len() + new.len() > MAX_FILTER_PREFIXES as usize {
+            warn!(
+                "{} new client filter prefixes do not fit beside the {} in place: removing the old ones first",
+                new.len(),
+                self.shadow.filters.len()
+            );
+            self.remove_filters(want)?;
+        }
+        for e in &new {
+            self.maps
+                .filters
+                .insert(&e.key(), 1, 0)
+                .map_err(map_err(format!(
+                    "writing a client filter prefix of service {} to FILTERS",
+                    e.data.service
+                )))?;
+            self.shadow.filters.insert(*e);
+        }
+        Ok(())
+    }
+
+    /// Removes the client filter prefixes `want` does not have.
+    pub(super) fn remove_filters(&mut self, want: &Fill) -> Result<()> {
+        let gone: Vec<FilterEntry> = self
+            .shadow
+            .filters
+            .difference(&want.filters)
+            .copied()
+            .collect();
+        for e in &gone {
+            match self.maps.filters.remove(&e.key()) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("removing a client filter prefix from FILTERS")(e)),
+            }
+            self.shadow.filters.remove(e);
         }
         Ok(())
     }

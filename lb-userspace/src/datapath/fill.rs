@@ -1,14 +1,14 @@
 //! What lbd writes into the maps, as one value (`Fill`), read back from the maps and compared.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     sync::Arc,
 };
 
-use aya::maps::{Array, IterableMap as _, MapData};
+use aya::maps::{Array, IterableMap as _, MapData, lpm_trie::Key};
 use lb_common::{
-    Backend, Config, MAX_BACKENDS, MAX_SERVICES, ServiceEntry, ServiceKey, ServiceValue,
-    VIP_FILTER_WORDS, VipKey, maps, vip_filter_bits,
+    Backend, Config, FILTER_HEAD_BITS, FilterData, MAX_BACKENDS, MAX_SERVICES, ServiceEntry,
+    ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, filter_prefix_len, maps, vip_filter_bits,
 };
 
 use super::{
@@ -38,6 +38,32 @@ pub struct Fill {
     pub vips: StdHashMap<VipKey, ServiceValue>,
     /// `DEVMAP`: ifindex → the interface it redirects to (itself).
     pub devmap: BTreeMap<u32, u32>,
+    /// `FILTERS`: every service's client filter prefixes (see [`FilterEntry`]).
+    pub filters: BTreeSet<FilterEntry>,
+}
+
+/// One prefix of a service's `allow` or `deny` list: the key's data (service id, list, the
+/// prefix's address) and the prefix's length in bits of the address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FilterEntry {
+    pub data: FilterData,
+    pub len: u8,
+}
+
+impl FilterEntry {
+    /// Its key in `FILTERS`.
+    pub(super) fn key(&self) -> Key<FilterData> {
+        Key::new(filter_prefix_len(u32::from(self.len)), self.data)
+    }
+
+    /// The entry of a key found in `FILTERS` (None for one lbd never writes).
+    pub(super) fn of_key(key: &Key<FilterData>) -> Option<FilterEntry> {
+        let len = key.prefix_len().checked_sub(FILTER_HEAD_BITS)?;
+        Some(FilterEntry {
+            data: key.data(),
+            len: u8::try_from(len).ok().filter(|l| *l <= 128)?,
+        })
+    }
 }
 
 /// `VIP_FILTER`'s words for `keys`: the two bits of each key's address.
@@ -105,6 +131,15 @@ impl Fill {
             .map(|r| r.map(|(k, v)| (k, v.if_index)))
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("reading DEVMAP"))?;
+        let filters = maps
+            .filters
+            .keys()
+            .map(|k| k.map(|k| FilterEntry::of_key(&k)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err("reading FILTERS"))?
+            .into_iter()
+            .flatten()
+            .collect();
         let fill = Fill {
             config,
             services,
@@ -114,6 +149,7 @@ impl Fill {
             backends,
             vips,
             devmap,
+            filters,
         };
         Ok((fill, tables))
     }
@@ -167,6 +203,7 @@ impl Fill {
             shown(f.vips.iter().map(|(k, v)| ((k.addr, k.proto), v)))
         });
         map("DEVMAP", &|f| shown(f.devmap.iter()));
+        map("FILTERS", &|f| shown(f.filters.iter().map(|e| (e, 1))));
         out
     }
 }

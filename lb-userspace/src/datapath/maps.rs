@@ -5,11 +5,11 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, Config, Counter, FragKey, FragValue, RecordSet, ServiceEntry, ServiceIndexEntry,
-    ServiceKey, ServiceValue, VipKey, maps,
+    Backend, Config, Counter, FilterData, FragKey, FragValue, RecordSet, ServiceEntry,
+    ServiceIndexEntry, ServiceKey, ServiceValue, VipKey, maps,
 };
 
 use super::error::{DatapathError, Result, map_err};
@@ -31,6 +31,9 @@ pub(super) struct Maps {
     pub(super) backend_stats: PerCpuArray<MapData, Counter>,
     pub(super) reason_stats: PerCpuArray<MapData, u64>,
     pub(super) new_flow_stats: PerCpuArray<MapData, u64>,
+    pub(super) service_reason_stats: PerCpuArray<MapData, u64>,
+    /// The services' client filters (`lb_common::filter`).
+    pub(super) filters: LpmTrie<MapData, FilterData, u8>,
     /// The program's reports of the records it writes, until the sync thread takes them
     /// (`Datapath::take_sync_events`).
     pub(super) sync_events: Option<RingBuf<MapData>>,
@@ -62,6 +65,9 @@ impl Maps {
                 .map_err(map_err(maps::REASON_STATS))?,
             new_flow_stats: PerCpuArray::try_from(get(maps::NEW_FLOW_STATS)?)
                 .map_err(map_err(maps::NEW_FLOW_STATS))?,
+            service_reason_stats: PerCpuArray::try_from(get(maps::SERVICE_REASON_STATS)?)
+                .map_err(map_err(maps::SERVICE_REASON_STATS))?,
+            filters: LpmTrie::try_from(get(maps::FILTERS)?).map_err(map_err(maps::FILTERS))?,
             sync_events: Some(
                 RingBuf::try_from(get(maps::SYNC_EVENTS)?).map_err(map_err(maps::SYNC_EVENTS))?,
             ),

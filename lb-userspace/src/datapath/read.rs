@@ -111,6 +111,17 @@ impl Datapath {
             .map(|&r| (r, per_cpu_total(&self.maps.reason_stats, r as u32)))
             .collect()
     }
+
+    /// The refused packets of service `id`, by reason (every reason, counted or not).
+    pub fn service_reason_counts(&self, id: u32) -> Vec<(Reason, u64)> {
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                let index = lb_common::service_reason_index(id, r);
+                (r, per_cpu_total(&self.maps.service_reason_stats, index))
+            })
+            .collect()
+    }
 }
 
 /// Reads the connection table on its own read-only mapping of the pinned table, so counting and

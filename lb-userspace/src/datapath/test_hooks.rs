@@ -14,7 +14,7 @@ use lb_common::{
 use super::{
     Datapath,
     error::{DatapathError, Result, io_err, map_err, prog_err},
-    fill::{Fill, vip_filter_words},
+    fill::{Fill, FilterEntry, vip_filter_words},
     maps::Maps,
     pins::maps_dir,
     read::ConntrackCounter,
@@ -376,6 +376,17 @@ impl Datapath {
             self.shadow.vips.remove(&k);
         }
         Ok(())
+    }
+
+    /// Sets the client filter prefixes to exactly `entries`, as `apply` does (new ones first,
+    /// then the gone ones). The services' flags are the caller's (`set_service_key`, `set_vips`).
+    pub fn set_filters(&mut self, entries: impl IntoIterator<Item = FilterEntry>) -> Result<()> {
+        let want = Fill {
+            filters: entries.into_iter().collect(),
+            ..self.shadow.clone()
+        };
+        self.add_filters(&want)?;
+        self.remove_filters(&want)
     }
 
     /// Makes `ifindex` a redirect target (a backend reached through another interface).

@@ -52,6 +52,13 @@
 //! for a second pass, its old value restored) the program's run_cnt must grow by exactly the
 //! number of runs, and run_time_ns / run_cnt is reported: the program's time alone, without the
 //! test run's loop.
+//!
+//! Client filters: the established IPv4 packet on an unchanged slot again, its service given a
+//! deny and an allow list of 10, then of 10,000 prefixes each (half /32s, half /24s, spread
+//! over 10.0.0.0/8 and 172.16.0.0/12; the client is in no deny prefix and in one allow prefix,
+//! so every packet reads both lists: the most a forwarded packet pays), beside the same packet
+//! with no lists, in the same repetitions; proven as the other paths (forwarded to its backend,
+//! no reason counter moved).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -62,12 +69,13 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::programs::loaded_programs;
 use lb_common::{
-    Backend, FlowKey, FlowValue, Record, ServiceKey, ServiceValue, VipKey, backend_flags,
+    Backend, FilterData, FlowKey, FlowValue, Record, ServiceKey, ServiceValue, VipKey,
+    backend_flags, filter_list,
     maglev::{MaglevBackend, build_table},
     maglev_slot, service_flags,
 };
 use lb_userspace::{
-    datapath::{self, ConntrackCounter, Datapath, PROGRAM_OBJECT},
+    datapath::{self, ConntrackCounter, Datapath, FilterEntry, PROGRAM_OBJECT},
     state::{family, to_addr},
 };
 
@@ -133,7 +141,34 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             }
         }
     }
-    // Pass 3: new flows into a full table, both ways.
+    // Pass 3: client filter lists of growing size on the established IPv4 path (before the
+    // table is filled: the path's planted record must still be there).
+    let est4 = paths.iter().position(|p| p.key == "est4").expect("defined");
+    let mut filtered: Vec<(usize, Vec<Sample>)> =
+        FILTER_SIZES.iter().map(|&n| (n, vec![])).collect();
+    for _ in 0..reps {
+        for (n, samples) in filtered.iter_mut() {
+            bench
+                .set_lists(&mut paths[est4], *n)
+                .with_context(|| format!("giving service 0 lists of {n} prefixes"))?;
+            let timed = bench
+                .measure(&mut paths[est4], false)
+                .with_context(|| format!("measuring `est4` with lists of {n} prefixes"))?;
+            let with_stats = {
+                let _stats = StatsOn::enable()?;
+                bench
+                    .measure(&mut paths[est4], true)
+                    .with_context(|| format!("measuring `est4` with lists of {n}, bpf_stats"))?
+            };
+            samples.push(Sample {
+                lb_stats: with_stats.lb_stats,
+                empty_stats: with_stats.empty_stats,
+                ..timed
+            });
+        }
+    }
+    bench.set_lists(&mut paths[est4], 0)?;
+    // Pass 4: new flows into a full table, both ways.
     let (full_before, capacity) = bench.fill()?;
     for _ in 0..reps {
         for (i, p) in paths.iter_mut().enumerate() {
@@ -288,8 +323,72 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         ));
     }
 
+    let none = &filtered[0].1;
+    for (n, samples) in &filtered {
+        let lists = match n {
+            0 => "no lists".to_string(),
+            n => format!(
+                "deny and allow lists of {} prefixes each",
+                thousands(*n as u64)
+            ),
+        };
+        figures.push(Figure::from_samples(
+            SECTION,
+            &format!("client filters, established IPv4 TCP ACK, unchanged slot, {lists}, repeat"),
+            "ns/packet",
+            column(samples, |s| s.lb),
+            &format!(
+                "{}. The client is in no deny prefix and in one allow prefix: both lists are read (one LPM trie lookup each). Proven every time: {}",
+                method(&paths[est4]),
+                paths[est4].proof
+            ),
+        ));
+        if *n > 0 {
+            figures.push(Figure::from_samples(
+                SECTION,
+                &format!("client filters: {lists}, over no lists"),
+                "ns/packet",
+                samples.iter().zip(none).map(|(s, z)| s.lb - z.lb).collect(),
+                "each sample: the packet with the lists minus the same packet without, timed in the same repetition",
+            ));
+            figures.push(Figure::from_samples(
+                SECTION_STATS,
+                &format!("client filters: {lists}, over no lists"),
+                "ns/packet",
+                samples
+                    .iter()
+                    .zip(none)
+                    .map(|(s, z)| s.lb_stats - z.lb_stats)
+                    .collect(),
+                "run_time_ns / run_cnt with the lists minus without, in the same repetition (kernel.bpf_stats_enabled=1)",
+            ));
+        }
+    }
+
     figures.extend(bench.size_figures());
     Ok(figures)
+}
+
+/// The sizes of the client filter lists measured (each list; 0: none).
+const FILTER_SIZES: [usize; 3] = [0, 10, 10_000];
+
+/// `n` distinct prefixes of `base` (an IPv4 /8 or /12 given as its first address and the
+/// number of free bits), half /32s and half /24s, spread by a multiplicative hash.
+fn spread_prefixes(base: u32, free_bits: u32, n: usize) -> Vec<(Ipv4Addr, u8)> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = vec![];
+    let mut i: u64 = 0;
+    while out.len() < n {
+        let h = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
+        let len: u8 = if i.is_multiple_of(2) { 32 } else { 24 };
+        let mask = u32::MAX << (32 - u32::from(len));
+        let addr = (base | (h & ((1 << free_bits) - 1))) & mask;
+        if seen.insert((addr, len)) {
+            out.push((Ipv4Addr::from(addr), len));
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The 1-minute load average.
@@ -1291,6 +1390,55 @@ impl Bench {
             });
         }
         Ok(paths)
+    }
+
+    /// Gives service 0 a deny and an allow list of `n` prefixes each (none for 0), as lbd does
+    /// (prefixes first, then the service's flags): the client of `path` (a fixed-frame IPv4
+    /// path of service 0) is in one allow prefix (its /32) and in no deny prefix.
+    fn set_lists(&mut self, path: &mut PathDef, n: usize) -> Result<()> {
+        let client = match flow_of(&(path.frames)(1)[0])?.src {
+            [a, 0, 0, 0] => Ipv4Addr::from(u32::from_be(a)),
+            other => bail!("not an IPv4 client: {other:?}"),
+        };
+        let entry = |list: u8, addr: Ipv4Addr, len: u8| FilterEntry {
+            data: FilterData {
+                service: 0,
+                list,
+                _pad: [0; 3],
+                addr: to_addr(addr.into()),
+            },
+            len,
+        };
+        let mut entries = vec![];
+        if n > 0 {
+            for (a, len) in spread_prefixes(0x0a00_0000, 24, n) {
+                entries.push(entry(filter_list::DENY, a, len));
+            }
+            for (a, len) in spread_prefixes(0xac10_0000, 20, n - 1) {
+                entries.push(entry(filter_list::ALLOW, a, len));
+            }
+            entries.push(entry(filter_list::ALLOW, client, 32));
+        }
+        self.dp.set_filters(entries.iter().copied())?;
+        ensure!(
+            self.dp.fill().filters.len() == entries.len(),
+            "{} prefixes in FILTERS, {} written",
+            self.dp.fill().filters.len(),
+            entries.len()
+        );
+        let s = &dpfixture::services()[0];
+        let key = ServiceKey {
+            addr: to_addr(s.vip),
+            port: s.port.to_be(),
+            proto: s.proto,
+            family: family(s.vip),
+        };
+        let mut value = self.values[0];
+        if n > 0 {
+            value.flags |= service_flags::HAS_ALLOW | service_flags::HAS_DENY;
+        }
+        self.dp.set_service_key(&key, &value)?;
+        Ok(())
     }
 
     /// Fills every entry of the connection table with a made-up flow (from userspace): from
