@@ -328,9 +328,10 @@ fn ten_thousand_prefixes_on_a_list_hold_and_decide() {
     run_cases("filters-10k", &cases, |fr| f.run(fr));
 }
 
-/// The client filters' lookups are a call of their own: a service's check, filtered or not,
-/// leaves the verifier one state to go on with, so its work stays well within its limit of
-/// 1,000,000 instructions (inlined, the check took it to 728,498).
+/// The verifier's work stays within its limit of 1,000,000 instructions with room to spare.
+/// The client filters' lookups are a call of their own (inlined, the check alone took it to
+/// 728,498 from 361,177); with the flood protection's eviction by kind it measured 751,841.
+/// A change that takes it past 900,000 must buy the room back first.
 #[test]
 fn the_verifier_keeps_its_headroom() {
     let f = fixture();
@@ -344,7 +345,7 @@ fn the_verifier_keeps_its_headroom() {
         .expect("the kernel reports verified_insns");
     eprintln!("verified_insns: {verified}");
     assert!(
-        verified < 500_000,
+        verified < 900_000,
         "the verifier processed {verified} instructions (limit 1,000,000)"
     );
 }
