@@ -35,6 +35,8 @@ pub struct FloodSpec {
     pub kind: FloodKind,
     /// Seed of the sources, ports and sequence numbers.
     pub seed: u64,
+    /// Most frames per second (0: as fast as the kernel takes them).
+    pub max_pps: u64,
 }
 
 /// What a flood sent.
@@ -236,6 +238,12 @@ pub fn flood(spec: &FloodSpec, duration: Duration, stop: &AtomicBool) -> Result<
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) => {}
             Err(e) => bail!("sending a {:?} flood: {e}", spec.kind),
         }
+        if spec.max_pps > 0 {
+            let due = Duration::from_secs_f64(packets as f64 / spec.max_pps as f64);
+            if let Some(ahead) = due.checked_sub(began.elapsed()) {
+                std::thread::sleep(ahead.min(Duration::from_millis(50)));
+            }
+        }
     }
     Ok(FloodReport {
         packets,
@@ -256,6 +264,7 @@ mod tests {
             dport: 80,
             kind,
             seed: 7,
+            max_pps: 0,
         }
     }
 
