@@ -14,7 +14,7 @@ use std::{
 use lb_tests::{
     BIG_FILE_SIZE, Topology, TopologyOptions, big_file_contents,
     lbd::{Lbd, LbdPaths, spawn_lbd, start_lbd},
-    parse_backend, require_root, retry_until,
+    require_root, retry_until,
 };
 use serde_json::Value;
 
@@ -151,21 +151,7 @@ impl Kept {
     /// One `GET /keep` on the connection: the backend that answered (its `X-Backend` header,
     /// which must agree with the body).
     fn ask(&mut self) -> anyhow::Result<usize> {
-        self.stream.write_all(
-            format!("GET /keep HTTP/1.1\r\nHost: {VIP}\r\nUser-Agent: lb-tests\r\n\r\n").as_bytes(),
-        )?;
-        let reply = lb_tests::http::read_kept_response(&mut self.stream)?;
-        anyhow::ensure!(reply.status == 200, "status {}", reply.status);
-        let by_header: usize = reply
-            .header("x-backend")
-            .ok_or_else(|| anyhow::anyhow!("no X-Backend header"))?
-            .parse()?;
-        anyhow::ensure!(
-            parse_backend(&reply.text()) == Some(by_header),
-            "X-Backend {by_header} but body {:?}",
-            reply.text()
-        );
-        Ok(by_header)
+        lb_tests::http::ask_kept(&mut self.stream, VIP)
     }
 }
 

@@ -141,6 +141,26 @@ pub fn parse_response(buf: &[u8]) -> Result<HttpReply> {
     Ok(reply)
 }
 
+/// One `GET /keep` on a kept-alive connection to `host` (the harness's nginx backends): the
+/// backend that answered, by its `X-Backend` header, which must agree with the body.
+pub fn ask_kept(stream: &mut TcpStream, host: &str) -> Result<usize> {
+    stream.write_all(
+        format!("GET /keep HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-tests\r\n\r\n").as_bytes(),
+    )?;
+    let reply = read_kept_response(stream)?;
+    anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+    let by_header: usize = reply
+        .header("x-backend")
+        .ok_or_else(|| anyhow!("no X-Backend header"))?
+        .parse()?;
+    anyhow::ensure!(
+        crate::parse_backend(&reply.text()) == Some(by_header),
+        "X-Backend {by_header} but body {:?}",
+        reply.text()
+    );
+    Ok(by_header)
+}
+
 /// Reads one response of a kept-alive HTTP/1.1 connection (its head, then as many body bytes
 /// as its Content-Length says; no pipelining: nothing after it is read) and parses it. An
 /// error when the connection closes first or the head has no Content-Length.
