@@ -309,11 +309,13 @@ fn a_new_program_or_map_layout_replaces_the_running_one_without_a_gap() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let load = scope.spawn(|| background_load(&t, &stop));
+        // A failing assertion below stops the load too (else the scope would wait for ever).
+        let _stop = lb_tests::StopOnDrop(&stop);
 
         // Same layout, different program: loaded on the same maps, swapped in through the link.
         pretend_another_program_runs(&paths);
         let upgraded = spawn_lbd(&t, &paths).unwrap();
-        upgraded.wait_ready(Duration::from_secs(10)).unwrap();
+        upgraded.wait_ready(Duration::from_secs(30)).unwrap();
         let status = upgraded.lbctl_json(&["status"]).unwrap();
         assert_eq!(status["start"], "upgraded", "{status}\n{}", upgraded.log());
         assert_ne!(status["program_id"], before["program_id"]);
@@ -331,7 +333,7 @@ fn a_new_program_or_map_layout_replaces_the_running_one_without_a_gap() {
         let old = paths.bpffs_dir.join("v0");
         std::fs::rename(&own, &old).unwrap();
         let replaced = spawn_lbd(&t, &paths).unwrap();
-        replaced.wait_ready(Duration::from_secs(10)).unwrap();
+        replaced.wait_ready(Duration::from_secs(30)).unwrap();
         let status = replaced.lbctl_json(&["status"]).unwrap();
         assert!(
             status["start"]["replaced"].is_object(),

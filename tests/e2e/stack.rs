@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_tests::lbd::{Lbd, LbdPaths, start_lbd};
-use lb_tests::{ProcHandle, Topology, TopologyOptions, require_root, retry_until, wait_until};
+use lb_tests::{
+    ProcHandle, StopOnDrop, Topology, TopologyOptions, require_root, retry_until, wait_until,
+};
 
 const APP_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const PG_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 21);
@@ -1093,16 +1095,6 @@ impl<'a> DnsLoad<'a> {
             self.answered() >= from + n
         })
         .unwrap();
-    }
-}
-
-/// Sets a flag when dropped: stops load threads also when the scenario driving them panics
-/// (else the thread scope would wait for them forever).
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 

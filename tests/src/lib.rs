@@ -53,6 +53,16 @@ pub fn require_root() {
     }
 }
 
+/// Sets a flag when dropped: stops load threads also when the scenario driving them panics
+/// (else a thread scope would wait for them forever, and a failing test would hang).
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Polls `f` until it returns true, for at most `deadline`; the error names `what`. Polls
 /// every few milliseconds (backing off to 50 ms), so it is both quick and cheap.
 pub fn wait_until(deadline: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
