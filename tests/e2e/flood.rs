@@ -554,9 +554,12 @@ fn established_connections_survive_syn_and_udp_floods_during_a_drain_and_an_add(
             count("recorded") > 0,
             "no new flow was recorded on the changed slots: {flows:?}"
         );
+        // Either limit shows the floods took the protection to its edge: over the new-flow rate,
+        // or sets full of records no new one may take (confirmed ones, and the floods' own
+        // tentative ones within a handshake: at 4,096 entries that is most of what they meet).
         assert!(
-            count("over_limit") > 0,
-            "the floods never ran over the new-flow limit: {flows:?}"
+            count("over_limit") + count("no_room") > 0,
+            "the floods never ran over the new-flow limit nor out of room: {flows:?}"
         );
     });
 }
