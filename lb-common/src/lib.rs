@@ -44,7 +44,7 @@ pub use flow::{
 pub use service::service_index;
 pub use service::{
     Backend, Config, SERVICE_INDEX_REWRITING, SERVICE_INDEX_SLOTS, ServiceEntry, ServiceIndexEntry,
-    ServiceKey, ServiceValue, TRACE_ALL, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
+    ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
     service_index_check, service_index_slot, service_index_state, vip_filter_bits,
 };
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};

@@ -24,6 +24,11 @@ const BPF_LINKER_NEEDS: &str = "to build bpf-linker against LLVM 22";
 
 const APT_PACKAGES: &[AptPackage] = &[
     AptPackage {
+        name: "nftables",
+        why: "`nft`: counters in the backends proving a denied client's packets never arrive \
+              (filters_lbd test), and the kernel-balancer baseline of the benchmark",
+    },
+    AptPackage {
         name: "llvm-22-dev",
         why: BPF_LINKER_NEEDS,
     },
@@ -150,10 +155,6 @@ enum Outcome {
 
 /// What only `cargo xtask bench` needs: the peers lb is measured against and the load tools.
 const BENCH_PACKAGES: &[AptPackage] = &[
-    AptPackage {
-        name: "nftables",
-        why: "the kernel-balancer baseline of the benchmark (dnat by jhash)",
-    },
     AptPackage {
         name: "haproxy",
         why: "the HAProxy (mode tcp, balance source) baseline of the benchmark",

@@ -22,7 +22,7 @@ use super::{
 impl Datapath {
     /// `CONFIG` for this program and connection table, with the hash seed `hash_key`; sync
     /// events off (the daemon turns them on with `[daemon.sync]`), the default protection
-    /// (`Protection`) and no trace.
+    /// (`Protection`).
     pub fn config_for(&self, hash_key: [u64; 2]) -> Result<Config> {
         let mut config = Config {
             hash_key,
@@ -32,8 +32,7 @@ impl Datapath {
             sync_events: 0,
             eviction: Default::default(),
             new_flow_interval_ns: 0,
-            trace: 0,
-            _pad: 0,
+            _pad: [0; 2],
         };
         super::Protection::default().write_into(&mut config);
         Ok(config)
