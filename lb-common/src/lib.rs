@@ -14,6 +14,7 @@
 //! - `hash`: the keyed hashes; `maglev` (userspace): the table builder;
 //! - `decap`: the decapsulation program's maps;
 //! - `sync`: what the program reports to lbd for other nodes (`SyncEvent`);
+//! - `trace`: what the program reports while an operator traces (`TraceEvent`);
 //! - `slotstate`: per-slot state (docs/design/slot-state.md): what a Maglev slot holds besides
 //!   its backend, the connection table's records, and the per-packet choice both sides share.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
@@ -29,6 +30,7 @@ mod slot;
 pub mod slotstate;
 mod stats;
 mod sync;
+mod trace;
 
 pub use flow::{
     CONNTRACK_FLAGS, FLOW_WAYS, FlowKey, FlowValue, FragKey, FragValue, MIN_CONNTRACK_ENTRIES,
@@ -38,7 +40,7 @@ pub use flow::{
 pub use service::service_index;
 pub use service::{
     Backend, Config, SERVICE_INDEX_REWRITING, SERVICE_INDEX_SLOTS, ServiceEntry, ServiceIndexEntry,
-    ServiceKey, ServiceValue, TRACE_ALL, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
+    ServiceKey, ServiceValue, VIP_FILTER_WORDS, VipKey, backend_flags, service_flags,
     service_index_check, service_index_slot, service_index_state, vip_filter_bits,
 };
 pub use slot::{MAGLEV_SLOTS_PER_WORD, Slot, maglev_slot, source_slot};
@@ -48,6 +50,10 @@ pub use stats::{
     TOO_BIG_INTERVAL_NS, TOO_BIG_PER_SECOND, TOO_BIG_TOLERANCE_NS, TooBigBucket,
 };
 pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
+pub use trace::{
+    TRACE_ALL, TRACE_EVENTS_BYTES, TRACE_NO_SERVICE, TraceEvent, trace_flags, trace_reason,
+    trace_table,
+};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
@@ -96,8 +102,9 @@ pub mod maps {
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
     pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
     pub const NEW_FLOW_STATS: &str = "NEW_FLOW_STATS";
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -114,6 +121,7 @@ pub mod maps {
         REASON_STATS,
         SYNC_EVENTS,
         NEW_FLOW_STATS,
+        TRACE_EVENTS,
     ];
 }
 
@@ -138,6 +146,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::SyncEvent {}
+    unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::VipKey {}
 }
 
@@ -163,5 +172,6 @@ mod layout_tests {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<TooBigBucket>(), 8);
         assert_eq!(size_of::<SyncEvent>(), 56);
+        assert_eq!(size_of::<TraceEvent>(), 72);
     }
 }

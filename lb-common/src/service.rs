@@ -227,9 +227,6 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// `Config::trace` for "every service".
-pub const TRACE_ALL: u32 = u32::MAX;
-
 /// Key of `VIPS`: a VIP and protocol, whatever the port (for fragments without ports).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -96,6 +96,7 @@ fn for_flow(
         slot,
         hot,
         backend: NO_BACKEND,
+        table: lb_common::trace_table::MISS,
     });
     Ok(Placed::OnChangedSlot)
 }

@@ -27,6 +27,7 @@ mod l2;
 mod maps;
 mod packet;
 mod runtime;
+mod trace;
 mod tunnel;
 mod verdict;
 
@@ -34,9 +35,10 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use conntrack::SlotChoice;
-use lb_common::{Backend, Reason, service_flags};
+use lb_common::{Backend, Reason, service_flags, trace_reason, trace_table};
 use maps::{BACKEND_STATS, DEVMAP, REASON_STATS, SERVICE_STATS};
 use packet::Packet;
+use trace::Note;
 use verdict::{Chosen, Egress, NotOurs, Placed, Skip, Status};
 
 #[xdp]
@@ -61,20 +63,21 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     classify::vip_filter(packet)?;
     let mut chosen = MaybeUninit::<Chosen>::uninit();
     let mut at = MaybeUninit::<SlotChoice>::uninit();
-    let chosen = match place(packet, &mut chosen, &mut at).decode() {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (chosen, table) = match place(packet, &mut chosen, &mut at).decode() {
         Err(skip) => return Ok(give_up(skip)),
         // SAFETY: place returned Chosen, so it wrote `chosen`.
-        Ok(Placed::Chosen) => unsafe { chosen.assume_init() },
+        Ok(Placed::Chosen) => (unsafe { chosen.assume_init() }, trace_table::NOT_READ),
         // SAFETY: place returned OnChangedSlot, so it wrote `at`.
         Ok(Placed::OnChangedSlot) => {
-            match choose::on_changed_slot(packet, unsafe { at.assume_init_mut() }) {
-                Ok(chosen) => chosen,
+            let at = unsafe { at.assume_init_mut() };
+            match choose::on_changed_slot(packet, at) {
+                Ok(chosen) => (chosen, at.table),
                 Err(reason) => return Ok(give_up(reason.into())),
             }
         }
     };
     // Rewrite.
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
     let egress = if chosen.service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, chosen.backend) {
             Ok(egress) => egress,
@@ -86,19 +89,33 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
         Egress::ToBackend
     };
     // Send and count.
-    match egress {
-        Egress::ToBackend => Ok(match send(ctx, chosen.backend) {
+    let (action, reason) = match egress {
+        Egress::ToBackend => match send(ctx, chosen.backend) {
             Ok(action) => {
                 count(&chosen, bytes);
-                action
+                (action, trace_reason::FORWARDED)
             }
-            Err(reason) => give_up(reason.into()),
-        }),
+            Err(reason) => (give_up(reason.into()), reason as u32),
+        },
         Egress::ReplyToSender => {
             count_reason(Reason::TooBig);
-            Ok(xdp_action::XDP_TX)
+            (xdp_action::XDP_TX, Reason::TooBig as u32)
         }
+    };
+    if trace::wanted(chosen.service.id) {
+        trace::sample(
+            packet,
+            &Note {
+                service: chosen.service.id,
+                backend: chosen.backend_id,
+                action,
+                reason,
+                table,
+                len: bytes as u32,
+            },
+        );
     }
+    Ok(action)
 }
 
 /// The service and backend of a packet: classified, then chosen. The choice is written into

@@ -9,7 +9,8 @@ use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FragKey, FragValue,
     MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_SERVICES, NewFlow, RateBucket, Reason, RecordSet,
     SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES, ServiceEntry, ServiceIndexEntry, ServiceKey,
-    ServiceValue, SyncEvent, TooBigBucket, VIP_FILTER_WORDS, VipKey,
+    ServiceValue, SyncEvent, TRACE_EVENTS_BYTES, TooBigBucket, TraceEvent, VIP_FILTER_WORDS,
+    VipKey,
 };
 
 #[btf_map]
@@ -96,6 +97,10 @@ pub static NEW_FLOW_STATS: PerCpuArray<u64, { NewFlow::COUNT as usize }> = PerCp
 /// `TOO_BIG_BUCKET`.
 #[btf_map]
 pub static NEW_FLOW_BUCKET: PerCpuArray<RateBucket, 1> = PerCpuArray::new();
+
+/// The packets of a trace (`lb_common::TraceEvent`), written only while `Config::trace` is set.
+#[btf_map]
+pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_EVENTS_BYTES as usize }> = RingBuf::new();
 
 /// The records the program writes, for lbd to share with other nodes (`lb_common::SyncEvent`);
 /// written only while `Config::sync_events` is set.

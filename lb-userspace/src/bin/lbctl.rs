@@ -8,7 +8,7 @@ use hyper::Method;
 use lb_userspace::{
     api::{
         BackendInfo, Changed, Lookup, NewBackend, NewService, NewWeight, NodeStatus, Removal,
-        ServiceInfo, Stats, Status,
+        ServiceInfo, Stats, Status, TraceLine,
     },
     cli::{BackendCommand, Command, LbctlArgs, NodeCommand, ServiceCommand},
     client::Client,
@@ -546,6 +546,31 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Trace { target, count } => {
+            let body = serde_json::json!({ "target": target, "count": count });
+            let mut lines: Vec<TraceLine> = Vec::new();
+            if !json {
+                println!("{}", trace_row(None));
+            }
+            client
+                .post_lines("/v1/trace", body, |text| {
+                    let line: TraceLine = serde_json::from_str(text).map_err(|e| {
+                        lb_userspace::client::ClientError::Refused(format!(
+                            "undecodable trace line from lbd: {e}"
+                        ))
+                    })?;
+                    if json {
+                        lines.push(line);
+                    } else {
+                        println!("{}", trace_row(Some(&line)));
+                    }
+                    Ok(())
+                })
+                .await?;
+            if json {
+                print_json(&lines)?;
+            }
+        }
         Command::Lookup {
             service,
             client: address,
@@ -632,5 +657,51 @@ fn main() -> ExitCode {
             eprintln!("lbctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A row of `lbctl trace`'s live table (the header without a line). Fixed widths, as rows are
+/// printed as packets come.
+fn trace_row(line: Option<&TraceLine>) -> String {
+    let cells: [String; 8] = match line {
+        None => [
+            "CLIENT", "VIP", "PROTO", "SERVICE", "TABLE", "BACKEND", "ACTION", "REASON",
+        ]
+        .map(str::to_string),
+        Some(l) => {
+            let flags = if l.flags.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", l.flags.join(","))
+            };
+            let table = match &l.new_flow {
+                Some(n) => format!("{} {n}", l.table),
+                None => l.table.clone(),
+            };
+            [
+                join_port(l.client, l.client_port),
+                join_port(l.vip, l.port),
+                format!("{}{flags}", l.protocol),
+                l.service.clone().unwrap_or_else(|| "-".into()),
+                table,
+                l.backend.map_or("-".into(), |b| b.to_string()),
+                l.action.clone(),
+                l.reason.clone(),
+            ]
+        }
+    };
+    format!(
+        "{:<45} {:<45} {:<12} {:<16} {:<20} {:<39} {:<8} {}",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+    )
+    .trim_end()
+    .to_string()
+}
+
+/// `address:port`, IPv6 in brackets.
+fn join_port(address: std::net::IpAddr, port: u16) -> String {
+    match address {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
     }
 }
