@@ -15,6 +15,7 @@
 //! - `hash`: the keyed hashes; `maglev` (userspace): the table builder;
 //! - `decap`: the decapsulation program's maps;
 //! - `sync`: what the program reports to lbd for other nodes (`SyncEvent`);
+//! - `trace`: what the program reports while an operator traces (`TraceEvent`);
 //! - `slotstate`: per-slot state (docs/design/slot-state.md): what a Maglev slot holds besides
 //!   its backend, the connection table's records, and the per-packet choice both sides share.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
@@ -31,6 +32,7 @@ mod slot;
 pub mod slotstate;
 mod stats;
 mod sync;
+mod trace;
 
 pub use filter::{
     FILTER_HEAD_BITS, FILTER_LOOKUP_LEN, FilterData, MAX_FILTER_PREFIXES, filter_list,
@@ -55,11 +57,12 @@ pub use stats::{
     TooBigBucket, service_reason_index,
 };
 pub use sync::{SYNC_EVENTS_BYTES, SyncEvent, sync_event_flags};
+pub use trace::{TRACE_ALL, TRACE_EVENTS_BYTES, TraceEvent, Verdict, trace_outcome, trace_table};
 
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -105,8 +108,9 @@ pub mod maps {
     pub const NEW_FLOW_STATS: &str = "NEW_FLOW_STATS";
     pub const FILTERS: &str = "FILTERS";
     pub const SERVICE_REASON_STATS: &str = "SERVICE_REASON_STATS";
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -125,6 +129,7 @@ pub mod maps {
         NEW_FLOW_STATS,
         FILTERS,
         SERVICE_REASON_STATS,
+        TRACE_EVENTS,
     ];
 }
 
@@ -149,6 +154,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::SyncEvent {}
+    unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::FilterData {}
 }
@@ -176,5 +182,6 @@ mod layout_tests {
         assert_eq!(size_of::<TooBigBucket>(), 8);
         assert_eq!(size_of::<SyncEvent>(), 56);
         assert_eq!(size_of::<FilterData>() as u32 * 8, FILTER_HEAD_BITS + 128);
+        assert_eq!(size_of::<TraceEvent>(), 56);
     }
 }

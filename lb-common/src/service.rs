@@ -225,7 +225,11 @@ pub struct Config {
     /// Nanoseconds between new records each CPU may write (`daemon.new_flow_limit`); 0: no
     /// limit.
     pub new_flow_interval_ns: u32,
-    pub _pad: [u32; 2],
+    /// While lbd traces packets (`lbctl trace`): the traced service's id plus one, or
+    /// `TRACE_ALL`; 0 when no trace runs (the program then samples nothing).
+    pub trace: u32,
+    /// Counts traces (lbd's): a packet parsed for an earlier trace is not this one's.
+    pub trace_session: u32,
 }
 
 /// Key of `VIPS`: a VIP and protocol, whatever the port (for fragments without ports).

@@ -97,6 +97,7 @@ fn for_flow(
         slot,
         hot,
         backend: NO_BACKEND,
+        table: 0,
     });
     Ok(Placed::OnChangedSlot)
 }

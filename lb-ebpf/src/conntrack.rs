@@ -6,7 +6,7 @@ use lb_common::{
     Config, NEW_FLOW_BURST_NS, NO_BACKEND, NewFlow, PROTO_UDP, Reason, RecordSet, ServiceValue,
     hash, maglev_slot,
     slotstate::{self, DEFER, FlowAt, Hot, Kind, RECORDED, Write, record_flags},
-    sync_event_flags,
+    sync_event_flags, trace_table,
 };
 
 use crate::{
@@ -33,6 +33,8 @@ pub struct SlotChoice {
     pub hot: Hot,
     /// The chosen backend (`NO_BACKEND` until chosen).
     pub backend: u32,
+    /// What the connection table did, for `lbctl trace` (`lb_common::trace_table`).
+    pub table: u32,
 }
 
 /// The service and backend of a packet of `service` whose `slot` is changed (`hot`): its record
@@ -140,6 +142,7 @@ fn every_port_slot(p: &Packet, at: &mut SlotChoice) -> Result<(), ()> {
         slot,
         hot: Hot::new(hot.current(), true),
         backend: NO_BACKEND,
+        table: at.table,
     };
     Ok(())
 }
@@ -164,10 +167,12 @@ fn decide_and_write(flow: &mut Flow, at: &mut SlotChoice) -> u32 {
         || side_lane(service, slot),
         flow.kind,
         || recorded,
-        || room(way.is_some(), config.new_flow_interval_ns),
+        || room(way.is_some(), config.new_flow_interval_ns) == NewFlow::Recorded,
         &Usable(service),
     );
     at.backend = d.backend;
+    // Arithmetic, not branches (see `lb_common::Verdict`): HIT is MISS - 1.
+    at.table = trace_table::MISS - found as u32;
     match way {
         Some(way) => flow.write(d.write, way, found, service.id, slot),
         None => 0,
@@ -189,7 +194,7 @@ fn record_current(flow: &mut Flow, at: &mut SlotChoice) -> u32 {
     };
     let (found, way) = place(flow, at.service.id, at.slot, config);
     let way = match way {
-        Some(way) if found || room(true, config.new_flow_interval_ns) => way,
+        Some(way) if found || room(true, config.new_flow_interval_ns) == NewFlow::Recorded => way,
         _ => return 0,
     };
     let closing = flow.kind == Kind::TcpClosing;
@@ -215,9 +220,9 @@ fn place(flow: &Flow, service: u32, slot: u32, config: &Config) -> (bool, Option
 
 /// Whether a flow without a record may have one now: `way` (its set has a way it may take)
 /// and this CPU's new-flow budget allows it (`Config::new_flow_interval_ns`). Counted in
-/// `NEW_FLOW_STATS` either way.
+/// `NEW_FLOW_STATS` either way. `NewFlow::Recorded` when it may.
 #[inline(always)]
-fn room(way: bool, interval_ns: u32) -> bool {
+fn room(way: bool, interval_ns: u32) -> NewFlow {
     let outcome = if !way {
         NewFlow::NoRoom
     } else if !within_limit(interval_ns) {
@@ -229,7 +234,7 @@ fn room(way: bool, interval_ns: u32) -> bool {
         // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
         unsafe { *c += 1 };
     }
-    outcome == NewFlow::Recorded
+    outcome
 }
 
 /// Takes a token of this CPU's new-flow budget: one per `interval_ns` (0: no limit), with a

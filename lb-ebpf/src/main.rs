@@ -29,6 +29,7 @@ mod l2;
 mod maps;
 mod packet;
 mod runtime;
+mod trace;
 mod tunnel;
 mod verdict;
 
@@ -36,20 +37,19 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use conntrack::SlotChoice;
-use lb_common::{Backend, Reason, service_flags, service_reason_index};
+use lb_common::{Backend, Reason, Verdict, service_flags, service_reason_index, trace_outcome};
 use maps::{BACKEND_STATS, DEVMAP, REASON_STATS, SERVICE_REASON_STATS, SERVICE_STATS};
 use packet::Packet;
-use verdict::{Chosen, Egress, NotOurs, Placed, Skip, Status};
+use verdict::{Chosen, Egress, NotOurs, Placed, Refusal, Skip, Status};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    trace::capture(&ctx);
     process(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
-/// The action for a packet; `NotOurs` passes it up untouched. A service packet that is not
-/// forwarded is given up (`give_up`) right where a step refuses it, not at one exit for every
-/// reason: one such exit multiplied the verifier's work past its limit of 1,000,000
-/// instructions (from 160,000).
+/// The action for a packet; `NotOurs` passes it up untouched. A packet to a VIP's address
+/// leaves by one exit, where a trace sees its verdict (`trace`).
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     // Parse.
@@ -59,20 +59,32 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
-    // Classify (most packets that are no VIP's leave here, before any call) and choose.
+    // Classify (most packets that are no VIP's leave here, before any call).
     classify::vip_filter(packet)?;
+    let verdict = serve(ctx, packet);
+    trace::end(verdict);
+    Ok(verdict.action())
+}
+
+/// The verdict on a packet to a VIP's address: classified, chosen, rewritten, sent and
+/// counted. A service packet that is not forwarded is given up (`give_up`) right where a step
+/// refuses it, not at one exit for every reason: one such exit multiplied the verifier's work
+/// past its limit of 1,000,000 instructions (from 160,000).
+#[inline(always)]
+fn serve(ctx: &XdpContext, packet: &Packet) -> Verdict {
+    // Classify and choose.
     let mut chosen = MaybeUninit::<Chosen>::uninit();
     let mut at = MaybeUninit::<SlotChoice>::uninit();
-    let chosen = match place(packet, &mut chosen, &mut at).decode() {
-        Err(skip) => return Ok(give_up(skip)),
+    let (chosen, table) = match place(packet, &mut chosen, &mut at).decode() {
+        Err(skip) => return give_up(skip),
         // SAFETY: place returned Chosen, so it wrote `chosen`.
-        Ok(Placed::Chosen) => unsafe { chosen.assume_init() },
+        Ok(Placed::Chosen) => (unsafe { chosen.assume_init() }, 0),
         // SAFETY: place returned OnChangedSlot, so it wrote `at`.
         Ok(Placed::OnChangedSlot) => {
             let at = unsafe { at.assume_init_mut() };
             match choose::on_changed_slot(packet, at) {
-                Ok(chosen) => chosen,
-                Err(reason) => return Ok(give_up(Skip::refused(reason, at.service.id))),
+                Ok(chosen) => (chosen, at.table),
+                Err(reason) => return give_up(Skip::refused(reason, at.service.id)),
             }
         }
     };
@@ -81,25 +93,28 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     let egress = if chosen.service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, chosen.backend) {
             Ok(egress) => egress,
-            Err(reason) => return Ok(give_up(Skip::refused(reason, chosen.service.id))),
+            Err(reason) => return give_up(Skip::refused(reason, chosen.service.id)),
         }
+    } else if l2::rewrite_dsr(ctx, packet.l3, chosen.backend).is_ok() {
+        Egress::ToBackend
     } else {
         // A frame that cannot be rewritten (none that parsed) is passed up uncounted.
-        l2::rewrite_dsr(ctx, packet.l3, chosen.backend).map_err(|()| NotOurs)?;
-        Egress::ToBackend
+        return forwarded(xdp_action::XDP_PASS, &chosen, table)
+            .because(trace_outcome::NOT_REWRITTEN);
     };
     // Send and count.
     match egress {
-        Egress::ToBackend => Ok(match send(ctx, chosen.backend) {
+        Egress::ToBackend => match send(ctx, chosen.backend) {
             Ok(action) => {
                 count(&chosen, bytes);
-                action
+                forwarded(action, &chosen, table)
             }
             Err(reason) => give_up(Skip::refused(reason, chosen.service.id)),
-        }),
+        },
         Egress::ReplyToSender => {
             count_reason(Reason::TooBig, Some(chosen.service.id));
-            Ok(xdp_action::XDP_TX)
+            forwarded(xdp_action::XDP_TX, &chosen, table)
+                .because(Refusal::of(Reason::TooBig, chosen.service.id).traced())
         }
     }
 }
@@ -135,15 +150,26 @@ fn send(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
 /// counted under its reason (and its service's, when known), then dropped or passed up
 /// (`Skip::drops`).
 #[inline(always)]
-fn give_up(skip: Skip) -> u32 {
-    if let Skip::Refused(refusal) = skip {
-        count_reason(refusal.reason(), refusal.service());
-    }
-    if skip.drops() {
+fn give_up(skip: Skip) -> Verdict {
+    let outcome = match skip {
+        Skip::Refused(refusal) => {
+            count_reason(refusal.reason(), refusal.service());
+            refusal.traced()
+        }
+        Skip::NotOurs => trace_outcome::NO_SERVICE,
+    };
+    let action = if skip.drops() {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
-    }
+    };
+    Verdict::refused(action, outcome)
+}
+
+/// The verdict on a packet sent (`action`) as `chosen` says.
+#[inline(always)]
+fn forwarded(action: u32, chosen: &Chosen, table: u32) -> Verdict {
+    Verdict::forwarded(action, chosen.service.id, chosen.backend_id, table)
 }
 
 /// A refused packet on its reason's counter, and on its service's counter of that reason.

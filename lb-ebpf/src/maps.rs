@@ -1,5 +1,5 @@
-//! The maps of the balancer program (names in `lb_common::maps`; lbd pins every one but
-//! `TOO_BIG_BUCKET`).
+//! The maps of the balancer program (names in `lb_common::maps`; lbd pins every one but the
+//! per-CPU scratch of the program's own: `TOO_BIG_BUCKET`, `NEW_FLOW_BUCKET`, `TRACE_PACKET`).
 
 use aya_ebpf::{
     btf_maps::{
@@ -11,8 +11,8 @@ use lb_common::{
     BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FilterData, FragKey, FragValue,
     MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FILTER_PREFIXES, MAX_SERVICES, NewFlow,
     REASONS_PER_SERVICE, RateBucket, Reason, RecordSet, SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES,
-    ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent, TooBigBucket,
-    VIP_FILTER_WORDS, VipKey,
+    ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent, TRACE_EVENTS_BYTES,
+    TooBigBucket, TraceEvent, VIP_FILTER_WORDS, VipKey,
 };
 
 #[btf_map]
@@ -112,6 +112,15 @@ pub static NEW_FLOW_STATS: PerCpuArray<u64, { NewFlow::COUNT as usize }> = PerCp
 /// `TOO_BIG_BUCKET`.
 #[btf_map]
 pub static NEW_FLOW_BUCKET: PerCpuArray<RateBucket, 1> = PerCpuArray::new();
+
+/// The packets of a trace (`lb_common::TraceEvent`), written only while `Config::trace` is set.
+#[btf_map]
+pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Each CPU's copy of the packet under way, parsed at the program's start while a trace runs
+/// (`crate::trace`).
+#[btf_map]
+pub static TRACE_PACKET: PerCpuArray<crate::trace::Captured, 1> = PerCpuArray::new();
 
 /// The records the program writes, for lbd to share with other nodes (`lb_common::SyncEvent`);
 /// written only while `Config::sync_events` is set.

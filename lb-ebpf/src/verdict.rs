@@ -3,7 +3,7 @@
 //! `Egress` (where the rewritten frame goes). Steps return `Result<_, Skip>` (or `Reason`, or
 //! `NotOurs`, which convert into it with `?`); `Status` carries one across a BPF-to-BPF call.
 
-use lb_common::{Backend, Reason, ServiceValue};
+use lb_common::{Backend, Reason, ServiceValue, trace_outcome};
 
 /// The service and backend of a packet that is to be forwarded.
 #[derive(Clone, Copy)]
@@ -34,9 +34,9 @@ pub enum Skip {
 pub struct Refusal(u32);
 
 impl Refusal {
-    const REASON: u32 = 0xff;
-    const SERVICE_KNOWN: u32 = 1 << 8;
-    const SERVICE_SHIFT: u32 = 16;
+    const REASON: u32 = trace_outcome::REASON;
+    const SERVICE_KNOWN: u32 = trace_outcome::SERVICE_KNOWN;
+    const SERVICE_SHIFT: u32 = trace_outcome::SERVICE_SHIFT;
 
     /// Refused for `reason`, for service `id`.
     #[inline(always)]
@@ -47,6 +47,12 @@ impl Refusal {
     #[inline(always)]
     pub fn reason(self) -> Reason {
         Reason::from_index(self.0 & Self::REASON)
+    }
+
+    /// The refusal as a trace notes it (`lb_common::trace_outcome`).
+    #[inline(always)]
+    pub fn traced(self) -> u32 {
+        trace_outcome::REFUSED | self.0
     }
 
     /// The service id the refusal counts for, if known.
@@ -136,8 +142,9 @@ impl Status {
     const OK: u32 = 0;
     const NOT_OURS: u32 = 1;
     const CHANGED_SLOT: u32 = 2;
-    /// `Refused(refusal)`: this bit, and the refusal's bits (which never use it).
-    const REFUSED: u32 = 1 << 9;
+    /// `Refused(refusal)`: this bit, and the refusal's bits (which never use it). The same
+    /// encoding as a trace's outcome (`lb_common::trace_outcome`).
+    const REFUSED: u32 = trace_outcome::REFUSED;
 
     #[inline(always)]
     pub fn encode(result: Result<Placed, Skip>) -> Status {

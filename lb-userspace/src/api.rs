@@ -9,12 +9,14 @@
 //! - `edits`: the handlers that change something, through the config file and `reconcile`;
 //! - `handlers`: the read-only handlers and the error answer ([`Refusal`]);
 //! - `snapshot`: the one snapshot of counters behind `/v1/stats` and `/metrics`;
+//! - `trace`: `lbctl trace`, packets streamed as the data path reports them;
 //! - `types`: the wire types shared with lbctl (plain data).
 
 mod edits;
 mod handlers;
 mod server;
 mod snapshot;
+mod trace;
 pub mod types;
 
 pub use handlers::Refusal;

@@ -65,6 +65,15 @@ pub enum Command {
         #[arg(long)]
         port: Option<u16>,
     },
+    /// The next packets of a service, a VIP or every service, live, as the data path saw them:
+    /// client, ports, service, connection-table hit or miss, backend, action, reason.
+    Trace {
+        /// A service name or a VIP (default: every service).
+        target: Option<String>,
+        /// How many packets.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: u32,
+    },
     /// Print a shell completion script.
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },

@@ -34,6 +34,20 @@ impl Client {
         }
     }
 
+    async fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    ClientError::NotRunning(self.socket.clone())
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    ClientError::PermissionDenied(self.socket.clone())
+                }
+                _ => self.transport(e),
+            })
+    }
+
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
         ClientError::Transport {
             path: self.socket.clone(),
@@ -49,17 +63,7 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                    ClientError::NotRunning(self.socket.clone())
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    ClientError::PermissionDenied(self.socket.clone())
-                }
-                _ => self.transport(e),
-            })?;
+        let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.transport(e))?;
@@ -84,19 +88,73 @@ impl Client {
             .map_err(|e| self.transport(e))?
             .to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| {
-                    format!("lbd answered {status}: {}", String::from_utf8_lossy(&body))
-                });
-            return Err(ClientError::Refused(message));
+            return Err(ClientError::Refused(refusal(status, &body)));
         }
         serde_json::from_slice(&body)
             .map_err(|e| self.transport(format!("undecodable answer: {e}")))
     }
 
+    /// Posts `body` to `path` and hands each line of the streamed answer to `line` as it comes;
+    /// a non-2xx answer becomes `ClientError::Refused`.
+    pub async fn post_lines(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        started: impl FnOnce(),
+        mut line: impl FnMut(&str) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.transport(e))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("host", "lbd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| self.transport(e))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            started();
+        }
+        let mut body = resp.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.transport(e))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            if !status.is_success() {
+                continue;
+            }
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+                pending.drain(..=end);
+                line(&text)?;
+            }
+        }
+        if !status.is_success() {
+            return Err(ClientError::Refused(refusal(status, &pending)));
+        }
+        Ok(())
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.request(Method::GET, path, None).await
     }
+}
+
+/// lbd's `error` message of a refusal, or the status and body when there is none.
+fn refusal(status: hyper::StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| format!("lbd answered {status}: {}", String::from_utf8_lossy(body)))
 }

@@ -951,3 +951,201 @@ fn metrics_endpoint() {
         .unwrap();
     assert_eq!(r.status, 404);
 }
+
+// ---- 7 ----------------------------------------------------------------------------------------
+
+/// Runs `lbctl --json trace ARGS` in the background; its parsed JSON array when it exits.
+fn trace_in_background(lbd: &Lbd, args: &[&str]) -> std::thread::JoinHandle<Vec<Value>> {
+    let socket = lbd.paths.socket.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        let out = Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--json")
+            .arg("trace")
+            .args(&args)
+            .output()
+            .expect("running lbctl trace");
+        assert!(
+            out.status.success(),
+            "lbctl trace {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("lbctl trace --json: an array")
+    })
+}
+
+/// `lbctl trace` against known traffic: every traced packet names the client, the service and
+/// the backend that actually answered that client (nginx says which), forwarded with XDP_TX; a
+/// second trace while one runs is refused, and a trace whose lbctl goes away stops.
+#[test]
+fn trace_shows_what_each_packet_got() {
+    let t = topology();
+    let paths = LbdPaths::for_topology(&t);
+    let lbd = start_lbd(
+        &t,
+        &config(&paths, "", None, &[(1, 100), (2, 100), (3, 100)]),
+    )
+    .expect("starting lbd");
+    let sources = t.all_client_sources();
+    const COUNT: usize = 40;
+    let trace = trace_in_background(&lbd, &["web", "--count", &COUNT.to_string()]);
+    // Requests until the trace has its packets (it starts a moment after lbctl does).
+    let mut served: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while !trace.is_finished() && Instant::now() < deadline {
+        let src = sources[i % sources.len()];
+        i += 1;
+        let b = t
+            .which_backend(src, vip())
+            .expect("a request through the VIP");
+        assert_eq!(*served.entry(src).or_insert(b), b, "{src} changed backend");
+    }
+    assert!(
+        trace.is_finished(),
+        "the trace did not see {COUNT} packets in 20 s"
+    );
+    let lines = trace.join().expect("the trace's thread");
+    assert_eq!(lines.len(), COUNT, "{lines:?}");
+    for l in &lines {
+        let client: IpAddr = l["client"].as_str().unwrap().parse().unwrap();
+        let got = served
+            .get(&client)
+            .unwrap_or_else(|| panic!("traced a packet of {client}, who sent none: {l}"));
+        assert_eq!(l["vip"], VIP, "{l}");
+        assert_eq!(l["port"], 80, "{l}");
+        assert_eq!(l["protocol"], "tcp", "{l}");
+        assert_eq!(l["service"], "web", "{l}");
+        assert_eq!(l["backend"], baddr(*got).to_string(), "{l}");
+        assert_eq!(l["action"], "tx", "{l}");
+        assert_eq!(l["reason"], "forwarded", "{l}");
+        assert_eq!(l["table"], "not-read", "no slot changed: {l}");
+        assert!(l["bytes"].as_u64().unwrap() >= 54, "{l}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["flags"].as_array().unwrap().iter().any(|f| f == "syn")),
+        "the connections' SYNs are traced"
+    );
+
+    // One trace at a time; the second is refused and says why.
+    let mut first = Command::new(bin("lbctl"))
+        .arg("--socket")
+        .arg(&lbd.paths.socket)
+        .args(["trace", VIP, "--count", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting lbctl trace");
+    // lbctl prints its header once lbd has begun the trace.
+    let mut header = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(first.stdout.as_mut().expect("lbctl's stdout")),
+        &mut header,
+    )
+    .expect("reading lbctl trace's header");
+    assert!(header.starts_with("CLIENT"), "{header:?}");
+    let refused = retry_until(
+        Duration::from_secs(10),
+        "a second trace to be refused",
+        || {
+            let out = lbd.lbctl(&["trace", "--count", "1"])?;
+            anyhow::ensure!(!out.status.success(), "the second trace ran");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            anyhow::ensure!(err.contains("a trace is running"), "{err}");
+            Ok(err)
+        },
+    )
+    .expect("a second trace refused");
+    assert!(refused.contains("one at a time"), "{refused}");
+    // The first lbctl goes away: its trace stops, and a new one can run.
+    first.kill().expect("killing lbctl trace");
+    let _ = first.wait();
+    let again = trace_in_background(&lbd, &["--count", "2"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !again.is_finished() && Instant::now() < deadline {
+        let _ = t.which_backend(sources[0], vip());
+    }
+    assert_eq!(again.join().expect("the trace's thread").len(), 2);
+    // Bad targets.
+    let out = lbd.lbctl(&["trace", "nosuch"]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nosuch\""));
+    let out = lbd.lbctl(&["trace", "198.51.100.99"]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service has the VIP"));
+    let out = lbd.lbctl(&["trace", "web", "--count", "0"]).unwrap();
+    assert!(!out.status.success(), "a count of 0 is refused");
+
+    // A denied client's packets: dropped, and the trace says why.
+    let denied = sources[1];
+    lbd.lbctl_ok(&["service", "deny", "web", &format!("{denied}/32")]);
+    let trace = trace_in_background(&lbd, &[VIP, "--count", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !trace.is_finished() && Instant::now() < deadline {
+        assert!(
+            t.which_backend(denied, vip()).is_err(),
+            "denied {denied} was served"
+        );
+    }
+    let lines = trace.join().expect("the trace's thread");
+    let l = &lines[0];
+    assert_eq!(l["client"], denied.to_string(), "{l}");
+    assert_eq!(l["service"], "web", "{l}");
+    assert_eq!(l["action"], "drop", "{l}");
+    assert_eq!(l["reason"], "denied", "{l}");
+    assert!(l["backend"].is_null(), "{l}");
+    lbd.lbctl_ok(&["service", "unlist", "web", &format!("{denied}/32")]);
+
+    // Packets on changed slots: backend 1 drained, the slots of its clients change, and their
+    // new connections are looked up in the connection table (a SYN misses and is recorded,
+    // the rest of the connection finds its record).
+    let on_1: Vec<IpAddr> = sources
+        .iter()
+        .copied()
+        .filter(|&s| t.which_backend(s, vip()).expect("a request") == 1)
+        .collect();
+    assert!(
+        !on_1.is_empty(),
+        "no client of {} on backend 1",
+        sources.len()
+    );
+    lbd.lbctl_ok(&["backend", "drain", "web", &baddr(1).to_string()]);
+    let trace = trace_in_background(&lbd, &["web", "--count", "30"]);
+    let mut now_served: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while !trace.is_finished() && Instant::now() < deadline {
+        let src = on_1[i % on_1.len()];
+        i += 1;
+        let b = t.which_backend(src, vip()).expect("a request");
+        assert_ne!(b, 1, "{src} reached drained backend 1");
+        assert_eq!(
+            *now_served.entry(src).or_insert(b),
+            b,
+            "{src} changed backend"
+        );
+    }
+    let lines = trace.join().expect("the trace's thread");
+    assert_eq!(lines.len(), 30, "{lines:?}");
+    for l in &lines {
+        let client: IpAddr = l["client"].as_str().unwrap().parse().unwrap();
+        let got = now_served
+            .get(&client)
+            .unwrap_or_else(|| panic!("traced a packet of {client}, who sent none: {l}"));
+        assert_eq!(l["backend"], baddr(*got).to_string(), "{l}");
+        assert_eq!(l["reason"], "forwarded", "{l}");
+        assert!(
+            l["table"] == "hit" || l["table"] == "miss",
+            "a changed slot: {l}"
+        );
+    }
+    for table in ["hit", "miss"] {
+        assert!(
+            lines.iter().any(|l| l["table"] == table),
+            "no packet's table part is {table}: {lines:?}"
+        );
+    }
+}

@@ -252,6 +252,7 @@ pub fn router(shared: Shared) -> Router {
         )
         .route("/v1/lookup", get(lookup))
         .route("/v1/node", get(node))
+        .route("/v1/trace", post(super::trace::trace))
         .route("/v1/node/drain", post(node_drain))
         .route("/v1/node/undrain", post(node_undrain))
         .with_state(shared)

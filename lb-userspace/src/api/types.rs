@@ -372,3 +372,36 @@ pub struct Lookup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denied: Option<String>,
 }
+
+/// `POST /v1/trace`: trace the next `count` packets of `target` (a service name, a VIP, or
+/// every service when absent). The answer streams one `TraceLine` per line (JSON) as packets
+/// come, and ends after `count` of them or when the client goes.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TraceRequest {
+    #[serde(default)]
+    pub target: Option<String>,
+    pub count: u32,
+}
+
+/// One traced packet, as the data path saw and handled it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TraceLine {
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `syn`, `closing`, `icmp-error`, `fragment`.
+    pub flags: Vec<String>,
+    /// The service's name (None: no service has this port and protocol of the VIP).
+    pub service: Option<String>,
+    /// The connection table: `not-read` (the slot is unchanged), `hit` or `miss`.
+    pub table: String,
+    pub backend: Option<IpAddr>,
+    /// `tx`, `redirect`, `pass` or `drop`.
+    pub action: String,
+    /// `forwarded`, or why not (the labels of `lb_dropped_total`, or `no_service`).
+    pub reason: String,
+    pub bytes: u32,
+}

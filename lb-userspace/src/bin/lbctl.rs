@@ -8,7 +8,7 @@ use hyper::Method;
 use lb_userspace::{
     api::{
         BackendInfo, Changed, HealthOptions, Lookup, NewBackend, NewPrefix, NewService, NewWeight,
-        NodeStatus, Removal, ServiceInfo, Stats, Status,
+        NodeStatus, Removal, ServiceInfo, Stats, Status, TraceLine,
     },
     cli::{BackendCommand, CheckArgs, Command, LbctlArgs, NodeCommand, ServiceCommand},
     client::Client,
@@ -631,6 +631,34 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Trace { target, count } => {
+            let body = serde_json::json!({ "target": target, "count": count });
+            let mut lines: Vec<TraceLine> = Vec::new();
+            // The header once lbd has begun the trace (a refusal prints no table).
+            let started = || {
+                if !json {
+                    println!("{}", trace_row(None));
+                }
+            };
+            client
+                .post_lines("/v1/trace", body, started, |text| {
+                    let line: TraceLine = serde_json::from_str(text).map_err(|e| {
+                        lb_userspace::client::ClientError::Refused(format!(
+                            "undecodable trace line from lbd: {e}"
+                        ))
+                    })?;
+                    if json {
+                        lines.push(line);
+                    } else {
+                        println!("{}", trace_row(Some(&line)));
+                    }
+                    Ok(())
+                })
+                .await?;
+            if json {
+                print_json(&lines)?;
+            }
+        }
         Command::Lookup {
             service,
             client: address,
@@ -722,5 +750,47 @@ fn main() -> ExitCode {
             eprintln!("lbctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A row of `lbctl trace`'s live table (the header without a line). Fixed widths, as rows are
+/// printed as packets come.
+fn trace_row(line: Option<&TraceLine>) -> String {
+    let cells: [String; 8] = match line {
+        None => [
+            "CLIENT", "VIP", "PROTO", "SERVICE", "TABLE", "BACKEND", "ACTION", "REASON",
+        ]
+        .map(str::to_string),
+        Some(l) => {
+            let flags = if l.flags.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", l.flags.join(","))
+            };
+            [
+                join_port(l.client, l.client_port),
+                join_port(l.vip, l.port),
+                format!("{}{flags}", l.protocol),
+                l.service.clone().unwrap_or_else(|| "-".into()),
+                l.table.clone(),
+                l.backend.map_or("-".into(), |b| b.to_string()),
+                l.action.clone(),
+                l.reason.clone(),
+            ]
+        }
+    };
+    format!(
+        "{:<45} {:<45} {:<12} {:<16} {:<8} {:<39} {:<8} {}",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+    )
+    .trim_end()
+    .to_string()
+}
+
+/// `address:port`, IPv6 in brackets.
+fn join_port(address: std::net::IpAddr, port: u16) -> String {
+    match address {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
     }
 }

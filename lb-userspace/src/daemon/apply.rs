@@ -47,6 +47,10 @@ pub struct Daemon {
     pub conntrack: Arc<ConntrackUse>,
     /// The sync threads' peers and counters, with `[daemon.sync]` (set once they run).
     pub sync_status: Option<Arc<crate::sync::SyncStatus>>,
+    /// `Config::trace` while `lbctl trace` runs (0: no trace).
+    pub trace: u32,
+    /// `Config::trace_session`: counts the traces this lbd ran.
+    trace_session: u32,
     /// `lbctl node drain`: no VIP serves (kept in state_dir).
     node: state::NodeState,
     /// Whether the program is on the configured interfaces (set at start, and as `follow`
@@ -168,6 +172,8 @@ impl Daemon {
             started: Instant::now(),
             monitor,
             health_counts: BTreeMap::new(),
+            trace: 0,
+            trace_session: 0,
             conntrack: Arc::new(ConntrackUse::default()),
             sync_status: None,
             config,
@@ -219,10 +225,24 @@ impl Daemon {
             new_flow_limit: daemon.new_flow_limit,
         }
         .write_into(&mut config);
+        config.trace = self.trace;
+        config.trace_session = self.trace_session;
         let want = fill(config, &self.seed, &mut self.services);
         self.datapath.apply(&want)?;
         self.publish_serving();
         Ok(())
+    }
+
+    /// Starts (`lb_common::TRACE_ALL`, or a service id plus one) or stops (0) the data path's
+    /// sampling of packets for `lbctl trace`.
+    pub fn set_trace(&mut self, trace: u32) -> anyhow::Result<()> {
+        if trace != 0 {
+            // A session of its own (never 0): packets the program parsed for an earlier trace
+            // are not this one's.
+            self.trace_session = self.trace_session.wrapping_add(1).max(1);
+        }
+        self.trace = trace;
+        self.sync()
     }
 
     /// The VIPs this node serves now (`serving::serving_vips`).

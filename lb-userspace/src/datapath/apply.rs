@@ -32,7 +32,8 @@ impl Datapath {
             sync_events: 0,
             eviction: Default::default(),
             new_flow_interval_ns: 0,
-            _pad: [0; 2],
+            trace: 0,
+            trace_session: 0,
         };
         super::Protection::default().write_into(&mut config);
         Ok(config)

@@ -37,6 +37,8 @@ pub(super) struct Maps {
     /// The program's reports of the records it writes, until the sync thread takes them
     /// (`Datapath::take_sync_events`).
     pub(super) sync_events: Option<RingBuf<MapData>>,
+    /// The packets of a trace, while no trace has them (`Datapath::take_trace_events`).
+    pub(super) trace_events: Option<RingBuf<MapData>>,
 }
 
 impl Maps {
@@ -70,6 +72,9 @@ impl Maps {
             filters: LpmTrie::try_from(get(maps::FILTERS)?).map_err(map_err(maps::FILTERS))?,
             sync_events: Some(
                 RingBuf::try_from(get(maps::SYNC_EVENTS)?).map_err(map_err(maps::SYNC_EVENTS))?,
+            ),
+            trace_events: Some(
+                RingBuf::try_from(get(maps::TRACE_EVENTS)?).map_err(map_err(maps::TRACE_EVENTS))?,
             ),
         })
     }

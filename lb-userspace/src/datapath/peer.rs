@@ -56,6 +56,16 @@ impl Datapath {
         self.maps.sync_events.take()
     }
 
+    /// The ring buffer of a trace's packets (`lb_common::TraceEvent`), for one trace at a time;
+    /// `None` while a trace has it. Given back with `give_back_trace_events`.
+    pub fn take_trace_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.maps.trace_events.take()
+    }
+
+    pub fn give_back_trace_events(&mut self, events: RingBuf<MapData>) {
+        self.maps.trace_events = Some(events);
+    }
+
     /// A reported record in terms another node understands (addresses, not ids); `None` when
     /// its service or backend is not (or no longer) in the maps.
     pub fn describe_event(&self, e: &SyncEvent) -> Option<PeerFlow> {
