@@ -55,6 +55,31 @@ impl Client {
         }
     }
 
+    /// Sends one request with a JSON `body` over a connection of its own; the answer's head.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.transport(e))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "lbd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| self.transport(e))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.transport(e))
+    }
+
     /// Sends one request and decodes the JSON answer; a non-2xx answer becomes
     /// `ClientError::Refused` with lbd's `error` message.
     pub async fn request<T: DeserializeOwned>(
@@ -63,23 +88,8 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
-        let stream = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.transport(e))?;
-        tokio::spawn(conn);
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "lbd")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| self.transport(e))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| self.transport(e))?;
+        let resp = self.send(method, path, bytes).await?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -103,22 +113,7 @@ impl Client {
         started: impl FnOnce(),
         mut line: impl FnMut(&str) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
-        let stream = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.transport(e))?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header("host", "lbd")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| self.transport(e))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| self.transport(e))?;
+        let resp = self.send(Method::POST, path, body.to_string()).await?;
         let status = resp.status();
         if status.is_success() {
             started();

@@ -89,6 +89,16 @@ fn topology() -> Topology {
     .expect("building the namespace topology")
 }
 
+/// lbd with service `web` on the three backends, weight 100 each, no health checks.
+fn start_with_three_backends(t: &Topology) -> Lbd<'_> {
+    let paths = LbdPaths::for_topology(t);
+    start_lbd(
+        t,
+        &config(&paths, "", None, &[(1, 100), (2, 100), (3, 100)]),
+    )
+    .expect("starting lbd")
+}
+
 fn backend_list(lbd: &Lbd) -> Vec<Value> {
     lbd.lbctl_json(&["backend", "list", "web"])
         .expect("lbctl backend list")
@@ -448,12 +458,7 @@ fn live_changes_follow_lookup() {
 #[test]
 fn drained_stream_completes_byte_exact() {
     let t = topology();
-    let paths = LbdPaths::for_topology(&t);
-    let lbd = start_lbd(
-        &t,
-        &config(&paths, "", None, &[(1, 100), (2, 100), (3, 100)]),
-    )
-    .expect("starting lbd");
+    let lbd = start_with_three_backends(&t);
     let src = t.client_sources(1)[0];
     let ns = t.client_ns(1);
     let b = lookup(&lbd, src);
@@ -982,12 +987,7 @@ fn trace_in_background(lbd: &Lbd, args: &[&str]) -> std::thread::JoinHandle<Vec<
 #[test]
 fn trace_shows_what_each_packet_got() {
     let t = topology();
-    let paths = LbdPaths::for_topology(&t);
-    let lbd = start_lbd(
-        &t,
-        &config(&paths, "", None, &[(1, 100), (2, 100), (3, 100)]),
-    )
-    .expect("starting lbd");
+    let lbd = start_with_three_backends(&t);
     let sources = t.all_client_sources();
     const COUNT: usize = 40;
     let trace = trace_in_background(&lbd, &["web", "--count", &COUNT.to_string()]);
