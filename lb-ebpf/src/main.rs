@@ -27,6 +27,7 @@ mod headers;
 mod icmp;
 mod l2;
 mod maps;
+mod nat;
 mod packet;
 mod runtime;
 mod tunnel;
@@ -59,8 +60,12 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
-    // Classify (most packets that are no VIP's leave here, before any call) and choose.
-    classify::vip_filter(packet)?;
+    // Classify (most packets that are no VIP's leave here, before any call; a NAT backend's
+    // reply leaves for `nat::reply`) and choose.
+    if classify::vip_filter(packet).is_err() {
+        nat::maybe_reply(packet)?;
+        return Ok(nat::reply(ctx, packet));
+    }
     let mut chosen = MaybeUninit::<Chosen>::uninit();
     let mut at = MaybeUninit::<SlotChoice>::uninit();
     let chosen = match place(packet, &mut chosen, &mut at).decode() {
@@ -78,6 +83,9 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     };
     // Rewrite.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if chosen.service.flags & service_flags::NAT != 0 {
+        return Ok(nat::forward(ctx, packet, &chosen));
+    }
     let egress = if chosen.service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, chosen.backend) {
             Ok(egress) => egress,

@@ -108,6 +108,9 @@ pub enum Forwarding {
     #[default]
     Dsr,
     Tunnel,
+    /// Destination address and port rewritten to the backend's, replies rewritten back: the
+    /// backends route their replies through lb.
+    Nat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
@@ -384,6 +387,15 @@ pub struct Backend {
     pub address: IpAddr,
     pub weight: u32,
     pub mac: Option<[u8; 6]>,
+    /// The port the backend serves on (`nat` only; None: the service's port).
+    pub port: Option<u16>,
+}
+
+impl Backend {
+    /// The port the backend serves the service `service_port` on.
+    pub fn port_or(&self, service_port: u16) -> u16 {
+        self.port.unwrap_or(service_port)
+    }
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
@@ -495,6 +507,7 @@ struct RawBackend {
     address: Spanned<IpAddr>,
     weight: Option<Spanned<u32>>,
     mac: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
 }
 
 impl Default for Health {

@@ -230,6 +230,7 @@ pub(super) async fn backend_add(
         address: n.address,
         weight,
         mac: None,
+        port: None,
     };
     change(&shared, |d, f| {
         let s = d.find_service(&name).map_err(not_found)?;

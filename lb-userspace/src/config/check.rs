@@ -412,6 +412,26 @@ pub fn name_problem(name: &str) -> Option<String> {
     (!ok).then(|| format!("{name:?} is not a valid name (1 to 64 of a-z, A-Z, 0-9, '-', '_', '.')"))
 }
 
+/// Why a backend may not serve a service of port `service_port` forwarded by `forwarding` on
+/// `port`: the same rule for the file and for `lbctl backend add --port`.
+pub fn port_problem(forwarding: Forwarding, service_port: u16, port: u16) -> Option<String> {
+    match forwarding {
+        Forwarding::Nat if port == 0 => Some(
+            "0 is not a port a backend can serve on (leave port out to keep the service's)".into(),
+        ),
+        Forwarding::Nat => None,
+        _ if port == service_port => None,
+        Forwarding::Dsr | Forwarding::Tunnel => Some(format!(
+            "{port} differs from the service's port {service_port}: with forwarding = \"{}\" the backend receives the packet as the client sent it, so it cannot be moved to another port (use forwarding = \"nat\")",
+            if forwarding == Forwarding::Dsr {
+                "dsr"
+            } else {
+                "tunnel"
+            }
+        )),
+    }
+}
+
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
@@ -490,7 +510,7 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
             }
             *t.get_ref()
         });
-        let backends = check_backends(c, i, vip, forwarding, s.backend);
+        let backends = check_backends(c, i, vip, (forwarding, *s.port.get_ref()), s.backend);
         total_backends += backends.len();
         let table_size = match &s.table_size {
             None => DEFAULT_TABLE_SIZE,
@@ -622,7 +642,7 @@ fn check_backends(
     c: &mut Checker,
     service: usize,
     vip: IpAddr,
-    forwarding: Forwarding,
+    (forwarding, service_port): (Forwarding, u16),
     raw: Vec<Spanned<RawBackend>>,
 ) -> Vec<Backend> {
     let mut seen = HashSet::new();
@@ -680,10 +700,17 @@ fn check_backends(
                 }
             }
         });
+        let port = b.port.map(|p| {
+            if let Some(msg) = port_problem(forwarding, service_port, *p.get_ref()) {
+                c.error(&p, key("port"), msg);
+            }
+            *p.get_ref()
+        });
         backends.push(Backend {
             address,
             weight,
             mac,
+            port,
         });
     }
     backends

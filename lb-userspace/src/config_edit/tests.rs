@@ -175,6 +175,7 @@ fn new_tables_follow_an_indented_aligned_layout() {
             address: ip("192.0.2.12"),
             weight: 30,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -279,6 +280,7 @@ fn removing_every_backend_leaves_a_valid_service() {
             address: ip("2001:db8::9"),
             weight: 100,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -365,6 +367,7 @@ fn add_backend_appends_after_the_services_last_backend() {
             address: ip("192.0.2.14"),
             weight: 100,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -374,6 +377,7 @@ fn add_backend_appends_after_the_services_last_backend() {
             address: ip("192.0.2.15"),
             weight: 30,
             mac: Some([2, 0, 0, 0, 0x0b, 0x0f]),
+            port: None,
         },
     )
     .unwrap();
@@ -425,11 +429,13 @@ fn add_service_writes_only_what_differs_from_defaults() {
                 address: ip("192.0.2.21"),
                 weight: 100,
                 mac: None,
+                port: None,
             },
             Backend {
                 address: ip("192.0.2.22"),
                 weight: 10,
                 mac: None,
+                port: None,
             },
         ],
         allow: vec!["198.51.100.0/24".parse().unwrap()],
@@ -485,6 +491,7 @@ fn errors_name_what_is_missing_or_duplicated() {
         address: ip("192.0.2.11"),
         weight: 100,
         mac: None,
+        port: None,
     };
     let e = f.set_weight("nope", ip("192.0.2.11"), 1).unwrap_err();
     assert!(
@@ -517,6 +524,7 @@ fn errors_name_what_is_missing_or_duplicated() {
         address: ip("2001:db8:0:0::2"),
         weight: 100,
         mac: None,
+        port: None,
     };
     assert!(matches!(
         f.add_backend("dns", &b6),
@@ -556,6 +564,7 @@ fn edits_keep_the_announce_table() {
             address: ip("2001:db8::3"),
             weight: 10,
             mac: None,
+            port: None,
         },
     )
     .unwrap();

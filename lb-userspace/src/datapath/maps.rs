@@ -20,6 +20,7 @@ pub(super) struct Maps {
     pub(super) service_by_id: Array<MapData, ServiceEntry>,
     pub(super) service_index: Array<MapData, ServiceIndexEntry>,
     pub(super) vip_filter: Array<MapData, u64>,
+    pub(super) nat_filter: Array<MapData, u64>,
     pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u64>>,
     pub(super) backends: Array<MapData, Backend>,
     pub(super) config: Array<MapData, Config>,
@@ -49,6 +50,8 @@ impl Maps {
                 .map_err(map_err(maps::SERVICE_INDEX))?,
             vip_filter: Array::try_from(get(maps::VIP_FILTER)?)
                 .map_err(map_err(maps::VIP_FILTER))?,
+            nat_filter: Array::try_from(get(maps::NAT_FILTER)?)
+                .map_err(map_err(maps::NAT_FILTER))?,
             maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
             backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,

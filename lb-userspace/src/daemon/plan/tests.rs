@@ -327,6 +327,7 @@ fn an_added_backend_gets_the_lowest_free_id_and_waits_for_its_first_check() {
             address: ip("192.0.2.13"),
             weight: 100,
             mac: None,
+            port: None,
         },
     );
     assert_eq!(hops_needed(&current, &new).len(), 1);
@@ -365,6 +366,7 @@ fn an_added_backend_without_a_resolution_is_there_without_a_hop() {
         address: ip("192.0.2.22"),
         weight: 100,
         mac: None,
+        port: None,
     });
     let p = plan(&current, &new, Hops::new(), later()).unwrap();
     let b = backend(&p.services, "dns", "192.0.2.22");
@@ -510,6 +512,7 @@ fn ids_freed_by_a_change_are_given_again_only_by_a_later_one() {
             address: ip("192.0.2.23"),
             weight: 100,
             mac: None,
+            port: None,
         });
     let fourth = step(&third.services, &again, later());
     assert_eq!(ids(&fourth.services)[1], ("dns".into(), 1, vec![1, 2]));
