@@ -213,6 +213,9 @@ pub enum BackendCommand {
         address: IpAddr,
         #[arg(long, default_value_t = crate::config::DEFAULT_WEIGHT)]
         weight: u32,
+        /// The port the backend serves on (`nat` services only; default: the service's).
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Remove a backend: its clients move, established flows too.
     Remove {

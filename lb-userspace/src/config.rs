@@ -26,7 +26,7 @@ mod health;
 #[cfg(test)]
 mod tests;
 
-pub use check::{is_prime, name_problem, parse, parse_mac, table_size_problem};
+pub use check::{is_prime, name_problem, parse, parse_mac, port_problem, table_size_problem};
 pub use health::{
     DEFAULT_EXEC_USER, DEFAULT_PGSQL_USER, HEALTH_KEYS, from_hex, parse_health, to_hex,
 };
@@ -352,6 +352,9 @@ impl Service {
 pub struct Health {
     pub check: CheckKind,
     pub port: u16,
+    /// `port` was written in the config: with `nat` a check without it goes to each backend's
+    /// own port instead.
+    pub port_given: bool,
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub rise: u32,
@@ -515,6 +518,7 @@ impl Default for Health {
         Health {
             check: CheckKind::None,
             port: 0,
+            port_given: false,
             interval_ms: 1000,
             timeout_ms: 500,
             rise: 2,

@@ -274,6 +274,11 @@ pub(super) async fn backend_list(
                     .map(|l| l.result == crate::health::CheckResult::Pass),
                 last_check_age_s: b.last.as_ref().map(|l| age(l.at)),
                 mac: b.hop.as_ref().map(|h| crate::daemon::mac_string(&h.mac)),
+                port: if s.cfg.forwarding == crate::config::Forwarding::Nat {
+                    b.cfg.port_or(s.cfg.port)
+                } else {
+                    s.cfg.port
+                },
                 problem: b.hop_error.clone(),
                 packets: c.packets,
                 bytes: c.bytes,

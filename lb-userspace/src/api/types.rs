@@ -307,6 +307,9 @@ pub struct BackendInfo {
     /// Seconds since the last check.
     pub last_check_age_s: Option<u64>,
     pub mac: Option<String>,
+    /// The port its packets go to (the service's, but with `nat` and a `port` of its own).
+    #[serde(default)]
+    pub port: u16,
     /// Why the backend cannot be reached (unresolved MAC), when it cannot.
     pub problem: Option<String>,
     pub packets: u64,
@@ -318,6 +321,9 @@ pub struct NewBackend {
     pub address: IpAddr,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// `nat` only: the port the backend serves on (default: the service's).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

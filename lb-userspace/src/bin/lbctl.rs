@@ -543,10 +543,12 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
             service,
             address,
             weight,
+            port,
         }) => {
             let body = NewBackend {
                 address,
                 weight: Some(weight),
+                port,
             };
             let c: Changed = client
                 .request(

@@ -354,11 +354,17 @@ impl ServiceRuntime {
         self.backends.iter().find(|b| b.cfg.address == address)
     }
 
+    /// What checking `b` means. A `nat` backend is checked on its own port unless the health
+    /// table names one.
     pub(super) fn health_target(&self, b: &BackendRuntime) -> health::Target {
+        let mut spec = self.cfg.health.clone();
+        if self.cfg.forwarding == Forwarding::Nat && !spec.port_given {
+            spec.port = b.cfg.port_or(self.cfg.port);
+        }
         health::Target {
             service: self.cfg.name.clone(),
             backend: b.cfg.address,
-            spec: self.cfg.health.clone(),
+            spec,
         }
     }
 }

@@ -1,0 +1,524 @@
+//! End to end, `forwarding = "nat"`: backends that know nothing of the VIP (no VIP on `lo`, no
+//! ARP settings) on lb's backend side, their default route via lb, serving on port 8080 behind
+//! VIP port 80. Real lbd, real XDP on both of lb's interfaces, real nginx, real TCP.
+//!
+//! One topology and one set of servers for the file; the cases run in order on it:
+//! HTTP from 80 client addresses (the backends see the real client addresses, through health
+//! checks that must go to port 8080), IPv6, a backend's own address reached directly (a flow
+//! lb does not know: its replies pass to the kernel untouched), a 20 MB download byte-exact
+//! across a backend added and its own backend drained, a removed backend's connection reset
+//! from the VIP, and path-MTU discovery through NAT (a gateway on the backend side with a
+//! smaller MTU towards its backend: its ICMP "fragmentation needed", translated by lb, reaches
+//! the client's socket). Needs root.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    BackendSide, Topology, TopologyOptions,
+    http::upload,
+    lbd::{Lbd, LbdPaths, start_lbd},
+    require_root, retry_until,
+};
+use serde_json::Value;
+
+const VIP: &str = "203.0.113.10";
+const VIP6: &str = "2001:db8:100::10";
+/// The service of the path-MTU case: a TCP sink behind the far backend.
+const VIP_UP: &str = "203.0.113.11";
+const UP_PORT: u16 = 9000;
+const SINK_PORT: u16 = 9001;
+const BACKEND_PORT: u16 = 8080;
+/// Size of the download file.
+const BIG: usize = 20 << 20;
+/// The MTU of the gateway's route to the far backend.
+const SMALL_MTU: u32 = 1280;
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), 80)
+}
+
+fn vip6() -> SocketAddr {
+    SocketAddr::new(VIP6.parse().unwrap(), 80)
+}
+
+/// Backends 1 and 2 on lb's side segment (203.0.113.130, .131), backend 3 on the far segment
+/// behind gateway 1 (203.0.113.211); two clients with 40 extra addresses of each family.
+fn topology() -> Topology {
+    require_root();
+    let t = Topology::new(TopologyOptions {
+        backends: 0,
+        clients: 2,
+        addresses_per_client: 40,
+        vips: vec![],
+        start_servers: false,
+        backend_side: Some(BackendSide {
+            direct: 2,
+            gateways: 1,
+            behind: 1,
+        }),
+    })
+    .expect("building the namespace topology");
+    // NAT backends need nothing of DSR's: the harness's ARP settings go back to the defaults.
+    for i in 1..=3 {
+        t.exec_ok(
+            t.backend_ns(i),
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.arp_ignore=0",
+                "net.ipv4.conf.all.arp_announce=0",
+                "net.ipv4.conf.eth0.arp_ignore=0",
+                "net.ipv4.conf.eth0.arp_announce=0",
+            ],
+        )
+        .unwrap();
+    }
+    // Clients reach the VIPs through lb (no backend holds them).
+    let lb6 = t.lb_addr_v6().to_string();
+    for c in 1..=t.clients() {
+        let ns = t.client_ns(c);
+        for (vip, via) in [(VIP, "192.0.2.2"), (VIP_UP, "192.0.2.2"), (VIP6, &lb6)] {
+            t.exec_ok(ns, &["ip", "route", "add", vip, "via", via])
+                .unwrap();
+        }
+        // Small receive buffers keep a slowly read download on the wire to its end.
+        t.exec_ok(ns, &["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 32768 65536"])
+            .unwrap();
+    }
+    // The gateway's route to the far segment has a smaller MTU than either end's link: a
+    // client's full-size segment to the far backend gets "fragmentation needed" from it.
+    let far = t.backend_addr(3);
+    t.exec_ok(
+        t.gateway_ns(1),
+        &[
+            "ip",
+            "route",
+            "replace",
+            &format!("{far}/32"),
+            "dev",
+            "eth1",
+            "mtu",
+            &SMALL_MTU.to_string(),
+        ],
+    )
+    .unwrap();
+    t
+}
+
+/// The deterministic 20 MB download.
+fn big_contents() -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut v = Vec::with_capacity(BIG);
+    while v.len() < BIG {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(BIG);
+    v
+}
+
+/// nginx on every backend, port 8080 only (both families): `/` answers with the backend's
+/// number and the peer address it sees, `/big` is the 20 MB file, `/healthz` the health check.
+fn start_backends(t: &Topology) -> PathBuf {
+    let big = t.work_dir().join("nat-big");
+    std::fs::write(&big, big_contents()).unwrap();
+    for i in 1..=3 {
+        let dir = t.work_dir().join(format!("nat-nginx{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type text/plain;
+    keepalive_timeout 300s;
+    server {{
+        listen 0.0.0.0:{BACKEND_PORT};
+        listen [::]:{BACKEND_PORT} ipv6only=on;
+        add_header X-Backend {i} always;
+        location = / {{ return 200 "backend {i} $remote_addr\n"; }}
+        location = /healthz {{ return 200 "ok\n"; }}
+        location = /big {{ alias {big}; default_type application/octet-stream; }}
+    }}
+}}
+"#,
+            big = big.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-e", "stderr"]);
+        t.spawn_nsenter(t.backend_ns(i), &cmd).unwrap();
+        let dst = SocketAddr::new(t.backend_addr(i), BACKEND_PORT);
+        retry_until(Duration::from_secs(30), &format!("nginx on {dst}"), || {
+            t.in_netns(t.backend_ns(i), || {
+                TcpStream::connect_timeout(&dst, Duration::from_millis(200))?;
+                Ok(())
+            })
+        })
+        .unwrap();
+    }
+    big
+}
+
+fn config(t: &Topology, paths: &LbdPaths) -> String {
+    let b = |i: usize| t.backend_addr(i);
+    let b6 = |i: usize| t.backend_addr_v6(i);
+    let mut c = paths.daemon_section("");
+    c.push_str(&format!(
+        r#"
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval_ms = 200
+timeout_ms = 150
+rise = 1
+fall = 2
+
+[[service.backend]]
+address = "{b1}"
+port = {BACKEND_PORT}
+
+[[service.backend]]
+address = "{b2}"
+port = {BACKEND_PORT}
+
+[[service]]
+name = "web6"
+vip = "{VIP6}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "{b61}"
+port = {BACKEND_PORT}
+
+[[service.backend]]
+address = "{b62}"
+port = {BACKEND_PORT}
+
+[[service]]
+name = "up"
+vip = "{VIP_UP}"
+port = {UP_PORT}
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "{b3}"
+port = {SINK_PORT}
+"#,
+        b1 = b(1),
+        b2 = b(2),
+        b3 = b(3),
+        b61 = b6(1),
+        b62 = b6(2),
+    ));
+    c
+}
+
+/// The backends of `service` (`lbctl --json backend list`) and their states.
+fn states(lbd: &Lbd, service: &str) -> Vec<(String, String)> {
+    let v = lbd
+        .lbctl_json(&["backend", "list", service])
+        .expect("lbctl backend list");
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_up(lbd: &Lbd, service: &str, addresses: &[IpAddr]) {
+    retry_until(
+        Duration::from_secs(20),
+        &format!("{addresses:?} of {service} up"),
+        || {
+            let s = states(lbd, service);
+            for a in addresses {
+                let a = a.to_string();
+                match s.iter().find(|(addr, _)| *addr == a) {
+                    Some((_, state)) if state == "up" => {}
+                    other => anyhow::bail!("{a}: {other:?} (all: {s:?})"),
+                }
+            }
+            Ok(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log()));
+}
+
+/// `GET /` from `src` (a client address) to `dst`: the backend number and the peer address it
+/// saw.
+fn who(t: &Topology, src: IpAddr, dst: SocketAddr) -> (usize, IpAddr) {
+    let ns = t.client_ns_of(src).expect("a client address");
+    let reply = t
+        .http_get(ns, src, dst, "/")
+        .unwrap_or_else(|e| panic!("GET / from {src} to {dst}: {e:#}"));
+    assert_eq!(reply.status, 200, "GET / from {src} to {dst}");
+    let text = reply.text();
+    let mut words = text.split_whitespace();
+    assert_eq!(words.next(), Some("backend"), "body {text:?}");
+    let n = words.next().and_then(|w| w.parse().ok());
+    let peer = words.next().and_then(|w| w.parse().ok());
+    match (n, peer) {
+        (Some(n), Some(peer)) => (n, peer),
+        _ => panic!("GET / from {src} to {dst}: body {text:?}"),
+    }
+}
+
+/// The value of header `name` in a response head.
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Reads a response head (up to the blank line) from `s`; the body bytes read past it too.
+fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            return (head, buf[end + 4..].to_vec());
+        }
+        let n = s.read(&mut chunk).expect("reading a response head");
+        assert!(n > 0, "connection closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Case: every client address reaches a backend through the VIP, the backend sees that very
+/// address, and both backends take clients.
+fn http_from_many_clients(t: &Topology) {
+    let sources = t.all_client_sources();
+    assert!(sources.len() >= 64, "{} client addresses", sources.len());
+    let mut per_backend = [0usize; 4];
+    for &src in &sources {
+        let (n, peer) = who(t, src, vip());
+        assert_eq!(peer, src, "backend {n} saw {peer} for client {src}");
+        assert!(n == 1 || n == 2, "backend {n} is not in the service");
+        per_backend[n] += 1;
+        // Sticky: the same client again, the same backend.
+        assert_eq!(who(t, src, vip()).0, n, "client {src} moved");
+    }
+    assert!(
+        per_backend[1] >= 10 && per_backend[2] >= 10,
+        "clients per backend: {per_backend:?}"
+    );
+}
+
+/// Case: the same over IPv6.
+fn http_over_ipv6(t: &Topology) {
+    let sources = t.all_client_sources_v6();
+    let mut seen = [0usize; 4];
+    for &src in sources.iter().take(24) {
+        let (n, peer) = who(t, src, vip6());
+        assert_eq!(peer, src, "backend {n} saw {peer} for client {src}");
+        seen[n] += 1;
+    }
+    assert!(
+        seen[1] > 0 && seen[2] > 0,
+        "IPv6 clients per backend: {seen:?}"
+    );
+}
+
+/// Case: a client reaching a backend's own address (a flow lb does not know, whose replies
+/// come from a NAT backend): lb passes them to the kernel untouched, which routes them on.
+fn unknown_flow_passes(t: &Topology) {
+    let src = t.client_sources(1)[0];
+    let dst = SocketAddr::new(t.backend_addr(1), BACKEND_PORT);
+    let (n, peer) = who(t, src, dst);
+    assert_eq!(
+        (n, peer),
+        (1, src),
+        "direct to backend 1: answered untranslated"
+    );
+}
+
+/// Case: a 20 MB download, read slowly, byte-exact while backend 3 is added and the
+/// download's own backend is drained; afterwards the client's new connections go elsewhere.
+fn download_across_add_and_drain(t: &Topology, lbd: &Lbd) {
+    let src = t.client_sources(2)[3];
+    let ns = t.client_ns(2);
+    let mut s = t
+        .connect_tcp(ns, Some(src), vip(), Duration::from_secs(2))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /big HTTP/1.0\r\nHost: lb\r\n\r\n")
+        .unwrap();
+    let (head, mut body) = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "head {head:?}");
+    let serving: usize = header(&head, "X-Backend").unwrap().parse().unwrap();
+    let serving_addr = t.backend_addr(serving).to_string();
+    let mut changed = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let began = Instant::now();
+    loop {
+        if !changed && body.len() >= 2 << 20 {
+            let b3 = t.backend_addr(3).to_string();
+            lbd.lbctl_ok(&[
+                "backend",
+                "add",
+                "web",
+                &b3,
+                "--port",
+                &BACKEND_PORT.to_string(),
+            ]);
+            lbd.lbctl_ok(&["backend", "drain", "web", &serving_addr]);
+            changed = true;
+        }
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("download at {} bytes: {e}", body.len()));
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+        // Paced: the download spans the changes.
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            began.elapsed() < Duration::from_secs(120),
+            "download too slow"
+        );
+    }
+    assert!(changed, "the download ended before the changes");
+    assert_eq!(body.len(), BIG, "downloaded length");
+    assert!(body == big_contents(), "the download's bytes differ");
+    wait_up(lbd, "web", &[t.backend_addr(3)]);
+    // New connections of the client leave the drained backend.
+    let (n, _) = who(t, src, vip());
+    assert_ne!(
+        n, serving,
+        "a new connection went to the drained backend {serving}"
+    );
+}
+
+/// Case: a kept-alive connection whose backend is removed: its next request is answered by
+/// another backend's reset, from the VIP (the connection fails at once, no timeout).
+fn removed_backend_resets(t: &Topology, lbd: &Lbd) {
+    let src = t.client_sources(1)[5];
+    let ns = t.client_ns(1);
+    let mut s = t
+        .connect_tcp(ns, Some(src), vip(), Duration::from_secs(2))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n";
+    s.write_all(request).unwrap();
+    let (head, _) = read_head(&mut s);
+    let serving: usize = header(&head, "X-Backend").unwrap().parse().unwrap();
+    let addr = t.backend_addr(serving).to_string();
+    lbd.lbctl_ok(&["backend", "remove", "web", &addr]);
+    let began = Instant::now();
+    let _ = s.write_all(request);
+    let mut buf = [0u8; 4096];
+    let result = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(0),
+            // Leftovers of the first response's body.
+            Ok(n) if began.elapsed() < Duration::from_millis(200) && n < 64 => continue,
+            other => break other,
+        }
+    };
+    match result {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "after backend {serving} was removed, the connection's next request got {other:?}, not a reset"
+        ),
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "the reset took {:?}",
+        began.elapsed()
+    );
+}
+
+/// Case: a 2 MB upload to the far backend, whose gateway's route has a 1280-byte MTU: the
+/// client's full-size segments get "fragmentation needed" from the gateway, which lb
+/// translates (the quoted packet back to client → VIP), so the client's path MTU drops and
+/// the upload completes.
+fn path_mtu_through_nat(t: &Topology) {
+    let sink = SocketAddr::new(t.backend_addr(3), SINK_PORT);
+    t.serve_sink(t.backend_ns(3), sink).unwrap();
+    let src = t.client_sources(1)[7];
+    let stream = t
+        .connect_tcp(
+            t.client_ns(1),
+            Some(src),
+            SocketAddr::new(VIP_UP.parse().unwrap(), UP_PORT),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    let len = 2 << 20;
+    let got = upload(stream, len, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("upload through a smaller MTU: {e:#}"));
+    assert_eq!(got, len as u64, "bytes the sink read");
+    // The client's kernel learnt the smaller MTU for the VIP.
+    let route = t
+        .exec_ok(
+            t.client_ns(1),
+            &["ip", "route", "get", VIP_UP, "from", &src.to_string()],
+        )
+        .unwrap();
+    assert!(
+        route.contains(&format!("mtu {SMALL_MTU}")),
+        "the client's route to {VIP_UP} has no learnt MTU: {route}"
+    );
+}
+
+#[test]
+fn nat_forwarding_end_to_end() {
+    let t = topology();
+    start_backends(&t);
+    let paths = LbdPaths::for_topology(&t);
+    let lbd = start_lbd(&t, &config(&t, &paths)).expect("starting lbd");
+    // The health checks reach nginx on 8080 (it listens nowhere else).
+    wait_up(&lbd, "web", &[t.backend_addr(1), t.backend_addr(2)]);
+    let list: Value = lbd.lbctl_json(&["backend", "list", "web"]).unwrap();
+    assert_eq!(list[0]["port"], BACKEND_PORT, "{list}");
+
+    http_from_many_clients(&t);
+    http_over_ipv6(&t);
+    unknown_flow_passes(&t);
+    path_mtu_through_nat(&t);
+    download_across_add_and_drain(&t, &lbd);
+    removed_backend_resets(&t, &lbd);
+}
