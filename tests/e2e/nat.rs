@@ -522,3 +522,440 @@ fn nat_forwarding_end_to_end() {
     download_across_add_and_drain(&t, &lbd);
     removed_backend_resets(&t, &lbd);
 }
+
+// ---- data-path fixtures (BPF_PROG_TEST_RUN): both directions and malformed frames ----------
+
+mod fixtures {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use lb_common::{
+        Backend, ServiceKey, ServiceValue, backend_flags,
+        maglev::{MaglevBackend, build_table},
+        service_flags,
+    };
+    use lb_tests::{
+        cases::{Case, run_cases},
+        dpfixture::{CLIENT_MAC, Fixture, LB_MAC, SEED, TABLE, XDP_TX, mac},
+        packet::{
+            checksum, icmp_frag_needed, icmpv6_too_big, ipv4_tcp, ipv4_udp, ipv6_tcp, verify,
+        },
+    };
+    use lb_userspace::state::{family, to_addr};
+
+    const NAT_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
+    const NAT_VIP_UDP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 41);
+    const NAT_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x40);
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 250);
+    const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x250);
+    const BPORT: u16 = 8080;
+    const UDP_BPORT: u16 = 5353;
+
+    fn c4(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, i)
+    }
+
+    fn c6(i: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, i)
+    }
+
+    /// The shared fixture's five services, and three `nat` ones: IPv4 TCP (ids 5; backends
+    /// 192.0.2.41, .42 on 8080), IPv6 TCP (6; 2001:db8::41, ::42 on 8080), IPv4 UDP (7;
+    /// 192.0.2.43 on 5353).
+    struct Nat {
+        f: Fixture,
+        /// Per NAT service: its backend ids.
+        ids: Vec<Vec<u32>>,
+    }
+
+    fn nat_fixture() -> Nat {
+        let mut f = lb_tests::dpfixture::fixture("nat");
+        let mut next = f.backend_ids(4).end;
+        let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
+        let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
+        let services: [(u32, IpAddr, u8, u16, Vec<IpAddr>); 3] = [
+            (5, NAT_VIP.into(), 6, BPORT, vec![v4(41), v4(42)]),
+            (6, NAT_VIP6.into(), 6, BPORT, vec![v6(0x41), v6(0x42)]),
+            (7, NAT_VIP_UDP.into(), 17, UDP_BPORT, vec![v4(43)]),
+        ];
+        let mut ids = vec![];
+        let mut nat_addrs = vec![];
+        for (sid, vip, proto, bport, backends) in services {
+            let mut live = vec![];
+            let mut these = vec![];
+            for addr in backends {
+                let b = Backend {
+                    addr: to_addr(addr),
+                    mac: mac(next),
+                    port: bport.to_be(),
+                    src_mac: LB_MAC,
+                    ifindex: 1,
+                    service: sid,
+                    family: family(addr),
+                    flags: backend_flags::VALID,
+                    mtu: 1500,
+                    ..Default::default()
+                };
+                f.dp.set_backend(next, &b).unwrap();
+                live.push(MaglevBackend {
+                    id: next,
+                    addr: b.addr,
+                    weight: 100,
+                });
+                nat_addrs.push(b.addr);
+                these.push(next);
+                next += 1;
+            }
+            let key = ServiceKey {
+                addr: to_addr(vip),
+                port: if proto == 6 { 80u16 } else { 53 }.to_be(),
+                proto,
+                family: family(vip),
+            };
+            let value = ServiceValue {
+                id: sid,
+                flags: service_flags::NAT,
+                table_size: TABLE,
+                _pad: 0,
+            };
+            f.dp.set_service(&key, &value, &build_table(&SEED, &live, TABLE))
+                .unwrap();
+            ids.push(these);
+        }
+        f.dp.set_nat_filter(&nat_addrs).unwrap();
+        Nat { f, ids }
+    }
+
+    fn ok(what: &str, frame: &[u8]) {
+        if let Err(e) = verify(frame) {
+            panic!("{what}: {e}");
+        }
+    }
+
+    fn v4_at(frame: &[u8], at: usize) -> Ipv4Addr {
+        Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3])
+    }
+
+    fn port_at(frame: &[u8], at: usize) -> u16 {
+        u16::from_be_bytes([frame[at], frame[at + 1]])
+    }
+
+    /// The backend (id, address) a request left for: its MAC names the id.
+    fn backend_of(_: &Nat, out: &[u8]) -> u32 {
+        let id = out[5] as u32;
+        assert_eq!(out[0..6], mac(id), "destination MAC");
+        assert_eq!(out[6..12], LB_MAC, "source MAC");
+        id
+    }
+
+    #[test]
+    fn nat_requests_and_replies_are_rewritten_both_ways() {
+        let n = nat_fixture();
+        let f = &n.f;
+        for i in 1..=16u8 {
+            let client = c4(i);
+            let syn = ipv4_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP, 40000, 80, 0x02, &[]);
+            let (action, out) = f.run(&syn.bytes);
+            assert_eq!(action, XDP_TX, "request from {client}");
+            let id = backend_of(&n, &out);
+            assert!(n.ids[0].contains(&id), "backend {id}");
+            let backend = Ipv4Addr::new(192, 0, 2, 41 + (id - n.ids[0][0]) as u8);
+            assert_eq!(v4_at(&out, 26), client, "the client's address is kept");
+            assert_eq!(v4_at(&out, 30), backend, "destination");
+            assert_eq!(port_at(&out, 34), 40000, "source port");
+            assert_eq!(port_at(&out, 36), BPORT, "destination port");
+            ok("request", &out);
+            // The flow's next segment, with data: the same backend.
+            let data = ipv4_tcp(
+                CLIENT_MAC, LB_MAC, client, NAT_VIP, 40000, 80, 0x18, b"GET /",
+            );
+            let (_, out) = f.run(&data.bytes);
+            assert_eq!(backend_of(&n, &out), id);
+            ok("request with data", &out);
+
+            // The reply, from the backend to the client: from the VIP, to the client's MAC.
+            let reply = ipv4_tcp(
+                mac(id),
+                LB_MAC,
+                backend,
+                client,
+                BPORT,
+                40000,
+                0x12,
+                b"HTTP",
+            );
+            let (action, out) = f.run(&reply.bytes);
+            assert_eq!(action, XDP_TX, "reply to {client}");
+            assert_eq!(out[0..6], CLIENT_MAC, "reply's destination MAC");
+            assert_eq!(out[6..12], LB_MAC, "reply's source MAC");
+            assert_eq!(v4_at(&out, 26), NAT_VIP, "reply's source");
+            assert_eq!(v4_at(&out, 30), client, "reply's destination");
+            assert_eq!(port_at(&out, 34), 80, "reply's source port");
+            assert_eq!(port_at(&out, 36), 40000, "reply's destination port");
+            assert_eq!(&out[54..], b"HTTP");
+            ok("reply", &out);
+
+            // An ICMP "fragmentation needed" from a router on the backend side about the
+            // request: the quoted packet becomes client → VIP:80, sent to the client.
+            let icmp = icmp_frag_needed(
+                mac(id),
+                LB_MAC,
+                ROUTER,
+                client,
+                client,
+                backend,
+                40000,
+                BPORT,
+                1280,
+            );
+            let (action, out) = f.run(&icmp.bytes);
+            assert_eq!(action, XDP_TX, "ICMP about a request");
+            assert_eq!(out[0..6], CLIENT_MAC);
+            assert_eq!(
+                v4_at(&out, 26),
+                ROUTER,
+                "the router stays the error's source"
+            );
+            assert_eq!(v4_at(&out, 30), client);
+            let q = 14 + 20 + 8;
+            assert_eq!(v4_at(&out, q + 12), client, "quoted source");
+            assert_eq!(v4_at(&out, q + 16), NAT_VIP, "quoted destination");
+            assert_eq!(port_at(&out, q + 22), 80, "quoted destination port");
+            assert_eq!(
+                checksum(&out[q..q + 20], 0),
+                0,
+                "quoted IPv4 header checksum"
+            );
+            ok("ICMP about a request", &out);
+
+            // And one from the client side about a reply (VIP:80 → client): it reaches the
+            // backend, as backend:8080 → client.
+            let icmp = icmp_frag_needed(
+                CLIENT_MAC, LB_MAC, ROUTER, NAT_VIP, NAT_VIP, client, 80, 40000, 1280,
+            );
+            let (action, out) = f.run(&icmp.bytes);
+            assert_eq!(action, XDP_TX, "ICMP about a reply");
+            assert_eq!(backend_of(&n, &out), id, "to the flow's backend");
+            assert_eq!(v4_at(&out, 30), backend, "outer destination");
+            assert_eq!(v4_at(&out, q + 12), backend, "quoted source");
+            assert_eq!(port_at(&out, q + 20), BPORT, "quoted source port");
+            assert_eq!(
+                checksum(&out[q..q + 20], 0),
+                0,
+                "quoted IPv4 header checksum"
+            );
+            ok("ICMP about a reply", &out);
+        }
+    }
+
+    #[test]
+    fn nat_over_ipv6_and_udp() {
+        let n = nat_fixture();
+        let f = &n.f;
+        let client = c6(7);
+        let syn = ipv6_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP6, 40000, 80, 0x02, &[]);
+        let (action, out) = f.run(&syn.bytes);
+        assert_eq!(action, XDP_TX);
+        let id = backend_of(&n, &out);
+        assert!(n.ids[1].contains(&id));
+        let backend = Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0x41 + (id - n.ids[1][0]) as u16,
+        );
+        assert_eq!(out[22..38], client.octets());
+        assert_eq!(out[38..54], backend.octets());
+        assert_eq!(port_at(&out, 56), BPORT);
+        ok("IPv6 request", &out);
+        let reply = ipv6_tcp(mac(id), LB_MAC, backend, client, BPORT, 40000, 0x12, &[]);
+        let (action, out) = f.run(&reply.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[22..38], NAT_VIP6.octets());
+        assert_eq!(port_at(&out, 54), 80);
+        ok("IPv6 reply", &out);
+        // ICMPv6 "packet too big" both ways.
+        let tb = icmpv6_too_big(
+            mac(id),
+            LB_MAC,
+            ROUTER6,
+            client,
+            client,
+            backend,
+            40000,
+            BPORT,
+            1280,
+        );
+        let (action, out) = f.run(&tb.bytes);
+        assert_eq!(action, XDP_TX, "ICMPv6 about a request");
+        let q = 14 + 40 + 8;
+        assert_eq!(out[q + 24..q + 40], NAT_VIP6.octets(), "quoted destination");
+        assert_eq!(port_at(&out, q + 40 + 2), 80);
+        ok("ICMPv6 about a request", &out);
+        let tb = icmpv6_too_big(
+            CLIENT_MAC, LB_MAC, ROUTER6, NAT_VIP6, NAT_VIP6, client, 80, 40000, 1280,
+        );
+        let (action, out) = f.run(&tb.bytes);
+        assert_eq!(action, XDP_TX, "ICMPv6 about a reply");
+        assert_eq!(out[38..54], backend.octets(), "outer destination");
+        assert_eq!(out[q + 8..q + 24], backend.octets(), "quoted source");
+        assert_eq!(port_at(&out, q + 40), BPORT);
+        ok("ICMPv6 about a reply", &out);
+
+        // UDP over IPv4: a checksum stays right, and a zero checksum (none) stays zero.
+        let client = c4(9);
+        let dgram = ipv4_udp(CLIENT_MAC, LB_MAC, client, NAT_VIP_UDP, 5000, 53, b"query");
+        let (action, out) = f.run(&dgram.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(port_at(&out, 36), UDP_BPORT);
+        assert_ne!(port_at(&out, 40), 0);
+        ok("UDP request", &out);
+        let mut unsummed = dgram.bytes.clone();
+        unsummed[40..42].copy_from_slice(&[0, 0]);
+        let (action, out) = f.run(&unsummed);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(port_at(&out, 40), 0, "a zero UDP checksum stays zero");
+        assert_eq!(v4_at(&out, 30), Ipv4Addr::new(192, 0, 2, 43));
+        ok("UDP request without checksum", &out);
+        let reply = ipv4_udp(
+            mac(n.ids[2][0]),
+            LB_MAC,
+            Ipv4Addr::new(192, 0, 2, 43),
+            client,
+            UDP_BPORT,
+            5000,
+            b"answer",
+        );
+        let (action, out) = f.run(&reply.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(v4_at(&out, 26), NAT_VIP_UDP);
+        assert_eq!(port_at(&out, 34), 53);
+        ok("UDP reply", &out);
+    }
+
+    #[test]
+    fn nat_frames_lb_does_not_know_or_cannot_read_pass_untouched() {
+        let n = nat_fixture();
+        let f = &n.f;
+        let client = c4(30);
+        let b1 = Ipv4Addr::new(192, 0, 2, 41);
+        // A flow, so that the backend has replies lb knows.
+        let syn = ipv4_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP, 41000, 80, 0x02, &[]);
+        let (_, out) = f.run(&syn.bytes);
+        let id = backend_of(&n, &out);
+        let backend = Ipv4Addr::new(192, 0, 2, 41 + (id - n.ids[0][0]) as u8);
+        let reply = ipv4_tcp(mac(id), LB_MAC, backend, client, BPORT, 41000, 0x10, b"x");
+        let mut cases = vec![
+            Case::passes(
+                "reply of a flow lb does not know (other client port)",
+                ipv4_tcp(mac(id), LB_MAC, backend, client, BPORT, 41001, 0x10, b"x").bytes,
+            ),
+            Case::passes(
+                "reply from another port of the backend",
+                ipv4_tcp(mac(id), LB_MAC, backend, client, 22, 41000, 0x10, b"x").bytes,
+            ),
+            Case::passes(
+                "a NAT backend's own traffic to elsewhere",
+                ipv4_tcp(mac(id), LB_MAC, b1, c4(200), 33000, 443, 0x02, &[]).bytes,
+            ),
+            Case::passes(
+                "ICMP about a flow lb does not know",
+                icmp_frag_needed(
+                    mac(id),
+                    LB_MAC,
+                    ROUTER,
+                    client,
+                    client,
+                    backend,
+                    41009,
+                    BPORT,
+                    1280,
+                )
+                .bytes,
+            ),
+        ];
+        for len in 14..reply.bytes.len() {
+            cases.push(Case::passes(
+                format!("reply cut at {len}"),
+                &reply.bytes[..len],
+            ));
+        }
+        let request = ipv4_tcp(
+            CLIENT_MAC, LB_MAC, client, NAT_VIP, 41000, 80, 0x18, b"GET /",
+        );
+        for len in 14..request.bytes.len() {
+            cases.push(Case::passes(
+                format!("request cut at {len}"),
+                &request.bytes[..len],
+            ));
+        }
+        run_cases("nat-untouched", &cases, |frame| f.run(frame));
+        // The whole reply is still translated (the cases changed nothing).
+        let (action, out) = f.run(&reply.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(v4_at(&out, 26), NAT_VIP);
+    }
+
+    #[test]
+    fn a_nat_flow_keeps_a_drained_backend_and_leaves_a_removed_one() {
+        let mut n = nat_fixture();
+        let client = c4(50);
+        let syn = ipv4_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP, 42000, 80, 0x02, &[]);
+        let (_, out) = n.f.run(&syn.bytes);
+        let id = backend_of(&n, &out);
+        let other = *n.ids[0].iter().find(|&&b| b != id).unwrap();
+        let next = ipv4_tcp(
+            CLIENT_MAC, LB_MAC, client, NAT_VIP, 42000, 80, 0x10, b"more",
+        );
+        // Drained: the table has only the other backend, the flow's backend stays in place.
+        let b_other = n.f.dp.backend(other).unwrap();
+        let only_other = build_table(
+            &SEED,
+            &[MaglevBackend {
+                id: other,
+                addr: b_other.addr,
+                weight: 100,
+            }],
+            TABLE,
+        );
+        n.f.dp.swap_table(5, &only_other).unwrap();
+        let (action, out) = n.f.run(&next.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            backend_of(&n, &out),
+            id,
+            "the drained backend keeps its flow"
+        );
+        // A new connection of the same client goes to the other backend.
+        let new = ipv4_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP, 42001, 80, 0x02, &[]);
+        assert_eq!(backend_of(&n, &n.f.run(&new.bytes).1), other);
+        // Removed: the flow moves to the other backend (whose TCP resets it), and its replies
+        // are translated from there.
+        n.f.dp.clear_backend(id).unwrap();
+        let (action, out) = n.f.run(&next.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            backend_of(&n, &out),
+            other,
+            "rehashed off the removed backend"
+        );
+        let other_addr = Ipv4Addr::new(192, 0, 2, 41 + (other - n.ids[0][0]) as u8);
+        let rst = ipv4_tcp(
+            mac(other),
+            LB_MAC,
+            other_addr,
+            client,
+            BPORT,
+            42000,
+            0x04,
+            &[],
+        );
+        let (action, out) = n.f.run(&rst.bytes);
+        assert_eq!(action, XDP_TX, "the new backend's reset");
+        assert_eq!(v4_at(&out, 26), NAT_VIP, "the reset comes from the VIP");
+        ok("reset", &out);
+    }
+}
