@@ -741,3 +741,64 @@ fn client_filter_prefixes_are_added_and_removed_in_place() {
         m.text()
     );
 }
+
+#[test]
+fn a_nat_service_and_backend_ports_are_written_through_and_read_back() {
+    let mut f = file("[daemon]\ninterfaces = [\"eth0\"]\n");
+    let web = Service {
+        name: "web".into(),
+        vip: ip("203.0.113.30"),
+        port: 80,
+        protocol: Protocol::Tcp,
+        forwarding: Forwarding::Nat,
+        hash: HashMode::Source,
+        table_size: 65_537,
+        tunnel_source: None,
+        health: Health {
+            check: CheckKind::Http,
+            port: 80,
+            ..Health::default()
+        },
+        backends: vec![Backend {
+            address: ip("192.0.2.31"),
+            weight: 100,
+            mac: None,
+            port: Some(8080),
+        }],
+        allow: vec![],
+        deny: vec![],
+    };
+    f.add_service(&web).unwrap();
+    f.add_backend(
+        "web",
+        &Backend {
+            address: ip("192.0.2.32"),
+            weight: 100,
+            mac: None,
+            port: Some(8081),
+        },
+    )
+    .unwrap();
+    let text = f.text();
+    assert!(text.contains("forwarding = \"nat\"\n"), "{text}");
+    assert!(
+        text.contains("address = \"192.0.2.31\"\nport = 8080\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("address = \"192.0.2.32\"\nport = 8081\n"),
+        "{text}"
+    );
+    // The health table names no port: each backend is checked on its own.
+    assert!(
+        !text.contains("[service.health]\ncheck = \"http\"\nport"),
+        "{text}"
+    );
+    let c = config::parse(&text).unwrap().config;
+    let s = &c.services[0];
+    assert_eq!(s.forwarding, Forwarding::Nat);
+    assert_eq!(
+        s.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
+        [Some(8080), Some(8081)]
+    );
+}
