@@ -6,8 +6,9 @@
 //! HTTP from 80 client addresses (the backends see the real client addresses, through health
 //! checks that must go to port 8080), IPv6, a backend's own address reached directly (a flow
 //! lb does not know: its replies pass to the kernel untouched), a 20 MB download byte-exact
-//! across a backend added and its own backend drained, a removed backend's connection reset
-//! from the VIP, and path-MTU discovery through NAT (a gateway on the backend side with a
+//! across a backend added and its own backend drained, a kept-alive connection across lbd
+//! SIGKILLed and restarted, a removed backend's connection reset from the VIP, and path-MTU
+//! discovery through NAT (a gateway on the backend side with a
 //! smaller MTU towards its backend: its ICMP "fragmentation needed", translated by lb, reaches
 //! the client's socket). Needs root.
 
@@ -22,7 +23,7 @@ use std::{
 use lb_tests::{
     BackendSide, Topology, TopologyOptions,
     http::upload,
-    lbd::{Lbd, LbdPaths, start_lbd},
+    lbd::{Lbd, LbdPaths, spawn_lbd, start_lbd},
     require_root, retry_until,
 };
 use serde_json::Value;
@@ -504,6 +505,41 @@ fn path_mtu_through_nat(t: &Topology) {
     );
 }
 
+/// Case: lbd SIGKILLed and started again (it adopts the running program and its pinned maps):
+/// a kept-alive NAT connection goes on, on its backend, through the restart.
+fn flows_survive_a_restart<'t>(t: &'t Topology, lbd: Lbd<'t>, paths: &LbdPaths) -> Lbd<'t> {
+    let src = t.client_sources(2)[9];
+    let mut s = t
+        .connect_tcp(t.client_ns(2), Some(src), vip(), Duration::from_secs(2))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n";
+    let ask = |s: &mut TcpStream| -> String {
+        s.write_all(request).unwrap();
+        let (head, mut body) = read_head(s);
+        let len: usize = header(&head, "Content-Length").unwrap().parse().unwrap();
+        while body.len() < len {
+            let mut chunk = [0u8; 256];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed mid-body");
+            body.extend_from_slice(&chunk[..n]);
+        }
+        assert!(body.starts_with(b"backend "), "body {body:?}");
+        header(&head, "X-Backend").unwrap()
+    };
+    let before = ask(&mut s);
+    t.kill(lbd.handle).expect("SIGKILL lbd");
+    drop(lbd);
+    let again = spawn_lbd(t, paths).expect("starting lbd again");
+    let status = again
+        .wait_answering(Duration::from_secs(20))
+        .expect("the new lbd");
+    assert_eq!(status["start"], "adopted", "{status}");
+    let after = ask(&mut s);
+    assert_eq!(after, before, "the kept-alive connection changed backend");
+    again
+}
+
 #[test]
 fn nat_forwarding_end_to_end() {
     let t = topology();
@@ -519,6 +555,7 @@ fn nat_forwarding_end_to_end() {
     http_over_ipv6(&t);
     unknown_flow_passes(&t);
     path_mtu_through_nat(&t);
+    let lbd = flows_survive_a_restart(&t, lbd, &paths);
     download_across_add_and_drain(&t, &lbd);
     removed_backend_resets(&t, &lbd);
 }
@@ -897,6 +934,39 @@ mod fixtures {
         let (action, out) = f.run(&reply.bytes);
         assert_eq!(action, XDP_TX);
         assert_eq!(v4_at(&out, 26), NAT_VIP);
+    }
+
+    #[test]
+    fn a_nat_request_too_big_for_the_backends_interface_is_answered_from_the_vip() {
+        let mut n = nat_fixture();
+        for &id in &n.ids[0] {
+            let mut b = n.f.dp.backend(id).unwrap();
+            b.mtu = 576;
+            n.f.dp.set_backend(id, &b).unwrap();
+        }
+        let client = c4(60);
+        let big = lb_tests::packet::ipv4_raw(
+            CLIENT_MAC,
+            LB_MAC,
+            client,
+            NAT_VIP,
+            6,
+            7,
+            0x4000,
+            &ipv4_tcp(
+                CLIENT_MAC, LB_MAC, client, NAT_VIP, 43000, 80, 0x10, &[1; 900],
+            )
+            .bytes[34..],
+        );
+        let (action, out) = n.f.run(&big.bytes);
+        assert_eq!(action, XDP_TX, "answered");
+        assert_eq!(out[0..6], CLIENT_MAC, "back to the sender");
+        assert_eq!(out[23], 1, "ICMP");
+        assert_eq!(v4_at(&out, 26), NAT_VIP, "from the VIP");
+        assert_eq!(v4_at(&out, 30), client);
+        assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
+        assert_eq!(port_at(&out, 40), 576, "the backend's MTU");
+        ok("too big", &out);
     }
 
     #[test]

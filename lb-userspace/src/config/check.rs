@@ -658,10 +658,15 @@ fn check_backends(
                 format!("{address} is not of the VIP's address family ({vip})"),
             );
         } else if !seen.insert(address) {
+            let why = if forwarding == Forwarding::Nat {
+                " (a backend is known by its address: one host cannot serve a service on two ports)"
+            } else {
+                ""
+            };
             c.error(
                 &b.address,
                 key("address"),
-                format!("backend {address} is listed twice in this service"),
+                format!("backend {address} is listed twice in this service{why}"),
             );
         }
         let weight = match &b.weight {
