@@ -202,7 +202,7 @@ pub struct CheckArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BackendCommand {
-    /// Address, weight, state, health detail and packets of every backend.
+    /// Address, weight, state, health detail, packets and port of every backend.
     List {
         /// Only this service's backends.
         service: Option<String>,
