@@ -160,6 +160,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::FilterData {}
     unsafe impl aya::Pod for super::nat::NatFlow {}
+    unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::nat::NatReply {}
 }
 

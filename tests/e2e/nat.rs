@@ -406,6 +406,16 @@ fn download_across_add_and_drain(t: &Topology, lbd: &Lbd) {
             ]);
             lbd.lbctl_ok(&["backend", "drain", "web", &serving_addr]);
             changed = true;
+            // lookup says what the data path does: the flow stays on its drained backend.
+            let port = s.local_addr().unwrap().port().to_string();
+            let l = lbd
+                .lbctl_json(&["lookup", "web", &src.to_string(), "--port", &port])
+                .unwrap();
+            assert_eq!(
+                (l["backend"].as_str(), l["reason"].as_str()),
+                (Some(serving_addr.as_str()), Some("nat-flow")),
+                "{l}"
+            );
         }
         let n = s
             .read(&mut chunk)

@@ -366,7 +366,8 @@ pub struct Lookup {
     /// With a port, what decides the flow's next packet (not a SYN): "connection-table" (its
     /// record), "previous-backend" (no record, on a slot that changed backend: the flow is
     /// taken for one older than the change), "every-port-service" (no record, on a port that
-    /// got its own service after the flow began); else, and without a port, "hash" (the
+    /// got its own service after the flow began), "nat-flow" (a `nat` flow's recorded
+    /// backend, still in the service); else, and without a port, "hash" (the
     /// Maglev slot's current backend: where a new connection goes); "denied" when the
     /// service's client filters drop the client's packets.
     pub reason: String,

@@ -26,6 +26,8 @@ pub(super) struct Maps {
     pub(super) config: Array<MapData, Config>,
     pub(super) conntrack: Array<MapData, RecordSet>,
     pub(super) frags: HashMap<MapData, FragKey, FragValue>,
+    /// `nat` flows' backends (the program writes them; lbd only reads them).
+    pub(super) nat_flows: HashMap<MapData, lb_common::FlowKey, lb_common::nat::NatFlow>,
     pub(super) vips: HashMap<MapData, VipKey, ServiceValue>,
     pub(super) devmap: aya::maps::DevMapHash<MapData>,
     pub(super) service_stats: PerCpuArray<MapData, Counter>,
@@ -57,6 +59,8 @@ impl Maps {
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             conntrack: Array::try_from(get(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?,
             frags: HashMap::try_from(get(maps::FRAGS)?).map_err(map_err(maps::FRAGS))?,
+            nat_flows: HashMap::try_from(get(maps::NAT_FLOWS)?)
+                .map_err(map_err(maps::NAT_FLOWS))?,
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
             devmap: aya::maps::DevMapHash::try_from(get(maps::DEVMAP)?)
                 .map_err(map_err(maps::DEVMAP))?,

@@ -76,6 +76,11 @@ impl Datapath {
             .collect()
     }
 
+    /// The backend a `nat` flow (client → VIP) was given, if the program recorded it.
+    pub fn nat_flow(&self, key: &FlowKey) -> Option<lb_common::nat::NatFlow> {
+        self.maps.nat_flows.get(key, 0).ok()
+    }
+
     /// What the connection table says about a flow (only flows on changed slots have a
     /// record).
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
