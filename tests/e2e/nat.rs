@@ -947,6 +947,44 @@ mod fixtures {
     }
 
     #[test]
+    fn a_tagged_clients_replies_leave_with_its_tag() {
+        let n = nat_fixture();
+        let f = &n.f;
+        let client = c4(70);
+        // The request comes tagged (VLAN 7) and leaves untagged, as the backend is reached.
+        let syn = ipv4_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP, 44000, 80, 0x02, &[]).with_vlan(7);
+        let (action, out) = f.run(&syn.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[12..14], [0x08, 0x00], "untagged towards the backend");
+        let id = backend_of(&n, &out);
+        let backend = Ipv4Addr::new(192, 0, 2, 41 + (id - n.ids[0][0]) as u8);
+        ok("tagged request", &out);
+        // The untagged reply gets the client's tag back.
+        let reply = ipv4_tcp(mac(id), LB_MAC, backend, client, BPORT, 44000, 0x12, b"ok");
+        let (action, out) = f.run(&reply.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[0..6], CLIENT_MAC);
+        assert_eq!(out[6..12], LB_MAC);
+        assert_eq!(out[12..14], [0x81, 0x00], "tagged towards the client");
+        assert_eq!(u16::from_be_bytes([out[14], out[15]]) & 0x0fff, 7, "VLAN 7");
+        assert_eq!(out[16..18], [0x08, 0x00]);
+        ok("tagged reply", &out);
+        assert_eq!(v4_at(&out, 30), NAT_VIP, "reply's source");
+        // A tagged reply to an untagged client loses its tag.
+        let syn = ipv4_tcp(CLIENT_MAC, LB_MAC, client, NAT_VIP, 44001, 80, 0x02, &[]);
+        let (_, out) = f.run(&syn.bytes);
+        let id = backend_of(&n, &out);
+        let backend = Ipv4Addr::new(192, 0, 2, 41 + (id - n.ids[0][0]) as u8);
+        let reply =
+            ipv4_tcp(mac(id), LB_MAC, backend, client, BPORT, 44001, 0x12, b"ok").with_vlan(9);
+        let (action, out) = f.run(&reply.bytes);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[12..14], [0x08, 0x00], "untagged towards the client");
+        assert_eq!(v4_at(&out, 26), NAT_VIP);
+        ok("reply untagged", &out);
+    }
+
+    #[test]
     fn a_nat_request_too_big_for_the_backends_interface_is_answered_from_the_vip() {
         let mut n = nat_fixture();
         for &id in &n.ids[0] {
