@@ -7,8 +7,10 @@
 //! 3. choose (`choose`): which of its backends: the current backend of the Maglev slot
 //!    `lb_common::maglev_slot` names, unless that slot changed since a live flow began, when the
 //!    connection table decides (`conntrack`); later fragments follow their first (`FRAGS`);
-//! 4. rewrite: direct server return (`l2`: MACs and VLAN tag only) or tunnel (`tunnel`:
-//!    IP-in-IP, or the ICMP "too big" answer of `icmp`);
+//! 4. rewrite: direct server return (`l2`: MACs and VLAN tag only), tunnel (`tunnel`:
+//!    IP-in-IP, or the ICMP "too big" answer of `icmp`) or NAT (`nat`: addresses and ports,
+//!    which also takes a NAT backend's replies back to the VIP: the branch after the VIP
+//!    filter; both NAT steps are global functions, verified once);
 //! 5. send (the receiving interface, or a redirect) and count.
 //!
 //! What each step decides is typed (`verdict`): `Chosen` (service and backend), `Skip` (not
