@@ -10,8 +10,12 @@
 
 use crate::Addr;
 
-/// Entries of each NAT table (a kernel LRU hash: the least recently used flow makes room).
+/// Entries of each NAT table by default (`daemon.nat_entries`; a kernel LRU hash: the least
+/// recently used flow makes room). The program's declaration; lbd sizes the tables at load.
 pub const NAT_ENTRIES: u32 = 262_144;
+/// The smallest and largest `daemon.nat_entries`.
+pub const MIN_NAT_ENTRIES: u32 = 1024;
+pub const MAX_NAT_ENTRIES: u32 = 1 << 24;
 
 /// Value of `NAT_FLOWS`: the backend a NAT flow was given, and the address and port it had
 /// then (a backend id reused by another backend does not take the flow over).

@@ -225,6 +225,8 @@ pub struct Daemon {
     pub bpffs_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub conntrack_entries: u32,
+    /// Flows each NAT table (`NAT_FLOWS`, `NAT_REPLIES`) holds.
+    pub nat_entries: u32,
     /// Seconds a connection idle across a backend change (so it has no record) keeps its
     /// backend after the change, at least (docs/design/slot-state.md).
     pub idle_hold_s: u64,
@@ -429,6 +431,7 @@ struct RawDaemon {
     bpffs_dir: Option<Spanned<PathBuf>>,
     metrics: Option<Spanned<String>>,
     conntrack_entries: Option<Spanned<u32>>,
+    nat_entries: Option<Spanned<u32>>,
     idle_hold_s: Option<Spanned<u64>>,
     new_flow_limit: Option<Spanned<u32>>,
     state_dir: Option<Spanned<PathBuf>>,

@@ -560,6 +560,15 @@ fn nat_forwarding_end_to_end() {
     wait_up(&lbd, "web", &[t.backend_addr(1), t.backend_addr(2)]);
     let list: Value = lbd.lbctl_json(&["backend", "list", "web"]).unwrap();
     assert_eq!(list[0]["port"], BACKEND_PORT, "{list}");
+    // The NAT tables have the size the config asks for (the harness's nat_entries).
+    for map in ["NAT_FLOWS", "NAT_REPLIES"] {
+        let pin = paths
+            .bpffs_dir
+            .join(format!("v{}", lb_common::LAYOUT_VERSION))
+            .join(map);
+        let info = aya::maps::MapInfo::from_pin(&pin).expect("the pinned NAT table");
+        assert_eq!(info.max_entries(), 16_384, "{map}");
+    }
 
     http_from_many_clients(&t);
     http_over_ipv6(&t);

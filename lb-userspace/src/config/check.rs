@@ -111,6 +111,23 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
             *n.get_ref()
         }
     };
+    let nat_entries = match d.nat_entries {
+        None => lb_common::nat::NAT_ENTRIES,
+        Some(n) => {
+            let (min, max) = (
+                lb_common::nat::MIN_NAT_ENTRIES,
+                lb_common::nat::MAX_NAT_ENTRIES,
+            );
+            if !(min..=max).contains(n.get_ref()) {
+                c.error(
+                    &n,
+                    "daemon.nat_entries",
+                    format!("{} is out of range: {min} to {max}", n.get_ref()),
+                );
+            }
+            *n.get_ref()
+        }
+    };
     let idle_hold_s = match d.idle_hold_s {
         None => lb_common::slotstate::DEFAULT_IDLE_HOLD_S,
         Some(n) => {
@@ -185,6 +202,7 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         bpffs_dir: absolute_path(c, d.bpffs_dir, "daemon.bpffs_dir", DEFAULT_BPFFS_DIR),
         metrics,
         conntrack_entries,
+        nat_entries,
         idle_hold_s,
         new_flow_limit,
         state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),

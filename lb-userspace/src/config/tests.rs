@@ -901,3 +901,20 @@ fn nat_takes_backend_ports_and_other_forwardings_refuse_a_different_one() {
         "{p:?}"
     );
 }
+
+#[test]
+fn nat_entries_defaults_and_is_checked() {
+    let c = parse(GOOD).unwrap().config;
+    assert_eq!(c.daemon.nat_entries, lb_common::nat::NAT_ENTRIES);
+    let set = |v: &str| GOOD.replace("[daemon]\n", &format!("[daemon]\nnat_entries = {v}\n"));
+    assert_eq!(parse(&set("4096")).unwrap().config.daemon.nat_entries, 4096);
+    for bad in ["0", "1023", "16777217"] {
+        let p = problems(&set(bad));
+        let e = p
+            .iter()
+            .find(|p| p.key == "daemon.nat_entries")
+            .unwrap_or_else(|| panic!("{bad}: {p:?}"));
+        assert_eq!(e.line, Some(3), "{e:?}");
+        assert!(e.message.contains("1024 to 16777216"), "{}", e.message);
+    }
+}

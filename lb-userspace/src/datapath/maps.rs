@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, Config, Counter, FilterData, FragKey, FragValue, RecordSet, ServiceEntry,
@@ -43,6 +43,16 @@ pub(super) struct Maps {
 }
 
 impl Maps {
+    /// `NAT_FLOWS`' size.
+    pub(super) fn nat_flows_size(&self) -> Result<u32> {
+        Ok(self
+            .nat_flows
+            .map()
+            .info()
+            .map_err(map_err(maps::NAT_FLOWS))?
+            .max_entries())
+    }
+
     fn build(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Maps> {
         Ok(Maps {
             services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,

@@ -48,6 +48,11 @@ impl Datapath {
             .max_entries())
     }
 
+    /// The flows each NAT table holds (`NAT_FLOWS`' size; `NAT_REPLIES` has the same).
+    pub(super) fn nat_entries(&self) -> Result<u32> {
+        self.maps.nat_flows_size()
+    }
+
     /// Where the connection table keeps `key`: its set index and its hash.
     pub(super) fn flow_place(&self, key: &FlowKey) -> Option<(u32, u64)> {
         let config = self.maps.config.get(&0, 0).ok()?;
