@@ -49,9 +49,9 @@ pub struct Scratch {
     reply: NatReply,
 }
 
-/// A request of NAT service `service` (`flags`: its `service_flags`) whose backend the Maglev
-/// and connection tables chose (`backend`): sent to the flow's own backend (`flow_backend`), or
-/// answered "too big" when it would not fit that backend's interface. The XDP action.
+/// A request of NAT service `service` whose backend the Maglev and connection tables chose
+/// (`backend`): sent to the flow's own backend (`flow_backend`), or answered "too big" when it
+/// would not fit that backend's interface. The XDP action.
 ///
 /// A global function (`extern "C"`, exported): the verifier checks it once, on its own, with
 /// `p` as any packet, where a static call would be checked again for every state the main
@@ -295,7 +295,7 @@ fn reply_to(ctx: &XdpContext, p: &Packet) -> u32 {
         rewrite_l4(ctx, p, false, &r.vip, r.vip_port)
     };
     if rewritten.is_err() {
-        // Nothing was written (the rewrites read every field before writing one).
+        // Nothing was written (the rewrites check every header before writing one).
         return xdp_action::XDP_PASS;
     }
     if reply_l2(ctx, p.l3, r, &mut s.hop).is_err() {
@@ -403,13 +403,28 @@ unsafe fn wr16(h: *mut u8, off: usize, v: u16) {
 }
 
 /// Replaces the address at `off` of header `h` (one word for IPv4, four for IPv6) with
-/// `addr`: the checksum change. The program is little-endian: a word's low half is its first
-/// two bytes on the wire.
+/// `addr`: the checksum change.
 ///
 /// # Safety
 /// As `rd16`, for the whole address.
 #[inline(always)]
 unsafe fn swap_addr(h: *mut u8, off: usize, addr: &Addr, v4: bool) -> u64 {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let diff = addr_change(h, off, addr, v4);
+        put_addr(h, off, addr, v4);
+        diff
+    }
+}
+
+/// The checksum change of replacing the address at `off` of header `h` with `addr` (nothing
+/// written). The program is little-endian: a word's low half is its first two bytes on the
+/// wire.
+///
+/// # Safety
+/// As `rd16`, for the whole address.
+#[inline(always)]
+unsafe fn addr_change(h: *mut u8, off: usize, addr: &Addr, v4: bool) -> u64 {
     let words = if v4 { 1 } else { 4 };
     let mut diff = 0;
     let mut i = 0;
@@ -417,17 +432,37 @@ unsafe fn swap_addr(h: *mut u8, off: usize, addr: &Addr, v4: bool) -> u64 {
         if i >= words {
             break;
         }
-        let (lo, hi) = (addr[i] as u16, (addr[i] >> 16) as u16);
         let at = off + 4 * i;
         // SAFETY: as the caller promises.
         unsafe {
-            diff += diff16(rd16(h, at), lo) + diff16(rd16(h, at + 2), hi);
-            wr16(h, at, lo);
-            wr16(h, at + 2, hi);
+            diff += diff16(rd16(h, at), addr[i] as u16)
+                + diff16(rd16(h, at + 2), (addr[i] >> 16) as u16);
         }
         i += 1;
     }
     diff
+}
+
+/// Writes `addr` at `off` of header `h`.
+///
+/// # Safety
+/// As `rd16`, for the whole address.
+#[inline(always)]
+unsafe fn put_addr(h: *mut u8, off: usize, addr: &Addr, v4: bool) {
+    let words = if v4 { 1 } else { 4 };
+    let mut i = 0;
+    while i < 4 {
+        if i >= words {
+            break;
+        }
+        let at = off + 4 * i;
+        // SAFETY: as the caller promises.
+        unsafe {
+            wr16(h, at, addr[i] as u16);
+            wr16(h, at + 2, (addr[i] >> 16) as u16);
+        }
+        i += 1;
+    }
 }
 
 /// Whether the addresses at `a_off` of `a` and `b_off` of `b` are equal.
@@ -463,9 +498,10 @@ fn addr_at(v4: bool, dst: bool) -> usize {
 }
 
 /// A TCP or UDP packet's destination (`dst`) or source becomes `addr`:`port` (port 0: kept),
-/// with the IPv4 header's and the transport checksums. An `Err` (a header that is not there,
-/// which parsing already rules out) may leave the packet half rewritten. A call of its own
-/// (from the global functions, so checked once each).
+/// with the IPv4 header's and the transport checksums. Every header is checked before anything
+/// is written, so an `Err` (a header that is not there, which parsing already rules out)
+/// leaves the packet as it was. A call of its own (from the global functions, so checked once
+/// each).
 #[inline(never)]
 fn rewrite_l4(ctx: &XdpContext, p: &Packet, dst: bool, addr: &Addr, port: u16) -> Result<(), ()> {
     crate::packet::keep_context(ctx);
@@ -477,8 +513,11 @@ fn rewrite_l4(ctx: &XdpContext, p: &Packet, dst: bool, addr: &Addr, port: u16) -
     };
     // SAFETY: a field of the caller's Packet, read once (see `shape`).
     let later = unsafe { core::ptr::read_volatile(&p.frag) } == Frag::Later;
+    let at = addr_at(v4, dst);
     // SAFETY: the address lies inside the IP header checked above.
-    let diff = unsafe { swap_addr(ip, addr_at(v4, dst), addr, v4) };
+    let diff = unsafe { addr_change(ip, at, addr, v4) };
+    // The transport header first: it is checked before anything is written, so an `Err`
+    // leaves the packet as it was.
     if !later {
         let port_at = if dst { 2 } else { 0 };
         if tcp {
@@ -489,9 +528,12 @@ fn rewrite_l4(ctx: &XdpContext, p: &Packet, dst: bool, addr: &Addr, port: u16) -
             transport::<8, 6>(ctx, l4, port_at | (v4 as usize) << 8, port, diff)?;
         }
     }
-    if v4 {
-        // SAFETY: inside the IPv4 header checked above.
-        unsafe { wr16(ip, 10, apply(rd16(ip, 10), diff)) };
+    // SAFETY: inside the IP header checked above.
+    unsafe {
+        put_addr(ip, at, addr, v4);
+        if v4 {
+            wr16(ip, 10, apply(rd16(ip, 10), diff));
+        }
     }
     Ok(())
 }
@@ -499,8 +541,9 @@ fn rewrite_l4(ctx: &XdpContext, p: &Packet, dst: bool, addr: &Addr, port: u16) -
 /// The transport header's part of `rewrite_l4`: its `N` bytes at `l4`, the port at
 /// `how & 0xff` becomes `port` (0: kept), the checksum at `CHECK` changes by `diff` and the
 /// port's; with `how & 0x100` (IPv4 UDP) a checksum of 0 (none) stays 0, and for UDP a
-/// computed 0 is sent as 0xffff. A call of its own per header size: inlined, LLVM chose the
-/// checked size and the checksum's offset by two selects the verifier could not relate.
+/// computed 0 is sent as 0xffff. Checks the header before writing anything. A call of its own
+/// per header size: inlined, LLVM chose the checked size and the checksum's offset by two
+/// selects the verifier could not relate.
 #[inline(never)]
 fn transport<const N: usize, const CHECK: usize>(
     ctx: &XdpContext,
