@@ -27,6 +27,8 @@ pub mod hash;
 /// The table builder needs allocation: userspace only.
 #[cfg(any(feature = "user", test))]
 pub mod maglev;
+/// `nat` forwarding's flow tables.
+pub mod nat;
 mod service;
 mod slot;
 pub mod slotstate;
@@ -62,7 +64,7 @@ pub use trace::{TRACE_ALL, TRACE_EVENTS_BYTES, TraceEvent, Verdict, trace_outcom
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -109,8 +111,11 @@ pub mod maps {
     pub const FILTERS: &str = "FILTERS";
     pub const SERVICE_REASON_STATS: &str = "SERVICE_REASON_STATS";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    pub const NAT_FLOWS: &str = "NAT_FLOWS";
+    pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    pub const NAT_FILTER: &str = "NAT_FILTER";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -130,6 +135,9 @@ pub mod maps {
         FILTERS,
         SERVICE_REASON_STATS,
         TRACE_EVENTS,
+        NAT_FLOWS,
+        NAT_REPLIES,
+        NAT_FILTER,
     ];
 }
 
@@ -157,6 +165,9 @@ mod pod {
     unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::FilterData {}
+    unsafe impl aya::Pod for super::nat::NatFlow {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::nat::NatReply {}
 }
 
 #[cfg(test)]
@@ -181,6 +192,8 @@ mod layout_tests {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<TooBigBucket>(), 8);
         assert_eq!(size_of::<SyncEvent>(), 56);
+        assert_eq!(size_of::<nat::NatFlow>(), 32);
+        assert_eq!(size_of::<nat::NatReply>(), 44);
         assert_eq!(size_of::<FilterData>() as u32 * 8, FILTER_HEAD_BITS + 128);
         assert_eq!(size_of::<TraceEvent>(), 56);
     }

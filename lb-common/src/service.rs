@@ -152,6 +152,9 @@ pub mod service_flags {
     pub const HAS_DENY: u32 = 1 << 3;
     /// The service has an `allow` list in `FILTERS`: a client in none of it is dropped.
     pub const HAS_ALLOW: u32 = 1 << 4;
+    /// `nat` forwarding: destination rewritten to the backend's address and port, replies
+    /// rewritten back (`lb_common::nat`).
+    pub const NAT: u32 = 1 << 5;
 }
 
 /// Value of `SERVICES`.
@@ -200,7 +203,8 @@ pub struct Backend {
     /// The 802.1Q VLAN id frames to this backend carry on `ifindex` (its route leaves by a VLAN
     /// device on that interface), whatever tag they arrived with; 0: untagged.
     pub vlan: u16,
-    pub _pad: u16,
+    /// `nat`: the backend's port (network order; 0: the client's destination port kept).
+    pub port: u16,
 }
 
 /// Value of `CONFIG[0]`.

@@ -76,6 +76,12 @@ impl Verdict {
         )
     }
 
+    /// This verdict with the connection table's part `table` (`trace_table`).
+    #[inline(always)]
+    pub const fn with_table(self, table: u32) -> Verdict {
+        Verdict(self.0 | ((table as u64) & Self::TABLE) << Self::TABLE_SHIFT)
+    }
+
     /// This verdict, but for `outcome` (`trace_outcome`).
     #[inline(always)]
     pub const fn because(self, outcome: u32) -> Verdict {

@@ -7,8 +7,10 @@
 //! 3. choose (`choose`): which of its backends: the current backend of the Maglev slot
 //!    `lb_common::maglev_slot` names, unless that slot changed since a live flow began, when the
 //!    connection table decides (`conntrack`); later fragments follow their first (`FRAGS`);
-//! 4. rewrite: direct server return (`l2`: MACs and VLAN tag only) or tunnel (`tunnel`:
-//!    IP-in-IP, or the ICMP "too big" answer of `icmp`);
+//! 4. rewrite: direct server return (`l2`: MACs and VLAN tag only), tunnel (`tunnel`:
+//!    IP-in-IP, or the ICMP "too big" answer of `icmp`) or NAT (`nat`: addresses and ports,
+//!    which also takes a NAT backend's replies back to the VIP: the branch after the VIP
+//!    filter; both NAT steps are global functions, verified once);
 //! 5. send (the receiving interface, or a redirect) and count.
 //!
 //! What each step decides is typed (`verdict`): `Chosen` (service and backend), `Skip` (not
@@ -27,6 +29,7 @@ mod headers;
 mod icmp;
 mod l2;
 mod maps;
+mod nat;
 mod packet;
 mod runtime;
 mod trace;
@@ -59,8 +62,12 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
-    // Classify (most packets that are no VIP's leave here, before any call).
-    classify::vip_filter(packet)?;
+    // Classify (most packets that are no VIP's leave here, before any call; a NAT backend's
+    // reply leaves for `nat::reply`).
+    if classify::vip_filter(packet).is_err() {
+        nat::maybe_reply(packet)?;
+        return Ok(nat::reply(ctx, packet));
+    }
     let verdict = serve(ctx, packet);
     trace::end(verdict);
     Ok(verdict.action())
@@ -89,6 +96,9 @@ fn serve(ctx: &XdpContext, packet: &Packet) -> Verdict {
         }
     };
     // Rewrite.
+    if chosen.service.flags & service_flags::NAT != 0 {
+        return nat::forward(ctx, packet, &chosen, table);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let egress = if chosen.service.flags & service_flags::TUNNEL != 0 {
         match tunnel::encapsulate(ctx, packet, chosen.backend) {

@@ -8,11 +8,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FilterData, FragKey, FragValue,
-    MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FILTER_PREFIXES, MAX_SERVICES, NewFlow,
+    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FilterData, FlowKey, FragKey,
+    FragValue, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FILTER_PREFIXES, MAX_SERVICES, NewFlow,
     REASONS_PER_SERVICE, RateBucket, Reason, RecordSet, SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES,
     ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent, TRACE_EVENTS_BYTES,
     TooBigBucket, TraceEvent, VIP_FILTER_WORDS, VipKey,
+    nat::{NAT_ENTRIES, NAT_FILTER_WORDS, NatFlow, NatReply},
 };
 
 #[btf_map]
@@ -126,3 +127,21 @@ pub static TRACE_PACKET: PerCpuArray<crate::trace::Captured, 1> = PerCpuArray::n
 /// written only while `Config::sync_events` is set.
 #[btf_map]
 pub static SYNC_EVENTS: RingBuf<SyncEvent, { SYNC_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// `nat`: each flow's backend, by the request's flow (client → VIP; `lb_common::nat`).
+#[btf_map]
+pub static NAT_FLOWS: LruHashMap<FlowKey, NatFlow, { NAT_ENTRIES as usize }> = LruHashMap::new();
+
+/// `nat`: what a reply needs, by the reply's flow (backend → client).
+#[btf_map]
+pub static NAT_REPLIES: LruHashMap<FlowKey, NatReply, { NAT_ENTRIES as usize }> = LruHashMap::new();
+
+/// `nat`: a Bloom filter of the NAT backends' addresses (bits as `VIP_FILTER`'s): a packet
+/// from any other source is no NAT reply and passes after two array reads.
+#[btf_map]
+pub static NAT_FILTER: Array<u64, { NAT_FILTER_WORDS as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
+
+/// `nat`: each CPU's room for the keys and values a new NAT flow writes (not pinned).
+#[btf_map]
+pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch, 1> = PerCpuArray::new();

@@ -211,7 +211,7 @@ pub struct CheckArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BackendCommand {
-    /// Address, weight, state, health detail and packets of every backend.
+    /// Address, weight, state, health detail, packets and port of every backend.
     List {
         /// Only this service's backends.
         service: Option<String>,
@@ -222,6 +222,9 @@ pub enum BackendCommand {
         address: IpAddr,
         #[arg(long, default_value_t = crate::config::DEFAULT_WEIGHT)]
         weight: u32,
+        /// The port the backend serves on (`nat` services only; default: the service's).
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Remove a backend: its clients move, established flows too.
     Remove {

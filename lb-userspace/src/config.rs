@@ -26,7 +26,7 @@ mod health;
 #[cfg(test)]
 mod tests;
 
-pub use check::{is_prime, name_problem, parse, parse_mac, table_size_problem};
+pub use check::{is_prime, name_problem, parse, parse_mac, port_problem, table_size_problem};
 pub use health::{
     DEFAULT_EXEC_USER, DEFAULT_PGSQL_USER, HEALTH_KEYS, from_hex, parse_health, to_hex,
 };
@@ -108,6 +108,9 @@ pub enum Forwarding {
     #[default]
     Dsr,
     Tunnel,
+    /// Destination address and port rewritten to the backend's, replies rewritten back: the
+    /// backends route their replies through lb.
+    Nat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
@@ -222,6 +225,8 @@ pub struct Daemon {
     pub bpffs_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub conntrack_entries: u32,
+    /// Flows each NAT table (`NAT_FLOWS`, `NAT_REPLIES`) holds.
+    pub nat_entries: u32,
     /// Seconds a connection idle across a backend change (so it has no record) keeps its
     /// backend after the change, at least (docs/design/slot-state.md).
     pub idle_hold_s: u64,
@@ -349,6 +354,9 @@ impl Service {
 pub struct Health {
     pub check: CheckKind,
     pub port: u16,
+    /// `port` was written in the config: with `nat` a check without it goes to each backend's
+    /// own port instead.
+    pub port_given: bool,
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub rise: u32,
@@ -384,6 +392,15 @@ pub struct Backend {
     pub address: IpAddr,
     pub weight: u32,
     pub mac: Option<[u8; 6]>,
+    /// The port the backend serves on (`nat` only; None: the service's port).
+    pub port: Option<u16>,
+}
+
+impl Backend {
+    /// The port the backend serves the service `service_port` on.
+    pub fn port_or(&self, service_port: u16) -> u16 {
+        self.port.unwrap_or(service_port)
+    }
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
@@ -414,6 +431,7 @@ struct RawDaemon {
     bpffs_dir: Option<Spanned<PathBuf>>,
     metrics: Option<Spanned<String>>,
     conntrack_entries: Option<Spanned<u32>>,
+    nat_entries: Option<Spanned<u32>>,
     idle_hold_s: Option<Spanned<u64>>,
     new_flow_limit: Option<Spanned<u32>>,
     state_dir: Option<Spanned<PathBuf>>,
@@ -495,6 +513,7 @@ struct RawBackend {
     address: Spanned<IpAddr>,
     weight: Option<Spanned<u32>>,
     mac: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
 }
 
 impl Default for Health {
@@ -502,6 +521,7 @@ impl Default for Health {
         Health {
             check: CheckKind::None,
             port: 0,
+            port_given: false,
             interval_ms: 1000,
             timeout_ms: 500,
             rise: 2,

@@ -63,9 +63,10 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     }
     drop(netlink);
 
-    let datapath = Datapath::open(
+    let datapath = Datapath::open_sized(
         &config.daemon.bpffs_dir,
         config.daemon.conntrack_entries,
+        config.daemon.nat_entries,
         &config.daemon.interfaces,
     )?;
     let pinned = plan::Pinned {

@@ -822,9 +822,9 @@ const BAD_ARGUMENTS: &[Refused] = &[
             "--protocol",
             "tcp",
             "--forwarding",
-            "nat",
+            "gre",
         ],
-        &["nat", "--help"],
+        &["gre", "--help"],
     ),
     refused(
         &["lookup", "web", "198.51.100.1", "--port", "x"],
@@ -835,6 +835,16 @@ const BAD_ARGUMENTS: &[Refused] = &[
 
 /// Arguments lbctl's parser takes but lbd refuses.
 const BAD_VALUES: &[Refused] = &[
+    // A dsr service cannot send a backend's packets to another port.
+    refused(
+        &["backend", "add", "web", "192.0.2.14", "--port", "8080"],
+        &[
+            "--port",
+            "8080",
+            "differs from the service's port 80",
+            "nat",
+        ],
+    ),
     refused(
         &["backend", "weight", "web", "192.0.2.11", "2000000"],
         &["2000000", "maximum"],

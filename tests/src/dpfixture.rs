@@ -175,6 +175,7 @@ pub fn fixture(tag: &str) -> Fixture {
                 addr: to_addr(*addr),
                 tunnel_src: s.tunnel_src.map(to_addr).unwrap_or_default(),
                 mac: mac(next),
+                port: 0,
                 src_mac: LB_MAC,
                 ifindex: 1,
                 service: sid as u32,

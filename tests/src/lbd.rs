@@ -50,11 +50,12 @@ impl LbdPaths {
     }
 
     /// The `[daemon]` table for these paths on the LB namespace's interfaces (eth0, and eth1
-    /// with a backend side on a second interface), plus `extra` lines.
+    /// with a backend side on a second interface), small tables (a 65,536-entry connection
+    /// table, 16,384-flow NAT tables: tests run many lbds at once), plus `extra` lines.
     pub fn daemon_section(&self, extra: &str) -> String {
         let interfaces: Vec<String> = self.interfaces.iter().map(|i| format!("{i:?}")).collect();
         format!(
-            "[daemon]\ninterfaces = [{}]\nsocket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\nconntrack_entries = 65536\n{extra}\n",
+            "[daemon]\ninterfaces = [{}]\nsocket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\nconntrack_entries = 65536\nnat_entries = 16384\n{extra}\n",
             interfaces.join(", "),
             self.socket.display(),
             self.bpffs_dir.display(),

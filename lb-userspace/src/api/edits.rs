@@ -230,9 +230,15 @@ pub(super) async fn backend_add(
         address: n.address,
         weight,
         mac: None,
+        port: n.port,
     };
     change(&shared, |d, f| {
         let s = d.find_service(&name).map_err(not_found)?;
+        if let Some(port) = n.port
+            && let Some(problem) = config::port_problem(s.cfg.forwarding, s.cfg.port, port)
+        {
+            return Err(bad(format!("--port: {problem}")));
+        }
         if s.backend(n.address).is_some() {
             return Err(conflict(format!(
                 "service {name} already has backend {}",

@@ -15,7 +15,7 @@ use lb_common::{FlowKey, NO_BACKEND, Slot, maglev_slot, slotstate};
 
 use super::{snapshot, types::*};
 use crate::{
-    config::{HashMode, Protocol},
+    config::{Forwarding, HashMode, Protocol},
     daemon::{BackendState, Daemon, ServiceRuntime, Shared},
     datapath::Attachment,
     state,
@@ -274,6 +274,11 @@ pub(super) async fn backend_list(
                     .map(|l| l.result == crate::health::CheckResult::Pass),
                 last_check_age_s: b.last.as_ref().map(|l| age(l.at)),
                 mac: b.hop.as_ref().map(|h| crate::daemon::mac_string(&h.mac)),
+                port: if s.cfg.forwarding == Forwarding::Nat {
+                    b.cfg.port_or(s.cfg.port)
+                } else {
+                    s.cfg.port
+                },
                 problem: b.hop_error.clone(),
                 packets: c.packets,
                 bytes: c.bytes,
@@ -389,6 +394,21 @@ pub(super) async fn lookup(
         let mut denied = lookup(None, "denied")?.0;
         denied.denied = Some(why);
         return Ok(Json(denied));
+    }
+    // With a port, a `nat` flow the program has recorded keeps the backend it was given
+    // while that backend is in the service, usable, at the same address and port (as the
+    // data path's `nat::flow_backend` decides).
+    if let Some(port) = q.port
+        && s.cfg.forwarding == Forwarding::Nat
+        && let Some(e) = d.datapath.nat_flow(&flow(port))
+        && e.service == s.id
+        && let Some(b) = by_id(e.backend)
+        && b.hop.is_some()
+        && b.healthy
+        && state::to_addr(b.cfg.address) == e.backend_addr
+        && s.nat_port(b) == e.backend_port
+    {
+        return lookup(Some(b.cfg.address), "nat-flow");
     }
     // With a port: what the flow's next packet (not a SYN) gets, decided as the data path
     // decides it (`slotstate::decide`) from the slot's state and the flow's record (read only

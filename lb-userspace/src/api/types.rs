@@ -307,6 +307,9 @@ pub struct BackendInfo {
     /// Seconds since the last check.
     pub last_check_age_s: Option<u64>,
     pub mac: Option<String>,
+    /// The port its packets go to (the service's, but with `nat` and a `port` of its own).
+    #[serde(default)]
+    pub port: u16,
     /// Why the backend cannot be reached (unresolved MAC), when it cannot.
     pub problem: Option<String>,
     pub packets: u64,
@@ -318,6 +321,9 @@ pub struct NewBackend {
     pub address: IpAddr,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// `nat` only: the port the backend serves on (default: the service's).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -360,7 +366,8 @@ pub struct Lookup {
     /// With a port, what decides the flow's next packet (not a SYN): "connection-table" (its
     /// record), "previous-backend" (no record, on a slot that changed backend: the flow is
     /// taken for one older than the change), "every-port-service" (no record, on a port that
-    /// got its own service after the flow began); else, and without a port, "hash" (the
+    /// got its own service after the flow began), "nat-flow" (a `nat` flow's recorded
+    /// backend, still in the service); else, and without a port, "hash" (the
     /// Maglev slot's current backend: where a new connection goes); "denied" when the
     /// service's client filters drop the client's packets.
     pub reason: String,

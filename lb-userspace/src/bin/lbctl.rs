@@ -522,6 +522,7 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                         },
                         b.packets.to_string(),
                         b.service.clone(),
+                        b.port.to_string(),
                     ]
                 })
                 .collect();
@@ -535,6 +536,7 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                     "LAST CHECK",
                     "PACKETS",
                     "SERVICE",
+                    "PORT",
                 ],
                 &rows,
             );
@@ -543,10 +545,12 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
             service,
             address,
             weight,
+            port,
         }) => {
             let body = NewBackend {
                 address,
                 weight: Some(weight),
+                port,
             };
             let c: Changed = client
                 .request(

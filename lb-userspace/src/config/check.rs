@@ -111,6 +111,23 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
             *n.get_ref()
         }
     };
+    let nat_entries = match d.nat_entries {
+        None => lb_common::nat::NAT_ENTRIES,
+        Some(n) => {
+            let (min, max) = (
+                lb_common::nat::MIN_NAT_ENTRIES,
+                lb_common::nat::MAX_NAT_ENTRIES,
+            );
+            if !(min..=max).contains(n.get_ref()) {
+                c.error(
+                    &n,
+                    "daemon.nat_entries",
+                    format!("{} is out of range: {min} to {max}", n.get_ref()),
+                );
+            }
+            *n.get_ref()
+        }
+    };
     let idle_hold_s = match d.idle_hold_s {
         None => lb_common::slotstate::DEFAULT_IDLE_HOLD_S,
         Some(n) => {
@@ -185,6 +202,7 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         bpffs_dir: absolute_path(c, d.bpffs_dir, "daemon.bpffs_dir", DEFAULT_BPFFS_DIR),
         metrics,
         conntrack_entries,
+        nat_entries,
         idle_hold_s,
         new_flow_limit,
         state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),
@@ -412,6 +430,26 @@ pub fn name_problem(name: &str) -> Option<String> {
     (!ok).then(|| format!("{name:?} is not a valid name (1 to 64 of a-z, A-Z, 0-9, '-', '_', '.')"))
 }
 
+/// Why a backend may not serve a service of port `service_port` forwarded by `forwarding` on
+/// `port`: the same rule for the file and for `lbctl backend add --port`.
+pub fn port_problem(forwarding: Forwarding, service_port: u16, port: u16) -> Option<String> {
+    match forwarding {
+        Forwarding::Nat if port == 0 => Some(
+            "0 is not a port a backend can serve on (leave port out to keep the service's)".into(),
+        ),
+        Forwarding::Nat => None,
+        _ if port == service_port => None,
+        Forwarding::Dsr | Forwarding::Tunnel => Some(format!(
+            "{port} differs from the service's port {service_port}: with forwarding = \"{}\" the backend receives the packet as the client sent it, so it cannot be moved to another port (use forwarding = \"nat\")",
+            if forwarding == Forwarding::Dsr {
+                "dsr"
+            } else {
+                "tunnel"
+            }
+        )),
+    }
+}
+
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
@@ -490,7 +528,7 @@ fn check_services(c: &mut Checker, raw: Vec<Spanned<RawService>>) -> Vec<Service
             }
             *t.get_ref()
         });
-        let backends = check_backends(c, i, vip, forwarding, s.backend);
+        let backends = check_backends(c, i, vip, (forwarding, *s.port.get_ref()), s.backend);
         total_backends += backends.len();
         let table_size = match &s.table_size {
             None => DEFAULT_TABLE_SIZE,
@@ -622,7 +660,7 @@ fn check_backends(
     c: &mut Checker,
     service: usize,
     vip: IpAddr,
-    forwarding: Forwarding,
+    (forwarding, service_port): (Forwarding, u16),
     raw: Vec<Spanned<RawBackend>>,
 ) -> Vec<Backend> {
     let mut seen = HashSet::new();
@@ -638,10 +676,15 @@ fn check_backends(
                 format!("{address} is not of the VIP's address family ({vip})"),
             );
         } else if !seen.insert(address) {
+            let why = if forwarding == Forwarding::Nat {
+                " (a backend is known by its address: one host cannot serve a service on two ports)"
+            } else {
+                ""
+            };
             c.error(
                 &b.address,
                 key("address"),
-                format!("backend {address} is listed twice in this service"),
+                format!("backend {address} is listed twice in this service{why}"),
             );
         }
         let weight = match &b.weight {
@@ -680,10 +723,17 @@ fn check_backends(
                 }
             }
         });
+        let port = b.port.map(|p| {
+            if let Some(msg) = port_problem(forwarding, service_port, *p.get_ref()) {
+                c.error(&p, key("port"), msg);
+            }
+            *p.get_ref()
+        });
         backends.push(Backend {
             address,
             weight,
             mac,
+            port,
         });
     }
     backends

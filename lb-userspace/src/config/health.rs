@@ -211,6 +211,7 @@ pub(super) fn check_health(
     let mut out = Health {
         check: kind,
         port,
+        port_given: h.port.is_some(),
         interval_ms,
         timeout_ms,
         rise,

@@ -837,3 +837,84 @@ fn client_filters_over_every_service_fit_the_data_path() {
         many.len()
     );
 }
+
+#[test]
+fn nat_takes_backend_ports_and_other_forwardings_refuse_a_different_one() {
+    let nat = GOOD
+        .replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nforwarding = \"nat\"\n",
+        )
+        .replace(
+            "address = \"192.0.2.11\"\n",
+            "address = \"192.0.2.11\"\nport = 8080\n",
+        );
+    let c = parse(&nat).unwrap().config;
+    let s = &c.services[0];
+    assert_eq!(s.forwarding, Forwarding::Nat);
+    assert_eq!(s.backends[0].port, Some(8080));
+    assert_eq!(s.backends[0].port_or(s.port), 8080);
+    assert_eq!(s.backends[1].port, None);
+    assert_eq!(s.backends[1].port_or(s.port), 80);
+    assert!(
+        !s.health.port_given,
+        "the health port defaults to each backend's"
+    );
+
+    // dsr (the default) and tunnel cannot move a packet to another port: the key, its line,
+    // and why.
+    for forwarding in ["", "forwarding = \"tunnel\"\n"] {
+        let src = GOOD
+            .replace(
+                "protocol = \"tcp\"\n",
+                &format!("protocol = \"tcp\"\n{forwarding}"),
+            )
+            .replace(
+                "address = \"192.0.2.12\"\n",
+                "address = \"192.0.2.12\"\nport = 8080\n",
+            );
+        let p = problems(&src);
+        let port = p
+            .iter()
+            .find(|p| p.key == "service[0].backend[1].port")
+            .unwrap_or_else(|| panic!("{p:?}"));
+        let line = src.lines().position(|l| l == "port = 8080").map(|i| i + 1);
+        assert_eq!(port.line, line, "{port:?}");
+        assert!(
+            port.message.contains("differs from the service's port 80")
+                && port.message.contains("nat"),
+            "{}",
+            port.message
+        );
+    }
+    // The service's own port is accepted with any forwarding.
+    let same = GOOD.replace(
+        "address = \"192.0.2.12\"\n",
+        "address = \"192.0.2.12\"\nport = 80\n",
+    );
+    assert!(parse(&same).is_ok());
+    // Port 0 is no port to serve on.
+    let zero = nat.replace("port = 8080", "port = 0");
+    let p = problems(&zero);
+    assert!(
+        p.iter().any(|p| p.key == "service[0].backend[0].port"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn nat_entries_defaults_and_is_checked() {
+    let c = parse(GOOD).unwrap().config;
+    assert_eq!(c.daemon.nat_entries, lb_common::nat::NAT_ENTRIES);
+    let set = |v: &str| GOOD.replace("[daemon]\n", &format!("[daemon]\nnat_entries = {v}\n"));
+    assert_eq!(parse(&set("4096")).unwrap().config.daemon.nat_entries, 4096);
+    for bad in ["0", "1023", "16777217"] {
+        let p = problems(&set(bad));
+        let e = p
+            .iter()
+            .find(|p| p.key == "daemon.nat_entries")
+            .unwrap_or_else(|| panic!("{bad}: {p:?}"));
+        assert_eq!(e.line, Some(3), "{e:?}");
+        assert!(e.message.contains("1024 to 16777216"), "{}", e.message);
+    }
+}

@@ -26,8 +26,10 @@ pub(super) fn service_table(
         ("port", int(s.port)),
         ("protocol", Value::from(s.protocol.to_string())),
     ];
-    if s.forwarding != Forwarding::default() {
-        pairs.push(("forwarding", Value::from("tunnel")));
+    match s.forwarding {
+        Forwarding::Dsr => {}
+        Forwarding::Tunnel => pairs.push(("forwarding", Value::from("tunnel"))),
+        Forwarding::Nat => pairs.push(("forwarding", Value::from("nat"))),
     }
     if s.hash != HashMode::default() {
         pairs.push(("hash", Value::from("5-tuple")));
@@ -66,7 +68,7 @@ pub(super) fn health_pairs(h: &Health, service_port: u16) -> Vec<(&'static str, 
     let text = |s: &str| Value::from(s);
     let path = |p: &std::path::Path| Value::from(p.display().to_string());
     let mut pairs = vec![("check", text(h.check.name()))];
-    if h.port != service_port {
+    if h.port != service_port || h.port_given {
         pairs.push(("port", int(h.port)));
     }
     if h.interval_ms != d.interval_ms {
@@ -154,6 +156,9 @@ pub(super) fn backend_table(b: &Backend, tpl: Option<&Table>) -> Table {
     }
     if let Some(mac) = b.mac {
         pairs.push(("mac", Value::from(mac_string(mac))));
+    }
+    if let Some(port) = b.port {
+        pairs.push(("port", int(port)));
     }
     styled_table(pairs, tpl)
 }

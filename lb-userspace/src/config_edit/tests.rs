@@ -175,6 +175,7 @@ fn new_tables_follow_an_indented_aligned_layout() {
             address: ip("192.0.2.12"),
             weight: 30,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -279,6 +280,7 @@ fn removing_every_backend_leaves_a_valid_service() {
             address: ip("2001:db8::9"),
             weight: 100,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -365,6 +367,7 @@ fn add_backend_appends_after_the_services_last_backend() {
             address: ip("192.0.2.14"),
             weight: 100,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -374,6 +377,7 @@ fn add_backend_appends_after_the_services_last_backend() {
             address: ip("192.0.2.15"),
             weight: 30,
             mac: Some([2, 0, 0, 0, 0x0b, 0x0f]),
+            port: None,
         },
     )
     .unwrap();
@@ -425,11 +429,13 @@ fn add_service_writes_only_what_differs_from_defaults() {
                 address: ip("192.0.2.21"),
                 weight: 100,
                 mac: None,
+                port: None,
             },
             Backend {
                 address: ip("192.0.2.22"),
                 weight: 10,
                 mac: None,
+                port: None,
             },
         ],
         allow: vec!["198.51.100.0/24".parse().unwrap()],
@@ -485,6 +491,7 @@ fn errors_name_what_is_missing_or_duplicated() {
         address: ip("192.0.2.11"),
         weight: 100,
         mac: None,
+        port: None,
     };
     let e = f.set_weight("nope", ip("192.0.2.11"), 1).unwrap_err();
     assert!(
@@ -517,6 +524,7 @@ fn errors_name_what_is_missing_or_duplicated() {
         address: ip("2001:db8:0:0::2"),
         weight: 100,
         mac: None,
+        port: None,
     };
     assert!(matches!(
         f.add_backend("dns", &b6),
@@ -556,6 +564,7 @@ fn edits_keep_the_announce_table() {
             address: ip("2001:db8::3"),
             weight: 10,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -730,5 +739,66 @@ fn client_filter_prefixes_are_added_and_removed_in_place() {
             .contains("allow = [\n    \"192.0.2.0/24\",  # office\n    \"198.51.100.0/24\",\n]\n"),
         "{}",
         m.text()
+    );
+}
+
+#[test]
+fn a_nat_service_and_backend_ports_are_written_through_and_read_back() {
+    let mut f = file("[daemon]\ninterfaces = [\"eth0\"]\n");
+    let web = Service {
+        name: "web".into(),
+        vip: ip("203.0.113.30"),
+        port: 80,
+        protocol: Protocol::Tcp,
+        forwarding: Forwarding::Nat,
+        hash: HashMode::Source,
+        table_size: 65_537,
+        tunnel_source: None,
+        health: Health {
+            check: CheckKind::Http,
+            port: 80,
+            ..Health::default()
+        },
+        backends: vec![Backend {
+            address: ip("192.0.2.31"),
+            weight: 100,
+            mac: None,
+            port: Some(8080),
+        }],
+        allow: vec![],
+        deny: vec![],
+    };
+    f.add_service(&web).unwrap();
+    f.add_backend(
+        "web",
+        &Backend {
+            address: ip("192.0.2.32"),
+            weight: 100,
+            mac: None,
+            port: Some(8081),
+        },
+    )
+    .unwrap();
+    let text = f.text();
+    assert!(text.contains("forwarding = \"nat\"\n"), "{text}");
+    assert!(
+        text.contains("address = \"192.0.2.31\"\nport = 8080\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("address = \"192.0.2.32\"\nport = 8081\n"),
+        "{text}"
+    );
+    // The health table names no port: each backend is checked on its own.
+    assert!(
+        !text.contains("[service.health]\ncheck = \"http\"\nport"),
+        "{text}"
+    );
+    let c = config::parse(&text).unwrap().config;
+    let s = &c.services[0];
+    assert_eq!(s.forwarding, Forwarding::Nat);
+    assert_eq!(
+        s.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
+        [Some(8080), Some(8081)]
     );
 }

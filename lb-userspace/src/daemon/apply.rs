@@ -190,6 +190,8 @@ impl Daemon {
             self.datapath.attach(name, *index, mode)?;
         }
         self.datapath.finish_start()?;
+        // Now that the interfaces are known: the redirect targets of `nat` replies.
+        self.sync()?;
         self.attached = true;
         self.publish_serving();
         for s in &self.services {
@@ -227,7 +229,18 @@ impl Daemon {
         .write_into(&mut config);
         config.trace = self.trace;
         config.trace_session = self.trace_session;
-        let want = fill(config, &self.seed, &mut self.services);
+        let mut want = fill(config, &self.seed, &mut self.services);
+        // `nat` replies leave by the interface their request came in on: every attached one
+        // is a redirect target.
+        if self
+            .services
+            .iter()
+            .any(|s| s.cfg.forwarding == crate::config::Forwarding::Nat)
+        {
+            for a in &self.datapath.attachments {
+                want.devmap.insert(a.ifindex, a.ifindex);
+            }
+        }
         self.datapath.apply(&want)?;
         self.publish_serving();
         Ok(())

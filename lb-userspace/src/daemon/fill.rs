@@ -7,7 +7,7 @@ use lb_common::{Backend, FilterData, filter_list, service_flags};
 
 use super::model::ServiceRuntime;
 use crate::{
-    config::HashMode,
+    config::{Forwarding, HashMode},
     datapath::{self, Fill, FilterEntry},
     state,
 };
@@ -49,7 +49,7 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
             }));
         }
         for b in &s.backends {
-            let entry = b.entry(s.id);
+            let entry = b.entry(s.id, s.nat_port(b));
             if entry != Backend::default() {
                 f.backends.insert(b.id, entry);
             }
@@ -70,6 +70,14 @@ pub fn fill(config: lb_common::Config, seed: &[u64; 2], services: &mut [ServiceR
             .push(s);
     }
     f.vip_filter = datapath::vip_filter_words(f.services.keys());
+    // The reply path's pre-filter: every resolved NAT backend's address.
+    f.nat_filter = datapath::address_filter_words(
+        services
+            .iter()
+            .filter(|s| s.cfg.forwarding == Forwarding::Nat)
+            .flat_map(|s| s.backends.iter())
+            .map(|b| state::to_addr(b.cfg.address)),
+    );
     for (_, (key, list)) in by_vip {
         // Named by the VIP's lowest service id, whatever the services' order.
         let first = list
@@ -383,7 +391,7 @@ mod tests {
             tunnel_src: None,
             via: "203.0.113.130".parse().unwrap(),
         };
-        let entry = backend(4, "203.0.113.130", 100, Some(plain.clone()), true).entry(3);
+        let entry = backend(4, "203.0.113.130", 100, Some(plain.clone()), true).entry(3, 0);
         assert_eq!((entry.ifindex, entry.vlan, entry.service), (7, 0, 3));
         let tagged = Hop {
             vlan: Some(Vlan {
@@ -394,7 +402,7 @@ mod tests {
             ..plain
         };
         assert_eq!(tagged.egress(), 2);
-        let entry = backend(4, "203.0.113.130", 100, Some(tagged), true).entry(3);
+        let entry = backend(4, "203.0.113.130", 100, Some(tagged), true).entry(3, 0);
         assert_eq!((entry.ifindex, entry.vlan), (2, 100));
         assert_eq!(entry.mac, [2, 0, 0, 0, 0xb, 1]);
         assert_eq!(entry.flags, backend_flags::VALID);

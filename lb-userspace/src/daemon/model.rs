@@ -188,7 +188,8 @@ impl BackendRuntime {
     }
 
     /// The data path's entry: invalid while unresolved; DOWN makes its flows leave it.
-    pub(super) fn entry(&self, service: u32) -> Backend {
+    /// `nat_port`: the port a `nat` service's packets are sent to (network order), else 0.
+    pub(super) fn entry(&self, service: u32, nat_port: u16) -> Backend {
         let Some(hop) = &self.hop else {
             return Backend::default();
         };
@@ -196,6 +197,7 @@ impl BackendRuntime {
             addr: state::to_addr(self.cfg.address),
             tunnel_src: hop.tunnel_src.map(state::to_addr).unwrap_or_default(),
             mac: hop.mac,
+            port: nat_port,
             src_mac: hop.src_mac,
             ifindex: hop.egress(),
             service,
@@ -203,7 +205,6 @@ impl BackendRuntime {
             flags: backend_flags::VALID | if self.healthy { 0 } else { backend_flags::DOWN },
             mtu: hop.mtu,
             vlan: hop.vlan.map_or(0, |v| v.id),
-            _pad: 0,
         }
     }
 }
@@ -248,6 +249,17 @@ impl ServiceRuntime {
         service_key(&self.cfg)
     }
 
+    /// The port (network order) the data path sends `b`'s packets to: its own with `nat`
+    /// (0: the client's destination port, for a `nat` service of every port without one),
+    /// else 0 (the port is not rewritten).
+    pub fn nat_port(&self, b: &BackendRuntime) -> u16 {
+        if self.cfg.forwarding == Forwarding::Nat {
+            b.cfg.port_or(self.cfg.port).to_be()
+        } else {
+            0
+        }
+    }
+
     /// The address of backend `id`, if it is this service's.
     pub fn address_of(&self, id: u32) -> Option<IpAddr> {
         self.backends
@@ -260,6 +272,9 @@ impl ServiceRuntime {
         let mut flags = 0;
         if self.cfg.forwarding == Forwarding::Tunnel {
             flags |= service_flags::TUNNEL;
+        }
+        if self.cfg.forwarding == Forwarding::Nat {
+            flags |= service_flags::NAT;
         }
         if self.cfg.hash == HashMode::FiveTuple {
             flags |= service_flags::HASH_5TUPLE;
@@ -339,11 +354,17 @@ impl ServiceRuntime {
         self.backends.iter().find(|b| b.cfg.address == address)
     }
 
+    /// What checking `b` means. A `nat` backend is checked on its own port unless the health
+    /// table names one.
     pub(super) fn health_target(&self, b: &BackendRuntime) -> health::Target {
+        let mut spec = self.cfg.health.clone();
+        if self.cfg.forwarding == Forwarding::Nat && !spec.port_given {
+            spec.port = b.cfg.port_or(self.cfg.port);
+        }
         health::Target {
             service: self.cfg.name.clone(),
             backend: b.cfg.address,
-            spec: self.cfg.health.clone(),
+            spec,
         }
     }
 }

@@ -318,9 +318,15 @@ pub fn plan(
             }
         }
         // Health checkers follow the service's settings.
-        let spec_changed = existing.is_some_and(|s| s.cfg.health != ns.health);
+        // With `nat` a backend is checked on its own port: a change of forwarding or of that
+        // port restarts its checker too.
+        let spec_changed = existing
+            .is_some_and(|s| s.cfg.health != ns.health || s.cfg.forwarding != ns.forwarding);
         for b in &backends {
             let is_new = added.contains(&b.cfg.address);
+            let port_changed = old
+                .iter()
+                .any(|o| o.cfg.address == b.cfg.address && o.cfg.port != b.cfg.port);
             checks.push(Check {
                 service: ns.name.clone(),
                 backend: b.cfg.address,
@@ -331,7 +337,7 @@ pub fn plan(
                 } else {
                     health::Start::Down
                 },
-                restart: spec_changed || is_new,
+                restart: spec_changed || is_new || port_changed,
             });
         }
         services.push(ServiceRuntime::new(id, ns.clone(), backends));

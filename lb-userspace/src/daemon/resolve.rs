@@ -63,7 +63,7 @@ async fn resolve(
         check_vlan(netlink, &iface, vlan, addr).await?;
     }
     let tunnel_src = match (req.forwarding, req.tunnel_source) {
-        (Forwarding::Dsr, _) => None,
+        (Forwarding::Dsr | Forwarding::Nat, _) => None,
         (Forwarding::Tunnel, Some(src)) => Some(src),
         (Forwarding::Tunnel, None) => Some(
             prefsrc

@@ -31,6 +31,7 @@ pub fn backend(
             address: address.parse().unwrap(),
             weight,
             mac: None,
+            port: None,
         },
         hop,
         hop_error: None,

@@ -93,6 +93,9 @@ impl Datapath {
         if self.shadow.vip_filter != want.vip_filter {
             self.write_vip_filter(&want.vip_filter)?;
         }
+        if self.shadow.nat_filter != want.nat_filter {
+            self.write_nat_filter(&want.nat_filter)?;
+        }
         self.add_filters(want)?;
         for (&id, e) in &want.service_by_id {
             if self.shadow.service_by_id.get(&id) != Some(e) {
@@ -398,6 +401,19 @@ impl Datapath {
             }
         }
         self.shadow.vip_filter = words.to_vec();
+        Ok(())
+    }
+
+    /// Writes `NAT_FILTER` (as `write_vip_filter`).
+    pub(super) fn write_nat_filter(&mut self, words: &[u64]) -> Result<()> {
+        let memory = ArrayMemory::map(self.maps.nat_filter.map(), words.len() * 8, true)
+            .map_err(io_err("mapping NAT_FILTER"))?;
+        for (i, w) in words.iter().enumerate() {
+            if memory.read::<u64>(i) != *w {
+                memory.write(i, *w);
+            }
+        }
+        self.shadow.nat_filter = words.to_vec();
         Ok(())
     }
 

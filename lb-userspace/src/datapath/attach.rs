@@ -73,8 +73,11 @@ impl Datapath {
     /// maps, and swapped into the other interfaces' links too, so all run one program.
     pub fn reattach(&mut self, interface: &str, ifindex: u32, mode: config::XdpMode) -> Result<()> {
         if self.ebpf.is_none() {
-            let (ebpf, program_id) =
-                load_program(&maps_dir(&self.bpffs_dir), self.conntrack_sets()?)?;
+            let (ebpf, program_id) = load_program(
+                &maps_dir(&self.bpffs_dir),
+                self.conntrack_sets()?,
+                self.nat_entries()?,
+            )?;
             self.ebpf = Some(ebpf);
             self.program_id = program_id;
             let others: Vec<String> = self

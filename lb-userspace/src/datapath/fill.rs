@@ -36,6 +36,8 @@ pub struct Fill {
     /// The entries of `BACKENDS` in use (the others are all zero).
     pub backends: BTreeMap<u32, Backend>,
     pub vips: StdHashMap<VipKey, ServiceValue>,
+    /// `NAT_FILTER`'s words: the bits of every `nat` backend's address.
+    pub nat_filter: Vec<u64>,
     /// `DEVMAP`: ifindex → the interface it redirects to (itself).
     pub devmap: BTreeMap<u32, u32>,
     /// `FILTERS`: every service's client filter prefixes (see [`FilterEntry`]).
@@ -71,6 +73,17 @@ pub fn vip_filter_words<'a>(keys: impl IntoIterator<Item = &'a ServiceKey>) -> V
     let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
     for key in keys {
         for bit in vip_filter_bits(&key.addr) {
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+    }
+    words
+}
+
+/// `NAT_FILTER`'s words for `addrs` (bits as `VIP_FILTER`'s).
+pub fn address_filter_words(addrs: impl IntoIterator<Item = lb_common::Addr>) -> Vec<u64> {
+    let mut words = vec![0u64; lb_common::nat::NAT_FILTER_WORDS as usize];
+    for addr in addrs {
+        for bit in vip_filter_bits(&addr) {
             words[(bit >> 6) as usize] |= 1 << (bit & 63);
         }
     }
@@ -119,6 +132,12 @@ impl Fill {
         let vip_filter = read_mmapable_array(maps.vip_filter.map(), VIP_FILTER_WORDS as usize)
             .map_err(io_err("reading VIP_FILTER"))?
             .to_vec();
+        let nat_filter = read_mmapable_array(
+            maps.nat_filter.map(),
+            lb_common::nat::NAT_FILTER_WORDS as usize,
+        )
+        .map_err(io_err("reading NAT_FILTER"))?
+        .to_vec();
         let backends = used_entries(&maps.backends, MAX_BACKENDS, maps::BACKENDS)?;
         let vips = maps
             .vips
@@ -145,6 +164,7 @@ impl Fill {
             services,
             service_by_id,
             vip_filter,
+            nat_filter,
             maglev: BTreeMap::new(),
             backends,
             vips,
@@ -194,6 +214,9 @@ impl Fill {
         map("SERVICE_BY_ID", &|f| shown(f.service_by_id.iter()));
         map("VIP_FILTER", &|f| {
             shown(f.vip_filter.iter().enumerate().filter(|(_, w)| **w != 0))
+        });
+        map("NAT_FILTER", &|f| {
+            shown(f.nat_filter.iter().enumerate().filter(|(_, w)| **w != 0))
         });
         map("MAGLEV", &|f| {
             shown(f.maglev.iter().map(|(id, w)| (id, TableSummary(w.clone()))))

@@ -23,12 +23,14 @@ use super::{
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// Loads the program (verified, not attached) on the maps pinned in `dir` (creating and pinning
-/// those that are missing), with a connection table of `sets` sets: the object and the
-/// program's id.
-pub(super) fn load_program(dir: &Path, sets: u32) -> Result<(Ebpf, u32)> {
+/// those that are missing), with a connection table of `sets` sets and NAT tables of `nat`
+/// flows each: the object and the program's id.
+pub(super) fn load_program(dir: &Path, sets: u32, nat: u32) -> Result<(Ebpf, u32)> {
     let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::CONNTRACK, sets);
+    loader.map_max_entries(maps::NAT_FLOWS, nat);
+    loader.map_max_entries(maps::NAT_REPLIES, nat);
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -65,6 +67,21 @@ impl Datapath {
     /// maps of this layout (so tables, counters and flows survive an upgrade); `attach` then puts
     /// it in place.
     pub fn open(bpffs_dir: &Path, conntrack_entries: u32, interfaces: &[String]) -> Result<Self> {
+        Self::open_sized(
+            bpffs_dir,
+            conntrack_entries,
+            lb_common::nat::NAT_ENTRIES,
+            interfaces,
+        )
+    }
+
+    /// `open` with NAT tables of `nat_entries` flows each (`daemon.nat_entries`).
+    pub fn open_sized(
+        bpffs_dir: &Path,
+        conntrack_entries: u32,
+        nat_entries: u32,
+        interfaces: &[String],
+    ) -> Result<Self> {
         if PROGRAM_OBJECT.is_empty() {
             return Err(DatapathError::NoProgram);
         }
@@ -75,7 +92,8 @@ impl Datapath {
         let linked =
             !interfaces.is_empty() && interfaces.iter().all(|i| link_pin(bpffs_dir, i).exists());
         if linked && dir.exists() && old.is_empty() {
-            match Self::adopt(bpffs_dir, &dir, hash, conntrack_entries, interfaces) {
+            let sizes = (conntrack_entries, nat_entries);
+            match Self::adopt(bpffs_dir, &dir, hash, sizes, interfaces) {
                 Ok(Some(dp)) => return Ok(dp),
                 Ok(None) => {}
                 Err(e) => {
@@ -99,11 +117,26 @@ impl Datapath {
             fs::remove_file(&conntrack_pin)
                 .map_err(io_err(format!("removing {}", conntrack_pin.display())))?;
         }
+        for name in [maps::NAT_FLOWS, maps::NAT_REPLIES] {
+            let pin = dir.join(name);
+            if let Ok(info) = aya::maps::MapInfo::from_pin(&pin)
+                && info.max_entries() != nat_entries
+            {
+                // As the connection table: a new size is a new table, whose NAT flows start
+                // again (their next packets are placed afresh, their replies are not known
+                // until then).
+                warn!(
+                    "{name} is pinned with {} entries, config asks for {nat_entries} (daemon.nat_entries): replacing it",
+                    info.max_entries()
+                );
+                fs::remove_file(&pin).map_err(io_err(format!("removing {}", pin.display())))?;
+            }
+        }
         let ours = Maps::from_pins(&dir)
             .ok()
             .and_then(|m| m.config.get(&0, 0).ok())
             .is_some_and(|c| c.program_hash == hash && c.layout_version == LAYOUT_VERSION);
-        let (mut ebpf, program_id) = load_program(&dir, sets)?;
+        let (mut ebpf, program_id) = load_program(&dir, sets, nat_entries)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let start = if !old.is_empty() {
             let old_layouts: Vec<String> = old.iter().map(|p| p.display().to_string()).collect();
@@ -169,7 +202,7 @@ impl Datapath {
         bpffs_dir: &Path,
         dir: &Path,
         hash: u64,
-        conntrack_entries: u32,
+        (conntrack_entries, nat_entries): (u32, u32),
         interfaces: &[String],
     ) -> Result<Option<Datapath>> {
         let maps = Maps::from_pins(dir)?;
@@ -184,6 +217,9 @@ impl Datapath {
             .map_err(map_err("reading CONNTRACK"))?
             .max_entries();
         if conntrack_size != conntrack_sets(conntrack_entries) {
+            return Ok(None);
+        }
+        if maps.nat_flows_size()? != nat_entries {
             return Ok(None);
         }
         let mut attachments = vec![];

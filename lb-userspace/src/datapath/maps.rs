@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, Config, Counter, FilterData, FragKey, FragValue, RecordSet, ServiceEntry,
@@ -20,11 +20,14 @@ pub(super) struct Maps {
     pub(super) service_by_id: Array<MapData, ServiceEntry>,
     pub(super) service_index: Array<MapData, ServiceIndexEntry>,
     pub(super) vip_filter: Array<MapData, u64>,
+    pub(super) nat_filter: Array<MapData, u64>,
     pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u64>>,
     pub(super) backends: Array<MapData, Backend>,
     pub(super) config: Array<MapData, Config>,
     pub(super) conntrack: Array<MapData, RecordSet>,
     pub(super) frags: HashMap<MapData, FragKey, FragValue>,
+    /// `nat` flows' backends (the program writes them; lbd only reads them).
+    pub(super) nat_flows: HashMap<MapData, lb_common::FlowKey, lb_common::nat::NatFlow>,
     pub(super) vips: HashMap<MapData, VipKey, ServiceValue>,
     pub(super) devmap: aya::maps::DevMapHash<MapData>,
     pub(super) service_stats: PerCpuArray<MapData, Counter>,
@@ -42,6 +45,16 @@ pub(super) struct Maps {
 }
 
 impl Maps {
+    /// `NAT_FLOWS`' size.
+    pub(super) fn nat_flows_size(&self) -> Result<u32> {
+        Ok(self
+            .nat_flows
+            .map()
+            .info()
+            .map_err(map_err(maps::NAT_FLOWS))?
+            .max_entries())
+    }
+
     fn build(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Maps> {
         Ok(Maps {
             services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
@@ -51,11 +64,15 @@ impl Maps {
                 .map_err(map_err(maps::SERVICE_INDEX))?,
             vip_filter: Array::try_from(get(maps::VIP_FILTER)?)
                 .map_err(map_err(maps::VIP_FILTER))?,
+            nat_filter: Array::try_from(get(maps::NAT_FILTER)?)
+                .map_err(map_err(maps::NAT_FILTER))?,
             maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
             backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             conntrack: Array::try_from(get(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?,
             frags: HashMap::try_from(get(maps::FRAGS)?).map_err(map_err(maps::FRAGS))?,
+            nat_flows: HashMap::try_from(get(maps::NAT_FLOWS)?)
+                .map_err(map_err(maps::NAT_FLOWS))?,
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
             devmap: aya::maps::DevMapHash::try_from(get(maps::DEVMAP)?)
                 .map_err(map_err(maps::DEVMAP))?,

@@ -50,7 +50,7 @@ use aya::Ebpf;
 use lb_common::Config;
 
 pub use error::{DatapathError, error_chain};
-pub use fill::{Fill, FilterEntry, vip_filter_words};
+pub use fill::{Fill, FilterEntry, address_filter_words, vip_filter_words};
 pub use link::{LinkFacts, LinkPlace, link_facts, link_pin};
 pub use load::{PROGRAM_OBJECT, program_hash};
 pub(crate) use maps::per_cpu_total;

@@ -48,6 +48,11 @@ impl Datapath {
             .max_entries())
     }
 
+    /// The flows each NAT table holds (`NAT_FLOWS`' size; `NAT_REPLIES` has the same).
+    pub(super) fn nat_entries(&self) -> Result<u32> {
+        self.maps.nat_flows_size()
+    }
+
     /// Where the connection table keeps `key`: its set index and its hash.
     pub(super) fn flow_place(&self, key: &FlowKey) -> Option<(u32, u64)> {
         let config = self.maps.config.get(&0, 0).ok()?;
@@ -74,6 +79,11 @@ impl Datapath {
             .filter_map(|k| self.shadow.services.get(k))
             .filter_map(|v| Some((*v, maglev_slot(&config.hash_key, v, key)?.index)))
             .collect()
+    }
+
+    /// The backend a `nat` flow (client → VIP) was given, if the program recorded it.
+    pub fn nat_flow(&self, key: &FlowKey) -> Option<lb_common::nat::NatFlow> {
+        self.maps.nat_flows.get(key, 0).ok()
     }
 
     /// What the connection table says about a flow (only flows on changed slots have a

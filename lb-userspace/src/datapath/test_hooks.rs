@@ -389,6 +389,12 @@ impl Datapath {
         self.remove_filters(&want)
     }
 
+    /// Sets `NAT_FILTER` to the bits of `addrs` (the `nat` backends' addresses).
+    pub fn set_nat_filter(&mut self, addrs: &[lb_common::Addr]) -> Result<()> {
+        let words = super::fill::address_filter_words(addrs.iter().copied());
+        self.write_nat_filter(&words)
+    }
+
     /// Makes `ifindex` a redirect target (a backend reached through another interface).
     pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
         self.write_egress(ifindex)

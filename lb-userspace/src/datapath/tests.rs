@@ -100,6 +100,7 @@ fn random_fill(rng: &mut Rng, config: Config) -> Fill {
             Backend {
                 addr: [rng.below(4) as u32 + 1, 0, 0, 0],
                 mac: [2, 0, 0, 0, 0, rng.below(3) as u8],
+                port: 0,
                 ifindex: 1,
                 service,
                 family: 4,
@@ -110,6 +111,12 @@ fn random_fill(rng: &mut Rng, config: Config) -> Fill {
         );
     }
     f.vip_filter = vip_filter_words(f.services.keys());
+    f.nat_filter = address_filter_words(
+        f.backends
+            .values()
+            .filter(|b| b.mtu == 1500 && b.addr[0] % 2 == 1)
+            .map(|b| b.addr),
+    );
     if rng.below(2) == 0 {
         f.devmap.insert(1, 1);
     }
@@ -140,6 +147,7 @@ fn apply_leaves_exactly_the_fill_whatever_came_before() {
     let empty = Fill {
         config: running.dp.config_for([0, 0]).unwrap(),
         vip_filter: vip_filter_words([]),
+        nat_filter: address_filter_words([]),
         ..Fill::default()
     };
     running.dp.apply(&empty).unwrap();

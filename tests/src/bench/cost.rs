@@ -738,6 +738,7 @@ impl Bench {
                     addr: to_addr(*addr),
                     tunnel_src: s.tunnel_src.map(to_addr).unwrap_or_default(),
                     mac: dpfixture::mac(next),
+                    port: 0,
                     src_mac: LB_MAC,
                     ifindex: 1,
                     service: sid as u32,

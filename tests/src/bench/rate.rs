@@ -859,6 +859,7 @@ impl Lb {
                 addr,
                 tunnel_src: to_addr(IpAddr::V4(L0_ADDR)),
                 mac: backend_mac(i),
+                port: 0,
                 src_mac: L0_MAC,
                 ifindex: rig.l0,
                 service: 0,

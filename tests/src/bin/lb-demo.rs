@@ -1,7 +1,8 @@
 //! The demo behind `cargo xtask demo`: a namespace harness with clients, the load balancer and
 //! three nginx backends; lbd on a demo config; HTTP from many client addresses; a table of which
-//! backend served how many clients. `--keep` leaves it all up until Ctrl-C and prints how to
-//! use lbctl on it.
+//! backend served how many clients; then a `nat` service whose two backends, on lb's second
+//! interface, hold no VIP and route through lb (VIP port 8080 to their port 80). `--keep`
+//! leaves it all up until Ctrl-C and prints how to use lbctl on it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use lb_tests::{
-    Topology, TopologyOptions,
+    BackendSide, Topology, TopologyOptions,
     lbd::{Lbd, LbdPaths, bin, start_lbd},
 };
 
@@ -55,10 +56,10 @@ impl Survey {
         for &b in self.served_by.values() {
             *per_backend.entry(b).or_default() += 1;
         }
-        println!("\n  BACKEND     ADDRESS      CLIENTS  SHARE");
+        println!("\n  BACKEND     ADDRESS        CLIENTS  SHARE");
         for (b, n) in &per_backend {
             println!(
-                "  backend {b}   {:<11}  {n:>7}  {:>4.1}%",
+                "  backend {b}   {:<13}  {n:>7}  {:>4.1}%",
                 t.backend_addr(*b).to_string(),
                 100.0 * *n as f64 / clients as f64
             );
@@ -80,8 +81,10 @@ fn backend_state(lbd: &Lbd, address: &str) -> Option<String> {
 }
 
 const VIP: &str = "203.0.113.10";
+/// The `nat` service's VIP (no backend holds it; clients route it via lb).
+const NAT_VIP: &str = "203.0.113.20";
 
-fn demo_config(paths: &LbdPaths) -> String {
+fn demo_config(t: &Topology, paths: &LbdPaths) -> String {
     let mut c = paths.daemon_section("");
     c.push_str(&format!(
         r#"
@@ -105,7 +108,30 @@ address = "192.0.2.12"
 
 [[service.backend]]
 address = "192.0.2.13"
-"#
+
+[[service]]
+name = "app"
+vip = "{NAT_VIP}"
+port = 8080
+protocol = "tcp"
+forwarding = "nat"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval_ms = 500
+timeout_ms = 300
+
+[[service.backend]]
+address = "{b4}"
+port = 80
+
+[[service.backend]]
+address = "{b5}"
+port = 80
+"#,
+        b4 = t.backend_addr(4),
+        b5 = t.backend_addr(5),
     ));
     c
 }
@@ -128,15 +154,25 @@ fn wait_for_interrupt() {
 fn run(keep: bool) -> Result<()> {
     let started = Instant::now();
     println!(
-        "demo: building the namespace harness (2 client hosts with 40 addresses each, the load balancer, 3 nginx backends)"
+        "demo: building the namespace harness (2 client hosts with 40 addresses each, the load balancer, 3 nginx backends, and 2 more behind lb's second interface for the nat service)"
     );
     let t = Topology::new(TopologyOptions {
         vips: vec![VIP.parse()?],
+        backend_side: Some(BackendSide {
+            direct: 2,
+            ..Default::default()
+        }),
         ..Default::default()
     })
     .context("building the demo topology")?;
+    for c in 1..=t.clients() {
+        t.exec_ok(
+            t.client_ns(c),
+            &["ip", "route", "add", NAT_VIP, "via", "192.0.2.2"],
+        )?;
+    }
     let paths = LbdPaths::for_topology(&t);
-    let config = demo_config(&paths);
+    let config = demo_config(&t, &paths);
     println!(
         "demo: starting lbd in namespace {} with {}:",
         t.lb_ns(),
@@ -224,7 +260,25 @@ fn run(keep: bool) -> Result<()> {
         "$ lbctl backend list\n{}",
         String::from_utf8_lossy(&list.stdout)
     );
-    let failures = before.failures + after.failures;
+    // NAT: backends 4 and 5 know nothing of the VIP; lb rewrites requests to their address
+    // and port 80, and their replies (routed through lb) back to the VIP and port 8080.
+    lb_tests::wait_until(
+        Duration::from_secs(10),
+        "the nat service's backends up",
+        || {
+            lbd.lbctl_json(&["backend", "list", "app"]).is_ok_and(|l| {
+                l.as_array()
+                    .is_some_and(|a| a.iter().all(|b| b["state"] == "up"))
+            })
+        },
+    )?;
+    let nat_vip: SocketAddr = format!("{NAT_VIP}:8080").parse()?;
+    println!(
+        "\ndemo: nat service: GET http://{nat_vip}/ from the same clients (backends 4 and 5 serve on port 80, hold no VIP, route replies through lb)"
+    );
+    let nat = survey(&t, &sources, nat_vip);
+    nat.print(&t, sources.len());
+    let failures = before.failures + after.failures + nat.failures;
 
     if keep {
         println!("\ndemo: left running. Try, as root:");

@@ -44,6 +44,7 @@ fn run(dir: &std::path::Path, repeat: u32) -> anyhow::Result<()> {
         let b = Backend {
             addr,
             mac: [2, 0, 0, 0, 0xb, i as u8],
+            port: 0,
             src_mac: [2, 0, 0, 0, 0, 2],
             ifindex: 1,
             family: 4,

@@ -52,6 +52,7 @@ fn inline_backend_arrays_are_edited_too() {
             address: ip("192.0.2.14"),
             weight: 100,
             mac: None,
+            port: None,
         },
     )
     .unwrap();
@@ -70,6 +71,7 @@ fn inline_backend_arrays_are_edited_too() {
             address: ip("192.0.2.33"),
             weight: 9,
             mac: None,
+            port: None,
         },
     )
     .unwrap();

@@ -64,6 +64,7 @@ fn save_refuses_an_invalid_result_and_leaves_the_file() {
             address: ip("2001:db8::7"),
             weight: 100,
             mac: None,
+            port: None,
         },
     )
     .unwrap();

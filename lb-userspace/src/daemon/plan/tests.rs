@@ -327,6 +327,7 @@ fn an_added_backend_gets_the_lowest_free_id_and_waits_for_its_first_check() {
             address: ip("192.0.2.13"),
             weight: 100,
             mac: None,
+            port: None,
         },
     );
     assert_eq!(hops_needed(&current, &new).len(), 1);
@@ -365,6 +366,7 @@ fn an_added_backend_without_a_resolution_is_there_without_a_hop() {
         address: ip("192.0.2.22"),
         weight: 100,
         mac: None,
+        port: None,
     });
     let p = plan(&current, &new, Hops::new(), later()).unwrap();
     let b = backend(&p.services, "dns", "192.0.2.22");
@@ -510,6 +512,7 @@ fn ids_freed_by_a_change_are_given_again_only_by_a_later_one() {
             address: ip("192.0.2.23"),
             weight: 100,
             mac: None,
+            port: None,
         });
     let fourth = step(&third.services, &again, later());
     assert_eq!(ids(&fourth.services)[1], ("dns".into(), 1, vec![1, 2]));
@@ -579,4 +582,36 @@ fn a_restart_keeps_the_pinned_ids_and_adopted_health() {
     let fresh = initial(&config, &pinned, false, T0).unwrap();
     assert_eq!(ids(&fresh), ids(&adopted));
     assert!(fresh.iter().flat_map(|s| &s.backends).all(|b| b.healthy));
+}
+
+#[test]
+fn a_nat_backends_new_port_restarts_its_checker_on_that_port_only() {
+    let mut nat = base();
+    service_mut(&mut nat, "web").forwarding = Forwarding::Nat;
+    // Forwarding changes: every backend of the service is resolved and checked again.
+    let current = running();
+    let p = step(&current, &nat, later());
+    assert!(
+        p.checks
+            .iter()
+            .filter(|c| c.service == "web")
+            .all(|c| c.restart)
+    );
+    let current = p.services;
+    let mut moved = nat.clone();
+    service_mut(&mut moved, "web").backends[1].port = Some(8080);
+    let p = step(&current, &moved, later());
+    let web: Vec<_> = p
+        .checks
+        .iter()
+        .filter(|c| c.service == "web")
+        .map(|c| (c.backend, c.restart))
+        .collect();
+    assert_eq!(web, [(ip("192.0.2.11"), false), (ip("192.0.2.12"), true)]);
+    // The checker's target and the data path's entry follow the port.
+    let web = p.services.iter().find(|s| s.cfg.name == "web").unwrap();
+    let b = &web.backends[1];
+    assert_eq!(web.health_target(b).spec.port, 8080);
+    assert_eq!(web.health_target(&web.backends[0]).spec.port, web.cfg.port);
+    assert_eq!(web.nat_port(b), 8080u16.to_be());
 }
