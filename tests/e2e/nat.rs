@@ -347,6 +347,40 @@ fn http_from_many_clients(t: &Topology) {
     );
 }
 
+/// Case: `lbctl trace` of the NAT service names, for each packet, the backend that served its
+/// client (the NAT flow's own), forwarded.
+fn traced_packets_name_their_backend(t: &Topology, lbd: &Lbd) {
+    let sources = t.all_client_sources();
+    let mut served: std::collections::BTreeMap<IpAddr, usize> = Default::default();
+    let lines = std::thread::scope(|scope| {
+        let trace = scope.spawn(|| lbd.lbctl_json(&["trace", "web", "--count", "20"]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut i = 0;
+        while !trace.is_finished() && std::time::Instant::now() < deadline {
+            let src = sources[i % sources.len()];
+            i += 1;
+            let (n, _) = who(t, src, vip());
+            assert_eq!(*served.entry(src).or_insert(n), n, "client {src} moved");
+        }
+        trace
+            .join()
+            .expect("the trace's thread")
+            .expect("lbctl trace")
+    });
+    let lines = lines.as_array().expect("an array");
+    assert_eq!(lines.len(), 20, "{lines:?}");
+    for l in lines {
+        let client: IpAddr = l["client"].as_str().unwrap().parse().unwrap();
+        let n = served
+            .get(&client)
+            .unwrap_or_else(|| panic!("traced a packet of {client}, who sent none: {l}"));
+        assert_eq!(l["service"], "web", "{l}");
+        assert_eq!(l["backend"], t.backend_addr(*n).to_string(), "{l}");
+        assert_eq!(l["reason"], "forwarded", "{l}");
+        assert!(l["action"] == "tx" || l["action"] == "redirect", "{l}");
+    }
+}
+
 /// Case: the same over IPv6.
 fn http_over_ipv6(t: &Topology) {
     let sources = t.all_client_sources_v6();
@@ -571,6 +605,7 @@ fn nat_forwarding_end_to_end() {
     }
 
     http_from_many_clients(&t);
+    traced_packets_name_their_backend(&t, &lbd);
     http_over_ipv6(&t);
     unknown_flow_passes(&t);
     path_mtu_through_nat(&t);
