@@ -368,7 +368,7 @@ fn node_drain_withdraws_keeps_forwarding_and_survives_a_restart() {
     lbd.stop().unwrap();
     assert_eq!(routes(&t), BTreeSet::new());
     let lbd = spawn_lbd(&t, &paths).unwrap();
-    let s = lbd.wait_answering(Duration::from_secs(10)).unwrap();
+    let s = lbd.wait_answering(lb_tests::lbd::LBD_START).unwrap();
     assert_eq!(s["drained"], true, "{s}");
     assert_eq!(node_check(&lbd), 1);
     assert_eq!(
@@ -418,7 +418,7 @@ fn routes_stay_through_kill_and_restart_and_go_with_cleanup() {
                 samples.lock().unwrap().len() >= 20
             })?;
             let lbd = spawn_lbd(&t, &paths)?;
-            let s = lbd.wait_answering(Duration::from_secs(10))?;
+            let s = lbd.wait_answering(lb_tests::lbd::LBD_START)?;
             anyhow::ensure!(s["start"] == "adopted", "{s}");
             // Until the new lbd has looked at its table (it reports what it found) and a
             // little after.
@@ -572,7 +572,7 @@ fn node_check_without_announce_and_fingerprints() {
     );
     std::fs::write(&paths.config, write([3, 1, 2])).unwrap();
     let lbd = spawn_lbd(&t, &paths).unwrap();
-    let s = lbd.wait_answering(Duration::from_secs(10)).unwrap();
+    let s = lbd.wait_answering(lb_tests::lbd::LBD_START).unwrap();
     assert_eq!(s["start"], "fresh", "{s}");
     assert_eq!(web_fingerprint(&lbd), first, "listed in another order");
     lbd.lbctl_ok(&["backend", "weight", "web", &b(3).to_string(), "51"]);

@@ -655,7 +655,7 @@ fn sigkill_restart_is_hitless() {
                 count.load(Ordering::SeqCst) - at_kill >= 300
             })?;
             let again = spawn_lbd(&t, &paths)?;
-            let status = again.wait_answering(Duration::from_secs(10))?;
+            let status = again.wait_answering(lb_tests::lbd::LBD_START)?;
             wait_until(
                 Duration::from_secs(60),
                 "2000 requests after the kill",

@@ -126,7 +126,7 @@ impl Run<'_> {
         );
         self.lbd = spawn_lbd(self.t, &self.paths).expect("starting lbd");
         self.lbd
-            .wait_answering(Duration::from_secs(15))
+            .wait_answering(lb_tests::lbd::LBD_START)
             .expect("a fresh lbd");
         let fresh = Fill::read_pinned(&self.paths.bpffs_dir).expect("reading the maps");
         let diff = running.diff(&fresh);
@@ -610,7 +610,7 @@ fn a_link_left_detached_while_lbd_was_stopped_is_replaced() {
         .unwrap();
     let _switch_port = t.recreate_lb_eth0().expect("recreating eth0");
     let second = spawn_lbd(&t, &paths).unwrap();
-    let status = second.wait_answering(Duration::from_secs(15)).unwrap();
+    let status = second.wait_answering(lb_tests::lbd::LBD_START).unwrap();
     let mut problems = vec![];
     if status["start"] == "adopted" {
         problems.push(format!("lbd says it adopted a detached link: {status}"));

@@ -214,7 +214,7 @@ fn a_second_lbd_exits_naming_the_first_and_leaves_its_socket_alone() {
     assert!(!paths.socket.exists());
     let again = spawn_lbd(&t, &paths).unwrap();
     again
-        .wait_answering(Duration::from_secs(10))
+        .wait_answering(lb_tests::lbd::LBD_START)
         .expect("a new lbd after the first exited");
     assert!(again.stop().unwrap().success());
 }
@@ -228,7 +228,7 @@ fn idle_metrics_connections_do_not_starve_the_health_checks() {
     prepare_lbd(&t, &config_with_metrics(&t, &paths, 3)).unwrap();
     // As a shell or a service manager without LimitNOFILE leaves it.
     let lbd = spawn_lbd_with(&t, &paths, &[], Some(1024)).unwrap();
-    lbd.wait_answering(Duration::from_secs(10)).unwrap();
+    lbd.wait_answering(lb_tests::lbd::LBD_START).unwrap();
     wait_all_up(&lbd);
     let pid = lbd.handle.pid();
     let (soft, hard) = nofile_limits(pid);
@@ -390,7 +390,7 @@ fn seed_file(paths: &LbdPaths) -> PathBuf {
 fn run_once(t: &Topology, paths: &LbdPaths, config: &str, extra: &[&str]) -> String {
     write(&paths.config, config);
     let lbd = spawn_lbd_with(t, paths, extra, None).unwrap();
-    lbd.wait_answering(Duration::from_secs(10))
+    lbd.wait_answering(lb_tests::lbd::LBD_START)
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(lbd.stop().unwrap().success());
     lbd.log()

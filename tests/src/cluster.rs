@@ -454,7 +454,7 @@ impl Cluster {
             let paths = self.lbd_paths(n);
             prepare_lbd_at(&self.t, &paths, &self.lbd_config(&paths))?;
             let lbd = spawn_lbd_in(&self.t, &self.node_ns[n - 1], &paths)?;
-            lbd.wait_ready(Duration::from_secs(15))
+            lbd.wait_ready(crate::lbd::LBD_START)
                 .with_context(|| format!("lbd of node {n}"))?;
             let handle = lbd.handle;
             self.lbds.push((paths, handle));
@@ -799,7 +799,7 @@ impl Cluster {
         self.t.kill(self.lbds[n - 1].1)?;
         let paths = self.lbd_paths(n);
         let lbd = spawn_lbd_in(&self.t, &self.node_ns[n - 1], &paths)?;
-        lbd.wait_ready(Duration::from_secs(15))
+        lbd.wait_ready(crate::lbd::LBD_START)
             .with_context(|| format!("the restarted lbd of node {n}"))?;
         self.lbds[n - 1].1 = lbd.handle;
         Ok(())

@@ -74,12 +74,17 @@ pub struct Lbd<'t> {
     pub handle: ProcHandle,
 }
 
+/// How long a test waits for an lbd it started to answer. A debug lbd's start is mostly the
+/// kernel verifying the program (about 800,000 instructions: a few seconds alone, several
+/// times that while other tests load theirs on this machine's two CPUs).
+pub const LBD_START: Duration = Duration::from_secs(30);
+
 /// Writes `config` and starts lbd on it in the LB namespace; returns once the control socket
 /// is there (lbd's readiness signal). At teardown `lbd --cleanup` runs and the pins go.
 pub fn start_lbd<'t>(t: &'t Topology, config: &str) -> Result<Lbd<'t>> {
     let paths = prepare_lbd(t, config)?;
     let lbd = spawn_lbd(t, &paths)?;
-    lbd.wait_ready(Duration::from_secs(30))?;
+    lbd.wait_ready(LBD_START)?;
     Ok(lbd)
 }
 

@@ -17,7 +17,9 @@
 //! - map memory charged to the memory cgroup instead of RLIMIT_MEMLOCK (5.11): before it, a
 //!   1,048,576-entry connection table (16 MiB) is refused under the usual 8 MiB limit. On an
 //!   older kernel an unlimited RLIMIT_MEMLOCK does as well (lbd raises its soft limit to the
-//!   hard one when that is unlimited).
+//!   hard one when that is unlimited);
+//! - global functions with pointer arguments (5.12): `nat`'s steps are global functions, which
+//!   the verifier checks once, on their own (probed by loading lb-ebpf's `lb-probe`).
 //!
 //! Kernel BTF (/sys/kernel/btf/vmlinux) is not needed (the programs use no CO-RE), nor is
 //! BPF_PROG_TEST_RUN (only the tests run programs that way).
@@ -33,7 +35,7 @@ use aya::{
 use super::sys;
 
 /// The oldest kernel that has every feature lb uses, (major, minor).
-pub const MINIMUM: (u32, u32) = (5, 11);
+pub const MINIMUM: (u32, u32) = (5, 12);
 
 /// Which program's needs to check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +61,8 @@ enum Probe {
     XdpLink,
     /// Map memory not limited by RLIMIT_MEMLOCK.
     MemcgAccounting,
+    /// A global function with a pointer argument, verified on its own (lb-ebpf's `lb-probe`).
+    GlobalFunctionPointers,
 }
 
 /// One thing the kernel must offer: what it is, the release that added it, how to probe it.
@@ -170,6 +174,11 @@ const DAEMON: &[Feature] = &[
         Probe::InnerMapSizes,
     ),
     MEMCG,
+    feature(
+        "global BPF functions with pointer arguments (nat forwarding's steps)",
+        (5, 12),
+        Probe::GlobalFunctionPointers,
+    ),
 ];
 
 /// What `lbd decap` uses, oldest first.
@@ -456,6 +465,35 @@ fn probe(p: Probe) -> Result<bool, Failed> {
             }
         }
         Probe::MemcgAccounting => memcg_accounting().map(|(ok, _)| ok),
+        Probe::GlobalFunctionPointers => global_function_pointers(),
+    }
+}
+
+/// lb-ebpf's probe program, built by build.rs like the balancer.
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-probe"));
+
+/// Whether the kernel verifies a global function with a pointer argument on its own: loads
+/// `lb_probe` (never attached). A refusal by the verifier means no; one for want of privilege
+/// is the probe's error.
+fn global_function_pointers() -> Result<bool, Failed> {
+    let mut ebpf =
+        aya::Ebpf::load(PROBE_OBJECT).map_err(|e| failed("opening the probe program", &e))?;
+    let program: &mut aya::programs::Xdp = ebpf
+        .program_mut("lb_probe")
+        .ok_or_else(|| Failed {
+            text: "lb_probe missing from the probe object".into(),
+            denied: false,
+        })?
+        .try_into()
+        .map_err(|e| failed("the probe program", &e))?;
+    match program.load() {
+        Ok(()) => Ok(true),
+        Err(aya::programs::ProgramError::LoadError { io_error, .. })
+            if !matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(failed("loading the probe program", &e)),
     }
 }
 
@@ -509,7 +547,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "this kernel (5.4.0-150-generic) lacks 2 features that lb needs; lb needs Linux 5.11 \
+            "this kernel (5.4.0-150-generic) lacks 2 features that lb needs; lb needs Linux 5.12 \
              or later with BPF and XDP enabled:\n\
              \x20 - BPF ring buffers (since Linux 5.8)\n\
              \x20 - XDP attached through a bpf_link (BPF_LINK_CREATE with BPF_XDP) (since Linux \
@@ -548,8 +586,10 @@ mod tests {
     /// The minimum is the newest feature's release, and the lists are in that order.
     #[test]
     fn the_minimum_is_the_newest_feature() {
+        // `lbd decap` uses a subset: lb's minimum is the balancer's.
+        assert_eq!(DAEMON.iter().map(|f| f.since).max(), Some(MINIMUM));
+        assert!(DECAP.iter().all(|f| f.since <= MINIMUM));
         for list in [DAEMON, DECAP] {
-            assert_eq!(list.iter().map(|f| f.since).max(), Some(MINIMUM));
             assert!(list.windows(2).all(|w| w[0].since <= w[1].since));
         }
     }
