@@ -73,6 +73,9 @@ const EST_FLOWS: u32 = 1_000;
 const WALK: u32 = 65_536;
 /// Client counts of the many-clients walks (the headline: the last).
 const CLIENTS: [u32; 3] = [1_024, 16_384, 65_536];
+/// Client counts of part `nat` (the headline first; 1,024 to see what the NAT tables' size
+/// costs).
+const NAT_CLIENTS: [u32; 2] = [65_536, 1_024];
 /// Frame length without FCS: a 64-byte frame on the wire.
 const FRAME: usize = 60;
 /// Sink slots: 0 counts every frame, 1 + (last two bytes of the destination MAC & 1023) each
@@ -100,9 +103,10 @@ enum Stream {
     /// TCP SYNs from this many client addresses in turn (at most 65,536), then the next source
     /// port: every one a new connection.
     SynClients(u32),
-    /// UDP replies of the walk's 65,536 NAT flows: from backend 0's address and `NAT_PORT` to
-    /// each client address (198.18.0.0 + w, the destination) and `UDP_SPORT`.
-    NatReplies,
+    /// UDP replies of the NAT flows of this many clients (at most 65,536): from backend 0's
+    /// address and `NAT_PORT` to each client address (198.18.0.0 + w, the destination) and
+    /// `UDP_SPORT`.
+    NatReplies(u32),
 }
 
 impl Stream {
@@ -116,9 +120,9 @@ impl Stream {
                 "TCP SYN, {} clients (every one a new connection)",
                 thousands(n as u64)
             ),
-            Stream::NatReplies => format!(
+            Stream::NatReplies(n) => format!(
                 "UDP replies (backend:{NAT_PORT} → client), {} clients",
-                thousands(WALK as u64)
+                thousands(n as u64)
             ),
         }
     }
@@ -127,8 +131,8 @@ impl Stream {
     fn flows(self) -> u32 {
         match self {
             Stream::UdpEst => EST_FLOWS,
-            Stream::UdpWalk | Stream::Syn | Stream::NatReplies => WALK,
-            Stream::UdpClients(n) | Stream::SynClients(n) => n,
+            Stream::UdpWalk | Stream::Syn => WALK,
+            Stream::UdpClients(n) | Stream::SynClients(n) | Stream::NatReplies(n) => n,
         }
     }
 
@@ -138,7 +142,11 @@ impl Stream {
 
     /// Offset of the variable address bytes: the destination's for replies, else the source's.
     fn addr_at(self) -> usize {
-        if self == Stream::NatReplies { 30 } else { 26 }
+        if self.reply() { 30 } else { 26 }
+    }
+
+    fn reply(self) -> bool {
+        matches!(self, Stream::NatReplies(_))
     }
 }
 
@@ -190,7 +198,7 @@ fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
     ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
     ip[8] = 64;
     ip[9] = if tcp { 6 } else { 17 };
-    if stream == Stream::NatReplies {
+    if stream.reply() {
         ip[12..16].copy_from_slice(&backend_addr(0).octets());
         ip[16..20].copy_from_slice(&[198, 18, 0, 0]);
     } else {
@@ -213,7 +221,7 @@ fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
         l4_base = sum_le(&pseudo);
     } else {
         let u = &mut f[34..42];
-        let (sport, dport) = if stream == Stream::NatReplies {
+        let (sport, dport) = if stream.reply() {
             (NAT_PORT, UDP_SPORT)
         } else {
             (UDP_SPORT, UDP_PORT)
@@ -270,7 +278,7 @@ fn generator(stream: Stream) -> Result<TestProg> {
     }
     let flows: u32 = if flows == WALK { 0 } else { flows };
     let syn = u32::from(stream.syn());
-    let dst = u32::from(stream == Stream::NatReplies);
+    let dst = u32::from(stream.reply());
     TestProg::load(
         "generator",
         &[
@@ -448,15 +456,11 @@ impl Rig {
         let sink = &mut rig.sink;
         let link = in_netns(&g, || sink.attach(g0).context("attaching the sink to g0"))?;
         rig.sink_link = Some(link);
-        let mut streams = vec![
-            Stream::UdpEst,
-            Stream::UdpWalk,
-            Stream::Syn,
-            Stream::NatReplies,
-        ];
+        let mut streams = vec![Stream::UdpEst, Stream::UdpWalk, Stream::Syn];
         for n in CLIENTS {
             streams.extend([Stream::UdpClients(n), Stream::SynClients(n)]);
         }
+        streams.extend(NAT_CLIENTS.map(Stream::NatReplies));
         for s in streams {
             rig.gens.insert(s, generator(s)?);
         }
@@ -1406,91 +1410,33 @@ fn nat_row(
     Ok((s, live))
 }
 
-/// Part `nat`, packet rate: the 65,536-client UDP walk through the floor, lb with a `dsr`
-/// service and lb with a `nat` service (VIP:53 → backend:8053), requests and replies, one after
-/// the other in one run. One backend (198.19.0.0) in both services: a reply must come from its
-/// flow's backend, and the generator varies only the client's address; a request costs lb the
-/// same whatever the backend count (one Maglev table read). The replies' entries are written by
-/// the request series before them (each client's first request records its flow and reply
-/// entry), checked in `NAT_FLOWS` before the replies are measured.
+/// Part `nat`, packet rate: UDP walks of 65,536 and 1,024 clients through the floor, lb with a
+/// `dsr` service and lb with a `nat` service (VIP:53 → backend:8053), requests and replies, one
+/// after the other in one run. One backend (198.19.0.0) in both services: a reply must come
+/// from its flow's backend, and the generator varies only the client's address; a request
+/// costs lb the same whatever the backend count (one Maglev table read). The replies' entries
+/// are written by the request series before them (each client's first request records its
+/// flow and reply entry), checked in `NAT_FLOWS` before the replies are measured.
 pub fn run_nat(opts: &Opts) -> Result<Vec<Figure>> {
     let (mut rig, _pinned, reps, time) = start(opts)?;
     let cpu = rig.gen_cpu;
-    let section = "NAT packet rate (65,536 clients)";
-    let requests = Stream::UdpClients(WALK);
-    let mut rows: Vec<(Series, LiveCost)> = vec![];
-    {
+    let section = "NAT packet rate";
+    let walk = Stream::UdpClients(WALK);
+    let floor_row = {
         let (_link, id) = rig.attach_prog_l0(TestProg::load("floor", &[])?)?;
-        rows.push(nat_row(
+        nat_row(
             &rig,
-            format!("floor (MAC swap + XDP_TX), {}", requests.label()),
-            requests,
+            format!("floor (MAC swap + XDP_TX), {}", walk.label()),
+            walk,
             id,
             reps,
             time,
             Some(G0_MAC),
-        )?);
-    }
-    {
-        let mut lb = Lb::new(&mut rig, 1, false, DEFAULT_CONNTRACK_ENTRIES)?;
-        lb.steady(17)?;
-        let id = lb.dp.program_id();
-        rows.push(nat_row(
-            &rig,
-            format!(
-                "lb dsr, 1 backend, every slot unchanged, requests: {}",
-                requests.label()
-            ),
-            requests,
-            id,
-            reps,
-            time,
-            Some(backend_mac(0)),
-        )?);
-        lb.remove()?;
-    }
-    let mut lb = Lb::new(&mut rig, 1, false, DEFAULT_CONNTRACK_ENTRIES)?;
-    lb.make_nat()?;
-    lb.steady(17)?;
-    let id = lb.dp.program_id();
-    rows.push(nat_row(
-        &rig,
-        format!(
-            "lb nat, 1 backend, requests (VIP:{UDP_PORT} → backend:{NAT_PORT}): {}",
-            requests.label()
-        ),
-        requests,
-        id,
-        reps,
-        time,
-        Some(backend_mac(0)),
-    )?);
-    // Every client's flow (and so its reply entry) is recorded by now.
-    let recorded = (0..WALK)
-        .filter(|&w| {
-            let key = flow_key(client(w).into(), VIP.into(), UDP_SPORT, UDP_PORT, 17);
-            lb.dp.nat_flow(&key).is_some_and(|f| f.backend == 0)
-        })
-        .count();
-    ensure!(
-        recorded == WALK as usize,
-        "only {recorded} of {WALK} clients have a NAT flow after the request series"
-    );
-    rows.push(nat_row(
-        &rig,
-        format!("lb nat, 1 backend, {}", Stream::NatReplies.label()),
-        Stream::NatReplies,
-        id,
-        reps,
-        time,
-        Some(G0_MAC),
-    )?);
-    lb.remove()?;
-
-    let floor = rows[0].0.median();
-    let dsr = rows[1].0.median();
+        )?
+    };
+    let floor = floor_row.0.median();
     let mut figures = vec![];
-    for (i, (s, live)) in rows.iter().enumerate() {
+    let mut note = |(s, live): &(Series, LiveCost), base: Option<&(Series, LiveCost)>| {
         let mpps = s.median();
         let mut note = format!(
             "{:.0} ns/packet for the whole path; lost {} of {} sent; the program's own live cost (bpf_stats, one more call): {:.1} ns per run over {} runs ({:.2} Mpps with the accounting on)",
@@ -1501,44 +1447,109 @@ pub fn run_nat(opts: &Opts) -> Result<Vec<Figure>> {
             live.runs,
             live.mpps
         );
-        if i > 0 {
+        if base.is_some() || !s.name.starts_with("floor") {
             note.push_str(&format!(
                 "; {:.2}× floor ({:+.0} ns/packet)",
                 mpps / floor,
                 1e3 / mpps - 1e3 / floor
             ));
         }
-        if i > 1 {
+        if let Some((d, dl)) = base {
             note.push_str(&format!(
-                "; {:.2}× lb dsr ({:+.1} ns live per run)",
-                mpps / dsr,
-                live.ns - rows[1].1.ns
+                "; {:.2}× lb dsr with as many clients ({:+.1} ns live per run)",
+                mpps / d.median(),
+                live.ns - dl.ns
             ));
         }
         figures.push(s.figure(section, note));
+    };
+    note(&floor_row, None);
+    let mut summary = vec![];
+    for n in NAT_CLIENTS {
+        let requests = Stream::UdpClients(n);
+        let dsr = {
+            let mut lb = Lb::new(&mut rig, 1, false, DEFAULT_CONNTRACK_ENTRIES)?;
+            lb.steady(17)?;
+            let id = lb.dp.program_id();
+            let row = nat_row(
+                &rig,
+                format!(
+                    "lb dsr, 1 backend, every slot unchanged, requests: {}",
+                    requests.label()
+                ),
+                requests,
+                id,
+                reps,
+                time,
+                Some(backend_mac(0)),
+            )?;
+            lb.remove()?;
+            row
+        };
+        let mut lb = Lb::new(&mut rig, 1, false, DEFAULT_CONNTRACK_ENTRIES)?;
+        lb.make_nat()?;
+        lb.steady(17)?;
+        let id = lb.dp.program_id();
+        let req = nat_row(
+            &rig,
+            format!(
+                "lb nat, 1 backend, requests (VIP:{UDP_PORT} → backend:{NAT_PORT}): {}",
+                requests.label()
+            ),
+            requests,
+            id,
+            reps,
+            time,
+            Some(backend_mac(0)),
+        )?;
+        // Every client's flow (and so its reply entry) is recorded by now.
+        let recorded = (0..n)
+            .filter(|&w| {
+                let key = flow_key(client(w).into(), VIP.into(), UDP_SPORT, UDP_PORT, 17);
+                lb.dp.nat_flow(&key).is_some_and(|f| f.backend == 0)
+            })
+            .count();
+        ensure!(
+            recorded == n as usize,
+            "only {recorded} of {n} clients have a NAT flow after the request series"
+        );
+        let rep = nat_row(
+            &rig,
+            format!("lb nat, 1 backend, {}", Stream::NatReplies(n).label()),
+            Stream::NatReplies(n),
+            id,
+            reps,
+            time,
+            Some(G0_MAC),
+        )?;
+        lb.remove()?;
+        note(&dsr, None);
+        note(&req, Some(&dsr));
+        note(&rep, Some(&dsr));
+        summary.push((n, dsr, req, rep));
     }
-    for (i, what) in [(2, "requests"), (3, "replies")] {
-        let mpps = rows[i].0.median();
-        figures.push(Figure::value(
-            section,
-            &format!("ratio lb nat/floor, {what}"),
-            "×",
-            mpps / floor,
-            &format!(
-                "{mpps:.2} vs {floor:.2} Mpps; lb dsr {:.2}× floor",
-                dsr / floor
-            ),
-        ));
-        figures.push(Figure::value(
-            section,
-            &format!("live ns per run (bpf_stats), lb nat {what}"),
-            "ns",
-            rows[i].1.ns,
-            &format!(
-                "lb dsr {:.1} ns, floor {:.1} ns",
-                rows[1].1.ns, rows[0].1.ns
-            ),
-        ));
+    for (n, dsr, req, rep) in &summary {
+        let clients = thousands(*n as u64);
+        for (row, what) in [(req, "requests"), (rep, "replies")] {
+            let mpps = row.0.median();
+            figures.push(Figure::value(
+                section,
+                &format!("ratio lb nat/floor, {what}, {clients} clients"),
+                "×",
+                mpps / floor,
+                &format!(
+                    "{mpps:.2} vs {floor:.2} Mpps; lb dsr {:.2}× floor",
+                    dsr.0.median() / floor
+                ),
+            ));
+            figures.push(Figure::value(
+                section,
+                &format!("live ns per run (bpf_stats), lb nat {what}, {clients} clients"),
+                "ns",
+                row.1.ns,
+                &format!("lb dsr {:.1} ns, floor {:.1} ns", dsr.1.ns, floor_row.1.ns),
+            ));
+        }
     }
     figures.push(Figure::value(
         section,
@@ -1546,7 +1557,7 @@ pub fn run_nat(opts: &Opts) -> Result<Vec<Figure>> {
         "",
         f64::NAN,
         &format!(
-            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < 65,536), one UDP flow each (checksum 0: IPv4 UDP without checksum, which nat leaves 0; TCP would add two incremental checksum updates); lbd's default connection table, nat tables of lbd's default 262,144 entries; the floor, lb dsr, lb nat requests, then lb nat replies (backend 198.19.0.0:{NAT_PORT} → client:{UDP_SPORT}, to the client's MAC the way the request came, XDP_TX) one after the other; every series checked to have reached the right MAC (the backend's for requests, the client's for replies); the replies' entries written by the request series (every client's first request), all 65,536 checked in NAT_FLOWS before; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
+            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < 65,536, then i < 1,024), one UDP flow each (checksum 0: IPv4 UDP without checksum, which nat leaves 0; TCP would add two incremental checksum updates); lbd's default connection table, nat tables of lbd's default 262,144 entries, a fresh data path for every lb row; the floor (65,536 clients), then per client count lb dsr, lb nat requests and lb nat replies (backend 198.19.0.0:{NAT_PORT} → client:{UDP_SPORT}, to the client's MAC the way the request came, XDP_TX) one after the other; every series checked to have reached the right MAC (the backend's for requests, the client's for replies); the replies' entries written by the request series (every client's first request), all checked in NAT_FLOWS before; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
         ),
     ));
     Ok(figures)
