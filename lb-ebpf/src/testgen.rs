@@ -43,6 +43,10 @@ static GEN_FLOWS: u32 = 0;
 /// Non-zero: a TCP SYN, whose source port (and checksum) changes with every completed walk.
 #[unsafe(no_mangle)]
 static GEN_SYN: u32 = 0;
+/// Non-zero: the counter's word goes into the destination address's last two bytes instead of
+/// the source's (replies to the walk's clients, e.g. of NAT flows).
+#[unsafe(no_mangle)]
+static GEN_DST: u32 = 0;
 
 /// The forwarder's VIP (IPv4: the first 4 bytes), its family (4 or 6) and the MACs it writes.
 #[unsafe(no_mangle)]
@@ -105,7 +109,7 @@ fn fold(mut sum: u64) -> u16 {
 /// Writes the whole frame (a page comes back from the page pool with whatever the path under
 /// test wrote into it, so nothing of the previous run may survive), then the variable fields
 /// from the frame's number: the client address's last two bytes (a little-endian u16 over
-/// 198.18.0.0), for SYNs the source port (1024 + completed walks of `GEN_FLOWS` or 65,536
+/// 198.18.0.0; the source's, or with `GEN_DST` the destination's), for SYNs the source port (1024 + completed walks of `GEN_FLOWS` or 65,536
 /// addresses, stored little-endian), and
 /// the checksums fixed from their bases. Returns XDP_TX.
 #[xdp]
@@ -132,7 +136,11 @@ pub fn generator(ctx: XdpContext) -> u32 {
         *(frame.add(FRAME / 8) as *mut u32) = config(&GEN_FRAME[FRAME / 8]) as u32;
         let flows = config(&GEN_FLOWS) as u64;
         let w = if flows != 0 { n % flows } else { n & 0xffff };
-        *(p.add(28) as *mut u16) = w as u16;
+        if config(&GEN_DST) != 0 {
+            *(p.add(32) as *mut u16) = w as u16;
+        } else {
+            *(p.add(28) as *mut u16) = w as u16;
+        }
         *(p.add(24) as *mut u16) = fold(w + config(&GEN_IP_BASE) as u64);
         if config(&GEN_SYN) != 0 {
             // The source port changes with every completed walk.

@@ -36,30 +36,90 @@ use lb_userspace::state::to_addr;
 
 use super::{Figure, Opts};
 use crate::{
-    Topology, TopologyOptions,
+    BackendSide, Topology, TopologyOptions,
     lbd::{LbdPaths, start_lbd},
     wait_until,
 };
 
 const SECTION: &str = "whole-path HTTP";
+/// Part `nat`'s section (its own: the same paths measured again in another run).
+const NAT_SECTION: &str = "whole-path HTTP through nat";
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// HAProxy's VIP: held by the LB namespace itself (on `lo`); no lb service.
 const HAPROXY_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// The `nat` service's VIP (part `nat`): no host holds it; the clients route it via lb.
+const NAT_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 const BACKENDS: usize = 3;
 const CLIENTS: usize = 3;
 const TABLE_SIZE: u32 = 65_537;
 const CONNECTIONS: usize = 32;
 
 pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
+    run_paths(opts, false)
+}
+
+/// Part `nat`'s HTTP half: the same paths as `run`, plus lb with a `nat` service (VIP
+/// 203.0.113.30:80 → three more nginx on lb's backend side, port 80, whose default route is
+/// lb), all interleaved in one run.
+pub fn run_nat(opts: &Opts) -> Result<Vec<Figure>> {
+    run_paths(opts, true)
+}
+
+fn run_paths(opts: &Opts, with_nat: bool) -> Result<Vec<Figure>> {
     let secs = if opts.quick { 2 } else { 5 };
+    let section = if with_nat { NAT_SECTION } else { SECTION };
     let t = Topology::new(TopologyOptions {
         backends: BACKENDS,
         clients: CLIENTS,
         addresses_per_client: 1,
         vips: vec![IpAddr::V4(VIP), IpAddr::V4(HAPROXY_VIP)],
         start_servers: true,
-        ..Default::default()
+        backend_side: with_nat.then_some(BackendSide {
+            direct: BACKENDS,
+            gateways: 0,
+            behind: 0,
+        }),
     })?;
+    let main: Vec<usize> = (1..=BACKENDS).collect();
+    let side: Vec<usize> = (BACKENDS + 1..=t.backends()).collect();
+    if with_nat {
+        // NAT backends need nothing of DSR's: the harness's ARP settings back to the defaults,
+        // and the VIP (which the harness puts on every backend's lo) taken off theirs; clients
+        // reach the NAT VIP through lb.
+        for &i in &side {
+            let ns = t.backend_ns(i);
+            t.exec_ok(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.conf.all.arp_ignore=0",
+                    "net.ipv4.conf.all.arp_announce=0",
+                    "net.ipv4.conf.eth0.arp_ignore=0",
+                    "net.ipv4.conf.eth0.arp_announce=0",
+                ],
+            )?;
+            for vip in [VIP, HAPROXY_VIP] {
+                let _ = t.exec(
+                    ns,
+                    &["ip", "addr", "del", &format!("{vip}/32"), "dev", "lo"],
+                );
+            }
+        }
+        for c in 1..=t.clients() {
+            t.exec_ok(
+                t.client_ns(c),
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    &NAT_VIP.to_string(),
+                    "via",
+                    "192.0.2.2",
+                ],
+            )?;
+        }
+    }
 
     // HAProxy on its own VIP, held by the LB namespace.
     t.exec_ok(
@@ -74,7 +134,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         ],
     )?;
     let cfg = t.work_dir().join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy_config(&t))
+    std::fs::write(&cfg, haproxy_config(&t, &main))
         .with_context(|| format!("writing {}", cfg.display()))?;
     let mut cmd = Command::new("haproxy");
     cmd.arg("-db").arg("-f").arg(&cfg);
@@ -99,32 +159,48 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     .with_context(|| format!("HAProxy's log:\n{}", t.log_of(haproxy)))?;
 
     // lbd on VIP.
-    let (seed_hex, placement) = seed_spreading_clients(&t)?;
+    let sets: Vec<&[usize]> = if with_nat {
+        vec![&main, &side]
+    } else {
+        vec![&main]
+    };
+    let (seed_hex, placements) = seed_spreading_clients(&t, &sets)?;
     let lbd_paths = LbdPaths::for_topology(&t);
-    let lbd = start_lbd(&t, &lb_config(&t, &lbd_paths, &seed_hex))?;
-    for (i, b) in placement.iter().enumerate() {
-        let src = t.client_addr(i + 1).to_string();
-        let v = lbd.lbctl_json(&["lookup", "web", &src])?;
-        let want = t.backend_addr(*b).to_string();
-        if v["backend"].as_str() != Some(want.as_str()) {
-            bail!(
-                "lbctl lookup places {src} on {}, lb-common on {want}",
-                v["backend"]
-            );
+    let lbd = start_lbd(&t, &lb_config(&t, &lbd_paths, &seed_hex, &main, &side))?;
+    for (service, placement) in ["web", "natweb"].iter().zip(&placements) {
+        for (i, b) in placement.iter().enumerate() {
+            let src = t.client_addr(i + 1).to_string();
+            let v = lbd.lbctl_json(&["lookup", service, &src])?;
+            let want = t.backend_addr(*b).to_string();
+            if v["backend"].as_str() != Some(want.as_str()) {
+                bail!(
+                    "lbctl lookup places {src} on {} for {service}, lb-common on {want}",
+                    v["backend"]
+                );
+            }
         }
     }
-    let forwarded = || -> Result<u64> {
-        let v = lbd.lbctl_json(&["stats", "web"])?;
+    let forwarded = |service: &str| -> Result<u64> {
+        let v = lbd.lbctl_json(&["stats", service])?;
         v["services"][0]["packets"]
             .as_u64()
             .ok_or_else(|| anyhow!("no service packet counter in lbctl stats: {v}"))
     };
+    let forwarded_dsr = || forwarded("web");
+    let forwarded_nat = || forwarded("natweb");
 
-    let mut paths = [
-        Path::new(Kind::Direct, format!("http://{}/", t.backend_addr(1))),
-        Path::new(Kind::Haproxy, format!("http://{HAPROXY_VIP}/")),
-        Path::new(Kind::Lb, format!("http://{VIP}/")),
+    let mut paths = vec![
+        Path::new(
+            Kind::Direct,
+            format!("http://{}/", t.backend_addr(1)),
+            &main,
+        ),
+        Path::new(Kind::Haproxy, format!("http://{HAPROXY_VIP}/"), &main),
+        Path::new(Kind::Lb, format!("http://{VIP}/"), &main),
     ];
+    if with_nat {
+        paths.push(Path::new(Kind::Nat, format!("http://{NAT_VIP}/"), &side));
+    }
     let measured = (|| -> Result<()> {
         for p in &paths {
             round(&t, 1, &p.url).with_context(|| format!("warm-up round of {}", p.url))?;
@@ -133,8 +209,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             // Rotate the order, so no path always follows the same one.
             for k in 0..paths.len() {
                 let i = (rep + k) % paths.len();
-                let probe =
-                    (paths[i].kind == Kind::Lb).then_some(&forwarded as &dyn Fn() -> Result<u64>);
+                let probe = match paths[i].kind {
+                    Kind::Lb => Some(&forwarded_dsr as &dyn Fn() -> Result<u64>),
+                    Kind::Nat => Some(&forwarded_nat as &dyn Fn() -> Result<u64>),
+                    _ => None,
+                };
                 paths[i].measure_round(&t, secs, probe)?;
             }
         }
@@ -150,20 +229,23 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     t.stop(haproxy, Duration::from_secs(5))?;
 
     let cpu = format!(
-        "all on 2 cores: {CLIENTS} wrk (1 thread, {CONNECTIONS} connections each, one per client namespace), 3 nginx (1 worker each), HAProxy (idle unless measured; its default thread count, one per CPU: 2), lbd (idle); rounds of the three paths interleaved"
+        "all on 2 cores: {CLIENTS} wrk (1 thread, {CONNECTIONS} connections each, one per client namespace), {} nginx (1 worker each), HAProxy (idle unless measured; its default thread count, one per CPU: 2), lbd (idle); rounds of the {} paths interleaved",
+        t.backends(),
+        paths.len()
     );
-    let placed: Vec<String> = placement
+    let placed: Vec<String> = placements[0]
         .iter()
         .enumerate()
         .map(|(i, b)| format!("{} → backend {b}", t.client_addr(i + 1)))
         .collect();
-    let [direct, haproxy, lb] = &paths;
+    let (direct, haproxy, lb) = (&paths[0], &paths[1], &paths[2]);
     let mut figures = vec![];
     figures.extend(direct.figures(
         "nginx directly (backend 1 only)",
         &format!("{cpu}; the three wrk against one nginx, no balancer on the path"),
         opts,
         secs,
+        section,
     ));
     figures.extend(haproxy.figures(
         "HAProxy mode tcp, balance source, 3 backends",
@@ -172,6 +254,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         ),
         opts,
         secs,
+        section,
     ));
     figures.extend(lb.figures(
         "lb (XDP, dsr), 3 backends",
@@ -183,75 +266,149 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         ),
         opts,
         secs,
+        section,
     ));
+    let nat = paths.get(3);
+    if let Some(nat) = nat {
+        let placed: Vec<String> = placements[1]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("{} → backend {b}", t.client_addr(i + 1)))
+            .collect();
+        figures.extend(nat.figures(
+            "lb (XDP, nat), 3 backends",
+            &format!(
+                "{cpu}; VIP {NAT_VIP}:80 → backends' own addresses, port 80 (rewritten, both directions), on lb's backend side (eth1), which route their default via lb and hold no VIP; requests and replies both through lb's XDP program (replies redirected from eth1 to eth0 in XDP); the same hash seed places {}; lb counted {} request packets for the service (lbctl stats) while the backends received {}",
+                placed.join(", "),
+                nat.probe,
+                nat.received.iter().sum::<u64>()
+            ),
+            opts,
+            secs,
+            section,
+        ));
+    }
 
     let ratio = |a: &Path, b: &Path| a.rps_median() / b.rps_median();
     figures.push(Figure::value(
-        SECTION,
+        section,
         "req/s ratio: lb ÷ HAProxy",
         "ratio",
         ratio(lb, haproxy),
         "ratio of the medians above",
     ));
     figures.push(Figure::value(
-        SECTION,
+        section,
         "req/s ratio: lb ÷ nginx directly",
         "ratio",
         ratio(lb, direct),
         "ratio of the medians above (lb spreads over 3 nginx, direct loads one)",
     ));
+    if let Some(nat) = nat {
+        for (other, what, note) in [
+            (
+                lb,
+                "lb dsr",
+                "ratio of the medians above (both over 3 nginx)",
+            ),
+            (
+                haproxy,
+                "HAProxy",
+                "ratio of the medians above (both over 3 nginx)",
+            ),
+            (
+                direct,
+                "nginx directly",
+                "ratio of the medians above (nat spreads over 3 nginx, direct loads one)",
+            ),
+        ] {
+            figures.push(Figure::value(
+                section,
+                &format!("req/s ratio: lb nat ÷ {what}"),
+                "ratio",
+                ratio(nat, other),
+                note,
+            ));
+        }
+    }
     Ok(figures)
 }
 
-fn haproxy_config(t: &Topology) -> String {
+fn haproxy_config(t: &Topology, backends: &[usize]) -> String {
     let mut c = format!(
         "global\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\nfrontend fe\n    bind {HAPROXY_VIP}:80\n    default_backend be\n\nbackend be\n    balance source\n"
     );
-    for i in 1..=t.backends() {
+    for &i in backends {
         c.push_str(&format!("    server b{i} {}:80\n", t.backend_addr(i)));
     }
     c
 }
 
-fn lb_config(t: &Topology, paths: &LbdPaths, seed_hex: &str) -> String {
+/// lbd's config: service `web` (dsr, VIP) on backends `main`, and with any `nat` backends
+/// service `natweb` (nat, NAT_VIP, backend port 80) on them.
+fn lb_config(
+    t: &Topology,
+    paths: &LbdPaths,
+    seed_hex: &str,
+    main: &[usize],
+    nat: &[usize],
+) -> String {
     let mut c = paths.daemon_section(&format!("hash_seed = \"{seed_hex}\""));
     c.push_str(&format!(
         "\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\n"
     ));
-    for i in 1..=t.backends() {
+    for &i in main {
         c.push_str(&format!(
             "[[service.backend]]\naddress = \"{}\"\n\n",
             t.backend_addr(i)
         ));
     }
+    if !nat.is_empty() {
+        c.push_str(&format!(
+            "[[service]]\nname = \"natweb\"\nvip = \"{NAT_VIP}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"nat\"\ntable_size = {TABLE_SIZE}\n\n"
+        ));
+        for &i in nat {
+            c.push_str(&format!(
+                "[[service.backend]]\naddress = \"{}\"\nport = 80\n\n",
+                t.backend_addr(i)
+            ));
+        }
+    }
     c
 }
 
-/// A hash seed under which the clients' own addresses (192.0.2.101..) land on pairwise
-/// different backends, and each client's backend (1-based).
-fn seed_spreading_clients(t: &Topology) -> Result<(String, Vec<usize>)> {
-    let backends: Vec<MaglevBackend> = (1..=t.backends())
-        .map(|i| MaglevBackend {
-            id: i as u32,
-            addr: to_addr(t.backend_addr(i)),
-            weight: 100,
-        })
-        .collect();
-    for k in 0..10_000u64 {
+/// A hash seed under which, in every service (its backends in `sets`), the clients' own
+/// addresses (192.0.2.101..) land on pairwise different backends; and per service each
+/// client's backend (1-based).
+fn seed_spreading_clients(t: &Topology, sets: &[&[usize]]) -> Result<(String, Vec<Vec<usize>>)> {
+    'seeds: for k in 0..10_000u64 {
         let seed = [0x5f0c_1d2e_3f40_5162, 0x7384_950a_1b2c_0000 + k];
-        let table = build_table(&seed, &backends, TABLE_SIZE);
-        let placement: Vec<usize> = (1..=t.clients())
-            .map(|c| {
-                let slot = source_slot(&seed, TABLE_SIZE, &to_addr(t.client_addr(c)));
-                table[slot.unwrap() as usize] as usize
-            })
-            .collect();
-        let mut distinct = placement.clone();
-        distinct.sort();
-        distinct.dedup();
-        if distinct.len() == placement.len().min(t.backends()) {
-            return Ok((format!("{:016x}{:016x}", seed[0], seed[1]), placement));
+        let mut placements = vec![];
+        for set in sets {
+            let backends: Vec<MaglevBackend> = set
+                .iter()
+                .map(|&i| MaglevBackend {
+                    id: i as u32,
+                    addr: to_addr(t.backend_addr(i)),
+                    weight: 100,
+                })
+                .collect();
+            let table = build_table(&seed, &backends, TABLE_SIZE);
+            let placement: Vec<usize> = (1..=t.clients())
+                .map(|c| {
+                    let slot = source_slot(&seed, TABLE_SIZE, &to_addr(t.client_addr(c)));
+                    table[slot.unwrap() as usize] as usize
+                })
+                .collect();
+            let mut distinct = placement.clone();
+            distinct.sort();
+            distinct.dedup();
+            if distinct.len() != placement.len().min(set.len()) {
+                continue 'seeds;
+            }
+            placements.push(placement);
         }
+        return Ok((format!("{:016x}{:016x}", seed[0], seed[1]), placements));
     }
     bail!("no seed spreads the clients over the backends")
 }
@@ -335,10 +492,10 @@ fn round(t: &Topology, secs: u64, url: &str) -> Result<Vec<Wrk>> {
     })
 }
 
-/// Receive packet counters of every backend's eth0.
-fn backend_rx(t: &Topology) -> Result<Vec<u64>> {
-    (1..=t.backends())
-        .map(|i| {
+/// Receive packet counters of backends `ids`' eth0.
+fn backend_rx(t: &Topology, ids: &[usize]) -> Result<Vec<u64>> {
+    ids.iter()
+        .map(|&i| {
             let out = t.exec_ok(t.backend_ns(i), &["ip", "-j", "-s", "link", "show", "eth0"])?;
             let v: serde_json::Value = serde_json::from_str(&out)
                 .with_context(|| format!("ip -j -s link printed {out:?}"))?;
@@ -354,12 +511,15 @@ enum Kind {
     Direct,
     Haproxy,
     Lb,
+    Nat,
 }
 
 /// One path under test and what its rounds measured.
 struct Path {
     kind: Kind,
     url: String,
+    /// The backends this path's traffic may reach (1-based).
+    backends: Vec<usize>,
     rps: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
@@ -372,16 +532,17 @@ struct Path {
 }
 
 impl Path {
-    fn new(kind: Kind, url: String) -> Path {
+    fn new(kind: Kind, url: String, backends: &[usize]) -> Path {
         Path {
             kind,
             url,
+            backends: backends.to_vec(),
             rps: vec![],
             p50: vec![],
             p99: vec![],
             requests: 0,
             errors: 0,
-            received: vec![0; BACKENDS],
+            received: vec![0; backends.len()],
             probe: 0,
         }
     }
@@ -394,9 +555,9 @@ impl Path {
         probe: Option<&dyn Fn() -> Result<u64>>,
     ) -> Result<()> {
         let probe_before = probe.map(|p| p()).transpose()?;
-        let before = backend_rx(t)?;
+        let before = backend_rx(t, &self.backends)?;
         let ws = round(t, secs, &self.url)?;
-        let after = backend_rx(t)?;
+        let after = backend_rx(t, &self.backends)?;
         if let (Some(p), Some(b)) = (probe, probe_before) {
             self.probe += p()? - b;
         }
@@ -420,13 +581,21 @@ impl Path {
         Figure::from_samples("", "", "", self.rps.clone(), "").median
     }
 
-    fn figures(&self, name: &str, note: &str, opts: &Opts, secs: u64) -> Vec<Figure> {
+    fn figures(
+        &self,
+        name: &str,
+        note: &str,
+        opts: &Opts,
+        secs: u64,
+        section: &str,
+    ) -> Vec<Figure> {
         let total = self.received.iter().sum::<u64>().max(1);
         let shares: Vec<String> = self
             .received
             .iter()
             .enumerate()
-            .map(|(i, &r)| format!("b{} {:.0}%", i + 1, 100.0 * r as f64 / total as f64))
+            .zip(&self.backends)
+            .map(|((_, &r), b)| format!("b{b} {:.0}%", 100.0 * r as f64 / total as f64))
             .collect();
         let common = format!(
             "{note}; {} rounds of {secs} s after a 1 s warm-up; {} requests, {} errors; backend share of received packets: {}",
@@ -437,21 +606,21 @@ impl Path {
         );
         vec![
             Figure::from_samples(
-                SECTION,
+                section,
                 &format!("{name}: requests/s"),
                 "req/s",
                 self.rps.clone(),
                 &format!("sum of the {CLIENTS} wrk; {common}"),
             ),
             Figure::from_samples(
-                SECTION,
+                section,
                 &format!("{name}: p50 latency"),
                 "ms",
                 self.p50.clone(),
                 &format!("highest of the {CLIENTS} wrk's p50 in each round"),
             ),
             Figure::from_samples(
-                SECTION,
+                section,
                 &format!("{name}: p99 latency"),
                 "ms",
                 self.p99.clone(),

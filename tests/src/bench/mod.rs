@@ -10,6 +10,7 @@ pub mod control;
 pub mod cost;
 pub mod http;
 pub mod memory;
+pub mod nat;
 pub mod rate;
 
 /// What every part gets.

@@ -59,6 +59,8 @@ const UDP_PORT: u16 = 53;
 const TCP_PORT: u16 = 80;
 /// The UDP clients' source port (the SYN walk varies its port instead).
 const UDP_SPORT: u16 = 40_000;
+/// The `nat` service's backend port (VIP:53 → backend:8053).
+const NAT_PORT: u16 = 8053;
 const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
 const TABLE: u32 = 65_537;
 /// Connection-table capacity; "full" means this many flows are in it.
@@ -71,6 +73,9 @@ const EST_FLOWS: u32 = 1_000;
 const WALK: u32 = 65_536;
 /// Client counts of the many-clients walks (the headline: the last).
 const CLIENTS: [u32; 3] = [1_024, 16_384, 65_536];
+/// Client counts of part `nat` (the headline first; 1,024 to see what the NAT tables' size
+/// costs).
+const NAT_CLIENTS: [u32; 2] = [65_536, 1_024];
 /// Frame length without FCS: a 64-byte frame on the wire.
 const FRAME: usize = 60;
 /// Sink slots: 0 counts every frame, 1 + (last two bytes of the destination MAC & 1023) each
@@ -98,6 +103,10 @@ enum Stream {
     /// TCP SYNs from this many client addresses in turn (at most 65,536), then the next source
     /// port: every one a new connection.
     SynClients(u32),
+    /// UDP replies of the NAT flows of this many clients (at most 65,536): from backend 0's
+    /// address and `NAT_PORT` to each client address (198.18.0.0 + w, the destination) and
+    /// `UDP_SPORT`.
+    NatReplies(u32),
 }
 
 impl Stream {
@@ -111,6 +120,10 @@ impl Stream {
                 "TCP SYN, {} clients (every one a new connection)",
                 thousands(n as u64)
             ),
+            Stream::NatReplies(n) => format!(
+                "UDP replies (backend:{NAT_PORT} → client), {} clients",
+                thousands(n as u64)
+            ),
         }
     }
 
@@ -119,12 +132,21 @@ impl Stream {
         match self {
             Stream::UdpEst => EST_FLOWS,
             Stream::UdpWalk | Stream::Syn => WALK,
-            Stream::UdpClients(n) | Stream::SynClients(n) => n,
+            Stream::UdpClients(n) | Stream::SynClients(n) | Stream::NatReplies(n) => n,
         }
     }
 
     fn syn(self) -> bool {
         matches!(self, Stream::Syn | Stream::SynClients(_))
+    }
+
+    /// Offset of the variable address bytes: the destination's for replies, else the source's.
+    fn addr_at(self) -> usize {
+        if self.reply() { 30 } else { 26 }
+    }
+
+    fn reply(self) -> bool {
+        matches!(self, Stream::NatReplies(_))
     }
 }
 
@@ -176,8 +198,13 @@ fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
     ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
     ip[8] = 64;
     ip[9] = if tcp { 6 } else { 17 };
-    ip[12..16].copy_from_slice(&[198, 18, 0, 0]);
-    ip[16..20].copy_from_slice(&VIP.octets());
+    if stream.reply() {
+        ip[12..16].copy_from_slice(&backend_addr(0).octets());
+        ip[16..20].copy_from_slice(&[198, 18, 0, 0]);
+    } else {
+        ip[12..16].copy_from_slice(&[198, 18, 0, 0]);
+        ip[16..20].copy_from_slice(&VIP.octets());
+    }
     let ip_base = sum_le(&f[14..34]);
     let mut l4_base = 0;
     if tcp {
@@ -194,8 +221,13 @@ fn template(stream: Stream) -> ([u8; FRAME], u32, u32) {
         l4_base = sum_le(&pseudo);
     } else {
         let u = &mut f[34..42];
-        u[0..2].copy_from_slice(&UDP_SPORT.to_be_bytes());
-        u[2..4].copy_from_slice(&UDP_PORT.to_be_bytes());
+        let (sport, dport) = if stream.reply() {
+            (NAT_PORT, UDP_SPORT)
+        } else {
+            (UDP_SPORT, UDP_PORT)
+        };
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
         u[4..6].copy_from_slice(&26u16.to_be_bytes());
         // Checksum 0: none (valid for UDP over IPv4).
     }
@@ -210,7 +242,8 @@ fn check_frame(stream: Stream, n: u64, f: &[u8]) -> Result<()> {
     let flows = stream.flows() as u64;
     let w = (n % flows) as u32;
     let mut want = template(stream).0;
-    want[26..30].copy_from_slice(&client(w).octets());
+    let at = stream.addr_at();
+    want[at..at + 4].copy_from_slice(&client(w).octets());
     let sport = 1024 + ((n / flows) & 0x7fff) as u16;
     if stream.syn() {
         // The generator stores the port as a little-endian word: its value on the wire is the
@@ -245,6 +278,7 @@ fn generator(stream: Stream) -> Result<TestProg> {
     }
     let flows: u32 = if flows == WALK { 0 } else { flows };
     let syn = u32::from(stream.syn());
+    let dst = u32::from(stream.reply());
     TestProg::load(
         "generator",
         &[
@@ -253,6 +287,7 @@ fn generator(stream: Stream) -> Result<TestProg> {
             ("GEN_L4_BASE", &l4_base.to_ne_bytes()),
             ("GEN_FLOWS", &flows.to_ne_bytes()),
             ("GEN_SYN", &syn.to_ne_bytes()),
+            ("GEN_DST", &dst.to_ne_bytes()),
         ],
     )
     .with_context(|| format!("loading the generator of {stream:?}"))
@@ -425,6 +460,7 @@ impl Rig {
         for n in CLIENTS {
             streams.extend([Stream::UdpClients(n), Stream::SynClients(n)]);
         }
+        streams.extend(NAT_CLIENTS.map(Stream::NatReplies));
         for s in streams {
             rig.gens.insert(s, generator(s)?);
         }
@@ -888,6 +924,21 @@ impl Lb {
         })
     }
 
+    /// Makes the service a `nat` one: every backend on `NAT_PORT`, their addresses in
+    /// `NAT_FILTER` (the reply path's pre-filter). `service` or `steady` then installs it.
+    fn make_nat(&mut self) -> Result<()> {
+        let mut addrs = vec![];
+        for i in 0..self.n {
+            let mut b = self.dp.backend(i)?;
+            b.port = NAT_PORT.to_be();
+            self.dp.set_backend(i, &b)?;
+            addrs.push(b.addr);
+        }
+        self.dp.set_nat_filter(&addrs)?;
+        self.flags = service_flags::NAT;
+        Ok(())
+    }
+
     fn key(proto: u8) -> ServiceKey {
         ServiceKey {
             addr: to_addr(IpAddr::V4(VIP)),
@@ -1316,6 +1367,197 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
         f64::NAN,
         &format!(
             "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < clients), one UDP flow each, or SYNs whose source port changes with every walk; per client count the floor, the toy, lb with every slot unchanged and lb right after a change that moved every slot (a table of each slot's next backend swapped in, as lbd applies a change) one after the other; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
+        ),
+    ));
+    Ok(figures)
+}
+
+/// The sink slot that counts frames to `mac` (see `SINK_SLOTS`).
+fn sink_slot(mac: [u8; 6]) -> u32 {
+    1 + (u32::from(u16::from_be_bytes([mac[4], mac[5]])) & (SINK_SLOTS - 2))
+}
+
+/// A series of `stream` on what is attached to l0 (program `id`), then one more call for its
+/// live cost; with `to`, checks that every delivered frame went to that MAC.
+fn nat_row(
+    rig: &Rig,
+    name: String,
+    stream: Stream,
+    id: u32,
+    reps: usize,
+    time: Window,
+    to: Option<[u8; 6]>,
+) -> Result<(Series, LiveCost)> {
+    let slot = to.map(sink_slot);
+    let before = slot.map(|s| rig.sink.sum("SINK", s)).transpose()?;
+    let runs = rig.series(stream, time, reps, 0, || Ok(()))?;
+    let s = Series {
+        name,
+        runs,
+        extra: String::new(),
+    };
+    if let (Some(slot), Some(before), Some(mac)) = (slot, before, to) {
+        let got = rig.sink.sum("SINK", slot)? - before;
+        let delivered: u64 = s.runs.iter().map(|r| r.delivered).sum();
+        // The calibration call also delivers: at least the series' frames went to `mac`.
+        ensure!(
+            got >= delivered,
+            "{}: {got} frames to {mac:02x?}, but the series delivered {delivered}",
+            s.name
+        );
+    }
+    let live = rig.live_cost(stream, time, s.median(), id)?;
+    Ok((s, live))
+}
+
+/// Part `nat`, packet rate: UDP walks of 65,536 and 1,024 clients through the floor, lb with a
+/// `dsr` service and lb with a `nat` service (VIP:53 → backend:8053), requests and replies, one
+/// after the other in one run. One backend (198.19.0.0) in both services: a reply must come
+/// from its flow's backend, and the generator varies only the client's address; a request
+/// costs lb the same whatever the backend count (one Maglev table read). The replies' entries
+/// are written by the request series before them (each client's first request records its
+/// flow and reply entry), checked in `NAT_FLOWS` before the replies are measured.
+pub fn run_nat(opts: &Opts) -> Result<Vec<Figure>> {
+    let (mut rig, _pinned, reps, time) = start(opts)?;
+    let cpu = rig.gen_cpu;
+    let section = "NAT packet rate";
+    let walk = Stream::UdpClients(WALK);
+    let floor_row = {
+        let (_link, id) = rig.attach_prog_l0(TestProg::load("floor", &[])?)?;
+        nat_row(
+            &rig,
+            format!("floor (MAC swap + XDP_TX), {}", walk.label()),
+            walk,
+            id,
+            reps,
+            time,
+            Some(G0_MAC),
+        )?
+    };
+    let floor = floor_row.0.median();
+    let mut figures = vec![];
+    let mut note = |(s, live): &(Series, LiveCost), base: Option<&(Series, LiveCost)>| {
+        let mpps = s.median();
+        let mut note = format!(
+            "{:.0} ns/packet for the whole path; lost {} of {} sent; the program's own live cost (bpf_stats, one more call): {:.1} ns per run over {} runs ({:.2} Mpps with the accounting on)",
+            1e3 / mpps,
+            s.lost(),
+            s.sent(),
+            live.ns,
+            live.runs,
+            live.mpps
+        );
+        if base.is_some() || !s.name.starts_with("floor") {
+            note.push_str(&format!(
+                "; {:.2}× floor ({:+.0} ns/packet)",
+                mpps / floor,
+                1e3 / mpps - 1e3 / floor
+            ));
+        }
+        if let Some((d, dl)) = base {
+            note.push_str(&format!(
+                "; {:.2}× lb dsr with as many clients ({:+.1} ns live per run)",
+                mpps / d.median(),
+                live.ns - dl.ns
+            ));
+        }
+        figures.push(s.figure(section, note));
+    };
+    note(&floor_row, None);
+    let mut summary = vec![];
+    for n in NAT_CLIENTS {
+        let requests = Stream::UdpClients(n);
+        let dsr = {
+            let mut lb = Lb::new(&mut rig, 1, false, DEFAULT_CONNTRACK_ENTRIES)?;
+            lb.steady(17)?;
+            let id = lb.dp.program_id();
+            let row = nat_row(
+                &rig,
+                format!(
+                    "lb dsr, 1 backend, every slot unchanged, requests: {}",
+                    requests.label()
+                ),
+                requests,
+                id,
+                reps,
+                time,
+                Some(backend_mac(0)),
+            )?;
+            lb.remove()?;
+            row
+        };
+        let mut lb = Lb::new(&mut rig, 1, false, DEFAULT_CONNTRACK_ENTRIES)?;
+        lb.make_nat()?;
+        lb.steady(17)?;
+        let id = lb.dp.program_id();
+        let req = nat_row(
+            &rig,
+            format!(
+                "lb nat, 1 backend, requests (VIP:{UDP_PORT} → backend:{NAT_PORT}): {}",
+                requests.label()
+            ),
+            requests,
+            id,
+            reps,
+            time,
+            Some(backend_mac(0)),
+        )?;
+        // Every client's flow (and so its reply entry) is recorded by now.
+        let recorded = (0..n)
+            .filter(|&w| {
+                let key = flow_key(client(w).into(), VIP.into(), UDP_SPORT, UDP_PORT, 17);
+                lb.dp.nat_flow(&key).is_some_and(|f| f.backend == 0)
+            })
+            .count();
+        ensure!(
+            recorded == n as usize,
+            "only {recorded} of {n} clients have a NAT flow after the request series"
+        );
+        let rep = nat_row(
+            &rig,
+            format!("lb nat, 1 backend, {}", Stream::NatReplies(n).label()),
+            Stream::NatReplies(n),
+            id,
+            reps,
+            time,
+            Some(G0_MAC),
+        )?;
+        lb.remove()?;
+        note(&dsr, None);
+        note(&req, Some(&dsr));
+        note(&rep, Some(&dsr));
+        summary.push((n, dsr, req, rep));
+    }
+    for (n, dsr, req, rep) in &summary {
+        let clients = thousands(*n as u64);
+        for (row, what) in [(req, "requests"), (rep, "replies")] {
+            let mpps = row.0.median();
+            figures.push(Figure::value(
+                section,
+                &format!("ratio lb nat/floor, {what}, {clients} clients"),
+                "×",
+                mpps / floor,
+                &format!(
+                    "{mpps:.2} vs {floor:.2} Mpps; lb dsr {:.2}× floor",
+                    dsr.0.median() / floor
+                ),
+            ));
+            figures.push(Figure::value(
+                section,
+                &format!("live ns per run (bpf_stats), lb nat {what}, {clients} clients"),
+                "ns",
+                row.1.ns,
+                &format!("lb dsr {:.1} ns, floor {:.1} ns", dsr.1.ns, floor_row.1.ns),
+            ));
+        }
+    }
+    figures.push(Figure::value(
+        section,
+        "how these were measured",
+        "",
+        f64::NAN,
+        &format!(
+            "generator, program under test and sink share CPU {cpu}; clients 198.18.0.0 + i (i < 65,536, then i < 1,024), one UDP flow each (checksum 0: IPv4 UDP without checksum, which nat leaves 0; TCP would add two incremental checksum updates); lbd's default connection table, nat tables of lbd's default 262,144 entries, a fresh data path for every lb row; the floor (65,536 clients), then per client count lb dsr, lb nat requests and lb nat replies (backend 198.19.0.0:{NAT_PORT} → client:{UDP_SPORT}, to the client's MAC the way the request came, XDP_TX) one after the other; every series checked to have reached the right MAC (the backend's for requests, the client's for replies); the replies' entries written by the request series (every client's first request), all checked in NAT_FLOWS before; rates with bpf_stats as it was, then one call with kernel.bpf_stats_enabled=1 for run_time_ns / run_cnt of the program on l0"
         ),
     ));
     Ok(figures)

@@ -18,6 +18,7 @@ const PARTS: &[Part] = &[
     ("rate", bench::rate::run),
     ("flood", bench::rate::run_flood),
     ("http", bench::http::run),
+    ("nat", bench::nat::run),
 ];
 
 fn main() -> ExitCode {
