@@ -144,6 +144,10 @@ pub mod maps {
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 
+/// Name of the same program with `lbctl trace`'s checks, which lbd swaps in only while a trace
+/// runs (the kernel keeps 15 bytes of a program's name: this one fits).
+pub const TRACED_PROGRAM_NAME: &str = "lb_xdp_traced";
+
 /// An address of either family: four words as they appear on the wire.
 pub type Addr = [u32; 4];
 

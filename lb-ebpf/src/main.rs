@@ -45,16 +45,24 @@ use maps::{BACKEND_STATS, DEVMAP, REASON_STATS, SERVICE_REASON_STATS, SERVICE_ST
 use packet::Packet;
 use verdict::{Chosen, Egress, NotOurs, Placed, Refusal, Skip, Status};
 
+/// The program lbd runs: no trace's check anywhere.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    process::<false>(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The same program with `lbctl trace`'s two checks (`trace`): lbd swaps it into the links
+/// only while a trace runs, so a data path that is not traced pays nothing for tracing.
+#[xdp]
+pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
     trace::capture(&ctx);
-    process(&ctx).unwrap_or(xdp_action::XDP_PASS)
+    process::<true>(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
 /// The action for a packet; `NotOurs` passes it up untouched. A packet to a VIP's address
-/// leaves by one exit, where a trace sees its verdict (`trace`).
+/// leaves by one exit, where a trace (`TRACED`) sees its verdict.
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
+fn process<const TRACED: bool>(ctx: &XdpContext) -> Result<u32, NotOurs> {
     // Parse.
     let mut packet = MaybeUninit::<Packet>::uninit();
     if !packet::parse_into(ctx, packet.as_mut_ptr()) {
@@ -69,7 +77,9 @@ fn process(ctx: &XdpContext) -> Result<u32, NotOurs> {
         return Ok(nat::reply(ctx, packet));
     }
     let verdict = serve(ctx, packet);
-    trace::end(verdict);
+    if TRACED {
+        trace::end(verdict);
+    }
     Ok(verdict.action())
 }
 
@@ -137,10 +147,17 @@ fn serve(ctx: &XdpContext, packet: &Packet) -> Verdict {
 /// frames fit since the connection table's part moved into `conntrack::on_changed_slot`.
 #[inline(always)]
 fn place(p: &Packet, out: &mut MaybeUninit<Chosen>, at: &mut MaybeUninit<SlotChoice>) -> Status {
-    Status::encode(classify::classify(p).and_then(|class| {
-        let id = class.counted_service();
-        choose::choose(p, class, out, at).map_err(|skip| skip.for_service(id))
-    }))
+    // A match, not a closure: a closure is only a hint to inline, and with two programs
+    // calling `place` LLVM made it a call of its own.
+    let class = match classify::classify(p) {
+        Ok(class) => class,
+        Err(skip) => return Status::encode(Err(skip)),
+    };
+    let id = class.counted_service();
+    match choose::choose(p, class, out, at) {
+        Ok(placed) => Status::encode(Ok(placed)),
+        Err(skip) => Status::encode(Err(skip.for_service(id))),
+    }
 }
 
 /// Sends a frame rewritten for `backend` out of the backend's interface: XDP_TX when that is

@@ -16,9 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::{PROGRAM_NAME, TRACED_PROGRAM_NAME};
 use lb_tests::{
     BIG_FILE_SIZE, Topology, TopologyOptions, big_file_contents,
-    lbd::{Lbd, LbdPaths, bin, spawn_lbd, start_lbd},
+    lbd::{LBD_START, Lbd, LbdPaths, bin, spawn_lbd, start_lbd},
     require_root, retry_until, wait_until,
 };
 use serde_json::Value;
@@ -981,6 +982,46 @@ fn trace_in_background(lbd: &Lbd, args: &[&str]) -> std::thread::JoinHandle<Vec<
     })
 }
 
+/// The names of the XDP programs on the load balancer's `eth0`, as the kernel has them.
+fn programs_on_lb(t: &Topology) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-n", t.lb_ns(), "link", "show", "eth0"])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ids: Vec<u32> = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(3)
+        .filter(|w| w[0].starts_with("prog/xdp") && w[1] == "id")
+        .map(|w| w[2].parse().expect("program id"))
+        .collect();
+    assert!(!ids.is_empty(), "no XDP program on the lb's eth0: {text}");
+    ids.iter()
+        .map(|id| {
+            aya::programs::loaded_programs()
+                .filter_map(|p| p.ok())
+                .find(|p| p.id() == *id)
+                .and_then(|p| p.name_as_str().map(str::to_owned))
+                .unwrap_or_else(|| panic!("program {id} on eth0 is not loaded"))
+        })
+        .collect()
+}
+
+/// Waits until the lb's `eth0` runs `name` alone.
+fn wait_for_program(t: &Topology, name: &str) {
+    retry_until(
+        Duration::from_secs(10),
+        &format!("{name} on the lb's eth0"),
+        || {
+            let now = programs_on_lb(t);
+            anyhow::ensure!(now == [name], "eth0 runs {now:?}");
+            Ok(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
 /// `lbctl trace` against known traffic: every traced packet names the client, the service and
 /// the backend that actually answered that client (nginx says which), forwarded with XDP_TX; a
 /// second trace while one runs is refused, and a trace whose lbctl goes away stops.
@@ -989,11 +1030,14 @@ fn trace_shows_what_each_packet_got() {
     let t = topology();
     let lbd = start_with_three_backends(&t);
     let sources = t.all_client_sources();
+    // Without a trace the interface runs the program without the trace's checks.
+    assert_eq!(programs_on_lb(&t), [PROGRAM_NAME]);
     const COUNT: usize = 40;
     let trace = trace_in_background(&lbd, &["web", "--count", &COUNT.to_string()]);
-    // Requests until the trace has its packets (it starts a moment after lbctl does).
+    // Requests until the trace has its packets (it starts once lbd has loaded the traced
+    // program: seconds of verification, like lbd's start).
     let mut served: BTreeMap<IpAddr, usize> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + LBD_START + Duration::from_secs(20);
     let mut i = 0;
     while !trace.is_finished() && Instant::now() < deadline {
         let src = sources[i % sources.len()];
@@ -1005,7 +1049,8 @@ fn trace_shows_what_each_packet_got() {
     }
     assert!(
         trace.is_finished(),
-        "the trace did not see {COUNT} packets in 20 s"
+        "the trace did not see {COUNT} packets in {} s",
+        (LBD_START + Duration::from_secs(20)).as_secs()
     );
     let lines = trace.join().expect("the trace's thread");
     assert_eq!(lines.len(), COUNT, "{lines:?}");
@@ -1047,6 +1092,8 @@ fn trace_shows_what_each_packet_got() {
     )
     .expect("reading lbctl trace's header");
     assert!(header.starts_with("CLIENT"), "{header:?}");
+    // While it runs, the interface runs the traced program (swapped in through the link).
+    assert_eq!(programs_on_lb(&t), [TRACED_PROGRAM_NAME]);
     let refused = retry_until(
         Duration::from_secs(10),
         "a second trace to be refused",
@@ -1063,6 +1110,8 @@ fn trace_shows_what_each_packet_got() {
     // The first lbctl goes away: its trace stops, and a new one can run.
     first.kill().expect("killing lbctl trace");
     let _ = first.wait();
+    // The trace stops: the program without its checks is back.
+    wait_for_program(&t, PROGRAM_NAME);
     let again = trace_in_background(&lbd, &["--count", "2"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !again.is_finished() && Instant::now() < deadline {
@@ -1148,4 +1197,41 @@ fn trace_shows_what_each_packet_got() {
             "no packet's table part is {table}: {lines:?}"
         );
     }
+    wait_for_program(&t, PROGRAM_NAME);
+
+    // lbd killed while a trace runs: the link keeps the traced program, and the next lbd
+    // does not adopt it but swaps the plain one in (no trace's checks left behind).
+    let mut running = Command::new(bin("lbctl"))
+        .arg("--socket")
+        .arg(&lbd.paths.socket)
+        .args(["trace", "--count", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting lbctl trace");
+    let mut header = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(running.stdout.as_mut().expect("lbctl's stdout")),
+        &mut header,
+    )
+    .expect("reading lbctl trace's header");
+    assert_eq!(programs_on_lb(&t), [TRACED_PROGRAM_NAME]);
+    t.kill(lbd.handle).expect("killing lbd");
+    let _ = running.kill();
+    let _ = running.wait();
+    assert_eq!(programs_on_lb(&t), [TRACED_PROGRAM_NAME], "after the kill");
+    let again = spawn_lbd(&t, &lbd.paths).expect("starting lbd again");
+    let status = again
+        .wait_answering(LBD_START)
+        .expect("the new lbd answers");
+    assert_eq!(status["start"], "upgraded", "{status}");
+    assert_eq!(programs_on_lb(&t), [PROGRAM_NAME]);
+    // A client of a backend that was never drained keeps it.
+    let (&src, &b) = served
+        .iter()
+        .find(|(_, b)| **b != 1)
+        .expect("a client of backend 2 or 3");
+    let now = t
+        .which_backend(src, vip())
+        .expect("served after the restart");
+    assert_eq!(now, b, "{src} changed backend");
 }

@@ -354,7 +354,10 @@ fn traced_packets_name_their_backend(t: &Topology, lbd: &Lbd) {
     let mut served: std::collections::BTreeMap<IpAddr, usize> = Default::default();
     let lines = std::thread::scope(|scope| {
         let trace = scope.spawn(|| lbd.lbctl_json(&["trace", "web", "--count", "20"]));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // The first trace starts once lbd has loaded the traced program (seconds).
+        let deadline = std::time::Instant::now()
+            + lb_tests::lbd::LBD_START
+            + std::time::Duration::from_secs(20);
         let mut i = 0;
         while !trace.is_finished() && std::time::Instant::now() < deadline {
             let src = sources[i % sources.len()];

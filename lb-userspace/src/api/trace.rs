@@ -36,7 +36,7 @@ pub(super) async fn trace(
         let d = shared.lock().await;
         target(&d, req.target.as_deref())?
     };
-    let events = {
+    let (events, load) = {
         let mut d = shared.lock().await;
         if d.trace != 0 {
             return Err(conflict(
@@ -47,12 +47,42 @@ pub(super) async fn trace(
             .datapath
             .take_trace_events()
             .ok_or_else(|| conflict("a trace is running already: one at a time".into()))?;
+        match d.datapath.trace_load() {
+            Ok(load) => (events, load),
+            Err(e) => {
+                d.datapath.give_back_trace_events(events);
+                return Err(internal(format!("starting the trace: {e:#}")));
+            }
+        }
+    };
+    // The first trace loads the traced program (and, after an adopting start, the plain one
+    // to swap back): seconds of verification, without holding the daemon.
+    let loaded = match load {
+        None => Ok(None),
+        Some(load) => match tokio::task::spawn_blocking(move || load.load()).await {
+            Ok(loaded) => loaded.map(Some).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    let programs = match loaded {
+        Ok(programs) => programs,
+        Err(why) => {
+            shared.lock().await.datapath.give_back_trace_events(events);
+            return Err(internal(format!(
+                "loading the traced program for the trace: {why}"
+            )));
+        }
+    };
+    {
+        let mut d = shared.lock().await;
+        if let Some(programs) = programs {
+            d.datapath.keep_trace_programs(programs);
+        }
         if let Err(e) = d.set_trace(trace) {
             d.datapath.give_back_trace_events(events);
             return Err(internal(format!("starting the trace: {e:#}")));
         }
-        events
-    };
+    }
     let (tx, rx) = mpsc::channel::<String>(256);
     let runtime = tokio::runtime::Handle::current();
     let session = shared.clone();

@@ -210,6 +210,11 @@ impl Daemon {
     /// Stops every health check (at exit).
     pub fn stop(&mut self) {
         self.monitor.stop_all();
+        if self.trace != 0
+            && let Err(e) = self.set_trace(0)
+        {
+            warn!("stopping the running trace at exit: {e:#}");
+        }
     }
 
     /// Makes every map hold what `fill` computes from the runtime state now: the one way the
@@ -247,15 +252,30 @@ impl Daemon {
     }
 
     /// Starts (`lb_common::TRACE_ALL`, or a service id plus one) or stops (0) the data path's
-    /// sampling of packets for `lbctl trace`.
+    /// sampling of packets for `lbctl trace`: `CONFIG` says what to sample, and the links run
+    /// the traced program only meanwhile (loaded here unless `Datapath::keep_trace_programs`
+    /// brought it: loading it takes seconds).
     pub fn set_trace(&mut self, trace: u32) -> anyhow::Result<()> {
-        if trace != 0 {
-            // A session of its own (never 0): packets the program parsed for an earlier trace
-            // are not this one's.
-            self.trace_session = self.trace_session.wrapping_add(1).max(1);
+        if trace == 0 {
+            // The plain program back first: nothing samples once it runs.
+            let swapped = self.datapath.set_traced(false);
+            self.trace = 0;
+            self.sync()?;
+            return Ok(swapped?);
         }
+        // A session of its own (never 0): packets the program parsed for an earlier trace
+        // are not this one's.
+        self.trace_session = self.trace_session.wrapping_add(1).max(1);
         self.trace = trace;
-        self.sync()
+        self.sync()?;
+        if let Err(e) = self.datapath.set_traced(true) {
+            // No half-started trace: the plain program everywhere again.
+            if let Err(back) = self.set_trace(0) {
+                warn!("undoing the trace's start: {back:#}");
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// The VIPs this node serves now (`serving::serving_vips`).

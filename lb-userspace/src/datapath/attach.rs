@@ -2,8 +2,10 @@
 //! into the links an earlier lbd pinned, and attaching it anew where a link was lost. The links
 //! themselves are `link`'s business.
 
-use aya::programs::Xdp;
-use lb_common::PROGRAM_NAME;
+use std::path::PathBuf;
+
+use aya::{Ebpf, programs::Xdp};
+use lb_common::{PROGRAM_NAME, TRACED_PROGRAM_NAME};
 use log::{info, warn};
 
 use super::{
@@ -15,14 +17,126 @@ use super::{
 };
 use crate::config;
 
+/// What loading the programs a trace needs takes, out of the data path: the load (seconds of
+/// verification) then runs without it (`Datapath::trace_load`, `TraceLoad::load`,
+/// `Datapath::keep_trace_programs`).
+pub struct TraceLoad {
+    dir: PathBuf,
+    sets: u32,
+    nat: u32,
+    /// Whether the plain program must be loaded too (an lbd that adopted the running one has
+    /// none of its own to swap back in).
+    plain: bool,
+}
+
+/// The programs `TraceLoad::load` loaded, each with its id.
+pub struct TracePrograms {
+    plain: Option<(Ebpf, u32)>,
+    traced: (Ebpf, u32),
+}
+
+impl TraceLoad {
+    /// Loads (verifies) the traced program, and the plain one when needed, on the pinned maps.
+    pub fn load(self) -> Result<TracePrograms> {
+        let plain = if self.plain {
+            Some(load_program(&self.dir, self.sets, self.nat, PROGRAM_NAME)?)
+        } else {
+            None
+        };
+        let traced = load_program(&self.dir, self.sets, self.nat, TRACED_PROGRAM_NAME)?;
+        Ok(TracePrograms { plain, traced })
+    }
+}
+
+/// Program `name` of a loaded object.
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut Xdp>::try_from(p).ok())
+        .expect("the program was checked at load")
+}
+
 impl Datapath {
+    /// The program the links run now: the plain one, or the traced one while a trace runs.
     fn program(&mut self) -> &mut Xdp {
-        self.ebpf
-            .as_mut()
-            .expect("a loaded program (not called when adopting)")
-            .program_mut(PROGRAM_NAME)
-            .and_then(|p| <&mut Xdp>::try_from(p).ok())
-            .expect("the program was checked at load")
+        if self.tracing
+            && let Some(traced) = self.traced.as_mut()
+        {
+            return xdp_program(traced, TRACED_PROGRAM_NAME);
+        }
+        xdp_program(
+            self.ebpf
+                .as_mut()
+                .expect("a loaded program (not called when adopting)"),
+            PROGRAM_NAME,
+        )
+    }
+
+    /// What loading the programs a trace needs takes; None when they are loaded already.
+    pub fn trace_load(&self) -> Result<Option<TraceLoad>> {
+        if self.traced.is_some() && self.ebpf.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(TraceLoad {
+            dir: maps_dir(&self.bpffs_dir),
+            sets: self.conntrack_sets()?,
+            nat: self.nat_entries()?,
+            plain: self.ebpf.is_none(),
+        }))
+    }
+
+    /// Keeps the programs a `TraceLoad` loaded, for this and later traces.
+    pub fn keep_trace_programs(&mut self, programs: TracePrograms) {
+        if let Some((ebpf, id)) = programs.plain
+            && self.ebpf.is_none()
+        {
+            // The adopted program runs until the trace's swap, which replaces it; this one
+            // goes back in after the trace.
+            info!("loaded {PROGRAM_NAME} again (program {id}) to swap back in after a trace");
+            self.ebpf = Some(ebpf);
+            self.program_id = id;
+        }
+        let (ebpf, id) = programs.traced;
+        self.traced = Some(ebpf);
+        self.traced_id = id;
+    }
+
+    /// Swaps the traced program (`on`) or the plain one into every link: a trace's packets are
+    /// seen only while the traced program runs, and the plain one has no trace's check. The
+    /// programs are loaded here if `keep_trace_programs` did not bring them. Every link is
+    /// tried; the first failure is returned.
+    pub fn set_traced(&mut self, on: bool) -> Result<()> {
+        if on == self.tracing {
+            return Ok(());
+        }
+        if let Some(load) = self.trace_load()? {
+            let programs = load.load()?;
+            self.keep_trace_programs(programs);
+        }
+        self.tracing = on;
+        let mut first_error = None;
+        let interfaces: Vec<String> = self
+            .attachments
+            .iter()
+            .map(|a| a.interface.clone())
+            .collect();
+        for interface in interfaces {
+            let pin = link_pin(&self.bpffs_dir, &interface);
+            if let Err(e) = self.replace_in_link(&pin) {
+                warn!(
+                    "{interface}: swapping {} into the link failed: {e}",
+                    if on {
+                        TRACED_PROGRAM_NAME
+                    } else {
+                        PROGRAM_NAME
+                    }
+                );
+                first_error.get_or_insert(DatapathError::Other(format!(
+                    "{interface}: swapping the {} program into its link: {e}",
+                    if on { "traced" } else { "plain" }
+                )));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Puts the program on `interface`. When a link is already pinned there (an earlier lbd),
@@ -77,6 +191,7 @@ impl Datapath {
                 &maps_dir(&self.bpffs_dir),
                 self.conntrack_sets()?,
                 self.nat_entries()?,
+                PROGRAM_NAME,
             )?;
             self.ebpf = Some(ebpf);
             self.program_id = program_id;

@@ -22,10 +22,11 @@ use super::{
 /// The XDP program, built by build.rs from lb-ebpf and embedded so `lbd` is self-contained.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// Loads the program (verified, not attached) on the maps pinned in `dir` (creating and pinning
-/// those that are missing), with a connection table of `sets` sets and NAT tables of `nat`
-/// flows each: the object and the program's id.
-pub(super) fn load_program(dir: &Path, sets: u32, nat: u32) -> Result<(Ebpf, u32)> {
+/// Loads program `name` of the object (`PROGRAM_NAME`, or `TRACED_PROGRAM_NAME`; verified, not
+/// attached) on the maps pinned in `dir` (creating and pinning those that are missing), with a
+/// connection table of `sets` sets and NAT tables of `nat` flows each: the object and the
+/// program's id.
+pub(super) fn load_program(dir: &Path, sets: u32, nat: u32, name: &str) -> Result<(Ebpf, u32)> {
     let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::CONNTRACK, sets);
@@ -36,10 +37,8 @@ pub(super) fn load_program(dir: &Path, sets: u32, nat: u32) -> Result<(Ebpf, u32
     }
     let mut ebpf = loader.load(PROGRAM_OBJECT)?;
     let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| {
-            DatapathError::Other(format!("program {PROGRAM_NAME} missing from the object"))
-        })?
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Other(format!("program {name} missing from the object")))?
         .try_into()
         .map_err(prog_err("the program is not XDP"))?;
     program
@@ -50,6 +49,15 @@ pub(super) fn load_program(dir: &Path, sets: u32, nat: u32) -> Result<(Ebpf, u32
         .map_err(prog_err("reading program info"))?
         .id();
     Ok((ebpf, program_id))
+}
+
+/// Whether the program of id `id` is lbd's plain program (`PROGRAM_NAME`), as the kernel names
+/// it.
+fn runs_plain_program(id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == id)
+        .is_some_and(|p| p.name_as_str() == Some(PROGRAM_NAME))
 }
 
 /// A stable fingerprint of the program object (FNV-1a), kept in CONFIG: a restarted lbd whose
@@ -136,7 +144,7 @@ impl Datapath {
             .ok()
             .and_then(|m| m.config.get(&0, 0).ok())
             .is_some_and(|c| c.program_hash == hash && c.layout_version == LAYOUT_VERSION);
-        let (mut ebpf, program_id) = load_program(&dir, sets, nat_entries)?;
+        let (mut ebpf, program_id) = load_program(&dir, sets, nat_entries, PROGRAM_NAME)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let start = if !old.is_empty() {
             let old_layouts: Vec<String> = old.iter().map(|p| p.display().to_string()).collect();
@@ -175,6 +183,9 @@ impl Datapath {
         let (shadow, tables) = Fill::read(&maps)?;
         let mut dp = Datapath {
             ebpf,
+            traced: None,
+            tracing: false,
+            traced_id: 0,
             bpffs_dir: bpffs_dir.to_owned(),
             maps,
             shadow,
@@ -230,6 +241,16 @@ impl Datapath {
                 DatapathError::Other(format!("reading the pinned link {}: {e}", pin.display()))
             })?;
             program_id = facts.program_id;
+            if !runs_plain_program(facts.program_id) {
+                // An lbd stopped while `lbctl trace` ran: its link still runs the traced
+                // program, whose checks cost every packet. The plain one is loaded and
+                // swapped in (no gap).
+                info!(
+                    "{interface}: the pinned link runs program {} (not {PROGRAM_NAME}, e.g. the traced one of a trace that was running): loading {PROGRAM_NAME} to replace it",
+                    facts.program_id
+                );
+                return Ok(None);
+            }
             attachments.push(Attachment {
                 interface: interface.clone(),
                 ifindex: 0,

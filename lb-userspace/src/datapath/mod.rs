@@ -10,7 +10,8 @@
 //! `Datapath` value and its types, `Start` and `Attachment`):
 //! - `test_hooks` (feature `test-hooks`, for tests and benchmarks only): test runs, writes of
 //!   single entries, the connection table by hand;
-//! - `attach`: putting the program on interfaces (attach, swap into pinned links, reattach);
+//! - `attach`: putting the program on interfaces (attach, swap into pinned links, reattach),
+//!   and swapping the traced program in and out for `lbctl trace`;
 //! - `load`: loading the program, `Datapath::open` (fresh, adopt, upgrade, new layout,
 //!   reattach) and `finish_start`;
 //! - `apply`: `Datapath::apply`, the only writer of the maps lbd fills, and its per-map writers;
@@ -49,6 +50,7 @@ use std::path::PathBuf;
 use aya::Ebpf;
 use lb_common::Config;
 
+pub use attach::{TraceLoad, TracePrograms};
 pub use error::{DatapathError, error_chain};
 pub use fill::{Fill, FilterEntry, address_filter_words, vip_filter_words};
 pub use link::{LinkFacts, LinkPlace, link_facts, link_pin};
@@ -96,6 +98,13 @@ pub enum Start {
 pub struct Datapath {
     /// The program this lbd loaded; None when it adopted the running one.
     ebpf: Option<Ebpf>,
+    /// The traced program (`lb_common::TRACED_PROGRAM_NAME`), once a trace asked for it
+    /// (`attach`'s `set_traced`).
+    traced: Option<Ebpf>,
+    /// Whether the links run the traced program now.
+    tracing: bool,
+    /// The traced program's id, once loaded.
+    traced_id: u32,
     bpffs_dir: PathBuf,
     maps: Maps,
     /// What lbd's maps hold (read at open, kept up to date by every write): `apply` writes

@@ -18,8 +18,13 @@ use super::{
 };
 
 impl Datapath {
+    /// The id of the program the links run (the traced one while a trace runs).
     pub fn program_id(&self) -> u32 {
-        self.program_id
+        if self.tracing {
+            self.traced_id
+        } else {
+            self.program_id
+        }
     }
 
     /// Every service key in the map.

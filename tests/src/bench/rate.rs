@@ -1165,6 +1165,9 @@ enum Under {
     Lb,
     /// lb right after a change that moved every slot: every packet on a changed slot.
     LbChanged,
+    /// lb in the steady state running its traced program (`lbctl trace`'s checks) with no
+    /// trace running: what those checks would cost if lbd did not swap them out.
+    LbTraced,
 }
 
 impl Under {
@@ -1177,6 +1180,9 @@ impl Under {
             }
             Under::LbChanged => {
                 "lb dsr, 3 backends, lbd's default 1,048,576-entry table, every slot changed (right after a change)"
+            }
+            Under::LbTraced => {
+                "lb dsr as above, steady state, its traced program (lbctl trace's checks) with no trace running"
             }
         }
     }
@@ -1197,7 +1203,17 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
     // (clients, syn, under) -> (median Mpps, live ns per run)
     let mut got: BTreeMap<(u32, bool, u8), (f64, f64)> = BTreeMap::new();
     for n in CLIENTS {
-        for under in [Under::Floor, Under::Toy, Under::Lb, Under::LbChanged] {
+        for under in [
+            Under::Floor,
+            Under::Toy,
+            Under::Lb,
+            Under::LbChanged,
+            Under::LbTraced,
+        ] {
+            if under == Under::LbTraced && n != CLIENTS[CLIENTS.len() - 1] {
+                // The trace's checks: with the most clients only (where they showed).
+                continue;
+            }
             let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
             let (mut lb, _link, id) = match under {
                 Under::Floor => {
@@ -1209,8 +1225,12 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                     let (link, id) = rig.attach_prog_l0(toy)?;
                     (None, Some(link), id)
                 }
-                Under::Lb | Under::LbChanged => {
-                    let lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+                Under::Lb | Under::LbChanged | Under::LbTraced => {
+                    let mut lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+                    if under == Under::LbTraced {
+                        // Swapped into the link as lbd does while a trace runs.
+                        lb.dp.set_traced(true)?;
+                    }
                     let id = lb.dp.program_id();
                     (Some(lb), None, id)
                 }
@@ -1294,6 +1314,23 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
             };
             let clients = thousands(n as u64);
             let changed = at(syn, Under::LbChanged);
+            if let Some(traced) = at(syn, Under::LbTraced) {
+                figures.push(Figure::value(
+                    section,
+                    &format!(
+                        "live ns per run (bpf_stats), {what}, {clients} clients: lb's traced program, no trace running"
+                    ),
+                    "ns",
+                    traced.1,
+                    &format!(
+                        "what lbctl trace's two checks cost when they stay in (lbd swaps them out while no trace runs): {:+.1} ns per run against lb's {:.1} ns; rate {:.2}× floor against lb's {:.2}×",
+                        traced.1 - lb.1,
+                        lb.1,
+                        traced.0 / floor.0,
+                        lb.0 / floor.0
+                    ),
+                ));
+            }
             figures.push(Figure::value(
                 section,
                 &format!("live ns per run (bpf_stats), {what}, {clients} clients: lb"),
