@@ -1165,9 +1165,6 @@ enum Under {
     Lb,
     /// lb right after a change that moved every slot: every packet on a changed slot.
     LbChanged,
-    /// lb in the steady state running its traced program (`lbctl trace`'s checks) with no
-    /// trace running: what those checks would cost if lbd did not swap them out.
-    LbTraced,
 }
 
 impl Under {
@@ -1180,9 +1177,6 @@ impl Under {
             }
             Under::LbChanged => {
                 "lb dsr, 3 backends, lbd's default 1,048,576-entry table, every slot changed (right after a change)"
-            }
-            Under::LbTraced => {
-                "lb dsr as above, steady state, its traced program (lbctl trace's checks) with no trace running"
             }
         }
     }
@@ -1203,17 +1197,7 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
     // (clients, syn, under) -> (median Mpps, live ns per run)
     let mut got: BTreeMap<(u32, bool, u8), (f64, f64)> = BTreeMap::new();
     for n in CLIENTS {
-        for under in [
-            Under::Floor,
-            Under::Toy,
-            Under::Lb,
-            Under::LbChanged,
-            Under::LbTraced,
-        ] {
-            if under == Under::LbTraced && n != CLIENTS[CLIENTS.len() - 1] {
-                // The trace's checks: with the most clients only (where they showed).
-                continue;
-            }
+        for under in [Under::Floor, Under::Toy, Under::Lb, Under::LbChanged] {
             let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
             let (mut lb, _link, id) = match under {
                 Under::Floor => {
@@ -1225,12 +1209,8 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
                     let (link, id) = rig.attach_prog_l0(toy)?;
                     (None, Some(link), id)
                 }
-                Under::Lb | Under::LbChanged | Under::LbTraced => {
-                    let mut lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
-                    if under == Under::LbTraced {
-                        // Swapped into the link as lbd does while a trace runs.
-                        lb.dp.set_traced(true)?;
-                    }
+                Under::Lb | Under::LbChanged => {
+                    let lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
                     let id = lb.dp.program_id();
                     (Some(lb), None, id)
                 }
@@ -1314,23 +1294,6 @@ pub fn run_clients(opts: &Opts) -> Result<Vec<Figure>> {
             };
             let clients = thousands(n as u64);
             let changed = at(syn, Under::LbChanged);
-            if let Some(traced) = at(syn, Under::LbTraced) {
-                figures.push(Figure::value(
-                    section,
-                    &format!(
-                        "live ns per run (bpf_stats), {what}, {clients} clients: lb's traced program, no trace running"
-                    ),
-                    "ns",
-                    traced.1,
-                    &format!(
-                        "what lbctl trace's two checks cost when they stay in (lbd swaps them out while no trace runs): {:+.1} ns per run against lb's {:.1} ns; rate {:.2}× floor against lb's {:.2}×",
-                        traced.1 - lb.1,
-                        lb.1,
-                        traced.0 / floor.0,
-                        lb.0 / floor.0
-                    ),
-                ));
-            }
             figures.push(Figure::value(
                 section,
                 &format!("live ns per run (bpf_stats), {what}, {clients} clients: lb"),
@@ -1709,6 +1672,83 @@ fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> Optio
     let b = during.iter().rev().find(|s| s.0 <= to)?;
     let secs = b.0.saturating_duration_since(a.0).as_secs_f64();
     (secs > 0.0).then(|| ((b.1 - a.1) as f64 / secs, secs))
+}
+
+/// Part `trace`: what `lbctl trace`'s two checks would cost if lbd left them in. lb (steady
+/// state, 65,536 clients, lbd's default table) running its plain program and its traced one
+/// with no trace running, swapped into the link in turn (as lbd does), in alternating order
+/// over `TRACE_ROUNDS` rounds so that the machine's drift falls on both alike; the live ns per
+/// run of each call (bpf_stats).
+pub fn run_trace(opts: &Opts) -> Result<Vec<Figure>> {
+    let (mut rig, _pinned, _reps, time) = start(opts)?;
+    let section = "lbctl trace: its checks with many clients";
+    let mut figures = vec![];
+    trace_checks(&mut rig, time, section, &mut figures)?;
+    Ok(figures)
+}
+
+fn trace_checks(
+    rig: &mut Rig,
+    time: Window,
+    section: &str,
+    figures: &mut Vec<Figure>,
+) -> Result<()> {
+    const TRACE_ROUNDS: usize = 10;
+    let n = CLIENTS[CLIENTS.len() - 1];
+    let mut lb = Lb::new(rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+    for stream in [Stream::UdpClients(n), Stream::SynClients(n)] {
+        lb.steady(if stream.syn() { 6 } else { 17 })?;
+        // (ns per run, Mpps with the accounting on) per program, and plain − traced per round.
+        let mut plain = vec![];
+        let mut traced = vec![];
+        let mut differences = vec![];
+        for round in 0..TRACE_ROUNDS {
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            let mut got = [0.0f64; 2];
+            for on in order {
+                lb.dp.set_traced(on)?;
+                let live = rig.live_cost(stream, time, 2.0, lb.dp.program_id())?;
+                got[on as usize] = live.ns;
+                if on { &mut traced } else { &mut plain }.push((live.ns, live.mpps));
+            }
+            differences.push(got[1] - got[0]);
+        }
+        lb.dp.set_traced(false)?;
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let ns = |v: &[(f64, f64)]| median(v.iter().map(|x| x.0).collect());
+        let mpps = |v: &[(f64, f64)]| median(v.iter().map(|x| x.1).collect());
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|d| format!("{d:+.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        figures.push(Figure::value(
+            section,
+            &format!(
+                "live ns per run (bpf_stats), {}: lb's traced program with no trace running, minus lb's",
+                stream.label()
+            ),
+            "ns",
+            median(differences.clone()),
+            &format!(
+                "what lbctl trace's two checks would cost if lbd did not swap them out; median over {TRACE_ROUNDS} rounds, each program in turn in alternating order: lb {:.1} ns ({:.2} Mpps with the accounting on), traced {:.1} ns ({:.2} Mpps); per round {} ns",
+                ns(&plain),
+                mpps(&plain),
+                ns(&traced),
+                mpps(&traced),
+                list(&differences)
+            ),
+        ));
+    }
+    lb.remove()
 }
 
 /// A backend added while 65,536 clients send: lb (default table, backends 0-2 in the Maglev

@@ -15,6 +15,7 @@ const PARTS: &[Part] = &[
     ("memory", bench::memory::run),
     ("cost", bench::cost::run),
     ("clients", bench::rate::run_clients),
+    ("trace", bench::rate::run_trace),
     ("rate", bench::rate::run),
     ("flood", bench::rate::run_flood),
     ("http", bench::http::run),
