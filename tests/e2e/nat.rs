@@ -619,6 +619,7 @@ fn nat_forwarding_end_to_end() {
 mod fixtures {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+    use etherparse::PacketBuilder;
     use lb_common::{
         Backend, ServiceKey, ServiceValue, backend_flags,
         maglev::{MaglevBackend, build_table},
@@ -636,6 +637,7 @@ mod fixtures {
     const NAT_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
     const NAT_VIP_UDP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 41);
     const NAT_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x40);
+    const NAT_VIP6_UDP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x41);
     const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 250);
     const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x250);
     const BPORT: u16 = 8080;
@@ -649,9 +651,9 @@ mod fixtures {
         Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, i)
     }
 
-    /// The shared fixture's five services, and three `nat` ones: IPv4 TCP (ids 5; backends
+    /// The shared fixture's five services, and four `nat` ones: IPv4 TCP (ids 5; backends
     /// 192.0.2.41, .42 on 8080), IPv6 TCP (6; 2001:db8::41, ::42 on 8080), IPv4 UDP (7;
-    /// 192.0.2.43 on 5353).
+    /// 192.0.2.43 on 5353), IPv6 UDP (8; 2001:db8::44 on 5353).
     struct Nat {
         f: Fixture,
         /// Per NAT service: its backend ids.
@@ -663,10 +665,11 @@ mod fixtures {
         let mut next = f.backend_ids(4).end;
         let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
         let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
-        let services: [(u32, IpAddr, u8, u16, Vec<IpAddr>); 3] = [
+        let services: [(u32, IpAddr, u8, u16, Vec<IpAddr>); 4] = [
             (5, NAT_VIP.into(), 6, BPORT, vec![v4(41), v4(42)]),
             (6, NAT_VIP6.into(), 6, BPORT, vec![v6(0x41), v6(0x42)]),
             (7, NAT_VIP_UDP.into(), 17, UDP_BPORT, vec![v4(43)]),
+            (8, NAT_VIP6_UDP.into(), 17, UDP_BPORT, vec![v6(0x44)]),
         ];
         let mut ids = vec![];
         let mut nat_addrs = vec![];
@@ -1119,5 +1122,218 @@ mod fixtures {
         assert_eq!(action, XDP_TX, "the new backend's reset");
         assert_eq!(v4_at(&out, 26), NAT_VIP, "the reset comes from the VIP");
         ok("reset", &out);
+    }
+
+    /// An IP packet (no Ethernet header) of `proto` (TCP with ACK and PSH, or UDP) from
+    /// `src`:`sport` to `dst`:`dport` with 100 bytes of data, every checksum computed by
+    /// etherparse.
+    fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let data: Vec<u8> = (0..100u8).collect();
+        let ip = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+            _ => panic!("{src} and {dst} of different families"),
+        };
+        let mut out = vec![];
+        let written = if proto == 6 {
+            ip.tcp(sport, dport, 0x1234_5678, 4000)
+                .ack(0x0bad_cafe)
+                .psh()
+                .write(&mut out, &data)
+        } else {
+            ip.udp(sport, dport).write(&mut out, &data)
+        };
+        written.expect("a valid packet");
+        out
+    }
+
+    /// `ip` in an Ethernet frame.
+    fn in_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
+        let mut f = dst_mac.to_vec();
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(if ip[0] >> 4 == 4 {
+            &[0x08, 0x00]
+        } else {
+            &[0x86, 0xdd]
+        });
+        f.extend_from_slice(ip);
+        f
+    }
+
+    /// An ICMP "fragmentation needed" (IPv4) or ICMPv6 "packet too big" from `router` to `to`,
+    /// MTU 1280, quoting `quote`; its checksums computed by etherparse.
+    fn icmp_error(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        router: IpAddr,
+        to: IpAddr,
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let l2 = PacketBuilder::ethernet2(src_mac, dst_mac);
+        let mut b = vec![];
+        match (router, to) {
+            (IpAddr::V4(r), IpAddr::V4(t)) => l2
+                .ipv4(r.octets(), t.octets(), 64)
+                .icmpv4_raw(3, 4, [0, 0, 0x05, 0x00])
+                .write(&mut b, quote),
+            (IpAddr::V6(r), IpAddr::V6(t)) => l2
+                .ipv6(r.octets(), t.octets(), 64)
+                .icmpv6_raw(2, 0, 1280u32.to_be_bytes())
+                .write(&mut b, quote),
+            _ => panic!("{router} and {to} of different families"),
+        }
+        .expect("a valid ICMP message");
+        b
+    }
+
+    /// ICMP errors about NAT flows, both ways, TCP and UDP, IPv4 and IPv6, whole and cut
+    /// quotes: the quoted packet as lb leaves it is, byte for byte, the start of the packet
+    /// the flow really has on that side, built from scratch (so its IPv4 header checksum and
+    /// its TCP or UDP checksum are the ones computed over the translated packet), and the
+    /// outer headers' and the ICMP checksums verify from scratch. A quote that stops before
+    /// the end of its transport checksum keeps the checksum bytes it has as they were (nothing
+    /// to check them against); a quoted UDP checksum of 0 (none) stays 0.
+    #[test]
+    fn icmp_errors_about_nat_flows_quote_the_translated_packet_with_its_checksums() {
+        let n = nat_fixture();
+        let f = &n.f;
+        let ip = |a: Ipv4Addr| IpAddr::V4(a);
+        let ip6 = |a: Ipv6Addr| IpAddr::V6(a);
+        // Per NAT service: its VIP and port, the backends' port, the protocol, a client, and a
+        // router on the way.
+        let services = [
+            (ip(NAT_VIP), 80, BPORT, 6u8, ip(c4(80)), ip(ROUTER)),
+            (ip6(NAT_VIP6), 80, BPORT, 6, ip6(c6(80)), ip6(ROUTER6)),
+            (ip(NAT_VIP_UDP), 53, UDP_BPORT, 17, ip(c4(81)), ip(ROUTER)),
+            (
+                ip6(NAT_VIP6_UDP),
+                53,
+                UDP_BPORT,
+                17,
+                ip6(c6(81)),
+                ip6(ROUTER6),
+            ),
+        ];
+        let mut checked = 0;
+        for (i, (vip, vport, bport, proto, client, router)) in services.into_iter().enumerate() {
+            let v4 = vip.is_ipv4();
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            let kind = if proto == 6 { "TCP" } else { "UDP" };
+            let ihl = if v4 { 20 } else { 40 };
+            let (l4_len, check_at) = if proto == 6 {
+                (20, ihl + 16)
+            } else {
+                (8, ihl + 6)
+            };
+            let cport = 45000 + i as u16;
+            // The flow, by its first packet; its backend by the MAC it left for.
+            let request = in_frame(
+                LB_MAC,
+                CLIENT_MAC,
+                &ip_packet(client, vip, proto, cport, vport),
+            );
+            let (action, out) = f.run(&request);
+            assert_eq!(action, XDP_TX, "{family} {kind} request");
+            let id = backend_of(&n, &out);
+            assert!(n.ids[i].contains(&id), "backend {id}");
+            let backend = if v4 {
+                ip(v4_at(&out, 30))
+            } else {
+                ip6(Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap()))
+            };
+            ok("request", &out);
+
+            // (what, the packet quoted as sent, as the other side knows it, the error's
+            // source MAC, its destination before and after lb)
+            let directions = [
+                (
+                    "about a request, from the backend side",
+                    ip_packet(client, backend, proto, cport, bport),
+                    ip_packet(client, vip, proto, cport, vport),
+                    mac(id),
+                    client,
+                    client,
+                ),
+                (
+                    "about a reply, from the client side",
+                    ip_packet(vip, client, proto, vport, cport),
+                    ip_packet(backend, client, proto, bport, cport),
+                    CLIENT_MAC,
+                    vip,
+                    backend,
+                ),
+            ];
+            for (way, sent, translated, src_mac, to, to_after) in directions {
+                let mut quotes = vec![
+                    ("whole packet", sent.len()),
+                    ("headers and 8 bytes of data", ihl + l4_len + 8),
+                    ("8 bytes past the IP header", ihl + 8),
+                    ("cut inside the transport checksum", check_at + 1),
+                ];
+                if proto == 6 {
+                    quotes.push(("cut before the TCP checksum", check_at));
+                }
+                let mut variants = vec![("", sent.clone(), translated.clone())];
+                if proto == 17 {
+                    // No checksum (0): stays 0.
+                    let zero = |p: &[u8]| {
+                        let mut p = p.to_vec();
+                        p[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+                        p
+                    };
+                    variants.push((" without checksum", zero(&sent), zero(&translated)));
+                }
+                for (variant, sent, translated) in &variants {
+                    for &(cut, len) in &quotes {
+                        let what = format!("{family} {kind}{variant} error {way}, quote: {cut}");
+                        let frame = icmp_error(src_mac, LB_MAC, router, to, &sent[..len]);
+                        let (action, out) = f.run(&frame);
+                        assert_eq!(action, XDP_TX, "{what}");
+                        assert_eq!(out.len(), frame.len(), "{what}: length");
+                        let l3 = 14;
+                        let (src_at, dst_at, q) = if v4 {
+                            (l3 + 12, l3 + 16, l3 + 20 + 8)
+                        } else {
+                            (l3 + 8, l3 + 24, l3 + 40 + 8)
+                        };
+                        let addr_len = if v4 { 4 } else { 16 };
+                        let octets = |a: IpAddr| match a {
+                            IpAddr::V4(a) => a.octets().to_vec(),
+                            IpAddr::V6(a) => a.octets().to_vec(),
+                        };
+                        assert_eq!(
+                            out[src_at..src_at + addr_len],
+                            octets(router),
+                            "{what}: the router stays the error's source"
+                        );
+                        assert_eq!(
+                            out[dst_at..dst_at + addr_len],
+                            octets(to_after),
+                            "{what}: the error's destination"
+                        );
+                        // The quote: the translated packet's start, except checksum bytes of
+                        // a checksum the quote does not hold whole, which stay as sent.
+                        let mut want = translated[..len].to_vec();
+                        for at in check_at..check_at + 2 {
+                            if len < check_at + 2 && at < len {
+                                want[at] = sent[at];
+                            }
+                        }
+                        let got = &out[q..];
+                        if let Some(at) = (0..len).find(|&at| got[at] != want[at]) {
+                            panic!(
+                                "{what}: quoted byte {at} is {:#04x}, should be {:#04x}\n\
+                                 got  {got:02x?}\nwant {want:02x?}",
+                                got[at], want[at]
+                            );
+                        }
+                        ok(&what, &out);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        // TCP: 2 families × 2 ways × 5 quotes; UDP: 2 families × 2 ways × 2 variants × 4.
+        assert_eq!(checked, 2 * 2 * 5 + 2 * 2 * 2 * 4, "cases run");
     }
 }
