@@ -27,7 +27,7 @@ use crate::{
     icmp, l2,
     maps::{
         BACKEND_STATS, BACKENDS, DEVMAP, NAT_FILTER, NAT_FLOWS, NAT_REPLIES, NAT_SCRATCH,
-        SERVICE_STATS,
+        SERVICE_REPLY_STATS, SERVICE_STATS,
     },
     packet::{Frag, Packet},
     verdict::{Chosen, Egress, NotOurs, Refusal, Skip},
@@ -266,7 +266,8 @@ pub fn maybe_reply(p: &Packet) -> Result<(), NotOurs> {
 
 /// A packet from a NAT backend: when it belongs to a NAT flow (its `NAT_REPLIES` entry; for an
 /// ICMP error, the flow it quotes), its source becomes the VIP and service port and it goes to
-/// the client the way the request came; anything else is passed to the kernel untouched.
+/// the client the way the request came, counted on the service's reply counters; anything
+/// else is passed to the kernel untouched (and not counted).
 /// A global function, checked once on its own (see `lb_nat_forward`).
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -315,14 +316,30 @@ fn reply_to(ctx: &XdpContext, p: &Packet) -> u32 {
         crate::count_reason(Reason::MissingState, Some(r.service));
         return xdp_action::XDP_DROP;
     }
-    if r.ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
-    }
-    match DEVMAP.redirect(r.ifindex, 0) {
-        Ok(action) => action,
-        Err(_) => {
-            crate::count_reason(Reason::NoEgress, Some(r.service));
-            xdp_action::XDP_DROP
+    let action = if r.ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        match DEVMAP.redirect(r.ifindex, 0) {
+            Ok(action) => action,
+            Err(_) => {
+                crate::count_reason(Reason::NoEgress, Some(r.service));
+                return xdp_action::XDP_DROP;
+            }
+        }
+    };
+    count_reply(r.service, (ctx.data_end() - ctx.data()) as u64);
+    action
+}
+
+/// A reply of service `service` sent on, `bytes` bytes as sent (its frame), on the service's
+/// reply counters (`SERVICE_REPLY_STATS`).
+#[inline(always)]
+fn count_reply(service: u32, bytes: u64) {
+    if let Some(c) = SERVICE_REPLY_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
         }
     }
 }

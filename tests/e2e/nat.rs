@@ -35,6 +35,12 @@ const VIP_UP: &str = "203.0.113.11";
 const UP_PORT: u16 = 9000;
 const SINK_PORT: u16 = 9001;
 const BACKEND_PORT: u16 = 8080;
+/// The service whose replies the counting case checks: backend 1's nginx on a port of its own,
+/// so only that case's replies leave it.
+const VIP_COUNT: &str = "203.0.113.12";
+const COUNT_PORT: u16 = 8081;
+/// The address lbd's metrics listen on (lb's client-side address).
+const METRICS_PORT: u16 = 9917;
 /// Size of the download file.
 const BIG: usize = 20 << 20;
 /// The MTU of the gateway's route to the far backend.
@@ -84,7 +90,12 @@ fn topology() -> Topology {
     let lb6 = t.lb_addr_v6().to_string();
     for c in 1..=t.clients() {
         let ns = t.client_ns(c);
-        for (vip, via) in [(VIP, "192.0.2.2"), (VIP_UP, "192.0.2.2"), (VIP6, &lb6)] {
+        for (vip, via) in [
+            (VIP, "192.0.2.2"),
+            (VIP_UP, "192.0.2.2"),
+            (VIP_COUNT, "192.0.2.2"),
+            (VIP6, &lb6),
+        ] {
             t.exec_ok(ns, &["ip", "route", "add", vip, "via", via])
                 .unwrap();
         }
@@ -154,6 +165,7 @@ http {{
     server {{
         listen 0.0.0.0:{BACKEND_PORT};
         listen [::]:{BACKEND_PORT} ipv6only=on;
+        listen 0.0.0.0:{COUNT_PORT};
         add_header X-Backend {i} always;
         location = / {{ return 200 "backend {i} $remote_addr\n"; }}
         location = /healthz {{ return 200 "ok\n"; }}
@@ -186,9 +198,20 @@ http {{
 fn config(t: &Topology, paths: &LbdPaths) -> String {
     let b = |i: usize| t.backend_addr(i);
     let b6 = |i: usize| t.backend_addr_v6(i);
-    let mut c = paths.daemon_section("");
+    let mut c = paths.daemon_section(&format!("metrics = \"{}:{METRICS_PORT}\"", t.lb_addr()));
     c.push_str(&format!(
         r#"
+[[service]]
+name = "count"
+vip = "{VIP_COUNT}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "{b1}"
+port = {COUNT_PORT}
+
 [[service]]
 name = "web"
 vip = "{VIP}"
@@ -379,6 +402,142 @@ fn traced_packets_name_their_backend(t: &Topology, lbd: &Lbd) {
         assert_eq!(l["reason"], "forwarded", "{l}");
         assert!(l["action"] == "tx" || l["action"] == "redirect", "{l}");
     }
+}
+
+/// Case: the replies lb sends on are counted per service, byte-exact: what backend 1 sent
+/// to a client on the counting service's port (nftables, at its output hook, IP lengths) is
+/// what `lbctl stats` and the metrics say the service's replies were (frames: 14 bytes of
+/// Ethernet more each). Replies of a flow lb does not know (the client reaching the backend
+/// directly) are not counted.
+fn replies_are_counted(t: &Topology, lbd: &Lbd) {
+    const REQUESTS: u64 = 20;
+    let src = t.client_sources(1)[11];
+    let ns = t.backend_ns(1);
+    let nft = |args: &[&str]| {
+        let mut all = vec!["nft"];
+        all.extend_from_slice(args);
+        t.exec_ok(ns, &all).unwrap()
+    };
+    nft(&["add", "table", "inet", "lbreply"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "lbreply",
+        "out",
+        "{ type filter hook output priority 0; }",
+    ]);
+    let (b1, client, port) = (
+        t.backend_addr(1).to_string(),
+        src.to_string(),
+        COUNT_PORT.to_string(),
+    );
+    nft(&[
+        "add", "rule", "inet", "lbreply", "out", "ip", "saddr", &b1, "ip", "daddr", &client, "tcp",
+        "sport", &port, "counter",
+    ]);
+    // (packets, bytes) backend 1 sent to the client from the counting port.
+    let sent = || -> (u64, u64) {
+        let out = nft(&["list", "chain", "inet", "lbreply", "out"]);
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let after = |w: &str| -> u64 {
+            let i = words
+                .iter()
+                .position(|x| *x == w)
+                .unwrap_or_else(|| panic!("no {w} in {out}"));
+            words[i + 1].parse().unwrap()
+        };
+        (after("packets"), after("bytes"))
+    };
+    // (packets, bytes) of the counting service's replies, by lbctl.
+    let counted = || -> (u64, u64) {
+        let v = lbd
+            .lbctl_json(&["stats", "count"])
+            .expect("lbctl stats count");
+        let svc = &v["services"][0];
+        assert_eq!(svc["service"], "count", "{v}");
+        (
+            svc["reply_packets"].as_u64().expect("reply_packets"),
+            svc["reply_bytes"].as_u64().expect("reply_bytes"),
+        )
+    };
+    assert_eq!(sent(), (0, 0), "backend 1 sent nothing yet");
+    let before = counted();
+    let vip_count = SocketAddr::new(VIP_COUNT.parse().unwrap(), 80);
+    for _ in 0..REQUESTS {
+        assert_eq!(who(t, src, vip_count), (1, src));
+    }
+    let (sent_now, counted_now) = retry_until(
+        Duration::from_secs(10),
+        "the reply counters to match what the backend sent",
+        || {
+            let (packets, bytes) = sent();
+            let c = counted();
+            let want = (before.0 + packets, before.1 + bytes + 14 * packets);
+            anyhow::ensure!(
+                c == want,
+                "sent {packets} packets, {bytes} bytes (IP): counted {c:?}, want {want:?}"
+            );
+            Ok(((packets, bytes), c))
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "replies of {REQUESTS} requests: backend sent {} packets, {} bytes (IP); lb counted {} packets, {} bytes (frames)",
+        sent_now.0,
+        sent_now.1,
+        counted_now.0 - before.0,
+        counted_now.1 - before.1
+    );
+    // At least a SYN-ACK, the response and the FIN per request.
+    assert!(
+        sent_now.0 >= 3 * REQUESTS,
+        "{REQUESTS} requests, {sent_now:?} sent"
+    );
+    // `lbctl stats` has the row, and the metrics the same numbers.
+    let table = String::from_utf8(lbd.lbctl(&["stats", "count"]).unwrap().stdout).unwrap();
+    assert!(
+        table.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w == [
+                "count",
+                "(replies)",
+                &counted_now.0.to_string(),
+                &counted_now.1.to_string(),
+            ]
+        }),
+        "no replies row {counted_now:?} in:\n{table}"
+    );
+    let metrics = SocketAddr::new(t.lb_addr(), METRICS_PORT);
+    let reply = t
+        .http_get(t.client_ns(1), t.client_addr(1), metrics, "/metrics")
+        .unwrap();
+    let text = reply.text();
+    let sample = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert_eq!(
+        (
+            sample(r#"lb_service_reply_packets_total{service="count"}"#),
+            sample(r#"lb_service_reply_bytes_total{service="count"}"#)
+        ),
+        (Some(counted_now.0), Some(counted_now.1)),
+        "{text}"
+    );
+    assert!(
+        sample(r#"lb_service_reply_packets_total{service="web"}"#).unwrap_or(0) > 0,
+        "web's replies: {text}"
+    );
+    // The client reaching backend 1's counting port directly: replies lb does not know.
+    let direct = SocketAddr::new(t.backend_addr(1), COUNT_PORT);
+    assert_eq!(who(t, src, direct), (1, src));
+    retry_until(Duration::from_secs(10), "the direct replies at nft", || {
+        anyhow::ensure!(sent().0 >= sent_now.0 + 3, "{:?}", sent());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(counted(), counted_now, "replies of a flow lb does not know");
 }
 
 /// Case: the same over IPv6.
@@ -606,6 +765,7 @@ fn nat_forwarding_end_to_end() {
 
     http_from_many_clients(&t);
     traced_packets_name_their_backend(&t, &lbd);
+    replies_are_counted(&t, &lbd);
     http_over_ipv6(&t);
     unknown_flow_passes(&t);
     path_mtu_through_nat(&t);
@@ -986,11 +1146,31 @@ mod fixtures {
                 &request.bytes[..len],
             ));
         }
+        let replies = f.dp.service_reply_counter(5);
         run_cases("nat-untouched", &cases, |frame| f.run(frame));
-        // The whole reply is still translated (the cases changed nothing).
+        assert_eq!(
+            f.dp.service_reply_counter(5),
+            replies,
+            "frames passed untouched are not counted as replies"
+        );
+        // The whole reply is still translated (the cases changed nothing), and counted: one
+        // packet, its frame's bytes.
         let (action, out) = f.run(&reply.bytes);
         assert_eq!(action, XDP_TX);
         assert_eq!(v4_at(&out, 26), NAT_VIP);
+        let after = f.dp.service_reply_counter(5);
+        assert_eq!(
+            (after.packets, after.bytes),
+            (replies.packets + 1, replies.bytes + out.len() as u64),
+            "the reply's count"
+        );
+        // The service's requests are counted apart from its replies.
+        assert!(f.dp.service_counter(5).packets >= 1);
+        assert_eq!(
+            f.dp.service_reply_counter(7).packets,
+            0,
+            "another service's"
+        );
     }
 
     #[test]

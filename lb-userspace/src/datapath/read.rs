@@ -105,6 +105,11 @@ impl Datapath {
         sum_counters(self.maps.service_stats.get(&id, 0).ok())
     }
 
+    /// The replies of `nat` service `id` the program rewrote and sent on to their clients.
+    pub fn service_reply_counter(&self, id: u32) -> Counter {
+        sum_counters(self.maps.service_reply_stats.get(&id, 0).ok())
+    }
+
     pub fn backend_counter(&self, id: u32) -> Counter {
         sum_counters(self.maps.backend_stats.get(&id, 0).ok())
     }
