@@ -23,7 +23,7 @@ use std::{
 use lb_tests::{
     BackendSide, Topology, TopologyOptions,
     http::upload,
-    lbd::{Lbd, LbdPaths, spawn_lbd, start_lbd},
+    lbd::{LBD_START, Lbd, LbdPaths, cleanup_lbd, spawn_lbd, start_lbd},
     require_root, retry_until,
 };
 use serde_json::Value;
@@ -743,6 +743,138 @@ fn flows_survive_a_restart<'t>(t: &'t Topology, lbd: Lbd<'t>, paths: &LbdPaths) 
     again
 }
 
+/// The pinned NAT tables' size (`NAT_FLOWS`, `NAT_REPLIES`: the same for both).
+fn nat_table_size(paths: &LbdPaths) -> u32 {
+    let sizes: Vec<u32> = ["NAT_FLOWS", "NAT_REPLIES"]
+        .iter()
+        .map(|map| {
+            let pin = paths
+                .bpffs_dir
+                .join(format!("v{}", lb_common::LAYOUT_VERSION))
+                .join(map);
+            aya::maps::MapInfo::from_pin(&pin)
+                .unwrap_or_else(|e| panic!("the pinned {map}: {e}"))
+                .max_entries()
+        })
+        .collect();
+    assert_eq!(sizes[0], sizes[1], "NAT_FLOWS and NAT_REPLIES");
+    sizes[0]
+}
+
+/// Case (last; it replaces lbd): an lbd whose config has no `nat` service and does not set
+/// `daemon.nat_entries` makes the NAT tables at their smallest size; a `nat` service added at
+/// run time is refused (by lbctl and at SIGHUP), naming the key and the restart, and changes
+/// nothing; after the restart the tables have the default size and the service runs.
+fn unused_nat_tables_stay_small<'t>(t: &'t Topology, lbd: Lbd<'t>, paths: &LbdPaths) -> Lbd<'t> {
+    lbd.stop().expect("stopping lbd");
+    drop(lbd);
+    let out = cleanup_lbd(t, paths).expect("lbd --cleanup");
+    assert!(out.status.success(), "lbd --cleanup: {out:?}");
+    let daemon = paths.daemon_section("");
+    assert!(daemon.contains("nat_entries = 16384\n"), "{daemon}");
+    let mut config = daemon.replace("nat_entries = 16384\n", "");
+    config.push_str(&format!(
+        r#"
+[[service]]
+name = "plain"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "{}"
+"#,
+        t.backend_addr(1)
+    ));
+    let lbd = start_lbd(t, &config).expect("starting lbd without nat");
+    assert_eq!(
+        nat_table_size(paths),
+        lb_common::nat::MIN_NAT_ENTRIES,
+        "no nat service"
+    );
+    let out = lbd
+        .lbctl(&[
+            "service",
+            "add",
+            "late",
+            "--vip",
+            VIP_COUNT,
+            "--port",
+            "80",
+            "--protocol",
+            "tcp",
+            "--forwarding",
+            "nat",
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a nat service was added: {out:?}");
+    eprintln!(
+        "lbctl service add --forwarding nat, refused: {}",
+        err.trim()
+    );
+    for want in ["\"late\"", "daemon.nat_entries", "restart lbd"] {
+        assert!(err.contains(want), "lbctl's error lacks {want:?}: {err}");
+    }
+    let file = std::fs::read_to_string(&paths.config).unwrap();
+    assert!(
+        !file.contains("late"),
+        "the refused service was written: {file}"
+    );
+    // The same service in the file, and SIGHUP: refused, nothing changes.
+    let late = format!(
+        r#"
+[[service]]
+name = "late"
+vip = "{VIP_COUNT}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "{}"
+port = {COUNT_PORT}
+"#,
+        t.backend_addr(1)
+    );
+    std::fs::write(&paths.config, format!("{file}{late}")).unwrap();
+    let logged = lbd.reload(Duration::from_secs(20)).expect("SIGHUP");
+    assert!(
+        logged.contains("daemon.nat_entries") && logged.contains("restart lbd"),
+        "SIGHUP with a nat service: {logged}"
+    );
+    let names = |lbd: &Lbd| -> Vec<String> {
+        let v = lbd.lbctl_json(&["service", "list"]).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&lbd), ["plain"], "after the refused SIGHUP");
+    // A restart sizes the tables for it.
+    lbd.stop().expect("stopping lbd");
+    drop(lbd);
+    let again = spawn_lbd(t, paths).expect("starting lbd again");
+    let status = again
+        .wait_answering(LBD_START)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(status["start"], "upgraded", "{status}");
+    assert_eq!(
+        nat_table_size(paths),
+        lb_common::nat::NAT_ENTRIES,
+        "after the restart with a nat service"
+    );
+    assert_eq!(names(&again), ["plain", "late"]);
+    wait_up(&again, "late", &[t.backend_addr(1)]);
+    let src = t.client_sources(1)[12];
+    assert_eq!(
+        who(t, src, SocketAddr::new(VIP_COUNT.parse().unwrap(), 80)),
+        (1, src)
+    );
+    again
+}
+
 #[test]
 fn nat_forwarding_end_to_end() {
     let t = topology();
@@ -772,6 +904,7 @@ fn nat_forwarding_end_to_end() {
     let lbd = flows_survive_a_restart(&t, lbd, &paths);
     download_across_add_and_drain(&t, &lbd);
     removed_backend_resets(&t, &lbd);
+    let _lbd = unused_nat_tables_stay_small(&t, lbd, &paths);
 }
 
 // ---- data-path fixtures (BPF_PROG_TEST_RUN): both directions and malformed frames ----------

@@ -49,7 +49,7 @@ impl Datapath {
     }
 
     /// The flows each NAT table holds (`NAT_FLOWS`' size; `NAT_REPLIES` has the same).
-    pub(super) fn nat_entries(&self) -> Result<u32> {
+    pub fn nat_entries(&self) -> Result<u32> {
         self.maps.nat_flows_size()
     }
 
