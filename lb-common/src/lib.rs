@@ -64,7 +64,7 @@ pub use trace::{TRACE_ALL, TRACE_EVENTS_BYTES, TraceEvent, Verdict, trace_outcom
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -114,8 +114,9 @@ pub mod maps {
     pub const NAT_FLOWS: &str = "NAT_FLOWS";
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
     pub const NAT_FILTER: &str = "NAT_FILTER";
+    pub const SERVICE_REPLY_STATS: &str = "SERVICE_REPLY_STATS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
@@ -138,6 +139,7 @@ pub mod maps {
         NAT_FLOWS,
         NAT_REPLIES,
         NAT_FILTER,
+        SERVICE_REPLY_STATS,
     ];
 }
 

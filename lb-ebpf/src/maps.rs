@@ -81,6 +81,12 @@ pub static DEVMAP: DevMapHash<64> = DevMapHash::new();
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<Counter, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
+/// `nat`: the replies each service's backends sent through the program (rewritten and sent
+/// on to the client; replies of flows it does not know are not counted).
+#[btf_map]
+pub static SERVICE_REPLY_STATS: PerCpuArray<Counter, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
+
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<Counter, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 

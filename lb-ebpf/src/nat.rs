@@ -27,7 +27,7 @@ use crate::{
     icmp, l2,
     maps::{
         BACKEND_STATS, BACKENDS, DEVMAP, NAT_FILTER, NAT_FLOWS, NAT_REPLIES, NAT_SCRATCH,
-        SERVICE_STATS,
+        SERVICE_REPLY_STATS, SERVICE_STATS,
     },
     packet::{Frag, Packet},
     verdict::{Chosen, Egress, NotOurs, Refusal, Skip},
@@ -36,6 +36,9 @@ use crate::{
 /// Furthest transport header offset the rewrites accept (Ethernet, a tag, IPv6 and its
 /// extension headers fit well inside).
 const MAX_L4: usize = 512;
+/// Furthest offset of an ICMP error's quoted transport header: after the ICMP header (8 bytes)
+/// and the quoted IP header (at most 60).
+const MAX_QUOTED_L4: usize = MAX_L4 + 8 + 60;
 
 /// This CPU's room for the keys and values `flow_backend` writes (`NAT_SCRATCH`): off the
 /// stack, which the main program's frames nearly fill.
@@ -263,7 +266,8 @@ pub fn maybe_reply(p: &Packet) -> Result<(), NotOurs> {
 
 /// A packet from a NAT backend: when it belongs to a NAT flow (its `NAT_REPLIES` entry; for an
 /// ICMP error, the flow it quotes), its source becomes the VIP and service port and it goes to
-/// the client the way the request came; anything else is passed to the kernel untouched.
+/// the client the way the request came, counted on the service's reply counters; anything
+/// else is passed to the kernel untouched (and not counted).
 /// A global function, checked once on its own (see `lb_nat_forward`).
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -312,14 +316,30 @@ fn reply_to(ctx: &XdpContext, p: &Packet) -> u32 {
         crate::count_reason(Reason::MissingState, Some(r.service));
         return xdp_action::XDP_DROP;
     }
-    if r.ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
-    }
-    match DEVMAP.redirect(r.ifindex, 0) {
-        Ok(action) => action,
-        Err(_) => {
-            crate::count_reason(Reason::NoEgress, Some(r.service));
-            xdp_action::XDP_DROP
+    let action = if r.ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        match DEVMAP.redirect(r.ifindex, 0) {
+            Ok(action) => action,
+            Err(_) => {
+                crate::count_reason(Reason::NoEgress, Some(r.service));
+                return xdp_action::XDP_DROP;
+            }
+        }
+    };
+    count_reply(r.service, (ctx.data_end() - ctx.data()) as u64);
+    action
+}
+
+/// A reply of service `service` sent on, `bytes` bytes as sent (its frame), on the service's
+/// reply counters (`SERVICE_REPLY_STATS`).
+#[inline(always)]
+fn count_reply(service: u32, bytes: u64) {
+    if let Some(c) = SERVICE_REPLY_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU slot of this CPU; no other writer while the program runs here.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
         }
     }
 }
@@ -532,10 +552,11 @@ fn rewrite_l4(ctx: &XdpContext, p: &Packet, dst: bool, addr: &Addr, port: u16) -
         let port_at = if dst { 2 } else { 0 };
         if tcp {
             // Ports, sequence and acknowledgement numbers, offset and flags, window, checksum.
-            transport::<18, 16>(ctx, l4, port_at, port, diff)?;
+            header_changed(transport::<18, 16>(ctx, l4, port_at, port, diff))?;
         } else {
             // Ports, length, checksum; an IPv4 UDP checksum of 0 (none) stays 0.
-            transport::<8, 6>(ctx, l4, port_at | (v4 as usize) << 8, port, diff)?;
+            let how = port_at | (v4 as usize) << 8;
+            header_changed(transport::<8, 6>(ctx, l4, how, port, diff))?;
         }
     }
     // SAFETY: inside the IP header checked above.
@@ -548,12 +569,15 @@ fn rewrite_l4(ctx: &XdpContext, p: &Packet, dst: bool, addr: &Addr, port: u16) -
     Ok(())
 }
 
-/// The transport header's part of `rewrite_l4`: its `N` bytes at `l4`, the port at
-/// `how & 0xff` becomes `port` (0: kept), the checksum at `CHECK` changes by `diff` and the
-/// port's; with `how & 0x100` (IPv4 UDP) a checksum of 0 (none) stays 0, and for UDP a
-/// computed 0 is sent as 0xffff. Checks the header before writing anything. A call of its own
-/// per header size: inlined, LLVM chose the checked size and the checksum's offset by two
-/// selects the verifier could not relate.
+/// The transport header's part of `rewrite_l4` (and of `rewrite_icmp`, for the quoted
+/// packet's): its `N` bytes at `l4`, the port at `how & 0xff` becomes `port` (0: kept), the
+/// checksum at `CHECK` changes by `diff` and the port's; with `how & 0x100` a UDP checksum of
+/// 0 (none) stays 0, and for UDP a computed 0 is sent as 0xffff. Checks the header before
+/// writing anything. Returns the change of the bytes it rewrote (port and checksum), for a
+/// checksum that covers them (an ICMP error's), or `NO_HEADER` (a plain u64: a `Result` would
+/// be returned through memory, one argument more than BPF calls have). A call of its own per
+/// header size: inlined, LLVM chose the checked size and the checksum's offset by two selects
+/// the verifier could not relate.
 #[inline(never)]
 fn transport<const N: usize, const CHECK: usize>(
     ctx: &XdpContext,
@@ -561,39 +585,62 @@ fn transport<const N: usize, const CHECK: usize>(
     how: usize,
     port: u16,
     diff: u64,
-) -> Result<(), ()> {
+) -> u64 {
     crate::packet::keep_context(ctx);
-    if l4 > MAX_L4 {
-        return Err(());
+    if l4 > MAX_QUOTED_L4 {
+        return NO_HEADER;
     }
-    let t = hdr::<N>(ctx, l4)?;
+    let Ok(t) = hdr::<N>(ctx, l4) else {
+        return NO_HEADER;
+    };
     let udp = CHECK == 6;
     // SAFETY: the port (at 0 or 2) and the checksum (at CHECK) lie inside the N checked bytes.
     unsafe {
         let mut diff = diff;
+        let mut changed = 0;
         if port != 0 {
             let at = if how & 0xff == 2 { 2 } else { 0 };
-            diff += diff16(rd16(t, at), port);
+            let d = diff16(rd16(t, at), port);
+            diff += d;
+            changed += d;
             wr16(t, at, port);
         }
         let check = rd16(t, CHECK);
         if udp && how & 0x100 != 0 && check == 0 {
-            return Ok(());
+            return changed;
         }
         let new = apply(check, diff);
-        wr16(t, CHECK, if udp && new == 0 { 0xffff } else { new });
+        let new = if udp && new == 0 { 0xffff } else { new };
+        wr16(t, CHECK, new);
+        changed + diff16(check, new)
     }
-    Ok(())
+}
+
+/// `transport`'s answer when the header is not there (no sum of a few 16-bit changes is).
+const NO_HEADER: u64 = u64::MAX;
+
+/// `transport`'s answer as a `Result`.
+#[inline(always)]
+fn header_changed(changed: u64) -> Result<u64, ()> {
+    if changed == NO_HEADER {
+        Err(())
+    } else {
+        Ok(changed)
+    }
 }
 
 /// An ICMP error quoting a NAT flow's packet: the quoted packet's destination (`quoted_dst`:
 /// a request the backend side could not forward) or source (a reply the client side could not)
 /// becomes `addr`:`port` (port 0: kept), and so does the outer address that equals the one
 /// replaced (the VIP an error about a reply was sent to; the backend, when the backend itself
-/// sent the error); the quoted IPv4 header checksum, the outer IPv4 one and the ICMP checksum
-/// follow. The quoted transport checksum is left as it is (receivers do not check it, and
-/// the quote may not hold it). Every header is bounds checked before the first write. A call
-/// of its own, like `rewrite_l4`.
+/// sent the error). The checksums follow: the quoted IPv4 header's, the quoted TCP or UDP
+/// checksum when the quote holds it (its change is the addresses' and the port's, as for the
+/// packet itself, though most of the segment it covers is not quoted; a quoted UDP checksum of
+/// 0 stays 0), the outer IPv4 header's, and the ICMP checksum over every quoted byte changed.
+/// A quote that stops before its transport checksum (an IPv4 router need quote only 8 bytes
+/// past the IP header) gets its addresses and ports translated, its checksum left unread: a
+/// receiver cannot check a checksum whose segment it does not have. Every header is bounds
+/// checked before the first write. A call of its own, like `rewrite_l4`.
 #[inline(never)]
 fn rewrite_icmp(
     ctx: &XdpContext,
@@ -607,8 +654,10 @@ fn rewrite_icmp(
         l3,
         l4: icmp_at,
         v4,
-        ..
+        tcp,
     } = shape(p)?;
+    // SAFETY: a field of the caller's Packet, read once (see `shape`).
+    let ip_len = unsafe { core::ptr::read_volatile(&p.ip_len) };
     let quote = icmp_at + 8;
     let icmp = hdr::<8>(ctx, icmp_at)?;
     let outer = if v4 {
@@ -630,25 +679,39 @@ fn rewrite_icmp(
     if !(20..=60).contains(&ihl) {
         return Err(());
     }
-    let ports = hdr::<4>(ctx, quote + ihl)?;
+    let q_l4 = quote + ihl;
+    let ports = hdr::<4>(ctx, q_l4)?;
+    // The quoted transport header's bytes in the message (the IP length, not the frame, which
+    // may be padded).
+    let quoted = (l3 + ip_len).saturating_sub(q_l4);
     let q_at = addr_at(v4, quoted_dst);
     let o_at = addr_at(v4, !quoted_dst);
+    let port_at = if quoted_dst { 2 } else { 0 };
     // SAFETY: every offset below lies inside the header checked above (ICMP 8 bytes, IPv4 20,
-    // IPv6 40, ports 4).
+    // IPv6 40, ports 4); `transport` checks its own.
     unsafe {
         let outer_too = same_addr(outer, o_at, q, q_at, v4);
-        let a_diff = swap_addr(q, q_at, addr, v4);
-        let mut icmp_diff = a_diff;
+        let a_diff = addr_change(q, q_at, addr, v4);
+        // The quoted transport header first: `transport` checks it before writing, so an
+        // `Err` leaves the packet as it was.
+        let mut icmp_diff = if tcp && quoted >= 18 {
+            header_changed(transport::<18, 16>(ctx, q_l4, port_at, port, a_diff))?
+        } else if !tcp && quoted >= 8 {
+            header_changed(transport::<8, 6>(ctx, q_l4, port_at | 0x100, port, a_diff))?
+        } else if port != 0 {
+            let d = diff16(rd16(ports, port_at), port);
+            wr16(ports, port_at, port);
+            d
+        } else {
+            0
+        };
+        put_addr(q, q_at, addr, v4);
+        icmp_diff += a_diff;
         if v4 {
             let old = rd16(q, 10);
             let new = apply(old, a_diff);
             wr16(q, 10, new);
             icmp_diff += diff16(old, new);
-        }
-        if port != 0 {
-            let at = if quoted_dst { 2 } else { 0 };
-            icmp_diff += diff16(rd16(ports, at), port);
-            wr16(ports, at, port);
         }
         if outer_too {
             let d = swap_addr(outer, o_at, addr, v4);

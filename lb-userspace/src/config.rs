@@ -225,8 +225,12 @@ pub struct Daemon {
     pub bpffs_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub conntrack_entries: u32,
-    /// Flows each NAT table (`NAT_FLOWS`, `NAT_REPLIES`) holds.
+    /// Flows each NAT table (`NAT_FLOWS`, `NAT_REPLIES`) holds while a `nat` service needs
+    /// them (`Config::nat_tables`).
     pub nat_entries: u32,
+    /// Whether the file sets `nat_entries`: the tables then have that size even while no
+    /// service uses NAT (room for `nat` services added at run time).
+    pub nat_entries_set: bool,
     /// Seconds a connection idle across a backend change (so it has no record) keeps its
     /// backend after the change, at least (docs/design/slot-state.md).
     pub idle_hold_s: u64,
@@ -564,6 +568,24 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 }
 
 impl Config {
+    /// Flows each NAT table gets when lbd starts on this config: `daemon.nat_entries` when a
+    /// service uses `nat` or the file sets it, else the smallest size (the tables are
+    /// allocated whole, about 290 bytes a flow for the pair, whether used or not). A `nat`
+    /// service added at run time needs tables of `daemon.nat_entries`
+    /// (`Daemon::check_nat_room`).
+    pub fn nat_tables(&self) -> u32 {
+        if self.daemon.nat_entries_set
+            || self
+                .services
+                .iter()
+                .any(|s| s.forwarding == Forwarding::Nat)
+        {
+            self.daemon.nat_entries
+        } else {
+            lb_common::nat::MIN_NAT_ENTRIES
+        }
+    }
+
     /// A one-paragraph summary for `lbd --check`.
     pub fn summary(&self) -> String {
         let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();

@@ -8,6 +8,8 @@
 //!
 //! Exported (see SPEC "Metrics"):
 //! `lb_service_packets_total{service}`, `lb_service_bytes_total{service}`,
+//! `lb_service_reply_packets_total{service}`, `lb_service_reply_bytes_total{service}` (`nat`
+//! services only: the replies lb rewrote and sent on to their clients),
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
 //! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`, `lb_new_flows_total{outcome}`,
 //! `lb_dropped_total{reason}`, `lb_service_dropped_total{service,reason}` (the refused packets
@@ -86,6 +88,9 @@ pub struct ServiceMetrics {
     pub name: String,
     pub packets: u64,
     pub bytes: u64,
+    /// A `nat` service's replies rewritten and sent on to their clients: (packets, bytes as
+    /// sent). None for other services (their replies do not cross lb).
+    pub replies: Option<(u64, u64)>,
     pub backends: Vec<BackendMetrics>,
     /// The Maglev table's fingerprint (all 64 bits).
     pub fingerprint: u64,
@@ -168,6 +173,23 @@ impl Collector for SnapshotCollector {
                     ConstCounter::new(svc.bytes),
                 )
             }),
+        )?;
+        let replies = || {
+            s.services
+                .iter()
+                .filter_map(|svc| Some((svc.name.as_str(), svc.replies?)))
+        };
+        family(
+            &mut encoder,
+            "lb_service_reply_packets",
+            "Replies of the nat service's backends rewritten and sent on to their clients.",
+            replies().map(|(name, (packets, _))| ([("service", name)], ConstCounter::new(packets))),
+        )?;
+        family(
+            &mut encoder,
+            "lb_service_reply_bytes",
+            "Bytes (frames as sent) of the nat service's replies sent on to their clients.",
+            replies().map(|(name, (_, bytes))| ([("service", name)], ConstCounter::new(bytes))),
         )?;
         family(
             &mut encoder,
@@ -403,6 +425,7 @@ mod tests {
                     name: "web".into(),
                     packets: 1000,
                     bytes: 150_000,
+                    replies: Some((800, 960_000)),
                     backends: vec![
                         backend("192.0.2.11", 600, true, 100),
                         backend("192.0.2.12", 400, false, 50),
@@ -414,6 +437,7 @@ mod tests {
                     name: "dns".into(),
                     packets: 7,
                     bytes: 420,
+                    replies: None,
                     backends: vec![backend("2001:db8::53", 7, true, 0)],
                     fingerprint: 1,
                     dropped: vec![],
@@ -468,6 +492,8 @@ mod tests {
         (r#"lb_service_packets_total{service="dns"}"#, "7"),
         (r#"lb_service_bytes_total{service="web"}"#, "150000"),
         (r#"lb_service_bytes_total{service="dns"}"#, "420"),
+        (r#"lb_service_reply_packets_total{service="web"}"#, "800"),
+        (r#"lb_service_reply_bytes_total{service="web"}"#, "960000"),
         (
             r#"lb_backend_packets_total{service="web",backend="192.0.2.11"}"#,
             "600",
@@ -555,6 +581,8 @@ mod tests {
         for (name, kind) in [
             ("lb_service_packets", "counter"),
             ("lb_service_bytes", "counter"),
+            ("lb_service_reply_packets", "counter"),
+            ("lb_service_reply_bytes", "counter"),
             ("lb_backend_packets", "counter"),
             ("lb_backend_up", "gauge"),
             ("lb_backend_weight", "gauge"),

@@ -66,7 +66,7 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
     let datapath = Datapath::open_sized(
         &config.daemon.bpffs_dir,
         config.daemon.conntrack_entries,
-        config.daemon.nat_entries,
+        config.nat_tables(),
         &config.daemon.interfaces,
     )?;
     let pinned = plan::Pinned {

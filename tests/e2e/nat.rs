@@ -23,7 +23,7 @@ use std::{
 use lb_tests::{
     BackendSide, Topology, TopologyOptions,
     http::upload,
-    lbd::{Lbd, LbdPaths, spawn_lbd, start_lbd},
+    lbd::{LBD_START, Lbd, LbdPaths, cleanup_lbd, spawn_lbd, start_lbd},
     require_root, retry_until,
 };
 use serde_json::Value;
@@ -35,6 +35,12 @@ const VIP_UP: &str = "203.0.113.11";
 const UP_PORT: u16 = 9000;
 const SINK_PORT: u16 = 9001;
 const BACKEND_PORT: u16 = 8080;
+/// The service whose replies the counting case checks: backend 1's nginx on a port of its own,
+/// so only that case's replies leave it.
+const VIP_COUNT: &str = "203.0.113.12";
+const COUNT_PORT: u16 = 8081;
+/// The address lbd's metrics listen on (lb's client-side address).
+const METRICS_PORT: u16 = 9917;
 /// Size of the download file.
 const BIG: usize = 20 << 20;
 /// The MTU of the gateway's route to the far backend.
@@ -84,7 +90,12 @@ fn topology() -> Topology {
     let lb6 = t.lb_addr_v6().to_string();
     for c in 1..=t.clients() {
         let ns = t.client_ns(c);
-        for (vip, via) in [(VIP, "192.0.2.2"), (VIP_UP, "192.0.2.2"), (VIP6, &lb6)] {
+        for (vip, via) in [
+            (VIP, "192.0.2.2"),
+            (VIP_UP, "192.0.2.2"),
+            (VIP_COUNT, "192.0.2.2"),
+            (VIP6, &lb6),
+        ] {
             t.exec_ok(ns, &["ip", "route", "add", vip, "via", via])
                 .unwrap();
         }
@@ -154,6 +165,7 @@ http {{
     server {{
         listen 0.0.0.0:{BACKEND_PORT};
         listen [::]:{BACKEND_PORT} ipv6only=on;
+        listen 0.0.0.0:{COUNT_PORT};
         add_header X-Backend {i} always;
         location = / {{ return 200 "backend {i} $remote_addr\n"; }}
         location = /healthz {{ return 200 "ok\n"; }}
@@ -186,9 +198,20 @@ http {{
 fn config(t: &Topology, paths: &LbdPaths) -> String {
     let b = |i: usize| t.backend_addr(i);
     let b6 = |i: usize| t.backend_addr_v6(i);
-    let mut c = paths.daemon_section("");
+    let mut c = paths.daemon_section(&format!("metrics = \"{}:{METRICS_PORT}\"", t.lb_addr()));
     c.push_str(&format!(
         r#"
+[[service]]
+name = "count"
+vip = "{VIP_COUNT}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "{b1}"
+port = {COUNT_PORT}
+
 [[service]]
 name = "web"
 vip = "{VIP}"
@@ -382,6 +405,142 @@ fn traced_packets_name_their_backend(t: &Topology, lbd: &Lbd) {
         assert_eq!(l["reason"], "forwarded", "{l}");
         assert!(l["action"] == "tx" || l["action"] == "redirect", "{l}");
     }
+}
+
+/// Case: the replies lb sends on are counted per service, byte-exact: what backend 1 sent
+/// to a client on the counting service's port (nftables, at its output hook, IP lengths) is
+/// what `lbctl stats` and the metrics say the service's replies were (frames: 14 bytes of
+/// Ethernet more each). Replies of a flow lb does not know (the client reaching the backend
+/// directly) are not counted.
+fn replies_are_counted(t: &Topology, lbd: &Lbd) {
+    const REQUESTS: u64 = 20;
+    let src = t.client_sources(1)[11];
+    let ns = t.backend_ns(1);
+    let nft = |args: &[&str]| {
+        let mut all = vec!["nft"];
+        all.extend_from_slice(args);
+        t.exec_ok(ns, &all).unwrap()
+    };
+    nft(&["add", "table", "inet", "lbreply"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "lbreply",
+        "out",
+        "{ type filter hook output priority 0; }",
+    ]);
+    let (b1, client, port) = (
+        t.backend_addr(1).to_string(),
+        src.to_string(),
+        COUNT_PORT.to_string(),
+    );
+    nft(&[
+        "add", "rule", "inet", "lbreply", "out", "ip", "saddr", &b1, "ip", "daddr", &client, "tcp",
+        "sport", &port, "counter",
+    ]);
+    // (packets, bytes) backend 1 sent to the client from the counting port.
+    let sent = || -> (u64, u64) {
+        let out = nft(&["list", "chain", "inet", "lbreply", "out"]);
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let after = |w: &str| -> u64 {
+            let i = words
+                .iter()
+                .position(|x| *x == w)
+                .unwrap_or_else(|| panic!("no {w} in {out}"));
+            words[i + 1].parse().unwrap()
+        };
+        (after("packets"), after("bytes"))
+    };
+    // (packets, bytes) of the counting service's replies, by lbctl.
+    let counted = || -> (u64, u64) {
+        let v = lbd
+            .lbctl_json(&["stats", "count"])
+            .expect("lbctl stats count");
+        let svc = &v["services"][0];
+        assert_eq!(svc["service"], "count", "{v}");
+        (
+            svc["reply_packets"].as_u64().expect("reply_packets"),
+            svc["reply_bytes"].as_u64().expect("reply_bytes"),
+        )
+    };
+    assert_eq!(sent(), (0, 0), "backend 1 sent nothing yet");
+    let before = counted();
+    let vip_count = SocketAddr::new(VIP_COUNT.parse().unwrap(), 80);
+    for _ in 0..REQUESTS {
+        assert_eq!(who(t, src, vip_count), (1, src));
+    }
+    let (sent_now, counted_now) = retry_until(
+        Duration::from_secs(10),
+        "the reply counters to match what the backend sent",
+        || {
+            let (packets, bytes) = sent();
+            let c = counted();
+            let want = (before.0 + packets, before.1 + bytes + 14 * packets);
+            anyhow::ensure!(
+                c == want,
+                "sent {packets} packets, {bytes} bytes (IP): counted {c:?}, want {want:?}"
+            );
+            Ok(((packets, bytes), c))
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "replies of {REQUESTS} requests: backend sent {} packets, {} bytes (IP); lb counted {} packets, {} bytes (frames)",
+        sent_now.0,
+        sent_now.1,
+        counted_now.0 - before.0,
+        counted_now.1 - before.1
+    );
+    // At least a SYN-ACK, the response and the FIN per request.
+    assert!(
+        sent_now.0 >= 3 * REQUESTS,
+        "{REQUESTS} requests, {sent_now:?} sent"
+    );
+    // `lbctl stats` has the row, and the metrics the same numbers.
+    let table = String::from_utf8(lbd.lbctl(&["stats", "count"]).unwrap().stdout).unwrap();
+    assert!(
+        table.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w == [
+                "count",
+                "(replies)",
+                &counted_now.0.to_string(),
+                &counted_now.1.to_string(),
+            ]
+        }),
+        "no replies row {counted_now:?} in:\n{table}"
+    );
+    let metrics = SocketAddr::new(t.lb_addr(), METRICS_PORT);
+    let reply = t
+        .http_get(t.client_ns(1), t.client_addr(1), metrics, "/metrics")
+        .unwrap();
+    let text = reply.text();
+    let sample = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert_eq!(
+        (
+            sample(r#"lb_service_reply_packets_total{service="count"}"#),
+            sample(r#"lb_service_reply_bytes_total{service="count"}"#)
+        ),
+        (Some(counted_now.0), Some(counted_now.1)),
+        "{text}"
+    );
+    assert!(
+        sample(r#"lb_service_reply_packets_total{service="web"}"#).unwrap_or(0) > 0,
+        "web's replies: {text}"
+    );
+    // The client reaching backend 1's counting port directly: replies lb does not know.
+    let direct = SocketAddr::new(t.backend_addr(1), COUNT_PORT);
+    assert_eq!(who(t, src, direct), (1, src));
+    retry_until(Duration::from_secs(10), "the direct replies at nft", || {
+        anyhow::ensure!(sent().0 >= sent_now.0 + 3, "{:?}", sent());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(counted(), counted_now, "replies of a flow lb does not know");
 }
 
 /// Case: the same over IPv6.
@@ -587,6 +746,138 @@ fn flows_survive_a_restart<'t>(t: &'t Topology, lbd: Lbd<'t>, paths: &LbdPaths) 
     again
 }
 
+/// The pinned NAT tables' size (`NAT_FLOWS`, `NAT_REPLIES`: the same for both).
+fn nat_table_size(paths: &LbdPaths) -> u32 {
+    let sizes: Vec<u32> = ["NAT_FLOWS", "NAT_REPLIES"]
+        .iter()
+        .map(|map| {
+            let pin = paths
+                .bpffs_dir
+                .join(format!("v{}", lb_common::LAYOUT_VERSION))
+                .join(map);
+            aya::maps::MapInfo::from_pin(&pin)
+                .unwrap_or_else(|e| panic!("the pinned {map}: {e}"))
+                .max_entries()
+        })
+        .collect();
+    assert_eq!(sizes[0], sizes[1], "NAT_FLOWS and NAT_REPLIES");
+    sizes[0]
+}
+
+/// Case (last; it replaces lbd): an lbd whose config has no `nat` service and does not set
+/// `daemon.nat_entries` makes the NAT tables at their smallest size; a `nat` service added at
+/// run time is refused (by lbctl and at SIGHUP), naming the key and the restart, and changes
+/// nothing; after the restart the tables have the default size and the service runs.
+fn unused_nat_tables_stay_small<'t>(t: &'t Topology, lbd: Lbd<'t>, paths: &LbdPaths) -> Lbd<'t> {
+    lbd.stop().expect("stopping lbd");
+    drop(lbd);
+    let out = cleanup_lbd(t, paths).expect("lbd --cleanup");
+    assert!(out.status.success(), "lbd --cleanup: {out:?}");
+    let daemon = paths.daemon_section("");
+    assert!(daemon.contains("nat_entries = 16384\n"), "{daemon}");
+    let mut config = daemon.replace("nat_entries = 16384\n", "");
+    config.push_str(&format!(
+        r#"
+[[service]]
+name = "plain"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "{}"
+"#,
+        t.backend_addr(1)
+    ));
+    let lbd = start_lbd(t, &config).expect("starting lbd without nat");
+    assert_eq!(
+        nat_table_size(paths),
+        lb_common::nat::MIN_NAT_ENTRIES,
+        "no nat service"
+    );
+    let out = lbd
+        .lbctl(&[
+            "service",
+            "add",
+            "late",
+            "--vip",
+            VIP_COUNT,
+            "--port",
+            "80",
+            "--protocol",
+            "tcp",
+            "--forwarding",
+            "nat",
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a nat service was added: {out:?}");
+    eprintln!(
+        "lbctl service add --forwarding nat, refused: {}",
+        err.trim()
+    );
+    for want in ["\"late\"", "daemon.nat_entries", "restart lbd"] {
+        assert!(err.contains(want), "lbctl's error lacks {want:?}: {err}");
+    }
+    let file = std::fs::read_to_string(&paths.config).unwrap();
+    assert!(
+        !file.contains("late"),
+        "the refused service was written: {file}"
+    );
+    // The same service in the file, and SIGHUP: refused, nothing changes.
+    let late = format!(
+        r#"
+[[service]]
+name = "late"
+vip = "{VIP_COUNT}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "{}"
+port = {COUNT_PORT}
+"#,
+        t.backend_addr(1)
+    );
+    std::fs::write(&paths.config, format!("{file}{late}")).unwrap();
+    let logged = lbd.reload(Duration::from_secs(20)).expect("SIGHUP");
+    assert!(
+        logged.contains("daemon.nat_entries") && logged.contains("restart lbd"),
+        "SIGHUP with a nat service: {logged}"
+    );
+    let names = |lbd: &Lbd| -> Vec<String> {
+        let v = lbd.lbctl_json(&["service", "list"]).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&lbd), ["plain"], "after the refused SIGHUP");
+    // A restart sizes the tables for it.
+    lbd.stop().expect("stopping lbd");
+    drop(lbd);
+    let again = spawn_lbd(t, paths).expect("starting lbd again");
+    let status = again
+        .wait_answering(LBD_START)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(status["start"], "upgraded", "{status}");
+    assert_eq!(
+        nat_table_size(paths),
+        lb_common::nat::NAT_ENTRIES,
+        "after the restart with a nat service"
+    );
+    assert_eq!(names(&again), ["plain", "late"]);
+    wait_up(&again, "late", &[t.backend_addr(1)]);
+    let src = t.client_sources(1)[12];
+    assert_eq!(
+        who(t, src, SocketAddr::new(VIP_COUNT.parse().unwrap(), 80)),
+        (1, src)
+    );
+    again
+}
+
 #[test]
 fn nat_forwarding_end_to_end() {
     let t = topology();
@@ -609,12 +900,14 @@ fn nat_forwarding_end_to_end() {
 
     http_from_many_clients(&t);
     traced_packets_name_their_backend(&t, &lbd);
+    replies_are_counted(&t, &lbd);
     http_over_ipv6(&t);
     unknown_flow_passes(&t);
     path_mtu_through_nat(&t);
     let lbd = flows_survive_a_restart(&t, lbd, &paths);
     download_across_add_and_drain(&t, &lbd);
     removed_backend_resets(&t, &lbd);
+    let _lbd = unused_nat_tables_stay_small(&t, lbd, &paths);
 }
 
 // ---- data-path fixtures (BPF_PROG_TEST_RUN): both directions and malformed frames ----------
@@ -622,6 +915,7 @@ fn nat_forwarding_end_to_end() {
 mod fixtures {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+    use etherparse::PacketBuilder;
     use lb_common::{
         Backend, ServiceKey, ServiceValue, backend_flags,
         maglev::{MaglevBackend, build_table},
@@ -639,6 +933,7 @@ mod fixtures {
     const NAT_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
     const NAT_VIP_UDP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 41);
     const NAT_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x40);
+    const NAT_VIP6_UDP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x41);
     const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 250);
     const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x250);
     const BPORT: u16 = 8080;
@@ -652,9 +947,9 @@ mod fixtures {
         Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, i)
     }
 
-    /// The shared fixture's five services, and three `nat` ones: IPv4 TCP (ids 5; backends
+    /// The shared fixture's five services, and four `nat` ones: IPv4 TCP (ids 5; backends
     /// 192.0.2.41, .42 on 8080), IPv6 TCP (6; 2001:db8::41, ::42 on 8080), IPv4 UDP (7;
-    /// 192.0.2.43 on 5353).
+    /// 192.0.2.43 on 5353), IPv6 UDP (8; 2001:db8::44 on 5353).
     struct Nat {
         f: Fixture,
         /// Per NAT service: its backend ids.
@@ -666,10 +961,11 @@ mod fixtures {
         let mut next = f.backend_ids(4).end;
         let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
         let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
-        let services: [(u32, IpAddr, u8, u16, Vec<IpAddr>); 3] = [
+        let services: [(u32, IpAddr, u8, u16, Vec<IpAddr>); 4] = [
             (5, NAT_VIP.into(), 6, BPORT, vec![v4(41), v4(42)]),
             (6, NAT_VIP6.into(), 6, BPORT, vec![v6(0x41), v6(0x42)]),
             (7, NAT_VIP_UDP.into(), 17, UDP_BPORT, vec![v4(43)]),
+            (8, NAT_VIP6_UDP.into(), 17, UDP_BPORT, vec![v6(0x44)]),
         ];
         let mut ids = vec![];
         let mut nat_addrs = vec![];
@@ -986,11 +1282,31 @@ mod fixtures {
                 &request.bytes[..len],
             ));
         }
+        let replies = f.dp.service_reply_counter(5);
         run_cases("nat-untouched", &cases, |frame| f.run(frame));
-        // The whole reply is still translated (the cases changed nothing).
+        assert_eq!(
+            f.dp.service_reply_counter(5),
+            replies,
+            "frames passed untouched are not counted as replies"
+        );
+        // The whole reply is still translated (the cases changed nothing), and counted: one
+        // packet, its frame's bytes.
         let (action, out) = f.run(&reply.bytes);
         assert_eq!(action, XDP_TX);
         assert_eq!(v4_at(&out, 26), NAT_VIP);
+        let after = f.dp.service_reply_counter(5);
+        assert_eq!(
+            (after.packets, after.bytes),
+            (replies.packets + 1, replies.bytes + out.len() as u64),
+            "the reply's count"
+        );
+        // The service's requests are counted apart from its replies.
+        assert!(f.dp.service_counter(5).packets >= 1);
+        assert_eq!(
+            f.dp.service_reply_counter(7).packets,
+            0,
+            "another service's"
+        );
     }
 
     #[test]
@@ -1122,5 +1438,218 @@ mod fixtures {
         assert_eq!(action, XDP_TX, "the new backend's reset");
         assert_eq!(v4_at(&out, 26), NAT_VIP, "the reset comes from the VIP");
         ok("reset", &out);
+    }
+
+    /// An IP packet (no Ethernet header) of `proto` (TCP with ACK and PSH, or UDP) from
+    /// `src`:`sport` to `dst`:`dport` with 100 bytes of data, every checksum computed by
+    /// etherparse.
+    fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let data: Vec<u8> = (0..100u8).collect();
+        let ip = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+            _ => panic!("{src} and {dst} of different families"),
+        };
+        let mut out = vec![];
+        let written = if proto == 6 {
+            ip.tcp(sport, dport, 0x1234_5678, 4000)
+                .ack(0x0bad_cafe)
+                .psh()
+                .write(&mut out, &data)
+        } else {
+            ip.udp(sport, dport).write(&mut out, &data)
+        };
+        written.expect("a valid packet");
+        out
+    }
+
+    /// `ip` in an Ethernet frame.
+    fn in_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
+        let mut f = dst_mac.to_vec();
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(if ip[0] >> 4 == 4 {
+            &[0x08, 0x00]
+        } else {
+            &[0x86, 0xdd]
+        });
+        f.extend_from_slice(ip);
+        f
+    }
+
+    /// An ICMP "fragmentation needed" (IPv4) or ICMPv6 "packet too big" from `router` to `to`,
+    /// MTU 1280, quoting `quote`; its checksums computed by etherparse.
+    fn icmp_error(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        router: IpAddr,
+        to: IpAddr,
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let l2 = PacketBuilder::ethernet2(src_mac, dst_mac);
+        let mut b = vec![];
+        match (router, to) {
+            (IpAddr::V4(r), IpAddr::V4(t)) => l2
+                .ipv4(r.octets(), t.octets(), 64)
+                .icmpv4_raw(3, 4, [0, 0, 0x05, 0x00])
+                .write(&mut b, quote),
+            (IpAddr::V6(r), IpAddr::V6(t)) => l2
+                .ipv6(r.octets(), t.octets(), 64)
+                .icmpv6_raw(2, 0, 1280u32.to_be_bytes())
+                .write(&mut b, quote),
+            _ => panic!("{router} and {to} of different families"),
+        }
+        .expect("a valid ICMP message");
+        b
+    }
+
+    /// ICMP errors about NAT flows, both ways, TCP and UDP, IPv4 and IPv6, whole and cut
+    /// quotes: the quoted packet as lb leaves it is, byte for byte, the start of the packet
+    /// the flow really has on that side, built from scratch (so its IPv4 header checksum and
+    /// its TCP or UDP checksum are the ones computed over the translated packet), and the
+    /// outer headers' and the ICMP checksums verify from scratch. A quote that stops before
+    /// the end of its transport checksum keeps the checksum bytes it has as they were (nothing
+    /// to check them against); a quoted UDP checksum of 0 (none) stays 0.
+    #[test]
+    fn icmp_errors_about_nat_flows_quote_the_translated_packet_with_its_checksums() {
+        let n = nat_fixture();
+        let f = &n.f;
+        let ip = |a: Ipv4Addr| IpAddr::V4(a);
+        let ip6 = |a: Ipv6Addr| IpAddr::V6(a);
+        // Per NAT service: its VIP and port, the backends' port, the protocol, a client, and a
+        // router on the way.
+        let services = [
+            (ip(NAT_VIP), 80, BPORT, 6u8, ip(c4(80)), ip(ROUTER)),
+            (ip6(NAT_VIP6), 80, BPORT, 6, ip6(c6(80)), ip6(ROUTER6)),
+            (ip(NAT_VIP_UDP), 53, UDP_BPORT, 17, ip(c4(81)), ip(ROUTER)),
+            (
+                ip6(NAT_VIP6_UDP),
+                53,
+                UDP_BPORT,
+                17,
+                ip6(c6(81)),
+                ip6(ROUTER6),
+            ),
+        ];
+        let mut checked = 0;
+        for (i, (vip, vport, bport, proto, client, router)) in services.into_iter().enumerate() {
+            let v4 = vip.is_ipv4();
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            let kind = if proto == 6 { "TCP" } else { "UDP" };
+            let ihl = if v4 { 20 } else { 40 };
+            let (l4_len, check_at) = if proto == 6 {
+                (20, ihl + 16)
+            } else {
+                (8, ihl + 6)
+            };
+            let cport = 45000 + i as u16;
+            // The flow, by its first packet; its backend by the MAC it left for.
+            let request = in_frame(
+                LB_MAC,
+                CLIENT_MAC,
+                &ip_packet(client, vip, proto, cport, vport),
+            );
+            let (action, out) = f.run(&request);
+            assert_eq!(action, XDP_TX, "{family} {kind} request");
+            let id = backend_of(&n, &out);
+            assert!(n.ids[i].contains(&id), "backend {id}");
+            let backend = if v4 {
+                ip(v4_at(&out, 30))
+            } else {
+                ip6(Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap()))
+            };
+            ok("request", &out);
+
+            // (what, the packet quoted as sent, as the other side knows it, the error's
+            // source MAC, its destination before and after lb)
+            let directions = [
+                (
+                    "about a request, from the backend side",
+                    ip_packet(client, backend, proto, cport, bport),
+                    ip_packet(client, vip, proto, cport, vport),
+                    mac(id),
+                    client,
+                    client,
+                ),
+                (
+                    "about a reply, from the client side",
+                    ip_packet(vip, client, proto, vport, cport),
+                    ip_packet(backend, client, proto, bport, cport),
+                    CLIENT_MAC,
+                    vip,
+                    backend,
+                ),
+            ];
+            for (way, sent, translated, src_mac, to, to_after) in directions {
+                let mut quotes = vec![
+                    ("whole packet", sent.len()),
+                    ("headers and 8 bytes of data", ihl + l4_len + 8),
+                    ("8 bytes past the IP header", ihl + 8),
+                    ("cut inside the transport checksum", check_at + 1),
+                ];
+                if proto == 6 {
+                    quotes.push(("cut before the TCP checksum", check_at));
+                }
+                let mut variants = vec![("", sent.clone(), translated.clone())];
+                if proto == 17 {
+                    // No checksum (0): stays 0.
+                    let zero = |p: &[u8]| {
+                        let mut p = p.to_vec();
+                        p[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+                        p
+                    };
+                    variants.push((" without checksum", zero(&sent), zero(&translated)));
+                }
+                for (variant, sent, translated) in &variants {
+                    for &(cut, len) in &quotes {
+                        let what = format!("{family} {kind}{variant} error {way}, quote: {cut}");
+                        let frame = icmp_error(src_mac, LB_MAC, router, to, &sent[..len]);
+                        let (action, out) = f.run(&frame);
+                        assert_eq!(action, XDP_TX, "{what}");
+                        assert_eq!(out.len(), frame.len(), "{what}: length");
+                        let l3 = 14;
+                        let (src_at, dst_at, q) = if v4 {
+                            (l3 + 12, l3 + 16, l3 + 20 + 8)
+                        } else {
+                            (l3 + 8, l3 + 24, l3 + 40 + 8)
+                        };
+                        let addr_len = if v4 { 4 } else { 16 };
+                        let octets = |a: IpAddr| match a {
+                            IpAddr::V4(a) => a.octets().to_vec(),
+                            IpAddr::V6(a) => a.octets().to_vec(),
+                        };
+                        assert_eq!(
+                            out[src_at..src_at + addr_len],
+                            octets(router),
+                            "{what}: the router stays the error's source"
+                        );
+                        assert_eq!(
+                            out[dst_at..dst_at + addr_len],
+                            octets(to_after),
+                            "{what}: the error's destination"
+                        );
+                        // The quote: the translated packet's start, except checksum bytes of
+                        // a checksum the quote does not hold whole, which stay as sent.
+                        let mut want = translated[..len].to_vec();
+                        for at in check_at..check_at + 2 {
+                            if len < check_at + 2 && at < len {
+                                want[at] = sent[at];
+                            }
+                        }
+                        let got = &out[q..];
+                        if let Some(at) = (0..len).find(|&at| got[at] != want[at]) {
+                            panic!(
+                                "{what}: quoted byte {at} is {:#04x}, should be {:#04x}\n\
+                                 got  {got:02x?}\nwant {want:02x?}",
+                                got[at], want[at]
+                            );
+                        }
+                        ok(&what, &out);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        // TCP: 2 families × 2 ways × 5 quotes; UDP: 2 families × 2 ways × 2 variants × 4.
+        assert_eq!(checked, 2 * 2 * 5 + 2 * 2 * 2 * 4, "cases run");
     }
 }

@@ -2,6 +2,7 @@
 //! [`Stats`]) and `/metrics` (rendered by `metrics`): the two can never count differently.
 
 use crate::{
+    config::Forwarding,
     daemon::{BackendState, Daemon, ServiceRuntime},
     metrics::{BackendMetrics, HealthCount, ServiceMetrics, Snapshot},
 };
@@ -18,10 +19,15 @@ pub fn counters<'a>(
         .into_iter()
         .map(|s| {
             let c = d.datapath.service_counter(s.id);
+            let replies = (s.cfg.forwarding == Forwarding::Nat).then(|| {
+                let r = d.datapath.service_reply_counter(s.id);
+                (r.packets, r.bytes)
+            });
             ServiceMetrics {
                 name: s.cfg.name.clone(),
                 packets: c.packets,
                 bytes: c.bytes,
+                replies,
                 backends: s
                     .backends
                     .iter()
@@ -121,6 +127,8 @@ impl From<&Snapshot> for Stats {
                     service: svc.name.clone(),
                     packets: svc.packets,
                     bytes: svc.bytes,
+                    reply_packets: svc.replies.map(|(packets, _)| packets),
+                    reply_bytes: svc.replies.map(|(_, bytes)| bytes),
                     backends: svc
                         .backends
                         .iter()
@@ -183,6 +191,7 @@ mod tests {
                     name: "web".into(),
                     packets: 30,
                     bytes: 1800,
+                    replies: Some((25, 2500)),
                     backends: vec![backend("192.0.2.11", 10), backend("192.0.2.12", 20)],
                     fingerprint: 7,
                     dropped: vec![("denied".into(), 2)],
@@ -191,6 +200,7 @@ mod tests {
                     name: "dns".into(),
                     packets: 0,
                     bytes: 0,
+                    replies: None,
                     backends: vec![],
                     fingerprint: 8,
                     dropped: vec![],
@@ -211,7 +221,8 @@ mod tests {
             stats,
             serde_json::json!({
                 "services": [
-                    { "service": "web", "packets": 30, "bytes": 1800, "backends": [
+                    { "service": "web", "packets": 30, "bytes": 1800,
+                      "reply_packets": 25, "reply_bytes": 2500, "backends": [
                         { "address": "192.0.2.11", "packets": 10, "bytes": 600 },
                         { "address": "192.0.2.12", "packets": 20, "bytes": 1200 },
                     ], "dropped": [{ "reason": "denied", "packets": 2 }] },

@@ -153,6 +153,12 @@ pub struct ServiceStats {
     pub service: String,
     pub packets: u64,
     pub bytes: u64,
+    /// A `nat` service's replies rewritten and sent on to their clients, and their bytes
+    /// (frames as sent); absent for other services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_bytes: Option<u64>,
     pub backends: Vec<BackendStats>,
     /// The service's packets not forwarded, by reason (every reason; also in `dropped` of
     /// `Stats`, which counts every service's and those of no known service).

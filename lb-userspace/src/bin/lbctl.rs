@@ -149,6 +149,15 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
             svc.packets.to_string(),
             svc.bytes.to_string(),
         ]);
+        if let (Some(packets), Some(bytes)) = (svc.reply_packets, svc.reply_bytes) {
+            // A nat service's replies, sent on by lb (the rows above are its requests).
+            rows.push(vec![
+                svc.service.clone(),
+                "(replies)".into(),
+                packets.to_string(),
+                bytes.to_string(),
+            ]);
+        }
         for b in &svc.backends {
             rows.push(vec![
                 svc.service.clone(),

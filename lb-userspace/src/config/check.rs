@@ -111,6 +111,7 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
             *n.get_ref()
         }
     };
+    let nat_entries_set = d.nat_entries.is_some();
     let nat_entries = match d.nat_entries {
         None => lb_common::nat::NAT_ENTRIES,
         Some(n) => {
@@ -203,6 +204,7 @@ fn check_daemon(c: &mut Checker, d: RawDaemon) -> Daemon {
         metrics,
         conntrack_entries,
         nat_entries,
+        nat_entries_set,
         idle_hold_s,
         new_flow_limit,
         state_dir: absolute_path(c, d.state_dir, "daemon.state_dir", DEFAULT_STATE_DIR),

@@ -918,3 +918,32 @@ fn nat_entries_defaults_and_is_checked() {
         assert!(e.message.contains("1024 to 16777216"), "{}", e.message);
     }
 }
+
+/// The NAT tables are made whole when lbd starts: `daemon.nat_entries` when a service uses
+/// `nat` or the file sets it, else the smallest size (no NAT flow to hold).
+#[test]
+fn nat_tables_are_small_unless_nat_is_used_or_sized() {
+    use lb_common::nat::{MIN_NAT_ENTRIES, NAT_ENTRIES};
+    let c = parse(GOOD).unwrap().config;
+    assert!(!c.daemon.nat_entries_set);
+    assert_eq!(c.nat_tables(), MIN_NAT_ENTRIES, "no nat service");
+    let nat = GOOD.replace(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nforwarding = \"nat\"\n",
+    );
+    assert_eq!(
+        parse(&nat).unwrap().config.nat_tables(),
+        NAT_ENTRIES,
+        "a nat service"
+    );
+    let set = |src: &str, v: &str| {
+        let c = parse(&src.replace("[daemon]\n", &format!("[daemon]\nnat_entries = {v}\n")))
+            .unwrap()
+            .config;
+        assert!(c.daemon.nat_entries_set);
+        c.nat_tables()
+    };
+    assert_eq!(set(GOOD, "4096"), 4096, "set, no nat service");
+    assert_eq!(set(&nat, "4096"), 4096, "set, a nat service");
+    assert_eq!(set(GOOD, "262144"), NAT_ENTRIES, "set to the default");
+}

@@ -65,6 +65,9 @@ pub struct Daemon {
     /// `[daemon.announce]` as the announcer runs with it (read at start: a SIGHUP does not
     /// change it).
     announcing: Option<crate::config::Announce>,
+    /// The NAT tables were made small at start (no service used `nat` and the file does not
+    /// set `daemon.nat_entries`: `Config::nat_tables`), so a `nat` service needs a restart.
+    nat_tables_small: bool,
 }
 
 /// The connection table's use as last counted, and the Maglev slots changed then.
@@ -176,7 +179,34 @@ impl Daemon {
             trace_session: 0,
             conntrack: Arc::new(ConntrackUse::default()),
             sync_status: None,
+            nat_tables_small: config.nat_tables() < config.daemon.nat_entries,
             config,
+        }
+    }
+
+    /// Refuses `new` when it has a `nat` service while the NAT tables are the small ones lbd
+    /// made at start because nothing used NAT (`Config::nat_tables`): the tables' size is
+    /// fixed when they are made, and flows beyond it would be evicted, breaking connections
+    /// silently. New tables come with a new program, at start: the answer names the key and
+    /// the restart (which keeps every other flow).
+    pub fn check_nat_room(&self, new: &Config) -> Result<(), String> {
+        if !self.nat_tables_small {
+            return Ok(());
+        }
+        match new
+            .services
+            .iter()
+            .find(|s| s.forwarding == crate::config::Forwarding::Nat)
+        {
+            None => Ok(()),
+            Some(s) => Err(format!(
+                "service {:?}: forwarding = \"nat\" needs the NAT tables, which lbd made with {} flows at start as no service used nat and daemon.nat_entries is not set; \
+                 set daemon.nat_entries (e.g. {}) in {}, or add the service there, and restart lbd (a restart keeps every other flow)",
+                s.name,
+                lb_common::nat::MIN_NAT_ENTRIES,
+                lb_common::nat::NAT_ENTRIES,
+                self.config_path.display()
+            )),
         }
     }
 
@@ -377,6 +407,7 @@ impl Daemon {
         if new.daemon != self.config.daemon {
             warn!("[daemon] settings changed in the file; they take effect when lbd restarts");
         }
+        self.check_nat_room(&new).map_err(anyhow::Error::msg)?;
         let plan = plan::plan(&self.services, &new, hops, SystemTime::now())?;
         self.carry_out(plan, new)
     }

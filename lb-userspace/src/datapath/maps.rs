@@ -31,6 +31,8 @@ pub(super) struct Maps {
     pub(super) vips: HashMap<MapData, VipKey, ServiceValue>,
     pub(super) devmap: aya::maps::DevMapHash<MapData>,
     pub(super) service_stats: PerCpuArray<MapData, Counter>,
+    /// `nat`: each service's replies rewritten and sent on.
+    pub(super) service_reply_stats: PerCpuArray<MapData, Counter>,
     pub(super) backend_stats: PerCpuArray<MapData, Counter>,
     pub(super) reason_stats: PerCpuArray<MapData, u64>,
     pub(super) new_flow_stats: PerCpuArray<MapData, u64>,
@@ -78,6 +80,8 @@ impl Maps {
                 .map_err(map_err(maps::DEVMAP))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
+            service_reply_stats: PerCpuArray::try_from(get(maps::SERVICE_REPLY_STATS)?)
+                .map_err(map_err(maps::SERVICE_REPLY_STATS))?,
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
                 .map_err(map_err(maps::BACKEND_STATS))?,
             reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)

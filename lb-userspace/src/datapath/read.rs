@@ -54,7 +54,7 @@ impl Datapath {
     }
 
     /// The flows each NAT table holds (`NAT_FLOWS`' size; `NAT_REPLIES` has the same).
-    pub(super) fn nat_entries(&self) -> Result<u32> {
+    pub fn nat_entries(&self) -> Result<u32> {
         self.maps.nat_flows_size()
     }
 
@@ -108,6 +108,11 @@ impl Datapath {
 
     pub fn service_counter(&self, id: u32) -> Counter {
         sum_counters(self.maps.service_stats.get(&id, 0).ok())
+    }
+
+    /// The replies of `nat` service `id` the program rewrote and sent on to their clients.
+    pub fn service_reply_counter(&self, id: u32) -> Counter {
+        sum_counters(self.maps.service_reply_stats.get(&id, 0).ok())
     }
 
     pub fn backend_counter(&self, id: u32) -> Counter {
