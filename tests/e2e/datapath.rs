@@ -78,6 +78,7 @@ fn fixture(weights: [u32; 3]) -> Fixture {
         live.push(MaglevBackend {
             id: i,
             addr: b.addr,
+            salt: 0,
             weight: weights[i as usize],
         });
     }
@@ -274,6 +275,7 @@ fn weights_and_table_swaps_take_effect() {
         &[MaglevBackend {
             id: 2,
             addr: to_addr(backend_ip(2).into()),
+            salt: 0,
             weight: 100,
         }],
         TABLE_SIZE,
@@ -304,6 +306,7 @@ fn only(b: u32) -> Vec<u32> {
         &[MaglevBackend {
             id: b,
             addr: to_addr(backend_ip(b).into()),
+            salt: 0,
             weight: 100,
         }],
         TABLE_SIZE,
@@ -539,6 +542,7 @@ fn a_flow_of_an_every_port_service_keeps_its_backend_when_its_port_gets_a_servic
         &[MaglevBackend {
             id: 3,
             addr: b3.addr,
+            salt: 0,
             weight: 100,
         }],
         TABLE_SIZE,
@@ -810,6 +814,7 @@ fn a_peers_flow_is_followed_and_moves_no_other_flow_of_its_slot() {
         dport: 80,
         every_port: false,
         backend: backend.into(),
+        backend_port: None,
         closing: false,
     };
     let slot = source_slot(&SEED, TABLE_SIZE, &to_addr(src.into())).unwrap();

@@ -690,6 +690,7 @@ mod fixtures {
                 live.push(MaglevBackend {
                     id: next,
                     addr: b.addr,
+                    salt: 0,
                     weight: 100,
                 });
                 nat_addrs.push(b.addr);
@@ -1079,6 +1080,7 @@ mod fixtures {
             &[MaglevBackend {
                 id: other,
                 addr: b_other.addr,
+                salt: 0,
                 weight: 100,
             }],
             TABLE,
