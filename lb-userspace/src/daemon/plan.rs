@@ -178,7 +178,11 @@ pub fn hops_needed(current: &[ServiceRuntime], new: &Config) -> Vec<(String, Hop
         });
         for nb in &ns.backends {
             let known = existing.and_then(|s| s.backend(ns.key_of(nb)));
-            if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
+            // One request per address: its backends on several ports share the hop.
+            let asked = needed.iter().any(|(n, r): &(String, HopRequest)| {
+                *n == ns.name && r.backend.address == nb.address
+            });
+            if !asked && (!same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac)) {
                 needed.push((ns.name.clone(), HopRequest::of(ns, nb)));
             }
         }

@@ -669,6 +669,11 @@ fn key(address: &str, port: u16) -> BackendKey {
 /// backends with their own ids, hops (shared: the address's), checkers and lines.
 #[test]
 fn one_host_on_two_ports_is_two_backends() {
+    // One resolution per address (web's two, dns's one).
+    assert_eq!(
+        hops_needed(&[], &nat_with(&[Some(8080), Some(8081)])).len(),
+        3
+    );
     let first = step(&[], &nat_with(&[Some(8080)]), T0);
     assert_eq!(ids(&first.services)[0], ("web".into(), 0, vec![0, 1]));
     let p = step(
