@@ -743,6 +743,10 @@ fn one_host_on_two_ports(t: &Topology, lbd: &Lbd, paths: &LbdPaths) {
         port_of.insert(src, port);
         *per_port.entry(port).or_default() += 1;
     }
+    eprintln!(
+        "pair: {} client addresses per port of {b1}: {per_port:?}",
+        sources.len()
+    );
     assert!(
         per_port.get(&BACKEND_PORT) >= Some(&10) && per_port.get(&SECOND_PORT) >= Some(&10),
         "clients per port: {per_port:?}"

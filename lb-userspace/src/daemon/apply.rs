@@ -38,11 +38,11 @@ pub struct Daemon {
     pub services: Vec<ServiceRuntime>,
     pub started: Instant,
     monitor: health::Monitor,
-    /// Weights of drained backends before their drain ("service address" → weight), kept in
-    /// state_dir so `undrain` survives restarts.
+    /// Weights of drained backends before their drain ("service address" → weight, or
+    /// "service address:port" for a backend with a port of its own), kept in state_dir so
+    /// `undrain` survives restarts.
     drained: BTreeMap<String, u32>,
-    /// Health checks run: (service, backend, result) → count.
-    /// Health checks by (service, backend name, result): `lb_health_checks_total`.
+    /// Health checks run: (service, backend name, result) → count (`lb_health_checks_total`).
     pub health_counts: BTreeMap<(String, String, health::CheckResult), u64>,
     /// Flows in the connection table and its capacity, counted in the background.
     pub conntrack: Arc<ConntrackUse>,
