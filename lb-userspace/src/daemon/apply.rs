@@ -624,8 +624,18 @@ impl Daemon {
             .insert(self.drained_key_of(service, key), weight);
     }
 
+    /// Forgets the weight kept for a drained backend (under either key `weight_before_drain`
+    /// reads).
     pub fn forget_drain(&mut self, service: &str, key: BackendKey) {
         self.drained.remove(&self.drained_key_of(service, key));
+        let unique = self
+            .services
+            .iter()
+            .find(|s| s.cfg.name == service)
+            .is_some_and(|s| !s.cfg.repeats(key.address));
+        if unique {
+            self.drained.remove(&drained_key(service, key.port, key));
+        }
     }
 }
 
