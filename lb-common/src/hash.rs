@@ -164,6 +164,19 @@ pub fn hash_backend(key: &[u64; 2], addr: &Addr) -> u64 {
     siphash13(key, &[w[0], w[1], 0x6d61_676c_6576])
 }
 
+/// 64-bit hash of a backend address and port for its Maglev permutation: only for a second
+/// backend at an address already in the service (`maglev::port_salts`); every other backend
+/// keeps `hash_backend` of its address alone, so configs without such a repeat build the
+/// tables they always built.
+pub fn hash_backend_port(key: &[u64; 2], addr: &Addr, port: u16) -> u64 {
+    // Four words: unrelated to `hash_backend` of any address and to the client hashes.
+    let w = words(addr);
+    siphash13(
+        key,
+        &[w[0], w[1], 0x6d61_676c_6576, 0x706f_7274_0000 | port as u64],
+    )
+}
+
 /// Parses a `hash_seed` of exactly 32 hex digits into the two SipHash key words (the first 16
 /// digits are the first word, big-endian as written).
 pub fn parse_seed(hex: &str) -> Option<[u64; 2]> {
@@ -182,7 +195,7 @@ pub(crate) mod tests {
     /// `siphash13` against an independent implementation (the `siphasher` crate's
     /// `SipHasher13`, key words as they are, message words as little-endian bytes) for random
     /// keys and messages of every length the balancer hashes (2 words: a client; 3: a backend;
-    /// 5: a 5-tuple). The seed is random unless `LB_TEST_SEED` gives one; a failure names it.
+    /// 4: a repeated backend address with its port; 5: a 5-tuple). The seed is random unless `LB_TEST_SEED` gives one; a failure names it.
     #[test]
     fn siphash13_matches_the_siphasher_crate() {
         use core::hash::Hasher as _;
@@ -222,6 +235,7 @@ pub(crate) mod tests {
         check::<1>(&mut rng, seed);
         check::<2>(&mut rng, seed);
         check::<3>(&mut rng, seed);
+        check::<4>(&mut rng, seed);
         check::<5>(&mut rng, seed);
     }
 

@@ -6,9 +6,13 @@
 //! permutation. Weights set how many turns a backend gets: its quota is its exact weighted share
 //! of the slots (largest-remainder rounding), so every share is within one slot of the ideal.
 //!
-//! The table depends only on the set of (address, weight) pairs and the seed: backends are
-//! ordered by address before building, never by the order they were configured or added in, so
-//! several balancers given the same seed and backends agree on every client.
+//! The table depends only on the set of (address, port, weight) triples and the seed: backends
+//! are ordered by address (then port) before building, never by the order they were configured
+//! or added in, so several balancers given the same seed and backends agree on every client.
+//!
+//! A backend's permutation comes from its address alone, as it always has, so no upgrade moves
+//! a client. Only a `nat` service may list one address more than once (one host serving on
+//! several ports); those repeats take the port into their permutation too ([`port_salts`]).
 
 use crate::Addr;
 
@@ -19,6 +23,9 @@ pub struct MaglevBackend {
     pub id: u32,
     /// The address the permutation is derived from.
     pub addr: Addr,
+    /// 0: the permutation comes from `addr` alone (every backend but a repeated address).
+    /// Otherwise the backend's port, mixed in (`hash::hash_backend_port`): see [`port_salts`].
+    pub salt: u16,
     /// Relative share; 0 takes no slot (drained or down).
     pub weight: u32,
 }
@@ -52,6 +59,34 @@ fn quotas(backends: &[MaglevBackend], table_size: u32) -> Vec<u32> {
     quota
 }
 
+/// The [`MaglevBackend::salt`] of each of a service's backends, given as (address, port) (the
+/// port each serves on; `service_port` is the service's). Computed over every configured
+/// backend, drained and down ones included, so a drain or a failed check changes no other
+/// backend's permutation.
+///
+/// A backend whose address no other backend of the service has: 0 (its address alone, as
+/// always). Among the backends sharing an address, one keeps 0, the *first*: the one on the
+/// service's port if there is one, else the one on the lowest port; the others take their port.
+/// So adding a second port to a host leaves the first one's clients where they are; every node
+/// with the same backends computes the same salts. (Two entries with the same address and port
+/// are one backend: the config refuses them.)
+pub fn port_salts(service_port: u16, backends: &[(Addr, u16)]) -> Vec<u16> {
+    // Order of precedence for the first: the service's port, then the lowest.
+    let rank = |port: u16| (port != service_port, port);
+    let mut first: std::collections::HashMap<Addr, (bool, u16)> =
+        std::collections::HashMap::with_capacity(backends.len());
+    for &(addr, port) in backends {
+        first
+            .entry(addr)
+            .and_modify(|r| *r = (*r).min(rank(port)))
+            .or_insert(rank(port));
+    }
+    backends
+        .iter()
+        .map(|&(addr, port)| if first[&addr] == rank(port) { 0 } else { port })
+        .collect()
+}
+
 /// Builds the Maglev table of `table_size` slots (a prime) for `backends`.
 ///
 /// Returns one backend id per slot; backends of weight 0 get no slot, and when no backend has a
@@ -69,14 +104,17 @@ pub fn build_table(seed: &[u64; 2], backends: &[MaglevBackend], table_size: u32)
     if live.is_empty() {
         return table;
     }
-    live.sort_by_key(|b| (addr_bytes(&b.addr), b.id));
+    live.sort_by_key(|b| (addr_bytes(&b.addr), b.salt, b.id));
     let quota = quotas(&live, table_size);
 
     // Each backend's position in its own permutation.
     let mut next: Vec<u32> = Vec::with_capacity(live.len());
     let mut skip: Vec<u32> = Vec::with_capacity(live.len());
     for b in &live {
-        let h = crate::hash::hash_backend(seed, &b.addr);
+        let h = match b.salt {
+            0 => crate::hash::hash_backend(seed, &b.addr),
+            port => crate::hash::hash_backend_port(seed, &b.addr, port),
+        };
         next.push((h % table_size as u64) as u32);
         skip.push(((h >> 32) % (table_size as u64 - 1)) as u32 + 1);
     }
@@ -111,8 +149,9 @@ pub fn build_table(seed: &[u64; 2], backends: &[MaglevBackend], table_size: u32)
 
 /// The fingerprint of a Maglev table: a SipHash-1-3, keyed with the hash seed, of what decides
 /// where every client goes: the table's size, the address family, the hash the service places
-/// clients by (`five_tuple`) and, slot by slot, the *address* of the backend there (never lbd's
-/// backend id, which differs between nodes). Two nodes with the same seed, backends and weights
+/// clients by (`five_tuple`) and, slot by slot, the *address* of the backend there (and its port
+/// for a repeated address, see [`port_salts`]; never lbd's backend id, which differs between
+/// nodes). Two nodes with the same seed, backends and weights
 /// build the same table, so they show the same fingerprint whatever order the backends were
 /// listed or added in; another seed, another weight or another backend gives another one.
 ///
@@ -125,9 +164,9 @@ pub fn table_fingerprint(
     family: u8,
     five_tuple: bool,
 ) -> u64 {
-    let mut by_id: Vec<(u32, [u64; 2])> = backends
+    let mut by_id: Vec<(u32, ([u64; 2], u16))> = backends
         .iter()
-        .map(|b| (b.id, crate::hash::words(&b.addr)))
+        .map(|b| (b.id, (crate::hash::words(&b.addr), b.salt)))
         .collect();
     by_id.sort_unstable_by_key(|&(id, _)| id);
     // An empty slot (or an id not among `backends`): all ones, which no backend address is
@@ -136,20 +175,25 @@ pub fn table_fingerprint(
     let mut h = crate::hash::Sip13::new(seed);
     h.write(u64::from_le_bytes(*b"lb-fp-v1"));
     h.write(table.len() as u64 | (family as u64) << 32 | (five_tuple as u64) << 40);
-    let mut last: Option<(u32, [u64; 2])> = None;
+    let mut last: Option<(u32, ([u64; 2], u16))> = None;
     for &id in table {
-        let words = match last {
+        let (words, salt) = match last {
             Some((l, w)) if l == id => w,
             _ => {
                 let w = by_id
                     .binary_search_by_key(&id, |&(i, _)| i)
-                    .map_or(EMPTY, |i| by_id[i].1);
+                    .map_or((EMPTY, 0), |i| by_id[i].1);
                 last = Some((id, w));
                 w
             }
         };
         h.write(words[0]);
         h.write(words[1]);
+        // A repeated address's port: a word only such slots have, so every table without a
+        // repeat keeps the fingerprint it always had.
+        if salt != 0 {
+            h.write(0x706f_7274_0000_0000 | salt as u64);
+        }
     }
     h.finish()
 }
@@ -167,6 +211,7 @@ mod tests {
         MaglevBackend {
             id: i,
             addr: [ip.to_be(), 0, 0, 0],
+            salt: 0,
             weight,
         }
     }
@@ -345,5 +390,112 @@ mod tests {
         let took = start.elapsed();
         eprintln!("1000 backends, 65537 slots: {took:?}");
         assert!(!t.contains(&NO_BACKEND));
+    }
+
+    /// Tables of backends without a repeated address are exactly those lb built before ports
+    /// were part of a backend's identity (fingerprints and slots recorded from that version):
+    /// an upgrade moves no client, and nodes of both versions agree.
+    #[test]
+    fn tables_without_repeats_are_those_of_earlier_versions() {
+        let bs: Vec<MaglevBackend> = (0..7u32)
+            .map(|i| MaglevBackend {
+                id: 10 + i,
+                addr: [(0xc000_0200u32 + i).to_be(), 0, 0, 0],
+                salt: 0,
+                weight: 50 + i * 20,
+            })
+            .collect();
+        let t = build_table(&SEED, &bs, 65_537);
+        let fp = table_fingerprint(&SEED, &t, &bs, crate::FAMILY_V4, false);
+        assert_eq!(format!("{fp:016x}"), "f90355e7fcc3a5d0");
+        let bs: Vec<MaglevBackend> = (0..5u32)
+            .map(|i| MaglevBackend {
+                id: 3 * i,
+                addr: [0x2001_0db8u32.to_be(), 0, 0, (0x100 + i).to_be()],
+                salt: 0,
+                weight: 100,
+            })
+            .collect();
+        let t = build_table(&SEED, &bs, 65_537);
+        let fp = table_fingerprint(&SEED, &t, &bs, crate::FAMILY_V6, true);
+        assert_eq!(format!("{fp:016x}"), "49de161ed2ba7ad1");
+        assert_eq!(&t[..8], &[3, 6, 9, 9, 12, 0, 6, 3]);
+    }
+
+    fn v4(i: u32) -> Addr {
+        [(0xc000_0200u32 + i).to_be(), 0, 0, 0]
+    }
+
+    #[test]
+    fn only_repeats_of_an_address_take_their_port() {
+        // Unique addresses: nothing salted, whatever their ports (nat port mapping included).
+        assert_eq!(
+            port_salts(80, &[(v4(1), 80), (v4(2), 8080), (v4(3), 8081)]),
+            [0, 0, 0]
+        );
+        // The one on the service's port stays first, whatever the order or the other ports.
+        assert_eq!(
+            port_salts(80, &[(v4(1), 8080), (v4(1), 80), (v4(2), 80), (v4(1), 79)]),
+            [8080, 0, 0, 79]
+        );
+        // None on the service's port: the lowest stays first.
+        assert_eq!(
+            port_salts(80, &[(v4(1), 8081), (v4(1), 8080), (v4(2), 8080)]),
+            [8081, 0, 0]
+        );
+        // Adding a higher port to a host leaves every salt there was.
+        assert_eq!(
+            port_salts(80, &[(v4(1), 8080), (v4(1), 8081), (v4(1), 8082)]),
+            [0, 8081, 8082]
+        );
+        assert_eq!(port_salts(80, &[]), Vec::<u16>::new());
+    }
+
+    /// One address on two ports: two backends with their own permutations, each with its share,
+    /// the same table whatever the order or ids; adding the second port moves clients only to
+    /// it (few of the others' move), as adding any backend does.
+    #[test]
+    fn a_repeated_address_is_a_backend_of_its_own() {
+        let m = 65_537u32;
+        let mut base: Vec<MaglevBackend> = (0..4).map(|i| backend(i, 100)).collect();
+        base[0].addr = v4(0);
+        let before = build_table(&SEED, &base, m);
+        let mut with = base.clone();
+        with.push(MaglevBackend {
+            id: 4,
+            addr: base[0].addr,
+            salt: 8081,
+            weight: 100,
+        });
+        let after = build_table(&SEED, &with, m);
+        let c = shares(&after, 5);
+        for (i, &n) in c.iter().enumerate() {
+            let ideal = m as f64 / 5.0;
+            assert!((n as f64 - ideal).abs() <= ideal * 0.01, "backend {i}: {n}");
+        }
+        let moved_elsewhere = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a != b && **a != 4)
+            .count();
+        assert!(
+            moved_elsewhere as f64 <= m as f64 * 0.01,
+            "{moved_elsewhere} slots moved between the old backends"
+        );
+        // Order and ids do not matter (canonical order: address, then salt).
+        let mut reordered = with.clone();
+        reordered.reverse();
+        assert_eq!(after, build_table(&SEED, &reordered, m));
+        // The fingerprint sees the port: the same slots given to the other port differ.
+        let fp = table_fingerprint(&SEED, &after, &with, crate::FAMILY_V4, false);
+        let mut swapped = with.clone();
+        swapped[4].salt = 8082;
+        assert_ne!(
+            fp,
+            table_fingerprint(&SEED, &after, &swapped, crate::FAMILY_V4, false)
+        );
+        // Without its salt the repeat would walk the first one's permutation.
+        let salted = crate::hash::hash_backend_port(&SEED, &base[0].addr, 8081);
+        assert_ne!(salted, crate::hash::hash_backend(&SEED, &base[0].addr));
     }
 }

@@ -217,9 +217,14 @@ pub enum BackendCommand {
         service: Option<String>,
     },
     /// Add a backend (with health checks it joins once its first check passes).
+    ///
+    /// A `nat` service may have one address on several ports (one host running several
+    /// instances): add each with its --port.
     Add {
         service: String,
-        address: IpAddr,
+        /// The backend's address; ADDRESS:PORT ([V6]:PORT) gives its port too.
+        #[arg(value_name = "ADDRESS")]
+        address: BackendAddr,
         #[arg(long, default_value_t = crate::config::DEFAULT_WEIGHT)]
         weight: u32,
         /// The port the backend serves on (`nat` services only; default: the service's).
@@ -229,21 +234,94 @@ pub enum BackendCommand {
     /// Remove a backend: its clients move, established flows too.
     Remove {
         service: String,
-        address: IpAddr,
+        #[command(flatten)]
+        backend: BackendName,
         /// Only say which share of clients would move.
         #[arg(long)]
         dry_run: bool,
     },
     /// No new clients; established flows continue.
-    Drain { service: String, address: IpAddr },
+    Drain {
+        service: String,
+        #[command(flatten)]
+        backend: BackendName,
+    },
     /// Back to the weight it had before the drain.
-    Undrain { service: String, address: IpAddr },
+    Undrain {
+        service: String,
+        #[command(flatten)]
+        backend: BackendName,
+    },
     /// Set the relative share of new clients.
     Weight {
         service: String,
-        address: IpAddr,
+        #[command(flatten)]
+        backend: BackendName,
         weight: u32,
     },
+}
+
+/// A backend's address as a command line gives it: `ADDRESS`, or `ADDRESS:PORT` (`[V6]:PORT`),
+/// the name lbd gives a backend whose service has its address on several ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for BackendAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(address) = s.parse::<IpAddr>() {
+            return Ok(BackendAddr {
+                address,
+                port: None,
+            });
+        }
+        match s.parse::<std::net::SocketAddr>() {
+            Ok(a) => Ok(BackendAddr {
+                address: a.ip(),
+                port: Some(a.port()),
+            }),
+            Err(_) => Err(format!(
+                "{s:?} is not an IP address (192.0.2.11, 2001:db8::11) nor one with a port (192.0.2.11:8080, [2001:db8::11]:8080)"
+            )),
+        }
+    }
+}
+
+impl BackendAddr {
+    /// The address and the port, from `ADDRESS:PORT` or `--port` (both: they must agree).
+    pub fn with_port(self, port: Option<u16>) -> Result<(IpAddr, Option<u16>), String> {
+        match (self.port, port) {
+            (Some(a), Some(b)) if a != b => Err(format!(
+                "{}:{a} and --port {b} name two ports: give one",
+                self.address
+            )),
+            (a, b) => Ok((self.address, a.or(b))),
+        }
+    }
+}
+
+/// Which backend of a service a command means: its address, with its port when the service
+/// has that address on several ports (`nat`).
+#[derive(clap::Args, Debug)]
+pub struct BackendName {
+    /// The backend's address; ADDRESS:PORT ([V6]:PORT), as lbctl names a backend whose
+    /// address serves the service on several ports, names one of those.
+    #[arg(value_name = "ADDRESS")]
+    pub address: BackendAddr,
+    /// The port the backend serves on: needed when the service has the address on several
+    /// ports (`nat`), else optional.
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+impl BackendName {
+    /// The address and, when given, the port.
+    pub fn resolve(&self) -> Result<(IpAddr, Option<u16>), String> {
+        self.address.with_port(self.port)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -351,4 +429,111 @@ pub fn write_man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<Pa
     let mut out = vec![];
     write(cmd, dir, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_of(args: &[&str]) -> Result<(IpAddr, Option<u16>), String> {
+        let parsed =
+            LbctlArgs::try_parse_from(["lbctl"].iter().chain(args)).map_err(|e| e.to_string())?;
+        match parsed.command {
+            Command::Backend(
+                BackendCommand::Drain { backend, .. }
+                | BackendCommand::Undrain { backend, .. }
+                | BackendCommand::Remove { backend, .. },
+            ) => backend.resolve(),
+            Command::Backend(BackendCommand::Weight {
+                backend, weight, ..
+            }) => {
+                assert_eq!(weight, 30);
+                backend.resolve()
+            }
+            Command::Backend(BackendCommand::Add { address, port, .. }) => address.with_port(port),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A backend is named by its address, with --port or as ADDRESS:PORT ([V6]:PORT) when its
+    /// service has the address on several ports; both forms may be given if they agree.
+    #[test]
+    fn backends_are_named_by_address_and_port() {
+        let v4: IpAddr = "192.0.2.11".parse().unwrap();
+        let v6: IpAddr = "2001:db8::11".parse().unwrap();
+        for (args, want) in [
+            (&["backend", "drain", "web", "192.0.2.11"][..], (v4, None)),
+            (
+                &["backend", "drain", "web", "192.0.2.11", "--port", "8081"],
+                (v4, Some(8081)),
+            ),
+            (
+                &["backend", "undrain", "web", "192.0.2.11:8081"],
+                (v4, Some(8081)),
+            ),
+            (
+                &[
+                    "backend",
+                    "remove",
+                    "web",
+                    "[2001:db8::11]:8081",
+                    "--dry-run",
+                ],
+                (v6, Some(8081)),
+            ),
+            (&["backend", "remove", "web", "2001:db8::11"], (v6, None)),
+            (
+                &[
+                    "backend",
+                    "weight",
+                    "web",
+                    "192.0.2.11",
+                    "--port",
+                    "8081",
+                    "30",
+                ],
+                (v4, Some(8081)),
+            ),
+            (
+                &["backend", "weight", "web", "192.0.2.11:8081", "30"],
+                (v4, Some(8081)),
+            ),
+            (
+                &["backend", "add", "web", "192.0.2.11:8081"],
+                (v4, Some(8081)),
+            ),
+            (
+                &["backend", "add", "web", "192.0.2.11", "--port", "8081"],
+                (v4, Some(8081)),
+            ),
+            (
+                &[
+                    "backend",
+                    "drain",
+                    "web",
+                    "192.0.2.11:8081",
+                    "--port",
+                    "8081",
+                ],
+                (v4, Some(8081)),
+            ),
+        ] {
+            assert_eq!(backend_of(args), Ok(want), "{args:?}");
+        }
+        let two = backend_of(&[
+            "backend",
+            "drain",
+            "web",
+            "192.0.2.11:8081",
+            "--port",
+            "8080",
+        ])
+        .unwrap_err();
+        assert!(two.contains("name two ports"), "{two}");
+        let bad = backend_of(&["backend", "drain", "web", "192.0.2.11:http"]).unwrap_err();
+        assert!(
+            bad.contains("not an IP address") && bad.contains("[2001:db8::11]:8080"),
+            "{bad}"
+        );
+    }
 }

@@ -338,6 +338,62 @@ impl Service {
         None
     }
 
+    /// The identity of backend `b` of this service: its address and the port it serves on.
+    pub fn key_of(&self, b: &Backend) -> BackendKey {
+        b.key(self.port)
+    }
+
+    /// Whether more than one backend of this service has `address` (one host serving a `nat`
+    /// service on several ports): each is then named with its port.
+    pub fn repeats(&self, address: IpAddr) -> bool {
+        self.backends
+            .iter()
+            .filter(|b| b.address == address)
+            .nth(1)
+            .is_some()
+    }
+
+    /// The name of backend `b` in lbd's output, logs and metric labels: its address, as
+    /// always, unless another backend of the service has the same address; then
+    /// `address:port` (`[v6]:port`).
+    pub fn backend_name(&self, b: &Backend) -> String {
+        if self.repeats(b.address) {
+            self.key_of(b).to_string()
+        } else {
+            b.address.to_string()
+        }
+    }
+
+    /// The backend at `address` and, when given, `port` (the port it serves on): what an
+    /// lbctl command names. A bare address that two backends have is an error naming both.
+    pub fn select(&self, address: IpAddr, port: Option<u16>) -> Result<&Backend, NoBackend> {
+        let mut at = self.backends.iter().filter(|b| b.address == address);
+        match port {
+            Some(port) => {
+                at.find(|b| b.port_or(self.port) == port)
+                    .ok_or_else(|| NoBackend::Missing {
+                        service: self.name.clone(),
+                        backend: BackendKey { address, port }.to_string(),
+                    })
+            }
+            None => {
+                let all: Vec<&Backend> = at.collect();
+                match all[..] {
+                    [] => Err(NoBackend::Missing {
+                        service: self.name.clone(),
+                        backend: address.to_string(),
+                    }),
+                    [one] => Ok(one),
+                    _ => Err(NoBackend::Ambiguous {
+                        service: self.name.clone(),
+                        address,
+                        ports: all.iter().map(|b| b.port_or(self.port)).collect(),
+                    }),
+                }
+            }
+        }
+    }
+
     /// The client filters in a few words (`, allow 3 prefixes, deny 1 prefix`), or nothing.
     pub fn filters_summary(&self) -> String {
         let count = |n: usize| format!("{n} prefix{}", if n == 1 { "" } else { "es" });
@@ -405,6 +461,50 @@ impl Backend {
     pub fn port_or(&self, service_port: u16) -> u16 {
         self.port.unwrap_or(service_port)
     }
+
+    /// Its identity in a service of port `service_port`.
+    pub fn key(&self, service_port: u16) -> BackendKey {
+        BackendKey {
+            address: self.address,
+            port: self.port_or(service_port),
+        }
+    }
+}
+
+/// What identifies a backend within its service: its address and the port it serves on (the
+/// service's, but with `nat` and a `port` of its own). Only a `nat` service may have one address
+/// on several ports. Shown as `address:port` (`[v6]:port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.port),
+        }
+    }
+}
+
+/// Why a command's backend names none of a service's backends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoBackend {
+    #[error("service {service} has no backend {backend} (see `lbctl backend list {service}`)")]
+    Missing { service: String, backend: String },
+    #[error(
+        "service {service} has {} backends at {address} (ports {}): name one with --port, e.g. `{address} --port {}`",
+        ports.len(),
+        ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+        ports[0]
+    )]
+    Ambiguous {
+        service: String,
+        address: IpAddr,
+        ports: Vec<u16>,
+    },
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";

@@ -12,7 +12,8 @@
 //!   indentation follow a neighbouring table of the same kind.
 //!
 //! Services are found by `name`, backends by `address` compared as IP addresses (so
-//! "2001:db8::1" matches "2001:0db8::1"). Both the `[[service]]` / `[[service.backend]]` form and
+//! "2001:db8::1" matches "2001:0db8::1") and, when a port is given ([`BackendAt`]), by the port
+//! they serve on (their `port`, else the service's). Both the `[[service]]` / `[[service.backend]]` form and
 //! arrays of inline tables (`backend = [{ address = "..." }, ...]`) are edited; any other shape
 //! of `service` or `backend` is refused with [`EditError::Unsupported`].
 //!
@@ -57,6 +58,48 @@ use layout::*;
 use write::*;
 
 /// Why an edit or a save was refused.
+/// Which backend of a service an edit names: the one at `address` serving on `port` (its own
+/// `port` key, else the service's), or with no port the first at `address`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendAt {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl From<IpAddr> for BackendAt {
+    fn from(address: IpAddr) -> Self {
+        BackendAt {
+            address,
+            port: None,
+        }
+    }
+}
+
+impl From<config::BackendKey> for BackendAt {
+    fn from(k: config::BackendKey) -> Self {
+        BackendAt {
+            address: k.address,
+            port: Some(k.port),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            None => write!(f, "{}", self.address),
+            Some(port) => write!(
+                f,
+                "{}",
+                config::BackendKey {
+                    address: self.address,
+                    port
+                }
+            ),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EditError {
     #[error("config file {}: {source}", path.display())]
@@ -65,12 +108,12 @@ pub enum EditError {
     Parse(String),
     #[error("no service named {0:?}")]
     NoSuchService(String),
-    #[error("service {service:?} has no backend {address}")]
-    NoSuchBackend { service: String, address: IpAddr },
+    #[error("service {service:?} has no backend {backend}")]
+    NoSuchBackend { service: String, backend: BackendAt },
     #[error("a service named {0:?} already exists")]
     ServiceExists(String),
-    #[error("service {service:?} already has a backend {address}")]
-    BackendExists { service: String, address: IpAddr },
+    #[error("service {service:?} already has a backend {backend}")]
+    BackendExists { service: String, backend: BackendAt },
     #[error("{prefix} is already on the {list} list of service {service:?}")]
     PrefixExists {
         service: String,
@@ -198,15 +241,21 @@ impl ConfigFile {
         Ok(())
     }
 
-    /// Appends a `[[service.backend]]` table (`address`, `weight` unless 100, `mac` if set).
+    /// Appends a `[[service.backend]]` table (`address`, `weight` unless 100, `mac` and `port`
+    /// if set). Refused when the service has a backend at that address serving on that port.
     pub fn add_backend(&mut self, service: &str, b: &Backend) -> Result<(), EditError> {
         let template = {
             let node = service_node(&mut self.doc, service)?;
+            let service_port = port_of(node.like_ref());
+            let at = BackendAt {
+                address: b.address,
+                port: Some(b.port_or(service_port)),
+            };
             if let Some(c) = collection(node.into_like(), "backend")? {
-                if c.find(|t| is_backend(t, b.address)).is_some() {
+                if c.find(|t| is_backend(t, at, service_port)).is_some() {
                     return Err(EditError::BackendExists {
                         service: service.to_owned(),
-                        address: b.address,
+                        backend: at,
                     });
                 }
                 if let Collection::Tables(a) = c {
@@ -248,16 +297,24 @@ impl ConfigFile {
     }
 
     /// Removes the backend's table and the comment lines directly above it.
-    pub fn remove_backend(&mut self, service: &str, address: IpAddr) -> Result<(), EditError> {
+    pub fn remove_backend(
+        &mut self,
+        service: &str,
+        backend: impl Into<BackendAt>,
+    ) -> Result<(), EditError> {
+        let backend = backend.into();
         renumber(&mut self.doc);
         let no_such = || EditError::NoSuchBackend {
             service: service.to_owned(),
-            address,
+            backend,
         };
         let removed = {
             let mut node = service_node(&mut self.doc, service)?;
+            let service_port = port_of(node.like_ref());
             let c = collection(node.like(), "backend")?.ok_or_else(no_such)?;
-            let i = c.find(|t| is_backend(t, address)).ok_or_else(no_such)?;
+            let i = c
+                .find(|t| is_backend(t, backend, service_port))
+                .ok_or_else(no_such)?;
             let (removed, now_empty) = c.remove(i);
             if now_empty {
                 node.like().remove("backend");
@@ -275,16 +332,20 @@ impl ConfigFile {
     pub fn set_weight(
         &mut self,
         service: &str,
-        address: IpAddr,
+        backend: impl Into<BackendAt>,
         weight: u32,
     ) -> Result<(), EditError> {
+        let backend = backend.into();
         let no_such = || EditError::NoSuchBackend {
             service: service.to_owned(),
-            address,
+            backend,
         };
         let mut node = service_node(&mut self.doc, service)?;
+        let service_port = port_of(node.like_ref());
         let c = collection(node.like(), "backend")?.ok_or_else(no_such)?;
-        let i = c.find(|t| is_backend(t, address)).ok_or_else(no_such)?;
+        let i = c
+            .find(|t| is_backend(t, backend, service_port))
+            .ok_or_else(no_such)?;
         let value = Value::from(i64::from(weight));
         match c.into_node(i) {
             Node::Table(t) => match t.get_mut("weight").and_then(Item::as_value_mut) {

@@ -50,6 +50,9 @@ use check::Failed;
 pub struct Target {
     pub service: String,
     pub backend: IpAddr,
+    /// The port the backend serves on: with `backend`, its identity in the service (one host
+    /// may serve a `nat` service on several ports). The check itself goes to `spec.port`.
+    pub port: u16,
     pub spec: Health,
 }
 
@@ -93,6 +96,8 @@ impl CheckResult {
 pub struct Report {
     pub service: String,
     pub backend: IpAddr,
+    /// The backend's port ([`Target::port`]).
+    pub port: u16,
     /// This check's result.
     pub result: CheckResult,
     /// "HTTP 200", "connected", "DNS NOERROR", "pgsql: replica", "exit 0"..., or the failure
@@ -129,10 +134,10 @@ impl Checker {
     }
 }
 
-/// Owns one Tokio task per checked backend, keyed by (service, backend).
+/// Owns one Tokio task per checked backend, keyed by (service, backend address, backend port).
 pub struct Monitor {
     tx: UnboundedSender<Report>,
-    checkers: HashMap<(String, IpAddr), Checker>,
+    checkers: HashMap<(String, IpAddr, u16), Checker>,
 }
 
 impl Monitor {
@@ -149,7 +154,7 @@ impl Monitor {
     ///
     /// Must be called from within a Tokio runtime (the checker is spawned on it).
     pub fn set(&mut self, target: Target, start: Start) {
-        let key = (target.service.clone(), target.backend);
+        let key = (target.service.clone(), target.backend, target.port);
         if let Some(old) = self.checkers.remove(&key) {
             old.stop();
         }
@@ -168,8 +173,8 @@ impl Monitor {
 
     /// Stops checking one backend (nothing happens when it is not checked). No report of it is
     /// sent after this returns (reports already in the channel stay there).
-    pub fn remove(&mut self, service: &str, backend: IpAddr) {
-        if let Some(old) = self.checkers.remove(&(service.to_string(), backend)) {
+    pub fn remove(&mut self, service: &str, backend: IpAddr, port: u16) {
+        if let Some(old) = self.checkers.remove(&(service.to_string(), backend, port)) {
             old.stop();
         }
     }
@@ -179,7 +184,7 @@ impl Monitor {
         let keys: Vec<_> = self
             .checkers
             .keys()
-            .filter(|(s, _)| s == service)
+            .filter(|(s, _, _)| s == service)
             .cloned()
             .collect();
         for key in keys {
@@ -197,8 +202,9 @@ impl Monitor {
     }
 
     /// Whether this backend has a running checker.
-    pub fn is_checked(&self, service: &str, backend: IpAddr) -> bool {
-        self.checkers.contains_key(&(service.to_string(), backend))
+    pub fn is_checked(&self, service: &str, backend: IpAddr, port: u16) -> bool {
+        self.checkers
+            .contains_key(&(service.to_string(), backend, port))
     }
 
     /// How many backends are checked.
@@ -318,6 +324,7 @@ async fn run_checker(
     let Target {
         service,
         backend,
+        port,
         spec,
     } = target;
     let mut rng = StdRng::from_os_rng();
@@ -340,6 +347,7 @@ async fn run_checker(
         let report = Report {
             service: service.clone(),
             backend,
+            port,
             result,
             detail,
             transition,

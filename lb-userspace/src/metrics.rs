@@ -101,6 +101,11 @@ pub struct ServiceMetrics {
 #[derive(Clone, Debug, Default)]
 pub struct BackendMetrics {
     pub address: String,
+    /// The port it serves on.
+    pub port: u16,
+    /// Its `backend` label: its address, or `address:port` when its service has that address
+    /// more than once (`config::Service::backend_name`), so existing label values never change.
+    pub name: String,
     pub packets: u64,
     /// Carried for callers such as lbctl; not exported (SPEC has no `lb_backend_bytes_total`).
     pub bytes: u64,
@@ -148,7 +153,7 @@ impl Collector for SnapshotCollector {
             s.services.iter().flat_map(|svc| {
                 svc.backends
                     .iter()
-                    .map(move |b| (svc.name.as_str(), b.address.as_str(), b))
+                    .map(move |b| (svc.name.as_str(), b.name.as_str(), b))
             })
         };
 
@@ -411,6 +416,8 @@ mod tests {
     fn backend(address: &str, packets: u64, up: bool, weight: u32) -> BackendMetrics {
         BackendMetrics {
             address: address.into(),
+            port: 80,
+            name: address.into(),
             packets,
             bytes: packets * 100,
             up,
@@ -429,6 +436,15 @@ mod tests {
                     backends: vec![
                         backend("192.0.2.11", 600, true, 100),
                         backend("192.0.2.12", 400, false, 50),
+                        // One host on two ports: each named with its port.
+                        BackendMetrics {
+                            name: "192.0.2.13:8080".into(),
+                            ..backend("192.0.2.13", 3, true, 100)
+                        },
+                        BackendMetrics {
+                            name: "192.0.2.13:8081".into(),
+                            ..backend("192.0.2.13", 5, false, 100)
+                        },
                     ],
                     fingerprint: 0xfedc_ba98_7654_3210,
                     dropped: vec![("no_backend".into(), 4), ("denied".into(), 9)],
@@ -503,11 +519,27 @@ mod tests {
             "400",
         ),
         (
+            r#"lb_backend_packets_total{service="web",backend="192.0.2.13:8080"}"#,
+            "3",
+        ),
+        (
+            r#"lb_backend_packets_total{service="web",backend="192.0.2.13:8081"}"#,
+            "5",
+        ),
+        (
             r#"lb_backend_packets_total{service="dns",backend="2001:db8::53"}"#,
             "7",
         ),
         (r#"lb_backend_up{service="web",backend="192.0.2.11"}"#, "1"),
         (r#"lb_backend_up{service="web",backend="192.0.2.12"}"#, "0"),
+        (
+            r#"lb_backend_up{service="web",backend="192.0.2.13:8080"}"#,
+            "1",
+        ),
+        (
+            r#"lb_backend_up{service="web",backend="192.0.2.13:8081"}"#,
+            "0",
+        ),
         (
             r#"lb_backend_up{service="dns",backend="2001:db8::53"}"#,
             "1",
@@ -519,6 +551,14 @@ mod tests {
         (
             r#"lb_backend_weight{service="web",backend="192.0.2.12"}"#,
             "50",
+        ),
+        (
+            r#"lb_backend_weight{service="web",backend="192.0.2.13:8080"}"#,
+            "100",
+        ),
+        (
+            r#"lb_backend_weight{service="web",backend="192.0.2.13:8081"}"#,
+            "100",
         ),
         (
             r#"lb_backend_weight{service="dns",backend="2001:db8::53"}"#,

@@ -78,7 +78,7 @@ pub async fn daemon(config_path: &Path, reseed: bool) -> anyhow::Result<()> {
         backends: datapath
             .backend_entries()
             .into_iter()
-            .map(|(id, b)| ((b.service, b.addr), (id, b.flags)))
+            .map(|(id, b)| ((b.service, b.addr, b.port), (id, b.flags)))
             .collect(),
     };
     let adopting = datapath.start != Start::Fresh;

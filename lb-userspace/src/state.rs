@@ -219,8 +219,9 @@ pub fn hash_seed(
     Ok(chosen)
 }
 
-/// The weights drained backends had before their drain ("service address" → weight), as kept
-/// in `state_dir`; nothing when the file is missing or unreadable (logged).
+/// The weights drained backends had before their drain ("service address" → weight, or
+/// "service address:port" for a backend with a port of its own), as kept in `state_dir`;
+/// nothing when the file is missing or unreadable (logged).
 pub fn load_drained(state_dir: &Path) -> BTreeMap<String, u32> {
     let path = state_dir.join(DRAINED_FILE);
     match fs::read_to_string(&path) {

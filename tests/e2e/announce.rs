@@ -485,6 +485,7 @@ fn oracle(t: &Topology, weights: [u32; 3]) -> String {
         .map(|i| MaglevBackend {
             id: 1000 + 7 * i as u32,
             addr: to_addr(t.backend_addr(i)),
+            salt: 0,
             weight: weights[i - 1],
         })
         .collect();

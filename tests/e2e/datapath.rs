@@ -78,6 +78,7 @@ fn fixture(weights: [u32; 3]) -> Fixture {
         live.push(MaglevBackend {
             id: i,
             addr: b.addr,
+            salt: 0,
             weight: weights[i as usize],
         });
     }
@@ -274,6 +275,7 @@ fn weights_and_table_swaps_take_effect() {
         &[MaglevBackend {
             id: 2,
             addr: to_addr(backend_ip(2).into()),
+            salt: 0,
             weight: 100,
         }],
         TABLE_SIZE,
@@ -304,6 +306,7 @@ fn only(b: u32) -> Vec<u32> {
         &[MaglevBackend {
             id: b,
             addr: to_addr(backend_ip(b).into()),
+            salt: 0,
             weight: 100,
         }],
         TABLE_SIZE,
@@ -539,6 +542,7 @@ fn a_flow_of_an_every_port_service_keeps_its_backend_when_its_port_gets_a_servic
         &[MaglevBackend {
             id: 3,
             addr: b3.addr,
+            salt: 0,
             weight: 100,
         }],
         TABLE_SIZE,
@@ -810,6 +814,7 @@ fn a_peers_flow_is_followed_and_moves_no_other_flow_of_its_slot() {
         dport: 80,
         every_port: false,
         backend: backend.into(),
+        backend_port: None,
         closing: false,
     };
     let slot = source_slot(&SEED, TABLE_SIZE, &to_addr(src.into())).unwrap();
@@ -849,4 +854,81 @@ fn a_peers_flow_is_followed_and_moves_no_other_flow_of_its_slot() {
         assert!(!f.dp.slot_lanes(0, unchanged_slot).unwrap().0.changed());
     }
     assert_eq!(f.dp.flow(&flow_key(unchanged, 40000)), None);
+}
+
+/// One host on two ports (a `nat` service's two backends of one address): the records the
+/// program reports name their backend's port, so a peer places each on the right one; a flow
+/// naming the address alone, which here means two backends, is not placed.
+#[test]
+fn a_peers_flow_names_the_port_of_a_repeated_address() {
+    use lb_userspace::datapath::{Adopted, PeerFlow};
+    let mut f = fixture([100, 100, 100]);
+    for (i, port) in [(0u32, 8080u16), (1, 8081)] {
+        let b = Backend {
+            addr: to_addr(backend_ip(0).into()),
+            tunnel_src: [0; 4],
+            mac: backend_mac(i),
+            src_mac: LB_MAC,
+            ifindex: 1,
+            service: 0,
+            family: 4,
+            flags: backend_flags::VALID,
+            mtu: 1500,
+            port: port.to_be(),
+            ..Default::default()
+        };
+        f.dp.set_backend(i, &b).unwrap();
+    }
+    // Reported: a repeated address's record carries its port, any other none (as ever).
+    let event = |backend: u32| lb_common::SyncEvent {
+        flow: flow_key(client(21), 40000),
+        service: 0,
+        backend,
+        flags: 0,
+        _pad: 0,
+    };
+    let described = |backend| f.dp.describe_event(&event(backend)).unwrap();
+    assert_eq!(
+        (described(0).backend, described(0).backend_port),
+        (backend_ip(0).into(), Some(8080))
+    );
+    assert_eq!(described(1).backend_port, Some(8081));
+    assert_eq!(
+        (described(2).backend, described(2).backend_port),
+        (backend_ip(2).into(), None)
+    );
+    // Placed by address and port.
+    let src = (21..60)
+        .map(client)
+        .find(|&c| predicted(&f.table, c) != 1)
+        .unwrap();
+    let peer = |client: Ipv4Addr, backend_port: Option<u16>| PeerFlow {
+        client: client.into(),
+        vip: VIP.into(),
+        proto: 6,
+        sport: 40000,
+        dport: 80,
+        every_port: false,
+        backend: backend_ip(0).into(),
+        backend_port,
+        closing: false,
+    };
+    let now = datapath::TableClock::default()
+        .now()
+        .expect("the table clock");
+    let adopted =
+        f.dp.adopt_peer_flows(
+            &[
+                peer(src, Some(8081)),
+                peer(client(61), None),
+                peer(client(62), Some(9999)),
+            ],
+            now,
+        )
+        .unwrap();
+    assert_eq!(
+        adopted,
+        [Adopted::Recorded, Adopted::Unknown, Adopted::Unknown]
+    );
+    assert_eq!(sent_to(&f, &vip_ack(src)), 1, "the flow of port 8081");
 }

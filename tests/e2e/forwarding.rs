@@ -76,6 +76,7 @@ fn predicted_backend(src: IpAddr) -> usize {
         .map(|i| MaglevBackend {
             id: i,
             addr: to_addr(format!("192.0.2.{}", 11 + i).parse().unwrap()),
+            salt: 0,
             weight: 100,
         })
         .collect();

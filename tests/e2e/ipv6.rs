@@ -131,6 +131,7 @@ fn predicted_backend(t: &Topology, f: Family, src: IpAddr) -> usize {
         .map(|i| MaglevBackend {
             id: i as u32,
             addr: to_addr(f.backend(t, i)),
+            salt: 0,
             weight: 100,
         })
         .collect();

@@ -10,7 +10,9 @@
 //! SIGKILLed and restarted, a removed backend's connection reset from the VIP, and path-MTU
 //! discovery through NAT (a gateway on the backend side with a
 //! smaller MTU towards its backend: its ICMP "fragmentation needed", translated by lb, reaches
-//! the client's socket). Needs root.
+//! the client's socket), and one host serving a service on two ports (two backends of one
+//! address: clients spread over both, each drained, removed and named on its own, a bare address
+//! refused as ambiguous). Needs root.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -32,15 +34,19 @@ const VIP: &str = "203.0.113.10";
 const VIP6: &str = "2001:db8:100::10";
 /// The service of the path-MTU case: a TCP sink behind the far backend.
 const VIP_UP: &str = "203.0.113.11";
+/// The service of backend 1 on two ports.
+const VIP_PAIR: &str = "203.0.113.12";
+/// Backend 1's second port (nginx serves both).
+const SECOND_PORT: u16 = 8081;
+/// lbd's metrics, on its client-side address.
+const METRICS: &str = "192.0.2.2:9917";
 const UP_PORT: u16 = 9000;
 const SINK_PORT: u16 = 9001;
 const BACKEND_PORT: u16 = 8080;
 /// The service whose replies the counting case checks: backend 1's nginx on a port of its own,
 /// so only that case's replies leave it.
-const VIP_COUNT: &str = "203.0.113.12";
-const COUNT_PORT: u16 = 8081;
-/// The address lbd's metrics listen on (lb's client-side address).
-const METRICS_PORT: u16 = 9917;
+const VIP_COUNT: &str = "203.0.113.13";
+const COUNT_PORT: u16 = 8082;
 /// Size of the download file.
 const BIG: usize = 20 << 20;
 /// The MTU of the gateway's route to the far backend.
@@ -94,6 +100,7 @@ fn topology() -> Topology {
             (VIP, "192.0.2.2"),
             (VIP_UP, "192.0.2.2"),
             (VIP_COUNT, "192.0.2.2"),
+            (VIP_PAIR, "192.0.2.2"),
             (VIP6, &lb6),
         ] {
             t.exec_ok(ns, &["ip", "route", "add", vip, "via", via])
@@ -137,8 +144,9 @@ fn big_contents() -> Vec<u8> {
     v
 }
 
-/// nginx on every backend, port 8080 only (both families): `/` answers with the backend's
-/// number and the peer address it sees, `/big` is the 20 MB file, `/healthz` the health check.
+/// nginx on every backend, port 8080 (both families) and 8081 (IPv4): `/` answers with the
+/// backend's number, the peer address it sees and the port it was reached on, `/big` is the
+/// 20 MB file, `/healthz` the health check.
 fn start_backends(t: &Topology) -> PathBuf {
     let big = t.work_dir().join("nat-big");
     std::fs::write(&big, big_contents()).unwrap();
@@ -166,8 +174,9 @@ http {{
         listen 0.0.0.0:{BACKEND_PORT};
         listen [::]:{BACKEND_PORT} ipv6only=on;
         listen 0.0.0.0:{COUNT_PORT};
+        listen 0.0.0.0:{SECOND_PORT};
         add_header X-Backend {i} always;
-        location = / {{ return 200 "backend {i} $remote_addr\n"; }}
+        location = / {{ return 200 "backend {i} $remote_addr $server_port\n"; }}
         location = /healthz {{ return 200 "ok\n"; }}
         location = /big {{ alias {big}; default_type application/octet-stream; }}
     }}
@@ -198,7 +207,7 @@ http {{
 fn config(t: &Topology, paths: &LbdPaths) -> String {
     let b = |i: usize| t.backend_addr(i);
     let b6 = |i: usize| t.backend_addr_v6(i);
-    let mut c = paths.daemon_section(&format!("metrics = \"{}:{METRICS_PORT}\"", t.lb_addr()));
+    let mut c = paths.daemon_section(&format!("metrics = \"{METRICS}\""));
     c.push_str(&format!(
         r#"
 [[service]]
@@ -260,6 +269,30 @@ forwarding = "nat"
 [[service.backend]]
 address = "{b3}"
 port = {SINK_PORT}
+
+# Backend 1 on two ports: two backends.
+[[service]]
+name = "pair"
+vip = "{VIP_PAIR}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[service.health]
+check = "http"
+path = "/healthz"
+interval_ms = 200
+timeout_ms = 150
+rise = 1
+fall = 2
+
+[[service.backend]]
+address = "{b1}"
+port = {BACKEND_PORT}
+
+[[service.backend]]
+address = "{b1}"
+port = {SECOND_PORT}
 "#,
         b1 = b(1),
         b2 = b(2),
@@ -511,7 +544,7 @@ fn replies_are_counted(t: &Topology, lbd: &Lbd) {
         }),
         "no replies row {counted_now:?} in:\n{table}"
     );
-    let metrics = SocketAddr::new(t.lb_addr(), METRICS_PORT);
+    let metrics: SocketAddr = METRICS.parse().unwrap();
     let reply = t
         .http_get(t.client_ns(1), t.client_addr(1), metrics, "/metrics")
         .unwrap();
@@ -878,6 +911,323 @@ port = {COUNT_PORT}
     again
 }
 
+/// `GET /` from `src` to `dst`: the backend number, the peer address it saw and the port it was
+/// reached on.
+fn who_port(t: &Topology, src: IpAddr, dst: SocketAddr) -> (usize, IpAddr, u16) {
+    let ns = t.client_ns_of(src).expect("a client address");
+    let reply = t
+        .http_get(ns, src, dst, "/")
+        .unwrap_or_else(|e| panic!("GET / from {src} to {dst}: {e:#}"));
+    assert_eq!(reply.status, 200, "GET / from {src} to {dst}");
+    let text = reply.text();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match words[..] {
+        ["backend", n, peer, port] => (
+            n.parse().unwrap(),
+            peer.parse().unwrap(),
+            port.parse().unwrap(),
+        ),
+        _ => panic!("GET / from {src} to {dst}: body {text:?}"),
+    }
+}
+
+/// The backends of `service` as `lbctl --json backend list` names them: (name, port, state,
+/// weight).
+fn named(lbd: &Lbd, service: &str) -> Vec<(String, u16, String, u64)> {
+    let v = lbd
+        .lbctl_json(&["backend", "list", service])
+        .expect("lbctl backend list");
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["port"].as_u64().unwrap() as u16,
+                b["state"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `service`'s backends are exactly `want` (name and state).
+fn wait_named(lbd: &Lbd, service: &str, want: &[(String, &str)]) {
+    retry_until(
+        Duration::from_secs(20),
+        &format!("{service}'s backends {want:?}"),
+        || {
+            let now: Vec<(String, String)> = named(lbd, service)
+                .into_iter()
+                .map(|(n, _, s, _)| (n, s))
+                .collect();
+            let want: Vec<(String, String)> = want
+                .iter()
+                .map(|(n, s)| (n.clone(), s.to_string()))
+                .collect();
+            anyhow::ensure!(now == want, "now {now:?}");
+            Ok(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nlbd log:\n{}", lbd.log_tail()));
+}
+
+/// One request on a kept-alive connection: the port the backend was reached on.
+fn ask_port(s: &mut TcpStream) -> u16 {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+    let (head, mut body) = read_head(s);
+    let len: usize = header(&head, "Content-Length").unwrap().parse().unwrap();
+    while body.len() < len {
+        let mut chunk = [0u8; 256];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&body).to_string();
+    text.split_whitespace()
+        .nth(3)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("body {text:?}"))
+}
+
+/// The weights the config file holds for `service`'s backends, by port (written through).
+fn file_weights(paths: &LbdPaths, service: &str) -> Vec<(u16, u32)> {
+    let text = std::fs::read_to_string(&paths.config).unwrap();
+    let c = lb_userspace::config::parse(&text)
+        .unwrap_or_else(|p| panic!("the written config: {p:?}"))
+        .config;
+    let s = c.services.iter().find(|s| s.name == service).unwrap();
+    s.backends
+        .iter()
+        .map(|b| (b.port_or(s.port), b.weight))
+        .collect()
+}
+
+/// Case: backend 1 serves service `pair` on two ports, two backends of one address. Clients
+/// spread over both; lookup, trace, stats and metrics name each with its port (other services'
+/// names stay bare addresses); a bare address is refused as ambiguous, naming both ports; one
+/// port is drained (its established connection goes on, new clients take the other), undrained
+/// (its clients come back: the same table), and removed (the other stays, named by its address
+/// again); a SIGHUP that adds the port back brings both.
+fn one_host_on_two_ports(t: &Topology, lbd: &Lbd, paths: &LbdPaths) {
+    let b1 = t.backend_addr(1);
+    let b1s = b1.to_string();
+    let name = |port: u16| format!("{b1}:{port}");
+    let pair = SocketAddr::new(VIP_PAIR.parse().unwrap(), 80);
+    // Each is checked on its own port and listed with its name.
+    wait_named(
+        lbd,
+        "pair",
+        &[(name(BACKEND_PORT), "up"), (name(SECOND_PORT), "up")],
+    );
+
+    // Clients spread over both ports.
+    let sources = t.all_client_sources();
+    let mut port_of = std::collections::BTreeMap::new();
+    let mut per_port = std::collections::BTreeMap::<u16, usize>::new();
+    for &src in &sources {
+        let (n, peer, port) = who_port(t, src, pair);
+        assert_eq!((n, peer), (1, src), "client {src}");
+        port_of.insert(src, port);
+        *per_port.entry(port).or_default() += 1;
+    }
+    eprintln!(
+        "pair: {} client addresses per port of {b1}: {per_port:?}",
+        sources.len()
+    );
+    assert!(
+        per_port.get(&BACKEND_PORT) >= Some(&10) && per_port.get(&SECOND_PORT) >= Some(&10),
+        "clients per port: {per_port:?}"
+    );
+    // lookup names the port each client reaches.
+    for &src in sources.iter().take(12) {
+        let l = lbd
+            .lbctl_json(&["lookup", "pair", &src.to_string()])
+            .unwrap();
+        let port = port_of[&src];
+        assert_eq!(l["backend"], b1s, "{l}");
+        assert_eq!(l["backend_port"], port, "{l}");
+        assert_eq!(l["backend_name"], name(port), "{l}");
+    }
+    // So does trace, packet by packet.
+    let lines = std::thread::scope(|scope| {
+        let trace = scope.spawn(|| lbd.lbctl_json(&["trace", "pair", "--count", "10"]));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut i = 0;
+        while !trace.is_finished() && Instant::now() < deadline {
+            let src = sources[i % sources.len()];
+            i += 1;
+            assert_eq!(
+                who_port(t, src, pair).2,
+                port_of[&src],
+                "client {src} moved"
+            );
+        }
+        trace
+            .join()
+            .expect("the trace's thread")
+            .expect("lbctl trace")
+    });
+    for l in lines.as_array().expect("an array") {
+        let client: IpAddr = l["client"].as_str().unwrap().parse().unwrap();
+        assert_eq!(l["backend_port"], port_of[&client], "{l}");
+        assert_eq!(l["backend_name"], name(port_of[&client]), "{l}");
+    }
+    // stats and metrics: one row and one series per port; web's backends keep their labels.
+    let stats = lbd.lbctl_json(&["stats", "pair"]).unwrap();
+    let rows: Vec<(String, u64)> = stats["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().into(),
+                b["packets"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+        [name(BACKEND_PORT), name(SECOND_PORT)],
+        "{stats}"
+    );
+    assert!(rows.iter().all(|r| r.1 > 0), "{stats}");
+    let metrics = t
+        .http_get(
+            t.client_ns(1),
+            t.client_addr(1),
+            METRICS.parse().unwrap(),
+            "/metrics",
+        )
+        .expect("GET /metrics")
+        .text()
+        .into_owned();
+    for series in [
+        format!(
+            "lb_backend_up{{service=\"pair\",backend=\"{}\"}} 1",
+            name(BACKEND_PORT)
+        ),
+        format!(
+            "lb_backend_up{{service=\"pair\",backend=\"{}\"}} 1",
+            name(SECOND_PORT)
+        ),
+        format!("lb_backend_up{{service=\"web\",backend=\"{b1}\"}} 1"),
+    ] {
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
+
+    // A bare address names two backends: refused, naming both ports; nothing changes.
+    for cmd in [
+        vec!["backend", "drain", "pair", &b1s],
+        vec!["backend", "remove", "pair", &b1s, "--dry-run"],
+        vec!["backend", "weight", "pair", &b1s, "50"],
+    ] {
+        let out = lbd.lbctl(&cmd).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains(&format!("ports {BACKEND_PORT}, {SECOND_PORT}"))
+                && err.contains("--port"),
+            "lbctl {cmd:?}: {} {err}",
+            out.status
+        );
+    }
+    let out = lbd
+        .lbctl(&["backend", "drain", "pair", &b1s, "--port", "9999"])
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no backend"),
+        "{out:?}"
+    );
+    assert_eq!(
+        file_weights(paths, "pair"),
+        [(BACKEND_PORT, 100), (SECOND_PORT, 100)]
+    );
+
+    // Drain the second port: its established connection goes on, new clients take the first.
+    let on_second = *port_of.iter().find(|(_, p)| **p == SECOND_PORT).unwrap().0;
+    let mut kept = t
+        .connect_tcp(
+            t.client_ns_of(on_second).unwrap(),
+            Some(on_second),
+            pair,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(ask_port(&mut kept), SECOND_PORT);
+    let port = SECOND_PORT.to_string();
+    lbd.lbctl_ok(&["backend", "drain", "pair", &b1s, "--port", &port]);
+    wait_named(
+        lbd,
+        "pair",
+        &[(name(BACKEND_PORT), "up"), (name(SECOND_PORT), "draining")],
+    );
+    assert_eq!(
+        file_weights(paths, "pair"),
+        [(BACKEND_PORT, 100), (SECOND_PORT, 0)]
+    );
+    assert_eq!(
+        ask_port(&mut kept),
+        SECOND_PORT,
+        "the drained port's connection moved"
+    );
+    for &src in sources.iter().take(24) {
+        assert_eq!(who_port(t, src, pair).2, BACKEND_PORT, "client {src}");
+    }
+    drop(kept);
+
+    // Undrained by its name: its clients come back (the table is the one it was).
+    lbd.lbctl_ok(&["backend", "undrain", "pair", &name(SECOND_PORT)]);
+    wait_named(
+        lbd,
+        "pair",
+        &[(name(BACKEND_PORT), "up"), (name(SECOND_PORT), "up")],
+    );
+    for &src in sources.iter().take(24) {
+        assert_eq!(who_port(t, src, pair).2, port_of[&src], "client {src}");
+    }
+
+    // Remove the first port: the second stays, and its address alone names it again.
+    let first = BACKEND_PORT.to_string();
+    lbd.lbctl_ok(&["backend", "remove", "pair", &b1s, "--port", &first]);
+    wait_named(lbd, "pair", &[(b1s.clone(), "up")]);
+    assert_eq!(named(lbd, "pair")[0].1, SECOND_PORT);
+    for &src in sources.iter().take(24) {
+        assert_eq!(who_port(t, src, pair).2, SECOND_PORT, "client {src}");
+    }
+    lbd.lbctl_ok(&["backend", "weight", "pair", &b1s, "60"]);
+    assert_eq!(file_weights(paths, "pair"), [(SECOND_PORT, 60)]);
+
+    // The first port back through the file and a SIGHUP (pair is the file's last service).
+    let mut text = std::fs::read_to_string(&paths.config).unwrap();
+    text.push_str(&format!(
+        "\n[[service.backend]]\naddress = \"{b1}\"\nport = {BACKEND_PORT}\n"
+    ));
+    std::fs::write(&paths.config, text).unwrap();
+    let log = lbd.reload(Duration::from_secs(10)).unwrap();
+    assert!(
+        log.contains(&format!(
+            "service pair: backend {} added",
+            name(BACKEND_PORT)
+        )),
+        "{log}"
+    );
+    wait_named(
+        lbd,
+        "pair",
+        &[(name(SECOND_PORT), "up"), (name(BACKEND_PORT), "up")],
+    );
+    let mut ports = std::collections::BTreeSet::new();
+    for &src in &sources {
+        ports.insert(who_port(t, src, pair).2);
+    }
+    assert_eq!(
+        ports.into_iter().collect::<Vec<_>>(),
+        [BACKEND_PORT, SECOND_PORT]
+    );
+}
+
 #[test]
 fn nat_forwarding_end_to_end() {
     let t = topology();
@@ -901,6 +1251,7 @@ fn nat_forwarding_end_to_end() {
     http_from_many_clients(&t);
     traced_packets_name_their_backend(&t, &lbd);
     replies_are_counted(&t, &lbd);
+    one_host_on_two_ports(&t, &lbd, &paths);
     http_over_ipv6(&t);
     unknown_flow_passes(&t);
     path_mtu_through_nat(&t);
@@ -989,6 +1340,7 @@ mod fixtures {
                 live.push(MaglevBackend {
                     id: next,
                     addr: b.addr,
+                    salt: 0,
                     weight: 100,
                 });
                 nat_addrs.push(b.addr);
@@ -1398,6 +1750,7 @@ mod fixtures {
             &[MaglevBackend {
                 id: other,
                 addr: b_other.addr,
+                salt: 0,
                 weight: 100,
             }],
             TABLE,

@@ -244,6 +244,7 @@ fn icmp_too_big_reaches_the_backend_of_the_flow_it_quotes() {
         &[MaglevBackend {
             id: other,
             addr: to_addr(Ipv4Addr::new(192, 0, 2, 11 + other as u8).into()),
+            salt: 0,
             weight: 1,
         }],
         TABLE,

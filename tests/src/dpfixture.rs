@@ -188,6 +188,7 @@ pub fn fixture(tag: &str) -> Fixture {
             live.push(MaglevBackend {
                 id: next,
                 addr: b.addr,
+                salt: 0,
                 weight: 100,
             });
             next += 1;

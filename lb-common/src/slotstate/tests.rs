@@ -106,6 +106,7 @@ impl Sim {
             .map(|i| MaglevBackend {
                 id: i,
                 addr: [(0xc000_0200u32 + i).to_be(), 0, 0, 0],
+                salt: 0,
                 weight: self.pool.0[i as usize].weight,
             })
             .collect();

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Path as UrlPath, State},
+    extract::{Path as UrlPath, Query, State},
 };
 
 use super::{handlers::*, types::*};
@@ -240,10 +240,15 @@ pub(super) async fn backend_add(
         {
             return Err(bad(format!("--port: {problem}")));
         }
-        if s.backend(n.address).is_some() {
+        let key = backend.key(s.cfg.port);
+        if s.backend(key).is_some() {
+            let shown = if key.port == s.cfg.port {
+                key.address.to_string()
+            } else {
+                key.to_string()
+            };
             return Err(conflict(format!(
-                "service {name} already has backend {}",
-                n.address
+                "service {name} already has backend {shown}"
             )));
         }
         if n.address.is_ipv4() != s.cfg.vip.is_ipv4() {
@@ -260,33 +265,44 @@ pub(super) async fn backend_add(
 pub(super) async fn backend_remove(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
+    Query(q): Query<PortQuery>,
 ) -> Reply<Changed> {
     change(&shared, |d, f| {
-        let (address, _) = existing(d, &name, &address)?;
-        f.remove_backend(&name, address).map_err(edit_error)
+        let (key, _) = existing(d, &name, &address, q.port)?;
+        f.remove_backend(&name, key).map_err(edit_error)
     })
     .await
+}
+
+/// How a refusal names backend `key` of service `name`: as lbd names it everywhere.
+fn shown(d: &Daemon, name: &str, key: config::BackendKey) -> String {
+    d.find_service(name)
+        .ok()
+        .and_then(|s| s.backend(key).map(|b| s.name_of(b)))
+        .unwrap_or_else(|| key.to_string())
 }
 
 pub(super) async fn backend_drain(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
+    Query(q): Query<PortQuery>,
 ) -> Reply<Changed> {
     let mut remembered = None;
     let result = change(&shared, |d, f| {
-        let (address, weight) = existing(d, &name, &address)?;
+        let (key, weight) = existing(d, &name, &address, q.port)?;
         if weight == 0 {
             return Err(conflict(format!(
-                "backend {address} of {name} is already drained"
+                "backend {} of {name} is already drained",
+                shown(d, &name, key)
             )));
         }
-        d.remember_drain(&name, address, weight);
-        remembered = Some(address);
-        f.set_weight(&name, address, 0).map_err(edit_error)
+        d.remember_drain(&name, key, weight);
+        remembered = Some(key);
+        f.set_weight(&name, key, 0).map_err(edit_error)
     })
     .await;
-    if let (Err(_), Some(address)) = (&result, remembered) {
-        shared.lock().await.forget_drain(&name, address);
+    if let (Err(_), Some(key)) = (&result, remembered) {
+        shared.lock().await.forget_drain(&name, key);
     }
     result
 }
@@ -294,24 +310,26 @@ pub(super) async fn backend_drain(
 pub(super) async fn backend_undrain(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
+    Query(q): Query<PortQuery>,
 ) -> Reply<Changed> {
     let mut undrained = None;
     let result = change(&shared, |d, f| {
-        let (address, weight) = existing(d, &name, &address)?;
+        let (key, weight) = existing(d, &name, &address, q.port)?;
         if weight != 0 {
             return Err(conflict(format!(
-                "backend {address} of {name} is not drained (weight {weight})"
+                "backend {} of {name} is not drained (weight {weight})",
+                shown(d, &name, key)
             )));
         }
         let before = d
-            .weight_before_drain(&name, address)
+            .weight_before_drain(&name, key)
             .unwrap_or(config::DEFAULT_WEIGHT);
-        undrained = Some(address);
-        f.set_weight(&name, address, before).map_err(edit_error)
+        undrained = Some(key);
+        f.set_weight(&name, key, before).map_err(edit_error)
     })
     .await;
-    if let (Ok(_), Some(address)) = (&result, undrained) {
-        shared.lock().await.forget_drain(&name, address);
+    if let (Ok(_), Some(key)) = (&result, undrained) {
+        shared.lock().await.forget_drain(&name, key);
     }
     result
 }
@@ -319,19 +337,20 @@ pub(super) async fn backend_undrain(
 pub(super) async fn backend_weight(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
+    Query(q): Query<PortQuery>,
     Json(w): Json<NewWeight>,
 ) -> Reply<Changed> {
     let weight = check_weight(w.weight)?;
     change(&shared, |d, f| {
-        let (address, _) = existing(d, &name, &address)?;
+        let (key, _) = existing(d, &name, &address, q.port)?;
         if weight == 0 {
             return Err(bad(
                 "weight 0 drains a backend: use `lbctl backend drain` (undrain restores the weight)"
                     .into(),
             ));
         }
-        d.forget_drain(&name, address);
-        f.set_weight(&name, address, weight).map_err(edit_error)
+        d.forget_drain(&name, key);
+        f.set_weight(&name, key, weight).map_err(edit_error)
     })
     .await
 }

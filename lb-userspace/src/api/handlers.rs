@@ -15,8 +15,8 @@ use lb_common::{FlowKey, NO_BACKEND, Slot, maglev_slot, slotstate};
 
 use super::{snapshot, types::*};
 use crate::{
-    config::{Forwarding, HashMode, Protocol},
-    daemon::{BackendState, Daemon, ServiceRuntime, Shared},
+    config::{BackendKey, Forwarding, HashMode, NoBackend, Protocol},
+    daemon::{BackendRuntime, BackendState, Daemon, ServiceRuntime, Shared},
     datapath::Attachment,
     state,
 };
@@ -263,6 +263,7 @@ pub(super) async fn backend_list(
             out.push(BackendInfo {
                 service: s.cfg.name.clone(),
                 address: b.cfg.address,
+                name: s.name_of(b),
                 weight: b.cfg.weight,
                 state: b.state(),
                 since_s: age(b.since),
@@ -293,27 +294,35 @@ pub(super) fn parse_address(s: &str) -> Result<IpAddr, Refusal> {
         .map_err(|_| bad(format!("{s:?} is not an IP address")))
 }
 
-/// The service and backend named in a URL, or a 404 naming what is missing.
-pub(super) fn existing(d: &Daemon, name: &str, address: &str) -> Result<(IpAddr, u32), Refusal> {
+/// The backend a URL names (its address, and `?port=` when given), as its identity and weight;
+/// a 404 naming what is missing, or a 400 listing the backends a bare address could mean.
+pub(super) fn existing(
+    d: &Daemon,
+    name: &str,
+    address: &str,
+    port: Option<u16>,
+) -> Result<(BackendKey, u32), Refusal> {
     let address = parse_address(address)?;
     let s = d.find_service(name).map_err(not_found)?;
-    let b = s.backend(address).ok_or_else(|| {
-        not_found(format!(
-            "service {name} has no backend {address} (see `lbctl backend list {name}`)"
-        ))
+    let b = s.cfg.select(address, port).map_err(|e| match e {
+        NoBackend::Missing { .. } => not_found(e.to_string()),
+        NoBackend::Ambiguous { .. } => bad(e.to_string()),
     })?;
-    Ok((address, b.cfg.weight))
+    Ok((s.cfg.key_of(b), b.weight))
 }
 
 pub(super) async fn backend_remove_dry_run(
     State(shared): State<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
+    Query(q): Query<PortQuery>,
 ) -> Reply<Removal> {
     let d = shared.lock().await;
-    let (address, _) = existing(&d, &name, &address)?;
+    let (key, _) = existing(&d, &name, &address, q.port)?;
     let s = d.find_service(&name).map_err(not_found)?;
-    let id = s.backend(address).map(|b| b.id).unwrap_or(NO_BACKEND);
-    let after = s.table_without(&d.seed, Some(address));
+    let b = s.backend(key);
+    let id = b.map(|b| b.id).unwrap_or(NO_BACKEND);
+    let backend_name = b.map_or_else(|| key.to_string(), |b| s.name_of(b));
+    let after = s.table_without(&d.seed, Some(id));
     let (mut moved, mut own, mut others, mut others_moved) = (0u64, 0u64, 0u64, 0u64);
     for (before, after) in s.table.iter().zip(&after) {
         moved += (before != after) as u64;
@@ -327,7 +336,9 @@ pub(super) async fn backend_remove_dry_run(
     let total = s.table.len().max(1) as f64;
     Ok(Json(Removal {
         service: name,
-        address,
+        address: key.address,
+        port: key.port,
+        name: backend_name,
         table_size: s.cfg.table_size,
         moved_slots: moved,
         moved_share: moved as f64 / total,
@@ -375,13 +386,15 @@ pub(super) async fn lookup(
         index: slot,
     } = maglev_slot(&d.seed, &s.value(), &flow(q.port.unwrap_or(0)))
         .ok_or_else(|| bad(format!("service {} has no Maglev table", s.cfg.name)))?;
-    let by_id = |id: u32| s.backends.iter().find(|b| b.id == id);
-    let lookup = |backend: Option<IpAddr>, reason: &str| {
+    let by_id = |id: u32| s.by_id(id);
+    let lookup = |backend: Option<(&ServiceRuntime, &BackendRuntime)>, reason: &str| {
         Ok(Json(Lookup {
             service: s.cfg.name.clone(),
             client,
             client_port: q.port,
-            backend,
+            backend: backend.map(|(_, b)| b.cfg.address),
+            backend_port: backend.map(|(sv, b)| b.cfg.port_or(sv.cfg.port)),
+            backend_name: backend.map(|(sv, b)| sv.name_of(b)),
             reason: reason.into(),
             hash: h,
             slot,
@@ -408,7 +421,7 @@ pub(super) async fn lookup(
         && state::to_addr(b.cfg.address) == e.backend_addr
         && s.nat_port(b) == e.backend_port
     {
-        return lookup(Some(b.cfg.address), "nat-flow");
+        return lookup(Some((s, b)), "nat-flow");
     }
     // With a port: what the flow's next packet (not a SYN) gets, decided as the data path
     // decides it (`slotstate::decide`) from the slot's state and the flow's record (read only
@@ -428,14 +441,13 @@ pub(super) async fn lookup(
                     .filter(|e| e.service == sv.id)
                     .map(|e| e.backend)
             };
-            let chosen = slotstate::decide(hot, || side, kind, record, || true, &Usable(sv));
-            (chosen, sv.address_of(chosen.backend))
+            slotstate::decide(hot, || side, kind, record, || true, &Usable(sv))
         };
         match decide(s, hot, side) {
-            (c, b) if matches!(c.write, slotstate::Write::Touch { .. }) => {
-                return lookup(b, "connection-table");
+            c if matches!(c.write, slotstate::Write::Touch { .. }) => {
+                return lookup(by_service(s, c.backend), "connection-table");
             }
-            (c, _) if c.backend == slotstate::DEFER => {
+            c if c.backend == slotstate::DEFER => {
                 // Decided again by the VIP's every-port service, its slot taken as changed.
                 if let Some(every_port) = d.services.iter().find(|e| {
                     e.cfg.vip == s.cfg.vip && e.cfg.port == 0 && e.cfg.protocol == s.cfg.protocol
@@ -443,16 +455,16 @@ pub(super) async fn lookup(
                     && let Some((e_hot, e_side)) =
                         d.datapath.slot_lanes(every_port.id, e_slot.index)
                 {
-                    let (_, b) = decide(
+                    let c = decide(
                         every_port,
                         slotstate::Hot::new(e_hot.current(), true),
                         e_side,
                     );
-                    return lookup(b, "every-port-service");
+                    return lookup(by_service(every_port, c.backend), "every-port-service");
                 }
             }
-            (c, b) if hot.changed() && c.backend == side.old() && c.backend != hot.current() => {
-                return lookup(b, "previous-backend");
+            c if hot.changed() && c.backend == side.old() && c.backend != hot.current() => {
+                return lookup(by_service(s, c.backend), "previous-backend");
             }
             _ => {}
         }
@@ -461,18 +473,13 @@ pub(super) async fn lookup(
         .table
         .get(slot as usize)
         .and_then(|&id| by_id(id))
-        .map(|b| b.cfg.address);
-    Ok(Json(Lookup {
-        service: s.cfg.name.clone(),
-        client,
-        client_port: q.port,
-        backend,
-        reason: "hash".into(),
-        hash: h,
-        slot,
-        table_size: s.cfg.table_size,
-        denied: None,
-    }))
+        .map(|b| (s, b));
+    lookup(backend, "hash")
+}
+
+/// Backend `id` of `s`, with its service.
+fn by_service(s: &ServiceRuntime, id: u32) -> Option<(&ServiceRuntime, &BackendRuntime)> {
+    s.by_id(id).map(|b| (s, b))
 }
 
 /// A service's backends as the data path's choice sees them (`slotstate::Backends`): in the

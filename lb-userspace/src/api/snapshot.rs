@@ -35,6 +35,8 @@ pub fn counters<'a>(
                         let c = d.datapath.backend_counter(b.id);
                         BackendMetrics {
                             address: b.cfg.address.to_string(),
+                            port: b.cfg.port_or(s.cfg.port),
+                            name: s.name_of(b),
                             packets: c.packets,
                             bytes: c.bytes,
                             up: b.state() == BackendState::Up,
@@ -80,7 +82,7 @@ pub fn counters<'a>(
             .iter()
             .map(|((service, backend, result), count)| HealthCount {
                 service: service.clone(),
-                backend: backend.to_string(),
+                backend: backend.clone(),
                 result: result.label().into(),
                 count: *count,
             })
@@ -134,6 +136,8 @@ impl From<&Snapshot> for Stats {
                         .iter()
                         .map(|b| BackendStats {
                             address: b.address.clone(),
+                            port: b.port,
+                            name: b.name.clone(),
                             packets: b.packets,
                             bytes: b.bytes,
                         })
@@ -180,6 +184,8 @@ mod tests {
     fn stats_are_the_snapshot() {
         let backend = |address: &str, packets| BackendMetrics {
             address: address.into(),
+            port: 80,
+            name: address.into(),
             packets,
             bytes: packets * 60,
             up: packets % 2 == 0,
@@ -223,8 +229,8 @@ mod tests {
                 "services": [
                     { "service": "web", "packets": 30, "bytes": 1800,
                       "reply_packets": 25, "reply_bytes": 2500, "backends": [
-                        { "address": "192.0.2.11", "packets": 10, "bytes": 600 },
-                        { "address": "192.0.2.12", "packets": 20, "bytes": 1200 },
+                        { "address": "192.0.2.11", "port": 80, "name": "192.0.2.11", "packets": 10, "bytes": 600 },
+                        { "address": "192.0.2.12", "port": 80, "name": "192.0.2.12", "packets": 20, "bytes": 1200 },
                     ], "dropped": [{ "reason": "denied", "packets": 2 }] },
                     { "service": "dns", "packets": 0, "bytes": 0, "backends": [], "dropped": [] },
                 ],

@@ -224,6 +224,9 @@ pub fn describe(d: &Daemon, e: &TraceEvent) -> TraceLine {
     .collect();
     let table = verdict.table();
     let outcome = verdict.outcome();
+    let backend = verdict
+        .backend()
+        .and_then(|id| service.and_then(|s| s.by_id(id).map(|b| (s, b))));
     TraceLine {
         client,
         client_port: u16::from_be(e.flow.sport),
@@ -245,6 +248,8 @@ pub fn describe(d: &Daemon, e: &TraceEvent) -> TraceLine {
         backend: verdict
             .backend()
             .and_then(|id| service.and_then(|s| s.address_of(id))),
+        backend_port: backend.map(|(s, b)| b.cfg.port_or(s.cfg.port)),
+        backend_name: backend.map(|(s, b)| s.name_of(b)),
         action: match verdict.action() {
             1 => "drop",
             2 => "pass",

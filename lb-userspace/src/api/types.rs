@@ -169,6 +169,13 @@ pub struct ServiceStats {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct BackendStats {
     pub address: String,
+    /// The port it serves on.
+    #[serde(default)]
+    pub port: u16,
+    /// How lbd names it: its address, or `address:port` when the service has that address
+    /// more than once.
+    #[serde(default)]
+    pub name: String,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -177,6 +184,13 @@ pub struct BackendStats {
 pub struct ReasonCount {
     pub reason: String,
     pub packets: u64,
+}
+
+/// `?port=P` on a backend's URL (`/v1/services/NAME/backends/ADDRESS`): the backend at ADDRESS
+/// serving on port P. Without it the address must name one backend of the service.
+#[derive(Deserialize, Serialize, Default, Debug, Clone, Copy)]
+pub struct PortQuery {
+    pub port: Option<u16>,
 }
 
 /// `?service=NAME`: only that service (`/v1/stats`, `/v1/backends`).
@@ -303,6 +317,10 @@ pub struct Changed {
 pub struct BackendInfo {
     pub service: String,
     pub address: IpAddr,
+    /// How lbd names it (in logs, metrics and lbctl's output): its address, or `address:port`
+    /// when the service has that address more than once (see `port`).
+    #[serde(default)]
+    pub name: String,
     pub weight: u32,
     pub state: BackendState,
     /// Seconds in the current state.
@@ -336,6 +354,13 @@ pub struct NewBackend {
 pub struct Removal {
     pub service: String,
     pub address: IpAddr,
+    /// The port the backend serves on.
+    #[serde(default)]
+    pub port: u16,
+    /// How lbd names it (its address, or `address:port` when the service has that address more
+    /// than once).
+    #[serde(default)]
+    pub name: String,
     pub table_size: u32,
     /// Slots (clients) that would change backend.
     pub moved_slots: u64,
@@ -369,6 +394,13 @@ pub struct Lookup {
     pub client_port: Option<u16>,
     /// The backend chosen, or None when the service has no usable backend.
     pub backend: Option<IpAddr>,
+    /// The port that backend serves on.
+    #[serde(default)]
+    pub backend_port: Option<u16>,
+    /// How lbd names it: its address, or `address:port` when the service has that address
+    /// more than once.
+    #[serde(default)]
+    pub backend_name: Option<String>,
     /// With a port, what decides the flow's next packet (not a SYN): "connection-table" (its
     /// record), "previous-backend" (no record, on a slot that changed backend: the flow is
     /// taken for one older than the change), "every-port-service" (no record, on a port that
@@ -412,6 +444,13 @@ pub struct TraceLine {
     /// The connection table: `not-read` (the slot is unchanged), `hit` or `miss`.
     pub table: String,
     pub backend: Option<IpAddr>,
+    /// The port the backend serves on.
+    #[serde(default)]
+    pub backend_port: Option<u16>,
+    /// How lbd names the backend: its address, or `address:port` when the service has that
+    /// address more than once.
+    #[serde(default)]
+    pub backend_name: Option<String>,
     /// `tx`, `redirect`, `pass` or `drop`.
     pub action: String,
     /// `forwarded`, or why not (the labels of `lb_dropped_total`, or `no_service`).

@@ -1,6 +1,6 @@
 //! lbctl: the command line of lb, a client of lbd's control socket.
 
-use std::{net::IpAddr, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -10,7 +10,9 @@ use lb_userspace::{
         BackendInfo, Changed, HealthOptions, Lookup, NewBackend, NewPrefix, NewService, NewWeight,
         NodeStatus, Removal, ServiceInfo, Stats, Status, TraceLine,
     },
-    cli::{BackendCommand, CheckArgs, Command, LbctlArgs, NodeCommand, ServiceCommand},
+    cli::{
+        BackendCommand, BackendName, CheckArgs, Command, LbctlArgs, NodeCommand, ServiceCommand,
+    },
     client::Client,
     datapath::Start,
 };
@@ -101,9 +103,15 @@ fn percent(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
 
-/// Path segment for an address (IPv6 colons are fine in a path).
-fn seg(address: IpAddr) -> String {
-    address.to_string()
+/// The URL of a backend: its address as the path segment (IPv6 colons are fine in a path),
+/// `?port=` when the command gave one, and what follows (`/drain`, ...) before the query.
+fn backend_url(service: &str, b: &BackendName, rest: &str) -> anyhow::Result<String> {
+    let (address, port) = b.resolve().map_err(|e| anyhow::anyhow!(e))?;
+    let mut url = format!("/v1/services/{}/backends/{address}{rest}", enc(service));
+    if let Some(p) = port {
+        url.push_str(&format!("?port={p}"));
+    }
+    Ok(url)
 }
 
 /// Percent-encodes a name for a URL path segment or query value: whatever a service is called,
@@ -161,7 +169,11 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
         for b in &svc.backends {
             rows.push(vec![
                 svc.service.clone(),
-                b.address.clone(),
+                if b.name.is_empty() {
+                    b.address.clone()
+                } else {
+                    b.name.clone()
+                },
                 b.packets.to_string(),
                 b.bytes.to_string(),
             ]);
@@ -556,6 +568,7 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
             weight,
             port,
         }) => {
+            let (address, port) = address.with_port(port).map_err(|e| anyhow::anyhow!(e))?;
             let body = NewBackend {
                 address,
                 weight: Some(weight),
@@ -572,18 +585,23 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
         }
         Command::Backend(BackendCommand::Remove {
             service,
-            address,
+            backend,
             dry_run,
         }) => {
-            let path = format!("/v1/services/{}/backends/{}", enc(&service), seg(address));
             if dry_run {
-                let r: Removal = client.get(&format!("{path}/removal")).await?;
+                let r: Removal = client
+                    .get(&backend_url(&service, &backend, "/removal")?)
+                    .await?;
                 if json {
                     return print_json(&r);
                 }
                 println!(
                     "removing {} from {} would move {} of clients ({} of {} table slots): the {} on it, and {} of the others",
-                    r.address,
+                    if r.name.is_empty() {
+                        r.address.to_string()
+                    } else {
+                        r.name.clone()
+                    },
                     r.service,
                     percent(r.moved_share),
                     r.moved_slots,
@@ -593,37 +611,26 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
+            let path = backend_url(&service, &backend, "")?;
             let c: Changed = client.request(Method::DELETE, &path, None).await?;
             print_changes(json, &c)?;
         }
-        Command::Backend(BackendCommand::Drain { service, address }) => {
-            let path = format!(
-                "/v1/services/{}/backends/{}/drain",
-                enc(&service),
-                seg(address)
-            );
+        Command::Backend(BackendCommand::Drain { service, backend }) => {
+            let path = backend_url(&service, &backend, "/drain")?;
             let c: Changed = client.request(Method::POST, &path, None).await?;
             print_changes(json, &c)?;
         }
-        Command::Backend(BackendCommand::Undrain { service, address }) => {
-            let path = format!(
-                "/v1/services/{}/backends/{}/undrain",
-                enc(&service),
-                seg(address)
-            );
+        Command::Backend(BackendCommand::Undrain { service, backend }) => {
+            let path = backend_url(&service, &backend, "/undrain")?;
             let c: Changed = client.request(Method::POST, &path, None).await?;
             print_changes(json, &c)?;
         }
         Command::Backend(BackendCommand::Weight {
             service,
-            address,
+            backend,
             weight,
         }) => {
-            let path = format!(
-                "/v1/services/{}/backends/{}/weight",
-                enc(&service),
-                seg(address)
-            );
+            let path = backend_url(&service, &backend, "/weight")?;
             let body = serde_json::to_value(NewWeight { weight })?;
             let c: Changed = client.request(Method::PUT, &path, Some(body)).await?;
             print_changes(json, &c)?;
@@ -685,7 +692,11 @@ async fn run_command(args: LbctlArgs) -> anyhow::Result<()> {
             if json {
                 return print_json(&l);
             }
-            match (&l.backend, l.reason.as_str()) {
+            let shown = l
+                .backend_name
+                .clone()
+                .or_else(|| l.backend.map(|b| b.to_string()));
+            match (&shown, l.reason.as_str()) {
                 (None, "denied") => println!(
                     "no backend: {}'s client filters drop this client's packets ({})",
                     l.service,
@@ -786,7 +797,10 @@ fn trace_row(line: Option<&TraceLine>) -> String {
                 format!("{}{flags}", l.protocol),
                 l.service.clone().unwrap_or_else(|| "-".into()),
                 l.table.clone(),
-                l.backend.map_or("-".into(), |b| b.to_string()),
+                l.backend_name
+                    .clone()
+                    .or_else(|| l.backend.map(|b| b.to_string()))
+                    .unwrap_or_else(|| "-".into()),
                 l.action.clone(),
                 l.reason.clone(),
             ]

@@ -665,29 +665,33 @@ fn check_backends(
     (forwarding, service_port): (Forwarding, u16),
     raw: Vec<Spanned<RawBackend>>,
 ) -> Vec<Backend> {
-    let mut seen = HashSet::new();
+    // A backend is its address and the port it serves on: only `nat` may give one address
+    // several ports. Each identity's first line.
+    let mut first_at: HashMap<(IpAddr, u16), usize> = HashMap::new();
     let mut backends = vec![];
     for (j, b) in raw.into_iter().enumerate() {
         let b = b.into_inner();
         let key = |k: &str| format!("service[{service}].backend[{j}].{k}");
         let address = *b.address.get_ref();
+        let serves_on = b.port.as_ref().map_or(service_port, |p| *p.get_ref());
         if address.is_ipv4() != vip.is_ipv4() {
             c.error(
                 &b.address,
                 key("address"),
                 format!("{address} is not of the VIP's address family ({vip})"),
             );
-        } else if !seen.insert(address) {
-            let why = if forwarding == Forwarding::Nat {
-                " (a backend is known by its address: one host cannot serve a service on two ports)"
+        } else if let Some(&first) = first_at.get(&(address, serves_on)) {
+            let line = c.line(first);
+            let message = if forwarding == Forwarding::Nat {
+                format!(
+                    "backend {address} on port {serves_on} is listed twice in this service (first on line {line}); one host may serve a nat service on several ports, each listed once with its `port`"
+                )
             } else {
-                ""
+                format!("backend {address} is listed twice in this service (first on line {line})")
             };
-            c.error(
-                &b.address,
-                key("address"),
-                format!("backend {address} is listed twice in this service{why}"),
-            );
+            c.error(&b.address, key("address"), message);
+        } else {
+            first_at.insert((address, serves_on), b.address.span().start);
         }
         let weight = match &b.weight {
             None => DEFAULT_WEIGHT,

@@ -902,6 +902,109 @@ fn nat_takes_backend_ports_and_other_forwardings_refuse_a_different_one() {
     );
 }
 
+/// A NAT config with 192.0.2.11 on `ports` (None: no `port` key) and 192.0.2.12.
+fn nat_on_ports(ports: &[Option<u16>]) -> String {
+    let mut backends = String::new();
+    for p in ports {
+        backends.push_str("\n[[service.backend]]\naddress = \"192.0.2.11\"\n");
+        if let Some(p) = p {
+            backends.push_str(&format!("port = {p}\n"));
+        }
+    }
+    GOOD.replace(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nforwarding = \"nat\"\n",
+    )
+    .replace(
+        "\n[[service.backend]]\naddress = \"192.0.2.11\"\n",
+        &backends,
+    )
+}
+
+#[test]
+fn a_nat_host_may_serve_on_several_ports_each_listed_once() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let c = parse(&nat_on_ports(&[Some(8080), Some(8081), None]))
+        .unwrap()
+        .config;
+    let s = &c.services[0];
+    assert_eq!(s.backends.len(), 4);
+    let ports: Vec<u16> = s.backends.iter().map(|b| b.port_or(s.port)).collect();
+    assert_eq!(ports, [8080, 8081, 80, 80]);
+    // Names: the repeated address with its port, the others as always.
+    let names: Vec<String> = s.backends.iter().map(|b| s.backend_name(b)).collect();
+    assert_eq!(
+        names,
+        [
+            "192.0.2.11:8080",
+            "192.0.2.11:8081",
+            "192.0.2.11:80",
+            "192.0.2.12"
+        ]
+    );
+    // What lbctl names: a bare repeated address is ambiguous and says which ports there are.
+    let e = s.select(ip("192.0.2.11"), None).unwrap_err();
+    assert!(matches!(e, NoBackend::Ambiguous { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("3 backends at 192.0.2.11")
+            && text.contains("ports 8080, 8081, 80")
+            && text.contains("--port"),
+        "{text}"
+    );
+    assert_eq!(
+        s.select(ip("192.0.2.11"), Some(8081)).unwrap().port,
+        Some(8081)
+    );
+    assert_eq!(s.select(ip("192.0.2.11"), Some(80)).unwrap().port, None);
+    assert_eq!(s.select(ip("192.0.2.12"), None).unwrap().weight, 50);
+    assert_eq!(s.select(ip("192.0.2.12"), Some(80)).unwrap().weight, 50);
+    let missing = s.select(ip("192.0.2.11"), Some(9)).unwrap_err().to_string();
+    assert!(missing.contains("no backend 192.0.2.11:9"), "{missing}");
+    assert!(
+        s.select(ip("192.0.2.12"), Some(8080)).is_err(),
+        "a port it does not serve on"
+    );
+
+    // The same address and port twice: refused, naming both lines; no `port` and the
+    // service's port are the same port.
+    for ports in [[Some(8080), Some(8080)], [None, Some(80)]] {
+        let src = nat_on_ports(&ports);
+        let p = problems(&src);
+        assert_eq!(p.len(), 1, "{p:?}");
+        let first = src
+            .lines()
+            .position(|l| l == "address = \"192.0.2.11\"")
+            .unwrap()
+            + 1;
+        assert_eq!(p[0].key, "service[0].backend[1].address");
+        assert_eq!(p[0].line, Some(first + 2 + ports[0].is_some() as usize + 1));
+        assert!(
+            p[0].message.contains(&format!("first on line {first}"))
+                && p[0]
+                    .message
+                    .contains(&format!("port {}", ports[1].unwrap())),
+            "{}",
+            p[0].message
+        );
+    }
+    // dsr and tunnel: an address is listed once (its port is the service's).
+    let src = GOOD.replace("address = \"192.0.2.12\"", "address = \"192.0.2.11\"");
+    let p = problems(&src);
+    let first = src
+        .lines()
+        .position(|l| l == "address = \"192.0.2.11\"")
+        .unwrap()
+        + 1;
+    assert!(
+        p.len() == 1
+            && p[0].message.contains(&format!(
+                "listed twice in this service (first on line {first})"
+            )),
+        "{p:?}"
+    );
+}
+
 #[test]
 fn nat_entries_defaults_and_is_checked() {
     let c = parse(GOOD).unwrap().config;

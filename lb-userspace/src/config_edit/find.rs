@@ -22,6 +22,12 @@ impl<'a> Node<'a> {
             Node::Inline(t) => &mut **t,
         }
     }
+    pub(super) fn like_ref(&self) -> &dyn TableLike {
+        match self {
+            Node::Table(t) => &**t,
+            Node::Inline(t) => &**t,
+        }
+    }
     pub(super) fn into_like(self) -> &'a mut dyn TableLike {
         match self {
             Node::Table(t) => t,
@@ -86,11 +92,29 @@ pub(super) fn is_service(t: &dyn TableLike, name: &str) -> bool {
     t.get("name").and_then(Item::as_str) == Some(name)
 }
 
-pub(super) fn is_backend(t: &dyn TableLike, address: IpAddr) -> bool {
-    t.get("address")
+/// Whether `t` is the backend `at` of a service of port `service_port`.
+pub(super) fn is_backend(t: &dyn TableLike, at: BackendAt, service_port: u16) -> bool {
+    let address = t
+        .get("address")
         .and_then(Item::as_str)
-        .and_then(|a| a.trim().parse::<IpAddr>().ok())
-        == Some(address)
+        .and_then(|a| a.trim().parse::<IpAddr>().ok());
+    address == Some(at.address) && at.port.is_none_or(|p| serves_on(t, service_port) == p)
+}
+
+/// The port a backend table serves on: its `port`, else the service's.
+fn serves_on(t: &dyn TableLike, service_port: u16) -> u16 {
+    t.get("port")
+        .and_then(Item::as_integer)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(service_port)
+}
+
+/// A service table's `port` (0 when missing or not a port: the file is validated anyway).
+pub(super) fn port_of(t: &dyn TableLike) -> u16 {
+    t.get("port")
+        .and_then(Item::as_integer)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(0)
 }
 
 pub(super) fn service_node<'a>(

@@ -509,7 +509,7 @@ fn errors_name_what_is_missing_or_duplicated() {
     ));
     let e = f.remove_backend("web", ip("192.0.2.99")).unwrap_err();
     assert!(
-        matches!(&e, EditError::NoSuchBackend { service, address } if service == "web" && *address == ip("192.0.2.99"))
+        matches!(&e, EditError::NoSuchBackend { service, backend } if service == "web" && backend.address == ip("192.0.2.99"))
     );
     assert!(e.to_string().contains("192.0.2.99"), "{e}");
     assert!(matches!(
@@ -801,4 +801,72 @@ fn a_nat_service_and_backend_ports_are_written_through_and_read_back() {
         s.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
         [Some(8080), Some(8081)]
     );
+}
+
+/// One host serving a `nat` service on two ports: each edit names the backend by address and
+/// port (its `port` key, else the service's), and touches that table only.
+#[test]
+fn backends_of_one_address_are_told_apart_by_port() {
+    const NAT: &str = r#"[daemon]
+interfaces = ["eth0"]
+
+[[service]]
+name = "app"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+
+[[service.backend]]
+address = "192.0.2.11"   # instance on the service's port
+
+[[service.backend]]
+address = "192.0.2.11"   # second instance
+port = 8081
+"#;
+    let key = |port| config::BackendKey {
+        address: ip("192.0.2.11"),
+        port,
+    };
+    let mut f = file(NAT);
+    f.set_weight("app", key(8081), 0).unwrap();
+    let text = f.text();
+    assert!(
+        text.contains("address = \"192.0.2.11\"   # second instance\nweight = 0\nport = 8081"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# instance on the service's port\n\n"),
+        "{text}"
+    );
+    let s = &f.validate().unwrap().config.services[0];
+    assert_eq!(
+        s.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+        [100, 0]
+    );
+    // The same address on a port it already serves on exists; on another it is new.
+    let on = |port| Backend {
+        address: ip("192.0.2.11"),
+        weight: 100,
+        mac: None,
+        port,
+    };
+    for taken in [None, Some(80), Some(8081)] {
+        let e = f.add_backend("app", &on(taken)).unwrap_err();
+        assert!(
+            matches!(e, EditError::BackendExists { .. }),
+            "{taken:?}: {e}"
+        );
+    }
+    f.add_backend("app", &on(Some(8082))).unwrap();
+    assert_eq!(f.validate().unwrap().config.services[0].backends.len(), 3);
+    // Removing the one on the service's port leaves the others.
+    f.remove_backend("app", key(80)).unwrap();
+    let s = &f.validate().unwrap().config.services[0];
+    assert_eq!(
+        s.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
+        [Some(8081), Some(8082)]
+    );
+    let e = f.remove_backend("app", key(80)).unwrap_err();
+    assert!(e.to_string().contains("192.0.2.11:80"), "{e}");
 }

@@ -24,7 +24,7 @@ use super::{
     serving::{AnnounceReport, Serving, serving_vips},
 };
 use crate::{
-    config::Config,
+    config::{BackendKey, Config},
     datapath::{self, Datapath},
     health, state,
 };
@@ -38,11 +38,12 @@ pub struct Daemon {
     pub services: Vec<ServiceRuntime>,
     pub started: Instant,
     monitor: health::Monitor,
-    /// Weights of drained backends before their drain ("service address" → weight), kept in
-    /// state_dir so `undrain` survives restarts.
+    /// Weights of drained backends before their drain ("service address" → weight, or
+    /// "service address:port" for a backend with a port of its own), kept in state_dir so
+    /// `undrain` survives restarts.
     drained: BTreeMap<String, u32>,
-    /// Health checks run: (service, backend, result) → count.
-    pub health_counts: BTreeMap<(String, IpAddr, health::CheckResult), u64>,
+    /// Health checks run: (service, backend name, result) → count (`lb_health_checks_total`).
+    pub health_counts: BTreeMap<(String, String, health::CheckResult), u64>,
     /// Flows in the connection table and its capacity, counted in the background.
     pub conntrack: Arc<ConntrackUse>,
     /// The sync threads' peers and counters, with `[daemon.sync]` (set once they run).
@@ -421,26 +422,38 @@ impl Daemon {
         for c in &changes {
             match c {
                 Change::ServiceRemoved {
-                    service, backends, ..
+                    service,
+                    port,
+                    backends,
+                    ..
                 } => {
                     self.monitor.remove_service(service);
-                    for address in backends {
-                        self.drained.remove(&drained_key(service, *address));
+                    for key in backends {
+                        self.drained.remove(&drained_key(service, *port, *key));
                     }
                 }
                 Change::BackendRemoved {
-                    service, address, ..
+                    service, backend, ..
                 } => {
-                    self.monitor.remove(service, *address);
-                    self.drained.remove(&drained_key(service, *address));
+                    self.monitor.remove(service, backend.address, backend.port);
+                    // The service as it was (its port names the key).
+                    let port = self
+                        .services
+                        .iter()
+                        .find(|s| s.cfg.name == *service)
+                        .map_or(backend.port, |s| s.cfg.port);
+                    self.drained.remove(&drained_key(service, port, *backend));
                 }
                 Change::BackendAdded {
-                    service, address, ..
+                    service,
+                    backend,
+                    name: address,
+                    ..
                 } => {
                     let b = services
                         .iter()
                         .find(|s| s.cfg.name == *service)
-                        .and_then(|s| s.backend(*address));
+                        .and_then(|s| s.backend(*backend));
                     if let Some(BackendRuntime {
                         hop: None,
                         hop_error: Some(e),
@@ -467,7 +480,11 @@ impl Daemon {
         }
         self.services = services;
         for c in checks {
-            if !c.restart && self.monitor.is_checked(&c.service, c.backend) {
+            if !c.restart
+                && self
+                    .monitor
+                    .is_checked(&c.service, c.backend.address, c.backend.port)
+            {
                 continue;
             }
             let Some(s) = self.services.iter().find(|s| s.cfg.name == c.service) else {
@@ -496,20 +513,23 @@ impl Daemon {
     /// One health check's result: counted, shown, and on a state change applied to the data
     /// path before the new state is visible.
     pub fn on_health(&mut self, r: health::Report) -> anyhow::Result<()> {
-        *self
-            .health_counts
-            .entry((r.service.clone(), r.backend, r.result))
-            .or_default() += 1;
         let Some(si) = self.services.iter().position(|s| s.cfg.name == r.service) else {
             return Ok(());
         };
-        let Some(b) = self.services[si]
-            .backends
-            .iter_mut()
-            .find(|b| b.cfg.address == r.backend)
-        else {
+        let key = BackendKey {
+            address: r.backend,
+            port: r.port,
+        };
+        let s = &mut self.services[si];
+        let Some(bi) = s.backends.iter().position(|b| s.key_of(b) == key) else {
             return Ok(());
         };
+        let name = s.name_of(&s.backends[bi]);
+        *self
+            .health_counts
+            .entry((r.service.clone(), name.clone(), r.result))
+            .or_default() += 1;
+        let b = &mut s.backends[bi];
         // lbd's own trouble is logged when it starts and when it ends, not at every check.
         let was_error = b
             .last
@@ -519,13 +539,13 @@ impl Daemon {
             (false, true) => error!(
                 "service {}: the health check of backend {} {} (a problem of lbd's own, not of the backend: it keeps its state, {})",
                 r.service,
-                r.backend,
+                name,
                 r.detail,
                 b.state()
             ),
             (true, false) => info!(
                 "service {}: health checks of backend {} run again",
-                r.service, r.backend
+                r.service, name
             ),
             _ => {}
         }
@@ -545,12 +565,12 @@ impl Daemon {
         if up {
             info!(
                 "service {}: backend {} is up ({})",
-                r.service, r.backend, r.detail
+                r.service, name, r.detail
             );
         } else {
             warn!(
                 "service {}: backend {} is down ({})",
-                r.service, r.backend, r.detail
+                r.service, name, r.detail
             );
         }
         // Down: flagged first (its flows move at once), then out of the table. Up: flagged
@@ -558,8 +578,10 @@ impl Daemon {
         self.sync()
     }
 
-    /// The backends `picks` (given each one's hop) chooses, as resolution requests.
+    /// The backends `picks` (given each one's hop) chooses, as resolution requests: one per
+    /// address of a service (its backends on several ports share the hop).
     pub fn hop_requests(&self, picks: impl Fn(Option<&Hop>) -> bool) -> Vec<(String, HopRequest)> {
+        let mut seen = std::collections::HashSet::new();
         self.services
             .iter()
             .flat_map(|s| {
@@ -568,6 +590,7 @@ impl Daemon {
                     .filter(|b| picks(b.hop.as_ref()))
                     .map(|b| (s.cfg.name.clone(), HopRequest::of(&s.cfg, &b.cfg)))
             })
+            .filter(|(name, req)| seen.insert((name.clone(), req.backend.address)))
             .collect()
     }
 
@@ -588,18 +611,25 @@ impl Daemon {
             else {
                 continue;
             };
-            let Some(b) = s
+            // Every backend at that address (one host on several ports) takes the hop.
+            let port = s.cfg.port;
+            let repeated = s.cfg.repeats(req.backend.address);
+            for b in s
                 .backends
                 .iter_mut()
-                .find(|b| b.cfg.address == req.backend.address)
-            else {
-                continue;
-            };
-            changed |= follow_hop(&name, b, result);
-            if let Some(hop) = &b.hop
-                && b.cfg.mac.is_none()
+                .filter(|b| b.cfg.address == req.backend.address)
             {
-                in_use.push((hop.ifindex, hop.via));
+                let backend = if repeated {
+                    b.cfg.key(port).to_string()
+                } else {
+                    b.cfg.address.to_string()
+                };
+                changed |= follow_hop(&name, &backend, b, &result);
+                if let Some(hop) = &b.hop
+                    && b.cfg.mac.is_none()
+                {
+                    in_use.push((hop.ifindex, hop.via));
+                }
             }
         }
         if changed {
@@ -615,26 +645,61 @@ impl Daemon {
             .ok_or_else(|| format!("no service named {name:?} (see `lbctl service list`)"))
     }
 
-    /// Weight a drained backend had before its drain.
-    pub fn weight_before_drain(&self, service: &str, address: IpAddr) -> Option<u32> {
-        self.drained.get(&drained_key(service, address)).copied()
+    /// Weight a drained backend had before its drain. A backend with a port of its own whose
+    /// address is unique in its service may have been kept by its address alone (as lbd kept
+    /// every backend before ports were part of a backend's identity).
+    pub fn weight_before_drain(&self, service: &str, key: BackendKey) -> Option<u32> {
+        let s = self.services.iter().find(|s| s.cfg.name == service)?;
+        self.drained
+            .get(&drained_key(service, s.cfg.port, key))
+            .or_else(|| {
+                (!s.cfg.repeats(key.address))
+                    .then(|| self.drained.get(&drained_key(service, key.port, key)))
+                    .flatten()
+            })
+            .copied()
     }
 
-    pub fn remember_drain(&mut self, service: &str, address: IpAddr, weight: u32) {
-        self.drained.insert(drained_key(service, address), weight);
+    /// The key `service`'s backend `key` is kept under in the drained weights.
+    fn drained_key_of(&self, service: &str, key: BackendKey) -> String {
+        let port = self
+            .services
+            .iter()
+            .find(|s| s.cfg.name == service)
+            .map_or(key.port, |s| s.cfg.port);
+        drained_key(service, port, key)
     }
 
-    pub fn forget_drain(&mut self, service: &str, address: IpAddr) {
-        self.drained.remove(&drained_key(service, address));
+    pub fn remember_drain(&mut self, service: &str, key: BackendKey, weight: u32) {
+        self.drained
+            .insert(self.drained_key_of(service, key), weight);
+    }
+
+    /// Forgets the weight kept for a drained backend (under either key `weight_before_drain`
+    /// reads).
+    pub fn forget_drain(&mut self, service: &str, key: BackendKey) {
+        self.drained.remove(&self.drained_key_of(service, key));
+        let unique = self
+            .services
+            .iter()
+            .find(|s| s.cfg.name == service)
+            .is_some_and(|s| !s.cfg.repeats(key.address));
+        if unique {
+            self.drained.remove(&drained_key(service, key.port, key));
+        }
     }
 }
 
-/// Applies a new resolution of backend `b`'s hop (of service `service`); returns whether its
-/// hop changed.
-fn follow_hop(service: &str, b: &mut BackendRuntime, result: Result<Hop, ResolveError>) -> bool {
-    let address = b.cfg.address;
+/// Applies a new resolution of backend `b`'s hop (of service `service`, the backend named
+/// `address` in the log); returns whether its hop changed.
+fn follow_hop(
+    service: &str,
+    address: &str,
+    b: &mut BackendRuntime,
+    result: &Result<Hop, ResolveError>,
+) -> bool {
     match result {
-        Ok(hop) if b.hop.as_ref() == Some(&hop) => false,
+        Ok(hop) if b.hop.as_ref() == Some(hop) => false,
         Ok(hop) => {
             match &b.hop {
                 None => info!(
@@ -656,7 +721,7 @@ fn follow_hop(service: &str, b: &mut BackendRuntime, result: Result<Hop, Resolve
                     old.mtu
                 ),
             }
-            b.hop = Some(hop);
+            b.hop = Some(hop.clone());
             b.hop_error = None;
             true
         }
@@ -710,17 +775,22 @@ mod tests {
     #[test]
     fn a_new_mac_replaces_the_hop_and_the_same_one_changes_nothing() {
         let mut b = backend(Some(hop(1)));
-        assert!(!follow_hop("web", &mut b, Ok(hop(1))));
-        assert!(follow_hop("web", &mut b, Ok(hop(2))));
+        assert!(!follow_hop("web", "192.0.2.11", &mut b, &Ok(hop(1))));
+        assert!(follow_hop("web", "192.0.2.11", &mut b, &Ok(hop(2))));
         assert_eq!(b.hop, Some(hop(2)));
     }
 
     #[test]
     fn a_silent_neighbour_keeps_the_last_hop_but_a_lost_route_drops_it() {
         let mut b = backend(Some(hop(1)));
-        assert!(!follow_hop("web", &mut b, Err(silent_neighbour())));
+        assert!(!follow_hop(
+            "web",
+            "192.0.2.11",
+            &mut b,
+            &Err(silent_neighbour())
+        ));
         assert_eq!((b.hop.clone(), b.hop_error.clone()), (Some(hop(1)), None));
-        assert!(follow_hop("web", &mut b, Err(no_route())));
+        assert!(follow_hop("web", "192.0.2.11", &mut b, &Err(no_route())));
         assert_eq!(b.hop, None);
         assert_eq!(
             b.hop_error.as_deref(),
@@ -731,9 +801,14 @@ mod tests {
     #[test]
     fn an_unresolved_backend_says_why_and_joins_once_it_resolves() {
         let mut b = backend(None);
-        assert!(!follow_hop("web", &mut b, Err(silent_neighbour())));
+        assert!(!follow_hop(
+            "web",
+            "192.0.2.11",
+            &mut b,
+            &Err(silent_neighbour())
+        ));
         assert!(b.hop_error.as_deref().unwrap().contains("no answer"));
-        assert!(follow_hop("web", &mut b, Ok(hop(1))));
+        assert!(follow_hop("web", "192.0.2.11", &mut b, &Ok(hop(1))));
         assert_eq!((b.hop.clone(), b.hop_error.clone()), (Some(hop(1)), None));
     }
 }

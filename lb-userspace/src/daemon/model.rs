@@ -6,12 +6,12 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc, time::SystemTime};
 
 use lb_common::{
     Backend, ServiceKey, ServiceValue, backend_flags,
-    maglev::{MaglevBackend, build_table, table_fingerprint},
+    maglev::{MaglevBackend, build_table, port_salts, table_fingerprint},
     service_flags,
 };
 
 use crate::{
-    config::{self, Forwarding, HashMode},
+    config::{self, BackendKey, Forwarding, HashMode},
     health,
     netlink::{NetlinkError, Vlan},
     state,
@@ -121,7 +121,8 @@ impl ResolveError {
     }
 }
 
-/// Resolved hops by service name and backend address, as `Daemon::reconcile` takes them.
+/// Resolved hops by service name and backend address, as `Daemon::reconcile` takes them (a
+/// hop depends on the address only: backends of one address on several ports share it).
 pub type Hops = HashMap<(String, IpAddr), Result<Hop, ResolveError>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -185,6 +186,12 @@ impl BackendRuntime {
     pub(super) fn set_hop(&mut self, hop: Result<Hop, ResolveError>) {
         self.hop_error = hop.as_ref().err().map(|e| e.to_string());
         self.hop = hop.ok();
+    }
+
+    /// Takes a resolution of the hop shared with the other backends of its address.
+    pub(super) fn set_hop_of(&mut self, hop: &Result<Hop, ResolveError>) {
+        self.hop_error = hop.as_ref().err().map(|e| e.to_string());
+        self.hop = hop.as_ref().ok().cloned();
     }
 
     /// The data path's entry: invalid while unresolved; DOWN makes its flows leave it.
@@ -262,10 +269,23 @@ impl ServiceRuntime {
 
     /// The address of backend `id`, if it is this service's.
     pub fn address_of(&self, id: u32) -> Option<IpAddr> {
-        self.backends
-            .iter()
-            .find(|b| b.id == id)
-            .map(|b| b.cfg.address)
+        self.by_id(id).map(|b| b.cfg.address)
+    }
+
+    /// Backend `id`, if it is this service's.
+    pub fn by_id(&self, id: u32) -> Option<&BackendRuntime> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+
+    /// The identity of `b` (address and the port it serves on).
+    pub fn key_of(&self, b: &BackendRuntime) -> BackendKey {
+        b.cfg.key(self.cfg.port)
+    }
+
+    /// How lbd names `b` (`config::Service::backend_name`): its address, or `address:port`
+    /// when the service has that address more than once.
+    pub fn name_of(&self, b: &BackendRuntime) -> String {
+        self.cfg.backend_name(&b.cfg)
     }
 
     pub(crate) fn value(&self) -> ServiceValue {
@@ -295,18 +315,29 @@ impl ServiceRuntime {
 
     /// The Maglev table for the backends that may take new clients now, or with some of them
     /// left out (`--dry-run`).
-    pub fn table_without(&self, seed: &[u64; 2], left_out: Option<IpAddr>) -> Vec<u32> {
+    pub fn table_without(&self, seed: &[u64; 2], left_out: Option<u32>) -> Vec<u32> {
         build_table(seed, &self.live(left_out), self.cfg.table_size)
     }
 
-    /// The backends that may take new clients now, but `left_out`.
-    fn live(&self, left_out: Option<IpAddr>) -> Vec<MaglevBackend> {
+    /// The backends that may take new clients now, but backend `left_out`. Each one's
+    /// permutation comes from its address, and from its port too when it repeats an address
+    /// (`lb_common::maglev::port_salts`, over every backend of the service: a drain or a
+    /// failed check changes no other backend's permutation).
+    fn live(&self, left_out: Option<u32>) -> Vec<MaglevBackend> {
+        let identities: Vec<(lb_common::Addr, u16)> = self
+            .backends
+            .iter()
+            .map(|b| (state::to_addr(b.cfg.address), b.cfg.port_or(self.cfg.port)))
+            .collect();
+        let salts = port_salts(self.cfg.port, &identities);
         self.backends
             .iter()
-            .filter(|b| b.in_table() && Some(b.cfg.address) != left_out)
-            .map(|b| MaglevBackend {
+            .zip(salts)
+            .filter(|(b, _)| b.in_table() && Some(b.id) != left_out)
+            .map(|(b, salt)| MaglevBackend {
                 id: b.id,
                 addr: state::to_addr(b.cfg.address),
+                salt,
                 weight: b.cfg.weight,
             })
             .collect()
@@ -350,8 +381,9 @@ impl ServiceRuntime {
         self.fingerprint = old.fingerprint;
     }
 
-    pub fn backend(&self, address: IpAddr) -> Option<&BackendRuntime> {
-        self.backends.iter().find(|b| b.cfg.address == address)
+    /// The backend of identity `key`.
+    pub fn backend(&self, key: BackendKey) -> Option<&BackendRuntime> {
+        self.backends.iter().find(|b| self.key_of(b) == key)
     }
 
     /// What checking `b` means. A `nat` backend is checked on its own port unless the health
@@ -364,14 +396,21 @@ impl ServiceRuntime {
         health::Target {
             service: self.cfg.name.clone(),
             backend: b.cfg.address,
+            port: b.cfg.port_or(self.cfg.port),
             spec,
         }
     }
 }
 
-/// The key under which a drained backend's weight before its drain is kept.
-pub(super) fn drained_key(service: &str, address: IpAddr) -> String {
-    format!("{service} {address}")
+/// The key under which a drained backend's weight before its drain is kept: "service address"
+/// for a backend on the service's port (as lbd always kept it), "service address:port" for one
+/// with a port of its own.
+pub(super) fn drained_key(service: &str, service_port: u16, key: BackendKey) -> String {
+    if key.port == service_port {
+        format!("{service} {}", key.address)
+    } else {
+        format!("{service} {key}")
+    }
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {

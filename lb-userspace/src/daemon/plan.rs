@@ -13,7 +13,7 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES, ServiceKey, backend_flags};
 
 use super::model::{BackendRuntime, HopRequest, Hops, ResolveError, ServiceRuntime, service_key};
 use crate::{
-    config::{CheckKind, Cidr, Config, Protocol},
+    config::{BackendKey, CheckKind, Cidr, Config, Protocol},
     health, state,
 };
 
@@ -32,8 +32,9 @@ pub enum Change {
     ServiceRemoved {
         service: String,
         id: u32,
-        /// Its backends, whose checkers and drained weights go with it.
-        backends: Vec<IpAddr>,
+        /// Its port and backends, whose checkers and drained weights go with it.
+        port: u16,
+        backends: Vec<BackendKey>,
     },
     ServiceAdded {
         service: String,
@@ -41,13 +42,15 @@ pub enum Change {
     },
     BackendWeight {
         service: String,
-        address: IpAddr,
+        /// How lbd names the backend (`config::Service::backend_name`).
+        name: String,
         from: u32,
         to: u32,
     },
     BackendAdded {
         service: String,
-        address: IpAddr,
+        backend: BackendKey,
+        name: String,
         id: u32,
     },
     /// The service's address, port or protocol changed (its id stays).
@@ -59,7 +62,8 @@ pub enum Change {
     },
     BackendRemoved {
         service: String,
-        address: IpAddr,
+        backend: BackendKey,
+        name: String,
         id: u32,
     },
     /// Prefixes came to or left a client filter list (`list`: "allow" or "deny").
@@ -80,25 +84,22 @@ impl std::fmt::Display for Change {
             Change::ServiceAdded { service, .. } => write!(f, "service {service} added"),
             Change::BackendWeight {
                 service,
-                address,
+                name,
                 from,
                 to,
-            } => write!(
-                f,
-                "service {service}: backend {address} weight {from} -> {to}"
-            ),
-            Change::BackendAdded {
-                service, address, ..
-            } => write!(f, "service {service}: backend {address} added"),
+            } => write!(f, "service {service}: backend {name} weight {from} -> {to}"),
+            Change::BackendAdded { service, name, .. } => {
+                write!(f, "service {service}: backend {name} added")
+            }
             Change::ServiceMoved {
                 service,
                 vip,
                 port,
                 protocol,
             } => write!(f, "service {service}: now {vip} port {port} {protocol}"),
-            Change::BackendRemoved {
-                service, address, ..
-            } => write!(f, "service {service}: backend {address} removed"),
+            Change::BackendRemoved { service, name, .. } => {
+                write!(f, "service {service}: backend {name} removed")
+            }
             Change::Filters {
                 service,
                 list,
@@ -134,7 +135,7 @@ impl std::fmt::Display for Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub service: String,
-    pub backend: IpAddr,
+    pub backend: BackendKey,
     pub start: health::Start,
     pub restart: bool,
 }
@@ -149,6 +150,12 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Every backend's checker.
     pub checks: Vec<Check>,
+}
+
+/// What a backend is across a change of its service: its address and its own port, None when it
+/// serves on the service's port (and so follows a change of it).
+fn follows(b: &crate::config::Backend, service_port: u16) -> (IpAddr, Option<u16>) {
+    (b.address, b.port.filter(|&p| p != service_port))
 }
 
 /// Lowest id in `0..max` not in `taken`, which then holds it.
@@ -170,8 +177,12 @@ pub fn hops_needed(current: &[ServiceRuntime], new: &Config) -> Vec<(String, Hop
             s.cfg.forwarding == ns.forwarding && s.cfg.tunnel_source == ns.tunnel_source
         });
         for nb in &ns.backends {
-            let known = existing.and_then(|s| s.backend(nb.address));
-            if !same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac) {
+            let known = existing.and_then(|s| s.backend(ns.key_of(nb)));
+            // One request per address: its backends on several ports share the hop.
+            let asked = needed.iter().any(|(n, r): &(String, HopRequest)| {
+                *n == ns.name && r.backend.address == nb.address
+            });
+            if !asked && (!same_forwarding || known.is_none_or(|b| b.cfg.mac != nb.mac)) {
                 needed.push((ns.name.clone(), HopRequest::of(ns, nb)));
             }
         }
@@ -188,7 +199,7 @@ pub fn hops_needed(current: &[ServiceRuntime], new: &Config) -> Vec<(String, Hop
 pub fn plan(
     current: &[ServiceRuntime],
     new: &Config,
-    mut hops: Hops,
+    hops: Hops,
     now: SystemTime,
 ) -> Result<Plan, PlanError> {
     let mut changes = vec![];
@@ -203,7 +214,8 @@ pub fn plan(
             changes.push(Change::ServiceRemoved {
                 service: s.cfg.name.clone(),
                 id: s.id,
-                backends: s.backends.iter().map(|b| b.cfg.address).collect(),
+                port: s.cfg.port,
+                backends: s.backends.iter().map(|b| s.key_of(b)).collect(),
             });
         }
     }
@@ -225,15 +237,21 @@ pub fn plan(
         let health_on = ns.health.check != CheckKind::None;
         let mut backends = vec![];
         let mut added = vec![];
+        // A backend stays (keeping its id, hop and health) when the new config has it: the same
+        // address on the same port of its own, or on the service's port (whatever that is now).
+        let old_port = existing.map_or(ns.port, |s| s.cfg.port);
         for nb in &ns.backends {
-            let hop = hops.remove(&(ns.name.clone(), nb.address));
-            match old.iter().find(|b| b.cfg.address == nb.address) {
+            let key = ns.key_of(nb);
+            // Backends of one address share its hop.
+            let hop = hops.get(&(ns.name.clone(), nb.address));
+            let same = |b: &&BackendRuntime| follows(&b.cfg, old_port) == follows(nb, ns.port);
+            match old.iter().find(same) {
                 Some(b) => {
                     let mut b = b.clone();
                     if b.cfg.weight != nb.weight {
                         changes.push(Change::BackendWeight {
                             service: ns.name.clone(),
-                            address: nb.address,
+                            name: ns.backend_name(nb),
                             from: b.cfg.weight,
                             to: nb.weight,
                         });
@@ -243,7 +261,7 @@ pub fn plan(
                     }
                     b.cfg = nb.clone();
                     if let Some(hop) = hop {
-                        b.set_hop(hop);
+                        b.set_hop_of(hop);
                     }
                     backends.push(b);
                 }
@@ -259,12 +277,16 @@ pub fn plan(
                         last: None,
                         since: now,
                     };
-                    b.set_hop(hop.unwrap_or(Err(ResolveError::NotYet)));
+                    match hop {
+                        Some(hop) => b.set_hop_of(hop),
+                        None => b.set_hop(Err(ResolveError::NotYet)),
+                    }
                     backends.push(b);
-                    added.push(nb.address);
+                    added.push(key);
                     changes.push(Change::BackendAdded {
                         service: ns.name.clone(),
-                        address: nb.address,
+                        backend: key,
+                        name: ns.backend_name(nb),
                         id: bid,
                     });
                 }
@@ -280,10 +302,16 @@ pub fn plan(
                 });
             }
             for b in old {
-                if !ns.backends.iter().any(|n| n.address == b.cfg.address) {
+                let key = s.key_of(b);
+                if !ns
+                    .backends
+                    .iter()
+                    .any(|n| follows(n, ns.port) == follows(&b.cfg, s.cfg.port))
+                {
                     changes.push(Change::BackendRemoved {
                         service: ns.name.clone(),
-                        address: b.cfg.address,
+                        backend: key,
+                        name: s.name_of(b),
                         id: b.id,
                     });
                 }
@@ -323,13 +351,15 @@ pub fn plan(
         let spec_changed = existing
             .is_some_and(|s| s.cfg.health != ns.health || s.cfg.forwarding != ns.forwarding);
         for b in &backends {
-            let is_new = added.contains(&b.cfg.address);
+            let key = b.cfg.key(ns.port);
+            let is_new = added.contains(&key);
+            // On the service's port, which changed: checked on the new one.
             let port_changed = old
                 .iter()
-                .any(|o| o.cfg.address == b.cfg.address && o.cfg.port != b.cfg.port);
+                .any(|o| o.id == b.id && o.cfg.port_or(old_port) != key.port);
             checks.push(Check {
                 service: ns.name.clone(),
-                backend: b.cfg.address,
+                backend: key,
                 start: if is_new {
                     health::Start::PendingFirstCheck
                 } else if b.healthy {
@@ -350,11 +380,12 @@ pub fn plan(
 }
 
 /// What the pinned maps of a running (or earlier) data path hold: each service's id by key,
-/// each backend's id and flags by service id and address.
+/// each backend's id and flags by service id, address and port (the entry's: network order,
+/// 0 but with `nat`).
 #[derive(Debug, Default)]
 pub struct Pinned {
     pub services: HashMap<ServiceKey, u32>,
-    pub backends: HashMap<(u32, lb_common::Addr), (u32, u8)>,
+    pub backends: HashMap<(u32, lb_common::Addr, u16), (u32, u8)>,
 }
 
 /// The runtime state lbd starts from: services with ids, from the config and what the pinned
@@ -377,7 +408,12 @@ pub fn initial(
         };
         let mut backends = vec![];
         for b in &s.backends {
-            let pinned = pinned.backends.get(&(id, state::to_addr(b.address)));
+            let port = if s.forwarding == crate::config::Forwarding::Nat {
+                b.port_or(s.port).to_be()
+            } else {
+                0
+            };
+            let pinned = pinned.backends.get(&(id, state::to_addr(b.address), port));
             let bid = match pinned {
                 Some(&(bid, _)) => bid,
                 None => take_id(&mut backend_ids, MAX_BACKENDS)?,

@@ -209,7 +209,8 @@ pub async fn resolve_all(services: &mut [ServiceRuntime]) {
             if let Err(e) = &hop {
                 warn!(
                     "service {}: backend {} gets no traffic until it resolves: {e}",
-                    s.cfg.name, b.cfg.address
+                    s.cfg.name,
+                    s.cfg.backend_name(&b.cfg)
                 );
             }
             b.set_hop(hop);

@@ -30,6 +30,10 @@ pub struct PeerFlow {
     /// The record names the VIP's every-port service (port 0), not the destination port's.
     pub every_port: bool,
     pub backend: IpAddr,
+    /// The port the backend serves on (host order), given only when the backend's service has
+    /// its address more than once (one host serving a `nat` service on several ports): the
+    /// address alone names every other backend, as it did before ports named backends.
+    pub backend_port: Option<u16>,
     pub closing: bool,
 }
 
@@ -74,6 +78,10 @@ impl Datapath {
         if backend.service != e.service {
             return None;
         }
+        let repeated =
+            self.shadow.backends.iter().any(|(&id, o)| {
+                id != e.backend && o.service == e.service && o.addr == backend.addr
+            });
         Some(PeerFlow {
             client: from_addr(&e.flow.src, e.flow.family),
             vip: from_addr(&e.flow.dst, e.flow.family),
@@ -82,6 +90,7 @@ impl Datapath {
             dport: u16::from_be(e.flow.dport),
             every_port: service.key.port == 0,
             backend: from_addr(&backend.addr, backend.family),
+            backend_port: repeated.then(|| u16::from_be(backend.port)),
             closing: e.flags & sync_event_flags::CLOSING != 0,
         })
     }
@@ -179,13 +188,18 @@ impl Datapath {
             proto: flow.proto,
             family: af,
         })?;
+        // The backend at that address (and port, when the peer gave one): one only, else the
+        // nodes' backends differ and the flow is not this node's to place.
         let backend_addr = to_addr(f.backend);
-        let backend = self
-            .shadow
-            .backends
-            .iter()
-            .find(|(_, b)| b.service == service.id && b.addr == backend_addr)
-            .map(|(id, _)| *id)?;
+        let mut at = self.shadow.backends.iter().filter(|(_, b)| {
+            b.service == service.id
+                && b.addr == backend_addr
+                && f.backend_port.is_none_or(|p| b.port == p.to_be())
+        });
+        let (&backend, _) = at.next()?;
+        if at.next().is_some() {
+            return None;
+        }
         Some((flow, service, backend))
     }
 }

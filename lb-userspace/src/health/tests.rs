@@ -22,10 +22,12 @@ fn spec(check: CheckKind, port: u16) -> Health {
     }
 }
 
+/// A backend serving on the port its check goes to (as a `nat` backend's default check).
 fn target(service: &str, backend: IpAddr, spec: Health) -> Target {
     Target {
         service: service.into(),
         backend,
+        port: spec.port,
         spec,
     }
 }
@@ -253,7 +255,7 @@ async fn tcp_fall_and_rise() {
         target("web", backend, spec(CheckKind::Tcp, port)),
         Start::Up,
     );
-    assert!(m.is_checked("web", backend));
+    assert!(m.is_checked("web", backend, port));
     for _ in 0..3 {
         let r = next(&mut rx).await;
         assert!(r.ok(), "{r:?}");
@@ -497,7 +499,7 @@ async fn check_none_reports_nothing() {
         target("web", lo(26), spec(CheckKind::None, port)),
         Start::Up,
     );
-    assert!(!m.is_checked("web", lo(26)));
+    assert!(!m.is_checked("web", lo(26), port));
     quiet(&mut rx, Duration::from_millis(300)).await;
 
     // Setting `none` on a checked backend stops its checker.
@@ -528,8 +530,9 @@ async fn remove_stops_reports() {
         seen.insert((r.service, r.backend));
     }
 
-    m.remove("a", lo(27));
-    m.remove("a", lo(99)); // not checked: nothing happens
+    m.remove("a", lo(27), port);
+    m.remove("a", lo(99), port); // not checked: nothing happens
+    m.remove("b", lo(27), port ^ 1); // another port of a checked address: nothing either
     assert_eq!(m.len(), 2);
     while rx.try_recv().is_ok() {}
     let deadline = Instant::now() + Duration::from_millis(300);
@@ -829,4 +832,47 @@ async fn udp_replies_and_port_unreachable() {
         check("dns", addr, &spec).await,
         Err(Failed(CheckResult::Fail, "port unreachable".into()))
     );
+}
+
+/// One host serving a service on two ports: two backends, a checker each, each reporting its
+/// own port; one port down leaves the other up, and removing one leaves the other checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_on_two_ports_has_two_checkers() {
+    let (port_a, server_a) = tcp_server(SocketAddr::new(lo(29), 0)).await;
+    let (port_b, server_b) = tcp_server(SocketAddr::new(lo(29), 0)).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut m = Monitor::new(tx);
+    m.set(
+        target("web", lo(29), spec(CheckKind::Tcp, port_a)),
+        Start::Up,
+    );
+    m.set(
+        target("web", lo(29), spec(CheckKind::Tcp, port_b)),
+        Start::Up,
+    );
+    assert_eq!(m.len(), 2);
+    assert!(m.is_checked("web", lo(29), port_a) && m.is_checked("web", lo(29), port_b));
+    // Port a stops serving: only its backend goes down.
+    stop(server_a).await;
+    let deadline = Instant::now() + WAIT;
+    let mut down = None;
+    while down.is_none() {
+        assert!(Instant::now() < deadline, "port {port_a} never went down");
+        let r = next(&mut rx).await;
+        assert_eq!(r.backend, lo(29));
+        if r.port == port_b {
+            assert!(r.ok(), "port {port_b} still serves: {r:?}");
+        } else if r.transition == Some(false) {
+            down = Some(r.port);
+        }
+    }
+    assert_eq!(down, Some(port_a));
+    m.remove("web", lo(29), port_a);
+    assert_eq!(m.len(), 1);
+    while rx.try_recv().is_ok() {}
+    for _ in 0..3 {
+        let r = next(&mut rx).await;
+        assert_eq!((r.port, r.ok()), (port_b, true), "{r:?}");
+    }
+    stop(server_b).await;
 }

@@ -16,10 +16,15 @@
 //! and ports, never lbd's ids):
 //!
 //! ```text
-//! flags u8 (CLOSING 1, IPV6 2, BACKEND_IPV6 4, EVERY_PORT 8) | proto u8 | sport u16 | dport u16
+//! flags u8 (CLOSING 1, IPV6 2, BACKEND_IPV6 4, EVERY_PORT 8, BACKEND_PORT 16) | proto u8
+//! sport u16 | dport u16
 //! client address | VIP address (4 or 16 bytes each, by IPV6) | backend address (by BACKEND_IPV6)
+//! backend port u16 (only with BACKEND_PORT)
 //! ```
-//! An IPv4 flow takes 18 bytes, an IPv6 one 54.
+//! An IPv4 flow takes 18 bytes, an IPv6 one 54. BACKEND_PORT (2 bytes more) is set only for a
+//! backend whose address its service has more than once (one host serving a `nat` service on
+//! several ports): every other flow is encoded as version 1 always encoded it, so nodes of
+//! earlier versions (which refuse such configs) and of this one understand each other.
 
 use std::net::IpAddr;
 
@@ -115,11 +120,12 @@ mod flow_flags {
     pub const IPV6: u8 = 2;
     pub const BACKEND_IPV6: u8 = 4;
     pub const EVERY_PORT: u8 = 8;
+    pub const BACKEND_PORT: u8 = 16;
 }
 
 /// The bytes a flow takes in a datagram.
 pub fn flow_len(f: &SyncedFlow) -> usize {
-    6 + 2 * addr_len(&f.client) + addr_len(&f.backend)
+    6 + 2 * addr_len(&f.client) + addr_len(&f.backend) + 2 * f.backend_port.is_some() as usize
 }
 
 /// The bytes of a `Flows` datagram's header, nonce, count and tag (its flows aside), for a
@@ -209,12 +215,18 @@ pub fn seal(key: &[u8; 32], message: &Message) -> Vec<u8> {
                 if f.every_port {
                     flags |= flow_flags::EVERY_PORT;
                 }
+                if f.backend_port.is_some() {
+                    flags |= flow_flags::BACKEND_PORT;
+                }
                 b.extend_from_slice(&[flags, f.proto]);
                 b.extend_from_slice(&f.sport.to_be_bytes());
                 b.extend_from_slice(&f.dport.to_be_bytes());
                 put_addr(&mut b, &f.client);
                 put_addr(&mut b, &f.vip);
                 put_addr(&mut b, &f.backend);
+                if let Some(port) = f.backend_port {
+                    b.extend_from_slice(&port.to_be_bytes());
+                }
             }
             (KIND_FLOWS, b)
         }
@@ -306,6 +318,11 @@ pub fn open(key: &[u8; 32], datagram: &[u8]) -> Result<Message, Refused> {
                 let client = b.addr(v6)?;
                 let vip = b.addr(v6)?;
                 let backend = b.addr(flags & flow_flags::BACKEND_IPV6 != 0)?;
+                let backend_port = if flags & flow_flags::BACKEND_PORT != 0 {
+                    Some(b.u16()?)
+                } else {
+                    None
+                };
                 flows.push(SyncedFlow {
                     client,
                     vip,
@@ -314,6 +331,7 @@ pub fn open(key: &[u8; 32], datagram: &[u8]) -> Result<Message, Refused> {
                     dport,
                     every_port: flags & flow_flags::EVERY_PORT != 0,
                     backend,
+                    backend_port,
                     closing: flags & flow_flags::CLOSING != 0,
                 });
             }
@@ -370,6 +388,7 @@ mod tests {
                 dport: 80,
                 every_port: false,
                 backend: "192.0.2.11".parse().unwrap(),
+                backend_port: None,
                 closing: false,
             },
             SyncedFlow {
@@ -380,7 +399,20 @@ mod tests {
                 dport: 53,
                 every_port: true,
                 backend: "192.0.2.12".parse().unwrap(),
+                backend_port: None,
                 closing: true,
+            },
+            // A backend of a repeated address (one host on two ports) carries its port.
+            SyncedFlow {
+                client: "198.51.100.8".parse().unwrap(),
+                vip: "203.0.113.10".parse().unwrap(),
+                proto: 6,
+                sport: 40_001,
+                dport: 80,
+                every_port: false,
+                backend: "192.0.2.11".parse().unwrap(),
+                backend_port: Some(8081),
+                closing: false,
             },
         ]
     }
@@ -418,8 +450,12 @@ mod tests {
         assert_eq!(flow_len(&f[0]), 18);
         let one = seal(&KEY, &message(Body::Flows(vec![f[0]])));
         assert_eq!(one.len(), overhead("lb1") + 18);
-        let both = seal(&KEY, &message(Body::Flows(f.clone())));
-        assert_eq!(both.len(), overhead("lb1") + 18 + flow_len(&f[1]));
+        let two = seal(&KEY, &message(Body::Flows(f[..2].to_vec())));
+        assert_eq!(two.len(), overhead("lb1") + 18 + flow_len(&f[1]));
+        // Only a repeated address's flow takes 2 bytes more (its port).
+        assert_eq!(flow_len(&f[2]), 20);
+        let all = seal(&KEY, &message(Body::Flows(f.clone())));
+        assert_eq!(all.len(), two.len() + 20);
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn backends(n: usize) -> Vec<MaglevBackend> {
         .map(|i| MaglevBackend {
             id: i as u32,
             addr: to_addr(IpAddr::V4(Ipv4Addr::from(0x0a00_0001u32 + i as u32))),
+            salt: 0,
             weight: 100,
         })
         .collect()
@@ -190,6 +191,7 @@ fn predicted(src: IpAddr, among: &[usize]) -> usize {
         .map(|&i| MaglevBackend {
             id: i as u32,
             addr: to_addr(IpAddr::V4(baddr(i))),
+            salt: 0,
             weight: 100,
         })
         .collect();

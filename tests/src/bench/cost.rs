@@ -751,6 +751,7 @@ impl Bench {
                 live.push(MaglevBackend {
                     id: next,
                     addr: b.addr,
+                    salt: 0,
                     weight: 100,
                 });
                 mine.push((next, *addr));

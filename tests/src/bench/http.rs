@@ -390,6 +390,7 @@ fn seed_spreading_clients(t: &Topology, sets: &[&[usize]]) -> Result<(String, Ve
                 .map(|&i| MaglevBackend {
                     id: i as u32,
                     addr: to_addr(t.backend_addr(i)),
+                    salt: 0,
                     weight: 100,
                 })
                 .collect();

@@ -861,6 +861,7 @@ fn maglev(n: u32) -> Vec<u32> {
         .map(|i| MaglevBackend {
             id: i,
             addr: to_addr(IpAddr::V4(backend_addr(i))),
+            salt: 0,
             weight: 100,
         })
         .collect();

@@ -55,6 +55,7 @@ fn run(dir: &std::path::Path, repeat: u32) -> anyhow::Result<()> {
         live.push(MaglevBackend {
             id: i,
             addr,
+            salt: 0,
             weight: 100,
         });
     }

@@ -56,6 +56,14 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// Backend `address` of a service of port 80 (`web`) on its service's port.
+fn at80(address: &str) -> BackendKey {
+    BackendKey {
+        address: ip(address),
+        port: 80,
+    }
+}
+
 /// Every hop `hops_needed` asks for, resolved (MAC ending in the address's last byte).
 fn resolved(needed: &[(String, HopRequest)]) -> Hops {
     needed
@@ -109,7 +117,7 @@ fn backend<'a>(services: &'a [ServiceRuntime], service: &str, address: &str) -> 
     services
         .iter()
         .find(|s| s.cfg.name == service)
-        .and_then(|s| s.backend(ip(address)))
+        .and_then(|s| s.backends.iter().find(|b| b.cfg.address == ip(address)))
         .expect("the backend is there")
 }
 
@@ -178,7 +186,8 @@ fn a_removed_service_takes_its_backends_along() {
         [Change::ServiceRemoved {
             service: "web".into(),
             id: 0,
-            backends: vec![ip("192.0.2.11"), ip("192.0.2.12")],
+            port: 80,
+            backends: vec![at80("192.0.2.11"), at80("192.0.2.12")],
         }]
     );
     assert_eq!(lines(&p), ["service web removed"]);
@@ -305,8 +314,8 @@ fn new_health_settings_restart_the_services_checkers_from_their_health() {
             .map(|c| (c.backend, c.start, c.restart))
             .collect::<Vec<_>>(),
         [
-            (ip("192.0.2.11"), health::Start::Up, true),
-            (ip("192.0.2.12"), health::Start::Down, true),
+            (at80("192.0.2.11"), health::Start::Up, true),
+            (at80("192.0.2.12"), health::Start::Down, true),
         ]
     );
     assert!(
@@ -336,7 +345,8 @@ fn an_added_backend_gets_the_lowest_free_id_and_waits_for_its_first_check() {
         p.changes,
         [Change::BackendAdded {
             service: "web".into(),
-            address: ip("192.0.2.13"),
+            backend: at80("192.0.2.13"),
+            name: "192.0.2.13".into(),
             id: 3,
         }]
     );
@@ -350,7 +360,7 @@ fn an_added_backend_gets_the_lowest_free_id_and_waits_for_its_first_check() {
     let check = p
         .checks
         .iter()
-        .find(|c| c.backend == ip("192.0.2.13"))
+        .find(|c| c.backend == at80("192.0.2.13"))
         .unwrap();
     assert_eq!(
         (check.start, check.restart),
@@ -389,13 +399,14 @@ fn a_removed_backend_is_reported_with_its_id_and_loses_its_checker() {
         p.changes,
         [Change::BackendRemoved {
             service: "web".into(),
-            address: ip("192.0.2.11"),
+            backend: at80("192.0.2.11"),
+            name: "192.0.2.11".into(),
             id: 0,
         }]
     );
     assert_eq!(lines(&p), ["service web: backend 192.0.2.11 removed"]);
     assert_eq!(ids(&p.services)[0], ("web".into(), 0, vec![1]));
-    assert!(!p.checks.iter().any(|c| c.backend == ip("192.0.2.11")));
+    assert!(!p.checks.iter().any(|c| c.backend == at80("192.0.2.11")));
 }
 
 #[test]
@@ -552,11 +563,11 @@ fn a_restart_keeps_the_pinned_ids_and_adopted_health() {
     // web was service 5 with backends 7 (down) and 9; dns is new to the data path.
     pinned.services.insert(service_key(&config.services[0]), 5);
     pinned.backends.insert(
-        (5, state::to_addr(ip("192.0.2.11"))),
+        (5, state::to_addr(ip("192.0.2.11")), 0),
         (7, backend_flags::VALID | backend_flags::DOWN),
     );
     pinned.backends.insert(
-        (5, state::to_addr(ip("192.0.2.12"))),
+        (5, state::to_addr(ip("192.0.2.12")), 0),
         (9, backend_flags::VALID),
     );
     let adopted = initial(&config, &pinned, true, T0).unwrap();
@@ -607,11 +618,206 @@ fn a_nat_backends_new_port_restarts_its_checker_on_that_port_only() {
         .filter(|c| c.service == "web")
         .map(|c| (c.backend, c.restart))
         .collect();
-    assert_eq!(web, [(ip("192.0.2.11"), false), (ip("192.0.2.12"), true)]);
+    // Another port is another backend (a new id), checked at once on its port.
+    assert_eq!(
+        web,
+        [(at80("192.0.2.11"), false), (key("192.0.2.12", 8080), true)]
+    );
+    assert_eq!(
+        lines(&p),
+        [
+            "service web: backend 192.0.2.12 added",
+            "service web: backend 192.0.2.12 removed"
+        ]
+    );
     // The checker's target and the data path's entry follow the port.
     let web = p.services.iter().find(|s| s.cfg.name == "web").unwrap();
     let b = &web.backends[1];
     assert_eq!(web.health_target(b).spec.port, 8080);
     assert_eq!(web.health_target(&web.backends[0]).spec.port, web.cfg.port);
     assert_eq!(web.nat_port(b), 8080u16.to_be());
+}
+
+/// `web` as a `nat` service whose host 192.0.2.11 serves on `ports` (the service's port 80
+/// where None), and 192.0.2.12.
+fn nat_with(ports: &[Option<u16>]) -> Config {
+    let mut c = base();
+    let web = service_mut(&mut c, "web");
+    web.forwarding = Forwarding::Nat;
+    let other = web.backends[1].clone();
+    web.backends = ports
+        .iter()
+        .map(|&port| config::Backend {
+            address: ip("192.0.2.11"),
+            weight: 100,
+            mac: None,
+            port,
+        })
+        .collect();
+    web.backends.push(other);
+    c
+}
+
+fn key(address: &str, port: u16) -> BackendKey {
+    BackendKey {
+        address: ip(address),
+        port,
+    }
+}
+
+/// Everything lbd keeps per backend follows (address, port): one host on two ports is two
+/// backends with their own ids, hops (shared: the address's), checkers and lines.
+#[test]
+fn one_host_on_two_ports_is_two_backends() {
+    // One resolution per address (web's two, dns's one).
+    assert_eq!(
+        hops_needed(&[], &nat_with(&[Some(8080), Some(8081)])).len(),
+        3
+    );
+    let first = step(&[], &nat_with(&[Some(8080)]), T0);
+    assert_eq!(ids(&first.services)[0], ("web".into(), 0, vec![0, 1]));
+    let p = step(
+        &first.services,
+        &nat_with(&[Some(8080), Some(8081)]),
+        later(),
+    );
+    assert_eq!(
+        lines(&p),
+        ["service web: backend 192.0.2.11:8081 added"],
+        "the first port keeps its backend"
+    );
+    assert_eq!(ids(&p.services)[0], ("web".into(), 0, vec![0, 3, 1]));
+    let web = &p.services[0];
+    for port in [8080, 8081] {
+        let b = web.backend(key("192.0.2.11", port)).expect("both ports");
+        assert_eq!(b.hop, Some(hop(11)), "port {port} shares the address's hop");
+        assert_eq!(web.nat_port(b), port.to_be());
+        assert_eq!(web.health_target(b).port, port);
+        assert_eq!(
+            web.health_target(b).spec.port,
+            port,
+            "checked on its own port"
+        );
+    }
+    let checks: Vec<(BackendKey, bool)> = p
+        .checks
+        .iter()
+        .filter(|c| c.service == "web")
+        .map(|c| (c.backend, c.restart))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            (key("192.0.2.11", 8080), false),
+            (key("192.0.2.11", 8081), true),
+            (key("192.0.2.12", 80), false),
+        ]
+    );
+    // Removing one port leaves the other: its id, hop and checker.
+    let q = step(&p.services, &nat_with(&[Some(8081)]), later());
+    assert_eq!(lines(&q), ["service web: backend 192.0.2.11:8080 removed"]);
+    assert_eq!(
+        q.changes[0],
+        Change::BackendRemoved {
+            service: "web".into(),
+            backend: key("192.0.2.11", 8080),
+            name: "192.0.2.11:8080".into(),
+            id: 0,
+        }
+    );
+    assert_eq!(ids(&q.services)[0], ("web".into(), 0, vec![3, 1]));
+    // A weight change names the port it is about.
+    let mut w = nat_with(&[Some(8080), Some(8081)]);
+    service_mut(&mut w, "web").backends[1].weight = 0;
+    let r = step(&p.services, &w, later());
+    assert_eq!(
+        lines(&r),
+        ["service web: backend 192.0.2.11:8081 weight 100 -> 0"]
+    );
+}
+
+/// A backend on the service's port follows a change of that port (the same backend, its id
+/// kept, checked on the new port); one with a port of its own keeps it.
+#[test]
+fn a_service_port_change_keeps_its_backends() {
+    let first = step(&[], &nat_with(&[None, Some(8081)]), T0);
+    let mut moved = nat_with(&[None, Some(8081)]);
+    service_mut(&mut moved, "web").port = 8000;
+    service_mut(&mut moved, "web").health.port = 8000;
+    let p = step(&first.services, &moved, later());
+    assert_eq!(lines(&p), ["service web: now 203.0.113.10 port 8000 tcp"]);
+    assert_eq!(ids(&p.services)[0], ids(&first.services)[0]);
+    let web = &p.services[0];
+    assert!(web.backend(key("192.0.2.11", 8000)).is_some());
+    assert!(web.backend(key("192.0.2.11", 8081)).is_some());
+}
+
+/// The Maglev permutation of a backend is its address's as long as the address is unique, and
+/// stays so when the host gets a second port: the second port takes its own permutation, so
+/// adding it moves clients only to it (few others), and the nodes' tables agree whatever the
+/// ids.
+#[test]
+fn a_second_port_takes_clients_only_for_itself() {
+    let seed = [7, 9];
+    let mut one = step(&[], &nat_with(&[Some(8080)]), T0).services;
+    for s in &mut one {
+        for b in &mut s.backends {
+            b.healthy = true;
+        }
+        s.refresh_table(&seed);
+    }
+    let mut two = step(&one, &nat_with(&[Some(8080), Some(8081)]), later()).services;
+    for s in &mut two {
+        for b in &mut s.backends {
+            b.healthy = true;
+        }
+        s.refresh_table(&seed);
+    }
+    let (before, after) = (&one[0].table, &two[0].table);
+    let new_id = two[0].backend(key("192.0.2.11", 8081)).unwrap().id;
+    let size = before.len();
+    let elsewhere = before
+        .iter()
+        .zip(after.iter())
+        .filter(|(b, a)| b != a && **a != new_id)
+        .count();
+    let to_new = after.iter().filter(|&&a| a == new_id).count();
+    // Weights 100, 100 and 50 (192.0.2.12).
+    assert!(
+        (to_new as f64 - size as f64 * 0.4).abs() < size as f64 * 0.01,
+        "the new port has {to_new} of {size} slots"
+    );
+    // Maglev moves a few more when a third backend joins two of unequal weights: 2,270 of
+    // 65,537 slots here, as many as a backend at a new address moves (measured: 2,266 to
+    // 2,282 for three seeds, against 2,270 to 2,273 for the second port).
+    assert!(
+        elsewhere < size / 20,
+        "{elsewhere} slots moved between the backends that were there"
+    );
+    // Listed in the other order (other ids): the same table of identities.
+    let mut reversed = nat_with(&[Some(8081), Some(8080)]);
+    service_mut(&mut reversed, "web").backends.reverse();
+    let mut other = step(&[], &reversed, T0).services;
+    for b in &mut other[0].backends {
+        b.healthy = true;
+    }
+    other[0].refresh_table(&seed);
+    assert_eq!(other[0].fingerprint(), two[0].fingerprint());
+    assert_ne!(one[0].fingerprint(), two[0].fingerprint());
+}
+
+/// Drained weights are kept under the keys lbd always used for backends on the service's
+/// port; one with a port of its own is kept with it.
+#[test]
+fn drained_weights_are_kept_by_address_and_own_port() {
+    use super::super::model::drained_key;
+    assert_eq!(drained_key("web", 80, at80("192.0.2.11")), "web 192.0.2.11");
+    assert_eq!(
+        drained_key("web", 80, key("192.0.2.11", 8081)),
+        "web 192.0.2.11:8081"
+    );
+    assert_eq!(
+        drained_key("web", 80, key("2001:db8::1", 8081)),
+        "web [2001:db8::1]:8081"
+    );
 }
