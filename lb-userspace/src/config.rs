@@ -672,7 +672,7 @@ impl Config {
     /// service uses `nat` or the file sets it, else the smallest size (the tables are
     /// allocated whole, about 290 bytes a flow for the pair, whether used or not). A `nat`
     /// service added at run time needs tables of `daemon.nat_entries`
-    /// (`Daemon::check_nat_room`).
+    /// (`Daemon::make_nat_room`).
     pub fn nat_tables(&self) -> u32 {
         if self.daemon.nat_entries_set
             || self

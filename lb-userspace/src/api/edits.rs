@@ -34,7 +34,6 @@ async fn change(
                 .collect::<Vec<_>>()
                 .join("; "))
         })?;
-        d.check_nat_room(&loaded.config).map_err(conflict)?;
         if loaded.config.daemon != d.config.daemon {
             return Err(conflict(format!(
                 "{} was edited by hand since lbd read it ([daemon] differs): send lbd a SIGHUP (or restart it) first",

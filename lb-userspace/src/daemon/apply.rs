@@ -67,7 +67,8 @@ pub struct Daemon {
     /// change it).
     announcing: Option<crate::config::Announce>,
     /// The NAT tables were made small at start (no service used `nat` and the file does not
-    /// set `daemon.nat_entries`: `Config::nat_tables`), so a `nat` service needs a restart.
+    /// set `daemon.nat_entries`: `Config::nat_tables`): a `nat` service grows them first
+    /// (`make_nat_room`).
     nat_tables_small: bool,
 }
 
@@ -185,30 +186,38 @@ impl Daemon {
         }
     }
 
-    /// Refuses `new` when it has a `nat` service while the NAT tables are the small ones lbd
-    /// made at start because nothing used NAT (`Config::nat_tables`): the tables' size is
-    /// fixed when they are made, and flows beyond it would be evicted, breaking connections
-    /// silently. New tables come with a new program, at start: the answer names the key and
-    /// the restart (which keeps every other flow).
-    pub fn check_nat_room(&self, new: &Config) -> Result<(), String> {
+    /// Makes room for `new`'s `nat` services: while the NAT tables are the small ones lbd made
+    /// at start because nothing used NAT (`Config::nat_tables`), a config with a `nat` service
+    /// grows them to `daemon.nat_entries` (`Datapath::grow_nat_tables`: the program loaded
+    /// again with new, empty tables and swapped in without a gap; the small ones held no flow).
+    /// A table's size is fixed when it is made: flows beyond it would be evicted, breaking
+    /// connections silently.
+    pub fn make_nat_room(&mut self, new: &Config) -> anyhow::Result<()> {
         if !self.nat_tables_small {
             return Ok(());
         }
-        match new
+        let Some(s) = new
             .services
             .iter()
             .find(|s| s.forwarding == crate::config::Forwarding::Nat)
-        {
-            None => Ok(()),
-            Some(s) => Err(format!(
-                "service {:?}: forwarding = \"nat\" needs the NAT tables, which lbd made with {} flows at start as no service used nat and daemon.nat_entries is not set; \
-                 set daemon.nat_entries (e.g. {}) in {}, or add the service there, and restart lbd (a restart keeps every other flow)",
+        else {
+            return Ok(());
+        };
+        let entries = self.config.daemon.nat_entries;
+        info!(
+            "service {:?} uses nat: growing the NAT tables from {} to {entries} flows (daemon.nat_entries)",
+            s.name,
+            lb_common::nat::MIN_NAT_ENTRIES
+        );
+        self.datapath.grow_nat_tables(entries).map_err(|e| {
+            anyhow::anyhow!(
+                "service {:?}: forwarding = \"nat\" needs NAT tables of {entries} flows (daemon.nat_entries), and growing them from {} failed: {e}",
                 s.name,
-                lb_common::nat::MIN_NAT_ENTRIES,
-                lb_common::nat::NAT_ENTRIES,
-                self.config_path.display()
-            )),
-        }
+                lb_common::nat::MIN_NAT_ENTRIES
+            )
+        })?;
+        self.nat_tables_small = false;
+        Ok(())
     }
 
     /// Fills every map before the program goes in place (so its first packet finds every
@@ -408,7 +417,7 @@ impl Daemon {
         if new.daemon != self.config.daemon {
             warn!("[daemon] settings changed in the file; they take effect when lbd restarts");
         }
-        self.check_nat_room(&new).map_err(anyhow::Error::msg)?;
+        self.make_nat_room(&new)?;
         let plan = plan::plan(&self.services, &new, hops, SystemTime::now())?;
         self.carry_out(plan, new)
     }

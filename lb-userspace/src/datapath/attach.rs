@@ -252,3 +252,81 @@ impl Datapath {
         link::replace(self.program(), pin)
     }
 }
+
+impl Datapath {
+    /// Replaces the NAT tables by empty ones of `entries` flows each, while lbd runs: lbd made
+    /// them at their smallest because no service used `nat` (`config::Config::nat_tables`),
+    /// and one now does. Those tables hold no flow (no service could write them), so nothing is
+    /// lost: the program is loaded again on the other pinned maps with new NAT tables, which
+    /// are pinned, and swapped into every link (as an upgrade: traffic sees no gap). The old
+    /// tables' pins are set aside first and put back if the load fails.
+    pub fn grow_nat_tables(&mut self, entries: u32) -> Result<()> {
+        let had = self.nat_entries()?;
+        if had >= entries {
+            return Ok(());
+        }
+        if self.tracing {
+            return Err(DatapathError::Other(
+                "the NAT tables cannot grow while lbctl trace runs: stop the trace and try again"
+                    .into(),
+            ));
+        }
+        let dir = maps_dir(&self.bpffs_dir);
+        let names = [lb_common::maps::NAT_FLOWS, lb_common::maps::NAT_REPLIES];
+        let aside = |name: &str| dir.join(format!("{name}_replaced"));
+        // (bpffs refuses names with a dot.)
+        for name in names {
+            std::fs::rename(dir.join(name), aside(name)).map_err(io_err(format!(
+                "setting the pin of {name} aside in {}",
+                dir.display()
+            )))?;
+        }
+        let loaded = load_program(&dir, self.conntrack_sets()?, entries, PROGRAM_NAME).and_then(
+            |(mut ebpf, id)| {
+                let nat_flows = super::maps::Maps::nat_flows_of(&mut ebpf)?;
+                Ok((ebpf, id, nat_flows))
+            },
+        );
+        let (ebpf, id, nat_flows) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                for name in names {
+                    let _ = std::fs::remove_file(dir.join(name));
+                    if let Err(back) = std::fs::rename(aside(name), dir.join(name)) {
+                        warn!("putting the pin of {name} back: {back}");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        // The traced program reads the old tables: loaded again by the next trace.
+        self.traced = None;
+        self.ebpf = Some(ebpf);
+        self.program_id = id;
+        self.maps.nat_flows = nat_flows;
+        let mut first_error = None;
+        let interfaces: Vec<String> = self
+            .attachments
+            .iter()
+            .map(|a| a.interface.clone())
+            .collect();
+        for interface in interfaces {
+            let pin = link_pin(&self.bpffs_dir, &interface);
+            if let Err(e) = self.replace_in_link(&pin) {
+                warn!(
+                    "{interface}: swapping in the program with the larger NAT tables failed: {e}"
+                );
+                first_error.get_or_insert(DatapathError::Other(format!(
+                    "{interface}: swapping in the program with the larger NAT tables: {e}"
+                )));
+            }
+        }
+        for name in names {
+            if let Err(e) = std::fs::remove_file(aside(name)) {
+                warn!("removing the set-aside pin of {name}: {e}");
+            }
+        }
+        info!("NAT tables grown from {had} to {entries} flows each (program {id} swapped in)");
+        first_error.map_or(Ok(()), Err)
+    }
+}

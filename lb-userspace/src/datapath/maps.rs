@@ -100,6 +100,16 @@ impl Maps {
         })
     }
 
+    /// `NAT_FLOWS` of a newly loaded object (`Datapath::grow_nat_tables`).
+    pub(super) fn nat_flows_of(
+        ebpf: &mut Ebpf,
+    ) -> Result<HashMap<MapData, lb_common::FlowKey, lb_common::nat::NatFlow>> {
+        let map = ebpf.take_map(maps::NAT_FLOWS).ok_or_else(|| {
+            DatapathError::Other(format!("map {} missing from the object", maps::NAT_FLOWS))
+        })?;
+        HashMap::try_from(map).map_err(map_err(maps::NAT_FLOWS))
+    }
+
     pub(super) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps> {
         Maps::build(|name| {
             ebpf.take_map(name)
