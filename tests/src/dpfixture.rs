@@ -134,7 +134,9 @@ pub fn pin_dir(tag: &str) -> PathBuf {
 /// attempt pinned, then panics with the reason.
 pub fn open_datapath(dir: &Path) -> Datapath {
     crate::require_root();
-    match Datapath::open(dir, 4096, &[]) {
+    // NAT tables of 16,384 flows, as the e2e harness's lbd: the default's 75 MB per fixture
+    // add up when test binaries run side by side.
+    match Datapath::open_sized(dir, 4096, 16_384, &[]) {
         Ok(dp) => dp,
         Err(e) => {
             let _ = datapath::cleanup(dir);
