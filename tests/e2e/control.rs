@@ -982,6 +982,26 @@ fn trace_in_background(lbd: &Lbd, args: &[&str]) -> std::thread::JoinHandle<Vec<
     })
 }
 
+/// `lbctl trace ARGS` running, once lbd has begun its trace (lbctl prints its header then).
+fn trace_begun(lbd: &Lbd, args: &[&str]) -> std::process::Child {
+    let mut child = Command::new(bin("lbctl"))
+        .arg("--socket")
+        .arg(&lbd.paths.socket)
+        .arg("trace")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting lbctl trace");
+    let mut header = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("lbctl's stdout")),
+        &mut header,
+    )
+    .expect("reading lbctl trace's header");
+    assert!(header.starts_with("CLIENT"), "{header:?}");
+    child
+}
+
 /// The names of the XDP programs on the load balancer's `eth0`, as the kernel has them.
 fn programs_on_lb(t: &Topology) -> Vec<String> {
     let out = Command::new("ip")
@@ -1077,21 +1097,7 @@ fn trace_shows_what_each_packet_got() {
     );
 
     // One trace at a time; the second is refused and says why.
-    let mut first = Command::new(bin("lbctl"))
-        .arg("--socket")
-        .arg(&lbd.paths.socket)
-        .args(["trace", VIP, "--count", "100000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting lbctl trace");
-    // lbctl prints its header once lbd has begun the trace.
-    let mut header = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(first.stdout.as_mut().expect("lbctl's stdout")),
-        &mut header,
-    )
-    .expect("reading lbctl trace's header");
-    assert!(header.starts_with("CLIENT"), "{header:?}");
+    let mut first = trace_begun(&lbd, &[VIP, "--count", "100000"]);
     // While it runs, the interface runs the traced program (swapped in through the link).
     assert_eq!(programs_on_lb(&t), [TRACED_PROGRAM_NAME]);
     let refused = retry_until(
@@ -1201,19 +1207,7 @@ fn trace_shows_what_each_packet_got() {
 
     // lbd killed while a trace runs: the link keeps the traced program, and the next lbd
     // does not adopt it but swaps the plain one in (no trace's checks left behind).
-    let mut running = Command::new(bin("lbctl"))
-        .arg("--socket")
-        .arg(&lbd.paths.socket)
-        .args(["trace", "--count", "100000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting lbctl trace");
-    let mut header = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(running.stdout.as_mut().expect("lbctl's stdout")),
-        &mut header,
-    )
-    .expect("reading lbctl trace's header");
+    let mut running = trace_begun(&lbd, &["--count", "100000"]);
     assert_eq!(programs_on_lb(&t), [TRACED_PROGRAM_NAME]);
     t.kill(lbd.handle).expect("killing lbd");
     let _ = running.kill();

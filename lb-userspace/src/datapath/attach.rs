@@ -113,6 +113,16 @@ impl Datapath {
             self.keep_trace_programs(programs);
         }
         self.tracing = on;
+        self.swap_into_links(if on {
+            "the traced program"
+        } else {
+            "the plain program"
+        })
+    }
+
+    /// Swaps the program the links should run (`program`) into every link; each is tried, the
+    /// first failure returned. `what` names that program in messages.
+    fn swap_into_links(&mut self, what: &str) -> Result<()> {
         let mut first_error = None;
         let interfaces: Vec<String> = self
             .attachments
@@ -122,17 +132,9 @@ impl Datapath {
         for interface in interfaces {
             let pin = link_pin(&self.bpffs_dir, &interface);
             if let Err(e) = self.replace_in_link(&pin) {
-                warn!(
-                    "{interface}: swapping {} into the link failed: {e}",
-                    if on {
-                        TRACED_PROGRAM_NAME
-                    } else {
-                        PROGRAM_NAME
-                    }
-                );
+                warn!("{interface}: swapping {what} into the link failed: {e}");
                 first_error.get_or_insert(DatapathError::Other(format!(
-                    "{interface}: swapping the {} program into its link: {e}",
-                    if on { "traced" } else { "plain" }
+                    "{interface}: swapping {what} into its link: {e}"
                 )));
             }
         }
@@ -304,29 +306,13 @@ impl Datapath {
         self.ebpf = Some(ebpf);
         self.program_id = id;
         self.maps.nat_flows = nat_flows;
-        let mut first_error = None;
-        let interfaces: Vec<String> = self
-            .attachments
-            .iter()
-            .map(|a| a.interface.clone())
-            .collect();
-        for interface in interfaces {
-            let pin = link_pin(&self.bpffs_dir, &interface);
-            if let Err(e) = self.replace_in_link(&pin) {
-                warn!(
-                    "{interface}: swapping in the program with the larger NAT tables failed: {e}"
-                );
-                first_error.get_or_insert(DatapathError::Other(format!(
-                    "{interface}: swapping in the program with the larger NAT tables: {e}"
-                )));
-            }
-        }
+        let swapped = self.swap_into_links("the program with the larger NAT tables");
         for name in names {
             if let Err(e) = std::fs::remove_file(aside(name)) {
                 warn!("removing the set-aside pin of {name}: {e}");
             }
         }
         info!("NAT tables grown from {had} to {entries} flows each (program {id} swapped in)");
-        first_error.map_or(Ok(()), Err)
+        swapped
     }
 }
