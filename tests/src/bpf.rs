@@ -46,6 +46,21 @@ impl TestProg {
         Ok(TestProg { ebpf, name })
     }
 
+    /// Swaps this program into the XDP link pinned at `pin` (lb's, in the benchmarks that
+    /// alternate programs on one interface): its id.
+    pub fn replace_in_link(&mut self, pin: &std::path::Path) -> Result<u32> {
+        let name = self.name;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        lb_userspace::datapath::link::replace(prog, pin)
+            .map_err(|e| anyhow::anyhow!("swapping {name} into {}: {e}", pin.display()))?;
+        self.id()
+    }
+
     /// `pass`: XDP_PASS and nothing else.
     pub fn pass() -> Result<TestProg> {
         TestProg::load("pass", &[])

@@ -1675,81 +1675,115 @@ fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> Optio
     (secs > 0.0).then(|| ((b.1 - a.1) as f64 / secs, secs))
 }
 
-/// Part `trace`: what `lbctl trace`'s two checks would cost if lbd left them in. lb (steady
-/// state, 65,536 clients, lbd's default table) running its plain program and its traced one
-/// with no trace running, swapped into the link in turn (as lbd does), in alternating order
-/// over `TRACE_ROUNDS` rounds so that the machine's drift falls on both alike; the live ns per
-/// run of each call (bpf_stats).
-pub fn run_trace(opts: &Opts) -> Result<Vec<Figure>> {
+/// Part `alternating`: the floor, the toy, lb (steady state, 65,536 clients, lbd's default
+/// table) and lb's traced program with no trace running, swapped in turn into one link on l0
+/// (lb's), in an order that rotates every round, so that the machine's drift (this machine is
+/// shared) falls on all alike. Per program and round: the rate (bpf_stats as it was), then the
+/// live ns per run (bpf_stats on). The ratios are medians of per-round ratios. Also what
+/// `lbctl trace`'s two checks would cost if lbd did not swap them out.
+pub fn run_alternating(opts: &Opts) -> Result<Vec<Figure>> {
+    const ROUNDS: usize = 8;
     let (mut rig, _pinned, _reps, time) = start(opts)?;
-    let section = "lbctl trace: its checks with many clients";
+    let section = "side by side, alternating programs on one link (65,536 clients)";
     let mut figures = vec![];
-    trace_checks(&mut rig, time, section, &mut figures)?;
-    Ok(figures)
-}
-
-fn trace_checks(
-    rig: &mut Rig,
-    time: Window,
-    section: &str,
-    figures: &mut Vec<Figure>,
-) -> Result<()> {
-    const TRACE_ROUNDS: usize = 10;
     let n = CLIENTS[CLIENTS.len() - 1];
-    let mut lb = Lb::new(rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+    let macs: Vec<[u8; 6]> = (0..3).map(backend_mac).collect();
+    let mut floor = TestProg::load("floor", &[])?;
+    let mut toy = TestProg::toy(VIP, &macs, L0_MAC, SEED[0] as u32)?;
+    let mut lb = Lb::new(&mut rig, 3, false, DEFAULT_CONNTRACK_ENTRIES)?;
+    let pin = lb_userspace::datapath::link_pin(&lb.dir, "l0");
+    const NAMES: [&str; 4] = ["floor", "toy", "lb", "lb traced, no trace running"];
     for stream in [Stream::UdpClients(n), Stream::SynClients(n)] {
         lb.steady(if stream.syn() { 6 } else { 17 })?;
-        // (ns per run, Mpps with the accounting on) per program, and plain − traced per round.
-        let mut plain = vec![];
-        let mut traced = vec![];
-        let mut differences = vec![];
-        for round in 0..TRACE_ROUNDS {
-            let order = if round % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            let mut got = [0.0f64; 2];
-            for on in order {
-                lb.dp.set_traced(on)?;
-                let live = rig.live_cost(stream, time, 2.0, lb.dp.program_id())?;
-                got[on as usize] = live.ns;
-                if on { &mut traced } else { &mut plain }.push((live.ns, live.mpps));
+        // Per program: (Mpps, live ns) of each round.
+        let mut got: [Vec<(f64, f64)>; 4] = Default::default();
+        for round in 0..ROUNDS {
+            for k in 0..NAMES.len() {
+                let which = (k + round) % NAMES.len();
+                let id = match which {
+                    0 => floor.replace_in_link(&pin)?,
+                    1 => toy.replace_in_link(&pin)?,
+                    _ => {
+                        // lb's own program back into its link: the plain or the traced one.
+                        lb.dp.set_traced(which == 3)?;
+                        let l0 = rig.l0;
+                        let l = rig.l.clone();
+                        in_netns(&l, || {
+                            lb.dp
+                                .attach("l0", l0, XdpMode::Native)
+                                .map_err(|e| anyhow!("lb back into its link: {e}"))
+                        })?;
+                        lb.dp.program_id()
+                    }
+                };
+                let repeat = (3e6 * (time.warmup + time.length) * 1.25 + 20_000.0) as u32;
+                let run = rig.measure(stream, time, repeat, 0)?;
+                let live = rig.live_cost(stream, time, run.mpps, id)?;
+                got[which].push((run.mpps, live.ns));
             }
-            differences.push(got[1] - got[0]);
         }
         lb.dp.set_traced(false)?;
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let ns = |v: &[(f64, f64)]| median(v.iter().map(|x| x.0).collect());
-        let mpps = |v: &[(f64, f64)]| median(v.iter().map(|x| x.1).collect());
-        let list = |v: &[f64]| {
-            v.iter()
-                .map(|d| format!("{d:+.1}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let per_round = |i: usize, f: &dyn Fn((f64, f64), (f64, f64)) -> f64| -> Vec<f64> {
+            (0..ROUNDS).map(|r| f(got[i][r], got[0][r])).collect()
         };
+        for (i, name) in NAMES.iter().enumerate() {
+            let rate = median(got[i].iter().map(|x| x.0).collect());
+            let ns = median(got[i].iter().map(|x| x.1).collect());
+            let mut note = format!(
+                "median of {ROUNDS} rounds; live {ns:.1} ns per run (median); rates per round: {}",
+                got[i]
+                    .iter()
+                    .map(|x| format!("{:.2}", x.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if i > 0 {
+                let ratio = median(per_round(i, &|x, f| x.0 / f.0));
+                let over_toy = median((0..ROUNDS).map(|r| got[i][r].1 / got[1][r].1).collect());
+                note.push_str(&format!(
+                    "; {ratio:.2}× floor (median of per-round ratios); live ns {over_toy:.2}× the toy's (median of per-round ratios)"
+                ));
+                figures.push(Figure::value(
+                    section,
+                    &format!("ratio {name}/floor, {}", stream.label()),
+                    "×",
+                    ratio,
+                    &format!("targets for lb: UDP ≥ 0.80, SYN ≥ 0.70; live ns within 1.5× the toy's ({over_toy:.2}×)"),
+                ));
+            }
+            figures.push(Figure::value(
+                section,
+                &format!("{name}, {}", stream.label()),
+                "Mpps",
+                rate,
+                &note,
+            ));
+        }
+        let checks: Vec<f64> = (0..ROUNDS).map(|r| got[3][r].1 - got[2][r].1).collect();
         figures.push(Figure::value(
             section,
             &format!(
-                "live ns per run (bpf_stats), {}: lb's traced program with no trace running, minus lb's",
+                "live ns per run, {}: lb's traced program with no trace running, minus lb's",
                 stream.label()
             ),
             "ns",
-            median(differences.clone()),
+            median(checks.clone()),
             &format!(
-                "what lbctl trace's two checks would cost if lbd did not swap them out; median over {TRACE_ROUNDS} rounds, each program in turn in alternating order: lb {:.1} ns ({:.2} Mpps with the accounting on), traced {:.1} ns ({:.2} Mpps); per round {} ns",
-                ns(&plain),
-                mpps(&plain),
-                ns(&traced),
-                mpps(&traced),
-                list(&differences)
+                "what lbctl trace's two checks would cost if lbd did not swap them out; per round {}",
+                checks
+                    .iter()
+                    .map(|d| format!("{d:+.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }
-    lb.remove()
+    lb.remove()?;
+    Ok(figures)
 }
 
 /// A backend added while 65,536 clients send: lb (default table, backends 0-2 in the Maglev

@@ -15,7 +15,7 @@ const PARTS: &[Part] = &[
     ("memory", bench::memory::run),
     ("cost", bench::cost::run),
     ("clients", bench::rate::run_clients),
-    ("trace", bench::rate::run_trace),
+    ("alternating", bench::rate::run_alternating),
     ("rate", bench::rate::run),
     ("flood", bench::rate::run_flood),
     ("http", bench::http::run),
