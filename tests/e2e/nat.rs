@@ -204,6 +204,9 @@ http {{
     big
 }
 
+/// The health checks of the services that have them: nginx's /healthz on the backend's port.
+const HEALTH: &str = "[service.health]\ncheck = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 2";
+
 fn config(t: &Topology, paths: &LbdPaths) -> String {
     let b = |i: usize| t.backend_addr(i);
     let b6 = |i: usize| t.backend_addr_v6(i);
@@ -228,13 +231,7 @@ port = 80
 protocol = "tcp"
 forwarding = "nat"
 
-[service.health]
-check = "http"
-path = "/healthz"
-interval_ms = 200
-timeout_ms = 150
-rise = 1
-fall = 2
+{HEALTH}
 
 [[service.backend]]
 address = "{b1}"
@@ -278,13 +275,7 @@ port = 80
 protocol = "tcp"
 forwarding = "nat"
 
-[service.health]
-check = "http"
-path = "/healthz"
-interval_ms = 200
-timeout_ms = 150
-rise = 1
-fall = 2
+{HEALTH}
 
 [[service.backend]]
 address = "{b1}"
