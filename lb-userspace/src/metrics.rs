@@ -11,7 +11,7 @@
 //! `lb_service_reply_packets_total{service}`, `lb_service_reply_bytes_total{service}` (`nat`
 //! services only: the replies lb rewrote and sent on to their clients),
 //! `lb_backend_packets_total{service,backend}`, `lb_backend_up{service,backend}` (0/1),
-//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_changed_slots`, `lb_new_flows_total{outcome}`,
+//! `lb_backend_weight{service,backend}`, `lb_conntrack_entries`, `lb_conntrack_capacity`, `lb_nat_capacity`, `lb_changed_slots`, `lb_new_flows_total{outcome}`,
 //! `lb_dropped_total{reason}`, `lb_service_dropped_total{service,reason}` (the refused packets
 //! of known services again, by service: `lb_dropped_total` is their sum plus the refused
 //! packets whose service is not known), `lb_health_checks_total{service,backend,result}`,
@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub services: Vec<ServiceMetrics>,
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// Flows each NAT table holds (`NAT_FLOWS`, `NAT_REPLIES`).
+    pub nat_capacity: u64,
     /// Maglev slots (all services) whose backend changed since a flow that may still live
     /// began: only their packets read the connection table.
     pub changed_slots: u64,
@@ -306,6 +308,14 @@ impl Collector for SnapshotCollector {
         )?;
         ConstGauge::new(s.conntrack_capacity).encode(metric)?;
         let metric = encoder.encode_descriptor(
+            "lb_nat_capacity",
+            "Flows each NAT table holds (the smallest size while no service uses nat and \
+             daemon.nat_entries is not set).",
+            None,
+            ConstGauge::<u64>::TYPE,
+        )?;
+        ConstGauge::new(s.nat_capacity).encode(metric)?;
+        let metric = encoder.encode_descriptor(
             "lb_changed_slots",
             "Maglev slots (all services) whose backend changed since a flow that may still \
              live began: only packets on them read and write the connection table.",
@@ -472,6 +482,7 @@ mod tests {
             }),
             conntrack_entries: 12,
             conntrack_capacity: 1_048_576,
+            nat_capacity: 262_144,
             changed_slots: 7,
             dropped: vec![("malformed".into(), 3), ("no_backend".into(), 5)],
             new_flows: vec![("recorded".into(), 11, 2), ("over_limit".into(), 4, 0)],
@@ -580,6 +591,7 @@ mod tests {
         (r#"lb_sync_rejected_total{reason="other_seed"}"#, "2"),
         ("lb_conntrack_entries", "12"),
         ("lb_conntrack_capacity", "1048576"),
+        ("lb_nat_capacity", "262144"),
         ("lb_changed_slots", "7"),
         (r#"lb_dropped_total{reason="malformed"}"#, "3"),
         (r#"lb_dropped_total{reason="no_backend"}"#, "5"),
@@ -628,6 +640,7 @@ mod tests {
             ("lb_backend_weight", "gauge"),
             ("lb_conntrack_entries", "gauge"),
             ("lb_conntrack_capacity", "gauge"),
+            ("lb_nat_capacity", "gauge"),
             ("lb_service_table_fingerprint", "gauge"),
             ("lb_service_dropped", "counter"),
             ("lb_node_drained", "gauge"),
@@ -683,6 +696,7 @@ mod tests {
                 ("lb_announced_vips".to_string(), "0".to_string()),
                 ("lb_conntrack_entries".to_string(), "0".to_string()),
                 ("lb_conntrack_capacity".to_string(), "0".to_string()),
+                ("lb_nat_capacity".to_string(), "0".to_string()),
                 ("lb_changed_slots".to_string(), "0".to_string()),
             ]
         );

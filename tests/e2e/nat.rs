@@ -832,6 +832,12 @@ address = "{}"
             .collect()
     };
     let program = |lbd: &Lbd| lbd.lbctl_json(&["status"]).unwrap()["program_id"].clone();
+    let capacity = |lbd: &Lbd| lbd.lbctl_json(&["stats"]).unwrap()["nat_capacity"].clone();
+    assert_eq!(
+        capacity(&lbd),
+        lb_common::nat::MIN_NAT_ENTRIES,
+        "lbctl stats"
+    );
     let before = program(&lbd);
     lbd.lbctl_ok(&[
         "service",
@@ -856,6 +862,7 @@ address = "{}"
         before,
         "the program on the new tables is the one running"
     );
+    assert_eq!(capacity(&lbd), lb_common::nat::NAT_ENTRIES, "lbctl stats");
     lbd.lbctl_ok(&[
         "backend",
         "add",

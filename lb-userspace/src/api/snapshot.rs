@@ -59,6 +59,7 @@ pub fn counters<'a>(
         services,
         conntrack_entries: entries,
         conntrack_capacity: capacity,
+        nat_capacity: d.datapath.nat_capacity() as u64,
         changed_slots: d.conntrack.changed_slots(),
         dropped: d
             .datapath
@@ -146,6 +147,7 @@ impl From<&Snapshot> for Stats {
                 })
                 .collect(),
             dropped: reason_counts(&s.dropped),
+            nat_capacity: s.nat_capacity,
             conntrack: Conntrack {
                 entries: s.conntrack_entries,
                 capacity: s.conntrack_capacity,
@@ -214,6 +216,7 @@ mod tests {
             ],
             conntrack_entries: 3,
             conntrack_capacity: 1024,
+            nat_capacity: 1024,
             changed_slots: 2,
             dropped: vec![("no_backend".into(), 4), ("malformed".into(), 1)],
             new_flows: vec![("recorded".into(), 9, 3)],
@@ -244,6 +247,7 @@ mod tests {
                     "changed_slots": 2,
                     "new_flows": [{ "outcome": "recorded", "flows": 9, "per_second": 3 }],
                 },
+                "nat_capacity": 1024,
             })
         );
     }

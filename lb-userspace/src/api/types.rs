@@ -124,6 +124,9 @@ pub struct Stats {
     pub services: Vec<ServiceStats>,
     pub dropped: Vec<ReasonCount>,
     pub conntrack: Conntrack,
+    /// Flows each NAT table holds.
+    #[serde(default)]
+    pub nat_capacity: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -206,6 +206,7 @@ async fn show_stats(client: &Client, service: &Option<String>, json: bool) -> an
          changed slots are recorded; counted about every second)",
         s.conntrack.entries, s.conntrack.capacity, s.conntrack.changed_slots
     );
+    println!("NAT tables: {} flows each", s.nat_capacity);
     let new_flow = |outcome: &str| {
         s.conntrack
             .new_flows

@@ -53,6 +53,11 @@ impl Datapath {
             .max_entries())
     }
 
+    /// The flows each NAT table holds now (0 when unreadable).
+    pub fn nat_capacity(&self) -> u32 {
+        self.nat_entries().unwrap_or(0)
+    }
+
     /// The flows each NAT table holds (`NAT_FLOWS`' size; `NAT_REPLIES` has the same).
     pub fn nat_entries(&self) -> Result<u32> {
         self.maps.nat_flows_size()
