@@ -29,10 +29,12 @@ pub struct TraceLoad {
     plain: bool,
 }
 
-/// The programs `TraceLoad::load` loaded, each with its id.
+/// The programs `TraceLoad::load` loaded, each with its id, and the NAT tables' size they
+/// were loaded with.
 pub struct TracePrograms {
     plain: Option<(Ebpf, u32)>,
     traced: (Ebpf, u32),
+    nat: u32,
 }
 
 impl TraceLoad {
@@ -44,7 +46,11 @@ impl TraceLoad {
             None
         };
         let traced = load_program(&self.dir, self.sets, self.nat, TRACED_PROGRAM_NAME)?;
-        Ok(TracePrograms { plain, traced })
+        Ok(TracePrograms {
+            plain,
+            traced,
+            nat: self.nat,
+        })
     }
 }
 
@@ -85,7 +91,13 @@ impl Datapath {
     }
 
     /// Keeps the programs a `TraceLoad` loaded, for this and later traces.
+    /// Programs loaded on NAT tables that have been replaced since (`grow_nat_tables` ran
+    /// while they loaded) are dropped: `set_traced` then loads them again.
     pub fn keep_trace_programs(&mut self, programs: TracePrograms) {
+        if self.nat_entries().ok() != Some(programs.nat) {
+            warn!("the NAT tables grew while the traced program loaded: loading it again");
+            return;
+        }
         if let Some((ebpf, id)) = programs.plain
             && self.ebpf.is_none()
         {
