@@ -66,10 +66,6 @@ pub struct Daemon {
     /// `[daemon.announce]` as the announcer runs with it (read at start: a SIGHUP does not
     /// change it).
     announcing: Option<crate::config::Announce>,
-    /// The NAT tables were made small at start (no service used `nat` and the file does not
-    /// set `daemon.nat_entries`: `Config::nat_tables`): a `nat` service grows them first
-    /// (`make_nat_room`).
-    nat_tables_small: bool,
 }
 
 /// The connection table's use as last counted, and the Maglev slots changed then.
@@ -181,7 +177,6 @@ impl Daemon {
             trace_session: 0,
             conntrack: Arc::new(ConntrackUse::default()),
             sync_status: None,
-            nat_tables_small: config.nat_tables() < config.daemon.nat_entries,
             config,
         }
     }
@@ -193,7 +188,9 @@ impl Daemon {
     /// A table's size is fixed when it is made: flows beyond it would be evicted, breaking
     /// connections silently.
     pub fn make_nat_room(&mut self, new: &Config) -> anyhow::Result<()> {
-        if !self.nat_tables_small {
+        let entries = self.config.daemon.nat_entries;
+        let had = self.datapath.nat_capacity();
+        if had >= entries {
             return Ok(());
         }
         let Some(s) = new
@@ -203,21 +200,16 @@ impl Daemon {
         else {
             return Ok(());
         };
-        let entries = self.config.daemon.nat_entries;
         info!(
-            "service {:?} uses nat: growing the NAT tables from {} to {entries} flows (daemon.nat_entries)",
-            s.name,
-            lb_common::nat::MIN_NAT_ENTRIES
+            "service {:?} uses nat: growing the NAT tables from {had} to {entries} flows (daemon.nat_entries)",
+            s.name
         );
         self.datapath.grow_nat_tables(entries).map_err(|e| {
             anyhow::anyhow!(
-                "service {:?}: forwarding = \"nat\" needs NAT tables of {entries} flows (daemon.nat_entries), and growing them from {} failed: {e}",
-                s.name,
-                lb_common::nat::MIN_NAT_ENTRIES
+                "service {:?}: forwarding = \"nat\" needs NAT tables of {entries} flows (daemon.nat_entries), and growing them from {had} failed: {e}",
+                s.name
             )
-        })?;
-        self.nat_tables_small = false;
-        Ok(())
+        })
     }
 
     /// Fills every map before the program goes in place (so its first packet finds every
