@@ -64,7 +64,7 @@ pub use trace::{TRACE_ALL, TRACE_EVENTS_BYTES, TraceEvent, Verdict, trace_outcom
 /// Version of the pinned map layout. Bump it whenever any map's key, value, size or set of
 /// maps changes: lbd pins maps under `bpffs_dir/v{LAYOUT_VERSION}` and never opens pins of
 /// another version as its own.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 /// Services the data path can hold (also the outer size of the Maglev array of maps).
 pub const MAX_SERVICES: u32 = 256;
@@ -82,8 +82,31 @@ pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// `BPF_F_MMAPABLE`: lbd fills a new Maglev table with one copy into its memory, not one
 /// syscall per slot.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
-/// The flags of every Maglev table (inner maps must match the template's).
+/// The flags of a Maglev table in `MAGLEV` (inner maps must match the template's): any size.
 pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+/// The flags of a Maglev table in `MAGLEV_DEFAULT`: no `BPF_F_INNER_MAP`, so every inner array
+/// has the template's size and the verifier inlines the program's read of it (a read from
+/// `MAGLEV` is a call into the kernel, whose return costs a misprediction on CPUs with
+/// return-thunk mitigations).
+pub const DEFAULT_TABLE_FLAGS: u32 = BPF_F_MMAPABLE;
+/// Words of a table of `DEFAULT_TABLE_SIZE` slots, both halves (`slotstate::half_words`).
+pub const DEFAULT_TABLE_WORDS: u32 = 2 * slotstate::half_words(DEFAULT_TABLE_SIZE);
+
+/// Whether a service's Maglev table of `table_size` slots lives in `MAGLEV_DEFAULT` (the
+/// default size) or in `MAGLEV` (any other size); the program and lbd both decide by this.
+#[inline(always)]
+pub const fn in_default_tables(table_size: u32) -> bool {
+    table_size == DEFAULT_TABLE_SIZE
+}
+
+/// The flags a Maglev table of `table_size` slots is created with (see `in_default_tables`).
+pub const fn table_flags(table_size: u32) -> u32 {
+    if in_default_tables(table_size) {
+        DEFAULT_TABLE_FLAGS
+    } else {
+        MAGLEV_TABLE_FLAGS
+    }
+}
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -94,6 +117,7 @@ pub const PROTO_UDP: u8 = 17;
 pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const MAGLEV: &str = "MAGLEV";
+    pub const MAGLEV_DEFAULT: &str = "MAGLEV_DEFAULT";
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONFIG: &str = "CONFIG";
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -116,12 +140,13 @@ pub mod maps {
     pub const NAT_FILTER: &str = "NAT_FILTER";
     pub const SERVICE_REPLY_STATS: &str = "SERVICE_REPLY_STATS";
     /// Every map lbd pins, in one list so pinning and cleanup cannot disagree.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         SERVICE_INDEX,
         SERVICE_BY_ID,
         VIP_FILTER,
         MAGLEV,
+        MAGLEV_DEFAULT,
         BACKENDS,
         CONFIG,
         CONNTRACK,

@@ -12,7 +12,7 @@
 
 use lb_common::{
     Backend, FragValue, MAGLEV_SLOTS_PER_WORD, NO_BACKEND, Reason, ServiceValue, backend_flags,
-    maglev_slot, service_flags,
+    in_default_tables, maglev_slot, service_flags,
     slotstate::{self, Backends, Hot, Side},
 };
 
@@ -22,7 +22,7 @@ use crate::{
     classify::Class,
     conntrack::{self, SlotChoice},
     filter,
-    maps::{BACKENDS, CONFIG, FRAGS, MAGLEV},
+    maps::{BACKENDS, CONFIG, FRAGS, MAGLEV, MAGLEV_DEFAULT},
     packet::{Frag, Packet},
     verdict::{Chosen, Placed, Skip},
 };
@@ -164,9 +164,7 @@ fn for_later_fragment(p: &Packet, service: ServiceValue) -> Result<Chosen, Skip>
 /// changed.
 #[inline(always)]
 pub fn hot_lane(service: &ServiceValue, slot: u32) -> Result<Hot, Reason> {
-    let word = *MAGLEV
-        .get_value(service.id, &(slot / MAGLEV_SLOTS_PER_WORD))
-        .ok_or(Reason::MissingState)?;
+    let word = table_word(service, slot / MAGLEV_SLOTS_PER_WORD).ok_or(Reason::MissingState)?;
     Ok(Hot(slotstate::lane(word, slot)))
 }
 
@@ -175,9 +173,20 @@ pub fn hot_lane(service: &ServiceValue, slot: u32) -> Result<Hot, Reason> {
 #[inline(always)]
 pub fn side_lane(service: &ServiceValue, slot: u32) -> Side {
     let index = slotstate::half_words(service.table_size) + slot / MAGLEV_SLOTS_PER_WORD;
-    match MAGLEV.get_value(service.id, &index) {
-        Some(word) => Side(slotstate::lane(*word, slot)),
+    match table_word(service, index) {
+        Some(word) => Side(slotstate::lane(word, slot)),
         None => Side::NONE,
+    }
+}
+
+/// Word `index` of the service's Maglev table: from `MAGLEV_DEFAULT` for a table of the
+/// default size (a read the verifier inlines), else from `MAGLEV` (a call into the kernel).
+#[inline(always)]
+fn table_word(service: &ServiceValue, index: u32) -> Option<u64> {
+    if in_default_tables(service.table_size) {
+        MAGLEV_DEFAULT.get_value(service.id, &index).copied()
+    } else {
+        MAGLEV.get_value(service.id, &index).copied()
     }
 }
 

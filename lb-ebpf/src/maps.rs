@@ -8,11 +8,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, FilterData, FlowKey, FragKey,
-    FragValue, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FILTER_PREFIXES, MAX_SERVICES, NewFlow,
-    REASONS_PER_SERVICE, RateBucket, Reason, RecordSet, SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES,
-    ServiceEntry, ServiceIndexEntry, ServiceKey, ServiceValue, SyncEvent, TRACE_EVENTS_BYTES,
-    TooBigBucket, TraceEvent, VIP_FILTER_WORDS, VipKey,
+    BPF_F_MMAPABLE, Backend, CONNTRACK_FLAGS, Config, Counter, DEFAULT_TABLE_FLAGS,
+    DEFAULT_TABLE_WORDS, FilterData, FlowKey, FragKey, FragValue, MAGLEV_TABLE_FLAGS, MAX_BACKENDS,
+    MAX_FILTER_PREFIXES, MAX_SERVICES, NewFlow, REASONS_PER_SERVICE, RateBucket, Reason, RecordSet,
+    SERVICE_INDEX_SLOTS, SYNC_EVENTS_BYTES, ServiceEntry, ServiceIndexEntry, ServiceKey,
+    ServiceValue, SyncEvent, TRACE_EVENTS_BYTES, TooBigBucket, TraceEvent, VIP_FILTER_WORDS,
+    VipKey,
     nat::{NAT_ENTRIES, NAT_FILTER_WORDS, NatFlow, NatReply},
 };
 
@@ -42,10 +43,18 @@ pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }, { BPF_F_MMAPABL
 /// (each slot's backend and whether it changed), then the side half. lbd builds a new inner
 /// array aside and swaps it in with a single update, so the program never sees a half-built
 /// table, and clears changed slots in place. BPF_F_INNER_MAP lets each service's table have its
-/// own size.
+/// own size. Only tables of a size other than the default are here (`MAGLEV_DEFAULT`).
 #[btf_map]
 pub static MAGLEV: ArrayOfMaps<
     Array<u64, 1, { MAGLEV_TABLE_FLAGS as usize }>,
+    { MAX_SERVICES as usize },
+> = ArrayOfMaps::new();
+
+/// The same for tables of the default size (`lb_common::in_default_tables`), all of one size:
+/// the verifier inlines a read of them, where a read of `MAGLEV` is a call.
+#[btf_map]
+pub static MAGLEV_DEFAULT: ArrayOfMaps<
+    Array<u64, { DEFAULT_TABLE_WORDS as usize }, { DEFAULT_TABLE_FLAGS as usize }>,
     { MAX_SERVICES as usize },
 > = ArrayOfMaps::new();
 

@@ -794,6 +794,62 @@ fn every_service_is_found_through_the_index_collisions_and_removals_included() {
     );
 }
 
+/// A service's table lives in `MAGLEV_DEFAULT` at the default size (read inline) and in
+/// `MAGLEV` at any other: resized both ways, its clients reach the backends the new table names,
+/// and the array of maps its size no longer uses holds nothing for it.
+#[test]
+fn a_table_resized_to_and_from_the_default_size_moves_between_the_arrays_of_maps() {
+    use aya::maps::{Array, ArrayOfMaps, MapData};
+    let mut f = fixture([100, 100, 100]);
+    let live: Vec<MaglevBackend> = (0..3u32)
+        .map(|i| MaglevBackend {
+            id: i,
+            addr: to_addr(backend_ip(i).into()),
+            salt: 0,
+            weight: 100,
+        })
+        .collect();
+    let holds = |f: &Fixture, outer: &str| -> bool {
+        let pin = f
+            .dir
+            .join(format!("v{}", lb_common::LAYOUT_VERSION))
+            .join(outer);
+        let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+        let outer =
+            ArrayOfMaps::<MapData, Array<MapData, u64>>::try_from(aya::maps::Map::ArrayOfMaps(map))
+                .unwrap();
+        match outer.get(&0, 0) {
+            Ok(_) => true,
+            Err(aya::maps::MapError::KeyNotFound) => false,
+            Err(e) => panic!("reading {outer:?}: {e}"),
+        }
+    };
+    for size in [TABLE_SIZE, 13, 257, TABLE_SIZE] {
+        let table = build_table(&SEED, &live, size);
+        let value = ServiceValue {
+            id: 0,
+            flags: 0,
+            table_size: size,
+            _pad: 0,
+        };
+        f.dp.set_service(&service_key(80), &value, &table).unwrap();
+        let default = size == TABLE_SIZE;
+        assert_eq!(
+            holds(&f, lb_common::maps::MAGLEV_DEFAULT),
+            default,
+            "size {size}"
+        );
+        assert_eq!(holds(&f, lb_common::maps::MAGLEV), !default, "size {size}");
+        for i in 1..=40u8 {
+            let src = client(i);
+            let want = table[source_slot(&SEED, size, &to_addr(src.into())).unwrap() as usize];
+            let (action, out) = f.dp.test_run(&vip_syn(src).bytes).unwrap();
+            assert_eq!(action, XDP_TX, "size {size}, client {src}");
+            assert_eq!(out[0..6], backend_mac(want), "size {size}, client {src}");
+        }
+    }
+}
+
 /// A flow another node recorded (`[daemon.sync]`), written here by `adopt_peer_flows`: its next
 /// packets follow it even where this node's slot was unchanged (the slot is then marked changed
 /// with its own backend as the previous one), while every other flow of the slot stays where

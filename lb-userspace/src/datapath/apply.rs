@@ -80,6 +80,7 @@ impl Datapath {
                 self.write_backend(id, b)?;
             }
         }
+        let mut installed = vec![];
         for (&id, table) in &want.maglev {
             let key = want
                 .service_by_id
@@ -88,6 +89,7 @@ impl Datapath {
             let same_service = self.slots.get(&id).is_some_and(|s| s.key == key);
             if self.shadow.maglev.get(&id) != Some(table) || !same_service {
                 self.install_table(id, &key, table.clone())?;
+                installed.push((id, table.len() as u32));
             }
         }
         if self.shadow.vip_filter != want.vip_filter {
@@ -107,6 +109,7 @@ impl Datapath {
                 self.write_service_key(k, v)?;
             }
         }
+        self.drop_stale_tables(&installed)?;
         for (k, v) in &want.vips {
             if self.shadow.vips.get(k) != Some(v) {
                 self.maps
@@ -417,20 +420,45 @@ impl Datapath {
         Ok(())
     }
 
-    /// Empties the Maglev slot of a service id that has no service any more.
+    /// Empties the Maglev slots (in both arrays of maps) of a service id that has no service
+    /// any more.
     fn delete_table(&mut self, id: u32) -> Result<()> {
-        // aya's ArrayOfMaps lends out no descriptor: the pin gives one.
-        let pin = maps_dir(&self.bpffs_dir).join(maps::MAGLEV);
-        let maglev = MapData::from_pin(&pin)
-            .map_err(map_err(format!("opening the pinned map {}", pin.display())))?;
-        match map_delete(&maglev, id) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(io_err(format!("removing the Maglev table of service {id}"))(e)),
+        for outer in [maps::MAGLEV, maps::MAGLEV_DEFAULT] {
+            self.delete_inner(outer, id)?;
         }
         self.shadow.maglev.remove(&id);
         self.forget_slots(id);
         Ok(())
+    }
+
+    /// Removes, once the services' sizes are written, the old table of each service whose
+    /// table was just installed (`installed`: id and size) from the array of maps its size no
+    /// longer uses: its size changed between the default and another (`install_table`).
+    pub(super) fn drop_stale_tables(&mut self, installed: &[(u32, u32)]) -> Result<()> {
+        for &(id, size) in installed {
+            let stale = if lb_common::in_default_tables(size) {
+                maps::MAGLEV
+            } else {
+                maps::MAGLEV_DEFAULT
+            };
+            self.delete_inner(stale, id)?;
+        }
+        Ok(())
+    }
+
+    /// Empties slot `id` of the array of maps `outer` (nothing to do when it is empty).
+    fn delete_inner(&self, outer: &str, id: u32) -> Result<()> {
+        // aya's ArrayOfMaps lends out no descriptor: the pin gives one.
+        let pin = maps_dir(&self.bpffs_dir).join(outer);
+        let map = MapData::from_pin(&pin)
+            .map_err(map_err(format!("opening the pinned map {}", pin.display())))?;
+        match map_delete(&map, id) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(io_err(format!(
+                "removing the Maglev table of service {id} from {outer}"
+            ))(e)),
+        }
     }
 
     /// Makes `ifindex` a redirect target (a backend reached through another interface).

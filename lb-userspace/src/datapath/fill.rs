@@ -113,7 +113,12 @@ impl Fill {
             used_entries(&maps.service_by_id, MAX_SERVICES, maps::SERVICE_BY_ID)?;
         let mut tables = vec![];
         for (&id, entry) in &service_by_id {
-            match maps.maglev.get(&id, 0) {
+            let outer = if lb_common::in_default_tables(entry.value.table_size) {
+                &maps.maglev_default
+            } else {
+                &maps.maglev
+            };
+            match outer.get(&id, 0) {
                 Ok(inner) => {
                     let what = || format!("reading the Maglev table of service {id}");
                     let len = inner.map().info().map_err(map_err(what()))?.max_entries() as usize;
@@ -126,7 +131,9 @@ impl Fill {
                     });
                 }
                 Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(format!("reading MAGLEV[{id}]"))(e)),
+                Err(e) => {
+                    return Err(map_err(format!("reading the Maglev table of service {id}"))(e));
+                }
             }
         }
         let vip_filter = read_mmapable_array(maps.vip_filter.map(), VIP_FILTER_WORDS as usize)

@@ -21,7 +21,10 @@ pub(super) struct Maps {
     pub(super) service_index: Array<MapData, ServiceIndexEntry>,
     pub(super) vip_filter: Array<MapData, u64>,
     pub(super) nat_filter: Array<MapData, u64>,
+    /// Maglev tables of any size but the default (`lb_common::in_default_tables`).
     pub(super) maglev: ArrayOfMaps<MapData, Array<MapData, u64>>,
+    /// Maglev tables of the default size.
+    pub(super) maglev_default: ArrayOfMaps<MapData, Array<MapData, u64>>,
     pub(super) backends: Array<MapData, Backend>,
     pub(super) config: Array<MapData, Config>,
     pub(super) conntrack: Array<MapData, RecordSet>,
@@ -47,6 +50,18 @@ pub(super) struct Maps {
 }
 
 impl Maps {
+    /// The array of maps that holds a service's Maglev table of `table_size` slots.
+    pub(super) fn tables_for(
+        &mut self,
+        table_size: u32,
+    ) -> &mut ArrayOfMaps<MapData, Array<MapData, u64>> {
+        if lb_common::in_default_tables(table_size) {
+            &mut self.maglev_default
+        } else {
+            &mut self.maglev
+        }
+    }
+
     /// `NAT_FLOWS`' size.
     pub(super) fn nat_flows_size(&self) -> Result<u32> {
         Ok(self
@@ -69,6 +84,8 @@ impl Maps {
             nat_filter: Array::try_from(get(maps::NAT_FILTER)?)
                 .map_err(map_err(maps::NAT_FILTER))?,
             maglev: ArrayOfMaps::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
+            maglev_default: ArrayOfMaps::try_from(get(maps::MAGLEV_DEFAULT)?)
+                .map_err(map_err(maps::MAGLEV_DEFAULT))?,
             backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             conntrack: Array::try_from(get(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?,

@@ -296,18 +296,16 @@ impl Datapath {
     ) -> Result<()> {
         let state = self.next_slot_table(id, key, &table, slot_seconds());
         let words = state.words();
-        let inner =
-            Array::<MapData, u64>::create(words.len() as u32, lb_common::MAGLEV_TABLE_FLAGS)
-                .map_err(map_err(format!(
-                    "creating a Maglev table of {} slots",
-                    table.len()
-                )))?;
-        fill_mmapable_array(inner.map(), &words).map_err(io_err(format!(
-            "filling a Maglev table of {} slots",
-            table.len()
-        )))?;
+        let size = table.len() as u32;
+        let inner = Array::<MapData, u64>::create(words.len() as u32, lb_common::table_flags(size))
+            .map_err(map_err(format!("creating a Maglev table of {size} slots")))?;
+        fill_mmapable_array(inner.map(), &words)
+            .map_err(io_err(format!("filling a Maglev table of {size} slots")))?;
+        // A table that changed between the default size and another is now in the other
+        // array of maps than its old one, which stays until the service's new size is written
+        // (`drop_stale_tables`): until then, packets still read the old table by the old size.
         self.maps
-            .maglev
+            .tables_for(size)
             .set(id, &inner, 0)
             .map_err(map_err(format!(
                 "swapping in the Maglev table of service {id}"

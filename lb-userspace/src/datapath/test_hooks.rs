@@ -115,7 +115,8 @@ impl Datapath {
         table: &[u32],
     ) -> Result<()> {
         self.install_table(value.id, key, table.into())?;
-        self.set_service_key(key, value)
+        self.set_service_key(key, value)?;
+        self.drop_stale_tables(&[(value.id, table.len() as u32)])
     }
 
     /// Writes a service's key when its table is already in place (a change of flags or of the
