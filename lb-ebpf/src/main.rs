@@ -65,7 +65,9 @@ pub fn lb_xdp_traced(ctx: XdpContext) -> u32 {
 fn process<const TRACED: bool>(ctx: &XdpContext) -> Result<u32, NotOurs> {
     // Parse.
     let mut packet = MaybeUninit::<Packet>::uninit();
-    if !packet::parse_into(ctx, packet.as_mut_ptr()) {
+    if !packet::parse_common(ctx, packet.as_mut_ptr())
+        && !packet::parse_into(ctx, packet.as_mut_ptr())
+    {
         return Err(NotOurs);
     }
     // SAFETY: parse_into returned true, so it wrote the whole Packet.

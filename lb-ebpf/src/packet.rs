@@ -173,14 +173,27 @@ fn parse(ctx: &XdpContext, out: *mut Packet) -> Result<(), ()> {
         l3 += VLAN_HLEN;
     }
     match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3, out),
+        ETH_P_IP => parse_ipv4::<true>(ctx, l3, out),
         ETH_P_IPV6 => parse_ipv6(ctx, l3, out),
         _ => Err(()),
     }
 }
 
+/// The common frame parsed inline, without `parse_into`'s call: untagged IPv4 carrying
+/// anything but ICMP (TCP and UDP: others are not ours). `false` for any other frame, which
+/// `parse_into` then parses. The same code as `parse_into`'s for such a frame, so the
+/// verifier's states after either are alike and it prunes the second (with a fast path of
+/// its own it explored the rest of the program twice, past its limit).
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
+pub fn parse_common(ctx: &XdpContext, out: *mut Packet) -> bool {
+    matches!(read_hdr::<u16>(ctx, ETH_TYPE_AT), Ok(t) if t == ETH_P_IP.to_be())
+        && parse_ipv4::<false>(ctx, ETH_HLEN, out).is_ok()
+}
+
+/// An IPv4 packet at `l3`; an ICMP error only with `ICMP` (`parse_common` leaves it to
+/// `parse_into`).
+#[inline(always)]
+fn parse_ipv4<const ICMP: bool>(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
     let ip: Ipv4Hdr = read_hdr(ctx, l3)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
@@ -218,7 +231,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> Result<(), ()> {
         },
     );
     p.l4 = l3 + ihl;
-    if ip.proto == PROTO_ICMP && frag == Frag::None {
+    if ICMP && ip.proto == PROTO_ICMP && frag == Frag::None {
         icmp::quoted_flow(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))?;
     } else {
         transport(ctx, p, l3 + ihl, ip_len.saturating_sub(ihl))?;
