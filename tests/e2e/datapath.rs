@@ -83,14 +83,19 @@ fn fixture(weights: [u32; 3]) -> Fixture {
         });
     }
     let table = build_table(&SEED, &live, TABLE_SIZE);
-    let value = ServiceValue {
-        id: 0,
-        flags: 0,
-        table_size: TABLE_SIZE,
-        _pad: 0,
-    };
-    dp.set_service(&service_key(80), &value, &table).unwrap();
+    dp.set_service(&service_key(80), &service_value(0, TABLE_SIZE), &table)
+        .unwrap();
     Fixture { dp, dir, table }
+}
+
+/// Service `id`'s value, without flags, with a table of `table_size` slots.
+fn service_value(id: u32, table_size: u32) -> ServiceValue {
+    ServiceValue {
+        id,
+        flags: 0,
+        table_size,
+        _pad: 0,
+    }
 }
 
 fn client(i: u8) -> Ipv4Addr {
@@ -481,12 +486,7 @@ fn established_flows_of_a_removed_or_moved_service_pass_unchanged() {
     assert_eq!(sent_to(&f, &vip_ack(src)), first, "established");
     // The service moves to another port: the old destination is no service's any more, even
     // for a flow the connection table still names it for.
-    let value = ServiceValue {
-        id: 0,
-        flags: 0,
-        table_size: TABLE_SIZE,
-        _pad: 0,
-    };
+    let value = service_value(0, TABLE_SIZE);
     f.dp.set_service_key(&service_key(8080), &value).unwrap();
     f.dp.remove_service(&service_key(80)).unwrap();
     let ack = vip_ack(src);
@@ -511,12 +511,7 @@ fn established_flows_of_a_removed_or_moved_service_pass_unchanged() {
 fn a_flow_of_an_every_port_service_keeps_its_backend_when_its_port_gets_a_service() {
     let mut f = fixture([100, 100, 100]);
     // The VIP's every-port service (id 0) instead of port 80.
-    let every_port = ServiceValue {
-        id: 0,
-        flags: 0,
-        table_size: TABLE_SIZE,
-        _pad: 0,
-    };
+    let every_port = service_value(0, TABLE_SIZE);
     f.dp.set_service_key(&service_key(0), &every_port).unwrap();
     f.dp.remove_service(&service_key(80)).unwrap();
     let src = client(51);
@@ -547,12 +542,7 @@ fn a_flow_of_an_every_port_service_keeps_its_backend_when_its_port_gets_a_servic
         }],
         TABLE_SIZE,
     );
-    let exact = ServiceValue {
-        id: 1,
-        flags: 0,
-        table_size: TABLE_SIZE,
-        _pad: 0,
-    };
+    let exact = service_value(1, TABLE_SIZE);
     f.dp.set_service(&service_key(443), &exact, &table).unwrap();
     // The connection in progress stays with the service it started under...
     assert_eq!(sent_to(&f, &ack), first);
@@ -725,12 +715,7 @@ fn every_service_is_found_through_the_index_collisions_and_removals_included() {
             .map(|p| p[0]),
     );
     assert_eq!(ports.len(), n as usize);
-    let value = |i: u32| ServiceValue {
-        id: i,
-        flags: 0,
-        table_size: 13,
-        _pad: 0,
-    };
+    let value = |i: u32| service_value(i, 13);
     for i in 0..n {
         let b = Backend {
             addr: to_addr(Ipv4Addr::new(192, 0, 2, 20).into()),
@@ -826,13 +811,8 @@ fn a_table_resized_to_and_from_the_default_size_moves_between_the_arrays_of_maps
     };
     for size in [TABLE_SIZE, 13, 257, TABLE_SIZE] {
         let table = build_table(&SEED, &live, size);
-        let value = ServiceValue {
-            id: 0,
-            flags: 0,
-            table_size: size,
-            _pad: 0,
-        };
-        f.dp.set_service(&service_key(80), &value, &table).unwrap();
+        f.dp.set_service(&service_key(80), &service_value(0, size), &table)
+            .unwrap();
         let default = size == TABLE_SIZE;
         assert_eq!(
             holds(&f, lb_common::maps::MAGLEV_DEFAULT),
