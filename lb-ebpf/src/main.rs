@@ -70,7 +70,7 @@ fn process<const TRACED: bool>(ctx: &XdpContext) -> Result<u32, NotOurs> {
     {
         return Err(NotOurs);
     }
-    // SAFETY: parse_into returned true, so it wrote the whole Packet.
+    // SAFETY: parse_common or parse_into returned true, so it wrote the whole Packet.
     let packet = unsafe { packet.assume_init_ref() };
     // Classify (most packets that are no VIP's leave here, before any call; a NAT backend's
     // reply leaves for `nat::reply`).

@@ -113,12 +113,7 @@ impl Fill {
             used_entries(&maps.service_by_id, MAX_SERVICES, maps::SERVICE_BY_ID)?;
         let mut tables = vec![];
         for (&id, entry) in &service_by_id {
-            let outer = if lb_common::in_default_tables(entry.value.table_size) {
-                &maps.maglev_default
-            } else {
-                &maps.maglev
-            };
-            match outer.get(&id, 0) {
+            match maps.tables_for(entry.value.table_size).get(&id, 0) {
                 Ok(inner) => {
                     let what = || format!("reading the Maglev table of service {id}");
                     let len = inner.map().info().map_err(map_err(what()))?.max_entries() as usize;

@@ -51,7 +51,16 @@ pub(super) struct Maps {
 
 impl Maps {
     /// The array of maps that holds a service's Maglev table of `table_size` slots.
-    pub(super) fn tables_for(
+    pub(super) fn tables_for(&self, table_size: u32) -> &ArrayOfMaps<MapData, Array<MapData, u64>> {
+        if lb_common::in_default_tables(table_size) {
+            &self.maglev_default
+        } else {
+            &self.maglev
+        }
+    }
+
+    /// `tables_for`, to write.
+    pub(super) fn tables_for_mut(
         &mut self,
         table_size: u32,
     ) -> &mut ArrayOfMaps<MapData, Array<MapData, u64>> {

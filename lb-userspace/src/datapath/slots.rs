@@ -305,7 +305,7 @@ impl Datapath {
         // array of maps than its old one, which stays until the service's new size is written
         // (`drop_stale_tables`): until then, packets still read the old table by the old size.
         self.maps
-            .tables_for(size)
+            .tables_for_mut(size)
             .set(id, &inner, 0)
             .map_err(map_err(format!(
                 "swapping in the Maglev table of service {id}"

@@ -127,8 +127,8 @@ fn maps() -> Result<Vec<Figure>> {
         .context("this kernel does not list a program's maps")?;
     // One Maglev table, made as lbd makes one for each service (Datapath::swap_table).
     let table = Array::<MapData, u64>::create(
-        TABLE.div_ceil(lb_common::MAGLEV_SLOTS_PER_WORD),
-        lb_common::MAGLEV_TABLE_FLAGS,
+        2 * lb_common::slotstate::half_words(TABLE),
+        lb_common::table_flags(TABLE),
     )
     .context("creating a Maglev table")?;
     let table_id = table.map().info()?.id() as u64;
@@ -205,7 +205,7 @@ fn maps() -> Result<Vec<Figure>> {
         "bytes",
         table_row.memlock as f64,
         &format!(
-            "{}, {} elements × {} B values = {}: the inner map lbd makes for each service of the default 65,537 slots, four 16-bit slots to an element; 256 services (the most) would take {}",
+            "{}, {} elements × {} B values = {}: the inner map lbd makes for each service of the default 65,537 slots, its hot and side halves, four 16-bit slots to an element; 256 services (the most) would take {}",
             table_row.kind,
             thousands(table_row.max_entries),
             table_row.value,
